@@ -1,0 +1,1 @@
+//! Two-stage MM-SP balancing (placeholder).

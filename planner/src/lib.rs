@@ -1,0 +1,9 @@
+//! mmsp planner: models a GPU cluster and the cost of multi-modal sequence parallelism
+//! (Ulysses x zigzag ring "2D attention"), searches parallel layouts for a model and context
+//! length, and emits a versioned plan that the runtime executes. Pure Rust: no GPU crates.
+
+pub mod balance;
+pub mod error;
+pub mod spec;
+
+pub use error::{Error, Result};

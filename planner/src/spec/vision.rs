@@ -1,0 +1,1 @@
+//! Vision encoder specs (owned by the balancing work; placeholder).
