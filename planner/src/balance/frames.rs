@@ -1,0 +1,356 @@
+//! Stage 1 of MM-SP: spread the video frames of a step over all GPUs of the sequence-parallel
+//! group so that the vision encoder's work (FLOPs per frame, which depend on resolution) is
+//! balanced. Solved as a makespan MILP over frame classes ([`super::milp`]) with a time limit,
+//! warm-started from, and falling back to, greedy longest-processing-time (LPT).
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::milp;
+use super::zigzag::imbalance;
+use crate::error::{Error, Result};
+use crate::spec::samples::Sample;
+use crate::spec::vision::VisionSpec;
+
+/// How the frame assignment was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// The MILP's solution (optimal, within the gap, or the best found in the time limit).
+    Milp,
+    /// Greedy LPT: the MILP was skipped (LPT already optimal, too large), failed, or was no better.
+    Lpt,
+}
+
+/// Options of [`balance_frames`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct BalanceOptions {
+    /// Wall-clock limit handed to the MILP solver, in seconds.
+    pub time_limit_s: f64,
+    /// Relative MIP gap at which the solver may stop.
+    pub mip_gap: f64,
+    /// Solve the MILP at all (false = LPT only).
+    pub use_milp: bool,
+}
+
+impl Default for BalanceOptions {
+    fn default() -> Self {
+        BalanceOptions {
+            time_limit_s: 0.5,
+            mip_gap: 1e-4,
+            use_milp: true,
+        }
+    }
+}
+
+/// The stage-1 frame placement and how good it is.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FrameAssignment {
+    /// Global frame indices (frames of all samples, in order) per rank, ascending in each rank.
+    pub frames_per_rank: Vec<Vec<usize>>,
+    /// Cost (training FLOPs of the vision encoder) per rank.
+    pub load_per_rank: Vec<f64>,
+    /// Max / mean load of the naive contiguous split (equal frame counts, in order).
+    pub imbalance_before: f64,
+    /// Max / mean load of this assignment.
+    pub imbalance_after: f64,
+    pub method: Method,
+    /// Solver tried: "microlp", "highs", or "none" when the MILP was not attempted.
+    pub solver: &'static str,
+    /// Time spent in [`balance_frames`] (LPT + MILP), in seconds.
+    pub solve_time_s: f64,
+}
+
+/// Training FLOPs of every frame of `samples`, in global frame order (sample by sample).
+/// Errors when the samples hold no frame at all (nothing for the vision encoder to do).
+pub fn frame_costs(samples: &[Sample], vision: &VisionSpec) -> Result<Vec<f64>> {
+    let total: u64 = samples.iter().map(|s| s.frames).sum();
+    if total == 0 {
+        return Err(Error::invalid(
+            "samples",
+            "no video frames to balance over the vision encoder (every sample has 0 frames)",
+        ));
+    }
+    let total = usize::try_from(total)
+        .ok()
+        .filter(|&t| t <= 1 << 32)
+        .ok_or_else(|| Error::invalid("samples", format!("{total} frames is too many")))?;
+    let mut out = Vec::with_capacity(total);
+    for s in samples {
+        let c = vision.flops_per_frame(s.resolution);
+        out.extend(std::iter::repeat_n(c, s.frames as usize));
+    }
+    Ok(out)
+}
+
+/// The naive split: rank r gets the r-th contiguous block of frames (equal counts, the first
+/// `frames % ranks` ranks one more).
+pub fn contiguous_split(frames: usize, ranks: usize) -> Vec<Vec<usize>> {
+    let ranks = ranks.max(1);
+    let (base, rem) = (frames / ranks, frames % ranks);
+    let mut at = 0;
+    (0..ranks)
+        .map(|r| {
+            let n = base + usize::from(r < rem);
+            let v = (at..at + n).collect();
+            at += n;
+            v
+        })
+        .collect()
+}
+
+#[derive(PartialEq)]
+struct Slot(f64, usize);
+impl Eq for Slot {}
+impl PartialOrd for Slot {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Slot {
+    // Min-heap on (load, rank) through BinaryHeap's max-heap.
+    fn cmp(&self, other: &Self) -> Ordering {
+        other
+            .0
+            .total_cmp(&self.0)
+            .then_with(|| other.1.cmp(&self.1))
+    }
+}
+
+/// Greedy longest-processing-time: frames by decreasing cost (ties: lower index first), each to
+/// the currently least-loaded rank (ties: lower rank). Within 4/3 of optimal (Graham 1969).
+pub fn lpt(frame_costs: &[f64], ranks: usize) -> Vec<Vec<usize>> {
+    let ranks = ranks.max(1);
+    let mut order: Vec<usize> = (0..frame_costs.len()).collect();
+    order.sort_by(|&a, &b| frame_costs[b].total_cmp(&frame_costs[a]).then(a.cmp(&b)));
+    let mut heap: BinaryHeap<Slot> = (0..ranks).map(|r| Slot(0.0, r)).collect();
+    let mut out = vec![Vec::new(); ranks];
+    for f in order {
+        if let Some(Slot(load, r)) = heap.pop() {
+            out[r].push(f);
+            heap.push(Slot(load + frame_costs[f], r));
+        }
+    }
+    for v in &mut out {
+        v.sort_unstable();
+    }
+    out
+}
+
+fn loads(frame_costs: &[f64], assignment: &[Vec<usize>]) -> Vec<f64> {
+    assignment
+        .iter()
+        .map(|fs| fs.iter().map(|&f| frame_costs[f]).sum())
+        .collect()
+}
+
+/// Assign frames (with per-frame costs, e.g. from [`frame_costs`]) to `ranks` ranks, minimising
+/// the maximum load. Ranks left without frames are fine (more ranks than frames).
+pub fn balance_frames(
+    frame_costs: &[f64],
+    ranks: usize,
+    opts: &BalanceOptions,
+) -> Result<FrameAssignment> {
+    let start = Instant::now();
+    if ranks == 0 {
+        return Err(Error::invalid("ranks", "need at least one rank"));
+    }
+    if frame_costs.is_empty() {
+        return Err(Error::invalid(
+            "frames",
+            "no video frames to balance over the vision encoder",
+        ));
+    }
+    if let Some((i, c)) = frame_costs
+        .iter()
+        .enumerate()
+        .find(|(_, c)| !(c.is_finite() && **c >= 0.0))
+    {
+        return Err(Error::invalid(
+            "frame cost",
+            format!("frame {i} has cost {c}; costs must be finite and non-negative"),
+        ));
+    }
+
+    let before = imbalance(&loads(
+        frame_costs,
+        &contiguous_split(frame_costs.len(), ranks),
+    ));
+    let greedy = lpt(frame_costs, ranks);
+    let greedy_loads = loads(frame_costs, &greedy);
+    let greedy_max = greedy_loads.iter().copied().fold(0.0, f64::max);
+
+    // Lower bound on the makespan: max(mean load, largest frame).
+    let total: f64 = frame_costs.iter().sum();
+    let biggest = frame_costs.iter().copied().fold(0.0, f64::max);
+    let bound = (total / ranks as f64).max(biggest);
+    let lpt_is_optimal = greedy_max <= bound * (1.0 + opts.mip_gap) + 1e-12 * bound;
+
+    let mut best = (greedy, greedy_loads, Method::Lpt);
+    let mut solver = "none";
+    if opts.use_milp && !lpt_is_optimal && total > 0.0 {
+        solver = milp::SOLVER_NAME;
+        if let Ok(assign) = milp_assignment(frame_costs, ranks, &best.0, opts) {
+            let l = loads(frame_costs, &assign);
+            let m = l.iter().copied().fold(0.0, f64::max);
+            if m <= greedy_max * (1.0 + 1e-12) {
+                best = (assign, l, Method::Milp);
+            }
+        }
+    }
+    let (frames_per_rank, load_per_rank, method) = best;
+    Ok(FrameAssignment {
+        imbalance_after: imbalance(&load_per_rank),
+        frames_per_rank,
+        load_per_rank,
+        imbalance_before: before,
+        method,
+        solver,
+        solve_time_s: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Group frames into identical-cost classes, solve the count MILP warm-started from `warm`, and
+/// expand counts back to frames: each class's frames, in ascending order, are dealt to ranks in
+/// rank order (so a rank gets contiguous runs of each class, which keeps samples together).
+fn milp_assignment(
+    frame_costs: &[f64],
+    ranks: usize,
+    warm: &[Vec<usize>],
+    opts: &BalanceOptions,
+) -> Result<Vec<Vec<usize>>> {
+    let mut class_of: HashMap<u64, usize> = HashMap::new();
+    let mut members: Vec<Vec<usize>> = Vec::new();
+    let mut costs: Vec<f64> = Vec::new();
+    let mut frame_class = Vec::with_capacity(frame_costs.len());
+    for (f, &c) in frame_costs.iter().enumerate() {
+        let k = *class_of.entry(c.to_bits()).or_insert_with(|| {
+            members.push(Vec::new());
+            costs.push(c);
+            costs.len() - 1
+        });
+        members[k].push(f);
+        frame_class.push(k);
+    }
+    let counts: Vec<u64> = members.iter().map(|m| m.len() as u64).collect();
+    let mut warm_counts = vec![vec![0u64; ranks]; costs.len()];
+    for (r, fs) in warm.iter().enumerate() {
+        for &f in fs {
+            warm_counts[frame_class[f]][r] += 1;
+        }
+    }
+    // Zero-cost frames are free: let the solver see them with a tiny cost so every class is positive.
+    let cmax = costs.iter().copied().fold(0.0, f64::max);
+    let solver_costs: Vec<f64> = costs.iter().map(|&c| c.max(cmax * 1e-9)).collect();
+    let x = milp::solve_counts(
+        &solver_costs,
+        &counts,
+        ranks,
+        &warm_counts,
+        opts.time_limit_s,
+        opts.mip_gap,
+    )?;
+    let mut out = vec![Vec::new(); ranks];
+    for (k, row) in x.iter().enumerate() {
+        let mut it = members[k].iter();
+        for (r, &n) in row.iter().enumerate() {
+            out[r].extend(it.by_ref().take(n as usize));
+        }
+    }
+    for v in &mut out {
+        v.sort_unstable();
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_is_partition(a: &FrameAssignment, frames: usize) {
+        let mut all: Vec<usize> = a.frames_per_rank.iter().flatten().copied().collect();
+        for fs in &a.frames_per_rank {
+            assert!(fs.windows(2).all(|w| w[0] < w[1]), "not ascending: {fs:?}");
+        }
+        all.sort_unstable();
+        assert_eq!(all, (0..frames).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn mixed_costs_get_balanced() {
+        // Samples of different resolutions in order: the contiguous split is badly unbalanced.
+        let v = VisionSpec::preset("siglip-so400m").unwrap();
+        let samples = [
+            Sample {
+                frames: 40,
+                text_tokens: 10,
+                resolution: Some((448, 448)),
+            },
+            Sample {
+                frames: 50,
+                text_tokens: 10,
+                resolution: Some((224, 224)),
+            },
+            Sample::uniform(31, 5),
+        ];
+        let costs = frame_costs(&samples, &v).unwrap();
+        assert_eq!(costs.len(), 121);
+        let a = balance_frames(&costs, 8, &BalanceOptions::default()).unwrap();
+        assert_is_partition(&a, 121);
+        assert!(a.imbalance_before > 1.2, "{}", a.imbalance_before);
+        assert!(a.imbalance_after < a.imbalance_before);
+        assert!(a.imbalance_after < 1.05, "{}", a.imbalance_after);
+        let recomputed = loads(&costs, &a.frames_per_rank);
+        assert_eq!(recomputed, a.load_per_rank);
+    }
+
+    #[test]
+    fn milp_beats_lpt_on_graham_instance() {
+        let costs = [3.0, 3.0, 2.0, 2.0, 2.0];
+        let greedy = loads(&costs, &lpt(&costs, 2));
+        assert_eq!(greedy.iter().copied().fold(0.0, f64::max), 7.0);
+        let a = balance_frames(&costs, 2, &BalanceOptions::default()).unwrap();
+        assert_eq!(a.method, Method::Milp);
+        assert_eq!(a.solver, milp::SOLVER_NAME);
+        assert_eq!(a.load_per_rank.iter().copied().fold(0.0, f64::max), 6.0);
+        assert_is_partition(&a, 5);
+        let no_milp = BalanceOptions {
+            use_milp: false,
+            ..Default::default()
+        };
+        let b = balance_frames(&costs, 2, &no_milp).unwrap();
+        assert_eq!((b.method, b.solver), (Method::Lpt, "none"));
+    }
+
+    #[test]
+    fn more_ranks_than_frames_is_fine() {
+        let a = balance_frames(&[1.0, 2.0, 3.0], 8, &BalanceOptions::default()).unwrap();
+        assert_is_partition(&a, 3);
+        assert_eq!(a.frames_per_rank.iter().filter(|f| f.is_empty()).count(), 5);
+        assert_eq!(a.method, Method::Lpt); // max frame = lower bound: LPT is optimal
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let o = BalanceOptions::default();
+        assert!(balance_frames(&[], 4, &o).is_err());
+        assert!(balance_frames(&[1.0], 0, &o).is_err());
+        assert!(balance_frames(&[1.0, f64::NAN], 2, &o).is_err());
+        assert!(balance_frames(&[1.0, -1.0], 2, &o).is_err());
+        let v = VisionSpec::preset("siglip-so400m").unwrap();
+        assert!(frame_costs(&[Sample::uniform(0, 100)], &v).is_err());
+    }
+
+    #[test]
+    fn contiguous_split_is_exact() {
+        for (f, r) in [(10, 3), (3, 10), (0, 4), (256, 256)] {
+            let s = contiguous_split(f, r);
+            assert_eq!(s.len(), r);
+            let all: Vec<usize> = s.into_iter().flatten().collect();
+            assert_eq!(all, (0..f).collect::<Vec<_>>());
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! Stage 2 of MM-SP: zigzag token sharding of the merged sequence for 2D attention
+//! (Ulysses x zigzag ring), and each rank's causal attention work under it.
+//!
+//! Convention (shared with the runtime; do not change one side alone): each sample of length L
+//! is cut into `2*ring` chunks; ring rank r holds chunks `r` and `2*ring-1-r`; each of those
+//! chunks is cut into `ulysses` contiguous sub-chunks and Ulysses rank u holds sub-chunk u of
+//! both. `sp_rank = ring_idx * ulysses + ulysses_idx`. Packed samples are split individually
+//! (varlen zigzag, as LongVILA's `zigzag_ring_varlen`), so a rank holds up to two ranges per
+//! sample. When L is not divisible, the `L % (2*ring)` extra tokens go first to the first-half
+//! chunks (ring ranks 0, 1, ...) and then to the second-half chunks of ranks 0, 1, ... so that
+//! ring ranks differ by at most one token; inside a chunk, the extra tokens go to the first
+//! sub-chunks of a first-half chunk and to the last sub-chunks of a second-half chunk.
+
+use crate::error::{Error, Result};
+
+/// A contiguous piece of one sample held by one rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Piece {
+    /// Offset of the sample in the packed sequence.
+    sample_start: u64,
+    /// Half-open range inside the sample.
+    lo: u64,
+    hi: u64,
+}
+
+fn check_degrees(ulysses: usize, ring: usize) -> Result<()> {
+    if ulysses == 0 || ring == 0 {
+        return Err(Error::invalid(
+            "sequence-parallel degrees",
+            format!("ulysses ({ulysses}) and ring ({ring}) must both be at least 1"),
+        ));
+    }
+    if ulysses.checked_mul(ring).is_none_or(|n| n > 1 << 20) {
+        return Err(Error::invalid(
+            "sequence-parallel degrees",
+            format!("ulysses x ring = {ulysses} x {ring} is too large"),
+        ));
+    }
+    Ok(())
+}
+
+/// Boundaries (parts + 1 offsets) of `len` cut into `parts` near-equal pieces, `extra(i)` saying
+/// whether piece i gets one of the `len % parts` extra tokens.
+fn bounds(len: u64, parts: u64, extra: impl Fn(u64, u64) -> bool) -> Vec<u64> {
+    let base = len / parts;
+    let rem = len % parts;
+    let mut out = Vec::with_capacity(parts as usize + 1);
+    let mut at = 0;
+    out.push(0);
+    for i in 0..parts {
+        at += base + u64::from(extra(i, rem));
+        out.push(at);
+    }
+    debug_assert_eq!(at, len);
+    out
+}
+
+fn pieces_per_rank(sample_lens: &[u64], ulysses: usize, ring: usize) -> Result<Vec<Vec<Piece>>> {
+    check_degrees(ulysses, ring)?;
+    let (u, r) = (ulysses as u64, ring as u64);
+    let mut out = vec![Vec::new(); ulysses * ring];
+    let mut sample_start: u64 = 0;
+    for (i, &len) in sample_lens.iter().enumerate() {
+        // Chunk extras: first-half chunks c < r for c < rem; then second-half chunk 2r-1-k for k < rem - r.
+        let chunks = bounds(len, 2 * r, |c, rem| {
+            if c < r {
+                c < rem
+            } else {
+                (2 * r - 1 - c) < rem.saturating_sub(r)
+            }
+        });
+        for ring_idx in 0..r {
+            for (half, chunk) in [(0, ring_idx), (1, 2 * r - 1 - ring_idx)] {
+                let (c_lo, c_hi) = (chunks[chunk as usize], chunks[chunk as usize + 1]);
+                let subs = bounds(c_hi - c_lo, u, |s, rem| {
+                    if half == 0 {
+                        s < rem
+                    } else {
+                        (u - 1 - s) < rem
+                    }
+                });
+                for uly_idx in 0..u {
+                    let lo = c_lo + subs[uly_idx as usize];
+                    let hi = c_lo + subs[uly_idx as usize + 1];
+                    if hi > lo {
+                        out[(ring_idx * u + uly_idx) as usize].push(Piece {
+                            sample_start,
+                            lo,
+                            hi,
+                        });
+                    }
+                }
+            }
+        }
+        sample_start = sample_start.checked_add(len).ok_or_else(|| {
+            Error::invalid(
+                "sample lengths",
+                format!("the packed sequence overflows u64 at sample {i}"),
+            )
+        })?;
+    }
+    Ok(out)
+}
+
+/// The token ranges of each SP rank (indexed by `sp_rank = ring_idx * ulysses + ulysses_idx`):
+/// half-open `(start, end)` global offsets in the packed sequence, in sample order and, within a
+/// sample, first-half chunk before second-half chunk. Empty pieces are omitted. The ranges of
+/// all ranks form an exact partition of `[0, sum(sample_lens))`.
+pub fn ranges_per_rank(
+    sample_lens: &[u64],
+    ulysses: usize,
+    ring: usize,
+) -> Result<Vec<Vec<(u64, u64)>>> {
+    Ok(pieces_per_rank(sample_lens, ulysses, ring)?
+        .into_iter()
+        .map(|ps| {
+            ps.into_iter()
+                .map(|p| (p.sample_start + p.lo, p.sample_start + p.hi))
+                .collect()
+        })
+        .collect())
+}
+
+/// Tokens held by each SP rank.
+pub fn tokens_per_rank(ranges: &[Vec<(u64, u64)>]) -> Vec<u64> {
+    ranges
+        .iter()
+        .map(|rs| rs.iter().map(|(a, b)| b - a).sum())
+        .collect()
+}
+
+/// Causal attention work of query positions `[lo, hi)` of one sample: query i attends to the
+/// i + 1 keys at or before it, so the work is `sum_{i=lo}^{hi-1} (i+1) = (hi(hi+1) - lo(lo+1))/2`
+/// query-key pairs (the causal half of the s^2 score matrix; Narayanan et al. 2021 count
+/// attention as 4*s^2*h FLOPs per layer forward, i.e. proportional to these pairs).
+fn causal_pairs(lo: u64, hi: u64) -> f64 {
+    let (lo, hi) = (lo as u128, hi as u128);
+    ((hi * (hi + 1) - lo * (lo + 1)) / 2) as f64
+}
+
+/// Each SP rank's causal attention work, in query-key pairs (multiply by `4 * head_dim * heads`
+/// per layer for forward FLOPs). In zigzag ring attention a ring rank's query chunks attend, over
+/// the ring steps, to all keys of the same sample at or before them; the `ulysses` ranks of a
+/// ring rank split the heads after the all-to-all, so each gets an equal share of that work.
+pub fn causal_work_per_rank(sample_lens: &[u64], ulysses: usize, ring: usize) -> Result<Vec<f64>> {
+    let pieces = pieces_per_rank(sample_lens, ulysses, ring)?;
+    let mut out = Vec::with_capacity(pieces.len());
+    for group in pieces.chunks(ulysses) {
+        let ring_work: f64 = group
+            .iter()
+            .flatten()
+            .map(|p| causal_pairs(p.lo, p.hi))
+            .sum();
+        out.extend(std::iter::repeat_n(ring_work / ulysses as f64, ulysses));
+    }
+    Ok(out)
+}
+
+/// Max over mean of a per-rank load (1.0 for a perfectly balanced or an all-zero load).
+pub fn imbalance(loads: &[f64]) -> f64 {
+    if loads.is_empty() {
+        return 1.0;
+    }
+    let mean = loads.iter().sum::<f64>() / loads.len() as f64;
+    let max = loads.iter().copied().fold(0.0, f64::max);
+    if mean > 0.0 {
+        max / mean
+    } else {
+        1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Checks that the ranges are non-empty and tile [0, total) exactly (no gap, no overlap).
+    fn assert_partition(ranges: &[Vec<(u64, u64)>], total: u64) -> std::result::Result<(), String> {
+        let mut all: Vec<(u64, u64)> = ranges.iter().flatten().copied().collect();
+        all.sort_unstable();
+        let mut at = 0;
+        for &(a, b) in &all {
+            if a >= b {
+                return Err(format!("empty or reversed range ({a}, {b})"));
+            }
+            if a != at {
+                return Err(format!("gap or overlap at {at}: next range starts at {a}"));
+            }
+            at = b;
+        }
+        if at != total {
+            return Err(format!("ranges end at {at}, expected {total}"));
+        }
+        Ok(())
+    }
+
+    fn factorisations(n: usize) -> impl Iterator<Item = (usize, usize)> {
+        (1..=n).filter(move |u| n.is_multiple_of(*u)).map(move |u| (u, n / u))
+    }
+
+    #[test]
+    fn hand_checked_layout_u2_r2() {
+        // S = 16, 4 chunks of 4: ring 0 holds chunks 0 and 3, ring 1 holds chunks 1 and 2.
+        let r = ranges_per_rank(&[16], 2, 2).unwrap();
+        assert_eq!(r[0], vec![(0, 2), (12, 14)]);
+        assert_eq!(r[1], vec![(2, 4), (14, 16)]);
+        assert_eq!(r[2], vec![(4, 6), (8, 10)]);
+        assert_eq!(r[3], vec![(6, 8), (10, 12)]);
+        // Two packed samples are zigzagged individually.
+        let r = ranges_per_rank(&[4, 8], 1, 2).unwrap();
+        assert_eq!(r[0], vec![(0, 1), (3, 4), (4, 6), (10, 12)]);
+        assert_eq!(r[1], vec![(1, 2), (2, 3), (6, 8), (8, 10)]);
+    }
+
+    #[test]
+    fn every_factorisation_up_to_64_partitions_and_balances() {
+        for n in 1..=64usize {
+            for (u, r) in factorisations(n) {
+                // Divisible single sample: exact partition and causal work within 1% of the mean.
+                let s = (2 * n * 5) as u64;
+                let ranges = ranges_per_rank(&[s], u, r).unwrap();
+                assert_eq!(ranges.len(), n);
+                assert_partition(&ranges, s).unwrap_or_else(|e| panic!("u={u} r={r}: {e}"));
+                let tokens = tokens_per_rank(&ranges);
+                assert!(tokens.iter().all(|&t| t == s / n as u64), "u={u} r={r}");
+                let work = causal_work_per_rank(&[s], u, r).unwrap();
+                let mean = work.iter().sum::<f64>() / n as f64;
+                for (k, w) in work.iter().enumerate() {
+                    assert!(
+                        (w - mean).abs() <= 0.01 * mean,
+                        "u={u} r={r} rank {k}: work {w} vs mean {mean}"
+                    );
+                }
+                // Not divisible: still an exact partition, ranks within 2 tokens of each other.
+                for extra in [1u64, 7, (2 * n - 1) as u64] {
+                    let s2 = s + extra;
+                    let ranges = ranges_per_rank(&[s2], u, r).unwrap();
+                    assert_partition(&ranges, s2).unwrap_or_else(|e| panic!("u={u} r={r}: {e}"));
+                    let t = tokens_per_rank(&ranges);
+                    let (mn, mx) = (t.iter().min().unwrap(), t.iter().max().unwrap());
+                    assert!(mx - mn <= 2, "u={u} r={r} S={s2}: tokens {mn}..{mx}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn work_is_conserved_and_ulysses_shares_equally() {
+        let lens = [1000u64, 37, 4096, 1];
+        let total: f64 = lens.iter().map(|&l| causal_pairs(0, l)).sum();
+        for (u, r) in factorisations(12) {
+            let w = causal_work_per_rank(&lens, u, r).unwrap();
+            let sum: f64 = w.iter().sum();
+            assert!((sum - total).abs() <= 1e-9 * total, "u={u} r={r}");
+            for g in w.chunks(u) {
+                assert!(g.iter().all(|&x| x == g[0]));
+            }
+        }
+    }
+
+    #[test]
+    fn zigzag_beats_contiguous_split() {
+        // Contiguous split of one causal sample over 8 ranks: last rank does 15/8 of the mean.
+        let s = 8192u64;
+        let contiguous: Vec<f64> = (0..8)
+            .map(|k| causal_pairs(k * s / 8, (k + 1) * s / 8))
+            .collect();
+        let zig = causal_work_per_rank(&[s], 1, 8).unwrap();
+        assert!(imbalance(&contiguous) > 1.8);
+        assert!(imbalance(&zig) < 1.001);
+    }
+
+    #[test]
+    fn bad_degrees_are_errors() {
+        assert!(ranges_per_rank(&[10], 0, 2).is_err());
+        assert!(causal_work_per_rank(&[10], 2, 0).is_err());
+        assert!(ranges_per_rank(&[u64::MAX, 2], 1, 1).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn varlen_partition_is_exact(
+            lens in proptest::collection::vec(0u64..3000, 0..12),
+            u in 1usize..9,
+            r in 1usize..9,
+        ) {
+            let ranges = ranges_per_rank(&lens, u, r).unwrap();
+            prop_assert_eq!(ranges.len(), u * r);
+            let total: u64 = lens.iter().sum();
+            prop_assert!(assert_partition(&ranges, total).is_ok(), "{:?}", assert_partition(&ranges, total));
+            // No range crosses a sample boundary.
+            let mut starts = vec![0u64];
+            for l in &lens { starts.push(starts.last().unwrap() + l); }
+            for &(a, b) in ranges.iter().flatten() {
+                let i = starts.partition_point(|&x| x <= a) - 1;
+                prop_assert!(b <= starts[i + 1]);
+            }
+        }
+    }
+}
