@@ -3,7 +3,10 @@
 //! length, and emits a versioned plan that the runtime executes. Pure Rust: no GPU crates.
 
 pub mod balance;
+pub mod cost;
 pub mod error;
 pub mod spec;
+pub mod topology;
+pub mod units;
 
 pub use error::{Error, Result};

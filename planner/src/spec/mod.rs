@@ -2,4 +2,6 @@
 //! ours) and then validated into typed structs: model, vision encoder, cluster, sample manifest.
 
 pub mod samples;
+pub mod cluster;
+pub mod model;
 pub mod vision;

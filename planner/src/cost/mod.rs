@@ -1,0 +1,397 @@
+//! The analytic cost model: for one candidate (layout, placement, ZeRO stage, recompute,
+//! micro-batch) it predicts memory per GPU and the time of one training step, composed from
+//! compute ([`compute`]), memory ([`memory`]) and communication phases routed over the
+//! cluster graph ([`crate::topology`]). An infeasible candidate is an [`Infeasible`] value.
+
+pub mod compute;
+pub mod memory;
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::model::ModelSpec;
+use crate::topology::{GroupFamily, Topology};
+use compute::*;
+use memory::*;
+pub use memory::{MemoryBreakdown, Recompute};
+
+/// Which sequence-parallel dimension gets the consecutive ranks (and so the NVLink domain).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// Ulysses groups are consecutive ranks (inside a node); ring neighbours are a Ulysses
+    /// group apart (across nodes).
+    UlyssesInner,
+    /// Ring neighbours are consecutive ranks; Ulysses groups are strided.
+    RingInner,
+}
+
+impl Placement {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Placement::UlyssesInner => "ulysses_inner",
+            Placement::RingInner => "ring_inner",
+        }
+    }
+}
+
+/// The parallel mesh: world = tp x ulysses x ring x dp. Tensor parallel ranks are innermost,
+/// then the sequence-parallel dimensions in placement order, then data parallel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Layout {
+    pub ulysses: u32,
+    pub ring: u32,
+    pub dp: u32,
+    pub tp: u32,
+    pub placement: Placement,
+}
+
+impl Layout {
+    pub fn sp(&self) -> u32 {
+        self.ulysses * self.ring
+    }
+    pub fn world(&self) -> u32 {
+        self.tp * self.sp() * self.dp
+    }
+    pub fn tp_family(&self) -> GroupFamily {
+        GroupFamily { size: self.tp, stride: 1 }
+    }
+    pub fn ulysses_family(&self) -> GroupFamily {
+        let stride = match self.placement {
+            Placement::UlyssesInner => self.tp,
+            Placement::RingInner => self.tp * self.ring,
+        };
+        GroupFamily { size: self.ulysses, stride }
+    }
+    pub fn ring_family(&self) -> GroupFamily {
+        let stride = match self.placement {
+            Placement::UlyssesInner => self.tp * self.ulysses,
+            Placement::RingInner => self.tp,
+        };
+        GroupFamily { size: self.ring, stride }
+    }
+    pub fn dp_family(&self) -> GroupFamily {
+        GroupFamily { size: self.dp, stride: self.tp * self.sp() }
+    }
+    /// Ranks holding the same parameter shard: gradients are reduced over dp x sp.
+    pub fn grad_family(&self) -> GroupFamily {
+        GroupFamily { size: self.dp * self.sp(), stride: self.tp }
+    }
+    /// Coordinates (tp, ulysses, ring, dp) of a global rank.
+    pub fn coords(&self, rank: u32) -> (u32, u32, u32, u32) {
+        let tp = rank % self.tp;
+        let r = rank / self.tp;
+        let (u, ring) = match self.placement {
+            Placement::UlyssesInner => (r % self.ulysses, (r / self.ulysses) % self.ring),
+            Placement::RingInner => ((r / self.ring) % self.ulysses, r % self.ring),
+        };
+        (tp, u, ring, rank / (self.tp * self.sp()))
+    }
+}
+
+/// One point of the search space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Candidate {
+    pub layout: Layout,
+    pub zero_stage: u8,
+    pub recompute: Recompute,
+    /// Sequences per micro-batch.
+    pub micro_batch: u32,
+}
+
+/// What is being trained: the model, the sequence length and the global batch in sequences.
+#[derive(Debug, Clone)]
+pub struct Workload<'a> {
+    pub model: &'a ModelSpec,
+    pub context: u64,
+    pub global_batch: u64,
+    /// Per-step time of the vision stage (encoder, gather, re-shard) if the input is video.
+    pub vision: Option<VisionStage>,
+}
+
+/// The vision stage's cost, computed by the multi-modal planner and added to each micro-batch.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct VisionStage {
+    pub encoder_s: f64,
+    pub gather_s: f64,
+    pub reshard_s: f64,
+    pub memory_bytes: f64,
+}
+
+/// Why a candidate cannot run. The search skips these and reports the reasons.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Infeasible {
+    #[error("needs {:.1} GiB per GPU, {:.1} GiB available", needed / crate::units::GIB, available / crate::units::GIB)]
+    Memory { needed: f64, available: f64 },
+    #[error("{heads} query / {kv_heads} kv heads cannot be split {ways} ways (tp x ulysses)")]
+    Heads { heads: u64, kv_heads: u64, ways: u64 },
+    #[error("context {context} is not a multiple of {multiple} (2 x ring x ulysses zigzag chunks)")]
+    Divisibility { context: u64, multiple: u64 },
+    #[error("global batch {global_batch} is not a multiple of dp {dp} x micro-batch {micro_batch}")]
+    Batch { global_batch: u64, dp: u32, micro_batch: u32 },
+}
+
+/// Where the time of one step goes (seconds; per step, summed over micro-batches).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct TimeBreakdown {
+    pub gemm_s: f64,
+    pub attention_s: f64,
+    pub elementwise_s: f64,
+    pub head_s: f64,
+    pub recompute_s: f64,
+    pub vision_s: f64,
+    pub ulysses_all_to_all_s: f64,
+    pub ring_p2p_s: f64,
+    pub ring_exposed_s: f64,
+    pub tp_comm_s: f64,
+    pub grad_sync_s: f64,
+    pub grad_sync_exposed_s: f64,
+    pub zero_gather_s: f64,
+    pub zero_gather_exposed_s: f64,
+    pub optimizer_s: f64,
+}
+
+/// The prediction for one feasible candidate.
+#[derive(Debug, Clone, Serialize)]
+pub struct Estimate {
+    pub step_time_s: f64,
+    pub tokens_per_s: f64,
+    pub mfu: f64,
+    pub memory_per_gpu_bytes: f64,
+    pub memory: MemoryBreakdown,
+    pub time: TimeBreakdown,
+    pub comm_exposed_s: f64,
+    pub comm_overlapped_s: f64,
+    pub grad_accum_steps: u64,
+    /// FLOPs of one step that the model needs (no recompute), for MFU.
+    pub model_flops: f64,
+}
+
+/// Heads per rank after tensor and Ulysses splitting: (query heads, kv heads held, including
+/// Ulysses replication of kv heads when the Ulysses degree exceeds them, as DeepSpeed-Ulysses
+/// and LongVILA do for GQA). Errors if the split is impossible.
+pub fn head_split(m: &ModelSpec, tp: u32, ulysses: u32) -> Result<(u64, u64), Infeasible> {
+    let (tp, u) = (u64::from(tp), u64::from(ulysses));
+    let err = Infeasible::Heads { heads: m.num_heads, kv_heads: m.num_kv_heads, ways: tp * u };
+    if m.num_heads % (tp * u) != 0 || m.num_kv_heads % tp != 0 {
+        return Err(err);
+    }
+    let kvt = m.num_kv_heads / tp;
+    if kvt % u != 0 && u % kvt != 0 {
+        return Err(err);
+    }
+    Ok((m.num_heads / (tp * u), kvt.max(u) / u))
+}
+
+/// Predicts one candidate on a topology, or says why it cannot run.
+pub fn evaluate(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Estimate, Infeasible> {
+    let m = w.model;
+    let l = &c.layout;
+    let spec = &topo.spec;
+    let (q_heads_local, kv_heads_local) = head_split(m, l.tp, l.ulysses)?;
+    let zig = 2 * u64::from(l.sp());
+    if w.context % zig != 0 {
+        return Err(Infeasible::Divisibility { context: w.context, multiple: zig });
+    }
+    let seqs_per_dp = u64::from(l.dp) * u64::from(c.micro_batch);
+    if w.global_batch % seqs_per_dp != 0 {
+        return Err(Infeasible::Batch {
+            global_batch: w.global_batch,
+            dp: l.dp,
+            micro_batch: c.micro_batch,
+        });
+    }
+    let accum = w.global_batch / seqs_per_dp;
+    let (tp, u, r, sp) = (f64::from(l.tp), f64::from(l.ulysses), f64::from(l.ring), f64::from(l.sp()));
+    let mb = f64::from(c.micro_batch);
+    let s = w.context as f64;
+    let layers = m.num_layers as f64;
+    let hd = m.head_dim as f64;
+    let h = m.hidden_size as f64;
+    // Tokens each rank holds outside attention.
+    let tokens = mb * s / sp;
+    // kv width each rank holds per local token, after Ulysses replication: max(kv/tp, u) heads.
+    let kv_dim_eff = (kv_heads_local as f64) * u * hd;
+    let q_dim_local = (q_heads_local as f64) * u * hd; // = q_dim / tp
+
+    // ---- memory ----
+    let arch = ActivationArch {
+        hidden: h,
+        q_dim: m.q_dim() as f64,
+        kv_dim: kv_dim_eff * tp,
+        ffn: m.intermediate_size as f64,
+        heads: m.num_heads as f64,
+        swiglu: true,
+        dropout: false,
+        flash: true,
+    };
+    let per_tok = layer_activation_bytes_per_token(&arch, s, tp, c.recompute);
+    let full_layer = layer_activation_bytes_per_token(&arch, s, tp, Recompute::None);
+    // Kept activations of all layers, plus the working set of the layer in backward (the
+    // recomputed layer's full activations under recompute, its gradients otherwise).
+    let working = if c.recompute == Recompute::None { 0.0 } else { full_layer * tokens };
+    // Plus the embedding output and the final norm's input (2 bytes x h each).
+    let activations = layers * per_tok * tokens + working + 2.0 * h * tokens * 2.0;
+    // Logits: bf16 logits kept for backward plus fp32 softmax / gradient (6 bytes per entry).
+    let logits = tokens * (m.vocab_size as f64 / tp) * 6.0;
+    let params_local = m.params() as f64 / tp;
+    let layer_params_local = m.layer_params() as f64 / tp;
+    let shards = f64::from(l.grad_family().size);
+    let (wb, gb, ob) = model_states(params_local, layer_params_local, c.zero_stage, shards);
+    // Ring attention double-buffers the KV block in flight (send + receive), in backward with
+    // fp32 dK/dV (ring-flash-attention accumulates them in fp32): 2 x (2 + 2 x 2) bytes per kv
+    // element; fp32 accumulators for dQ, dK, dV of the ring rank's chunk.
+    let kv_block = (mb * s / r) * kv_heads_local as f64 * hd; // elements of K (or V) per block
+    let ring_buf = if l.ring > 1 { 2.0 * 2.0 * kv_block * (2.0 + 4.0) } else { 0.0 };
+    let acc = (mb * s / r) * hd * (q_heads_local as f64 + 2.0 * kv_heads_local as f64) * 4.0;
+    // Ulysses all-to-all output staging: one q-sized tensor.
+    let a2a_buf = if l.ulysses > 1 { tokens * q_dim_local * 2.0 } else { 0.0 };
+    let comm_buffers = ring_buf + acc + a2a_buf;
+    let vision_mem = w.vision.map_or(0.0, |v| v.memory_bytes);
+    let tensors = wb + gb + ob + activations + logits + comm_buffers + vision_mem;
+    let frag = FRAGMENTATION * tensors;
+    let needed = tensors + frag + RUNTIME_RESERVE_BYTES;
+    let memory = MemoryBreakdown {
+        weights_bytes: wb,
+        gradients_bytes: gb,
+        optimizer_bytes: ob,
+        activations_bytes: activations + vision_mem,
+        logits_bytes: logits,
+        comm_buffers_bytes: comm_buffers,
+        reserved_bytes: RUNTIME_RESERVE_BYTES,
+        fragmentation_bytes: frag,
+        total_bytes: needed,
+    };
+    if needed > spec.hbm_bytes {
+        return Err(Infeasible::Memory { needed, available: spec.hbm_bytes });
+    }
+
+    // ---- compute, per micro-batch ----
+    let gemm_fwd = layers * layer_gemm_flops_fwd(m, tokens, tp);
+    // Attention work of the ring rank's zigzag chunks is balanced: 1/sp of the sequence's
+    // causal work per rank (each of the micro-batch's sequences separately).
+    let attn_fwd = layers * mb * attention_flops_fwd(m, s) / (sp * tp);
+    let head_fwd = head_flops_fwd(m, tokens, tp);
+    let elem_bytes = layers * tokens * layer_elementwise_bytes_fwd(m, tp);
+    let hbm = spec.hbm_bytes_per_s * HBM_EFFICIENCY;
+    let gemm_t = GEMM_TRAIN_FACTOR * gemm_fwd / spec.gemm_flops;
+    let attn_t = ATTN_TRAIN_FACTOR * attn_fwd / spec.attention_flops;
+    let head_t = GEMM_TRAIN_FACTOR * head_fwd / spec.gemm_flops;
+    let elem_t = 3.0 * elem_bytes / hbm;
+    let recompute_t = match c.recompute {
+        Recompute::None => 0.0,
+        Recompute::Selective => {
+            // Norm outputs and SwiGLU product again: about a third of the forward's
+            // elementwise traffic.
+            elem_bytes / 3.0 / hbm
+        }
+        Recompute::Full => gemm_fwd / spec.gemm_flops + attn_fwd / spec.attention_flops + elem_bytes / hbm,
+    };
+
+    // ---- communication, per micro-batch ----
+    // Ulysses: all-to-all of q, k, v before attention and of the output after, per layer
+    // (Jacobs et al. 2023, DeepSpeed-Ulysses, Sec. 3.1); backward mirrors them (dO, dQ, dK, dV).
+    let a2a_bytes = tokens * 2.0 * (2.0 * q_dim_local + 2.0 * kv_dim_eff);
+    let uly = l.ulysses_family();
+    let fwd_passes = if c.recompute == Recompute::Full { 2.0 } else { 1.0 };
+    let a2a_t = layers * (fwd_passes + 1.0) * topo.all_to_all(uly, a2a_bytes);
+    // Ring: ring-1 transfers of the KV block per layer, each overlapped with the attention of
+    // one ring step (Liu et al. 2023, Ring Attention, Sec. 3); zigzag gives every step equal
+    // work (Brandon et al. 2023 / ring-flash-attention's zigzag). Backward moves K, V and the
+    // fp32 dK, dV (3x the bytes) against the backward step's compute.
+    let ring = l.ring_family();
+    let (mut ring_t, mut ring_exposed) = (0.0, 0.0);
+    if l.ring > 1 {
+        let kv_bytes = 2.0 * kv_block * 2.0;
+        let step_fwd = attn_fwd / layers / r / spec.attention_flops;
+        let step_bwd = step_fwd * (ATTN_TRAIN_FACTOR - 1.0);
+        let c_fwd = topo.ring_p2p(ring, kv_bytes);
+        let c_bwd = topo.ring_p2p(ring, 3.0 * kv_bytes);
+        let steps = r - 1.0;
+        ring_t = layers * steps * (fwd_passes * c_fwd + c_bwd);
+        ring_exposed = layers
+            * steps
+            * (fwd_passes * (c_fwd - step_fwd).max(0.0) + (c_bwd - step_bwd).max(0.0));
+    }
+    // Megatron tensor + sequence parallel: 2 all-gathers and 2 reduce-scatters of the
+    // activations per layer forward, mirrored in backward (Korthikanti et al. 2022, Sec. 4.2.2).
+    let tp_t = if l.tp > 1 {
+        let full = tokens * h * 2.0;
+        layers * (fwd_passes + 1.0) * 4.0 * topo.all_gather(l.tp_family(), full)
+    } else {
+        0.0
+    };
+    let micro = gemm_t + attn_t + head_t + elem_t + recompute_t + a2a_t + ring_exposed + tp_t;
+    let backward_compute = (gemm_t + attn_t + head_t) * 2.0 / 3.0;
+
+    // ---- per step: gradients, ZeRO, optimizer (Rajbhandari et al. 2020, Sec. 7) ----
+    let gf = l.grad_family();
+    let grad_bytes = params_local * GRAD_BYTES;
+    let param_bytes = params_local * WEIGHT_BYTES;
+    let accum_f = accum as f64;
+    let (grad_sync, gather) = match c.zero_stage {
+        // All-reduce of the gradients once per step.
+        0 => (topo.all_reduce(gf, grad_bytes), 0.0),
+        // Reduce-scatter gradients once per step; all-gather the updated weights.
+        1 => (topo.all_gather(gf, grad_bytes), topo.all_gather(gf, param_bytes)),
+        // Stage 2 reduce-scatters at every micro-batch.
+        2 => (accum_f * topo.all_gather(gf, grad_bytes), topo.all_gather(gf, param_bytes)),
+        // Stage 3 also gathers weights in forward and again in backward, every micro-batch.
+        _ => (
+            accum_f * topo.all_gather(gf, grad_bytes),
+            accum_f * (fwd_passes + 1.0) * topo.all_gather(gf, param_bytes),
+        ),
+    };
+    // Bucketed gradient reduction overlaps with backward except the last layer's bucket;
+    // stage-3 weight gathers are prefetched a layer ahead except the first.
+    let last = 1.0 / layers;
+    let grad_exposed = (grad_sync - backward_compute * (1.0 - last)).max(grad_sync * last);
+    let gather_exposed = if c.zero_stage >= 3 {
+        (gather - accum_f * (gemm_t + attn_t) * (1.0 - last)).max(gather * last)
+    } else {
+        gather
+    };
+    // AdamW update: read/write fp32 master, two moments, read fp32 grad, write bf16 weight:
+    // about 30 bytes per parameter of the local shard, memory bound.
+    let opt_params = if c.zero_stage >= 1 { params_local / shards } else { params_local };
+    let optimizer_t = opt_params * 30.0 / hbm;
+    let vision_t = w.vision.map_or(0.0, |v| v.encoder_s + v.gather_s + v.reshard_s);
+    let step = accum_f * (micro + vision_t) + grad_exposed + gather_exposed + optimizer_t;
+
+    let tokens_step = (w.global_batch * w.context) as f64;
+    let model_flops = f64::from(l.world()) * accum_f
+        * (GEMM_TRAIN_FACTOR * (gemm_fwd + head_fwd) + ATTN_TRAIN_FACTOR * attn_fwd);
+    let time = TimeBreakdown {
+        gemm_s: accum_f * gemm_t,
+        attention_s: accum_f * attn_t,
+        elementwise_s: accum_f * elem_t,
+        head_s: accum_f * head_t,
+        recompute_s: accum_f * recompute_t,
+        vision_s: accum_f * vision_t,
+        ulysses_all_to_all_s: accum_f * a2a_t,
+        ring_p2p_s: accum_f * ring_t,
+        ring_exposed_s: accum_f * ring_exposed,
+        tp_comm_s: accum_f * tp_t,
+        grad_sync_s: grad_sync,
+        grad_sync_exposed_s: grad_exposed,
+        zero_gather_s: gather,
+        zero_gather_exposed_s: gather_exposed,
+        optimizer_s: optimizer_t,
+    };
+    let exposed = time.ulysses_all_to_all_s + time.ring_exposed_s + time.tp_comm_s + grad_exposed + gather_exposed;
+    let total_comm = time.ulysses_all_to_all_s + time.ring_p2p_s + time.tp_comm_s + grad_sync + gather;
+    Ok(Estimate {
+        step_time_s: step,
+        tokens_per_s: tokens_step / step,
+        mfu: model_flops / (step * f64::from(l.world()) * spec.peak_flops),
+        memory_per_gpu_bytes: needed,
+        memory,
+        time,
+        comm_exposed_s: exposed,
+        comm_overlapped_s: (total_comm - exposed).max(0.0),
+        grad_accum_steps: accum,
+        model_flops,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,316 @@
+//! Cluster specs: the hierarchical TOML description of a GPU cluster (`topologies/*.toml`,
+//! embedded in the binary and also loadable by path), deserialised raw with unknown fields
+//! denied, then validated into [`ClusterSpec`]. The graph built from it lives in
+//! [`crate::topology`].
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The shipped topologies, embedded at build time.
+pub const EMBEDDED: &[(&str, &str)] = &[
+    ("dgx-h100", include_str!("../../../topologies/dgx-h100.toml")),
+    ("dgx-a100", include_str!("../../../topologies/dgx-a100.toml")),
+    ("hgx-h200", include_str!("../../../topologies/hgx-h200.toml")),
+    ("gb200-nvl72", include_str!("../../../topologies/gb200-nvl72.toml")),
+    ("pcie-l40s", include_str!("../../../topologies/pcie-l40s.toml")),
+];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: String,
+    description: String,
+    gpu: RawGpu,
+    node: RawNode,
+    fabric: RawFabric,
+    network: RawNetwork,
+    #[serde(default)]
+    efficiency: RawEfficiency,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGpu {
+    model: String,
+    peak_bf16_tflops: f64,
+    hbm_gib: f64,
+    hbm_tbps: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    gpus: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFabric {
+    kind: String,
+    domain_gpus: u32,
+    gbps_per_gpu: f64,
+    latency_us: f64,
+    gpus_per_switch: Option<u32>,
+    uplink_gbps: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    nics_per_node: u32,
+    nic_gbps: f64,
+    latency_us: f64,
+    nodes_per_leaf: u32,
+    oversubscription: f64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEfficiency {
+    gemm_tflops: Option<f64>,
+    attention_tflops: Option<f64>,
+    fabric_efficiency: Option<f64>,
+    network_efficiency: Option<f64>,
+}
+
+/// How GPUs of one domain talk to each other without the network.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub enum Fabric {
+    /// All GPUs of a domain hang off a non-blocking NVSwitch, `gbps_per_gpu` each way.
+    NvSwitch,
+    /// GPUs hang off PCIe switches (`gpus_per_switch` each) whose uplinks meet at the host.
+    Pcie { gpus_per_switch: u32, uplink_gbps: f64 },
+}
+
+/// A validated cluster description. Bandwidths are GB/s (10^9 bytes/s) in one direction.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterSpec {
+    pub name: String,
+    pub description: String,
+    pub gpu_model: String,
+    pub peak_flops: f64,
+    pub hbm_bytes: f64,
+    pub hbm_bytes_per_s: f64,
+    pub gpus_per_node: u32,
+    pub fabric: Fabric,
+    /// GPUs that share one fabric domain (NVLink domain; the node for PCIe).
+    pub domain_gpus: u32,
+    pub fabric_gbps_per_gpu: f64,
+    pub fabric_latency_s: f64,
+    pub nics_per_node: u32,
+    pub nic_gbps: f64,
+    pub network_latency_s: f64,
+    pub nodes_per_leaf: u32,
+    pub oversubscription: f64,
+    /// Achieved dense bf16 GEMM throughput (FLOP/s) at large shapes.
+    pub gemm_flops: f64,
+    /// Achieved causal flash attention throughput, forward + backward (FLOP/s).
+    pub attention_flops: f64,
+    /// Fraction of nominal link bandwidth that collectives achieve, per plane.
+    pub fabric_efficiency: f64,
+    pub network_efficiency: f64,
+}
+
+/// Names of the shipped topologies.
+pub fn preset_names() -> Vec<&'static str> {
+    EMBEDDED.iter().map(|(n, _)| *n).collect()
+}
+
+/// Measured on H100 (shared/reference/README.md): bf16 GEMM 8192^3 at 797 TFLOP/s and cuDNN
+/// causal attention fwd+bwd at 517-542 TFLOP/s, out of a 989 TFLOP/s dense peak. Other GPUs
+/// without a calibration get the same fraction of their own peak (an assumption).
+const H100_PEAK: f64 = 989.0;
+const DEFAULT_GEMM_FRACTION: f64 = 797.0 / H100_PEAK;
+const DEFAULT_ATTENTION_FRACTION: f64 = 520.0 / H100_PEAK;
+
+impl ClusterSpec {
+    /// A shipped topology by name, or a TOML file by path.
+    pub fn load(arg: &str) -> Result<Self> {
+        if let Some((_, text)) = EMBEDDED.iter().find(|(n, _)| *n == arg) {
+            return Self::from_toml(text, arg);
+        }
+        let path = std::path::Path::new(arg);
+        if arg.ends_with(".toml") || path.exists() {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+                path: arg.into(),
+                msg: e.to_string(),
+            })?;
+            return Self::from_toml(&text, arg);
+        }
+        Err(Error::UnknownPreset {
+            kind: "topology",
+            name: arg.into(),
+            expected: preset_names().join(", "),
+        })
+    }
+
+    pub fn from_toml(text: &str, path: &str) -> Result<Self> {
+        let raw: RawCluster = toml::from_str(text).map_err(|e| Error::Parse {
+            path: path.into(),
+            msg: one_line(&e.to_string()),
+        })?;
+        let bad = |msg: String| Error::Parse {
+            path: path.into(),
+            msg,
+        };
+        let pos = |v: f64, field: &str| {
+            if v.is_finite() && v > 0.0 {
+                Ok(v)
+            } else {
+                Err(bad(format!("{field} must be a positive number, got {v}")))
+            }
+        };
+        pos(raw.gpu.peak_bf16_tflops, "gpu.peak_bf16_tflops")?;
+        pos(raw.gpu.hbm_gib, "gpu.hbm_gib")?;
+        pos(raw.gpu.hbm_tbps, "gpu.hbm_tbps")?;
+        pos(raw.fabric.gbps_per_gpu, "fabric.gbps_per_gpu")?;
+        pos(raw.network.nic_gbps, "network.nic_gbps")?;
+        if raw.node.gpus == 0 || raw.network.nics_per_node == 0 || raw.network.nodes_per_leaf == 0
+        {
+            return Err(bad(
+                "node.gpus, network.nics_per_node and network.nodes_per_leaf must be >= 1".into(),
+            ));
+        }
+        if raw.network.oversubscription < 1.0 {
+            return Err(bad(format!(
+                "network.oversubscription is downlink:uplink and must be >= 1, got {}",
+                raw.network.oversubscription
+            )));
+        }
+        let d = raw.fabric.domain_gpus;
+        let g = raw.node.gpus;
+        if d == 0 || (d % g != 0 && g % d != 0) {
+            return Err(bad(format!(
+                "fabric.domain_gpus ({d}) must divide, or be a multiple of, node.gpus ({g})"
+            )));
+        }
+        let fabric = match raw.fabric.kind.as_str() {
+            "nvswitch" => Fabric::NvSwitch,
+            "pcie" => {
+                let per = raw.fabric.gpus_per_switch.unwrap_or(g);
+                let up = raw
+                    .fabric
+                    .uplink_gbps
+                    .map(f64::from)
+                    .unwrap_or(raw.fabric.gbps_per_gpu);
+                if per == 0 || g % per != 0 {
+                    return Err(bad(format!(
+                        "fabric.gpus_per_switch ({per}) must divide node.gpus ({g})"
+                    )));
+                }
+                if d != g {
+                    return Err(bad("a pcie fabric's domain is one node: domain_gpus = node.gpus".into()));
+                }
+                Fabric::Pcie {
+                    gpus_per_switch: per,
+                    uplink_gbps: up,
+                }
+            }
+            other => {
+                return Err(bad(format!(
+                    "fabric.kind '{other}' is not one of: nvswitch, pcie"
+                )))
+            }
+        };
+        let frac = |v: Option<f64>, field: &str, default: f64| match v {
+            None => Ok(default),
+            Some(x) if x > 0.0 && x <= 1.0 => Ok(x),
+            Some(x) => Err(bad(format!("{field} must be in (0, 1], got {x}"))),
+        };
+        let peak = raw.gpu.peak_bf16_tflops * 1e12;
+        let gemm = match raw.efficiency.gemm_tflops {
+            Some(t) => pos(t, "efficiency.gemm_tflops")? * 1e12,
+            None => peak * DEFAULT_GEMM_FRACTION,
+        };
+        let attn = match raw.efficiency.attention_tflops {
+            Some(t) => pos(t, "efficiency.attention_tflops")? * 1e12,
+            None => peak * DEFAULT_ATTENTION_FRACTION,
+        };
+        Ok(ClusterSpec {
+            name: raw.name,
+            description: raw.description,
+            gpu_model: raw.gpu.model,
+            peak_flops: peak,
+            hbm_bytes: raw.gpu.hbm_gib * crate::units::GIB,
+            hbm_bytes_per_s: raw.gpu.hbm_tbps * 1e12,
+            gpus_per_node: g,
+            fabric,
+            domain_gpus: d,
+            fabric_gbps_per_gpu: raw.fabric.gbps_per_gpu,
+            fabric_latency_s: raw.fabric.latency_us * 1e-6,
+            nics_per_node: raw.network.nics_per_node,
+            nic_gbps: raw.network.nic_gbps,
+            network_latency_s: raw.network.latency_us * 1e-6,
+            nodes_per_leaf: raw.network.nodes_per_leaf,
+            oversubscription: raw.network.oversubscription,
+            gemm_flops: gemm,
+            attention_flops: attn,
+            fabric_efficiency: frac(raw.efficiency.fabric_efficiency, "efficiency.fabric_efficiency", 0.8)?,
+            network_efficiency: frac(
+                raw.efficiency.network_efficiency,
+                "efficiency.network_efficiency",
+                0.9,
+            )?,
+        })
+    }
+
+    /// Checks that `gpus` fills whole nodes (and whole NVLink domains when a domain spans nodes).
+    pub fn check_gpus(&self, gpus: u64) -> Result<()> {
+        let unit = u64::from(self.gpus_per_node.max(self.domain_gpus));
+        let node = u64::from(self.gpus_per_node);
+        if gpus == 0 || gpus % node != 0 {
+            return Err(Error::invalid(
+                "--gpus",
+                format!(
+                    "{gpus} GPUs do not fill whole {} nodes of {node} GPUs (expected a multiple of {node})",
+                    self.name
+                ),
+            ));
+        }
+        if gpus > unit && gpus % unit != 0 {
+            return Err(Error::invalid(
+                "--gpus",
+                format!(
+                    "{gpus} GPUs do not fill whole {}-GPU NVLink domains of {} (expected a multiple of {unit}, or at most {unit})",
+                    unit, self.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_shipped_topologies_parse() {
+        for name in preset_names() {
+            let c = ClusterSpec::load(name).unwrap();
+            assert!(c.gemm_flops < c.peak_flops && c.attention_flops < c.gemm_flops, "{name}");
+        }
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_in_one_line() {
+        let text = EMBEDDED[0].1.replace("[node]", "[node]\ncolor = 3");
+        let e = ClusterSpec::from_toml(&text, "x.toml").unwrap_err().to_string();
+        assert!(e.contains("color") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn gpus_must_fill_nodes() {
+        let c = ClusterSpec::load("dgx-h100").unwrap();
+        assert!(c.check_gpus(256).is_ok());
+        assert!(c.check_gpus(12).is_err());
+        let nvl = ClusterSpec::load("gb200-nvl72").unwrap();
+        assert!(nvl.check_gpus(72).is_ok() && nvl.check_gpus(8).is_ok());
+        assert!(nvl.check_gpus(100).is_err());
+    }
+}

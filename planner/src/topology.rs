@@ -1,0 +1,462 @@
+//! The cluster as a graph (petgraph): GPUs, NVSwitches or PCIe switches and hosts, NICs, leaf
+//! and spine switches, with per-direction link capacities. Traffic patterns of collectives are
+//! routed over it (tree routing through the lowest common switch) and every link's load is
+//! accumulated, so the time of a collective phase is set by its most loaded link: where a group
+//! is placed (a Ulysses group inside one NVLink domain, or spanning nodes) decides its cost.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use petgraph::graph::{EdgeIndex, NodeIndex, UnGraph};
+use petgraph::visit::EdgeRef;
+
+use crate::spec::cluster::{ClusterSpec, Fabric};
+
+/// A vertex of the cluster graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vertex {
+    Gpu(u32),
+    NvSwitch(u32),
+    PcieSwitch { node: u32, idx: u32 },
+    Host(u32),
+    Nic { node: u32, idx: u32 },
+    Leaf(u32),
+    Spine,
+}
+
+/// Which tree a link belongs to: the intra-domain fabric or the scale-out network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Plane {
+    Fabric,
+    Network,
+}
+
+/// A physical link; capacity is achievable bytes/s in each direction.
+#[derive(Debug, Clone, Copy)]
+pub struct Link {
+    pub bytes_per_s: f64,
+    pub latency_s: f64,
+    pub plane: Plane,
+}
+
+/// PCIe Gen5 x16 between an SXM GPU and its NIC: 64 GB/s each way (PCIe 5.0 specification).
+const GPU_NIC_PCIE_GEN5_GBPS: f64 = 64.0;
+
+/// Communication patterns whose cost per byte the topology answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Pattern {
+    /// Every rank sends M/n bytes to every other rank of its group.
+    AllToAll,
+    /// Every rank sends M bytes to the next rank of its group (ring order).
+    RingP2P,
+}
+
+/// Cost of one phase in which all groups of a family run a pattern at once:
+/// time = latency_s + bytes_per_rank * s_per_byte.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PhaseCost {
+    pub s_per_byte: f64,
+    pub latency_s: f64,
+    /// The plane of the most loaded link (which physics limits the phase).
+    pub bottleneck: Option<Plane>,
+}
+
+impl PhaseCost {
+    pub fn time(&self, bytes_per_rank: f64) -> f64 {
+        if bytes_per_rank <= 0.0 {
+            0.0
+        } else {
+            self.latency_s + bytes_per_rank * self.s_per_byte
+        }
+    }
+}
+
+/// A family of equal groups tiling the world: group members are `base + k * stride` for
+/// `k < size`, with bases covering every rank once. Consecutive ranks: stride 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GroupFamily {
+    pub size: u32,
+    pub stride: u32,
+}
+
+impl GroupFamily {
+    /// All groups of the family in a world of `world` ranks (world must be a multiple of
+    /// size * stride).
+    pub fn groups(&self, world: u32) -> Vec<Vec<u32>> {
+        let block = self.size * self.stride;
+        let mut out = Vec::with_capacity((world / self.size.max(1)) as usize);
+        for b in 0..world / block {
+            for off in 0..self.stride {
+                out.push(
+                    (0..self.size)
+                        .map(|k| b * block + off + k * self.stride)
+                        .collect(),
+                );
+            }
+        }
+        out
+    }
+}
+
+/// The cluster graph for a given number of GPUs.
+pub struct Topology {
+    pub spec: ClusterSpec,
+    pub world: u32,
+    pub graph: UnGraph<Vertex, Link>,
+    gpu_nodes: Vec<NodeIndex>,
+    /// Per GPU and plane: the chain of (edge, vertex reached) from the GPU up to the root.
+    chains: [Vec<Vec<(EdgeIndex, NodeIndex)>>; 2],
+    domain_of: Vec<u32>,
+    cache: Mutex<HashMap<(Pattern, GroupFamily), PhaseCost>>,
+}
+
+impl std::fmt::Debug for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Topology")
+            .field("name", &self.spec.name)
+            .field("world", &self.world)
+            .field("vertices", &self.graph.node_count())
+            .field("links", &self.graph.edge_count())
+            .finish()
+    }
+}
+
+impl Topology {
+    /// Builds the graph for `world` GPUs (which must fill whole nodes: see
+    /// [`ClusterSpec::check_gpus`]).
+    pub fn build(spec: &ClusterSpec, world: u32) -> Self {
+        let mut g: UnGraph<Vertex, Link> = UnGraph::default();
+        let gpn = spec.gpus_per_node;
+        let nodes = world.div_ceil(gpn);
+        let fab = Link {
+            bytes_per_s: spec.fabric_gbps_per_gpu * 1e9 * spec.fabric_efficiency,
+            latency_s: spec.fabric_latency_s,
+            plane: Plane::Fabric,
+        };
+        let net = |gbps: f64| Link {
+            bytes_per_s: gbps * 1e9 * spec.network_efficiency,
+            latency_s: spec.network_latency_s,
+            plane: Plane::Network,
+        };
+        let gpu_nodes: Vec<NodeIndex> = (0..world).map(|r| g.add_node(Vertex::Gpu(r))).collect();
+        let domain_of: Vec<u32> = (0..world).map(|r| r / spec.domain_gpus).collect();
+        let mut roots = [Vec::new(), Vec::new()];
+        // Fabric plane.
+        match &spec.fabric {
+            Fabric::NvSwitch => {
+                let domains = world.div_ceil(spec.domain_gpus);
+                let sw: Vec<NodeIndex> =
+                    (0..domains).map(|d| g.add_node(Vertex::NvSwitch(d))).collect();
+                for (r, &n) in gpu_nodes.iter().enumerate() {
+                    g.add_edge(n, sw[domain_of[r] as usize], fab);
+                }
+                roots[0] = sw;
+            }
+            Fabric::Pcie {
+                gpus_per_switch,
+                uplink_gbps,
+            } => {
+                let up = Link {
+                    bytes_per_s: uplink_gbps * 1e9 * spec.fabric_efficiency,
+                    ..fab
+                };
+                for node in 0..nodes {
+                    let host = g.add_node(Vertex::Host(node));
+                    roots[0].push(host);
+                    for idx in 0..gpn / gpus_per_switch {
+                        let sw = g.add_node(Vertex::PcieSwitch { node, idx });
+                        g.add_edge(sw, host, up);
+                        for k in 0..*gpus_per_switch {
+                            let r = node * gpn + idx * gpus_per_switch + k;
+                            if r < world {
+                                g.add_edge(gpu_nodes[r as usize], sw, fab);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Network plane: GPU -> NIC -> leaf -> spine.
+        let gpu_nic_gbps = match spec.fabric {
+            Fabric::NvSwitch => GPU_NIC_PCIE_GEN5_GBPS,
+            Fabric::Pcie { .. } => spec.fabric_gbps_per_gpu,
+        };
+        let leaves = nodes.div_ceil(spec.nodes_per_leaf);
+        let leaf: Vec<NodeIndex> = (0..leaves).map(|l| g.add_node(Vertex::Leaf(l))).collect();
+        if leaves > 1 {
+            let spine = g.add_node(Vertex::Spine);
+            let per_leaf = f64::from(spec.nodes_per_leaf * spec.nics_per_node) * spec.nic_gbps
+                / spec.oversubscription;
+            for &l in &leaf {
+                g.add_edge(l, spine, net(per_leaf));
+            }
+            roots[1] = vec![spine];
+        } else {
+            roots[1] = leaf.clone();
+        }
+        for node in 0..nodes {
+            let nics: Vec<NodeIndex> = (0..spec.nics_per_node)
+                .map(|idx| g.add_node(Vertex::Nic { node, idx }))
+                .collect();
+            for &nic in &nics {
+                g.add_edge(nic, leaf[(node / spec.nodes_per_leaf) as usize], net(spec.nic_gbps));
+            }
+            for k in 0..gpn {
+                let r = node * gpn + k;
+                if r < world {
+                    let nic = nics[(k * spec.nics_per_node / gpn) as usize];
+                    g.add_edge(gpu_nodes[r as usize], nic, net(gpu_nic_gbps));
+                }
+            }
+        }
+        let chains = [
+            Self::chains(&g, &gpu_nodes, &roots[0], Plane::Fabric),
+            Self::chains(&g, &gpu_nodes, &roots[1], Plane::Network),
+        ];
+        Topology {
+            spec: spec.clone(),
+            world,
+            graph: g,
+            gpu_nodes,
+            chains,
+            domain_of,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Breadth-first search from the roots over one plane's links gives every vertex its parent;
+    /// each GPU's chain is its path to the root.
+    fn chains(
+        g: &UnGraph<Vertex, Link>,
+        gpus: &[NodeIndex],
+        roots: &[NodeIndex],
+        plane: Plane,
+    ) -> Vec<Vec<(EdgeIndex, NodeIndex)>> {
+        let mut parent: HashMap<NodeIndex, (EdgeIndex, NodeIndex)> = HashMap::new();
+        let mut queue: std::collections::VecDeque<NodeIndex> = roots.iter().copied().collect();
+        let mut seen: std::collections::HashSet<NodeIndex> = roots.iter().copied().collect();
+        while let Some(v) = queue.pop_front() {
+            for e in g.edges(v) {
+                if e.weight().plane != plane {
+                    continue;
+                }
+                let w = if e.source() == v { e.target() } else { e.source() };
+                if seen.insert(w) {
+                    parent.insert(w, (e.id(), v));
+                    queue.push_back(w);
+                }
+            }
+        }
+        gpus.iter()
+            .map(|&gpu| {
+                let mut chain = Vec::new();
+                let mut v = gpu;
+                while let Some(&(e, p)) = parent.get(&v) {
+                    chain.push((e, p));
+                    v = p;
+                }
+                chain
+            })
+            .collect()
+    }
+
+    /// Whether two ranks share a fabric domain (NVLink domain, or PCIe node).
+    pub fn same_domain(&self, a: u32, b: u32) -> bool {
+        self.domain_of[a as usize] == self.domain_of[b as usize]
+    }
+
+    /// The directed links a transfer from `a` to `b` crosses: (edge, upward?) pairs.
+    pub fn route(&self, a: u32, b: u32) -> Vec<(EdgeIndex, bool)> {
+        if a == b {
+            return Vec::new();
+        }
+        let plane = if self.same_domain(a, b) { 0 } else { 1 };
+        let ca = &self.chains[plane][a as usize];
+        let cb = &self.chains[plane][b as usize];
+        debug_assert_eq!(ca.len(), cb.len(), "GPUs sit at equal depth in each tree");
+        let lca = (0..ca.len())
+            .find(|&i| ca[i].1 == cb[i].1)
+            .expect("two GPUs of one plane meet at its root");
+        let mut path: Vec<(EdgeIndex, bool)> = ca[..=lca].iter().map(|&(e, _)| (e, true)).collect();
+        path.extend(cb[..=lca].iter().rev().map(|&(e, _)| (e, false)));
+        path
+    }
+
+    /// Routes a set of flows (src, dst, bytes) and returns the phase's time: the most loaded
+    /// directed link's bytes over its capacity, plus the longest path's latency.
+    pub fn flows_time(&self, flows: impl IntoIterator<Item = (u32, u32, f64)>) -> PhaseCost {
+        let mut load = vec![0.0f64; 2 * self.graph.edge_count()];
+        let mut latency: f64 = 0.0;
+        for (a, b, bytes) in flows {
+            let mut lat = 0.0;
+            for (e, up) in self.route(a, b) {
+                load[2 * e.index() + usize::from(up)] += bytes;
+                lat += self.graph[e].latency_s;
+            }
+            latency = latency.max(lat);
+        }
+        let mut worst = 0.0;
+        let mut bottleneck = None;
+        for (i, &l) in load.iter().enumerate() {
+            if l > 0.0 {
+                let link = &self.graph[EdgeIndex::new(i / 2)];
+                let t = l / link.bytes_per_s;
+                if t > worst {
+                    worst = t;
+                    bottleneck = Some(link.plane);
+                }
+            }
+        }
+        PhaseCost {
+            s_per_byte: worst,
+            latency_s: latency,
+            bottleneck,
+        }
+    }
+
+    /// Cost per byte of `pattern` run by every group of `family` at once (cached).
+    pub fn phase(&self, pattern: Pattern, family: GroupFamily) -> PhaseCost {
+        if family.size <= 1 {
+            return PhaseCost {
+                s_per_byte: 0.0,
+                latency_s: 0.0,
+                bottleneck: None,
+            };
+        }
+        if let Some(c) = self.cache.lock().map(|c| c.get(&(pattern, family)).copied()).ok().flatten() {
+            return c;
+        }
+        let groups = family.groups(self.world);
+        let n = family.size as usize;
+        let cost = match pattern {
+            Pattern::AllToAll => {
+                let share = 1.0 / n as f64;
+                self.flows_time(groups.iter().flat_map(|g| {
+                    g.iter().flat_map(move |&a| {
+                        g.iter().filter(move |&&b| b != a).map(move |&b| (a, b, share))
+                    })
+                }))
+            }
+            Pattern::RingP2P => self.flows_time(
+                groups
+                    .iter()
+                    .flat_map(|g| (0..n).map(move |i| (g[i], g[(i + 1) % n], 1.0))),
+            ),
+        };
+        if let Ok(mut c) = self.cache.lock() {
+            c.insert((pattern, family), cost);
+        }
+        cost
+    }
+
+    /// Ring all-gather or reduce-scatter of a tensor of `bytes` (full size) over each group of
+    /// `family`: (n-1) steps each moving bytes/n to the next rank, i.e. the nccl-tests bus
+    /// bandwidth factor (n-1)/n (nccl-tests doc/PERFORMANCE.md).
+    pub fn all_gather(&self, family: GroupFamily, bytes: f64) -> f64 {
+        let n = f64::from(family.size);
+        if family.size <= 1 || bytes <= 0.0 {
+            return 0.0;
+        }
+        let p = self.phase(Pattern::RingP2P, family);
+        (n - 1.0) * p.latency_s + (n - 1.0) / n * bytes * p.s_per_byte
+    }
+
+    /// Ring all-reduce: reduce-scatter then all-gather, bus bandwidth factor 2(n-1)/n
+    /// (nccl-tests doc/PERFORMANCE.md).
+    pub fn all_reduce(&self, family: GroupFamily, bytes: f64) -> f64 {
+        2.0 * self.all_gather(family, bytes)
+    }
+
+    /// All-to-all where each rank holds `bytes` and keeps 1/n of them: factor (n-1)/n.
+    pub fn all_to_all(&self, family: GroupFamily, bytes: f64) -> f64 {
+        self.phase(Pattern::AllToAll, family).time(bytes)
+    }
+
+    /// Point-to-point send of `bytes` by every rank to its ring successor.
+    pub fn ring_p2p(&self, family: GroupFamily, bytes: f64) -> f64 {
+        self.phase(Pattern::RingP2P, family).time(bytes)
+    }
+
+    pub fn gpu_vertex(&self, rank: u32) -> NodeIndex {
+        self.gpu_nodes[rank as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topo(name: &str, world: u32) -> Topology {
+        Topology::build(&ClusterSpec::load(name).unwrap(), world)
+    }
+
+    #[test]
+    fn graph_has_expected_shape() {
+        let t = topo("dgx-h100", 512);
+        // 512 GPUs + 64 NVSwitch domains + 2 leaves + 1 spine + 512 NICs.
+        assert_eq!(t.graph.node_count(), 512 + 64 + 2 + 1 + 512);
+        // GPU-NVSwitch, GPU-NIC, NIC-leaf per GPU, plus 2 leaf-spine uplinks.
+        assert_eq!(t.graph.edge_count(), 3 * 512 + 2);
+    }
+
+    #[test]
+    fn nccl_bus_bandwidth_factors_inside_a_domain() {
+        let t = topo("dgx-h100", 8);
+        let bw = 450e9 * 0.8;
+        let f = GroupFamily { size: 8, stride: 1 };
+        let bytes = 1e9;
+        let lat = 2.0 * 1e-6; // two NVLink hops
+        let ag = t.all_gather(f, bytes);
+        assert!((ag - (7.0 * lat + 7.0 / 8.0 * bytes / bw)).abs() < 1e-9, "{ag}");
+        let ar = t.all_reduce(f, bytes);
+        assert!((ar - 2.0 * ag).abs() < 1e-12);
+        let a2a = t.all_to_all(f, bytes);
+        assert!((a2a - (lat + 7.0 / 8.0 * bytes / bw)).abs() < 1e-9, "{a2a}");
+    }
+
+    #[test]
+    fn placement_matters_for_all_to_all() {
+        let t = topo("dgx-h100", 64);
+        let inside = t.all_to_all(GroupFamily { size: 8, stride: 1 }, 1e9);
+        let across = t.all_to_all(GroupFamily { size: 8, stride: 8 }, 1e9);
+        // Across nodes the 50 GB/s NIC, not the 450 GB/s NVLink, limits each GPU.
+        // 450 x 0.8 GB/s NVLink against 50 x 0.9 GB/s NIC: 8x.
+        assert!(across > 7.5 * inside, "inside {inside} across {across}");
+    }
+
+    #[test]
+    fn rail_nics_are_shared_by_concurrent_rings() {
+        // One ring per local GPU, each hopping node to node: every GPU uses its own NIC.
+        let t = topo("dgx-h100", 64);
+        let p = t.phase(Pattern::RingP2P, GroupFamily { size: 8, stride: 8 });
+        assert!((p.s_per_byte - 1.0 / (50e9 * 0.9)).abs() < 1e-15);
+        assert_eq!(p.bottleneck, Some(Plane::Network));
+    }
+
+    #[test]
+    fn pcie_box_uplinks_limit_all_to_all() {
+        let t = topo("pcie-l40s", 8);
+        let p = t.phase(Pattern::AllToAll, GroupFamily { size: 8, stride: 1 });
+        // Each switch uplink carries 2 GPUs x 6/8 of their data to the other switches.
+        let expect = 2.0 * 6.0 / 8.0 / (32e9 * 0.8);
+        assert!((p.s_per_byte - expect).abs() / expect < 1e-9, "{}", p.s_per_byte);
+    }
+
+    #[test]
+    fn oversubscribed_spine_slows_cross_leaf_traffic() {
+        let spec = ClusterSpec::load("dgx-h100").unwrap();
+        let mut over = spec.clone();
+        over.oversubscription = 4.0;
+        let fam = GroupFamily { size: 64, stride: 8 };
+        let a = Topology::build(&spec, 512).all_to_all(fam, 1e9);
+        let b = Topology::build(&over, 512).all_to_all(fam, 1e9);
+        assert!(b > 1.5 * a, "{a} {b}");
+    }
+
+    #[test]
+    fn nvl72_domain_spans_nodes() {
+        let t = topo("gb200-nvl72", 144);
+        assert!(t.same_domain(0, 71) && !t.same_domain(71, 72));
+        assert_eq!(t.route(0, 40).len(), 2);
+    }
+}
