@@ -196,7 +196,9 @@ mod tests {
     }
 
     fn factorisations(n: usize) -> impl Iterator<Item = (usize, usize)> {
-        (1..=n).filter(move |u| n.is_multiple_of(*u)).map(move |u| (u, n / u))
+        (1..=n)
+            .filter(move |u| n.is_multiple_of(*u))
+            .map(move |u| (u, n / u))
     }
 
     #[test]
