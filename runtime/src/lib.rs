@@ -1,1 +1,16 @@
-//! placeholder
+//! mmsp-runtime: the distributed attention runtime of mmsp. Communicators (NCCL across
+//! GPUs, threads in one process), Ulysses and zigzag ring attention and their 2D
+//! combination, on libtorch through tch plus a small C++ shim for the ATen kernels that
+//! return the log-sum-exp.
+pub mod attn2d;
+pub mod comm;
+pub mod error;
+pub mod ffi;
+pub mod kernel;
+pub mod plan;
+pub mod ring;
+pub mod shard;
+pub mod testing;
+pub mod ulysses;
+
+pub use error::{Result, RuntimeError};

@@ -1,0 +1,44 @@
+# shellcheck shell=bash
+# Source this file (do not execute it): `source runtime/env.sh`.
+#
+# Makes the project-local Python virtual environment `.venv` at the repository root with
+# PyPI's torch==2.11.0 (the libtorch that tch 0.24 builds against) when it is missing, then
+# exports what building and running mmsp-runtime needs: LIBTORCH_USE_PYTORCH=1, the venv
+# first on PATH, and LD_LIBRARY_PATH with torch/lib and the nvidia/*/lib folders of the wheel.
+# Idempotent; every failure is reported and returns non-zero.
+
+_mmsp_env_main() {
+    local root torch_version=2.11.0
+    root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" || return 1
+    local venv="$root/.venv"
+    local py="$venv/bin/python"
+
+    if ! "$py" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$torch_version' else 1)" >/dev/null 2>&1; then
+        echo "runtime/env.sh: installing torch==$torch_version into $venv (one time, ~2-4 GB)" >&2
+        if [ ! -x "$py" ]; then
+            python3 -m venv "$venv" || { echo "runtime/env.sh: python3 -m venv $venv failed" >&2; return 1; }
+        fi
+        "$venv/bin/pip" install --disable-pip-version-check -q "torch==$torch_version" \
+            || { echo "runtime/env.sh: pip install torch==$torch_version failed" >&2; return 1; }
+        "$py" -c "import torch" >/dev/null 2>&1 \
+            || { echo "runtime/env.sh: torch does not import after install" >&2; return 1; }
+    fi
+
+    local site
+    site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+        || { echo "runtime/env.sh: cannot find site-packages of $venv" >&2; return 1; }
+    local ld="$site/torch/lib"
+    local d
+    for d in "$site"/nvidia/*/lib; do
+        [ -d "$d" ] && ld="$ld:$d"
+    done
+    export LIBTORCH_USE_PYTORCH=1
+    export PATH="$venv/bin:$PATH"
+    export LD_LIBRARY_PATH="$ld${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    # Silence the missing-NumPy warning torch prints on import; the build only needs paths.
+    export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
+    return 0
+}
+
+_mmsp_env_main || return 1 2>/dev/null || exit 1
+unset -f _mmsp_env_main

@@ -1,0 +1,111 @@
+//! Collective communication between ranks: the [`Communicator`] trait, its in-process
+//! implementation ([`local`], threads as ranks) and its NCCL implementation ([`nccl`], one
+//! process per GPU, with a TCP rendezvous as torchrun sets it up).
+pub mod local;
+pub mod nccl;
+pub mod rendezvous;
+
+use crate::error::{Result, RuntimeError};
+use crate::ffi::cuda::Event;
+use tch::Tensor;
+
+/// One point-to-point operation of a batched [`Communicator::send_recv`]. Tensors are
+/// (shallow) handles; a receive writes into the storage of its tensor.
+pub enum P2p {
+    Send { peer: usize, tensor: Tensor },
+    Recv { peer: usize, tensor: Tensor },
+}
+
+/// An operation that has been issued. Its results are safe to use on the compute stream
+/// after [`Work::wait`], which makes the compute stream (not the host) wait.
+#[must_use = "call wait() before using the received tensors"]
+pub struct Work {
+    event: Option<Event>,
+    /// Keeps the buffers of an operation in flight alive until the compute stream is ordered
+    /// after it, so that the caching allocator cannot hand their memory out early.
+    _keep: Vec<Tensor>,
+}
+
+impl Work {
+    /// An operation that already completed (in-process communicator, CPU tensors).
+    pub fn done() -> Work {
+        Work {
+            event: None,
+            _keep: Vec::new(),
+        }
+    }
+
+    /// An operation whose completion is marked by `event` on the communication stream.
+    pub fn pending(event: Event, keep: Vec<Tensor>) -> Work {
+        Work {
+            event: Some(event),
+            _keep: keep,
+        }
+    }
+
+    /// Orders the compute stream after the operation (a device-side wait; the host does not
+    /// block).
+    pub fn wait(self) -> Result<()> {
+        if let Some(e) = &self.event {
+            e.wait_on(&crate::ffi::cuda::Stream::torch_default())?;
+        }
+        Ok(())
+    }
+}
+
+/// Collectives over a fixed group of ranks. Every rank of the group must make the same
+/// sequence of calls (as with NCCL); element types and sizes must agree between peers.
+pub trait Communicator: Send {
+    /// This rank's index in the group.
+    fn rank(&self) -> usize;
+    /// Number of ranks in the group.
+    fn size(&self) -> usize;
+    /// All-to-all with uneven splits: `send[i]` goes to rank i and `recv[i]` is filled from
+    /// rank i; the element counts of `send[i]` on rank j and `recv[j]` on rank i must match.
+    fn all_to_all(&self, send: &[Tensor], recv: &[Tensor]) -> Result<Work>;
+    /// A batch of sends and receives issued together.
+    fn send_recv(&self, ops: &[P2p]) -> Result<Work>;
+    /// Concatenates every rank's `send` along dim 0 into `recv` (`size` times as long).
+    fn all_gather(&self, send: &Tensor, recv: &Tensor) -> Result<()>;
+    /// Sums `send` (`size` slices along dim 0) over ranks; this rank's slice goes to `recv`.
+    fn reduce_scatter(&self, send: &Tensor, recv: &Tensor) -> Result<()>;
+    /// Sums `t` over ranks, in place.
+    fn all_reduce(&self, t: &Tensor) -> Result<()>;
+    /// Returns once every rank has called it.
+    fn barrier(&self) -> Result<()>;
+}
+
+/// Checks that a buffer given to a collective is usable: contiguous and on the expected device
+/// kind.
+#[allow(dead_code)]
+pub(crate) fn check_buffer(t: &Tensor, what: &str) -> Result<()> {
+    if !t.is_contiguous() {
+        return Err(RuntimeError::Comm(format!(
+            "{what}: tensor must be contiguous"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that `recv` has room for `n` copies of `send` along dim 0.
+pub(crate) fn check_gather_shapes(
+    send: &Tensor,
+    recv: &Tensor,
+    n: usize,
+    what: &str,
+) -> Result<()> {
+    let (s, r) = (send.size(), recv.size());
+    let ok = !s.is_empty()
+        && s.len() == r.len()
+        && r[0] == s[0] * n as i64
+        && s[1..] == r[1..]
+        && send.kind() == recv.kind();
+    if !ok {
+        return Err(RuntimeError::Shape(format!(
+            "{what}: big tensor {r:?} {:?} must be {n} x small tensor {s:?} {:?} along dim 0",
+            recv.kind(),
+            send.kind()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,43 @@
+//! The crate's one error type.
+use thiserror::Error;
+
+/// Everything that can go wrong in the runtime. Validation errors are raised before any
+/// collective starts, so that a bad shape or plan is a message and never a hang.
+#[derive(Debug, Error)]
+pub enum RuntimeError {
+    #[error("invalid shape: {0}")]
+    Shape(String),
+    #[error("invalid layout: {0}")]
+    Layout(String),
+    #[error("invalid plan: {0}")]
+    Plan(String),
+    #[error("launch does not match the plan: {0}")]
+    Launch(String),
+    #[error("libtorch error: {0}")]
+    Torch(String),
+    #[error("communication error: {0}")]
+    Comm(String),
+    #[error("a peer rank left or failed during a collective: {0}")]
+    PeerGone(String),
+    #[error("collective timed out after {0} s: {1}")]
+    Timeout(u64, String),
+    #[error("NCCL error: {0}")]
+    Nccl(String),
+    #[error("CUDA error: {0}")]
+    Cuda(String),
+    #[error("rendezvous error: {0}")]
+    Rendezvous(String),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("JSON error: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl From<tch::TchError> for RuntimeError {
+    fn from(e: tch::TchError) -> Self {
+        RuntimeError::Torch(e.to_string())
+    }
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, RuntimeError>;

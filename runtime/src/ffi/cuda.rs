@@ -1,0 +1,306 @@
+//! NCCL and CUDA-driver calls through cudarc (dynamically loaded, so the crate builds and its
+//! CPU tests run on machines with no CUDA). Handles are wrapped in owning types whose `Drop`
+//! releases them and never panics; every NCCL/CUDA status becomes a `Result`.
+use crate::error::{Result, RuntimeError};
+use cudarc::driver::{result as dr, sys as dsys};
+use cudarc::nccl::{result as nr, sys as ns};
+use std::ffi::c_void;
+use tch::Kind;
+
+fn nccl_err(what: &str, e: nr::NcclError) -> RuntimeError {
+    RuntimeError::Nccl(format!("{what}: {:?}", e.0))
+}
+
+fn cuda_err(what: &str, e: dr::DriverError) -> RuntimeError {
+    RuntimeError::Cuda(format!("{what}: {:?}", e.0))
+}
+
+/// Whether a libnccl can be loaded at all (the loader looks for `libnccl.so` first: put a
+/// link to torch's `libnccl.so.2` first on `LD_LIBRARY_PATH`, as `runtime/env.sh` does).
+pub fn nccl_present() -> bool {
+    // SAFETY: only tries to dlopen candidate library names; loads nothing else.
+    unsafe { ns::is_culib_present() }
+}
+
+/// Whether the CUDA driver library can be loaded.
+pub fn cuda_driver_present() -> bool {
+    // SAFETY: only tries to dlopen candidate library names.
+    unsafe { dsys::is_culib_present() }
+}
+
+/// Version of the loaded NCCL as NCCL encodes it (2.28.9 is 22809).
+pub fn nccl_version() -> Result<i32> {
+    if !nccl_present() {
+        return Err(RuntimeError::Nccl("libnccl could not be loaded".into()));
+    }
+    nr::get_nccl_version().map_err(|e| nccl_err("ncclGetVersion", e))
+}
+
+/// A 128-byte NCCL unique id.
+pub fn nccl_unique_id() -> Result<Vec<u8>> {
+    if !nccl_present() {
+        return Err(RuntimeError::Nccl("libnccl could not be loaded".into()));
+    }
+    let id = nr::get_uniqueid().map_err(|e| nccl_err("ncclGetUniqueId", e))?;
+    Ok(id.internal.iter().map(|&c| c as u8).collect())
+}
+
+/// NCCL element type of a torch kind.
+fn nccl_type(kind: Kind) -> Result<ns::ncclDataType_t> {
+    Ok(match kind {
+        Kind::Float => ns::ncclDataType_t::ncclFloat32,
+        Kind::Double => ns::ncclDataType_t::ncclFloat64,
+        Kind::Half => ns::ncclDataType_t::ncclFloat16,
+        Kind::BFloat16 => ns::ncclDataType_t::ncclBfloat16,
+        Kind::Int => ns::ncclDataType_t::ncclInt32,
+        Kind::Int64 => ns::ncclDataType_t::ncclInt64,
+        Kind::Uint8 => ns::ncclDataType_t::ncclUint8,
+        Kind::Int8 => ns::ncclDataType_t::ncclInt8,
+        k => return Err(RuntimeError::Nccl(format!("no NCCL type for {k:?}"))),
+    })
+}
+
+/// Makes the device's primary context current on this thread (the one the CUDA runtime and
+/// so libtorch use).
+pub fn bind_primary_context(device: usize) -> Result<()> {
+    dr::init().map_err(|e| cuda_err("cuInit", e))?;
+    let dev = dr::device::get(device as i32).map_err(|e| cuda_err("cuDeviceGet", e))?;
+    // SAFETY: retains the primary context of a valid device and makes it current; the
+    // context lives as long as the process (libtorch holds it too).
+    unsafe {
+        let ctx =
+            dr::primary_ctx::retain(dev).map_err(|e| cuda_err("cuDevicePrimaryCtxRetain", e))?;
+        dr::ctx::set_current(ctx).map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
+    }
+    Ok(())
+}
+
+/// A CUDA stream: one this crate created (destroyed on drop) or libtorch's default stream.
+pub struct Stream {
+    raw: dsys::CUstream,
+    owned: bool,
+}
+
+// SAFETY: a CUstream handle may be used from any thread of the process.
+unsafe impl Send for Stream {}
+
+impl Stream {
+    /// A new stream that does not synchronise with the legacy default stream.
+    pub fn new_non_blocking() -> Result<Stream> {
+        let s = dr::stream::create(dr::stream::StreamKind::NonBlocking)
+            .map_err(|e| cuda_err("cuStreamCreate", e))?;
+        Ok(Stream {
+            raw: s,
+            owned: true,
+        })
+    }
+
+    /// The legacy default stream, on which libtorch runs its kernels unless told otherwise.
+    pub fn torch_default() -> Stream {
+        Stream {
+            raw: dr::stream::null(),
+            owned: false,
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if self.owned {
+            // SAFETY: the handle came from cuStreamCreate and is destroyed once; errors ignored.
+            let _ = unsafe { dr::stream::destroy(self.raw) };
+        }
+    }
+}
+
+/// A CUDA event without timing, used to order one stream after another on the device.
+pub struct Event(dsys::CUevent);
+
+// SAFETY: a CUevent handle may be used from any thread of the process.
+unsafe impl Send for Event {}
+
+impl Event {
+    pub fn new() -> Result<Event> {
+        let e = dr::event::create(dsys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(|e| cuda_err("cuEventCreate", e))?;
+        Ok(Event(e))
+    }
+
+    /// Records the event on `stream`.
+    pub fn record(&self, stream: &Stream) -> Result<()> {
+        // SAFETY: both handles are live for the call.
+        unsafe { dr::event::record(self.0, stream.raw) }.map_err(|e| cuda_err("cuEventRecord", e))
+    }
+
+    /// Makes `stream` wait on the device (not the host) for the last record of this event.
+    pub fn wait_on(&self, stream: &Stream) -> Result<()> {
+        // SAFETY: both handles are live for the call.
+        unsafe {
+            dr::stream::wait_event(
+                stream.raw,
+                self.0,
+                dsys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .map_err(|e| cuda_err("cuStreamWaitEvent", e))
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from cuEventCreate and is destroyed once; errors ignored.
+        let _ = unsafe { dr::event::destroy(self.0) };
+    }
+}
+
+/// One NCCL communicator (one rank of it).
+pub struct NcclComm {
+    comm: ns::ncclComm_t,
+}
+
+// SAFETY: an NCCL communicator may be used from another thread as long as calls on it are not
+// concurrent; `NcclComm` is used through `&self` from one thread (it is `Send`, not `Sync`).
+unsafe impl Send for NcclComm {}
+
+/// Where a device buffer for NCCL lives.
+pub struct DevBuf {
+    pub ptr: *mut c_void,
+    pub count: usize,
+    pub kind: Kind,
+}
+
+impl NcclComm {
+    /// ncclCommInitRank with a unique id from [`nccl_unique_id`] on the group's first rank.
+    pub fn init_rank(nranks: usize, id: &[u8], rank: usize) -> Result<NcclComm> {
+        if id.len() != 128 {
+            return Err(RuntimeError::Nccl(format!(
+                "unique id of {} bytes, want 128",
+                id.len()
+            )));
+        }
+        let mut uid = ns::ncclUniqueId { internal: [0; 128] };
+        for (d, s) in uid.internal.iter_mut().zip(id) {
+            *d = *s as std::ffi::c_char;
+        }
+        let mut comm: ns::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `comm` is a valid out-pointer; the id is 128 bytes as NCCL wants.
+        unsafe { nr::comm_init_rank(&mut comm, nranks as i32, uid, rank as i32) }
+            .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+        Ok(NcclComm { comm })
+    }
+
+    fn stream(s: &Stream) -> ns::cudaStream_t {
+        s.raw as ns::cudaStream_t
+    }
+
+    pub fn group_start(&self) -> Result<()> {
+        nr::group_start()
+            .map(|_| ())
+            .map_err(|e| nccl_err("ncclGroupStart", e))
+    }
+
+    pub fn group_end(&self) -> Result<()> {
+        nr::group_end()
+            .map(|_| ())
+            .map_err(|e| nccl_err("ncclGroupEnd", e))
+    }
+
+    /// # Safety
+    /// `buf` must describe a live device allocation of `count` elements that stays alive until
+    /// the stream has run the operation.
+    pub unsafe fn send(&self, buf: &DevBuf, peer: usize, s: &Stream) -> Result<()> {
+        let t = nccl_type(buf.kind)?;
+        nr::send(
+            buf.ptr,
+            buf.count,
+            t,
+            peer as i32,
+            self.comm,
+            Self::stream(s),
+        )
+        .map(|_| ())
+        .map_err(|e| nccl_err("ncclSend", e))
+    }
+
+    /// # Safety
+    /// As for [`NcclComm::send`].
+    pub unsafe fn recv(&self, buf: &DevBuf, peer: usize, s: &Stream) -> Result<()> {
+        let t = nccl_type(buf.kind)?;
+        nr::recv(
+            buf.ptr,
+            buf.count,
+            t,
+            peer as i32,
+            self.comm,
+            Self::stream(s),
+        )
+        .map(|_| ())
+        .map_err(|e| nccl_err("ncclRecv", e))
+    }
+
+    /// Sum all-reduce.
+    ///
+    /// # Safety
+    /// As for [`NcclComm::send`], for both buffers.
+    pub unsafe fn all_reduce(&self, send: &DevBuf, recv: &DevBuf, s: &Stream) -> Result<()> {
+        let t = nccl_type(send.kind)?;
+        nr::all_reduce(
+            send.ptr,
+            recv.ptr,
+            send.count,
+            t,
+            ns::ncclRedOp_t::ncclSum,
+            self.comm,
+            Self::stream(s),
+        )
+        .map(|_| ())
+        .map_err(|e| nccl_err("ncclAllReduce", e))
+    }
+
+    /// All-gather of `send.count` elements per rank.
+    ///
+    /// # Safety
+    /// As for [`NcclComm::send`], for both buffers.
+    pub unsafe fn all_gather(&self, send: &DevBuf, recv: &DevBuf, s: &Stream) -> Result<()> {
+        let t = nccl_type(send.kind)?;
+        nr::all_gather(
+            send.ptr,
+            recv.ptr,
+            send.count,
+            t,
+            self.comm,
+            Self::stream(s),
+        )
+        .map(|_| ())
+        .map_err(|e| nccl_err("ncclAllGather", e))
+    }
+
+    /// Sum reduce-scatter to `recv.count` elements per rank.
+    ///
+    /// # Safety
+    /// As for [`NcclComm::send`], for both buffers.
+    pub unsafe fn reduce_scatter(&self, send: &DevBuf, recv: &DevBuf, s: &Stream) -> Result<()> {
+        let t = nccl_type(send.kind)?;
+        nr::reduce_scatter(
+            send.ptr,
+            recv.ptr,
+            recv.count,
+            t,
+            ns::ncclRedOp_t::ncclSum,
+            self.comm,
+            Self::stream(s),
+        )
+        .map(|_| ())
+        .map_err(|e| nccl_err("ncclReduceScatter", e))
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        if !self.comm.is_null() {
+            // SAFETY: the communicator came from ncclCommInitRank and is destroyed once;
+            // errors are ignored (no panic in Drop).
+            let _ = unsafe { nr::comm_destroy(self.comm) };
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! All `unsafe` foreign calls of the crate: the C++ attention shim (`csrc/attn_shim.cpp`)
+//! and, in [`cuda`], NCCL and the CUDA driver through cudarc. Every return code becomes a
+//! [`crate::Result`] here; nothing above this module touches raw pointers.
+pub mod cuda;
+
+use crate::error::{Result, RuntimeError};
+use std::ffi::{c_char, c_int, CStr};
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+extern "C" {
+    fn mmsp_free_error(p: *mut c_char);
+    fn mmsp_attn_fwd(
+        backend: c_int,
+        q: *const C_tensor,
+        k: *const C_tensor,
+        v: *const C_tensor,
+        causal: c_int,
+        scale: f64,
+        out: *mut *mut C_tensor,
+        lse: *mut *mut C_tensor,
+    ) -> *mut c_char;
+    #[allow(clippy::too_many_arguments)]
+    fn mmsp_attn_bwd(
+        backend: c_int,
+        dout: *const C_tensor,
+        q: *const C_tensor,
+        k: *const C_tensor,
+        v: *const C_tensor,
+        out: *const C_tensor,
+        lse: *const C_tensor,
+        causal: c_int,
+        scale: f64,
+        dq: *mut *mut C_tensor,
+        dk: *mut *mut C_tensor,
+        dv: *mut *mut C_tensor,
+    ) -> *mut c_char;
+}
+
+/// Turns the shim's error pointer into a `Result`, freeing the message.
+fn check(err: *mut c_char, what: &str) -> Result<()> {
+    if err.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null return is a NUL-terminated string malloc'd by the shim; we copy it
+    // and hand it back to the shim's free exactly once.
+    let msg = unsafe {
+        let m = CStr::from_ptr(err).to_string_lossy().into_owned();
+        mmsp_free_error(err);
+        m
+    };
+    Err(RuntimeError::Torch(format!("{what}: {msg}")))
+}
+
+/// Wraps a tensor pointer the shim allocated; null becomes an error.
+fn own(p: *mut C_tensor, what: &str) -> Result<Tensor> {
+    if p.is_null() {
+        return Err(RuntimeError::Torch(format!(
+            "{what}: shim returned a null tensor"
+        )));
+    }
+    // SAFETY: the shim returned a fresh heap `at::Tensor*` that nobody else owns; tch takes
+    // ownership and frees it with at_free on drop.
+    Ok(unsafe { Tensor::from_ptr(p) })
+}
+
+/// Attention forward through the shim. `backend`: 0 CPU math, 1 flash, 2 cuDNN.
+/// Returns (out, lse) with lse of shape (B, H, Sq).
+pub fn attn_fwd(
+    backend: i32,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let mut lse: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: q, k, v are live tch tensors whose pointers stay valid for the call; the two
+    // out-pointers are written by the shim (null on error).
+    let err = unsafe {
+        mmsp_attn_fwd(
+            backend,
+            q.as_ptr(),
+            k.as_ptr(),
+            v.as_ptr(),
+            c_int::from(causal),
+            scale,
+            &mut out,
+            &mut lse,
+        )
+    };
+    check(err, "attention forward")?;
+    Ok((
+        own(out, "attention forward")?,
+        own(lse, "attention forward")?,
+    ))
+}
+
+/// Attention backward through the shim, given the (global) output and log-sum-exp of the
+/// rows of q. Returns (dq, dk, dv).
+#[allow(clippy::too_many_arguments)]
+pub fn attn_bwd(
+    backend: i32,
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    causal: bool,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let mut dq: *mut C_tensor = std::ptr::null_mut();
+    let mut dk: *mut C_tensor = std::ptr::null_mut();
+    let mut dv: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: all inputs are live tch tensors for the duration of the call; the shim writes
+    // the three out-pointers (null on error).
+    let err = unsafe {
+        mmsp_attn_bwd(
+            backend,
+            dout.as_ptr(),
+            q.as_ptr(),
+            k.as_ptr(),
+            v.as_ptr(),
+            out.as_ptr(),
+            lse.as_ptr(),
+            c_int::from(causal),
+            scale,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        )
+    };
+    check(err, "attention backward")?;
+    Ok((
+        own(dq, "attention backward")?,
+        own(dk, "attention backward")?,
+        own(dv, "attention backward")?,
+    ))
+}

@@ -1,0 +1,173 @@
+//! Single-device attention kernels on (B, H, S, D) tensors through the C++ shim: cuDNN or
+//! flash SDPA on CUDA, the ATen CPU flash kernel on the CPU; each returns the log-sum-exp
+//! that blockwise (ring) attention needs to merge partial results. GQA is handled by
+//! repeating kv heads before the kernel and summing their gradients after.
+use crate::error::{Result, RuntimeError};
+use crate::ffi;
+use tch::{Device, Kind, Tensor};
+
+/// Which attention kernel to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The ATen CPU kernel (`_scaled_dot_product_flash_attention_for_cpu`).
+    CpuMath,
+    /// FlashAttention-2 as shipped in ATen (CUDA).
+    Flash,
+    /// cuDNN SDPA (CUDA).
+    Cudnn,
+}
+
+impl Backend {
+    /// cuDNN on CUDA (the fastest measured on H100), the CPU kernel otherwise.
+    pub fn default_for(device: Device) -> Backend {
+        match device {
+            Device::Cuda(_) => Backend::Cudnn,
+            _ => Backend::CpuMath,
+        }
+    }
+
+    fn code(self) -> i32 {
+        match self {
+            Backend::CpuMath => 0,
+            Backend::Flash => 1,
+            Backend::Cudnn => 2,
+        }
+    }
+
+    /// Parses "cudnn", "flash" or "cpu".
+    pub fn parse(s: &str) -> Result<Backend> {
+        match s {
+            "cudnn" => Ok(Backend::Cudnn),
+            "flash" => Ok(Backend::Flash),
+            "cpu" | "math" => Ok(Backend::CpuMath),
+            _ => Err(RuntimeError::Shape(format!(
+                "unknown attention backend {s:?}"
+            ))),
+        }
+    }
+
+    fn check(self, q: &Tensor) -> Result<()> {
+        let cuda = matches!(q.device(), Device::Cuda(_));
+        match (self, cuda) {
+            (Backend::CpuMath, false) | (Backend::Flash | Backend::Cudnn, true) => Ok(()),
+            _ => Err(RuntimeError::Shape(format!(
+                "backend {self:?} cannot run on {:?}",
+                q.device()
+            ))),
+        }
+    }
+}
+
+/// Checks q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D) and returns the kv repeat factor.
+fn gqa_factor(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<i64> {
+    let (qs, ks, vs) = (q.size(), k.size(), v.size());
+    if qs.len() != 4 || ks.len() != 4 || ks != vs || qs[0] != ks[0] || qs[3] != ks[3] {
+        return Err(RuntimeError::Shape(format!(
+            "attention wants q (B,Hq,Sq,D), k = v (B,Hkv,Sk,D); got q {qs:?} k {ks:?} v {vs:?}"
+        )));
+    }
+    if ks[1] == 0 || qs[1] % ks[1] != 0 {
+        return Err(RuntimeError::Shape(format!(
+            "{} q heads not a multiple of {} kv heads",
+            qs[1], ks[1]
+        )));
+    }
+    Ok(qs[1] / ks[1])
+}
+
+fn expand_kv(t: &Tensor, g: i64) -> Tensor {
+    if g == 1 {
+        t.shallow_clone()
+    } else {
+        t.repeat_interleave_self_int(g, 1, None)
+    }
+}
+
+fn reduce_kv(t: Tensor, g: i64) -> Tensor {
+    if g == 1 {
+        return t;
+    }
+    let s = t.size();
+    t.reshape([s[0], s[1] / g, g, s[2], s[3]])
+        .sum_dim_intlist(2, false, t.kind())
+}
+
+/// Forward: returns (out in q's dtype, lse (B, Hq, Sq) in float32 or float64).
+pub fn attention_fwd(
+    backend: Backend,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    backend.check(q)?;
+    let g = gqa_factor(q, k, v)?;
+    ffi::attn_fwd(
+        backend.code(),
+        q,
+        &expand_kv(k, g),
+        &expand_kv(v, g),
+        causal,
+        scale,
+    )
+}
+
+/// Backward given the output and log-sum-exp of all of q's rows (global ones when the kv are
+/// split in blocks): returns (dq, dk, dv) in the input dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd(
+    backend: Backend,
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    causal: bool,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    backend.check(q)?;
+    let g = gqa_factor(q, k, v)?;
+    let (dq, dk, dv) = ffi::attn_bwd(
+        backend.code(),
+        dout,
+        q,
+        &expand_kv(k, g),
+        &expand_kv(v, g),
+        out,
+        lse,
+        causal,
+        scale,
+    )?;
+    Ok((dq, reduce_kv(dk, g), reduce_kv(dv, g)))
+}
+
+/// Plain matmul/softmax attention (float64 recommended) with autograd, for references in
+/// tests and benches: returns (out, dq, dk, dv) for the given output gradient.
+pub fn reference_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dout: &Tensor,
+    causal: bool,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let g = gqa_factor(q, k, v)?;
+    let q = q.detach().set_requires_grad(true);
+    let k = k.detach().set_requires_grad(true);
+    let v = v.detach().set_requires_grad(true);
+    let (sq, sk) = (q.size()[2], k.size()[2]);
+    let kx = expand_kv(&k, g);
+    let vx = expand_kv(&v, g);
+    let mut s = q.matmul(&kx.transpose(-2, -1)) * scale;
+    if causal {
+        let mask = Tensor::ones([sq, sk], (Kind::Bool, q.device())).triu(1);
+        s = s.masked_fill(&mask, f64::NEG_INFINITY);
+    }
+    let p = s.softmax(-1, s.kind());
+    let o = p.matmul(&vx);
+    let loss = (&o * dout).sum(o.kind());
+    let g = Tensor::f_run_backward(&[&loss], &[&q, &k, &v], false, false)?;
+    Ok((o.detach(), g[0].detach(), g[1].detach(), g[2].detach()))
+}

@@ -1,0 +1,167 @@
+//! Helpers shared by the tests, the bench and the bf16 error study: run 2D attention with
+//! in-process ranks (threads) on full tensors and compare with single-device attention.
+use crate::attn2d::{Attention2d, AttnShape};
+use crate::comm::local::local_groups;
+use crate::comm::Communicator;
+use crate::error::{Result, RuntimeError};
+use crate::kernel::Backend;
+use crate::plan::{GroupKind, Layout};
+use crate::shard::Zigzag;
+use tch::{Device, Kind, Tensor};
+
+/// Full-sequence tensors (B, H, S, D) of one problem.
+pub struct Problem {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub dout: Tensor,
+}
+
+impl Problem {
+    /// Random normal inputs, drawn in float64 from `seed` and cast to `kind` on `device`.
+    pub fn random(shape: AttnShape, kind: Kind, device: Device, seed: i64) -> Problem {
+        tch::manual_seed(seed);
+        let (b, s, d) = (
+            shape.batch as i64,
+            shape.seq_len as i64,
+            shape.head_dim as i64,
+        );
+        let mk = |h: usize| {
+            Tensor::randn([b, h as i64, s, d], (Kind::Double, Device::Cpu))
+                .to_kind(kind)
+                .to(device)
+        };
+        Problem {
+            q: mk(shape.q_heads),
+            k: mk(shape.kv_heads),
+            v: mk(shape.kv_heads),
+            dout: mk(shape.q_heads),
+        }
+    }
+}
+
+/// Output and gradients, full-sequence.
+pub struct Grads {
+    pub out: Tensor,
+    pub dq: Tensor,
+    pub dk: Tensor,
+    pub dv: Tensor,
+}
+
+/// Runs 2D attention forward and backward with one thread per rank of `layout` (dp = 1) and
+/// reassembles the full-sequence results.
+pub fn run_2d_local(
+    layout: Layout,
+    shape: AttnShape,
+    backend: Backend,
+    p: &Problem,
+) -> Result<Grads> {
+    layout.validate()?;
+    if layout.dp != 1 {
+        return Err(RuntimeError::Layout(
+            "run_2d_local runs one SP group (dp = 1)".into(),
+        ));
+    }
+    let zz = Zigzag::new(shape.seq_len, layout.ulysses, layout.ring)?;
+    let w = layout.world_size();
+    let uly = local_groups(&layout, GroupKind::Ulysses);
+    let ring = local_groups(&layout, GroupKind::Ring);
+    let mut inputs = Vec::with_capacity(w);
+    for rank in 0..w {
+        let c = layout.coords(rank);
+        let sh = |t: &Tensor| zz.shard(t, 2, c.ring, c.ulysses);
+        inputs.push((sh(&p.q)?, sh(&p.k)?, sh(&p.v)?, sh(&p.dout)?));
+    }
+    let results: Vec<Result<[Tensor; 4]>> = std::thread::scope(|s| {
+        let handles: Vec<_> = uly
+            .into_iter()
+            .zip(ring)
+            .zip(inputs)
+            .map(|((uc, rc), (q, k, v, dout))| {
+                s.spawn(move || -> Result<[Tensor; 4]> {
+                    let attn = Attention2d::new(
+                        &uc as &dyn Communicator,
+                        &rc as &dyn Communicator,
+                        backend,
+                        shape,
+                    )?;
+                    let (out, ctx) = attn.forward(&q, &k, &v)?;
+                    let (dq, dk, dv) = attn.backward(&ctx, &dout)?;
+                    Ok([out, dq, dk, dv])
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(RuntimeError::Comm("rank thread panicked".into())))
+            })
+            .collect()
+    });
+    let mut grid: Vec<Vec<Option<[Tensor; 4]>>> = (0..layout.ring)
+        .map(|_| (0..layout.ulysses).map(|_| None).collect())
+        .collect();
+    for (rank, r) in results.into_iter().enumerate() {
+        let c = layout.coords(rank);
+        grid[c.ring][c.ulysses] = Some(r?);
+    }
+    let pick = |i: usize| -> Result<Tensor> {
+        let shards: Vec<Vec<Tensor>> = grid
+            .iter()
+            .map(|row| {
+                row.iter()
+                    .map(|x| {
+                        x.as_ref()
+                            .map(|a| a[i].shallow_clone())
+                            .unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, Device::Cpu)))
+                    })
+                    .collect()
+            })
+            .collect();
+        zz.unshard(&shards, 2)
+    };
+    Ok(Grads {
+        out: pick(0)?,
+        dq: pick(1)?,
+        dk: pick(2)?,
+        dv: pick(3)?,
+    })
+}
+
+/// Single-device float64 reference on the CPU.
+pub fn reference(p: &Problem) -> Result<Grads> {
+    let f = |t: &Tensor| t.to_kind(Kind::Double).to(Device::Cpu);
+    let d = p.q.size()[3];
+    let (out, dq, dk, dv) = crate::kernel::reference_attention(
+        &f(&p.q),
+        &f(&p.k),
+        &f(&p.v),
+        &f(&p.dout),
+        true,
+        1.0 / (d as f64).sqrt(),
+    )?;
+    Ok(Grads { out, dq, dk, dv })
+}
+
+/// ||x - ref|| / ||ref|| in float64.
+pub fn rel_err(x: &Tensor, reference: &Tensor) -> f64 {
+    let x = x.to_kind(Kind::Double).to(Device::Cpu);
+    let r = reference.to_kind(Kind::Double).to(Device::Cpu);
+    let num = (&x - &r).norm().double_value(&[]);
+    let den = r.norm().double_value(&[]);
+    if x.isnan().any().int64_value(&[]) != 0 {
+        return f64::NAN;
+    }
+    num / den.max(f64::MIN_POSITIVE)
+}
+
+/// Relative errors of (out, dq, dk, dv) against a reference.
+pub fn errors(g: &Grads, r: &Grads) -> [f64; 4] {
+    [
+        rel_err(&g.out, &r.out),
+        rel_err(&g.dq, &r.dq),
+        rel_err(&g.dk, &r.dk),
+        rel_err(&g.dv, &r.dv),
+    ]
+}

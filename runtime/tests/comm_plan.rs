@@ -1,0 +1,230 @@
+//! In-process communicator collectives, plan parsing and rank arithmetic, and bad input
+//! that must fail with a clear error before any collective (never hang).
+use mmsp_runtime::attn2d::{Attention2d, AttnShape};
+use mmsp_runtime::comm::local::LocalComm;
+use mmsp_runtime::comm::{Communicator, P2p};
+use mmsp_runtime::kernel::Backend;
+use mmsp_runtime::plan::{GroupKind, Layout, Placement, Plan};
+use mmsp_runtime::RuntimeError;
+use std::time::Duration;
+use tch::{Device, Kind, Tensor};
+
+fn on_ranks<T: Send>(n: usize, f: impl Fn(LocalComm) -> T + Sync) -> Vec<T> {
+    let comms = LocalComm::group_with_timeout(n, Duration::from_secs(30));
+    std::thread::scope(|s| {
+        let hs: Vec<_> = comms.into_iter().map(|c| s.spawn(|| f(c))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn vals(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
+}
+
+#[test]
+fn all_to_all_uneven_splits() {
+    let n = 4;
+    let out = on_ranks(n, |c| {
+        let me = c.rank();
+        // Rank i sends (i + j + 1) elements of value 100 i + j to rank j.
+        let send: Vec<Tensor> = (0..n)
+            .map(|j| {
+                Tensor::full(
+                    [(me + j + 1) as i64],
+                    (100 * me + j) as f64,
+                    (Kind::Float, Device::Cpu),
+                )
+            })
+            .collect();
+        let recv: Vec<Tensor> = (0..n)
+            .map(|i| Tensor::full([(i + me + 1) as i64], -1.0, (Kind::Float, Device::Cpu)))
+            .collect();
+        c.all_to_all(&send, &recv).unwrap().wait().unwrap();
+        recv.iter().map(vals).collect::<Vec<_>>()
+    });
+    for (me, got) in out.iter().enumerate() {
+        for (i, v) in got.iter().enumerate() {
+            assert_eq!(v.len(), i + me + 1);
+            assert!(
+                v.iter().all(|&x| x == (100 * i + me) as f64),
+                "rank {me} from {i}: {v:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn send_recv_ring_and_reductions() {
+    let n = 5;
+    let out = on_ranks(n, |c| {
+        let me = c.rank();
+        let x = Tensor::from_slice(&[me as f64, 1.0]);
+        let got = Tensor::zeros([2], (Kind::Double, Device::Cpu));
+        c.send_recv(&[
+            P2p::Send {
+                peer: (me + 1) % n,
+                tensor: x.shallow_clone(),
+            },
+            P2p::Recv {
+                peer: (me + n - 1) % n,
+                tensor: got.shallow_clone(),
+            },
+        ])
+        .unwrap()
+        .wait()
+        .unwrap();
+        let ar = Tensor::from_slice(&[me as f64 + 1.0]);
+        c.all_reduce(&ar).unwrap();
+        let ag = Tensor::zeros([n as i64, 2], (Kind::Double, Device::Cpu));
+        c.all_gather(&x.reshape([1, 2]), &ag).unwrap();
+        // reduce_scatter: rank i contributes i + j to slot j.
+        let rs_in = Tensor::from_slice(&(0..n).map(|j| (me + j) as f64).collect::<Vec<_>>());
+        let rs_out = Tensor::zeros([1], (Kind::Double, Device::Cpu));
+        c.reduce_scatter(&rs_in, &rs_out).unwrap();
+        c.barrier().unwrap();
+        (vals(&got), vals(&ar), vals(&ag), vals(&rs_out))
+    });
+    let total: f64 = (1..=n).map(|i| i as f64).sum();
+    for (me, (got, ar, ag, rs)) in out.iter().enumerate() {
+        assert_eq!(got, &vec![((me + n - 1) % n) as f64, 1.0]);
+        assert_eq!(ar, &vec![total]);
+        let want_ag: Vec<f64> = (0..n).flat_map(|i| [i as f64, 1.0]).collect();
+        assert_eq!(ag, &want_ag);
+        let want_rs: f64 = (0..n).map(|i| (i + me) as f64).sum();
+        assert_eq!(rs, &vec![want_rs]);
+    }
+}
+
+#[test]
+fn rank_that_leaves_makes_peers_fail_not_hang() {
+    let out = on_ranks(3, |c| {
+        if c.rank() == 2 {
+            drop(c);
+            return None;
+        }
+        Some(c.barrier())
+    });
+    for r in out.into_iter().flatten() {
+        assert!(matches!(r, Err(RuntimeError::PeerGone(_))), "got {r:?}");
+    }
+}
+
+#[test]
+fn plan_parsing_ignores_unknown_fields_and_maps_ranks() {
+    let text = r#"{"world_size": 16, "score": 1.5, "layout": {"ulysses": 4, "ring": 2, "dp": 2, "tp": 1,
+        "placement": "ulysses_inner", "extra": [1, 2]}, "stages": []}"#;
+    let p = Plan::from_json(text).unwrap();
+    let l = p.layout;
+    assert_eq!((l.ulysses, l.ring, l.dp), (4, 2, 2));
+    // ulysses_inner: rank = dp*8 + ring*4 + u.
+    assert_eq!(l.ulysses_group(13), vec![12, 13, 14, 15]);
+    assert_eq!(l.ring_group(13), vec![9, 13]);
+    assert_eq!(l.dp_group(13), vec![5, 13]);
+    assert_eq!(l.sp_rank(13), 5);
+    let ri = Layout {
+        placement: Placement::RingInner,
+        ..l
+    };
+    // ring_inner: rank = dp*8 + u*2 + ring.
+    assert_eq!(ri.ring_group(13), vec![12, 13]);
+    assert_eq!(ri.ulysses_group(13), vec![9, 11, 13, 15]);
+    assert_eq!(ri.sp_rank(13), 4 + 2);
+    for layout in [l, ri] {
+        for kind in [GroupKind::Ulysses, GroupKind::Ring, GroupKind::Dp] {
+            let gs = layout.all_groups(kind);
+            let mut all: Vec<usize> = gs.concat();
+            all.sort();
+            assert_eq!(
+                all,
+                (0..16).collect::<Vec<_>>(),
+                "{kind:?} groups partition the world"
+            );
+        }
+        for r in 0..16 {
+            assert_eq!(layout.global_rank(layout.coords(r)), r);
+        }
+    }
+    assert!(matches!(p.check_launch(8), Err(RuntimeError::Launch(_))));
+    assert!(p.check_launch(16).is_ok());
+}
+
+#[test]
+fn bad_plans_are_rejected() {
+    let wrong_size = r#"{"world_size": 6, "layout": {"ulysses": 4, "ring": 2, "dp": 1, "tp": 1, "placement": "ring_inner"}}"#;
+    assert!(matches!(
+        Plan::from_json(wrong_size),
+        Err(RuntimeError::Plan(_))
+    ));
+    let tp = r#"{"world_size": 4, "layout": {"ulysses": 1, "ring": 2, "dp": 1, "tp": 2, "placement": "ring_inner"}}"#;
+    assert!(matches!(Plan::from_json(tp), Err(RuntimeError::Layout(_))));
+    let bad_place = r#"{"world_size": 2, "layout": {"ulysses": 1, "ring": 2, "dp": 1, "tp": 1, "placement": "diagonal"}}"#;
+    assert!(Plan::from_json(bad_place).is_err());
+}
+
+/// Builds a 2D layer on every rank of a (u, r) group and returns each rank's result of `f`;
+/// the communicators time out after 5 s so that a hang fails the test.
+fn on_layout<T: Send>(
+    u: usize,
+    r: usize,
+    f: impl Fn(&dyn Communicator, &dyn Communicator) -> T + Sync,
+) -> Vec<T> {
+    let layout = Layout::sp(u, r, Placement::UlyssesInner);
+    let uly = mmsp_runtime::comm::local::local_groups(&layout, GroupKind::Ulysses);
+    let ring = mmsp_runtime::comm::local::local_groups(&layout, GroupKind::Ring);
+    let f = &f;
+    std::thread::scope(|s| {
+        let hs: Vec<_> = uly
+            .into_iter()
+            .zip(ring)
+            .map(|(a, b)| s.spawn(move || f(&a, &b)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn bad_shapes_fail_before_any_collective() {
+    let shape = |q_heads, kv_heads, seq_len| AttnShape {
+        batch: 1,
+        seq_len,
+        q_heads,
+        kv_heads,
+        head_dim: 8,
+    };
+    let cases = [
+        (shape(6, 6, 64), "q heads not divisible by ulysses 4"),
+        (shape(8, 6, 64), "q heads not a multiple of kv heads"),
+        (
+            shape(8, 3, 48),
+            "kv heads neither divide nor are divided by ulysses",
+        ),
+        (shape(8, 8, 10), "sequence shorter than 2 x ring x ulysses"),
+    ];
+    for (s, why) in cases {
+        let res = on_layout(4, 2, |a, b| {
+            Attention2d::new(a, b, Backend::CpuMath, s).map(|_| ())
+        });
+        for r in res {
+            assert!(r.is_err(), "{why}: accepted");
+        }
+    }
+    // Local shard of the wrong length: an error on the bad rank, and the others are not left
+    // waiting for it forever (they see it leave).
+    let s = shape(8, 8, 64);
+    let res = on_layout(2, 2, |a, b| {
+        let attn = Attention2d::new(a, b, Backend::CpuMath, s)?;
+        let len = if a.rank() == 1 && b.rank() == 0 {
+            15
+        } else {
+            16
+        };
+        let t = Tensor::randn([1, 8, len, 8], (Kind::Float, Device::Cpu));
+        attn.forward(&t, &t, &t).map(|_| ())
+    });
+    assert!(
+        matches!(res[1], Err(RuntimeError::Shape(_))),
+        "{:?}",
+        res[1]
+    );
+    assert!(res.iter().all(|r| r.is_err()));
+}
