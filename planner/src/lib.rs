@@ -5,6 +5,9 @@
 pub mod balance;
 pub mod cost;
 pub mod error;
+pub mod plan;
+pub mod render;
+pub mod search;
 pub mod spec;
 pub mod topology;
 pub mod units;

@@ -1,1 +1,222 @@
-fn main() {}
+//! `mmsp`: the command-line front end of the planner. Thin glue: parse flags, call the
+//! library, print tables or JSON. Every error is one line on stderr and exit code 2.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use mmsp_planner::cost::Recompute;
+use mmsp_planner::plan::Plan;
+use mmsp_planner::render;
+use mmsp_planner::search::{self, Request, Strategy};
+use mmsp_planner::spec::{cluster::ClusterSpec, model::ModelSpec};
+use mmsp_planner::topology::Topology;
+use mmsp_planner::units::parse_tokens;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mmsp",
+    version,
+    about = "Plan multi-modal sequence parallelism (Ulysses x zigzag ring attention) for long-context training",
+    after_help = "Token counts accept 131072, 128K, 2M or 1.5M, where K = 1024 and M = 1024 x 1024 (1M = 1048576 tokens)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Search layouts for a model, context length and cluster, and print the best plan.
+    Plan(PlanArgs),
+    /// List the shipped model presets and topologies.
+    List,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum RecomputeArg {
+    None,
+    Selective,
+    Full,
+}
+
+impl From<RecomputeArg> for Recompute {
+    fn from(r: RecomputeArg) -> Self {
+        match r {
+            RecomputeArg::None => Recompute::None,
+            RecomputeArg::Selective => Recompute::Selective,
+            RecomputeArg::Full => Recompute::Full,
+        }
+    }
+}
+
+fn tokens_arg(s: &str) -> std::result::Result<u64, String> {
+    parse_tokens(s).map_err(|e| e.to_string())
+}
+
+#[derive(clap::Args, Debug)]
+struct PlanArgs {
+    /// Number of GPUs (whole nodes of the topology).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    gpus: u32,
+    /// Sequence length in tokens: 131072, 128K, 2M or 1.5M (K = 1024, M = 1048576).
+    #[arg(long, default_value = "2M", value_parser = tokens_arg)]
+    context: u64,
+    /// Model preset (llama3-8b, llama2-7b, qwen2-7b, llama3-70b) or a Hugging Face config.json.
+    #[arg(long, default_value = "llama3-8b")]
+    model: String,
+    /// Topology preset (dgx-h100, dgx-a100, hgx-h200, gb200-nvl72, pcie-l40s) or a TOML file.
+    #[arg(long, default_value = "dgx-h100")]
+    topology: String,
+    /// Force a recompute policy instead of searching all three.
+    #[arg(long, value_enum)]
+    recompute: Option<RecomputeArg>,
+    /// Global batch in sequences [default: 4M tokens' worth, at least 1, a power of two].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    global_batch: Option<u64>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    /// Find the largest context that fits instead of planning --context.
+    #[arg(long)]
+    max_context: bool,
+    /// Strategy to plan with: 2d, ring, ulysses, megatron-cp-tp, te-a2a-p2p.
+    #[arg(long, default_value = "2d")]
+    strategy: String,
+    /// Runners-up to show in the table.
+    #[arg(long, default_value_t = 4)]
+    top: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind::*;
+            if matches!(
+                e.kind(),
+                DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return if e.kind() == DisplayHelpOnMissingArgumentOrSubcommand {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                };
+            }
+            // clap's message over several lines, folded into one: the error, possible values
+            // and tips, without the usage block.
+            let text = e.render().to_string();
+            let parts: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| {
+                    !l.is_empty()
+                        && !l.starts_with("Usage:")
+                        && !l.starts_with("For more information")
+                })
+                .collect();
+            eprintln!("{} (see 'mmsp --help')", parts.join(" "));
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", msg.join(": "));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// A reader that closed the pipe (`mmsp plan | head`) is not an error.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().map(|io| io.kind())
+            == Some(std::io::ErrorKind::BrokenPipe)
+            || c.downcast_ref::<serde_json::Error>()
+                .and_then(|j| j.io_error_kind())
+                == Some(std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Plan(a) => plan(a),
+        Command::List => {
+            println!(
+                "models: {}",
+                mmsp_planner::spec::model::preset_names().join(", ")
+            );
+            println!(
+                "topologies: {}",
+                mmsp_planner::spec::cluster::preset_names().join(", ")
+            );
+            println!(
+                "vision encoders: {}",
+                mmsp_planner::spec::vision::preset_names().join(", ")
+            );
+            println!("strategies: {}", Strategy::ALL.map(|s| s.name()).join(", "));
+            Ok(())
+        }
+    }
+}
+
+fn plan(a: PlanArgs) -> Result<()> {
+    let model = ModelSpec::load(&a.model)?;
+    let cluster = ClusterSpec::load(&a.topology)?;
+    cluster.check_gpus(u64::from(a.gpus))?;
+    let strategy = Strategy::parse(&a.strategy)?;
+    let topo = Topology::build(&cluster, a.gpus);
+    let mut req = Request {
+        gpus: a.gpus,
+        context: a.context,
+        global_batch: a.global_batch,
+        recompute: a.recompute.map(Into::into),
+        strategy,
+    };
+    let mut max_ctx = None;
+    if a.max_context {
+        let (ctx, _) = search::max_context(&topo, &model, &req).ok_or_else(|| {
+            mmsp_planner::Error::NoFeasiblePlan(format!(
+                "{} does not fit on {} {} GPUs at any context",
+                model.name, a.gpus, cluster.name
+            ))
+        })?;
+        req.context = ctx;
+        req.global_batch = Some(a.global_batch.unwrap_or(1));
+        max_ctx = Some(ctx);
+    }
+    let result = search::search(&topo, &model, &req, None);
+    let Some(best) = result.best() else {
+        return Err(search::no_plan_error(&topo, &model, &req, &result).into());
+    };
+    let mut plan = Plan::build(
+        &topo,
+        &a.topology,
+        &model,
+        req.context,
+        result.global_batch,
+        best,
+    )?;
+    plan.max_context_tokens = max_ctx;
+    let mut out = std::io::stdout().lock();
+    match a.format {
+        Format::Json => {
+            serde_json::to_writer_pretty(&mut out, &plan).context("writing the plan")?;
+            writeln!(out)?;
+        }
+        Format::Table => write!(out, "{}", render::plan_table(&topo, &plan, &result, a.top))?,
+    }
+    Ok(())
+}

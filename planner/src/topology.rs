@@ -145,8 +145,9 @@ impl Topology {
         match &spec.fabric {
             Fabric::NvSwitch => {
                 let domains = world.div_ceil(spec.domain_gpus);
-                let sw: Vec<NodeIndex> =
-                    (0..domains).map(|d| g.add_node(Vertex::NvSwitch(d))).collect();
+                let sw: Vec<NodeIndex> = (0..domains)
+                    .map(|d| g.add_node(Vertex::NvSwitch(d)))
+                    .collect();
                 for (r, &n) in gpu_nodes.iter().enumerate() {
                     g.add_edge(n, sw[domain_of[r] as usize], fab);
                 }
@@ -199,7 +200,11 @@ impl Topology {
                 .map(|idx| g.add_node(Vertex::Nic { node, idx }))
                 .collect();
             for &nic in &nics {
-                g.add_edge(nic, leaf[(node / spec.nodes_per_leaf) as usize], net(spec.nic_gbps));
+                g.add_edge(
+                    nic,
+                    leaf[(node / spec.nodes_per_leaf) as usize],
+                    net(spec.nic_gbps),
+                );
             }
             for k in 0..gpn {
                 let r = node * gpn + k;
@@ -240,7 +245,11 @@ impl Topology {
                 if e.weight().plane != plane {
                     continue;
                 }
-                let w = if e.source() == v { e.target() } else { e.source() };
+                let w = if e.source() == v {
+                    e.target()
+                } else {
+                    e.source()
+                };
                 if seen.insert(w) {
                     parent.insert(w, (e.id(), v));
                     queue.push_back(w);
@@ -323,7 +332,13 @@ impl Topology {
                 bottleneck: None,
             };
         }
-        if let Some(c) = self.cache.lock().map(|c| c.get(&(pattern, family)).copied()).ok().flatten() {
+        if let Some(c) = self
+            .cache
+            .lock()
+            .map(|c| c.get(&(pattern, family)).copied())
+            .ok()
+            .flatten()
+        {
             return c;
         }
         let groups = family.groups(self.world);
@@ -333,7 +348,9 @@ impl Topology {
                 let share = 1.0 / n as f64;
                 self.flows_time(groups.iter().flat_map(|g| {
                     g.iter().flat_map(move |&a| {
-                        g.iter().filter(move |&&b| b != a).map(move |&b| (a, b, share))
+                        g.iter()
+                            .filter(move |&&b| b != a)
+                            .map(move |&b| (a, b, share))
                     })
                 }))
             }
@@ -407,7 +424,10 @@ mod tests {
         let bytes = 1e9;
         let lat = 2.0 * 1e-6; // two NVLink hops
         let ag = t.all_gather(f, bytes);
-        assert!((ag - (7.0 * lat + 7.0 / 8.0 * bytes / bw)).abs() < 1e-9, "{ag}");
+        assert!(
+            (ag - (7.0 * lat + 7.0 / 8.0 * bytes / bw)).abs() < 1e-9,
+            "{ag}"
+        );
         let ar = t.all_reduce(f, bytes);
         assert!((ar - 2.0 * ag).abs() < 1e-12);
         let a2a = t.all_to_all(f, bytes);
@@ -439,7 +459,11 @@ mod tests {
         let p = t.phase(Pattern::AllToAll, GroupFamily { size: 8, stride: 1 });
         // Each switch uplink carries 2 GPUs x 6/8 of their data to the other switches.
         let expect = 2.0 * 6.0 / 8.0 / (32e9 * 0.8);
-        assert!((p.s_per_byte - expect).abs() / expect < 1e-9, "{}", p.s_per_byte);
+        assert!(
+            (p.s_per_byte - expect).abs() / expect < 1e-9,
+            "{}",
+            p.s_per_byte
+        );
     }
 
     #[test]
@@ -447,7 +471,10 @@ mod tests {
         let spec = ClusterSpec::load("dgx-h100").unwrap();
         let mut over = spec.clone();
         over.oversubscription = 4.0;
-        let fam = GroupFamily { size: 64, stride: 8 };
+        let fam = GroupFamily {
+            size: 64,
+            stride: 8,
+        };
         let a = Topology::build(&spec, 512).all_to_all(fam, 1e9);
         let b = Topology::build(&over, 512).all_to_all(fam, 1e9);
         assert!(b > 1.5 * a, "{a} {b}");

@@ -14,7 +14,9 @@ pub fn parse_tokens(s: &str) -> Result<u64> {
     let t = s.trim();
     let bad = |msg: &str| Error::invalid("context", format!("'{s}' {msg}"));
     if t.is_empty() {
-        return Err(bad("is empty (expected a size such as 131072, 128K, 2M or 1.5M)"));
+        return Err(bad(
+            "is empty (expected a size such as 131072, 128K, 2M or 1.5M)",
+        ));
     }
     let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
         Some('K') => (&t[..t.len() - 1], KI),
@@ -25,7 +27,9 @@ pub fn parse_tokens(s: &str) -> Result<u64> {
         .parse()
         .ok()
         .filter(|v: &f64| v.is_finite())
-        .ok_or_else(|| bad("is not a size (expected e.g. 131072, 128K, 2M or 1.5M; K = 1024, M = 1048576)"))?;
+        .ok_or_else(|| {
+            bad("is not a size (expected e.g. 131072, 128K, 2M or 1.5M; K = 1024, M = 1048576)")
+        })?;
     if v <= 0.0 {
         return Err(bad("must be positive"));
     }
@@ -43,7 +47,9 @@ pub fn parse_tokens(s: &str) -> Result<u64> {
 pub fn fmt_tokens(n: u64) -> String {
     if n >= MI && (n * 100) % MI == 0 {
         trim_float(n as f64 / MI as f64) + "M"
-    } else if n >= KI && (n * 100) % KI == 0 {
+    } else if n >= MI {
+        trim_float(n as f64 / MI as f64) + "M"
+    } else if n >= KI {
         trim_float(n as f64 / KI as f64) + "K"
     } else {
         n.to_string()
@@ -62,7 +68,9 @@ pub fn fmt_gib(bytes: f64) -> String {
 
 /// Seconds with a unit that keeps three significant figures.
 pub fn fmt_secs(s: f64) -> String {
-    if s >= 1.0 {
+    if s == 0.0 {
+        "0 s".to_string()
+    } else if s >= 1.0 {
         format!("{s:.2} s")
     } else if s >= 1e-3 {
         format!("{:.1} ms", s * 1e3)

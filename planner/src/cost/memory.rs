@@ -26,7 +26,9 @@ pub struct ActivationArch {
 }
 
 /// How much of a layer's activations are kept rather than recomputed in backward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, PartialOrd, Ord,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Recompute {
     /// Keep everything.
@@ -91,7 +93,8 @@ pub fn layer_activation_bytes_per_token(
 }
 
 /// Memory per GPU, in bytes, by category.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct MemoryBreakdown {
     pub weights_bytes: f64,
     pub gradients_bytes: f64,
@@ -173,7 +176,10 @@ mod tests {
         assert_eq!(full, 2.0 * h);
         // Per layer for one 2048-token sequence, b = 1, no parallelism: hand-computed.
         let per_layer = none * s;
-        assert_eq!(per_layer, 2048.0 * 12288.0 * 34.0 + 5.0 * 96.0 * 2048.0 * 2048.0);
+        assert_eq!(
+            per_layer,
+            2048.0 * 12288.0 * 34.0 + 5.0 * 96.0 * 2048.0 * 2048.0
+        );
     }
 
     #[test]
@@ -196,7 +202,10 @@ mod tests {
             flash: true,
         };
         let b = |r| layer_activation_bytes_per_token(&arch, 0.0, 1.0, r);
-        assert_eq!(b(Recompute::None), 8.0 * 4096.0 + 4.0 * 4096.0 + 4.0 * 1024.0 + 6.0 * 14336.0 + 4.0 * 32.0);
+        assert_eq!(
+            b(Recompute::None),
+            8.0 * 4096.0 + 4.0 * 4096.0 + 4.0 * 1024.0 + 6.0 * 14336.0 + 4.0 * 32.0
+        );
         assert!(b(Recompute::Full) < b(Recompute::Selective));
         assert!(b(Recompute::Selective) < b(Recompute::None));
     }

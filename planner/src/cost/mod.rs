@@ -37,6 +37,7 @@ impl Placement {
 /// The parallel mesh: world = tp x ulysses x ring x dp. Tensor parallel ranks are innermost,
 /// then the sequence-parallel dimensions in placement order, then data parallel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Layout {
     pub ulysses: u32,
     pub ring: u32,
@@ -53,28 +54,43 @@ impl Layout {
         self.tp * self.sp() * self.dp
     }
     pub fn tp_family(&self) -> GroupFamily {
-        GroupFamily { size: self.tp, stride: 1 }
+        GroupFamily {
+            size: self.tp,
+            stride: 1,
+        }
     }
     pub fn ulysses_family(&self) -> GroupFamily {
         let stride = match self.placement {
             Placement::UlyssesInner => self.tp,
             Placement::RingInner => self.tp * self.ring,
         };
-        GroupFamily { size: self.ulysses, stride }
+        GroupFamily {
+            size: self.ulysses,
+            stride,
+        }
     }
     pub fn ring_family(&self) -> GroupFamily {
         let stride = match self.placement {
             Placement::UlyssesInner => self.tp * self.ulysses,
             Placement::RingInner => self.tp,
         };
-        GroupFamily { size: self.ring, stride }
+        GroupFamily {
+            size: self.ring,
+            stride,
+        }
     }
     pub fn dp_family(&self) -> GroupFamily {
-        GroupFamily { size: self.dp, stride: self.tp * self.sp() }
+        GroupFamily {
+            size: self.dp,
+            stride: self.tp * self.sp(),
+        }
     }
     /// Ranks holding the same parameter shard: gradients are reduced over dp x sp.
     pub fn grad_family(&self) -> GroupFamily {
-        GroupFamily { size: self.dp * self.sp(), stride: self.tp }
+        GroupFamily {
+            size: self.dp * self.sp(),
+            stride: self.tp,
+        }
     }
     /// Coordinates (tp, ulysses, ring, dp) of a global rank.
     pub fn coords(&self, rank: u32) -> (u32, u32, u32, u32) {
@@ -109,7 +125,8 @@ pub struct Workload<'a> {
 }
 
 /// The vision stage's cost, computed by the multi-modal planner and added to each micro-batch.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct VisionStage {
     pub encoder_s: f64,
     pub gather_s: f64,
@@ -123,15 +140,28 @@ pub enum Infeasible {
     #[error("needs {:.1} GiB per GPU, {:.1} GiB available", needed / crate::units::GIB, available / crate::units::GIB)]
     Memory { needed: f64, available: f64 },
     #[error("{heads} query / {kv_heads} kv heads cannot be split {ways} ways (tp x ulysses)")]
-    Heads { heads: u64, kv_heads: u64, ways: u64 },
-    #[error("context {context} is not a multiple of {multiple} (2 x ring x ulysses zigzag chunks)")]
+    Heads {
+        heads: u64,
+        kv_heads: u64,
+        ways: u64,
+    },
+    #[error(
+        "context {context} is not a multiple of {multiple} (2 x ring x ulysses zigzag chunks)"
+    )]
     Divisibility { context: u64, multiple: u64 },
-    #[error("global batch {global_batch} is not a multiple of dp {dp} x micro-batch {micro_batch}")]
-    Batch { global_batch: u64, dp: u32, micro_batch: u32 },
+    #[error(
+        "global batch {global_batch} is not a multiple of dp {dp} x micro-batch {micro_batch}"
+    )]
+    Batch {
+        global_batch: u64,
+        dp: u32,
+        micro_batch: u32,
+    },
 }
 
 /// Where the time of one step goes (seconds; per step, summed over micro-batches).
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct TimeBreakdown {
     pub gemm_s: f64,
     pub attention_s: f64,
@@ -171,7 +201,11 @@ pub struct Estimate {
 /// and LongVILA do for GQA). Errors if the split is impossible.
 pub fn head_split(m: &ModelSpec, tp: u32, ulysses: u32) -> Result<(u64, u64), Infeasible> {
     let (tp, u) = (u64::from(tp), u64::from(ulysses));
-    let err = Infeasible::Heads { heads: m.num_heads, kv_heads: m.num_kv_heads, ways: tp * u };
+    let err = Infeasible::Heads {
+        heads: m.num_heads,
+        kv_heads: m.num_kv_heads,
+        ways: tp * u,
+    };
     if m.num_heads % (tp * u) != 0 || m.num_kv_heads % tp != 0 {
         return Err(err);
     }
@@ -190,7 +224,10 @@ pub fn evaluate(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Estimate
     let (q_heads_local, kv_heads_local) = head_split(m, l.tp, l.ulysses)?;
     let zig = 2 * u64::from(l.sp());
     if w.context % zig != 0 {
-        return Err(Infeasible::Divisibility { context: w.context, multiple: zig });
+        return Err(Infeasible::Divisibility {
+            context: w.context,
+            multiple: zig,
+        });
     }
     let seqs_per_dp = u64::from(l.dp) * u64::from(c.micro_batch);
     if w.global_batch % seqs_per_dp != 0 {
@@ -201,7 +238,12 @@ pub fn evaluate(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Estimate
         });
     }
     let accum = w.global_batch / seqs_per_dp;
-    let (tp, u, r, sp) = (f64::from(l.tp), f64::from(l.ulysses), f64::from(l.ring), f64::from(l.sp()));
+    let (tp, u, r, sp) = (
+        f64::from(l.tp),
+        f64::from(l.ulysses),
+        f64::from(l.ring),
+        f64::from(l.sp()),
+    );
     let mb = f64::from(c.micro_batch);
     let s = w.context as f64;
     let layers = m.num_layers as f64;
@@ -228,7 +270,11 @@ pub fn evaluate(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Estimate
     let full_layer = layer_activation_bytes_per_token(&arch, s, tp, Recompute::None);
     // Kept activations of all layers, plus the working set of the layer in backward (the
     // recomputed layer's full activations under recompute, its gradients otherwise).
-    let working = if c.recompute == Recompute::None { 0.0 } else { full_layer * tokens };
+    let working = if c.recompute == Recompute::None {
+        0.0
+    } else {
+        full_layer * tokens
+    };
     // Plus the embedding output and the final norm's input (2 bytes x h each).
     let activations = layers * per_tok * tokens + working + 2.0 * h * tokens * 2.0;
     // Logits: bf16 logits kept for backward plus fp32 softmax / gradient (6 bytes per entry).
@@ -241,10 +287,18 @@ pub fn evaluate(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Estimate
     // fp32 dK/dV (ring-flash-attention accumulates them in fp32): 2 x (2 + 2 x 2) bytes per kv
     // element; fp32 accumulators for dQ, dK, dV of the ring rank's chunk.
     let kv_block = (mb * s / r) * kv_heads_local as f64 * hd; // elements of K (or V) per block
-    let ring_buf = if l.ring > 1 { 2.0 * 2.0 * kv_block * (2.0 + 4.0) } else { 0.0 };
+    let ring_buf = if l.ring > 1 {
+        2.0 * 2.0 * kv_block * (2.0 + 4.0)
+    } else {
+        0.0
+    };
     let acc = (mb * s / r) * hd * (q_heads_local as f64 + 2.0 * kv_heads_local as f64) * 4.0;
     // Ulysses all-to-all output staging: one q-sized tensor.
-    let a2a_buf = if l.ulysses > 1 { tokens * q_dim_local * 2.0 } else { 0.0 };
+    let a2a_buf = if l.ulysses > 1 {
+        tokens * q_dim_local * 2.0
+    } else {
+        0.0
+    };
     let comm_buffers = ring_buf + acc + a2a_buf;
     let vision_mem = w.vision.map_or(0.0, |v| v.memory_bytes);
     let tensors = wb + gb + ob + activations + logits + comm_buffers + vision_mem;
@@ -262,7 +316,10 @@ pub fn evaluate(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Estimate
         total_bytes: needed,
     };
     if needed > spec.hbm_bytes {
-        return Err(Infeasible::Memory { needed, available: spec.hbm_bytes });
+        return Err(Infeasible::Memory {
+            needed,
+            available: spec.hbm_bytes,
+        });
     }
 
     // ---- compute, per micro-batch ----
@@ -284,7 +341,9 @@ pub fn evaluate(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Estimate
             // elementwise traffic.
             elem_bytes / 3.0 / hbm
         }
-        Recompute::Full => gemm_fwd / spec.gemm_flops + attn_fwd / spec.attention_flops + elem_bytes / hbm,
+        Recompute::Full => {
+            gemm_fwd / spec.gemm_flops + attn_fwd / spec.attention_flops + elem_bytes / hbm
+        }
     };
 
     // ---- communication, per micro-batch ----
@@ -292,7 +351,11 @@ pub fn evaluate(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Estimate
     // (Jacobs et al. 2023, DeepSpeed-Ulysses, Sec. 3.1); backward mirrors them (dO, dQ, dK, dV).
     let a2a_bytes = tokens * 2.0 * (2.0 * q_dim_local + 2.0 * kv_dim_eff);
     let uly = l.ulysses_family();
-    let fwd_passes = if c.recompute == Recompute::Full { 2.0 } else { 1.0 };
+    let fwd_passes = if c.recompute == Recompute::Full {
+        2.0
+    } else {
+        1.0
+    };
     let a2a_t = layers * (fwd_passes + 1.0) * topo.all_to_all(uly, a2a_bytes);
     // Ring: ring-1 transfers of the KV block per layer, each overlapped with the attention of
     // one ring step (Liu et al. 2023, Ring Attention, Sec. 3); zigzag gives every step equal
@@ -332,9 +395,15 @@ pub fn evaluate(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Estimate
         // All-reduce of the gradients once per step.
         0 => (topo.all_reduce(gf, grad_bytes), 0.0),
         // Reduce-scatter gradients once per step; all-gather the updated weights.
-        1 => (topo.all_gather(gf, grad_bytes), topo.all_gather(gf, param_bytes)),
+        1 => (
+            topo.all_gather(gf, grad_bytes),
+            topo.all_gather(gf, param_bytes),
+        ),
         // Stage 2 reduce-scatters at every micro-batch.
-        2 => (accum_f * topo.all_gather(gf, grad_bytes), topo.all_gather(gf, param_bytes)),
+        2 => (
+            accum_f * topo.all_gather(gf, grad_bytes),
+            topo.all_gather(gf, param_bytes),
+        ),
         // Stage 3 also gathers weights in forward and again in backward, every micro-batch.
         _ => (
             accum_f * topo.all_gather(gf, grad_bytes),
@@ -352,13 +421,20 @@ pub fn evaluate(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Estimate
     };
     // AdamW update: read/write fp32 master, two moments, read fp32 grad, write bf16 weight:
     // about 30 bytes per parameter of the local shard, memory bound.
-    let opt_params = if c.zero_stage >= 1 { params_local / shards } else { params_local };
+    let opt_params = if c.zero_stage >= 1 {
+        params_local / shards
+    } else {
+        params_local
+    };
     let optimizer_t = opt_params * 30.0 / hbm;
-    let vision_t = w.vision.map_or(0.0, |v| v.encoder_s + v.gather_s + v.reshard_s);
+    let vision_t = w
+        .vision
+        .map_or(0.0, |v| v.encoder_s + v.gather_s + v.reshard_s);
     let step = accum_f * (micro + vision_t) + grad_exposed + gather_exposed + optimizer_t;
 
     let tokens_step = (w.global_batch * w.context) as f64;
-    let model_flops = f64::from(l.world()) * accum_f
+    let model_flops = f64::from(l.world())
+        * accum_f
         * (GEMM_TRAIN_FACTOR * (gemm_fwd + head_fwd) + ATTN_TRAIN_FACTOR * attn_fwd);
     let time = TimeBreakdown {
         gemm_s: accum_f * gemm_t,
@@ -377,8 +453,13 @@ pub fn evaluate(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Estimate
         zero_gather_exposed_s: gather_exposed,
         optimizer_s: optimizer_t,
     };
-    let exposed = time.ulysses_all_to_all_s + time.ring_exposed_s + time.tp_comm_s + grad_exposed + gather_exposed;
-    let total_comm = time.ulysses_all_to_all_s + time.ring_p2p_s + time.tp_comm_s + grad_sync + gather;
+    let exposed = time.ulysses_all_to_all_s
+        + time.ring_exposed_s
+        + time.tp_comm_s
+        + grad_exposed
+        + gather_exposed;
+    let total_comm =
+        time.ulysses_all_to_all_s + time.ring_p2p_s + time.tp_comm_s + grad_sync + gather;
     Ok(Estimate {
         step_time_s: step,
         tokens_per_s: tokens_step / step,

@@ -6,7 +6,8 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 
 /// A Llama/Qwen2-style decoder (RMSNorm, RoPE, SwiGLU MLP, grouped-query attention).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     pub name: String,
     pub hidden_size: u64,
@@ -36,6 +37,7 @@ struct HfConfig {
     model_type: Option<String>,
 }
 
+#[cfg_attr(not(test), allow(dead_code))]
 struct Preset {
     name: &'static str,
     /// Published parameter count, for the tests (source in `source`).
@@ -113,10 +115,7 @@ impl ModelSpec {
                 path: arg.into(),
                 msg: e.to_string(),
             })?;
-            let stem = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or("model");
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
             return Self::from_hf_json(&text, arg, stem);
         }
         Err(Error::UnknownPreset {
@@ -232,7 +231,13 @@ mod tests {
     fn preset_params_match_published_sizes() {
         for p in PRESETS {
             let spec = (p.spec)();
-            assert_eq!(spec.params(), p.published_params, "{} ({})", p.name, p.source);
+            assert_eq!(
+                spec.params(),
+                p.published_params,
+                "{} ({})",
+                p.name,
+                p.source
+            );
         }
     }
 
@@ -249,7 +254,9 @@ mod tests {
     fn hf_config_missing_field_is_named() {
         let text = r#"{"hidden_size": 4096, "num_attention_heads": 32, "vocab_size": 1,
             "num_hidden_layers": 2}"#;
-        let err = ModelSpec::from_hf_json(text, "c.json", "x").unwrap_err().to_string();
+        let err = ModelSpec::from_hf_json(text, "c.json", "x")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("intermediate_size"), "{err}");
         assert!(!err.contains('\n'));
     }

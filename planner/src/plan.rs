@@ -1,0 +1,254 @@
+//! The plan: the versioned JSON contract between the planner and the runtime. It holds
+//! everything the runtime needs to execute (mesh, each rank's coordinates and process groups,
+//! the zigzag token shards, ZeRO stage, recompute, micro-batch) and everything the planner
+//! predicted (time, memory, communication), so measured and predicted sit side by side.
+
+use serde::{Deserialize, Serialize};
+
+use crate::balance::ranges_per_rank;
+use crate::cost::{Candidate, Layout, MemoryBreakdown, Recompute, TimeBreakdown};
+use crate::error::{Error, Result};
+use crate::search::Scored;
+use crate::spec::model::ModelSpec;
+use crate::topology::Topology;
+
+/// The schema this build reads and writes. Bump on any incompatible change.
+pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_NAME: &str = "mmsp-plan";
+
+/// One rank's place in the mesh.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RankInfo {
+    pub rank: u32,
+    pub node: u32,
+    pub local_rank: u32,
+    pub tp: u32,
+    pub ulysses: u32,
+    pub ring: u32,
+    pub dp: u32,
+}
+
+/// Process groups, each a list of global ranks; ring groups are in ring order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Groups {
+    pub tp: Vec<Vec<u32>>,
+    pub ulysses: Vec<Vec<u32>>,
+    pub ring: Vec<Vec<u32>>,
+    pub dp: Vec<Vec<u32>>,
+    /// Ranks that hold the same parameter shard and reduce gradients together (dp x sp).
+    pub grad: Vec<Vec<u32>>,
+}
+
+/// Stage-2 token sharding of each sequence: zigzag over ring ranks, contiguous within a
+/// Ulysses group.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenPlan {
+    /// Chunks each sequence is cut into: 2 x ring.
+    pub zigzag_chunks: u32,
+    /// Half-open [start, end) token ranges of each SP rank (sp_rank = ring * ulysses_degree +
+    /// ulysses), the same in every DP replica.
+    pub ranges_per_rank: Vec<Vec<[u64; 2]>>,
+}
+
+/// What the planner predicts for the plan.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Predicted {
+    pub step_time_s: f64,
+    pub tokens_per_s: f64,
+    pub mfu: f64,
+    pub memory_per_gpu_bytes: f64,
+    pub memory: MemoryBreakdown,
+    pub time: TimeBreakdown,
+    pub comm_exposed_s: f64,
+    pub comm_overlapped_s: f64,
+    /// Step time from the discrete-event simulator, when it was run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simulated_step_time_s: Option<f64>,
+}
+
+/// A complete, executable plan.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub schema: String,
+    pub schema_version: u32,
+    pub generator: String,
+    /// "training" (inference plans are not produced yet).
+    pub mode: String,
+    pub model: ModelSpec,
+    /// Topology name (shipped) or path, as given.
+    pub topology: String,
+    pub world_size: u32,
+    pub gpus_per_node: u32,
+    pub context_tokens: u64,
+    pub global_batch: u64,
+    pub micro_batch: u32,
+    pub grad_accum_steps: u64,
+    pub layout: Layout,
+    pub zero_stage: u8,
+    pub recompute: Recompute,
+    pub ranks: Vec<RankInfo>,
+    pub groups: Groups,
+    pub tokens: TokenPlan,
+    /// Multi-modal stage 1 (frames per rank) when the input is video.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision: Option<serde_json::Value>,
+    pub predicted: Predicted,
+    pub feasible: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_context_tokens: Option<u64>,
+}
+
+impl Plan {
+    /// Builds the plan of a scored candidate.
+    pub fn build(
+        topo: &Topology,
+        topology_arg: &str,
+        model: &ModelSpec,
+        context: u64,
+        global_batch: u64,
+        scored: &Scored,
+    ) -> Result<Plan> {
+        let c: &Candidate = &scored.candidate;
+        let l = c.layout;
+        let world = l.world();
+        let gpn = topo.spec.gpus_per_node;
+        let ranks = (0..world)
+            .map(|rank| {
+                let (tp, ulysses, ring, dp) = l.coords(rank);
+                RankInfo {
+                    rank,
+                    node: rank / gpn,
+                    local_rank: rank % gpn,
+                    tp,
+                    ulysses,
+                    ring,
+                    dp,
+                }
+            })
+            .collect();
+        let groups = Groups {
+            tp: l.tp_family().groups(world),
+            ulysses: l.ulysses_family().groups(world),
+            ring: l.ring_family().groups(world),
+            dp: l.dp_family().groups(world),
+            grad: l.grad_family().groups(world),
+        };
+        let ranges = ranges_per_rank(&[context], l.ulysses as usize, l.ring as usize)?;
+        let e = &scored.estimate;
+        Ok(Plan {
+            schema: SCHEMA_NAME.into(),
+            schema_version: SCHEMA_VERSION,
+            generator: format!("mmsp {}", env!("CARGO_PKG_VERSION")),
+            mode: "training".into(),
+            model: model.clone(),
+            topology: topology_arg.into(),
+            world_size: world,
+            gpus_per_node: gpn,
+            context_tokens: context,
+            global_batch,
+            micro_batch: c.micro_batch,
+            grad_accum_steps: e.grad_accum_steps,
+            layout: l,
+            zero_stage: c.zero_stage,
+            recompute: c.recompute,
+            ranks,
+            groups,
+            tokens: TokenPlan {
+                zigzag_chunks: 2 * l.ring,
+                ranges_per_rank: ranges
+                    .into_iter()
+                    .map(|v| v.into_iter().map(|(a, b)| [a, b]).collect())
+                    .collect(),
+            },
+            vision: None,
+            predicted: Predicted {
+                step_time_s: e.step_time_s,
+                tokens_per_s: e.tokens_per_s,
+                mfu: e.mfu,
+                memory_per_gpu_bytes: e.memory_per_gpu_bytes,
+                memory: e.memory.clone(),
+                time: e.time.clone(),
+                comm_exposed_s: e.comm_exposed_s,
+                comm_overlapped_s: e.comm_overlapped_s,
+                simulated_step_time_s: None,
+            },
+            feasible: true,
+            max_context_tokens: None,
+        })
+    }
+
+    /// Reads and checks a plan file: right schema and version, and a mesh that multiplies to
+    /// the world size with one entry per rank.
+    pub fn load(path: &str) -> Result<Plan> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            path: path.into(),
+            msg: e.to_string(),
+        })?;
+        Self::from_json(&text, path)
+    }
+
+    pub fn from_json(text: &str, path: &str) -> Result<Plan> {
+        let bad = |msg: String| Error::Parse {
+            path: path.into(),
+            msg,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        if v.get("schema").and_then(|s| s.as_str()) != Some(SCHEMA_NAME) {
+            return Err(bad(format!(
+                "not an mmsp plan (expected \"schema\": \"{SCHEMA_NAME}\")"
+            )));
+        }
+        match v.get("schema_version").and_then(|s| s.as_u64()) {
+            Some(n) if n == u64::from(SCHEMA_VERSION) => {}
+            Some(n) => {
+                return Err(bad(format!(
+                "plan schema version {n} is not supported by this mmsp (expected {SCHEMA_VERSION})"
+            )))
+            }
+            None => return Err(bad("missing schema_version".into())),
+        }
+        let plan: Plan =
+            serde_json::from_value(v).map_err(|e| bad(format!("malformed plan: {e}")))?;
+        plan.check().map_err(bad)?;
+        Ok(plan)
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        let l = &self.layout;
+        if [l.tp, l.ulysses, l.ring, l.dp].contains(&0) {
+            return Err("layout degrees must be >= 1".into());
+        }
+        if l.world() != self.world_size {
+            return Err(format!(
+                "layout tp {} x ulysses {} x ring {} x dp {} = {} does not match world_size {}",
+                l.tp,
+                l.ulysses,
+                l.ring,
+                l.dp,
+                l.world(),
+                self.world_size
+            ));
+        }
+        if self.ranks.len() != self.world_size as usize {
+            return Err(format!(
+                "{} rank entries for world_size {}",
+                self.ranks.len(),
+                self.world_size
+            ));
+        }
+        if self.tokens.ranges_per_rank.len() != l.sp() as usize {
+            return Err(format!(
+                "tokens.ranges_per_rank has {} entries, expected ulysses x ring = {}",
+                self.tokens.ranges_per_rank.len(),
+                l.sp()
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,207 @@
+//! Human-readable rendering of search results and plans for the terminal.
+
+use std::fmt::Write;
+
+use crate::cost::Placement;
+use crate::plan::Plan;
+use crate::search::{why_slower, Scored, SearchResult};
+use crate::topology::Topology;
+use crate::units::{fmt_gib, fmt_secs, fmt_tokens, GIB};
+
+/// Short description of a layout, e.g. "ulysses 8 (in NVLink) x ring 32 (across) x dp 1".
+pub fn layout_words(topo: &Topology, s: &Scored) -> String {
+    let l = &s.candidate.layout;
+    let where_ = |fam: crate::topology::GroupFamily| {
+        if fam.size <= 1 {
+            ""
+        } else if topo.same_domain(0, (fam.size - 1) * fam.stride) {
+            " (in NVLink)"
+        } else {
+            " (across)"
+        }
+    };
+    let mut out = String::new();
+    if l.tp > 1 {
+        let _ = write!(out, "tp {}{} x ", l.tp, where_(l.tp_family()));
+    }
+    let _ = write!(
+        out,
+        "ulysses {}{} x ring {}{} x dp {}",
+        l.ulysses,
+        where_(l.ulysses_family()),
+        l.ring,
+        where_(l.ring_family()),
+        l.dp
+    );
+    out
+}
+
+fn short_layout(s: &Scored) -> String {
+    let l = &s.candidate.layout;
+    let p = match l.placement {
+        Placement::UlyssesInner => "u-in",
+        Placement::RingInner => "r-in",
+    };
+    let tp = if l.tp > 1 {
+        format!("t{} ", l.tp)
+    } else {
+        String::new()
+    };
+    format!("{tp}u{} r{} dp{} {p}", l.ulysses, l.ring, l.dp)
+}
+
+/// The table `mmsp plan` prints.
+pub fn plan_table(topo: &Topology, plan: &Plan, result: &SearchResult, top: usize) -> String {
+    let mut o = String::new();
+    let best = result.best().expect("a plan exists");
+    let p = &plan.predicted;
+    let spec = &topo.spec;
+    let _ = writeln!(
+        o,
+        "mmsp plan: {} at {} tokens on {} x {} ({}), global batch {} sequence{} ({} tokens)",
+        plan.model.name,
+        fmt_tokens(plan.context_tokens),
+        plan.world_size,
+        spec.name,
+        spec.gpu_model,
+        plan.global_batch,
+        if plan.global_batch == 1 { "" } else { "s" },
+        fmt_tokens(plan.global_batch * plan.context_tokens)
+    );
+    let total = result.ranked.len() + result.infeasible.len();
+    let mut line = format!(
+        "searched {total} candidates: {} feasible",
+        result.ranked.len()
+    );
+    let summary = result.infeasible_summary();
+    if !summary.is_empty() {
+        let parts: Vec<String> = summary.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        let _ = write!(line, "; infeasible: {}", parts.join(", "));
+    }
+    let _ = writeln!(o, "{line}");
+    if let Some(mc) = plan.max_context_tokens {
+        let _ = writeln!(
+            o,
+            "max context: {} tokens ({mc}) fit on {} GPUs",
+            fmt_tokens(mc),
+            plan.world_size
+        );
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(o, "Best plan");
+    let l = &plan.layout;
+    let _ = writeln!(
+        o,
+        "  layout       {}   [sp {} = ulysses x ring, tp {}]",
+        layout_words(topo, best),
+        l.sp(),
+        l.tp
+    );
+    let _ = writeln!(
+        o,
+        "  ZeRO         stage {} over {} ranks",
+        plan.zero_stage,
+        l.grad_family().size
+    );
+    let _ = writeln!(o, "  recompute    {}", plan.recompute.as_str());
+    let _ = writeln!(
+        o,
+        "  micro-batch  {} sequence{}, {} accumulation step{}",
+        plan.micro_batch,
+        if plan.micro_batch == 1 { "" } else { "s" },
+        plan.grad_accum_steps,
+        if plan.grad_accum_steps == 1 { "" } else { "s" }
+    );
+    let _ = writeln!(
+        o,
+        "  step time    {}   ({:.0} tokens/s, MFU {:.1}%)",
+        fmt_secs(p.step_time_s),
+        p.tokens_per_s,
+        p.mfu * 100.0
+    );
+    if let Some(sim) = p.simulated_step_time_s {
+        let _ = writeln!(o, "  simulated    {}", fmt_secs(sim));
+    }
+    let m = &p.memory;
+    let _ = writeln!(
+        o,
+        "  memory/GPU   {} of {}",
+        fmt_gib(p.memory_per_gpu_bytes),
+        fmt_gib(spec.hbm_bytes)
+    );
+    let g = |b: f64| format!("{:.1}", b / GIB);
+    let _ = writeln!(
+        o,
+        "    GiB: weights {} | gradients {} | optimizer {} | activations {} | logits {} | comm buffers {} | reserve {} | fragmentation {}",
+        g(m.weights_bytes),
+        g(m.gradients_bytes),
+        g(m.optimizer_bytes),
+        g(m.activations_bytes),
+        g(m.logits_bytes),
+        g(m.comm_buffers_bytes),
+        g(m.reserved_bytes),
+        g(m.fragmentation_bytes)
+    );
+    let t = &p.time;
+    let _ = writeln!(
+        o,
+        "  time/step    gemm {} | attention {} | elementwise {} | head {} | recompute {}",
+        fmt_secs(t.gemm_s),
+        fmt_secs(t.attention_s),
+        fmt_secs(t.elementwise_s),
+        fmt_secs(t.head_s),
+        fmt_secs(t.recompute_s)
+    );
+    let _ = writeln!(
+        o,
+        "               ulysses a2a {} | ring p2p {} ({} exposed) | grad sync {} ({} exposed) | optimizer {}",
+        fmt_secs(t.ulysses_all_to_all_s),
+        fmt_secs(t.ring_p2p_s),
+        fmt_secs(t.ring_exposed_s),
+        fmt_secs(t.grad_sync_s + t.zero_gather_s),
+        fmt_secs(t.grad_sync_exposed_s + t.zero_gather_exposed_s),
+        fmt_secs(t.optimizer_s)
+    );
+    let _ = writeln!(
+        o,
+        "  comm         {} exposed, {} overlapped with compute",
+        fmt_secs(p.comm_exposed_s),
+        fmt_secs(p.comm_overlapped_s)
+    );
+    // Runners-up: the best candidate of each other layout.
+    let mut seen = vec![best.candidate.layout];
+    let mut rows = Vec::new();
+    for s in &result.ranked[1..] {
+        if rows.len() >= top {
+            break;
+        }
+        if seen.contains(&s.candidate.layout) {
+            continue;
+        }
+        seen.push(s.candidate.layout);
+        rows.push(s);
+    }
+    if !rows.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "Runners-up (best of each other layout)");
+        let _ = writeln!(
+            o,
+            "  {:<22} {:>4} {:<9} {:>2} {:>10} {:>10}  why it lost",
+            "layout", "zero", "recompute", "mb", "step time", "memory"
+        );
+        for s in rows {
+            let _ = writeln!(
+                o,
+                "  {:<22} {:>4} {:<9} {:>2} {:>10} {:>10}  {}",
+                short_layout(s),
+                s.candidate.zero_stage,
+                s.candidate.recompute.as_str(),
+                s.candidate.micro_batch,
+                fmt_secs(s.estimate.step_time_s),
+                fmt_gib(s.estimate.memory_per_gpu_bytes),
+                why_slower(topo, best, s)
+            );
+        }
+    }
+    o
+}

@@ -1,0 +1,454 @@
+//! The search: enumerates every layout of N GPUs for a context length (sequence-parallel degree
+//! sp dividing N, sp = ulysses x ring under the head-count rules, both placements, DP = N / sp,
+//! ZeRO stage, recompute policy, micro-batch), evaluates each with the cost model, drops the
+//! infeasible with their typed reason, and ranks the rest by predicted step time at the
+//! requested global batch. Also: the largest context that fits, and the fewest GPUs that would
+//! fit a request, for when nothing fits.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cost::{
+    evaluate, head_split, Candidate, Estimate, Infeasible, Layout, Placement, Recompute,
+    VisionStage, Workload,
+};
+use crate::error::{Error, Result};
+use crate::spec::cluster::ClusterSpec;
+use crate::spec::model::ModelSpec;
+use crate::topology::Topology;
+use crate::units::{fmt_gib, fmt_tokens, MI};
+
+/// Parallelisation strategies that the same cost model can compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Ulysses x zigzag ring (MM-SP / USP), both placements, any ZeRO stage.
+    #[serde(rename = "2d")]
+    TwoD,
+    /// Zigzag ring attention over all SP ranks (ring-flash-attention style).
+    Ring,
+    /// DeepSpeed-Ulysses alone: SP degree capped by the head count.
+    Ulysses,
+    /// Megatron-LM context parallel (p2p ring) + tensor parallel with sequence parallel;
+    /// distributed optimizer (ZeRO-1) at most.
+    MegatronCpTp,
+    /// TransformerEngine hierarchical context parallel (a2a inside, p2p across) with optional
+    /// tensor parallel; distributed optimizer (ZeRO-1) at most.
+    TeA2aP2p,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 5] = [
+        Strategy::TwoD,
+        Strategy::Ring,
+        Strategy::Ulysses,
+        Strategy::MegatronCpTp,
+        Strategy::TeA2aP2p,
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::TwoD => "2d",
+            Strategy::Ring => "ring",
+            Strategy::Ulysses => "ulysses",
+            Strategy::MegatronCpTp => "megatron-cp-tp",
+            Strategy::TeA2aP2p => "te-a2a-p2p",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Strategy::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "--strategy",
+                    format!("'{s}' is not one of: 2d, ring, ulysses, megatron-cp-tp, te-a2a-p2p"),
+                )
+            })
+    }
+}
+
+/// What the user asked for.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub gpus: u32,
+    pub context: u64,
+    /// Sequences per step; `None` picks [`default_global_batch`].
+    pub global_batch: Option<u64>,
+    /// Force a recompute policy; `None` searches all three.
+    pub recompute: Option<Recompute>,
+    pub strategy: Strategy,
+}
+
+/// Tokens per step when the user gives no batch: 4M tokens, Llama 3's initial batch
+/// (Llama Team 2024, "The Llama 3 Herd of Models", Sec. 3.4.1), as whole sequences (at least
+/// one), rounded down to a power of two.
+pub fn default_global_batch(context: u64) -> u64 {
+    let seqs = (4 * MI / context.max(1)).max(1);
+    1 << (63 - seqs.leading_zeros())
+}
+
+fn divisors(n: u32) -> Vec<u32> {
+    (1..=n).filter(|d| n % d == 0).collect()
+}
+
+/// Every candidate of a strategy for `gpus` GPUs (before feasibility).
+pub fn enumerate(model: &ModelSpec, cluster: &ClusterSpec, req: &Request) -> Vec<Candidate> {
+    let global_batch = req
+        .global_batch
+        .unwrap_or_else(|| default_global_batch(req.context));
+    let recomputes: Vec<Recompute> = match req.recompute {
+        Some(r) => vec![r],
+        None => Recompute::ALL.to_vec(),
+    };
+    let tps: Vec<u32> = match req.strategy {
+        Strategy::MegatronCpTp | Strategy::TeA2aP2p => {
+            divisors(cluster.gpus_per_node.min(cluster.domain_gpus))
+                .into_iter()
+                .filter(|t| req.gpus % t == 0)
+                .collect()
+        }
+        _ => vec![1],
+    };
+    let zeros: &[u8] = match req.strategy {
+        Strategy::MegatronCpTp | Strategy::TeA2aP2p => &[0, 1],
+        _ => &[0, 1, 2, 3],
+    };
+    let mut out = Vec::new();
+    for &tp in &tps {
+        for sp in divisors(req.gpus / tp) {
+            let dp = req.gpus / tp / sp;
+            for u in divisors(sp) {
+                let ring = sp / u;
+                let ok = match req.strategy {
+                    Strategy::TwoD | Strategy::TeA2aP2p => true,
+                    Strategy::Ring | Strategy::MegatronCpTp => u == 1,
+                    Strategy::Ulysses => ring == 1,
+                };
+                if !ok {
+                    continue;
+                }
+                let placements: &[Placement] = if u > 1 && ring > 1 {
+                    &[Placement::UlyssesInner, Placement::RingInner]
+                } else {
+                    &[Placement::UlyssesInner]
+                };
+                for &placement in placements {
+                    let layout = Layout {
+                        ulysses: u,
+                        ring,
+                        dp,
+                        tp,
+                        placement,
+                    };
+                    if global_batch % u64::from(dp) != 0 || head_split(model, tp, u).is_err() {
+                        // One candidate records why this layout cannot run (batch or heads).
+                        out.push(Candidate {
+                            layout,
+                            zero_stage: zeros[0],
+                            recompute: recomputes[0],
+                            micro_batch: 1,
+                        });
+                        continue;
+                    }
+                    for &zero_stage in zeros {
+                        for &recompute in &recomputes {
+                            // Larger micro-batches only where the batch has the sequences.
+                            for micro_batch in [1u32, 2, 4, 8] {
+                                if micro_batch > 1 && u64::from(dp * micro_batch) > global_batch {
+                                    break;
+                                }
+                                out.push(Candidate {
+                                    layout,
+                                    zero_stage,
+                                    recompute,
+                                    micro_batch,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A feasible candidate and its prediction.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    pub candidate: Candidate,
+    pub estimate: Estimate,
+}
+
+/// The outcome of a search.
+#[derive(Debug)]
+pub struct SearchResult {
+    /// Feasible candidates, fastest first.
+    pub ranked: Vec<Scored>,
+    /// Infeasible candidates with their reason.
+    pub infeasible: Vec<(Candidate, Infeasible)>,
+    pub global_batch: u64,
+}
+
+impl SearchResult {
+    pub fn best(&self) -> Option<&Scored> {
+        self.ranked.first()
+    }
+
+    /// Infeasibility reasons counted by kind, most frequent first.
+    pub fn infeasible_summary(&self) -> Vec<(String, usize)> {
+        let mut m: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for (_, e) in &self.infeasible {
+            let k = match e {
+                Infeasible::Memory { .. } => "out of memory",
+                Infeasible::Heads { .. } => "heads cannot be split",
+                Infeasible::Divisibility { .. } => "context not divisible",
+                Infeasible::Batch { .. } => "batch not divisible",
+            };
+            *m.entry(k).or_default() += 1;
+        }
+        let mut v: Vec<(String, usize)> = m.into_iter().map(|(k, n)| (k.to_string(), n)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v
+    }
+
+    /// The memory-infeasible candidate that came closest to fitting.
+    pub fn closest_memory_miss(&self) -> Option<(f64, f64)> {
+        self.infeasible
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Infeasible::Memory { needed, available } => Some((*needed, *available)),
+                _ => None,
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+    }
+}
+
+/// Searches all candidates of the request on a topology built for `req.gpus` GPUs.
+pub fn search(
+    topo: &Topology,
+    model: &ModelSpec,
+    req: &Request,
+    vision: Option<VisionStage>,
+) -> SearchResult {
+    let global_batch = req
+        .global_batch
+        .unwrap_or_else(|| default_global_batch(req.context));
+    let w = Workload {
+        model,
+        context: req.context,
+        global_batch,
+        vision,
+    };
+    let mut ranked = Vec::new();
+    let mut infeasible = Vec::new();
+    for c in enumerate(model, &topo.spec, req) {
+        match evaluate(topo, &w, &c) {
+            Ok(estimate) => ranked.push(Scored {
+                candidate: c,
+                estimate,
+            }),
+            Err(e) => infeasible.push((c, e)),
+        }
+    }
+    ranked.sort_by(|a, b| {
+        a.estimate
+            .step_time_s
+            .total_cmp(&b.estimate.step_time_s)
+            .then(
+                a.estimate
+                    .memory_per_gpu_bytes
+                    .total_cmp(&b.estimate.memory_per_gpu_bytes),
+            )
+    });
+    SearchResult {
+        ranked,
+        infeasible,
+        global_batch,
+    }
+}
+
+/// Whether any candidate fits `context` on the topology (memory check only, global batch 1
+/// unless given).
+fn fits(topo: &Topology, model: &ModelSpec, req: &Request, context: u64) -> Option<Scored> {
+    let r = Request {
+        context,
+        global_batch: Some(req.global_batch.unwrap_or(1)),
+        ..req.clone()
+    };
+    search(topo, model, &r, None).ranked.into_iter().next()
+}
+
+/// The largest context (a multiple of 2 x GPUs, so that every SP degree's zigzag chunks are
+/// whole) for which some candidate fits, with that candidate. Memory grows with context for
+/// every candidate, so feasibility is monotone and a doubling then bisection finds it.
+pub fn max_context(topo: &Topology, model: &ModelSpec, req: &Request) -> Option<(u64, Scored)> {
+    let granule = 2 * u64::from(req.gpus);
+    let mut lo_best = fits(topo, model, req, granule)?;
+    let (mut lo, mut hi) = (1u64, 2u64);
+    loop {
+        match fits(topo, model, req, hi * granule) {
+            Some(s) => {
+                lo = hi;
+                lo_best = s;
+                hi *= 2;
+                if hi * granule > (1u64 << 40) {
+                    return Some((lo * granule, lo_best));
+                }
+            }
+            None => break,
+        }
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        match fits(topo, model, req, mid * granule) {
+            Some(s) => {
+                lo = mid;
+                lo_best = s;
+            }
+            None => hi = mid,
+        }
+    }
+    Some((lo * granule, lo_best))
+}
+
+/// The fewest GPUs (whole nodes and NVLink domains, by doubling) on which the request fits.
+pub fn fewest_gpus(cluster: &ClusterSpec, model: &ModelSpec, req: &Request) -> Option<u32> {
+    let mut gpus = req.gpus.max(cluster.gpus_per_node);
+    while gpus <= 65536 {
+        gpus *= 2;
+        if cluster.check_gpus(u64::from(gpus)).is_err() {
+            continue;
+        }
+        let topo = Topology::build(cluster, gpus);
+        let r = Request {
+            gpus,
+            ..req.clone()
+        };
+        if !search(&topo, model, &r, None).ranked.is_empty() {
+            return Some(gpus);
+        }
+    }
+    None
+}
+
+/// Explains, in words, why a feasible plan is not the fastest: the component of its step time
+/// that grew most against the best plan.
+pub fn why_slower(topo: &Topology, best: &Scored, other: &Scored) -> String {
+    let (b, o) = (&best.estimate.time, &other.estimate.time);
+    let l = &other.candidate.layout;
+    let spans = |fam: crate::topology::GroupFamily| {
+        fam.size > 1 && !topo.same_domain(0, (fam.size - 1) * fam.stride)
+    };
+    let items: Vec<(f64, String)> = vec![
+        (
+            o.ulysses_all_to_all_s - b.ulysses_all_to_all_s,
+            if spans(l.ulysses_family()) {
+                format!(
+                    "its {}-way Ulysses all-to-all leaves the NVLink domain",
+                    l.ulysses
+                )
+            } else {
+                "more Ulysses all-to-all traffic".to_string()
+            },
+        ),
+        (
+            o.ring_exposed_s - b.ring_exposed_s,
+            format!(
+                "ring KV exchange ({} steps) is not hidden behind attention",
+                l.ring.saturating_sub(1)
+            ),
+        ),
+        (
+            o.recompute_s - b.recompute_s,
+            format!(
+                "{} recompute repeats forward work",
+                other.candidate.recompute.as_str()
+            ),
+        ),
+        (
+            (o.grad_sync_exposed_s + o.zero_gather_exposed_s)
+                - (b.grad_sync_exposed_s + b.zero_gather_exposed_s),
+            format!(
+                "ZeRO-{} gradient/weight traffic is exposed",
+                other.candidate.zero_stage
+            ),
+        ),
+        (
+            o.tp_comm_s - b.tp_comm_s,
+            format!("tensor-parallel ({}-way) collectives", l.tp),
+        ),
+        (
+            (o.gemm_s + o.attention_s + o.elementwise_s + o.head_s)
+                - (b.gemm_s + b.attention_s + b.elementwise_s + b.head_s),
+            "more compute time per step".to_string(),
+        ),
+        (
+            o.optimizer_s - b.optimizer_s,
+            "a larger optimizer step per GPU".to_string(),
+        ),
+    ];
+    let (delta, why) = items
+        .into_iter()
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .expect("non-empty");
+    let slower = other.estimate.step_time_s / best.estimate.step_time_s - 1.0;
+    if slower < 0.005 {
+        return "ties with the best (within 0.5%)".to_string();
+    }
+    format!(
+        "{:.0}% slower: {why} (+{})",
+        slower * 100.0,
+        crate::units::fmt_secs(delta.max(0.0))
+    )
+}
+
+/// The error to show when no candidate fits: names the nearest miss, the largest context that
+/// fits on these GPUs and the fewest GPUs that would fit the request.
+pub fn no_plan_error(
+    topo: &Topology,
+    model: &ModelSpec,
+    req: &Request,
+    result: &SearchResult,
+) -> Error {
+    let mut msg = format!(
+        "no {} plan fits {} at {} tokens on {} {} GPUs",
+        req.strategy.name(),
+        model.name,
+        fmt_tokens(req.context),
+        req.gpus,
+        topo.spec.name
+    );
+    if let Some((needed, avail)) = result.closest_memory_miss() {
+        msg += &format!(
+            ": the closest needs {} per GPU ({} available)",
+            fmt_gib(needed),
+            fmt_gib(avail)
+        );
+    } else {
+        let parts: Vec<String> = result
+            .infeasible_summary()
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect();
+        msg += &format!(": infeasible candidates: {}", parts.join(", "));
+    }
+    if let Some((ctx, _)) = max_context(topo, model, req) {
+        msg += &format!(
+            "; the largest context that fits on {} GPUs is {}",
+            req.gpus,
+            fmt_tokens(ctx)
+        );
+    }
+    match fewest_gpus(&topo.spec, model, req) {
+        Some(g) => msg += &format!("; {g} GPUs would fit {}", fmt_tokens(req.context)),
+        None => msg += "; no cluster size up to 65536 GPUs fits it",
+    }
+    Error::NoFeasiblePlan(msg)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,152 @@
+use super::Strategy;
+use super::*;
+use proptest::prelude::*;
+
+fn h100(gpus: u32) -> (Topology, ModelSpec) {
+    let c = ClusterSpec::load("dgx-h100").unwrap();
+    (
+        Topology::build(&c, gpus),
+        ModelSpec::load("llama3-8b").unwrap(),
+    )
+}
+
+fn req(gpus: u32, context: u64) -> Request {
+    Request {
+        gpus,
+        context,
+        global_batch: None,
+        recompute: None,
+        strategy: Strategy::TwoD,
+    }
+}
+
+#[test]
+fn default_batch_is_four_million_tokens() {
+    assert_eq!(default_global_batch(2 << 20), 2);
+    assert_eq!(default_global_batch(128 << 10), 32);
+    assert_eq!(default_global_batch(16 << 20), 1);
+    assert_eq!(default_global_batch(3 << 20), 1);
+}
+
+#[test]
+fn strategies_constrain_the_layout() {
+    let (t, m) = h100(64);
+    for s in Strategy::ALL {
+        let r = Request {
+            strategy: s,
+            ..req(64, 1 << 19)
+        };
+        let cands = enumerate(&m, &t.spec, &r);
+        assert!(!cands.is_empty(), "{s:?}");
+        for c in cands {
+            let l = c.layout;
+            assert_eq!(l.world(), 64);
+            match s {
+                Strategy::Ring => assert!(l.ulysses == 1 && l.tp == 1),
+                Strategy::Ulysses => assert!(l.ring == 1 && l.tp == 1),
+                Strategy::TwoD => assert_eq!(l.tp, 1),
+                Strategy::MegatronCpTp => assert!(l.ulysses == 1 && c.zero_stage <= 1),
+                Strategy::TeA2aP2p => assert!(c.zero_stage <= 1),
+            }
+        }
+    }
+}
+
+#[test]
+fn two_million_tokens_fit_256_h100s_without_recompute() {
+    let (t, m) = h100(256);
+    let r = Request {
+        recompute: Some(Recompute::None),
+        ..req(256, 2 << 20)
+    };
+    let res = search(&t, &m, &r, None);
+    let best = res.best().expect("2M fits 256 H100s");
+    assert_eq!(best.candidate.layout.world(), 256);
+    assert!(best.estimate.memory_per_gpu_bytes <= t.spec.hbm_bytes);
+    // Ranked fastest first.
+    assert!(res
+        .ranked
+        .windows(2)
+        .all(|w| w[0].estimate.step_time_s <= w[1].estimate.step_time_s));
+}
+
+#[test]
+fn nothing_fits_names_limits() {
+    let (t, m) = h100(8);
+    let r = req(8, 16 << 20);
+    let res = search(&t, &m, &r, None);
+    assert!(res.best().is_none());
+    let e = no_plan_error(&t, &m, &r, &res).to_string();
+    assert!(e.contains("largest context that fits on 8 GPUs"), "{e}");
+    assert!(e.contains("GPUs would fit 16M"), "{e}");
+}
+
+#[test]
+fn runner_up_reasons_are_words() {
+    let (t, m) = h100(64);
+    let res = search(&t, &m, &req(64, 1 << 19), None);
+    let best = res.best().unwrap();
+    let other = res
+        .ranked
+        .iter()
+        .find(|s| s.estimate.step_time_s > 1.01 * best.estimate.step_time_s)
+        .unwrap();
+    let why = why_slower(&t, best, other);
+    assert!(why.contains("slower"), "{why}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// More GPUs never shrink the max context.
+    #[test]
+    fn more_gpus_never_shrink_max_context(nodes in 1u32..8) {
+        let m = ModelSpec::load("llama3-8b").unwrap();
+        let c = ClusterSpec::load("dgx-h100").unwrap();
+        let mc = |g: u32| {
+            let t = Topology::build(&c, g);
+            max_context(&t, &m, &Request { recompute: Some(Recompute::None), ..req(g, 0) }).map(|x| x.0).unwrap_or(0)
+        };
+        let a = mc(8 * nodes);
+        let b = mc(16 * nodes);
+        prop_assert!(b >= a, "{} GPUs: {}, {} GPUs: {}", 8 * nodes, a, 16 * nodes, b);
+    }
+
+    /// Every feasible plan's mesh multiplies to the world size, and memory grows with context.
+    #[test]
+    fn meshes_multiply_and_memory_grows(nodes in 1u32..5, k in 1u64..6) {
+        let gpus = 8 * nodes;
+        let (t, m) = h100(gpus);
+        let ctx = k * 32768;
+        let res = search(&t, &m, &req(gpus, ctx), None);
+        for s in &res.ranked {
+            let l = s.candidate.layout;
+            prop_assert_eq!(l.tp * l.ulysses * l.ring * l.dp, gpus);
+        }
+        if let Some(best) = res.best() {
+            let w2 = crate::cost::Workload { model: &m, context: 2 * ctx, global_batch: res.global_batch, vision: None };
+            let bigger = match crate::cost::evaluate(&t, &w2, &best.candidate) {
+                Ok(e) => e.memory_per_gpu_bytes,
+                Err(Infeasible::Memory { needed, .. }) => needed,
+                Err(_) => f64::INFINITY,
+            };
+            prop_assert!(bigger > best.estimate.memory_per_gpu_bytes);
+        }
+    }
+}
+
+#[test]
+fn head_limits_are_typed_reasons() {
+    let (t, m) = h100(64);
+    let r = Request {
+        strategy: Strategy::Ulysses,
+        global_batch: Some(1),
+        ..req(64, 1 << 20)
+    };
+    let res = search(&t, &m, &r, None);
+    assert!(res.ranked.is_empty());
+    assert!(res
+        .infeasible
+        .iter()
+        .any(|(_, e)| matches!(e, Infeasible::Heads { .. })));
+}

@@ -1,0 +1,150 @@
+//! End-to-end snapshot tests of the `mmsp` command line: tables, JSON and every error message,
+//! with exit codes. Snapshots live in tests/snapshots/ (review changes with `cargo insta`).
+
+use std::process::Command;
+
+fn mmsp(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mmsp"))
+        .args(args)
+        .output()
+        .expect("run mmsp");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs and renders exit code, stdout and stderr for a snapshot.
+fn run(args: &[&str]) -> String {
+    let (code, out, err) = mmsp(args);
+    format!(
+        "$ mmsp {}\nexit: {code}\n--- stdout\n{out}--- stderr\n{err}",
+        args.join(" ")
+    )
+}
+
+/// Runs a command that must fail with exit code 2 and a single-line error.
+fn fails(args: &[&str]) -> String {
+    let (code, out, err) = mmsp(args);
+    assert_eq!(code, 2, "{args:?}: {err}");
+    assert!(out.is_empty(), "{args:?} printed to stdout: {out}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?}: not one line: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    format!("$ mmsp {}\n{err}", args.join(" "))
+}
+
+#[test]
+fn plan_default_table() {
+    insta::assert_snapshot!(run(&["plan"]));
+}
+
+#[test]
+fn plan_small_json() {
+    insta::assert_snapshot!(run(&[
+        "plan",
+        "--gpus",
+        "16",
+        "--context",
+        "128K",
+        "--format",
+        "json"
+    ]));
+}
+
+#[test]
+fn plan_default_json_has_stable_names() {
+    let (code, out, _) = mmsp(&["plan", "--format", "json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["world_size"], 256);
+    let l = &v["layout"];
+    let prod = ["ulysses", "ring", "dp", "tp"]
+        .iter()
+        .map(|k| l[k].as_u64().unwrap())
+        .product::<u64>();
+    assert_eq!(prod, 256);
+    assert!(["none", "selective", "full"].contains(&v["recompute"].as_str().unwrap()));
+    assert!(v["zero_stage"].as_u64().unwrap() <= 3);
+    let p = &v["predicted"];
+    for k in ["step_time_s", "tokens_per_s", "mfu", "memory_per_gpu_bytes"] {
+        assert!(p[k].as_f64().unwrap() > 0.0, "{k}");
+    }
+    assert_eq!(v["feasible"], true);
+    assert_eq!(v["ranks"].as_array().unwrap().len(), 256);
+}
+
+#[test]
+fn plan_max_context() {
+    insta::assert_snapshot!(run(&[
+        "plan",
+        "--gpus",
+        "256",
+        "--model",
+        "llama3-8b",
+        "--max-context",
+        "--recompute",
+        "none"
+    ]));
+    let (code, out, _) = mmsp(&[
+        "plan",
+        "--gpus",
+        "64",
+        "--max-context",
+        "--recompute",
+        "none",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["max_context_tokens"], v["context_tokens"]);
+}
+
+#[test]
+fn list_presets() {
+    insta::assert_snapshot!(run(&["list"]));
+}
+
+#[test]
+fn errors_are_one_line_exit_2() {
+    let dir = std::env::temp_dir().join(format!("mmsp-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, r#"{"hidden_size": 4096, "num_attention_heads": 32, "num_hidden_layers": 32, "vocab_size": 32000}"#).unwrap();
+    let cfg = cfg.to_str().unwrap().to_string();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["plan", "--model", "gpt-9"],
+        vec!["plan", "--topology", "dgx-z900"],
+        vec!["plan", "--context", "2G"],
+        vec!["plan", "--context", "lots"],
+        vec!["plan", "--gpus", "12"],
+        vec!["plan", "--gpus", "0"],
+        vec!["plan", "--model", &cfg],
+        vec!["plan", "--model", "/nonexistent/config.json"],
+        vec![
+            "plan",
+            "--gpus",
+            "64",
+            "--strategy",
+            "ulysses",
+            "--global-batch",
+            "1",
+        ],
+        vec!["plan", "--gpus", "8", "--context", "16M"],
+        vec!["plan", "--format", "xml"],
+        vec!["plan", "--recompute", "some"],
+        vec!["plan", "--strategy", "zigzag"],
+        vec!["plan", "--bogus"],
+        vec!["frobnicate"],
+    ];
+    let all: Vec<String> = cases
+        .iter()
+        .map(|c| fails(c).replace(&cfg, "CONFIG"))
+        .collect();
+    insta::assert_snapshot!(all.join("\n"));
+}

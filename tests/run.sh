@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs every test of mmsp on a fresh machine: formatting, lints, the planner's unit, property
+# and CLI snapshot tests (default pure-Rust solver and the HiGHS feature), and the runtime's CPU
+# tests against libtorch from a project-local virtual environment. Installs what it needs
+# (cmake for HiGHS, torch==2.11.0 into .venv) and stops at the first failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "format"
+cargo fmt --all -- --check
+
+step "planner: clippy"
+cargo clippy -p mmsp-planner --all-targets -- -D warnings
+
+step "planner: tests (microlp)"
+cargo test -p mmsp-planner
+
+step "planner: tests with the HiGHS solver (feature highs)"
+if ! command -v cmake >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null
+  else
+    echo "cmake is needed to build HiGHS (feature highs): install it and re-run" >&2
+    exit 1
+  fi
+fi
+cargo test -p mmsp-planner --features highs --lib balance
+
+step "runtime: CPU tests against libtorch (torch==2.11.0 in .venv)"
+# shellcheck source=runtime/env.sh
+source runtime/env.sh
+cargo clippy -p mmsp-runtime --all-targets -- -D warnings
+cargo test -p mmsp-runtime
+
+step "all tests passed"
