@@ -9,11 +9,26 @@ use crate::error::{Error, Result};
 
 /// The shipped topologies, embedded at build time.
 pub const EMBEDDED: &[(&str, &str)] = &[
-    ("dgx-h100", include_str!("../../../topologies/dgx-h100.toml")),
-    ("dgx-a100", include_str!("../../../topologies/dgx-a100.toml")),
-    ("hgx-h200", include_str!("../../../topologies/hgx-h200.toml")),
-    ("gb200-nvl72", include_str!("../../../topologies/gb200-nvl72.toml")),
-    ("pcie-l40s", include_str!("../../../topologies/pcie-l40s.toml")),
+    (
+        "dgx-h100",
+        include_str!("../../../topologies/dgx-h100.toml"),
+    ),
+    (
+        "dgx-a100",
+        include_str!("../../../topologies/dgx-a100.toml"),
+    ),
+    (
+        "hgx-h200",
+        include_str!("../../../topologies/hgx-h200.toml"),
+    ),
+    (
+        "gb200-nvl72",
+        include_str!("../../../topologies/gb200-nvl72.toml"),
+    ),
+    (
+        "pcie-l40s",
+        include_str!("../../../topologies/pcie-l40s.toml"),
+    ),
 ];
 
 #[derive(Debug, Deserialize)]
@@ -80,7 +95,10 @@ pub enum Fabric {
     /// All GPUs of a domain hang off a non-blocking NVSwitch, `gbps_per_gpu` each way.
     NvSwitch,
     /// GPUs hang off PCIe switches (`gpus_per_switch` each) whose uplinks meet at the host.
-    Pcie { gpus_per_switch: u32, uplink_gbps: f64 },
+    Pcie {
+        gpus_per_switch: u32,
+        uplink_gbps: f64,
+    },
 }
 
 /// A validated cluster description. Bandwidths are GB/s (10^9 bytes/s) in one direction.
@@ -166,8 +184,7 @@ impl ClusterSpec {
         pos(raw.gpu.hbm_tbps, "gpu.hbm_tbps")?;
         pos(raw.fabric.gbps_per_gpu, "fabric.gbps_per_gpu")?;
         pos(raw.network.nic_gbps, "network.nic_gbps")?;
-        if raw.node.gpus == 0 || raw.network.nics_per_node == 0 || raw.network.nodes_per_leaf == 0
-        {
+        if raw.node.gpus == 0 || raw.network.nics_per_node == 0 || raw.network.nodes_per_leaf == 0 {
             return Err(bad(
                 "node.gpus, network.nics_per_node and network.nodes_per_leaf must be >= 1".into(),
             ));
@@ -200,7 +217,9 @@ impl ClusterSpec {
                     )));
                 }
                 if d != g {
-                    return Err(bad("a pcie fabric's domain is one node: domain_gpus = node.gpus".into()));
+                    return Err(bad(
+                        "a pcie fabric's domain is one node: domain_gpus = node.gpus".into(),
+                    ));
                 }
                 Fabric::Pcie {
                     gpus_per_switch: per,
@@ -246,7 +265,11 @@ impl ClusterSpec {
             oversubscription: raw.network.oversubscription,
             gemm_flops: gemm,
             attention_flops: attn,
-            fabric_efficiency: frac(raw.efficiency.fabric_efficiency, "efficiency.fabric_efficiency", 0.8)?,
+            fabric_efficiency: frac(
+                raw.efficiency.fabric_efficiency,
+                "efficiency.fabric_efficiency",
+                0.8,
+            )?,
             network_efficiency: frac(
                 raw.efficiency.network_efficiency,
                 "efficiency.network_efficiency",
@@ -293,14 +316,19 @@ mod tests {
     fn all_shipped_topologies_parse() {
         for name in preset_names() {
             let c = ClusterSpec::load(name).unwrap();
-            assert!(c.gemm_flops < c.peak_flops && c.attention_flops < c.gemm_flops, "{name}");
+            assert!(
+                c.gemm_flops < c.peak_flops && c.attention_flops < c.gemm_flops,
+                "{name}"
+            );
         }
     }
 
     #[test]
     fn unknown_field_is_rejected_in_one_line() {
         let text = EMBEDDED[0].1.replace("[node]", "[node]\ncolor = 3");
-        let e = ClusterSpec::from_toml(&text, "x.toml").unwrap_err().to_string();
+        let e = ClusterSpec::from_toml(&text, "x.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("color") && !e.contains('\n'), "{e}");
     }
 
