@@ -32,6 +32,13 @@ _mmsp_env_main() {
     for d in "$site"/nvidia/*/lib; do
         [ -d "$d" ] && ld="$ld:$d"
     done
+    # cudarc looks for libnccl.so before libnccl.so.2 and would find an older system copy;
+    # two NCCLs in one process fail. Put a libnccl.so that is torch's own first.
+    if [ -e "$site/nvidia/nccl/lib/libnccl.so.2" ]; then
+        mkdir -p "$venv/mmsp-nccl" && ln -sf "$site/nvidia/nccl/lib/libnccl.so.2" "$venv/mmsp-nccl/libnccl.so" \
+            || { echo "runtime/env.sh: cannot link libnccl.so" >&2; return 1; }
+        ld="$venv/mmsp-nccl:$ld"
+    fi
     export LIBTORCH_USE_PYTORCH=1
     export PATH="$venv/bin:$PATH"
     export LD_LIBRARY_PATH="$ld${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

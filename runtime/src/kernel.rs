@@ -75,6 +75,15 @@ fn gqa_factor(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<i64> {
     Ok(qs[1] / ks[1])
 }
 
+/// The CUDA kernels get dense tensors (row slices of a block are strided views).
+fn dense(backend: Backend, t: &Tensor) -> Tensor {
+    if backend != Backend::CpuMath && !t.is_contiguous() {
+        t.contiguous()
+    } else {
+        t.shallow_clone()
+    }
+}
+
 fn expand_kv(t: &Tensor, g: i64) -> Tensor {
     if g == 1 {
         t.shallow_clone()
@@ -103,11 +112,12 @@ pub fn attention_fwd(
 ) -> Result<(Tensor, Tensor)> {
     backend.check(q)?;
     let g = gqa_factor(q, k, v)?;
+    let d = |t: &Tensor| dense(backend, t);
     ffi::attn_fwd(
         backend.code(),
-        q,
-        &expand_kv(k, g),
-        &expand_kv(v, g),
+        &d(q),
+        &d(&expand_kv(k, g)),
+        &d(&expand_kv(v, g)),
         causal,
         scale,
     )
@@ -129,14 +139,15 @@ pub fn attention_bwd(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     backend.check(q)?;
     let g = gqa_factor(q, k, v)?;
+    let d = |t: &Tensor| dense(backend, t);
     let (dq, dk, dv) = ffi::attn_bwd(
         backend.code(),
-        dout,
-        q,
-        &expand_kv(k, g),
-        &expand_kv(v, g),
-        out,
-        lse,
+        &d(dout),
+        &d(q),
+        &d(&expand_kv(k, g)),
+        &d(&expand_kv(v, g)),
+        &d(out),
+        &d(lse),
         causal,
         scale,
     )?;

@@ -8,7 +8,10 @@ use mmsp_runtime::testing::{errors, reference, run_2d_local, Problem};
 use tch::{Device, Kind};
 
 fn factorisations(w: usize) -> Vec<(usize, usize)> {
-    (1..=w).filter(|u| w.is_multiple_of(*u)).map(|u| (u, w / u)).collect()
+    (1..=w)
+        .filter(|u| w.is_multiple_of(*u))
+        .map(|u| (u, w / u))
+        .collect()
 }
 
 fn check(layout: Layout, shape: AttnShape, kind: Kind, tol: f64, seed: i64) {

@@ -77,7 +77,6 @@ pub trait Communicator: Send {
 
 /// Checks that a buffer given to a collective is usable: contiguous and on the expected device
 /// kind.
-#[allow(dead_code)]
 pub(crate) fn check_buffer(t: &Tensor, what: &str) -> Result<()> {
     if !t.is_contiguous() {
         return Err(RuntimeError::Comm(format!(
