@@ -37,6 +37,9 @@ pub enum Error {
     /// An optimisation solver failed (the caller may fall back to a heuristic).
     #[error("solver failed: {0}")]
     Solver(String),
+    /// A target engine cannot express a plan (export), so no config is written.
+    #[error("{engine} cannot express this plan: {msg}")]
+    Unsupported { engine: &'static str, msg: String },
 }
 
 impl Error {

@@ -5,8 +5,10 @@
 pub mod balance;
 pub mod cost;
 pub mod error;
+pub mod export;
 pub mod plan;
 pub mod render;
+pub mod report;
 pub mod search;
 pub mod spec;
 pub mod topology;

@@ -33,6 +33,10 @@ enum Command {
     Plan(PlanArgs),
     /// List the shipped model presets and topologies.
     List,
+    /// Sweep GPUs x context x model x topology and write an HTML/Markdown/CSV/JSON report.
+    Report(mmsp_planner::report::ReportArgs),
+    /// Export a plan as Megatron, DeepSpeed or VILA settings, or a torchrun/SLURM launch script.
+    Export(mmsp_planner::export::ExportArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -153,6 +157,12 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Plan(a) => plan(a),
+        Command::Report(a) => {
+            let html = mmsp_planner::report::run(&a)?;
+            println!("wrote {}", html.display());
+            Ok(())
+        }
+        Command::Export(a) => Ok(mmsp_planner::export::run(&a)?),
         Command::List => {
             println!(
                 "models: {}",
