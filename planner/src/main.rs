@@ -37,6 +37,8 @@ enum Command {
     Report(mmsp_planner::report::ReportArgs),
     /// Export a plan as Megatron, DeepSpeed or VILA settings, or a torchrun/SLURM launch script.
     Export(mmsp_planner::export::ExportArgs),
+    /// Plan a training campaign of stages from a TOML recipe: plans, wall-clock, GPU-hours.
+    Campaign(mmsp_planner::campaign::CampaignArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -163,6 +165,10 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Export(a) => Ok(mmsp_planner::export::run(&a)?),
+        Command::Campaign(a) => {
+            print!("{}", mmsp_planner::campaign::run(&a)?);
+            Ok(())
+        }
         Command::List => {
             println!(
                 "models: {}",
