@@ -4,6 +4,7 @@
 
 pub mod balance;
 pub mod campaign;
+pub mod compare;
 pub mod cost;
 pub mod error;
 pub mod export;
@@ -11,6 +12,7 @@ pub mod plan;
 pub mod render;
 pub mod report;
 pub mod search;
+pub mod sim;
 pub mod spec;
 pub mod topology;
 pub mod units;

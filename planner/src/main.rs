@@ -33,12 +33,57 @@ enum Command {
     Plan(PlanArgs),
     /// List the shipped model presets and topologies.
     List,
+    /// Replay one training step of a saved plan in the discrete-event simulator.
+    Simulate(SimulateArgs),
+    /// Compare strategies (2d, ring, ulysses, megatron-cp-tp, te-a2a-p2p) on one request.
+    Compare(CompareArgs),
     /// Sweep GPUs x context x model x topology and write an HTML/Markdown/CSV/JSON report.
     Report(mmsp_planner::report::ReportArgs),
     /// Export a plan as Megatron, DeepSpeed or VILA settings, or a torchrun/SLURM launch script.
     Export(mmsp_planner::export::ExportArgs),
     /// Plan a training campaign of stages from a TOML recipe: plans, wall-clock, GPU-hours.
     Campaign(mmsp_planner::campaign::CampaignArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SimulateArgs {
+    /// A plan written by `mmsp plan --format json`.
+    plan: String,
+    /// Write a Chrome trace-event JSON of the step (opens in Perfetto) to this file.
+    #[arg(long)]
+    trace: Option<String>,
+    /// Simulate every rank with one op per group instead of one representative rank (slow
+    /// for large worlds; gives the same step time, see `mmsp_planner::sim`).
+    #[arg(long)]
+    no_collapse: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+#[derive(clap::Args, Debug)]
+struct CompareArgs {
+    /// Number of GPUs (whole nodes of the topology).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    gpus: u32,
+    /// Sequence length in tokens: 131072, 128K, 2M or 1.5M (K = 1024, M = 1048576).
+    #[arg(long, default_value = "512K", value_parser = tokens_arg)]
+    context: u64,
+    /// Model preset or a Hugging Face config.json.
+    #[arg(long, default_value = "llama3-8b")]
+    model: String,
+    /// Topology preset or a TOML file.
+    #[arg(long, default_value = "dgx-h100")]
+    topology: String,
+    /// Global batch in sequences [default: 4M tokens' worth, at least 1, a power of two].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    global_batch: Option<u64>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    /// Write the Chrome trace of each strategy's best configuration into this folder.
+    #[arg(long)]
+    trace_dir: Option<String>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -159,6 +204,8 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Plan(a) => plan(a),
+        Command::Simulate(a) => simulate(a),
+        Command::Compare(a) => compare(a),
         Command::Report(a) => {
             let html = mmsp_planner::report::run(&a)?;
             println!("wrote {}", html.display());
@@ -217,6 +264,12 @@ fn plan(a: PlanArgs) -> Result<()> {
     let Some(best) = result.best() else {
         return Err(search::no_plan_error(&topo, &model, &req, &result).into());
     };
+    // The simulator re-ranks the analytically best few candidates.
+    let refined = mmsp_planner::compare::refine(&topo, &model, &result, req.context);
+    let (best, simulated) = refined
+        .first()
+        .map(|(s, t)| (s, Some(*t)))
+        .unwrap_or((best, None));
     let mut plan = Plan::build(
         &topo,
         &a.topology,
@@ -225,6 +278,7 @@ fn plan(a: PlanArgs) -> Result<()> {
         result.global_batch,
         best,
     )?;
+    plan.predicted.simulated_step_time_s = simulated;
     plan.max_context_tokens = max_ctx;
     let mut out = std::io::stdout().lock();
     match a.format {
@@ -232,7 +286,110 @@ fn plan(a: PlanArgs) -> Result<()> {
             serde_json::to_writer_pretty(&mut out, &plan).context("writing the plan")?;
             writeln!(out)?;
         }
-        Format::Table => write!(out, "{}", render::plan_table(&topo, &plan, &result, a.top))?,
+        Format::Table => write!(
+            out,
+            "{}",
+            render::plan_table(&topo, &plan, &result, best, a.top)
+        )?,
+    }
+    Ok(())
+}
+
+fn simulate(a: SimulateArgs) -> Result<()> {
+    let plan = Plan::load(&a.plan)?;
+    let cluster = ClusterSpec::load(&plan.topology).context("the plan's topology")?;
+    if plan.gpus_per_node != cluster.gpus_per_node {
+        return Err(mmsp_planner::Error::invalid(
+            "plan",
+            format!(
+                "{} was made for {} GPUs per node but topology '{}' has {}",
+                a.plan, plan.gpus_per_node, cluster.name, cluster.gpus_per_node
+            ),
+        )
+        .into());
+    }
+    cluster.check_gpus(u64::from(plan.world_size))?;
+    let topo = Topology::build(&cluster, plan.world_size);
+    let w = mmsp_planner::cost::Workload {
+        model: &plan.model,
+        context: plan.context_tokens,
+        global_batch: plan.global_batch,
+        vision: None,
+    };
+    let c = mmsp_planner::compare::candidate_of(&plan);
+    let t = mmsp_planner::cost::terms(&topo, &w, &c).map_err(|e| {
+        mmsp_planner::Error::invalid(
+            "plan",
+            format!("{} cannot run on {}: {e}", a.plan, cluster.name),
+        )
+    })?;
+    let analytic = mmsp_planner::cost::compose(&topo, &t);
+    let sim = mmsp_planner::sim::simulate(&topo, &t, !a.no_collapse);
+    if let Some(path) = &a.trace {
+        let tr = mmsp_planner::sim::trace::chrome_trace(&sim, &plan.model.name);
+        std::fs::write(path, serde_json::to_vec(&tr)?)
+            .with_context(|| format!("writing {path}"))?;
+    }
+    let mut out = std::io::stdout().lock();
+    match a.format {
+        Format::Json => {
+            let v = serde_json::json!({
+                "plan": a.plan,
+                "analytic_step_time_s": analytic.step_time_s,
+                "simulated": sim,
+            });
+            serde_json::to_writer_pretty(&mut out, &v)?;
+            writeln!(out)?;
+        }
+        Format::Table => write!(out, "{}", render::sim_table(&plan, &analytic, &sim))?,
+    }
+    Ok(())
+}
+
+fn compare(a: CompareArgs) -> Result<()> {
+    let model = ModelSpec::load(&a.model)?;
+    let cluster = ClusterSpec::load(&a.topology)?;
+    cluster.check_gpus(u64::from(a.gpus))?;
+    let topo = Topology::build(&cluster, a.gpus);
+    let req = Request {
+        gpus: a.gpus,
+        context: a.context,
+        global_batch: a.global_batch,
+        recompute: None,
+        strategy: Strategy::TwoD,
+    };
+    let cmp = mmsp_planner::compare::compare(&topo, &model, &req);
+    if let Some(dir) = &a.trace_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
+        let w = mmsp_planner::cost::Workload {
+            model: &model,
+            context: a.context,
+            global_batch: cmp.global_batch,
+            vision: None,
+        };
+        for row in cmp.strategies.iter().filter(|r| r.feasible) {
+            let c = mmsp_planner::cost::Candidate {
+                layout: row.layout.expect("feasible"),
+                zero_stage: row.zero_stage.expect("feasible"),
+                recompute: row.recompute.expect("feasible"),
+                micro_batch: row.micro_batch.expect("feasible"),
+            };
+            if let Ok(t) = mmsp_planner::cost::terms(&topo, &w, &c) {
+                let sim = mmsp_planner::sim::simulate(&topo, &t, true);
+                let tr = mmsp_planner::sim::trace::chrome_trace(&sim, &row.name);
+                let path = format!("{dir}/{}.json", row.name);
+                std::fs::write(&path, serde_json::to_vec(&tr)?)
+                    .with_context(|| format!("writing {path}"))?;
+            }
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    match a.format {
+        Format::Json => {
+            serde_json::to_writer_pretty(&mut out, &cmp)?;
+            writeln!(out)?;
+        }
+        Format::Table => write!(out, "{}", render::compare_table(&cmp))?,
     }
     Ok(())
 }

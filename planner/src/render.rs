@@ -51,9 +51,14 @@ fn short_layout(s: &Scored) -> String {
 }
 
 /// The table `mmsp plan` prints.
-pub fn plan_table(topo: &Topology, plan: &Plan, result: &SearchResult, top: usize) -> String {
+pub fn plan_table(
+    topo: &Topology,
+    plan: &Plan,
+    result: &SearchResult,
+    best: &Scored,
+    top: usize,
+) -> String {
     let mut o = String::new();
-    let best = result.best().expect("a plan exists");
     let p = &plan.predicted;
     let spec = &topo.spec;
     let _ = writeln!(
@@ -120,7 +125,12 @@ pub fn plan_table(topo: &Topology, plan: &Plan, result: &SearchResult, top: usiz
         p.mfu * 100.0
     );
     if let Some(sim) = p.simulated_step_time_s {
-        let _ = writeln!(o, "  simulated    {}", fmt_secs(sim));
+        let _ = writeln!(
+            o,
+            "  simulated    {}   (discrete-event replay of the step; analytic {})",
+            fmt_secs(sim),
+            fmt_secs(p.step_time_s)
+        );
     }
     let m = &p.memory;
     let _ = writeln!(
@@ -171,7 +181,7 @@ pub fn plan_table(topo: &Topology, plan: &Plan, result: &SearchResult, top: usiz
     // Runners-up: the best candidate of each other layout.
     let mut seen = vec![best.candidate.layout];
     let mut rows = Vec::new();
-    for s in &result.ranked[1..] {
+    for s in &result.ranked {
         if rows.len() >= top {
             break;
         }
@@ -202,6 +212,141 @@ pub fn plan_table(topo: &Topology, plan: &Plan, result: &SearchResult, top: usiz
                 why_slower(topo, best, s)
             );
         }
+    }
+    o
+}
+
+/// The table `mmsp simulate` prints.
+pub fn sim_table(
+    plan: &Plan,
+    analytic: &crate::cost::Estimate,
+    sim: &crate::sim::SimResult,
+) -> String {
+    let mut o = String::new();
+    let l = &plan.layout;
+    let _ = writeln!(
+        o,
+        "mmsp simulate: {} at {} tokens, {} GPUs, ulysses {} x ring {} x dp {} ({}), ZeRO-{}, recompute {}",
+        plan.model.name,
+        fmt_tokens(plan.context_tokens),
+        plan.world_size,
+        l.ulysses,
+        l.ring,
+        l.dp,
+        l.placement.as_str(),
+        plan.zero_stage,
+        plan.recompute.as_str()
+    );
+    let _ = writeln!(
+        o,
+        "simulated {} ops on {} lane{}{}",
+        sim.ops,
+        sim.lanes,
+        if sim.lanes == 1 { "" } else { "s" },
+        if sim.lanes == 1 {
+            " (collapsed: one rank represents all)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "  step time     simulated {}   analytic {}   ({:+.1}%)",
+        fmt_secs(sim.step_time_s),
+        fmt_secs(analytic.step_time_s),
+        (sim.step_time_s / analytic.step_time_s - 1.0) * 100.0
+    );
+    let _ = writeln!(
+        o,
+        "  compute busy  {}   exposed (communication and waits) {}",
+        fmt_secs(sim.compute_busy_s),
+        fmt_secs(sim.exposed_s)
+    );
+    let _ = writeln!(
+        o,
+        "  peak link utilisation {:.0}%",
+        sim.max_link_utilisation * 100.0
+    );
+    let _ = writeln!(
+        o,
+        "  {:<16} {:>12} {:>14}",
+        "stream (rank 0)", "busy", "sent"
+    );
+    for (name, busy) in &sim.stream_busy_s {
+        let sent = sim
+            .sent_bytes
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0.0, |x| x.1);
+        let _ = writeln!(
+            o,
+            "  {:<16} {:>12} {:>14}",
+            name,
+            fmt_secs(*busy),
+            if sent > 0.0 {
+                fmt_gib(sent)
+            } else {
+                "-".into()
+            }
+        );
+    }
+    o
+}
+
+/// The table `mmsp compare` prints.
+pub fn compare_table(c: &crate::compare::Comparison) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "mmsp compare: {} at {} tokens on {} x {}, global batch {} (simulated step times)",
+        c.model,
+        fmt_tokens(c.context_tokens),
+        c.gpus,
+        c.topology,
+        c.global_batch
+    );
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "  {:<15} {:<24} {:>10} {:>9} {:>6} {:>10} {:>9}  why it loses",
+        "strategy", "best configuration", "step time", "2d faster", "MFU", "memory", "max ctx"
+    );
+    for r in &c.strategies {
+        let cfg = match (r.layout, r.zero_stage, r.recompute) {
+            (Some(l), Some(z), Some(rc)) => {
+                let tp = if l.tp > 1 {
+                    format!("t{} ", l.tp)
+                } else {
+                    String::new()
+                };
+                let p = if l.placement == Placement::UlyssesInner {
+                    "u-in"
+                } else {
+                    "r-in"
+                };
+                format!(
+                    "{tp}u{} r{} dp{} {p} z{z} {}",
+                    l.ulysses,
+                    l.ring,
+                    l.dp,
+                    &rc.as_str()[..3]
+                )
+            }
+            _ => "infeasible".into(),
+        };
+        let _ = writeln!(
+            o,
+            "  {:<15} {:<24} {:>10} {:>9} {:>6} {:>10} {:>9}  {}",
+            r.name,
+            cfg,
+            r.step_time_s.map_or("-".into(), fmt_secs),
+            r.speedup_of_2d.map_or("-".into(), |x| format!("{x:.2}x")),
+            r.mfu.map_or("-".into(), |x| format!("{:.1}%", x * 100.0)),
+            r.memory_per_gpu_bytes.map_or("-".into(), fmt_gib),
+            r.max_context_tokens.map_or("-".into(), fmt_tokens),
+            r.why
+        );
     }
     o
 }

@@ -5,7 +5,7 @@
 //! is placed (a Ulysses group inside one NVLink domain, or spanning nodes) decides its cost.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use petgraph::graph::{EdgeIndex, NodeIndex, UnGraph};
 use petgraph::visit::EdgeRef;
@@ -71,6 +71,13 @@ impl PhaseCost {
     }
 }
 
+/// Bytes each directed link carries in a phase (sparse) and the phase's longest path latency.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loads {
+    pub per_link: Vec<(usize, f64)>,
+    pub latency_s: f64,
+}
+
 /// A family of equal groups tiling the world: group members are `base + k * stride` for
 /// `k < size`, with bases covering every rank once. Consecutive ranks: stride 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -108,6 +115,7 @@ pub struct Topology {
     chains: [Vec<Vec<(EdgeIndex, NodeIndex)>>; 2],
     domain_of: Vec<u32>,
     cache: Mutex<HashMap<(Pattern, GroupFamily), PhaseCost>>,
+    loads_cache: Mutex<HashMap<(Pattern, GroupFamily), Arc<Loads>>>,
 }
 
 impl std::fmt::Debug for Topology {
@@ -226,6 +234,7 @@ impl Topology {
             chains,
             domain_of,
             cache: Mutex::new(HashMap::new()),
+            loads_cache: Mutex::new(HashMap::new()),
         }
     }
 
@@ -291,9 +300,9 @@ impl Topology {
         path
     }
 
-    /// Routes a set of flows (src, dst, bytes) and returns the phase's time: the most loaded
-    /// directed link's bytes over its capacity, plus the longest path's latency.
-    pub fn flows_time(&self, flows: impl IntoIterator<Item = (u32, u32, f64)>) -> PhaseCost {
+    /// Routes a set of flows (src, dst, bytes) and returns the load each directed link carries
+    /// (sparse, by directed-link index `2 * edge + upward`) and the longest path's latency.
+    pub fn flows_loads(&self, flows: impl IntoIterator<Item = (u32, u32, f64)>) -> Loads {
         let mut load = vec![0.0f64; 2 * self.graph.edge_count()];
         let mut latency: f64 = 0.0;
         for (a, b, bytes) in flows {
@@ -304,23 +313,90 @@ impl Topology {
             }
             latency = latency.max(lat);
         }
+        Loads {
+            per_link: load
+                .into_iter()
+                .enumerate()
+                .filter(|&(_, l)| l > 0.0)
+                .collect(),
+            latency_s: latency,
+        }
+    }
+
+    /// Capacity in bytes/s of a directed link (either direction of an edge).
+    pub fn link_capacity(&self, directed: usize) -> f64 {
+        self.graph[EdgeIndex::new(directed / 2)].bytes_per_s
+    }
+
+    /// Number of directed links.
+    pub fn directed_links(&self) -> usize {
+        2 * self.graph.edge_count()
+    }
+
+    /// The plane of a directed link.
+    pub fn link_plane(&self, directed: usize) -> Plane {
+        self.graph[EdgeIndex::new(directed / 2)].plane
+    }
+
+    /// A phase's time per byte alone on the network: its most loaded directed link's bytes
+    /// over that link's capacity, plus the longest path's latency.
+    pub fn loads_cost(&self, loads: &Loads) -> PhaseCost {
         let mut worst = 0.0;
         let mut bottleneck = None;
-        for (i, &l) in load.iter().enumerate() {
-            if l > 0.0 {
-                let link = &self.graph[EdgeIndex::new(i / 2)];
-                let t = l / link.bytes_per_s;
-                if t > worst {
-                    worst = t;
-                    bottleneck = Some(link.plane);
-                }
+        for &(i, l) in &loads.per_link {
+            let t = l / self.link_capacity(i);
+            if t > worst {
+                worst = t;
+                bottleneck = Some(self.link_plane(i));
             }
         }
         PhaseCost {
             s_per_byte: worst,
-            latency_s: latency,
+            latency_s: loads.latency_s,
             bottleneck,
         }
+    }
+
+    /// Routes flows and returns the phase's time per byte (see [`Topology::loads_cost`]).
+    pub fn flows_time(&self, flows: impl IntoIterator<Item = (u32, u32, f64)>) -> PhaseCost {
+        self.loads_cost(&self.flows_loads(flows))
+    }
+
+    /// Link loads of `pattern` run at once by the given groups, for 1 byte per rank.
+    pub fn groups_loads(&self, pattern: Pattern, groups: &[Vec<u32>]) -> Loads {
+        match pattern {
+            Pattern::AllToAll => self.flows_loads(groups.iter().flat_map(|g| {
+                let share = 1.0 / g.len() as f64;
+                g.iter().flat_map(move |&a| {
+                    g.iter()
+                        .filter(move |&&b| b != a)
+                        .map(move |&b| (a, b, share))
+                })
+            })),
+            Pattern::RingP2P => self.flows_loads(groups.iter().flat_map(|g| {
+                let n = g.len();
+                (0..n)
+                    .filter(move |_| n > 1)
+                    .map(move |i| (g[i], g[(i + 1) % n], 1.0))
+            })),
+        }
+    }
+
+    /// Link loads of `pattern` run by every group of `family` at once, 1 byte per rank (cached).
+    pub fn family_loads(&self, pattern: Pattern, family: GroupFamily) -> Arc<Loads> {
+        if let Some(l) = self
+            .loads_cache
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&(pattern, family)).cloned())
+        {
+            return l;
+        }
+        let l = Arc::new(self.groups_loads(pattern, &family.groups(self.world)));
+        if let Ok(mut c) = self.loads_cache.lock() {
+            c.insert((pattern, family), l.clone());
+        }
+        l
     }
 
     /// Cost per byte of `pattern` run by every group of `family` at once (cached).
@@ -341,25 +417,7 @@ impl Topology {
         {
             return c;
         }
-        let groups = family.groups(self.world);
-        let n = family.size as usize;
-        let cost = match pattern {
-            Pattern::AllToAll => {
-                let share = 1.0 / n as f64;
-                self.flows_time(groups.iter().flat_map(|g| {
-                    g.iter().flat_map(move |&a| {
-                        g.iter()
-                            .filter(move |&&b| b != a)
-                            .map(move |&b| (a, b, share))
-                    })
-                }))
-            }
-            Pattern::RingP2P => self.flows_time(
-                groups
-                    .iter()
-                    .flat_map(|g| (0..n).map(move |i| (g[i], g[(i + 1) % n], 1.0))),
-            ),
-        };
+        let cost = self.loads_cost(&self.family_loads(pattern, family));
         if let Ok(mut c) = self.cache.lock() {
             c.insert((pattern, family), cost);
         }

@@ -216,8 +216,61 @@ pub fn head_split(m: &ModelSpec, tp: u32, ulysses: u32) -> Result<(u64, u64), In
     Ok((m.num_heads / (tp * u), kvt.max(u) / u))
 }
 
-/// Predicts one candidate on a topology, or says why it cannot run.
-pub fn evaluate(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Estimate, Infeasible> {
+/// The per-micro-batch building blocks of a step, shared by the analytic composition
+/// ([`evaluate`]) and the discrete-event simulator (`crate::sim`). Times are seconds on one
+/// rank; bytes are per rank.
+#[derive(Debug, Clone)]
+pub struct Terms {
+    pub layout: Layout,
+    pub zero_stage: u8,
+    pub recompute: Recompute,
+    pub layers: u64,
+    pub accum: u64,
+    /// 2 when full recompute runs each layer's forward twice, else 1.
+    pub fwd_passes: u32,
+    /// One layer's forward GEMMs, and the QKV and output-projection shares of them.
+    pub gemm_fwd_s: f64,
+    pub qkv_share: f64,
+    pub o_share: f64,
+    /// One layer's forward attention (all ring steps together).
+    pub attn_fwd_s: f64,
+    /// One layer's forward elementwise work.
+    pub elem_fwd_s: f64,
+    /// Selective recompute's extra work per layer in backward.
+    pub selective_extra_s: f64,
+    /// Output head forward (whole), with the loss.
+    pub head_fwd_s: f64,
+    /// Ulysses all-to-all bytes per layer: q, k, v in, output back.
+    pub a2a_qkv_bytes: f64,
+    pub a2a_o_bytes: f64,
+    /// K + V block a ring step forwards (backward moves 3x: K, V and fp32 dK, dV).
+    pub ring_kv_bytes: f64,
+    /// One tensor-parallel all-gather / reduce-scatter (full activation, bf16).
+    pub tp_bytes: f64,
+    /// Whole-model gradient bytes (fp32) and weight bytes (bf16) of the local shard.
+    pub grad_bytes: f64,
+    pub param_bytes: f64,
+    pub optimizer_s: f64,
+    pub vision: Option<VisionStage>,
+    pub memory: MemoryBreakdown,
+    /// FLOPs of one step that the model needs (no recompute), for MFU.
+    pub model_flops: f64,
+    pub tokens_per_step: f64,
+}
+
+impl Terms {
+    /// Backward attention of one layer (FlashAttention-2 counting: 2.5x forward).
+    pub fn attn_bwd_s(&self) -> f64 {
+        self.attn_fwd_s * (ATTN_TRAIN_FACTOR - 1.0)
+    }
+    pub fn vision_s(&self) -> f64 {
+        self.vision
+            .map_or(0.0, |v| v.encoder_s + v.gather_s + v.reshard_s)
+    }
+}
+
+/// Checks a candidate and computes its [`Terms`] (memory included), or says why it cannot run.
+pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infeasible> {
     let m = w.model;
     let l = &c.layout;
     let spec = &topo.spec;
@@ -322,53 +375,102 @@ pub fn evaluate(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Estimate
         });
     }
 
-    // ---- compute, per micro-batch ----
-    let gemm_fwd = layers * layer_gemm_flops_fwd(m, tokens, tp);
+    // ---- compute, per layer and micro-batch ----
+    let gemm_fwd = layer_gemm_flops_fwd(m, tokens, tp);
     // Attention work of the ring rank's zigzag chunks is balanced: 1/sp of the sequence's
     // causal work per rank (each of the micro-batch's sequences separately).
-    let attn_fwd = layers * mb * attention_flops_fwd(m, s) / (sp * tp);
+    let attn_fwd = mb * attention_flops_fwd(m, s) / (sp * tp);
     let head_fwd = head_flops_fwd(m, tokens, tp);
-    let elem_bytes = layers * tokens * layer_elementwise_bytes_fwd(m, tp);
+    let elem_bytes = tokens * layer_elementwise_bytes_fwd(m, tp);
     let hbm = spec.hbm_bytes_per_s * HBM_EFFICIENCY;
-    let gemm_t = GEMM_TRAIN_FACTOR * gemm_fwd / spec.gemm_flops;
-    let attn_t = ATTN_TRAIN_FACTOR * attn_fwd / spec.attention_flops;
-    let head_t = GEMM_TRAIN_FACTOR * head_fwd / spec.gemm_flops;
-    let elem_t = 3.0 * elem_bytes / hbm;
-    let recompute_t = match c.recompute {
-        Recompute::None => 0.0,
-        Recompute::Selective => {
-            // Norm outputs and SwiGLU product again: about a third of the forward's
-            // elementwise traffic.
-            elem_bytes / 3.0 / hbm
-        }
-        Recompute::Full => {
-            gemm_fwd / spec.gemm_flops + attn_fwd / spec.attention_flops + elem_bytes / hbm
-        }
-    };
-
-    // ---- communication, per micro-batch ----
-    // Ulysses: all-to-all of q, k, v before attention and of the output after, per layer
-    // (Jacobs et al. 2023, DeepSpeed-Ulysses, Sec. 3.1); backward mirrors them (dO, dQ, dK, dV).
-    let a2a_bytes = tokens * 2.0 * (2.0 * q_dim_local + 2.0 * kv_dim_eff);
-    let uly = l.ulysses_family();
-    let fwd_passes = if c.recompute == Recompute::Full {
-        2.0
+    let hq = (m.hidden_size * m.q_dim()) as f64;
+    let lp = m.layer_matmul_params() as f64;
+    // AdamW update: read/write fp32 master, two moments, read fp32 grad, write bf16 weight:
+    // about 30 bytes per parameter of the local shard, memory bound.
+    let opt_params = if c.zero_stage >= 1 {
+        params_local / shards
     } else {
-        1.0
+        params_local
     };
-    let a2a_t = layers * (fwd_passes + 1.0) * topo.all_to_all(uly, a2a_bytes);
+    Ok(Terms {
+        layout: *l,
+        zero_stage: c.zero_stage,
+        recompute: c.recompute,
+        layers: m.num_layers,
+        accum,
+        fwd_passes: if c.recompute == Recompute::Full { 2 } else { 1 },
+        gemm_fwd_s: gemm_fwd / spec.gemm_flops,
+        qkv_share: (hq + 2.0 * (m.hidden_size * m.kv_dim()) as f64) / lp,
+        o_share: hq / lp,
+        // Forward alone runs at the fwd+bwd throughput in this model (one efficiency figure).
+        attn_fwd_s: attn_fwd / spec.attention_flops,
+        elem_fwd_s: elem_bytes / hbm,
+        // Selective recompute redoes the norm outputs and SwiGLU product: about a third of
+        // the forward's elementwise traffic.
+        selective_extra_s: if c.recompute == Recompute::Selective {
+            elem_bytes / 3.0 / hbm
+        } else {
+            0.0
+        },
+        head_fwd_s: head_fwd / spec.gemm_flops,
+        // Ulysses: all-to-all of q, k, v before attention and of the output after, per layer
+        // (Jacobs et al. 2023, DeepSpeed-Ulysses, Sec. 3.1); backward mirrors them.
+        a2a_qkv_bytes: tokens * 2.0 * (q_dim_local + 2.0 * kv_dim_eff),
+        a2a_o_bytes: tokens * 2.0 * q_dim_local,
+        ring_kv_bytes: 2.0 * kv_block * 2.0,
+        tp_bytes: tokens * h * 2.0,
+        grad_bytes: params_local * GRAD_BYTES,
+        param_bytes: params_local * WEIGHT_BYTES,
+        optimizer_s: opt_params * 30.0 / hbm,
+        vision: w.vision,
+        memory,
+        model_flops: f64::from(l.world())
+            * accum as f64
+            * (GEMM_TRAIN_FACTOR * (layers * gemm_fwd + head_fwd)
+                + ATTN_TRAIN_FACTOR * layers * attn_fwd),
+        tokens_per_step: (w.global_batch * w.context) as f64,
+    })
+}
+
+/// Predicts one candidate on a topology, or says why it cannot run: the analytic composition
+/// of its [`Terms`], with communication overlap assumed where the schedule allows it.
+pub fn evaluate(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Estimate, Infeasible> {
+    let t = terms(topo, w, c)?;
+    Ok(compose(topo, &t))
+}
+
+/// The analytic step time of a candidate's terms.
+pub fn compose(topo: &Topology, t: &Terms) -> Estimate {
+    let l = &t.layout;
+    let spec = &topo.spec;
+    let layers = t.layers as f64;
+    let fwd_passes = f64::from(t.fwd_passes);
+    let gemm_t = GEMM_TRAIN_FACTOR * layers * t.gemm_fwd_s;
+    let attn_t = layers * (t.attn_fwd_s + t.attn_bwd_s());
+    let head_t = GEMM_TRAIN_FACTOR * t.head_fwd_s;
+    let elem_t = 3.0 * layers * t.elem_fwd_s;
+    let recompute_t = layers
+        * match t.recompute {
+            Recompute::None => 0.0,
+            Recompute::Selective => t.selective_extra_s,
+            Recompute::Full => t.gemm_fwd_s + t.attn_fwd_s + t.elem_fwd_s,
+        };
+    let uly = l.ulysses_family();
+    let a2a_t = layers
+        * (fwd_passes + 1.0)
+        * (topo.all_to_all(uly, t.a2a_qkv_bytes) + topo.all_to_all(uly, t.a2a_o_bytes));
     // Ring: ring-1 transfers of the KV block per layer, each overlapped with the attention of
     // one ring step (Liu et al. 2023, Ring Attention, Sec. 3); zigzag gives every step equal
-    // work (Brandon et al. 2023 / ring-flash-attention's zigzag). Backward moves K, V and the
-    // fp32 dK, dV (3x the bytes) against the backward step's compute.
-    let ring = l.ring_family();
+    // work (ring-flash-attention's zigzag). Backward moves K, V and the fp32 dK, dV (3x the
+    // bytes) against the backward step's compute.
     let (mut ring_t, mut ring_exposed) = (0.0, 0.0);
     if l.ring > 1 {
-        let kv_bytes = 2.0 * kv_block * 2.0;
-        let step_fwd = attn_fwd / layers / r / spec.attention_flops;
-        let step_bwd = step_fwd * (ATTN_TRAIN_FACTOR - 1.0);
-        let c_fwd = topo.ring_p2p(ring, kv_bytes);
-        let c_bwd = topo.ring_p2p(ring, 3.0 * kv_bytes);
+        let r = f64::from(l.ring);
+        let ring = l.ring_family();
+        let step_fwd = t.attn_fwd_s / r;
+        let step_bwd = t.attn_bwd_s() / r;
+        let c_fwd = topo.ring_p2p(ring, t.ring_kv_bytes);
+        let c_bwd = topo.ring_p2p(ring, 3.0 * t.ring_kv_bytes);
         let steps = r - 1.0;
         ring_t = layers * steps * (fwd_passes * c_fwd + c_bwd);
         ring_exposed = layers
@@ -378,8 +480,7 @@ pub fn evaluate(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Estimate
     // Megatron tensor + sequence parallel: 2 all-gathers and 2 reduce-scatters of the
     // activations per layer forward, mirrored in backward (Korthikanti et al. 2022, Sec. 4.2.2).
     let tp_t = if l.tp > 1 {
-        let full = tokens * h * 2.0;
-        layers * (fwd_passes + 1.0) * 4.0 * topo.all_gather(l.tp_family(), full)
+        layers * (fwd_passes + 1.0) * 4.0 * topo.all_gather(l.tp_family(), t.tp_bytes)
     } else {
         0.0
     };
@@ -388,54 +489,37 @@ pub fn evaluate(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Estimate
 
     // ---- per step: gradients, ZeRO, optimizer (Rajbhandari et al. 2020, Sec. 7) ----
     let gf = l.grad_family();
-    let grad_bytes = params_local * GRAD_BYTES;
-    let param_bytes = params_local * WEIGHT_BYTES;
-    let accum_f = accum as f64;
-    let (grad_sync, gather) = match c.zero_stage {
+    let accum_f = t.accum as f64;
+    let (grad_sync, gather) = match t.zero_stage {
         // All-reduce of the gradients once per step.
-        0 => (topo.all_reduce(gf, grad_bytes), 0.0),
+        0 => (topo.all_reduce(gf, t.grad_bytes), 0.0),
         // Reduce-scatter gradients once per step; all-gather the updated weights.
         1 => (
-            topo.all_gather(gf, grad_bytes),
-            topo.all_gather(gf, param_bytes),
+            topo.all_gather(gf, t.grad_bytes),
+            topo.all_gather(gf, t.param_bytes),
         ),
         // Stage 2 reduce-scatters at every micro-batch.
         2 => (
-            accum_f * topo.all_gather(gf, grad_bytes),
-            topo.all_gather(gf, param_bytes),
+            accum_f * topo.all_gather(gf, t.grad_bytes),
+            topo.all_gather(gf, t.param_bytes),
         ),
         // Stage 3 also gathers weights in forward and again in backward, every micro-batch.
         _ => (
-            accum_f * topo.all_gather(gf, grad_bytes),
-            accum_f * (fwd_passes + 1.0) * topo.all_gather(gf, param_bytes),
+            accum_f * topo.all_gather(gf, t.grad_bytes),
+            accum_f * (fwd_passes + 1.0) * topo.all_gather(gf, t.param_bytes),
         ),
     };
     // Bucketed gradient reduction overlaps with backward except the last layer's bucket;
     // stage-3 weight gathers are prefetched a layer ahead except the first.
     let last = 1.0 / layers;
     let grad_exposed = (grad_sync - backward_compute * (1.0 - last)).max(grad_sync * last);
-    let gather_exposed = if c.zero_stage >= 3 {
+    let gather_exposed = if t.zero_stage >= 3 {
         (gather - accum_f * (gemm_t + attn_t) * (1.0 - last)).max(gather * last)
     } else {
         gather
     };
-    // AdamW update: read/write fp32 master, two moments, read fp32 grad, write bf16 weight:
-    // about 30 bytes per parameter of the local shard, memory bound.
-    let opt_params = if c.zero_stage >= 1 {
-        params_local / shards
-    } else {
-        params_local
-    };
-    let optimizer_t = opt_params * 30.0 / hbm;
-    let vision_t = w
-        .vision
-        .map_or(0.0, |v| v.encoder_s + v.gather_s + v.reshard_s);
-    let step = accum_f * (micro + vision_t) + grad_exposed + gather_exposed + optimizer_t;
-
-    let tokens_step = (w.global_batch * w.context) as f64;
-    let model_flops = f64::from(l.world())
-        * accum_f
-        * (GEMM_TRAIN_FACTOR * (gemm_fwd + head_fwd) + ATTN_TRAIN_FACTOR * attn_fwd);
+    let vision_t = t.vision_s();
+    let step = accum_f * (micro + vision_t) + grad_exposed + gather_exposed + t.optimizer_s;
     let time = TimeBreakdown {
         gemm_s: accum_f * gemm_t,
         attention_s: accum_f * attn_t,
@@ -451,7 +535,7 @@ pub fn evaluate(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Estimate
         grad_sync_exposed_s: grad_exposed,
         zero_gather_s: gather,
         zero_gather_exposed_s: gather_exposed,
-        optimizer_s: optimizer_t,
+        optimizer_s: t.optimizer_s,
     };
     let exposed = time.ulysses_all_to_all_s
         + time.ring_exposed_s
@@ -460,18 +544,18 @@ pub fn evaluate(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Estimate
         + gather_exposed;
     let total_comm =
         time.ulysses_all_to_all_s + time.ring_p2p_s + time.tp_comm_s + grad_sync + gather;
-    Ok(Estimate {
+    Estimate {
         step_time_s: step,
-        tokens_per_s: tokens_step / step,
-        mfu: model_flops / (step * f64::from(l.world()) * spec.peak_flops),
-        memory_per_gpu_bytes: needed,
-        memory,
+        tokens_per_s: t.tokens_per_step / step,
+        mfu: t.model_flops / (step * f64::from(l.world()) * spec.peak_flops),
+        memory_per_gpu_bytes: t.memory.total_bytes,
+        memory: t.memory.clone(),
         time,
         comm_exposed_s: exposed,
         comm_overlapped_s: (total_comm - exposed).max(0.0),
-        grad_accum_steps: accum,
-        model_flops,
-    })
+        grad_accum_steps: t.accum,
+        model_flops: t.model_flops,
+    }
 }
 
 #[cfg(test)]

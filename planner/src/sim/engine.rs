@@ -1,0 +1,542 @@
+//! A discrete-event engine for one training step. Ops run on per-lane streams (a lane is a
+//! rank, or the representative rank of a collapsed simulation) in issue order, after their
+//! dependencies. Compute ops take a fixed time. Communication ops first wait their latency,
+//! then move bytes over the directed links of the topology as a fluid: concurrent transfers
+//! share every link max-min fairly (progressive filling, Bertsekas & Gallager, "Data
+//! Networks", Sec. 6.5.2), so contention and overlap emerge from the schedule.
+
+use std::sync::Arc;
+
+use crate::topology::Loads;
+
+/// Which stream of a lane an op runs on; ops of one stream run one at a time, in issue order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum Stream {
+    Compute,
+    /// Ulysses all-to-alls (the compute stream waits on them: they are not overlapped).
+    AllToAll,
+    /// Ring attention's KV (and dK/dV) sends and receives.
+    Ring,
+    /// Tensor-parallel collectives.
+    Tp,
+    /// Gradient reduction (DP / ZeRO reduce-scatter).
+    Grad,
+    /// ZeRO weight all-gathers.
+    Gather,
+}
+
+impl Stream {
+    pub const ALL: [Stream; 6] = [
+        Stream::Compute,
+        Stream::AllToAll,
+        Stream::Ring,
+        Stream::Tp,
+        Stream::Grad,
+        Stream::Gather,
+    ];
+    pub fn name(&self) -> &'static str {
+        match self {
+            Stream::Compute => "compute",
+            Stream::AllToAll => "all-to-all",
+            Stream::Ring => "ring p2p",
+            Stream::Tp => "tensor parallel",
+            Stream::Grad => "grad sync",
+            Stream::Gather => "zero gather",
+        }
+    }
+    fn index(&self) -> usize {
+        *self as usize
+    }
+}
+
+/// What an op does.
+#[derive(Debug, Clone)]
+pub enum Work {
+    /// Busy for a fixed time.
+    Compute { secs: f64 },
+    /// Moves `scale` x the unit link loads, after `latency_s`.
+    Comm {
+        loads: Arc<Loads>,
+        scale: f64,
+        latency_s: f64,
+    },
+}
+
+/// One op of the step.
+#[derive(Debug, Clone)]
+pub struct Op {
+    pub name: String,
+    /// Lanes whose `stream` the op occupies (a collective occupies every member's stream).
+    pub lanes: Vec<u32>,
+    pub stream: Stream,
+    pub work: Work,
+    pub deps: Vec<usize>,
+    /// Payload bytes each member rank sends (for volume accounting; 0 for compute).
+    pub sent_per_rank: f64,
+}
+
+/// The schedule the engine found.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub start: Vec<f64>,
+    pub end: Vec<f64>,
+    pub makespan: f64,
+    /// Highest utilisation (load rate / capacity) any directed link reached at any instant.
+    pub max_link_utilisation: f64,
+    /// Bytes each op moved over its links (sum over links of bytes), for volume checks.
+    pub link_bytes: Vec<f64>,
+}
+
+/// The engine: ops plus link capacities (bytes/s by directed-link index).
+pub struct Engine {
+    pub ops: Vec<Op>,
+    caps: Vec<f64>,
+    lanes: u32,
+}
+
+impl Engine {
+    pub fn new(caps: Vec<f64>, lanes: u32) -> Self {
+        Engine {
+            ops: Vec::new(),
+            caps,
+            lanes,
+        }
+    }
+
+    /// Adds an op; dependencies must already exist (the graph is built in issue order).
+    pub fn push(&mut self, op: Op) -> usize {
+        debug_assert!(op.deps.iter().all(|&d| d < self.ops.len()));
+        debug_assert!(op.lanes.iter().all(|&l| l < self.lanes));
+        self.ops.push(op);
+        self.ops.len() - 1
+    }
+
+    pub fn run(&self) -> Schedule {
+        let n = self.ops.len();
+        let ns = Stream::ALL.len();
+        // Per (lane, stream): the ops in issue order and the position of the next one.
+        let mut queues: Vec<Vec<usize>> = vec![Vec::new(); self.lanes as usize * ns];
+        for (i, op) in self.ops.iter().enumerate() {
+            for &l in &op.lanes {
+                queues[l as usize * ns + op.stream.index()].push(i);
+            }
+        }
+        let mut head = vec![0usize; queues.len()];
+        let mut pending_deps: Vec<usize> = self.ops.iter().map(|o| o.deps.len()).collect();
+        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for (i, op) in self.ops.iter().enumerate() {
+            for &d in &op.deps {
+                dependents[d].push(i);
+            }
+        }
+        let mut start = vec![f64::NAN; n];
+        let mut end = vec![f64::NAN; n];
+        let mut link_bytes = vec![0.0; n];
+        // Running ops: compute (end time), comm in latency (ready time) or fluid (remaining).
+        let mut running_compute: Vec<(usize, f64)> = Vec::new();
+        let mut latency_wait: Vec<(usize, f64)> = Vec::new();
+        let mut fluid: Vec<(usize, f64)> = Vec::new(); // (op, remaining fraction of scale)
+        let mut started = vec![false; n];
+        let mut done = 0usize;
+        let mut now = 0.0f64;
+        let mut max_util: f64 = 0.0;
+        let mut used = vec![0.0; self.caps.len()];
+        let mut demand = vec![0.0; self.caps.len()];
+        let is_ready = |i: usize, head: &Vec<usize>, pending: &Vec<usize>, started: &Vec<bool>| {
+            !started[i]
+                && pending[i] == 0
+                && self.ops[i].lanes.iter().all(|&l| {
+                    let q = l as usize * ns + self.ops[i].stream.index();
+                    queues[q].get(head[q]) == Some(&i)
+                })
+        };
+        // Candidates to start: heads of queues.
+        let mut to_check: Vec<usize> = queues.iter().filter_map(|q| q.first().copied()).collect();
+        while done < n {
+            // Start everything startable now.
+            to_check.sort_unstable();
+            to_check.dedup();
+            for &i in &to_check {
+                if is_ready(i, &head, &pending_deps, &started) {
+                    started[i] = true;
+                    start[i] = now;
+                    match &self.ops[i].work {
+                        Work::Compute { secs } => running_compute.push((i, now + secs.max(0.0))),
+                        Work::Comm { latency_s, .. } => {
+                            latency_wait.push((i, now + latency_s.max(0.0)))
+                        }
+                    }
+                }
+            }
+            to_check.clear();
+            // Rates of fluid transfers (max-min fair progressive filling).
+            let rates = self.fair_rates(&fluid, &mut used, &mut demand);
+            debug_assert!(rates.iter().all(|&r| r > 0.0));
+            if fluid.len() > 1 {
+                max_util = max_util.max(self.utilisation(&fluid, &rates, &mut used));
+            } else if !fluid.is_empty() {
+                max_util = max_util.max(1.0);
+            }
+            // Next event.
+            let mut t_next = f64::INFINITY;
+            for &(_, t) in running_compute.iter().chain(latency_wait.iter()) {
+                t_next = t_next.min(t);
+            }
+            for (k, &(_, rem)) in fluid.iter().enumerate() {
+                t_next = t_next.min(now + rem / rates[k]);
+            }
+            if !t_next.is_finite() {
+                panic!(
+                    "simulation deadlock: {} of {n} ops done, nothing running",
+                    done
+                );
+            }
+            let dt = t_next - now;
+            now = t_next;
+            let eps = 1e-12 * now.max(1.0);
+            let mut finished: Vec<usize> = Vec::new();
+            running_compute.retain(|&(i, t)| {
+                if t <= now + eps {
+                    finished.push(i);
+                    false
+                } else {
+                    true
+                }
+            });
+            let mut entering = Vec::new();
+            latency_wait.retain(|&(i, t)| {
+                if t <= now + eps {
+                    entering.push(i);
+                    false
+                } else {
+                    true
+                }
+            });
+            let mut keep = Vec::with_capacity(fluid.len());
+            for (k, &(i, rem)) in fluid.iter().enumerate() {
+                let left = rem - rates[k] * dt;
+                if left <= 1e-9 * self.scale(i).max(1.0) {
+                    finished.push(i);
+                } else {
+                    keep.push((i, left));
+                }
+            }
+            fluid = keep;
+            for i in entering {
+                let s = self.scale(i);
+                if s > 0.0 && self.has_links(i) {
+                    fluid.push((i, s));
+                } else {
+                    finished.push(i);
+                }
+            }
+            for i in finished {
+                end[i] = now;
+                done += 1;
+                if let Work::Comm { loads, scale, .. } = &self.ops[i].work {
+                    link_bytes[i] = scale * loads.per_link.iter().map(|&(_, l)| l).sum::<f64>();
+                }
+                for &l in &self.ops[i].lanes {
+                    let q = l as usize * ns + self.ops[i].stream.index();
+                    head[q] += 1;
+                    if let Some(&nx) = queues[q].get(head[q]) {
+                        to_check.push(nx);
+                    }
+                }
+                for &d in &dependents[i] {
+                    pending_deps[d] -= 1;
+                    if pending_deps[d] == 0 {
+                        to_check.push(d);
+                    }
+                }
+            }
+        }
+        Schedule {
+            start,
+            end,
+            makespan: now,
+            max_link_utilisation: max_util,
+            link_bytes,
+        }
+    }
+
+    fn scale(&self, i: usize) -> f64 {
+        match &self.ops[i].work {
+            Work::Comm { scale, .. } => *scale,
+            Work::Compute { .. } => 0.0,
+        }
+    }
+
+    fn has_links(&self, i: usize) -> bool {
+        matches!(&self.ops[i].work, Work::Comm { loads, .. } if !loads.per_link.is_empty())
+    }
+
+    fn loads(&self, i: usize) -> &Loads {
+        match &self.ops[i].work {
+            Work::Comm { loads, .. } => loads,
+            Work::Compute { .. } => unreachable!("only comm ops are fluid"),
+        }
+    }
+
+    /// Progressive filling: raise all unfrozen transfers' rates (in units of `scale` per
+    /// second) together until a link saturates; freeze the transfers crossing it; repeat.
+    fn fair_rates(&self, fluid: &[(usize, f64)], used: &mut [f64], demand: &mut [f64]) -> Vec<f64> {
+        let m = fluid.len();
+        let mut rate = vec![0.0; m];
+        if m == 1 {
+            // Alone on the network: limited by its most loaded link.
+            let loads = self.loads(fluid[0].0);
+            rate[0] = loads
+                .per_link
+                .iter()
+                .map(|&(e, l)| self.caps[e] / l)
+                .fold(f64::INFINITY, f64::min);
+            return rate;
+        }
+        let mut touched: Vec<usize> = Vec::new();
+        for &(i, _) in fluid {
+            for &(e, _) in &self.loads(i).per_link {
+                if used[e] == 0.0 && demand[e] == 0.0 {
+                    touched.push(e);
+                }
+                used[e] = -1.0; // mark
+            }
+        }
+        for &e in &touched {
+            used[e] = 0.0;
+        }
+        let mut frozen = vec![false; m];
+        while frozen.iter().any(|f| !f) {
+            for &e in &touched {
+                demand[e] = 0.0;
+            }
+            for (k, &(i, _)) in fluid.iter().enumerate() {
+                if !frozen[k] {
+                    for &(e, l) in &self.loads(i).per_link {
+                        demand[e] += l;
+                    }
+                }
+            }
+            let mut inc = f64::INFINITY;
+            for &e in &touched {
+                if demand[e] > 0.0 {
+                    inc = inc.min((self.caps[e] - used[e]).max(0.0) / demand[e]);
+                }
+            }
+            for &e in &touched {
+                used[e] += inc * demand[e];
+            }
+            for (k, &(i, _)) in fluid.iter().enumerate() {
+                if !frozen[k] {
+                    rate[k] += inc;
+                    if self
+                        .loads(i)
+                        .per_link
+                        .iter()
+                        .any(|&(e, _)| used[e] >= self.caps[e] * (1.0 - 1e-9))
+                    {
+                        frozen[k] = true;
+                    }
+                }
+            }
+        }
+        for &e in &touched {
+            used[e] = 0.0;
+            demand[e] = 0.0;
+        }
+        rate
+    }
+
+    /// Highest utilisation of any link under the given rates.
+    fn utilisation(&self, fluid: &[(usize, f64)], rates: &[f64], used: &mut [f64]) -> f64 {
+        let mut worst: f64 = 0.0;
+        for (k, &(i, _)) in fluid.iter().enumerate() {
+            for &(e, l) in &self.loads(i).per_link {
+                used[e] += rates[k] * l;
+                worst = worst.max(used[e] / self.caps[e]);
+            }
+        }
+        for &(i, _) in fluid {
+            for &(e, _) in &self.loads(i).per_link {
+                used[e] = 0.0;
+            }
+        }
+        worst
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn comm(per_link: Vec<(usize, f64)>, scale: f64, lat: f64) -> Work {
+        Work::Comm {
+            loads: Arc::new(Loads {
+                per_link,
+                latency_s: lat,
+            }),
+            scale,
+            latency_s: lat,
+        }
+    }
+
+    fn op(name: &str, lanes: Vec<u32>, stream: Stream, work: Work, deps: Vec<usize>) -> Op {
+        Op {
+            name: name.into(),
+            lanes,
+            stream,
+            work,
+            deps,
+            sent_per_rank: 0.0,
+        }
+    }
+
+    /// 2 ranks, 2 ring steps: attention of step 1 waits for the KV block sent during step 0.
+    /// Link 0 carries rank 0 -> 1, link 1 carries 1 -> 0, 10 bytes/s each.
+    #[test]
+    fn two_rank_two_step_ring() {
+        for (c, bytes, expect) in [(2.0, 30.0, 3.0 + 2.0), (5.0, 30.0, 5.0 + 5.0)] {
+            let mut e = Engine::new(vec![10.0, 10.0], 2);
+            let mut last = Vec::new();
+            for r in 0..2u32 {
+                let a0 = e.push(op(
+                    "attn0",
+                    vec![r],
+                    Stream::Compute,
+                    Work::Compute { secs: c },
+                    vec![],
+                ));
+                last.push(a0);
+            }
+            // One p2p op per rank: rank r sends `bytes` over link r.
+            let s0 = e.push(op(
+                "send0",
+                vec![0],
+                Stream::Ring,
+                comm(vec![(0, 1.0)], bytes, 0.0),
+                vec![],
+            ));
+            let s1 = e.push(op(
+                "send1",
+                vec![1],
+                Stream::Ring,
+                comm(vec![(1, 1.0)], bytes, 0.0),
+                vec![],
+            ));
+            // Rank 1 receives from 0 (s0), rank 0 from 1 (s1).
+            e.push(op(
+                "attn1",
+                vec![0],
+                Stream::Compute,
+                Work::Compute { secs: c },
+                vec![last[0], s1],
+            ));
+            e.push(op(
+                "attn1",
+                vec![1],
+                Stream::Compute,
+                Work::Compute { secs: c },
+                vec![last[1], s0],
+            ));
+            let s = e.run();
+            assert!(
+                (s.makespan - expect).abs() < 1e-9,
+                "c={c}: {} vs {expect}",
+                s.makespan
+            );
+            assert!(s.max_link_utilisation <= 1.0 + 1e-9);
+        }
+    }
+
+    /// 4-rank all-to-all on a non-blocking switch: each rank sends 3/4 of 8 bytes over its
+    /// uplink (4 bytes/s) and receives as much over its downlink: 1.5 s, plus latency.
+    #[test]
+    fn four_rank_all_to_all() {
+        // Links 2r = rank r up, 2r+1 = rank r down.
+        let mut per_link = Vec::new();
+        for r in 0..4 {
+            per_link.push((2 * r, 0.75));
+            per_link.push((2 * r + 1, 0.75));
+        }
+        let mut e = Engine::new(vec![4.0; 8], 4);
+        e.push(op(
+            "a2a",
+            vec![0, 1, 2, 3],
+            Stream::AllToAll,
+            comm(per_link, 8.0, 0.25),
+            vec![],
+        ));
+        let s = e.run();
+        assert!((s.makespan - (0.25 + 1.5)).abs() < 1e-9, "{}", s.makespan);
+        assert!((s.link_bytes[0] - 8.0 * 6.0).abs() < 1e-9);
+    }
+
+    /// Two transfers sharing one link split it fairly; the one that also uses a slow link is
+    /// limited there and leaves the rest to the other (max-min, not equal split).
+    #[test]
+    fn max_min_sharing() {
+        let mut e = Engine::new(vec![10.0, 2.0], 1);
+        let a = e.push(op(
+            "a",
+            vec![0],
+            Stream::Ring,
+            comm(vec![(0, 1.0), (1, 1.0)], 4.0, 0.0),
+            vec![],
+        ));
+        let b = e.push(op(
+            "b",
+            vec![0],
+            Stream::Grad,
+            comm(vec![(0, 1.0)], 16.0, 0.0),
+            vec![],
+        ));
+        let s = e.run();
+        // a runs at 2 (slow link) for 2 s; b gets 8 meanwhile (16 bytes), done at 2 s too.
+        assert!(
+            (s.end[a] - 2.0).abs() < 1e-9 && (s.end[b] - 2.0).abs() < 1e-9,
+            "{:?}",
+            s.end
+        );
+        assert!(s.max_link_utilisation <= 1.0 + 1e-9);
+    }
+
+    #[test]
+    fn streams_run_in_issue_order_and_respect_deps() {
+        let mut e = Engine::new(vec![1.0], 1);
+        let x = e.push(op(
+            "x",
+            vec![0],
+            Stream::Compute,
+            Work::Compute { secs: 1.0 },
+            vec![],
+        ));
+        let y = e.push(op(
+            "y",
+            vec![0],
+            Stream::Ring,
+            comm(vec![(0, 1.0)], 3.0, 0.0),
+            vec![x],
+        ));
+        let z = e.push(op(
+            "z",
+            vec![0],
+            Stream::Compute,
+            Work::Compute { secs: 1.0 },
+            vec![],
+        ));
+        let w = e.push(op(
+            "w",
+            vec![0],
+            Stream::Compute,
+            Work::Compute { secs: 1.0 },
+            vec![y],
+        ));
+        let s = e.run();
+        assert_eq!((s.start[z], s.end[y], s.start[w]), (1.0, 4.0, 4.0));
+        for (i, o) in e.ops.iter().enumerate() {
+            for &d in &o.deps {
+                assert!(s.start[i] >= s.end[d]);
+            }
+        }
+    }
+}

@@ -1,0 +1,507 @@
+//! The step simulator: replays one training step of a plan as ops with dependencies on
+//! per-rank streams (compute, all-to-all, ring p2p, tensor parallel, gradient sync, ZeRO
+//! gathers) over the topology's links, with bandwidth shared among concurrent transfers
+//! ([`engine`]), so overlap, contention and exposed communication come out of the schedule.
+//!
+//! **Collapsing rule.** Every rank of a plan runs the same op sequence with the same sizes
+//! (zigzag sharding balances attention exactly, and groups of one kind are congruent), so by
+//! default one representative rank is simulated while each communication op carries the
+//! flows of *all* groups of its kind at once on the real links; contention between groups
+//! and between concurrent collectives is therefore kept. `collapse = false` simulates every
+//! rank with one op per group (affordable for small worlds); the tests check that both give
+//! the same step time where both run.
+
+pub mod engine;
+pub mod trace;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::cost::{Recompute, Terms};
+use crate::topology::{GroupFamily, Pattern, Topology};
+use engine::{Engine, Op, Schedule, Stream, Work};
+
+/// How a collective maps onto a traffic pattern (nccl-tests doc/PERFORMANCE.md factors).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Coll {
+    AllToAll,
+    P2P,
+    /// Ring all-gather or reduce-scatter: (n-1)/n of the tensor to the next rank, n-1 steps.
+    AllGather,
+    /// Ring all-reduce: twice an all-gather.
+    AllReduce,
+}
+
+/// Result of simulating one step.
+#[derive(Debug, Clone, Serialize)]
+pub struct SimResult {
+    pub step_time_s: f64,
+    /// Time the compute stream of rank 0 is busy.
+    pub compute_busy_s: f64,
+    /// Step time not covered by compute: communication (and waiting) left exposed.
+    pub exposed_s: f64,
+    /// Busy time per stream of rank 0.
+    pub stream_busy_s: Vec<(String, f64)>,
+    /// Payload bytes rank 0 sent, per stream.
+    pub sent_bytes: Vec<(String, f64)>,
+    pub max_link_utilisation: f64,
+    pub ops: usize,
+    pub lanes: u32,
+    #[serde(skip)]
+    pub engine_ops: Vec<Op>,
+    #[serde(skip)]
+    pub schedule: Option<Schedule>,
+}
+
+type H = Vec<Vec<usize>>;
+
+struct Builder<'a> {
+    topo: &'a Topology,
+    t: &'a Terms,
+    eng: Engine,
+    /// Lane k simulates rank lanes[k]: all ranks, or rank 0 alone when collapsed.
+    ranks: Vec<u32>,
+    collapse: bool,
+    group_cache: HashMap<(Pattern, GroupFamily, u32), Arc<crate::topology::Loads>>,
+}
+
+impl<'a> Builder<'a> {
+    fn empty(&self) -> H {
+        vec![Vec::new(); self.ranks.len()]
+    }
+
+    fn compute(&mut self, name: &str, secs: f64, deps: &H) -> H {
+        if secs <= 0.0 {
+            return deps.clone();
+        }
+        (0..self.ranks.len())
+            .map(|k| {
+                vec![self.eng.push(Op {
+                    name: name.to_string(),
+                    lanes: vec![k as u32],
+                    stream: Stream::Compute,
+                    work: Work::Compute { secs },
+                    deps: deps[k].clone(),
+                    sent_per_rank: 0.0,
+                })]
+            })
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn comm(
+        &mut self,
+        name: &str,
+        stream: Stream,
+        coll: Coll,
+        fam: GroupFamily,
+        bytes: f64,
+        deps: &H,
+    ) -> H {
+        if fam.size <= 1 || bytes <= 0.0 {
+            return deps.clone();
+        }
+        let n = f64::from(fam.size);
+        let pattern = if coll == Coll::AllToAll {
+            Pattern::AllToAll
+        } else {
+            Pattern::RingP2P
+        };
+        let (scale, lat_mult, sent) = match coll {
+            Coll::AllToAll => (bytes, 1.0, bytes * (n - 1.0) / n),
+            Coll::P2P => (bytes, 1.0, bytes),
+            Coll::AllGather => (bytes * (n - 1.0) / n, n - 1.0, bytes * (n - 1.0) / n),
+            Coll::AllReduce => (
+                2.0 * bytes * (n - 1.0) / n,
+                2.0 * (n - 1.0),
+                2.0 * bytes * (n - 1.0) / n,
+            ),
+        };
+        if self.collapse {
+            let loads = self.topo.family_loads(pattern, fam);
+            let lat = loads.latency_s * lat_mult;
+            let id = self.eng.push(Op {
+                name: name.to_string(),
+                lanes: vec![0],
+                stream,
+                work: Work::Comm {
+                    loads,
+                    scale,
+                    latency_s: lat,
+                },
+                deps: deps[0].clone(),
+                sent_per_rank: sent,
+            });
+            return vec![vec![id]];
+        }
+        let mut out = self.empty();
+        for (gi, g) in fam.groups(self.topo.world).into_iter().enumerate() {
+            let key = (pattern, fam, gi as u32);
+            let loads = match self.group_cache.get(&key) {
+                Some(l) => l.clone(),
+                None => {
+                    let l = Arc::new(self.topo.groups_loads(pattern, std::slice::from_ref(&g)));
+                    self.group_cache.insert(key, l.clone());
+                    l
+                }
+            };
+            let mut d: Vec<usize> = g
+                .iter()
+                .flat_map(|&r| deps[r as usize].iter().copied())
+                .collect();
+            d.sort_unstable();
+            d.dedup();
+            let lat = loads.latency_s * lat_mult;
+            let id = self.eng.push(Op {
+                name: name.to_string(),
+                lanes: g.clone(),
+                stream,
+                work: Work::Comm {
+                    loads,
+                    scale,
+                    latency_s: lat,
+                },
+                deps: d,
+                sent_per_rank: sent,
+            });
+            for &r in &g {
+                out[r as usize] = vec![id];
+            }
+        }
+        out
+    }
+
+    fn join(a: &H, b: &H) -> H {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| x.iter().chain(y).copied().collect())
+            .collect()
+    }
+
+    /// Forward of one layer; returns the dependencies of what follows.
+    fn forward_layer(&mut self, l: u64, pass: &str, deps: &H) -> H {
+        let t = self.t;
+        let lay = t.layout;
+        let tag = format!("L{l} {pass}");
+        let tpf = lay.tp_family();
+        let mut d = self.comm(
+            &format!("{tag} tp all-gather"),
+            Stream::Tp,
+            Coll::AllGather,
+            tpf,
+            t.tp_bytes,
+            deps,
+        );
+        d = self.compute(
+            &format!("{tag} qkv"),
+            t.gemm_fwd_s * t.qkv_share + 0.5 * t.elem_fwd_s,
+            &d,
+        );
+        d = self.comm(
+            &format!("{tag} a2a qkv"),
+            Stream::AllToAll,
+            Coll::AllToAll,
+            lay.ulysses_family(),
+            t.a2a_qkv_bytes,
+            &d,
+        );
+        d = self.ring(&tag, t.attn_fwd_s, t.ring_kv_bytes, &d);
+        d = self.comm(
+            &format!("{tag} a2a out"),
+            Stream::AllToAll,
+            Coll::AllToAll,
+            lay.ulysses_family(),
+            t.a2a_o_bytes,
+            &d,
+        );
+        d = self.compute(&format!("{tag} o-proj"), t.gemm_fwd_s * t.o_share, &d);
+        d = self.comm(
+            &format!("{tag} tp reduce-scatter"),
+            Stream::Tp,
+            Coll::AllGather,
+            tpf,
+            t.tp_bytes,
+            &d,
+        );
+        d = self.comm(
+            &format!("{tag} tp all-gather"),
+            Stream::Tp,
+            Coll::AllGather,
+            tpf,
+            t.tp_bytes,
+            &d,
+        );
+        d = self.compute(
+            &format!("{tag} mlp"),
+            t.gemm_fwd_s * (1.0 - t.qkv_share - t.o_share) + 0.5 * t.elem_fwd_s,
+            &d,
+        );
+        self.comm(
+            &format!("{tag} tp reduce-scatter"),
+            Stream::Tp,
+            Coll::AllGather,
+            tpf,
+            t.tp_bytes,
+            &d,
+        )
+    }
+
+    /// Backward of one layer.
+    fn backward_layer(&mut self, l: u64, deps: &H) -> H {
+        let t = self.t;
+        let lay = t.layout;
+        let tag = format!("L{l} bwd");
+        let tpf = lay.tp_family();
+        let mlp = 1.0 - t.qkv_share - t.o_share;
+        let mut d = self.comm(
+            &format!("{tag} tp all-gather"),
+            Stream::Tp,
+            Coll::AllGather,
+            tpf,
+            t.tp_bytes,
+            deps,
+        );
+        d = self.compute(
+            &format!("{tag} mlp"),
+            2.0 * t.gemm_fwd_s * mlp + t.elem_fwd_s + t.selective_extra_s,
+            &d,
+        );
+        d = self.comm(
+            &format!("{tag} tp reduce-scatter"),
+            Stream::Tp,
+            Coll::AllGather,
+            tpf,
+            t.tp_bytes,
+            &d,
+        );
+        d = self.comm(
+            &format!("{tag} tp all-gather"),
+            Stream::Tp,
+            Coll::AllGather,
+            tpf,
+            t.tp_bytes,
+            &d,
+        );
+        d = self.compute(&format!("{tag} o-proj"), 2.0 * t.gemm_fwd_s * t.o_share, &d);
+        d = self.comm(
+            &format!("{tag} a2a dout"),
+            Stream::AllToAll,
+            Coll::AllToAll,
+            lay.ulysses_family(),
+            t.a2a_o_bytes,
+            &d,
+        );
+        d = self.ring(&tag, t.attn_bwd_s(), 3.0 * t.ring_kv_bytes, &d);
+        d = self.comm(
+            &format!("{tag} a2a dqkv"),
+            Stream::AllToAll,
+            Coll::AllToAll,
+            lay.ulysses_family(),
+            t.a2a_qkv_bytes,
+            &d,
+        );
+        d = self.compute(
+            &format!("{tag} qkv"),
+            2.0 * t.gemm_fwd_s * t.qkv_share + t.elem_fwd_s,
+            &d,
+        );
+        self.comm(
+            &format!("{tag} tp reduce-scatter"),
+            Stream::Tp,
+            Coll::AllGather,
+            tpf,
+            t.tp_bytes,
+            &d,
+        )
+    }
+
+    /// Zigzag ring attention: `ring` steps of equal work; the block for step k+1 travels while
+    /// step k computes, into the buffer step k-1 has released (double buffering).
+    fn ring(&mut self, tag: &str, total_s: f64, block_bytes: f64, deps: &H) -> H {
+        let r = self.t.layout.ring;
+        let fam = self.t.layout.ring_family();
+        let step = total_s / f64::from(r);
+        let mut prev_attn: Option<H> = None;
+        let mut recv: H = deps.clone();
+        let mut attn = deps.clone();
+        for k in 0..r {
+            let a_deps = match &prev_attn {
+                None => deps.clone(),
+                Some(p) => Self::join(p, &recv),
+            };
+            attn = self.compute(&format!("{tag} attn step {k}"), step, &a_deps);
+            if k + 1 < r {
+                let s_deps = match &prev_attn {
+                    None => deps.clone(),
+                    Some(p) => Self::join(p, &recv),
+                };
+                recv = self.comm(
+                    &format!("{tag} ring send/recv {k}"),
+                    Stream::Ring,
+                    Coll::P2P,
+                    fam,
+                    block_bytes,
+                    &s_deps,
+                );
+            }
+            prev_attn = Some(attn.clone());
+        }
+        attn
+    }
+}
+
+/// Simulates one training step of a candidate's terms on the topology.
+pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> SimResult {
+    let world = t.layout.world();
+    let ranks: Vec<u32> = if collapse {
+        vec![0]
+    } else {
+        (0..world).collect()
+    };
+    let caps: Vec<f64> = (0..topo.directed_links())
+        .map(|i| topo.link_capacity(i))
+        .collect();
+    let mut b = Builder {
+        topo,
+        t,
+        eng: Engine::new(caps, ranks.len() as u32),
+        ranks,
+        collapse,
+        group_cache: HashMap::new(),
+    };
+    let lay = t.layout;
+    let gf = lay.grad_family();
+    let layers = t.layers;
+    let layer_grad = t.grad_bytes / layers as f64;
+    let layer_param = t.param_bytes / layers as f64;
+    let mut d = b.empty();
+    let mut grads: H = b.empty();
+    for micro in 0..t.accum {
+        let last_micro = micro + 1 == t.accum;
+        d = b.compute("vision stage", t.vision_s(), &d);
+        let mut gathered: Vec<H> = Vec::new();
+        for l in 0..layers {
+            let mut fd = d.clone();
+            if t.zero_stage >= 3 {
+                // Prefetch: the gather for layer l waits for layer l-2's compute (two buffers).
+                let gd = if l >= 2 {
+                    gathered[(l - 2) as usize].clone()
+                } else {
+                    b.empty()
+                };
+                let g = b.comm(
+                    &format!("L{l} zero-3 gather"),
+                    Stream::Gather,
+                    Coll::AllGather,
+                    gf,
+                    layer_param,
+                    &gd,
+                );
+                fd = Builder::join(&fd, &g);
+            }
+            d = b.forward_layer(l, "fwd", &fd);
+            gathered.push(d.clone());
+        }
+        d = b.compute("head fwd+bwd", 3.0 * t.head_fwd_s, &d);
+        let mut bgathered: Vec<H> = Vec::new();
+        for (i, l) in (0..layers).rev().enumerate() {
+            let mut bd = d.clone();
+            if t.zero_stage >= 3 {
+                let gd = if i >= 2 {
+                    bgathered[i - 2].clone()
+                } else {
+                    b.empty()
+                };
+                let g = b.comm(
+                    &format!("L{l} zero-3 gather (bwd)"),
+                    Stream::Gather,
+                    Coll::AllGather,
+                    gf,
+                    layer_param,
+                    &gd,
+                );
+                bd = Builder::join(&bd, &g);
+            }
+            if t.recompute == Recompute::Full {
+                bd = b.forward_layer(l, "recompute", &bd);
+            }
+            d = b.backward_layer(l, &bd);
+            bgathered.push(d.clone());
+            // Gradient bucket of this layer (Rajbhandari et al. 2020, Sec. 7).
+            let g = match t.zero_stage {
+                0 if last_micro => b.comm(
+                    &format!("L{l} grad all-reduce"),
+                    Stream::Grad,
+                    Coll::AllReduce,
+                    gf,
+                    layer_grad,
+                    &d,
+                ),
+                1 if last_micro => b.comm(
+                    &format!("L{l} grad reduce-scatter"),
+                    Stream::Grad,
+                    Coll::AllGather,
+                    gf,
+                    layer_grad,
+                    &d,
+                ),
+                2 | 3 => b.comm(
+                    &format!("L{l} grad reduce-scatter"),
+                    Stream::Grad,
+                    Coll::AllGather,
+                    gf,
+                    layer_grad,
+                    &d,
+                ),
+                _ => b.empty(),
+            };
+            grads = Builder::join(&grads, &g);
+        }
+    }
+    let all = Builder::join(&d, &grads);
+    let opt = b.compute("optimizer step", t.optimizer_s, &all);
+    if (1..=2).contains(&t.zero_stage) {
+        b.comm(
+            "weight all-gather",
+            Stream::Gather,
+            Coll::AllGather,
+            gf,
+            t.param_bytes,
+            &opt,
+        );
+    }
+    let sched = b.eng.run();
+    let ops = b.eng.ops;
+    let mut busy: HashMap<Stream, f64> = HashMap::new();
+    let mut sent: HashMap<Stream, f64> = HashMap::new();
+    for (i, o) in ops.iter().enumerate() {
+        if o.lanes.contains(&0) {
+            *busy.entry(o.stream).or_default() += sched.end[i] - sched.start[i];
+            *sent.entry(o.stream).or_default() += o.sent_per_rank;
+        }
+    }
+    let compute_busy = busy.get(&Stream::Compute).copied().unwrap_or(0.0);
+    let order = |m: HashMap<Stream, f64>| {
+        Stream::ALL
+            .iter()
+            .filter_map(|s| m.get(s).map(|v| (s.name().to_string(), *v)))
+            .collect::<Vec<_>>()
+    };
+    SimResult {
+        step_time_s: sched.makespan,
+        compute_busy_s: compute_busy,
+        exposed_s: (sched.makespan - compute_busy).max(0.0),
+        stream_busy_s: order(busy),
+        sent_bytes: order(sent),
+        max_link_utilisation: sched.max_link_utilisation,
+        ops: ops.len(),
+        lanes: if collapse { 1 } else { world },
+        engine_ops: ops,
+        schedule: Some(sched),
+    }
+}
+
+#[cfg(test)]
+mod tests;
