@@ -148,3 +148,117 @@ fn errors_are_one_line_exit_2() {
         .collect();
     insta::assert_snapshot!(all.join("\n"));
 }
+
+fn temp(name: &str, text: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("mmsp-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn simulate_a_saved_plan_with_trace() {
+    let (code, plan, _) = mmsp(&[
+        "plan",
+        "--gpus",
+        "16",
+        "--context",
+        "128K",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0);
+    let path = temp("plan16.json", &plan);
+    let trace = path.replace("plan16.json", "trace16.json");
+    let (code, out, err) = mmsp(&["simulate", &path, "--trace", &trace]);
+    assert_eq!(code, 0, "{err}");
+    insta::assert_snapshot!(out);
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    assert!(t["traceEvents"].as_array().unwrap().len() > 100);
+    // Collapsed and full simulation agree on this plan.
+    let step = |args: &[&str]| {
+        let (_, out, _) = mmsp(args);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["simulated"]["step_time_s"].as_f64().unwrap()
+    };
+    let a = step(&["simulate", &path, "--format", "json"]);
+    let b = step(&["simulate", &path, "--format", "json", "--no-collapse"]);
+    assert!((a - b).abs() / b < 1e-9, "{a} {b}");
+}
+
+#[test]
+fn compare_strategies() {
+    insta::assert_snapshot!(run(&["compare", "--gpus", "32", "--context", "256K"]));
+    let (code, out, _) = mmsp(&[
+        "compare",
+        "--gpus",
+        "16",
+        "--context",
+        "128K",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let s = v["strategies"].as_array().unwrap();
+    assert_eq!(s.len(), 5);
+    for r in s {
+        assert!(r["name"].is_string() && r["feasible"].is_boolean());
+        assert_eq!(
+            r["feasible"].as_bool().unwrap(),
+            r["step_time_s"].is_number()
+        );
+    }
+}
+
+#[test]
+fn simulate_and_compare_errors() {
+    let (_, plan, _) = mmsp(&[
+        "plan",
+        "--gpus",
+        "16",
+        "--context",
+        "128K",
+        "--format",
+        "json",
+    ]);
+    let mut v: serde_json::Value = serde_json::from_str(&plan).unwrap();
+    v["schema_version"] = 99.into();
+    let old = temp("old.json", &v.to_string());
+    let mut v: serde_json::Value = serde_json::from_str(&plan).unwrap();
+    v["topology"] = "gb200-nvl72".into();
+    let other = temp("other.json", &v.to_string());
+    let mut v: serde_json::Value = serde_json::from_str(&plan).unwrap();
+    v["layout"]["dp"] = 3.into();
+    let mesh = temp("mesh.json", &v.to_string());
+    let notplan = temp("notplan.json", "{\"hello\": 1}");
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["simulate", &old],
+        vec!["simulate", &other],
+        vec!["simulate", &mesh],
+        vec!["simulate", &notplan],
+        vec!["simulate", "/nonexistent/plan.json"],
+        vec![
+            "plan",
+            "--model",
+            "llama3-70b",
+            "--gpus",
+            "8",
+            "--context",
+            "1M",
+            "--strategy",
+            "ring",
+            "--global-batch",
+            "1",
+        ],
+        vec!["compare", "--gpus", "12"],
+    ];
+    let dir = old.replace("old.json", "");
+    let all: Vec<String> = cases
+        .iter()
+        .map(|c| fails(c).replace(&dir, "TMP/"))
+        .collect();
+    insta::assert_snapshot!(all.join("\n"));
+}

@@ -442,6 +442,8 @@ pub fn no_plan_error(
             req.gpus,
             fmt_tokens(ctx)
         );
+    } else {
+        msg += &format!("; it does not fit on {} GPUs at any context", req.gpus);
     }
     match fewest_gpus(&topo.spec, model, req) {
         Some(g) => msg += &format!("; {g} GPUs would fit {}", fmt_tokens(req.context)),
