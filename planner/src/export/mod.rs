@@ -226,7 +226,7 @@ fn megatron(plan: &Plan, opts: &Options) -> Result<String> {
         return Err(unsupported(
             e,
             format!(
-                "placement ring_inner puts ring neighbours on adjacent ranks, but Megatron's --hierarchical-context-parallel-sizes always makes adjacent ranks the a2a level (re-plan, or export ulysses {} x ring {} with ulysses_inner)",
+                "placement ring_inner puts ring neighbours on adjacent ranks, but Megatron's --hierarchical-context-parallel-sizes always makes adjacent ranks the a2a level (export to deepspeed, whose yunchang supports ring-inner, or use a ulysses_inner plan of ulysses {} x ring {})",
                 l.ulysses, l.ring
             ),
         ));
@@ -260,7 +260,7 @@ fn megatron(plan: &Plan, opts: &Options) -> Result<String> {
             return Err(unsupported(
                 e,
                 format!(
-                    "TransformerEngine's a2a context parallel needs query and kv heads per TP rank ({q} and {kv}) divisible by the a2a size {} and does not replicate kv heads (re-plan with --strategy te-a2a-p2p)",
+                    "TransformerEngine's a2a context parallel needs query and kv heads per TP rank ({q} and {kv}) divisible by the a2a size {} and does not replicate kv heads (a Ulysses degree of at most {kv} that divides {q} would fit)",
                     l.ulysses
                 ),
             ));

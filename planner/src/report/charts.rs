@@ -172,9 +172,22 @@ pub fn line_chart(c: &LineChart) -> Result<String> {
                 .draw_series(mapped.iter().map(|&p| Circle::new(p, 3, col.filled())))
                 .map_err(chart_err)?;
         }
+        // Keep the legend off the lines: upper right when the series fall from left to right.
+        let falling = c
+            .series
+            .iter()
+            .filter(|s| s.points.len() >= 2)
+            .filter(|s| s.points[0].1 > s.points[s.points.len() - 1].1)
+            .count()
+            * 2
+            > c.series.iter().filter(|s| s.points.len() >= 2).count();
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
+            .position(if falling {
+                SeriesLabelPosition::UpperRight
+            } else {
+                SeriesLabelPosition::UpperLeft
+            })
             .background_style(WHITE.mix(0.85))
             .border_style(RGBColor(180, 180, 180))
             .label_font((FONT, 13))

@@ -268,9 +268,15 @@ pub fn sweep(grid: &Grid, quiet: bool) -> Result<ReportData> {
     let mut setups = Vec::new();
     for m in &grid.models {
         for t in &grid.topologies {
+            let cluster = ClusterSpec::load(t)?;
+            for &g in &grid.gpus {
+                cluster
+                    .check_gpus(u64::from(g))
+                    .map_err(|e| Error::invalid("--gpus", format!("{g} on {t}: {e}")))?;
+            }
             setups.push(Setup {
                 model: ModelSpec::load(m)?,
-                cluster: ClusterSpec::load(t)?,
+                cluster,
             });
         }
     }
@@ -543,7 +549,12 @@ pub fn summary(d: &ReportData) -> Vec<String> {
                 best.step_time_s.unwrap_or(0.0),
                 fmt_pct(best.exposed_comm_share.unwrap_or(0.0)),
             );
-            if let Some(second) = v.get(1) {
+            let ratio = |a: &PointRow, b: &PointRow| {
+                a.tokens_per_s.unwrap_or(0.0) / b.tokens_per_s.unwrap_or(1.0).max(1e-9)
+            };
+            if let Some(second) = v.get(1).filter(|b| ratio(best, b) < 1.01) {
+                s += &format!("; {} ties with it (within 1%).", second.strategy.name());
+            } else if let Some(second) = v.get(1) {
                 s += &format!(
                     "; {:.2}x the next, {} ({} exposed).",
                     best.tokens_per_s.unwrap_or(0.0) / second.tokens_per_s.unwrap_or(1.0).max(1e-9),

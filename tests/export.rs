@@ -1,0 +1,338 @@
+//! Snapshot tests of `mmsp export`: each engine's output for plans with a chosen layout (built
+//! through the library, so that they do not move when the search ranks plans differently),
+//! and the one-line errors (exit 2) where an engine cannot express a plan or the input is bad.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mmsp_planner::cost::{evaluate, Candidate, Layout, Placement, Recompute, Workload};
+use mmsp_planner::plan::Plan;
+use mmsp_planner::search::Scored;
+use mmsp_planner::spec::{cluster::ClusterSpec, model::ModelSpec};
+use mmsp_planner::topology::Topology;
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mmsp-export-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+struct P {
+    u: u32,
+    r: u32,
+    dp: u32,
+    tp: u32,
+    placement: Placement,
+    zero: u8,
+    recompute: Recompute,
+    global_batch: u64,
+}
+
+/// Writes the plan of one candidate (llama3-8b, 64K tokens, dgx-h100) to `dir/plan.json`.
+fn write_plan(dir: &Path, p: P) {
+    let model = ModelSpec::load("llama3-8b").unwrap();
+    let cluster = ClusterSpec::load("dgx-h100").unwrap();
+    let layout = Layout {
+        ulysses: p.u,
+        ring: p.r,
+        dp: p.dp,
+        tp: p.tp,
+        placement: p.placement,
+    };
+    let topo = Topology::build(&cluster, layout.world());
+    let candidate = Candidate {
+        layout,
+        zero_stage: p.zero,
+        recompute: p.recompute,
+        micro_batch: 1,
+    };
+    let context = 65536;
+    let w = Workload {
+        model: &model,
+        context,
+        global_batch: p.global_batch,
+        vision: None,
+    };
+    let estimate = evaluate(&topo, &w, &candidate).expect("test candidate fits");
+    let plan = Plan::build(
+        &topo,
+        "dgx-h100",
+        &model,
+        context,
+        p.global_batch,
+        &Scored {
+            candidate,
+            estimate,
+        },
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("plan.json"),
+        serde_json::to_string_pretty(&plan).unwrap(),
+    )
+    .unwrap();
+}
+
+fn mmsp(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mmsp"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run mmsp");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let (code, out, err) = mmsp(dir, args);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    assert!(err.is_empty(), "{err}");
+    format!("$ mmsp {}\n{out}", args.join(" "))
+}
+
+fn fails(dir: &Path, args: &[&str]) -> String {
+    let (code, out, err) = mmsp(dir, args);
+    assert_eq!(code, 2, "{args:?}: {err}");
+    assert!(out.is_empty(), "{args:?} printed to stdout: {out}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    format!("$ mmsp {}\n{err}", args.join(" "))
+}
+
+const UI: Placement = Placement::UlyssesInner;
+const RI: Placement = Placement::RingInner;
+
+#[test]
+fn megatron_hierarchical_cp() {
+    let d = dir("meg-2d");
+    write_plan(
+        &d,
+        P {
+            u: 4,
+            r: 4,
+            dp: 1,
+            tp: 1,
+            placement: UI,
+            zero: 1,
+            recompute: Recompute::None,
+            global_batch: 2,
+        },
+    );
+    let out = ok(&d, &["export", "--to", "megatron", "plan.json"]);
+    assert!(out.contains("--cp-comm-type a2a+p2p"));
+    assert!(out.contains("--hierarchical-context-parallel-sizes 4 4"));
+    insta::assert_snapshot!(out);
+}
+
+#[test]
+fn megatron_tp_ring_full_recompute() {
+    let d = dir("meg-tp");
+    write_plan(
+        &d,
+        P {
+            u: 1,
+            r: 8,
+            dp: 1,
+            tp: 2,
+            placement: UI,
+            zero: 0,
+            recompute: Recompute::Full,
+            global_batch: 1,
+        },
+    );
+    let out = ok(&d, &["export", "--to", "megatron", "plan.json"]);
+    assert!(out.contains("--sequence-parallel") && out.contains("--cp-comm-type p2p"));
+    insta::assert_snapshot!(out);
+}
+
+#[test]
+fn deepspeed_ring_inner() {
+    let d = dir("ds");
+    write_plan(
+        &d,
+        P {
+            u: 2,
+            r: 4,
+            dp: 2,
+            tp: 1,
+            placement: RI,
+            zero: 3,
+            recompute: Recompute::Full,
+            global_batch: 4,
+        },
+    );
+    let out = ok(&d, &["export", "--to", "deepspeed", "plan.json"]);
+    let json: serde_json::Value = serde_json::from_str(out.split_once('\n').unwrap().1).unwrap();
+    assert_eq!(json["sequence_parallel"]["use_ulysses_low"], false);
+    assert_eq!(json["deepspeed_config"]["train_batch_size"], 4);
+    assert_eq!(json["deepspeed_config"]["gradient_accumulation_steps"], 2);
+    insta::assert_snapshot!(out);
+}
+
+#[test]
+fn vila_torchrun_slurm() {
+    let d = dir("vila");
+    write_plan(
+        &d,
+        P {
+            u: 4,
+            r: 4,
+            dp: 1,
+            tp: 1,
+            placement: UI,
+            zero: 3,
+            recompute: Recompute::None,
+            global_batch: 2,
+        },
+    );
+    let vila = ok(&d, &["export", "--to", "vila", "plan.json"]);
+    assert!(vila.contains("--seq_parallel_ring_type zigzag_ring_varlen"));
+    insta::assert_snapshot!("vila", vila);
+    insta::assert_snapshot!(
+        "torchrun",
+        ok(&d, &["export", "--to", "torchrun", "plan.json"])
+    );
+    insta::assert_snapshot!("slurm", ok(&d, &["export", "--to", "slurm", "plan.json"]));
+    // --out writes an executable script.
+    ok(
+        &d,
+        &[
+            "export",
+            "--to",
+            "slurm",
+            "plan.json",
+            "--out",
+            "job.sbatch",
+        ],
+    );
+    let text = std::fs::read_to_string(d.join("job.sbatch")).unwrap();
+    assert!(text.contains("#SBATCH --nodes=2") && text.contains("mmsp-runtime plan.json"));
+}
+
+#[test]
+fn selective_recompute_needs_consent() {
+    let d = dir("sel");
+    write_plan(
+        &d,
+        P {
+            u: 1,
+            r: 8,
+            dp: 1,
+            tp: 2,
+            placement: UI,
+            zero: 1,
+            recompute: Recompute::Selective,
+            global_batch: 1,
+        },
+    );
+    fails(&d, &["export", "--to", "megatron", "plan.json"]);
+    let out = ok(
+        &d,
+        &[
+            "export",
+            "--to",
+            "megatron",
+            "plan.json",
+            "--allow-coarser-recompute",
+        ],
+    );
+    assert!(out.contains("--recompute-granularity selective"));
+}
+
+#[test]
+fn errors_are_one_line_exit_2() {
+    let mut all = Vec::new();
+    let cases: Vec<(&str, P, &str)> = vec![
+        (
+            "megatron",
+            P {
+                u: 2,
+                r: 4,
+                dp: 1,
+                tp: 1,
+                placement: RI,
+                zero: 3,
+                recompute: Recompute::None,
+                global_batch: 1,
+            },
+            "ring-inner",
+        ),
+        (
+            "megatron",
+            P {
+                u: 4,
+                r: 4,
+                dp: 1,
+                tp: 1,
+                placement: UI,
+                zero: 3,
+                recompute: Recompute::None,
+                global_batch: 1,
+            },
+            "zero3",
+        ),
+        (
+            "megatron",
+            P {
+                u: 16,
+                r: 1,
+                dp: 1,
+                tp: 1,
+                placement: UI,
+                zero: 1,
+                recompute: Recompute::Full,
+                global_batch: 1,
+            },
+            "kv-heads",
+        ),
+        (
+            "deepspeed",
+            P {
+                u: 1,
+                r: 8,
+                dp: 1,
+                tp: 2,
+                placement: UI,
+                zero: 0,
+                recompute: Recompute::Full,
+                global_batch: 1,
+            },
+            "tp",
+        ),
+        (
+            "vila",
+            P {
+                u: 2,
+                r: 4,
+                dp: 1,
+                tp: 1,
+                placement: RI,
+                zero: 3,
+                recompute: Recompute::Full,
+                global_batch: 1,
+            },
+            "ring-inner",
+        ),
+    ];
+    for (engine, p, name) in cases {
+        let d = dir(&format!("err-{engine}-{name}"));
+        write_plan(&d, p);
+        all.push(fails(&d, &["export", "--to", engine, "plan.json"]));
+    }
+    let d = dir("bad-inputs");
+    std::fs::write(d.join("notaplan.json"), r#"{"schema": "something-else"}"#).unwrap();
+    std::fs::write(d.join("garbage.json"), "not json").unwrap();
+    for args in [
+        vec!["export", "--to", "trt-llm", "plan.json"],
+        vec!["export", "--to", "megatron", "notaplan.json"],
+        vec!["export", "--to", "megatron", "garbage.json"],
+        vec!["export", "--to", "megatron", "missing.json"],
+        vec!["export", "plan.json"],
+    ] {
+        all.push(fails(&d, &args));
+    }
+    insta::assert_snapshot!(all.join("\n"));
+}
