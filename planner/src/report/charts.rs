@@ -423,7 +423,7 @@ mod tests {
         })
         .unwrap();
         assert!(svg.starts_with("<svg"));
-        for s in ["GPUs", "tokens", "alpha", "beta (none fit)", ">16<"] {
+        for s in ["GPUs", "tokens", "alpha", "beta (none fit)", ">\n16\n<"] {
             assert!(svg.contains(s), "missing {s}");
         }
     }
