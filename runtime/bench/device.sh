@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
-# Runs every GPU check and benchmark of mmsp-runtime in one go on the device machine, from the
-# repository root, with the binary carried in carry/mmsp-runtime. Prints JSON lines.
-# Usage there: bash runtime/bench/device.sh [BIN]
+# Runs the GPU checks and benchmarks of mmsp-runtime on the device machine, from the
+# repository root, with the binary carried in carry/mmsp-runtime. Prints JSON lines, with a
+# "== section (time)" line before each part.
+# Usage there: bash runtime/bench/device.sh [checks] [kernels] [pytorch] [2d]   (default: all)
 set -uo pipefail
-BIN=${1:-carry/mmsp-runtime}
+BIN=${BIN:-carry/mmsp-runtime}
 PY=${TORCH_PY:-/opt/torch/.venv/bin/python3}
 SP=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 mkdir -p /tmp/mmsp-nccl && ln -sf "$SP/nvidia/nccl/lib/libnccl.so.2" /tmp/mmsp-nccl/libnccl.so
 LD_LIBRARY_PATH=/tmp/mmsp-nccl:$SP/torch/lib:$(ls -d "$SP"/nvidia/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}
-export LD_LIBRARY_PATH
+export LD_LIBRARY_PATH RUST_BACKTRACE=0
+PARTS=${*:-checks kernels pytorch 2d}
+T0=$(date +%s)
+sec() { echo "== $1 (t=$(( $(date +%s) - T0 )) s)"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-echo "== check"; $BIN check
-echo "== bf16 error vs ring size (cuDNN)"; $BIN bf16-error --backend cudnn --seq 8192
-echo "== nccl world of 1"
-RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 $BIN nccl-check --plan runtime/bench/plan_w1.json
-echo "== plan for 2 ranks, launch of 1 (must fail at once)"
-RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29512 timeout 60 $BIN nccl-check --plan runtime/bench/plan_w2.json; echo "exit=$?"
-echo "== runtime bench"; $BIN bench ${BENCH_ARGS:-}
-echo "== pytorch"; PYTHONUNBUFFERED=1 $PY runtime/bench/attn_bench.py
+for part in $PARTS; do
+  case $part in
+  checks)
+    sec "check: 2D attention in bf16 on the GPU vs float64"; $BIN check
+    sec "bf16 error vs ring size (cuDNN)"; $BIN bf16-error --backend cudnn --seq 8192
+    sec "nccl world of 1"
+    RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 $BIN nccl-check --plan runtime/bench/plan_w1.json
+    sec "plan for 2 ranks, launch of 1 (must fail at once)"
+    RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29512 timeout 60 $BIN nccl-check --plan runtime/bench/plan_w2.json; echo "exit=$?";;
+  kernels) sec "runtime kernels"; $BIN bench --what kernels;;
+  pytorch) sec "pytorch attn_bench.py"; PYTHONUNBUFFERED=1 $PY runtime/bench/attn_bench.py;;
+  2d) sec "2D in-process ranks on one GPU"; $BIN bench --what 2d ${BENCH_2D_ARGS:-};;
+  esac
+done
+sec done

@@ -55,6 +55,23 @@ pub fn blocks(zz: &Zigzag, r: usize, src: usize) -> Vec<Block> {
     }
 }
 
+/// Dense copies of row ranges of a tensor, made once per call: the CUDA kernels want dense
+/// inputs and every step after the first uses the same ranges again.
+#[derive(Default)]
+struct RowCache(std::collections::HashMap<(i64, i64), Tensor>);
+
+impl RowCache {
+    fn get(&mut self, t: &Tensor, off: i64, len: i64) -> Tensor {
+        if off == 0 && len == t.size()[2] {
+            return t.shallow_clone();
+        }
+        self.0
+            .entry((off, len))
+            .or_insert_with(|| t.narrow(2, off, len).contiguous())
+            .shallow_clone()
+    }
+}
+
 fn acc_kind(k: Kind) -> Kind {
     if k == Kind::Double {
         Kind::Double
@@ -121,6 +138,7 @@ pub fn ring_fwd(
     let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
     let mut cur_k = k.shallow_clone();
     let mut cur_v = v.shallow_clone();
+    let mut q_rows = RowCache::default();
     for j in 0..n {
         let src = (r + n - j) % n;
         let pending = if j + 1 < n {
@@ -150,20 +168,29 @@ pub fn ring_fwd(
         } else {
             None
         };
-        for blk in blocks(zz, r, src) {
-            let qb = q.narrow(2, blk.q_off, blk.q_len);
+        let blks = blocks(zz, r, src);
+        let first = j == 0 && blks.len() == 1;
+        for blk in blks {
+            let qb = q_rows.get(q, blk.q_off, blk.q_len);
             let kb = cur_k.narrow(2, blk.kv_off, blk.kv_len);
             let vb = cur_v.narrow(2, blk.kv_off, blk.kv_len);
             let (o, l) = attention_fwd(backend, &qb, &kb, &vb, blk.causal, scale)?;
             lse_kind = l.kind();
-            let o_rows = out_acc.narrow(2, blk.q_off, blk.q_len);
-            let l_rows = lse_acc.narrow(2, blk.q_off, blk.q_len);
-            let lb = l.to_kind(ak);
-            let w = (&lb - &l_rows).sigmoid().unsqueeze(-1);
-            let new_o = &o_rows - w * (&o_rows - o.to_kind(ak));
-            let new_l = l_rows.logaddexp(&lb);
-            out_acc.narrow(2, blk.q_off, blk.q_len).f_copy_(&new_o)?;
-            lse_acc.narrow(2, blk.q_off, blk.q_len).f_copy_(&new_l)?;
+            let mut o_rows = out_acc.narrow(2, blk.q_off, blk.q_len);
+            let mut l_rows = lse_acc.narrow(2, blk.q_off, blk.q_len);
+            if first {
+                // The first block covers every row: nothing to merge with yet.
+                o_rows.f_copy_(&o)?;
+                l_rows.f_copy_(&l)?;
+                continue;
+            }
+            // out += sigmoid(lse_b - lse) * (o_b - out); lse = logaddexp(lse, lse_b), in place.
+            let w = (&l - &l_rows).sigmoid().unsqueeze(-1);
+            let mut diff = o.f_sub(&o_rows)?;
+            let _ = diff.f_mul_(&w)?;
+            let _ = o_rows.f_add_(&diff)?;
+            let new_l = l_rows.logaddexp(&l);
+            l_rows.f_copy_(&new_l)?;
         }
         if let Some((w, nk, nv)) = pending {
             w.wait()?;
@@ -204,6 +231,12 @@ pub fn ring_bwd(
     let (q, k, v) = (&ctx.q, &ctx.k, &ctx.v);
     let ak = acc_kind(q.kind());
     let dq_acc = Tensor::zeros(q.size(), (ak, q.device()));
+    let (mut q_rows, mut dout_rows, mut out_rows, mut lse_rows) = (
+        RowCache::default(),
+        RowCache::default(),
+        RowCache::default(),
+        RowCache::default(),
+    );
     let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
     let mut cur_k = k.shallow_clone();
     let mut cur_v = v.shallow_clone();
@@ -238,31 +271,38 @@ pub fn ring_bwd(
         } else {
             None
         };
-        let mut dk_blk = Tensor::zeros(cur_k.size(), (ak, q.device()));
-        let mut dv_blk = Tensor::zeros(cur_v.size(), (ak, q.device()));
+        let mut grads = Vec::new();
         for blk in blocks(zz, r, src) {
-            let rows = |t: &Tensor| t.narrow(2, blk.q_off, blk.q_len);
             let cols = |t: &Tensor| t.narrow(2, blk.kv_off, blk.kv_len);
             let (dq, dk, dv) = attention_bwd(
                 backend,
-                &rows(&dout),
-                &rows(q),
+                &dout_rows.get(&dout, blk.q_off, blk.q_len),
+                &q_rows.get(q, blk.q_off, blk.q_len),
                 &cols(&cur_k),
                 &cols(&cur_v),
-                &rows(&ctx.out),
-                &rows(&ctx.lse),
+                &out_rows.get(&ctx.out, blk.q_off, blk.q_len),
+                &lse_rows.get(&ctx.lse, blk.q_off, blk.q_len),
                 blk.causal,
                 scale,
             )?;
-            let _ = rows(&dq_acc).f_add_(&dq.to_kind(ak))?;
-            let _ = cols(&dk_blk).f_add_(&dk.to_kind(ak))?;
-            let _ = cols(&dv_blk).f_add_(&dv.to_kind(ak))?;
+            let _ = dq_acc.narrow(2, blk.q_off, blk.q_len).f_add_(&dq)?;
+            grads.push((blk, dk, dv));
         }
-        // dK/dV of the block held now: add what earlier ranks accumulated for it.
-        if let Some((w, dk_in, dv_in)) = pending_dkv.take() {
-            w.wait()?;
-            dk_blk += dk_in;
-            dv_blk += dv_in;
+        // dK/dV of the block held now: add to what earlier ranks accumulated for it (waited
+        // for only now, so that its transfer overlapped with this step's kernels).
+        let (dk_blk, dv_blk) = match pending_dkv.take() {
+            Some((w, dk_in, dv_in)) => {
+                w.wait()?;
+                (dk_in, dv_in)
+            }
+            None => (
+                Tensor::zeros(cur_k.size(), (ak, q.device())),
+                Tensor::zeros(cur_v.size(), (ak, q.device())),
+            ),
+        };
+        for (blk, dk, dv) in grads {
+            let _ = dk_blk.narrow(2, blk.kv_off, blk.kv_len).f_add_(&dk)?;
+            let _ = dv_blk.narrow(2, blk.kv_off, blk.kv_len).f_add_(&dv)?;
         }
         if n > 1 {
             // Pass the partial dK/dV on with the K/V; after the last step they reach home.

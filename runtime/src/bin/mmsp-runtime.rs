@@ -43,6 +43,9 @@ enum Cmd {
         /// Backend of the 2D runs.
         #[arg(long, default_value = "cudnn")]
         backend: String,
+        /// What to run: kernels, 2d or all.
+        #[arg(long, default_value = "all")]
+        what: String,
     },
     /// Correctness on the GPU: 2D attention in bf16 against a float64 CPU reference.
     Check,
