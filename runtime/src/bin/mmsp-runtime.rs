@@ -417,11 +417,19 @@ fn main() -> Result<()> {
             heads,
             head_dim,
             backend,
+            what,
         } => {
             let dev = gpu()?;
             let be = Backend::parse(&backend)?;
-            bench_kernels(&seqs, heads, head_dim, dev)?;
-            bench_2d(&seqs_2d, &ranks, heads, head_dim, be, dev)?;
+            if !["all", "kernels", "2d"].contains(&what.as_str()) {
+                bail!("--what must be all, kernels or 2d, not {what:?}");
+            }
+            if what != "2d" {
+                bench_kernels(&seqs, heads, head_dim, dev)?;
+            }
+            if what != "kernels" {
+                bench_2d(&seqs_2d, &ranks, heads, head_dim, be, dev)?;
+            }
         }
         Cmd::Check => check_gpu(gpu()?)?,
         Cmd::Bf16Error { seq, backend } => {
