@@ -138,7 +138,7 @@ fn time_2d(
     backend: Backend,
     dev: Device,
     iters: usize,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, f64, f64)> {
     let p = Problem::random(shape, Kind::BFloat16, dev, 3);
     let zz = mmsp_runtime::shard::Zigzag::new(shape.seq_len, layout.ulysses, layout.ring)?;
     let w = layout.world_size();
@@ -152,17 +152,18 @@ fn time_2d(
         inputs.push((sh(&p.q)?, sh(&p.k)?, sh(&p.v)?, sh(&p.dout)?));
     }
     drop(p);
-    let res: Vec<Result<(f64, f64)>> = std::thread::scope(|s| {
+    let res: Vec<Result<(f64, f64, f64, f64)>> = std::thread::scope(|s| {
         let hs: Vec<_> = uly
             .into_iter()
             .zip(ring)
             .zip(world)
             .zip(inputs)
             .map(|(((uc, rc), wc), (q, k, v, dout))| {
-                s.spawn(move || -> Result<(f64, f64)> {
+                s.spawn(move || -> Result<(f64, f64, f64, f64)> {
                     let attn = Attention2d::new(&uc, &rc, backend, shape)?;
-                    let run = |bwd: bool| -> Result<f64> {
+                    let run = |bwd: bool| -> Result<(f64, f64)> {
                         let mut ts = Vec::new();
+                        let mut warm = 0.0;
                         for i in 0..=iters {
                             wc.barrier()?;
                             sync(dev);
@@ -178,14 +179,16 @@ fn time_2d(
                             wc.barrier()?;
                             if i > 0 {
                                 ts.push(t0.elapsed().as_secs_f64());
+                            } else {
+                                warm = t0.elapsed().as_secs_f64();
                             }
                         }
                         ts.sort_by(|a, b| a.total_cmp(b));
-                        Ok(ts[ts.len() / 2])
+                        Ok((ts[ts.len() / 2], warm))
                     };
-                    let f = run(false)?;
-                    let fb = run(true)?;
-                    Ok((f, fb))
+                    let (f, wf) = run(false)?;
+                    let (fb, wfb) = run(true)?;
+                    Ok((f, fb, wf, wfb))
                 })
             })
             .collect();
@@ -241,9 +244,10 @@ fn bench_2d(
             for u in (1..=w).filter(|u| w.is_multiple_of(*u) && h.is_multiple_of(*u)) {
                 let layout = Layout::sp(u, w / u, Placement::UlyssesInner);
                 let r = match time_2d(layout, shape, backend, dev, 3) {
-                    Ok((f, fb)) => {
+                    Ok((f, fb, wf, wfb)) => {
                         json!({"bench": "2d_inprocess_one_gpu", "S": s, "ranks": w, "ulysses": u, "ring": w / u,
                         "fwd_ms": f * 1e3, "fwdbwd_ms": fb * 1e3, "fwdbwd_tflops": 3.5 * fl / fb / 1e12,
+                        "first_fwd_s": wf, "first_fwdbwd_s": wfb,
                         "fwd_vs_single_kernel": tf / f, "fwdbwd_vs_single_kernel": tfb / fb})
                     }
                     Err(e) => {
