@@ -262,3 +262,80 @@ fn simulate_and_compare_errors() {
         .collect();
     insta::assert_snapshot!(all.join("\n"));
 }
+
+#[test]
+fn multimodal_plan_has_both_stages() {
+    let (code, out, err) = mmsp(&[
+        "plan",
+        "--gpus",
+        "256",
+        "--frames",
+        "6000",
+        "--model",
+        "qwen2-7b",
+        "--vision",
+        "siglip-so400m",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let l = &v["layout"];
+    let sp = (l["ulysses"].as_u64().unwrap() * l["ring"].as_u64().unwrap()) as usize;
+    let frames = v["vision"]["frames_per_rank"].as_array().unwrap();
+    assert_eq!(frames.len(), sp);
+    let mut all: Vec<u64> = frames
+        .iter()
+        .flat_map(|f| f.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()))
+        .collect();
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (0..6000).collect::<Vec<u64>>(),
+        "frames form a partition"
+    );
+    let ranges = v["tokens"]["ranges_per_rank"].as_array().unwrap();
+    assert_eq!(ranges.len(), sp);
+    let tokens: u64 = ranges
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|p| p[1].as_u64().unwrap() - p[0].as_u64().unwrap())
+        .sum();
+    assert_eq!(tokens, 6000 * 196);
+    assert!(v["vision"]["stage"]["encoder_s"].as_f64().unwrap() > 0.0);
+    // The table names both stages.
+    insta::assert_snapshot!(run(&[
+        "plan",
+        "--gpus",
+        "64",
+        "--samples",
+        "../examples/samples.jsonl",
+        "--model",
+        "qwen2-7b"
+    ]));
+}
+
+#[test]
+fn multimodal_input_errors() {
+    let bad = temp(
+        "bad.jsonl",
+        "{\"frames\": 8, \"text_tokens\": 10}\n{\"frames\": -3, \"text_tokens\": 10}\n",
+    );
+    let missing = temp("missing.jsonl", "{\"text_tokens\": 10}\n");
+    let zero = temp("zero.jsonl", "{\"frames\": 0, \"text_tokens\": 0}\n");
+    let dir = bad.replace("bad.jsonl", "");
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["plan", "--samples", &bad],
+        vec!["plan", "--samples", &missing],
+        vec!["plan", "--samples", &zero],
+        vec!["plan", "--frames", "0"],
+        vec!["plan", "--frames", "100", "--context", "1M"],
+        vec!["plan", "--frames", "100", "--vision", "vit-huge"],
+        vec!["plan", "--frames", "100", "--samples", &missing],
+    ];
+    let all: Vec<String> = cases
+        .iter()
+        .map(|c| fails(c).replace(&dir, "TMP/"))
+        .collect();
+    insta::assert_snapshot!(all.join("\n"));
+}

@@ -2,7 +2,7 @@
 # Runs every test of mmsp on a fresh machine: formatting, lints, the planner's unit, property
 # and CLI snapshot tests (default pure-Rust solver and the HiGHS feature), and the runtime's CPU
 # tests against libtorch from a project-local virtual environment. Installs what it needs
-# (cmake for HiGHS, torch==2.11.0 into .venv) and stops at the first failure.
+# (cmake and libclang for HiGHS, torch==2.11.0 into .venv) and stops at the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,11 +18,12 @@ step "planner: tests (microlp)"
 cargo test -p mmsp-planner
 
 step "planner: tests with the HiGHS solver (feature highs)"
-if ! command -v cmake >/dev/null 2>&1; then
+# HiGHS builds with cmake and generates its bindings with bindgen (libclang).
+if ! command -v cmake >/dev/null 2>&1 || ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake libclang-dev >/dev/null
   else
-    echo "cmake is needed to build HiGHS (feature highs): install it and re-run" >&2
+    echo "cmake and libclang-dev are needed to build HiGHS (feature highs): install them and re-run" >&2
     exit 1
   fi
 fi

@@ -5,6 +5,7 @@
 use serde::Serialize;
 
 use crate::cost::{terms, Candidate, Layout, Recompute, Workload};
+use crate::multimodal::MultiModal;
 use crate::search::{self, why_slower, Request, Scored, SearchResult, Strategy};
 use crate::sim::simulate;
 use crate::spec::model::ModelSpec;
@@ -20,19 +21,28 @@ pub fn refine(
     model: &ModelSpec,
     result: &SearchResult,
     context: u64,
+    mm: Option<&MultiModal>,
 ) -> Vec<(Scored, f64)> {
-    let w = Workload {
-        model,
-        context,
-        global_batch: result.global_batch,
-        vision: None,
-    };
     let mut out: Vec<(Scored, f64)> = result
         .ranked
         .iter()
         .take(REFINE_TOP)
         .filter_map(|s| {
-            let t = terms(topo, &w, &s.candidate).ok()?;
+            let c = &s.candidate;
+            let vision = match mm {
+                Some(mm) => Some(
+                    mm.stage(topo, model, &c.layout, c.zero_stage, c.recompute, context)
+                        .ok()?,
+                ),
+                None => None,
+            };
+            let w = Workload {
+                model,
+                context,
+                global_batch: result.global_batch,
+                vision,
+            };
+            let t = terms(topo, &w, c).ok()?;
             Some((s.clone(), simulate(topo, &t, true).step_time_s))
         })
         .collect();
@@ -73,10 +83,13 @@ pub struct Comparison {
     pub strategies: Vec<StrategyRow>,
 }
 
+/// A strategy's best (simulated) configuration or why it has none, and its max context.
+type Outcome = (Strategy, Result<(Scored, f64), String>, Option<u64>);
+
 /// Runs every strategy on the same model, topology and request.
 pub fn compare(topo: &Topology, model: &ModelSpec, base: &Request) -> Comparison {
     // First the best (simulated) configuration of each strategy, then the rows against 2d.
-    let mut outcomes: Vec<(Strategy, Result<(Scored, f64), String>, Option<u64>)> = Vec::new();
+    let mut outcomes: Vec<Outcome> = Vec::new();
     let mut global_batch = 0;
     for strategy in Strategy::ALL {
         let req = Request {
@@ -90,7 +103,7 @@ pub fn compare(topo: &Topology, model: &ModelSpec, base: &Request) -> Comparison
             ..req.clone()
         };
         let max_ctx = search::max_context(topo, model, &one).map(|x| x.0);
-        let best = refine(topo, model, &res, req.context)
+        let best = refine(topo, model, &res, req.context, None)
             .into_iter()
             .next()
             .ok_or_else(|| {

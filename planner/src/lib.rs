@@ -8,6 +8,7 @@ pub mod compare;
 pub mod cost;
 pub mod error;
 pub mod export;
+pub mod multimodal;
 pub mod plan;
 pub mod render;
 pub mod report;

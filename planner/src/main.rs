@@ -8,9 +8,12 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use mmsp_planner::cost::Recompute;
+use mmsp_planner::multimodal::MultiModal;
 use mmsp_planner::plan::Plan;
 use mmsp_planner::render;
 use mmsp_planner::search::{self, Request, Strategy};
+use mmsp_planner::spec::samples::{load_manifest, Sample};
+use mmsp_planner::spec::vision::VisionSpec;
 use mmsp_planner::spec::{cluster::ClusterSpec, model::ModelSpec};
 use mmsp_planner::topology::Topology;
 use mmsp_planner::units::parse_tokens;
@@ -76,7 +79,7 @@ struct CompareArgs {
     #[arg(long, default_value = "dgx-h100")]
     topology: String,
     /// Global batch in sequences [default: 4M tokens' worth, at least 1, a power of two].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     global_batch: Option<u64>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
@@ -118,9 +121,28 @@ struct PlanArgs {
     /// Number of GPUs (whole nodes of the topology).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     gpus: u32,
-    /// Sequence length in tokens: 131072, 128K, 2M or 1.5M (K = 1024, M = 1048576).
-    #[arg(long, default_value = "2M", value_parser = tokens_arg)]
-    context: u64,
+    /// Sequence length in tokens: 131072, 128K, 2M or 1.5M (K = 1024, M = 1048576)
+    /// [default: 2M; with --frames or --samples, the packed video + text tokens].
+    #[arg(long, value_parser = tokens_arg)]
+    context: Option<u64>,
+    /// Video frames of one sample (multi-modal planning: stage 1 balances them over the SP
+    /// group for the vision encoder, stage 2 re-shards their tokens for the LLM).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    frames: Option<u64>,
+    /// Text tokens of the sample given by --frames.
+    #[arg(long, default_value_t = 0)]
+    text_tokens: u64,
+    /// A JSON-lines manifest of the samples packed into one sequence, one per line:
+    /// {"frames": 64, "text_tokens": 512, "resolution": [384, 384]} (resolution optional).
+    #[arg(long, conflicts_with = "frames")]
+    samples: Option<String>,
+    /// Vision encoder preset (siglip-so400m, siglip-so400m-nopool, clip-vit-l-336) or a
+    /// Hugging Face config.json.
+    #[arg(long, default_value = "siglip-so400m")]
+    vision: String,
+    /// Keep the vision encoder frozen (forward only) instead of training it.
+    #[arg(long)]
+    freeze_vision: bool,
     /// Model preset (llama3-8b, llama2-7b, qwen2-7b, llama3-70b) or a Hugging Face config.json.
     #[arg(long, default_value = "llama3-8b")]
     model: String,
@@ -131,7 +153,7 @@ struct PlanArgs {
     #[arg(long, value_enum)]
     recompute: Option<RecomputeArg>,
     /// Global batch in sequences [default: 4M tokens' worth, at least 1, a power of two].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     global_batch: Option<u64>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
@@ -240,10 +262,22 @@ fn plan(a: PlanArgs) -> Result<()> {
     let cluster = ClusterSpec::load(&a.topology)?;
     cluster.check_gpus(u64::from(a.gpus))?;
     let strategy = Strategy::parse(&a.strategy)?;
+    let mm = multimodal_input(&a)?;
+    if mm.is_some() && (a.context.is_some() || a.max_context) {
+        return Err(mmsp_planner::Error::invalid(
+            "flags",
+            "--context and --max-context do not go with --frames/--samples (the context is the packed video + text tokens)",
+        )
+        .into());
+    }
     let topo = Topology::build(&cluster, a.gpus);
+    let context = match &mm {
+        Some(mm) => mm.padded_context(a.gpus),
+        None => a.context.unwrap_or(2 * 1024 * 1024),
+    };
     let mut req = Request {
         gpus: a.gpus,
-        context: a.context,
+        context,
         global_batch: a.global_batch,
         recompute: a.recompute.map(Into::into),
         strategy,
@@ -260,12 +294,12 @@ fn plan(a: PlanArgs) -> Result<()> {
         req.global_batch = Some(a.global_batch.unwrap_or(1));
         max_ctx = Some(ctx);
     }
-    let result = search::search(&topo, &model, &req, None);
+    let result = search::search(&topo, &model, &req, mm.as_ref());
     let Some(best) = result.best() else {
-        return Err(search::no_plan_error(&topo, &model, &req, &result).into());
+        return Err(search::no_plan_error_for(&topo, &model, &req, &result, mm.as_ref()).into());
     };
     // The simulator re-ranks the analytically best few candidates.
-    let refined = mmsp_planner::compare::refine(&topo, &model, &result, req.context);
+    let refined = mmsp_planner::compare::refine(&topo, &model, &result, req.context, mm.as_ref());
     let (best, simulated) = refined
         .first()
         .map(|(s, t)| (s, Some(*t)))
@@ -280,6 +314,19 @@ fn plan(a: PlanArgs) -> Result<()> {
     )?;
     plan.predicted.simulated_step_time_s = simulated;
     plan.max_context_tokens = max_ctx;
+    if let Some(mm) = &mm {
+        let c = &best.candidate;
+        let (vp, ranges) = mm.plan(
+            &topo,
+            &model,
+            &c.layout,
+            c.zero_stage,
+            c.recompute,
+            req.context,
+        )?;
+        plan.vision = Some(vp);
+        plan.tokens.ranges_per_rank = ranges;
+    }
     let mut out = std::io::stdout().lock();
     match a.format {
         Format::Json => {
@@ -293,6 +340,17 @@ fn plan(a: PlanArgs) -> Result<()> {
         )?,
     }
     Ok(())
+}
+
+/// The multi-modal input of `mmsp plan`, if --frames or --samples was given.
+fn multimodal_input(a: &PlanArgs) -> Result<Option<MultiModal>> {
+    let samples = match (&a.samples, a.frames) {
+        (Some(path), _) => load_manifest(path)?,
+        (None, Some(frames)) => vec![Sample::uniform(frames, a.text_tokens)],
+        (None, None) => return Ok(None),
+    };
+    let vision = VisionSpec::load(&a.vision)?;
+    Ok(Some(MultiModal::new(vision, samples, !a.freeze_vision)?))
 }
 
 fn simulate(a: SimulateArgs) -> Result<()> {
@@ -314,7 +372,7 @@ fn simulate(a: SimulateArgs) -> Result<()> {
         model: &plan.model,
         context: plan.context_tokens,
         global_batch: plan.global_batch,
-        vision: None,
+        vision: plan.vision.as_ref().map(|v| v.stage),
     };
     let c = mmsp_planner::compare::candidate_of(&plan);
     let t = mmsp_planner::cost::terms(&topo, &w, &c).map_err(|e| {

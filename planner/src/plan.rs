@@ -96,7 +96,7 @@ pub struct Plan {
     pub tokens: TokenPlan,
     /// Multi-modal stage 1 (frames per rank) when the input is video.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vision: Option<serde_json::Value>,
+    pub vision: Option<crate::multimodal::VisionPlan>,
     pub predicted: Predicted,
     pub feasible: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -155,12 +155,13 @@ pub fn plan_table(
     let t = &p.time;
     let _ = writeln!(
         o,
-        "  time/step    gemm {} | attention {} | elementwise {} | head {} | recompute {}",
+        "  time/step    gemm {} | attention {} | elementwise {} | head {} | recompute {} | vision {}",
         fmt_secs(t.gemm_s),
         fmt_secs(t.attention_s),
         fmt_secs(t.elementwise_s),
         fmt_secs(t.head_s),
-        fmt_secs(t.recompute_s)
+        fmt_secs(t.recompute_s),
+        fmt_secs(t.vision_s)
     );
     let _ = writeln!(
         o,
@@ -172,6 +173,41 @@ pub fn plan_table(
         fmt_secs(t.grad_sync_exposed_s + t.zero_gather_exposed_s),
         fmt_secs(t.optimizer_s)
     );
+    if let Some(v) = &plan.vision {
+        let _ = writeln!(
+            o,
+            "  vision       {} frames of {} sample{} via {} ({} tokens/frame, {})",
+            v.frames,
+            v.samples,
+            if v.samples == 1 { "" } else { "s" },
+            v.encoder,
+            v.tokens_per_frame,
+            if v.train_vision { "trained" } else { "frozen" }
+        );
+        let _ = writeln!(
+            o,
+            "    stage 1    frames over {} SP ranks: encoder imbalance {:.3} -> {:.3} ({} via {}, {}); encoder {} per micro-batch",
+            v.frames_per_rank.len(),
+            v.encoder_imbalance_before,
+            v.encoder_imbalance_after,
+            v.balance_method,
+            v.solver,
+            fmt_secs(v.solve_time_s),
+            fmt_secs(v.stage.encoder_s)
+        );
+        let _ = writeln!(
+            o,
+            "    re-shard   {} of embeddings to the zigzag shards: {} forward, {} gradients back",
+            fmt_gib(v.reshard_bytes as f64),
+            fmt_secs(v.stage.reshard_s),
+            fmt_secs(v.stage.gather_s)
+        );
+        let _ = writeln!(
+            o,
+            "    stage 2    LLM attention imbalance {:.4} (max/mean causal work over SP ranks)",
+            v.attention_imbalance
+        );
+    }
     let _ = writeln!(
         o,
         "  comm         {} exposed, {} overlapped with compute",

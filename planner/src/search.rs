@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::cost::{
-    evaluate, head_split, Candidate, Estimate, Infeasible, Layout, Placement, Recompute,
-    VisionStage, Workload,
+    evaluate, head_split, Candidate, Estimate, Infeasible, Layout, Placement, Recompute, Workload,
 };
 use crate::error::{Error, Result};
+use crate::multimodal::MultiModal;
 use crate::spec::cluster::ClusterSpec;
 use crate::spec::model::ModelSpec;
 use crate::topology::Topology;
@@ -91,7 +91,7 @@ pub fn default_global_batch(context: u64) -> u64 {
 }
 
 fn divisors(n: u32) -> Vec<u32> {
-    (1..=n).filter(|d| n % d == 0).collect()
+    (1..=n).filter(|d| n.is_multiple_of(*d)).collect()
 }
 
 /// Every candidate of a strategy for `gpus` GPUs (before feasibility).
@@ -107,7 +107,7 @@ pub fn enumerate(model: &ModelSpec, cluster: &ClusterSpec, req: &Request) -> Vec
         Strategy::MegatronCpTp | Strategy::TeA2aP2p => {
             divisors(cluster.gpus_per_node.min(cluster.domain_gpus))
                 .into_iter()
-                .filter(|t| req.gpus % t == 0)
+                .filter(|t| req.gpus.is_multiple_of(*t))
                 .collect()
         }
         _ => vec![1],
@@ -143,7 +143,9 @@ pub fn enumerate(model: &ModelSpec, cluster: &ClusterSpec, req: &Request) -> Vec
                         tp,
                         placement,
                     };
-                    if global_batch % u64::from(dp) != 0 || head_split(model, tp, u).is_err() {
+                    if !global_batch.is_multiple_of(u64::from(dp))
+                        || head_split(model, tp, u).is_err()
+                    {
                         // One candidate records why this layout cannot run (batch or heads).
                         out.push(Candidate {
                             layout,
@@ -207,11 +209,12 @@ impl SearchResult {
                 Infeasible::Heads { .. } => "heads cannot be split",
                 Infeasible::Divisibility { .. } => "context not divisible",
                 Infeasible::Batch { .. } => "batch not divisible",
+                Infeasible::Vision(_) => "vision stage cannot run",
             };
             *m.entry(k).or_default() += 1;
         }
         let mut v: Vec<(String, usize)> = m.into_iter().map(|(k, n)| (k.to_string(), n)).collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|x| std::cmp::Reverse(x.1));
         v
     }
 
@@ -232,7 +235,7 @@ pub fn search(
     topo: &Topology,
     model: &ModelSpec,
     req: &Request,
-    vision: Option<VisionStage>,
+    mm: Option<&MultiModal>,
 ) -> SearchResult {
     let global_batch = req
         .global_batch
@@ -241,11 +244,28 @@ pub fn search(
         model,
         context: req.context,
         global_batch,
-        vision,
+        vision: None,
     };
     let mut ranked = Vec::new();
     let mut infeasible = Vec::new();
     for c in enumerate(model, &topo.spec, req) {
+        let mut w = w.clone();
+        if let Some(mm) = mm {
+            match mm.stage(
+                topo,
+                model,
+                &c.layout,
+                c.zero_stage,
+                c.recompute,
+                req.context,
+            ) {
+                Ok(v) => w.vision = Some(v),
+                Err(e) => {
+                    infeasible.push((c, Infeasible::Vision(e)));
+                    continue;
+                }
+            }
+        }
         match evaluate(topo, &w, &c) {
             Ok(estimate) => ranked.push(Scored {
                 candidate: c,
@@ -289,17 +309,12 @@ pub fn max_context(topo: &Topology, model: &ModelSpec, req: &Request) -> Option<
     let granule = 2 * u64::from(req.gpus);
     let mut lo_best = fits(topo, model, req, granule)?;
     let (mut lo, mut hi) = (1u64, 2u64);
-    loop {
-        match fits(topo, model, req, hi * granule) {
-            Some(s) => {
-                lo = hi;
-                lo_best = s;
-                hi *= 2;
-                if hi * granule > (1u64 << 40) {
-                    return Some((lo * granule, lo_best));
-                }
-            }
-            None => break,
+    while let Some(s) = fits(topo, model, req, hi * granule) {
+        lo = hi;
+        lo_best = s;
+        hi *= 2;
+        if hi * granule > (1u64 << 40) {
+            return Some((lo * granule, lo_best));
         }
     }
     while hi - lo > 1 {
@@ -317,6 +332,17 @@ pub fn max_context(topo: &Topology, model: &ModelSpec, req: &Request) -> Option<
 
 /// The fewest GPUs (whole nodes and NVLink domains, by doubling) on which the request fits.
 pub fn fewest_gpus(cluster: &ClusterSpec, model: &ModelSpec, req: &Request) -> Option<u32> {
+    fewest_gpus_for(cluster, model, req, None)
+}
+
+/// [`fewest_gpus`] for a request that may carry multi-modal samples (whose padded context
+/// depends on the GPU count).
+pub fn fewest_gpus_for(
+    cluster: &ClusterSpec,
+    model: &ModelSpec,
+    req: &Request,
+    mm: Option<&MultiModal>,
+) -> Option<u32> {
     let mut gpus = req.gpus.max(cluster.gpus_per_node);
     while gpus <= 65536 {
         gpus *= 2;
@@ -324,11 +350,13 @@ pub fn fewest_gpus(cluster: &ClusterSpec, model: &ModelSpec, req: &Request) -> O
             continue;
         }
         let topo = Topology::build(cluster, gpus);
+        let context = mm.map_or(req.context, |m| m.padded_context(gpus));
         let r = Request {
             gpus,
+            context,
             ..req.clone()
         };
-        if !search(&topo, model, &r, None).ranked.is_empty() {
+        if !search(&topo, model, &r, mm).ranked.is_empty() {
             return Some(gpus);
         }
     }
@@ -414,6 +442,19 @@ pub fn no_plan_error(
     req: &Request,
     result: &SearchResult,
 ) -> Error {
+    no_plan_error_for(topo, model, req, result, None)
+}
+
+/// [`no_plan_error`] for a request that may carry multi-modal samples: then the largest
+/// plain-text context is not named (it would not be comparable), and the fewest GPUs are
+/// searched with the samples.
+pub fn no_plan_error_for(
+    topo: &Topology,
+    model: &ModelSpec,
+    req: &Request,
+    result: &SearchResult,
+    mm: Option<&MultiModal>,
+) -> Error {
     let mut msg = format!(
         "no {} plan fits {} at {} tokens on {} {} GPUs",
         req.strategy.name(),
@@ -436,7 +477,9 @@ pub fn no_plan_error(
             .collect();
         msg += &format!(": infeasible candidates: {}", parts.join(", "));
     }
-    if let Some((ctx, _)) = max_context(topo, model, req) {
+    if mm.is_some() {
+        // The samples fix the context: a plain-text maximum would mislead.
+    } else if let Some((ctx, _)) = max_context(topo, model, req) {
         msg += &format!(
             "; the largest context that fits on {} GPUs is {}",
             req.gpus,
@@ -445,7 +488,7 @@ pub fn no_plan_error(
     } else {
         msg += &format!("; it does not fit on {} GPUs at any context", req.gpus);
     }
-    match fewest_gpus(&topo.spec, model, req) {
+    match fewest_gpus_for(&topo.spec, model, req, mm) {
         Some(g) => msg += &format!("; {g} GPUs would fit {}", fmt_tokens(req.context)),
         None => msg += "; no cluster size up to 65536 GPUs fits it",
     }

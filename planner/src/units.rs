@@ -45,9 +45,7 @@ pub fn parse_tokens(s: &str) -> Result<u64> {
 
 /// Renders a token count compactly: 2097152 -> "2M", 1572864 -> "1.5M", 131072 -> "128K".
 pub fn fmt_tokens(n: u64) -> String {
-    if n >= MI && (n * 100) % MI == 0 {
-        trim_float(n as f64 / MI as f64) + "M"
-    } else if n >= MI {
+    if n >= MI {
         trim_float(n as f64 / MI as f64) + "M"
     } else if n >= KI {
         trim_float(n as f64 / KI as f64) + "K"

@@ -61,9 +61,22 @@ pub fn plan_two_stage(
                 format!("ulysses ({ulysses}) x ring ({ring}) must be a positive rank count"),
             )
         })?;
-    let costs = frame_costs(samples, vision)?;
-    let frames = balance_frames(&costs, ranks, opts)?;
-    let mut frame_tokens = Vec::with_capacity(costs.len());
+    let frames = balance_frames(&frame_costs(samples, vision)?, ranks, opts)?;
+    second_stage(samples, vision, frames, ulysses, ring, hidden_size_llm)
+}
+
+/// Stage 2 and the re-shard for a given stage-1 placement (`frames`, over `ulysses * ring`
+/// ranks): the search balances frames once per SP degree and reuses them for every
+/// Ulysses x ring split of it.
+pub fn second_stage(
+    samples: &[Sample],
+    vision: &VisionSpec,
+    frames: FrameAssignment,
+    ulysses: usize,
+    ring: usize,
+    hidden_size_llm: u64,
+) -> Result<TwoStageBalance> {
+    let mut frame_tokens = Vec::new();
     let mut sample_lens = Vec::with_capacity(samples.len());
     for s in samples {
         let t = vision.tokens_for(s.resolution);

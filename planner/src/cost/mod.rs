@@ -124,14 +124,24 @@ pub struct Workload<'a> {
     pub vision: Option<VisionStage>,
 }
 
-/// The vision stage's cost, computed by the multi-modal planner and added to each micro-batch.
+/// The vision stage's cost for one layout, computed by [`crate::multimodal`] and added to each
+/// micro-batch.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VisionStage {
+    /// Vision encoder time on the most loaded rank (stage 1).
     pub encoder_s: f64,
+    /// Embedding gradients returning to their frames' ranks in backward (0 when frozen).
     pub gather_s: f64,
+    /// Embeddings moving from stage-1 ranks to their stage-2 zigzag shards.
     pub reshard_s: f64,
+    /// Encoder activations per GPU for one sequence's frames.
     pub memory_bytes: f64,
+    /// Encoder model states per GPU (weights, and gradients and optimizer states if trained).
+    pub states_bytes: f64,
+    /// Attention work relative to one sequence of the padded context: sum(len^2)/S^2 of the
+    /// packed samples, times the zigzag's max/mean imbalance.
+    pub attention_scale: f64,
 }
 
 /// Why a candidate cannot run. The search skips these and reports the reasons.
@@ -149,6 +159,8 @@ pub enum Infeasible {
         "context {context} is not a multiple of {multiple} (2 x ring x ulysses zigzag chunks)"
     )]
     Divisibility { context: u64, multiple: u64 },
+    #[error("vision stage: {0}")]
+    Vision(String),
     #[error(
         "global batch {global_batch} is not a multiple of dp {dp} x micro-batch {micro_batch}"
     )]
@@ -206,11 +218,11 @@ pub fn head_split(m: &ModelSpec, tp: u32, ulysses: u32) -> Result<(u64, u64), In
         kv_heads: m.num_kv_heads,
         ways: tp * u,
     };
-    if m.num_heads % (tp * u) != 0 || m.num_kv_heads % tp != 0 {
+    if !m.num_heads.is_multiple_of(tp * u) || !m.num_kv_heads.is_multiple_of(tp) {
         return Err(err);
     }
     let kvt = m.num_kv_heads / tp;
-    if kvt % u != 0 && u % kvt != 0 {
+    if !kvt.is_multiple_of(u) && u % kvt != 0 {
         return Err(err);
     }
     Ok((m.num_heads / (tp * u), kvt.max(u) / u))
@@ -276,14 +288,14 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     let spec = &topo.spec;
     let (q_heads_local, kv_heads_local) = head_split(m, l.tp, l.ulysses)?;
     let zig = 2 * u64::from(l.sp());
-    if w.context % zig != 0 {
+    if !w.context.is_multiple_of(zig) {
         return Err(Infeasible::Divisibility {
             context: w.context,
             multiple: zig,
         });
     }
     let seqs_per_dp = u64::from(l.dp) * u64::from(c.micro_batch);
-    if w.global_batch % seqs_per_dp != 0 {
+    if !w.global_batch.is_multiple_of(seqs_per_dp) {
         return Err(Infeasible::Batch {
             global_batch: w.global_batch,
             dp: l.dp,
@@ -353,7 +365,15 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
         0.0
     };
     let comm_buffers = ring_buf + acc + a2a_buf;
-    let vision_mem = w.vision.map_or(0.0, |v| v.memory_bytes);
+    // The vision stage runs once per sequence of the micro-batch.
+    let vision = w.vision.map(|v| VisionStage {
+        encoder_s: v.encoder_s * mb,
+        gather_s: v.gather_s * mb,
+        reshard_s: v.reshard_s * mb,
+        memory_bytes: v.memory_bytes * mb,
+        ..v
+    });
+    let vision_mem = vision.map_or(0.0, |v| v.memory_bytes + v.states_bytes);
     let tensors = wb + gb + ob + activations + logits + comm_buffers + vision_mem;
     let frag = FRAGMENTATION * tensors;
     let needed = tensors + frag + RUNTIME_RESERVE_BYTES;
@@ -379,7 +399,8 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     let gemm_fwd = layer_gemm_flops_fwd(m, tokens, tp);
     // Attention work of the ring rank's zigzag chunks is balanced: 1/sp of the sequence's
     // causal work per rank (each of the micro-batch's sequences separately).
-    let attn_fwd = mb * attention_flops_fwd(m, s) / (sp * tp);
+    let attn_scale = w.vision.map_or(1.0, |v| v.attention_scale);
+    let attn_fwd = attn_scale * mb * attention_flops_fwd(m, s) / (sp * tp);
     let head_fwd = head_flops_fwd(m, tokens, tp);
     let elem_bytes = tokens * layer_elementwise_bytes_fwd(m, tp);
     let hbm = spec.hbm_bytes_per_s * HBM_EFFICIENCY;
@@ -422,7 +443,7 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
         grad_bytes: params_local * GRAD_BYTES,
         param_bytes: params_local * WEIGHT_BYTES,
         optimizer_s: opt_params * 30.0 / hbm,
-        vision: w.vision,
+        vision,
         memory,
         model_flops: f64::from(l.world())
             * accum as f64

@@ -2,6 +2,7 @@ use super::*;
 use crate::cost::{compose, terms, Candidate, Layout, Placement, Workload};
 use crate::spec::{cluster::ClusterSpec, model::ModelSpec};
 
+#[allow(clippy::too_many_arguments)]
 fn terms_for(
     topo: &Topology,
     model: &str,

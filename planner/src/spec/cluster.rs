@@ -197,7 +197,7 @@ impl ClusterSpec {
         }
         let d = raw.fabric.domain_gpus;
         let g = raw.node.gpus;
-        if d == 0 || (d % g != 0 && g % d != 0) {
+        if d == 0 || (!d.is_multiple_of(g) && !g.is_multiple_of(d)) {
             return Err(bad(format!(
                 "fabric.domain_gpus ({d}) must divide, or be a multiple of, node.gpus ({g})"
             )));
@@ -211,7 +211,7 @@ impl ClusterSpec {
                     .uplink_gbps
                     .map(f64::from)
                     .unwrap_or(raw.fabric.gbps_per_gpu);
-                if per == 0 || g % per != 0 {
+                if per == 0 || !g.is_multiple_of(per) {
                     return Err(bad(format!(
                         "fabric.gpus_per_switch ({per}) must divide node.gpus ({g})"
                     )));
@@ -282,7 +282,7 @@ impl ClusterSpec {
     pub fn check_gpus(&self, gpus: u64) -> Result<()> {
         let unit = u64::from(self.gpus_per_node.max(self.domain_gpus));
         let node = u64::from(self.gpus_per_node);
-        if gpus == 0 || gpus % node != 0 {
+        if gpus == 0 || !gpus.is_multiple_of(node) {
             return Err(Error::invalid(
                 "--gpus",
                 format!(
@@ -291,7 +291,7 @@ impl ClusterSpec {
                 ),
             ));
         }
-        if gpus > unit && gpus % unit != 0 {
+        if gpus > unit && !gpus.is_multiple_of(unit) {
             return Err(Error::invalid(
                 "--gpus",
                 format!(
