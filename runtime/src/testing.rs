@@ -26,10 +26,13 @@ impl Problem {
             shape.seq_len as i64,
             shape.head_dim as i64,
         );
-        let mk = |h: usize| {
-            Tensor::randn([b, h as i64, s, d], (Kind::Double, Device::Cpu))
-                .to_kind(kind)
-                .to(device)
+        // On the CPU draw in float64 (so every dtype sees the same numbers); on a GPU draw
+        // there directly (long sequences would take a minute on the host).
+        let mk = |h: usize| match device {
+            Device::Cpu => {
+                Tensor::randn([b, h as i64, s, d], (Kind::Double, Device::Cpu)).to_kind(kind)
+            }
+            _ => Tensor::randn([b, h as i64, s, d], (kind, device)),
         };
         Problem {
             q: mk(shape.q_heads),
