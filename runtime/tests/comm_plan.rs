@@ -228,3 +228,69 @@ fn bad_shapes_fail_before_any_collective() {
     );
     assert!(res.iter().all(|r| r.is_err()));
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn rendezvous_exchanges_values_and_times_out_on_missing_keys() {
+    use mmsp_runtime::comm::rendezvous::Rendezvous;
+    let port = free_port();
+    let t = Duration::from_secs(3);
+    let got = std::thread::scope(|s| {
+        let r0 = s.spawn(move || {
+            let mut st = Rendezvous::connect("127.0.0.1", port, 0, t).unwrap();
+            st.set("id/0", b"from rank 0").unwrap();
+            let v = st.get("id/1").unwrap();
+            let missing = st.get("never-set");
+            (v, missing.is_err())
+        });
+        let r1 = s.spawn(move || {
+            // Connects before or after rank 0 listens: it retries.
+            let mut st = Rendezvous::connect("127.0.0.1", port, 1, t).unwrap();
+            st.set("id/1", &[7u8; 128]).unwrap();
+            st.get("id/0").unwrap()
+        });
+        (r0.join().unwrap(), r1.join().unwrap())
+    });
+    assert_eq!(got.0 .0, vec![7u8; 128]);
+    assert!(got.0 .1, "a key nobody sets must time out with an error");
+    assert_eq!(got.1, b"from rank 0".to_vec());
+}
+
+#[test]
+fn nccl_world_rejects_a_plan_for_another_world_size_before_any_communication() {
+    use mmsp_runtime::comm::nccl::{LaunchEnv, NcclWorld};
+    let plan = Plan::from_json(
+        r#"{"world_size": 4, "layout": {"ulysses": 2, "ring": 2, "dp": 1, "tp": 1, "placement": "ulysses_inner"}}"#,
+    )
+    .unwrap();
+    // Nobody listens on this port: reaching the rendezvous would fail differently (or wait).
+    let env = LaunchEnv {
+        rank: 0,
+        world_size: 2,
+        local_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: free_port(),
+    };
+    let t0 = std::time::Instant::now();
+    let r = NcclWorld::init(&plan, env, Duration::from_secs(30));
+    assert!(matches!(r, Err(RuntimeError::Launch(_))), "{:?}", r.err());
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn local_collective_times_out_instead_of_hanging() {
+    // Rank 1 never joins the barrier but stays alive: rank 0 must get a timeout error.
+    let comms = LocalComm::group_with_timeout(2, Duration::from_millis(300));
+    let mut it = comms.into_iter();
+    let (c0, c1) = (it.next().unwrap(), it.next().unwrap());
+    let r = c0.barrier();
+    assert!(matches!(r, Err(RuntimeError::Timeout(..))), "{r:?}");
+    drop(c1);
+}
