@@ -64,6 +64,18 @@ enum Cmd {
         #[arg(long, default_value_t = 8192)]
         seq: usize,
     },
+    /// NCCL, one process per GPU (torchrun environment): time 2D attention fwd+bwd over the
+    /// plan's groups against one cuDNN kernel on the whole sequence on one GPU.
+    NcclBench {
+        #[arg(long)]
+        plan: std::path::PathBuf,
+        #[arg(long, default_value_t = 131072)]
+        seq: usize,
+        #[arg(long, default_value_t = 32)]
+        heads: usize,
+        #[arg(long, default_value_t = 128)]
+        head_dim: usize,
+    },
 }
 
 fn sync(device: Device) {
@@ -405,6 +417,91 @@ fn nccl_check(plan_path: &std::path::Path, seq: usize) -> Result<()> {
     Ok(())
 }
 
+fn nccl_bench(plan_path: &std::path::Path, seq: usize, h: usize, d: usize) -> Result<()> {
+    let plan = Plan::from_file(plan_path)
+        .with_context(|| format!("reading plan {}", plan_path.display()))?;
+    let env = LaunchEnv::from_env().context("reading the launch environment")?;
+    let nw = NcclWorld::init(&plan, env.clone(), Duration::from_secs(300))
+        .context("joining the NCCL world")?;
+    let dev = Device::Cuda(env.local_rank);
+    let l = plan.layout;
+    let shape = AttnShape {
+        batch: 1,
+        seq_len: seq,
+        q_heads: h,
+        kv_heads: h,
+        head_dim: d,
+    };
+    let attn = Attention2d::new(&nw.ulysses, &nw.ring, Backend::Cudnn, shape)?;
+    let (la, lb) = attn
+        .sharding()
+        .local_lens(l.coords(env.rank).ring, l.coords(env.rank).ulysses);
+    let mk = || {
+        Tensor::randn(
+            [1, h as i64, (la + lb) as i64, d as i64],
+            (Kind::BFloat16, dev),
+        )
+    };
+    let (q, k, v, dout) = (mk(), mk(), mk(), mk());
+    let step = |bwd: bool| -> Result<()> {
+        let (_o, ctx) = attn.forward(&q, &k, &v)?;
+        if bwd {
+            let _ = attn.backward(&ctx, &dout)?;
+        }
+        Ok(())
+    };
+    let timed = |bwd: bool| -> Result<f64> {
+        let mut ts = Vec::new();
+        for i in 0..4 {
+            nw.world.barrier()?;
+            let t0 = Instant::now();
+            step(bwd)?;
+            nw.world.barrier()?;
+            if i > 0 {
+                ts.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        ts.sort_by(|a, b| a.total_cmp(b));
+        Ok(ts[ts.len() / 2])
+    };
+    let tf = timed(false)?;
+    let tfb = timed(true)?;
+    drop((q, k, v, dout));
+    // One GPU running the whole sequence with one kernel, for the ratio.
+    let (single_f, single_fb) = if env.rank == 0 {
+        let mk = || Tensor::randn([1, h as i64, seq as i64, d as i64], (Kind::BFloat16, dev));
+        let (q, k, v, dout) = (mk(), mk(), mk(), mk());
+        let scale = 1.0 / (d as f64).sqrt();
+        let f = time(dev, 3, || {
+            let _ = attention_fwd(Backend::Cudnn, &q, &k, &v, true, scale)?;
+            Ok(())
+        })?;
+        let fb = time(dev, 3, || {
+            let (o, lse) = attention_fwd(Backend::Cudnn, &q, &k, &v, true, scale)?;
+            let _ = attention_bwd(Backend::Cudnn, &dout, &q, &k, &v, &o, &lse, true, scale)?;
+            Ok(())
+        })?;
+        (f, fb)
+    } else {
+        (f64::NAN, f64::NAN)
+    };
+    nw.world.barrier()?;
+    if env.rank == 0 {
+        let w = env.world_size as f64;
+        let fl = causal_flops(seq, h, d);
+        println!(
+            "{}",
+            json!({"bench": "2d_nccl", "S": seq, "world": env.world_size, "ulysses": l.ulysses, "ring": l.ring,
+                "dp": l.dp, "fwd_ms": tf * 1e3, "fwdbwd_ms": tfb * 1e3,
+                "fwdbwd_tflops_per_gpu": 3.5 * fl / tfb / 1e12 / (w / l.dp as f64),
+                "single_gpu_fwd_ms": single_f * 1e3, "single_gpu_fwdbwd_ms": single_fb * 1e3,
+                "fwd_vs_single_kernel_per_gpu": single_f / (tf * (w / l.dp as f64)),
+                "fwdbwd_vs_single_kernel_per_gpu": single_fb / (tfb * (w / l.dp as f64))})
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let gpu = || -> Result<Device> {
@@ -446,6 +543,12 @@ fn main() -> Result<()> {
             bf16_error(seq, be, dev)?;
         }
         Cmd::NcclCheck { plan, seq } => nccl_check(&plan, seq)?,
+        Cmd::NcclBench {
+            plan,
+            seq,
+            heads,
+            head_dim,
+        } => nccl_bench(&plan, seq, heads, head_dim)?,
     }
     Ok(())
 }
