@@ -6,7 +6,7 @@ pub mod nccl;
 pub mod rendezvous;
 
 use crate::error::{Result, RuntimeError};
-use crate::ffi::cuda::Event;
+use crate::ffi::cuda::InFlight;
 use tch::Tensor;
 
 /// One point-to-point operation of a batched [`Communicator::send_recv`]. Tensors are
@@ -19,37 +19,23 @@ pub enum P2p {
 /// An operation that has been issued. Its results are safe to use on the compute stream
 /// after [`Work::wait`], which makes the compute stream (not the host) wait.
 #[must_use = "call wait() before using the received tensors"]
-pub struct Work {
-    event: Option<Event>,
-    /// Keeps the buffers of an operation in flight alive until the compute stream is ordered
-    /// after it, so that the caching allocator cannot hand their memory out early.
-    _keep: Vec<Tensor>,
-}
+pub struct Work(InFlight);
 
 impl Work {
-    /// An operation that already completed (in-process communicator, CPU tensors).
+    /// An operation that already completed (in-process communicator).
     pub fn done() -> Work {
-        Work {
-            event: None,
-            _keep: Vec::new(),
-        }
+        Work(InFlight::ready())
     }
 
-    /// An operation whose completion is marked by `event` on the communication stream.
-    pub fn pending(event: Event, keep: Vec<Tensor>) -> Work {
-        Work {
-            event: Some(event),
-            _keep: keep,
-        }
+    /// Operations queued on a communication stream.
+    pub fn pending(inflight: InFlight) -> Work {
+        Work(inflight)
     }
 
     /// Orders the compute stream after the operation (a device-side wait; the host does not
     /// block).
     pub fn wait(self) -> Result<()> {
-        if let Some(e) = &self.event {
-            e.wait_on(&crate::ffi::cuda::Stream::torch_default())?;
-        }
-        Ok(())
+        self.0.wait()
     }
 }
 
@@ -73,17 +59,6 @@ pub trait Communicator: Send {
     fn all_reduce(&self, t: &Tensor) -> Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
-}
-
-/// Checks that a buffer given to a collective is usable: contiguous and on the expected device
-/// kind.
-pub(crate) fn check_buffer(t: &Tensor, what: &str) -> Result<()> {
-    if !t.is_contiguous() {
-        return Err(RuntimeError::Comm(format!(
-            "{what}: tensor must be contiguous"
-        )));
-    }
-    Ok(())
 }
 
 /// Checks that `recv` has room for `n` copies of `send` along dim 0.

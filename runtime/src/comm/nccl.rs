@@ -5,9 +5,9 @@
 //! after the work already queued on libtorch's stream through an event, and the caller's
 //! [`Work::wait`] orders libtorch's stream after them: the host never waits for the device.
 use super::rendezvous::Rendezvous;
-use super::{check_buffer, check_gather_shapes, Communicator, P2p, Work};
+use super::{check_gather_shapes, Communicator, P2p, Work};
 use crate::error::{Result, RuntimeError};
-use crate::ffi::cuda::{self, DevBuf, Event, NcclComm, Stream};
+use crate::ffi::cuda::{self, NcclComm, NcclOp, Stream};
 use crate::plan::Plan;
 use std::time::Duration;
 use tch::{Device, Tensor};
@@ -19,21 +19,6 @@ pub struct NcclCommunicator {
     size: usize,
     device: usize,
     stream: Stream,
-}
-
-fn buf(t: &Tensor, device: usize, what: &str) -> Result<DevBuf> {
-    check_buffer(t, what)?;
-    if t.device() != Device::Cuda(device) {
-        return Err(RuntimeError::Comm(format!(
-            "{what}: tensor on {:?}, communicator on cuda:{device}",
-            t.device()
-        )));
-    }
-    Ok(DevBuf {
-        ptr: t.data_ptr(),
-        count: t.numel(),
-        kind: t.kind(),
-    })
 }
 
 impl NcclCommunicator {
@@ -50,21 +35,12 @@ impl NcclCommunicator {
         })
     }
 
-    /// Runs `issue` on the communication stream after the work queued so far on libtorch's
-    /// stream, and returns a handle that orders libtorch's stream after it.
-    fn issue(&self, keep: Vec<Tensor>, issue: impl FnOnce(&Stream) -> Result<()>) -> Result<Work> {
-        let ready = Event::new()?;
-        ready.record(&Stream::torch_default())?;
-        ready.wait_on(&self.stream)?;
-        self.comm.group_start()?;
-        let r = issue(&self.stream);
-        // Always close the group, even when an operation failed to enqueue.
-        let end = self.comm.group_end();
-        r?;
-        end?;
-        let done = Event::new()?;
-        done.record(&self.stream)?;
-        Ok(Work::pending(done, keep))
+    fn launch(&self, ops: &[NcclOp<'_>]) -> Result<Work> {
+        Ok(Work::pending(self.comm.launch(
+            self.device,
+            ops,
+            &self.stream,
+        )?))
     }
 
     fn check_peer(&self, peer: usize) -> Result<()> {
@@ -96,97 +72,56 @@ impl Communicator for NcclCommunicator {
                 self.size
             )));
         }
-        let sb: Vec<DevBuf> = send
-            .iter()
-            .map(|t| buf(t, self.device, "all_to_all send"))
-            .collect::<Result<_>>()?;
-        let rb: Vec<DevBuf> = recv
-            .iter()
-            .map(|t| buf(t, self.device, "all_to_all recv"))
-            .collect::<Result<_>>()?;
-        let keep = send.iter().chain(recv).map(|t| t.shallow_clone()).collect();
-        self.issue(keep, |s| {
-            for p in 0..self.size {
-                // SAFETY: the buffers are live, contiguous CUDA tensors on this device, kept
-                // alive by the returned Work until the compute stream is ordered after them.
-                unsafe {
-                    self.comm.send(&sb[p], p, s)?;
-                    self.comm.recv(&rb[p], p, s)?;
-                }
-            }
-            Ok(())
-        })
+        let mut ops = Vec::with_capacity(2 * self.size);
+        for (p, (s, r)) in send.iter().zip(recv).enumerate() {
+            ops.push(NcclOp::Send { tensor: s, peer: p });
+            ops.push(NcclOp::Recv { tensor: r, peer: p });
+        }
+        self.launch(&ops)
     }
 
     fn send_recv(&self, ops: &[P2p]) -> Result<Work> {
-        let mut bufs = Vec::with_capacity(ops.len());
-        let mut keep = Vec::with_capacity(ops.len());
+        let mut nops = Vec::with_capacity(ops.len());
         for op in ops {
-            let (peer, t, is_send) = match op {
-                P2p::Send { peer, tensor } => (*peer, tensor, true),
-                P2p::Recv { peer, tensor } => (*peer, tensor, false),
-            };
-            self.check_peer(peer)?;
-            bufs.push((buf(t, self.device, "send_recv")?, peer, is_send));
-            keep.push(t.shallow_clone());
-        }
-        self.issue(keep, |s| {
-            for (b, peer, is_send) in &bufs {
-                // SAFETY: as in all_to_all: live contiguous device buffers kept by the Work.
-                unsafe {
-                    if *is_send {
-                        self.comm.send(b, *peer, s)?;
-                    } else {
-                        self.comm.recv(b, *peer, s)?;
-                    }
+            match op {
+                P2p::Send { peer, tensor } => {
+                    self.check_peer(*peer)?;
+                    nops.push(NcclOp::Send {
+                        tensor,
+                        peer: *peer,
+                    });
+                }
+                P2p::Recv { peer, tensor } => {
+                    self.check_peer(*peer)?;
+                    nops.push(NcclOp::Recv {
+                        tensor,
+                        peer: *peer,
+                    });
                 }
             }
-            Ok(())
-        })
+        }
+        self.launch(&nops)
     }
 
     fn all_gather(&self, send: &Tensor, recv: &Tensor) -> Result<()> {
         check_gather_shapes(send, recv, self.size, "all_gather")?;
-        let (sb, rb) = (
-            buf(send, self.device, "all_gather")?,
-            buf(recv, self.device, "all_gather")?,
-        );
-        // SAFETY: live contiguous device buffers of matching sizes, kept by the Work.
-        self.issue(
-            vec![send.shallow_clone(), recv.shallow_clone()],
-            |s| unsafe { self.comm.all_gather(&sb, &rb, s) },
-        )?
-        .wait()
+        self.launch(&[NcclOp::AllGather { send, recv }])?.wait()
     }
 
     fn reduce_scatter(&self, send: &Tensor, recv: &Tensor) -> Result<()> {
         check_gather_shapes(recv, send, self.size, "reduce_scatter")?;
-        let (sb, rb) = (
-            buf(send, self.device, "reduce_scatter")?,
-            buf(recv, self.device, "reduce_scatter")?,
-        );
-        // SAFETY: live contiguous device buffers of matching sizes, kept by the Work.
-        self.issue(
-            vec![send.shallow_clone(), recv.shallow_clone()],
-            |s| unsafe { self.comm.reduce_scatter(&sb, &rb, s) },
-        )?
-        .wait()
+        self.launch(&[NcclOp::ReduceScatter { send, recv }])?.wait()
     }
 
     fn all_reduce(&self, t: &Tensor) -> Result<()> {
-        let b = buf(t, self.device, "all_reduce")?;
-        // SAFETY: in-place all-reduce on a live contiguous device buffer kept by the Work.
-        self.issue(vec![t.shallow_clone()], |s| unsafe {
-            self.comm.all_reduce(&b, &b, s)
-        })?
-        .wait()
+        self.launch(&[NcclOp::AllReduce { tensor: t }])?.wait()
     }
 
     fn barrier(&self) -> Result<()> {
         let t = Tensor::zeros([1], (tch::Kind::Float, Device::Cuda(self.device)));
         self.all_reduce(&t)?;
         // The host waits here, and only here.
-        let _ = t.double_value(&[]);
+        let _ = t.f_double_value(&[])?;
         Ok(())
     }
 }

@@ -5,7 +5,7 @@ use crate::error::{Result, RuntimeError};
 use cudarc::driver::{result as dr, sys as dsys};
 use cudarc::nccl::{result as nr, sys as ns};
 use std::ffi::c_void;
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 fn nccl_err(what: &str, e: nr::NcclError) -> RuntimeError {
     RuntimeError::Nccl(format!("{what}: {:?}", e.0))
@@ -163,10 +163,10 @@ pub struct NcclComm {
 unsafe impl Send for NcclComm {}
 
 /// Where a device buffer for NCCL lives.
-pub struct DevBuf {
-    pub ptr: *mut c_void,
-    pub count: usize,
-    pub kind: Kind,
+struct DevBuf {
+    ptr: *mut c_void,
+    count: usize,
+    kind: Kind,
 }
 
 impl NcclComm {
@@ -193,13 +193,13 @@ impl NcclComm {
         s.raw as ns::cudaStream_t
     }
 
-    pub fn group_start(&self) -> Result<()> {
+    fn group_start(&self) -> Result<()> {
         nr::group_start()
             .map(|_| ())
             .map_err(|e| nccl_err("ncclGroupStart", e))
     }
 
-    pub fn group_end(&self) -> Result<()> {
+    fn group_end(&self) -> Result<()> {
         nr::group_end()
             .map(|_| ())
             .map_err(|e| nccl_err("ncclGroupEnd", e))
@@ -208,7 +208,7 @@ impl NcclComm {
     /// # Safety
     /// `buf` must describe a live device allocation of `count` elements that stays alive until
     /// the stream has run the operation.
-    pub unsafe fn send(&self, buf: &DevBuf, peer: usize, s: &Stream) -> Result<()> {
+    unsafe fn send(&self, buf: &DevBuf, peer: usize, s: &Stream) -> Result<()> {
         let t = nccl_type(buf.kind)?;
         nr::send(
             buf.ptr,
@@ -224,7 +224,7 @@ impl NcclComm {
 
     /// # Safety
     /// As for [`NcclComm::send`].
-    pub unsafe fn recv(&self, buf: &DevBuf, peer: usize, s: &Stream) -> Result<()> {
+    unsafe fn recv(&self, buf: &DevBuf, peer: usize, s: &Stream) -> Result<()> {
         let t = nccl_type(buf.kind)?;
         nr::recv(
             buf.ptr,
@@ -242,7 +242,7 @@ impl NcclComm {
     ///
     /// # Safety
     /// As for [`NcclComm::send`], for both buffers.
-    pub unsafe fn all_reduce(&self, send: &DevBuf, recv: &DevBuf, s: &Stream) -> Result<()> {
+    unsafe fn all_reduce(&self, send: &DevBuf, recv: &DevBuf, s: &Stream) -> Result<()> {
         let t = nccl_type(send.kind)?;
         nr::all_reduce(
             send.ptr,
@@ -261,7 +261,7 @@ impl NcclComm {
     ///
     /// # Safety
     /// As for [`NcclComm::send`], for both buffers.
-    pub unsafe fn all_gather(&self, send: &DevBuf, recv: &DevBuf, s: &Stream) -> Result<()> {
+    unsafe fn all_gather(&self, send: &DevBuf, recv: &DevBuf, s: &Stream) -> Result<()> {
         let t = nccl_type(send.kind)?;
         nr::all_gather(
             send.ptr,
@@ -279,7 +279,7 @@ impl NcclComm {
     ///
     /// # Safety
     /// As for [`NcclComm::send`], for both buffers.
-    pub unsafe fn reduce_scatter(&self, send: &DevBuf, recv: &DevBuf, s: &Stream) -> Result<()> {
+    unsafe fn reduce_scatter(&self, send: &DevBuf, recv: &DevBuf, s: &Stream) -> Result<()> {
         let t = nccl_type(send.kind)?;
         nr::reduce_scatter(
             send.ptr,
@@ -302,5 +302,146 @@ impl Drop for NcclComm {
             // errors are ignored (no panic in Drop).
             let _ = unsafe { nr::comm_destroy(self.comm) };
         }
+    }
+}
+
+/// One operation of a [`NcclComm::launch`] group.
+pub enum NcclOp<'a> {
+    Send {
+        tensor: &'a Tensor,
+        peer: usize,
+    },
+    Recv {
+        tensor: &'a Tensor,
+        peer: usize,
+    },
+    /// In-place sum.
+    AllReduce {
+        tensor: &'a Tensor,
+    },
+    AllGather {
+        send: &'a Tensor,
+        recv: &'a Tensor,
+    },
+    /// Sum; `recv` gets this rank's slice.
+    ReduceScatter {
+        send: &'a Tensor,
+        recv: &'a Tensor,
+    },
+}
+
+/// Operations queued on a communication stream. Holds the tensors they read and write, so that
+/// their memory cannot be handed out again before the compute stream is ordered after them;
+/// dropping it without [`InFlight::wait`] still orders libtorch's stream after the operations.
+pub struct InFlight {
+    done: Option<Event>,
+    _keep: Vec<Tensor>,
+}
+
+impl InFlight {
+    /// Nothing in flight.
+    pub fn ready() -> InFlight {
+        InFlight {
+            done: None,
+            _keep: Vec::new(),
+        }
+    }
+
+    /// Makes libtorch's stream wait (on the device) for the operations.
+    pub fn wait(mut self) -> Result<()> {
+        match self.done.take() {
+            Some(e) => e.wait_on(&Stream::torch_default()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(e) = self.done.take() {
+            // Errors are ignored: no panic in Drop.
+            let _ = e.wait_on(&Stream::torch_default());
+        }
+    }
+}
+
+fn dev_buf(t: &Tensor, device: usize) -> Result<DevBuf> {
+    if t.device() != tch::Device::Cuda(device) {
+        return Err(RuntimeError::Nccl(format!(
+            "tensor on {:?}, communicator on cuda:{device}",
+            t.device()
+        )));
+    }
+    if !t.is_contiguous() {
+        return Err(RuntimeError::Nccl("NCCL buffers must be contiguous".into()));
+    }
+    Ok(DevBuf {
+        ptr: t.data_ptr(),
+        count: t.numel(),
+        kind: t.kind(),
+    })
+}
+
+impl NcclComm {
+    /// Queues `ops` as one NCCL group on `stream`, after the work already queued on
+    /// libtorch's stream. Every tensor is checked (on `cuda:device`, contiguous) first.
+    pub fn launch(&self, device: usize, ops: &[NcclOp<'_>], stream: &Stream) -> Result<InFlight> {
+        let mut bufs = Vec::with_capacity(ops.len());
+        let mut keep = Vec::with_capacity(2 * ops.len());
+        for op in ops {
+            let (a, b) = match op {
+                NcclOp::Send { tensor, .. }
+                | NcclOp::Recv { tensor, .. }
+                | NcclOp::AllReduce { tensor } => (*tensor, None),
+                NcclOp::AllGather { send, recv } | NcclOp::ReduceScatter { send, recv } => {
+                    (*send, Some(*recv))
+                }
+            };
+            keep.push(a.shallow_clone());
+            let bb = match b {
+                Some(t) => {
+                    keep.push(t.shallow_clone());
+                    Some(dev_buf(t, device)?)
+                }
+                None => None,
+            };
+            bufs.push((dev_buf(a, device)?, bb));
+        }
+        let ready = Event::new()?;
+        ready.record(&Stream::torch_default())?;
+        ready.wait_on(stream)?;
+        self.group_start()?;
+        let mut res = Ok(());
+        for (op, (a, b)) in ops.iter().zip(&bufs) {
+            // SAFETY: every buffer is a live, contiguous tensor on this communicator's device
+            // (checked above) whose storage `keep` holds until the compute stream is ordered
+            // after the group (InFlight::wait or its Drop).
+            let r = unsafe {
+                match (op, b) {
+                    (NcclOp::Send { peer, .. }, _) => self.send(a, *peer, stream),
+                    (NcclOp::Recv { peer, .. }, _) => self.recv(a, *peer, stream),
+                    (NcclOp::AllReduce { .. }, _) => self.all_reduce(a, a, stream),
+                    (NcclOp::AllGather { .. }, Some(b)) => self.all_gather(a, b, stream),
+                    (NcclOp::ReduceScatter { .. }, Some(b)) => self.reduce_scatter(a, b, stream),
+                    _ => Err(RuntimeError::Nccl(
+                        "collective without its second buffer".into(),
+                    )),
+                }
+            };
+            if let Err(e) = r {
+                res = Err(e);
+                break;
+            }
+        }
+        // Always close the group, even when an operation failed to enqueue.
+        let end = self.group_end();
+        res?;
+        end?;
+        let done = Event::new()?;
+        done.record(stream)?;
+        Ok(InFlight {
+            done: Some(done),
+            _keep: keep,
+        })
     }
 }
