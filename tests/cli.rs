@@ -254,6 +254,8 @@ fn simulate_and_compare_errors() {
             "1",
         ],
         vec!["compare", "--gpus", "12"],
+        vec!["plan", "--topology", "dgx-a100", "--calibration", "h100-sxm"],
+        vec!["plan", "--calibration", &notplan],
     ];
     let dir = old.replace("old.json", "");
     let all: Vec<String> = cases

@@ -3,6 +3,7 @@
 //! length, and emits a versioned plan that the runtime executes. Pure Rust: no GPU crates.
 
 pub mod balance;
+pub mod calibration;
 pub mod campaign;
 pub mod compare;
 pub mod cost;

@@ -78,6 +78,9 @@ struct CompareArgs {
     /// Topology preset or a TOML file.
     #[arg(long, default_value = "dgx-h100")]
     topology: String,
+    /// Kernel calibration (shipped name or JSON file) replacing the topology's figures.
+    #[arg(long)]
+    calibration: Option<String>,
     /// Global batch in sequences [default: 4M tokens' worth, at least 1, a power of two].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     global_batch: Option<u64>,
@@ -149,6 +152,10 @@ struct PlanArgs {
     /// Topology preset (dgx-h100, dgx-a100, hgx-h200, gb200-nvl72, pcie-l40s) or a TOML file.
     #[arg(long, default_value = "dgx-h100")]
     topology: String,
+    /// Kernel calibration (shipped name such as h100-sxm, or a JSON file from
+    /// tools/calibrate_kernels.py) replacing the topology's throughput figures.
+    #[arg(long)]
+    calibration: Option<String>,
     /// Force a recompute policy instead of searching all three.
     #[arg(long, value_enum)]
     recompute: Option<RecomputeArg>,
@@ -257,9 +264,20 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The cluster spec with an optional calibration applied.
+fn load_cluster(topology: &str, calibration: Option<&str>) -> Result<ClusterSpec> {
+    let mut cluster = ClusterSpec::load(topology)?;
+    if let Some(c) = calibration {
+        let cal = mmsp_planner::calibration::Calibration::load(c)?;
+        cal.check_against(&cluster.gpu_model, cluster.peak_flops)?;
+        cluster.calibration = Some(std::sync::Arc::new(cal));
+    }
+    Ok(cluster)
+}
+
 fn plan(a: PlanArgs) -> Result<()> {
     let model = ModelSpec::load(&a.model)?;
-    let cluster = ClusterSpec::load(&a.topology)?;
+    let cluster = load_cluster(&a.topology, a.calibration.as_deref())?;
     cluster.check_gpus(u64::from(a.gpus))?;
     let strategy = Strategy::parse(&a.strategy)?;
     let mm = multimodal_input(&a)?;
@@ -406,7 +424,7 @@ fn simulate(a: SimulateArgs) -> Result<()> {
 
 fn compare(a: CompareArgs) -> Result<()> {
     let model = ModelSpec::load(&a.model)?;
-    let cluster = ClusterSpec::load(&a.topology)?;
+    let cluster = load_cluster(&a.topology, a.calibration.as_deref())?;
     cluster.check_gpus(u64::from(a.gpus))?;
     let topo = Topology::build(&cluster, a.gpus);
     let req = Request {

@@ -213,7 +213,15 @@ impl MultiModal {
         let spec = &topo.spec;
         let max_load = b.frames.load_per_rank.iter().copied().fold(0.0, f64::max);
         let train_factor = if self.train_vision { 1.0 } else { 1.0 / 3.0 };
-        let encoder_s = max_load * train_factor / spec.gemm_flops;
+        let frames_max = b
+            .frames
+            .frames_per_rank
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0) as f64;
+        let encoder_s =
+            max_load * train_factor / spec.gemm_rate(frames_max * self.vision.patches(None) as f64);
         let n = layout.sp();
         let busiest = b
             .reshard

@@ -410,9 +410,15 @@ pub fn why_slower(topo: &Topology, best: &Scored, other: &Scored) -> String {
             format!("tensor-parallel ({}-way) collectives", l.tp),
         ),
         (
-            (o.gemm_s + o.attention_s + o.elementwise_s + o.head_s)
-                - (b.gemm_s + b.attention_s + b.elementwise_s + b.head_s),
-            "more compute time per step".to_string(),
+            o.attention_s - b.attention_s,
+            format!(
+                "its attention kernels (ring {} x Ulysses {} blocks) run slower per FLOP on the kernel curve",
+                l.ring, l.ulysses
+            ),
+        ),
+        (
+            (o.gemm_s + o.elementwise_s + o.head_s) - (b.gemm_s + b.elementwise_s + b.head_s),
+            "more GEMM and elementwise time per step (fewer tokens per GEMM or more sequences)".to_string(),
         ),
         (
             o.optimizer_s - b.optimizer_s,

@@ -402,6 +402,16 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     let attn_scale = w.vision.map_or(1.0, |v| v.attention_scale);
     let attn_fwd = attn_scale * mb * attention_flops_fwd(m, s) / (sp * tp);
     let head_fwd = head_flops_fwd(m, tokens, tp);
+    // Attention kernel calls: a ring rank's S/R tokens (per sequence) with its q heads; step 0
+    // is causal, every other zigzag step a full 2c x c block (tokens ~ (S/R)/sqrt 2). Equal
+    // work per step; each step at its kernel's measured throughput (fwd+bwd rates, so the
+    // forward share is 1/3.5 of the same time scale).
+    let call_tokens = s / r;
+    let heads_call = q_heads_local as f64;
+    let step_flops = attn_fwd / r;
+    let attn_fwd_s = step_flops / spec.attention_rate(heads_call, call_tokens, true)
+        + (r - 1.0) * step_flops
+            / spec.attention_rate(heads_call, call_tokens / 2f64.sqrt(), false);
     let elem_bytes = tokens * layer_elementwise_bytes_fwd(m, tp);
     let hbm = spec.hbm_bytes_per_s * HBM_EFFICIENCY;
     let hq = (m.hidden_size * m.q_dim()) as f64;
@@ -420,11 +430,11 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
         layers: m.num_layers,
         accum,
         fwd_passes: if c.recompute == Recompute::Full { 2 } else { 1 },
-        gemm_fwd_s: gemm_fwd / spec.gemm_flops,
+        gemm_fwd_s: gemm_fwd / spec.gemm_rate(tokens),
         qkv_share: (hq + 2.0 * (m.hidden_size * m.kv_dim()) as f64) / lp,
         o_share: hq / lp,
         // Forward alone runs at the fwd+bwd throughput in this model (one efficiency figure).
-        attn_fwd_s: attn_fwd / spec.attention_flops,
+        attn_fwd_s,
         elem_fwd_s: elem_bytes / hbm,
         // Selective recompute redoes the norm outputs and SwiGLU product: about a third of
         // the forward's elementwise traffic.
@@ -433,7 +443,7 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
         } else {
             0.0
         },
-        head_fwd_s: head_fwd / spec.gemm_flops,
+        head_fwd_s: head_fwd / spec.gemm_rate(tokens),
         // Ulysses: all-to-all of q, k, v before attention and of the output after, per layer
         // (Jacobs et al. 2023, DeepSpeed-Ulysses, Sec. 3.1); backward mirrors them.
         a2a_qkv_bytes: tokens * 2.0 * (q_dim_local + 2.0 * kv_dim_eff),

@@ -85,6 +85,8 @@ struct RawNetwork {
 struct RawEfficiency {
     gemm_tflops: Option<f64>,
     attention_tflops: Option<f64>,
+    /// A shipped kernel calibration (see `crate::calibration`) to use instead of constants.
+    calibration: Option<String>,
     fabric_efficiency: Option<f64>,
     network_efficiency: Option<f64>,
 }
@@ -128,6 +130,9 @@ pub struct ClusterSpec {
     /// Fraction of nominal link bandwidth that collectives achieve, per plane.
     pub fabric_efficiency: f64,
     pub network_efficiency: f64,
+    /// Measured kernel throughput curves; `None` uses the constants above.
+    #[serde(skip)]
+    pub calibration: Option<std::sync::Arc<crate::calibration::Calibration>>,
 }
 
 /// Names of the shipped topologies.
@@ -246,6 +251,16 @@ impl ClusterSpec {
             Some(t) => pos(t, "efficiency.attention_tflops")? * 1e12,
             None => peak * DEFAULT_ATTENTION_FRACTION,
         };
+        let calibration = match &raw.efficiency.calibration {
+            None => None,
+            Some(name) => {
+                let c = crate::calibration::Calibration::load(name)
+                    .map_err(|e| bad(format!("efficiency.calibration: {e}")))?;
+                c.check_against(&raw.gpu.model, peak)
+                    .map_err(|e| bad(format!("efficiency.calibration: {e}")))?;
+                Some(std::sync::Arc::new(c))
+            }
+        };
         Ok(ClusterSpec {
             name: raw.name,
             description: raw.description,
@@ -270,11 +285,26 @@ impl ClusterSpec {
                 "efficiency.fabric_efficiency",
                 0.8,
             )?,
+            calibration,
             network_efficiency: frac(
                 raw.efficiency.network_efficiency,
                 "efficiency.network_efficiency",
                 0.9,
             )?,
+        })
+    }
+
+    /// bf16 GEMM throughput (FLOP/s) for projections over `tokens` rows.
+    pub fn gemm_rate(&self, tokens: f64) -> f64 {
+        self.calibration
+            .as_ref()
+            .map_or(self.gemm_flops, |c| c.gemm_rate(tokens))
+    }
+
+    /// Attention fwd+bwd throughput (FLOP/s) of one kernel call of `heads` x `tokens`.
+    pub fn attention_rate(&self, heads: f64, tokens: f64, causal: bool) -> f64 {
+        self.calibration.as_ref().map_or(self.attention_flops, |c| {
+            c.attention_rate(heads, tokens, causal)
         })
     }
 

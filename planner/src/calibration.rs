@@ -1,0 +1,239 @@
+//! Kernel calibration: measured throughput curves that replace the cluster spec's constant
+//! efficiency figures. GEMM throughput depends on the token count of the projections; attention
+//! throughput on the heads and tokens of each kernel call, which is what makes many small ring
+//! steps (or few heads per Ulysses rank) slower than one large kernel.
+//!
+//! The file is the JSON printed by `tools/calibrate_kernels.py` on the GPU machine:
+//! `{"device": ..., "gemm": [{"tokens", "n", "k", "tflops"}], "attention": [{"backend",
+//! "heads", "tokens", "causal", "tflops"}]}` (points with an "error" are skipped).
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Calibrations measured on the GPU machine and shipped with the tool.
+pub const EMBEDDED: &[(&str, &str)] =
+    &[("h100-sxm", include_str!("../../calibration/h100-sxm.json"))];
+
+#[derive(Debug, Deserialize)]
+struct RawCalibration {
+    device: String,
+    #[serde(default)]
+    torch: Option<String>,
+    gemm: Vec<RawGemm>,
+    attention: Vec<RawAttention>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawGemm {
+    tokens: f64,
+    #[serde(default)]
+    tflops: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawAttention {
+    heads: f64,
+    tokens: f64,
+    causal: bool,
+    #[serde(default)]
+    tflops: Option<f64>,
+}
+
+/// Throughput curves (FLOP/s) from measurements.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calibration {
+    pub name: String,
+    pub device: String,
+    /// (log tokens, FLOP/s), ascending: mean over the projection shapes measured.
+    gemm: Vec<(f64, f64)>,
+    /// Per causal flag: (log of heads x tokens^2, FLOP/s), ascending. A call's throughput is
+    /// set by how much work it has to spread over the GPU (small calls are launch- and
+    /// occupancy-bound), so the measured points are keyed by work; beyond the largest call
+    /// measured the rate stays at that call's.
+    attention: [Vec<(f64, f64)>; 2],
+}
+
+/// Piecewise-linear interpolation in x, clamped at the ends.
+fn interp(points: &[(f64, f64)], x: f64) -> f64 {
+    match points {
+        [] => f64::NAN,
+        [only] => only.1,
+        _ => {
+            if x <= points[0].0 {
+                return points[0].1;
+            }
+            for w in points.windows(2) {
+                if x <= w[1].0 {
+                    let f = (x - w[0].0) / (w[1].0 - w[0].0);
+                    return w[0].1 + f * (w[1].1 - w[0].1);
+                }
+            }
+            points[points.len() - 1].1
+        }
+    }
+}
+
+impl Calibration {
+    /// A shipped calibration by name, or a JSON file by path.
+    pub fn load(arg: &str) -> Result<Self> {
+        if let Some((name, text)) = EMBEDDED.iter().find(|(n, _)| *n == arg) {
+            return Self::from_json(text, name);
+        }
+        let text = std::fs::read_to_string(arg).map_err(|e| Error::Io {
+            path: arg.into(),
+            msg: e.to_string(),
+        })?;
+        Self::from_json(&text, arg)
+    }
+
+    pub fn from_json(text: &str, name: &str) -> Result<Self> {
+        let bad = |msg: String| Error::Parse {
+            path: name.into(),
+            msg,
+        };
+        let raw: RawCalibration = serde_json::from_str(text).map_err(|e| {
+            bad(format!(
+                "not a kernel calibration (see tools/calibrate_kernels.py): {e}"
+            ))
+        })?;
+        let _ = raw.torch;
+        // GEMM: mean throughput per token count.
+        let mut by_tokens: std::collections::BTreeMap<u64, (f64, f64)> = Default::default();
+        for g in &raw.gemm {
+            if let Some(t) = g.tflops.filter(|t| t.is_finite() && *t > 0.0) {
+                let e = by_tokens.entry(g.tokens as u64).or_default();
+                e.0 += t * 1e12;
+                e.1 += 1.0;
+            }
+        }
+        let gemm: Vec<(f64, f64)> = by_tokens
+            .into_iter()
+            .filter(|(tok, _)| *tok > 0)
+            .map(|(tok, (sum, n))| ((tok as f64).ln(), sum / n))
+            .collect();
+        // Attention: best backend per (causal, heads, tokens).
+        let mut best: std::collections::BTreeMap<(bool, u64, u64), f64> = Default::default();
+        for a in &raw.attention {
+            if let Some(t) = a.tflops.filter(|t| t.is_finite() && *t > 0.0) {
+                let e = best
+                    .entry((a.causal, a.heads as u64, a.tokens as u64))
+                    .or_default();
+                *e = e.max(t * 1e12);
+            }
+        }
+        let mut by_work: [std::collections::BTreeMap<u64, (f64, f64)>; 2] = Default::default();
+        for ((causal, heads, tokens), f) in best {
+            if heads == 0 || tokens == 0 {
+                continue;
+            }
+            let work = heads as f64 * (tokens as f64).powi(2);
+            // Bucket by 1/100 of a natural-log unit so equal-work shapes average.
+            let key = (work.ln() * 100.0).round() as u64;
+            let e = by_work[usize::from(causal)].entry(key).or_default();
+            e.0 += f;
+            e.1 += 1.0;
+        }
+        let attention = by_work.map(|m| {
+            m.into_iter()
+                .map(|(k, (sum, n))| (k as f64 / 100.0, sum / n))
+                .collect::<Vec<_>>()
+        });
+        if gemm.is_empty() || attention.iter().any(Vec::is_empty) {
+            return Err(bad(
+                "needs GEMM points and causal and non-causal attention points with tflops".into(),
+            ));
+        }
+        Ok(Calibration {
+            name: name.into(),
+            device: raw.device,
+            gemm,
+            attention,
+        })
+    }
+
+    /// The highest throughput any curve reaches (FLOP/s).
+    pub fn max_rate(&self) -> f64 {
+        self.gemm
+            .iter()
+            .chain(self.attention.iter().flatten())
+            .map(|p| p.1)
+            .fold(0.0, f64::max)
+    }
+
+    /// Checks that the curves are physical for a GPU of `peak` dense bf16 FLOP/s.
+    pub fn check_against(&self, gpu_model: &str, peak: f64) -> Result<()> {
+        if self.max_rate() > peak * 1.02 {
+            return Err(Error::invalid(
+                "calibration",
+                format!(
+                    "{} (measured on {}) reaches {:.0} TFLOP/s, above the {:.0} TFLOP/s peak of {gpu_model}: calibrate on that GPU",
+                    self.name,
+                    self.device,
+                    self.max_rate() / 1e12,
+                    peak / 1e12
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// bf16 GEMM throughput (FLOP/s) for projections over `tokens` rows.
+    pub fn gemm_rate(&self, tokens: f64) -> f64 {
+        interp(&self.gemm, tokens.max(1.0).ln())
+    }
+
+    /// Attention forward+backward throughput (FLOP/s) of one kernel call over `tokens` query
+    /// (and key) tokens with `heads` heads of dimension 128.
+    pub fn attention_rate(&self, heads: f64, tokens: f64, causal: bool) -> f64 {
+        let work = heads.max(1.0) * tokens.max(1.0).powi(2);
+        interp(&self.attention[usize::from(causal)], work.ln())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interpolates_and_clamps() {
+        let text = r#"{"device": "x", "gemm": [{"tokens": 1024, "n": 1, "k": 1, "tflops": 100},
+            {"tokens": 4096, "n": 1, "k": 1, "tflops": 300}, {"tokens": 4096, "n": 2, "k": 1, "tflops": 500}],
+            "attention": [
+            {"backend": "a", "heads": 8, "tokens": 1024, "causal": false, "tflops": 100},
+            {"backend": "b", "heads": 8, "tokens": 1024, "causal": false, "tflops": 200},
+            {"backend": "a", "heads": 8, "tokens": 4096, "causal": false, "tflops": 400},
+            {"backend": "a", "heads": 32, "tokens": 1024, "causal": false, "tflops": 300},
+            {"backend": "a", "heads": 32, "tokens": 4096, "causal": false, "tflops": 500},
+            {"backend": "a", "heads": 8, "tokens": 1024, "causal": true, "error": "no"},
+            {"backend": "a", "heads": 8, "tokens": 1024, "causal": true, "tflops": 50}]}"#;
+        let c = Calibration::from_json(text, "t").unwrap();
+        assert_eq!(c.gemm_rate(1024.0), 100e12);
+        assert_eq!(c.gemm_rate(4096.0), 400e12); // mean of two shapes
+        assert!((c.gemm_rate(2048.0) - 250e12).abs() < 1e3); // halfway in log tokens
+        assert_eq!(c.gemm_rate(64.0), 100e12); // clamped
+        let near = |a: f64, b: f64| (a - b).abs() / b < 0.01;
+        assert!(near(c.attention_rate(8.0, 1024.0, false), 200e12)); // best backend
+                                                                     // 16 heads x 1024 tokens: work halfway (in log) between 8 x 1024 and 32 x 1024.
+        let mid = c.attention_rate(16.0, 1024.0, false);
+        assert!(mid > 200e12 && mid < 300e12, "{mid}");
+        // Beyond the largest call measured, the largest call's rate; below, the smallest's.
+        assert!(near(c.attention_rate(1.0, 1e6, false), 500e12));
+        assert!(near(c.attention_rate(1.0, 16.0, false), 200e12));
+        assert!(near(c.attention_rate(8.0, 1024.0, true), 50e12));
+    }
+
+    #[test]
+    fn rejects_other_json() {
+        assert!(Calibration::from_json("{\"a\": 1}", "x.json").is_err());
+        assert!(Calibration::load("/nonexistent.json").is_err());
+    }
+
+    #[test]
+    fn shipped_calibrations_parse() {
+        for (name, _) in EMBEDDED {
+            let c = Calibration::load(name).unwrap();
+            assert!(c.gemm_rate(8192.0) > 1e14);
+        }
+    }
+}
