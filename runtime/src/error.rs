@@ -9,6 +9,8 @@ pub enum RuntimeError {
     Shape(String),
     #[error("invalid layout: {0}")]
     Layout(String),
+    #[error("invalid model config: {0}")]
+    Config(String),
     #[error("invalid plan: {0}")]
     Plan(String),
     #[error("launch does not match the plan: {0}")]

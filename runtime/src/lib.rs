@@ -7,10 +7,12 @@ pub mod comm;
 pub mod error;
 pub mod ffi;
 pub mod kernel;
+pub mod model;
 pub mod plan;
 pub mod ring;
 pub mod shard;
 pub mod testing;
+pub mod train;
 pub mod ulysses;
 
 pub use error::{Result, RuntimeError};
