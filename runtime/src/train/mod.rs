@@ -1,0 +1,1 @@
+//! Training over sequence parallelism (in progress).
