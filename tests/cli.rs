@@ -15,9 +15,25 @@ fn mmsp(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Replaces the balancing solver's wall time (which varies run to run) with `<time>`.
+fn redact_solve_time(out: &str) -> String {
+    out.lines()
+        .map(|l| match (l.find(" via "), l.find("); encoder")) {
+            (Some(a), Some(b)) if a < b => match l[a..b].find(", ") {
+                Some(c) => format!("{}, <time>{}", &l[..a + c], &l[b..]),
+                None => l.to_string(),
+            },
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + if out.ends_with('\n') { "\n" } else { "" }
+}
+
 /// Runs and renders exit code, stdout and stderr for a snapshot.
 fn run(args: &[&str]) -> String {
     let (code, out, err) = mmsp(args);
+    let out = redact_solve_time(&out);
     format!(
         "$ mmsp {}\nexit: {code}\n--- stdout\n{out}--- stderr\n{err}",
         args.join(" ")
@@ -254,7 +270,13 @@ fn simulate_and_compare_errors() {
             "1",
         ],
         vec!["compare", "--gpus", "12"],
-        vec!["plan", "--topology", "dgx-a100", "--calibration", "h100-sxm"],
+        vec![
+            "plan",
+            "--topology",
+            "dgx-a100",
+            "--calibration",
+            "h100-sxm",
+        ],
         vec!["plan", "--calibration", &notplan],
     ];
     let dir = old.replace("old.json", "");

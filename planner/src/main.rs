@@ -64,26 +64,50 @@ struct SimulateArgs {
     format: Format,
 }
 
+/// What to plan for: the GPUs, model, cluster and batch (shared by plan and compare).
 #[derive(clap::Args, Debug)]
-struct CompareArgs {
+struct Target {
     /// Number of GPUs (whole nodes of the topology).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     gpus: u32,
-    /// Sequence length in tokens: 131072, 128K, 2M or 1.5M (K = 1024, M = 1048576).
-    #[arg(long, default_value = "512K", value_parser = tokens_arg)]
-    context: u64,
-    /// Model preset or a Hugging Face config.json.
+    /// Model preset (llama3-8b, llama2-7b, qwen2-7b, llama3-70b) or a Hugging Face config.json.
     #[arg(long, default_value = "llama3-8b")]
     model: String,
-    /// Topology preset or a TOML file.
+    /// Topology preset (dgx-h100, dgx-a100, hgx-h200, gb200-nvl72, pcie-l40s) or a TOML file.
     #[arg(long, default_value = "dgx-h100")]
     topology: String,
-    /// Kernel calibration (shipped name or JSON file) replacing the topology's figures.
+    /// Kernel calibration (shipped name such as h100-sxm, or a JSON file from
+    /// tools/calibrate_kernels.py) replacing the topology's throughput figures.
     #[arg(long)]
     calibration: Option<String>,
     /// Global batch in sequences [default: 4M tokens' worth, at least 1, a power of two].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     global_batch: Option<u64>,
+}
+
+impl Target {
+    /// The model, the cluster (with the calibration applied) and its graph for --gpus.
+    fn load(&self) -> Result<(ModelSpec, ClusterSpec, Topology)> {
+        let model = ModelSpec::load(&self.model)?;
+        let mut cluster = ClusterSpec::load(&self.topology)?;
+        if let Some(c) = &self.calibration {
+            let cal = mmsp_planner::calibration::Calibration::load(c)?;
+            cal.check_against(&cluster.gpu_model, cluster.peak_flops)?;
+            cluster.calibration = Some(std::sync::Arc::new(cal));
+        }
+        cluster.check_gpus(u64::from(self.gpus))?;
+        let topo = Topology::build(&cluster, self.gpus);
+        Ok((model, cluster, topo))
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct CompareArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Sequence length in tokens: 131072, 128K, 2M or 1.5M (K = 1024, M = 1048576).
+    #[arg(long, default_value = "512K", value_parser = tokens_arg)]
+    context: u64,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -121,9 +145,8 @@ fn tokens_arg(s: &str) -> std::result::Result<u64, String> {
 
 #[derive(clap::Args, Debug)]
 struct PlanArgs {
-    /// Number of GPUs (whole nodes of the topology).
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
-    gpus: u32,
+    #[command(flatten)]
+    target: Target,
     /// Sequence length in tokens: 131072, 128K, 2M or 1.5M (K = 1024, M = 1048576)
     /// [default: 2M; with --frames or --samples, the packed video + text tokens].
     #[arg(long, value_parser = tokens_arg)]
@@ -146,22 +169,9 @@ struct PlanArgs {
     /// Keep the vision encoder frozen (forward only) instead of training it.
     #[arg(long)]
     freeze_vision: bool,
-    /// Model preset (llama3-8b, llama2-7b, qwen2-7b, llama3-70b) or a Hugging Face config.json.
-    #[arg(long, default_value = "llama3-8b")]
-    model: String,
-    /// Topology preset (dgx-h100, dgx-a100, hgx-h200, gb200-nvl72, pcie-l40s) or a TOML file.
-    #[arg(long, default_value = "dgx-h100")]
-    topology: String,
-    /// Kernel calibration (shipped name such as h100-sxm, or a JSON file from
-    /// tools/calibrate_kernels.py) replacing the topology's throughput figures.
-    #[arg(long)]
-    calibration: Option<String>,
     /// Force a recompute policy instead of searching all three.
     #[arg(long, value_enum)]
     recompute: Option<RecomputeArg>,
-    /// Global batch in sequences [default: 4M tokens' worth, at least 1, a power of two].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    global_batch: Option<u64>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -264,21 +274,8 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// The cluster spec with an optional calibration applied.
-fn load_cluster(topology: &str, calibration: Option<&str>) -> Result<ClusterSpec> {
-    let mut cluster = ClusterSpec::load(topology)?;
-    if let Some(c) = calibration {
-        let cal = mmsp_planner::calibration::Calibration::load(c)?;
-        cal.check_against(&cluster.gpu_model, cluster.peak_flops)?;
-        cluster.calibration = Some(std::sync::Arc::new(cal));
-    }
-    Ok(cluster)
-}
-
 fn plan(a: PlanArgs) -> Result<()> {
-    let model = ModelSpec::load(&a.model)?;
-    let cluster = load_cluster(&a.topology, a.calibration.as_deref())?;
-    cluster.check_gpus(u64::from(a.gpus))?;
+    let (model, cluster, topo) = a.target.load()?;
     let strategy = Strategy::parse(&a.strategy)?;
     let mm = multimodal_input(&a)?;
     if mm.is_some() && (a.context.is_some() || a.max_context) {
@@ -288,15 +285,15 @@ fn plan(a: PlanArgs) -> Result<()> {
         )
         .into());
     }
-    let topo = Topology::build(&cluster, a.gpus);
+    let gpus = a.target.gpus;
     let context = match &mm {
-        Some(mm) => mm.padded_context(a.gpus),
+        Some(mm) => mm.padded_context(gpus),
         None => a.context.unwrap_or(2 * 1024 * 1024),
     };
     let mut req = Request {
-        gpus: a.gpus,
+        gpus,
         context,
-        global_batch: a.global_batch,
+        global_batch: a.target.global_batch,
         recompute: a.recompute.map(Into::into),
         strategy,
     };
@@ -305,11 +302,11 @@ fn plan(a: PlanArgs) -> Result<()> {
         let (ctx, _) = search::max_context(&topo, &model, &req).ok_or_else(|| {
             mmsp_planner::Error::NoFeasiblePlan(format!(
                 "{} does not fit on {} {} GPUs at any context",
-                model.name, a.gpus, cluster.name
+                model.name, gpus, cluster.name
             ))
         })?;
         req.context = ctx;
-        req.global_batch = Some(a.global_batch.unwrap_or(1));
+        req.global_batch = Some(a.target.global_batch.unwrap_or(1));
         max_ctx = Some(ctx);
     }
     let result = search::search(&topo, &model, &req, mm.as_ref());
@@ -324,7 +321,7 @@ fn plan(a: PlanArgs) -> Result<()> {
         .unwrap_or((best, None));
     let mut plan = Plan::build(
         &topo,
-        &a.topology,
+        &a.target.topology,
         &model,
         req.context,
         result.global_batch,
@@ -423,14 +420,11 @@ fn simulate(a: SimulateArgs) -> Result<()> {
 }
 
 fn compare(a: CompareArgs) -> Result<()> {
-    let model = ModelSpec::load(&a.model)?;
-    let cluster = load_cluster(&a.topology, a.calibration.as_deref())?;
-    cluster.check_gpus(u64::from(a.gpus))?;
-    let topo = Topology::build(&cluster, a.gpus);
+    let (model, _, topo) = a.target.load()?;
     let req = Request {
-        gpus: a.gpus,
+        gpus: a.target.gpus,
         context: a.context,
-        global_batch: a.global_batch,
+        global_batch: a.target.global_batch,
         recompute: None,
         strategy: Strategy::TwoD,
     };
