@@ -363,3 +363,77 @@ fn multimodal_input_errors() {
         .collect();
     insta::assert_snapshot!(all.join("\n"));
 }
+
+#[test]
+fn plan_inference_mode() {
+    insta::assert_snapshot!(run(&[
+        "plan",
+        "--mode",
+        "inference",
+        "--context",
+        "1M",
+        "--gpus",
+        "8"
+    ]));
+    let (code, out, err) = mmsp(&[
+        "plan",
+        "--mode",
+        "inference",
+        "--context",
+        "1M",
+        "--gpus",
+        "8",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["mode"], "inference");
+    assert_eq!(v["world_size"], 8);
+    let kv8 = v["inference"]["memory"]["kv_cache_bytes"].as_f64().unwrap();
+    let (_, out16, _) = mmsp(&[
+        "plan",
+        "--mode",
+        "inference",
+        "--context",
+        "1M",
+        "--gpus",
+        "16",
+        "--format",
+        "json",
+    ]);
+    let v16: serde_json::Value = serde_json::from_str(&out16).unwrap();
+    let kv16 = v16["inference"]["memory"]["kv_cache_bytes"]
+        .as_f64()
+        .unwrap();
+    assert!(kv16 < kv8, "{kv16} >= {kv8}");
+    // Training stays the default.
+    let (_, out_t, _) = mmsp(&[
+        "plan",
+        "--gpus",
+        "16",
+        "--context",
+        "128K",
+        "--format",
+        "json",
+    ]);
+    let vt: serde_json::Value = serde_json::from_str(&out_t).unwrap();
+    assert_eq!(vt["mode"], "training");
+    insta::assert_snapshot!(
+        "plan_inference_errors",
+        [
+            fails(&["plan", "--mode", "inference", "--frames", "64"]),
+            fails(&[
+                "plan",
+                "--mode",
+                "inference",
+                "--context",
+                "1000",
+                "--gpus",
+                "8"
+            ]),
+            fails(&["plan", "--mode", "bogus"]),
+        ]
+        .join("\n")
+    );
+}

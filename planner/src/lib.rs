@@ -9,6 +9,7 @@ pub mod compare;
 pub mod cost;
 pub mod error;
 pub mod export;
+pub mod inference;
 pub mod multimodal;
 pub mod plan;
 pub mod render;

@@ -184,6 +184,18 @@ struct PlanArgs {
     /// Runners-up to show in the table.
     #[arg(long, default_value_t = 4)]
     top: usize,
+    /// Plan training steps or inference (sequence-parallel prefill, sharded-KV decoding).
+    #[arg(long, value_enum, default_value_t = Mode::Training)]
+    mode: Mode,
+    /// Inference: tokens decoded per request (weights decode against prefill in the ranking).
+    #[arg(long, default_value_t = 1024)]
+    decode_tokens: u64,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Training,
+    Inference,
 }
 
 fn main() -> ExitCode {
@@ -275,6 +287,9 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn plan(a: PlanArgs) -> Result<()> {
+    if a.mode == Mode::Inference {
+        return plan_inference(a);
+    }
     let (model, cluster, topo) = a.target.load()?;
     let strategy = Strategy::parse(&a.strategy)?;
     let mm = multimodal_input(&a)?;
@@ -352,6 +367,43 @@ fn plan(a: PlanArgs) -> Result<()> {
             out,
             "{}",
             render::plan_table(&topo, &plan, &result, best, a.top)
+        )?,
+    }
+    Ok(())
+}
+
+/// `mmsp plan --mode inference`: see `mmsp_planner::inference`.
+fn plan_inference(a: PlanArgs) -> Result<()> {
+    use mmsp_planner::inference::{self, InferenceRequest};
+    if a.frames.is_some() || a.samples.is_some() || a.max_context || a.recompute.is_some() {
+        return Err(mmsp_planner::Error::invalid(
+            "flags",
+            "--mode inference plans token ids at --context; --frames, --samples, --max-context and --recompute are for training",
+        )
+        .into());
+    }
+    let (model, _, topo) = a.target.load()?;
+    let req = InferenceRequest {
+        gpus: a.target.gpus,
+        context: a.context.unwrap_or(2 * 1024 * 1024),
+        decode_tokens: a.decode_tokens,
+    };
+    let result = inference::search(&topo, &model, &req);
+    let Some((c, e)) = result.ranked.first() else {
+        return Err(inference::no_plan_error(&model, &req, &result).into());
+    };
+    let mut out = std::io::stdout().lock();
+    match a.format {
+        Format::Json => {
+            let plan = inference::build_plan(&topo, &a.target.topology, &model, req.context, c, e)?;
+            let v = inference::plan_json(&plan, e)?;
+            serde_json::to_writer_pretty(&mut out, &v).context("writing the plan")?;
+            writeln!(out)?;
+        }
+        Format::Table => write!(
+            out,
+            "{}",
+            inference::table(&topo, &model, &req, &result, a.top)
         )?,
     }
     Ok(())

@@ -1,0 +1,706 @@
+//! Inference planning (`mmsp plan --mode inference`): one long sequence served by all GPUs as
+//! one sequence-parallel group (ulysses x ring = GPUs, dp = 1). Prefill runs 2D attention over
+//! the zigzag shards and every rank keeps the K/V of its own tokens; decoding attends over the
+//! sharded cache (each rank a partial attention of the new query over its shard, merged by
+//! log-sum-exp through an all-gather). The search tries every (ulysses, ring) factorisation,
+//! both placements, and replicated or ZeRO-3-style sharded weights, drops what does not fit,
+//! and ranks the rest by prefill time + `decode_tokens` x decode time per token.
+//!
+//! Cost terms are the forward halves of the training model's ([`crate::cost::terms`]): the same
+//! FLOP counts ([`crate::cost::compute`]), kernel rates, elementwise roofline, Ulysses
+//! all-to-all, ring p2p overlap and ZeRO-3 weight gathers routed over the same topology. No
+//! gradients, optimizer states or backward. Decoding is memory bound: one token reads the
+//! rank's KV shard and the weights from HBM (roofline, Williams et al. 2009), plus the merge
+//! all-gather of every layer and the broadcast of the sampled token.
+//!
+//! KV layout (what `mmsp-runtime infer` keeps): each rank holds the K/V of its zigzag tokens
+//! for *all* kv heads, i.e. the layout of the attention inputs before the Ulysses all-to-all.
+//! So `kv_heads_held` = kv heads and `tokens_per_rank` = context / sp. The head layout (after
+//! the all-to-all) would hold max(kv, ulysses)/ulysses heads for context/ring tokens, which is
+//! the same when kv >= ulysses and `ulysses/kv` times more when Ulysses replicates kv heads;
+//! [`kv_cache_bytes`] takes either, and [`head_layout_kv_bytes`] gives the latter for
+//! comparison. Tokens decoded after the prompt are appended round-robin: position p >= prompt
+//! length goes to SP rank (p - prompt) mod sp, so shards stay within one token of each other.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cost::compute::{
+    attention_flops_fwd, head_flops_fwd, layer_elementwise_bytes_fwd, layer_gemm_flops_fwd,
+    HBM_EFFICIENCY,
+};
+use crate::cost::memory::{
+    layer_activation_bytes_per_token, model_states, ActivationArch, FRAGMENTATION,
+    RUNTIME_RESERVE_BYTES, WEIGHT_BYTES,
+};
+use crate::cost::{
+    head_split, Candidate, Estimate, Infeasible, Layout, MemoryBreakdown, Placement, Recompute,
+    TimeBreakdown,
+};
+use crate::error::{Error, Result};
+use crate::plan::Plan;
+use crate::search::Scored;
+use crate::spec::model::ModelSpec;
+use crate::topology::Topology;
+use crate::units::{fmt_gib, fmt_tokens};
+
+/// Bytes per K/V element in the cache (bf16).
+pub const KV_BYTES: f64 = 2.0;
+
+/// How the weights are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightSharding {
+    /// Every GPU holds all weights.
+    Replicated,
+    /// ZeRO-3 style: each GPU holds 1/sp of the weights and gathers a layer before using it
+    /// (Rajbhandari et al. 2020, Sec. 5).
+    Sharded,
+}
+
+impl WeightSharding {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            WeightSharding::Replicated => "replicated",
+            WeightSharding::Sharded => "sharded (ZeRO-3)",
+        }
+    }
+}
+
+/// What to plan.
+#[derive(Debug, Clone)]
+pub struct InferenceRequest {
+    pub gpus: u32,
+    /// KV capacity in tokens: prompt + generated tokens. Prefill is predicted for a prompt of
+    /// this length, decoding at a full cache (worst cases).
+    pub context: u64,
+    /// Tokens decoded per request, weighting decode against prefill in the ranking.
+    pub decode_tokens: u64,
+}
+
+/// One point of the search space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct InferenceCandidate {
+    pub layout: Layout,
+    pub weights: WeightSharding,
+}
+
+/// Memory per GPU, bytes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceMemory {
+    pub weights_bytes: f64,
+    pub kv_cache_bytes: f64,
+    /// One layer's prefill activations at a time (no gradients kept).
+    pub activations_bytes: f64,
+    pub logits_bytes: f64,
+    pub comm_buffers_bytes: f64,
+    pub reserved_bytes: f64,
+    pub fragmentation_bytes: f64,
+    pub total_bytes: f64,
+}
+
+/// Prediction for one feasible candidate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceEstimate {
+    pub weights: WeightSharding,
+    /// K/V held per rank: heads (all kv heads, token layout) and tokens.
+    pub kv_heads_held: u64,
+    pub kv_tokens_per_rank: u64,
+    /// Rule for tokens decoded after the prompt.
+    pub kv_append_rule: String,
+    pub prefill_s: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_s_per_token: f64,
+    pub decode_tokens: u64,
+    /// prefill_s + decode_tokens x decode_s_per_token: the ranking key.
+    pub request_s: f64,
+    pub memory: InferenceMemory,
+    pub prefill: TimeBreakdown,
+    /// Decode per token: HBM reads of KV shard and weights.
+    pub decode_hbm_s: f64,
+    /// Decode per token: merge all-gathers (every layer) and the token broadcast.
+    pub decode_comm_s: f64,
+    /// Decode per token: ZeRO-3 weight gathers (0 when replicated).
+    pub decode_weight_gather_s: f64,
+    pub prefill_flops: f64,
+}
+
+/// 2 (K and V) x layers x kv heads held x head dim x tokens per rank x 2 bytes (bf16).
+pub fn kv_cache_bytes(layers: u64, kv_heads_held: u64, head_dim: u64, tokens_per_rank: u64) -> f64 {
+    2.0 * layers as f64 * kv_heads_held as f64 * head_dim as f64 * tokens_per_rank as f64 * KV_BYTES
+}
+
+/// KV bytes per GPU if the cache were kept in the head layout (after the Ulysses all-to-all):
+/// max(kv, ulysses)/ulysses heads (kv-head replication when ulysses > kv heads) for the ring
+/// rank's context/ring tokens.
+pub fn head_layout_kv_bytes(m: &ModelSpec, l: &Layout, context: u64) -> f64 {
+    let u = u64::from(l.ulysses);
+    let held = m.num_kv_heads.max(u) / u;
+    kv_cache_bytes(m.num_layers, held, m.head_dim, context / u64::from(l.ring))
+}
+
+/// Predicts one candidate, or says why it cannot run.
+pub fn evaluate(
+    topo: &Topology,
+    m: &ModelSpec,
+    req: &InferenceRequest,
+    c: &InferenceCandidate,
+) -> std::result::Result<InferenceEstimate, Infeasible> {
+    let l = &c.layout;
+    let spec = &topo.spec;
+    let (q_heads_local, kv_heads_local) = head_split(m, l.tp, l.ulysses)?;
+    let zig = 2 * u64::from(l.sp());
+    if !req.context.is_multiple_of(zig) {
+        return Err(Infeasible::Divisibility {
+            context: req.context,
+            multiple: zig,
+        });
+    }
+    let (u, r, sp) = (f64::from(l.ulysses), f64::from(l.ring), f64::from(l.sp()));
+    let s = req.context as f64;
+    let layers = m.num_layers as f64;
+    let (h, hd) = (m.hidden_size as f64, m.head_dim as f64);
+    let tokens = s / sp;
+    let kv_dim_eff = kv_heads_local as f64 * u * hd;
+    let q_dim_local = q_heads_local as f64 * u * hd;
+
+    // ---- memory ----
+    let kv_tokens = req.context / u64::from(l.sp());
+    let kv = kv_cache_bytes(m.num_layers, m.num_kv_heads, m.head_dim, kv_tokens);
+    let shards = f64::from(l.sp());
+    let params = m.params() as f64;
+    let weights = match c.weights {
+        WeightSharding::Replicated => WEIGHT_BYTES * params,
+        // The weight part of ZeRO-3 model states: a 1/sp shard plus two gathered layers.
+        WeightSharding::Sharded => model_states(params, m.layer_params() as f64, 3, shards).0,
+    };
+    // One layer's forward tensors at a time: everything a training layer would keep
+    // (Korthikanti et al. 2022 accounting, with Ulysses-replicated kv width), freed after the
+    // layer, plus the residual stream in and out (2 x 2h bytes per token).
+    let arch = ActivationArch {
+        hidden: h,
+        q_dim: m.q_dim() as f64,
+        kv_dim: kv_dim_eff,
+        ffn: m.intermediate_size as f64,
+        heads: m.num_heads as f64,
+        swiglu: true,
+        dropout: false,
+        flash: true,
+    };
+    let activations =
+        (layer_activation_bytes_per_token(&arch, s, 1.0, Recompute::None) + 4.0 * h) * tokens;
+    // Logits of the last position only, fp32.
+    let logits = m.vocab_size as f64 * 4.0;
+    // Forward ring: the K/V block in flight double-buffered (send + receive, bf16) and fp32
+    // accumulators for the output and log-sum-exp of the ring rank's queries; Ulysses staging of
+    // one q-sized tensor (as in cost::terms, without the backward's dK/dV).
+    let kv_block = (s / r) * kv_heads_local as f64 * hd;
+    let ring_buf = if l.ring > 1 {
+        2.0 * 2.0 * kv_block * 2.0
+    } else {
+        0.0
+    };
+    let acc = (s / r) * q_heads_local as f64 * (hd + 1.0) * 4.0;
+    let a2a_buf = if l.ulysses > 1 {
+        tokens * q_dim_local * 2.0
+    } else {
+        0.0
+    };
+    let comm_buffers = ring_buf + acc + a2a_buf;
+    let tensors = weights + kv + activations + logits + comm_buffers;
+    let frag = FRAGMENTATION * tensors;
+    let total = tensors + frag + RUNTIME_RESERVE_BYTES;
+    let memory = InferenceMemory {
+        weights_bytes: weights,
+        kv_cache_bytes: kv,
+        activations_bytes: activations,
+        logits_bytes: logits,
+        comm_buffers_bytes: comm_buffers,
+        reserved_bytes: RUNTIME_RESERVE_BYTES,
+        fragmentation_bytes: frag,
+        total_bytes: total,
+    };
+    if total > spec.hbm_bytes {
+        return Err(Infeasible::Memory {
+            needed: total,
+            available: spec.hbm_bytes,
+        });
+    }
+
+    // ---- prefill: the forward terms of cost::terms, per layer ----
+    let gemm_flops = layer_gemm_flops_fwd(m, tokens, 1.0);
+    let gemm_s = gemm_flops / spec.gemm_rate(tokens);
+    let attn_flops = attention_flops_fwd(m, s) / sp;
+    // Ring step 0 is causal over S/R tokens, every other zigzag step a full block (tokens ~
+    // (S/R)/sqrt 2), each at its kernel's measured rate (as cost::terms does).
+    let step_flops = attn_flops / r;
+    let heads_call = q_heads_local as f64;
+    let attn_s = step_flops / spec.attention_rate(heads_call, s / r, true)
+        + (r - 1.0) * step_flops / spec.attention_rate(heads_call, s / r / 2f64.sqrt(), false);
+    let hbm = spec.hbm_bytes_per_s * HBM_EFFICIENCY;
+    let elem_s = tokens * layer_elementwise_bytes_fwd(m, 1.0) / hbm;
+    // Head (final norm + logits) on the last token only.
+    let head_flops = head_flops_fwd(m, 1.0, 1.0);
+    let head_s = head_flops / spec.gemm_rate(1.0);
+    // Ulysses all-to-all of q, k, v before attention and the output after (Jacobs et al. 2023).
+    let uly = l.ulysses_family();
+    let a2a_s = topo.all_to_all(uly, tokens * 2.0 * (q_dim_local + 2.0 * kv_dim_eff))
+        + topo.all_to_all(uly, tokens * 2.0 * q_dim_local);
+    // Ring: R-1 K/V transfers per layer, each overlapped with one step's attention (Liu et al.
+    // 2023, Sec. 3).
+    let (mut ring_s, mut ring_exposed) = (0.0, 0.0);
+    if l.ring > 1 {
+        let c_fwd = topo.ring_p2p(l.ring_family(), 2.0 * kv_block * 2.0);
+        ring_s = (r - 1.0) * c_fwd;
+        ring_exposed = (r - 1.0) * (c_fwd - attn_s / r).max(0.0);
+    }
+    let layer_compute = gemm_s + attn_s;
+    let param_bytes = WEIGHT_BYTES * params;
+    let gf = l.grad_family();
+    // ZeRO-3: every layer's weights gathered once in prefill, prefetched a layer ahead (exposed:
+    // the first layer, or what compute cannot hide), as in cost::compose.
+    let (gather, gather_exposed) = match c.weights {
+        WeightSharding::Replicated => (0.0, 0.0),
+        WeightSharding::Sharded => {
+            let g = topo.all_gather(gf, param_bytes);
+            let last = 1.0 / layers;
+            (g, (g - layers * layer_compute * (1.0 - last)).max(g * last))
+        }
+    };
+    let prefill_s =
+        layers * (gemm_s + attn_s + elem_s + a2a_s + ring_exposed) + head_s + gather_exposed;
+    let prefill = TimeBreakdown {
+        gemm_s: layers * gemm_s,
+        attention_s: layers * attn_s,
+        elementwise_s: layers * elem_s,
+        head_s,
+        ulysses_all_to_all_s: layers * a2a_s,
+        ring_p2p_s: layers * ring_s,
+        ring_exposed_s: layers * ring_exposed,
+        zero_gather_s: gather,
+        zero_gather_exposed_s: gather_exposed,
+        ..TimeBreakdown::default()
+    };
+
+    // ---- decode, per token ----
+    // Every rank reads its KV shard and all the weights it multiplies (gathered ones too).
+    let decode_hbm_s = (kv + param_bytes) / hbm;
+    // Per layer: all-gather of every rank's partial output (bf16, q heads x head dim) and fp32
+    // log-sum-exp (q heads) over the SP group; per token: broadcast of the sampled token id
+    // (an all-gather of 8 bytes per rank). NCCL ring all-gather cost (topology::all_gather).
+    let sp_family = gf;
+    let partial = m.num_heads as f64 * (2.0 * hd + 4.0);
+    let decode_comm_s =
+        layers * topo.all_gather(sp_family, sp * partial) + topo.all_gather(sp_family, sp * 8.0);
+    let decode_weight_gather_s = match c.weights {
+        WeightSharding::Replicated => 0.0,
+        WeightSharding::Sharded => gather,
+    };
+    let decode_s = decode_hbm_s + decode_comm_s + decode_weight_gather_s;
+    let prefill_flops = layers * (gemm_flops + attn_flops) * sp + head_flops;
+    Ok(InferenceEstimate {
+        weights: c.weights,
+        kv_heads_held: m.num_kv_heads,
+        kv_tokens_per_rank: kv_tokens,
+        kv_append_rule:
+            "round_robin: position p >= prompt length goes to sp rank (p - prompt) mod sp".into(),
+        prefill_s,
+        prefill_tokens_per_s: s / prefill_s,
+        decode_s_per_token: decode_s,
+        decode_tokens: req.decode_tokens,
+        request_s: prefill_s + req.decode_tokens as f64 * decode_s,
+        memory,
+        prefill,
+        decode_hbm_s,
+        decode_comm_s,
+        decode_weight_gather_s,
+        prefill_flops,
+    })
+}
+
+/// Every candidate: sp = GPUs, each (ulysses, ring) factorisation, both placements when both
+/// degrees exceed 1, replicated or sharded weights.
+pub fn enumerate(req: &InferenceRequest) -> Vec<InferenceCandidate> {
+    let mut out = Vec::new();
+    for u in (1..=req.gpus).filter(|d| req.gpus.is_multiple_of(*d)) {
+        let ring = req.gpus / u;
+        let placements: &[Placement] = if u > 1 && ring > 1 {
+            &[Placement::UlyssesInner, Placement::RingInner]
+        } else {
+            &[Placement::UlyssesInner]
+        };
+        for &placement in placements {
+            for weights in [WeightSharding::Replicated, WeightSharding::Sharded] {
+                out.push(InferenceCandidate {
+                    layout: Layout {
+                        ulysses: u,
+                        ring,
+                        dp: 1,
+                        tp: 1,
+                        placement,
+                    },
+                    weights,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Outcome of an inference search.
+#[derive(Debug)]
+pub struct InferenceSearch {
+    /// Feasible candidates, fastest request first.
+    pub ranked: Vec<(InferenceCandidate, InferenceEstimate)>,
+    pub infeasible: Vec<(InferenceCandidate, Infeasible)>,
+}
+
+/// Evaluates every candidate and ranks the feasible ones by request time.
+pub fn search(topo: &Topology, m: &ModelSpec, req: &InferenceRequest) -> InferenceSearch {
+    let (mut ranked, mut infeasible) = (Vec::new(), Vec::new());
+    for c in enumerate(req) {
+        match evaluate(topo, m, req, &c) {
+            Ok(e) => ranked.push((c, e)),
+            Err(e) => infeasible.push((c, e)),
+        }
+    }
+    ranked.sort_by(|a, b| a.1.request_s.total_cmp(&b.1.request_s));
+    InferenceSearch { ranked, infeasible }
+}
+
+/// The error when nothing fits, naming the closest miss.
+pub fn no_plan_error(m: &ModelSpec, req: &InferenceRequest, s: &InferenceSearch) -> Error {
+    let miss = s
+        .infeasible
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Infeasible::Memory { needed, available } => Some((*needed, *available)),
+            _ => None,
+        })
+        .min_by(|a, b| a.0.total_cmp(&b.0));
+    let why = match miss {
+        Some((n, a)) => format!(
+            "the smallest needs {} per GPU, {} available",
+            fmt_gib(n),
+            fmt_gib(a)
+        ),
+        None => s
+            .infeasible
+            .first()
+            .map_or("no candidates".into(), |(_, e)| e.to_string()),
+    };
+    Error::NoFeasiblePlan(format!(
+        "no inference layout of {} at {} tokens fits on {} GPUs: {why}",
+        m.name,
+        fmt_tokens(req.context),
+        req.gpus
+    ))
+}
+
+/// The training-plan shell of a candidate: mesh, groups and zigzag shards come from
+/// [`Plan::build`]; `mode` is "inference", `predicted` holds the prefill figures (step =
+/// prefill; memory total includes the KV cache, counted in `activations_bytes`).
+pub fn build_plan(
+    topo: &Topology,
+    topology_arg: &str,
+    m: &ModelSpec,
+    context: u64,
+    c: &InferenceCandidate,
+    e: &InferenceEstimate,
+) -> Result<Plan> {
+    let world = c.layout.world();
+    let mem = &e.memory;
+    let estimate = Estimate {
+        step_time_s: e.prefill_s,
+        tokens_per_s: e.prefill_tokens_per_s,
+        mfu: e.prefill_flops / (e.prefill_s * f64::from(world) * topo.spec.peak_flops),
+        memory_per_gpu_bytes: mem.total_bytes,
+        memory: MemoryBreakdown {
+            weights_bytes: mem.weights_bytes,
+            gradients_bytes: 0.0,
+            optimizer_bytes: 0.0,
+            activations_bytes: mem.activations_bytes + mem.kv_cache_bytes,
+            logits_bytes: mem.logits_bytes,
+            comm_buffers_bytes: mem.comm_buffers_bytes,
+            reserved_bytes: mem.reserved_bytes,
+            fragmentation_bytes: mem.fragmentation_bytes,
+            total_bytes: mem.total_bytes,
+        },
+        time: e.prefill.clone(),
+        comm_exposed_s: e.prefill.ulysses_all_to_all_s
+            + e.prefill.ring_exposed_s
+            + e.prefill.zero_gather_exposed_s,
+        comm_overlapped_s: (e.prefill.ring_p2p_s - e.prefill.ring_exposed_s)
+            + (e.prefill.zero_gather_s - e.prefill.zero_gather_exposed_s),
+        grad_accum_steps: 1,
+        model_flops: e.prefill_flops,
+    };
+    let scored = Scored {
+        candidate: Candidate {
+            layout: c.layout,
+            zero_stage: match c.weights {
+                WeightSharding::Replicated => 0,
+                WeightSharding::Sharded => 3,
+            },
+            recompute: Recompute::None,
+            micro_batch: 1,
+        },
+        estimate,
+    };
+    let mut plan = Plan::build(topo, topology_arg, m, context, 1, &scored)?;
+    plan.mode = "inference".into();
+    Ok(plan)
+}
+
+/// The plan as JSON: the [`Plan`] fields plus an `inference` object with the estimate.
+pub fn plan_json(plan: &Plan, e: &InferenceEstimate) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(plan)
+        .map_err(|err| Error::invalid("plan", format!("cannot serialise: {err}")))?;
+    let inf = serde_json::to_value(e)
+        .map_err(|err| Error::invalid("plan", format!("cannot serialise: {err}")))?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("inference".into(), inf);
+    }
+    Ok(v)
+}
+
+fn layout_name(l: &Layout) -> String {
+    format!(
+        "ulysses {} x ring {} ({})",
+        l.ulysses,
+        l.ring,
+        l.placement.as_str()
+    )
+}
+
+fn ms(s: f64) -> String {
+    format!("{:.3} ms", s * 1e3)
+}
+
+/// Table output of an inference plan: the best candidate, its memory and times, runners-up.
+pub fn table(
+    topo: &Topology,
+    m: &ModelSpec,
+    req: &InferenceRequest,
+    s: &InferenceSearch,
+    top: usize,
+) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "mmsp plan --mode inference: {} at {} tokens on {} x {} ({}), {} decoded tokens per request",
+        m.name,
+        fmt_tokens(req.context),
+        req.gpus,
+        topo.spec.name,
+        topo.spec.gpu_model,
+        req.decode_tokens
+    );
+    let _ = writeln!(
+        o,
+        "searched {} candidates: {} feasible, {} infeasible",
+        s.ranked.len() + s.infeasible.len(),
+        s.ranked.len(),
+        s.infeasible.len()
+    );
+    let Some((c, e)) = s.ranked.first() else {
+        return o;
+    };
+    let mem = &e.memory;
+    let _ = writeln!(o);
+    let _ = writeln!(o, "Best plan");
+    let _ = writeln!(
+        o,
+        "  layout        {}, sp {}",
+        layout_name(&c.layout),
+        c.layout.sp()
+    );
+    let _ = writeln!(o, "  weights       {}", e.weights.as_str());
+    let _ = writeln!(
+        o,
+        "  KV cache      {} kv heads x {} tokens per rank, new tokens round-robin over sp ranks",
+        e.kv_heads_held,
+        fmt_tokens(e.kv_tokens_per_rank)
+    );
+    let _ = writeln!(o);
+    let _ = writeln!(o, "Memory per GPU");
+    for (name, b) in [
+        ("weights", mem.weights_bytes),
+        ("KV cache", mem.kv_cache_bytes),
+        ("activations", mem.activations_bytes),
+        ("logits", mem.logits_bytes),
+        ("comm buffers", mem.comm_buffers_bytes),
+        ("reserved", mem.reserved_bytes),
+        ("fragmentation", mem.fragmentation_bytes),
+        ("total", mem.total_bytes),
+    ] {
+        let _ = writeln!(o, "  {name:<14}{}", fmt_gib(b));
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(o, "Predicted");
+    let _ = writeln!(
+        o,
+        "  prefill       {:.3} s ({:.0} tokens/s): gemm {:.3} s, attention {:.3} s, all-to-all {:.3} s, ring exposed {:.3} s",
+        e.prefill_s,
+        e.prefill_tokens_per_s,
+        e.prefill.gemm_s,
+        e.prefill.attention_s,
+        e.prefill.ulysses_all_to_all_s,
+        e.prefill.ring_exposed_s
+    );
+    let _ = writeln!(
+        o,
+        "  decode        {} per token: HBM {}, merge {}, weight gather {}",
+        ms(e.decode_s_per_token),
+        ms(e.decode_hbm_s),
+        ms(e.decode_comm_s),
+        ms(e.decode_weight_gather_s)
+    );
+    let _ = writeln!(o, "  request       {:.3} s", e.request_s);
+    if s.ranked.len() > 1 && top > 0 {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "Runners-up");
+        for (c, e) in s.ranked.iter().skip(1).take(top) {
+            let _ = writeln!(
+                o,
+                "  {:<40} {:<17} prefill {:>8.3} s  decode {:>10}  {:>9}/GPU",
+                layout_name(&c.layout),
+                e.weights.as_str(),
+                e.prefill_s,
+                ms(e.decode_s_per_token),
+                fmt_gib(e.memory.total_bytes)
+            );
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::cluster::ClusterSpec;
+
+    fn setup(gpus: u32) -> (Topology, ModelSpec) {
+        let cluster = ClusterSpec::load("dgx-h100").unwrap();
+        (
+            Topology::build(&cluster, gpus),
+            ModelSpec::load("llama3-8b").unwrap(),
+        )
+    }
+
+    #[test]
+    fn kv_bytes_hand_computed() {
+        // llama3-8b: 32 layers, 8 kv heads, head dim 128; 1M tokens over 8 ranks = 131072 each:
+        // 2 * 32 * 8 * 128 * 131072 * 2 = 17_179_869_184 bytes = 16 GiB.
+        assert_eq!(kv_cache_bytes(32, 8, 128, 131_072), 17_179_869_184.0);
+        let (topo, m) = setup(8);
+        let req = InferenceRequest {
+            gpus: 8,
+            context: 1 << 20,
+            decode_tokens: 128,
+        };
+        let c = InferenceCandidate {
+            layout: Layout {
+                ulysses: 8,
+                ring: 1,
+                dp: 1,
+                tp: 1,
+                placement: Placement::UlyssesInner,
+            },
+            weights: WeightSharding::Replicated,
+        };
+        let e = evaluate(&topo, &m, &req, &c).unwrap();
+        assert_eq!(e.memory.kv_cache_bytes, 17_179_869_184.0);
+        assert_eq!(e.kv_tokens_per_rank, 131_072);
+        // Head layout with ulysses 8 = kv heads: one head per rank over the whole 1M tokens,
+        // the same bytes; with ulysses 8 over 4 kv heads it would replicate (2x).
+        assert_eq!(
+            head_layout_kv_bytes(&m, &c.layout, 1 << 20),
+            17_179_869_184.0
+        );
+        let mut m4 = m.clone();
+        m4.num_kv_heads = 4;
+        assert_eq!(
+            head_layout_kv_bytes(&m4, &c.layout, 1 << 20),
+            2.0 * kv_cache_bytes(32, 4, 128, 131_072)
+        );
+    }
+
+    #[test]
+    fn more_gpus_less_kv_per_gpu() {
+        let m = ModelSpec::load("llama3-8b").unwrap();
+        let cluster = ClusterSpec::load("dgx-h100").unwrap();
+        let mut last = f64::INFINITY;
+        for gpus in [8, 16, 32] {
+            let topo = Topology::build(&cluster, gpus);
+            let req = InferenceRequest {
+                gpus,
+                context: 1 << 20,
+                decode_tokens: 128,
+            };
+            let s = search(&topo, &m, &req);
+            let (_, e) = s.ranked.first().expect("fits");
+            assert!(
+                e.memory.kv_cache_bytes < last,
+                "{gpus}: {}",
+                e.memory.kv_cache_bytes
+            );
+            assert!(e.prefill_s > 0.0 && e.decode_s_per_token > 0.0);
+            last = e.memory.kv_cache_bytes;
+        }
+    }
+
+    #[test]
+    fn sharded_weights_when_replicated_do_not_fit() {
+        // llama3-70b at 1M on 8 GPUs: 141 GB of bf16 weights cannot be replicated on 80 GB.
+        let cluster = ClusterSpec::load("dgx-h100").unwrap();
+        let m = ModelSpec::load("llama3-70b").unwrap();
+        let topo = Topology::build(&cluster, 8);
+        let req = InferenceRequest {
+            gpus: 8,
+            context: 256 * 1024,
+            decode_tokens: 16,
+        };
+        let s = search(&topo, &m, &req);
+        assert!(s
+            .infeasible
+            .iter()
+            .any(|(c, _)| c.weights == WeightSharding::Replicated));
+        if let Some((c, _)) = s.ranked.first() {
+            assert_eq!(c.weights, WeightSharding::Sharded);
+        }
+        // And replicated wins where it fits (it saves the gathers).
+        let (topo, m) = setup(8);
+        let req = InferenceRequest {
+            gpus: 8,
+            context: 1 << 20,
+            decode_tokens: 128,
+        };
+        let s = search(&topo, &m, &req);
+        assert_eq!(s.ranked[0].0.weights, WeightSharding::Replicated);
+    }
+
+    #[test]
+    fn plan_json_is_inference_mode() {
+        let (topo, m) = setup(8);
+        let req = InferenceRequest {
+            gpus: 8,
+            context: 1 << 20,
+            decode_tokens: 128,
+        };
+        let s = search(&topo, &m, &req);
+        let (c, e) = &s.ranked[0];
+        let plan = build_plan(&topo, "dgx-h100", &m, req.context, c, e).unwrap();
+        let v = plan_json(&plan, e).unwrap();
+        assert_eq!(v["mode"], "inference");
+        assert_eq!(v["world_size"], 8);
+        assert_eq!(v["context_tokens"], 1 << 20);
+        assert_eq!(
+            v["inference"]["memory"]["kv_cache_bytes"].as_f64(),
+            Some(e.memory.kv_cache_bytes)
+        );
+    }
+}
