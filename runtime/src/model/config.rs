@@ -141,13 +141,13 @@ impl ModelConfig {
         if dims.contains(&0) {
             return Err(RuntimeError::Config(format!("zero dimension in {self:?}")));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(RuntimeError::Config(format!(
                 "{} heads are not a multiple of {} kv heads",
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(RuntimeError::Config(format!(
                 "head_dim {} must be even for RoPE",
                 self.head_dim

@@ -183,9 +183,9 @@ impl Decoder {
         }
         let mut params = Vec::new();
         for (name, shape) in Self::param_shapes(&cfg) {
-            let t = found.remove(&name).ok_or_else(|| {
-                RuntimeError::Config(format!("checkpoint has no tensor {name}"))
-            })?;
+            let t = found
+                .remove(&name)
+                .ok_or_else(|| RuntimeError::Config(format!("checkpoint has no tensor {name}")))?;
             if t.size() != shape {
                 return Err(RuntimeError::Config(format!(
                     "{name} is {:?} in the checkpoint, the config says {shape:?}",
@@ -285,10 +285,11 @@ impl Decoder {
     /// Layer `l` after attention: `attn` (B, Hq, S, D) -> the next residual stream.
     pub fn post_attention(&self, l: usize, x: &Tensor, attn: &Tensor) -> Tensor {
         let (b, s) = (x.size()[0], x.size()[1]);
-        let a = attn
-            .transpose(1, 2)
-            .contiguous()
-            .view([b, s, (self.cfg.num_heads * self.cfg.head_dim) as i64]);
+        let a = attn.transpose(1, 2).contiguous().view([
+            b,
+            s,
+            (self.cfg.num_heads * self.cfg.head_dim) as i64,
+        ]);
         let h = x + a.linear::<Tensor>(&self.lp(l, "self_attn.o_proj.weight"), None);
         let hn = self.norm(&h, &self.lp(l, "post_attention_layernorm.weight"));
         let gate = hn.linear::<Tensor>(&self.lp(l, "mlp.gate_proj.weight"), None);
@@ -336,7 +337,9 @@ impl Decoder {
 
 /// Causal attention on one device over the whole (unsharded) sequence, through the runtime's
 /// kernels (no autograd): for inference and single-device checks.
-pub fn local_causal(backend: Backend) -> impl FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<Tensor> {
+pub fn local_causal(
+    backend: Backend,
+) -> impl FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<Tensor> {
     move |_l, q, k, v| {
         let scale = 1.0 / (q.size()[3] as f64).sqrt();
         Ok(attention_fwd(backend, q, k, v, true, scale)?.0)
