@@ -6,6 +6,7 @@ pub mod attn2d;
 pub mod comm;
 pub mod error;
 pub mod ffi;
+pub mod infer;
 pub mod kernel;
 pub mod model;
 pub mod plan;

@@ -66,6 +66,10 @@ enum Cmd {
     },
     /// NCCL, one process per GPU (torchrun environment): time 2D attention fwd+bwd over the
     /// plan's groups against one cuDNN kernel on the whole sequence on one GPU.
+    /// Inference from a plan made by `mmsp plan --mode inference`: sequence-parallel
+    /// prefill and sharded-KV greedy decoding, one thread per rank of the plan in this
+    /// process (a random model of the plan's shape, or --tiny). Token ids only.
+    Infer(InferArgs),
     NcclBench {
         #[arg(long)]
         plan: std::path::PathBuf,
@@ -502,6 +506,120 @@ fn nccl_bench(plan_path: &std::path::Path, seq: usize, h: usize, d: usize) -> Re
     Ok(())
 }
 
+#[derive(clap::Args)]
+struct InferArgs {
+    /// Plan JSON with "mode": "inference".
+    plan: std::path::PathBuf,
+    /// Prompt token ids, comma-separated.
+    #[arg(long, default_value = "", conflicts_with = "haystack")]
+    prompt: String,
+    /// Instead of --prompt: this many seeded random token ids (long-context runs).
+    #[arg(long)]
+    haystack: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    max_new: usize,
+    /// End-of-sequence token id.
+    #[arg(long)]
+    eos: Option<i64>,
+    /// The CI model (2 layers, hidden 64, 4 heads, 2 kv heads, vocab 128) instead of the
+    /// plan's model shape.
+    #[arg(long)]
+    tiny: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f64, f32 or bf16 [default: f32 on cpu, bf16 on cuda].
+    #[arg(long)]
+    dtype: Option<String>,
+}
+
+fn infer(a: InferArgs) -> Result<()> {
+    use mmsp_runtime::infer::{run_local, InferPlan};
+    use mmsp_runtime::model::{Decoder, ModelConfig};
+    let plan = InferPlan::from_file(&a.plan)?;
+    let prompt: Vec<i64> = match a.haystack {
+        Some(n) => {
+            tch::manual_seed(a.seed);
+            let cfg_vocab = if a.tiny { 128 } else { 32000 };
+            Vec::<i64>::try_from(Tensor::randint(
+                cfg_vocab,
+                [n as i64],
+                (Kind::Int64, Device::Cpu),
+            ))?
+        }
+        None => a
+            .prompt
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                t.parse::<i64>()
+                    .with_context(|| format!("bad token id {t:?} in --prompt"))
+            })
+            .collect::<Result<_>>()?,
+    };
+    plan.check_prompt(prompt.len())?;
+    let cfg = if a.tiny {
+        ModelConfig::tiny()
+    } else {
+        let m = plan
+            .model
+            .as_ref()
+            .context("the plan has no model; use --tiny")?;
+        ModelConfig::from_plan_value(m)?
+    };
+    if let Some(&t) = prompt
+        .iter()
+        .find(|&&t| t < 0 || t >= cfg.vocab_size as i64)
+    {
+        bail!(
+            "token id {t} is outside the vocabulary of {}",
+            cfg.vocab_size
+        );
+    }
+    let dev = match a.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
+        "cuda" => bail!("CUDA is not available to libtorch"),
+        d => bail!("--device must be cpu or cuda, not {d:?}"),
+    };
+    let kind = match (a.dtype.as_deref(), dev) {
+        (Some("f64"), _) => Kind::Double,
+        (Some("f32"), _) | (None, Device::Cpu) => Kind::Float,
+        (Some("bf16"), _) | (None, _) => Kind::BFloat16,
+        (Some(d), _) => bail!("--dtype must be f64, f32 or bf16, not {d:?}"),
+    };
+    let l = plan.plan.layout;
+    let t0 = Instant::now();
+    let gens = run_local(
+        l,
+        plan.context_tokens,
+        &|| Decoder::random(cfg.clone(), dev, kind, kind, a.seed),
+        Backend::default_for(dev),
+        &prompt,
+        a.max_new,
+        a.eos,
+    )?;
+    let g = &gens[0];
+    let mut d = g.decode_s.clone();
+    d.sort_by(|x, y| x.total_cmp(y));
+    let med = d.get(d.len() / 2).copied();
+    println!(
+        "{}",
+        json!({"bench": "infer", "world": l.world_size(), "ulysses": l.ulysses, "ring": l.ring,
+            "device": format!("{dev:?}"), "dtype": format!("{kind:?}"),
+            "prompt_tokens": prompt.len(), "tokens": g.tokens, "stopped_on_eos": g.stopped_on_eos,
+            "prefill_s": g.prefill_s, "prefill_tokens_per_s": prompt.len() as f64 / g.prefill_s,
+            "decode_ms_per_token_median": med.map(|x| x * 1e3),
+            "kv_bytes_per_rank": gens.iter().map(|g| g.kv_bytes).collect::<Vec<_>>(),
+            "kv_tokens_per_rank": gens.iter().map(|g| g.kv_tokens).collect::<Vec<_>>(),
+            "wall_s": t0.elapsed().as_secs_f64()})
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let gpu = || -> Result<Device> {
@@ -549,6 +667,13 @@ fn main() -> Result<()> {
             heads,
             head_dim,
         } => nccl_bench(&plan, seq, heads, head_dim)?,
+        Cmd::Infer(a) => {
+            // Bad plans and prompts: one line, exit 2.
+            if let Err(e) = infer(a) {
+                eprintln!("error: {e:#}");
+                std::process::exit(2);
+            }
+        }
     }
     Ok(())
 }

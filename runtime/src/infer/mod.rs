@@ -1,0 +1,451 @@
+//! Inference with the sequence sharded (issue 8): prefill of a prompt with 2D attention over
+//! the plan's zigzag shards, every rank keeping the K/V of its own tokens per layer (the
+//! layout of the attention inputs: all kv heads, no Ulysses replication); then greedy decoding
+//! in which every rank computes the new query's partial attention over its KV shard and the
+//! partials are merged by log-sum-exp through one all-gather per layer ([`merge`]).
+//!
+//! Rules kept identical on every rank:
+//! - the new token at position p (p >= prompt length P) is appended to the cache of SP rank
+//!   (p - P) mod sp, where the SP rank is the rank in the `world` communicator (the global
+//!   rank, dp = 1): round-robin, so shards stay within one token of each other;
+//! - every rank embeds the new token, runs the layers and the head on it (replicated work for
+//!   one token) and takes the argmax; the token of SP rank 0 is then broadcast (an all-reduce
+//!   of the token id, zero elsewhere), so all ranks continue with the same token and stop
+//!   together at the end-of-sequence token or when the plan's context is full;
+//! - after prefill, the logits of the last prompt position (held by ring rank 0, last Ulysses
+//!   sub-chunk) are broadcast the same way.
+//!
+//! Input is token ids only; frames (vision embeddings) are not supported here.
+pub mod merge;
+
+use crate::attn2d::{Attention2d, AttnShape};
+use crate::comm::Communicator;
+use crate::error::{Result, RuntimeError};
+use crate::kernel::Backend;
+use crate::model::decoder::local_causal;
+use crate::model::{Decoder, Input, Rope};
+use crate::plan::{Layout, Plan};
+use crate::shard::Zigzag;
+use merge::{merge_over, partial_attention};
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+
+/// An inference plan: the runtime plan plus `mode` and `context_tokens` (the KV capacity:
+/// prompt + generated tokens).
+#[derive(Debug, Clone)]
+pub struct InferPlan {
+    pub plan: Plan,
+    pub context_tokens: usize,
+    /// The plan's `model` object, if any.
+    pub model: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct Header {
+    mode: Option<String>,
+    context_tokens: Option<usize>,
+    model: Option<serde_json::Value>,
+}
+
+impl InferPlan {
+    /// Parses a plan and checks it was made for inference, before anything else.
+    pub fn from_json(text: &str) -> Result<InferPlan> {
+        let h: Header = serde_json::from_str(text)?;
+        match h.mode.as_deref() {
+            Some("inference") => {}
+            Some(m) => {
+                return Err(RuntimeError::Plan(format!(
+                    "plan was made for {m} (\"mode\": \"{m}\"); make one with `mmsp plan --mode inference`"
+                )))
+            }
+            None => return Err(RuntimeError::Plan("plan has no \"mode\"".into())),
+        }
+        let context_tokens = h
+            .context_tokens
+            .ok_or_else(|| RuntimeError::Plan("plan has no \"context_tokens\"".into()))?;
+        let plan = Plan::from_json(text)?;
+        if plan.layout.dp != 1 {
+            return Err(RuntimeError::Plan(format!(
+                "inference runs one sequence-parallel group, the plan has dp = {}",
+                plan.layout.dp
+            )));
+        }
+        Ok(InferPlan {
+            plan,
+            context_tokens,
+            model: h.model,
+        })
+    }
+
+    /// Reads a plan file.
+    pub fn from_file(path: &std::path::Path) -> Result<InferPlan> {
+        Self::from_json(&std::fs::read_to_string(path)?)
+    }
+
+    /// Checks a prompt against the plan: not empty, within the context, long enough for the
+    /// zigzag cut (2 x ring x ulysses tokens).
+    pub fn check_prompt(&self, len: usize) -> Result<()> {
+        check_prompt(&self.plan.layout, self.context_tokens, len)
+    }
+}
+
+/// See [`InferPlan::check_prompt`].
+pub fn check_prompt(layout: &Layout, context: usize, len: usize) -> Result<()> {
+    if len == 0 {
+        return Err(RuntimeError::Shape("the prompt is empty".into()));
+    }
+    if len > context {
+        return Err(RuntimeError::Shape(format!(
+            "the prompt has {len} tokens, more than the plan's context of {context}"
+        )));
+    }
+    let parts = 2 * layout.sp_size();
+    if len < parts {
+        return Err(RuntimeError::Shape(format!(
+            "the prompt has {len} tokens, fewer than the {parts} zigzag shards (2 x ring {} x ulysses {})",
+            layout.ring, layout.ulysses
+        )));
+    }
+    Ok(())
+}
+
+/// Broadcasts an i64 from `root` over `comm` (all-reduce of the value, zero elsewhere).
+fn broadcast_i64(comm: &dyn Communicator, value: i64, root: usize) -> Result<i64> {
+    let v = if comm.rank() == root { value } else { 0 };
+    let t = Tensor::from_slice(&[v]);
+    comm.all_reduce(&t)?;
+    Ok(t.int64_value(&[0]))
+}
+
+/// One rank's inference state: its KV shard per layer and the sequence so far.
+pub struct RankInference<'a> {
+    model: &'a Decoder,
+    world: &'a dyn Communicator,
+    ulysses: &'a dyn Communicator,
+    ring: &'a dyn Communicator,
+    backend: Backend,
+    context: usize,
+    /// (B=1, Hkv, n, D) per layer.
+    k_cache: Vec<Tensor>,
+    v_cache: Vec<Tensor>,
+    prompt_len: usize,
+    seq_len: usize,
+}
+
+/// What a generation produced.
+#[derive(Debug)]
+pub struct Generation {
+    /// Generated token ids (the end-of-sequence token included when produced).
+    pub tokens: Vec<i64>,
+    /// Logits (vocab,) that chose each token, in float64 on the CPU.
+    pub logits: Vec<Tensor>,
+    pub stopped_on_eos: bool,
+    /// Seconds of prefill and of each decode step on this rank (device synchronised).
+    pub prefill_s: f64,
+    pub decode_s: Vec<f64>,
+    /// Bytes of this rank's KV cache at the end.
+    pub kv_bytes: usize,
+    /// Tokens in this rank's KV cache at the end.
+    pub kv_tokens: usize,
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+impl<'a> RankInference<'a> {
+    /// `world` spans the SP group (rank = global rank, dp = 1); `ulysses` and `ring` are this
+    /// rank's groups of the plan's layout.
+    pub fn new(
+        model: &'a Decoder,
+        world: &'a dyn Communicator,
+        ulysses: &'a dyn Communicator,
+        ring: &'a dyn Communicator,
+        backend: Backend,
+        context: usize,
+    ) -> Result<Self> {
+        if world.size() != ulysses.size() * ring.size() {
+            return Err(RuntimeError::Layout(format!(
+                "world of {} ranks is not ulysses {} x ring {}",
+                world.size(),
+                ulysses.size(),
+                ring.size()
+            )));
+        }
+        Ok(RankInference {
+            model,
+            world,
+            ulysses,
+            ring,
+            backend,
+            context,
+            k_cache: Vec::new(),
+            v_cache: Vec::new(),
+            prompt_len: 0,
+            seq_len: 0,
+        })
+    }
+
+    fn device(&self) -> Device {
+        self.model
+            .named_parameters()
+            .first()
+            .map_or(Device::Cpu, |p| p.1.device())
+    }
+
+    fn scale(&self) -> f64 {
+        1.0 / (self.model.cfg.head_dim as f64).sqrt()
+    }
+
+    /// Prefill of the whole prompt (every rank passes the same ids): keeps this rank's K/V and
+    /// returns the last position's logits (vocab,), the same on every rank.
+    pub fn prefill(&mut self, prompt: &[i64]) -> Result<Tensor> {
+        let (u, r) = (self.ulysses.size(), self.ring.size());
+        let layout = Layout::sp(u, r, crate::plan::Placement::UlyssesInner);
+        check_prompt(&layout, self.context, prompt.len())?;
+        let cfg = &self.model.cfg;
+        let dev = self.device();
+        let shape = AttnShape {
+            batch: 1,
+            seq_len: prompt.len(),
+            q_heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        };
+        let attn = Attention2d::new(self.ulysses, self.ring, self.backend, shape)?;
+        let zz: &Zigzag = attn.sharding();
+        let (rr, uu) = (self.ring.rank(), self.ulysses.rank());
+        let ranges = zz.local_ranges(rr, uu);
+        let ids: Vec<i64> = ranges
+            .iter()
+            .flat_map(|&(s, e)| prompt[s..e].iter().copied())
+            .collect();
+        let ids = Tensor::from_slice(&ids).to(dev).unsqueeze(0);
+        let positions = Rope::positions(&ranges, dev);
+        let rope = Rope::new(cfg, &positions, self.model.compute);
+        let mut x = self.model.embed(Input::Ids(&ids))?;
+        self.k_cache.clear();
+        self.v_cache.clear();
+        for l in 0..cfg.num_layers {
+            let (q, k, v) = self.model.pre_attention(l, &x, &rope);
+            let (a, _ctx) = attn.forward(&q.contiguous(), &k.contiguous(), &v.contiguous())?;
+            self.k_cache.push(k.contiguous());
+            self.v_cache.push(v.contiguous());
+            x = self.model.post_attention(l, &x, &a);
+        }
+        // The last position is the end of chunk 2R-1: ring rank 0, last Ulysses sub-chunk.
+        let owner = rr == 0 && uu == u - 1;
+        let vocab = cfg.vocab_size as i64;
+        let logits = if owner {
+            let n = x.size()[1];
+            self.model
+                .head(&x.narrow(1, n - 1, 1))
+                .reshape([vocab])
+                .to_kind(Kind::Double)
+                .to(Device::Cpu)
+        } else {
+            Tensor::zeros([vocab], (Kind::Double, Device::Cpu))
+        };
+        // Sum with zeros elsewhere: the owner's logits, exactly, on every rank.
+        self.world.all_reduce(&logits)?;
+        self.prompt_len = prompt.len();
+        self.seq_len = prompt.len();
+        Ok(logits)
+    }
+
+    /// SP rank that stores the K/V of position `p` (>= prompt length).
+    pub fn kv_owner(&self, p: usize) -> usize {
+        (p - self.prompt_len) % self.world.size()
+    }
+
+    /// Feeds `token` at the next position: appends its K/V on its owner, attends over the
+    /// sharded cache and returns the next logits (vocab,), the same on every rank.
+    pub fn decode_step(&mut self, token: i64) -> Result<Tensor> {
+        if self.k_cache.is_empty() {
+            return Err(RuntimeError::Shape("decode before prefill".into()));
+        }
+        if self.seq_len >= self.context {
+            return Err(RuntimeError::Shape(format!(
+                "the sequence is full: the plan's context is {} tokens",
+                self.context
+            )));
+        }
+        let cfg = &self.model.cfg;
+        let dev = self.device();
+        let p = self.seq_len;
+        let mine = self.kv_owner(p) == self.world.rank();
+        let ids = Tensor::from_slice(&[token]).to(dev).unsqueeze(0);
+        let positions = Tensor::from_slice(&[p as i64]).to(dev);
+        let rope = Rope::new(cfg, &positions, self.model.compute);
+        let mut x = self.model.embed(Input::Ids(&ids))?;
+        for l in 0..cfg.num_layers {
+            let (q, k, v) = self.model.pre_attention(l, &x, &rope);
+            if mine {
+                self.k_cache[l] = Tensor::cat(&[&self.k_cache[l], &k], 2);
+                self.v_cache[l] = Tensor::cat(&[&self.v_cache[l], &v], 2);
+            }
+            let (o, lse) = partial_attention(
+                self.backend,
+                &q.contiguous(),
+                &self.k_cache[l],
+                &self.v_cache[l],
+                self.scale(),
+            )?;
+            let a = merge_over(self.world, &o, &lse)?;
+            x = self
+                .model
+                .post_attention(l, &x, &a.to_kind(self.model.compute));
+        }
+        self.seq_len += 1;
+        Ok(self
+            .model
+            .head(&x)
+            .reshape([cfg.vocab_size as i64])
+            .to_kind(Kind::Double)
+            .to(Device::Cpu))
+    }
+
+    /// Greedy generation of up to `max_new` tokens after the prompt; stops at `eos` (on every
+    /// rank, whichever computed it: the token is broadcast) or when the context is full.
+    pub fn generate(
+        &mut self,
+        prompt: &[i64],
+        max_new: usize,
+        eos: Option<i64>,
+    ) -> Result<Generation> {
+        let dev = self.device();
+        sync(dev);
+        let t0 = std::time::Instant::now();
+        let mut logits = self.prefill(prompt)?;
+        sync(dev);
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let mut g = Generation {
+            tokens: Vec::new(),
+            logits: Vec::new(),
+            stopped_on_eos: false,
+            prefill_s,
+            decode_s: Vec::new(),
+            kv_bytes: 0,
+            kv_tokens: 0,
+        };
+        while g.tokens.len() < max_new {
+            let tok = broadcast_i64(self.world, logits.argmax(0, false).int64_value(&[]), 0)?;
+            g.tokens.push(tok);
+            g.logits.push(logits);
+            if Some(tok) == eos {
+                g.stopped_on_eos = true;
+                break;
+            }
+            if g.tokens.len() == max_new || self.seq_len >= self.context {
+                break;
+            }
+            let t = std::time::Instant::now();
+            logits = self.decode_step(tok)?;
+            sync(dev);
+            g.decode_s.push(t.elapsed().as_secs_f64());
+        }
+        g.kv_tokens = self.k_cache.first().map_or(0, |k| k.size()[2] as usize);
+        g.kv_bytes = self
+            .k_cache
+            .iter()
+            .chain(&self.v_cache)
+            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+            .sum();
+        Ok(g)
+    }
+}
+
+/// Single-device greedy decoding without a KV cache (the whole sequence re-run at every
+/// step): the reference the sharded decoding is checked against.
+pub fn generate_reference(
+    model: &Decoder,
+    backend: Backend,
+    prompt: &[i64],
+    max_new: usize,
+    eos: Option<i64>,
+) -> Result<(Vec<i64>, Vec<Tensor>)> {
+    if prompt.is_empty() {
+        return Err(RuntimeError::Shape("the prompt is empty".into()));
+    }
+    let dev = model
+        .named_parameters()
+        .first()
+        .map_or(Device::Cpu, |p| p.1.device());
+    let mut seq = prompt.to_vec();
+    let (mut toks, mut logits) = (Vec::new(), Vec::new());
+    tch::no_grad(|| -> Result<()> {
+        while toks.len() < max_new {
+            let ids = Tensor::from_slice(&seq).to(dev).unsqueeze(0);
+            let pos = Tensor::arange(seq.len() as i64, (Kind::Int64, dev));
+            let out = model.forward(Input::Ids(&ids), &pos, &mut local_causal(backend))?;
+            let last = out
+                .select(1, seq.len() as i64 - 1)
+                .reshape([-1])
+                .to_kind(Kind::Double)
+                .to(Device::Cpu);
+            let tok = last.argmax(0, false).int64_value(&[]);
+            toks.push(tok);
+            logits.push(last);
+            seq.push(tok);
+            if Some(tok) == eos {
+                break;
+            }
+        }
+        Ok(())
+    })?;
+    Ok((toks, logits))
+}
+
+/// Runs generation with one thread per rank of `layout` (dp = 1) in this process; each
+/// thread builds its model with `make_model` (the same weights on every rank). Returns every
+/// rank's result, in global rank order.
+#[allow(clippy::too_many_arguments)]
+pub fn run_local(
+    layout: Layout,
+    context: usize,
+    make_model: &(dyn Fn() -> Result<Decoder> + Sync),
+    backend: Backend,
+    prompt: &[i64],
+    max_new: usize,
+    eos: Option<i64>,
+) -> Result<Vec<Generation>> {
+    use crate::comm::local::{local_groups, LocalComm};
+    use crate::plan::GroupKind;
+    layout.validate()?;
+    if layout.dp != 1 {
+        return Err(RuntimeError::Layout(
+            "inference runs one SP group (dp = 1)".into(),
+        ));
+    }
+    // Every check before any thread starts a collective.
+    check_prompt(&layout, context, prompt.len())?;
+    let w = layout.world_size();
+    let uly = local_groups(&layout, GroupKind::Ulysses);
+    let ring = local_groups(&layout, GroupKind::Ring);
+    let world = LocalComm::group(w);
+    let results: Vec<Result<Generation>> = std::thread::scope(|s| {
+        let hs: Vec<_> = uly
+            .into_iter()
+            .zip(ring)
+            .zip(world)
+            .map(|((uc, rc), wc)| {
+                s.spawn(move || -> Result<Generation> {
+                    tch::no_grad(|| {
+                        let model = make_model()?;
+                        let mut st = RankInference::new(&model, &wc, &uc, &rc, backend, context)?;
+                        st.generate(prompt, max_new, eos)
+                    })
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(RuntimeError::Comm("rank thread panicked".into())))
+            })
+            .collect()
+    });
+    results.into_iter().collect()
+}
