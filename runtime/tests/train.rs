@@ -299,3 +299,46 @@ fn loss_falls_f32() {
     assert!(first > 4.0, "initial loss {first} should be near ln(128)");
     assert!(last < 0.5 * first, "loss did not fall: {:?}", run.losses);
 }
+
+fn plan_json(ranges: &str) -> String {
+    format!(
+        r#"{{"world_size": 2, "layout": {{"ulysses": 1, "ring": 2, "dp": 1, "tp": 1,
+        "placement": "ulysses_inner"}}, "zero_stage": 1, "recompute": "none", "micro_batch": 1,
+        "grad_accum_steps": 4, "context_tokens": 64, "unknown_field": 3,
+        "tokens": {{"ranges_per_rank": {ranges}}},
+        "predicted": {{"step_time_s": 1.0, "tokens_per_s": 256.0, "mfu": 0.5,
+        "memory_per_gpu_bytes": 1e9}}}}"#
+    )
+}
+
+#[test]
+fn run_subcommand_inprocess_cpu() {
+    use mmsp_runtime::train::run::{run, ModelSource, RunOptions};
+    use mmsp_runtime::RuntimeError;
+    let dir = std::env::temp_dir().join(format!("mmsp-train-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.json");
+    std::fs::write(&good, plan_json("[[[0,16],[48,64]],[[16,32],[32,48]]]")).unwrap();
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, plan_json("[[[0,32]],[[32,64]]]")).unwrap();
+    let opts = |plan: &std::path::Path, n: usize| RunOptions {
+        plan: plan.to_path_buf(),
+        steps: 2,
+        model: ModelSource::Tiny,
+        inprocess: Some(n),
+        cpu: true,
+        lr: 1e-3,
+        peak_flops: 1e12,
+        out: Some(dir.join("run.json")),
+    };
+    let r = run(&opts(&good, 2)).unwrap();
+    assert_eq!(r["losses"].as_array().unwrap().len(), 2);
+    assert!(r["micro_step_s"].as_f64().unwrap() > 0.0);
+    assert!(r["predicted"]["error_pct"]["micro_step_s"].is_number());
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("run.json")).unwrap()).unwrap();
+    assert_eq!(written["ranks"], 2);
+    assert!(matches!(run(&opts(&good, 4)), Err(RuntimeError::Launch(_))));
+    assert!(matches!(run(&opts(&bad, 2)), Err(RuntimeError::Plan(_))));
+    let _ = std::fs::remove_dir_all(&dir);
+}

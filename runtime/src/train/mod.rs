@@ -8,6 +8,7 @@
 //! replicated (ZeRO-0) or sharded over the grad group (ZeRO-1/2: gradients reduce-scattered,
 //! updated parameters all-gathered).
 pub mod adamw;
+pub mod run;
 
 use crate::attn2d::{Attention2d, Attn2dCtx, AttnShape};
 use crate::comm::Communicator;
