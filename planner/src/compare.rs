@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::cost::{terms, Candidate, Layout, Recompute, Workload};
 use crate::multimodal::MultiModal;
-use crate::search::{self, why_slower, Request, Scored, SearchResult, Strategy};
+use crate::search::{self, why_slower_by, Request, Scored, SearchResult, Strategy};
 use crate::sim::simulate;
 use crate::spec::model::ModelSpec;
 use crate::topology::Topology;
@@ -87,7 +87,13 @@ pub struct Comparison {
 type Outcome = (Strategy, Result<(Scored, f64), String>, Option<u64>);
 
 /// Runs every strategy on the same model, topology and request.
-pub fn compare(topo: &Topology, model: &ModelSpec, base: &Request) -> Comparison {
+/// With `mm`, every strategy plans the same multi-modal samples (both MM-SP stages costed).
+pub fn compare(
+    topo: &Topology,
+    model: &ModelSpec,
+    base: &Request,
+    mm: Option<&MultiModal>,
+) -> Comparison {
     // First the best (simulated) configuration of each strategy, then the rows against 2d.
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut global_batch = 0;
@@ -96,18 +102,22 @@ pub fn compare(topo: &Topology, model: &ModelSpec, base: &Request) -> Comparison
             strategy,
             ..base.clone()
         };
-        let res = search::search(topo, model, &req, None);
+        let res = search::search(topo, model, &req, mm);
         global_batch = res.global_batch;
         let one = Request {
             global_batch: Some(1),
             ..req.clone()
         };
-        let max_ctx = search::max_context(topo, model, &one).map(|x| x.0);
-        let best = refine(topo, model, &res, req.context, None)
+        // A plain-text maximum is not comparable with packed multi-modal samples.
+        let max_ctx = match mm {
+            Some(_) => None,
+            None => search::max_context(topo, model, &one).map(|x| x.0),
+        };
+        let best = refine(topo, model, &res, req.context, mm)
             .into_iter()
             .next()
             .ok_or_else(|| {
-                let e = search::no_plan_error(topo, model, &req, &res).to_string();
+                let e = search::no_plan_error_for(topo, model, &req, &res, mm).to_string();
                 e.split_once(": ").map_or(e.clone(), |x| x.1.to_string())
             });
         outcomes.push((strategy, best, max_ctx));
@@ -143,7 +153,7 @@ pub fn compare(topo: &Topology, model: &ModelSpec, base: &Request) -> Comparison
                     Some(_) if strategy == Strategy::TwoD => (Some(1.0), "reference".to_string()),
                     Some((b2d, sim2d)) => {
                         let why = if sim > sim2d * 1.005 {
-                            why_slower(topo, b2d, &best)
+                            why_slower_by(topo, b2d, &best, Some(sim / sim2d - 1.0))
                         } else if sim < sim2d * 0.995 {
                             "faster than 2d here".to_string()
                         } else {

@@ -105,9 +105,12 @@ impl Target {
 struct CompareArgs {
     #[command(flatten)]
     target: Target,
-    /// Sequence length in tokens: 131072, 128K, 2M or 1.5M (K = 1024, M = 1048576).
-    #[arg(long, default_value = "512K", value_parser = tokens_arg)]
-    context: u64,
+    #[command(flatten)]
+    video: VideoArgs,
+    /// Sequence length in tokens: 131072, 128K, 2M or 1.5M (K = 1024, M = 1048576)
+    /// [default: 512K; with --frames or --samples, the packed video + text tokens].
+    #[arg(long, value_parser = tokens_arg)]
+    context: Option<u64>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -143,14 +146,9 @@ fn tokens_arg(s: &str) -> std::result::Result<u64, String> {
     parse_tokens(s).map_err(|e| e.to_string())
 }
 
+/// Multi-modal input (shared by plan and compare): frames of one sample, or a manifest.
 #[derive(clap::Args, Debug)]
-struct PlanArgs {
-    #[command(flatten)]
-    target: Target,
-    /// Sequence length in tokens: 131072, 128K, 2M or 1.5M (K = 1024, M = 1048576)
-    /// [default: 2M; with --frames or --samples, the packed video + text tokens].
-    #[arg(long, value_parser = tokens_arg)]
-    context: Option<u64>,
+struct VideoArgs {
     /// Video frames of one sample (multi-modal planning: stage 1 balances them over the SP
     /// group for the vision encoder, stage 2 re-shards their tokens for the LLM).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
@@ -169,6 +167,31 @@ struct PlanArgs {
     /// Keep the vision encoder frozen (forward only) instead of training it.
     #[arg(long)]
     freeze_vision: bool,
+}
+
+impl VideoArgs {
+    /// The multi-modal input, if --frames or --samples was given.
+    fn load(&self) -> Result<Option<MultiModal>> {
+        let samples = match (&self.samples, self.frames) {
+            (Some(path), _) => load_manifest(path)?,
+            (None, Some(frames)) => vec![Sample::uniform(frames, self.text_tokens)],
+            (None, None) => return Ok(None),
+        };
+        let vision = VisionSpec::load(&self.vision)?;
+        Ok(Some(MultiModal::new(vision, samples, !self.freeze_vision)?))
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct PlanArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Sequence length in tokens: 131072, 128K, 2M or 1.5M (K = 1024, M = 1048576)
+    /// [default: 2M; with --frames or --samples, the packed video + text tokens].
+    #[arg(long, value_parser = tokens_arg)]
+    context: Option<u64>,
+    #[command(flatten)]
+    video: VideoArgs,
     /// Force a recompute policy instead of searching all three.
     #[arg(long, value_enum)]
     recompute: Option<RecomputeArg>,
@@ -292,7 +315,7 @@ fn plan(a: PlanArgs) -> Result<()> {
     }
     let (model, cluster, topo) = a.target.load()?;
     let strategy = Strategy::parse(&a.strategy)?;
-    let mm = multimodal_input(&a)?;
+    let mm = a.video.load()?;
     if mm.is_some() && (a.context.is_some() || a.max_context) {
         return Err(mmsp_planner::Error::invalid(
             "flags",
@@ -375,7 +398,11 @@ fn plan(a: PlanArgs) -> Result<()> {
 /// `mmsp plan --mode inference`: see `mmsp_planner::inference`.
 fn plan_inference(a: PlanArgs) -> Result<()> {
     use mmsp_planner::inference::{self, InferenceRequest};
-    if a.frames.is_some() || a.samples.is_some() || a.max_context || a.recompute.is_some() {
+    if a.video.frames.is_some()
+        || a.video.samples.is_some()
+        || a.max_context
+        || a.recompute.is_some()
+    {
         return Err(mmsp_planner::Error::invalid(
             "flags",
             "--mode inference plans token ids at --context; --frames, --samples, --max-context and --recompute are for training",
@@ -407,17 +434,6 @@ fn plan_inference(a: PlanArgs) -> Result<()> {
         )?,
     }
     Ok(())
-}
-
-/// The multi-modal input of `mmsp plan`, if --frames or --samples was given.
-fn multimodal_input(a: &PlanArgs) -> Result<Option<MultiModal>> {
-    let samples = match (&a.samples, a.frames) {
-        (Some(path), _) => load_manifest(path)?,
-        (None, Some(frames)) => vec![Sample::uniform(frames, a.text_tokens)],
-        (None, None) => return Ok(None),
-    };
-    let vision = VisionSpec::load(&a.vision)?;
-    Ok(Some(MultiModal::new(vision, samples, !a.freeze_vision)?))
 }
 
 fn simulate(a: SimulateArgs) -> Result<()> {
@@ -473,28 +489,46 @@ fn simulate(a: SimulateArgs) -> Result<()> {
 
 fn compare(a: CompareArgs) -> Result<()> {
     let (model, _, topo) = a.target.load()?;
+    let mm = a.video.load()?;
+    let context = match (&mm, a.context) {
+        (Some(_), Some(_)) => {
+            return Err(mmsp_planner::Error::invalid(
+                "flags",
+                "--context does not go with --frames/--samples (the context is the packed video + text tokens)",
+            )
+            .into())
+        }
+        (Some(mm), None) => mm.padded_context(a.target.gpus),
+        (None, c) => c.unwrap_or(512 * 1024),
+    };
     let req = Request {
         gpus: a.target.gpus,
-        context: a.context,
+        context,
         global_batch: a.target.global_batch,
         recompute: None,
         strategy: Strategy::TwoD,
     };
-    let cmp = mmsp_planner::compare::compare(&topo, &model, &req);
+    let cmp = mmsp_planner::compare::compare(&topo, &model, &req, mm.as_ref());
     if let Some(dir) = &a.trace_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
-        let w = mmsp_planner::cost::Workload {
-            model: &model,
-            context: a.context,
-            global_batch: cmp.global_batch,
-            vision: None,
-        };
         for row in cmp.strategies.iter().filter(|r| r.feasible) {
             let c = mmsp_planner::cost::Candidate {
                 layout: row.layout.expect("feasible"),
                 zero_stage: row.zero_stage.expect("feasible"),
                 recompute: row.recompute.expect("feasible"),
                 micro_batch: row.micro_batch.expect("feasible"),
+            };
+            let vision = match &mm {
+                Some(mm) => mm
+                    .stage(&topo, &model, &c.layout, c.zero_stage, c.recompute, context)
+                    .ok(),
+                None => None,
+            };
+            let w = mmsp_planner::cost::Workload {
+                model: &model,
+                context,
+                global_batch: cmp.global_batch,
+                vision,
             };
             if let Ok(t) = mmsp_planner::cost::terms(&topo, &w, &c) {
                 let sim = mmsp_planner::sim::simulate(&topo, &t, true);

@@ -19,6 +19,9 @@ use crate::spec::samples::Sample;
 use crate::spec::vision::VisionSpec;
 use crate::topology::Topology;
 
+/// Cache key of a vision stage: (ulysses, ring, tp, world, context).
+type StageKey = (u32, u32, u32, u32, u64);
+
 /// A step's multi-modal input: the samples one SP group processes together, packed into one
 /// LLM sequence, and the vision encoder that turns their frames into tokens.
 pub struct MultiModal {
@@ -29,7 +32,7 @@ pub struct MultiModal {
     /// Train the vision encoder (forward + backward) or keep it frozen (forward only).
     pub train_vision: bool,
     frames_cache: Mutex<HashMap<u32, FrameAssignment>>,
-    stage_cache: Mutex<HashMap<(u32, u32), std::result::Result<VisionStage, String>>>,
+    stage_cache: Mutex<HashMap<StageKey, std::result::Result<VisionStage, String>>>,
 }
 
 /// Stage 1 and 2 as they go into the plan, for the runtime to execute exactly this split.
@@ -161,7 +164,7 @@ impl MultiModal {
         recompute: Recompute,
         context: u64,
     ) -> std::result::Result<VisionStage, String> {
-        let key = (layout.ulysses, layout.ring);
+        let key = (layout.ulysses, layout.ring, layout.tp, topo.world, context);
         let base = match self
             .stage_cache
             .lock()
@@ -231,17 +234,15 @@ impl MultiModal {
             .map(|(s, r)| (*s).max(*r))
             .max()
             .unwrap_or(0) as f64;
-        // The SP group is a block of sp ranks, tp apart, in either placement.
-        let sp_family = crate::topology::GroupFamily {
-            size: n,
-            stride: layout.tp,
-        };
-        let a2a_bytes = if n > 1 {
-            busiest * f64::from(n) / f64::from(n - 1)
+        // The SP group is a block of sp ranks, tp apart, in either placement. The exchange is
+        // an all-to-all-v bounded by each rank's injection bandwidth (Thakur, Rabenseifner &
+        // Gropp 2005, all-to-all cost ~ n * m / bandwidth per process): the share of its bytes
+        // bound for ranks in its own fabric domain goes over the fabric, the rest over the NIC.
+        let reshard_s = if n > 1 {
+            topo.spread_exchange_time(n, layout.tp, busiest)
         } else {
             0.0
         };
-        let reshard_s = topo.all_to_all(sp_family, a2a_bytes);
         let s2 = (context as f64).powi(2);
         let sum_sq: f64 = self.sample_lens.iter().map(|&l| (l as f64).powi(2)).sum();
         // Activations of the encoder for this rank's frames.

@@ -250,7 +250,10 @@ pub fn search(
     let mut infeasible = Vec::new();
     for c in enumerate(model, &topo.spec, req) {
         let mut w = w.clone();
-        if let Some(mm) = mm {
+        // Cheap checks first: the vision stage is costed only for layouts that can run.
+        let runnable = crate::cost::head_split(model, c.layout.tp, c.layout.ulysses).is_ok()
+            && global_batch.is_multiple_of(u64::from(c.layout.dp) * u64::from(c.micro_batch));
+        if let (Some(mm), true) = (mm, runnable) {
             match mm.stage(
                 topo,
                 model,
@@ -366,6 +369,17 @@ pub fn fewest_gpus_for(
 /// Explains, in words, why a feasible plan is not the fastest: the component of its step time
 /// that grew most against the best plan.
 pub fn why_slower(topo: &Topology, best: &Scored, other: &Scored) -> String {
+    why_slower_by(topo, best, other, None)
+}
+
+/// [`why_slower`] with the slowdown measured elsewhere (for example by the simulator), the
+/// reason still read from the analytic breakdown.
+pub fn why_slower_by(
+    topo: &Topology,
+    best: &Scored,
+    other: &Scored,
+    slower: Option<f64>,
+) -> String {
     let (b, o) = (&best.estimate.time, &other.estimate.time);
     let l = &other.candidate.layout;
     let spans = |fam: crate::topology::GroupFamily| {
@@ -425,19 +439,35 @@ pub fn why_slower(topo: &Topology, best: &Scored, other: &Scored) -> String {
             "a larger optimizer step per GPU".to_string(),
         ),
     ];
-    let (delta, why) = items
-        .into_iter()
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .expect("non-empty");
-    let slower = other.estimate.step_time_s / best.estimate.step_time_s - 1.0;
+    let mut items = items;
+    items.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let analytic = other.estimate.step_time_s / best.estimate.step_time_s - 1.0;
+    let slower = slower.unwrap_or(analytic);
     if slower < 0.005 {
         return "ties with the best (within 0.5%)".to_string();
     }
-    format!(
-        "{:.0}% slower: {why} (+{})",
-        slower * 100.0,
-        crate::units::fmt_secs(delta.max(0.0))
-    )
+    if analytic < 0.5 * slower {
+        return format!(
+            "{:.0}% slower in the simulated schedule (overlap and contention); the analytic model puts it {:+.1}%",
+            slower * 100.0,
+            analytic * 100.0
+        );
+    }
+    // The largest component, and the second when the first explains less than half the gap.
+    let gap = analytic * best.estimate.step_time_s;
+    let mut reasons = vec![format!(
+        "{} (+{})",
+        items[0].1,
+        crate::units::fmt_secs(items[0].0.max(0.0))
+    )];
+    if items[0].0 < 0.5 * gap && items[1].0 > 0.0 {
+        reasons.push(format!(
+            "{} (+{})",
+            items[1].1,
+            crate::units::fmt_secs(items[1].0)
+        ));
+    }
+    format!("{:.0}% slower: {}", slower * 100.0, reasons.join("; "))
 }
 
 /// The error to show when no candidate fits: names the nearest miss, the largest context that

@@ -452,6 +452,34 @@ impl Topology {
         self.phase(Pattern::RingP2P, family).time(bytes)
     }
 
+    /// Time for every rank of consecutive blocks of `n` ranks (`stride` apart) to spread
+    /// `bytes` evenly over the other members of its block, bounded by injection: the bytes for
+    /// block members in the same fabric domain leave over the rank's fabric link, the others
+    /// over its share of the node's NICs (links' achievable bandwidths from the graph). Used
+    /// for exchanges among thousands of ranks, where routing n^2 flows would be too slow.
+    pub fn spread_exchange_time(&self, n: u32, stride: u32, bytes: f64) -> f64 {
+        if n <= 1 || bytes <= 0.0 {
+            return 0.0;
+        }
+        let span = n * stride;
+        let in_domain = (self.spec.domain_gpus.min(span) / stride.max(1)).clamp(1, n);
+        let local = f64::from(in_domain - 1) / f64::from(n - 1);
+        let link = |r: u32, plane: usize| {
+            self.chains[plane][r as usize]
+                .first()
+                .map_or(f64::INFINITY, |&(e, _)| self.graph[e].bytes_per_s)
+        };
+        let fabric = link(0, 0);
+        let nics = f64::from(self.spec.nics_per_node)
+            * self.spec.nic_gbps
+            * 1e9
+            * self.spec.network_efficiency
+            / f64::from(self.spec.gpus_per_node);
+        let net = nics.min(link(0, 1));
+        let lat = self.spec.fabric_latency_s.max(self.spec.network_latency_s);
+        lat + (bytes * local / fabric).max(bytes * (1.0 - local) / net)
+    }
+
     pub fn gpu_vertex(&self, rank: u32) -> NodeIndex {
         self.gpu_nodes[rank as usize]
     }
