@@ -11,7 +11,7 @@ use crate::sim::simulate;
 use crate::spec::model::ModelSpec;
 use crate::topology::Topology;
 
-/// How many of the analytically best candidates the simulator re-ranks.
+/// How many layouts (the analytically best candidate of each) the simulator re-ranks.
 pub const REFINE_TOP: usize = 5;
 
 /// Simulates the best few distinct candidates and returns them ordered by simulated step
@@ -23,10 +23,23 @@ pub fn refine(
     context: u64,
     mm: Option<&MultiModal>,
 ) -> Vec<(Scored, f64)> {
-    let mut out: Vec<(Scored, f64)> = result
+    // The analytically best candidate of each of the first few distinct layouts: near-ties
+    // of one layout (ZeRO stage, micro-batch) would otherwise crowd out the alternatives.
+    let mut layouts = Vec::new();
+    let firsts: Vec<&Scored> = result
         .ranked
         .iter()
+        .filter(|s| {
+            let new = !layouts.contains(&s.candidate.layout);
+            if new {
+                layouts.push(s.candidate.layout);
+            }
+            new
+        })
         .take(REFINE_TOP)
+        .collect();
+    let mut out: Vec<(Scored, f64)> = firsts
+        .into_iter()
         .filter_map(|s| {
             let c = &s.candidate;
             let vision = match mm {
