@@ -17,11 +17,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::cost::Recompute;
 use crate::error::{Error, Result};
+use crate::multimodal::MultiModal;
 use crate::plan::Plan;
 use crate::report::charts::{self, Span};
 use crate::report::page::{self, Page, Section, Table};
 use crate::report::{create_dir, short_layout, write_file};
 use crate::search::{self, Request, Strategy};
+use crate::spec::samples::Sample;
 use crate::spec::{cluster::ClusterSpec, model::ModelSpec, vision::VisionSpec};
 use crate::topology::Topology;
 use crate::units::{fmt_gib, fmt_tokens, parse_tokens};
@@ -113,6 +115,9 @@ pub struct Stage {
     /// Tokens per sample as planned (padded up to a multiple of 2 x GPUs).
     pub context_tokens: u64,
     pub frames_per_sample: Option<u64>,
+    /// Vision encoder of a video stage (preset or config path) and its text tokens per sample.
+    pub vision: Option<String>,
+    pub text_tokens: u64,
     pub samples: u64,
     pub global_batch: Option<u64>,
     pub recompute: Option<Recompute>,
@@ -185,15 +190,17 @@ fn stage(raw: &RawRecipe, s: &RawStage, name: String) -> Result<Stage> {
         .gpus
         .filter(|g| *g > 0)
         .ok_or_else(|| Error::invalid("gpus", "missing or zero (expected a GPU count)"))?;
+    let vision = s.frames_per_sample.map(|_| {
+        s.vision
+            .as_deref()
+            .or(raw.vision.as_deref())
+            .unwrap_or("siglip-so400m")
+            .to_string()
+    });
     let frames_tokens = match s.frames_per_sample {
         Some(0) => return Err(Error::invalid("frames_per_sample", "must be positive")),
         Some(f) => {
-            let v = s
-                .vision
-                .as_deref()
-                .or(raw.vision.as_deref())
-                .unwrap_or("siglip-so400m");
-            let spec = VisionSpec::load(v)?;
+            let spec = VisionSpec::load(vision.as_deref().unwrap_or("siglip-so400m"))?;
             Some(f * spec.tokens_per_frame + s.text_tokens.unwrap_or(0))
         }
         None => None,
@@ -261,6 +268,8 @@ fn stage(raw: &RawRecipe, s: &RawStage, name: String) -> Result<Stage> {
         gpus,
         context_tokens,
         frames_per_sample: s.frames_per_sample,
+        vision,
+        text_tokens: s.text_tokens.unwrap_or(0),
         samples,
         global_batch: s.global_batch,
         recompute,
@@ -328,11 +337,26 @@ pub fn plan(recipe: &Recipe, out: Option<&Path>) -> Result<CampaignResult> {
             recompute: s.recompute,
             strategy: s.strategy,
         };
-        let result = search::search(&topo, &model, &req, None);
-        let Some(best) = result.best() else {
-            return Err(ctx_err(search::no_plan_error(&topo, &model, &req, &result)));
+        // Video stages cost both MM-SP stages (vision encoder, re-shard) for each layout.
+        let mm = match (s.frames_per_sample, &s.vision) {
+            (Some(frames), Some(v)) => Some(MultiModal::new(
+                VisionSpec::load(v)?,
+                vec![Sample::uniform(frames, s.text_tokens)],
+                true,
+            )?),
+            _ => None,
         };
-        let p = Plan::build(
+        let result = search::search(&topo, &model, &req, mm.as_ref());
+        let Some(best) = result.best() else {
+            return Err(ctx_err(search::no_plan_error_for(
+                &topo,
+                &model,
+                &req,
+                &result,
+                mm.as_ref(),
+            )));
+        };
+        let mut p = Plan::build(
             &topo,
             &s.topology,
             &model,
@@ -340,6 +364,19 @@ pub fn plan(recipe: &Recipe, out: Option<&Path>) -> Result<CampaignResult> {
             result.global_batch,
             best,
         )?;
+        if let Some(mm) = &mm {
+            let c = &best.candidate;
+            let (vp, ranges) = mm.plan(
+                &topo,
+                &model,
+                &c.layout,
+                c.zero_stage,
+                c.recompute,
+                s.context_tokens,
+            )?;
+            p.vision = Some(vp);
+            p.tokens.ranges_per_rank = ranges;
+        }
         let file = format!("stage-{}-{}.plan.json", i + 1, slug(&s.name));
         if let Some(dir) = out {
             let json = serde_json::to_string_pretty(&p)
