@@ -365,17 +365,7 @@ pub fn plan(recipe: &Recipe, out: Option<&Path>) -> Result<CampaignResult> {
             best,
         )?;
         if let Some(mm) = &mm {
-            let c = &best.candidate;
-            let (vp, ranges) = mm.plan(
-                &topo,
-                &model,
-                &c.layout,
-                c.zero_stage,
-                c.recompute,
-                s.context_tokens,
-            )?;
-            p.vision = Some(vp);
-            p.tokens.ranges_per_rank = ranges;
+            mm.attach(&mut p, &topo, &model, &best.candidate)?;
         }
         let file = format!("stage-{}-{}.plan.json", i + 1, slug(&s.name));
         if let Some(dir) = out {

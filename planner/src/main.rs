@@ -368,17 +368,7 @@ fn plan(a: PlanArgs) -> Result<()> {
     plan.predicted.simulated_step_time_s = simulated;
     plan.max_context_tokens = max_ctx;
     if let Some(mm) = &mm {
-        let c = &best.candidate;
-        let (vp, ranges) = mm.plan(
-            &topo,
-            &model,
-            &c.layout,
-            c.zero_stage,
-            c.recompute,
-            req.context,
-        )?;
-        plan.vision = Some(vp);
-        plan.tokens.ranges_per_rank = ranges;
+        mm.attach(&mut plan, &topo, &model, &best.candidate)?;
     }
     let mut out = std::io::stdout().lock();
     match a.format {

@@ -292,6 +292,28 @@ impl MultiModal {
         })
     }
 
+    /// Records both stages (MILP-balanced) for the plan's chosen candidate in the plan:
+    /// `vision` (frames per rank) and the stage-2 `tokens.ranges_per_rank`.
+    pub fn attach(
+        &self,
+        plan: &mut crate::plan::Plan,
+        topo: &Topology,
+        model: &ModelSpec,
+        c: &crate::cost::Candidate,
+    ) -> Result<()> {
+        let (vp, ranges) = self.plan(
+            topo,
+            model,
+            &c.layout,
+            c.zero_stage,
+            c.recompute,
+            plan.context_tokens,
+        )?;
+        plan.vision = Some(vp);
+        plan.tokens.ranges_per_rank = ranges;
+        Ok(())
+    }
+
     /// The plan's record of both stages for the chosen layout (MILP-balanced).
     pub fn plan(
         &self,

@@ -5,12 +5,8 @@
 # Usage there: bash runtime/bench/device.sh [checks] [kernels] [pytorch] [2d] [nccl]
 # (default: checks kernels pytorch 2d; nccl needs a machine with several GPUs to mean much)
 set -uo pipefail
-BIN=${BIN:-carry/mmsp-runtime}
-PY=${TORCH_PY:-/opt/torch/.venv/bin/python3}
-SP=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-mkdir -p /tmp/mmsp-nccl && ln -sf "$SP/nvidia/nccl/lib/libnccl.so.2" /tmp/mmsp-nccl/libnccl.so
-LD_LIBRARY_PATH=/tmp/mmsp-nccl:$SP/torch/lib:$(ls -d "$SP"/nvidia/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}
-export LD_LIBRARY_PATH RUST_BACKTRACE=0
+# shellcheck source=runtime/bench/device_env.sh
+source "$(dirname "$0")/device_env.sh"
 PARTS=${*:-checks kernels pytorch 2d}
 T0=$(date +%s)
 sec() { echo "== $1 (t=$(( $(date +%s) - T0 )) s)"; }

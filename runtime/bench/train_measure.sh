@@ -5,12 +5,8 @@
 #     --model runtime/bench/llama3-8b-2layer.json --context C --recompute none --global-batch 1 --format json
 # and carried in carry/ with the binary. Run there: bash runtime/bench/train_measure.sh
 set -uo pipefail
-BIN=${BIN:-carry/mmsp-runtime}
-PY=${TORCH_PY:-/opt/torch/.venv/bin/python3}
-SP=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-mkdir -p /tmp/mmsp-nccl && ln -sf "$SP/nvidia/nccl/lib/libnccl.so.2" /tmp/mmsp-nccl/libnccl.so
-LD_LIBRARY_PATH=/tmp/mmsp-nccl:$SP/torch/lib:$(ls -d "$SP"/nvidia/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}
-export LD_LIBRARY_PATH RUST_BACKTRACE=0
+# shellcheck source=runtime/bench/device_env.sh
+source "$(dirname "$0")/device_env.sh"
 OUTDIR=${OUT:-/tmp}
 for c in ${CONTEXTS:-8K 16K 32K max}; do
   echo "== context $c"
