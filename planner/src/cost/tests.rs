@@ -1,3 +1,4 @@
+//! Tests of the cost model: mesh coordinates, head splits, memory and placement orderings.
 use super::*;
 use crate::spec::cluster::ClusterSpec;
 

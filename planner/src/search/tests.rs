@@ -1,3 +1,4 @@
+//! Tests of the search: strategy constraints, defaults, infeasibility reasons, properties.
 use super::Strategy;
 use super::*;
 use proptest::prelude::*;

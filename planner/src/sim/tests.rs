@@ -1,3 +1,4 @@
+//! Tests of the simulator: collapsed = full, invariants, orderings physics decides, traces.
 use super::*;
 use crate::cost::{compose, terms, Candidate, Layout, Placement, Workload};
 use crate::spec::{cluster::ClusterSpec, model::ModelSpec};
