@@ -335,7 +335,7 @@ pub fn compare_table(c: &crate::compare::Comparison) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "mmsp compare: {} at {} tokens on {} x {}, global batch {} (simulated step times)",
+        "mmsp compare: {} at {} tokens on {} x {}, global batch {} (simulated step times; max ctx: one sequence, any recompute)",
         c.model,
         fmt_tokens(c.context_tokens),
         c.gpus,
