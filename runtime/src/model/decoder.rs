@@ -248,8 +248,10 @@ impl Decoder {
                         ids.kind()
                     )));
                 }
-                let w = self.p("model.embed_tokens.weight");
-                Ok(Tensor::embedding(&w, ids, -1, false, false))
+                // Gather the rows in the master dtype, then cast: casting the whole table
+                // first would read and write all of it every step.
+                let w = &self.params[self.index["model.embed_tokens.weight"]].1;
+                Ok(Tensor::embedding(w, ids, -1, false, false).to_kind(self.compute))
             }
             Input::Embeddings(e) => {
                 if e.dim() != 3 || e.size()[2] != self.cfg.hidden_size as i64 {
@@ -300,13 +302,23 @@ impl Decoder {
 
     /// Final norm and LM head: logits (B, S, vocab) in the compute dtype.
     pub fn head(&self, x: &Tensor) -> Tensor {
-        let hn = self.norm(x, &self.p("model.norm.weight"));
-        let w = if self.cfg.tie_word_embeddings {
-            self.p("model.embed_tokens.weight")
+        let hn = self.final_norm(x);
+        hn.linear::<Tensor>(&self.head_weight().to_kind(self.compute), None)
+    }
+
+    /// The final norm alone: (B, S, hidden) in the compute dtype.
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.norm(x, &self.p("model.norm.weight"))
+    }
+
+    /// The LM head's weight (vocab, hidden) in the master dtype (the embedding when tied).
+    pub fn head_weight(&self) -> &Tensor {
+        let n = if self.cfg.tie_word_embeddings {
+            "model.embed_tokens.weight"
         } else {
-            self.p("lm_head.weight")
+            "lm_head.weight"
         };
-        hn.linear::<Tensor>(&w, None)
+        &self.params[self.index[n]].1
     }
 
     /// Whole forward on one shard: `positions` (1-D int64, the shard's absolute positions),

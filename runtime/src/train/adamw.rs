@@ -1,6 +1,7 @@
-//! AdamW over a flat view of every parameter, in the parameters' (master) dtype. With a
-//! shard group (ZeRO-1/2) each rank keeps the moments of its 1/N slice only: gradients are
-//! reduce-scattered, the slice updated, and the parameters all-gathered.
+//! AdamW over one flat buffer holding every parameter (and one holding their gradients), in
+//! the parameters' (master) dtype. With a shard group (ZeRO-1/2) each rank keeps the moments
+//! of its 1/N slice only: gradients are reduce-scattered, the slice updated, and the
+//! parameters all-gathered.
 use crate::comm::Communicator;
 use crate::error::{Result, RuntimeError};
 use tch::Tensor;
@@ -30,20 +31,28 @@ impl Default for AdamWConfig {
 /// Optimizer state.
 pub struct AdamW {
     cfg: AdamWConfig,
-    params: Vec<Tensor>,
     numel: i64,
     /// Padded length (a multiple of the shard count).
     padded: i64,
     shards: usize,
     shard_rank: usize,
+    /// Every parameter, in order, as one padded buffer: the parameters are views of it.
+    pflat: Tensor,
+    /// Their gradients likewise (autograd accumulates into the views in place).
+    gflat: Tensor,
     /// Moments of the slice this rank updates (the whole vector without sharding).
     m: Tensor,
     v: Tensor,
     t: i32,
 }
 
+/// Elements updated per group of kernels (bounds the temporaries).
+const CHUNK: i64 = 1 << 24;
+
 impl AdamW {
     /// State for `params`; `shard` = the group the state is sharded over (None: ZeRO-0).
+    /// The parameters' storage (and their gradients') moves into two flat buffers, so that
+    /// the update is a handful of large in-place kernels and gradients need no gathering.
     pub fn new(
         params: &[Tensor],
         cfg: AdamWConfig,
@@ -53,53 +62,66 @@ impl AdamW {
             .first()
             .ok_or_else(|| RuntimeError::Config("no parameters".into()))?;
         let (kind, dev) = (first.kind(), first.device());
+        if params.iter().any(|p| p.kind() != kind || p.device() != dev) {
+            return Err(RuntimeError::Config(
+                "parameters of mixed dtype or device".into(),
+            ));
+        }
         let numel: i64 = params.iter().map(|p| p.numel() as i64).sum();
         let (shards, shard_rank) = shard.map_or((1, 0), |c| (c.size(), c.rank()));
         let n = shards as i64;
         let padded = (numel + n - 1) / n * n;
         let len = padded / n;
+        // Gradients must exist to be re-seated: a zero backward defines the missing ones.
+        let missing: Vec<&Tensor> = params.iter().filter(|p| !p.grad().defined()).collect();
+        if !missing.is_empty() {
+            tch::with_grad(|| {
+                missing
+                    .iter()
+                    .map(|p| p.sum(kind) * 0.0)
+                    .reduce(|a, b| a + b)
+                    .map(|s| s.backward())
+            });
+        }
+        let _ng = tch::no_grad_guard();
+        let pflat = Tensor::zeros([padded], (kind, dev));
+        let gflat = Tensor::zeros([padded], (kind, dev));
+        let mut o = 0;
+        for p in params {
+            let k = p.numel() as i64;
+            let shape = p.size();
+            let mut pv = pflat.narrow(0, o, k).view(shape.as_slice());
+            let mut gv = gflat.narrow(0, o, k).view(shape.as_slice());
+            pv.f_copy_(&p.detach())?;
+            let mut g = p.grad();
+            gv.f_copy_(&g)?;
+            let mut ph = p.shallow_clone();
+            ph.f_set_data(&pv)?;
+            g.f_set_data(&gv)?;
+            if p.data_ptr() != pv.data_ptr() || p.grad().data_ptr() != gv.data_ptr() {
+                return Err(RuntimeError::Config(
+                    "could not re-seat a parameter in the flat buffer".into(),
+                ));
+            }
+            o += k;
+        }
         Ok(AdamW {
             cfg,
-            params: params.iter().map(|p| p.shallow_clone()).collect(),
             numel,
             padded,
             shards,
             shard_rank,
+            pflat,
+            gflat,
             m: Tensor::zeros([len], (kind, dev)),
             v: Tensor::zeros([len], (kind, dev)),
             t: 0,
         })
     }
 
-    fn flat(&self, grads: bool) -> Tensor {
-        let parts: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|p| {
-                if grads {
-                    let g = p.grad();
-                    if g.defined() {
-                        g.reshape([-1])
-                    } else {
-                        p.zeros_like().reshape([-1])
-                    }
-                } else {
-                    p.detach().reshape([-1])
-                }
-            })
-            .collect();
-        let f = Tensor::cat(&parts, 0);
-        if self.padded > self.numel {
-            Tensor::cat(
-                &[
-                    f.shallow_clone(),
-                    f.new_zeros([self.padded - self.numel], (f.kind(), f.device())),
-                ],
-                0,
-            )
-        } else {
-            f
-        }
+    /// Number of parameters (without padding).
+    pub fn numel(&self) -> i64 {
+        self.numel
     }
 
     /// Sums the gradients over `grad_group`, multiplies them by `scale`, updates the
@@ -108,42 +130,52 @@ impl AdamW {
         let _ng = tch::no_grad_guard();
         self.t += 1;
         let c = self.cfg;
-        let g_full = self.flat(true);
         let len = self.padded / self.shards as i64;
         let off = len * self.shard_rank as i64;
-        let g = if self.shards > 1 {
-            let recv = g_full.new_zeros([len], (g_full.kind(), g_full.device()));
-            grad_group.reduce_scatter(&g_full, &recv)?;
+        let mut g = if self.shards > 1 {
+            let recv = self
+                .gflat
+                .new_zeros([len], (self.gflat.kind(), self.gflat.device()));
+            grad_group.reduce_scatter(&self.gflat, &recv)?;
             recv
         } else {
             if grad_group.size() > 1 {
-                grad_group.all_reduce(&g_full)?;
+                grad_group.all_reduce(&self.gflat)?;
             }
-            g_full
-        } * scale;
-        let p_full = self.flat(false);
-        let p = p_full.narrow(0, off, len);
-        self.m = &self.m * c.beta1 + &g * (1.0 - c.beta1);
-        self.v = &self.v * c.beta2 + g.square() * (1.0 - c.beta2);
+            self.gflat.shallow_clone()
+        };
+        if scale != 1.0 {
+            let _ = g.f_mul_scalar_(scale)?;
+        }
         let bc1 = 1.0 - c.beta1.powi(self.t);
         let bc2 = 1.0 - c.beta2.powi(self.t);
-        let upd = (&self.m / bc1) / ((&self.v / bc2).sqrt() + c.eps) + &p * c.weight_decay;
-        let new_p = &p - upd * c.lr;
-        let new_full = if self.shards > 1 {
-            let out = p_full.zeros_like();
-            grad_group.all_gather(&new_p, &out)?;
-            out
-        } else {
-            new_p
-        };
-        let mut o = 0;
-        for p in &mut self.params {
-            let n = p.numel() as i64;
-            let src = new_full.narrow(0, o, n).view(p.size().as_slice());
-            p.f_copy_(&src)?;
-            p.zero_grad();
-            o += n;
+        // p -= lr * (m / bc1) / (sqrt(v / bc2) + eps) + lr * wd * p, rewritten as
+        // p -= (lr * sqrt(bc2) / bc1) * m / (sqrt(v) + eps * sqrt(bc2)).
+        let step = c.lr * bc2.sqrt() / bc1;
+        let eps = c.eps * bc2.sqrt();
+        let p = self.pflat.narrow(0, off, len);
+        let mut a = 0;
+        while a < len {
+            let k = CHUNK.min(len - a);
+            let mut pc = p.narrow(0, a, k);
+            let gc = g.narrow(0, a, k);
+            let mut mc = self.m.narrow(0, a, k);
+            let mut vc = self.v.narrow(0, a, k);
+            if c.weight_decay != 0.0 {
+                let _ = pc.f_mul_scalar_(1.0 - c.lr * c.weight_decay)?;
+            }
+            let _ = mc.f_lerp_(&gc, 1.0 - c.beta1)?;
+            let _ = vc.f_lerp_(&gc.square(), 1.0 - c.beta2)?;
+            let mut d = vc.sqrt();
+            let _ = d.f_add_scalar_(eps)?;
+            let _ = d.f_mul_scalar_(-1.0 / step)?;
+            let _ = pc.f_addcdiv_(&mc, &d)?;
+            a += k;
         }
+        if self.shards > 1 {
+            grad_group.all_gather(&p.copy(), &self.pflat)?;
+        }
+        let _ = self.gflat.f_zero_()?;
         Ok(())
     }
 }

@@ -211,38 +211,38 @@ impl<'a> Trainer<'a> {
             });
             x = next;
         }
-        // Loss over the SP group's active tokens.
-        let labels = labels.to_device(dev);
-        let logits = self.model.head(&x);
+        // Loss over the SP group's active tokens. The tokens are counted first, so that the
+        // loss gradient is formed chunk by chunk and the logits of the whole shard are never
+        // held (compute-dtype GEMM, softmax in fp32 or wider, LOSS_CHUNK rows at a time).
+        let labels = labels.to_device(dev).view([-1]);
         let acc = if self.model.compute == Kind::Double {
             Kind::Double
         } else {
             Kind::Float
         };
-        let v = self.model.cfg.vocab_size as i64;
-        let loss_sum = logits
-            .view([-1, v])
-            .to_kind(acc)
-            .cross_entropy_loss::<Tensor>(&labels.view([-1]), None, tch::Reduction::Sum, -100, 0.0);
-        let sp_stats = Tensor::stack(
-            &[
-                loss_sum.detach().to_kind(Kind::Double),
-                labels.ne(-100).sum(Kind::Double),
-            ],
-            0,
-        )
-        .to_kind(Kind::Float.max_precision(acc))
-        .to_device(dev);
+        let red = Kind::Float.max_precision(acc);
+        let count = labels.ne(-100).sum(Kind::Double).to_kind(red).view([1]);
         sync(dev, prof);
         let tc = Instant::now();
-        self.groups.ulysses.all_reduce(&sp_stats)?;
-        self.groups.ring.all_reduce(&sp_stats)?;
+        self.groups.ulysses.all_reduce(&count)?;
+        self.groups.ring.all_reduce(&count)?;
         sync(dev, prof);
         let mut comm_s = tc.elapsed().as_secs_f64();
-        let total = sp_stats.double_value(&[1]);
-        let loss_mean = sp_stats.double_value(&[0]) / total.max(1.0);
-        (loss_sum / total.max(1.0)).backward();
-        drop(logits);
+        let total = count.double_value(&[0]);
+        let hn = self.model.final_norm(&x);
+        let (loss_sum, dhn) = self.chunked_loss(&hn, &labels, acc, 1.0 / total.max(1.0))?;
+        let stats = loss_sum.to_kind(red).view([1]);
+        sync(dev, prof);
+        let tc = Instant::now();
+        self.groups.ulysses.all_reduce(&stats)?;
+        self.groups.ring.all_reduce(&stats)?;
+        sync(dev, prof);
+        comm_s += tc.elapsed().as_secs_f64();
+        let loss_mean = stats.double_value(&[0]) / total.max(1.0);
+        if let Some(s) = vjp_sum(&[(&hn, &dhn)]) {
+            s.backward();
+        }
+        drop(hn);
         // Backward, layer by layer.
         let mut g = x.grad();
         for (l, st) in layers.into_iter().enumerate().rev() {
@@ -286,6 +286,63 @@ impl<'a> Trainer<'a> {
             attention_s: attn_s,
             grad_sync_s: comm_s,
         })
+    }
+}
+
+/// Rows of the loss computed at a time.
+const LOSS_CHUNK: i64 = 4096;
+
+impl Trainer<'_> {
+    /// Cross-entropy of the head over the normed hidden states `hn` (B, S, hidden): returns
+    /// the loss summed over the labelled tokens and its gradient with respect to `hn`
+    /// scaled by `inv_total`; the head weight's gradient is added to its `.grad()` directly.
+    fn chunked_loss(
+        &self,
+        hn: &Tensor,
+        labels: &Tensor,
+        acc: Kind,
+        inv_total: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let _ng = tch::no_grad_guard();
+        let compute = self.model.compute;
+        let master = self.model.head_weight();
+        let w = master.detach().to_kind(compute);
+        let mut gw = master.grad();
+        if !gw.defined() {
+            return Err(RuntimeError::Config(
+                "the head weight has no gradient buffer".into(),
+            ));
+        }
+        let hsz = hn.size();
+        let h2 = hn.detach().reshape([-1, hsz[hsz.len() - 1]]);
+        let s = h2.size()[0];
+        let dev = h2.device();
+        let mut loss = Tensor::zeros([], (acc, dev));
+        let mut parts = Vec::new();
+        let mut a = 0;
+        while a < s {
+            let k = LOSS_CHUNK.min(s - a);
+            let hc = h2.narrow(0, a, k);
+            let y = labels.narrow(0, a, k);
+            let valid = y.ne(-100).to_kind(acc).unsqueeze(1);
+            let yc = y.clamp_min(0).unsqueeze(1);
+            let mut lf = hc.linear::<Tensor>(&w, None).to_kind(acc);
+            let lse = lf.logsumexp([1i64].as_slice(), true);
+            let picked = lf.gather(1, &yc, false);
+            loss += ((&lse - picked) * &valid).sum(acc);
+            // d(loss / total) / d logits = (softmax - onehot) * valid / total.
+            let _ = lf.f_sub_(&lse)?;
+            let _ = lf.f_exp_()?;
+            let _ = lf.f_scatter_add_(1, &yc, &Tensor::full([k, 1], -1.0, (acc, dev)))?;
+            let _ = lf.f_mul_(&(valid * inv_total))?;
+            let dl = lf.to_kind(compute);
+            drop(lf);
+            parts.push(dl.mm(&w));
+            let _ = gw.f_add_(&dl.tr().mm(&hc))?;
+            a += k;
+        }
+        let dhn = Tensor::cat(&parts, 0).view(hsz.as_slice());
+        Ok((loss, dhn))
     }
 }
 
