@@ -96,6 +96,9 @@ enum Cmd {
     /// prefill and sharded-KV greedy decoding, one thread per rank of the plan in this
     /// process (a random model of the plan's shape, or --tiny). Token ids only.
     Infer(InferArgs),
+    /// Needle in a haystack: sharded prefill and decode (in-process ranks) against a chunked
+    /// single-device reference at the needle's positions, with the plan's predictions.
+    Needle(NeedleArgs),
     NcclBench {
         #[arg(long)]
         plan: std::path::PathBuf,
@@ -646,6 +649,85 @@ fn infer(a: InferArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(clap::Args)]
+struct NeedleArgs {
+    /// Plan JSON with "mode": "inference" (its model shape is used).
+    plan: std::path::PathBuf,
+    /// Prompt tokens [default: the plan's context minus --decode].
+    #[arg(long)]
+    tokens: Option<usize>,
+    /// Run this layout ULYSSESxRING (in-process ranks on the same device) instead of the plan's.
+    #[arg(long)]
+    layout: Option<String>,
+    #[arg(long, default_value_t = 16)]
+    needle: usize,
+    #[arg(long, default_value_t = 8)]
+    decode: usize,
+    /// Query chunk of the single-device reference.
+    #[arg(long, default_value_t = 65536)]
+    chunk: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// f64, f32 or bf16.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+}
+
+fn needle(a: NeedleArgs) -> Result<()> {
+    use mmsp_runtime::infer::needle::{run_needle, NeedleOpts};
+    use mmsp_runtime::infer::InferPlan;
+    use mmsp_runtime::model::{Decoder, ModelConfig};
+    let text = std::fs::read_to_string(&a.plan)?;
+    let plan = InferPlan::from_json(&text)?;
+    let plan_json: serde_json::Value = serde_json::from_str(&text)?;
+    let cfg = ModelConfig::from_plan_value(plan.model.as_ref().context("the plan has no model")?)?;
+    let layout = match a.layout.as_deref() {
+        None => plan.plan.layout,
+        Some(s) => {
+            let (u, r) = s.split_once('x').context("--layout is ULYSSESxRING")?;
+            Layout::sp(u.parse()?, r.parse()?, Placement::UlyssesInner)
+        }
+    };
+    let dev = match a.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
+        "cuda" => bail!("CUDA is not available to libtorch"),
+        d => bail!("--device must be cpu or cuda, not {d:?}"),
+    };
+    let kind = match a.dtype.as_str() {
+        "f64" => Kind::Double,
+        "f32" => Kind::Float,
+        "bf16" => Kind::BFloat16,
+        d => bail!("--dtype must be f64, f32 or bf16, not {d:?}"),
+    };
+    let out = run_needle(&NeedleOpts {
+        plan: &plan,
+        plan_json: &plan_json,
+        layout,
+        make_model: &|| Decoder::random(cfg.clone(), dev, kind, kind, a.seed),
+        backend: Backend::default_for(dev),
+        prompt_len: a
+            .tokens
+            .unwrap_or(plan.context_tokens.saturating_sub(a.decode)),
+        pattern: a.needle,
+        places: &[0.05, 0.3, 0.61, 0.9],
+        decode: a.decode,
+        chunk: a.chunk,
+        seed: a.seed as u64,
+    })?;
+    let mut out = out;
+    out["model"] = json!({"hidden": cfg.hidden_size, "layers": cfg.num_layers, "heads": cfg.num_heads,
+        "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "intermediate": cfg.intermediate_size,
+        "vocab": cfg.vocab_size});
+    out["device"] = json!(format!("{dev:?}"));
+    out["dtype"] = json!(format!("{kind:?}"));
+    println!("{out}");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let gpu = || -> Result<Device> {
@@ -738,6 +820,12 @@ fn main() -> Result<()> {
             heads,
             head_dim,
         } => nccl_bench(&plan, seq, heads, head_dim)?,
+        Cmd::Needle(a) => {
+            if let Err(e) = needle(a) {
+                eprintln!("error: {e:#}");
+                std::process::exit(2);
+            }
+        }
         Cmd::Infer(a) => {
             // Bad plans and prompts: one line, exit 2.
             if let Err(e) = infer(a) {

@@ -17,6 +17,7 @@
 //!
 //! Input is token ids only; frames (vision embeddings) are not supported here.
 pub mod merge;
+pub mod needle;
 
 use crate::attn2d::{Attention2d, AttnShape};
 use crate::comm::Communicator;
@@ -149,7 +150,7 @@ pub struct Generation {
     pub kv_tokens: usize,
 }
 
-fn sync(device: Device) {
+pub(crate) fn sync(device: Device) {
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
     }
@@ -202,6 +203,16 @@ impl<'a> RankInference<'a> {
     /// Prefill of the whole prompt (every rank passes the same ids): keeps this rank's K/V and
     /// returns the last position's logits (vocab,), the same on every rank.
     pub fn prefill(&mut self, prompt: &[i64]) -> Result<Tensor> {
+        Ok(self.prefill_probed(prompt, &[])?.0)
+    }
+
+    /// [`Self::prefill`] that also returns the attention outputs at the `probes` (global
+    /// positions) this rank holds: (those positions, (layers, Hq, n, D) in the compute dtype).
+    pub fn prefill_probed(
+        &mut self,
+        prompt: &[i64],
+        probes: &[usize],
+    ) -> Result<(Tensor, Vec<usize>, Tensor)> {
         let (u, r) = (self.ulysses.size(), self.ring.size());
         let layout = Layout::sp(u, r, crate::plan::Placement::UlyssesInner);
         check_prompt(&layout, self.context, prompt.len())?;
@@ -225,12 +236,29 @@ impl<'a> RankInference<'a> {
         let ids = Tensor::from_slice(&ids).to(dev).unsqueeze(0);
         let positions = Rope::positions(&ranges, dev);
         let rope = Rope::new(cfg, &positions, self.model.compute);
+        // Local index of every probe this rank holds (ranges are in local order).
+        let (mut held, mut local) = (Vec::new(), Vec::new());
+        let mut off = 0usize;
+        for &(s, e) in &ranges {
+            for &p in probes {
+                if (s..e).contains(&p) {
+                    held.push(p);
+                    local.push((off + p - s) as i64);
+                }
+            }
+            off += e - s;
+        }
+        let local = Tensor::from_slice(&local).to(dev);
+        let mut probed = Vec::new();
         let mut x = self.model.embed(Input::Ids(&ids))?;
         self.k_cache.clear();
         self.v_cache.clear();
         for l in 0..cfg.num_layers {
             let (q, k, v) = self.model.pre_attention(l, &x, &rope);
             let (a, _ctx) = attn.forward(&q.contiguous(), &k.contiguous(), &v.contiguous())?;
+            if !held.is_empty() {
+                probed.push(a.index_select(2, &local).squeeze_dim(0));
+            }
             self.k_cache.push(k.contiguous());
             self.v_cache.push(v.contiguous());
             x = self.model.post_attention(l, &x, &a);
@@ -252,7 +280,12 @@ impl<'a> RankInference<'a> {
         self.world.all_reduce(&logits)?;
         self.prompt_len = prompt.len();
         self.seq_len = prompt.len();
-        Ok(logits)
+        let probed = if probed.is_empty() {
+            Tensor::empty([0], (self.model.compute, dev))
+        } else {
+            Tensor::stack(&probed, 0)
+        };
+        Ok((logits, held, probed))
     }
 
     /// SP rank that stores the K/V of position `p` (>= prompt length).
@@ -263,6 +296,12 @@ impl<'a> RankInference<'a> {
     /// Feeds `token` at the next position: appends its K/V on its owner, attends over the
     /// sharded cache and returns the next logits (vocab,), the same on every rank.
     pub fn decode_step(&mut self, token: i64) -> Result<Tensor> {
+        Ok(self.decode_step_probed(token)?.0)
+    }
+
+    /// [`Self::decode_step`] that also returns the merged attention output of every layer
+    /// (layers, Hq, D), in the accumulation dtype.
+    pub fn decode_step_probed(&mut self, token: i64) -> Result<(Tensor, Tensor)> {
         if self.k_cache.is_empty() {
             return Err(RuntimeError::Shape("decode before prefill".into()));
         }
@@ -280,6 +319,7 @@ impl<'a> RankInference<'a> {
         let positions = Tensor::from_slice(&[p as i64]).to(dev);
         let rope = Rope::new(cfg, &positions, self.model.compute);
         let mut x = self.model.embed(Input::Ids(&ids))?;
+        let mut outs = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let (q, k, v) = self.model.pre_attention(l, &x, &rope);
             if mine {
@@ -294,17 +334,31 @@ impl<'a> RankInference<'a> {
                 self.scale(),
             )?;
             let a = merge_over(self.world, &o, &lse)?;
+            outs.push(a.reshape([cfg.num_heads as i64, cfg.head_dim as i64]));
             x = self
                 .model
                 .post_attention(l, &x, &a.to_kind(self.model.compute));
         }
         self.seq_len += 1;
-        Ok(self
+        let logits = self
             .model
             .head(&x)
             .reshape([cfg.vocab_size as i64])
             .to_kind(Kind::Double)
-            .to(Device::Cpu))
+            .to(Device::Cpu);
+        Ok((logits, Tensor::stack(&outs, 0)))
+    }
+
+    /// Bytes and tokens of this rank's KV cache now.
+    pub fn kv_usage(&self) -> (usize, usize) {
+        let tokens = self.k_cache.first().map_or(0, |k| k.size()[2] as usize);
+        let bytes = self
+            .k_cache
+            .iter()
+            .chain(&self.v_cache)
+            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+            .sum();
+        (bytes, tokens)
     }
 
     /// Greedy generation of up to `max_new` tokens after the prompt; stops at `eos` (on every
