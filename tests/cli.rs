@@ -250,11 +250,25 @@ fn simulate_and_compare_errors() {
     v["layout"]["dp"] = 3.into();
     let mesh = temp("mesh.json", &v.to_string());
     let notplan = temp("notplan.json", "{\"hello\": 1}");
+    let (_, inf, _) = mmsp(&[
+        "plan",
+        "--mode",
+        "inference",
+        "--gpus",
+        "8",
+        "--context",
+        "128K",
+        "--format",
+        "json",
+    ]);
+    let inference = temp("inference.json", &inf);
     let cases: Vec<Vec<&str>> = vec![
         vec!["simulate", &old],
         vec!["simulate", &other],
         vec!["simulate", &mesh],
         vec!["simulate", &notplan],
+        vec!["simulate", &inference],
+        vec!["export", "--to", "megatron", &inference],
         vec!["simulate", "/nonexistent/plan.json"],
         vec![
             "plan",

@@ -204,6 +204,52 @@ pub fn compare(
     }
 }
 
+/// The Chrome trace of each feasible strategy's best configuration, by strategy name.
+pub fn traces(
+    topo: &Topology,
+    model: &ModelSpec,
+    cmp: &Comparison,
+    mm: Option<&MultiModal>,
+) -> Vec<(String, serde_json::Value)> {
+    cmp.strategies
+        .iter()
+        .filter_map(|row| {
+            let c = Candidate {
+                layout: row.layout?,
+                zero_stage: row.zero_stage?,
+                recompute: row.recompute?,
+                micro_batch: row.micro_batch?,
+            };
+            let vision = match mm {
+                Some(mm) => Some(
+                    mm.stage(
+                        topo,
+                        model,
+                        &c.layout,
+                        c.zero_stage,
+                        c.recompute,
+                        cmp.context_tokens,
+                    )
+                    .ok()?,
+                ),
+                None => None,
+            };
+            let w = Workload {
+                model,
+                context: cmp.context_tokens,
+                global_batch: cmp.global_batch,
+                vision,
+            };
+            let t = terms(topo, &w, &c).ok()?;
+            let sim = simulate(topo, &t, true);
+            Some((
+                row.name.clone(),
+                crate::sim::trace::chrome_trace(&sim, &row.name),
+            ))
+        })
+        .collect()
+}
+
 /// A plan candidate's inputs rebuilt from a plan (for `mmsp simulate`).
 pub fn candidate_of(plan: &crate::plan::Plan) -> Candidate {
     Candidate {

@@ -428,34 +428,7 @@ fn plan_inference(a: PlanArgs) -> Result<()> {
 
 fn simulate(a: SimulateArgs) -> Result<()> {
     let plan = Plan::load(&a.plan)?;
-    let cluster = ClusterSpec::load(&plan.topology).context("the plan's topology")?;
-    if plan.gpus_per_node != cluster.gpus_per_node {
-        return Err(mmsp_planner::Error::invalid(
-            "plan",
-            format!(
-                "{} was made for {} GPUs per node but topology '{}' has {}",
-                a.plan, plan.gpus_per_node, cluster.name, cluster.gpus_per_node
-            ),
-        )
-        .into());
-    }
-    cluster.check_gpus(u64::from(plan.world_size))?;
-    let topo = Topology::build(&cluster, plan.world_size);
-    let w = mmsp_planner::cost::Workload {
-        model: &plan.model,
-        context: plan.context_tokens,
-        global_batch: plan.global_batch,
-        vision: plan.vision.as_ref().map(|v| v.stage),
-    };
-    let c = mmsp_planner::compare::candidate_of(&plan);
-    let t = mmsp_planner::cost::terms(&topo, &w, &c).map_err(|e| {
-        mmsp_planner::Error::invalid(
-            "plan",
-            format!("{} cannot run on {}: {e}", a.plan, cluster.name),
-        )
-    })?;
-    let analytic = mmsp_planner::cost::compose(&topo, &t);
-    let sim = mmsp_planner::sim::simulate(&topo, &t, !a.no_collapse);
+    let (_, analytic, sim) = mmsp_planner::sim::replay_plan(&plan, &a.plan, !a.no_collapse)?;
     if let Some(path) = &a.trace {
         let tr = mmsp_planner::sim::trace::chrome_trace(&sim, &plan.model.name);
         std::fs::write(path, serde_json::to_vec(&tr)?)
@@ -501,32 +474,10 @@ fn compare(a: CompareArgs) -> Result<()> {
     let cmp = mmsp_planner::compare::compare(&topo, &model, &req, mm.as_ref());
     if let Some(dir) = &a.trace_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
-        for row in cmp.strategies.iter().filter(|r| r.feasible) {
-            let c = mmsp_planner::cost::Candidate {
-                layout: row.layout.expect("feasible"),
-                zero_stage: row.zero_stage.expect("feasible"),
-                recompute: row.recompute.expect("feasible"),
-                micro_batch: row.micro_batch.expect("feasible"),
-            };
-            let vision = match &mm {
-                Some(mm) => mm
-                    .stage(&topo, &model, &c.layout, c.zero_stage, c.recompute, context)
-                    .ok(),
-                None => None,
-            };
-            let w = mmsp_planner::cost::Workload {
-                model: &model,
-                context,
-                global_batch: cmp.global_batch,
-                vision,
-            };
-            if let Ok(t) = mmsp_planner::cost::terms(&topo, &w, &c) {
-                let sim = mmsp_planner::sim::simulate(&topo, &t, true);
-                let tr = mmsp_planner::sim::trace::chrome_trace(&sim, &row.name);
-                let path = format!("{dir}/{}.json", row.name);
-                std::fs::write(&path, serde_json::to_vec(&tr)?)
-                    .with_context(|| format!("writing {path}"))?;
-            }
+        for (name, trace) in mmsp_planner::compare::traces(&topo, &model, &cmp, mm.as_ref()) {
+            let path = format!("{dir}/{name}.json");
+            std::fs::write(&path, serde_json::to_vec(&trace)?)
+                .with_context(|| format!("writing {path}"))?;
         }
     }
     let mut out = std::io::stdout().lock();

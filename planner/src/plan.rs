@@ -213,6 +213,15 @@ impl Plan {
             }
             None => return Err(bad("missing schema_version".into())),
         }
+        if let Some(mode) = v
+            .get("mode")
+            .and_then(|m| m.as_str())
+            .filter(|m| *m != "training")
+        {
+            return Err(bad(format!(
+                "is a plan for {mode} (\"mode\": \"{mode}\"); this command takes training plans"
+            )));
+        }
         let plan: Plan =
             serde_json::from_value(v).map_err(|e| bad(format!("malformed plan: {e}")))?;
         plan.check().map_err(bad)?;

@@ -352,6 +352,44 @@ impl<'a> Builder<'a> {
     }
 }
 
+/// Replays a saved plan: checks it against its topology (node size, whole nodes, memory and
+/// layout rules), then returns the topology, the analytic estimate and the simulated step.
+pub fn replay_plan(
+    plan: &crate::plan::Plan,
+    path: &str,
+    collapse: bool,
+) -> crate::Result<(Topology, crate::cost::Estimate, SimResult)> {
+    use crate::spec::cluster::ClusterSpec;
+    let cluster = ClusterSpec::load(&plan.topology)?;
+    if plan.gpus_per_node != cluster.gpus_per_node {
+        return Err(crate::Error::invalid(
+            "plan",
+            format!(
+                "{path} was made for {} GPUs per node but topology '{}' has {}",
+                plan.gpus_per_node, cluster.name, cluster.gpus_per_node
+            ),
+        ));
+    }
+    cluster.check_gpus(u64::from(plan.world_size))?;
+    let topo = Topology::build(&cluster, plan.world_size);
+    let w = crate::cost::Workload {
+        model: &plan.model,
+        context: plan.context_tokens,
+        global_batch: plan.global_batch,
+        vision: plan.vision.as_ref().map(|v| v.stage),
+    };
+    let c = crate::compare::candidate_of(plan);
+    let t = crate::cost::terms(&topo, &w, &c).map_err(|e| {
+        crate::Error::invalid(
+            "plan",
+            format!("{path} cannot run on {}: {e}", cluster.name),
+        )
+    })?;
+    let analytic = crate::cost::compose(&topo, &t);
+    let sim = simulate(&topo, &t, collapse);
+    Ok((topo, analytic, sim))
+}
+
 /// Simulates one training step of a candidate's terms on the topology.
 pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> SimResult {
     let world = t.layout.world();
