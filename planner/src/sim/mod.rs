@@ -180,141 +180,79 @@ impl<'a> Builder<'a> {
             .collect()
     }
 
+    /// One Megatron tensor-parallel activation collective (all-gather or reduce-scatter).
+    fn tp(&mut self, tag: &str, what: &str, deps: &H) -> H {
+        let (fam, bytes) = (self.t.layout.tp_family(), self.t.tp_bytes);
+        self.comm(
+            &format!("{tag} {what}"),
+            Stream::Tp,
+            Coll::AllGather,
+            fam,
+            bytes,
+            deps,
+        )
+    }
+
+    /// One Ulysses all-to-all of `bytes` per rank.
+    fn a2a(&mut self, tag: &str, what: &str, bytes: f64, deps: &H) -> H {
+        let fam = self.t.layout.ulysses_family();
+        self.comm(
+            &format!("{tag} {what}"),
+            Stream::AllToAll,
+            Coll::AllToAll,
+            fam,
+            bytes,
+            deps,
+        )
+    }
+
     /// Forward of one layer; returns the dependencies of what follows.
     fn forward_layer(&mut self, l: u64, pass: &str, deps: &H) -> H {
         let t = self.t;
-        let lay = t.layout;
         let tag = format!("L{l} {pass}");
-        let tpf = lay.tp_family();
-        let mut d = self.comm(
-            &format!("{tag} tp all-gather"),
-            Stream::Tp,
-            Coll::AllGather,
-            tpf,
-            t.tp_bytes,
-            deps,
-        );
+        let mut d = self.tp(&tag, "tp all-gather", deps);
         d = self.compute(
             &format!("{tag} qkv"),
             t.gemm_fwd_s * t.qkv_share + 0.5 * t.elem_fwd_s,
             &d,
         );
-        d = self.comm(
-            &format!("{tag} a2a qkv"),
-            Stream::AllToAll,
-            Coll::AllToAll,
-            lay.ulysses_family(),
-            t.a2a_qkv_bytes,
-            &d,
-        );
+        d = self.a2a(&tag, "a2a qkv", t.a2a_qkv_bytes, &d);
         d = self.ring(&tag, t.attn_fwd_s, t.ring_kv_bytes, &d);
-        d = self.comm(
-            &format!("{tag} a2a out"),
-            Stream::AllToAll,
-            Coll::AllToAll,
-            lay.ulysses_family(),
-            t.a2a_o_bytes,
-            &d,
-        );
+        d = self.a2a(&tag, "a2a out", t.a2a_o_bytes, &d);
         d = self.compute(&format!("{tag} o-proj"), t.gemm_fwd_s * t.o_share, &d);
-        d = self.comm(
-            &format!("{tag} tp reduce-scatter"),
-            Stream::Tp,
-            Coll::AllGather,
-            tpf,
-            t.tp_bytes,
-            &d,
-        );
-        d = self.comm(
-            &format!("{tag} tp all-gather"),
-            Stream::Tp,
-            Coll::AllGather,
-            tpf,
-            t.tp_bytes,
-            &d,
-        );
+        d = self.tp(&tag, "tp reduce-scatter", &d);
+        d = self.tp(&tag, "tp all-gather", &d);
         d = self.compute(
             &format!("{tag} mlp"),
             t.gemm_fwd_s * (1.0 - t.qkv_share - t.o_share) + 0.5 * t.elem_fwd_s,
             &d,
         );
-        self.comm(
-            &format!("{tag} tp reduce-scatter"),
-            Stream::Tp,
-            Coll::AllGather,
-            tpf,
-            t.tp_bytes,
-            &d,
-        )
+        self.tp(&tag, "tp reduce-scatter", &d)
     }
 
     /// Backward of one layer.
     fn backward_layer(&mut self, l: u64, deps: &H) -> H {
         let t = self.t;
-        let lay = t.layout;
         let tag = format!("L{l} bwd");
-        let tpf = lay.tp_family();
         let mlp = 1.0 - t.qkv_share - t.o_share;
-        let mut d = self.comm(
-            &format!("{tag} tp all-gather"),
-            Stream::Tp,
-            Coll::AllGather,
-            tpf,
-            t.tp_bytes,
-            deps,
-        );
+        let mut d = self.tp(&tag, "tp all-gather", deps);
         d = self.compute(
             &format!("{tag} mlp"),
             2.0 * t.gemm_fwd_s * mlp + t.elem_fwd_s + t.selective_extra_s,
             &d,
         );
-        d = self.comm(
-            &format!("{tag} tp reduce-scatter"),
-            Stream::Tp,
-            Coll::AllGather,
-            tpf,
-            t.tp_bytes,
-            &d,
-        );
-        d = self.comm(
-            &format!("{tag} tp all-gather"),
-            Stream::Tp,
-            Coll::AllGather,
-            tpf,
-            t.tp_bytes,
-            &d,
-        );
+        d = self.tp(&tag, "tp reduce-scatter", &d);
+        d = self.tp(&tag, "tp all-gather", &d);
         d = self.compute(&format!("{tag} o-proj"), 2.0 * t.gemm_fwd_s * t.o_share, &d);
-        d = self.comm(
-            &format!("{tag} a2a dout"),
-            Stream::AllToAll,
-            Coll::AllToAll,
-            lay.ulysses_family(),
-            t.a2a_o_bytes,
-            &d,
-        );
+        d = self.a2a(&tag, "a2a dout", t.a2a_o_bytes, &d);
         d = self.ring(&tag, t.attn_bwd_s(), 3.0 * t.ring_kv_bytes, &d);
-        d = self.comm(
-            &format!("{tag} a2a dqkv"),
-            Stream::AllToAll,
-            Coll::AllToAll,
-            lay.ulysses_family(),
-            t.a2a_qkv_bytes,
-            &d,
-        );
+        d = self.a2a(&tag, "a2a dqkv", t.a2a_qkv_bytes, &d);
         d = self.compute(
             &format!("{tag} qkv"),
             2.0 * t.gemm_fwd_s * t.qkv_share + t.elem_fwd_s,
             &d,
         );
-        self.comm(
-            &format!("{tag} tp reduce-scatter"),
-            Stream::Tp,
-            Coll::AllGather,
-            tpf,
-            t.tp_bytes,
-            &d,
-        )
+        self.tp(&tag, "tp reduce-scatter", &d)
     }
 
     /// Zigzag ring attention: `ring` steps of equal work; the block for step k+1 travels while
