@@ -20,12 +20,13 @@ pub mod merge;
 pub mod needle;
 
 use crate::attn2d::{Attention2d, AttnShape};
+use crate::comm::local::{local_groups, LocalComm};
 use crate::comm::Communicator;
 use crate::error::{Result, RuntimeError};
 use crate::kernel::Backend;
 use crate::model::decoder::local_causal;
 use crate::model::{Decoder, Input, Rope};
-use crate::plan::{Layout, Plan};
+use crate::plan::{GroupKind, Layout, Plan};
 use crate::shard::Zigzag;
 use merge::{merge_over, partial_attention};
 use serde::Deserialize;
@@ -465,8 +466,6 @@ pub fn run_local(
     max_new: usize,
     eos: Option<i64>,
 ) -> Result<Vec<Generation>> {
-    use crate::comm::local::{local_groups, LocalComm};
-    use crate::plan::GroupKind;
     layout.validate()?;
     if layout.dp != 1 {
         return Err(RuntimeError::Layout(
@@ -475,24 +474,33 @@ pub fn run_local(
     }
     // Every check before any thread starts a collective.
     check_prompt(&layout, context, prompt.len())?;
-    let w = layout.world_size();
-    let uly = local_groups(&layout, GroupKind::Ulysses);
-    let ring = local_groups(&layout, GroupKind::Ring);
-    let world = LocalComm::group(w);
-    let results: Vec<Result<Generation>> = std::thread::scope(|s| {
+    let results = on_thread_ranks(&layout, |wc, uc, rc| {
+        tch::no_grad(|| {
+            let model = make_model()?;
+            let mut st = RankInference::new(&model, wc, uc, rc, backend, context)?;
+            st.generate(prompt, max_new, eos)
+        })
+    });
+    results.into_iter().collect()
+}
+
+/// Runs `f` once per rank of the layout's SP group, each rank a thread with its world,
+/// Ulysses and ring communicators (in-process), and returns every rank's result in rank
+/// order; a rank that panics yields an error instead of bringing the others down.
+pub(super) fn on_thread_ranks<T: Send>(
+    layout: &Layout,
+    f: impl Fn(&LocalComm, &LocalComm, &LocalComm) -> Result<T> + Sync,
+) -> Vec<Result<T>> {
+    let uly = local_groups(layout, GroupKind::Ulysses);
+    let ring = local_groups(layout, GroupKind::Ring);
+    let world = LocalComm::group(layout.world_size());
+    let f = &f;
+    std::thread::scope(|s| {
         let hs: Vec<_> = uly
             .into_iter()
             .zip(ring)
             .zip(world)
-            .map(|((uc, rc), wc)| {
-                s.spawn(move || -> Result<Generation> {
-                    tch::no_grad(|| {
-                        let model = make_model()?;
-                        let mut st = RankInference::new(&model, &wc, &uc, &rc, backend, context)?;
-                        st.generate(prompt, max_new, eos)
-                    })
-                })
-            })
+            .map(|((uc, rc), wc)| s.spawn(move || f(&wc, &uc, &rc)))
             .collect();
         hs.into_iter()
             .map(|h| {
@@ -500,6 +508,5 @@ pub fn run_local(
                     .unwrap_or_else(|_| Err(RuntimeError::Comm("rank thread panicked".into())))
             })
             .collect()
-    });
-    results.into_iter().collect()
+    })
 }

@@ -10,7 +10,7 @@
 //! that sharding changes nothing numerically at those positions (and around the shard cuts,
 //! which the planted places straddle for the layouts used).
 use super::merge::{acc_kind, merge_partials, partial_attention};
-use super::{check_prompt, sync, InferPlan, RankInference};
+use super::{check_prompt, on_thread_ranks, sync, InferPlan, RankInference};
 use crate::error::{Result, RuntimeError};
 use crate::kernel::{attention_fwd, Backend};
 use crate::model::{Decoder, Input, Rope};
@@ -91,8 +91,6 @@ pub fn run_needle_local(
     probes: &[usize],
     decode: &[i64],
 ) -> Result<Vec<NeedleRank>> {
-    use crate::comm::local::{local_groups, LocalComm};
-    use crate::plan::GroupKind;
     layout.validate()?;
     if layout.dp != 1 {
         return Err(RuntimeError::Layout(
@@ -107,62 +105,43 @@ pub fn run_needle_local(
             decode.len()
         )));
     }
-    let w = layout.world_size();
-    let uly = local_groups(&layout, GroupKind::Ulysses);
-    let ring = local_groups(&layout, GroupKind::Ring);
-    let world = LocalComm::group(w);
-    let results: Vec<Result<NeedleRank>> = std::thread::scope(|s| {
-        let hs: Vec<_> = uly
-            .into_iter()
-            .zip(ring)
-            .zip(world)
-            .map(|((uc, rc), wc)| {
-                s.spawn(move || -> Result<NeedleRank> {
-                    tch::no_grad(|| {
-                        let model = make_model()?;
-                        let dev = model
-                            .named_parameters()
-                            .first()
-                            .map_or(Device::Cpu, |p| p.1.device());
-                        let mut st = RankInference::new(&model, &wc, &uc, &rc, backend, context)?;
-                        sync(dev);
-                        let t0 = std::time::Instant::now();
-                        let (_, held, probed) = st.prefill_probed(prompt, probes)?;
-                        sync(dev);
-                        let prefill_s = t0.elapsed().as_secs_f64();
-                        let (mut decode_s, mut outs) = (Vec::new(), Vec::new());
-                        for &tok in decode {
-                            let t = std::time::Instant::now();
-                            let (_, o) = st.decode_step_probed(tok)?;
-                            sync(dev);
-                            decode_s.push(t.elapsed().as_secs_f64());
-                            outs.push(o);
-                        }
-                        let (kv_bytes, kv_tokens) = st.kv_usage();
-                        let cpu = |t: &Tensor| t.to_kind(Kind::Double).to(Device::Cpu);
-                        Ok(NeedleRank {
-                            prefill_s,
-                            decode_s,
-                            kv_bytes,
-                            kv_tokens,
-                            probe_out: if held.is_empty() {
-                                Tensor::empty([0], (Kind::Double, Device::Cpu))
-                            } else {
-                                cpu(&probed.transpose(1, 2))
-                            },
-                            probe_pos: held,
-                            decode_out: outs.iter().map(cpu).collect(),
-                        })
-                    })
-                })
+    let results: Vec<Result<NeedleRank>> = on_thread_ranks(&layout, |wc, uc, rc| {
+        tch::no_grad(|| {
+            let model = make_model()?;
+            let dev = model
+                .named_parameters()
+                .first()
+                .map_or(Device::Cpu, |p| p.1.device());
+            let mut st = RankInference::new(&model, wc, uc, rc, backend, context)?;
+            sync(dev);
+            let t0 = std::time::Instant::now();
+            let (_, held, probed) = st.prefill_probed(prompt, probes)?;
+            sync(dev);
+            let prefill_s = t0.elapsed().as_secs_f64();
+            let (mut decode_s, mut outs) = (Vec::new(), Vec::new());
+            for &tok in decode {
+                let t = std::time::Instant::now();
+                let (_, o) = st.decode_step_probed(tok)?;
+                sync(dev);
+                decode_s.push(t.elapsed().as_secs_f64());
+                outs.push(o);
+            }
+            let (kv_bytes, kv_tokens) = st.kv_usage();
+            let cpu = |t: &Tensor| t.to_kind(Kind::Double).to(Device::Cpu);
+            Ok(NeedleRank {
+                prefill_s,
+                decode_s,
+                kv_bytes,
+                kv_tokens,
+                probe_out: if held.is_empty() {
+                    Tensor::empty([0], (Kind::Double, Device::Cpu))
+                } else {
+                    cpu(&probed.transpose(1, 2))
+                },
+                probe_pos: held,
+                decode_out: outs.iter().map(cpu).collect(),
             })
-            .collect();
-        hs.into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(RuntimeError::Comm("rank thread panicked".into())))
-            })
-            .collect()
+        })
     });
     results.into_iter().collect()
 }
