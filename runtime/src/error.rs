@@ -43,3 +43,19 @@ impl From<tch::TchError> for RuntimeError {
 
 /// The crate's result type.
 pub type Result<T> = std::result::Result<T, RuntimeError>;
+
+impl RuntimeError {
+    /// Whether this is the user's input (a plan, config, shape, layout or launch that does
+    /// not fit), reported with exit code 2, rather than a failure of the run.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            RuntimeError::Plan(_)
+                | RuntimeError::Config(_)
+                | RuntimeError::Launch(_)
+                | RuntimeError::Shape(_)
+                | RuntimeError::Layout(_)
+                | RuntimeError::Json(_)
+        )
+    }
+}

@@ -81,7 +81,9 @@ impl InferPlan {
 
     /// Reads a plan file.
     pub fn from_file(path: &std::path::Path) -> Result<InferPlan> {
-        Self::from_json(&std::fs::read_to_string(path)?)
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| RuntimeError::Plan(format!("{}: {e}", path.display())))?;
+        Self::from_json(&text)
     }
 
     /// Checks a prompt against the plan: not empty, within the context, long enough for the

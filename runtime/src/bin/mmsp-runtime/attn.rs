@@ -1,10 +1,8 @@
-//! `mmsp-runtime`: benchmarks and checks of the runtime on a GPU machine, printing one JSON
-//! object per line. Subcommands: `bench` (kernels vs their PyTorch figures' shapes, and 2D
-//! attention with in-process ranks on one GPU against one big kernel), `check` (GPU
-//! correctness against float64), `bf16-error` (error vs ring size), `nccl-check` (NCCL
-//! world from torchrun-style environment variables).
+//! Attention subcommands: kernel and 2D benchmarks on one GPU, GPU correctness against
+//! float64, bf16 error vs ring size, and the NCCL checks and benchmarks (one process per GPU).
+use crate::util::{causal_flops, sync, time};
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 use mmsp_runtime::attn2d::{Attention2d, AttnShape};
 use mmsp_runtime::comm::local::local_groups;
 use mmsp_runtime::comm::nccl::{LaunchEnv, NcclWorld};
@@ -16,41 +14,9 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
-#[derive(Parser)]
-#[command(name = "mmsp-runtime", about = "mmsp runtime benchmarks and checks")]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
+/// Attention subcommands.
 #[derive(Subcommand)]
-enum Cmd {
-    /// Train a plan (JSON from `mmsp plan --format json`) for N steps and report measured vs
-    /// predicted; one process per GPU (RANK/WORLD_SIZE/...) or `--inprocess N` ranks.
-    Run {
-        plan: std::path::PathBuf,
-        #[arg(long, default_value_t = 3)]
-        steps: usize,
-        /// A Hugging Face config.json (default: the plan's model).
-        #[arg(long, conflicts_with = "tiny")]
-        model: Option<std::path::PathBuf>,
-        /// The tiny CI model.
-        #[arg(long)]
-        tiny: bool,
-        /// Run the plan's ranks as threads on one device.
-        #[arg(long)]
-        inprocess: Option<usize>,
-        /// Run on the CPU in float32.
-        #[arg(long)]
-        cpu: bool,
-        #[arg(long, default_value_t = 1e-4)]
-        lr: f64,
-        /// Peak dense bf16 TFLOP/s of one GPU, for MFU (H100 SXM: 989).
-        #[arg(long, default_value_t = 989.0)]
-        peak_tflops: f64,
-        #[arg(long)]
-        out: Option<std::path::PathBuf>,
-    },
+pub enum Cmd {
     /// Kernel and 2D-attention throughput on one GPU (JSON lines).
     Bench {
         /// Sequence lengths for the kernel comparison.
@@ -92,13 +58,6 @@ enum Cmd {
     },
     /// NCCL, one process per GPU (torchrun environment): time 2D attention fwd+bwd over the
     /// plan's groups against one cuDNN kernel on the whole sequence on one GPU.
-    /// Inference from a plan made by `mmsp plan --mode inference`: sequence-parallel
-    /// prefill and sharded-KV greedy decoding, one thread per rank of the plan in this
-    /// process (a random model of the plan's shape, or --tiny). Token ids only.
-    Infer(InferArgs),
-    /// Needle in a haystack: sharded prefill and decode (in-process ranks) against a chunked
-    /// single-device reference at the needle's positions, with the plan's predictions.
-    Needle(NeedleArgs),
     NcclBench {
         #[arg(long)]
         plan: std::path::PathBuf,
@@ -109,32 +68,6 @@ enum Cmd {
         #[arg(long, default_value_t = 128)]
         head_dim: usize,
     },
-}
-
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
-}
-
-/// Median seconds of `iters` runs of `f` after one warm-up, each run synchronised.
-fn time<F: FnMut() -> Result<()>>(device: Device, iters: usize, mut f: F) -> Result<f64> {
-    f()?;
-    sync(device);
-    let mut ts = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let t0 = Instant::now();
-        f()?;
-        sync(device);
-        ts.push(t0.elapsed().as_secs_f64());
-    }
-    ts.sort_by(|a, b| a.total_cmp(b));
-    Ok(ts[ts.len() / 2])
-}
-
-fn causal_flops(s: usize, h: usize, d: usize) -> f64 {
-    // fwd = 4 * S^2 * H * D / 2 (causal half); fwd+bwd = 3.5 x fwd, as attn_bench.py counts.
-    4.0 * (s as f64) * (s as f64) * h as f64 * d as f64 / 2.0
 }
 
 fn bench_kernels(
@@ -535,253 +468,9 @@ fn nccl_bench(plan_path: &std::path::Path, seq: usize, h: usize, d: usize) -> Re
     Ok(())
 }
 
-#[derive(clap::Args)]
-struct InferArgs {
-    /// Plan JSON with "mode": "inference".
-    plan: std::path::PathBuf,
-    /// Prompt token ids, comma-separated.
-    #[arg(long, default_value = "", conflicts_with = "haystack")]
-    prompt: String,
-    /// Instead of --prompt: this many seeded random token ids (long-context runs).
-    #[arg(long)]
-    haystack: Option<usize>,
-    #[arg(long, default_value_t = 16)]
-    max_new: usize,
-    /// End-of-sequence token id.
-    #[arg(long)]
-    eos: Option<i64>,
-    /// The CI model (2 layers, hidden 64, 4 heads, 2 kv heads, vocab 128) instead of the
-    /// plan's model shape.
-    #[arg(long)]
-    tiny: bool,
-    #[arg(long, default_value_t = 0)]
-    seed: i64,
-    /// cpu or cuda.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// f64, f32 or bf16 [default: f32 on cpu, bf16 on cuda].
-    #[arg(long)]
-    dtype: Option<String>,
-}
-
-fn infer(a: InferArgs) -> Result<()> {
-    use mmsp_runtime::infer::{run_local, InferPlan};
-    use mmsp_runtime::model::{Decoder, ModelConfig};
-    let plan = InferPlan::from_file(&a.plan)?;
-    let prompt: Vec<i64> = match a.haystack {
-        Some(n) => {
-            tch::manual_seed(a.seed);
-            let cfg_vocab = if a.tiny { 128 } else { 32000 };
-            Vec::<i64>::try_from(Tensor::randint(
-                cfg_vocab,
-                [n as i64],
-                (Kind::Int64, Device::Cpu),
-            ))?
-        }
-        None => a
-            .prompt
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(|t| {
-                t.parse::<i64>()
-                    .with_context(|| format!("bad token id {t:?} in --prompt"))
-            })
-            .collect::<Result<_>>()?,
-    };
-    plan.check_prompt(prompt.len())?;
-    let cfg = if a.tiny {
-        ModelConfig::tiny()
-    } else {
-        let m = plan
-            .model
-            .as_ref()
-            .context("the plan has no model; use --tiny")?;
-        ModelConfig::from_plan_value(m)?
-    };
-    if let Some(&t) = prompt
-        .iter()
-        .find(|&&t| t < 0 || t >= cfg.vocab_size as i64)
-    {
-        bail!(
-            "token id {t} is outside the vocabulary of {}",
-            cfg.vocab_size
-        );
-    }
-    let dev = match a.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
-        "cuda" => bail!("CUDA is not available to libtorch"),
-        d => bail!("--device must be cpu or cuda, not {d:?}"),
-    };
-    let kind = match (a.dtype.as_deref(), dev) {
-        (Some("f64"), _) => Kind::Double,
-        (Some("f32"), _) | (None, Device::Cpu) => Kind::Float,
-        (Some("bf16"), _) | (None, _) => Kind::BFloat16,
-        (Some(d), _) => bail!("--dtype must be f64, f32 or bf16, not {d:?}"),
-    };
-    let l = plan.plan.layout;
-    let t0 = Instant::now();
-    let gens = run_local(
-        l,
-        plan.context_tokens,
-        &|| Decoder::random(cfg.clone(), dev, kind, kind, a.seed),
-        Backend::default_for(dev),
-        &prompt,
-        a.max_new,
-        a.eos,
-    )?;
-    let g = &gens[0];
-    let mut d = g.decode_s.clone();
-    d.sort_by(|x, y| x.total_cmp(y));
-    let med = d.get(d.len() / 2).copied();
-    println!(
-        "{}",
-        json!({"bench": "infer", "world": l.world_size(), "ulysses": l.ulysses, "ring": l.ring,
-            "device": format!("{dev:?}"), "dtype": format!("{kind:?}"),
-            "prompt_tokens": prompt.len(), "tokens": g.tokens, "stopped_on_eos": g.stopped_on_eos,
-            "prefill_s": g.prefill_s, "prefill_tokens_per_s": prompt.len() as f64 / g.prefill_s,
-            "decode_ms_per_token_median": med.map(|x| x * 1e3),
-            "kv_bytes_per_rank": gens.iter().map(|g| g.kv_bytes).collect::<Vec<_>>(),
-            "kv_tokens_per_rank": gens.iter().map(|g| g.kv_tokens).collect::<Vec<_>>(),
-            "wall_s": t0.elapsed().as_secs_f64()})
-    );
-    Ok(())
-}
-
-#[derive(clap::Args)]
-struct NeedleArgs {
-    /// Plan JSON with "mode": "inference" (its model shape is used).
-    plan: std::path::PathBuf,
-    /// Prompt tokens [default: the plan's context minus --decode].
-    #[arg(long)]
-    tokens: Option<usize>,
-    /// Run this layout ULYSSESxRING (in-process ranks on the same device) instead of the plan's.
-    #[arg(long)]
-    layout: Option<String>,
-    #[arg(long, default_value_t = 16)]
-    needle: usize,
-    #[arg(long, default_value_t = 8)]
-    decode: usize,
-    /// Query chunk of the single-device reference.
-    #[arg(long, default_value_t = 65536)]
-    chunk: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: i64,
-    /// cpu or cuda.
-    #[arg(long, default_value = "cuda")]
-    device: String,
-    /// f64, f32 or bf16.
-    #[arg(long, default_value = "bf16")]
-    dtype: String,
-}
-
-fn needle(a: NeedleArgs) -> Result<()> {
-    use mmsp_runtime::infer::needle::{run_needle, NeedleOpts};
-    use mmsp_runtime::infer::InferPlan;
-    use mmsp_runtime::model::{Decoder, ModelConfig};
-    let text = std::fs::read_to_string(&a.plan)?;
-    let plan = InferPlan::from_json(&text)?;
-    let plan_json: serde_json::Value = serde_json::from_str(&text)?;
-    let cfg = ModelConfig::from_plan_value(plan.model.as_ref().context("the plan has no model")?)?;
-    let layout = match a.layout.as_deref() {
-        None => plan.plan.layout,
-        Some(s) => {
-            let (u, r) = s.split_once('x').context("--layout is ULYSSESxRING")?;
-            Layout::sp(u.parse()?, r.parse()?, Placement::UlyssesInner)
-        }
-    };
-    let dev = match a.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
-        "cuda" => bail!("CUDA is not available to libtorch"),
-        d => bail!("--device must be cpu or cuda, not {d:?}"),
-    };
-    let kind = match a.dtype.as_str() {
-        "f64" => Kind::Double,
-        "f32" => Kind::Float,
-        "bf16" => Kind::BFloat16,
-        d => bail!("--dtype must be f64, f32 or bf16, not {d:?}"),
-    };
-    let out = run_needle(&NeedleOpts {
-        plan: &plan,
-        plan_json: &plan_json,
-        layout,
-        make_model: &|| Decoder::random(cfg.clone(), dev, kind, kind, a.seed),
-        backend: Backend::default_for(dev),
-        prompt_len: a
-            .tokens
-            .unwrap_or(plan.context_tokens.saturating_sub(a.decode)),
-        pattern: a.needle,
-        places: &[0.05, 0.3, 0.61, 0.9],
-        decode: a.decode,
-        chunk: a.chunk,
-        seed: a.seed as u64,
-    })?;
-    let mut out = out;
-    out["model"] = json!({"hidden": cfg.hidden_size, "layers": cfg.num_layers, "heads": cfg.num_heads,
-        "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "intermediate": cfg.intermediate_size,
-        "vocab": cfg.vocab_size});
-    out["device"] = json!(format!("{dev:?}"));
-    out["dtype"] = json!(format!("{kind:?}"));
-    println!("{out}");
-    Ok(())
-}
-
-fn main() -> Result<()> {
-    let cli = Cli::parse();
-    let gpu = || -> Result<Device> {
-        if !tch::Cuda::is_available() {
-            bail!("CUDA is not available to libtorch (is libtorch_cuda linked and a GPU visible?)");
-        }
-        Ok(Device::Cuda(0))
-    };
-    match cli.cmd {
-        Cmd::Run {
-            plan,
-            steps,
-            model,
-            tiny,
-            inprocess,
-            cpu,
-            lr,
-            peak_tflops,
-            out,
-        } => {
-            use mmsp_runtime::train::run::{run, ModelSource, RunOptions};
-            use mmsp_runtime::RuntimeError as E;
-            let model = match (tiny, model) {
-                (true, _) => ModelSource::Tiny,
-                (false, Some(p)) => ModelSource::HfConfig(p),
-                (false, None) => ModelSource::Plan,
-            };
-            let opts = RunOptions {
-                plan,
-                steps,
-                model,
-                inprocess,
-                cpu,
-                lr,
-                peak_flops: peak_tflops * 1e12,
-                out,
-            };
-            match run(&opts) {
-                Ok(v) if !v.is_null() => println!("{v}"),
-                Ok(_) => {}
-                Err(
-                    e @ (E::Plan(_)
-                    | E::Config(_)
-                    | E::Launch(_)
-                    | E::Shape(_)
-                    | E::Layout(_)
-                    | E::Json(_)),
-                ) => {
-                    eprintln!("error: {e}");
-                    std::process::exit(2);
-                }
-                Err(e) => bail!("{e}"),
-            }
-        }
+/// Runs one attention subcommand.
+pub fn dispatch(cmd: Cmd) -> Result<()> {
+    match cmd {
         Cmd::Bench {
             seqs,
             seqs_2d,
@@ -791,10 +480,12 @@ fn main() -> Result<()> {
             backend,
             what,
         } => {
-            let dev = gpu()?;
+            let dev = crate::util::gpu()?;
             let be = Backend::parse(&backend)?;
             if !["all", "kernels", "2d"].contains(&what.as_str()) {
-                bail!("--what must be all, kernels or 2d, not {what:?}");
+                return Err(crate::util::usage(format!(
+                    "--what must be all, kernels or 2d, not {what:?}"
+                )));
             }
             if what != "2d" {
                 bench_kernels(&seqs, heads, head_dim, dev)?;
@@ -803,13 +494,13 @@ fn main() -> Result<()> {
                 bench_2d(&seqs_2d, &ranks, heads, head_dim, be, dev)?;
             }
         }
-        Cmd::Check => check_gpu(gpu()?)?,
+        Cmd::Check => check_gpu(crate::util::gpu()?)?,
         Cmd::Bf16Error { seq, backend } => {
             let be = Backend::parse(&backend)?;
             let dev = if be == Backend::CpuMath {
                 Device::Cpu
             } else {
-                gpu()?
+                crate::util::gpu()?
             };
             bf16_error(seq, be, dev)?;
         }
@@ -820,19 +511,6 @@ fn main() -> Result<()> {
             heads,
             head_dim,
         } => nccl_bench(&plan, seq, heads, head_dim)?,
-        Cmd::Needle(a) => {
-            if let Err(e) = needle(a) {
-                eprintln!("error: {e:#}");
-                std::process::exit(2);
-            }
-        }
-        Cmd::Infer(a) => {
-            // Bad plans and prompts: one line, exit 2.
-            if let Err(e) = infer(a) {
-                eprintln!("error: {e:#}");
-                std::process::exit(2);
-            }
-        }
     }
     Ok(())
 }

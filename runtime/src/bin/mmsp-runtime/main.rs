@@ -1,0 +1,44 @@
+//! `mmsp-runtime`: executes mmsp plans on GPUs and benchmarks the runtime, printing one JSON
+//! object per line. Subcommands: `run` (train a plan), `infer` and `needle` (inference),
+//! `bench`, `check`, `bf16-error`, `nccl-check`, `nccl-bench` (attention). Bad input (flags,
+//! plans, launches that do not match the plan) ends with one line and exit code 2; a failure
+//! of the run itself with exit code 1.
+mod attn;
+mod infer;
+mod train;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "mmsp-runtime",
+    about = "mmsp runtime: run plans, benchmarks and checks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    #[command(flatten)]
+    Train(train::Cmd),
+    #[command(flatten)]
+    Infer(infer::Cmd),
+    #[command(flatten)]
+    Attn(attn::Cmd),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Train(c) => train::dispatch(c),
+        Cmd::Infer(c) => infer::dispatch(c),
+        Cmd::Attn(c) => attn::dispatch(c),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(if util::is_bad_input(&e) { 2 } else { 1 });
+    }
+}
