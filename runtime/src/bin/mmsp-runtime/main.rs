@@ -4,6 +4,7 @@
 //! plans, launches that do not match the plan) ends with one line and exit code 2; a failure
 //! of the run itself with exit code 1.
 mod attn;
+mod calibrate;
 mod infer;
 mod train;
 mod util;
@@ -28,6 +29,8 @@ enum Cmd {
     Infer(infer::Cmd),
     #[command(flatten)]
     Attn(attn::Cmd),
+    #[command(flatten)]
+    Calibrate(calibrate::Cmd),
 }
 
 fn main() {
@@ -36,6 +39,7 @@ fn main() {
         Cmd::Train(c) => train::dispatch(c),
         Cmd::Infer(c) => infer::dispatch(c),
         Cmd::Attn(c) => attn::dispatch(c),
+        Cmd::Calibrate(c) => calibrate::dispatch(c),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
