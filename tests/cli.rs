@@ -451,3 +451,43 @@ fn plan_inference_mode() {
         .join("\n")
     );
 }
+
+#[test]
+fn plan_pinned_layout_and_zero() {
+    let (code, out, err) = mmsp(&[
+        "plan",
+        "--gpus",
+        "64",
+        "--context",
+        "256K",
+        "--layout",
+        "2x8",
+        "--zero",
+        "1",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["layout"]["ulysses"], 2);
+    assert_eq!(v["layout"]["ring"], 8);
+    assert_eq!(v["layout"]["dp"], 4);
+    assert_eq!(v["zero_stage"], 1);
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["plan", "--gpus", "8", "--layout", "3x1"],
+        vec!["plan", "--layout", "0x2"],
+        vec!["plan", "--layout", "two"],
+        vec!["plan", "--zero", "4"],
+        vec![
+            "plan",
+            "--gpus",
+            "64",
+            "--strategy",
+            "megatron-cp-tp",
+            "--zero",
+            "3",
+        ],
+    ];
+    let all: Vec<String> = cases.iter().map(|c| fails(c)).collect();
+    insta::assert_snapshot!(all.join("\n"));
+}

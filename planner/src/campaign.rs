@@ -336,6 +336,8 @@ pub fn plan(recipe: &Recipe, out: Option<&Path>) -> Result<CampaignResult> {
             global_batch: s.global_batch,
             recompute: s.recompute,
             strategy: s.strategy,
+            pin: None,
+            zero: None,
         };
         // Video stages cost both MM-SP stages (vision encoder, re-shard) for each layout.
         let mm = match (s.frames_per_sample, &s.vision) {

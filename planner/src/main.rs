@@ -11,7 +11,7 @@ use mmsp_planner::cost::Recompute;
 use mmsp_planner::multimodal::MultiModal;
 use mmsp_planner::plan::Plan;
 use mmsp_planner::render;
-use mmsp_planner::search::{self, Request, Strategy};
+use mmsp_planner::search::{self, LayoutPin, Request, Strategy};
 use mmsp_planner::spec::samples::{load_manifest, Sample};
 use mmsp_planner::spec::vision::VisionSpec;
 use mmsp_planner::spec::{cluster::ClusterSpec, model::ModelSpec};
@@ -207,6 +207,13 @@ struct PlanArgs {
     /// Runners-up to show in the table.
     #[arg(long, default_value_t = 4)]
     top: usize,
+    /// Plan only this Ulysses x ring layout, e.g. 2x4 (dp = GPUs / (U x R)); ZeRO, recompute
+    /// and micro-batch are still searched.
+    #[arg(long, value_parser = layout_arg)]
+    layout: Option<LayoutPin>,
+    /// Plan only this ZeRO stage (0-3) instead of searching them.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=3))]
+    zero: Option<u8>,
     /// Plan training steps or inference (sequence-parallel prefill, sharded-KV decoding).
     #[arg(long, value_enum, default_value_t = Mode::Training)]
     mode: Mode,
@@ -309,6 +316,20 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// `--layout UxR`: Ulysses degree x ring degree, both at least 1.
+fn layout_arg(s: &str) -> std::result::Result<LayoutPin, String> {
+    let bad = || format!("expected ULYSSESxRING such as 2x4, got {s:?}");
+    let (u, r) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    let (ulysses, ring): (u32, u32) = (
+        u.trim().parse().map_err(|_| bad())?,
+        r.trim().parse().map_err(|_| bad())?,
+    );
+    if ulysses == 0 || ring == 0 {
+        return Err(bad());
+    }
+    Ok(LayoutPin { ulysses, ring })
+}
+
 fn plan(a: PlanArgs) -> Result<()> {
     if a.mode == Mode::Inference {
         return plan_inference(a);
@@ -328,12 +349,40 @@ fn plan(a: PlanArgs) -> Result<()> {
         Some(mm) => mm.padded_context(gpus),
         None => a.context.unwrap_or(2 * 1024 * 1024),
     };
+    if let Some(p) = a.layout {
+        if !gpus.is_multiple_of(p.ulysses * p.ring) {
+            return Err(mmsp_planner::Error::invalid(
+                "--layout",
+                format!(
+                    "{}x{} = {} GPUs does not divide --gpus {gpus}",
+                    p.ulysses,
+                    p.ring,
+                    p.ulysses * p.ring
+                ),
+            )
+            .into());
+        }
+    }
+    if let (Some(z), Strategy::MegatronCpTp | Strategy::TeA2aP2p) = (a.zero, strategy) {
+        if z > 1 {
+            return Err(mmsp_planner::Error::invalid(
+                "--zero",
+                format!(
+                    "{} plans ZeRO 0 or 1 (Megatron's distributed optimizer), not {z}",
+                    a.strategy
+                ),
+            )
+            .into());
+        }
+    }
     let mut req = Request {
         gpus,
         context,
         global_batch: a.target.global_batch,
         recompute: a.recompute.map(Into::into),
         strategy,
+        pin: a.layout,
+        zero: a.zero,
     };
     let mut max_ctx = None;
     if a.max_context {
@@ -470,6 +519,8 @@ fn compare(a: CompareArgs) -> Result<()> {
         global_batch: a.target.global_batch,
         recompute: None,
         strategy: Strategy::TwoD,
+        pin: None,
+        zero: None,
     };
     let cmp = mmsp_planner::compare::compare(&topo, &model, &req, mm.as_ref());
     if let Some(dir) = &a.trace_dir {

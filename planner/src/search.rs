@@ -80,6 +80,17 @@ pub struct Request {
     /// Force a recompute policy; `None` searches all three.
     pub recompute: Option<Recompute>,
     pub strategy: Strategy,
+    /// Restrict the search to one Ulysses x ring layout (`--layout UxR`); `None` searches all.
+    pub pin: Option<LayoutPin>,
+    /// Force a ZeRO stage (`--zero`); `None` searches the strategy's stages.
+    pub zero: Option<u8>,
+}
+
+/// A layout the user fixed: Ulysses degree x ring degree (dp follows from the GPU count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayoutPin {
+    pub ulysses: u32,
+    pub ring: u32,
 }
 
 /// Tokens per step when the user gives no batch: 4M tokens, Llama 3's initial batch
@@ -126,7 +137,7 @@ pub fn enumerate(model: &ModelSpec, cluster: &ClusterSpec, req: &Request) -> Vec
                     Strategy::TwoD | Strategy::TeA2aP2p => true,
                     Strategy::Ring | Strategy::MegatronCpTp => u == 1,
                     Strategy::Ulysses => ring == 1,
-                };
+                } && req.pin.is_none_or(|p| p.ulysses == u && p.ring == ring);
                 if !ok {
                     continue;
                 }
@@ -155,7 +166,7 @@ pub fn enumerate(model: &ModelSpec, cluster: &ClusterSpec, req: &Request) -> Vec
                         });
                         continue;
                     }
-                    for &zero_stage in zeros {
+                    for &zero_stage in zeros.iter().filter(|z| req.zero.is_none_or(|f| f == **z)) {
                         for &recompute in &recomputes {
                             // Larger micro-batches only where the batch has the sequences.
                             for micro_batch in [1u32, 2, 4, 8] {

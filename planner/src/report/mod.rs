@@ -297,6 +297,8 @@ pub fn sweep(grid: &Grid, quiet: bool) -> Result<ReportData> {
                         global_batch: Some(1),
                         recompute: Some(recompute),
                         strategy,
+                        pin: None,
+                        zero: None,
                     };
                     let found = if valid.is_ok() {
                         search::max_context(&topo, &s.model, &req)
@@ -368,6 +370,8 @@ fn point(
         global_batch: grid.global_batch,
         recompute: None,
         strategy,
+        pin: None,
+        zero: None,
     };
     let gb = grid
         .global_batch

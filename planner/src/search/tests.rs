@@ -18,6 +18,8 @@ fn req(gpus: u32, context: u64) -> Request {
         global_batch: None,
         recompute: None,
         strategy: Strategy::TwoD,
+        pin: None,
+        zero: None,
     }
 }
 
