@@ -24,6 +24,8 @@ fn main() {
                 global_batch: None,
                 recompute: None,
                 strategy: Strategy::TwoD,
+                pin: None,
+                zero: None,
             };
             let r = search(&topo, &model, &req, None);
             candidates = r.ranked.len() + r.infeasible.len();
