@@ -4,11 +4,19 @@
 // NUL-terminated error message that the caller frees with mmsp_free_error. Tensors are
 // passed as `at::Tensor*` (tch's C_tensor); outputs are new heap `at::Tensor`s that tch
 // owns and frees with at_free.
+//
+// Besides the kernels: per-thread current CUDA streams (so that in-process ranks sharing one
+// GPU queue their work on separate streams) and CUDA-event timers, both through c10's
+// device-generic interface, so the shim needs no CUDA headers.
 #include <ATen/ATen.h>
+#include <c10/core/Event.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <stdexcept>
 #include <string>
-#include <atomic>
 
 namespace {
 char *dup_error(const std::string &msg) {
@@ -21,6 +29,34 @@ char *dup_error(const std::string &msg) {
 std::atomic<int> g_cudnn_lse_4d{-1};
 
 enum Backend { kCpuMath = 0, kFlash = 1, kCudnn = 2 };
+
+// The cuDNN backward wants philox seed/offset tensors even without dropout (where it ignores
+// their values). Made once per device and never freed (no destructor runs after CUDA is torn
+// down), rather than allocating and zero-filling two tensors on every backward call.
+constexpr int kMaxDevices = 64;
+std::mutex g_philox_mu;
+at::Tensor *g_philox[kMaxDevices] = {};
+
+const at::Tensor &cudnn_philox(const at::Tensor &like) {
+    const int dev = like.device().index();
+    if (dev < 0 || dev >= kMaxDevices) throw std::runtime_error("cuDNN backward: device index out of range");
+    std::lock_guard<std::mutex> lock(g_philox_mu);
+    if (g_philox[dev] == nullptr) {
+        auto t = at::zeros({1}, like.options().dtype(at::kLong));
+        // Made on whatever stream this thread uses; later readers may run on other streams.
+        c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->synchronizeDevice(static_cast<c10::DeviceIndex>(dev));
+        g_philox[dev] = new at::Tensor(std::move(t));
+    }
+    return *g_philox[dev];
+}
+
+const c10::impl::DeviceGuardImplInterface *cuda_impl() {
+    return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+}
+
+c10::Device cuda_device(int device) {
+    return c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
+}
 }  // namespace
 
 #define MMSP_TRY try {
@@ -101,8 +137,8 @@ char *mmsp_attn_bwd(int backend, const at::Tensor *dout, const at::Tensor *q, co
             break;
         }
         case kCudnn: {
-            auto seed = at::zeros({1}, q->options().dtype(at::kLong));
-            auto offset = at::zeros({1}, q->options().dtype(at::kLong));
+            const at::Tensor &seed = cudnn_philox(*q);
+            const at::Tensor &offset = seed;
             at::Tensor none;
             at::Tensor l = *lse;
             if (g_cudnn_lse_4d.load() == 1) l = l.unsqueeze(-1);
@@ -116,6 +152,55 @@ char *mmsp_attn_bwd(int backend, const at::Tensor *dout, const at::Tensor *q, co
     *dq = new at::Tensor(std::move(std::get<0>(r)));
     *dk = new at::Tensor(std::move(std::get<1>(r)));
     *dv = new at::Tensor(std::move(std::get<2>(r)));
+    MMSP_CATCH
+}
+
+// Makes the calling thread's current stream on `device` one from libtorch's stream pool (a
+// different one per call, round-robin). libtorch queues this thread's later kernels there.
+char *mmsp_stream_use_pool(int device) {
+    MMSP_TRY
+    auto s = cuda_impl()->getStreamFromGlobalPool(cuda_device(device), false);
+    cuda_impl()->exchangeStream(s);
+    MMSP_CATCH
+}
+
+// Makes the calling thread's current stream on `device` the default stream again.
+char *mmsp_stream_use_default(int device) {
+    MMSP_TRY
+    cuda_impl()->exchangeStream(cuda_impl()->getDefaultStream(cuda_device(device)));
+    MMSP_CATCH
+}
+
+// Blocks the host until the calling thread's current stream on `device` has run its work.
+char *mmsp_stream_sync_current(int device) {
+    MMSP_TRY
+    cuda_impl()->synchronizeStream(cuda_impl()->getStream(cuda_device(device)));
+    MMSP_CATCH
+}
+
+// A CUDA event with timing enabled (freed with mmsp_event_free).
+char *mmsp_event_new(void **out) {
+    MMSP_TRY
+    *out = nullptr;
+    *out = new c10::Event(c10::DeviceType::CUDA, c10::EventFlag::BACKEND_DEFAULT);
+    MMSP_CATCH
+}
+
+void mmsp_event_free(void *ev) { delete static_cast<c10::Event *>(ev); }
+
+// Records the event on the calling thread's current stream of `device`.
+char *mmsp_event_record(void *ev, int device) {
+    MMSP_TRY
+    static_cast<c10::Event *>(ev)->record(cuda_impl()->getStream(cuda_device(device)));
+    MMSP_CATCH
+}
+
+// Waits for `end` on the host, then writes the milliseconds from `start` to `end`.
+char *mmsp_event_elapsed_ms(void *start, void *end, double *ms) {
+    MMSP_TRY
+    auto *e = static_cast<c10::Event *>(end);
+    e->synchronize();
+    *ms = static_cast<c10::Event *>(start)->elapsedTime(*e);
     MMSP_CATCH
 }
 

@@ -75,20 +75,31 @@ fn gqa_factor(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<i64> {
     Ok(qs[1] / ks[1])
 }
 
-/// The CUDA kernels get dense tensors (row slices of a block are strided views).
-fn dense(backend: Backend, t: &Tensor) -> Tensor {
-    if backend != Backend::CpuMath && !t.is_contiguous() {
-        t.contiguous()
-    } else {
-        t.shallow_clone()
-    }
+/// The CUDA kernels get dense tensors (row slices of a block are strided views): a dense copy
+/// when one is needed, else `None` (the tensor is used as it is, with no new handle).
+fn dense(backend: Backend, t: &Tensor) -> Option<Tensor> {
+    (backend != Backend::CpuMath && !t.is_contiguous()).then(|| t.contiguous())
 }
 
-fn expand_kv(t: &Tensor, g: i64) -> Tensor {
-    if g == 1 {
-        t.shallow_clone()
-    } else {
-        t.repeat_interleave_self_int(g, 1, None)
+/// The kv heads repeated `g` times, or `None` when `g == 1` (no copy).
+fn expand_kv(t: &Tensor, g: i64) -> Option<Tensor> {
+    (g != 1).then(|| t.repeat_interleave_self_int(g, 1, None))
+}
+
+/// `t` made ready for a kernel: kv heads expanded, then made dense if needed. Borrows `t`
+/// when neither applies, so the common case (MHA, dense inputs) adds no work per call.
+struct Prepared(Option<Tensor>);
+
+impl Prepared {
+    fn new(backend: Backend, t: &Tensor, g: i64) -> Prepared {
+        match expand_kv(t, g) {
+            Some(x) => Prepared(Some(dense(backend, &x).unwrap_or(x))),
+            None => Prepared(dense(backend, t)),
+        }
+    }
+
+    fn get<'t>(&'t self, orig: &'t Tensor) -> &'t Tensor {
+        self.0.as_ref().unwrap_or(orig)
     }
 }
 
@@ -101,7 +112,9 @@ fn reduce_kv(t: Tensor, g: i64) -> Tensor {
         .sum_dim_intlist(2, false, t.kind())
 }
 
-/// Forward: returns (out in q's dtype, lse (B, Hq, Sq) in float32 or float64).
+/// Forward: returns (out in q's dtype, lse (B, Hq, Sq) in float32 or float64). With dense
+/// (B, H, S, D) inputs and as many kv heads as q heads this is one shim call and nothing else:
+/// no copy, no cast, no extra allocation beyond the kernel's own outputs.
 pub fn attention_fwd(
     backend: Backend,
     q: &Tensor,
@@ -112,12 +125,16 @@ pub fn attention_fwd(
 ) -> Result<(Tensor, Tensor)> {
     backend.check(q)?;
     let g = gqa_factor(q, k, v)?;
-    let d = |t: &Tensor| dense(backend, t);
+    let (qp, kp, vp) = (
+        Prepared::new(backend, q, 1),
+        Prepared::new(backend, k, g),
+        Prepared::new(backend, v, g),
+    );
     ffi::attn_fwd(
         backend.code(),
-        &d(q),
-        &d(&expand_kv(k, g)),
-        &d(&expand_kv(v, g)),
+        qp.get(q),
+        kp.get(k),
+        vp.get(v),
         causal,
         scale,
     )
@@ -139,15 +156,16 @@ pub fn attention_bwd(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     backend.check(q)?;
     let g = gqa_factor(q, k, v)?;
-    let d = |t: &Tensor| dense(backend, t);
+    let p = |t: &Tensor, g: i64| Prepared::new(backend, t, g);
+    let (dop, qp, kp, vp, op, lp) = (p(dout, 1), p(q, 1), p(k, g), p(v, g), p(out, 1), p(lse, 1));
     let (dq, dk, dv) = ffi::attn_bwd(
         backend.code(),
-        &d(dout),
-        &d(q),
-        &d(&expand_kv(k, g)),
-        &d(&expand_kv(v, g)),
-        &d(out),
-        &d(lse),
+        dop.get(dout),
+        qp.get(q),
+        kp.get(k),
+        vp.get(v),
+        op.get(out),
+        lp.get(lse),
         causal,
         scale,
     )?;
@@ -169,8 +187,8 @@ pub fn reference_attention(
     let k = k.detach().set_requires_grad(true);
     let v = v.detach().set_requires_grad(true);
     let (sq, sk) = (q.size()[2], k.size()[2]);
-    let kx = expand_kv(&k, g);
-    let vx = expand_kv(&v, g);
+    let kx = expand_kv(&k, g).unwrap_or_else(|| k.shallow_clone());
+    let vx = expand_kv(&v, g).unwrap_or_else(|| v.shallow_clone());
     let mut s = q.matmul(&kx.transpose(-2, -1)) * scale;
     if causal {
         let mask = Tensor::ones([sq, sk], (Kind::Bool, q.device())).triu(1);

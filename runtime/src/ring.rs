@@ -80,6 +80,102 @@ fn acc_kind(k: Kind) -> Kind {
     }
 }
 
+/// A partial attention result: output and log-sum-exp of local query rows [off, off+len)
+/// against some of the keys.
+struct Part {
+    off: i64,
+    len: i64,
+    o: Tensor,
+    lse: Tensor,
+}
+
+impl Part {
+    fn covers(&self, rows: i64) -> bool {
+        self.off == 0 && self.len == rows
+    }
+}
+
+/// Most block outputs the forward holds before folding them into one partial result (a
+/// ring of n holds n blocks, about n/2 local outputs, at most this many).
+const MAX_PARTS: usize = 8;
+
+/// Merges partial results through their log-sum-exp, reading each block output once:
+/// lse = log sum_j exp(lse_j), out = sum_j exp(lse_j - lse) * o_j, accumulated in `ak`
+/// (float32 for 16-bit inputs) with one fused multiply-add per block (`addcmul`, which
+/// reads the block output in its own dtype), the last one written straight in `out_kind`.
+/// A single part covering every row is returned as it is (a ring of 1 costs nothing here).
+/// Rows that no part covers get lse -inf and output 0.
+fn merge_parts(mut parts: Vec<Part>, rows: i64, ak: Kind, out_kind: Kind) -> Result<Part> {
+    let Some(i) = parts
+        .iter()
+        .rposition(|p| p.covers(rows))
+        .or(parts.len().checked_sub(1))
+    else {
+        return Err(RuntimeError::Shape(
+            "ring attention: no blocks to merge".into(),
+        ));
+    };
+    // A part covering every row goes last, so that the final addcmul writes the whole output.
+    let last = parts.remove(i);
+    if parts.is_empty() && last.covers(rows) {
+        return Ok(Part {
+            o: last.o.f_to_kind(out_kind)?,
+            ..last
+        });
+    }
+    let (os, ls) = (last.o.size(), last.lse.size());
+    let dev = last.o.device();
+    let lse = if last.covers(rows) {
+        last.lse.copy()
+    } else {
+        Tensor::full(
+            [ls[0], ls[1], rows],
+            f64::NEG_INFINITY,
+            (last.lse.kind(), dev),
+        )
+    };
+    let others = || parts.iter().chain((!last.covers(rows)).then_some(&last));
+    for p in others() {
+        let mut l = lse.narrow(2, p.off, p.len);
+        let merged = l.f_logaddexp(&p.lse)?;
+        l.f_copy_(&merged)?;
+    }
+    let weight = |p: &Part| -> Result<Tensor> {
+        Ok(p.lse
+            .f_sub(&lse.narrow(2, p.off, p.len))?
+            .f_exp()?
+            .f_unsqueeze(-1)?)
+    };
+    let mut acc: Option<Tensor> = None;
+    for p in others() {
+        let w = weight(p)?;
+        match &acc {
+            None if p.covers(rows) => acc = Some(p.o.f_mul(&w)?.f_to_kind(ak)?),
+            None => {
+                let a = Tensor::zeros([os[0], os[1], rows, os[3]], (ak, dev));
+                let _ = a.narrow(2, p.off, p.len).f_addcmul_(&p.o, &w)?;
+                acc = Some(a);
+            }
+            Some(a) => {
+                let _ = a.narrow(2, p.off, p.len).f_addcmul_(&p.o, &w)?;
+            }
+        }
+    }
+    let acc = acc.ok_or_else(|| RuntimeError::Shape("ring attention: empty merge".into()))?;
+    let out = if last.covers(rows) {
+        let out = Tensor::empty([os[0], os[1], rows, os[3]], (out_kind, dev));
+        acc.f_addcmul_out(&out, &last.o, &weight(&last)?)?
+    } else {
+        acc.f_to_kind(out_kind)?
+    };
+    Ok(Part {
+        off: 0,
+        len: rows,
+        o: out,
+        lse,
+    })
+}
+
 /// Saved forward state for [`ring_bwd`].
 pub struct RingCtx {
     pub q: Tensor,
@@ -131,10 +227,8 @@ pub fn ring_fwd(
     }
     check_local(zz, r, q, k, v)?;
     let ak = acc_kind(q.kind());
-    let qs = q.size();
-    let out_acc = Tensor::zeros([qs[0], qs[1], qs[2], qs[3]], (ak, q.device()));
-    let lse_acc = Tensor::full([qs[0], qs[1], qs[2]], f64::NEG_INFINITY, (ak, q.device()));
-    let mut lse_kind = Kind::Float;
+    let rows = q.size()[2];
+    let mut parts: Vec<Part> = Vec::with_capacity(n.min(MAX_PARTS) + 2);
     let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
     let mut cur_k = k.shallow_clone();
     let mut cur_v = v.shallow_clone();
@@ -168,29 +262,22 @@ pub fn ring_fwd(
         } else {
             None
         };
-        let blks = blocks(zz, r, src);
-        let first = j == 0 && blks.len() == 1;
-        for blk in blks {
+        for blk in blocks(zz, r, src) {
             let qb = q_rows.get(q, blk.q_off, blk.q_len);
             let kb = cur_k.narrow(2, blk.kv_off, blk.kv_len);
             let vb = cur_v.narrow(2, blk.kv_off, blk.kv_len);
-            let (o, l) = attention_fwd(backend, &qb, &kb, &vb, blk.causal, scale)?;
-            lse_kind = l.kind();
-            let mut o_rows = out_acc.narrow(2, blk.q_off, blk.q_len);
-            let mut l_rows = lse_acc.narrow(2, blk.q_off, blk.q_len);
-            if first {
-                // The first block covers every row: nothing to merge with yet.
-                o_rows.f_copy_(&o)?;
-                l_rows.f_copy_(&l)?;
-                continue;
-            }
-            // out += sigmoid(lse_b - lse) * (o_b - out); lse = logaddexp(lse, lse_b), in place.
-            let w = (&l - &l_rows).sigmoid().unsqueeze(-1);
-            let mut diff = o.f_sub(&o_rows)?;
-            let _ = diff.f_mul_(&w)?;
-            let _ = o_rows.f_add_(&diff)?;
-            let new_l = l_rows.logaddexp(&l);
-            l_rows.f_copy_(&new_l)?;
+            let (o, lse) = attention_fwd(backend, &qb, &kb, &vb, blk.causal, scale)?;
+            parts.push(Part {
+                off: blk.q_off,
+                len: blk.q_len,
+                o,
+                lse,
+            });
+        }
+        if parts.len() >= MAX_PARTS && j + 1 < n {
+            // Bound the memory held: fold what is there into one partial result.
+            let folded = merge_parts(std::mem::take(&mut parts), rows, ak, ak)?;
+            parts.push(folded);
         }
         if let Some((w, nk, nv)) = pending {
             w.wait()?;
@@ -198,8 +285,7 @@ pub fn ring_fwd(
             cur_v = nv;
         }
     }
-    let out = out_acc.to_kind(q.kind());
-    let lse = lse_acc.to_kind(lse_kind);
+    let Part { o: out, lse, .. } = merge_parts(parts, rows, ak, q.kind())?;
     let ctx = RingCtx {
         q: q.shallow_clone(),
         k: k.shallow_clone(),
@@ -230,7 +316,9 @@ pub fn ring_bwd(
     let dout = dout.to_kind(ctx.out.kind());
     let (q, k, v) = (&ctx.q, &ctx.k, &ctx.v);
     let ak = acc_kind(q.kind());
-    let dq_acc = Tensor::zeros(q.size(), (ak, q.device()));
+    let q_total = q.size()[2];
+    // Allocated (as zeros) only if the first step does not cover every row.
+    let mut dq_acc: Option<Tensor> = None;
     let (mut q_rows, mut dout_rows, mut out_rows, mut lse_rows) = (
         RowCache::default(),
         RowCache::default(),
@@ -285,25 +373,49 @@ pub fn ring_bwd(
                 blk.causal,
                 scale,
             )?;
-            let _ = dq_acc.narrow(2, blk.q_off, blk.q_len).f_add_(&dq)?;
+            match &dq_acc {
+                None if blk.q_off == 0 && blk.q_len == q_total => {
+                    dq_acc = Some(dq.f_to_kind(ak)?);
+                }
+                None => {
+                    let a = Tensor::zeros(q.size(), (ak, q.device()));
+                    let _ = a.narrow(2, blk.q_off, blk.q_len).f_add_(&dq)?;
+                    dq_acc = Some(a);
+                }
+                Some(a) => {
+                    let _ = a.narrow(2, blk.q_off, blk.q_len).f_add_(&dq)?;
+                }
+            }
             grads.push((blk, dk, dv));
         }
         // dK/dV of the block held now: add to what earlier ranks accumulated for it (waited
         // for only now, so that its transfer overlapped with this step's kernels).
+        let kv_total = cur_k.size()[2];
         let (dk_blk, dv_blk) = match pending_dkv.take() {
             Some((w, dk_in, dv_in)) => {
                 w.wait()?;
+                for (blk, dk, dv) in grads {
+                    let _ = dk_in.narrow(2, blk.kv_off, blk.kv_len).f_add_(&dk)?;
+                    let _ = dv_in.narrow(2, blk.kv_off, blk.kv_len).f_add_(&dv)?;
+                }
                 (dk_in, dv_in)
             }
-            None => (
-                Tensor::zeros(cur_k.size(), (ak, q.device())),
-                Tensor::zeros(cur_v.size(), (ak, q.device())),
-            ),
+            // The first step: one block over all columns starts the sums (one cast instead
+            // of zero-filling and adding).
+            None if grads.len() == 1 && grads[0].0.kv_off == 0 && grads[0].0.kv_len == kv_total => {
+                let (_, dk, dv) = &grads[0];
+                (dk.f_to_kind(ak)?, dv.f_to_kind(ak)?)
+            }
+            None => {
+                let dk_blk = Tensor::zeros(cur_k.size(), (ak, q.device()));
+                let dv_blk = Tensor::zeros(cur_v.size(), (ak, q.device()));
+                for (blk, dk, dv) in grads {
+                    let _ = dk_blk.narrow(2, blk.kv_off, blk.kv_len).f_add_(&dk)?;
+                    let _ = dv_blk.narrow(2, blk.kv_off, blk.kv_len).f_add_(&dv)?;
+                }
+                (dk_blk, dv_blk)
+            }
         };
-        for (blk, dk, dv) in grads {
-            let _ = dk_blk.narrow(2, blk.kv_off, blk.kv_len).f_add_(&dk)?;
-            let _ = dv_blk.narrow(2, blk.kv_off, blk.kv_len).f_add_(&dv)?;
-        }
         if n > 1 {
             // Pass the partial dK/dV on with the K/V; after the last step they reach home.
             let ks = cur_k.size();
@@ -345,8 +457,9 @@ pub fn ring_bwd(
         (None, Some(x)) => x,
         (None, None) => return Err(RuntimeError::Comm("ring backward produced no dK/dV".into())),
     };
+    let dq = dq_acc.ok_or_else(|| RuntimeError::Comm("ring backward produced no dQ".into()))?;
     Ok((
-        dq_acc.to_kind(q.kind()),
+        dq.to_kind(q.kind()),
         dk.to_kind(k.kind()),
         dv.to_kind(v.kind()),
     ))

@@ -4,7 +4,7 @@
 pub mod cuda;
 
 use crate::error::{Result, RuntimeError};
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use tch::Tensor;
 use torch_sys::C_tensor;
 
@@ -35,6 +35,13 @@ extern "C" {
         dk: *mut *mut C_tensor,
         dv: *mut *mut C_tensor,
     ) -> *mut c_char;
+    fn mmsp_stream_use_pool(device: c_int) -> *mut c_char;
+    fn mmsp_stream_use_default(device: c_int) -> *mut c_char;
+    fn mmsp_stream_sync_current(device: c_int) -> *mut c_char;
+    fn mmsp_event_new(out: *mut *mut c_void) -> *mut c_char;
+    fn mmsp_event_free(ev: *mut c_void);
+    fn mmsp_event_record(ev: *mut c_void, device: c_int) -> *mut c_char;
+    fn mmsp_event_elapsed_ms(start: *mut c_void, end: *mut c_void, ms: *mut f64) -> *mut c_char;
 }
 
 /// Turns the shim's error pointer into a `Result`, freeing the message.
@@ -139,3 +146,85 @@ pub fn attn_bwd(
         own(dv, "attention backward")?,
     ))
 }
+
+fn device_index(device: usize) -> Result<c_int> {
+    c_int::try_from(device)
+        .map_err(|_| RuntimeError::Cuda(format!("device index {device} out of range")))
+}
+
+/// Makes the calling thread's current libtorch stream on `cuda:device` one from libtorch's
+/// stream pool: later kernels of this thread on that device go there. For in-process ranks
+/// sharing one GPU; data that another thread reads must be synchronised explicitly
+/// ([`sync_current_stream`]).
+pub fn use_pool_stream(device: usize) -> Result<()> {
+    let d = device_index(device)?;
+    // SAFETY: plain call with an integer; the shim reports failures as an error string.
+    check(unsafe { mmsp_stream_use_pool(d) }, "setting a pool stream")
+}
+
+/// Makes the calling thread's current stream on `cuda:device` the default stream again.
+pub fn use_default_stream(device: usize) -> Result<()> {
+    let d = device_index(device)?;
+    // SAFETY: plain call with an integer; the shim reports failures as an error string.
+    check(
+        unsafe { mmsp_stream_use_default(d) },
+        "setting the default stream",
+    )
+}
+
+/// Blocks the host until the calling thread's current stream on `cuda:device` is idle.
+pub fn sync_current_stream(device: usize) -> Result<()> {
+    let d = device_index(device)?;
+    // SAFETY: plain call with an integer; the shim reports failures as an error string.
+    check(
+        unsafe { mmsp_stream_sync_current(d) },
+        "synchronising the stream",
+    )
+}
+
+/// A CUDA event with timing, recorded on the calling thread's current stream.
+pub struct TimingEvent(*mut c_void);
+
+impl TimingEvent {
+    /// A new, unrecorded event.
+    pub fn new() -> Result<TimingEvent> {
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the shim writes a fresh heap `c10::Event*` into `p` (null on error).
+        check(unsafe { mmsp_event_new(&mut p) }, "creating a CUDA event")?;
+        if p.is_null() {
+            return Err(RuntimeError::Cuda(
+                "CUDA event creation returned null".into(),
+            ));
+        }
+        Ok(TimingEvent(p))
+    }
+
+    /// Records the event on this thread's current stream of `cuda:device`.
+    pub fn record(&self, device: usize) -> Result<()> {
+        let d = device_index(device)?;
+        // SAFETY: self.0 is a live event owned by self.
+        check(
+            unsafe { mmsp_event_record(self.0, d) },
+            "recording a CUDA event",
+        )
+    }
+
+    /// Waits (host) for `end`, then returns the milliseconds from `self` to `end`.
+    pub fn elapsed_ms(&self, end: &TimingEvent) -> Result<f64> {
+        let mut ms = 0.0f64;
+        // SAFETY: both events are live and owned by their wrappers; `ms` is a valid out-pointer.
+        check(
+            unsafe { mmsp_event_elapsed_ms(self.0, end.0, &mut ms) },
+            "reading CUDA event time",
+        )?;
+        Ok(ms)
+    }
+}
+
+impl Drop for TimingEvent {
+    fn drop(&mut self) {
+        // SAFETY: self.0 came from mmsp_event_new and is freed exactly once, here.
+        unsafe { mmsp_event_free(self.0) }
+    }
+}
+
