@@ -1,9 +1,11 @@
 //! Inference with the sequence sharded, on the CPU with thread ranks: greedy decoding of a
 //! tiny random model (2 layers, hidden 64, 4 heads, 2 kv heads, vocab 128, fixed seed) over
 //! 2, 4 and 8 ranks in several (ulysses, ring) layouts gives exactly the tokens of
-//! single-device decoding, with logits within tolerance; end-of-sequence stops every rank;
-//! bad plans and prompts fail before any collective, and the binary exits 2 with one line.
-use mmsp_runtime::infer::{generate_reference, run_local, InferPlan};
+//! single-device decoding, with logits within tolerance, with the default preallocated KV
+//! cache and with short key chunks that new tokens cross (f64); end-of-sequence stops every
+//! rank; bad plans and prompts fail before any collective, and the binary exits 2 with one
+//! line.
+use mmsp_runtime::infer::{generate_reference, run_local, run_local_chunked, InferPlan};
 use mmsp_runtime::kernel::Backend;
 use mmsp_runtime::model::{Decoder, ModelConfig};
 use mmsp_runtime::plan::{Layout, Placement};
@@ -29,6 +31,15 @@ fn prompt(len: usize) -> Vec<i64> {
 }
 
 fn check(kind: Kind, tol: f64, layouts: &[(usize, usize, Placement)]) {
+    check_chunked(kind, tol, layouts, None)
+}
+
+fn check_chunked(
+    kind: Kind,
+    tol: f64,
+    layouts: &[(usize, usize, Placement)],
+    kv_chunk: Option<usize>,
+) {
     let p = prompt(37);
     let max_new = 12;
     let reference = model(kind).unwrap();
@@ -39,7 +50,7 @@ fn check(kind: Kind, tol: f64, layouts: &[(usize, usize, Placement)]) {
     assert!(ref_toks.iter().any(|&t| t != ref_toks[0]), "{ref_toks:?}");
     for &(u, r, pl) in layouts {
         let layout = Layout::sp(u, r, pl);
-        let gens = run_local(
+        let gens = run_local_chunked(
             layout,
             4096,
             &|| model(kind),
@@ -47,6 +58,7 @@ fn check(kind: Kind, tol: f64, layouts: &[(usize, usize, Placement)]) {
             &p,
             max_new,
             None,
+            kv_chunk,
         )
         .unwrap();
         assert_eq!(gens.len(), u * r);
@@ -100,6 +112,27 @@ fn sharded_decoding_matches_single_device_f32() {
             (4, 2, UlyssesInner),
         ],
     );
+}
+
+/// The preallocated cache cut into short key chunks (1, 3 and 4 keys: every decoded token
+/// crosses or starts a chunk, and the last chunk is partly masked) gives the tokens and the
+/// logits of single-device decoding, as the default (one chunk here) does.
+#[test]
+fn chunked_kv_cache_matches_single_device_f64() {
+    use Placement::*;
+    for c in [1, 3, 4] {
+        check_chunked(
+            Kind::Double,
+            1e-10,
+            &[
+                (1, 1, UlyssesInner),
+                (1, 2, UlyssesInner),
+                (2, 2, RingInner),
+                (1, 8, UlyssesInner),
+            ],
+            Some(c),
+        );
+    }
 }
 
 #[test]
@@ -201,8 +234,18 @@ fn binary_errors_are_one_line_exit_2() {
             "more than the plan's context",
         ),
     ];
+    let p30: Vec<String> = prompt(30).iter().map(|t| t.to_string()).collect();
+    let p30 = p30.join(",");
+    let mut cases = cases;
+    // --nccl without the torchrun environment.
+    cases.push((
+        vec![inf.to_str().unwrap(), "--nccl", "--prompt", &p30],
+        "environment variable",
+    ));
     for (args, want) in cases {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmsp-runtime"))
+            .env_remove("RANK")
+            .env_remove("WORLD_SIZE")
             .arg("infer")
             .args(&args)
             .args(["--tiny"])

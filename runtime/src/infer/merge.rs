@@ -58,10 +58,10 @@ pub fn merge_partials(outs: &Tensor, lses: &Tensor) -> (Tensor, Tensor) {
 /// extra last column) and merged; every rank gets the same merged output, in rank order.
 pub fn merge_over(comm: &dyn Communicator, out: &Tensor, lse: &Tensor) -> Result<Tensor> {
     let n = comm.size();
-    let packed = Tensor::cat(&[out, &lse.unsqueeze(-1).to_kind(out.kind())], -1).unsqueeze(0);
     if n == 1 {
         return Ok(out.shallow_clone());
     }
+    let packed = Tensor::cat(&[out, &lse.unsqueeze(-1).to_kind(out.kind())], -1).unsqueeze(0);
     let mut shape = packed.size();
     shape[0] = n as i64;
     let all = Tensor::empty(shape.as_slice(), (packed.kind(), packed.device()));

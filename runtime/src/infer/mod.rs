@@ -1,8 +1,11 @@
 //! Inference with the sequence sharded (issue 8): prefill of a prompt with 2D attention over
 //! the plan's zigzag shards, every rank keeping the K/V of its own tokens per layer (the
-//! layout of the attention inputs: all kv heads, no Ulysses replication); then greedy decoding
-//! in which every rank computes the new query's partial attention over its KV shard and the
-//! partials are merged by log-sum-exp through one all-gather per layer ([`merge`]).
+//! layout of the attention inputs: all kv heads, no Ulysses replication) in a preallocated
+//! cache ([`cache`]: room for its shard plus its share of the tokens to decode, new K/V
+//! written in place); then greedy decoding in which every rank computes the new query's
+//! partial attention over its KV shard (GQA without repeating K/V, split over key chunks) and
+//! the partials are merged by log-sum-exp through one all-gather per layer ([`merge`]). The
+//! host waits for the device once per token (the argmax), never per layer.
 //!
 //! Rules kept identical on every rank:
 //! - the new token at position p (p >= prompt length P) is appended to the cache of SP rank
@@ -15,7 +18,12 @@
 //! - after prefill, the logits of the last prompt position (held by ring rank 0, last Ulysses
 //!   sub-chunk) are broadcast the same way.
 //!
+//! Collectives run on the communicators passed in: in-process thread ranks
+//! ([`run_local`]) or one process per GPU over NCCL (the binary's `infer --nccl`); the small
+//! tensors they carry (token id, prefill logits) live on the model's device.
+//!
 //! Input is token ids only; frames (vision embeddings) are not supported here.
+pub mod cache;
 pub mod merge;
 pub mod needle;
 
@@ -28,7 +36,8 @@ use crate::model::decoder::local_causal;
 use crate::model::{Decoder, Input, Rope};
 use crate::plan::{GroupKind, Layout, Plan};
 use crate::shard::Zigzag;
-use merge::{merge_over, partial_attention};
+use cache::{chunk_len, KvCache};
+use merge::merge_over;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
@@ -113,10 +122,11 @@ pub fn check_prompt(layout: &Layout, context: usize, len: usize) -> Result<()> {
     Ok(())
 }
 
-/// Broadcasts an i64 from `root` over `comm` (all-reduce of the value, zero elsewhere).
-fn broadcast_i64(comm: &dyn Communicator, value: i64, root: usize) -> Result<i64> {
+/// Broadcasts an i64 from `root` over `comm` (all-reduce of the value, zero elsewhere), on
+/// `device` (NCCL needs device memory); the host reads the result (one wait per call).
+fn broadcast_i64(comm: &dyn Communicator, value: i64, root: usize, device: Device) -> Result<i64> {
     let v = if comm.rank() == root { value } else { 0 };
-    let t = Tensor::from_slice(&[v]);
+    let t = Tensor::from_slice(&[v]).to(device);
     comm.all_reduce(&t)?;
     Ok(t.int64_value(&[0]))
 }
@@ -129,9 +139,12 @@ pub struct RankInference<'a> {
     ring: &'a dyn Communicator,
     backend: Backend,
     context: usize,
-    /// (B=1, Hkv, n, D) per layer.
-    k_cache: Vec<Tensor>,
-    v_cache: Vec<Tensor>,
+    /// One preallocated cache per layer.
+    caches: Vec<KvCache>,
+    /// Tokens the caller will decode at most (sizes the caches); None: up to the context.
+    max_new: Option<usize>,
+    /// Key chunk of the caches; None: [`chunk_len`].
+    kv_chunk: Option<usize>,
     prompt_len: usize,
     seq_len: usize,
 }
@@ -147,8 +160,10 @@ pub struct Generation {
     /// Seconds of prefill and of each decode step on this rank (device synchronised).
     pub prefill_s: f64,
     pub decode_s: Vec<f64>,
-    /// Bytes of this rank's KV cache at the end.
+    /// Bytes of this rank's KV cache at the end (the tokens held).
     pub kv_bytes: usize,
+    /// Bytes allocated for this rank's KV cache (its capacity, chunk padding included).
+    pub kv_capacity_bytes: usize,
     /// Tokens in this rank's KV cache at the end.
     pub kv_tokens: usize,
 }
@@ -185,11 +200,23 @@ impl<'a> RankInference<'a> {
             ring,
             backend,
             context,
-            k_cache: Vec::new(),
-            v_cache: Vec::new(),
+            caches: Vec::new(),
+            max_new: None,
+            kv_chunk: None,
             prompt_len: 0,
             seq_len: 0,
         })
+    }
+
+    /// Sizes the caches for at most `n` decoded tokens after the prompt (they grow, with one
+    /// copy, if more come); without it they hold up to the plan's context.
+    pub fn set_max_new(&mut self, n: usize) {
+        self.max_new = Some(n);
+    }
+
+    /// Key chunk length of the caches (tests use short chunks to cross chunk edges).
+    pub fn set_kv_chunk(&mut self, chunk: usize) {
+        self.kv_chunk = Some(chunk);
     }
 
     fn device(&self) -> Device {
@@ -254,16 +281,32 @@ impl<'a> RankInference<'a> {
         let local = Tensor::from_slice(&local).to(dev);
         let mut probed = Vec::new();
         let mut x = self.model.embed(Input::Ids(&ids))?;
-        self.k_cache.clear();
-        self.v_cache.clear();
+        // This rank's shard plus its round-robin share of the tokens still to come.
+        let n_local = off;
+        let sp = self.world.size();
+        let more = (self.context - prompt.len()).min(self.max_new.unwrap_or(usize::MAX));
+        let capacity = n_local + more.div_ceil(sp);
+        let chunk = self
+            .kv_chunk
+            .unwrap_or_else(|| chunk_len(capacity, cfg.num_kv_heads));
+        self.caches.clear();
         for l in 0..cfg.num_layers {
             let (q, k, v) = self.model.pre_attention(l, &x, &rope);
             let (a, _ctx) = attn.forward(&q.contiguous(), &k.contiguous(), &v.contiguous())?;
             if !held.is_empty() {
                 probed.push(a.index_select(2, &local).squeeze_dim(0));
             }
-            self.k_cache.push(k.contiguous());
-            self.v_cache.push(v.contiguous());
+            let mut c = KvCache::new(
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                capacity,
+                chunk,
+                k.kind(),
+                dev,
+            )?;
+            c.append(&k, &v)?;
+            drop((q, k, v));
+            self.caches.push(c);
             x = self.model.post_attention(l, &x, &a);
         }
         // The last position is the end of chunk 2R-1: ring rank 0, last Ulysses sub-chunk.
@@ -275,12 +318,12 @@ impl<'a> RankInference<'a> {
                 .head(&x.narrow(1, n - 1, 1))
                 .reshape([vocab])
                 .to_kind(Kind::Double)
-                .to(Device::Cpu)
         } else {
-            Tensor::zeros([vocab], (Kind::Double, Device::Cpu))
+            Tensor::zeros([vocab], (Kind::Double, dev))
         };
         // Sum with zeros elsewhere: the owner's logits, exactly, on every rank.
         self.world.all_reduce(&logits)?;
+        let logits = logits.to(Device::Cpu);
         self.prompt_len = prompt.len();
         self.seq_len = prompt.len();
         let probed = if probed.is_empty() {
@@ -305,7 +348,7 @@ impl<'a> RankInference<'a> {
     /// [`Self::decode_step`] that also returns the merged attention output of every layer
     /// (layers, Hq, D), in the accumulation dtype.
     pub fn decode_step_probed(&mut self, token: i64) -> Result<(Tensor, Tensor)> {
-        if self.k_cache.is_empty() {
+        if self.caches.is_empty() {
             return Err(RuntimeError::Shape("decode before prefill".into()));
         }
         if self.seq_len >= self.context {
@@ -326,16 +369,9 @@ impl<'a> RankInference<'a> {
         for l in 0..cfg.num_layers {
             let (q, k, v) = self.model.pre_attention(l, &x, &rope);
             if mine {
-                self.k_cache[l] = Tensor::cat(&[&self.k_cache[l], &k], 2);
-                self.v_cache[l] = Tensor::cat(&[&self.v_cache[l], &v], 2);
+                self.caches[l].append(&k, &v)?;
             }
-            let (o, lse) = partial_attention(
-                self.backend,
-                &q.contiguous(),
-                &self.k_cache[l],
-                &self.v_cache[l],
-                self.scale(),
-            )?;
+            let (o, lse) = self.caches[l].attend(&q, self.scale())?;
             let a = merge_over(self.world, &o, &lse)?;
             outs.push(a.reshape([cfg.num_heads as i64, cfg.head_dim as i64]));
             x = self
@@ -352,16 +388,21 @@ impl<'a> RankInference<'a> {
         Ok((logits, Tensor::stack(&outs, 0)))
     }
 
-    /// Bytes and tokens of this rank's KV cache now.
+    /// Bytes and tokens of this rank's KV cache now (the tokens held).
     pub fn kv_usage(&self) -> (usize, usize) {
-        let tokens = self.k_cache.first().map_or(0, |k| k.size()[2] as usize);
-        let bytes = self
-            .k_cache
-            .iter()
-            .chain(&self.v_cache)
-            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
-            .sum();
+        let tokens = self.caches.first().map_or(0, KvCache::len);
+        let bytes = self.caches.iter().map(KvCache::bytes_used).sum();
         (bytes, tokens)
+    }
+
+    /// Bytes allocated for this rank's KV cache (capacity and chunk padding included).
+    pub fn kv_capacity_bytes(&self) -> usize {
+        self.caches.iter().map(KvCache::bytes_allocated).sum()
+    }
+
+    /// This rank's cache of layer `l` (checks).
+    pub fn cache(&self, l: usize) -> Option<&KvCache> {
+        self.caches.get(l)
     }
 
     /// Greedy generation of up to `max_new` tokens after the prompt; stops at `eos` (on every
@@ -373,6 +414,10 @@ impl<'a> RankInference<'a> {
         eos: Option<i64>,
     ) -> Result<Generation> {
         let dev = self.device();
+        if self.max_new.is_none() {
+            // Tokens fed back after the prompt: all but the last one generated.
+            self.set_max_new(max_new.saturating_sub(1));
+        }
         sync(dev);
         let t0 = std::time::Instant::now();
         let mut logits = self.prefill(prompt)?;
@@ -385,10 +430,11 @@ impl<'a> RankInference<'a> {
             prefill_s,
             decode_s: Vec::new(),
             kv_bytes: 0,
+            kv_capacity_bytes: 0,
             kv_tokens: 0,
         };
         while g.tokens.len() < max_new {
-            let tok = broadcast_i64(self.world, logits.argmax(0, false).int64_value(&[]), 0)?;
+            let tok = broadcast_i64(self.world, logits.argmax(0, false).int64_value(&[]), 0, dev)?;
             g.tokens.push(tok);
             g.logits.push(logits);
             if Some(tok) == eos {
@@ -403,13 +449,8 @@ impl<'a> RankInference<'a> {
             sync(dev);
             g.decode_s.push(t.elapsed().as_secs_f64());
         }
-        g.kv_tokens = self.k_cache.first().map_or(0, |k| k.size()[2] as usize);
-        g.kv_bytes = self
-            .k_cache
-            .iter()
-            .chain(&self.v_cache)
-            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
-            .sum();
+        (g.kv_bytes, g.kv_tokens) = self.kv_usage();
+        g.kv_capacity_bytes = self.kv_capacity_bytes();
         Ok(g)
     }
 }
@@ -468,6 +509,23 @@ pub fn run_local(
     max_new: usize,
     eos: Option<i64>,
 ) -> Result<Vec<Generation>> {
+    run_local_chunked(
+        layout, context, make_model, backend, prompt, max_new, eos, None,
+    )
+}
+
+/// [`run_local`] with the KV caches' key chunk set (None: [`chunk_len`]).
+#[allow(clippy::too_many_arguments)]
+pub fn run_local_chunked(
+    layout: Layout,
+    context: usize,
+    make_model: &(dyn Fn() -> Result<Decoder> + Sync),
+    backend: Backend,
+    prompt: &[i64],
+    max_new: usize,
+    eos: Option<i64>,
+    kv_chunk: Option<usize>,
+) -> Result<Vec<Generation>> {
     layout.validate()?;
     if layout.dp != 1 {
         return Err(RuntimeError::Layout(
@@ -480,6 +538,9 @@ pub fn run_local(
         tch::no_grad(|| {
             let model = make_model()?;
             let mut st = RankInference::new(&model, wc, uc, rc, backend, context)?;
+            if let Some(c) = kv_chunk {
+                st.set_kv_chunk(c);
+            }
             st.generate(prompt, max_new, eos)
         })
     });

@@ -113,6 +113,7 @@ pub fn run_needle_local(
                 .first()
                 .map_or(Device::Cpu, |p| p.1.device());
             let mut st = RankInference::new(&model, wc, uc, rc, backend, context)?;
+            st.set_max_new(decode.len());
             sync(dev);
             let t0 = std::time::Instant::now();
             let (_, held, probed) = st.prefill_probed(prompt, probes)?;

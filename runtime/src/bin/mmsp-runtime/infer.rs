@@ -1,5 +1,7 @@
-//! Inference subcommands: `infer` (sequence-parallel prefill and sharded-KV greedy decoding)
-//! and `needle` (needle in a haystack against a chunked single-device reference).
+//! Inference subcommands: `infer` (sequence-parallel prefill and sharded-KV greedy decoding,
+//! in-process thread ranks or, with `--nccl`, one process per GPU launched torchrun-style)
+//! and `needle` (needle in a haystack against a chunked single-device reference, in-process
+//! ranks).
 use crate::usage;
 use anyhow::{Context, Result};
 use clap::Subcommand;
@@ -14,7 +16,9 @@ use tch::{Device, Kind, Tensor};
 pub enum Cmd {
     /// Inference from a plan made by `mmsp plan --mode inference`: sequence-parallel
     /// prefill and sharded-KV greedy decoding, one thread per rank of the plan in this
-    /// process (a random model of the plan's shape, or --tiny). Token ids only.
+    /// process, or with --nccl one process per GPU (RANK, WORLD_SIZE, LOCAL_RANK,
+    /// MASTER_ADDR, MASTER_PORT as torchrun sets them; rank 0 prints). A random model of the
+    /// plan's shape, or --tiny. Token ids only.
     Infer(InferArgs),
     /// Needle in a haystack: sharded prefill and decode (in-process ranks) against a chunked
     /// single-device reference at the needle's positions, with the plan's predictions.
@@ -56,18 +60,33 @@ pub struct InferArgs {
     /// f64, f32 or bf16 [default: f32 on cpu, bf16 on cuda].
     #[arg(long)]
     dtype: Option<String>,
+    /// One process per GPU over NCCL (torchrun-style environment; implies --device cuda, the
+    /// GPU LOCAL_RANK) instead of in-process thread ranks.
+    #[arg(long)]
+    nccl: bool,
 }
 
 fn infer(a: InferArgs) -> Result<()> {
     use mmsp_runtime::infer::{run_local, InferPlan};
     use mmsp_runtime::model::{Decoder, ModelConfig};
-    let plan = InferPlan::from_file(&a.plan)?;
+    let text = std::fs::read_to_string(&a.plan)
+        .map_err(|e| crate::util::usage(format!("{}: {e}", a.plan.display())))?;
+    let plan = InferPlan::from_json(&text)?;
+    let plan_json: serde_json::Value = serde_json::from_str(&text)?;
+    let cfg = if a.tiny {
+        ModelConfig::tiny()
+    } else {
+        let m = plan
+            .model
+            .as_ref()
+            .ok_or_else(|| crate::util::usage("the plan has no model; use --tiny"))?;
+        ModelConfig::from_plan_value(m)?
+    };
     let prompt: Vec<i64> = match a.haystack {
         Some(n) => {
             tch::manual_seed(a.seed);
-            let cfg_vocab = if a.tiny { 128 } else { 32000 };
             Vec::<i64>::try_from(Tensor::randint(
-                cfg_vocab,
+                cfg.vocab_size as i64,
                 [n as i64],
                 (Kind::Int64, Device::Cpu),
             ))?
@@ -84,15 +103,6 @@ fn infer(a: InferArgs) -> Result<()> {
             .collect::<Result<_>>()?,
     };
     plan.check_prompt(prompt.len())?;
-    let cfg = if a.tiny {
-        ModelConfig::tiny()
-    } else {
-        let m = plan
-            .model
-            .as_ref()
-            .ok_or_else(|| crate::util::usage("the plan has no model; use --tiny"))?;
-        ModelConfig::from_plan_value(m)?
-    };
     if let Some(&t) = prompt
         .iter()
         .find(|&&t| t < 0 || t >= cfg.vocab_size as i64)
@@ -102,11 +112,23 @@ fn infer(a: InferArgs) -> Result<()> {
             cfg.vocab_size
         );
     }
-    let dev = match a.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
-        "cuda" => usage!("CUDA is not available to libtorch"),
-        d => usage!("--device must be cpu or cuda, not {d:?}"),
+    let launch = if a.nccl {
+        Some(
+            mmsp_runtime::comm::nccl::LaunchEnv::from_env()
+                .context("--nccl reads the launch environment")?,
+        )
+    } else {
+        None
+    };
+    let dev = match (a.device.as_str(), &launch) {
+        (_, Some(_)) if !tch::Cuda::is_available() => {
+            usage!("--nccl needs CUDA, which is not available to libtorch")
+        }
+        (_, Some(env)) => Device::Cuda(env.local_rank),
+        ("cpu", None) => Device::Cpu,
+        ("cuda", None) if tch::Cuda::is_available() => Device::Cuda(0),
+        ("cuda", None) => usage!("CUDA is not available to libtorch"),
+        (d, None) => usage!("--device must be cpu or cuda, not {d:?}"),
     };
     let kind = match (a.dtype.as_deref(), dev) {
         (Some("f64"), _) => Kind::Double,
@@ -116,31 +138,115 @@ fn infer(a: InferArgs) -> Result<()> {
     };
     let l = plan.plan.layout;
     let t0 = Instant::now();
-    let gens = run_local(
-        l,
-        plan.context_tokens,
-        &|| Decoder::random(cfg.clone(), dev, kind, kind, a.seed),
-        Backend::default_for(dev),
-        &prompt,
-        a.max_new,
-        a.eos,
-    )?;
-    let g = &gens[0];
+    let make = || Decoder::random(cfg.clone(), dev, kind, kind, a.seed);
+    let backend = Backend::default_for(dev);
+    // (this rank's generation, every rank's (kv bytes, kv tokens, kv bytes allocated));
+    // None on ranks other than 0 of an NCCL launch.
+    let (g, kv) = match launch {
+        None => {
+            let gens = run_local(
+                l,
+                plan.context_tokens,
+                &make,
+                backend,
+                &prompt,
+                a.max_new,
+                a.eos,
+            )?;
+            let kv: Vec<[i64; 3]> = gens
+                .iter()
+                .map(|g| {
+                    [
+                        g.kv_bytes as i64,
+                        g.kv_tokens as i64,
+                        g.kv_capacity_bytes as i64,
+                    ]
+                })
+                .collect();
+            (gens.into_iter().next().context("no rank ran")?, kv)
+        }
+        Some(env) => match infer_nccl(&plan, env, &make, backend, &prompt, &a)? {
+            Some(r) => r,
+            None => return Ok(()),
+        },
+    };
     let mut d = g.decode_s.clone();
     d.sort_by(|x, y| x.total_cmp(y));
     let med = d.get(d.len() / 2).copied();
+    let inf = &plan_json["inference"];
+    // The plan's predictions hold for the plan's model shape, not for --tiny.
+    let predicted = if a.tiny {
+        json!(null)
+    } else {
+        json!({"prefill_tokens_per_s": inf["prefill_tokens_per_s"],
+            "decode_ms_per_token": inf["decode_s_per_token"].as_f64().map(|s| s * 1e3),
+            "kv_cache_bytes_per_gpu": inf["memory"]["kv_cache_bytes"],
+            "context_tokens": plan.context_tokens})
+    };
     println!(
         "{}",
-        json!({"bench": "infer", "world": l.world_size(), "ulysses": l.ulysses, "ring": l.ring,
+        json!({"bench": "infer", "launch": if a.nccl { "nccl" } else { "inprocess" },
+            "world": l.world_size(), "ulysses": l.ulysses, "ring": l.ring,
             "device": format!("{dev:?}"), "dtype": format!("{kind:?}"),
+            "model": {"hidden": cfg.hidden_size, "layers": cfg.num_layers, "heads": cfg.num_heads,
+                "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "vocab": cfg.vocab_size},
             "prompt_tokens": prompt.len(), "tokens": g.tokens, "stopped_on_eos": g.stopped_on_eos,
             "prefill_s": g.prefill_s, "prefill_tokens_per_s": prompt.len() as f64 / g.prefill_s,
+            "decode_steps": g.decode_s.len(),
             "decode_ms_per_token_median": med.map(|x| x * 1e3),
-            "kv_bytes_per_rank": gens.iter().map(|g| g.kv_bytes).collect::<Vec<_>>(),
-            "kv_tokens_per_rank": gens.iter().map(|g| g.kv_tokens).collect::<Vec<_>>(),
+            "kv_bytes_per_rank": kv.iter().map(|k| k[0]).collect::<Vec<_>>(),
+            "kv_tokens_per_rank": kv.iter().map(|k| k[1]).collect::<Vec<_>>(),
+            "kv_allocated_bytes_per_rank": kv.iter().map(|k| k[2]).collect::<Vec<_>>(),
+            "predicted": predicted,
             "wall_s": t0.elapsed().as_secs_f64()})
     );
     Ok(())
+}
+
+/// One rank of an NCCL launch: joins the plan's groups, generates, and gathers every rank's
+/// KV figures. Returns them on rank 0 and None elsewhere (only rank 0 prints).
+type RankResult = (mmsp_runtime::infer::Generation, Vec<[i64; 3]>);
+
+fn infer_nccl(
+    plan: &mmsp_runtime::infer::InferPlan,
+    env: mmsp_runtime::comm::nccl::LaunchEnv,
+    make: &dyn Fn() -> mmsp_runtime::Result<mmsp_runtime::model::Decoder>,
+    backend: Backend,
+    prompt: &[i64],
+    a: &InferArgs,
+) -> Result<Option<RankResult>> {
+    use mmsp_runtime::comm::nccl::NcclWorld;
+    use mmsp_runtime::comm::Communicator;
+    use mmsp_runtime::infer::RankInference;
+    let rank = env.rank;
+    let dev = Device::Cuda(env.local_rank);
+    let nw = NcclWorld::init(&plan.plan, env, std::time::Duration::from_secs(300))
+        .context("joining the NCCL world")?;
+    let (g, kv) = tch::no_grad(|| -> Result<_> {
+        let model = make()?;
+        let mut st = RankInference::new(
+            &model,
+            &nw.world,
+            &nw.ulysses,
+            &nw.ring,
+            backend,
+            plan.context_tokens,
+        )?;
+        let g = st.generate(prompt, a.max_new, a.eos)?;
+        let n = nw.world.size() as i64;
+        let mine = Tensor::from_slice(&[
+            g.kv_bytes as i64,
+            g.kv_tokens as i64,
+            g.kv_capacity_bytes as i64,
+        ])
+        .to(dev);
+        let all = Tensor::zeros([3 * n], (Kind::Int64, dev));
+        nw.world.all_gather(&mine, &all)?;
+        let all = Vec::<i64>::try_from(all.to(Device::Cpu))?;
+        Ok((g, all.chunks(3).map(|c| [c[0], c[1], c[2]]).collect()))
+    })?;
+    nw.world.barrier()?;
+    Ok((rank == 0).then_some((g, kv)))
 }
 
 #[derive(clap::Args)]
