@@ -491,3 +491,53 @@ fn plan_pinned_layout_and_zero() {
     let all: Vec<String> = cases.iter().map(|c| fails(c)).collect();
     insta::assert_snapshot!(all.join("\n"));
 }
+
+#[test]
+fn plan_calibration_memory_bandwidth() {
+    // The shipped calibration with a memory_bandwidth section at a flat rate (10^9 B/s).
+    let shipped: serde_json::Value =
+        serde_json::from_str(include_str!("../calibration/h100-sxm.json")).unwrap();
+    let with_bw = |name: &str, gb_per_s: f64| {
+        let mut v = shipped.clone();
+        v["memory_bandwidth"] = [1u64 << 20, 1 << 30]
+            .iter()
+            .map(|&b| serde_json::json!({"op": "copy", "bytes": b, "gb_per_s": gb_per_s}))
+            .collect();
+        temp(name, &v.to_string())
+    };
+    let plain = temp("plain-cal.json", &shipped.to_string());
+    let step = |cal: &str| {
+        let (code, out, err) = mmsp(&[
+            "plan",
+            "--gpus",
+            "8",
+            "--context",
+            "128K",
+            "--calibration",
+            cal,
+            "--format",
+            "json",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let t = &v["predicted"]["time"];
+        (
+            v["predicted"]["step_time_s"].as_f64().unwrap(),
+            t["elementwise_s"].as_f64().unwrap() + t["optimizer_s"].as_f64().unwrap(),
+        )
+    };
+    // Without the section: the spec's 3.35 TB/s derated to the measured 3.0 TB/s copy.
+    let base = step(&plain);
+    let slow = step(&with_bw("slow-cal.json", 1000.0));
+    let fast = step(&with_bw("fast-cal.json", 3300.0));
+    assert!(
+        slow.0 > base.0 && slow.1 > 2.5 * base.1,
+        "{slow:?} {base:?}"
+    );
+    assert!(fast.0 < base.0 && fast.1 < base.1, "{fast:?} {base:?}");
+    // Above the H100's 3.35 TB/s HBM peak: measured on another GPU, refused.
+    let over = with_bw("over-cal.json", 4000.0);
+    let dir = over.replace("over-cal.json", "");
+    let err = fails(&["plan", "--calibration", &over]).replace(&dir, "TMP/");
+    insta::assert_snapshot!(err);
+}

@@ -3,9 +3,14 @@
 //! throughput on the heads and tokens of each kernel call, which is what makes many small ring
 //! steps (or few heads per Ulysses rank) slower than one large kernel.
 //!
-//! The file is the JSON printed by `tools/calibrate_kernels.py` on the GPU machine:
-//! `{"device": ..., "gemm": [{"tokens", "n", "k", "tflops"}], "attention": [{"backend",
-//! "heads", "tokens", "causal", "tflops"}]}` (points with an "error" are skipped).
+//! Memory-bound work (norms, RoPE, activations, residual adds, the loss softmax, the optimizer)
+//! runs at the achieved HBM bandwidth, measured over the bytes one kernel call moves.
+//!
+//! The file is the JSON written by `mmsp-runtime calibrate --out FILE` (or printed by
+//! `tools/calibrate_kernels.py`) on the GPU machine: `{"device": ..., "gemm": [{"tokens", "n",
+//! "k", "tflops"}], "attention": [{"backend", "heads", "tokens", "causal", "tflops"}],
+//! "memory_bandwidth": [{"op", "bytes", "gb_per_s"}]}` (points with an "error" are skipped;
+//! `memory_bandwidth` is optional, older files have none).
 
 use serde::Deserialize;
 
@@ -22,6 +27,18 @@ struct RawCalibration {
     torch: Option<String>,
     gemm: Vec<RawGemm>,
     attention: Vec<RawAttention>,
+    /// Achieved bandwidth of memory-bound kernels (absent from older files).
+    #[serde(default)]
+    memory_bandwidth: Vec<RawBandwidth>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawBandwidth {
+    /// Bytes one kernel call reads plus writes.
+    bytes: f64,
+    /// Achieved bandwidth, 10^9 bytes/s.
+    #[serde(default)]
+    gb_per_s: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,6 +69,9 @@ pub struct Calibration {
     /// occupancy-bound), so the measured points are keyed by work; beyond the largest call
     /// measured the rate stays at that call's.
     attention: [Vec<(f64, f64)>; 2],
+    /// (log bytes moved per kernel call, bytes/s), ascending: mean over the ops measured.
+    /// Empty when the file has no `memory_bandwidth` section.
+    bandwidth: Vec<(f64, f64)>,
 }
 
 /// Piecewise-linear interpolation in x, clamped at the ends.
@@ -139,6 +159,21 @@ impl Calibration {
                 .map(|(k, (sum, n))| (k as f64 / 100.0, sum / n))
                 .collect::<Vec<_>>()
         });
+        // Memory bandwidth: mean over the ops measured at each call size.
+        let mut by_bytes: std::collections::BTreeMap<u64, (f64, f64)> = Default::default();
+        for b in &raw.memory_bandwidth {
+            if let Some(g) = b.gb_per_s.filter(|g| g.is_finite() && *g > 0.0) {
+                if b.bytes.is_finite() && b.bytes >= 1.0 {
+                    let e = by_bytes.entry(b.bytes as u64).or_default();
+                    e.0 += g * 1e9;
+                    e.1 += 1.0;
+                }
+            }
+        }
+        let bandwidth: Vec<(f64, f64)> = by_bytes
+            .into_iter()
+            .map(|(b, (sum, n))| ((b as f64).ln(), sum / n))
+            .collect();
         if gemm.is_empty() || attention.iter().any(Vec::is_empty) {
             return Err(bad(
                 "needs GEMM points and causal and non-causal attention points with tflops".into(),
@@ -149,7 +184,38 @@ impl Calibration {
             device: raw.device,
             gemm,
             attention,
+            bandwidth,
         })
+    }
+
+    /// The highest memory bandwidth measured (bytes/s), if the file has any.
+    pub fn max_bandwidth(&self) -> Option<f64> {
+        self.bandwidth.iter().map(|p| p.1).reduce(f64::max)
+    }
+
+    /// Checks that the measured memory bandwidth is physical for a GPU whose HBM delivers
+    /// `peak` bytes/s (the vendor's figure): a file above it was measured on another GPU.
+    pub fn check_bandwidth(&self, gpu_model: &str, peak: f64) -> Result<()> {
+        match self.max_bandwidth() {
+            Some(bw) if bw > peak * 1.02 => Err(Error::invalid(
+                "calibration",
+                format!(
+                    "{} (measured on {}) reaches {:.2} TB/s of memory bandwidth, above the {:.2} TB/s HBM peak of {gpu_model}: calibrate on that GPU",
+                    self.name,
+                    self.device,
+                    bw / 1e12,
+                    peak / 1e12
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Achieved memory bandwidth (bytes/s) of a memory-bound kernel call that moves `bytes`
+    /// (reads plus writes), or None when the file has no `memory_bandwidth` section. Small
+    /// calls are launch-bound; beyond the largest call measured the rate stays at its value.
+    pub fn memory_bandwidth(&self, bytes: f64) -> Option<f64> {
+        (!self.bandwidth.is_empty()).then(|| interp(&self.bandwidth, bytes.max(1.0).ln()))
     }
 
     /// The highest throughput any curve reaches (FLOP/s).
@@ -221,6 +287,34 @@ mod tests {
         assert!(near(c.attention_rate(1.0, 1e6, false), 500e12));
         assert!(near(c.attention_rate(1.0, 16.0, false), 200e12));
         assert!(near(c.attention_rate(8.0, 1024.0, true), 50e12));
+    }
+
+    #[test]
+    fn memory_bandwidth_is_optional_interpolated_and_checked() {
+        let base = r#"{"device": "x", "gemm": [{"tokens": 1024, "n": 1, "k": 1, "tflops": 100}],
+            "attention": [{"backend": "a", "heads": 8, "tokens": 1024, "causal": false, "tflops": 100},
+            {"backend": "a", "heads": 8, "tokens": 1024, "causal": true, "tflops": 50}]"#;
+        let old = Calibration::from_json(&format!("{base}}}"), "old").unwrap();
+        assert_eq!(old.memory_bandwidth(1e9), None);
+        assert!(old.check_bandwidth("g", 1e12).is_ok());
+        let bw = r#", "memory_bandwidth": [
+            {"op": "copy", "bytes": 1048576, "gb_per_s": 1000},
+            {"op": "add", "bytes": 1048576, "gb_per_s": 2000},
+            {"op": "copy", "bytes": 1073741824, "gb_per_s": 3000},
+            {"op": "add", "bytes": 4096, "error": "oom"}]}"#;
+        let c = Calibration::from_json(&format!("{base}{bw}"), "new").unwrap();
+        let near = |a: f64, b: f64| (a - b).abs() / b < 1e-9;
+        assert!(near(c.memory_bandwidth(1048576.0).unwrap(), 1.5e12)); // mean of the ops
+        assert!(near(c.memory_bandwidth(1.0).unwrap(), 1.5e12)); // clamped below
+        assert!(near(c.memory_bandwidth(1e12).unwrap(), 3e12)); // and above
+        let mid = c.memory_bandwidth(32.0 * 1048576.0).unwrap(); // halfway in log bytes
+        assert!(near(mid, 2.25e12), "{mid}");
+        assert!(c.check_bandwidth("g", 3.35e12).is_ok());
+        let e = c.check_bandwidth("g", 2.0e12).unwrap_err().to_string();
+        assert!(
+            e.contains("3.00 TB/s") && e.contains("2.00 TB/s HBM peak of g"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -93,6 +93,7 @@ impl Target {
         if let Some(c) = &self.calibration {
             let cal = mmsp_planner::calibration::Calibration::load(c)?;
             cal.check_against(&cluster.gpu_model, cluster.peak_flops)?;
+            cal.check_bandwidth(&cluster.gpu_model, cluster.hbm_bytes_per_s)?;
             cluster.calibration = Some(std::sync::Arc::new(cal));
         }
         cluster.check_gpus(u64::from(self.gpus))?;

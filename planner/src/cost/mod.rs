@@ -177,7 +177,11 @@ pub enum Infeasible {
 pub struct TimeBreakdown {
     pub gemm_s: f64,
     pub attention_s: f64,
+    /// Memory-bound work of the layers: norms, RoPE, SwiGLU, residual adds (forward and
+    /// backward) and the fp32 accumulation of their weight gradients.
     pub elementwise_s: f64,
+    /// Output head GEMMs (forward and backward) with the cross-entropy softmax, the embedding
+    /// lookup and gradient, and the gradient accumulation of the embedding, head and final norm.
     pub head_s: f64,
     pub recompute_s: f64,
     pub vision_s: f64,
@@ -246,11 +250,17 @@ pub struct Terms {
     pub o_share: f64,
     /// One layer's forward attention (all ring steps together).
     pub attn_fwd_s: f64,
-    /// One layer's forward elementwise work.
+    /// A third of one layer's memory-bound work per micro-batch: forward, backward and the
+    /// fp32 accumulation of its weight gradients. The step builders charge it once to each
+    /// forward pass and twice to the backward (so a layer's total is 3x this; a full-recompute
+    /// forward is charged the same third).
     pub elem_fwd_s: f64,
     /// Selective recompute's extra work per layer in backward.
     pub selective_extra_s: f64,
-    /// Output head forward (whole), with the loss.
+    /// Output head GEMM forward (whole) plus a third of the work outside the layers that is
+    /// charged with it: the cross-entropy softmax over the vocabulary, the embedding gather and
+    /// gradient scatter, and the fp32 accumulation of the embedding, head and final-norm
+    /// gradients (the step builders charge 3x this for head forward + backward).
     pub head_fwd_s: f64,
     /// Ulysses all-to-all bytes per layer: q, k, v in, output back.
     pub a2a_qkv_bytes: f64,
@@ -262,6 +272,7 @@ pub struct Terms {
     /// Whole-model gradient bytes (fp32) and weight bytes (bf16) of the local shard.
     pub grad_bytes: f64,
     pub param_bytes: f64,
+    /// Per step: zeroing the fp32 gradients, the AdamW update and the 16-bit weight cast.
     pub optimizer_s: f64,
     pub vision: Option<VisionStage>,
     pub memory: MemoryBreakdown,
@@ -412,17 +423,49 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     let attn_fwd_s = step_flops / spec.attention_rate(heads_call, call_tokens, true)
         + (r - 1.0) * step_flops
             / spec.attention_rate(heads_call, call_tokens / 2f64.sqrt(), false);
-    let elem_bytes = tokens * layer_elementwise_bytes_fwd(m, tp);
-    let hbm = spec.hbm_bytes_per_s * HBM_EFFICIENCY;
-    let hq = (m.hidden_size * m.q_dim()) as f64;
-    let lp = m.layer_matmul_params() as f64;
-    // AdamW update: read/write fp32 master, two moments, read fp32 grad, write bf16 weight:
-    // about 30 bytes per parameter of the local shard, memory bound.
+    // ---- memory-bound work (bytes over the achieved HBM bandwidth, see `compute`) ----
+    // Each group at the bandwidth of its typical kernel call: a residual add over the rank's
+    // tokens (read two, write one h-wide tensor), the loss over a vocabulary shard, one weight
+    // matrix's gradient, the optimizer over its whole shard.
+    let bw = |bytes: f64, call: f64| bytes / hbm_rate(spec, call);
+    let act_call = tokens * 3.0 * h * 2.0 / tp;
+    let elem_fwd = bw(tokens * layer_elementwise_bytes_fwd(m, tp), act_call);
+    let elem_bwd = bw(tokens * layer_elementwise_bytes_bwd(m, tp), act_call);
+    // Weight gradients accumulate in fp32 every micro-batch; under ZeRO-2/3 into the shard
+    // this rank keeps (after the reduce-scatter), else into the whole local gradient.
+    let grad_held = if c.zero_stage >= 2 { 1.0 / shards } else { 1.0 };
+    let matrix_call =
+        (m.hidden_size * m.intermediate_size) as f64 / tp * grad_held * GRAD_ACCUMULATE_BYTES;
+    let layer_grad = bw(
+        layer_params_local * grad_held * GRAD_ACCUMULATE_BYTES,
+        matrix_call,
+    );
+    // Outside the layers: the loss over the vocabulary, the embedding lookup and gradient
+    // scatter, and the gradient accumulation of the embedding, head and final norm.
+    let other_params = params_local - layers * layer_params_local;
+    let loss = bw(
+        tokens * cross_entropy_bytes(m, tp),
+        tokens * (m.vocab_size as f64 / tp) * 6.0,
+    );
+    let embed = bw(tokens * embedding_bytes(m, tp), act_call)
+        + bw(
+            embedding_grad_zero_bytes(m, tp),
+            embedding_grad_zero_bytes(m, tp),
+        );
+    let other_grad = bw(
+        other_params * grad_held * GRAD_ACCUMULATE_BYTES,
+        matrix_call,
+    );
+    // Per step: zero the fp32 gradients held, then the AdamW update and the 16-bit cast over
+    // the optimizer shard.
     let opt_params = if c.zero_stage >= 1 {
         params_local / shards
     } else {
         params_local
     };
+    let opt_bytes = opt_params * OPTIMIZER_STEP_BYTES + params_local * grad_held * GRAD_ZERO_BYTES;
+    let hq = (m.hidden_size * m.q_dim()) as f64;
+    let lp = m.layer_matmul_params() as f64;
     Ok(Terms {
         layout: *l,
         zero_stage: c.zero_stage,
@@ -435,15 +478,13 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
         o_share: hq / lp,
         // Forward alone runs at the fwd+bwd throughput in this model (one efficiency figure).
         attn_fwd_s,
-        elem_fwd_s: elem_bytes / hbm,
-        // Selective recompute redoes the norm outputs and SwiGLU product: about a third of
-        // the forward's elementwise traffic.
+        elem_fwd_s: (elem_fwd + elem_bwd + layer_grad) / 3.0,
         selective_extra_s: if c.recompute == Recompute::Selective {
-            elem_bytes / 3.0 / hbm
+            bw(tokens * selective_recompute_bytes(m, tp), act_call)
         } else {
             0.0
         },
-        head_fwd_s: head_fwd / spec.gemm_rate(tokens),
+        head_fwd_s: head_fwd / spec.gemm_rate(tokens) + (loss + embed + other_grad) / 3.0,
         // Ulysses: all-to-all of q, k, v before attention and of the output after, per layer
         // (Jacobs et al. 2023, DeepSpeed-Ulysses, Sec. 3.1); backward mirrors them.
         a2a_qkv_bytes: tokens * 2.0 * (q_dim_local + 2.0 * kv_dim_eff),
@@ -452,7 +493,7 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
         tp_bytes: tokens * h * 2.0,
         grad_bytes: params_local * GRAD_BYTES,
         param_bytes: params_local * WEIGHT_BYTES,
-        optimizer_s: opt_params * 30.0 / hbm,
+        optimizer_s: bw(opt_bytes, opt_bytes),
         vision,
         memory,
         model_flops: f64::from(l.world())

@@ -258,6 +258,8 @@ impl ClusterSpec {
                     .map_err(|e| bad(format!("efficiency.calibration: {e}")))?;
                 c.check_against(&raw.gpu.model, peak)
                     .map_err(|e| bad(format!("efficiency.calibration: {e}")))?;
+                c.check_bandwidth(&raw.gpu.model, raw.gpu.hbm_tbps * 1e12)
+                    .map_err(|e| bad(format!("efficiency.calibration: {e}")))?;
                 Some(std::sync::Arc::new(c))
             }
         };
