@@ -133,6 +133,15 @@ pub fn kv_cache_bytes(layers: u64, kv_heads_held: u64, head_dim: u64, tokens_per
     2.0 * layers as f64 * kv_heads_held as f64 * head_dim as f64 * tokens_per_rank as f64 * KV_BYTES
 }
 
+/// Weight bytes one decoded token reads from HBM (bf16): every layer's parameters, the final
+/// norm and the LM head (vocab x hidden), plus one row of the input embedding (a lookup reads
+/// only that row). With tied embeddings the head is the embedding table, read once as the head.
+pub fn decode_weight_bytes(m: &ModelSpec) -> f64 {
+    let head = m.vocab_size * m.hidden_size;
+    let params = m.num_layers * m.layer_params() + m.hidden_size + head + m.hidden_size;
+    WEIGHT_BYTES * params as f64
+}
+
 /// KV bytes per GPU if the cache were kept in the head layout (after the Ulysses all-to-all):
 /// max(kv, ulysses)/ulysses heads (kv-head replication when ulysses > kv heads) for the ring
 /// rank's context/ring tokens.
@@ -286,15 +295,20 @@ pub fn evaluate(
     };
 
     // ---- decode, per token ----
-    // Every rank reads its KV shard and all the weights it multiplies (gathered ones too).
-    let decode_hbm_s = (kv + param_bytes) / hbm;
-    // Per layer: all-gather of every rank's partial output (bf16, q heads x head dim) and fp32
-    // log-sum-exp (q heads) over the SP group; per token: broadcast of the sampled token id
-    // (an all-gather of 8 bytes per rank). NCCL ring all-gather cost (topology::all_gather).
+    // Memory bound (roofline, Williams et al. 2009: time = bytes / bandwidth, at the achieved
+    // HBM bandwidth): every rank reads its KV shard once and every weight it multiplies once
+    // (gathered ones too), i.e. decode_weight_bytes: the layers, the final norm and the LM
+    // head, but of the input embedding only the one row it looks up.
+    let decode_hbm_s = (kv + decode_weight_bytes(m)) / hbm;
+    // Per layer: all-gather over the SP group of every rank's partial output and its
+    // log-sum-exp, both fp32 as `mmsp-runtime infer` packs them (q heads x (head dim + 1) x 4
+    // bytes per rank); per token: the sampled token id broadcast as an all-reduce of one int64.
+    // NCCL ring costs, (n - 1) latency hops plus (n - 1)/n of the bytes (topology::all_gather,
+    // all_reduce = 2 x all_gather; nccl-tests doc/PERFORMANCE.md).
     let sp_family = gf;
-    let partial = m.num_heads as f64 * (2.0 * hd + 4.0);
+    let partial = m.num_heads as f64 * (hd + 1.0) * 4.0;
     let decode_comm_s =
-        layers * topo.all_gather(sp_family, sp * partial) + topo.all_gather(sp_family, sp * 8.0);
+        layers * topo.all_gather(sp_family, sp * partial) + topo.all_reduce(sp_family, 8.0);
     let decode_weight_gather_s = match c.weights {
         WeightSharding::Replicated => 0.0,
         WeightSharding::Sharded => gather,
@@ -627,6 +641,39 @@ mod tests {
             head_layout_kv_bytes(&m4, &c.layout, 1 << 20),
             2.0 * kv_cache_bytes(32, 4, 128, 131_072)
         );
+    }
+
+    /// Decode reads the KV shard and the weights once per token: hand-computed for llama3-8b
+    /// on one GPU (no collectives), where the embedding table except one row is not read.
+    #[test]
+    fn decode_is_bytes_over_bandwidth() {
+        let (topo, m) = setup(1);
+        // 32 layers x 218_112_000 + norm 4096 + head 128256 x 4096 + one embedding row 4096.
+        let w = 2.0 * (32.0 * 218_112_000.0 + 4096.0 + 128_256.0 * 4096.0 + 4096.0);
+        assert_eq!(m.layer_params(), 218_112_000);
+        assert_eq!(decode_weight_bytes(&m), w);
+        assert!(decode_weight_bytes(&m) < WEIGHT_BYTES * m.params() as f64);
+        let req = InferenceRequest {
+            gpus: 1,
+            context: 64 * 1024,
+            decode_tokens: 16,
+        };
+        let c = InferenceCandidate {
+            layout: Layout {
+                ulysses: 1,
+                ring: 1,
+                dp: 1,
+                tp: 1,
+                placement: Placement::UlyssesInner,
+            },
+            weights: WeightSharding::Replicated,
+        };
+        let e = evaluate(&topo, &m, &req, &c).unwrap();
+        let kv = kv_cache_bytes(32, 8, 128, 64 * 1024);
+        let bw = topo.spec.hbm_bytes_per_s * HBM_EFFICIENCY;
+        assert!((e.decode_hbm_s - (kv + w) / bw).abs() < 1e-15);
+        assert_eq!(e.decode_comm_s, 0.0);
+        assert_eq!(e.decode_s_per_token, e.decode_hbm_s);
     }
 
     #[test]
