@@ -1,24 +1,42 @@
 #!/usr/bin/env bash
-# Needle in a haystack over 1M tokens on one GPU (bf16, in-process ranks), against a chunked
-# single-device reference, with the planner's predictions. Small model shape (stated in the
-# output): runtime/bench/needle-1m-model.json (2 layers, hidden 1024, 8 heads, 2 kv heads,
-# head_dim 128, intermediate 2816, vocab 32000). The plan is made here with:
+# Needle in a haystack over 1M tokens on ONE GPU (bf16, in-process ranks), against a chunked
+# single-device reference, with the planner's predictions (decode ms/token, prefill tokens/s,
+# KV bytes). Small model shape (stated in the output): runtime/bench/needle-1m-model.json
+# (2 layers, hidden 1024, 8 heads, 2 kv heads, head_dim 128, intermediate 2816, vocab 32000).
+# The plan is made here (CPU) with:
 #   mmsp plan --mode inference --topology runtime/bench/h100-1gpu.toml --gpus 1 \
 #     --model runtime/bench/needle-1m-model.json --context 1M --global-batch 1 \
-#     --decode-tokens 16 --format json > runtime/bench/plan_needle_1m.json
-# and carried in carry/ with the binary. Run there: bash runtime/bench/needle.sh
+#     --decode-tokens 16 --format json > carry/plan_needle_1m.json
+# and carried in carry/ with the binary (carry/mmsp-runtime). Run there:
+#   bash runtime/bench/needle.sh            # LAYOUTS="plan 2x2 1x4" by default
+# Prints each layout's JSON, then one summary line per layout: decode ms/token measured vs
+# predicted (the prediction is for the plan's layout, 1 rank on the GPU).
 set -uo pipefail
-BIN=${BIN:-carry/mmsp-runtime-infer}
 # shellcheck source=runtime/bench/device_env.sh
 source "$(dirname "$0")/device_env.sh"
 OUTDIR=${OUT:-/tmp}
 PLAN=${PLAN:-carry/plan_needle_1m.json}
+DECODE=${DECODE:-8}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # The plan's layout (one rank: the figures next to the predictions), then 2x2 and 1x4
 # in-process ranks on the same GPU (the sharded KV and the LSE merge at 1M tokens).
-for lay in plan 2x2 1x4; do
+for lay in ${LAYOUTS:-plan 2x2 1x4}; do
   echo "== layout $lay"
   if [ "$lay" = plan ]; then extra=(); else extra=(--layout "$lay"); fi
-  timeout ${STEP_TIMEOUT:-120} "$BIN" needle "$PLAN" --decode 8 "${extra[@]}" | tee "$OUTDIR/needle_$lay.json"
+  timeout "${STEP_TIMEOUT:-150}" "$BIN" needle "$PLAN" --decode "$DECODE" "${extra[@]}" | tee "$OUTDIR/needle_$lay.json"
   echo "exit=$?"
+done
+for lay in ${LAYOUTS:-plan 2x2 1x4}; do
+  $PY - "$OUTDIR/needle_$lay.json" "$lay" <<'PYEOF'
+import json, sys
+try:
+    v = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+except Exception as e:
+    print(json.dumps({"layout": sys.argv[2], "error": str(e)})); sys.exit(0)
+m, p = v["measured"], v["predicted"]
+print(json.dumps({"summary": "needle", "layout": sys.argv[2], "prompt_tokens": v["prompt_tokens"],
+    "decode_ms_per_token": m["decode_ms_per_token_median"], "predicted_decode_ms_per_token": p["decode_ms_per_token"],
+    "prefill_tokens_per_s": m["prefill_tokens_per_s"], "predicted_prefill_tokens_per_s": p["prefill_tokens_per_s"],
+    "max_rel_err_needle_prefill": v["max_rel_err_needle_prefill"], "max_rel_err_decode": v["max_rel_err_decode"]}))
+PYEOF
 done
