@@ -54,7 +54,18 @@ fn bmm_acc(a: &Tensor, b: &Tensor, acc: Kind) -> Result<Tensor> {
     if a.kind() == acc {
         Ok(a.f_bmm(b)?)
     } else if a.device() != Device::Cpu {
-        Ok(a.f_bmm_dtype(b, acc)?)
+        match a.f_bmm_dtype(b, acc) {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                // Should not happen on CUDA (bmm.dtype takes bf16/fp16 to fp32); if it does,
+                // say so once and fall back to a product rounded to the compute dtype.
+                static WARN: std::sync::Once = std::sync::Once::new();
+                WARN.call_once(|| {
+                    eprintln!("warning: bmm with {acc:?} output failed ({e}); decode scores are rounded to {:?}", a.kind())
+                });
+                Ok(a.f_bmm(b)?.to_kind(acc))
+            }
+        }
     } else {
         Ok(a.to_kind(acc).f_bmm(&b.to_kind(acc))?)
     }
