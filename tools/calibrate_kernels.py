@@ -2,14 +2,18 @@
 """Measures the kernel throughput curves the planner's cost model uses, on the GPU it runs on.
 
 Prints one JSON object: bf16 GEMM throughput versus token count for the projection shapes of a
-Llama-style layer, and cuDNN/flash attention forward+backward throughput versus block size and
+Llama-style layer, cuDNN/flash attention forward+backward throughput versus block size and
 head count, for the block shapes that ring attention issues (a query chunk against a key chunk,
-causal on the diagonal, full off it). Run on the GPU machine:
+causal on the diagonal, full off it), and the achieved HBM bandwidth of memory-bound kernels
+(copy, add, multiply of bf16 tensors from 1 MiB to 1 GiB). The runtime's own measurement,
+through its attention kernels, is `mmsp-runtime calibrate --out FILE` (same format). Run on the
+GPU machine:
 
     python3 tools/calibrate_kernels.py > calibration.json
 
 FLOPs counting: GEMM 2*M*N*K (x3 for fwd+bwd); attention fwd 4*Sq*Sk*H*D (halved when
 causal), fwd+bwd = 3.5 x fwd (FlashAttention-2 counting, as shared/reference/README.md).
+Bandwidth: bytes read plus written per call (copy 2, add and mul 3 tensors) over its time.
 """
 import json
 import sys
@@ -82,6 +86,24 @@ def attention_points():
     return out
 
 
+def bandwidth_points():
+    out = []
+    for mib in [1, 4, 16, 64, 256, 1024]:
+        n = (mib << 20) // 2
+        a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        c = torch.empty_like(a)
+        ops = [("copy", 2, lambda: c.copy_(a)),
+               ("add", 3, lambda: torch.add(a, b, out=c)),
+               ("mul", 3, lambda: torch.mul(a, b, out=c))]
+        for name, tensors, fn in ops:
+            t = timeit(fn, iters=20)
+            nbytes = tensors * (mib << 20)
+            out.append({"op": name, "dtype": "bf16", "tensor_bytes": mib << 20, "bytes": nbytes,
+                        "seconds": t, "gb_per_s": nbytes / t / 1e9})
+    return out
+
+
 def main():
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
@@ -91,6 +113,7 @@ def main():
         "torch": torch.__version__,
         "gemm": gemm_points(),
         "attention": attention_points(),
+        "memory_bandwidth": bandwidth_points(),
     }
     json.dump(res, sys.stdout)
     print()

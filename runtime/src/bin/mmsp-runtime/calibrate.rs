@@ -1,26 +1,339 @@
-//! `calibrate`: measures the kernels the planner's cost model uses and writes a calibration
-//! file for `mmsp plan --calibration FILE`.
-use anyhow::Result;
+//! `calibrate`: measures, on one CUDA GPU in bf16, the throughputs the planner's cost model
+//! uses and writes them as a calibration file for `mmsp plan --calibration FILE`
+//! (`planner/src/calibration.rs` reads it):
+//! - `gemm`: projection GEMMs forward + backward (y = x W^T, dX = dY W, dW = dY^T X; 3 x 2mnk
+//!   FLOPs) over token counts, for the Llama-style layer shapes or a given model's exact ones;
+//! - `attention`: the runtime's own attention kernels ([`attention_fwd`], [`attention_bwd`],
+//!   GQA expansion included) over (heads, tokens), causal and not (forward 4 S^2 H D FLOPs,
+//!   halved when causal; forward + backward = 3.5 x forward, FlashAttention-2 counting);
+//! - `memory_bandwidth`: achieved HBM bandwidth of memory-bound kernels (a copy, an add and a
+//!   multiply over large bf16 tensors), as bytes read plus written per call over its time.
+//!
+//! Every figure is the median over several batches of back-to-back calls after warm-up, each
+//! batch bracketed by device synchronisation.
+use anyhow::{Context, Result};
 use clap::Subcommand;
+use mmsp_runtime::kernel::{attention_bwd, attention_fwd, Backend};
+use mmsp_runtime::model::ModelConfig;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+use crate::util::{gpu, sync, usage};
 
 /// Calibration subcommands.
 #[derive(Subcommand)]
 pub enum Cmd {
-    /// Measure GEMM, attention and memory-bound throughput on this GPU and write a
-    /// calibration file (not implemented yet).
+    /// Measure GEMM, attention and memory-bandwidth throughput on this GPU (bf16) and write a
+    /// calibration file for `mmsp plan --calibration FILE` (about a minute on an H100).
     Calibrate {
         /// Output calibration JSON.
         #[arg(long)]
-        out: std::path::PathBuf,
+        out: PathBuf,
+        /// Hugging Face config.json whose exact projection shapes and GQA ratio to measure
+        /// [default: Llama-3-8B-like: hidden 4096, ffn 14336, 32 heads, 8 kv heads, d 128].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Attention kernel: cudnn (the runtime's default on CUDA) or flash.
+        #[arg(long, default_value = "cudnn")]
+        backend: String,
+        /// Timed batches per point (the median is kept).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
     },
 }
 
 /// Runs one calibration subcommand.
 pub fn dispatch(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Calibrate { out } => Err(crate::util::usage(format!(
-            "calibrate is not implemented yet (would write {})",
-            out.display()
-        ))),
+        Cmd::Calibrate {
+            out,
+            model,
+            backend,
+            iters,
+        } => calibrate(&out, model.as_deref(), &backend, iters),
     }
+}
+
+/// Token counts of the GEMM sweep (rows of the projections).
+const GEMM_TOKENS: [i64; 8] = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768];
+/// Query heads and tokens of the attention sweep (calls up to 32 heads x 32K tokens).
+const ATTN_HEADS: [i64; 5] = [32, 16, 8, 4, 1];
+const ATTN_TOKENS: [i64; 8] = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768];
+const ATTN_MAX_WORK: i64 = 32 * 32768;
+/// Bytes of one tensor in the bandwidth sweep: 1 MiB to 1 GiB.
+const BW_TENSOR_MIB: [i64; 6] = [1, 4, 16, 64, 256, 1024];
+/// A timed batch lasts at least this long (launch gaps and the synchronisation amortised).
+const BATCH_S: f64 = 5e-3;
+
+/// The shapes measured: the model's (or Llama-3-8B's) projections and attention heads.
+struct Shapes {
+    /// (name, n = output features, k = input features) of each projection.
+    proj: Vec<(&'static str, i64, i64)>,
+    /// Query heads per kv head.
+    gqa: i64,
+    head_dim: i64,
+    source: String,
+}
+
+impl Shapes {
+    fn new(model: Option<&std::path::Path>) -> Result<Shapes> {
+        let Some(path) = model else {
+            // The shapes of tools/calibrate_kernels.py: (h, h), (f, h), (h, f).
+            let (h, f) = (4096, 14336);
+            return Ok(Shapes {
+                proj: vec![("h x h", h, h), ("f x h", f, h), ("h x f", h, f)],
+                gqa: 4,
+                head_dim: 128,
+                source: "llama3-8b shapes".into(),
+            });
+        };
+        let c = ModelConfig::from_hf_file(path)
+            .map_err(|e| usage(format!("--model {}: {e}", path.display())))?;
+        let (h, f) = (c.hidden_size as i64, c.intermediate_size as i64);
+        let q = (c.num_heads * c.head_dim) as i64;
+        let kv = (c.num_kv_heads * c.head_dim) as i64;
+        Ok(Shapes {
+            // Every projection of a layer once (k and v both), so that the planner's mean over
+            // the points weights the shapes as the layer does.
+            proj: vec![
+                ("q_proj", q, h),
+                ("k_proj", kv, h),
+                ("v_proj", kv, h),
+                ("o_proj", h, q),
+                ("gate_proj", f, h),
+                ("up_proj", f, h),
+                ("down_proj", h, f),
+            ],
+            gqa: (c.num_heads / c.num_kv_heads.max(1)).max(1) as i64,
+            head_dim: c.head_dim as i64,
+            source: path.display().to_string(),
+        })
+    }
+}
+
+/// Median seconds per call of `f`: after two warm-up calls, `iters` batches of back-to-back
+/// calls (as many as fill [`BATCH_S`]), each ended by a device synchronisation.
+fn per_call(dev: Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..2 {
+        f()?;
+    }
+    sync(dev);
+    let t = Instant::now();
+    f()?;
+    sync(dev);
+    let one = t.elapsed().as_secs_f64().max(1e-7);
+    let reps = ((BATCH_S / one).ceil() as usize).clamp(1, 1000);
+    let mut ts = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        for _ in 0..reps {
+            f()?;
+        }
+        sync(dev);
+        ts.push(t.elapsed().as_secs_f64() / reps as f64);
+    }
+    ts.sort_by(f64::total_cmp);
+    Ok(ts[ts.len() / 2])
+}
+
+/// bf16 normal(0, 1) tensor on the device.
+fn randn(shape: &[i64], dev: Device) -> Tensor {
+    Tensor::randn(shape, (Kind::BFloat16, dev))
+}
+
+fn gemm_points(dev: Device, iters: usize, shapes: &Shapes) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for &m in &GEMM_TOKENS {
+        for &(name, n, k) in &shapes.proj {
+            let x = randn(&[m, k], dev);
+            let w = randn(&[n, k], dev);
+            let dy = randn(&[m, n], dev);
+            let t = per_call(dev, iters, || {
+                let _y = x.f_linear::<Tensor>(&w, None)?;
+                let _dx = dy.f_mm(&w)?;
+                let _dw = dy.f_tr()?.f_mm(&x)?;
+                Ok(())
+            })?;
+            let flops = 3.0 * 2.0 * (m * n * k) as f64;
+            out.push(
+                json!({"proj": name, "tokens": m, "n": n, "k": k, "fwd_bwd_s": t,
+                            "tflops": flops / t / 1e12}),
+            );
+        }
+        eprintln!("calibrate: gemm {m} tokens done");
+    }
+    Ok(out)
+}
+
+fn attention_points(
+    dev: Device,
+    iters: usize,
+    shapes: &Shapes,
+    backend: Backend,
+    name: &str,
+) -> Result<Vec<Value>> {
+    let d = shapes.head_dim;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = Vec::new();
+    for &heads in &ATTN_HEADS {
+        // kv heads as a Ulysses rank with `heads` query heads holds them (at least one).
+        let kv = (heads / shapes.gqa).max(1);
+        for &s in &ATTN_TOKENS {
+            if heads * s > ATTN_MAX_WORK {
+                continue;
+            }
+            for causal in [true, false] {
+                let q = randn(&[1, heads, s, d], dev);
+                let k = randn(&[1, kv, s, d], dev);
+                let v = randn(&[1, kv, s, d], dev);
+                let dout = randn(&[1, heads, s, d], dev);
+                let point = json!({"backend": name, "heads": heads, "kv_heads": kv, "tokens": s,
+                                   "head_dim": d, "causal": causal});
+                let measured = (|| -> Result<(f64, f64)> {
+                    let (o, lse) = attention_fwd(backend, &q, &k, &v, causal, scale)?;
+                    let fwd = per_call(dev, iters, || {
+                        let _ = attention_fwd(backend, &q, &k, &v, causal, scale)?;
+                        Ok(())
+                    })?;
+                    let bwd = per_call(dev, iters, || {
+                        let _ = attention_bwd(backend, &dout, &q, &k, &v, &o, &lse, causal, scale)?;
+                        Ok(())
+                    })?;
+                    Ok((fwd, bwd))
+                })();
+                let mut p = point;
+                match measured {
+                    Ok((fwd, bwd)) => {
+                        let f = 4.0 * (s * s * heads * d) as f64 * if causal { 0.5 } else { 1.0 };
+                        p["fwd_s"] = json!(fwd);
+                        p["bwd_s"] = json!(bwd);
+                        p["fwd_bwd_s"] = json!(fwd + bwd);
+                        p["tflops"] = json!(3.5 * f / (fwd + bwd) / 1e12);
+                    }
+                    // The kernel refuses the shape (or runs out of memory): recorded, skipped
+                    // by the planner.
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        p["error"] = json!(msg.lines().next().unwrap_or_default());
+                    }
+                }
+                out.push(p);
+            }
+        }
+        eprintln!("calibrate: attention {heads} heads done");
+    }
+    Ok(out)
+}
+
+fn bandwidth_points(dev: Device, iters: usize) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for &mib in &BW_TENSOR_MIB {
+        let tensor_bytes = mib << 20;
+        let n = tensor_bytes / 2; // bf16 elements
+        let a = randn(&[n], dev);
+        let b = randn(&[n], dev);
+        let mut c = Tensor::empty([n], (Kind::BFloat16, dev));
+        // (op, tensors read + written per call)
+        for (op, tensors) in [("copy", 2), ("add", 3), ("mul", 3)] {
+            let t = per_call(dev, iters, || {
+                match op {
+                    "copy" => c.f_copy_(&a)?,
+                    "add" => {
+                        let _ = a.f_add_out(&c, &b)?;
+                    }
+                    _ => {
+                        let _ = a.f_mul_out(&c, &b)?;
+                    }
+                }
+                Ok(())
+            })?;
+            let bytes = tensors * tensor_bytes;
+            out.push(
+                json!({"op": op, "dtype": "bf16", "tensor_bytes": tensor_bytes,
+                            "bytes": bytes, "seconds": t, "gb_per_s": bytes as f64 / t / 1e9}),
+            );
+        }
+    }
+    eprintln!("calibrate: memory bandwidth done");
+    Ok(out)
+}
+
+/// The CUDA device's name from the driver (libtorch does not expose it).
+fn device_name() -> String {
+    let name = || -> Option<String> {
+        cudarc::driver::result::init().ok()?;
+        let d = cudarc::driver::result::device::get(0).ok()?;
+        cudarc::driver::result::device::get_name(d).ok()
+    };
+    name().unwrap_or_else(|| "unknown CUDA device".into())
+}
+
+fn calibrate(
+    out: &std::path::Path,
+    model: Option<&std::path::Path>,
+    backend: &str,
+    iters: usize,
+) -> Result<()> {
+    if iters == 0 {
+        return Err(usage("--iters must be >= 1"));
+    }
+    let kernel = match backend {
+        "cudnn" => Backend::Cudnn,
+        "flash" => Backend::Flash,
+        other => {
+            return Err(usage(format!(
+                "--backend {other:?}: expected cudnn or flash"
+            )))
+        }
+    };
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(usage(format!(
+                "--out {}: no directory {}",
+                out.display(),
+                dir.display()
+            )));
+        }
+    }
+    let shapes = Shapes::new(model)?;
+    let dev = gpu().context("calibrate measures the GPU it runs on")?;
+    let _ng = tch::no_grad_guard();
+    let t0 = Instant::now();
+    let bandwidth = bandwidth_points(dev, iters)?;
+    let gemm = gemm_points(dev, iters, &shapes)?;
+    let attention = attention_points(dev, iters, &shapes, kernel, backend)?;
+    let res = json!({
+        "device": device_name(),
+        "tool": "mmsp-runtime calibrate",
+        "dtype": "bf16",
+        "shapes": shapes.source,
+        "gemm": gemm,
+        "attention": attention,
+        "memory_bandwidth": bandwidth,
+    });
+    std::fs::write(out, serde_json::to_string_pretty(&res)? + "\n")
+        .map_err(|e| usage(format!("--out {}: {e}", out.display())))?;
+    let peak_bw = res["memory_bandwidth"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["gb_per_s"].as_f64())
+        .fold(0.0, f64::max);
+    let peak = |sec: &str| {
+        res[sec]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["tflops"].as_f64())
+            .fold(0.0, f64::max)
+    };
+    println!(
+        "{}",
+        json!({"calibration": out.display().to_string(), "device": res["device"],
+               "seconds": t0.elapsed().as_secs_f64(), "max_gemm_tflops": peak("gemm"),
+               "max_attention_tflops": peak("attention"), "max_gb_per_s": peak_bw})
+    );
+    Ok(())
 }
