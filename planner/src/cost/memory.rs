@@ -115,6 +115,10 @@ pub const RUNTIME_RESERVE_BYTES: f64 = 2.0 * 1024.0 * 1024.0 * 1024.0;
 /// Caching-allocator fragmentation margin on top of what tensors need (assumption: 5%).
 pub const FRAGMENTATION: f64 = 0.05;
 
+/// Token rows of the cross-entropy computed at a time (the runtime's `LOSS_CHUNK`): only one
+/// chunk's logits are live, whatever the tokens per GPU.
+pub const LOSS_CHUNK_TOKENS: f64 = 4096.0;
+
 /// Bytes per parameter in mixed-precision Adam training (shared/reference/README.md; Rajbhandari
 /// et al. 2020, ZeRO, Sec. 3.1 with fp32 gradients): bf16 weights, fp32 gradients, fp32 master
 /// weights and two fp32 Adam moments.

@@ -353,8 +353,13 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     };
     // Plus the embedding output and the final norm's input (2 bytes x h each).
     let activations = layers * per_tok * tokens + working + 2.0 * h * tokens * 2.0;
-    // Logits: bf16 logits kept for backward plus fp32 softmax / gradient (6 bytes per entry).
-    let logits = tokens * (m.vocab_size as f64 / tp) * 6.0;
+    // Logits: the loss is computed LOSS_CHUNK_TOKENS rows at a time with its gradient formed in
+    // the same pass, so only one chunk's logits are ever live: 16-bit logits (2 B), fp32
+    // log-probabilities (4 B) and the 16-bit logit gradient (2 B) per vocabulary entry. This is
+    // the chunked / fused linear cross-entropy of Liger Kernel (Hsu et al. 2024,
+    // arXiv:2410.10989, Sec. 3.3) and of mmsp's runtime (runtime/src/train/mod.rs,
+    // `chunked_loss`); a loss over the whole shard at once would hold tokens x V x 6 B.
+    let logits = tokens.min(LOSS_CHUNK_TOKENS) * (m.vocab_size as f64 / tp) * 8.0;
     let params_local = m.params() as f64 / tp;
     let layer_params_local = m.layer_params() as f64 / tp;
     let shards = f64::from(l.grad_family().size);
