@@ -15,5 +15,6 @@ pub mod shard;
 pub mod testing;
 pub mod train;
 pub mod ulysses;
+pub mod vision;
 
 pub use error::{Result, RuntimeError};
