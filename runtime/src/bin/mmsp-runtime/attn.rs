@@ -6,7 +6,8 @@ use clap::Subcommand;
 use mmsp_runtime::attn2d::{Attention2d, AttnShape};
 use mmsp_runtime::comm::local::local_groups;
 use mmsp_runtime::comm::nccl::{LaunchEnv, NcclWorld};
-use mmsp_runtime::comm::{Communicator, P2p};
+use mmsp_runtime::comm::{Communicator, P2p, Work};
+use mmsp_runtime::ffi::{sync_current_stream, use_pool_stream, TimingEvent};
 use mmsp_runtime::kernel::{attention_bwd, attention_fwd, Backend};
 use mmsp_runtime::plan::{GroupKind, Layout, Placement, Plan};
 use mmsp_runtime::testing::{errors, reference, run_2d_local, Problem};
@@ -38,6 +39,10 @@ pub enum Cmd {
         /// What to run: kernels, 2d or all.
         #[arg(long, default_value = "all")]
         what: String,
+        /// How the 2D in-process ranks queue GPU work: one (the default stream, shared),
+        /// per-rank (a pool stream each), or both.
+        #[arg(long, default_value = "one,per-rank", value_delimiter = ',')]
+        streams: Vec<String>,
     },
     /// Correctness on the GPU: 2D attention in bf16 against a float64 CPU reference.
     Check,
@@ -61,14 +66,45 @@ pub enum Cmd {
     NcclBench {
         #[arg(long)]
         plan: std::path::PathBuf,
-        #[arg(long, default_value_t = 131072)]
-        seq: usize,
+        /// Sequence lengths, timed one after another in the same world.
+        #[arg(
+            long = "seqs",
+            alias = "seq",
+            default_value = "131072",
+            value_delimiter = ','
+        )]
+        seqs: Vec<usize>,
+        /// Run the nccl-check checks first, in the same launch.
+        #[arg(long)]
+        check: bool,
         #[arg(long, default_value_t = 32)]
         heads: usize,
         #[arg(long, default_value_t = 128)]
         head_dim: usize,
     },
 }
+
+/// Seconds per call of `f`, timed as attn_bench.py times PyTorch: one warm-up call and a
+/// device synchronise, then CUDA events recorded around `n` back-to-back calls (no host
+/// synchronisation between them), mean.
+fn time_events<F: FnMut() -> Result<()>>(dev: Device, n: usize, mut f: F) -> Result<f64> {
+    let Device::Cuda(idx) = dev else {
+        bail!("event timing needs a CUDA device");
+    };
+    f()?;
+    sync(dev);
+    let (start, end) = (TimingEvent::new()?, TimingEvent::new()?);
+    start.record(idx)?;
+    for _ in 0..n {
+        f()?;
+    }
+    end.record(idx)?;
+    Ok(start.elapsed_ms(&end)? / 1e3 / n as f64)
+}
+
+/// What `bench --what kernels` measures, stated in its JSON (the same as attn_bench.py).
+const KERNEL_MEASURES: &str = "fwd: one ATen SDPA kernel call (cudnn: _scaled_dot_product_cudnn_attention with compute_log_sumexp, flash: _scaled_dot_product_flash_attention; both return the log-sum-exp, as PyTorch's do when q requires grad); fwd+bwd: that call plus the backward kernel writing dq, dk, dv (PyTorch adds autograd bookkeeping and accumulates .grad). Inputs: q, k, v contiguous (B, H, S, D) bf16, B=1, causal, scale 1/sqrt(D), no GQA; outputs allocated by the kernel, no copies, casts or layout changes on either side";
+const KERNEL_TIMING: &str = "CUDA events around 5 (fwd) or 3 (fwd+bwd) back-to-back calls after 1 warm-up and a synchronise, mean; as attn_bench.py";
 
 fn bench_kernels(
     seqs: &[usize],
@@ -83,12 +119,11 @@ fn bench_kernels(
         let scale = 1.0 / (d as f64).sqrt();
         let fl = causal_flops(s, h, d);
         for (name, be) in [("cudnn", Backend::Cudnn), ("flash", Backend::Flash)] {
-            let iters_f = if s >= 65536 { 3 } else { 5 };
-            let tf = time(dev, iters_f, || {
+            let tf = time_events(dev, 5, || {
                 let _ = attention_fwd(be, &q, &k, &v, true, scale)?;
                 Ok(())
             });
-            let tfb = time(dev, 3, || {
+            let tfb = time_events(dev, 3, || {
                 let (o, l) = attention_fwd(be, &q, &k, &v, true, scale)?;
                 let _ = attention_bwd(be, &dout, &q, &k, &v, &o, &l, true, scale)?;
                 Ok(())
@@ -97,7 +132,8 @@ fn bench_kernels(
                 (Ok(tf), Ok(tfb)) => {
                     json!({"bench": "kernel", "impl": "mmsp-runtime", "S": s, "backend": name,
                     "fwd_ms": tf * 1e3, "fwd_tflops": fl / tf / 1e12,
-                    "fwdbwd_ms": tfb * 1e3, "fwdbwd_tflops": 3.5 * fl / tfb / 1e12})
+                    "fwdbwd_ms": tfb * 1e3, "fwdbwd_tflops": 3.5 * fl / tfb / 1e12,
+                    "timing": KERNEL_TIMING, "measures": KERNEL_MEASURES})
                 }
                 (a, b) => json!({"bench": "kernel", "S": s, "backend": name,
                     "error": format!("{:?} {:?}", a.err(), b.err())}),
@@ -109,6 +145,112 @@ fn bench_kernels(
     Ok(out)
 }
 
+/// An in-process communicator for ranks that each queue their work on their own CUDA stream
+/// of one GPU. The in-process communicator copies on the receiver's stream from tensors the
+/// sender wrote on its stream, and the sender may reuse that memory right after; so around
+/// every collective each rank drains its own stream (host wait; the other ranks' streams keep
+/// the GPU busy meanwhile) and the group meets at a barrier once every copy has run.
+struct StreamSynced<C: Communicator> {
+    inner: C,
+    device: usize,
+}
+
+impl<C: Communicator> StreamSynced<C> {
+    fn around<T>(&self, op: impl FnOnce(&C) -> mmsp_runtime::Result<T>) -> mmsp_runtime::Result<T> {
+        sync_current_stream(self.device)?;
+        let r = op(&self.inner);
+        sync_current_stream(self.device)?;
+        self.inner.barrier()?;
+        r
+    }
+}
+
+impl<C: Communicator> Communicator for StreamSynced<C> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    fn all_to_all(&self, send: &[Tensor], recv: &[Tensor]) -> mmsp_runtime::Result<Work> {
+        self.around(|c| c.all_to_all(send, recv)?.wait().map(|_| Work::done()))
+    }
+    fn send_recv(&self, ops: &[P2p]) -> mmsp_runtime::Result<Work> {
+        self.around(|c| c.send_recv(ops)?.wait().map(|_| Work::done()))
+    }
+    fn all_gather(&self, send: &Tensor, recv: &Tensor) -> mmsp_runtime::Result<()> {
+        self.around(|c| c.all_gather(send, recv))
+    }
+    fn reduce_scatter(&self, send: &Tensor, recv: &Tensor) -> mmsp_runtime::Result<()> {
+        self.around(|c| c.reduce_scatter(send, recv))
+    }
+    fn all_reduce(&self, t: &Tensor) -> mmsp_runtime::Result<()> {
+        self.around(|c| c.all_reduce(t))
+    }
+    fn barrier(&self) -> mmsp_runtime::Result<()> {
+        self.inner.barrier()
+    }
+}
+
+/// How the in-process ranks of a 2D run queue their GPU work.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Streams {
+    /// Every rank on libtorch's default stream: kernels run one after another.
+    One,
+    /// Each rank on its own stream from libtorch's pool (see [`StreamSynced`]).
+    PerRank,
+}
+
+impl Streams {
+    fn name(self) -> &'static str {
+        match self {
+            Streams::One => "one",
+            Streams::PerRank => "per-rank",
+        }
+    }
+}
+
+/// The attention kernels alone that the ranks of a (ulysses, ring) layout run, one after
+/// another on one stream (no merges, no copies, no communication): seconds for fwd and for
+/// fwd+bwd. This is the bound the kernel curve sets: small ring blocks run below the big
+/// kernel's throughput whatever the runtime does around them.
+fn blocks_only(
+    zz: &mmsp_runtime::shard::Zigzag,
+    shape: AttnShape,
+    backend: Backend,
+    dev: Device,
+) -> Result<(f64, f64)> {
+    let (u, r) = (zz.ulysses, zz.ring);
+    let h = (shape.q_heads / u) as i64;
+    let d = shape.head_dim as i64;
+    let scale = 1.0 / (shape.head_dim as f64).sqrt();
+    let mut counts: std::collections::BTreeMap<(i64, i64, bool), usize> = Default::default();
+    for rr in 0..r {
+        for src in 0..r {
+            for b in mmsp_runtime::ring::blocks(zz, rr, src) {
+                *counts.entry((b.q_len, b.kv_len, b.causal)).or_default() += u;
+            }
+        }
+    }
+    let (mut f, mut fb) = (0.0, 0.0);
+    for ((ql, kl, causal), n) in counts {
+        let mk = |len: i64| Tensor::randn([1, h, len, d], (Kind::BFloat16, dev));
+        let (q, k, v, dout) = (mk(ql), mk(kl), mk(kl), mk(ql));
+        f += n as f64
+            * time_events(dev, 5, || {
+                let _ = attention_fwd(backend, &q, &k, &v, causal, scale)?;
+                Ok(())
+            })?;
+        fb += n as f64
+            * time_events(dev, 3, || {
+                let (o, l) = attention_fwd(backend, &q, &k, &v, causal, scale)?;
+                let _ = attention_bwd(backend, &dout, &q, &k, &v, &o, &l, causal, scale)?;
+                Ok(())
+            })?;
+    }
+    Ok((f, fb))
+}
+
 /// Times fwd+bwd (and fwd alone) of 2D attention with one thread per rank on one device.
 fn time_2d(
     layout: Layout,
@@ -116,7 +258,11 @@ fn time_2d(
     backend: Backend,
     dev: Device,
     iters: usize,
+    streams: Streams,
 ) -> Result<(f64, f64, f64, f64)> {
+    let Device::Cuda(dev_idx) = dev else {
+        bail!("the 2D bench needs a CUDA device");
+    };
     let p = Problem::random(shape, Kind::BFloat16, dev, 3);
     let zz = mmsp_runtime::shard::Zigzag::new(shape.seq_len, layout.ulysses, layout.ring)?;
     let w = layout.world_size();
@@ -138,7 +284,24 @@ fn time_2d(
             .zip(inputs)
             .map(|(((uc, rc), wc), (q, k, v, dout))| {
                 s.spawn(move || -> Result<(f64, f64, f64, f64)> {
-                    let attn = Attention2d::new(&uc, &rc, backend, shape)?;
+                    let (uc, rc) = (
+                        StreamSynced {
+                            inner: uc,
+                            device: dev_idx,
+                        },
+                        StreamSynced {
+                            inner: rc,
+                            device: dev_idx,
+                        },
+                    );
+                    let (uly, ring): (&dyn Communicator, &dyn Communicator) = match streams {
+                        Streams::One => (&uc.inner, &rc.inner),
+                        Streams::PerRank => {
+                            use_pool_stream(dev_idx)?;
+                            (&uc, &rc)
+                        }
+                    };
+                    let attn = Attention2d::new(uly, ring, backend, shape)?;
                     let run = |bwd: bool| -> Result<(f64, f64)> {
                         let mut ts = Vec::new();
                         let mut warm = 0.0;
@@ -182,6 +345,7 @@ fn time_2d(
     first.context("no ranks")
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench_2d(
     seqs: &[usize],
     ranks: &[usize],
@@ -189,7 +353,9 @@ fn bench_2d(
     d: usize,
     backend: Backend,
     dev: Device,
+    streams: &[Streams],
 ) -> Result<()> {
+    let mut summary = Vec::new();
     for &s in seqs {
         let shape = AttnShape {
             batch: 1,
@@ -199,7 +365,8 @@ fn bench_2d(
             head_dim: d,
         };
         let fl = causal_flops(s, h, d);
-        // The single big kernel on the whole sequence.
+        // The single big kernel on the whole sequence (timed as the 2D runs are: host clock
+        // around each call with a device synchronise, median of 3 after one warm-up).
         let mk = || Tensor::randn([1, h as i64, s as i64, d as i64], (Kind::BFloat16, dev));
         let (q, k, v, dout) = (mk(), mk(), mk(), mk());
         let scale = 1.0 / (d as f64).sqrt();
@@ -221,21 +388,50 @@ fn bench_2d(
         for &w in ranks {
             for u in (1..=w).filter(|u| w.is_multiple_of(*u) && h.is_multiple_of(*u)) {
                 let layout = Layout::sp(u, w / u, Placement::UlyssesInner);
-                let r = match time_2d(layout, shape, backend, dev, 3) {
-                    Ok((f, fb, wf, wfb)) => {
-                        json!({"bench": "2d_inprocess_one_gpu", "S": s, "ranks": w, "ulysses": u, "ring": w / u,
-                        "fwd_ms": f * 1e3, "fwdbwd_ms": fb * 1e3, "fwdbwd_tflops": 3.5 * fl / fb / 1e12,
-                        "first_fwd_s": wf, "first_fwdbwd_s": wfb,
-                        "fwd_vs_single_kernel": tf / f, "fwdbwd_vs_single_kernel": tfb / fb})
-                    }
-                    Err(e) => {
-                        json!({"bench": "2d_inprocess_one_gpu", "S": s, "ranks": w, "ulysses": u, "error": e.to_string()})
-                    }
-                };
-                println!("{r}");
+                let zz = mmsp_runtime::shard::Zigzag::new(s, u, w / u)?;
+                // The kernel-curve bound: the same ring blocks, kernels only.
+                let bound = blocks_only(&zz, shape, backend, dev);
+                if let Ok((bf, bfb)) = &bound {
+                    println!(
+                        "{}",
+                        json!({"bench": "2d_blocks_only", "S": s, "ranks": w, "ulysses": u, "ring": w / u,
+                            "measures": "the attention kernels of every rank's ring blocks, one after another on one stream, event-timed; no merges, copies or communication",
+                            "fwd_ms": bf * 1e3, "fwdbwd_ms": bfb * 1e3,
+                            "fwd_vs_single_kernel": tf / bf, "fwdbwd_vs_single_kernel": tfb / bfb})
+                    );
+                }
+                for &st in streams {
+                    let r = match time_2d(layout, shape, backend, dev, 3, st) {
+                        Ok((f, fb, wf, wfb)) => {
+                            let (bf, bfb) = bound
+                                .as_ref()
+                                .map(|b| (b.0, b.1))
+                                .unwrap_or((f64::NAN, f64::NAN));
+                            let j = json!({"bench": "2d_inprocess_one_gpu", "S": s, "ranks": w, "ulysses": u, "ring": w / u,
+                            "streams": st.name(),
+                            "fwd_ms": f * 1e3, "fwdbwd_ms": fb * 1e3, "fwdbwd_tflops": 3.5 * fl / fb / 1e12,
+                            "first_fwd_s": wf, "first_fwdbwd_s": wfb,
+                            "fwd_vs_single_kernel": tf / f, "fwdbwd_vs_single_kernel": tfb / fb,
+                            "blocks_only_fwdbwd_vs_single_kernel": tfb / bfb,
+                            "fwdbwd_vs_blocks_only": bfb / fb, "fwd_vs_blocks_only": bf / f});
+                            summary.push(json!({"S": s, "ranks": w, "ulysses": u, "ring": w / u, "streams": st.name(),
+                                "fwdbwd_vs_single_kernel": tfb / fb, "fwd_vs_single_kernel": tf / f,
+                                "kernel_curve_bound_fwdbwd": tfb / bfb, "meets_0.90": tfb / fb >= 0.90}));
+                            j
+                        }
+                        Err(e) => {
+                            json!({"bench": "2d_inprocess_one_gpu", "S": s, "ranks": w, "ulysses": u, "streams": st.name(), "error": e.to_string()})
+                        }
+                    };
+                    println!("{r}");
+                }
             }
         }
     }
+    println!(
+        "{}",
+        json!({"bench": "2d_summary", "what": "fwd+bwd throughput of 2D attention with in-process ranks on one GPU as a fraction of one kernel over the whole sequence; kernel_curve_bound_fwdbwd is the same fraction for the ring blocks' kernels alone", "rows": summary})
+    );
     Ok(())
 }
 
@@ -303,6 +499,12 @@ fn nccl_check(plan_path: &std::path::Path, seq: usize) -> Result<()> {
     let env = LaunchEnv::from_env().context("reading the launch environment")?;
     let nw = NcclWorld::init(&plan, env.clone(), Duration::from_secs(120))
         .context("joining the NCCL world")?;
+    nccl_check_world(&plan, &env, &nw, seq)
+}
+
+/// The NCCL checks on a world already joined: collectives on known values, then 2D attention
+/// over the plan's groups against float64.
+fn nccl_check_world(plan: &Plan, env: &LaunchEnv, nw: &NcclWorld, seq: usize) -> Result<()> {
     let version = mmsp_runtime::ffi::cuda::nccl_version()?;
     let dev = Device::Cuda(env.local_rank);
     let n = nw.world.size();
@@ -383,12 +585,37 @@ fn nccl_check(plan_path: &std::path::Path, seq: usize) -> Result<()> {
     Ok(())
 }
 
-fn nccl_bench(plan_path: &std::path::Path, seq: usize, h: usize, d: usize) -> Result<()> {
+/// One launch for a layout: joins the world once, optionally runs the checks, then times
+/// every sequence length.
+fn nccl_bench(
+    plan_path: &std::path::Path,
+    seqs: &[usize],
+    h: usize,
+    d: usize,
+    check: bool,
+) -> Result<()> {
     let plan = Plan::from_file(plan_path)
         .with_context(|| format!("reading plan {}", plan_path.display()))?;
     let env = LaunchEnv::from_env().context("reading the launch environment")?;
     let nw = NcclWorld::init(&plan, env.clone(), Duration::from_secs(300))
         .context("joining the NCCL world")?;
+    if check {
+        nccl_check_world(&plan, &env, &nw, 8192)?;
+    }
+    for &seq in seqs {
+        nccl_bench_seq(&plan, &env, &nw, seq, h, d)?;
+    }
+    Ok(())
+}
+
+fn nccl_bench_seq(
+    plan: &Plan,
+    env: &LaunchEnv,
+    nw: &NcclWorld,
+    seq: usize,
+    h: usize,
+    d: usize,
+) -> Result<()> {
     let dev = Device::Cuda(env.local_rank);
     let l = plan.layout;
     let shape = AttnShape {
@@ -479,7 +706,18 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
             head_dim,
             backend,
             what,
+            streams,
         } => {
+            let streams = streams
+                .iter()
+                .map(|x| match x.as_str() {
+                    "one" => Ok(Streams::One),
+                    "per-rank" => Ok(Streams::PerRank),
+                    _ => Err(crate::util::usage(format!(
+                        "--streams takes one or per-rank, not {x:?}"
+                    ))),
+                })
+                .collect::<Result<Vec<_>>>()?;
             let dev = crate::util::gpu()?;
             let be = Backend::parse(&backend)?;
             if !["all", "kernels", "2d"].contains(&what.as_str()) {
@@ -491,7 +729,7 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
                 bench_kernels(&seqs, heads, head_dim, dev)?;
             }
             if what != "kernels" {
-                bench_2d(&seqs_2d, &ranks, heads, head_dim, be, dev)?;
+                bench_2d(&seqs_2d, &ranks, heads, head_dim, be, dev, &streams)?;
             }
         }
         Cmd::Check => check_gpu(crate::util::gpu()?)?,
@@ -507,10 +745,11 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::NcclCheck { plan, seq } => nccl_check(&plan, seq)?,
         Cmd::NcclBench {
             plan,
-            seq,
+            seqs,
+            check,
             heads,
             head_dim,
-        } => nccl_bench(&plan, seq, heads, head_dim)?,
+        } => nccl_bench(&plan, &seqs, heads, head_dim, check)?,
     }
     Ok(())
 }
