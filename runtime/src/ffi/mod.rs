@@ -228,3 +228,94 @@ impl Drop for TimingEvent {
     }
 }
 
+// ---- Training shim (`csrc/optim_shim.cpp`): fused AdamW and seeded multi-root backward. ----
+
+extern "C" {
+    #[allow(clippy::too_many_arguments)]
+    fn mmsp_fused_adamw(
+        param: *const C_tensor,
+        grad: *const C_tensor,
+        exp_avg: *const C_tensor,
+        exp_avg_sq: *const C_tensor,
+        step: *const C_tensor,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        chunk: i64,
+    ) -> *mut c_char;
+    fn mmsp_backward(
+        tensors: *const *const C_tensor,
+        grads: *const *const C_tensor,
+        n: c_int,
+    ) -> *mut c_char;
+}
+
+/// AdamW hyper-parameters of one fused update (torch.optim.AdamW semantics, decoupled decay).
+#[derive(Debug, Clone, Copy)]
+pub struct FusedAdamWArgs {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+}
+
+/// In-place `at::_fused_adamw_` over equal-length 1-D contiguous buffers (`param`, `grad`,
+/// `m`, `v`), split into views of at most `chunk` elements and updated by one multi-tensor
+/// kernel launch (CUDA) or loop (CPU). `step` is a one-element float32 tensor on the same
+/// device holding the (already incremented) step number.
+pub fn fused_adamw(
+    param: &Tensor,
+    grad: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    step: &Tensor,
+    a: FusedAdamWArgs,
+    chunk: i64,
+) -> Result<()> {
+    // SAFETY: all five are live tch tensors for the duration of the call; the shim mutates
+    // param, m and v in place through ATen (no pointer is kept after it returns).
+    let err = unsafe {
+        mmsp_fused_adamw(
+            param.as_ptr(),
+            grad.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            step.as_ptr(),
+            a.lr,
+            a.beta1,
+            a.beta2,
+            a.weight_decay,
+            a.eps,
+            chunk,
+        )
+    };
+    check(err, "fused AdamW")
+}
+
+/// Backward from several roots at once, each seeded with its output gradient (same shape and
+/// dtype as the root): one traversal of the graph, gradients accumulated into the leaves.
+pub fn backward_seeded(pairs: &[(&Tensor, &Tensor)]) -> Result<()> {
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    for (t, g) in pairs {
+        if t.size() != g.size() || t.kind() != g.kind() {
+            return Err(RuntimeError::Shape(format!(
+                "backward seed {:?} {:?} for a root {:?} {:?}",
+                g.size(),
+                g.kind(),
+                t.size(),
+                t.kind()
+            )));
+        }
+    }
+    let ts: Vec<*const C_tensor> = pairs.iter().map(|(t, _)| t.as_ptr()).collect();
+    let gs: Vec<*const C_tensor> = pairs.iter().map(|(_, g)| g.as_ptr()).collect();
+    // SAFETY: both arrays hold `pairs.len()` pointers to live tch tensors borrowed for the
+    // call; the shim copies the tensor handles before running the backward.
+    let err = unsafe { mmsp_backward(ts.as_ptr(), gs.as_ptr(), ts.len() as c_int) };
+    check(err, "backward")
+}

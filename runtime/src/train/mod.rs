@@ -1,21 +1,57 @@
 //! One training step of the decoder over a sequence-parallel group: every SP rank holds its
 //! zigzag token ranges; attention runs through [`Attention2d`] with its hand-written
 //! backward, everything else through libtorch autograd, one layer segment at a time (each
-//! layer's input and attention output are autograd leaves, and the attention-input gradients
-//! are fed back as a vector-Jacobian product). The loss is normalised over the active tokens
-//! of the whole SP group; gradients of the (replicated) parameters are summed over the grad
-//! group (SP x DP) and averaged over DP; AdamW in the master dtype, its state either
-//! replicated (ZeRO-0) or sharded over the grad group (ZeRO-1/2: gradients reduce-scattered,
-//! updated parameters all-gathered).
+//! layer's input and attention output are autograd leaves, and the segment's output gradients
+//! are fed back by a seeded backward, `ffi::backward_seeded`). The loss is normalised over the
+//! active tokens of the whole SP group; gradients of the (replicated) parameters are summed
+//! over the grad group (SP x DP) and averaged over DP; AdamW in the master dtype, its state
+//! either replicated (ZeRO-0) or sharded over the grad group (ZeRO-1/2: gradients
+//! reduce-scattered, updated parameters all-gathered).
+//!
+//! With [`TrainConfig::profile`] the device is synchronised between phases and
+//! [`StepStats::phases`] holds their times ([`Phases`]).
+//!
+//! Cost of one step, 2-layer llama3-8b shape (h 4096, 32 heads of 128, 8 kv heads, ffn 14336,
+//! vocab V 128256; 1.49e9 parameters, 0.44e9 of them in the layers), S = 32768 tokens, one
+//! H100 (bf16 GEMM 797 TFLOP/s, cuDNN attention 520 TFLOP/s fwd+bwd, HBM 3.0 TB/s, the
+//! planner's calibration):
+//! - GEMMs: 6 x S x (0.44e9 + 0.525e9 head) = 1.90e14 FLOP = 238 ms (forward 1/3 of it).
+//! - attention: 3.5 x 2 x S^2 x 4096 x 2 layers = 6.2e13 FLOP = 118 ms (124 ms measured).
+//! - weight cast, fp32 -> bf16 once per step: 6 B x 0.96e9 (layers + head) = 5.8 GB = 2 ms;
+//!   its backward (bf16 grad -> fp32, accumulated) 14 B x 0.44e9 = 6 GB = 2 ms. A bf16 copy
+//!   kept by the optimizer would save ~4 B x 0.96e9 = 1.3 ms, so weights are cast once per
+//!   step instead (the casts are what linear's backward keeps anyway without recompute).
+//! - loss (chunked cross-entropy over S x V = 4.2e9 logits): before, bf16 logits -> fp32
+//!   copy, logsumexp, sub, exp, scatter, mul, -> bf16 moved ~42 B per logit = 176 GB = 59 ms;
+//!   now `_log_softmax` with fp32 output read from the bf16 logits (6 B), `exp` written
+//!   straight to bf16 (6 B) plus the GEMM's bf16 write (2 B): 14 B = 59 GB = 20 ms. The
+//!   per-row 1/total and label mask are applied to the (S, h) operands of the two gradient
+//!   GEMMs instead of to the (S, V) matrix.
+//! - head weight gradient: before, each 4096-row chunk's (V, h) product was written in bf16
+//!   and added to the fp32 gradient (2 + 10 B x 0.525e9 x 8 chunks = 50 GB = 17 ms, and a
+//!   bf16 rounding per chunk); now `addmm` with fp32 output accumulates into the fp32
+//!   gradient in the GEMM epilogue (8 B x 0.525e9 x 8 = 34 GB = 11 ms, fp32 sums).
+//! - seeded backward instead of `(t * g).sum().backward()`: saves the product, its sum and
+//!   the product's backward, ~3 x 2 B per element of y (S x h) and q, k, v, ~2 GB a step.
+//! - embedding backward: `index_put_` with accumulation of the (S, h) gradient into the fp32
+//!   table's gradient instead of a dense (V, h) fp32 temporary added to it: saves 16 B x
+//!   0.525e9 = 8.4 GB = 2.8 ms.
+//! - optimizer: fused AdamW 28 B per parameter, 14 ms (plain: ~40 ms measured), plus 4 B of
+//!   gradient zeroing (2 ms).
+//! - RMSNorm: ATen's fused kernel on CUDA (see `model::decoder`), ~4 ms saved per norm.
 pub mod adamw;
 pub mod run;
 
 use crate::attn2d::{Attention2d, Attn2dCtx, AttnShape};
 use crate::comm::Communicator;
 use crate::error::{Result, RuntimeError};
+use crate::ffi::backward_seeded;
 use crate::kernel::Backend;
+use crate::model::decoder::{PostWeights, PreWeights};
 use crate::model::{Decoder, Input, Rope};
 use adamw::{AdamW, AdamWConfig};
+use serde_json::{json, Value};
+use std::cell::Cell;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -54,6 +90,79 @@ pub struct StepStats {
     pub attention_s: f64,
     /// Token-count and gradient collectives plus the optimizer update.
     pub grad_sync_s: f64,
+    /// Per-phase times (device times with [`TrainConfig::profile`]; host-side enqueue times
+    /// without it).
+    pub phases: Phases,
+}
+
+/// Where one step's time goes. The phases partition the step: their sum is `step_s` up to
+/// the host work between them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Phases {
+    /// Master -> compute dtype weight casts (every layer weight once per step without
+    /// recompute; with recompute the layers' casts fall in `fwd_s` / `bwd_s`; always the
+    /// head weight).
+    pub cast_s: f64,
+    /// Embedding gather, and its backward (accumulation into the table's gradient).
+    pub embed_s: f64,
+    /// Layer forward outside attention (norms, projections, RoPE, MLP, residuals).
+    pub fwd_s: f64,
+    /// 2D attention forward (including q/k/v contiguous copies and its communication).
+    pub attn_fwd_s: f64,
+    /// Final norm, logits and cross-entropy with its gradient (chunked), token-count and
+    /// loss all-reduces.
+    pub loss_s: f64,
+    /// Layer backward outside attention (including the final norm's and the casts').
+    pub bwd_s: f64,
+    /// 2D attention backward.
+    pub attn_bwd_s: f64,
+    /// Gradient reduction over the grad group (all-reduce or reduce-scatter) and, with
+    /// ZeRO-1/2, the parameter all-gather.
+    pub grad_reduce_s: f64,
+    /// AdamW update of this rank's parameters and the gradient zeroing.
+    pub optimizer_s: f64,
+}
+
+impl Phases {
+    /// The phases as a JSON object (seconds).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "cast_s": self.cast_s, "embed_s": self.embed_s, "fwd_s": self.fwd_s,
+            "attn_fwd_s": self.attn_fwd_s, "loss_s": self.loss_s, "bwd_s": self.bwd_s,
+            "attn_bwd_s": self.attn_bwd_s, "grad_reduce_s": self.grad_reduce_s,
+            "optimizer_s": self.optimizer_s,
+        })
+    }
+
+    /// Their sum.
+    pub fn total_s(&self) -> f64 {
+        self.cast_s
+            + self.embed_s
+            + self.fwd_s
+            + self.attn_fwd_s
+            + self.loss_s
+            + self.bwd_s
+            + self.attn_bwd_s
+            + self.grad_reduce_s
+            + self.optimizer_s
+    }
+
+    /// Element-wise mean of several steps' phases.
+    pub fn mean(all: &[Phases]) -> Phases {
+        let n = all.len().max(1) as f64;
+        let f = |g: &dyn Fn(&Phases) -> f64| all.iter().map(g).sum::<f64>() / n;
+        Phases {
+            cast_s: f(&|p| p.cast_s),
+            embed_s: f(&|p| p.embed_s),
+            fwd_s: f(&|p| p.fwd_s),
+            attn_fwd_s: f(&|p| p.attn_fwd_s),
+            loss_s: f(&|p| p.loss_s),
+            bwd_s: f(&|p| p.bwd_s),
+            attn_bwd_s: f(&|p| p.attn_bwd_s),
+            grad_reduce_s: f(&|p| p.grad_reduce_s),
+            optimizer_s: f(&|p| p.optimizer_s),
+        }
+    }
 }
 
 struct LayerState {
@@ -76,6 +185,10 @@ pub struct Trainer<'a> {
     opt: AdamW,
     rope: Rope,
     ids_len: usize,
+    /// `_log_softmax(bf16, half_to_float)` works here and agrees with the fp32 path.
+    fast_log_softmax: Cell<bool>,
+    /// `addmm` with fp32 output from bf16 operands works here and agrees with mm + add.
+    fp32_out_gemm: Cell<bool>,
 }
 
 fn sync(dev: Device, on: bool) {
@@ -84,13 +197,51 @@ fn sync(dev: Device, on: bool) {
     }
 }
 
-/// `(t * g).sum()`: backward of it feeds `g` into `t`'s graph.
-fn vjp_sum(pairs: &[(&Tensor, &Tensor)]) -> Option<Tensor> {
-    pairs
+/// Lap timer over the phases of a step; synchronises the device first when profiling.
+struct Clock {
+    dev: Device,
+    on: bool,
+    last: Instant,
+}
+
+impl Clock {
+    fn new(dev: Device, on: bool) -> Clock {
+        sync(dev, on);
+        Clock {
+            dev,
+            on,
+            last: Instant::now(),
+        }
+    }
+
+    /// Seconds since the previous lap.
+    fn lap(&mut self) -> f64 {
+        sync(self.dev, self.on);
+        let now = Instant::now();
+        let d = (now - self.last).as_secs_f64();
+        self.last = now;
+        d
+    }
+}
+
+/// Backward from `t` seeded with `g` for every pair whose `g` is defined and whose `t`
+/// requires grad (`g` cast to `t`'s dtype), in one traversal.
+fn seed(pairs: &[(&Tensor, &Tensor)]) -> Result<()> {
+    let owned: Vec<(&Tensor, Tensor)> = pairs
         .iter()
-        .filter(|(_, g)| g.defined())
-        .map(|(t, g)| (*t * g.detach().to_kind(t.kind())).sum(Kind::Double))
-        .reduce(|a, b| a + b)
+        .filter(|(t, g)| g.defined() && t.requires_grad())
+        .map(|(t, g)| {
+            let g = g.detach();
+            let g = if g.kind() == t.kind() {
+                g
+            } else {
+                g.to_kind(t.kind())
+            };
+            (*t, g)
+        })
+        .collect();
+    let refs: Vec<(&Tensor, &Tensor)> = owned.iter().map(|(t, g)| (*t, g)).collect();
+    backward_seeded(&refs)
 }
 
 impl<'a> Trainer<'a> {
@@ -141,7 +292,9 @@ impl<'a> Trainer<'a> {
             Some(groups.grad)
         };
         let opt = AdamW::new(&params, cfg.optimizer, shard)?;
-        Ok(Trainer {
+        let master = model.head_weight().kind();
+        let (fast_lsm, fp32_gemm) = probe_loss_kernels(device, model.compute, master);
+        let t = Trainer {
             model,
             attn,
             groups,
@@ -149,7 +302,28 @@ impl<'a> Trainer<'a> {
             opt,
             rope,
             ids_len,
+            fast_log_softmax: Cell::new(fast_lsm),
+            fp32_out_gemm: Cell::new(fp32_gemm),
+        };
+        if device.is_cuda() && t.groups.grad.rank() == 0 {
+            eprintln!("{}", json!({ "train_kernels": t.kernels() }));
+        }
+        Ok(t)
+    }
+
+    /// Which kernels this trainer uses (for logs and A/B runs).
+    pub fn kernels(&self) -> Value {
+        json!({
+            "adamw": format!("{:?}", self.opt.kernel()).to_lowercase(),
+            "loss_log_softmax_half_to_float": self.fast_log_softmax.get(),
+            "head_grad_fp32_out_gemm": self.fp32_out_gemm.get(),
+            "fused_rms_norm": std::env::var("MMSP_FUSED_NORM").as_deref() != Ok("0"),
         })
+    }
+
+    /// The optimizer (its flat buffers and moments, for checkpoints).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
     }
 
     /// This rank's token ranges [start, end) in the sequence, in local order.
@@ -163,43 +337,90 @@ impl<'a> Trainer<'a> {
     /// int64 (the next token of each position of the full sequence; -100 = no loss).
     pub fn step(&mut self, ids: &Tensor, labels: &Tensor) -> Result<StepStats> {
         let want = [1, self.ids_len as i64];
-        if ids.size() != want || labels.size() != want {
+        if ids.size() != want {
             return Err(RuntimeError::Shape(format!(
-                "ids {:?} and labels {:?} must be {want:?} on this rank",
-                ids.size(),
+                "ids {:?} must be {want:?} on this rank",
+                ids.size()
+            )));
+        }
+        let dev = self.device();
+        let ids = ids.to_device(dev);
+        Ok(self.step_input(Input::Ids(&ids), labels)?.0)
+    }
+
+    fn device(&self) -> Device {
+        self.model.named_parameters()[0].1.device()
+    }
+
+    /// One step from `input` (token ids, or embeddings (1, s_local, hidden) such as vision
+    /// tokens merged with text) and `labels` (1, s_local). Returns the step's stats and, for
+    /// embeddings, their gradient (1, s_local, hidden) in the compute dtype, undefined-free.
+    fn step_input(
+        &mut self,
+        input: Input<'_>,
+        labels: &Tensor,
+    ) -> Result<(StepStats, Option<Tensor>)> {
+        let want = [1, self.ids_len as i64];
+        if labels.size() != want {
+            return Err(RuntimeError::Shape(format!(
+                "labels {:?} must be {want:?} on this rank",
                 labels.size()
             )));
         }
-        let dev = self.model.named_parameters()[0].1.device();
+        let dev = self.device();
         let prof = self.cfg.profile;
-        sync(dev, prof);
+        let mut ph = Phases::default();
+        let mut clk = Clock::new(dev, prof);
         let t0 = Instant::now();
-        let mut attn_s = 0.0;
         let nl = self.model.cfg.num_layers;
-        let x0 = self.model.embed(Input::Ids(&ids.to_device(dev)))?;
+        let rec = self.cfg.recompute;
+        let compute = self.model.compute;
+        // Master -> compute casts, once per step (kept in the graph: their backward
+        // accumulates into the fp32 gradient buffer).
+        let weights: Vec<(PreWeights, PostWeights)> = if rec {
+            Vec::new()
+        } else {
+            (0..nl)
+                .map(|l| (self.model.pre_weights(l), self.model.post_weights(l)))
+                .collect()
+        };
+        let head_w = tch::no_grad(|| self.model.head_weight().detach().to_kind(compute));
+        let norm_w = self.model.final_norm_weight();
+        ph.cast_s = clk.lap();
+        // Embedding: no autograd (its backward is one index_put_ below).
+        let emb_ids = match input {
+            Input::Ids(ids) => Some(ids.view([-1])),
+            Input::Embeddings(_) => None,
+        };
+        let x0 = tch::no_grad(|| self.model.embed(input))?;
         let mut x = x0.detach().set_requires_grad(true);
+        let x_first = x.shallow_clone();
+        ph.embed_s = clk.lap();
         let mut layers: Vec<LayerState> = Vec::with_capacity(nl);
         for l in 0..nl {
-            let rec = self.cfg.recompute;
-            let (q, k, v) = if rec {
-                tch::no_grad(|| self.model.pre_attention(l, &x, &self.rope))
-            } else {
-                self.model.pre_attention(l, &x, &self.rope)
+            // Weights cast at the start of the step, or (recompute) cast here without graph.
+            let cast = weights.get(l);
+            let (q, k, v) = match cast {
+                Some((pre, _)) => self.model.pre_attention_with(pre, &x, &self.rope),
+                None => tch::no_grad(|| {
+                    self.model
+                        .pre_attention_with(&self.model.pre_weights(l), &x, &self.rope)
+                }),
             };
-            sync(dev, prof);
-            let ta = Instant::now();
+            ph.fwd_s += clk.lap();
             let (o, ctx) = self.attn.forward(
                 &q.detach().contiguous(),
                 &k.detach().contiguous(),
                 &v.detach().contiguous(),
             )?;
-            sync(dev, prof);
-            attn_s += ta.elapsed().as_secs_f64();
+            ph.attn_fwd_s += clk.lap();
             let a = o.detach().set_requires_grad(true);
-            let y = if rec {
-                tch::no_grad(|| self.model.post_attention(l, &x, &a))
-            } else {
-                self.model.post_attention(l, &x, &a)
+            let y = match cast {
+                Some((_, post)) => self.model.post_attention_with(post, &x, &a),
+                None => tch::no_grad(|| {
+                    self.model
+                        .post_attention_with(&self.model.post_weights(l), &x, &a)
+                }),
             };
             let next = y.detach().set_requires_grad(true);
             layers.push(LayerState {
@@ -210,12 +431,13 @@ impl<'a> Trainer<'a> {
                 y: (!rec).then_some(y),
             });
             x = next;
+            ph.fwd_s += clk.lap();
         }
         // Loss over the SP group's active tokens. The tokens are counted first, so that the
         // loss gradient is formed chunk by chunk and the logits of the whole shard are never
         // held (compute-dtype GEMM, softmax in fp32 or wider, LOSS_CHUNK rows at a time).
         let labels = labels.to_device(dev).view([-1]);
-        let acc = if self.model.compute == Kind::Double {
+        let acc = if compute == Kind::Double {
             Kind::Double
         } else {
             Kind::Float
@@ -229,8 +451,9 @@ impl<'a> Trainer<'a> {
         sync(dev, prof);
         let mut comm_s = tc.elapsed().as_secs_f64();
         let total = count.double_value(&[0]);
-        let hn = self.model.final_norm(&x);
-        let (loss_sum, dhn) = self.chunked_loss(&hn, &labels, acc, 1.0 / total.max(1.0))?;
+        let hn = self.model.final_norm_with(&norm_w, &x);
+        let (loss_sum, dhn) =
+            self.chunked_loss(&hn, &head_w, &labels, acc, 1.0 / total.max(1.0))?;
         let stats = loss_sum.to_kind(red).view([1]);
         sync(dev, prof);
         let tc = Instant::now();
@@ -239,75 +462,136 @@ impl<'a> Trainer<'a> {
         sync(dev, prof);
         comm_s += tc.elapsed().as_secs_f64();
         let loss_mean = stats.double_value(&[0]) / total.max(1.0);
-        if let Some(s) = vjp_sum(&[(&hn, &dhn)]) {
-            s.backward();
-        }
-        drop(hn);
+        ph.loss_s = clk.lap();
+        seed(&[(&hn, &dhn)])?;
+        drop((hn, dhn));
         // Backward, layer by layer.
         let mut g = x.grad();
         for (l, st) in layers.into_iter().enumerate().rev() {
             let (qkv, y) = match (st.qkv, st.y) {
                 (Some(qkv), Some(y)) => (qkv, y),
                 _ => {
-                    let qkv = self.model.pre_attention(l, &st.x_in, &self.rope);
-                    let y = self.model.post_attention(l, &st.x_in, &st.a);
+                    let qkv = self.model.pre_attention_with(
+                        &self.model.pre_weights(l),
+                        &st.x_in,
+                        &self.rope,
+                    );
+                    let y = self.model.post_attention_with(
+                        &self.model.post_weights(l),
+                        &st.x_in,
+                        &st.a,
+                    );
                     (qkv, y)
                 }
             };
-            if let Some(s) = vjp_sum(&[(&y, &g)]) {
-                s.backward();
-            }
+            seed(&[(&y, &g)])?;
             drop(y);
             let ga = st.a.grad();
-            sync(dev, prof);
-            let ta = Instant::now();
+            ph.bwd_s += clk.lap();
             let (dq, dk, dv) = self.attn.backward(&st.ctx, &ga.contiguous())?;
-            sync(dev, prof);
-            attn_s += ta.elapsed().as_secs_f64();
+            ph.attn_bwd_s += clk.lap();
             let (q, k, v) = qkv;
-            if let Some(s) = vjp_sum(&[(&q, &dq), (&k, &dk), (&v, &dv)]) {
-                s.backward();
-            }
+            seed(&[(&q, &dq), (&k, &dk), (&v, &dv)])?;
             g = st.x_in.grad();
+            ph.bwd_s += clk.lap();
         }
-        if let Some(s) = vjp_sum(&[(&x0, &g)]) {
-            s.backward();
-        }
-        sync(dev, prof);
-        let tg = Instant::now();
+        drop(weights);
+        let input_grad = match emb_ids {
+            Some(ids) => {
+                if g.defined() {
+                    // d table[ids[i]] += d x0[i]: one accumulating scatter of (S, h) rows
+                    // (sorted, hence deterministic, on CUDA).
+                    let mut gw = self.model.embed_weight().grad();
+                    let h = self.model.cfg.hidden_size as i64;
+                    let rows = g.view([-1, h]).to_kind(gw.kind());
+                    let _ = tch::no_grad(|| gw.f_index_put_(&[Some(&ids)], &rows, true))?;
+                }
+                None
+            }
+            None => Some(if g.defined() { g } else { x_first.zeros_like() }),
+        };
+        ph.embed_s += clk.lap();
         let scale = 1.0 / self.groups.dp as f64;
-        self.opt.step(self.groups.grad, scale)?;
-        sync(dev, prof);
-        comm_s += tg.elapsed().as_secs_f64();
-        Ok(StepStats {
-            loss: loss_mean,
-            tokens: total,
-            step_s: t0.elapsed().as_secs_f64(),
-            attention_s: attn_s,
-            grad_sync_s: comm_s,
-        })
+        let sync_fn = || sync(dev, prof);
+        let (reduce_s, update_s) = self.opt.step_timed(self.groups.grad, scale, &sync_fn)?;
+        let _ = clk.lap();
+        ph.grad_reduce_s = reduce_s;
+        ph.optimizer_s = update_s;
+        comm_s += reduce_s + update_s;
+        Ok((
+            StepStats {
+                loss: loss_mean,
+                tokens: total,
+                step_s: t0.elapsed().as_secs_f64(),
+                attention_s: ph.attn_fwd_s + ph.attn_bwd_s,
+                grad_sync_s: comm_s,
+                phases: ph,
+            },
+            input_grad,
+        ))
     }
 }
 
 /// Rows of the loss computed at a time.
 const LOSS_CHUNK: i64 = 4096;
 
+/// Checks, on a small problem, the two fast loss kernels against their plain forms; returns
+/// (fast log-softmax usable, fp32-output GEMM usable). Only tried on CUDA with a reduced
+/// compute dtype and fp32 master; a kernel that errors or disagrees is not used.
+fn probe_loss_kernels(dev: Device, compute: Kind, master: Kind) -> (bool, bool) {
+    if !dev.is_cuda() || !matches!(compute, Kind::BFloat16 | Kind::Half) {
+        return (false, false);
+    }
+    let _ng = tch::no_grad_guard();
+    let rel = |a: &Tensor, b: &Tensor| {
+        (a - b).norm().double_value(&[]) / b.norm().double_value(&[]).max(f64::MIN_POSITIVE)
+    };
+    let x = (Tensor::randn([64, 1000], (Kind::Float, dev)) * 4.0).to_kind(compute);
+    let lsm = match x.f_internal_log_softmax(1, true) {
+        Ok(fast) => {
+            let slow = x.to_kind(Kind::Float).log_softmax(1, Kind::Float);
+            fast.kind() == Kind::Float && rel(&fast, &slow) < 1e-5
+        }
+        Err(_) => false,
+    };
+    let gemm = master == Kind::Float && {
+        let a = Tensor::randn([96, 64], (Kind::Float, dev)).to_kind(compute);
+        let b = Tensor::randn([64, 80], (Kind::Float, dev)).to_kind(compute);
+        let c0 = Tensor::randn([96, 80], (Kind::Float, dev));
+        let c = c0.copy();
+        match c.f_addmm_dtype_out(&c, &a, &b, Kind::Float) {
+            Ok(_) => {
+                let want = &c0 + a.to_kind(Kind::Float).mm(&b.to_kind(Kind::Float));
+                rel(&c, &want) < 1e-5
+            }
+            Err(_) => false,
+        }
+    };
+    (lsm, gemm)
+}
+
 impl Trainer<'_> {
-    /// Cross-entropy of the head over the normed hidden states `hn` (B, S, hidden): returns
-    /// the loss summed over the labelled tokens and its gradient with respect to `hn`
-    /// scaled by `inv_total`; the head weight's gradient is added to its `.grad()` directly.
+    /// Cross-entropy of the head (compute-dtype weight `w`, detached) over the normed hidden
+    /// states `hn` (B, S, hidden): returns the loss summed over the labelled tokens and its
+    /// gradient with respect to `hn` scaled by `inv_total`; the head weight's gradient is
+    /// added to its `.grad()` directly.
+    ///
+    /// Per chunk of k rows: logits z = hc W^T (k, V) in the compute dtype; l = log_softmax(z)
+    /// in `acc`; loss = -sum_i valid_i l[i, y_i]; d loss / d z = softmax(z) - onehot(y),
+    /// formed as exp(l) written in the compute dtype with the label entries set to
+    /// expm1(l[i, y_i]) (= p - 1 without cancellation). The row factor r_i = valid_i /
+    /// total is applied to the small operands: d hn = r (dz W), d W += dz^T (r hc).
     fn chunked_loss(
         &self,
         hn: &Tensor,
+        w: &Tensor,
         labels: &Tensor,
         acc: Kind,
         inv_total: f64,
     ) -> Result<(Tensor, Tensor)> {
         let _ng = tch::no_grad_guard();
         let compute = self.model.compute;
-        let master = self.model.head_weight();
-        let w = master.detach().to_kind(compute);
-        let mut gw = master.grad();
+        let mut gw = self.model.head_weight().grad();
         if !gw.defined() {
             return Err(RuntimeError::Config(
                 "the head weight has no gradient buffer".into(),
@@ -318,31 +602,60 @@ impl Trainer<'_> {
         let s = h2.size()[0];
         let dev = h2.device();
         let mut loss = Tensor::zeros([], (acc, dev));
-        let mut parts = Vec::new();
+        let dhn = h2.empty_like();
+        let wt = w.tr();
         let mut a = 0;
         while a < s {
             let k = LOSS_CHUNK.min(s - a);
             let hc = h2.narrow(0, a, k);
             let y = labels.narrow(0, a, k);
-            let valid = y.ne(-100).to_kind(acc).unsqueeze(1);
+            let r = (y.ne(-100).to_kind(acc) * inv_total).unsqueeze(1);
             let yc = y.clamp_min(0).unsqueeze(1);
-            let mut lf = hc.linear::<Tensor>(&w, None).to_kind(acc);
-            let lse = lf.logsumexp([1i64].as_slice(), true);
-            let picked = lf.gather(1, &yc, false);
-            loss += ((&lse - picked) * &valid).sum(acc);
-            // d(loss / total) / d logits = (softmax - onehot) * valid / total.
-            let _ = lf.f_sub_(&lse)?;
-            let _ = lf.f_exp_()?;
-            let _ = lf.f_scatter_add_(1, &yc, &Tensor::full([k, 1], -1.0, (acc, dev)))?;
-            let _ = lf.f_mul_(&(valid * inv_total))?;
-            let dl = lf.to_kind(compute);
-            drop(lf);
-            parts.push(dl.mm(&w));
-            let _ = gw.f_add_(&dl.tr().mm(&hc))?;
+            let z = hc.mm(&wt);
+            let l = self.log_softmax(&z, acc)?;
+            drop(z);
+            let picked = l.gather(1, &yc, false);
+            loss -= (&picked * y.ne(-100).to_kind(acc).unsqueeze(1)).sum(acc);
+            let mut dz = Tensor::empty([k, l.size()[1]], (compute, dev));
+            let _ = l.f_exp_out(&dz)?;
+            drop(l);
+            let _ = dz.f_scatter_(1, &yc, &picked.expm1().to_kind(compute))?;
+            // d hn rows: r * (dz W), scaled in `acc` before rounding to the compute dtype.
+            dhn.narrow(0, a, k).f_copy_(&(dz.mm(w).to_kind(acc) * &r))?;
+            let hs = (hc.to_kind(acc) * &r).to_kind(compute);
+            self.add_head_grad(&mut gw, &dz, &hs)?;
             a += k;
         }
-        let dhn = Tensor::cat(&parts, 0).view(hsz.as_slice());
-        Ok((loss, dhn))
+        Ok((loss, dhn.view(hsz.as_slice())))
+    }
+
+    /// log_softmax of the compute-dtype logits `z` over dim 1, in `acc`.
+    fn log_softmax(&self, z: &Tensor, acc: Kind) -> Result<Tensor> {
+        if z.kind() != acc && self.fast_log_softmax.get() {
+            // One kernel reading the bf16 logits and writing fp32 (6 B per logit).
+            match z.f_internal_log_softmax(1, true) {
+                Ok(l) => return Ok(l),
+                Err(_) => self.fast_log_softmax.set(false),
+            }
+        }
+        Ok(z.f_log_softmax(1, acc)?)
+    }
+
+    /// gw (master dtype) += dz^T hs.
+    fn add_head_grad(&self, gw: &mut Tensor, dz: &Tensor, hs: &Tensor) -> Result<()> {
+        if gw.kind() == dz.kind() {
+            let _ = gw.f_addmm_(&dz.tr(), hs)?;
+            return Ok(());
+        }
+        if self.fp32_out_gemm.get() {
+            // fp32 accumulation in the GEMM epilogue: no bf16 (V, h) temporary.
+            match gw.f_addmm_dtype_out(gw, &dz.tr(), hs, gw.kind()) {
+                Ok(_) => return Ok(()),
+                Err(_) => self.fp32_out_gemm.set(false),
+            }
+        }
+        let _ = gw.f_add_(&dz.tr().mm(hs))?;
+        Ok(())
     }
 }
 

@@ -1,0 +1,82 @@
+// mmsp-runtime C++ shim, training part: ATen calls that tch 0.24 does not expose.
+//
+// - mmsp_fused_adamw: ATen's fused AdamW (`at::_fused_adamw_`, one multi-tensor kernel on CUDA,
+//   a vectorised loop on the CPU) over flat buffers, split here into views of at most `chunk`
+//   elements so that no single tensor of the list is larger than the kernel's indexing expects.
+// - mmsp_backward: `torch::autograd::backward(tensors, grads)`, i.e. a vector-Jacobian product
+//   seeded with given output gradients, for several roots in one graph traversal.
+//
+// Same conventions as attn_shim.cpp: every function catches all C++ exceptions and returns
+// nullptr on success or a malloc'd, NUL-terminated message freed with mmsp_free_error (defined
+// in attn_shim.cpp). Tensors are `at::Tensor*` (tch's C_tensor).
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+char *dup_optim_error(const std::string &msg) {
+    char *p = static_cast<char *>(std::malloc(msg.size() + 1));
+    if (p != nullptr) std::memcpy(p, msg.c_str(), msg.size() + 1);
+    return p;
+}
+}  // namespace
+
+#define MMSP_OPT_TRY try {
+#define MMSP_OPT_CATCH                                                 \
+    }                                                                  \
+    catch (const std::exception &e) {                                  \
+        return dup_optim_error(e.what());                              \
+    }                                                                  \
+    catch (...) {                                                      \
+        return dup_optim_error("unknown C++ exception in mmsp optim shim"); \
+    }                                                                  \
+    return nullptr;
+
+extern "C" {
+
+// In-place AdamW over 1-D tensors of equal length: param, grad, exp_avg (m), exp_avg_sq (v).
+// `step` is a one-element float32 tensor on the parameters' device holding the step number
+// already incremented (the kernel reads it for the bias corrections). Decoupled weight decay
+// (p *= 1 - lr * wd), as torch.optim.AdamW. The handles are const: only the storage they
+// point to is updated.
+char *mmsp_fused_adamw(const at::Tensor *param, const at::Tensor *grad, const at::Tensor *exp_avg,
+                       const at::Tensor *exp_avg_sq, const at::Tensor *step, double lr, double beta1,
+                       double beta2, double weight_decay, double eps, int64_t chunk) {
+    MMSP_OPT_TRY
+    TORCH_CHECK(chunk > 0, "chunk must be positive");
+    TORCH_CHECK(param->dim() == 1 && grad->dim() == 1 && exp_avg->dim() == 1 && exp_avg_sq->dim() == 1,
+                "fused AdamW takes 1-D buffers");
+    const int64_t n = param->numel();
+    TORCH_CHECK(grad->numel() == n && exp_avg->numel() == n && exp_avg_sq->numel() == n,
+                "fused AdamW buffers differ in length");
+    TORCH_CHECK(param->is_contiguous() && grad->is_contiguous() && exp_avg->is_contiguous() &&
+                    exp_avg_sq->is_contiguous(),
+                "fused AdamW buffers must be contiguous");
+    std::vector<at::Tensor> ps = param->split(chunk);
+    std::vector<at::Tensor> gs = grad->split(chunk);
+    std::vector<at::Tensor> ms = exp_avg->split(chunk);
+    std::vector<at::Tensor> vs = exp_avg_sq->split(chunk);
+    // The kernel only reads the step count; every chunk shares the one tensor.
+    std::vector<at::Tensor> steps(ps.size(), *step);
+    at::_fused_adamw_(ps, gs, ms, vs, {}, steps, lr, beta1, beta2, weight_decay, eps,
+                      /*amsgrad=*/false, /*maximize=*/false);
+    MMSP_OPT_CATCH
+}
+
+// Backward from `n` roots `tensors[i]` seeded with `grads[i]` (same shape and dtype), in one
+// traversal; gradients accumulate into the leaves' .grad as with Tensor::backward.
+char *mmsp_backward(const at::Tensor *const *tensors, const at::Tensor *const *grads, int n) {
+    MMSP_OPT_TRY
+    torch::autograd::variable_list ts, gs;
+    for (int i = 0; i < n; ++i) {
+        ts.push_back(*tensors[i]);
+        gs.push_back(*grads[i]);
+    }
+    torch::autograd::backward(ts, gs);
+    MMSP_OPT_CATCH
+}
+
+}  // extern "C"
