@@ -1,9 +1,12 @@
 //! In-process communicator: threads as ranks. Works for CPU tensors (the CI path) and for
 //! several ranks sharing one GPU, which NCCL refuses. Data moves by `copy_` from the sender's
 //! tensor into the receiver's; every collective is bracketed by two barriers. A rank that
-//! drops its communicator (or panics) makes the others' collectives fail instead of hanging,
-//! and every wait has a timeout.
-use super::{check_gather_shapes, Communicator, P2p, Work};
+//! fails ([`LocalComm::fail`]), drops its communicator or panics (its thread unwinds and
+//! drops it) makes the others' pending and later collectives fail with
+//! [`RuntimeError::PeerGone`] naming it; a wait whose peers do not all arrive fails with
+//! [`RuntimeError::Timeout`] naming the missing ranks. Ranks are named by their label: the
+//! global rank for [`local_groups`], the index in the group otherwise.
+use super::{check_gather_shapes, comm_timeout, Communicator, P2p, Work};
 use crate::error::{Result, RuntimeError};
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -13,13 +16,20 @@ use tch::Tensor;
 struct State {
     generation: u64,
     arrived: usize,
-    gone: Option<usize>,
+    /// Which members arrived at the current wait.
+    here: Vec<bool>,
+    /// The first member that left: (index in the group, why).
+    gone: Option<(usize, String)>,
+    /// The first wait that timed out: what it says (every waiter reports it).
+    timed_out: Option<String>,
     /// (src, dst) -> tensors posted by src for dst, in order.
     mail: HashMap<(usize, usize), Vec<Tensor>>,
 }
 
 struct Shared {
     n: usize,
+    /// How each member is named in errors.
+    labels: Vec<usize>,
     state: Mutex<State>,
     cv: Condvar,
     timeout: Duration,
@@ -29,22 +39,34 @@ struct Shared {
 pub struct LocalComm {
     rank: usize,
     shared: Arc<Shared>,
+    /// Host seconds spent in this rank's collectives.
+    busy_s: Mutex<f64>,
 }
 
 impl LocalComm {
-    /// Makes a group of `n` ranks; hand one to each thread.
+    /// Makes a group of `n` ranks; hand one to each thread. Waits time out after
+    /// [`comm_timeout`] (`MMSP_COMM_TIMEOUT_S`).
     pub fn group(n: usize) -> Vec<LocalComm> {
-        Self::group_with_timeout(n, Duration::from_secs(600))
+        Self::group_with_timeout(n, comm_timeout())
     }
 
     /// As [`LocalComm::group`], with a custom timeout for each wait.
     pub fn group_with_timeout(n: usize, timeout: Duration) -> Vec<LocalComm> {
+        Self::group_named(&(0..n).collect::<Vec<_>>(), timeout)
+    }
+
+    /// A group whose member i is called rank `labels[i]` in errors (its global rank).
+    pub fn group_named(labels: &[usize], timeout: Duration) -> Vec<LocalComm> {
+        let n = labels.len();
         let shared = Arc::new(Shared {
             n,
+            labels: labels.to_vec(),
             state: Mutex::new(State {
                 generation: 0,
                 arrived: 0,
+                here: vec![false; n],
                 gone: None,
+                timed_out: None,
                 mail: HashMap::new(),
             }),
             cv: Condvar::new(),
@@ -54,25 +76,60 @@ impl LocalComm {
             .map(|rank| LocalComm {
                 rank,
                 shared: shared.clone(),
+                busy_s: Mutex::new(0.0),
             })
             .collect()
+    }
+
+    /// This member's label (its global rank for [`local_groups`]).
+    pub fn label(&self) -> usize {
+        self.shared.labels[self.rank]
+    }
+
+    /// Marks this rank as failed: the peers' pending and later collectives fail with
+    /// [`RuntimeError::PeerGone`] naming it and `why`.
+    pub fn fail(&self, why: &str) {
+        let mut st = self.lock();
+        if st.gone.is_none() {
+            st.gone = Some((self.rank, format!("failed: {why}")));
+        }
+        self.shared.cv.notify_all();
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn gone_error(&self, st: &State, when: &str) -> Option<RuntimeError> {
+        st.gone.as_ref().map(|(g, why)| {
+            RuntimeError::PeerGone(format!(
+                "rank {} {why} ({when} on rank {})",
+                self.shared.labels[*g],
+                self.label()
+            ))
+        })
+    }
+
+    fn timeout_error(&self, st: &State) -> Option<RuntimeError> {
+        st.timed_out
+            .as_ref()
+            .map(|m| RuntimeError::Timeout(self.shared.timeout.as_secs(), m.clone()))
+    }
+
     fn wait_all(&self, what: &str) -> Result<()> {
         let mut st = self.lock();
-        if let Some(g) = st.gone {
-            return Err(RuntimeError::PeerGone(format!(
-                "rank {g} left before {what}"
-            )));
+        if let Some(e) = self.timeout_error(&st) {
+            return Err(e);
+        }
+        if let Some(e) = self.gone_error(&st, &format!("before {what}")) {
+            return Err(e);
         }
         let gen = st.generation;
         st.arrived += 1;
+        st.here[self.rank] = true;
         if st.arrived == self.shared.n {
             st.arrived = 0;
+            st.here.iter_mut().for_each(|h| *h = false);
             st.generation += 1;
             self.shared.cv.notify_all();
             return Ok(());
@@ -81,10 +138,24 @@ impl LocalComm {
         loop {
             let now = Instant::now();
             if now >= deadline {
-                return Err(RuntimeError::Timeout(
-                    self.shared.timeout.as_secs(),
-                    format!("rank {} waiting in {what}", self.rank),
-                ));
+                let missing: Vec<usize> = (0..self.shared.n)
+                    .filter(|&i| !st.here[i])
+                    .map(|i| self.shared.labels[i])
+                    .collect();
+                // Leave the wait, so that a late peer does not count this rank as present.
+                st.here[self.rank] = false;
+                st.arrived -= 1;
+                let msg = format!(
+                    "{what}: rank(s) {missing:?} never arrived (rank {} waited {:.1} s)",
+                    self.label(),
+                    self.shared.timeout.as_secs_f64()
+                );
+                // Every waiter of this group reports the same missing ranks.
+                st.timed_out.get_or_insert(msg);
+                self.shared.cv.notify_all();
+                return Err(self.timeout_error(&st).unwrap_or_else(|| {
+                    RuntimeError::Timeout(self.shared.timeout.as_secs(), what.to_string())
+                }));
             }
             let (g, _) = self
                 .shared
@@ -95,12 +166,23 @@ impl LocalComm {
             if st.generation != gen {
                 return Ok(());
             }
-            if let Some(g) = st.gone {
-                return Err(RuntimeError::PeerGone(format!(
-                    "rank {g} left during {what}"
-                )));
+            if let Some(e) = self.timeout_error(&st) {
+                st.here[self.rank] = false;
+                st.arrived -= 1;
+                return Err(e);
+            }
+            if let Some(e) = self.gone_error(&st, &format!("during {what}")) {
+                return Err(e);
             }
         }
+    }
+
+    /// Runs one collective, adding its host time to this rank's busy time.
+    fn timed<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let t0 = Instant::now();
+        let r = f();
+        *self.busy_s.lock().unwrap_or_else(|e| e.into_inner()) += t0.elapsed().as_secs_f64();
+        r
     }
 
     fn post(&self, dst: usize, t: &Tensor) {
@@ -160,6 +242,47 @@ impl Communicator for LocalComm {
     }
 
     fn all_to_all(&self, send: &[Tensor], recv: &[Tensor]) -> Result<Work> {
+        self.timed(|| self.all_to_all_inner(send, recv))
+    }
+
+    fn send_recv(&self, ops: &[P2p]) -> Result<Work> {
+        self.timed(|| self.send_recv_inner(ops))
+    }
+
+    fn all_gather(&self, send: &Tensor, recv: &Tensor) -> Result<()> {
+        self.timed(|| self.all_gather_inner(send, recv))
+    }
+
+    fn reduce_scatter(&self, send: &Tensor, recv: &Tensor) -> Result<()> {
+        self.timed(|| self.reduce_scatter_inner(send, recv))
+    }
+
+    fn all_reduce(&self, t: &Tensor) -> Result<()> {
+        self.timed(|| self.all_reduce_inner(t))
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.timed(|| self.wait_all("barrier"))
+    }
+
+    fn comm_time_s(&self) -> f64 {
+        *self.busy_s.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn peer_failure(&self) -> Option<RuntimeError> {
+        let st = self.lock();
+        if let Some(e) = self.timeout_error(&st) {
+            return Some(e);
+        }
+        match &st.gone {
+            Some((g, _)) if *g != self.rank => self.gone_error(&st, "noticed between collectives"),
+            _ => None,
+        }
+    }
+}
+
+impl LocalComm {
+    fn all_to_all_inner(&self, send: &[Tensor], recv: &[Tensor]) -> Result<Work> {
         let n = self.shared.n;
         if send.len() != n || recv.len() != n {
             return Err(RuntimeError::Comm(format!(
@@ -183,7 +306,7 @@ impl Communicator for LocalComm {
         res.map(|_| Work::done())
     }
 
-    fn send_recv(&self, ops: &[P2p]) -> Result<Work> {
+    fn send_recv_inner(&self, ops: &[P2p]) -> Result<Work> {
         for op in ops {
             if let P2p::Send { peer, tensor } = op {
                 self.check_peer(*peer, "send_recv")?;
@@ -205,7 +328,7 @@ impl Communicator for LocalComm {
         res.map(|_| Work::done())
     }
 
-    fn all_gather(&self, send: &Tensor, recv: &Tensor) -> Result<()> {
+    fn all_gather_inner(&self, send: &Tensor, recv: &Tensor) -> Result<()> {
         let n = self.shared.n;
         check_gather_shapes(send, recv, n, "all_gather")?;
         for dst in 0..n {
@@ -224,7 +347,7 @@ impl Communicator for LocalComm {
         res
     }
 
-    fn reduce_scatter(&self, send: &Tensor, recv: &Tensor) -> Result<()> {
+    fn reduce_scatter_inner(&self, send: &Tensor, recv: &Tensor) -> Result<()> {
         let n = self.shared.n;
         check_gather_shapes(recv, send, n, "reduce_scatter")?;
         let m = recv.size()[0];
@@ -248,7 +371,7 @@ impl Communicator for LocalComm {
         res
     }
 
-    fn all_reduce(&self, t: &Tensor) -> Result<()> {
+    fn all_reduce_inner(&self, t: &Tensor) -> Result<()> {
         let n = self.shared.n;
         for dst in 0..n {
             self.post(dst, t);
@@ -271,10 +394,6 @@ impl Communicator for LocalComm {
         self.wait_all("all_reduce")?;
         res
     }
-
-    fn barrier(&self) -> Result<()> {
-        self.wait_all("barrier")
-    }
 }
 
 impl Drop for LocalComm {
@@ -282,18 +401,23 @@ impl Drop for LocalComm {
         // Never panics: a poisoned lock is recovered.
         let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.gone.is_none() {
-            st.gone = Some(self.rank);
+            let why = if std::thread::panicking() {
+                "panicked"
+            } else {
+                "left the group"
+            };
+            st.gone = Some((self.rank, why.to_string()));
         }
         self.shared.cv.notify_all();
     }
 }
 
 /// In-process communicators for every group of one kind of a layout, indexed by global rank
-/// (entry i is rank i's communicator for its group).
+/// (entry i is rank i's communicator for its group); errors name global ranks.
 pub fn local_groups(layout: &crate::plan::Layout, kind: crate::plan::GroupKind) -> Vec<LocalComm> {
     let mut slots: Vec<Option<LocalComm>> = (0..layout.world_size()).map(|_| None).collect();
     for g in layout.all_groups(kind) {
-        for (member, comm) in g.iter().zip(LocalComm::group(g.len())) {
+        for (member, comm) in g.iter().zip(LocalComm::group_named(&g, comm_timeout())) {
             slots[*member] = Some(comm);
         }
     }

@@ -1,13 +1,34 @@
 //! Collective communication between ranks: the [`Communicator`] trait, its in-process
 //! implementation ([`local`], threads as ranks) and its NCCL implementation ([`nccl`], one
 //! process per GPU, with a TCP rendezvous as torchrun sets it up).
+//!
+//! Faults: a collective never hangs. A rank that fails or leaves makes its peers' pending and
+//! later collectives fail with [`RuntimeError::PeerGone`] naming it, and a collective whose
+//! peers do not arrive fails with [`RuntimeError::Timeout`] after [`comm_timeout`]
+//! (`MMSP_COMM_TIMEOUT_S`, default 300 s).
 pub mod local;
 pub mod nccl;
 pub mod rendezvous;
 
 use crate::error::{Result, RuntimeError};
 use crate::ffi::cuda::InFlight;
+use std::time::Duration;
 use tch::Tensor;
+
+/// Default of [`comm_timeout`].
+pub const DEFAULT_COMM_TIMEOUT_S: f64 = 300.0;
+
+/// How long a collective may wait for its peers: `MMSP_COMM_TIMEOUT_S` seconds (a positive
+/// number, fractions allowed), else [`DEFAULT_COMM_TIMEOUT_S`].
+pub fn comm_timeout() -> Duration {
+    std::env::var("MMSP_COMM_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map_or(Duration::from_secs_f64(DEFAULT_COMM_TIMEOUT_S), |s| {
+            Duration::from_secs_f64(s)
+        })
+}
 
 /// One point-to-point operation of a batched [`Communicator::send_recv`]. Tensors are
 /// (shallow) handles; a receive writes into the storage of its tensor.
@@ -59,6 +80,18 @@ pub trait Communicator: Send {
     fn all_reduce(&self, t: &Tensor) -> Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
+    /// Seconds spent in this communicator's completed operations so far: host time inside
+    /// the calls for the in-process communicator (waiting for peers included), device time
+    /// between events around each group on the communication stream for NCCL.
+    fn comm_time_s(&self) -> f64 {
+        0.0
+    }
+    /// A failure of a peer (or of the group) already known without a collective: a rank
+    /// that failed or left, a timeout or a fault seen by a watchdog. Lets a rank that is
+    /// busy elsewhere stop early.
+    fn peer_failure(&self) -> Option<RuntimeError> {
+        None
+    }
 }
 
 /// Checks that `recv` has room for `n` copies of `send` along dim 0.

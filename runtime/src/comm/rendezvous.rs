@@ -1,17 +1,65 @@
 //! A minimal TCP key-value store for exchanging NCCL unique ids, as torchrun's c10d store
 //! does: rank 0 serves on MASTER_ADDR:MASTER_PORT, every rank (0 too) connects as a client.
-//! `get` blocks until the key is set or the timeout passes.
+//! `get` blocks until the key is set, the timeout passes, or a rank is gone.
+//!
+//! The connection is also the liveness channel: a client says which rank it is on connecting
+//! and stays connected for the whole run. If its connection closes without a goodbye (the
+//! process died, or exited on an error), the server marks that rank gone and tells every
+//! other client ([`Rendezvous::watch`]); if the server's process (rank 0) dies, every client
+//! sees its connection close. Either way each survivor learns which rank is gone within a
+//! TCP round trip, not after a collective timeout. (A host that vanishes without closing its
+//! sockets is caught by the collective timeout instead.)
 use crate::error::{Result, RuntimeError};
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 const OP_SET: u8 = 1;
 const OP_GET: u8 = 2;
+/// Client -> server: "I am rank r" (sent on connecting).
+const OP_HELLO: u8 = 3;
+/// Client -> server: a clean end; closing after it is not a failure.
+const OP_BYE: u8 = 4;
+/// Client -> server: switch this connection to watching; server -> client: a fault notice.
+const OP_WATCH: u8 = 5;
 
-type Table = Arc<(Mutex<HashMap<String, Vec<u8>>>, Condvar)>;
+/// The server's state: the table, and the first rank that went away.
+struct Server {
+    table: Mutex<HashMap<String, Vec<u8>>>,
+    cv: Condvar,
+    fault: Mutex<Option<String>>,
+    /// Write halves of the watching connections.
+    watchers: Mutex<Vec<TcpStream>>,
+}
+
+type Table = Arc<Server>;
+
+impl Server {
+    fn fault(&self) -> Option<String> {
+        self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records the first fault and tells every watcher.
+    fn set_fault(&self, msg: String) {
+        {
+            let mut f = self.fault.lock().unwrap_or_else(|e| e.into_inner());
+            if f.is_some() {
+                return;
+            }
+            *f = Some(msg.clone());
+        }
+        self.cv.notify_all();
+        let mut ws = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        for w in ws.iter_mut() {
+            let _ = w
+                .write_all(&[OP_WATCH])
+                .and_then(|_| write_frame(w, msg.as_bytes()));
+        }
+    }
+}
 
 fn write_frame(s: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
     s.write_all(&(bytes.len() as u32).to_le_bytes())?;
@@ -33,48 +81,97 @@ fn read_frame(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn serve_client(mut s: TcpStream, table: Table, timeout: Duration) -> std::io::Result<()> {
+/// Serves one client until it says goodbye or its connection closes; a close without a
+/// goodbye from a client that said which rank it is marks that rank gone.
+fn serve_client(s: TcpStream, table: Table, timeout: Duration) {
+    let mut rank: Option<usize> = None;
+    let clean = serve_ops(s, &table, timeout, &mut rank).unwrap_or(false);
+    if let (false, Some(r)) = (clean, rank) {
+        table.set_fault(format!(
+            "rank {r} is gone: its connection to the rendezvous on rank 0 closed without a \
+             clean end (the process died or exited on an error)"
+        ));
+    }
+}
+
+/// Returns Ok(true) after a goodbye, Ok(false) when the connection closed without one.
+fn serve_ops(
+    mut s: TcpStream,
+    table: &Table,
+    timeout: Duration,
+    rank: &mut Option<usize>,
+) -> std::io::Result<bool> {
     loop {
         let mut op = [0u8; 1];
         if s.read_exact(&mut op).is_err() {
-            return Ok(()); // client closed
+            return Ok(false); // client closed
+        }
+        match op[0] {
+            OP_BYE => return Ok(true),
+            OP_WATCH => {
+                let w = s.try_clone()?;
+                let early = table.fault();
+                table
+                    .watchers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(w);
+                if let Some(msg) = early {
+                    s.write_all(&[OP_WATCH])?;
+                    write_frame(&mut s, msg.as_bytes())?;
+                }
+                s.set_read_timeout(None)?;
+                continue;
+            }
+            _ => {}
         }
         let key = String::from_utf8_lossy(&read_frame(&mut s)?).into_owned();
         match op[0] {
+            OP_HELLO => *rank = key.parse().ok(),
             OP_SET => {
                 let val = read_frame(&mut s)?;
-                let (m, cv) = &*table;
-                m.lock().unwrap_or_else(|e| e.into_inner()).insert(key, val);
-                cv.notify_all();
+                table
+                    .table
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, val);
+                table.cv.notify_all();
                 s.write_all(&[1])?;
             }
             OP_GET => {
-                let (m, cv) = &*table;
                 let deadline = Instant::now() + timeout;
-                let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+                let mut g = table.table.lock().unwrap_or_else(|e| e.into_inner());
                 let val = loop {
                     if let Some(v) = g.get(&key) {
-                        break Some(v.clone());
+                        break Ok(v.clone());
+                    }
+                    if let Some(f) = table.fault() {
+                        break Err(f);
                     }
                     let now = Instant::now();
                     if now >= deadline {
-                        break None;
+                        break Err(String::new());
                     }
-                    g = cv
-                        .wait_timeout(g, deadline - now)
+                    g = table
+                        .cv
+                        .wait_timeout(g, (deadline - now).min(Duration::from_millis(200)))
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
                 };
                 drop(g);
                 match val {
-                    Some(v) => {
+                    Ok(v) => {
                         s.write_all(&[1])?;
                         write_frame(&mut s, &v)?;
                     }
-                    None => s.write_all(&[0])?,
+                    Err(f) if f.is_empty() => s.write_all(&[0])?,
+                    Err(f) => {
+                        s.write_all(&[2])?;
+                        write_frame(&mut s, f.as_bytes())?;
+                    }
                 }
             }
-            _ => return Ok(()),
+            _ => return Ok(false),
         }
     }
 }
@@ -83,6 +180,7 @@ fn serve_client(mut s: TcpStream, table: Table, timeout: Duration) -> std::io::R
 pub struct Rendezvous {
     stream: TcpStream,
     timeout: Duration,
+    rank: usize,
 }
 
 impl Rendezvous {
@@ -93,16 +191,29 @@ impl Rendezvous {
             let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| {
                 RuntimeError::Rendezvous(format!("rank 0 cannot listen on port {port}: {e}"))
             })?;
-            let table: Table = Arc::new((Mutex::new(HashMap::new()), Condvar::new()));
+            let table: Table = Arc::new(Server {
+                table: Mutex::new(HashMap::new()),
+                cv: Condvar::new(),
+                fault: Mutex::new(None),
+                watchers: Mutex::new(Vec::new()),
+            });
             std::thread::spawn(move || {
                 for conn in listener.incoming().flatten() {
                     let t = table.clone();
-                    std::thread::spawn(move || {
-                        let _ = serve_client(conn, t, timeout);
-                    });
+                    std::thread::spawn(move || serve_client(conn, t, timeout));
                 }
             });
         }
+        Self::connect_client(addr, port, rank, timeout)
+    }
+
+    /// Another connection to the store (rank 0 included), without serving.
+    pub fn connect_client(
+        addr: &str,
+        port: u16,
+        rank: usize,
+        timeout: Duration,
+    ) -> Result<Rendezvous> {
         let deadline = Instant::now() + timeout;
         let target = (addr, port)
             .to_socket_addrs()
@@ -113,10 +224,16 @@ impl Rendezvous {
             })?;
         loop {
             match TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
-                Ok(stream) => {
+                Ok(mut stream) => {
                     stream.set_read_timeout(Some(timeout + Duration::from_secs(5)))?;
                     stream.set_nodelay(true)?;
-                    return Ok(Rendezvous { stream, timeout });
+                    stream.write_all(&[OP_HELLO])?;
+                    write_frame(&mut stream, rank.to_string().as_bytes())?;
+                    return Ok(Rendezvous {
+                        stream,
+                        timeout,
+                        rank,
+                    });
                 }
                 Err(e) if Instant::now() >= deadline => {
                     return Err(RuntimeError::Rendezvous(format!(
@@ -135,7 +252,7 @@ impl Rendezvous {
         write_frame(&mut self.stream, key.as_bytes())?;
         write_frame(&mut self.stream, value)?;
         let mut ack = [0u8; 1];
-        self.stream.read_exact(&mut ack)?;
+        self.stream.read_exact(&mut ack).map_err(|e| self.lost(e))?;
         Ok(())
     }
 
@@ -144,13 +261,98 @@ impl Rendezvous {
         self.stream.write_all(&[OP_GET])?;
         write_frame(&mut self.stream, key.as_bytes())?;
         let mut ok = [0u8; 1];
-        self.stream.read_exact(&mut ok)?;
-        if ok[0] != 1 {
-            return Err(RuntimeError::Rendezvous(format!(
+        self.stream.read_exact(&mut ok).map_err(|e| self.lost(e))?;
+        match ok[0] {
+            1 => Ok(read_frame(&mut self.stream)?),
+            2 => {
+                let msg = read_frame(&mut self.stream)?;
+                Err(RuntimeError::PeerGone(format!(
+                    "{} (rank {} waiting for {key:?} at the rendezvous)",
+                    String::from_utf8_lossy(&msg),
+                    self.rank
+                )))
+            }
+            _ => Err(RuntimeError::Rendezvous(format!(
                 "key {key:?} was not set within {} s",
                 self.timeout.as_secs()
-            )));
+            ))),
         }
-        Ok(read_frame(&mut self.stream)?)
+    }
+
+    /// Ends this connection cleanly (closing it is then not a fault).
+    pub fn close(mut self) {
+        let _ = self.stream.write_all(&[OP_BYE]);
+        let _ = self.stream.flush();
+    }
+
+    fn lost(&self, e: std::io::Error) -> RuntimeError {
+        RuntimeError::PeerGone(format!(
+            "rank 0 is gone: the rendezvous connection of rank {} failed ({e})",
+            self.rank
+        ))
+    }
+
+    /// Turns the connection into the liveness channel: `on_fault` is called once, from a
+    /// background thread, with a message naming the rank that is gone, unless
+    /// [`Liveness::finish`] was called first.
+    pub fn watch(mut self, on_fault: impl FnOnce(String) + Send + 'static) -> Result<Liveness> {
+        self.stream.write_all(&[OP_WATCH])?;
+        self.stream.set_read_timeout(None)?;
+        let mut reader = self.stream.try_clone()?;
+        let closing = Arc::new(AtomicBool::new(false));
+        let c = closing.clone();
+        let me = self.rank;
+        std::thread::spawn(move || {
+            let mut op = [0u8; 1];
+            let msg = match reader.read_exact(&mut op) {
+                Ok(()) if op[0] == OP_WATCH => read_frame(&mut reader)
+                    .map(|m| String::from_utf8_lossy(&m).into_owned())
+                    .unwrap_or_else(|e| format!("rank 0 is gone: reading its notice failed ({e})")),
+                Ok(()) => format!("rank 0 sent an unknown liveness message {}", op[0]),
+                Err(e) => {
+                    format!("rank 0 is gone: the rendezvous connection of rank {me} closed ({e})")
+                }
+            };
+            if !c.load(Ordering::Acquire) {
+                on_fault(msg);
+            }
+        });
+        Ok(Liveness {
+            stream: Mutex::new(self.stream),
+            closing,
+        })
+    }
+}
+
+/// The liveness channel of one rank. Dropping it without [`Liveness::finish`] closes the
+/// connection without a goodbye: the other ranks are told this rank is gone (right for a
+/// rank that ends on an error).
+pub struct Liveness {
+    stream: Mutex<TcpStream>,
+    closing: Arc<AtomicBool>,
+}
+
+impl Liveness {
+    /// A clean end: call after the last collective (after a barrier, so that no rank is still
+    /// waiting on this one). Later faults, including rank 0's exit, are ignored.
+    pub fn finish(&self) {
+        self.closing.store(true, Ordering::Release);
+        let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = s.write_all(&[OP_BYE]);
+        let _ = s.flush();
+    }
+
+    /// Whether [`Liveness::finish`] was called.
+    pub fn finished(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Liveness {
+    fn drop(&mut self) {
+        // This rank is leaving: its own watcher stays silent; the others are told.
+        self.closing.store(true, Ordering::Release);
+        let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = s.shutdown(Shutdown::Both);
     }
 }

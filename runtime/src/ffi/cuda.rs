@@ -5,6 +5,8 @@ use crate::error::{Result, RuntimeError};
 use cudarc::driver::{result as dr, sys as dsys};
 use cudarc::nccl::{result as nr, sys as ns};
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 fn nccl_err(what: &str, e: nr::NcclError) -> RuntimeError {
@@ -126,6 +128,32 @@ impl Event {
         Ok(Event(e))
     }
 
+    /// An event that records a timestamp (for [`Event::elapsed_s`]).
+    pub fn timed() -> Result<Event> {
+        let e = dr::event::create(dsys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map_err(|e| cuda_err("cuEventCreate", e))?;
+        Ok(Event(e))
+    }
+
+    /// Whether the work before the last record has completed (never blocks).
+    pub fn query(&self) -> Result<bool> {
+        // SAFETY: the handle is live for the call.
+        match unsafe { dr::event::query(self.0) } {
+            Ok(()) => Ok(true),
+            Err(dr::DriverError(dsys::cudaError_enum::CUDA_ERROR_NOT_READY)) => Ok(false),
+            Err(e) => Err(cuda_err("cuEventQuery", e)),
+        }
+    }
+
+    /// Seconds between two completed timed events recorded on the same stream.
+    pub fn elapsed_s(start: &Event, end: &Event) -> Result<f64> {
+        // SAFETY: both handles are live, created with timing, and completed (the caller
+        // checked `end.query()`; `start` precedes it on the same stream).
+        let ms = unsafe { dr::event::elapsed(start.0, end.0) }
+            .map_err(|e| cuda_err("cuEventElapsedTime", e))?;
+        Ok(f64::from(ms) / 1e3)
+    }
+
     /// Records the event on `stream`.
     pub fn record(&self, stream: &Stream) -> Result<()> {
         // SAFETY: both handles are live for the call.
@@ -153,14 +181,81 @@ impl Drop for Event {
     }
 }
 
+const LIVE: u8 = 0;
+const ABORTED: u8 = 1;
+const DESTROYED: u8 = 2;
+
+/// The raw communicator and who has released it: exactly one of `ncclCommDestroy` (its
+/// owner's drop) and `ncclCommAbort` (a watchdog) runs, decided by a compare-and-swap.
+struct CommHandle {
+    raw: ns::ncclComm_t,
+    state: AtomicU8,
+}
+
+// SAFETY: the pointer is only passed to NCCL; the functions called from other threads than
+// the owner's (ncclCommGetAsyncError, ncclCommAbort) are the ones NCCL documents for use by
+// a watchdog thread, and the state guards against use after release.
+unsafe impl Send for CommHandle {}
+// SAFETY: as above; the state is atomic.
+unsafe impl Sync for CommHandle {}
+
 /// One NCCL communicator (one rank of it).
 pub struct NcclComm {
     comm: ns::ncclComm_t,
+    handle: Arc<CommHandle>,
 }
 
 // SAFETY: an NCCL communicator may be used from another thread as long as calls on it are not
 // concurrent; `NcclComm` is used through `&self` from one thread (it is `Send`, not `Sync`).
 unsafe impl Send for NcclComm {}
+
+/// What a watchdog thread may do to a communicator it does not own: read its asynchronous
+/// error and abort it (which makes its pending kernels return and its owner's later drop a
+/// no-op).
+#[derive(Clone)]
+pub struct NcclWatch(Arc<CommHandle>);
+
+impl NcclWatch {
+    /// The communicator's asynchronous error (a peer that failed, a network error), if any.
+    pub fn async_error(&self) -> Result<()> {
+        if self.0.state.load(Ordering::Acquire) != LIVE {
+            return Ok(());
+        }
+        let mut err = ns::ncclResult_t::ncclSuccess;
+        // SAFETY: the communicator is live (checked just above; a concurrent abort by this
+        // same watchdog cannot happen, and the owner destroys it only after stopping the
+        // watchdog); `err` is a valid out-pointer.
+        let r = unsafe { ns::ncclCommGetAsyncError(self.0.raw, &mut err) };
+        if r != ns::ncclResult_t::ncclSuccess {
+            return Err(RuntimeError::Nccl(format!("ncclCommGetAsyncError: {r:?}")));
+        }
+        match err {
+            ns::ncclResult_t::ncclSuccess | ns::ncclResult_t::ncclInProgress => Ok(()),
+            e => Err(RuntimeError::Nccl(format!("asynchronous error {e:?}"))),
+        }
+    }
+
+    /// Aborts the communicator once; returns whether this call aborted it.
+    pub fn abort(&self) -> bool {
+        if self
+            .0
+            .state
+            .compare_exchange(LIVE, ABORTED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        // SAFETY: the state moved from live to aborted here, so the communicator has not
+        // been destroyed and will not be (its owner's drop sees ABORTED).
+        let _ = unsafe { nr::comm_abort(self.0.raw) };
+        true
+    }
+
+    /// Whether the communicator was aborted.
+    pub fn aborted(&self) -> bool {
+        self.0.state.load(Ordering::Acquire) == ABORTED
+    }
+}
 
 /// Where a device buffer for NCCL lives.
 struct DevBuf {
@@ -186,7 +281,27 @@ impl NcclComm {
         // SAFETY: `comm` is a valid out-pointer; the id is 128 bytes as NCCL wants.
         unsafe { nr::comm_init_rank(&mut comm, nranks as i32, uid, rank as i32) }
             .map_err(|e| nccl_err("ncclCommInitRank", e))?;
-        Ok(NcclComm { comm })
+        Ok(NcclComm {
+            comm,
+            handle: Arc::new(CommHandle {
+                raw: comm,
+                state: AtomicU8::new(LIVE),
+            }),
+        })
+    }
+
+    /// A handle for a watchdog thread.
+    pub fn watch(&self) -> NcclWatch {
+        NcclWatch(self.handle.clone())
+    }
+
+    fn check_live(&self) -> Result<()> {
+        if self.handle.state.load(Ordering::Acquire) != LIVE {
+            return Err(RuntimeError::Nccl(
+                "the communicator was aborted after a fault".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn stream(s: &Stream) -> ns::cudaStream_t {
@@ -297,9 +412,15 @@ impl NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        if !self.comm.is_null() {
-            // SAFETY: the communicator came from ncclCommInitRank and is destroyed once;
-            // errors are ignored (no panic in Drop).
+        let live = self
+            .handle
+            .state
+            .compare_exchange(LIVE, DESTROYED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if live && !self.comm.is_null() {
+            // SAFETY: the communicator came from ncclCommInitRank and is destroyed once (the
+            // state moved from live to destroyed here, so no watchdog aborted it); errors are
+            // ignored (no panic in Drop).
             let _ = unsafe { nr::comm_destroy(self.comm) };
         }
     }
@@ -386,6 +507,20 @@ impl NcclComm {
     /// Queues `ops` as one NCCL group on `stream`, after the work already queued on
     /// libtorch's stream. Every tensor is checked (on `cuda:device`, contiguous) first.
     pub fn launch(&self, device: usize, ops: &[NcclOp<'_>], stream: &Stream) -> Result<InFlight> {
+        self.launch_timed(device, ops, stream, None)
+    }
+
+    /// As [`NcclComm::launch`]; with `timing`, its two timed events are recorded on `stream`
+    /// just before and just after the group (so they bracket the communication itself, not
+    /// the wait for libtorch's stream).
+    pub fn launch_timed(
+        &self,
+        device: usize,
+        ops: &[NcclOp<'_>],
+        stream: &Stream,
+        timing: Option<(&Event, &Event)>,
+    ) -> Result<InFlight> {
+        self.check_live()?;
         let mut bufs = Vec::with_capacity(ops.len());
         let mut keep = Vec::with_capacity(2 * ops.len());
         for op in ops {
@@ -410,6 +545,9 @@ impl NcclComm {
         let ready = Event::new()?;
         ready.record(&Stream::torch_default())?;
         ready.wait_on(stream)?;
+        if let Some((start, _)) = timing {
+            start.record(stream)?;
+        }
         self.group_start()?;
         let mut res = Ok(());
         for (op, (a, b)) in ops.iter().zip(&bufs) {
@@ -437,6 +575,9 @@ impl NcclComm {
         let end = self.group_end();
         res?;
         end?;
+        if let Some((_, stop)) = timing {
+            stop.record(stream)?;
+        }
         let done = Event::new()?;
         done.record(stream)?;
         Ok(InFlight {

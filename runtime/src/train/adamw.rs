@@ -362,3 +362,23 @@ pub fn self_check(dev: Device, kind: Kind, n: i64, steps: i32) -> Result<f64> {
     let (d1, d2) = (&p1 - &p0, &p2 - &p0);
     Ok(rel(&d2, &d1).max(rel(&m2, &m1)).max(rel(&v2, &v1)))
 }
+
+// ---- Checkpoint access (used by train/checkpoint.rs; kept apart from the update code) ----
+impl AdamW {
+    /// The state a checkpoint holds: every parameter as one padded flat buffer, this rank's
+    /// moments and the step count.
+    pub(crate) fn checkpoint_state(&self) -> (&Tensor, &Tensor, &Tensor, i32) {
+        (&self.pflat, &self.m, &self.v, self.t)
+    }
+
+    /// (shard count, this rank's shard, parameters without padding, padded length).
+    pub(crate) fn checkpoint_layout(&self) -> (usize, usize, i64, i64) {
+        (self.shards, self.shard_rank, self.numel, self.padded)
+    }
+
+    /// Sets the step count after the buffers of [`AdamW::checkpoint_state`] were filled in
+    /// place from a checkpoint.
+    pub(crate) fn set_checkpoint_step(&mut self, t: i32) {
+        self.t = t;
+    }
+}

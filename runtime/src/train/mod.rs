@@ -40,6 +40,7 @@
 //!   gradient zeroing (2 ms).
 //! - RMSNorm: ATen's fused kernel on CUDA (see `model::decoder`), ~4 ms saved per norm.
 pub mod adamw;
+pub mod checkpoint;
 pub mod run;
 
 use crate::attn2d::{Attention2d, Attn2dCtx, AttnShape};

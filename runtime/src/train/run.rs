@@ -1,19 +1,31 @@
-//! `mmsp-runtime run`: train a plan for N steps, either one process per GPU (torchrun / SLURM
-//! environment, NCCL) or with in-process ranks (threads) on one device, and report measured
-//! step time, tokens/s, MFU, memory and communication time next to the plan's prediction.
+//! `mmsp-runtime run`: train a plan for N steps and report measured step time, tokens/s, MFU,
+//! peak memory per rank and time in communication next to the plan's prediction (JSON, a
+//! per-step progress line on stderr, and optionally a Chrome trace of every rank's step
+//! phases in the simulator's format).
+//!
+//! Launch: with `--inprocess N` the ranks are threads on one device. Otherwise each process
+//! is one rank over NCCL, as torchrun or SLURM start them (RANK/WORLD_SIZE/LOCAL_RANK or
+//! SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, and MASTER_ADDR/MASTER_PORT); and when none of
+//! these is set, [`spawn_local`] starts one such process per local GPU itself (the same code
+//! path), forwards their output and fails if any of them fails.
+//!
+//! Faults: a rank that fails makes every other rank end with an error naming it, within a
+//! bounded time (see `comm`); `MMSP_FAULT_INJECT=rank:step[:exit|panic|error|hang]` makes
+//! one rank fail before the given step, for tests. Checkpoints: see [`super::checkpoint`].
 use super::adamw::AdamWConfig;
-use super::{Groups, StepStats, TrainConfig, Trainer};
+use super::checkpoint::{self, Manifest};
+use super::{Groups, Phases, StepStats, TrainConfig, Trainer};
 use crate::comm::local::{local_groups, LocalComm};
 use crate::comm::nccl::{LaunchEnv, NcclWorld};
-use crate::comm::Communicator;
+use crate::comm::{comm_timeout, Communicator};
 use crate::error::{Result, RuntimeError};
 use crate::kernel::Backend;
 use crate::model::{Decoder, ModelConfig};
 use crate::plan::{GroupKind, Plan};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tch::{Device, Kind, Tensor};
 
 /// The plan fields training reads beyond [`Plan`]'s.
@@ -78,6 +90,34 @@ pub struct RunOptions {
     /// Peak dense bf16 FLOP/s of one device, for MFU.
     pub peak_flops: f64,
     pub out: Option<PathBuf>,
+}
+
+/// Checkpointing, tracing and progress options of a run (apart from [`RunOptions`], whose
+/// callers build it field by field).
+#[derive(Debug, Clone)]
+pub struct RunExtras {
+    /// Write a checkpoint into this directory at the end (and every `save_every` steps).
+    pub save: Option<PathBuf>,
+    /// 0: only at the end.
+    pub save_every: usize,
+    /// Resume from this checkpoint directory (its step count is the first step's index).
+    pub resume: Option<PathBuf>,
+    /// Write a Chrome trace-event JSON of every rank's steps here.
+    pub trace: Option<PathBuf>,
+    /// A progress line per step on stderr (rank 0).
+    pub progress: bool,
+}
+
+impl Default for RunExtras {
+    fn default() -> Self {
+        RunExtras {
+            save: None,
+            save_every: 0,
+            resume: None,
+            trace: None,
+            progress: true,
+        }
+    }
 }
 
 /// Reads and checks everything that can be checked without a device or peers.
@@ -162,20 +202,113 @@ fn shard(t: &Tensor, ranges: [(usize, usize); 2]) -> Tensor {
     Tensor::cat(&parts, 1)
 }
 
-/// One rank's loop: returns its per-step stats; rank 0 prints progress.
-fn rank_loop(
-    rank: usize,
-    groups: Groups<'_>,
-    tp: &TrainPlan,
-    cfg: &ModelConfig,
+/// A fault to inject (`MMSP_FAULT_INJECT=rank:step[:mode]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultMode {
+    /// The process exits at once with code 3 (NCCL ranks); an error for in-process ranks.
+    Exit,
+    Panic,
+    Error,
+    /// The rank stops calling collectives: it sleeps until the fault reaches it (NCCL) or
+    /// for the collective timeout plus 2 s (in-process), then fails.
+    Hang,
+}
+
+/// Reads `MMSP_FAULT_INJECT`: (rank, step, mode).
+pub fn fault_injection() -> Result<Option<(usize, usize, FaultMode)>> {
+    let Ok(v) = std::env::var("MMSP_FAULT_INJECT") else {
+        return Ok(None);
+    };
+    let bad = || {
+        RuntimeError::Launch(format!(
+            "MMSP_FAULT_INJECT={v:?}: want rank:step[:exit|panic|error|hang]"
+        ))
+    };
+    let parts: Vec<&str> = v.split(':').collect();
+    if parts.len() < 2 || parts.len() > 3 {
+        return Err(bad());
+    }
+    let rank = parts[0].parse().map_err(|_| bad())?;
+    let step = parts[1].parse().map_err(|_| bad())?;
+    let mode = match parts.get(2).copied().unwrap_or("exit") {
+        "exit" => FaultMode::Exit,
+        "panic" => FaultMode::Panic,
+        "error" => FaultMode::Error,
+        "hang" => FaultMode::Hang,
+        _ => return Err(bad()),
+    };
+    Ok(Some((rank, step, mode)))
+}
+
+/// What one rank measured in one step.
+#[derive(Debug, Clone, Copy, Default)]
+struct StepRecord {
+    /// Wall-clock start, seconds since the Unix epoch.
+    start_unix_s: f64,
+    stats: StepStats,
+    /// Time in this rank's collectives during the step (see `Communicator::comm_time_s`).
+    comm_s: f64,
+    /// Device memory in use after the step (device-wide), if known.
+    mem_used: f64,
+}
+
+/// Fields of a [`StepRecord`] as gathered between processes.
+const REC_LEN: usize = 16;
+
+impl StepRecord {
+    fn to_vec(self) -> [f64; REC_LEN] {
+        let (s, p) = (self.stats, self.stats.phases);
+        [
+            self.start_unix_s,
+            s.loss,
+            s.step_s,
+            s.attention_s,
+            s.grad_sync_s,
+            self.comm_s,
+            self.mem_used,
+            p.cast_s,
+            p.embed_s,
+            p.fwd_s,
+            p.attn_fwd_s,
+            p.loss_s,
+            p.bwd_s,
+            p.attn_bwd_s,
+            p.grad_reduce_s,
+            p.optimizer_s,
+        ]
+    }
+}
+
+/// Everything a rank's loop needs besides its communicators.
+struct LoopCtx<'a> {
+    tp: &'a TrainPlan,
+    cfg: &'a ModelConfig,
     dev: Device,
-    opts: &RunOptions,
-) -> Result<Vec<StepStats>> {
+    opts: &'a RunOptions,
+    extras: &'a RunExtras,
+    resume: Option<&'a Manifest>,
+    identity: &'a Value,
+    inject: Option<(usize, usize, FaultMode)>,
+    in_process: bool,
+}
+
+fn now_unix_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// One rank's loop: returns its per-step records; rank 0 prints progress.
+fn rank_loop(rank: usize, groups: Groups<'_>, cx: &LoopCtx<'_>) -> Result<Vec<StepRecord>> {
+    let (tp, cfg, dev, opts) = (cx.tp, cx.cfg, cx.dev, cx.opts);
     let (master, compute) = if opts.cpu {
         (Kind::Float, Kind::Float)
     } else {
         (Kind::Float, Kind::BFloat16)
     };
+    let comms = [groups.ulysses, groups.ring, groups.grad];
+    let comm_now = || comms.iter().map(|c| c.comm_time_s()).sum::<f64>();
+    let grad = groups.grad;
     let model = Decoder::random(cfg.clone(), dev, master, compute, 1)?;
     let tc = TrainConfig {
         optimizer: AdamWConfig {
@@ -188,46 +321,256 @@ fn rank_loop(
         profile: true,
     };
     let mut t = Trainer::new(model, groups, tp.context_tokens, tc)?;
+    let first = match cx.resume {
+        Some(m) => {
+            checkpoint::load(&mut t, m)?;
+            m.step
+        }
+        None => 0,
+    };
+    let mut losses: Vec<f64> = cx.resume.map(|m| m.losses.clone()).unwrap_or_default();
     let mut out = vec![];
-    for step in 0..opts.steps {
+    for i in 0..opts.steps {
+        let step = first + i;
+        if let Some((r, s, mode)) = cx.inject {
+            if r == rank && s == step {
+                inject(rank, step, mode, cx, grad)?;
+            }
+        }
         let (ids, labels) = synthetic(step, tp.context_tokens, cfg.vocab_size, dev);
         let rg = t.local_ranges();
+        let c0 = comm_now();
+        let start_unix_s = now_unix_s();
         let st = t.step(&shard(&ids, rg), &shard(&labels, rg))?;
-        if rank == 0 {
+        if let Some(e) = grad.peer_failure() {
+            return Err(e);
+        }
+        let rec = StepRecord {
+            start_unix_s,
+            stats: st,
+            comm_s: comm_now() - c0,
+            mem_used: device_memory(dev).map_or(f64::NAN, |m| m.1),
+        };
+        losses.push(st.loss);
+        if rank == 0 && cx.extras.progress {
             eprintln!(
-                "{}",
-                json!({"step": step, "loss": st.loss, "step_s": st.step_s,
-                       "attention_s": st.attention_s, "grad_sync_s": st.grad_sync_s})
+                "step {}/{} (index {step}): loss {:.6}  step {:.3} s  attention {:.3} s  \
+                 grad sync + optimizer {:.3} s  communication {:.3} s",
+                i + 1,
+                opts.steps,
+                st.loss,
+                st.step_s,
+                st.attention_s,
+                st.grad_sync_s,
+                rec.comm_s
             );
         }
-        out.push(st);
+        out.push(rec);
+        if let Some(dir) = &cx.extras.save {
+            let every = cx.extras.save_every;
+            if i + 1 == opts.steps || (every > 0 && (step + 1) % every == 0) {
+                checkpoint::save_shard(&t, dir)?;
+                grad.barrier()?;
+                if rank == 0 {
+                    checkpoint::write_manifest(&t, dir, cx.identity, step + 1, &losses)?;
+                    if cx.extras.progress {
+                        eprintln!(
+                            "checkpoint after step index {step} written to {}",
+                            dir.display()
+                        );
+                    }
+                }
+            }
+        }
     }
     Ok(out)
 }
 
+/// Carries out an injected fault on this rank.
+fn inject(
+    rank: usize,
+    step: usize,
+    mode: FaultMode,
+    cx: &LoopCtx<'_>,
+    world: &dyn Communicator,
+) -> Result<()> {
+    let what = format!("injected fault (MMSP_FAULT_INJECT): rank {rank} at step {step}");
+    match mode {
+        FaultMode::Exit if !cx.in_process => {
+            eprintln!("{what}: exiting with code 3");
+            std::process::exit(3);
+        }
+        FaultMode::Exit | FaultMode::Error => Err(RuntimeError::Comm(what)),
+        FaultMode::Panic => panic!("{what}"),
+        FaultMode::Hang => {
+            eprintln!("{what}: no longer calling collectives");
+            let t0 = Instant::now();
+            let limit = comm_timeout() + Duration::from_secs(2);
+            loop {
+                std::thread::sleep(Duration::from_millis(200));
+                if let Some(e) = world.peer_failure() {
+                    return Err(e);
+                }
+                if cx.in_process && t0.elapsed() > limit {
+                    return Err(RuntimeError::Comm(format!("{what}: hung for {limit:?}")));
+                }
+            }
+        }
+    }
+}
+
+/// The error to report when several ranks failed: a rank's own failure rather than the
+/// peers' reports of it.
+fn root_cause(errs: Vec<RuntimeError>) -> RuntimeError {
+    let rank = |e: &RuntimeError| match e {
+        RuntimeError::PeerGone(_) => 2,
+        RuntimeError::Timeout(..) => 1,
+        _ => 0,
+    };
+    let mut errs = errs;
+    errs.sort_by_key(rank);
+    errs.into_iter()
+        .next()
+        .unwrap_or_else(|| RuntimeError::Comm("no rank reported".into()))
+}
+
+/// Number of CUDA devices libtorch sees (0 without CUDA).
+pub fn local_gpus() -> usize {
+    if tch::Cuda::is_available() {
+        tch::Cuda::device_count().max(0) as usize
+    } else {
+        0
+    }
+}
+
+/// Whether `run` must start its own ranks: neither `--inprocess` nor a launcher's
+/// environment (torchrun's RANK, SLURM's SLURM_PROCID).
+pub fn should_spawn(opts: &RunOptions) -> bool {
+    opts.inprocess.is_none() && !LaunchEnv::present()
+}
+
+/// Starts one process per local GPU, each this binary with `args` and RANK, WORLD_SIZE,
+/// LOCAL_RANK, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT set; their output goes to this
+/// process's stdout/stderr. Refuses (exit 2) a plan whose world size is not the number of
+/// GPUs found, before starting anything. When a child fails, the others are given
+/// `grace` to end on their own (they see the failure through the rendezvous) and are then
+/// killed; the error names the first rank that failed.
+pub fn spawn_local(opts: &RunOptions, args: &[std::ffi::OsString], grace: Duration) -> Result<()> {
+    let (plan, _, _) = load(opts)?;
+    let gpus = local_gpus();
+    let w = plan.world_size;
+    if gpus != w {
+        return Err(RuntimeError::Launch(format!(
+            "the plan is for {w} ranks (one process per GPU) but {gpus} GPUs were found here; \
+             use --inprocess {w} for thread ranks on one device, or torchrun/SLURM across hosts"
+        )));
+    }
+    let exe = std::env::current_exe()?;
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port();
+    let mut children = Vec::with_capacity(w);
+    for r in 0..w {
+        let child = std::process::Command::new(&exe)
+            .args(args)
+            .env("RANK", r.to_string())
+            .env("WORLD_SIZE", w.to_string())
+            .env("LOCAL_RANK", r.to_string())
+            .env("LOCAL_WORLD_SIZE", w.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .stdin(std::process::Stdio::null())
+            .spawn();
+        match child {
+            Ok(c) => children.push(Some(c)),
+            Err(e) => {
+                for c in children.iter_mut().flatten() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                return Err(RuntimeError::Launch(format!("cannot start rank {r}: {e}")));
+            }
+        }
+    }
+    let mut first_failure: Option<(usize, std::process::ExitStatus, Instant)> = None;
+    loop {
+        let mut running = 0;
+        for (r, slot) in children.iter_mut().enumerate() {
+            let Some(c) = slot else { continue };
+            let pid = c.id();
+            match c.try_wait() {
+                Ok(Some(st)) => {
+                    *slot = None;
+                    if !st.success() && first_failure.is_none() {
+                        eprintln!(
+                            "mmsp-runtime: rank {r} (pid {pid}) failed ({st}); the other ranks \
+                             have {} s to end",
+                            grace.as_secs()
+                        );
+                        first_failure = Some((r, st, Instant::now()));
+                    }
+                }
+                Ok(None) => running += 1,
+                Err(_) => *slot = None,
+            }
+        }
+        if running == 0 {
+            break;
+        }
+        if let Some((_, _, t0)) = first_failure {
+            if t0.elapsed() > grace {
+                for (r, c) in children.iter_mut().enumerate() {
+                    if let Some(c) = c {
+                        eprintln!("mmsp-runtime: killing rank {r} (pid {})", c.id());
+                        let _ = c.kill();
+                        let _ = c.wait();
+                    }
+                }
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    match first_failure {
+        None => Ok(()),
+        Some((r, st, _)) if st.code() == Some(2) => Err(RuntimeError::Launch(format!(
+            "rank {r} refused its input (exit code 2)"
+        ))),
+        Some((r, st, _)) => Err(RuntimeError::PeerGone(format!("rank {r} failed ({st})"))),
+    }
+}
+
 /// Runs the plan and returns the report (also written to `opts.out`).
 pub fn run(opts: &RunOptions) -> Result<Value> {
+    run_with(opts, &RunExtras::default())
+}
+
+/// As [`run`], with checkpointing, tracing and progress options. Returns `Value::Null` on
+/// NCCL ranks other than 0.
+pub fn run_with(opts: &RunOptions, extras: &RunExtras) -> Result<Value> {
     let (plan, tp, cfg) = load(opts)?;
     let w = plan.world_size;
-    let (dev, rank0, launched) = match opts.inprocess {
-        Some(_) => {
-            let dev = if opts.cpu {
-                Device::Cpu
-            } else {
-                Device::Cuda(0)
-            };
-            (dev, 0, "inprocess")
-        }
-        None => (Device::Cpu, 0, "nccl"),
+    let master = Kind::Float;
+    let identity = checkpoint::identity(&plan, tp.zero_stage, tp.context_tokens, &cfg, master);
+    let resume = match &extras.resume {
+        Some(d) => Some(checkpoint::check(d, &identity)?),
+        None => None,
     };
+    let inject = fault_injection()?;
     if !opts.cpu && !tch::Cuda::is_available() {
         return Err(RuntimeError::Launch(
             "CUDA is not available (use --cpu)".into(),
         ));
     }
-    let stats: Vec<Vec<StepStats>>;
-    let mut device_for_mem = dev;
+    let records: Vec<Vec<StepRecord>>;
+    let launched;
     if opts.inprocess.is_some() {
+        launched = "inprocess";
+        let dev = if opts.cpu {
+            Device::Cpu
+        } else {
+            Device::Cuda(0)
+        };
         if let (Some((total, _)), Some(p)) = (device_memory(dev), &tp.predicted) {
             if p.memory_per_gpu_bytes * w as f64 > total {
                 return Err(RuntimeError::Launch(format!(
@@ -240,15 +583,26 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
         let l = plan.layout;
         let uly = local_groups(&l, GroupKind::Ulysses);
         let ring = local_groups(&l, GroupKind::Ring);
-        let world = LocalComm::group_with_timeout(w, Duration::from_secs(1800));
-        let res: Vec<Result<Vec<StepStats>>> = std::thread::scope(|s| {
+        let world = LocalComm::group_named(&(0..w).collect::<Vec<_>>(), comm_timeout());
+        let cx = LoopCtx {
+            tp: &tp,
+            cfg: &cfg,
+            dev,
+            opts,
+            extras,
+            resume: resume.as_ref(),
+            identity: &identity,
+            inject,
+            in_process: true,
+        };
+        let res: Vec<Result<Vec<StepRecord>>> = std::thread::scope(|s| {
             let hs: Vec<_> = uly
                 .into_iter()
                 .zip(ring)
                 .zip(world)
                 .enumerate()
                 .map(|(rank, ((u, r), g))| {
-                    let (tp, cfg) = (&tp, &cfg);
+                    let cx = &cx;
                     s.spawn(move || {
                         let groups = Groups {
                             ulysses: &u as &dyn Communicator,
@@ -256,23 +610,49 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
                             grad: &g,
                             dp: l.dp,
                         };
-                        rank_loop(rank, groups, tp, cfg, dev, opts)
+                        let out = rank_loop(rank, groups, cx);
+                        if let Err(e) = &out {
+                            // The peers' collectives fail naming this rank and why.
+                            let why = e.to_string();
+                            for c in [&u, &r, &g] {
+                                c.fail(&why);
+                            }
+                        }
+                        out
                     })
                 })
                 .collect();
             hs.into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(RuntimeError::Comm("rank thread panicked".into())))
+                .enumerate()
+                .map(|(rank, h)| {
+                    h.join().unwrap_or_else(|p| {
+                        let msg = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default();
+                        Err(RuntimeError::Comm(format!("rank {rank} panicked: {msg}")))
+                    })
                 })
                 .collect()
         });
-        stats = res.into_iter().collect::<Result<_>>()?;
+        let mut good = Vec::new();
+        let mut errs = Vec::new();
+        for r in res {
+            match r {
+                Ok(v) => good.push(v),
+                Err(e) => errs.push(e),
+            }
+        }
+        if !errs.is_empty() {
+            return Err(root_cause(errs));
+        }
+        records = good;
     } else {
+        launched = "nccl";
         let env = LaunchEnv::from_env()?;
         plan.check_launch(env.world_size)?;
         let d = Device::Cuda(env.local_rank);
-        device_memory(d);
         if let (Some((total, _)), Some(p)) = (device_memory(d), &tp.predicted) {
             if p.memory_per_gpu_bytes > total {
                 return Err(RuntimeError::Launch(format!(
@@ -282,36 +662,218 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
                 )));
             }
         }
-        device_for_mem = d;
         let rank = env.rank;
-        let nw = NcclWorld::init(&plan, env, Duration::from_secs(600))?;
+        let nw = NcclWorld::init(&plan, env, comm_timeout())?;
+        let cx = LoopCtx {
+            tp: &tp,
+            cfg: &cfg,
+            dev: d,
+            opts,
+            extras,
+            resume: resume.as_ref(),
+            identity: &identity,
+            inject,
+            in_process: false,
+        };
         let groups = Groups {
             ulysses: &nw.ulysses,
             ring: &nw.ring,
             grad: &nw.world,
             dp: plan.layout.dp,
         };
-        stats = vec![rank_loop(rank, groups, &tp, &cfg, d, opts)?];
-        if rank != rank0 {
+        let mine = rank_loop(rank, groups, &cx)?;
+        records = gather_records(&nw.world, &mine, d)?;
+        nw.finish()?;
+        if rank != 0 {
             return Ok(Value::Null);
         }
     }
-    let mem = device_memory(device_for_mem);
-    // Step 0 includes warm-up (cuDNN graph builds, allocator growth): summarise the rest.
-    let s0 = &stats[0];
-    let tail: Vec<&StepStats> = if s0.len() > 1 {
-        s0[1..].iter().collect()
+    let first_index = resume.as_ref().map_or(0, |m| m.step);
+    let report = report(
+        opts,
+        extras,
+        &plan,
+        &tp,
+        &cfg,
+        launched,
+        &records,
+        first_index,
+        resume.as_ref(),
+    )?;
+    if let Some(o) = &opts.out {
+        std::fs::write(o, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(report)
+}
+
+/// Every rank's records, in rank order, through an all-gather over the world.
+fn gather_records(
+    world: &dyn Communicator,
+    mine: &[StepRecord],
+    dev: Device,
+) -> Result<Vec<Vec<StepRecord>>> {
+    let n = world.size();
+    let flat: Vec<f64> = mine.iter().flat_map(|r| r.to_vec()).collect();
+    let k = flat.len() as i64;
+    let send = Tensor::from_slice(&flat).to_device(dev).view([1, k]);
+    let recv = Tensor::zeros([n as i64, k], (Kind::Double, dev));
+    world.all_gather(&send, &recv)?;
+    let all = Vec::<f64>::try_from(recv.to_device(Device::Cpu).view([-1]))?;
+    Ok(all
+        .chunks(flat.len().max(1))
+        .map(|rank| {
+            rank.chunks(REC_LEN)
+                .map(|v| StepRecord {
+                    start_unix_s: v[0],
+                    stats: StepStats {
+                        loss: v[1],
+                        step_s: v[2],
+                        attention_s: v[3],
+                        grad_sync_s: v[4],
+                        phases: Phases {
+                            cast_s: v[7],
+                            embed_s: v[8],
+                            fwd_s: v[9],
+                            attn_fwd_s: v[10],
+                            loss_s: v[11],
+                            bwd_s: v[12],
+                            attn_bwd_s: v[13],
+                            grad_reduce_s: v[14],
+                            optimizer_s: v[15],
+                        },
+                        ..StepStats::default()
+                    },
+                    comm_s: v[5],
+                    mem_used: v[6],
+                })
+                .collect()
+        })
+        .collect())
+}
+
+/// The phases of a step in the order they run, with the simulator's stream (thread id) each
+/// is drawn on. Each is summed over the layers, so the trace shows them as consecutive
+/// blocks of the measured length, not interleaved layer by layer.
+fn phase_list(p: &Phases) -> [(&'static str, f64, u32); 9] {
+    // Thread ids as in the planner's `sim::engine::Stream` (0 compute, 4 grad sync).
+    [
+        ("weight casts", p.cast_s, 0),
+        ("embedding", p.embed_s, 0),
+        ("forward, all layers (without attention)", p.fwd_s, 0),
+        (
+            "attention forward, all layers (2D, with its communication)",
+            p.attn_fwd_s,
+            0,
+        ),
+        ("loss (head, cross-entropy, all-reduces)", p.loss_s, 0),
+        ("backward, all layers (without attention)", p.bwd_s, 0),
+        (
+            "attention backward, all layers (2D, with its communication)",
+            p.attn_bwd_s,
+            0,
+        ),
+        (
+            "gradient reduction (and ZeRO all-gather)",
+            p.grad_reduce_s,
+            4,
+        ),
+        ("optimizer", p.optimizer_s, 0),
+    ]
+}
+
+/// Chrome trace-event JSON of every rank's steps, in the simulator's format (one process
+/// per rank, one thread per stream, complete events in microseconds from the first step's
+/// start).
+fn chrome_trace(records: &[Vec<StepRecord>], first_index: usize, label: &str) -> Value {
+    let t0 = records
+        .iter()
+        .flatten()
+        .map(|r| r.start_unix_s)
+        .fold(f64::INFINITY, f64::min);
+    let mut ev = Vec::new();
+    for (rank, recs) in records.iter().enumerate() {
+        ev.push(
+            json!({"name": "process_name", "ph": "M", "pid": rank, "tid": 0,
+                       "args": {"name": format!("rank {rank} {label}")}}),
+        );
+        for (tid, name) in [(0, "compute"), (4, "grad sync")] {
+            ev.push(
+                json!({"name": "thread_name", "ph": "M", "pid": rank, "tid": tid,
+                           "args": {"name": name}}),
+            );
+        }
+        for (i, r) in recs.iter().enumerate() {
+            let start = (r.start_unix_s - t0) * 1e6;
+            let end = start + r.stats.step_s * 1e6;
+            ev.push(
+                json!({"name": format!("step {}", first_index + i), "cat": "step", "ph": "X",
+                           "ts": start, "dur": r.stats.step_s * 1e6, "pid": rank, "tid": 0,
+                           "args": {"loss": r.stats.loss, "communication_s": r.comm_s}}),
+            );
+            let mut at = start;
+            for (name, dur_s, tid) in phase_list(&r.stats.phases) {
+                let dur = (dur_s * 1e6).min(end - at).max(0.0);
+                if dur > 0.0 {
+                    let cat = if tid == 0 { "compute" } else { "grad sync" };
+                    ev.push(
+                        json!({"name": name, "cat": cat, "ph": "X", "ts": at, "dur": dur,
+                                   "pid": rank, "tid": tid}),
+                    );
+                }
+                at += dur;
+            }
+        }
+    }
+    json!({"traceEvents": ev, "displayTimeUnit": "ms"})
+}
+
+fn max_or_null(v: impl Iterator<Item = f64>) -> Value {
+    let m = v.filter(|x| x.is_finite()).fold(f64::NAN, f64::max);
+    if m.is_finite() {
+        json!(m)
     } else {
-        s0.iter().collect()
-    };
-    let n = tail.len() as f64;
-    let mean = |f: &dyn Fn(&StepStats) -> f64| tail.iter().map(|s| f(s)).sum::<f64>() / n;
-    let step_s = mean(&|s| s.step_s);
-    let devices = if opts.inprocess.is_some() {
-        1.0
+        Value::Null
+    }
+}
+
+/// The report of a run (rank 0), printed and written as JSON; measured against predicted
+/// also goes to stderr.
+#[allow(clippy::too_many_arguments)]
+fn report(
+    opts: &RunOptions,
+    extras: &RunExtras,
+    plan: &Plan,
+    tp: &TrainPlan,
+    cfg: &ModelConfig,
+    launched: &str,
+    records: &[Vec<StepRecord>],
+    first_index: usize,
+    resume: Option<&Manifest>,
+) -> Result<Value> {
+    let w = plan.world_size;
+    let inprocess = launched == "inprocess";
+    let dev_for_total = if opts.cpu {
+        Device::Cpu
     } else {
-        w as f64
+        Device::Cuda(0)
     };
+    let total_mem = device_memory(dev_for_total).map(|m| m.0);
+    // Step 0 of a run includes warm-up (cuDNN graph builds, allocator growth): summarise the
+    // rest.
+    let tail = |recs: &[StepRecord]| -> Vec<StepRecord> {
+        if recs.len() > 1 {
+            recs[1..].to_vec()
+        } else {
+            recs.to_vec()
+        }
+    };
+    let mean = |recs: &[StepRecord], f: &dyn Fn(&StepRecord) -> f64| {
+        recs.iter().map(f).sum::<f64>() / recs.len().max(1) as f64
+    };
+    let s0 = &records[0];
+    let t0 = tail(s0);
+    let step_s = mean(&t0, &|r| r.stats.step_s);
+    let devices = if inprocess { 1.0 } else { w as f64 };
     let dp = plan.layout.dp as f64;
     let tokens_per_step = dp * tp.context_tokens as f64;
     let tokens_per_s = tokens_per_step / step_s;
@@ -321,6 +883,21 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
             + cfg.attention_flops(tp.context_tokens));
     let mfu = flops_per_step / step_s / (devices * opts.peak_flops);
     let per_gpu_tps = tokens_per_s / devices;
+    let per_rank: Vec<Value> = records
+        .iter()
+        .enumerate()
+        .map(|(rank, recs)| {
+            let t = tail(recs);
+            json!({"rank": rank, "step_s": mean(&t, &|r| r.stats.step_s),
+                   "communication_s": mean(&t, &|r| r.comm_s),
+                   "attention_s": mean(&t, &|r| r.stats.attention_s),
+                   "grad_sync_and_optimizer_s": mean(&t, &|r| r.stats.grad_sync_s),
+                   "peak_device_memory_used_bytes": max_or_null(recs.iter().map(|r| r.mem_used))})
+        })
+        .collect();
+    let phases = Phases::mean(&t0.iter().map(|r| r.stats.phases).collect::<Vec<_>>());
+    let comm_s = mean(&t0, &|r| r.comm_s);
+    let peak = max_or_null(records.iter().flatten().map(|r| r.mem_used));
     let mut report = json!({
         "launch": launched, "ranks": w, "devices": devices,
         "layout": {"ulysses": plan.layout.ulysses, "ring": plan.layout.ring, "dp": plan.layout.dp},
@@ -329,34 +906,94 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
                   "kv_heads": cfg.num_kv_heads, "ffn": cfg.intermediate_size, "vocab": cfg.vocab_size,
                   "params": cfg.num_params()},
         "context_tokens": tp.context_tokens, "steps": opts.steps,
-        "losses": s0.iter().map(|s| s.loss).collect::<Vec<_>>(),
-        "first_step_s": s0[0].step_s,
+        "first_step_index": first_index,
+        "losses": s0.iter().map(|r| r.stats.loss).collect::<Vec<_>>(),
+        "first_step_s": s0[0].stats.step_s,
         "micro_step_s": step_s,
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_per_gpu": per_gpu_tps,
         "mfu": mfu, "peak_flops_per_device": opts.peak_flops,
-        "attention_s_rank0": mean(&|s| s.attention_s),
-        "grad_sync_and_optimizer_s_rank0": mean(&|s| s.grad_sync_s),
-        "device_memory_used_bytes": mem.map(|m| m.1),
-        "device_memory_total_bytes": mem.map(|m| m.0),
+        "attention_s_rank0": mean(&t0, &|r| r.stats.attention_s),
+        "grad_sync_and_optimizer_s_rank0": mean(&t0, &|r| r.stats.grad_sync_s),
+        "communication_s_rank0": comm_s,
+        "communication_note": if inprocess {
+            "host time inside collectives, waiting for peers included"
+        } else {
+            "device time of NCCL groups on the communication streams (events), summed over the rank's communicators"
+        },
+        "phases_rank0": phases.to_json(),
+        "per_rank": per_rank,
+        "peak_device_memory_used_bytes": peak,
+        "memory_note": "device-wide memory in use (total - free) after each step, so it includes the caching allocator's reserve; in-process ranks share one device",
+        "device_memory_total_bytes": total_mem,
     });
+    if let Some(m) = resume {
+        report["resumed_from"] = json!({"dir": m.dir, "step": m.step});
+    }
+    if let Some(d) = &extras.save {
+        report["checkpoint"] = json!({"dir": d, "step": first_index + opts.steps});
+    }
+    let peak_per_rank = peak
+        .as_f64()
+        .map(|p| if inprocess { p / w as f64 } else { p });
     if let Some(p) = &tp.predicted {
         let pred_micro = p.step_time_s / tp.grad_accum_steps.max(1) as f64;
         let pred_tps_gpu = p.tokens_per_s / w as f64;
         let err = |m: f64, p: f64| 100.0 * (m - p) / p;
+        let m_step = step_s * devices / w as f64;
         report["predicted"] = json!({
             "micro_step_s": pred_micro, "tokens_per_s_per_gpu": pred_tps_gpu, "mfu": p.mfu,
             "memory_per_gpu_bytes": p.memory_per_gpu_bytes,
             "error_pct": {
-                "micro_step_s": err(step_s * devices / w as f64, pred_micro),
+                "micro_step_s": err(m_step, pred_micro),
                 "tokens_per_s_per_gpu": err(per_gpu_tps, pred_tps_gpu),
                 "mfu": err(mfu, p.mfu),
-                "memory": mem.map(|m| err(m.1 / (w as f64 / devices), p.memory_per_gpu_bytes)),
+                "memory": peak_per_rank.map(|m| err(m, p.memory_per_gpu_bytes)),
             }
         });
+        if extras.progress {
+            let gib = |b: f64| b / 1073741824.0;
+            eprintln!(
+                "measured vs predicted ({w} ranks, {} tokens):",
+                tp.context_tokens
+            );
+            eprintln!(
+                "  step per rank   {:>10.4} s   {:>10.4} s   {:+.1}%",
+                m_step,
+                pred_micro,
+                err(m_step, pred_micro)
+            );
+            eprintln!(
+                "  tokens/s/GPU    {:>10.0}     {:>10.0}     {:+.1}%",
+                per_gpu_tps,
+                pred_tps_gpu,
+                err(per_gpu_tps, pred_tps_gpu)
+            );
+            eprintln!(
+                "  MFU             {:>10.1}%    {:>10.1}%    {:+.1}%",
+                100.0 * mfu,
+                100.0 * p.mfu,
+                err(mfu, p.mfu)
+            );
+            if let Some(m) = peak_per_rank {
+                eprintln!(
+                    "  memory per GPU  {:>10.1} GiB {:>10.1} GiB {:+.1}%",
+                    gib(m),
+                    gib(p.memory_per_gpu_bytes),
+                    err(m, p.memory_per_gpu_bytes)
+                );
+            }
+        }
     }
-    if let Some(o) = &opts.out {
-        std::fs::write(o, serde_json::to_string_pretty(&report)?)?;
+    if let Some(path) = &extras.trace {
+        let trace = chrome_trace(records, first_index, "(measured)");
+        std::fs::write(path, serde_json::to_string(&trace)?)?;
+        report["trace"] = json!(path);
     }
     Ok(report)
+}
+
+/// Whether a path is a checkpoint directory (has a manifest).
+pub fn is_checkpoint(dir: &Path) -> bool {
+    dir.join(checkpoint::MANIFEST).is_file()
 }

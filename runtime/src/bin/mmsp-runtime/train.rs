@@ -1,4 +1,6 @@
-//! `run`: train a plan for N steps and report measured against predicted.
+//! `run`: train a plan for N steps and report measured against predicted. Without
+//! `--inprocess` and without a launcher's environment (torchrun's RANK, SLURM's
+//! SLURM_PROCID) it starts one process per local GPU itself.
 use anyhow::Result;
 use clap::Subcommand;
 
@@ -6,7 +8,8 @@ use clap::Subcommand;
 #[derive(Subcommand)]
 pub enum Cmd {
     /// Train a plan (JSON from `mmsp plan --format json`) for N steps and report measured vs
-    /// predicted; one process per GPU (RANK/WORLD_SIZE/...) or `--inprocess N` ranks.
+    /// predicted; one process per GPU (started here, or by torchrun/SLURM) or `--inprocess N`
+    /// thread ranks on one device.
     Run {
         plan: std::path::PathBuf,
         #[arg(long, default_value_t = 3)]
@@ -30,6 +33,21 @@ pub enum Cmd {
         peak_tflops: f64,
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// Write a checkpoint (model, optimizer, step) into this directory at the end.
+        #[arg(long)]
+        save: Option<std::path::PathBuf>,
+        /// Also checkpoint after every K steps (counted from the first step of training).
+        #[arg(long, default_value_t = 0, requires = "save")]
+        save_every: usize,
+        /// Resume from a checkpoint directory written by --save (same plan and model).
+        #[arg(long)]
+        resume: Option<std::path::PathBuf>,
+        /// Write a Chrome trace-event JSON (Perfetto) of every rank's step phases.
+        #[arg(long)]
+        trace: Option<std::path::PathBuf>,
+        /// No per-step progress lines on stderr.
+        #[arg(long)]
+        quiet: bool,
     },
 }
 
@@ -46,8 +64,15 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
             lr,
             peak_tflops,
             out,
+            save,
+            save_every,
+            resume,
+            trace,
+            quiet,
         } => {
-            use mmsp_runtime::train::run::{run, ModelSource, RunOptions};
+            use mmsp_runtime::train::run::{
+                run_with, should_spawn, spawn_local, ModelSource, RunExtras, RunOptions,
+            };
             let model = match (tiny, model) {
                 (true, _) => ModelSource::Tiny,
                 (false, Some(p)) => ModelSource::HfConfig(p),
@@ -63,7 +88,19 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
                 peak_flops: peak_tflops * 1e12,
                 out,
             };
-            let v = run(&opts)?;
+            if should_spawn(&opts) {
+                let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+                spawn_local(&opts, &args, std::time::Duration::from_secs(30))?;
+                return Ok(());
+            }
+            let extras = RunExtras {
+                save,
+                save_every,
+                resume,
+                trace,
+                progress: !quiet,
+            };
+            let v = run_with(&opts, &extras)?;
             if !v.is_null() {
                 println!("{v}");
             }
