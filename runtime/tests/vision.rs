@@ -3,10 +3,16 @@
 //! in float64, the zigzag slices of the single-rank embedding sequence for SP worlds 1, 2, 4
 //! and 8 (every Ulysses x ring split), uneven frame counts, balanced and scattered frame
 //! placements; the encoder and projector gradients after the reverse exchange equal the
-//! single-rank gradients; the exchange over a world of two DP replicas; bad inputs are errors.
-use mmsp_runtime::comm::local::LocalComm;
+//! single-rank gradients; the exchange over a world of two DP replicas; one VLM training step
+//! (encoder, re-shard, decoder over 2D attention, both optimizers) at SP 2 equals SP 1; bad
+//! inputs are errors.
+use mmsp_runtime::comm::local::{local_groups, LocalComm};
 use mmsp_runtime::comm::Communicator;
-use mmsp_runtime::plan::{Layout, Placement};
+use mmsp_runtime::kernel::Backend;
+use mmsp_runtime::model::{Decoder, Input, ModelConfig};
+use mmsp_runtime::plan::{GroupKind, Layout, Placement};
+use mmsp_runtime::train::adamw::{AdamW, AdamWConfig};
+use mmsp_runtime::train::{Groups, TrainConfig, Trainer};
 use mmsp_runtime::vision::bench::bench_encoder;
 use mmsp_runtime::vision::{
     balanced_frames, world_ranks_of_sp, zigzag_ranges, Pooling, Reshard, ReshardMap, SampleSpec,
@@ -606,4 +612,155 @@ fn encoder_bench_reports_json() {
         1
     )
     .is_err());
+}
+
+/// Rank 0's loss, decoder and vision parameters after one VLM step over `u` x `r` SP ranks.
+type StepResult = (f64, Vec<(String, Shared)>, Vec<(String, Shared)>);
+
+fn vlm_step(u: usize, r: usize) -> StepResult {
+    let mcfg = ModelConfig::tiny();
+    let vcfg = VisionConfig::tiny(mcfg.hidden_size);
+    let layout = TokenLayout::new(&samples(), vcfg.tokens_per_frame()).unwrap();
+    let (seq, nf) = (layout.seq_len(), layout.frames());
+    let l = Layout::sp(u, r, Placement::UlyssesInner);
+    let n = l.world_size();
+    let ranges = zigzag_ranges(seq, u, r).unwrap();
+    let vocab = mcfg.vocab_size as i64;
+    let mask = layout.vision_mask();
+    let ids: Vec<i64> = (0..seq as i64)
+        .map(|i| (5 * i + 3 + i * i % 7) % vocab)
+        .collect();
+    // Next-token labels on text positions followed by text; none after the last token.
+    let labels: Vec<i64> = (0..seq)
+        .map(|p| match mask.get(p + 1) {
+            Some(false) => ids[p + 1],
+            _ => -100,
+        })
+        .collect();
+    let uly = local_groups(&l, GroupKind::Ulysses);
+    let ring = local_groups(&l, GroupKind::Ring);
+    let world = LocalComm::group(n);
+    let tc = TrainConfig {
+        optimizer: AdamWConfig {
+            lr: 1e-2,
+            ..AdamWConfig::default()
+        },
+        zero_stage: 0,
+        recompute: false,
+        backend: Backend::CpuMath,
+        profile: false,
+    };
+    let mut out: Vec<StepResult> = std::thread::scope(|s| {
+        let hs: Vec<_> = uly
+            .into_iter()
+            .zip(ring)
+            .zip(world)
+            .enumerate()
+            .map(|(rank, ((uc, rc), g))| {
+                let (ids, labels, layout, ranges, mcfg, vcfg) =
+                    (&ids, &labels, &layout, &ranges, &mcfg, &vcfg);
+                s.spawn(move || {
+                    let sp = l.sp_rank(rank);
+                    let local: Vec<i64> = ranges[sp]
+                        .iter()
+                        .flat_map(|&(a, b)| a as i64..b as i64)
+                        .collect();
+                    let pick = |v: &[i64], rows: &[usize]| -> Tensor {
+                        let x: Vec<i64> = rows.iter().map(|&i| v[local[i] as usize]).collect();
+                        Tensor::from_slice(&x).view([1, -1])
+                    };
+                    let all_rows: Vec<usize> = (0..local.len()).collect();
+                    let model =
+                        Decoder::random(mcfg.clone(), Device::Cpu, Kind::Double, Kind::Double, 5)
+                            .unwrap();
+                    let enc = VisionEncoder::random(
+                        vcfg.clone(),
+                        Device::Cpu,
+                        Kind::Double,
+                        Kind::Double,
+                        SEED,
+                    )
+                    .unwrap();
+                    let ident = world_ranks_of_sp(&l, 0);
+                    let stage =
+                        VisionStage::new(enc, layout, None, ranges, sp, &ident, n, true).unwrap();
+                    // Text rows from the decoder's embedding table (fixed features this step).
+                    let text_ids = pick(ids, stage.reshard.text_rows());
+                    let text = tch::no_grad(|| model.embed(Input::Ids(&text_ids)))
+                        .unwrap()
+                        .view([-1, mcfg.hidden_size as i64]);
+                    let groups = Groups {
+                        ulysses: &uc,
+                        ring: &rc,
+                        grad: &g,
+                        dp: 1,
+                    };
+                    let mut trainer = Trainer::new(model, groups, seq, tc).unwrap();
+                    assert_eq!(trainer.local_ranges().to_vec(), ranges[sp]);
+                    let vparams: Vec<Tensor> = stage
+                        .encoder
+                        .named_parameters()
+                        .iter()
+                        .map(|(_, t)| t.shallow_clone())
+                        .collect();
+                    let mut vopt = AdamW::new(&vparams, tc.optimizer, None).unwrap();
+                    let frames = stage.local_frames(&frames_all(vcfg, nf)).unwrap();
+                    let ctx = stage.forward(&g, &frames).unwrap();
+                    let emb = stage.merge(&ctx, &text).unwrap().unsqueeze(0);
+                    let (st, grad) = trainer
+                        .step_embeddings(&emb, &pick(labels, &all_rows))
+                        .unwrap();
+                    let _text_grad = stage.backward_local(&g, ctx, &grad).unwrap();
+                    vopt.step(&g, 1.0).unwrap();
+                    let share = |ps: &[(String, Tensor)]| {
+                        ps.iter()
+                            .map(|(n, t)| (n.clone(), Shared::new(t)))
+                            .collect::<Vec<_>>()
+                    };
+                    (
+                        st.loss,
+                        share(trainer.model.named_parameters()),
+                        share(stage.encoder.named_parameters()),
+                    )
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    out.swap_remove(0)
+}
+
+#[test]
+fn vlm_step_at_sp2_equals_sp1() {
+    let (loss1, dec1, vis1) = vlm_step(1, 1);
+    assert!(loss1.is_finite() && loss1 > 0.0);
+    for (u, r) in [(1, 2), (2, 1)] {
+        let (loss, dec, vis) = vlm_step(u, r);
+        assert!(
+            (loss - loss1).abs() <= 1e-10 * loss1,
+            "u={u} r={r}: loss {loss} vs {loss1}"
+        );
+        for ((name, a), (_, b)) in dec.iter().chain(&vis).zip(dec1.iter().chain(&vis1)) {
+            let e = rel_l2(&a.t(), &b.t());
+            assert!(e < 1e-10, "u={u} r={r} {name}: rel err {e}");
+        }
+    }
+    // The step moved the encoder (its gradients arrived through the reverse exchange).
+    let fresh = VisionEncoder::random(
+        VisionConfig::tiny(ModelConfig::tiny().hidden_size),
+        Device::Cpu,
+        Kind::Double,
+        Kind::Double,
+        SEED,
+    )
+    .unwrap();
+    let moved = vis1
+        .iter()
+        .zip(fresh.named_parameters())
+        .filter(|((_, a), (_, b))| !a.t().equal(b))
+        .count();
+    assert!(
+        moved > vis1.len() / 2,
+        "only {moved} vision tensors changed"
+    );
 }

@@ -673,3 +673,34 @@ impl MaxPrecision for Kind {
         }
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Multi-modal input (MM-SP stage 1, `crate::vision`): one step from embeddings.
+impl Trainer<'_> {
+    /// One step from this rank's input embeddings `emb_local` (1, s_local, hidden), e.g. the
+    /// vision rows delivered by the re-shard merged with text embeddings
+    /// ([`crate::vision::VisionStage`]), and `labels` (1, s_local). Returns the stats and the
+    /// gradient of the loss with respect to `emb_local` (same shape, compute dtype), to be
+    /// sent back through the re-shard (`VisionStage::backward_local`). The decoder's
+    /// embedding table gets no gradient from `emb_local`: the decoder's optimizer has run
+    /// when this returns.
+    pub fn step_embeddings(
+        &mut self,
+        emb_local: &Tensor,
+        labels: &Tensor,
+    ) -> Result<(StepStats, Tensor)> {
+        let want = [1, self.ids_len as i64, self.model.cfg.hidden_size as i64];
+        if emb_local.size() != want {
+            return Err(RuntimeError::Shape(format!(
+                "embeddings {:?} must be {want:?} on this rank",
+                emb_local.size()
+            )));
+        }
+        let emb = emb_local.detach().to_device(self.device());
+        let (stats, grad) = self.step_input(Input::Embeddings(&emb), labels)?;
+        let grad = grad.ok_or_else(|| {
+            RuntimeError::Shape("the step returned no gradient for its embeddings".into())
+        })?;
+        Ok((stats, grad))
+    }
+}

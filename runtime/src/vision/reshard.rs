@@ -29,6 +29,9 @@ pub struct Reshard {
     text_rows: Vec<usize>,
     /// Local row -> row of cat([vision, text]).
     merge_perm: Tensor,
+    /// `vision_rows` and `text_rows` as index tensors.
+    vision_index: Tensor,
+    text_index: Tensor,
     encoded_rows: usize,
     local_len: usize,
 }
@@ -128,9 +131,11 @@ impl Reshard {
             recv_counts,
             recv_inverse: index_tensor(&inverse(&recv_perm), device),
             recv_perm: index_tensor(&recv_perm, device),
+            merge_perm: index_tensor(&merge, device),
+            vision_index: index_tensor(&vision_rows, device),
+            text_index: index_tensor(&text_rows, device),
             vision_rows,
             text_rows,
-            merge_perm: index_tensor(&merge, device),
             encoded_rows,
             local_len,
         })
@@ -249,6 +254,16 @@ impl Reshard {
             text.to_kind(kind)
         };
         Ok(Tensor::cat(&[vision, &text], 0).index_select(0, &self.merge_perm))
+    }
+
+    /// The inverse of [`Reshard::merge`]: a local-shard tensor (local_len, hidden), e.g. its
+    /// gradient, split into its vision rows and its text rows.
+    pub fn split(&self, local: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.check_rows(local, self.local_len, "the local shard")?;
+        Ok((
+            local.index_select(0, &self.vision_index),
+            local.index_select(0, &self.text_index),
+        ))
     }
 
     /// Zeros shaped like this rank's vision rows.

@@ -125,9 +125,6 @@ impl VisionStage {
     /// accumulate into their `.grad()`; summing them over the SP (and DP) group is the
     /// optimizer's job, as for the decoder. Every rank must call it when training.
     pub fn backward(&self, comm: &dyn Communicator, ctx: StageCtx) -> Result<()> {
-        let Some(encoded) = ctx.encoded else {
-            return Ok(());
-        };
         let g = ctx.vision.grad();
         let g = if g.defined() {
             g
@@ -135,7 +132,35 @@ impl VisionStage {
             self.reshard
                 .zeros_vision(ctx.vision.kind(), ctx.vision.device())
         };
-        let ge = self.reshard.backward(comm, &g)?;
+        self.backward_vision(comm, ctx, &g)
+    }
+
+    /// As [`VisionStage::backward`], from the gradient of the whole local shard
+    /// (local_len, hidden) or (1, local_len, hidden), as [`crate::train::Trainer`]'s
+    /// `step_embeddings` returns it. Returns the gradient of the text rows (in
+    /// `reshard.text_rows()` order), for the caller's text embedding.
+    pub fn backward_local(
+        &self,
+        comm: &dyn Communicator,
+        ctx: StageCtx,
+        grad_local: &Tensor,
+    ) -> Result<Tensor> {
+        let h = self.encoder.cfg.llm_hidden_size as i64;
+        let g = if grad_local.dim() == 3 && grad_local.size()[0] == 1 {
+            grad_local.view([-1, h])
+        } else {
+            grad_local.shallow_clone()
+        };
+        let (gv, gt) = self.reshard.split(&g)?;
+        self.backward_vision(comm, ctx, &gv)?;
+        Ok(gt)
+    }
+
+    fn backward_vision(&self, comm: &dyn Communicator, ctx: StageCtx, g: &Tensor) -> Result<()> {
+        let Some(encoded) = ctx.encoded else {
+            return Ok(());
+        };
+        let ge = self.reshard.backward(comm, g)?;
         if encoded.size()[0] > 0 && encoded.requires_grad() {
             (&encoded * ge.to_kind(encoded.kind()))
                 .sum(Kind::Double)
