@@ -18,8 +18,9 @@ struct State {
     arrived: usize,
     /// Which members arrived at the current wait.
     here: Vec<bool>,
-    /// The first member that left: (index in the group, why).
-    gone: Option<(usize, String)>,
+    /// The first member that left: (index in the group, why, whether it failed rather than
+    /// finished).
+    gone: Option<(usize, String, bool)>,
     /// The first wait that timed out: what it says (every waiter reports it).
     timed_out: Option<String>,
     /// (src, dst) -> tensors posted by src for dst, in order.
@@ -91,7 +92,7 @@ impl LocalComm {
     pub fn fail(&self, why: &str) {
         let mut st = self.lock();
         if st.gone.is_none() {
-            st.gone = Some((self.rank, format!("failed: {why}")));
+            st.gone = Some((self.rank, format!("failed: {why}"), true));
         }
         self.shared.cv.notify_all();
     }
@@ -101,7 +102,7 @@ impl LocalComm {
     }
 
     fn gone_error(&self, st: &State, when: &str) -> Option<RuntimeError> {
-        st.gone.as_ref().map(|(g, why)| {
+        st.gone.as_ref().map(|(g, why, _)| {
             RuntimeError::PeerGone(format!(
                 "rank {} {why} ({when} on rank {})",
                 self.shared.labels[*g],
@@ -274,8 +275,11 @@ impl Communicator for LocalComm {
         if let Some(e) = self.timeout_error(&st) {
             return Some(e);
         }
+        // A peer that finished normally is not a failure (it may simply be done first).
         match &st.gone {
-            Some((g, _)) if *g != self.rank => self.gone_error(&st, "noticed between collectives"),
+            Some((g, _, true)) if *g != self.rank => {
+                self.gone_error(&st, "noticed between collectives")
+            }
             _ => None,
         }
     }
@@ -401,12 +405,13 @@ impl Drop for LocalComm {
         // Never panics: a poisoned lock is recovered.
         let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.gone.is_none() {
-            let why = if std::thread::panicking() {
+            let panicking = std::thread::panicking();
+            let why = if panicking {
                 "panicked"
             } else {
                 "left the group"
             };
-            st.gone = Some((self.rank, why.to_string()));
+            st.gone = Some((self.rank, why.to_string(), panicking));
         }
         self.shared.cv.notify_all();
     }

@@ -32,6 +32,9 @@ use tch::{Device, Tensor};
 /// How long the watchdog lets a process that is stuck after a fault go on before it exits it.
 pub const FAULT_GRACE: Duration = Duration::from_secs(5);
 
+/// How long work may stay in flight after a fault before the communicators are aborted.
+const ABORT_DELAY: Duration = Duration::from_millis(500);
+
 /// Watchdog polling period.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -400,6 +403,9 @@ fn watchdog(
     // Event queries need the device's context on this thread.
     let _ = cuda::bind_primary_context(device);
     let mut aborted_at: Option<Instant> = None;
+    // When the fault was first seen with work in flight: operations that were about to
+    // complete anyway (a peer that ended right after the last collective) get a moment.
+    let mut busy_since: Option<Instant> = None;
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(POLL);
         let ts: Vec<Arc<Tracker>> = lock(trackers).clone();
@@ -440,10 +446,15 @@ fn watchdog(
         };
         if !busy {
             // Nothing in flight: the owner gets the fault from its next call.
+            busy_since = None;
             continue;
         }
+        let since = *busy_since.get_or_insert_with(Instant::now);
         match aborted_at {
+            None if since.elapsed() < ABORT_DELAY => {}
             None => {
+                // Said here as well, in case the owner dies of the abort before reporting.
+                eprintln!("rank {rank}: {fault}; aborting this rank's NCCL communicators");
                 for t in &ts {
                     t.watch.abort();
                 }
@@ -498,7 +509,11 @@ impl NcclWorld {
     /// collectives), then a goodbye on the liveness channel. Without it, this process's exit
     /// is reported to the other ranks as a failure.
     pub fn finish(&self) -> Result<()> {
-        self.world.barrier()?;
+        let t = Tensor::zeros([1], (tch::Kind::Float, Device::Cuda(self.world.device)));
+        self.world.all_reduce(&t)?;
+        let _ = t.f_double_value(&[])?;
+        // No fault check after this point: a rank that passed the barrier first may already
+        // be exiting, which is not a failure.
         self.liveness.finish();
         Ok(())
     }
