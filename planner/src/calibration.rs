@@ -229,6 +229,16 @@ impl Calibration {
         (!self.bandwidth.is_empty()).then(|| interp(&self.bandwidth, bytes.max(1.0).ln()))
     }
 
+    /// The per-kernel floor (seconds): the time of the smallest memory-bound call measured,
+    /// i.e. its bytes over its achieved bandwidth (mean over the ops measured at that size), or
+    /// None when the file has no `memory_bandwidth` section. The sweep's calls are issued
+    /// back to back from the host through the runtime's own tensor library, so for a call this
+    /// small the time is launch-bound (host dispatch, launch and the kernel's minimum time),
+    /// not set by its bytes: no call of the same path finishes faster.
+    pub fn kernel_floor_s(&self) -> Option<f64> {
+        self.bandwidth.first().map(|&(lb, bw)| lb.exp() / bw)
+    }
+
     /// The highest throughput any curve reaches (FLOP/s).
     pub fn max_rate(&self) -> f64 {
         self.gemm
@@ -315,6 +325,9 @@ mod tests {
             {"op": "add", "bytes": 4096, "error": "oom"}]}"#;
         let c = Calibration::from_json(&format!("{base}{bw}"), "new").unwrap();
         let near = |a: f64, b: f64| (a - b).abs() / b < 1e-9;
+        // The floor: the smallest call's time, 1 MiB at the mean 1.5 TB/s.
+        assert!(near(c.kernel_floor_s().unwrap(), 1048576.0 / 1.5e12));
+        assert_eq!(old.kernel_floor_s(), None);
         assert!(near(c.memory_bandwidth(1048576.0).unwrap(), 1.5e12)); // mean of the ops
         assert!(near(c.memory_bandwidth(1.0).unwrap(), 1.5e12)); // clamped below
         assert!(near(c.memory_bandwidth(1e12).unwrap(), 3e12)); // and above

@@ -9,9 +9,11 @@
 //! Cost terms are the forward halves of the training model's ([`crate::cost::terms`]): the same
 //! FLOP counts ([`crate::cost::compute`]), kernel rates, elementwise roofline, Ulysses
 //! all-to-all, ring p2p overlap and ZeRO-3 weight gathers routed over the same topology. No
-//! gradients, optimizer states or backward. Decoding is memory bound: one token reads the
-//! rank's KV shard and the weights from HBM (roofline, Williams et al. 2009), plus the merge
-//! all-gather of every layer and the broadcast of the sampled token.
+//! gradients, optimizer states or backward. Decoding is costed as what `mmsp-runtime infer`
+//! launches for one token ([`decode_kernels`]): a chain of dependent kernels in one stream,
+//! each taking the longer of its bytes over the achieved HBM bandwidth at its size (roofline,
+//! Williams et al. 2009) and the per-kernel floor ([`kernel_floor_s`]: launch-bound small
+//! calls), plus the merge all-gather of every layer and the broadcast of the sampled token.
 //!
 //! KV layout (what `mmsp-runtime infer` keeps): each rank holds the K/V of its zigzag tokens
 //! for *all* kv heads, i.e. the layout of the attention inputs before the Ulysses all-to-all.
@@ -27,8 +29,8 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::cost::compute::{
-    attention_flops_fwd, head_flops_fwd, layer_elementwise_bytes_fwd, layer_gemm_flops_fwd,
-    HBM_EFFICIENCY,
+    attention_flops_fwd, hbm_rate, head_flops_fwd, layer_elementwise_bytes_fwd,
+    layer_gemm_flops_fwd,
 };
 use crate::cost::memory::{
     layer_activation_bytes_per_token, model_states, ActivationArch, FRAGMENTATION,
@@ -41,12 +43,163 @@ use crate::cost::{
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 use crate::search::Scored;
+use crate::spec::cluster::ClusterSpec;
 use crate::spec::model::ModelSpec;
 use crate::topology::Topology;
 use crate::units::{fmt_gib, fmt_tokens};
 
 /// Bytes per K/V element in the cache (bf16).
 pub const KV_BYTES: f64 = 2.0;
+
+/// Per-kernel floor (seconds) when the calibration has no `memory_bandwidth` section: 3.8 us
+/// per kernel for short kernels launched back to back into one stream without host
+/// synchronisation, as measured in NVIDIA's "Getting Started with CUDA Graphs" (A. Gray,
+/// NVIDIA Technical Blog, 2019; a 2.9 us kernel took 3.8 us per launch). That is plain CUDA
+/// C++; a framework adds its dispatch on top, so for the runtime (tch / ATen eager) this is a
+/// lower bound: `mmsp-runtime calibrate` measures the runtime's own floor (7.4 us per call on
+/// an H100 80GB HBM3 with PyTorch 2.11), which [`kernel_floor_s`] uses when present.
+pub const DEFAULT_KERNEL_FLOOR_S: f64 = 3.8e-6;
+
+/// Batches (chunks x kv heads) the runtime's KV-cache chunk length aims at, and its shortest
+/// chunk: `TARGET_BATCHES` and `MIN_CHUNK` of runtime/src/infer/cache.rs.
+const CACHE_TARGET_BATCHES: u64 = 512;
+const CACHE_MIN_CHUNK: u64 = 256;
+
+/// The key chunk length `mmsp-runtime infer` gives a cache of `capacity` tokens over
+/// `kv_heads` heads (`chunk_len` of runtime/src/infer/cache.rs): about 512 chunk-head
+/// batches, a multiple of 64, at least 256 keys.
+pub fn cache_chunk_len(capacity: u64, kv_heads: u64) -> u64 {
+    let per = (capacity * kv_heads).div_ceil(CACHE_TARGET_BATCHES);
+    (per.div_ceil(64).max(1) * 64).max(CACHE_MIN_CHUNK)
+}
+
+/// The per-kernel floor (seconds): the calibration's smallest memory-bound call
+/// ([`crate::calibration::Calibration::kernel_floor_s`]), else [`DEFAULT_KERNEL_FLOOR_S`].
+pub fn kernel_floor_s(spec: &ClusterSpec) -> f64 {
+    spec.calibration
+        .as_ref()
+        .and_then(|c| c.kernel_floor_s())
+        .unwrap_or(DEFAULT_KERNEL_FLOOR_S)
+}
+
+/// One kind of kernel of a decode step: how many are launched per token and the bytes each
+/// reads plus writes in HBM.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodeKernel {
+    pub name: &'static str,
+    pub count: u64,
+    pub bytes: f64,
+}
+
+/// The kernels one decode step of `mmsp-runtime infer` launches on one rank, with the bytes
+/// each moves: `RankInference::decode_step_probed` (runtime/src/infer/mod.rs) over a cache of
+/// `kv_tokens` on this rank, in an SP group of `sp` ranks. Weights are held in the compute
+/// dtype (`infer` builds the decoder with master = compute = bf16, so the per-call
+/// `to_kind` casts of `Decoder::p` are no-ops), RMSNorm is ATen's fused `rms_norm` (one
+/// kernel on CUDA), views (reshape of contiguous tensors, narrow, transpose, squeeze) launch
+/// nothing. Counted by reading the code; ATen composites (`logsumexp`, `isfinite`) as ATen
+/// implements them. Per token:
+/// - before the layers: the token id and its position copied to the device (2); `Rope::new`
+///   for one position: arange, divide, neg, multiply, exp, cast to f64, matmul, cat, cos,
+///   cast, sin, cast (12); `Decoder::embed`: the embedding row gather (1);
+/// - per layer, `Decoder::pre_attention_with`: RMSNorm (1), q, k, v projections (3),
+///   `Rope::apply` to q and to k: neg, cat, two multiplies, add (2 x 5);
+/// - `KvCache::append` of the one new token on its owner rank: K and V copied into the chunk
+///   in place (2; on the critical path, since the merge waits for the owner);
+/// - `KvCache::attend` over c chunks of L keys: the query group expanded per chunk (1 copy),
+///   the scores q K^T as one batched GEMM with fp32 output (1), the last chunk's tail set to
+///   -inf (1), max over all keys (1), subtract, scale, exp in place (3), sum (1), P cast to
+///   bf16 (1), P V as one batched GEMM (1), sum over chunks (1), divide by the sum (1), the
+///   log-sum-exp m scale + log l (3): 15;
+/// - `merge::merge_over` when sp > 1: pack out and lse (cat, 1), the all-gather (costed with
+///   the collectives, not here), `merge_partials`: `logsumexp` (amax, abs, eq, masked_fill,
+///   sub, exp, sum, log, add: 9), `isfinite` (eq, abs, ne, mul: 4), where (1), subtract (1),
+///   exp (1), multiply (1), sum (1): 19;
+/// - the merged output cast to bf16 (1); `Decoder::post_attention_with`: o projection (1;
+///   the transpose of a one-token output is already contiguous), residual add (1), RMSNorm
+///   (1), gate and up projections (2), silu (1), multiply (1), down projection (1), residual
+///   add (1): 9;
+/// - after the layers, `Decoder::head`: final RMSNorm (1), the LM head GEMM (1); the logits
+///   cast to f64 (1) and copied to the host (1, the step's one synchronisation).
+///
+/// That is 19 + 41 per layer (+ 19 when sp > 1) kernels. Bytes: weights and activations
+/// 2 bytes per element, scores and partial outputs fp32. The batched GEMMs read whole chunks
+/// (c L keys, the tail padding included). Small kernels' bytes are upper estimates; they
+/// sit at the floor anyway.
+pub fn decode_kernels(m: &ModelSpec, kv_tokens: u64, sp: u32) -> Vec<DecodeKernel> {
+    const B: f64 = 2.0; // bf16
+    const F: f64 = 4.0; // fp32
+    let (h, f, v) = (
+        m.hidden_size as f64,
+        m.intermediate_size as f64,
+        m.vocab_size as f64,
+    );
+    let (hq, hkv, d) = (m.num_heads as f64, m.num_kv_heads as f64, m.head_dim as f64);
+    let (qd, kvd) = (hq * d, hkv * d);
+    let chunk = cache_chunk_len(kv_tokens, m.num_kv_heads);
+    let chunks = kv_tokens.div_ceil(chunk).max(1);
+    let (c, keys) = (chunks as f64, (chunks * chunk) as f64);
+    let tail = (chunks * chunk - kv_tokens) as f64;
+    let bias = if m.qkv_bias { 1.0 } else { 0.0 };
+    let proj = |n_in: f64, n_out: f64, b: f64| B * (n_in * n_out + b * n_out + n_in + n_out);
+    let k = |name, count, bytes| DecodeKernel { name, count, bytes };
+    let scores = keys * hq * F;
+    let mut out = vec![
+        k("token id and position to device", 2, 16.0),
+        k("rope tables", 12, 8.0 * d),
+        k("embedding row", 1, 2.0 * B * h),
+    ];
+    let layers = m.num_layers;
+    let per_layer = [
+        k("rmsnorm", 2 * layers, B * 3.0 * h),
+        k("q projection", layers, proj(h, qd, bias)),
+        k("k and v projections", 2 * layers, proj(h, kvd, bias)),
+        k("rope on q", 5 * layers, B * 3.0 * qd),
+        k("rope on k", 5 * layers, B * 3.0 * kvd),
+        k("cache append", 2 * layers, B * 2.0 * kvd),
+        k("query group per chunk", layers, B * (qd + c * qd)),
+        k("scores q K^T", layers, B * keys * kvd + B * c * qd + scores),
+        k("tail mask", layers, tail * hq * F),
+        k("score max", layers, scores + hq * F),
+        k("subtract, scale, exp", 3 * layers, 2.0 * scores),
+        k("score sum", layers, scores + hq * F),
+        k("P to bf16", layers, scores + keys * hq * B),
+        k("P V", layers, keys * hq * B + B * keys * kvd + F * c * qd),
+        k("sum over chunks", layers, F * (c * qd + qd)),
+        k("normalise", layers, F * (2.0 * qd + hq)),
+        k("log-sum-exp", 3 * layers, F * 3.0 * hq),
+        k("attention to bf16", layers, (F + B) * qd),
+        k("o projection", layers, proj(qd, h, 0.0)),
+        k("residual add", 2 * layers, B * 3.0 * h),
+        k("gate and up projections", 2 * layers, proj(h, f, 0.0)),
+        k("silu", layers, B * 2.0 * f),
+        k("silu x up", layers, B * 3.0 * f),
+        k("down projection", layers, proj(f, h, 0.0)),
+    ];
+    out.extend(per_layer);
+    if sp > 1 {
+        let gathered = f64::from(sp) * (qd + hq) * F;
+        out.push(k("merge pack", layers, 2.0 * (qd + hq) * F));
+        out.push(k(
+            "merge of the gathered partials",
+            18 * layers,
+            2.0 * gathered,
+        ));
+    }
+    out.extend([
+        k("final rmsnorm", 1, B * 3.0 * h),
+        k("lm head", 1, proj(h, v, 0.0)),
+        k("logits to f64", 1, v * (B + 8.0)),
+        k("logits to host", 1, v * 8.0),
+    ]);
+    out
+}
+
+/// Time of one kernel moving `bytes`: the longer of its bytes over the achieved HBM bandwidth
+/// at that call size ([`hbm_rate`]) and the per-kernel `floor`.
+pub fn kernel_s(spec: &ClusterSpec, bytes: f64, floor: f64) -> f64 {
+    (bytes / hbm_rate(spec, bytes)).max(floor)
+}
 
 /// How the weights are held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -119,8 +272,22 @@ pub struct InferenceEstimate {
     pub request_s: f64,
     pub memory: InferenceMemory,
     pub prefill: TimeBreakdown,
-    /// Decode per token: HBM reads of KV shard and weights.
+    /// Decode per token: the rank's kernel chain ([`decode_kernels`]), each kernel the
+    /// longer of its bytes over bandwidth and the floor: `decode_hbm_s + decode_floor_s`.
+    pub decode_kernels_s: f64,
+    /// Kernels launched per token on one rank.
+    pub decode_kernels_per_token: u64,
+    /// The per-kernel floor used ([`kernel_floor_s`]), seconds.
+    pub decode_kernel_floor_s: f64,
+    /// HBM bytes the kernels of one token read and write on one rank: KV shard, weights, the
+    /// fp32 scores' passes and the small tensors.
+    pub decode_bytes_per_token: f64,
+    /// Decode per token: every kernel's bytes over the achieved bandwidth at its size (the
+    /// roofline time, no floor).
     pub decode_hbm_s: f64,
+    /// Decode per token: what the floor adds over the roofline time, the sum over kernels of
+    /// max(0, floor - bytes / bandwidth) (launch-bound small kernels).
+    pub decode_floor_s: f64,
     /// Decode per token: merge all-gathers (every layer) and the token broadcast.
     pub decode_comm_s: f64,
     /// Decode per token: ZeRO-3 weight gathers (0 when replicated).
@@ -249,8 +416,15 @@ pub fn evaluate(
     let heads_call = q_heads_local as f64;
     let attn_s = step_flops / spec.attention_rate(heads_call, s / r, true)
         + (r - 1.0) * step_flops / spec.attention_rate(heads_call, s / r / 2f64.sqrt(), false);
-    let hbm = spec.hbm_bytes_per_s * HBM_EFFICIENCY;
-    let elem_s = tokens * layer_elementwise_bytes_fwd(m, 1.0) / hbm;
+    // Memory-bound work as the training model costs it (cost::terms): the forward elementwise
+    // ops at the bandwidth of a residual add over the rank's tokens, plus what only inference
+    // does: K and V copied into the cache (read and write, `KvCache::append`). The embedding
+    // row gathers (read and write h per token) come once, before the layers.
+    let act_call = tokens * 3.0 * h * 2.0;
+    let cache_write = 2.0 * 2.0 * m.kv_dim() as f64 * KV_BYTES;
+    let elem_s =
+        tokens * (layer_elementwise_bytes_fwd(m, 1.0) + cache_write) / hbm_rate(spec, act_call);
+    let embed_s = tokens * 2.0 * h * 2.0 / hbm_rate(spec, tokens * 2.0 * h * 2.0);
     // Head (final norm + logits) on the last token only.
     let head_flops = head_flops_fwd(m, 1.0, 1.0);
     let head_s = head_flops / spec.gemm_rate(1.0);
@@ -279,12 +453,14 @@ pub fn evaluate(
             (g, (g - layers * layer_compute * (1.0 - last)).max(g * last))
         }
     };
-    let prefill_s =
-        layers * (gemm_s + attn_s + elem_s + a2a_s + ring_exposed) + head_s + gather_exposed;
+    let prefill_s = layers * (gemm_s + attn_s + elem_s + a2a_s + ring_exposed)
+        + embed_s
+        + head_s
+        + gather_exposed;
     let prefill = TimeBreakdown {
         gemm_s: layers * gemm_s,
         attention_s: layers * attn_s,
-        elementwise_s: layers * elem_s,
+        elementwise_s: layers * elem_s + embed_s,
         head_s,
         ulysses_all_to_all_s: layers * a2a_s,
         ring_p2p_s: layers * ring_s,
@@ -295,11 +471,25 @@ pub fn evaluate(
     };
 
     // ---- decode, per token ----
-    // Memory bound (roofline, Williams et al. 2009: time = bytes / bandwidth, at the achieved
-    // HBM bandwidth): every rank reads its KV shard once and every weight it multiplies once
-    // (gathered ones too), i.e. decode_weight_bytes: the layers, the final norm and the LM
-    // head, but of the input embedding only the one row it looks up.
-    let decode_hbm_s = (kv + decode_weight_bytes(m)) / hbm;
+    // The rank's kernel chain (decode_kernels): dependent kernels in one stream, so their
+    // times add. Each is memory bound (roofline, Williams et al. 2009: bytes over the achieved
+    // HBM bandwidth at its call size) or, when small, launch bound at the per-kernel floor.
+    // Every rank reads its KV shard once (and the fp32 scores a few times) and every weight
+    // it multiplies once (gathered ones too): the layers, the final norm and the LM head, of
+    // the input embedding only the one row it looks up. Ranks on other GPUs run their chains
+    // at the same time; only one plan rank per GPU is modelled.
+    let floor = kernel_floor_s(spec);
+    let (mut decode_hbm_s, mut decode_floor_s, mut n_kernels, mut decode_bytes) =
+        (0.0, 0.0, 0u64, 0.0);
+    for k in decode_kernels(m, kv_tokens, l.sp()) {
+        let n = k.count as f64;
+        let roof = k.bytes / hbm_rate(spec, k.bytes);
+        decode_hbm_s += n * roof;
+        decode_floor_s += n * (kernel_s(spec, k.bytes, floor) - roof);
+        n_kernels += k.count;
+        decode_bytes += n * k.bytes;
+    }
+    let decode_kernels_s = decode_hbm_s + decode_floor_s;
     // Per layer: all-gather over the SP group of every rank's partial output and its
     // log-sum-exp, both fp32 as `mmsp-runtime infer` packs them (q heads x (head dim + 1) x 4
     // bytes per rank); per token: the sampled token id broadcast as an all-reduce of one int64.
@@ -313,7 +503,7 @@ pub fn evaluate(
         WeightSharding::Replicated => 0.0,
         WeightSharding::Sharded => gather,
     };
-    let decode_s = decode_hbm_s + decode_comm_s + decode_weight_gather_s;
+    let decode_s = decode_kernels_s + decode_comm_s + decode_weight_gather_s;
     let prefill_flops = layers * (gemm_flops + attn_flops) * sp + head_flops;
     Ok(InferenceEstimate {
         weights: c.weights,
@@ -328,7 +518,12 @@ pub fn evaluate(
         request_s: prefill_s + req.decode_tokens as f64 * decode_s,
         memory,
         prefill,
+        decode_kernels_s,
+        decode_kernels_per_token: n_kernels,
+        decode_kernel_floor_s: floor,
+        decode_bytes_per_token: decode_bytes,
         decode_hbm_s,
+        decode_floor_s,
         decode_comm_s,
         decode_weight_gather_s,
         prefill_flops,
@@ -567,9 +762,14 @@ pub fn table(
     );
     let _ = writeln!(
         o,
-        "  decode        {} per token: HBM {}, merge {}, weight gather {}",
+        "  decode        {} per token: kernels {} ({} kernels, {}: HBM {} + floor {} at {:.1} us each), merge {}, weight gather {}",
         ms(e.decode_s_per_token),
+        ms(e.decode_kernels_s),
+        e.decode_kernels_per_token,
+        fmt_gib(e.decode_bytes_per_token),
         ms(e.decode_hbm_s),
+        ms(e.decode_floor_s),
+        e.decode_kernel_floor_s * 1e6,
         ms(e.decode_comm_s),
         ms(e.decode_weight_gather_s)
     );
@@ -643,22 +843,8 @@ mod tests {
         );
     }
 
-    /// Decode reads the KV shard and the weights once per token: hand-computed for llama3-8b
-    /// on one GPU (no collectives), where the embedding table except one row is not read.
-    #[test]
-    fn decode_is_bytes_over_bandwidth() {
-        let (topo, m) = setup(1);
-        // 32 layers x 218_112_000 + norm 4096 + head 128256 x 4096 + one embedding row 4096.
-        let w = 2.0 * (32.0 * 218_112_000.0 + 4096.0 + 128_256.0 * 4096.0 + 4096.0);
-        assert_eq!(m.layer_params(), 218_112_000);
-        assert_eq!(decode_weight_bytes(&m), w);
-        assert!(decode_weight_bytes(&m) < WEIGHT_BYTES * m.params() as f64);
-        let req = InferenceRequest {
-            gpus: 1,
-            context: 64 * 1024,
-            decode_tokens: 16,
-        };
-        let c = InferenceCandidate {
+    fn one_gpu() -> InferenceCandidate {
+        InferenceCandidate {
             layout: Layout {
                 ulysses: 1,
                 ring: 1,
@@ -667,13 +853,112 @@ mod tests {
                 placement: Placement::UlyssesInner,
             },
             weights: WeightSharding::Replicated,
+        }
+    }
+
+    /// The kernel chain of one decode step, counted from the runtime: 19 per token + 41 per
+    /// layer (+ 19 merge kernels per layer when sp > 1); its bytes are the KV shard, the
+    /// weights (hand-computed for llama3-8b, the embedding table except one row not read) and
+    /// the fp32 scores' passes, about 44 bytes per key and q head (cache.rs: written once,
+    /// read by max, subtract, scale, exp, sum and the cast, the bf16 P written and read by
+    /// P V).
+    #[test]
+    fn decode_kernels_are_the_runtime_chain() {
+        let m = ModelSpec::load("llama3-8b").unwrap();
+        let count = |sp| {
+            decode_kernels(&m, 64 * 1024, sp)
+                .iter()
+                .map(|k| k.count)
+                .sum::<u64>()
         };
-        let e = evaluate(&topo, &m, &req, &c).unwrap();
+        assert_eq!(count(1), 19 + 41 * 32);
+        assert_eq!(count(8), 19 + 60 * 32);
+        // 32 layers x 218_112_000 + norm 4096 + head 128256 x 4096 + one embedding row 4096.
+        let w = 2.0 * (32.0 * 218_112_000.0 + 4096.0 + 128_256.0 * 4096.0 + 4096.0);
+        assert_eq!(m.layer_params(), 218_112_000);
+        assert_eq!(decode_weight_bytes(&m), w);
+        assert!(decode_weight_bytes(&m) < WEIGHT_BYTES * m.params() as f64);
+        // 64K keys over 8 kv heads: chunks of 1024 keys, 64 of them, no padding.
+        assert_eq!(cache_chunk_len(64 * 1024, 8), 1024);
+        assert_eq!(cache_chunk_len(1000, 2), 256);
         let kv = kv_cache_bytes(32, 8, 128, 64 * 1024);
-        let bw = topo.spec.hbm_bytes_per_s * HBM_EFFICIENCY;
-        assert!((e.decode_hbm_s - (kv + w) / bw).abs() < 1e-15);
+        let scores = 32.0 * 64.0 * 1024.0 * 32.0 * 44.0;
+        let total: f64 = decode_kernels(&m, 64 * 1024, 1)
+            .iter()
+            .map(|k| k.count as f64 * k.bytes)
+            .sum();
+        // The rest: activations, the per-chunk query copies and partial outputs, the logits.
+        let rest = total - kv - w - scores;
+        assert!(rest > 0.0 && rest < 0.01 * total, "{rest} of {total}");
+    }
+
+    /// Decode of llama3-8b on one GPU: the kernels' bytes over bandwidth plus what the floor
+    /// adds, no collectives; at least the KV shard and weights over the streaming bandwidth.
+    #[test]
+    fn decode_is_the_kernel_chain() {
+        let (topo, m) = setup(1);
+        let req = InferenceRequest {
+            gpus: 1,
+            context: 64 * 1024,
+            decode_tokens: 16,
+        };
+        let e = evaluate(&topo, &m, &req, &one_gpu()).unwrap();
+        let kernels = decode_kernels(&m, 64 * 1024, 1);
+        let floor = kernel_floor_s(&topo.spec);
+        let want: f64 = kernels
+            .iter()
+            .map(|k| k.count as f64 * kernel_s(&topo.spec, k.bytes, floor))
+            .sum();
+        assert!((e.decode_kernels_s - want).abs() < 1e-12 * want);
+        assert!((e.decode_hbm_s + e.decode_floor_s - want).abs() < 1e-12 * want);
+        assert_eq!(e.decode_kernels_per_token, 19 + 41 * 32);
+        let kv = kv_cache_bytes(32, 8, 128, 64 * 1024);
+        let bw = topo.spec.hbm_bytes_per_s * crate::cost::compute::HBM_EFFICIENCY;
+        assert!(e.decode_hbm_s > (kv + decode_weight_bytes(&m)) / bw);
         assert_eq!(e.decode_comm_s, 0.0);
-        assert_eq!(e.decode_s_per_token, e.decode_hbm_s);
+        assert_eq!(e.decode_s_per_token, e.decode_kernels_s);
+    }
+
+    /// The floor counts: a tiny model's decode step is launch bound, every kernel at the
+    /// floor, so it takes kernels x floor (the default floor without a measured bandwidth
+    /// curve, the calibration's smallest call with one), however few bytes it moves.
+    #[test]
+    fn tiny_decode_is_kernels_times_floor() {
+        let cluster = ClusterSpec::load("dgx-h100").unwrap();
+        let mut m = ModelSpec::load("llama3-8b").unwrap();
+        (
+            m.hidden_size,
+            m.intermediate_size,
+            m.num_heads,
+            m.num_kv_heads,
+        ) = (64, 128, 2, 1);
+        (m.head_dim, m.num_layers, m.vocab_size) = (32, 2, 256);
+        let req = InferenceRequest {
+            gpus: 1,
+            context: 1024,
+            decode_tokens: 1,
+        };
+        let text = r#"{"device": "x", "gemm": [{"tokens": 1024, "n": 1, "k": 1, "tflops": 500}],
+            "attention": [{"backend": "a", "heads": 8, "tokens": 1024, "causal": false, "tflops": 400},
+            {"backend": "a", "heads": 8, "tokens": 1024, "causal": true, "tflops": 300}],
+            "memory_bandwidth": [{"op": "copy", "bytes": 2097152, "gb_per_s": 200},
+            {"op": "copy", "bytes": 2147483648, "gb_per_s": 3000}]}"#;
+        let cal = crate::calibration::Calibration::from_json(text, "t").unwrap();
+        let mut calibrated = cluster.clone();
+        calibrated.calibration = Some(std::sync::Arc::new(cal));
+        for (c, floor) in [
+            (&cluster, DEFAULT_KERNEL_FLOOR_S),
+            (&calibrated, 2097152.0 / 200e9),
+        ] {
+            let topo = Topology::build(c, 1);
+            let e = evaluate(&topo, &m, &req, &one_gpu()).unwrap();
+            assert_eq!(e.decode_kernel_floor_s, floor);
+            let n = (19 + 41 * 2) as f64;
+            assert_eq!(e.decode_kernels_per_token, 101);
+            assert!(e.decode_s_per_token >= n * floor * (1.0 - 1e-12));
+            assert!(e.decode_s_per_token < 1.01 * n * floor, "{e:?}");
+            assert!(e.decode_floor_s > 100.0 * e.decode_hbm_s);
+        }
     }
 
     #[test]
