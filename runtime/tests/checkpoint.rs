@@ -1,6 +1,7 @@
 //! Checkpoint and resume are bit-exact: 4 steps straight against 2 steps + save + resume +
 //! 2 steps give identical losses, parameters and optimizer state, for SP 1 and SP 2
-//! (in-process thread ranks, CPU) with ZeRO-0 and ZeRO-1; a checkpoint of another layout or
+//! (in-process thread ranks, CPU) with ZeRO-0 and ZeRO-1, and for ZeRO-3 (sharded parameters)
+//! over SP 2 and over DP 2; a checkpoint of another layout or
 //! model is refused with one line.
 use mmsp_runtime::train::run::{run_with, ModelSource, RunExtras, RunOptions};
 use mmsp_runtime::RuntimeError;
@@ -139,6 +140,51 @@ fn resume_is_bit_exact_sp2_zero0() {
 #[test]
 fn resume_is_bit_exact_sp2_zero1() {
     bit_exact("sp2z1", 2, 1, 1, 1);
+}
+
+#[test]
+fn resume_is_bit_exact_sp2_zero3() {
+    // ZeRO-3: each shard file holds that rank's slices of the parameter units.
+    bit_exact("sp2z3", 2, 1, 1, 3);
+}
+
+#[test]
+fn resume_is_bit_exact_sp1_zero3_dp2() {
+    bit_exact("sp1z3dp2", 1, 1, 2, 3);
+}
+
+#[test]
+fn zero3_checkpoint_holds_parameter_slices() {
+    // Two shards of ZeRO-3 together hold every parameter once (plus the units' padding),
+    // each shard's params as long as its moments; resuming it as ZeRO-1 is refused.
+    let c = Case::new("z3slices", 1, 2, 1, 3);
+    c.run(1, "ck", None).unwrap();
+    let sh = shards(&c.dir.join("ck"));
+    assert_eq!(sh.len(), 2);
+    let man: Value =
+        serde_json::from_str(&std::fs::read_to_string(c.dir.join("ck/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(man["param_layout"], "zero3-units");
+    let mut held = 0;
+    for (f, ts) in &sh {
+        let get = |k: &str| &ts.iter().find(|(n, _)| n == k).unwrap().1;
+        assert_eq!(get("params").size(), get("exp_avg").size(), "{f}");
+        held += get("params").size()[0];
+    }
+    assert_eq!(held, man["padded"].as_i64().unwrap());
+    assert!(held >= man["numel"].as_i64().unwrap());
+    let p = c.dir.join("z1.json");
+    std::fs::write(&p, plan_json(1, 2, 1, 1)).unwrap();
+    let d = Case {
+        dir: c.dir.clone(),
+        plan: p,
+        ranks: 2,
+    };
+    assert!(matches!(
+        d.run(1, "ck2", Some("ck")),
+        Err(RuntimeError::Plan(_))
+    ));
+    let _ = std::fs::remove_dir_all(&c.dir);
 }
 
 #[test]

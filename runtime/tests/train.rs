@@ -1,7 +1,9 @@
 //! Training over sequence parallelism on the CPU (threads as ranks): every (ulysses, ring)
 //! factorisation of 2, 4 and 8 ranks that the tiny model's heads allow gives the same losses
 //! and parameters as one rank (float64); one rank's hand-written backward matches plain
-//! autograd; ZeRO-1 matches ZeRO-0; DP averages; the loss falls on a synthetic task; the
+//! autograd; ZeRO-1 matches ZeRO-0; ZeRO-3 (parameters, gradients and moments sharded,
+//! weights gathered per layer) matches ZeRO-0 for SP 1, 2, 3 (uneven unit padding), 4 and
+//! DP 2, with untied and tied embeddings and with QKV biases; DP averages; the loss falls on a synthetic task; the
 //! fused AdamW kernel (ATen `_fused_adamw_` through the shim) matches the plain one, alone
 //! (on the CPU, and on CUDA when present) and inside training; the per-phase times add up.
 use mmsp_runtime::comm::local::{local_groups, LocalComm};
@@ -87,6 +89,32 @@ fn train_with(
     fixed_data: bool,
     kernel: AdamWKernel,
 ) -> Run {
+    train_model(
+        ModelConfig::tiny(),
+        layout,
+        zero,
+        steps,
+        kind,
+        lr,
+        recompute,
+        fixed_data,
+        kernel,
+    )
+}
+
+/// [`train_with`] on a chosen model shape.
+#[allow(clippy::too_many_arguments)]
+fn train_model(
+    mcfg: ModelConfig,
+    layout: Layout,
+    zero: u32,
+    steps: usize,
+    kind: Kind,
+    lr: f64,
+    recompute: bool,
+    fixed_data: bool,
+    kernel: AdamWKernel,
+) -> Run {
     let w = layout.world_size();
     let uly = local_groups(&layout, GroupKind::Ulysses);
     let ring = local_groups(&layout, GroupKind::Ring);
@@ -105,9 +133,9 @@ fn train_with(
             .zip(world)
             .enumerate()
             .map(|(rank, ((u, r), g))| {
+                let mcfg = mcfg.clone();
                 s.spawn(move || {
-                    let model = Decoder::random(ModelConfig::tiny(), Device::Cpu, kind, kind, SEED)
-                        .unwrap();
+                    let model = Decoder::random(mcfg, Device::Cpu, kind, kind, SEED).unwrap();
                     let vocab = model.cfg.vocab_size as i64;
                     let groups = Groups {
                         ulysses: &u as &dyn Communicator,
@@ -127,12 +155,8 @@ fn train_with(
                         assert_eq!(st.tokens, (SEQ - 1) as f64);
                         losses.push(st.loss);
                     }
-                    let params = t
-                        .model
-                        .named_parameters()
-                        .iter()
-                        .map(|(n, p)| (n.clone(), p.detach().copy()))
-                        .collect();
+                    // Gathered over the grad group with ZeRO-3 (every rank calls it).
+                    let params = t.full_parameters().unwrap();
                     Run { losses, params }
                 })
             })
@@ -491,4 +515,208 @@ fn bf16_compute_follows_f32() {
         );
     }
     assert!(bf16_losses[5] < bf16_losses[0], "{bf16_losses:?}");
+}
+
+#[test]
+fn zero3_matches_zero0_f64() {
+    // Parameters, gradients and moments sharded over the grad group, each layer's weights
+    // gathered around its forward and backward: same losses and parameters as ZeRO-0.
+    let cases = [
+        (Layout::sp(1, 1, Placement::UlyssesInner), "sp1"),
+        (Layout::sp(1, 2, Placement::UlyssesInner), "sp1x2"),
+        (Layout::sp(2, 1, Placement::UlyssesInner), "sp2x1"),
+        (
+            Layout::sp(1, 3, Placement::UlyssesInner),
+            "sp1x3 (units padded)",
+        ),
+        (Layout::sp(2, 2, Placement::RingInner), "sp2x2"),
+        (Layout::sp(4, 1, Placement::UlyssesInner), "sp4x1"),
+        (
+            Layout {
+                dp: 2,
+                ..Layout::sp(2, 1, Placement::UlyssesInner)
+            },
+            "dp2 x sp2x1",
+        ),
+        (
+            Layout {
+                dp: 2,
+                ..Layout::sp(1, 1, Placement::UlyssesInner)
+            },
+            "dp2",
+        ),
+    ];
+    for (layout, name) in cases {
+        let z0 = train(layout, 0, STEPS, Kind::Double, 1e-2, false, false);
+        let z3 = train(layout, 3, STEPS, Kind::Double, 1e-2, false, false);
+        let (le, pe) = max_rel(&z3, &z0);
+        eprintln!("ZeRO-3 vs ZeRO-0, {name}: loss err {le:e}, param err {pe:e}");
+        assert!(
+            le < 1e-10 && pe < 1e-10,
+            "{name}: loss err {le:e}, param err {pe:e}"
+        );
+    }
+}
+
+#[test]
+fn zero3_tied_and_bias_match_zero0_f64() {
+    // Tied embeddings (the gathered table is the head; its gradient collects both uses) and
+    // QKV biases, fused AdamW, SP 2 x 2.
+    let mcfg = ModelConfig {
+        tie_word_embeddings: true,
+        qkv_bias: true,
+        ..ModelConfig::tiny()
+    };
+    let layout = Layout::sp(2, 2, Placement::UlyssesInner);
+    for kernel in [AdamWKernel::Plain, AdamWKernel::Fused] {
+        let run = |zero| {
+            train_model(
+                mcfg.clone(),
+                layout,
+                zero,
+                STEPS,
+                Kind::Double,
+                1e-2,
+                false,
+                false,
+                kernel,
+            )
+        };
+        let (z0, z3) = (run(0), run(3));
+        assert!(z3.params.iter().any(|(n, _)| n.ends_with("q_proj.bias")));
+        let (le, pe) = max_rel(&z3, &z0);
+        assert!(le < 1e-10 && pe < 1e-10, "{kernel:?}: {le:e} {pe:e}");
+    }
+}
+
+#[test]
+fn zero3_shards_what_it_says() {
+    // Each of 4 ranks keeps 1/4 of every unit (parameters, gradients, moments); the model's
+    // own parameter tensors are empty.
+    let layout = Layout::sp(2, 2, Placement::UlyssesInner);
+    let uly = local_groups(&layout, GroupKind::Ulysses);
+    let ring = local_groups(&layout, GroupKind::Ring);
+    let world = LocalComm::group(4);
+    let total: i64 = Decoder::param_shapes(&ModelConfig::tiny())
+        .iter()
+        .map(|(_, s)| s.iter().product::<i64>())
+        .sum();
+    std::thread::scope(|s| {
+        for ((u, r), g) in uly.into_iter().zip(ring).zip(world) {
+            s.spawn(move || {
+                let model = Decoder::random(
+                    ModelConfig::tiny(),
+                    Device::Cpu,
+                    Kind::Float,
+                    Kind::Float,
+                    1,
+                )
+                .unwrap();
+                let groups = Groups {
+                    ulysses: &u as &dyn Communicator,
+                    ring: &r,
+                    grad: &g,
+                    dp: 1,
+                };
+                let cfg = TrainConfig {
+                    optimizer: opt(1e-3),
+                    zero_stage: 3,
+                    recompute: false,
+                    backend: Backend::CpuMath,
+                    profile: false,
+                };
+                let mut t = Trainer::new(model, groups, SEQ, cfg).unwrap();
+                let (ids, labels) = data(0, 0, 128);
+                let rg = t.local_ranges();
+                t.step(&shard(&ids, rg), &shard(&labels, rg)).unwrap();
+                let o = t.optimizer();
+                let units = o.units().unwrap();
+                assert_eq!(units.len(), 2 + 2, "embedding, 2 layers, final norm + head");
+                let local: i64 = units.iter().map(|x| x.padded() / 4).sum();
+                assert_eq!(o.params_flat().size(), [local]);
+                assert_eq!(o.grads_flat().size(), [local]);
+                let (m, v, _) = o.moments();
+                assert_eq!((m.size(), v.size()), (vec![local], vec![local]));
+                assert!(local * 4 < total + 4 * units.len() as i64);
+                assert!(t
+                    .model
+                    .named_parameters()
+                    .iter()
+                    .all(|(_, p)| p.numel() == 0));
+                let full = t.full_parameters().unwrap();
+                assert_eq!(
+                    full.iter().map(|(_, p)| p.numel() as i64).sum::<i64>(),
+                    total
+                );
+            });
+        }
+    });
+}
+
+#[test]
+fn zero3_bf16_compute_follows_zero0() {
+    // fp32 master, bf16 compute (the GPU configuration, on the CPU): ZeRO-3 casts each
+    // rank's slice to bf16 before the gather and reduces the bf16 weight gradients in fp32,
+    // as ZeRO-0's casts do; the runs agree within bf16 rounding.
+    let run = |zero: u32| {
+        let layout = Layout::sp(1, 2, Placement::UlyssesInner);
+        let uly = local_groups(&layout, GroupKind::Ulysses);
+        let ring = local_groups(&layout, GroupKind::Ring);
+        let world = LocalComm::group(2);
+        let mut out: Vec<Run> = std::thread::scope(|s| {
+            let hs: Vec<_> = uly
+                .into_iter()
+                .zip(ring)
+                .zip(world)
+                .map(|((u, r), g)| {
+                    s.spawn(move || {
+                        let model = Decoder::random(
+                            ModelConfig::tiny(),
+                            Device::Cpu,
+                            Kind::Float,
+                            Kind::BFloat16,
+                            SEED,
+                        )
+                        .unwrap();
+                        let groups = Groups {
+                            ulysses: &u as &dyn Communicator,
+                            ring: &r,
+                            grad: &g,
+                            dp: 1,
+                        };
+                        let cfg = TrainConfig {
+                            optimizer: opt(4e-3),
+                            zero_stage: zero,
+                            recompute: false,
+                            backend: Backend::CpuMath,
+                            profile: false,
+                        };
+                        let mut t = Trainer::new(model, groups, SEQ, cfg).unwrap();
+                        let (ids, labels) = data(0, 0, 128);
+                        let rg = t.local_ranges();
+                        let losses = (0..4)
+                            .map(|_| t.step(&shard(&ids, rg), &shard(&labels, rg)).unwrap().loss)
+                            .collect();
+                        Run {
+                            losses,
+                            params: t.full_parameters().unwrap(),
+                        }
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        out.swap_remove(0)
+    };
+    let (r0, r3) = (run(0), run(3));
+    let (l0, p0, l3, p3) = (&r0.losses, &r0.params, &r3.losses, &r3.params);
+    for (a, b) in l0.iter().zip(l3) {
+        assert!((a - b).abs() < 1e-3 * a.abs(), "{l0:?} vs {l3:?}");
+    }
+    assert!(l3[3] < l3[0], "{l3:?}");
+    for ((n, a), (_, b)) in p0.iter().zip(p3) {
+        assert_eq!(a.kind(), Kind::Float);
+        let e = (a - b).norm().double_value(&[]) / a.norm().double_value(&[]);
+        assert!(e < 1e-3, "{n}: {e:e}");
+    }
 }

@@ -3,6 +3,16 @@
 //! of its 1/N slice only: gradients are reduce-scattered, the slice updated, and the
 //! parameters all-gathered.
 //!
+//! ZeRO-3 ([`AdamW::new_zero3`]): the parameters are cut into units (consecutive parameters:
+//! the embedding, each layer, the final norm with the head), each unit's flat vector padded
+//! to a multiple of N, and rank r keeps slice r of every unit only: master parameters,
+//! gradients and both moments are all 1/N. The model's own parameter tensors are released
+//! (left empty); the trainer materialises a unit's full weights with
+//! [`AdamW::gather_unit`] when it needs them and hands the unit's full gradient to
+//! [`AdamW::reduce_unit_grad`] (a reduce-scatter into this rank's gradient slice); the
+//! update then touches the local slices only, with no collective. Persistent state per rank
+//! for an fp32 master: (4 + 4 + 4 + 4) / N = 16 / N bytes per parameter.
+//!
 //! Two update kernels compute the same thing (torch.optim.AdamW, Loshchilov & Hutter 2019,
 //! Algorithm 2 with decoupled weight decay):
 //! - `fused`: ATen's `_fused_adamw_` through the shim (`ffi::fused_adamw`), one multi-tensor
@@ -18,6 +28,7 @@
 use crate::comm::Communicator;
 use crate::error::{Result, RuntimeError};
 use crate::ffi::{fused_adamw, FusedAdamWArgs};
+use std::ops::Range;
 use tch::{Device, Kind, Tensor};
 
 /// Which update kernel to run.
@@ -75,6 +86,33 @@ impl Default for AdamWConfig {
     }
 }
 
+/// A ZeRO-3 unit: consecutive parameters gathered and reduced together.
+#[derive(Debug, Clone)]
+pub struct Unit {
+    /// Indices of its parameters (in the order given to [`AdamW::new_zero3`]).
+    pub params: Range<usize>,
+    /// Each parameter's shape and offset in the unit's flat vector.
+    shapes: Vec<Vec<i64>>,
+    offsets: Vec<i64>,
+    /// Elements without padding, and padded to a multiple of the shard count.
+    numel: i64,
+    padded: i64,
+    /// Where this rank's slice (padded / N elements) starts in the local flat buffers.
+    local_off: i64,
+}
+
+impl Unit {
+    /// Elements without padding.
+    pub fn numel(&self) -> i64 {
+        self.numel
+    }
+
+    /// Length of the gathered (padded) flat vector.
+    pub fn padded(&self) -> i64 {
+        self.padded
+    }
+}
+
 /// Optimizer state.
 pub struct AdamW {
     cfg: AdamWConfig,
@@ -84,9 +122,13 @@ pub struct AdamW {
     shards: usize,
     shard_rank: usize,
     /// Every parameter, in order, as one padded buffer: the parameters are views of it.
+    /// ZeRO-3: this rank's slices of every unit, concatenated (no parameter is a view).
     pflat: Tensor,
-    /// Their gradients likewise (autograd accumulates into the views in place).
+    /// Their gradients likewise (autograd accumulates into the views in place). ZeRO-3:
+    /// this rank's slices, filled by [`AdamW::reduce_unit_grad`].
     gflat: Tensor,
+    /// ZeRO-3 units (None for stages 0-2).
+    units: Option<Vec<Unit>>,
     /// Moments of the slice this rank updates (the whole vector without sharding).
     m: Tensor,
     v: Tensor,
@@ -119,18 +161,7 @@ impl AdamW {
                 "parameters of mixed dtype or device".into(),
             ));
         }
-        let kernel = cfg.kernel.resolve(dev)?;
-        if kernel == AdamWKernel::Fused && dev.is_cuda() {
-            // Self-check on the device before trusting the fused kernel with the model.
-            let err = self_check(dev, kind, 1 << 16, 3)?;
-            let tol = if kind == Kind::Double { 1e-9 } else { 1e-3 };
-            if err.is_nan() || err > tol {
-                return Err(RuntimeError::Config(format!(
-                    "fused AdamW differs from the plain update by {err:e} (> {tol:e}) on {dev:?}; \
-                     MMSP_ADAMW=plain selects the plain update"
-                )));
-            }
-        }
+        let kernel = checked_kernel(&cfg, dev, kind)?;
         let numel: i64 = params.iter().map(|p| p.numel() as i64).sum();
         let (shards, shard_rank) = shard.map_or((1, 0), |c| (c.size(), c.rank()));
         let n = shards as i64;
@@ -177,6 +208,7 @@ impl AdamW {
             shard_rank,
             pflat,
             gflat,
+            units: None,
             m: Tensor::zeros([len], (kind, dev)),
             v: Tensor::zeros([len], (kind, dev)),
             t: 0,
@@ -185,12 +217,200 @@ impl AdamW {
         })
     }
 
+    /// ZeRO-3 state for `params` cut into `units` (consecutive index ranges covering every
+    /// parameter in order), sharded over `group`: this rank copies its slice of each unit,
+    /// then every parameter's storage (and gradient's, if any) is released, leaving empty
+    /// tensors of the same dtype and device in the model.
+    pub fn new_zero3(
+        params: &[Tensor],
+        units: &[Range<usize>],
+        cfg: AdamWConfig,
+        group: &dyn Communicator,
+    ) -> Result<AdamW> {
+        let first = params
+            .first()
+            .ok_or_else(|| RuntimeError::Config("no parameters".into()))?;
+        let (kind, dev) = (first.kind(), first.device());
+        if params.iter().any(|p| p.kind() != kind || p.device() != dev) {
+            return Err(RuntimeError::Config(
+                "parameters of mixed dtype or device".into(),
+            ));
+        }
+        let mut next = 0;
+        for u in units {
+            if u.start != next || u.end <= u.start {
+                return Err(RuntimeError::Config(format!(
+                    "ZeRO-3 units must be consecutive non-empty ranges (got {u:?} after {next})"
+                )));
+            }
+            next = u.end;
+        }
+        if next != params.len() {
+            return Err(RuntimeError::Config(format!(
+                "ZeRO-3 units cover {next} of {} parameters",
+                params.len()
+            )));
+        }
+        let kernel = checked_kernel(&cfg, dev, kind)?;
+        let (shards, shard_rank) = (group.size(), group.rank());
+        let n = shards as i64;
+        let mut layout = Vec::with_capacity(units.len());
+        let mut local = 0;
+        for u in units {
+            let shapes: Vec<Vec<i64>> = params[u.clone()].iter().map(|p| p.size()).collect();
+            let mut offsets = Vec::with_capacity(shapes.len());
+            let mut numel = 0;
+            for p in &params[u.clone()] {
+                offsets.push(numel);
+                numel += p.numel() as i64;
+            }
+            let padded = (numel + n - 1) / n * n;
+            layout.push(Unit {
+                params: u.clone(),
+                shapes,
+                offsets,
+                numel,
+                padded,
+                local_off: local,
+            });
+            local += padded / n;
+        }
+        let _ng = tch::no_grad_guard();
+        let pflat = Tensor::zeros([local], (kind, dev));
+        for u in &layout {
+            // This rank's slice [a, a + len) of the unit's flat vector.
+            let len = u.padded / n;
+            let a = len * shard_rank as i64;
+            for (i, p) in params[u.params.clone()].iter().enumerate() {
+                let (o, k) = (u.offsets[i], p.numel() as i64);
+                let (lo, hi) = (o.max(a), (o + k).min(a + len));
+                if lo < hi {
+                    let src = p.detach().reshape([-1]).narrow(0, lo - o, hi - lo);
+                    pflat
+                        .narrow(0, u.local_off + lo - a, hi - lo)
+                        .f_copy_(&src)?;
+                }
+            }
+        }
+        let empty = Tensor::empty([0], (kind, dev));
+        for p in params {
+            let mut g = p.grad();
+            if g.defined() {
+                g.f_set_data(&empty)?;
+            }
+            p.shallow_clone().f_set_data(&empty)?;
+        }
+        Ok(AdamW {
+            cfg,
+            numel: layout.iter().map(|u| u.numel).sum(),
+            padded: local * n,
+            shards,
+            shard_rank,
+            gflat: pflat.zeros_like(),
+            m: pflat.zeros_like(),
+            v: pflat.zeros_like(),
+            pflat,
+            units: Some(layout),
+            t: 0,
+            kernel,
+            step_t: Tensor::zeros([1], (Kind::Float, dev)),
+        })
+    }
+
+    /// The ZeRO-3 units (None for stages 0-2).
+    pub fn units(&self) -> Option<&[Unit]> {
+        self.units.as_deref()
+    }
+
+    fn unit(&self, u: usize) -> Result<&Unit> {
+        self.units
+            .as_ref()
+            .and_then(|us| us.get(u))
+            .ok_or_else(|| RuntimeError::Config(format!("no ZeRO-3 unit {u}")))
+    }
+
+    /// ZeRO-3: unit `u`'s full (padded) flat parameter vector in `kind`, all-gathered over
+    /// `group` (every rank of it must call). The local slice is cast first, so the gather
+    /// moves `kind`'s bytes (2 per parameter for bf16).
+    pub fn gather_unit(&self, u: usize, kind: Kind, group: &dyn Communicator) -> Result<Tensor> {
+        let unit = self.unit(u)?;
+        let _ng = tch::no_grad_guard();
+        let len = unit.padded / self.shards as i64;
+        let mine = self.pflat.narrow(0, unit.local_off, len);
+        let send = if kind == mine.kind() {
+            mine.copy()
+        } else {
+            mine.to_kind(kind)
+        };
+        if self.shards == 1 {
+            return Ok(send);
+        }
+        let recv = Tensor::empty([unit.padded], (kind, self.pflat.device()));
+        group.all_gather(&send, &recv)?;
+        Ok(recv)
+    }
+
+    /// ZeRO-3: the parameters of unit `u` as views (their shapes) of its gathered `flat`.
+    pub fn unit_views(&self, u: usize, flat: &Tensor) -> Result<Vec<Tensor>> {
+        let unit = self.unit(u)?;
+        Ok(unit
+            .shapes
+            .iter()
+            .zip(&unit.offsets)
+            .map(|(s, &o)| {
+                let k: i64 = s.iter().product();
+                flat.narrow(0, o, k).view(s.as_slice())
+            })
+            .collect())
+    }
+
+    /// ZeRO-3: a zero gradient vector for unit `u` (padded, master dtype); fill it (e.g.
+    /// through [`AdamW::unit_views`]) and pass it to [`AdamW::reduce_unit_grad`].
+    pub fn new_unit_grad(&self, u: usize) -> Result<Tensor> {
+        let unit = self.unit(u)?;
+        Ok(self
+            .gflat
+            .new_zeros([unit.padded], (self.gflat.kind(), self.gflat.device())))
+    }
+
+    /// ZeRO-3: sums this rank's full gradient of unit `u` (`grad`, padded, master dtype) over
+    /// `group` and adds this rank's slice of the sum to its gradient buffer.
+    pub fn reduce_unit_grad(
+        &self,
+        u: usize,
+        grad: &Tensor,
+        group: &dyn Communicator,
+    ) -> Result<()> {
+        let unit = self.unit(u)?;
+        let _ng = tch::no_grad_guard();
+        let len = unit.padded / self.shards as i64;
+        let mut dst = self.gflat.narrow(0, unit.local_off, len);
+        if grad.size() != [unit.padded] || grad.kind() != dst.kind() {
+            return Err(RuntimeError::Shape(format!(
+                "unit {u} gradient is {:?} {:?}, want [{}] {:?}",
+                grad.size(),
+                grad.kind(),
+                unit.padded,
+                dst.kind()
+            )));
+        }
+        if self.shards == 1 {
+            let _ = dst.f_add_(grad)?;
+            return Ok(());
+        }
+        let recv = dst.empty_like();
+        group.reduce_scatter(grad, &recv)?;
+        let _ = dst.f_add_(&recv)?;
+        Ok(())
+    }
+
     /// The update kernel in use (`Plain` or `Fused`).
     pub fn kernel(&self) -> AdamWKernel {
         self.kernel
     }
 
-    /// Every parameter as one padded flat buffer (the model's parameters are views of it).
+    /// Every parameter as one padded flat buffer (the model's parameters are views of it);
+    /// ZeRO-3: this rank's slices of the units.
     pub fn params_flat(&self) -> &Tensor {
         &self.pflat
     }
@@ -211,7 +431,8 @@ impl AdamW {
     }
 
     /// Sums the gradients over `grad_group`, multiplies them by `scale`, updates the
-    /// parameters and clears their gradients.
+    /// parameters and clears their gradients. ZeRO-3: the gradients were already summed
+    /// unit by unit ([`AdamW::reduce_unit_grad`]), so no collective runs here.
     pub fn step(&mut self, grad_group: &dyn Communicator, scale: f64) -> Result<()> {
         self.step_timed(grad_group, scale, &|| {}).map(|_| ())
     }
@@ -231,7 +452,12 @@ impl AdamW {
         let off = len * self.shard_rank as i64;
         sync();
         let t0 = std::time::Instant::now();
-        let mut g = if self.shards > 1 {
+        let zero3 = self.units.is_some();
+        let len = if zero3 { self.pflat.size()[0] } else { len };
+        let off = if zero3 { 0 } else { off };
+        let mut g = if zero3 {
+            self.gflat.shallow_clone()
+        } else if self.shards > 1 {
             let recv = self
                 .gflat
                 .new_zeros([len], (self.gflat.kind(), self.gflat.device()));
@@ -259,7 +485,7 @@ impl AdamW {
         let _ = self.gflat.f_zero_()?;
         sync();
         let update_s = t1.elapsed().as_secs_f64();
-        if self.shards > 1 {
+        if self.shards > 1 && !zero3 {
             let t2 = std::time::Instant::now();
             grad_group.all_gather(&p.copy(), &self.pflat)?;
             sync();
@@ -267,6 +493,24 @@ impl AdamW {
         }
         Ok((reduce_s, update_s))
     }
+}
+
+/// The kernel `cfg` asks for on `dev`; a fused kernel on CUDA is first checked against the
+/// plain update.
+fn checked_kernel(cfg: &AdamWConfig, dev: Device, kind: Kind) -> Result<AdamWKernel> {
+    let kernel = cfg.kernel.resolve(dev)?;
+    if kernel == AdamWKernel::Fused && dev.is_cuda() {
+        // Self-check on the device before trusting the fused kernel with the model.
+        let err = self_check(dev, kind, 1 << 16, 3)?;
+        let tol = if kind == Kind::Double { 1e-9 } else { 1e-3 };
+        if err.is_nan() || err > tol {
+            return Err(RuntimeError::Config(format!(
+                "fused AdamW differs from the plain update by {err:e} (> {tol:e}) on {dev:?}; \
+                 MMSP_ADAMW=plain selects the plain update"
+            )));
+        }
+    }
+    Ok(kernel)
 }
 
 /// One fused update of `p` (1-D) with gradient `g` and moments `m`, `v`, at step `t`
@@ -365,8 +609,8 @@ pub fn self_check(dev: Device, kind: Kind, n: i64, steps: i32) -> Result<f64> {
 
 // ---- Checkpoint access (used by train/checkpoint.rs; kept apart from the update code) ----
 impl AdamW {
-    /// The state a checkpoint holds: every parameter as one padded flat buffer, this rank's
-    /// moments and the step count.
+    /// The state a checkpoint holds: every parameter as one padded flat buffer (ZeRO-3:
+    /// this rank's slices only), this rank's moments and the step count.
     pub(crate) fn checkpoint_state(&self) -> (&Tensor, &Tensor, &Tensor, i32) {
         (&self.pflat, &self.m, &self.v, self.t)
     }
@@ -374,6 +618,11 @@ impl AdamW {
     /// (shard count, this rank's shard, parameters without padding, padded length).
     pub(crate) fn checkpoint_layout(&self) -> (usize, usize, i64, i64) {
         (self.shards, self.shard_rank, self.numel, self.padded)
+    }
+
+    /// Whether the parameter buffer holds this rank's slices only (ZeRO-3).
+    pub(crate) fn params_sharded(&self) -> bool {
+        self.units.is_some()
     }
 
     /// Sets the step count after the buffers of [`AdamW::checkpoint_state`] were filled in

@@ -5,10 +5,13 @@
 //!
 //! A checkpoint is a directory: one safetensors file per optimizer shard and
 //! `manifest.json`. Without ZeRO (one shard, every rank holds the same state) the grad
-//! group's rank 0 writes `shard-00000-of-00001.safetensors`; with ZeRO-1/2 grad rank r
+//! group's rank 0 writes `shard-00000-of-00001.safetensors`; with ZeRO-1/2/3 grad rank r
 //! writes shard r. A shard file holds `params` (that shard's slice of the padded flat
 //! parameter vector, in `Decoder::param_shapes` order), `exp_avg` and `exp_avg_sq` (its
-//! moments) and `step`. Rank 0 writes the manifest last, after a barrier, so a manifest
+//! moments) and `step`. With ZeRO-3 the parameter vector is cut into units (embedding, each
+//! layer, final norm with head; `train::zero3`), each padded to a multiple of the shard
+//! count, and shard r's `params` is slice r of every unit, concatenated (the same layout
+//! as its moments); on resume each rank reads its own shard file only. Rank 0 writes the manifest last, after a barrier, so a manifest
 //! always describes complete shard files. The manifest records what must match for a resume
 //! ([`identity`]: world size, layout, ZeRO stage, context, master dtype, model config and
 //! parameter names and shapes); resuming under anything else is refused with one line
@@ -197,7 +200,7 @@ pub fn save_shard(t: &Trainer<'_>, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let (p, m, v, step) = t.opt.checkpoint_state();
     let len = m.size()[0];
-    let params = if n == 1 {
+    let params = if n == 1 || t.opt.params_sharded() {
         p.shallow_clone()
     } else {
         p.narrow(0, len * i as i64, len)
@@ -230,6 +233,7 @@ pub fn write_manifest(
         "identity": identity,
         "files": shard_files(t),
         "numel": numel, "padded": padded,
+        "param_layout": if t.opt.params_sharded() { "zero3-units" } else { "flat" },
         "optimizer": {"lr": t.cfg.optimizer.lr, "beta1": t.cfg.optimizer.beta1,
                       "beta2": t.cfg.optimizer.beta2, "eps": t.cfg.optimizer.eps,
                       "weight_decay": t.cfg.optimizer.weight_decay},
@@ -274,8 +278,13 @@ pub fn load(t: &mut Trainer<'_>, man: &Manifest) -> Result<()> {
     let (p, m, v, _) = t.opt.checkpoint_state();
     let (mut p, mut m, mut v) = (p.shallow_clone(), m.shallow_clone(), v.shallow_clone());
     let mut step = None;
+    // ZeRO-3 ranks hold their own parameter slices; the others the whole vector.
+    let own_only = t.opt.params_sharded();
     let mut parts = Vec::with_capacity(n);
     for (i, name) in man.files.iter().enumerate() {
+        if own_only && i != mine {
+            continue;
+        }
         let ts = read_shard(dir, name)?;
         parts.push(get(dir, name, &ts, "params")?.shallow_clone());
         if i == mine {

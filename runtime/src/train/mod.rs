@@ -6,7 +6,9 @@
 //! active tokens of the whole SP group; gradients of the (replicated) parameters are summed
 //! over the grad group (SP x DP) and averaged over DP; AdamW in the master dtype, its state
 //! either replicated (ZeRO-0) or sharded over the grad group (ZeRO-1/2: gradients
-//! reduce-scattered, updated parameters all-gathered).
+//! reduce-scattered, updated parameters all-gathered; ZeRO-3: parameters, gradients and
+//! moments all sharded, each layer's weights all-gathered around its forward and its
+//! backward and its gradients reduce-scattered right after its backward, see [`zero3`]).
 //!
 //! With [`TrainConfig::profile`] the device is synchronised between phases and
 //! [`StepStats::phases`] holds their times ([`Phases`]).
@@ -42,6 +44,7 @@
 pub mod adamw;
 pub mod checkpoint;
 pub mod run;
+pub mod zero3;
 
 use crate::attn2d::{Attention2d, Attn2dCtx, AttnShape};
 use crate::comm::Communicator;
@@ -70,9 +73,11 @@ pub struct Groups<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct TrainConfig {
     pub optimizer: AdamWConfig,
-    /// 0, 1 or 2 (2 behaves as 1: gradients are reduce-scattered in both).
+    /// 0, 1, 2 or 3 (2 behaves as 1: gradients are reduce-scattered in both; 3 also shards
+    /// the parameters and gradients, see [`zero3`]).
     pub zero_stage: u32,
     /// Keep only each layer's input and attention output; recompute the rest in backward.
+    /// Always done with ZeRO-3 (its layers' full weights exist only around their use).
     pub recompute: bool,
     pub backend: Backend,
     /// Synchronise the device around phases to time them (costs a little overlap).
@@ -102,7 +107,7 @@ pub struct StepStats {
 pub struct Phases {
     /// Master -> compute dtype weight casts (every layer weight once per step without
     /// recompute; with recompute the layers' casts fall in `fwd_s` / `bwd_s`; always the
-    /// head weight).
+    /// head weight). ZeRO-3: every unit's cast and all-gather.
     pub cast_s: f64,
     /// Embedding gather, and its backward (accumulation into the table's gradient).
     pub embed_s: f64,
@@ -118,7 +123,8 @@ pub struct Phases {
     /// 2D attention backward.
     pub attn_bwd_s: f64,
     /// Gradient reduction over the grad group (all-reduce or reduce-scatter) and, with
-    /// ZeRO-1/2, the parameter all-gather.
+    /// ZeRO-1/2, the parameter all-gather. ZeRO-3: the per-unit reduce-scatters (with the
+    /// copies of the unit's gradients into one master-dtype vector).
     pub grad_reduce_s: f64,
     /// AdamW update of this rank's parameters and the gradient zeroing.
     pub optimizer_s: f64,
@@ -253,9 +259,9 @@ impl<'a> Trainer<'a> {
         seq_len: usize,
         cfg: TrainConfig,
     ) -> Result<Trainer<'a>> {
-        if cfg.zero_stage > 2 {
+        if cfg.zero_stage > 3 {
             return Err(RuntimeError::Plan(format!(
-                "ZeRO stage {} is not implemented by the runtime (0, 1 and 2 are)",
+                "ZeRO stage {} is not implemented by the runtime (0, 1, 2 and 3 are)",
                 cfg.zero_stage
             )));
         }
@@ -287,12 +293,12 @@ impl<'a> Trainer<'a> {
             .iter()
             .map(|(_, t)| t.shallow_clone())
             .collect();
-        let shard = if cfg.zero_stage == 0 {
-            None
-        } else {
-            Some(groups.grad)
+        let opt = match cfg.zero_stage {
+            0 => AdamW::new(&params, cfg.optimizer, None)?,
+            1 | 2 => AdamW::new(&params, cfg.optimizer, Some(groups.grad))?,
+            _ => AdamW::new_zero3(&params, &zero3::units(&model)?, cfg.optimizer, groups.grad)?,
         };
-        let opt = AdamW::new(&params, cfg.optimizer, shard)?;
+        drop(params);
         let master = model.head_weight().kind();
         let (fast_lsm, fp32_gemm) = probe_loss_kernels(device, model.compute, master);
         let t = Trainer {
@@ -322,7 +328,8 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// The optimizer (its flat buffers and moments, for checkpoints).
+    /// The optimizer (its flat buffers and moments, for checkpoints). With ZeRO-3 the model's
+    /// parameter tensors are empty: [`Trainer::full_parameters`] gathers them.
     pub fn optimizer(&self) -> &AdamW {
         &self.opt
     }
@@ -356,6 +363,8 @@ impl<'a> Trainer<'a> {
     /// One step from `input` (token ids, or embeddings (1, s_local, hidden) such as vision
     /// tokens merged with text) and `labels` (1, s_local). Returns the step's stats and, for
     /// embeddings, their gradient (1, s_local, hidden) in the compute dtype, undefined-free.
+    /// With ZeRO-3 every rank of the grad group must pass the same kind of input (ids or
+    /// embeddings): it decides whether the embedding table's gradient is reduce-scattered.
     fn step_input(
         &mut self,
         input: Input<'_>,
@@ -374,7 +383,10 @@ impl<'a> Trainer<'a> {
         let mut clk = Clock::new(dev, prof);
         let t0 = Instant::now();
         let nl = self.model.cfg.num_layers;
-        let rec = self.cfg.recompute;
+        // ZeRO-3: weights are gathered unit by unit (module `zero3`), layers recomputed.
+        let z3 = self.opt.units().is_some();
+        let tied = self.model.cfg.tie_word_embeddings;
+        let rec = self.cfg.recompute || z3;
         let compute = self.model.compute;
         // Master -> compute casts, once per step (kept in the graph: their backward
         // accumulates into the fp32 gradient buffer).
@@ -385,28 +397,73 @@ impl<'a> Trainer<'a> {
                 .map(|l| (self.model.pre_weights(l), self.model.post_weights(l)))
                 .collect()
         };
-        let head_w = tch::no_grad(|| self.model.head_weight().detach().to_kind(compute));
-        let norm_w = self.model.final_norm_weight();
+        let head_w = if z3 {
+            None
+        } else {
+            Some(tch::no_grad(|| {
+                self.model.head_weight().detach().to_kind(compute)
+            }))
+        };
+        let norm_w = (!z3).then(|| self.model.final_norm_weight());
         ph.cast_s = clk.lap();
         // Embedding: no autograd (its backward is one index_put_ below).
         let emb_ids = match input {
             Input::Ids(ids) => Some(ids.view([-1])),
             Input::Embeddings(_) => None,
         };
-        let x0 = tch::no_grad(|| self.model.embed(input))?;
+        // ZeRO-3: the gathered embedding table, while needed (the lookup; the head if tied).
+        let mut table: Option<zero3::Gathered> = None;
+        let x0 = match input {
+            Input::Ids(ids) if z3 => {
+                if ids.dim() != 2 || ids.kind() != Kind::Int64 {
+                    return Err(RuntimeError::Shape(format!(
+                        "token ids must be (B, S) int64, got {:?} {:?}",
+                        ids.size(),
+                        ids.kind()
+                    )));
+                }
+                let g = self.gather(zero3::EMBED_UNIT, false)?;
+                ph.cast_s += clk.lap();
+                let x0 = tch::no_grad(|| {
+                    g.get("embed_tokens.weight")
+                        .map(|w| Tensor::embedding(w, ids, -1, false, false))
+                })?;
+                table = Some(g);
+                x0
+            }
+            _ => tch::no_grad(|| self.model.embed(input))?,
+        };
+        if z3 && tied && table.is_none() {
+            table = Some(self.gather(zero3::EMBED_UNIT, false)?);
+        }
+        if !tied {
+            table = None;
+        }
         let mut x = x0.detach().set_requires_grad(true);
         let x_first = x.shallow_clone();
         ph.embed_s = clk.lap();
         let mut layers: Vec<LayerState> = Vec::with_capacity(nl);
         for l in 0..nl {
-            // Weights cast at the start of the step, or (recompute) cast here without graph.
+            // Weights cast at the start of the step, or (recompute) cast here without graph,
+            // or (ZeRO-3) gathered here and freed after the layer.
             let cast = weights.get(l);
-            let (q, k, v) = match cast {
-                Some((pre, _)) => self.model.pre_attention_with(pre, &x, &self.rope),
-                None => tch::no_grad(|| {
-                    self.model
-                        .pre_attention_with(&self.model.pre_weights(l), &x, &self.rope)
-                }),
+            let lw = match (cast, z3) {
+                (Some(_), _) => None,
+                (None, true) => {
+                    let (pre, post, _) = self.gathered_layer(l, false)?;
+                    ph.cast_s += clk.lap();
+                    Some((pre, post))
+                }
+                (None, false) => Some(tch::no_grad(|| {
+                    (self.model.pre_weights(l), self.model.post_weights(l))
+                })),
+            };
+            let (q, k, v) = match (cast, &lw) {
+                (Some((pre, _)), _) => self.model.pre_attention_with(pre, &x, &self.rope),
+                (None, Some((pre, _))) => {
+                    tch::no_grad(|| self.model.pre_attention_with(pre, &x, &self.rope))
+                }
+                (None, None) => unreachable!("layer weights are cast or gathered"),
             };
             ph.fwd_s += clk.lap();
             let (o, ctx) = self.attn.forward(
@@ -416,13 +473,14 @@ impl<'a> Trainer<'a> {
             )?;
             ph.attn_fwd_s += clk.lap();
             let a = o.detach().set_requires_grad(true);
-            let y = match cast {
-                Some((_, post)) => self.model.post_attention_with(post, &x, &a),
-                None => tch::no_grad(|| {
-                    self.model
-                        .post_attention_with(&self.model.post_weights(l), &x, &a)
-                }),
+            let y = match (cast, &lw) {
+                (Some((_, post)), _) => self.model.post_attention_with(post, &x, &a),
+                (None, Some((_, post))) => {
+                    tch::no_grad(|| self.model.post_attention_with(post, &x, &a))
+                }
+                (None, None) => unreachable!("layer weights are cast or gathered"),
             };
+            drop(lw);
             let next = y.detach().set_requires_grad(true);
             layers.push(LayerState {
                 x_in: x,
@@ -434,6 +492,39 @@ impl<'a> Trainer<'a> {
             x = next;
             ph.fwd_s += clk.lap();
         }
+        // ZeRO-3: the final norm (a leaf with grad) and the untied head, gathered for the
+        // loss; the head's gradient goes straight into the unit's gradient vector (or the
+        // embedding's when tied).
+        let mut fin: Option<(zero3::Gathered, Tensor)> = None;
+        let mut emb_grad: Option<Tensor> = None;
+        let (norm_w, head_w, mut head_gw) = match (norm_w, head_w) {
+            (Some(n), Some(h)) => (n, h, self.model.head_weight().grad()),
+            _ => {
+                let g = self.gather(zero3::final_unit(nl), true)?;
+                let flat = self.opt.new_unit_grad(g.unit)?;
+                let nw = g.get("model.norm.weight")?.shallow_clone();
+                let (hw, hg) = if tied {
+                    let t = table.as_ref().ok_or_else(|| {
+                        RuntimeError::Config("ZeRO-3: the tied head has no table".into())
+                    })?;
+                    let eg = self.opt.new_unit_grad(zero3::EMBED_UNIT)?;
+                    let hg = self.opt.unit_views(zero3::EMBED_UNIT, &eg)?.remove(0);
+                    emb_grad = Some(eg);
+                    (t.get("embed_tokens.weight")?.detach(), hg)
+                } else {
+                    let i = self.model.named_parameters()
+                        [self.opt.units().map_or(0..0, |u| u[g.unit].params.clone())]
+                    .iter()
+                    .position(|(n, _)| n == "lm_head.weight")
+                    .ok_or_else(|| RuntimeError::Config("ZeRO-3: no lm_head.weight".into()))?;
+                    let hg = self.opt.unit_views(g.unit, &flat)?.remove(i);
+                    (g.get("lm_head.weight")?.detach(), hg)
+                };
+                fin = Some((g, flat));
+                ph.cast_s += clk.lap();
+                (nw, hw, hg)
+            }
+        };
         // Loss over the SP group's active tokens. The tokens are counted first, so that the
         // loss gradient is formed chunk by chunk and the logits of the whole shard are never
         // held (compute-dtype GEMM, softmax in fp32 or wider, LOSS_CHUNK rows at a time).
@@ -453,8 +544,14 @@ impl<'a> Trainer<'a> {
         let mut comm_s = tc.elapsed().as_secs_f64();
         let total = count.double_value(&[0]);
         let hn = self.model.final_norm_with(&norm_w, &x);
-        let (loss_sum, dhn) =
-            self.chunked_loss(&hn, &head_w, &labels, acc, 1.0 / total.max(1.0))?;
+        let (loss_sum, dhn) = self.chunked_loss(
+            &hn,
+            &head_w,
+            &mut head_gw,
+            &labels,
+            acc,
+            1.0 / total.max(1.0),
+        )?;
         let stats = loss_sum.to_kind(red).view([1]);
         sync(dev, prof);
         let tc = Instant::now();
@@ -465,23 +562,34 @@ impl<'a> Trainer<'a> {
         let loss_mean = stats.double_value(&[0]) / total.max(1.0);
         ph.loss_s = clk.lap();
         seed(&[(&hn, &dhn)])?;
-        drop((hn, dhn));
+        drop((hn, dhn, head_w, head_gw, norm_w, table));
+        if let Some((g, flat)) = fin.take() {
+            ph.bwd_s += clk.lap();
+            self.collect_grads(&g, &flat)?;
+            drop(g);
+            self.reduce(zero3::final_unit(nl), &flat)?;
+            let d = clk.lap();
+            ph.grad_reduce_s += d;
+            comm_s += d;
+        }
         // Backward, layer by layer.
         let mut g = x.grad();
         for (l, st) in layers.into_iter().enumerate().rev() {
+            let mut gathered = None;
             let (qkv, y) = match (st.qkv, st.y) {
                 (Some(qkv), Some(y)) => (qkv, y),
                 _ => {
-                    let qkv = self.model.pre_attention_with(
-                        &self.model.pre_weights(l),
-                        &st.x_in,
-                        &self.rope,
-                    );
-                    let y = self.model.post_attention_with(
-                        &self.model.post_weights(l),
-                        &st.x_in,
-                        &st.a,
-                    );
+                    let (pre, post) = if z3 {
+                        ph.bwd_s += clk.lap();
+                        let (pre, post, gw) = self.gathered_layer(l, true)?;
+                        gathered = Some(gw);
+                        ph.cast_s += clk.lap();
+                        (pre, post)
+                    } else {
+                        (self.model.pre_weights(l), self.model.post_weights(l))
+                    };
+                    let qkv = self.model.pre_attention_with(&pre, &st.x_in, &self.rope);
+                    let y = self.model.post_attention_with(&post, &st.x_in, &st.a);
                     (qkv, y)
                 }
             };
@@ -493,16 +601,33 @@ impl<'a> Trainer<'a> {
             ph.attn_bwd_s += clk.lap();
             let (q, k, v) = qkv;
             seed(&[(&q, &dq), (&k, &dk), (&v, &dv)])?;
+            drop((q, k, v));
             g = st.x_in.grad();
             ph.bwd_s += clk.lap();
+            if let Some(gw) = gathered {
+                // The layer's gradients, reduce-scattered now; its weights are freed.
+                let flat = self.opt.new_unit_grad(gw.unit)?;
+                self.collect_grads(&gw, &flat)?;
+                drop(gw);
+                self.reduce(zero3::layer_unit(l), &flat)?;
+                let d = clk.lap();
+                ph.grad_reduce_s += d;
+                comm_s += d;
+            }
         }
         drop(weights);
+        if z3 && emb_ids.is_some() && emb_grad.is_none() {
+            emb_grad = Some(self.opt.new_unit_grad(zero3::EMBED_UNIT)?);
+        }
         let input_grad = match emb_ids {
             Some(ids) => {
                 if g.defined() {
                     // d table[ids[i]] += d x0[i]: one accumulating scatter of (S, h) rows
                     // (sorted, hence deterministic, on CUDA).
-                    let mut gw = self.model.embed_weight().grad();
+                    let mut gw = match &emb_grad {
+                        Some(flat) => self.opt.unit_views(zero3::EMBED_UNIT, flat)?.remove(0),
+                        None => self.model.embed_weight().grad(),
+                    };
                     let h = self.model.cfg.hidden_size as i64;
                     let rows = g.view([-1, h]).to_kind(gw.kind());
                     let _ = tch::no_grad(|| gw.f_index_put_(&[Some(&ids)], &rows, true))?;
@@ -512,11 +637,19 @@ impl<'a> Trainer<'a> {
             None => Some(if g.defined() { g } else { x_first.zeros_like() }),
         };
         ph.embed_s += clk.lap();
+        if let Some(flat) = emb_grad {
+            // ZeRO-3: the embedding's gradient (token rows, and the head's when tied).
+            self.reduce(zero3::EMBED_UNIT, &flat)?;
+            drop(flat);
+            let d = clk.lap();
+            ph.grad_reduce_s += d;
+            comm_s += d;
+        }
         let scale = 1.0 / self.groups.dp as f64;
         let sync_fn = || sync(dev, prof);
         let (reduce_s, update_s) = self.opt.step_timed(self.groups.grad, scale, &sync_fn)?;
         let _ = clk.lap();
-        ph.grad_reduce_s = reduce_s;
+        ph.grad_reduce_s += reduce_s;
         ph.optimizer_s = update_s;
         comm_s += reduce_s + update_s;
         Ok((
@@ -575,24 +708,26 @@ impl Trainer<'_> {
     /// Cross-entropy of the head (compute-dtype weight `w`, detached) over the normed hidden
     /// states `hn` (B, S, hidden): returns the loss summed over the labelled tokens and its
     /// gradient with respect to `hn` scaled by `inv_total`; the head weight's gradient is
-    /// added to its `.grad()` directly.
+    /// added to `gw` (master dtype: its `.grad()`, or with ZeRO-3 a view of the unit's
+    /// gradient vector) directly.
     ///
     /// Per chunk of k rows: logits z = hc W^T (k, V) in the compute dtype; l = log_softmax(z)
     /// in `acc`; loss = -sum_i valid_i l[i, y_i]; d loss / d z = softmax(z) - onehot(y),
     /// formed as exp(l) written in the compute dtype with the label entries set to
     /// expm1(l[i, y_i]) (= p - 1 without cancellation). The row factor r_i = valid_i /
     /// total is applied to the small operands: d hn = r (dz W), d W += dz^T (r hc).
+    #[allow(clippy::too_many_arguments)]
     fn chunked_loss(
         &self,
         hn: &Tensor,
         w: &Tensor,
+        gw: &mut Tensor,
         labels: &Tensor,
         acc: Kind,
         inv_total: f64,
     ) -> Result<(Tensor, Tensor)> {
         let _ng = tch::no_grad_guard();
         let compute = self.model.compute;
-        let mut gw = self.model.head_weight().grad();
         if !gw.defined() {
             return Err(RuntimeError::Config(
                 "the head weight has no gradient buffer".into(),
@@ -624,7 +759,7 @@ impl Trainer<'_> {
             // d hn rows: r * (dz W), scaled in `acc` before rounding to the compute dtype.
             dhn.narrow(0, a, k).f_copy_(&(dz.mm(w).to_kind(acc) * &r))?;
             let hs = (hc.to_kind(acc) * &r).to_kind(compute);
-            self.add_head_grad(&mut gw, &dz, &hs)?;
+            self.add_head_grad(gw, &dz, &hs)?;
             a += k;
         }
         Ok((loss, dhn.view(hsz.as_slice())))

@@ -138,7 +138,7 @@ pub fn load(opts: &RunOptions) -> Result<(Plan, TrainPlan, ModelConfig)> {
             tp.micro_batch
         )));
     }
-    if tp.zero_stage > 2 {
+    if tp.zero_stage > 3 {
         return Err(RuntimeError::Plan(format!(
             "ZeRO stage {} is not implemented",
             tp.zero_stage
