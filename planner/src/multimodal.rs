@@ -44,6 +44,12 @@ pub struct VisionPlan {
     pub frames: u64,
     pub samples: u64,
     pub sample_lens: Vec<u64>,
+    /// Frames of each sample, in packing order (absent in plans of older planners).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frames_per_sample: Option<Vec<u64>>,
+    /// Text tokens of each sample, in packing order (absent in plans of older planners).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_tokens_per_sample: Option<Vec<u64>>,
     pub train_vision: bool,
     /// Stage 1: global frame indices per SP rank (the same in every DP replica).
     pub frames_per_rank: Vec<Vec<usize>>,
@@ -340,6 +346,8 @@ impl MultiModal {
                 frames: self.samples.iter().map(|s| s.frames).sum(),
                 samples: self.samples.len() as u64,
                 sample_lens: self.sample_lens.clone(),
+                frames_per_sample: Some(self.samples.iter().map(|s| s.frames).collect()),
+                text_tokens_per_sample: Some(self.samples.iter().map(|s| s.text_tokens).collect()),
                 train_vision: self.train_vision,
                 frames_per_rank: b.frames.frames_per_rank.clone(),
                 encoder_imbalance_before: b.frames.imbalance_before,

@@ -707,8 +707,19 @@ fn vlm_step(u: usize, r: usize) -> StepResult {
                     let frames = stage.local_frames(&frames_all(vcfg, nf)).unwrap();
                     let ctx = stage.forward(&g, &frames).unwrap();
                     let emb = stage.merge(&ctx, &text).unwrap().unsqueeze(0);
+                    let rows: Vec<i64> = stage
+                        .reshard
+                        .text_rows()
+                        .iter()
+                        .map(|&r| r as i64)
+                        .collect();
+                    let rows = Tensor::from_slice(&rows);
                     let (st, grad) = trainer
-                        .step_embeddings(&emb, &pick(labels, &all_rows))
+                        .step_embeddings_text(
+                            &emb,
+                            &pick(labels, &all_rows),
+                            Some((&rows, &text_ids.view([-1]))),
+                        )
                         .unwrap();
                     let _text_grad = stage.backward_local(&g, ctx, &grad).unwrap();
                     vopt.step(&g, 1.0).unwrap();
@@ -745,6 +756,29 @@ fn vlm_step_at_sp2_equals_sp1() {
             assert!(e < 1e-10, "u={u} r={r} {name}: rel err {e}");
         }
     }
+    // The text rows' gradient reached the decoder's embedding table (AdamW without weight
+    // decay leaves rows without gradient unchanged).
+    let emb = |d: &[(String, Shared)]| {
+        d.iter()
+            .find(|(n, _)| n == "model.embed_tokens.weight")
+            .unwrap()
+            .1
+            .t()
+    };
+    let fresh_dec = Decoder::random(
+        ModelConfig::tiny(),
+        Device::Cpu,
+        Kind::Double,
+        Kind::Double,
+        5,
+    )
+    .unwrap();
+    let moved_rows = emb(&dec1)
+        .ne_tensor(fresh_dec.embed_weight())
+        .any_dim(1, false)
+        .sum(Kind::Int64)
+        .int64_value(&[]);
+    assert!(moved_rows > 0, "no embedding row moved");
     // The step moved the encoder (its gradients arrived through the reverse exchange).
     let fresh = VisionEncoder::random(
         VisionConfig::tiny(ModelConfig::tiny().hidden_size),
@@ -763,4 +797,107 @@ fn vlm_step_at_sp2_equals_sp1() {
         moved > vis1.len() / 2,
         "only {moved} vision tensors changed"
     );
+}
+
+/// The decoder's embedding update of a VLM step (text rows from the table, vision rows from
+/// the encoder) equals the single-rank reference: AdamW on the table with the gradient of
+/// the step's input rows scattered into the text tokens' rows.
+#[test]
+fn vlm_step_updates_text_embeddings_as_the_reference() {
+    let mcfg = ModelConfig::tiny();
+    let vcfg = VisionConfig::tiny(mcfg.hidden_size);
+    let layout = TokenLayout::new(&samples(), vcfg.tokens_per_frame()).unwrap();
+    let (seq, nf) = (layout.seq_len(), layout.frames());
+    let vocab = mcfg.vocab_size as i64;
+    let mask = layout.vision_mask();
+    let ids: Vec<i64> = (0..seq as i64).map(|i| (3 * i + 1) % vocab).collect();
+    let labels: Vec<i64> = (0..seq)
+        .map(|p| match mask.get(p + 1) {
+            Some(false) => ids[p + 1],
+            _ => -100,
+        })
+        .collect();
+    let labels = Tensor::from_slice(&labels).view([1, -1]);
+    let ranges = zigzag_ranges(seq, 1, 1).unwrap();
+    let opt = AdamWConfig {
+        lr: 1e-2,
+        ..AdamWConfig::default()
+    };
+    let tc = TrainConfig {
+        optimizer: opt,
+        zero_stage: 0,
+        recompute: false,
+        backend: Backend::CpuMath,
+        profile: false,
+    };
+    // (embedding table after the step, the input gradient) with or without the hook.
+    let run = |hook: bool| -> (Tensor, Tensor, Vec<i64>, Vec<i64>) {
+        let l = Layout::sp(1, 1, Placement::UlyssesInner);
+        let (u, r) = (
+            local_groups(&l, GroupKind::Ulysses),
+            local_groups(&l, GroupKind::Ring),
+        );
+        let g = LocalComm::group(1);
+        let model =
+            Decoder::random(mcfg.clone(), Device::Cpu, Kind::Double, Kind::Double, 5).unwrap();
+        let enc =
+            VisionEncoder::random(vcfg.clone(), Device::Cpu, Kind::Double, Kind::Double, SEED)
+                .unwrap();
+        let stage = VisionStage::new(enc, &layout, None, &ranges, 0, &[0], 1, true).unwrap();
+        let rows: Vec<i64> = stage
+            .reshard
+            .text_rows()
+            .iter()
+            .map(|&x| x as i64)
+            .collect();
+        let tids: Vec<i64> = rows.iter().map(|&x| ids[x as usize]).collect();
+        let (rows_t, tids_t) = (Tensor::from_slice(&rows), Tensor::from_slice(&tids));
+        let text = tch::no_grad(|| model.embed(Input::Ids(&tids_t.view([1, -1]))))
+            .unwrap()
+            .view([-1, mcfg.hidden_size as i64]);
+        let groups = Groups {
+            ulysses: &u[0],
+            ring: &r[0],
+            grad: &g[0],
+            dp: 1,
+        };
+        let mut t = Trainer::new(model, groups, seq, tc).unwrap();
+        let frames = stage.local_frames(&frames_all(&vcfg, nf)).unwrap();
+        let ctx = stage.forward(&g[0], &frames).unwrap();
+        let emb = stage.merge(&ctx, &text).unwrap().unsqueeze(0);
+        let (_, grad) = t
+            .step_embeddings_text(&emb, &labels, hook.then_some((&rows_t, &tids_t)))
+            .unwrap();
+        (
+            t.model.embed_weight().detach().copy(),
+            grad.view([seq as i64, -1]),
+            rows,
+            tids,
+        )
+    };
+    let (w_hook, g_hook, rows, tids) = run(true);
+    let (w_none, g_none, _, _) = run(false);
+    assert!(max_abs_diff(&g_hook, &g_none) == 0.0);
+    let w0 = Decoder::random(mcfg.clone(), Device::Cpu, Kind::Double, Kind::Double, 5)
+        .unwrap()
+        .embed_weight()
+        .detach()
+        .copy();
+    assert!(
+        max_abs_diff(&w_none, &w0) == 0.0,
+        "without the hook the table moved"
+    );
+    // Reference: d table[ids[j]] += d x[rows[j]], then one AdamW step.
+    let w_ref = w0.copy().set_requires_grad(true);
+    let gw = w_ref.zeros_like().index_add(
+        0,
+        &Tensor::from_slice(&tids),
+        &g_hook.index_select(0, &Tensor::from_slice(&rows)),
+    );
+    let mut ref_opt = AdamW::new(std::slice::from_ref(&w_ref), opt, None).unwrap();
+    tch::no_grad(|| w_ref.grad().copy_(&gw));
+    ref_opt.step(&LocalComm::group(1)[0], 1.0).unwrap();
+    let e = rel_l2(&(&w_hook - &w0), &(&w_ref.detach() - &w0));
+    assert!(e < 1e-12, "embedding update rel err {e}");
+    assert!((&w_hook - &w0).abs().max().double_value(&[]) > 0.0);
 }

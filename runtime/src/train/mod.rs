@@ -353,7 +353,7 @@ impl<'a> Trainer<'a> {
         }
         let dev = self.device();
         let ids = ids.to_device(dev);
-        Ok(self.step_input(Input::Ids(&ids), labels)?.0)
+        Ok(self.step_input(Input::Ids(&ids), labels, None)?.0)
     }
 
     fn device(&self) -> Device {
@@ -363,12 +363,16 @@ impl<'a> Trainer<'a> {
     /// One step from `input` (token ids, or embeddings (1, s_local, hidden) such as vision
     /// tokens merged with text) and `labels` (1, s_local). Returns the step's stats and, for
     /// embeddings, their gradient (1, s_local, hidden) in the compute dtype, undefined-free.
-    /// With ZeRO-3 every rank of the grad group must pass the same kind of input (ids or
-    /// embeddings): it decides whether the embedding table's gradient is reduce-scattered.
+    /// `text` = (local rows, token ids) of embedding rows taken from the decoder's table:
+    /// their gradient is added to the table's before the optimizer runs.
+    /// With ZeRO-3 every rank of the grad group must pass the same kind of input (ids,
+    /// embeddings with `text`, embeddings without): it decides whether the embedding
+    /// table's gradient is reduce-scattered.
     fn step_input(
         &mut self,
         input: Input<'_>,
         labels: &Tensor,
+        text: Option<(&Tensor, &Tensor)>,
     ) -> Result<(StepStats, Option<Tensor>)> {
         let want = [1, self.ids_len as i64];
         if labels.size() != want {
@@ -616,7 +620,7 @@ impl<'a> Trainer<'a> {
             }
         }
         drop(weights);
-        if z3 && emb_ids.is_some() && emb_grad.is_none() {
+        if z3 && (emb_ids.is_some() || text.is_some()) && emb_grad.is_none() {
             emb_grad = Some(self.opt.new_unit_grad(zero3::EMBED_UNIT)?);
         }
         let input_grad = match emb_ids {
@@ -634,7 +638,22 @@ impl<'a> Trainer<'a> {
                 }
                 None
             }
-            None => Some(if g.defined() { g } else { x_first.zeros_like() }),
+            None => {
+                let g = if g.defined() { g } else { x_first.zeros_like() };
+                if let Some((rows, ids)) = text {
+                    // The text rows came from the table: d table[ids[j]] += d x0[rows[j]].
+                    let mut gw = match &emb_grad {
+                        Some(flat) => self.opt.unit_views(zero3::EMBED_UNIT, flat)?.remove(0),
+                        None => self.model.embed_weight().grad(),
+                    };
+                    let h = self.model.cfg.hidden_size as i64;
+                    let r = g.view([-1, h]).index_select(0, &rows.to_device(dev));
+                    let r = r.to_kind(gw.kind());
+                    let ids = ids.to_device(dev).view([-1]);
+                    let _ = tch::no_grad(|| gw.f_index_put_(&[Some(&ids)], &r, true))?;
+                }
+                Some(g)
+            }
         };
         ph.embed_s += clk.lap();
         if let Some(flat) = emb_grad {
@@ -817,12 +836,25 @@ impl Trainer<'_> {
     /// ([`crate::vision::VisionStage`]), and `labels` (1, s_local). Returns the stats and the
     /// gradient of the loss with respect to `emb_local` (same shape, compute dtype), to be
     /// sent back through the re-shard (`VisionStage::backward_local`). The decoder's
-    /// embedding table gets no gradient from `emb_local`: the decoder's optimizer has run
-    /// when this returns.
+    /// embedding table gets no gradient from `emb_local` (the decoder's optimizer has run
+    /// when this returns): see [`Trainer::step_embeddings_text`].
     pub fn step_embeddings(
         &mut self,
         emb_local: &Tensor,
         labels: &Tensor,
+    ) -> Result<(StepStats, Tensor)> {
+        self.step_embeddings_text(emb_local, labels, None)
+    }
+
+    /// As [`Trainer::step_embeddings`]; `text` = (local rows (n,), token ids (n,)) of the
+    /// rows of `emb_local` that are the decoder's own token embeddings (e.g. `Reshard`'s
+    /// `text_rows()`): their gradient reaches the embedding table's gradient before the
+    /// decoder's optimizer step, as in a text-only step.
+    pub fn step_embeddings_text(
+        &mut self,
+        emb_local: &Tensor,
+        labels: &Tensor,
+        text: Option<(&Tensor, &Tensor)>,
     ) -> Result<(StepStats, Tensor)> {
         let want = [1, self.ids_len as i64, self.model.cfg.hidden_size as i64];
         if emb_local.size() != want {
@@ -832,7 +864,7 @@ impl Trainer<'_> {
             )));
         }
         let emb = emb_local.detach().to_device(self.device());
-        let (stats, grad) = self.step_input(Input::Embeddings(&emb), labels)?;
+        let (stats, grad) = self.step_input(Input::Embeddings(&emb), labels, text)?;
         let grad = grad.ok_or_else(|| {
             RuntimeError::Shape("the step returned no gradient for its embeddings".into())
         })?;

@@ -12,7 +12,19 @@
 //! Faults: a rank that fails makes every other rank end with an error naming it, within a
 //! bounded time (see `comm`); `MMSP_FAULT_INJECT=rank:step[:exit|panic|error|hang]` makes
 //! one rank fail before the given step, for tests. Checkpoints: see [`super::checkpoint`].
-use super::adamw::AdamWConfig;
+//!
+//! Vision (MM-SP stage 1, issue 7): a plan with a `vision` section trains a VLM step per
+//! step (see [`crate::vision::plan`] for the layout). Each rank encodes its frames of the
+//! plan's `vision.frames_per_rank` (synthetic pixels, a fixed function of (step, frame)),
+//! re-shards the embeddings into the trainer's zigzag shards over the world communicator
+//! (SP ranks mapped to world ranks, so DP replicas exchange in the same all-to-all), merges
+//! them with the text rows' embeddings from the decoder's table, runs
+//! [`Trainer::step_embeddings_text`] (the text rows' gradient reaches the table before the
+//! decoder's optimizer), sends the vision rows' gradient back and updates the encoder with
+//! its own AdamW (replicated state, gradients summed over the world and divided by dp) unless
+//! the plan freezes it. Loss: only where the next token is a text token of the same sample
+//! (labels -100 where the target is a vision token, across samples, and on the padding).
+use super::adamw::{AdamW, AdamWConfig};
 use super::checkpoint::{self, Manifest};
 use super::{Groups, Phases, StepStats, TrainConfig, Trainer};
 use crate::comm::local::{local_groups, LocalComm};
@@ -20,8 +32,10 @@ use crate::comm::nccl::{LaunchEnv, NcclWorld};
 use crate::comm::{comm_timeout, Communicator};
 use crate::error::{Result, RuntimeError};
 use crate::kernel::Backend;
+use crate::model::Input;
 use crate::model::{Decoder, ModelConfig};
-use crate::plan::{GroupKind, Plan};
+use crate::plan::{GroupKind, Layout, Plan};
+use crate::vision::{EncoderSource, VisionEncoder, VisionRun, VisionSection, VisionStage};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -43,6 +57,8 @@ pub struct TrainPlan {
     pub model: Option<Value>,
     pub tokens: Option<Tokens>,
     pub predicted: Option<Predicted>,
+    /// MM-SP stages (plans made with `--frames` or `--samples`).
+    pub vision: Option<VisionSection>,
 }
 
 /// `tokens` of a plan.
@@ -153,7 +169,10 @@ pub fn load(opts: &RunOptions) -> Result<(Plan, TrainPlan, ModelConfig)> {
     };
     let l = plan.layout;
     let zz = crate::shard::Zigzag::new(tp.context_tokens, l.ulysses, l.ring)?;
-    if let Some(t) = &tp.tokens {
+    // A vision plan's ranges are the planner's per-sample zigzag, which the trainer (one
+    // causal sequence) does not execute: `run` uses its own zigzag and reports whether they
+    // agree (`vision.stage2`).
+    if let (Some(t), None) = (&tp.tokens, &tp.vision) {
         for (i, rr) in t.ranges_per_rank.iter().enumerate() {
             let (r, u) = (i / l.ulysses, i % l.ulysses);
             if r >= l.ring || rr.as_slice() != zz.local_ranges(r, u).as_slice() {
@@ -171,6 +190,54 @@ pub fn load(opts: &RunOptions) -> Result<(Plan, TrainPlan, ModelConfig)> {
         return Err(RuntimeError::Plan("--steps must be >= 1".into()));
     }
     Ok((plan, tp, cfg))
+}
+
+/// Vision options of a run (apart from [`RunOptions`], whose callers build it field by
+/// field).
+#[derive(Debug, Clone, Default)]
+pub struct VisionOptions {
+    /// A Hugging Face vision config.json for the encoder (default: the plan's preset, or the
+    /// tiny encoder with `--tiny`).
+    pub config: Option<PathBuf>,
+}
+
+/// The plan's vision section, resolved and checked (None without one).
+pub fn load_vision(
+    opts: &RunOptions,
+    vopts: &VisionOptions,
+    plan: &Plan,
+    tp: &TrainPlan,
+    cfg: &ModelConfig,
+) -> Result<Option<VisionRun>> {
+    let Some(v) = &tp.vision else {
+        if vopts.config.is_some() {
+            return Err(RuntimeError::Plan(
+                "--vision-config given but the plan has no vision section".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    if tp.zero_stage == 3 {
+        return Err(RuntimeError::Plan(
+            "ZeRO-3 with a vision section is not implemented (the text rows' embedding lookup \
+             needs the gathered table): plan with --zero 0, 1 or 2"
+                .into(),
+        ));
+    }
+    let source = match (&vopts.config, &opts.model) {
+        (Some(p), _) => EncoderSource::HfConfig(p.clone()),
+        (None, ModelSource::Tiny) => EncoderSource::Tiny,
+        (None, _) => EncoderSource::Preset,
+    };
+    let l = plan.layout;
+    v.resolve(
+        &source,
+        cfg.hidden_size,
+        tp.context_tokens,
+        l.ulysses,
+        l.ring,
+    )
+    .map(Some)
 }
 
 /// Device memory (total, used) in bytes, device-wide.
@@ -192,6 +259,43 @@ fn synthetic(step: usize, seq: usize, vocab: usize, dev: Device) -> (Tensor, Ten
         Tensor::from_slice(&ids).view([1, s]).to(dev),
         Tensor::from_slice(&labels).view([1, s]).to(dev),
     )
+}
+
+/// Token ids as [`synthetic`], labels only where [`VisionRun::text_target`] says.
+fn synthetic_vlm(step: usize, vr: &VisionRun, vocab: usize, dev: Device) -> (Tensor, Tensor) {
+    let seq = vr.text_target.len();
+    let ids: Vec<i64> = (0..seq as i64)
+        .map(|i| (i * 7 + (step as i64) * 13 + (i * i) % 5) % vocab as i64)
+        .collect();
+    let labels: Vec<i64> = (0..seq)
+        .map(|p| if vr.text_target[p] { ids[p + 1] } else { -100 })
+        .collect();
+    let s = seq as i64;
+    (
+        Tensor::from_slice(&ids).view([1, s]).to(dev),
+        Tensor::from_slice(&labels).view([1, s]).to(dev),
+    )
+}
+
+/// Pixels of the global `frames` at `step`: (F, C, H, W) float32, each a fixed function of
+/// (step, frame), so every layout encodes the same frames.
+fn synthetic_frames(
+    step: usize,
+    frames: &[usize],
+    v: &crate::vision::VisionConfig,
+    dev: Device,
+) -> Tensor {
+    let (c, s) = (v.num_channels as i64, v.image_size as i64);
+    if frames.is_empty() {
+        return Tensor::zeros([0, c, s, s], (Kind::Float, dev));
+    }
+    let base = (Tensor::arange(c * s * s, (Kind::Float, dev)) * 0.7311).view([1, -1]);
+    let off: Vec<f32> = frames
+        .iter()
+        .map(|&f| (f as f64 * 1.37 + step as f64 * 0.113) as f32)
+        .collect();
+    let off = Tensor::from_slice(&off).to(dev).view([-1, 1]);
+    ((base + off).sin() * 0.8).view([-1, c, s, s])
 }
 
 fn shard(t: &Tensor, ranges: [(usize, usize); 2]) -> Tensor {
@@ -256,10 +360,13 @@ struct StepRecord {
     comm_s: f64,
     /// Device memory in use after the step (device-wide), if known.
     mem_used: f64,
+    /// Vision stage (0 without one): encoder forward, re-shard, reverse exchange, encoder
+    /// backward, encoder optimizer (seconds, device-synchronised on CUDA).
+    vision: [f64; 5],
 }
 
 /// Fields of a [`StepRecord`] as gathered between processes.
-const REC_LEN: usize = 16;
+const REC_LEN: usize = 21;
 
 impl StepRecord {
     fn to_vec(self) -> [f64; REC_LEN] {
@@ -281,6 +388,11 @@ impl StepRecord {
             p.attn_bwd_s,
             p.grad_reduce_s,
             p.optimizer_s,
+            self.vision[0],
+            self.vision[1],
+            self.vision[2],
+            self.vision[3],
+            self.vision[4],
         ]
     }
 }
@@ -296,6 +408,8 @@ struct LoopCtx<'a> {
     identity: &'a Value,
     inject: Option<(usize, usize, FaultMode)>,
     in_process: bool,
+    layout: Layout,
+    vision: Option<&'a VisionRun>,
 }
 
 fn now_unix_s() -> f64 {
@@ -327,6 +441,10 @@ fn rank_loop(rank: usize, groups: Groups<'_>, cx: &LoopCtx<'_>) -> Result<Vec<St
         profile: true,
     };
     let mut t = Trainer::new(model, groups, tp.context_tokens, tc)?;
+    let mut vis = match cx.vision {
+        Some(vr) => Some(VisionRank::new(vr, rank, cx, &t, grad, master, compute)?),
+        None => None,
+    };
     let first = match cx.resume {
         Some(m) => {
             checkpoint::load(&mut t, m)?;
@@ -343,11 +461,16 @@ fn rank_loop(rank: usize, groups: Groups<'_>, cx: &LoopCtx<'_>) -> Result<Vec<St
                 inject(rank, step, mode, cx, grad)?;
             }
         }
-        let (ids, labels) = synthetic(step, tp.context_tokens, cfg.vocab_size, dev);
         let rg = t.local_ranges();
         let c0 = comm_now();
         let start_unix_s = now_unix_s();
-        let st = t.step(&shard(&ids, rg), &shard(&labels, rg))?;
+        let (st, vision) = match (&mut vis, cx.vision) {
+            (Some(v), Some(vr)) => v.step(step, vr, &mut t, grad, cx)?,
+            _ => {
+                let (ids, labels) = synthetic(step, tp.context_tokens, cfg.vocab_size, dev);
+                (t.step(&shard(&ids, rg), &shard(&labels, rg))?, [0.0; 5])
+            }
+        };
         if let Some(e) = grad.peer_failure() {
             return Err(e);
         }
@@ -356,6 +479,7 @@ fn rank_loop(rank: usize, groups: Groups<'_>, cx: &LoopCtx<'_>) -> Result<Vec<St
             stats: st,
             comm_s: comm_now() - c0,
             mem_used: device_memory(dev).map_or(f64::NAN, |m| m.1),
+            vision,
         };
         losses.push(st.loss);
         if rank == 0 && cx.extras.progress {
@@ -390,6 +514,115 @@ fn rank_loop(rank: usize, groups: Groups<'_>, cx: &LoopCtx<'_>) -> Result<Vec<St
         }
     }
     Ok(out)
+}
+
+/// One rank's vision stage in a run: the encoder with its re-shard, its optimizer, and the
+/// index tensors of this rank's text rows.
+struct VisionRank {
+    stage: VisionStage,
+    opt: Option<AdamW>,
+    /// Local rows of the text tokens (n,) int64.
+    text_rows: Tensor,
+}
+
+impl VisionRank {
+    fn new(
+        vr: &VisionRun,
+        rank: usize,
+        cx: &LoopCtx<'_>,
+        t: &Trainer<'_>,
+        world: &dyn Communicator,
+        master: Kind,
+        compute: Kind,
+    ) -> Result<VisionRank> {
+        let l = cx.layout;
+        let sp = l.sp_rank(rank);
+        let rg = t.local_ranges();
+        if rg.as_slice() != vr.ranges[sp].as_slice() {
+            return Err(RuntimeError::Layout(format!(
+                "the trainer's shard {rg:?} is not SP rank {sp}'s zigzag ranges {:?}",
+                vr.ranges[sp]
+            )));
+        }
+        let enc = VisionEncoder::random(vr.cfg.clone(), cx.dev, master, compute, 23)?;
+        let comm_ranks = crate::vision::world_ranks_of_sp(&l, l.coords(rank).dp);
+        let train = vr.section.train_vision;
+        let stage = VisionStage::new(
+            enc,
+            &vr.layout,
+            Some(&vr.section.frames_per_rank),
+            &vr.ranges,
+            sp,
+            &comm_ranks,
+            world.size(),
+            train,
+        )?;
+        let opt = if train {
+            let ps: Vec<Tensor> = stage
+                .encoder
+                .named_parameters()
+                .iter()
+                .map(|(_, p)| p.shallow_clone())
+                .collect();
+            let cfg = AdamWConfig {
+                lr: cx.opts.lr,
+                ..AdamWConfig::default()
+            };
+            Some(AdamW::new(&ps, cfg, None)?)
+        } else {
+            None
+        };
+        let rows: Vec<i64> = stage
+            .reshard
+            .text_rows()
+            .iter()
+            .map(|&r| r as i64)
+            .collect();
+        Ok(VisionRank {
+            stage,
+            opt,
+            text_rows: Tensor::from_slice(&rows).to(cx.dev),
+        })
+    }
+
+    /// One VLM step: the decoder's stats (step_s = the whole step) and the vision times.
+    fn step(
+        &mut self,
+        step: usize,
+        vr: &VisionRun,
+        t: &mut Trainer<'_>,
+        world: &dyn Communicator,
+        cx: &LoopCtx<'_>,
+    ) -> Result<(StepStats, [f64; 5])> {
+        let dev = cx.dev;
+        let syncf = || {
+            if let Device::Cuda(i) = dev {
+                tch::Cuda::synchronize(i as i64);
+            }
+        };
+        let h = t.model.cfg.hidden_size as i64;
+        let (ids, labels) = synthetic_vlm(step, vr, t.model.cfg.vocab_size, dev);
+        let rg = t.local_ranges();
+        let (ids, labels) = (shard(&ids, rg), shard(&labels, rg));
+        let frames = synthetic_frames(step, &self.stage.frames, &vr.cfg, dev);
+        syncf();
+        let t0 = Instant::now();
+        let (ctx, encode_s, reshard_s) = self.stage.forward_timed(world, &frames, &syncf)?;
+        let text_ids = ids.view([-1]).index_select(0, &self.text_rows);
+        let text = tch::no_grad(|| t.model.embed(Input::Ids(&text_ids.view([1, -1]))))?;
+        let emb = self.stage.merge(&ctx, &text.view([-1, h]))?.unsqueeze(0);
+        let (mut st, g) =
+            t.step_embeddings_text(&emb, &labels, Some((&self.text_rows, &text_ids)))?;
+        let (_, back_s, enc_bwd_s) = self.stage.backward_local_timed(world, ctx, &g, &syncf)?;
+        let t1 = Instant::now();
+        if let Some(opt) = &mut self.opt {
+            opt.step(world, 1.0 / cx.layout.dp as f64)?;
+        }
+        syncf();
+        let opt_s = t1.elapsed().as_secs_f64();
+        st.step_s = t0.elapsed().as_secs_f64();
+        Ok((st, [encode_s, reshard_s, back_s, enc_bwd_s, opt_s]))
+    }
 }
 
 /// Carries out an injected fault on this rank.
@@ -554,7 +787,21 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
 /// As [`run`], with checkpointing, tracing and progress options. Returns `Value::Null` on
 /// NCCL ranks other than 0.
 pub fn run_with(opts: &RunOptions, extras: &RunExtras) -> Result<Value> {
+    run_vlm(opts, extras, &VisionOptions::default())
+}
+
+/// As [`run_with`], with the vision encoder's options (used when the plan has a vision
+/// section).
+pub fn run_vlm(opts: &RunOptions, extras: &RunExtras, vopts: &VisionOptions) -> Result<Value> {
     let (plan, tp, cfg) = load(opts)?;
+    let vision = load_vision(opts, vopts, &plan, &tp, &cfg)?;
+    if vision.is_some() && (extras.save.is_some() || extras.resume.is_some()) {
+        return Err(RuntimeError::Plan(
+            "--save/--resume of a plan with a vision section are not implemented (the \
+             encoder's state is not checkpointed)"
+                .into(),
+        ));
+    }
     let w = plan.world_size;
     let master = Kind::Float;
     let identity = checkpoint::identity(&plan, tp.zero_stage, tp.context_tokens, &cfg, master);
@@ -600,6 +847,8 @@ pub fn run_with(opts: &RunOptions, extras: &RunExtras) -> Result<Value> {
             identity: &identity,
             inject,
             in_process: true,
+            layout: plan.layout,
+            vision: vision.as_ref(),
         };
         let res: Vec<Result<Vec<StepRecord>>> = std::thread::scope(|s| {
             let hs: Vec<_> = uly
@@ -680,6 +929,8 @@ pub fn run_with(opts: &RunOptions, extras: &RunExtras) -> Result<Value> {
             identity: &identity,
             inject,
             in_process: false,
+            layout: plan.layout,
+            vision: vision.as_ref(),
         };
         let groups = Groups {
             ulysses: &nw.ulysses,
@@ -695,7 +946,7 @@ pub fn run_with(opts: &RunOptions, extras: &RunExtras) -> Result<Value> {
         }
     }
     let first_index = resume.as_ref().map_or(0, |m| m.step);
-    let report = report(
+    let mut report = report(
         opts,
         extras,
         &plan,
@@ -706,6 +957,9 @@ pub fn run_with(opts: &RunOptions, extras: &RunExtras) -> Result<Value> {
         first_index,
         resume.as_ref(),
     )?;
+    if let Some(vr) = &vision {
+        vision_report(&mut report, vr, &plan, &tp, &cfg, &records, opts)?;
+    }
     if let Some(o) = &opts.out {
         std::fs::write(o, serde_json::to_string_pretty(&report)?)?;
     }
@@ -751,6 +1005,7 @@ fn gather_records(
                     },
                     comm_s: v[5],
                     mem_used: v[6],
+                    vision: [v[16], v[17], v[18], v[19], v[20]],
                 })
                 .collect()
         })
@@ -997,6 +1252,104 @@ fn report(
         report["trace"] = json!(path);
     }
     Ok(report)
+}
+
+/// The report's `vision` object: the stage's measured times (mean over the steps after the
+/// first; rank 0 and the slowest rank) next to the plan's predicted ones, the layout run,
+/// and the MFU counting the encoder's FLOPs too.
+fn vision_report(
+    report: &mut Value,
+    vr: &VisionRun,
+    plan: &Plan,
+    tp: &TrainPlan,
+    cfg: &ModelConfig,
+    records: &[Vec<StepRecord>],
+    opts: &RunOptions,
+) -> Result<()> {
+    let names = [
+        "encode_s",
+        "reshard_s",
+        "reshard_backward_s",
+        "encoder_backward_s",
+        "encoder_optimizer_s",
+    ];
+    let mean_of = |recs: &[StepRecord], k: usize| {
+        let t = if recs.len() > 1 { &recs[1..] } else { recs };
+        t.iter().map(|r| r.vision[k]).sum::<f64>() / t.len().max(1) as f64
+    };
+    let mut rank0 = serde_json::Map::new();
+    let mut slowest = serde_json::Map::new();
+    for (k, n) in names.iter().enumerate() {
+        rank0.insert(n.to_string(), json!(mean_of(&records[0], k)));
+        let m = records.iter().map(|r| mean_of(r, k)).fold(0.0f64, f64::max);
+        slowest.insert(n.to_string(), json!(m));
+    }
+    let slow = |k: usize| slowest[names[k]].as_f64().unwrap_or(0.0);
+    let v = &vr.section;
+    let l = plan.layout;
+    let plan_ranges_match = tp.tokens.as_ref().map(|t| {
+        t.ranges_per_rank.len() >= vr.ranges.len()
+            && vr
+                .ranges
+                .iter()
+                .zip(&t.ranges_per_rank)
+                .all(|(a, b)| a == b)
+    });
+    let train = v.train_vision;
+    let frames_flops = v.frames as f64 * vr.cfg.flops_per_frame() * if train { 3.0 } else { 1.0 };
+    let dp = l.dp as f64;
+    let dec_flops = 3.0
+        * (cfg.dense_flops_per_token() * tp.context_tokens as f64
+            + cfg.attention_flops(tp.context_tokens));
+    let step_s = report["micro_step_s"].as_f64().unwrap_or(f64::NAN);
+    let devices = report["devices"].as_f64().unwrap_or(1.0);
+    let mfu_all = dp * (dec_flops + frames_flops) / step_s / (devices * opts.peak_flops);
+    let mut out = json!({
+        "encoder": v.encoder,
+        "encoder_config": {"hidden": vr.cfg.hidden_size, "layers": vr.cfg.num_layers,
+            "heads": vr.cfg.num_heads, "image_size": vr.cfg.image_size,
+            "patch_size": vr.cfg.patch_size, "pooling": format!("{:?}", vr.cfg.pooling).to_lowercase(),
+            "params": vr.cfg.num_params()},
+        "tokens_per_frame": v.tokens_per_frame,
+        "frames": v.frames,
+        "samples": v.samples,
+        "padding_tokens": vr.padding,
+        "train_vision": train,
+        "frames_per_rank": v.frames_per_rank.iter().map(Vec::len).collect::<Vec<_>>(),
+        "loss": "next-token cross-entropy where the target is a text token of the same sample; \
+                 -100 where it is a vision token, across samples and on the padding",
+        "stage2": {
+            "ranges": "the trainer's zigzag of the whole packed sequence (causal across samples)",
+            "plan_ranges_match": plan_ranges_match,
+        },
+        "measured_rank0": Value::Object(rank0),
+        "measured_slowest_rank": Value::Object(slowest.clone()),
+        "mfu_with_encoder": mfu_all,
+        "note": "seconds, mean over the steps after the first, device-synchronised around each \
+                 phase; encode_s = encoder + projector forward, reshard_s = the stage-1 -> \
+                 stage-2 all-to-all, reshard_backward_s = its reverse (gradients), \
+                 encoder_backward_s = encoder + projector backward",
+    });
+    if let Some(p) = &v.stage {
+        let err = |m: f64, p: f64| {
+            if p > 0.0 {
+                json!(100.0 * (m - p) / p)
+            } else {
+                Value::Null
+            }
+        };
+        let enc = slow(0) + slow(3);
+        out["predicted"] = json!({
+            "encoder_s": p.encoder_s, "reshard_s": p.reshard_s, "gather_s": p.gather_s,
+            "error_pct": {
+                "encoder_s (encode_s + encoder_backward_s, slowest rank)": err(enc, p.encoder_s),
+                "reshard_s": err(slow(1), p.reshard_s),
+                "gather_s (reshard_backward_s)": err(slow(2), p.gather_s),
+            }
+        });
+    }
+    report["vision"] = out;
+    Ok(())
 }
 
 /// Whether a path is a checkpoint directory (has a manifest).

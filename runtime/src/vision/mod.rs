@@ -1,6 +1,6 @@
 //! MM-SP stage 1 in the runtime (issue 7): a ViT/SigLIP-style vision encoder with a
 //! projector into the LLM's hidden size ([`encoder`], configured by [`config`]), the packed
-//! token layout and the stage-1/stage-2 placements ([`layout`]), the re-shard of encoded
+//! token layout and the stage-1/stage-2 placements ([`layout`]), the plan's `vision` section as `run` executes it ([`plan`]), the re-shard of encoded
 //! frames into the LLM's zigzag token shards by one uneven all-to-all, forward and backward
 //! ([`reshard`]), their composition as an autograd-compatible step ([`stage`]) and an encoder
 //! throughput benchmark ([`bench`]).
@@ -8,6 +8,7 @@ pub mod bench;
 pub mod config;
 pub mod encoder;
 pub mod layout;
+pub mod plan;
 pub mod reshard;
 pub mod stage;
 
@@ -16,5 +17,6 @@ pub use encoder::VisionEncoder;
 pub use layout::{
     balanced_frames, world_ranks_of_sp, zigzag_ranges, ReshardMap, SampleSpec, TokenLayout,
 };
+pub use plan::{EncoderSource, VisionRun, VisionSection};
 pub use reshard::Reshard;
 pub use stage::{StageCtx, VisionStage};

@@ -88,6 +88,19 @@ impl VisionStage {
     /// Encodes `frames` (this rank's, in [`VisionStage::frames`] order) and re-shards: every
     /// rank of the communicator must call it.
     pub fn forward(&self, comm: &dyn Communicator, frames: &Tensor) -> Result<StageCtx> {
+        Ok(self.forward_timed(comm, frames, &|| {})?.0)
+    }
+
+    /// As [`VisionStage::forward`], also returning the seconds of the encoder and of the
+    /// re-shard; `sync` is called before each clock reading (e.g. a device synchronise).
+    pub fn forward_timed(
+        &self,
+        comm: &dyn Communicator,
+        frames: &Tensor,
+        sync: &dyn Fn(),
+    ) -> Result<(StageCtx, f64, f64)> {
+        sync();
+        let t0 = std::time::Instant::now();
         let nf = frames.size().first().copied().unwrap_or(-1);
         if nf != self.frames.len() as i64 {
             return Err(RuntimeError::Shape(format!(
@@ -104,14 +117,22 @@ impl VisionStage {
             tch::no_grad(|| self.encoder.forward(frames))?
         }
         .reshape([-1, h]);
+        sync();
+        let t1 = std::time::Instant::now();
         let vision = self
             .reshard
             .forward(comm, &encoded)?
             .set_requires_grad(self.train);
-        Ok(StageCtx {
-            encoded: self.train.then_some(encoded),
-            vision,
-        })
+        sync();
+        let (encode_s, reshard_s) = ((t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64());
+        Ok((
+            StageCtx {
+                encoded: self.train.then_some(encoded),
+                vision,
+            },
+            encode_s,
+            reshard_s,
+        ))
     }
 
     /// The local shard's embeddings (local_len, llm_hidden): the received vision rows and
@@ -132,7 +153,7 @@ impl VisionStage {
             self.reshard
                 .zeros_vision(ctx.vision.kind(), ctx.vision.device())
         };
-        self.backward_vision(comm, ctx, &g)
+        self.backward_vision(comm, ctx, &g, &|| {}).map(|_| ())
     }
 
     /// As [`VisionStage::backward`], from the gradient of the whole local shard
@@ -152,20 +173,53 @@ impl VisionStage {
             grad_local.shallow_clone()
         };
         let (gv, gt) = self.reshard.split(&g)?;
-        self.backward_vision(comm, ctx, &gv)?;
+        self.backward_vision(comm, ctx, &gv, &|| {})?;
         Ok(gt)
     }
 
-    fn backward_vision(&self, comm: &dyn Communicator, ctx: StageCtx, g: &Tensor) -> Result<()> {
-        let Some(encoded) = ctx.encoded else {
-            return Ok(());
+    /// As [`VisionStage::backward_local`], also returning the seconds of the reverse
+    /// exchange and of the encoder's backward (0 when frozen); `sync` as in
+    /// [`VisionStage::forward_timed`].
+    pub fn backward_local_timed(
+        &self,
+        comm: &dyn Communicator,
+        ctx: StageCtx,
+        grad_local: &Tensor,
+        sync: &dyn Fn(),
+    ) -> Result<(Tensor, f64, f64)> {
+        let h = self.encoder.cfg.llm_hidden_size as i64;
+        let g = if grad_local.dim() == 3 && grad_local.size()[0] == 1 {
+            grad_local.view([-1, h])
+        } else {
+            grad_local.shallow_clone()
         };
+        let (gv, gt) = self.reshard.split(&g)?;
+        let (a, b) = self.backward_vision(comm, ctx, &gv, sync)?;
+        Ok((gt, a, b))
+    }
+
+    /// The reverse exchange and the encoder's backward: their seconds.
+    fn backward_vision(
+        &self,
+        comm: &dyn Communicator,
+        ctx: StageCtx,
+        g: &Tensor,
+        sync: &dyn Fn(),
+    ) -> Result<(f64, f64)> {
+        let Some(encoded) = ctx.encoded else {
+            return Ok((0.0, 0.0));
+        };
+        sync();
+        let t0 = std::time::Instant::now();
         let ge = self.reshard.backward(comm, g)?;
+        sync();
+        let t1 = std::time::Instant::now();
         if encoded.size()[0] > 0 && encoded.requires_grad() {
             (&encoded * ge.to_kind(encoded.kind()))
                 .sum(Kind::Double)
                 .backward();
         }
-        Ok(())
+        sync();
+        Ok(((t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64()))
     }
 }

@@ -17,9 +17,14 @@ pub enum Cmd {
         /// A Hugging Face config.json (default: the plan's model).
         #[arg(long, conflicts_with = "tiny")]
         model: Option<std::path::PathBuf>,
-        /// The tiny CI model.
+        /// The tiny CI model (and, for a plan with a vision section, a tiny encoder making the
+        /// plan's tokens per frame).
         #[arg(long)]
         tiny: bool,
+        /// A Hugging Face vision config.json for a plan with a vision section (default: the
+        /// plan's encoder preset, or the tiny encoder with --tiny).
+        #[arg(long)]
+        vision_config: Option<std::path::PathBuf>,
         /// Run the plan's ranks as threads on one device.
         #[arg(long)]
         inprocess: Option<usize>,
@@ -59,6 +64,7 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
             steps,
             model,
             tiny,
+            vision_config,
             inprocess,
             cpu,
             lr,
@@ -71,7 +77,8 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
             quiet,
         } => {
             use mmsp_runtime::train::run::{
-                run_with, should_spawn, spawn_local, ModelSource, RunExtras, RunOptions,
+                run_vlm, should_spawn, spawn_local, ModelSource, RunExtras, RunOptions,
+                VisionOptions,
             };
             let model = match (tiny, model) {
                 (true, _) => ModelSource::Tiny,
@@ -100,7 +107,10 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
                 trace,
                 progress: !quiet,
             };
-            let v = run_with(&opts, &extras)?;
+            let vopts = VisionOptions {
+                config: vision_config,
+            };
+            let v = run_vlm(&opts, &extras, &vopts)?;
             if !v.is_null() {
                 println!("{v}");
             }

@@ -1,0 +1,222 @@
+//! `run` of a plan with a vision section (MM-SP stage 1 + 2), CPU, thread ranks: a tiny
+//! VLM plan (4 packed samples, 8 frames, 2 padding tokens) trained at SP 1, 2 (1 x 2), 4
+//! (2 x 2) and SP 2 x DP 2 gives the same losses; the report carries the vision stage's
+//! times next to the plan's; bad vision sections are one-line errors with exit code 2.
+use mmsp_runtime::train::run::{run_vlm, ModelSource, RunExtras, RunOptions, VisionOptions};
+use mmsp_runtime::vision::balanced_frames;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+/// Samples (frames, text tokens): 3 + 5, 1 + 0, 0 + 7, 4 + 2; 4 tokens per frame.
+const SAMPLES: [(usize, usize); 4] = [(3, 5), (1, 0), (0, 7), (4, 2)];
+const CONTEXT: usize = 48;
+
+fn vision_plan(ulysses: usize, ring: usize, dp: usize, fpr: Option<Vec<Vec<usize>>>) -> Value {
+    let sp = ulysses * ring;
+    let frames: usize = SAMPLES.iter().map(|s| s.0).sum();
+    let lens: Vec<usize> = SAMPLES.iter().map(|s| s.0 * 4 + s.1).collect();
+    let fpr = fpr.unwrap_or_else(|| {
+        // A scattered stage 1 (not the contiguous split), as a MILP may return.
+        let mut v = vec![Vec::new(); sp];
+        for f in (0..frames).rev() {
+            v[(3 * f + 1) % sp].push(f);
+        }
+        v
+    });
+    json!({
+        "world_size": sp * dp,
+        "layout": {"ulysses": ulysses, "ring": ring, "dp": dp, "tp": 1,
+                   "placement": "ulysses_inner"},
+        "zero_stage": 0, "recompute": "none", "micro_batch": 1, "grad_accum_steps": 1,
+        "context_tokens": CONTEXT,
+        "predicted": {"step_time_s": 1.0, "tokens_per_s": 48.0, "mfu": 0.5,
+                      "memory_per_gpu_bytes": 1e9},
+        "vision": {
+            "encoder": "siglip-so400m", "tokens_per_frame": 4, "frames": frames,
+            "samples": SAMPLES.len(), "sample_lens": lens,
+            "frames_per_sample": SAMPLES.iter().map(|s| s.0).collect::<Vec<_>>(),
+            "text_tokens_per_sample": SAMPLES.iter().map(|s| s.1).collect::<Vec<_>>(),
+            "train_vision": true, "frames_per_rank": fpr,
+            "encoder_imbalance_before": 1.0, "encoder_imbalance_after": 1.0,
+            "stage": {"encoder_s": 0.01, "gather_s": 0.001, "reshard_s": 0.001,
+                      "memory_bytes": 1.0, "states_bytes": 1.0, "attention_scale": 1.0}
+        }
+    })
+}
+
+fn dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mmsp-run-vision-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write(name: &str, v: &Value) -> PathBuf {
+    let p = dir().join(name);
+    std::fs::write(&p, serde_json::to_string_pretty(v).unwrap()).unwrap();
+    p
+}
+
+fn opts(plan: &Path, n: usize, steps: usize) -> RunOptions {
+    RunOptions {
+        plan: plan.to_path_buf(),
+        steps,
+        model: ModelSource::Tiny,
+        inprocess: Some(n),
+        cpu: true,
+        lr: 1e-2,
+        peak_flops: 1e12,
+        out: None,
+    }
+}
+
+fn quiet() -> RunExtras {
+    RunExtras {
+        progress: false,
+        ..RunExtras::default()
+    }
+}
+
+fn losses(v: &Value) -> Vec<f64> {
+    v["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn run_vision_plan_same_losses_at_sp_1_2_4() {
+    let mut reference: Option<Vec<f64>> = None;
+    for (u, r, dp) in [(1, 1, 1), (1, 2, 1), (2, 2, 1), (2, 1, 2)] {
+        let plan = write(
+            &format!("vlm_{u}x{r}x{dp}.json"),
+            &vision_plan(u, r, dp, None),
+        );
+        let v = run_vlm(
+            &opts(&plan, u * r * dp, 3),
+            &quiet(),
+            &VisionOptions::default(),
+        )
+        .unwrap();
+        let l = losses(&v);
+        assert_eq!(l.len(), 3);
+        assert!(l.iter().all(|x| x.is_finite() && *x > 0.0), "{l:?}");
+        let vis = &v["vision"];
+        assert_eq!(vis["padding_tokens"], 2);
+        for k in [
+            "encode_s",
+            "reshard_s",
+            "reshard_backward_s",
+            "encoder_backward_s",
+        ] {
+            assert!(vis["measured_rank0"][k].as_f64().unwrap() >= 0.0, "{k}");
+        }
+        assert!(vis["predicted"]["encoder_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(
+            vis["frames_per_rank"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .sum::<u64>(),
+            8
+        );
+        match &reference {
+            None => reference = Some(l),
+            Some(r0) => {
+                for (a, b) in l.iter().zip(r0) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * b.abs(),
+                        "{u}x{r}x{dp}: losses {l:?} vs SP 1 {r0:?}"
+                    );
+                }
+            }
+        }
+    }
+    // The steps trained: the loss moved.
+    let r0 = reference.unwrap();
+    assert!((r0[2] - r0[0]).abs() > 1e-6, "{r0:?}");
+}
+
+#[test]
+fn run_vision_frozen_encoder_and_balanced_frames() {
+    let mut p = vision_plan(1, 2, 1, Some(balanced_frames(8, 2).unwrap()));
+    p["vision"]["train_vision"] = json!(false);
+    let plan = write("vlm_frozen.json", &p);
+    let v = run_vlm(&opts(&plan, 2, 2), &quiet(), &VisionOptions::default()).unwrap();
+    assert_eq!(v["vision"]["train_vision"], false);
+    assert_eq!(v["vision"]["measured_rank0"]["encoder_backward_s"], 0.0);
+}
+
+/// Runs the binary; returns (exit code, stderr).
+fn binary(plan: &Path, n: usize) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmsp-runtime"))
+        .args([
+            "run",
+            "--cpu",
+            "--tiny",
+            "--steps",
+            "1",
+            "--quiet",
+            "--inprocess",
+        ])
+        .arg(n.to_string())
+        .arg(plan)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_vision_sections_are_one_line_errors_exit_2() {
+    let mut cases: Vec<(&str, Value, usize, &str)> = Vec::new();
+    // Stage 1 for 2 ranks in a plan whose SP group has 4.
+    cases.push((
+        "ranks",
+        vision_plan(2, 2, 1, Some(balanced_frames(8, 2).unwrap())),
+        4,
+        "frames_per_rank has 2 ranks",
+    ));
+    // A frame missing: frames_per_rank does not sum to the frames.
+    cases.push((
+        "sum",
+        vision_plan(1, 2, 1, Some(vec![vec![0, 1, 2], vec![3, 4, 5, 6]])),
+        2,
+        "holds 7 frames",
+    ));
+    // A frame twice (the count is right).
+    cases.push((
+        "dup",
+        vision_plan(1, 2, 1, Some(vec![vec![0, 1, 2, 3], vec![3, 4, 5, 6]])),
+        2,
+        "more than one rank",
+    ));
+    // Per-sample frames inconsistent with the total.
+    let mut p = vision_plan(1, 2, 1, None);
+    p["vision"]["frames_per_sample"] = json!([3, 1, 0, 3]);
+    cases.push(("fps", p, 2, "frames_per_sample sums to 7"));
+    // More tokens than the context.
+    let mut p = vision_plan(1, 2, 1, None);
+    p["context_tokens"] = json!(40);
+    cases.push(("ctx", p, 2, "more than context_tokens"));
+    // A launch of the wrong size.
+    cases.push(("world", vision_plan(1, 2, 1, None), 4, "2"));
+    for (name, plan, n, want) in cases {
+        let path = write(&format!("bad_{name}.json"), &plan);
+        let (code, err) = binary(&path, n);
+        assert_eq!(code, 2, "{name}: exit {code}, stderr {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{name}: {err}");
+        assert!(err.contains(want), "{name}: {err}");
+    }
+    // The library says the same without a device.
+    let path = write(
+        "bad_lib.json",
+        &vision_plan(1, 2, 1, Some(vec![vec![0, 1, 2], vec![3, 4, 5, 6]])),
+    );
+    let e = run_vlm(&opts(&path, 2, 1), &quiet(), &VisionOptions::default()).unwrap_err();
+    assert!(e.is_bad_input(), "{e}");
+}
