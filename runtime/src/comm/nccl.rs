@@ -32,6 +32,10 @@ use tch::{Device, Tensor};
 /// How long the watchdog lets a process that is stuck after a fault go on before it exits it.
 pub const FAULT_GRACE: Duration = Duration::from_secs(5);
 
+/// After a fault, the process is ended this long later if it has not exited by itself
+/// (a bound on the time from a peer's death to every rank's exit).
+pub const REAP_AFTER: Duration = Duration::from_secs(20);
+
 /// How long work may stay in flight after a fault before the communicators are aborted.
 const ABORT_DELAY: Duration = Duration::from_millis(500);
 
@@ -62,7 +66,19 @@ impl Health {
     fn set(&self, kind: FaultKind, msg: String) {
         let mut f = lock(&self.fault);
         if f.is_none() {
-            *f = Some((kind, msg));
+            *f = Some((kind, msg.clone()));
+            // Whatever happens next (the owner's error path, an abort that blocks, an NCCL
+            // teardown that waits on the dead peer), the process ends within REAP_AFTER.
+            std::thread::spawn(move || {
+                std::thread::sleep(REAP_AFTER);
+                eprintln!("error: {msg}");
+                eprintln!(
+                    "error: still running {} s after the fault (blocked in NCCL, CUDA or their \
+                     teardown); ending the process",
+                    REAP_AFTER.as_secs()
+                );
+                crate::ffi::hard_exit(1)
+            });
         }
     }
 
@@ -467,7 +483,7 @@ fn watchdog(
                      fault; exiting",
                     FAULT_GRACE.as_secs()
                 );
-                std::process::exit(1);
+                crate::ffi::hard_exit(1);
             }
             Some(_) => {}
         }

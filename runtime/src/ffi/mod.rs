@@ -9,6 +9,22 @@ use tch::Tensor;
 use torch_sys::C_tensor;
 
 extern "C" {
+    /// The C library's `_exit`: ends the process at once, without atexit handlers (which may
+    /// block in CUDA or NCCL teardown after a peer died).
+    fn _exit(code: c_int) -> !;
+}
+
+/// Ends the process now with `code`, running no destructors or atexit handlers: the last
+/// resort of the fault watchdog when NCCL or the device is blocked on a dead peer.
+pub fn hard_exit(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stderr().flush();
+    let _ = std::io::stdout().flush();
+    // SAFETY: `_exit` takes an int and never returns; skipping destructors is the intent.
+    unsafe { _exit(code) }
+}
+
+extern "C" {
     fn mmsp_free_error(p: *mut c_char);
     fn mmsp_attn_fwd(
         backend: c_int,
