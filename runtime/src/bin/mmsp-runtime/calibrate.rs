@@ -17,6 +17,7 @@ use mmsp_runtime::kernel::{attention_bwd, attention_fwd, Backend};
 use mmsp_runtime::model::ModelConfig;
 use serde_json::{json, Value};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -41,6 +42,15 @@ pub enum Cmd {
         /// Timed batches per point (the median is kept).
         #[arg(long, default_value_t = 5)]
         iters: usize,
+        /// Length of one timed batch of back-to-back calls, in ms. Long batches keep the GPU
+        /// at its sustained clock and power, as in a training step; short ones measure it
+        /// fresh from idle (boost clocks).
+        #[arg(long, default_value_t = 5.0)]
+        batch_ms: f64,
+        /// Seconds of back-to-back large GEMMs before measuring (the GPU reaches its
+        /// sustained clock, power and temperature first).
+        #[arg(long, default_value_t = 0.0)]
+        preheat_s: f64,
     },
 }
 
@@ -52,7 +62,20 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
             model,
             backend,
             iters,
-        } => calibrate(&out, model.as_deref(), &backend, iters),
+            batch_ms,
+            preheat_s,
+        } => {
+            let ok = batch_ms > 0.0 && batch_ms <= 10_000.0 && (0.0..=600.0).contains(&preheat_s);
+            if !ok {
+                return Err(usage(format!(
+                    "--batch-ms {batch_ms} / --preheat-s {preheat_s}: want 0 < batch-ms <= 10000 \
+                     and 0 <= preheat-s <= 600"
+                )));
+            }
+            BATCH_US.store((batch_ms * 1e3) as u64, Ordering::Relaxed);
+            PREHEAT_MS.store((preheat_s * 1e3) as u64, Ordering::Relaxed);
+            calibrate(&out, model.as_deref(), &backend, iters)
+        }
     }
 }
 
@@ -64,8 +87,11 @@ const ATTN_TOKENS: [i64; 8] = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768];
 const ATTN_MAX_WORK: i64 = 32 * 32768;
 /// Bytes of one tensor in the bandwidth sweep: 1 MiB to 1 GiB.
 const BW_TENSOR_MIB: [i64; 6] = [1, 4, 16, 64, 256, 1024];
-/// A timed batch lasts at least this long (launch gaps and the synchronisation amortised).
-const BATCH_S: f64 = 5e-3;
+/// A timed batch lasts at least this long, in microseconds (launch gaps and the
+/// synchronisation amortised); `--batch-ms`.
+static BATCH_US: AtomicU64 = AtomicU64::new(5_000);
+/// Milliseconds of large GEMMs before the first measurement; `--preheat-s`.
+static PREHEAT_MS: AtomicU64 = AtomicU64::new(0);
 
 /// The shapes measured: the model's (or Llama-3-8B's) projections and attention heads.
 struct Shapes {
@@ -114,7 +140,7 @@ impl Shapes {
 }
 
 /// Median seconds per call of `f`: after two warm-up calls, `iters` batches of back-to-back
-/// calls (as many as fill [`BATCH_S`]), each ended by a device synchronisation.
+/// calls (as many as fill [`BATCH_US`]), each ended by a device synchronisation.
 fn per_call(dev: Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..2 {
         f()?;
@@ -124,7 +150,8 @@ fn per_call(dev: Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Res
     f()?;
     sync(dev);
     let one = t.elapsed().as_secs_f64().max(1e-7);
-    let reps = ((BATCH_S / one).ceil() as usize).clamp(1, 1000);
+    let batch_s = BATCH_US.load(Ordering::Relaxed) as f64 * 1e-6;
+    let reps = ((batch_s / one).ceil() as usize).clamp(1, 100_000);
     let mut ts = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();
@@ -300,6 +327,17 @@ fn calibrate(
     let shapes = Shapes::new(model)?;
     let dev = gpu().context("calibrate measures the GPU it runs on")?;
     let _ng = tch::no_grad_guard();
+    let preheat = PREHEAT_MS.load(Ordering::Relaxed) as f64 * 1e-3;
+    if preheat > 0.0 {
+        let (a, b) = (randn(&[8192, 8192], dev), randn(&[8192, 8192], dev));
+        let t = Instant::now();
+        while t.elapsed().as_secs_f64() < preheat {
+            for _ in 0..20 {
+                let _ = a.f_mm(&b)?;
+            }
+            sync(dev);
+        }
+    }
     let t0 = Instant::now();
     let bandwidth = bandwidth_points(dev, iters)?;
     let gemm = gemm_points(dev, iters, &shapes)?;
@@ -307,6 +345,8 @@ fn calibrate(
     let res = json!({
         "device": device_name(),
         "tool": "mmsp-runtime calibrate",
+        "batch_ms": BATCH_US.load(Ordering::Relaxed) as f64 * 1e-3,
+        "preheat_s": PREHEAT_MS.load(Ordering::Relaxed) as f64 * 1e-3,
         "dtype": "bf16",
         "shapes": shapes.source,
         "gemm": gemm,
