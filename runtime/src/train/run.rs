@@ -438,7 +438,9 @@ fn rank_loop(rank: usize, groups: Groups<'_>, cx: &LoopCtx<'_>) -> Result<Vec<St
         zero_stage: tp.zero_stage,
         recompute: tp.recompute != "none",
         backend: Backend::default_for(dev),
-        profile: true,
+        // Phase times need a device synchronisation around each phase; MMSP_PROFILE=0 runs
+        // the step without them (no phase breakdown, no sync bubbles).
+        profile: std::env::var("MMSP_PROFILE").map_or(true, |v| v != "0"),
     };
     let mut t = Trainer::new(model, groups, tp.context_tokens, tc)?;
     let mut vis = match cx.vision {
