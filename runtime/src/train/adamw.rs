@@ -143,6 +143,20 @@ pub struct AdamW {
 /// Elements updated per group of kernels (bounds the temporaries).
 const CHUNK: i64 = 1 << 24;
 
+/// The one dtype and device of all `params` (an error when empty or mixed).
+fn common_kind_device(params: &[Tensor]) -> Result<(Kind, Device)> {
+    let first = params
+        .first()
+        .ok_or_else(|| RuntimeError::Config("no parameters".into()))?;
+    let (kind, dev) = (first.kind(), first.device());
+    if params.iter().any(|p| p.kind() != kind || p.device() != dev) {
+        return Err(RuntimeError::Config(
+            "parameters of mixed dtype or device".into(),
+        ));
+    }
+    Ok((kind, dev))
+}
+
 impl AdamW {
     /// State for `params`; `shard` = the group the state is sharded over (None: ZeRO-0).
     /// The parameters' storage (and their gradients') moves into two flat buffers, so that
@@ -152,15 +166,7 @@ impl AdamW {
         cfg: AdamWConfig,
         shard: Option<&dyn Communicator>,
     ) -> Result<AdamW> {
-        let first = params
-            .first()
-            .ok_or_else(|| RuntimeError::Config("no parameters".into()))?;
-        let (kind, dev) = (first.kind(), first.device());
-        if params.iter().any(|p| p.kind() != kind || p.device() != dev) {
-            return Err(RuntimeError::Config(
-                "parameters of mixed dtype or device".into(),
-            ));
-        }
+        let (kind, dev) = common_kind_device(params)?;
         let kernel = checked_kernel(&cfg, dev, kind)?;
         let numel: i64 = params.iter().map(|p| p.numel() as i64).sum();
         let (shards, shard_rank) = shard.map_or((1, 0), |c| (c.size(), c.rank()));
@@ -227,15 +233,7 @@ impl AdamW {
         cfg: AdamWConfig,
         group: &dyn Communicator,
     ) -> Result<AdamW> {
-        let first = params
-            .first()
-            .ok_or_else(|| RuntimeError::Config("no parameters".into()))?;
-        let (kind, dev) = (first.kind(), first.device());
-        if params.iter().any(|p| p.kind() != kind || p.device() != dev) {
-            return Err(RuntimeError::Config(
-                "parameters of mixed dtype or device".into(),
-            ));
-        }
+        let (kind, dev) = common_kind_device(params)?;
         let mut next = 0;
         for u in units {
             if u.start != next || u.end <= u.start {
