@@ -671,6 +671,9 @@ impl<'a> Trainer<'a> {
         ph.grad_reduce_s += reduce_s;
         ph.optimizer_s = update_s;
         comm_s += reduce_s + update_s;
+        // The step's time is the device's: wait for its queued work even without profiling
+        // (one synchronisation per step; without it step_s would be the host's enqueue time).
+        sync(dev, true);
         Ok((
             StepStats {
                 loss: loss_mean,
