@@ -1,6 +1,7 @@
 //! `mmsp-runtime`: executes mmsp plans on GPUs and benchmarks the runtime, printing one JSON
 //! object per line. Subcommands: `run` (train a plan), `infer` and `needle` (inference),
-//! `bench`, `check`, `bf16-error`, `nccl-check`, `nccl-bench` (attention). Bad input (flags,
+//! `bench`, `check`, `bf16-error`, `nccl-check`, `nccl-bench` (attention), `calibrate`
+//! (kernel curves for the planner). Bad input (flags,
 //! plans, launches that do not match the plan) ends with one line and exit code 2; a failure
 //! of the run itself with exit code 1.
 mod attn;
