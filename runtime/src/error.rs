@@ -17,6 +17,8 @@ pub enum RuntimeError {
     Launch(String),
     #[error("libtorch error: {0}")]
     Torch(String),
+    #[error("out of GPU memory: {0}")]
+    OutOfMemory(String),
     #[error("communication error: {0}")]
     Comm(String),
     #[error("a peer rank left or failed during a collective: {0}")]

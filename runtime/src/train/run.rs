@@ -306,6 +306,26 @@ fn shard(t: &Tensor, ranges: [(usize, usize); 2]) -> Tensor {
     Tensor::cat(&parts, 1)
 }
 
+/// The error for a rank whose thread panicked: libtorch's out-of-memory (raised as a panic
+/// by tch's infallible calls) becomes [`RuntimeError::OutOfMemory`] with its first line; any
+/// other panic is reported with its message.
+fn panic_to_error(rank: usize, payload: &(dyn std::any::Any + Send)) -> RuntimeError {
+    let msg = payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default();
+    let first = msg.lines().next().unwrap_or_default();
+    if msg.contains("out of memory") {
+        let detail = first
+            .find("CUDA out of memory")
+            .map_or(first, |i| &first[i..]);
+        RuntimeError::OutOfMemory(format!("rank {rank}: {detail}"))
+    } else {
+        RuntimeError::Comm(format!("rank {rank} panicked: {first}"))
+    }
+}
+
 /// `MMSP_SKIP_MEMORY_CHECK=1` runs a plan whose predicted memory exceeds the GPU's (to
 /// measure where it really runs out, against the planner's prediction).
 fn memory_check_skipped() -> bool {
@@ -882,14 +902,8 @@ pub fn run_vlm(opts: &RunOptions, extras: &RunExtras, vopts: &VisionOptions) -> 
             hs.into_iter()
                 .enumerate()
                 .map(|(rank, h)| {
-                    h.join().unwrap_or_else(|p| {
-                        let msg = p
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_default();
-                        Err(RuntimeError::Comm(format!("rank {rank} panicked: {msg}")))
-                    })
+                    h.join()
+                        .unwrap_or_else(|p| Err(panic_to_error(rank, p.as_ref())))
                 })
                 .collect()
         });
@@ -940,7 +954,12 @@ pub fn run_vlm(opts: &RunOptions, extras: &RunExtras, vopts: &VisionOptions) -> 
             grad: &nw.world,
             dp: plan.layout.dp,
         };
-        let mine = rank_loop(rank, groups, &cx)?;
+        // tch's infallible calls panic on libtorch errors (a CUDA out-of-memory among them):
+        // caught here so that this rank ends with an error naming it, as in-process ranks do.
+        let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rank_loop(rank, groups, &cx)
+        }))
+        .unwrap_or_else(|p| Err(panic_to_error(rank, p.as_ref())))?;
         records = gather_records(&nw.world, &mine, d)?;
         nw.finish()?;
         if rank != 0 {
@@ -1357,4 +1376,29 @@ fn vision_report(
 /// Whether a path is a checkpoint directory (has a manifest).
 pub fn is_checkpoint(dir: &Path) -> bool {
     dir.join(checkpoint::MANIFEST).is_file()
+}
+
+#[cfg(test)]
+mod panic_tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_panics_become_typed_errors_naming_the_rank() {
+        let oom: Box<dyn std::any::Any + Send> = Box::new(String::from(
+            "called `Result::unwrap()` on an `Err` value: Torch(\"CUDA out of memory. Tried to \
+             allocate 1.14 GiB.\nmore\")",
+        ));
+        match panic_to_error(3, oom.as_ref()) {
+            RuntimeError::OutOfMemory(m) => {
+                assert!(m.starts_with("rank 3: CUDA out of memory. Tried"), "{m}");
+                assert!(!m.contains('\n'), "{m}");
+            }
+            e => panic!("{e:?}"),
+        }
+        let other: Box<dyn std::any::Any + Send> = Box::new("index out of bounds");
+        match panic_to_error(1, other.as_ref()) {
+            RuntimeError::Comm(m) => assert_eq!(m, "rank 1 panicked: index out of bounds"),
+            e => panic!("{e:?}"),
+        }
+    }
 }

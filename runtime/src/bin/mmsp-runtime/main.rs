@@ -35,6 +35,22 @@ enum Cmd {
 }
 
 fn main() {
+    // One line per panic instead of the default report: libtorch's out-of-memory arrives as a
+    // panic of tch's infallible calls and is reported again as the run's error (named rank,
+    // exit 1), so it is not repeated here.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        if !msg.contains("out of memory") {
+            let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+            let first = msg.lines().next().unwrap_or_default();
+            eprintln!("panic at {at}: {first}");
+        }
+    }));
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Train(c) => train::dispatch(c),
