@@ -301,11 +301,7 @@ fn hand_backward_matches_autograd() {
         0.0,
     );
     loss.backward();
-    let params: Vec<Tensor> = model
-        .named_parameters()
-        .iter()
-        .map(|(_, p)| p.shallow_clone())
-        .collect();
+    let params: Vec<Tensor> = model.parameters();
     let g1 = LocalComm::group(1).pop().unwrap();
     let mut o = AdamW::new(&params, opt(1e-2), None).unwrap();
     o.step(&g1, 1.0).unwrap();

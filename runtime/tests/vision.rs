@@ -697,12 +697,7 @@ fn vlm_step(u: usize, r: usize) -> StepResult {
                     };
                     let mut trainer = Trainer::new(model, groups, seq, tc).unwrap();
                     assert_eq!(trainer.local_ranges().to_vec(), ranges[sp]);
-                    let vparams: Vec<Tensor> = stage
-                        .encoder
-                        .named_parameters()
-                        .iter()
-                        .map(|(_, t)| t.shallow_clone())
-                        .collect();
+                    let vparams: Vec<Tensor> = stage.encoder.parameters();
                     let mut vopt = AdamW::new(&vparams, tc.optimizer, None).unwrap();
                     let frames = stage.local_frames(&frames_all(vcfg, nf)).unwrap();
                     let ctx = stage.forward(&g, &frames).unwrap();

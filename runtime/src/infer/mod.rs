@@ -219,13 +219,6 @@ impl<'a> RankInference<'a> {
         self.kv_chunk = Some(chunk);
     }
 
-    fn device(&self) -> Device {
-        self.model
-            .named_parameters()
-            .first()
-            .map_or(Device::Cpu, |p| p.1.device())
-    }
-
     fn scale(&self) -> f64 {
         1.0 / (self.model.cfg.head_dim as f64).sqrt()
     }
@@ -247,7 +240,7 @@ impl<'a> RankInference<'a> {
         let layout = Layout::sp(u, r, crate::plan::Placement::UlyssesInner);
         check_prompt(&layout, self.context, prompt.len())?;
         let cfg = &self.model.cfg;
-        let dev = self.device();
+        let dev = self.model.device();
         let shape = AttnShape {
             batch: 1,
             seq_len: prompt.len(),
@@ -358,7 +351,7 @@ impl<'a> RankInference<'a> {
             )));
         }
         let cfg = &self.model.cfg;
-        let dev = self.device();
+        let dev = self.model.device();
         let p = self.seq_len;
         let mine = self.kv_owner(p) == self.world.rank();
         let ids = Tensor::from_slice(&[token]).to(dev).unsqueeze(0);
@@ -413,7 +406,7 @@ impl<'a> RankInference<'a> {
         max_new: usize,
         eos: Option<i64>,
     ) -> Result<Generation> {
-        let dev = self.device();
+        let dev = self.model.device();
         if self.max_new.is_none() {
             // Tokens fed back after the prompt: all but the last one generated.
             self.set_max_new(max_new.saturating_sub(1));
@@ -467,10 +460,7 @@ pub fn generate_reference(
     if prompt.is_empty() {
         return Err(RuntimeError::Shape("the prompt is empty".into()));
     }
-    let dev = model
-        .named_parameters()
-        .first()
-        .map_or(Device::Cpu, |p| p.1.device());
+    let dev = model.device();
     let mut seq = prompt.to_vec();
     let (mut toks, mut logits) = (Vec::new(), Vec::new());
     tch::no_grad(|| -> Result<()> {

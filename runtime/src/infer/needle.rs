@@ -108,10 +108,7 @@ pub fn run_needle_local(
     let results: Vec<Result<NeedleRank>> = on_thread_ranks(&layout, |wc, uc, rc| {
         tch::no_grad(|| {
             let model = make_model()?;
-            let dev = model
-                .named_parameters()
-                .first()
-                .map_or(Device::Cpu, |p| p.1.device());
+            let dev = model.device();
             let mut st = RankInference::new(&model, wc, uc, rc, backend, context)?;
             st.set_max_new(decode.len());
             sync(dev);
@@ -168,10 +165,7 @@ pub fn chunked_reference(
         )));
     }
     let cfg = &model.cfg;
-    let dev = model
-        .named_parameters()
-        .first()
-        .map_or(Device::Cpu, |p| p.1.device());
+    let dev = model.device();
     let scale = 1.0 / (cfg.head_dim as f64).sqrt();
     let s = ids.len();
     let cuts: Vec<(usize, usize)> = (0..s)

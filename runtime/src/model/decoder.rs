@@ -232,6 +232,17 @@ impl Decoder {
     }
 
     /// Every parameter with its Hugging Face name, in [`Decoder::param_shapes`] order.
+    /// The device the parameters live on (the CPU for a model without parameters).
+    pub fn device(&self) -> Device {
+        self.params.first().map_or(Device::Cpu, |p| p.1.device())
+    }
+
+    /// Handles to every parameter (sharing storage), in `named_parameters` order: what an
+    /// optimizer is built over.
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.params.iter().map(|(_, t)| t.shallow_clone()).collect()
+    }
+
     pub fn named_parameters(&self) -> &[(String, Tensor)] {
         &self.params
     }

@@ -288,11 +288,7 @@ impl<'a> Trainer<'a> {
         let positions = Rope::positions(&ranges, device);
         let ids_len = positions.size()[0] as usize;
         let rope = Rope::new(m, &positions, model.compute);
-        let params: Vec<Tensor> = model
-            .named_parameters()
-            .iter()
-            .map(|(_, t)| t.shallow_clone())
-            .collect();
+        let params: Vec<Tensor> = model.parameters();
         let opt = match cfg.zero_stage {
             0 => AdamW::new(&params, cfg.optimizer, None)?,
             1 | 2 => AdamW::new(&params, cfg.optimizer, Some(groups.grad))?,

@@ -580,12 +580,7 @@ impl VisionRank {
             train,
         )?;
         let opt = if train {
-            let ps: Vec<Tensor> = stage
-                .encoder
-                .named_parameters()
-                .iter()
-                .map(|(_, p)| p.shallow_clone())
-                .collect();
+            let ps: Vec<Tensor> = stage.encoder.parameters();
             let cfg = AdamWConfig {
                 lr: cx.opts.lr,
                 ..AdamWConfig::default()

@@ -219,6 +219,12 @@ impl VisionEncoder {
         Ok((Self::from_params(cfg, compute, params), initialised))
     }
 
+    /// Handles to every parameter (sharing storage), in `named_parameters` order: what an
+    /// optimizer is built over.
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.params.iter().map(|(_, t)| t.shallow_clone()).collect()
+    }
+
     /// Every parameter with its Hugging Face name, in [`VisionEncoder::param_shapes`] order.
     pub fn named_parameters(&self) -> &[(String, Tensor)] {
         &self.params
