@@ -17,7 +17,6 @@ use mmsp_runtime::kernel::{attention_bwd, attention_fwd, Backend};
 use mmsp_runtime::model::ModelConfig;
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -72,9 +71,11 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
                      and 0 <= preheat-s <= 600"
                 )));
             }
-            BATCH_US.store((batch_ms * 1e3) as u64, Ordering::Relaxed);
-            PREHEAT_MS.store((preheat_s * 1e3) as u64, Ordering::Relaxed);
-            calibrate(&out, model.as_deref(), &backend, iters)
+            let timing = Timing {
+                iters,
+                batch_s: batch_ms * 1e-3,
+            };
+            calibrate(&out, model.as_deref(), &backend, timing, preheat_s)
         }
     }
 }
@@ -87,11 +88,13 @@ const ATTN_TOKENS: [i64; 8] = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768];
 const ATTN_MAX_WORK: i64 = 32 * 32768;
 /// Bytes of one tensor in the bandwidth sweep: 1 MiB to 1 GiB.
 const BW_TENSOR_MIB: [i64; 6] = [1, 4, 16, 64, 256, 1024];
-/// A timed batch lasts at least this long, in microseconds (launch gaps and the
-/// synchronisation amortised); `--batch-ms`.
-static BATCH_US: AtomicU64 = AtomicU64::new(5_000);
-/// Milliseconds of large GEMMs before the first measurement; `--preheat-s`.
-static PREHEAT_MS: AtomicU64 = AtomicU64::new(0);
+/// How each point is timed: `iters` batches of back-to-back calls, each lasting at least
+/// `batch_s` (launch gaps and the synchronisation amortised; `--batch-ms`).
+#[derive(Clone, Copy)]
+struct Timing {
+    iters: usize,
+    batch_s: f64,
+}
 
 /// The shapes measured: the model's (or Llama-3-8B's) projections and attention heads.
 struct Shapes {
@@ -140,8 +143,8 @@ impl Shapes {
 }
 
 /// Median seconds per call of `f`: after two warm-up calls, `iters` batches of back-to-back
-/// calls (as many as fill [`BATCH_US`]), each ended by a device synchronisation.
-fn per_call(dev: Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// calls (as many as fill `batch_s`), each ended by a device synchronisation.
+fn per_call(dev: Device, tm: Timing, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..2 {
         f()?;
     }
@@ -150,10 +153,9 @@ fn per_call(dev: Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Res
     f()?;
     sync(dev);
     let one = t.elapsed().as_secs_f64().max(1e-7);
-    let batch_s = BATCH_US.load(Ordering::Relaxed) as f64 * 1e-6;
-    let reps = ((batch_s / one).ceil() as usize).clamp(1, 100_000);
-    let mut ts = Vec::with_capacity(iters);
-    for _ in 0..iters {
+    let reps = ((tm.batch_s / one).ceil() as usize).clamp(1, 100_000);
+    let mut ts = Vec::with_capacity(tm.iters);
+    for _ in 0..tm.iters {
         let t = Instant::now();
         for _ in 0..reps {
             f()?;
@@ -170,14 +172,14 @@ fn randn(shape: &[i64], dev: Device) -> Tensor {
     Tensor::randn(shape, (Kind::BFloat16, dev))
 }
 
-fn gemm_points(dev: Device, iters: usize, shapes: &Shapes) -> Result<Vec<Value>> {
+fn gemm_points(dev: Device, tm: Timing, shapes: &Shapes) -> Result<Vec<Value>> {
     let mut out = Vec::new();
     for &m in &GEMM_TOKENS {
         for &(name, n, k) in &shapes.proj {
             let x = randn(&[m, k], dev);
             let w = randn(&[n, k], dev);
             let dy = randn(&[m, n], dev);
-            let t = per_call(dev, iters, || {
+            let t = per_call(dev, tm, || {
                 let _y = x.f_linear::<Tensor>(&w, None)?;
                 let _dx = dy.f_mm(&w)?;
                 let _dw = dy.f_tr()?.f_mm(&x)?;
@@ -196,7 +198,7 @@ fn gemm_points(dev: Device, iters: usize, shapes: &Shapes) -> Result<Vec<Value>>
 
 fn attention_points(
     dev: Device,
-    iters: usize,
+    tm: Timing,
     shapes: &Shapes,
     backend: Backend,
     name: &str,
@@ -220,11 +222,11 @@ fn attention_points(
                                    "head_dim": d, "causal": causal});
                 let measured = (|| -> Result<(f64, f64)> {
                     let (o, lse) = attention_fwd(backend, &q, &k, &v, causal, scale)?;
-                    let fwd = per_call(dev, iters, || {
+                    let fwd = per_call(dev, tm, || {
                         let _ = attention_fwd(backend, &q, &k, &v, causal, scale)?;
                         Ok(())
                     })?;
-                    let bwd = per_call(dev, iters, || {
+                    let bwd = per_call(dev, tm, || {
                         let _ = attention_bwd(backend, &dout, &q, &k, &v, &o, &lse, causal, scale)?;
                         Ok(())
                     })?;
@@ -254,7 +256,7 @@ fn attention_points(
     Ok(out)
 }
 
-fn bandwidth_points(dev: Device, iters: usize) -> Result<Vec<Value>> {
+fn bandwidth_points(dev: Device, tm: Timing) -> Result<Vec<Value>> {
     let mut out = Vec::new();
     for &mib in &BW_TENSOR_MIB {
         let tensor_bytes = mib << 20;
@@ -264,7 +266,7 @@ fn bandwidth_points(dev: Device, iters: usize) -> Result<Vec<Value>> {
         let mut c = Tensor::empty([n], (Kind::BFloat16, dev));
         // (op, tensors read + written per call)
         for (op, tensors) in [("copy", 2), ("add", 3), ("mul", 3)] {
-            let t = per_call(dev, iters, || {
+            let t = per_call(dev, tm, || {
                 match op {
                     "copy" => c.f_copy_(&a)?,
                     "add" => {
@@ -301,9 +303,10 @@ fn calibrate(
     out: &std::path::Path,
     model: Option<&std::path::Path>,
     backend: &str,
-    iters: usize,
+    tm: Timing,
+    preheat: f64,
 ) -> Result<()> {
-    if iters == 0 {
+    if tm.iters == 0 {
         return Err(usage("--iters must be >= 1"));
     }
     let kernel = match backend {
@@ -327,7 +330,6 @@ fn calibrate(
     let shapes = Shapes::new(model)?;
     let dev = gpu().context("calibrate measures the GPU it runs on")?;
     let _ng = tch::no_grad_guard();
-    let preheat = PREHEAT_MS.load(Ordering::Relaxed) as f64 * 1e-3;
     if preheat > 0.0 {
         let (a, b) = (randn(&[8192, 8192], dev), randn(&[8192, 8192], dev));
         let t = Instant::now();
@@ -339,14 +341,14 @@ fn calibrate(
         }
     }
     let t0 = Instant::now();
-    let bandwidth = bandwidth_points(dev, iters)?;
-    let gemm = gemm_points(dev, iters, &shapes)?;
-    let attention = attention_points(dev, iters, &shapes, kernel, backend)?;
+    let bandwidth = bandwidth_points(dev, tm)?;
+    let gemm = gemm_points(dev, tm, &shapes)?;
+    let attention = attention_points(dev, tm, &shapes, kernel, backend)?;
     let res = json!({
         "device": device_name(),
         "tool": "mmsp-runtime calibrate",
-        "batch_ms": BATCH_US.load(Ordering::Relaxed) as f64 * 1e-3,
-        "preheat_s": PREHEAT_MS.load(Ordering::Relaxed) as f64 * 1e-3,
+        "batch_ms": tm.batch_s * 1e3,
+        "preheat_s": preheat,
         "dtype": "bf16",
         "shapes": shapes.source,
         "gemm": gemm,
