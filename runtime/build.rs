@@ -1,10 +1,11 @@
-//! Builds the C++ shims (attention, optimizer/autograd) against the libtorch that torch-sys found, and forces
+//! Builds the C++ shims (attention, optimizer/autograd, diagnostics) against the libtorch that torch-sys found, and forces
 //! libtorch_cuda into the link (`--as-needed` drops it otherwise and CUDA is then unavailable).
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/attn_shim.cpp");
     println!("cargo:rerun-if-changed=csrc/optim_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/diag_shim.cpp");
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
         .expect("torch-sys did not export DEP_TCH_LIBTORCH_LIB; is LIBTORCH_USE_PYTORCH=1 set?");
     let lib = PathBuf::from(lib);
@@ -17,6 +18,7 @@ fn main() {
         .cpp(true)
         .file("csrc/attn_shim.cpp")
         .file("csrc/optim_shim.cpp")
+        .file("csrc/diag_shim.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -2,7 +2,8 @@
 //! 2 steps give identical losses, parameters and optimizer state, for SP 1 and SP 2
 //! (in-process thread ranks, CPU) with ZeRO-0 and ZeRO-1, and for ZeRO-3 (sharded parameters)
 //! over SP 2 and over DP 2; a checkpoint of another layout or
-//! model is refused with one line.
+//! model is refused with one line. A `--deterministic` run reports itself and repeats bit for
+//! bit; asking it for cuDNN attention is refused as bad input.
 use mmsp_runtime::train::run::{run_with, ModelSource, RunExtras, RunOptions};
 use mmsp_runtime::RuntimeError;
 use serde_json::Value;
@@ -55,6 +56,7 @@ impl Case {
             resume: resume.map(|r| self.dir.join(r)),
             trace: None,
             progress: false,
+            ..RunExtras::default()
         };
         run_with(&opts, &extras)
     }
@@ -237,4 +239,48 @@ fn resume_refuses_another_layout_or_zero_stage_in_one_line() {
         other => panic!("resumed from nothing: {other:?}"),
     }
     let _ = std::fs::remove_dir_all(&c.dir);
+}
+
+fn det_extras(backend: Option<mmsp_runtime::kernel::Backend>) -> RunExtras {
+    RunExtras {
+        progress: false,
+        deterministic: true,
+        attn_backend: backend,
+        ..RunExtras::default()
+    }
+}
+
+fn det_opts(c: &Case) -> RunOptions {
+    RunOptions {
+        plan: c.plan.clone(),
+        steps: 2,
+        model: ModelSource::Tiny,
+        inprocess: Some(c.ranks),
+        cpu: true,
+        lr: 1e-2,
+        peak_flops: 1e12,
+        out: None,
+    }
+}
+
+#[test]
+fn deterministic_runs_repeat_bit_for_bit() {
+    let c = Case::new("det", 1, 2, 1, 0);
+    let a = run_with(&det_opts(&c), &det_extras(None)).unwrap();
+    let b = run_with(&det_opts(&c), &det_extras(None)).unwrap();
+    assert_eq!(a["deterministic"], Value::Bool(true));
+    assert_eq!(a["losses"], b["losses"]);
+    assert_eq!(a["losses"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn deterministic_refuses_cudnn_attention() {
+    let c = Case::new("det-cudnn", 1, 1, 1, 0);
+    let e = run_with(
+        &det_opts(&c),
+        &det_extras(Some(mmsp_runtime::kernel::Backend::Cudnn)),
+    )
+    .unwrap_err();
+    assert!(e.is_bad_input(), "{e}");
+    assert!(e.to_string().contains("--attn-backend flash"), "{e}");
 }

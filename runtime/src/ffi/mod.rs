@@ -335,3 +335,78 @@ pub fn backward_seeded(pairs: &[(&Tensor, &Tensor)]) -> Result<()> {
     let err = unsafe { mmsp_backward(ts.as_ptr(), gs.as_ptr(), ts.len() as c_int) };
     check(err, "backward")
 }
+
+// ---- Diagnostics shim (`csrc/diag_shim.cpp`): allocator statistics, the Kineto profiler,
+// deterministic algorithms. ----
+
+extern "C" {
+    fn mmsp_alloc_stats(device: c_int, out: *mut i64) -> *mut c_char;
+    fn mmsp_alloc_reset_peak(device: c_int) -> *mut c_char;
+    fn mmsp_kernel_profile_start() -> *mut c_char;
+    fn mmsp_kernel_profile_stop(trace_path: *const c_char, tsv_path: *const c_char) -> *mut c_char;
+    fn mmsp_set_deterministic(on: c_int) -> *mut c_char;
+}
+
+/// The CUDA caching allocator's bytes on one device: tensors' (allocated) and the allocator's
+/// whole holding (reserved), now and at their peak since the last [`alloc_reset_peak`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AllocStats {
+    pub allocated: i64,
+    pub allocated_peak: i64,
+    pub reserved: i64,
+    pub reserved_peak: i64,
+}
+
+/// The caching allocator's statistics of CUDA device `device`.
+pub fn alloc_stats(device: usize) -> Result<AllocStats> {
+    let mut out = [0i64; 4];
+    // SAFETY: `out` has the four slots the shim writes; the pointer is not kept.
+    let err = unsafe { mmsp_alloc_stats(device as c_int, out.as_mut_ptr()) };
+    check(err, "allocator statistics")?;
+    Ok(AllocStats {
+        allocated: out[0],
+        allocated_peak: out[1],
+        reserved: out[2],
+        reserved_peak: out[3],
+    })
+}
+
+/// Resets the allocator's peak statistics of CUDA device `device`.
+pub fn alloc_reset_peak(device: usize) -> Result<()> {
+    // SAFETY: plain call with an integer; the shim catches every C++ exception.
+    let err = unsafe { mmsp_alloc_reset_peak(device as c_int) };
+    check(err, "allocator peak reset")
+}
+
+/// Starts libtorch's Kineto profiler (CUDA activities only), process-wide.
+pub fn kernel_profile_start() -> Result<()> {
+    // SAFETY: no arguments; the shim catches every C++ exception.
+    let err = unsafe { mmsp_kernel_profile_start() };
+    check(err, "starting the kernel profiler")
+}
+
+/// Stops the profiler started by [`kernel_profile_start`]: writes its Chrome trace to `trace`
+/// (if given) and one `start_ns \t duration_ns \t device \t name` line per device activity
+/// to `tsv`.
+pub fn kernel_profile_stop(trace: Option<&std::path::Path>, tsv: &std::path::Path) -> Result<()> {
+    let c = |p: &std::path::Path| {
+        std::ffi::CString::new(p.to_string_lossy().as_bytes())
+            .map_err(|_| RuntimeError::Plan(format!("path {} contains a NUL byte", p.display())))
+    };
+    let trace = match trace {
+        Some(p) => c(p)?,
+        None => std::ffi::CString::default(),
+    };
+    let tsv = c(tsv)?;
+    // SAFETY: both are NUL-terminated strings alive for the call; the shim does not keep them.
+    let err = unsafe { mmsp_kernel_profile_stop(trace.as_ptr(), tsv.as_ptr()) };
+    check(err, "stopping the kernel profiler")
+}
+
+/// Turns ATen's deterministic algorithms (errors on an op without a deterministic
+/// implementation) and cuDNN's deterministic mode on or off, process-wide.
+pub fn set_deterministic(on: bool) -> Result<()> {
+    // SAFETY: plain call with an integer; the shim catches every C++ exception.
+    let err = unsafe { mmsp_set_deterministic(on as c_int) };
+    check(err, "setting deterministic algorithms")
+}

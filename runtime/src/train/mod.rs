@@ -43,6 +43,7 @@
 //! - RMSNorm: ATen's fused kernel on CUDA (see `model::decoder`), ~4 ms saved per norm.
 pub mod adamw;
 pub mod checkpoint;
+pub mod kernel_profile;
 pub mod run;
 pub mod zero3;
 

@@ -122,6 +122,17 @@ pub struct RunExtras {
     pub trace: Option<PathBuf>,
     /// A progress line per step on stderr (rank 0).
     pub progress: bool,
+    /// Profile the last step's device activities with libtorch's Kineto profiler: the Chrome
+    /// trace goes here (one file per process, `.rankN` added when several), its activity
+    /// list beside it (`.kernels.tsv`) and a summary into the report (`kernel_profile`).
+    pub kernel_trace: Option<PathBuf>,
+    /// Bitwise-reproducible run: ATen's deterministic algorithms and cuDNN's deterministic
+    /// mode on (an op without a deterministic implementation is then an error), and the
+    /// FlashAttention-2 kernel on CUDA (cuDNN's attention is refused).
+    pub deterministic: bool,
+    /// Attention kernel (default: cuDNN on CUDA, flash when deterministic, the ATen CPU
+    /// kernel on the CPU).
+    pub attn_backend: Option<Backend>,
 }
 
 impl Default for RunExtras {
@@ -132,6 +143,9 @@ impl Default for RunExtras {
             resume: None,
             trace: None,
             progress: true,
+            kernel_trace: None,
+            deterministic: false,
+            attn_backend: None,
         }
     }
 }
@@ -380,13 +394,17 @@ struct StepRecord {
     comm_s: f64,
     /// Device memory in use after the step (device-wide), if known.
     mem_used: f64,
+    /// The caching allocator's peak allocated (tensors) and reserved bytes during the step
+    /// (CUDA; NaN elsewhere).
+    alloc_peak: f64,
+    reserved_peak: f64,
     /// Vision stage (0 without one): encoder forward, re-shard, reverse exchange, encoder
     /// backward, encoder optimizer (seconds, device-synchronised on CUDA).
     vision: [f64; 5],
 }
 
 /// Fields of a [`StepRecord`] as gathered between processes.
-const REC_LEN: usize = 21;
+const REC_LEN: usize = 23;
 
 impl StepRecord {
     fn to_vec(self) -> [f64; REC_LEN] {
@@ -413,6 +431,8 @@ impl StepRecord {
             self.vision[2],
             self.vision[3],
             self.vision[4],
+            self.alloc_peak,
+            self.reserved_peak,
         ]
     }
 }
@@ -430,6 +450,58 @@ struct LoopCtx<'a> {
     in_process: bool,
     layout: Layout,
     vision: Option<&'a VisionRun>,
+}
+
+/// The attention kernel of a run: the one asked for, else FlashAttention-2 in a deterministic
+/// run on CUDA (its backward is bitwise reproducible under ATen's deterministic mode; cuDNN's
+/// is not, measured: `runtime/bench/runE.sh`), else the device's default.
+fn attention_backend(extras: &RunExtras, dev: Device) -> Backend {
+    match (extras.attn_backend, extras.deterministic, dev) {
+        (Some(b), _, _) => b,
+        (None, true, Device::Cuda(_)) => Backend::Flash,
+        (None, _, _) => Backend::default_for(dev),
+    }
+}
+
+/// Turns on bitwise-reproducible execution for this process: cuBLAS's fixed workspace
+/// (`CUBLAS_WORKSPACE_CONFIG=:4096:8` unless set, read when cuBLAS first starts, which is
+/// later than this), ATen's deterministic algorithms and cuDNN's deterministic mode.
+fn deterministic_mode() -> Result<()> {
+    if std::env::var_os("CUBLAS_WORKSPACE_CONFIG").is_none() {
+        std::env::set_var("CUBLAS_WORKSPACE_CONFIG", ":4096:8");
+    }
+    crate::ffi::set_deterministic(true)
+}
+
+/// This process's kernel-trace file: `path` itself, or `path.rankN` when a run of several
+/// processes writes one each.
+fn kernel_trace_path(path: &Path, rank: usize, cx: &LoopCtx<'_>) -> PathBuf {
+    if cx.in_process || cx.layout.world_size() <= 1 {
+        path.to_path_buf()
+    } else {
+        let mut s = path.as_os_str().to_owned();
+        s.push(format!(".rank{rank}"));
+        PathBuf::from(s)
+    }
+}
+
+/// The activity list and summary written beside a kernel trace.
+fn kernel_trace_side(path: &Path, ext: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(ext);
+    PathBuf::from(s)
+}
+
+/// Stops the profiler of a profiled step: trace, activity list and summary files.
+fn finish_kernel_trace(path: &Path) -> Result<()> {
+    let tsv = kernel_trace_side(path, ".kernels.tsv");
+    crate::ffi::kernel_profile_stop(Some(path), &tsv)?;
+    let summary = crate::train::kernel_profile::summarize_file(&tsv, 25)?;
+    std::fs::write(
+        kernel_trace_side(path, ".summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    Ok(())
 }
 
 fn now_unix_s() -> f64 {
@@ -457,7 +529,7 @@ fn rank_loop(rank: usize, groups: Groups<'_>, cx: &LoopCtx<'_>) -> Result<Vec<St
         },
         zero_stage: tp.zero_stage,
         recompute: tp.recompute != "none",
-        backend: Backend::default_for(dev),
+        backend: attention_backend(cx.extras, dev),
         // Phase times need a device synchronisation around each phase; MMSP_PROFILE=0 runs
         // the step without them (no phase breakdown, no sync bubbles).
         profile: std::env::var("MMSP_PROFILE").map_or(true, |v| v != "0"),
@@ -484,6 +556,19 @@ fn rank_loop(rank: usize, groups: Groups<'_>, cx: &LoopCtx<'_>) -> Result<Vec<St
             }
         }
         let rg = t.local_ranges();
+        if let Device::Cuda(d) = dev {
+            crate::ffi::alloc_reset_peak(d)?;
+        }
+        let profiled = match &cx.extras.kernel_trace {
+            Some(p) if dev.is_cuda() && i + 1 == opts.steps && (rank == 0 || !cx.in_process) => {
+                if let Device::Cuda(d) = dev {
+                    tch::Cuda::synchronize(d as i64);
+                }
+                crate::ffi::kernel_profile_start()?;
+                Some(kernel_trace_path(p, rank, cx))
+            }
+            _ => None,
+        };
         let c0 = comm_now();
         let start_unix_s = now_unix_s();
         let (st, vision) = match (&mut vis, cx.vision) {
@@ -496,11 +581,20 @@ fn rank_loop(rank: usize, groups: Groups<'_>, cx: &LoopCtx<'_>) -> Result<Vec<St
         if let Some(e) = grad.peer_failure() {
             return Err(e);
         }
+        if let Some(path) = &profiled {
+            finish_kernel_trace(path)?;
+        }
+        let alloc = match dev {
+            Device::Cuda(d) => Some(crate::ffi::alloc_stats(d)?),
+            _ => None,
+        };
         let rec = StepRecord {
             start_unix_s,
             stats: st,
             comm_s: comm_now() - c0,
             mem_used: device_memory(dev).map_or(f64::NAN, |m| m.1),
+            alloc_peak: alloc.map_or(f64::NAN, |a| a.allocated_peak as f64),
+            reserved_peak: alloc.map_or(f64::NAN, |a| a.reserved_peak as f64),
             vision,
         };
         losses.push(st.loss);
@@ -827,6 +921,16 @@ pub fn run_vlm(opts: &RunOptions, extras: &RunExtras, vopts: &VisionOptions) -> 
         None => None,
     };
     let inject = fault_injection()?;
+    if extras.deterministic {
+        if extras.attn_backend == Some(Backend::Cudnn) {
+            return Err(RuntimeError::Plan(
+                "--deterministic with --attn-backend cudnn: cuDNN's attention backward is not \
+                 bitwise reproducible; use --attn-backend flash (the default when deterministic)"
+                    .into(),
+            ));
+        }
+        deterministic_mode()?;
+    }
     if !opts.cpu && !tch::Cuda::is_available() {
         return Err(RuntimeError::Launch(
             "CUDA is not available (use --cpu)".into(),
@@ -1021,6 +1125,8 @@ fn gather_records(
                     },
                     comm_s: v[5],
                     mem_used: v[6],
+                    alloc_peak: v[21],
+                    reserved_peak: v[22],
                     vision: [v[16], v[17], v[18], v[19], v[20]],
                 })
                 .collect()
@@ -1169,7 +1275,9 @@ fn report(
                    "communication_s": mean(&t, &|r| r.comm_s),
                    "attention_s": mean(&t, &|r| r.stats.attention_s),
                    "grad_sync_and_optimizer_s": mean(&t, &|r| r.stats.grad_sync_s),
-                   "peak_device_memory_used_bytes": max_or_null(recs.iter().map(|r| r.mem_used))})
+                   "peak_device_memory_used_bytes": max_or_null(recs.iter().map(|r| r.mem_used)),
+                   "peak_allocated_bytes": max_or_null(recs.iter().map(|r| r.alloc_peak)),
+                   "peak_reserved_bytes": max_or_null(recs.iter().map(|r| r.reserved_peak))})
         })
         .collect();
     let phases = Phases::mean(&t0.iter().map(|r| r.stats.phases).collect::<Vec<_>>());
@@ -1203,7 +1311,27 @@ fn report(
         "peak_device_memory_used_bytes": peak,
         "memory_note": "device-wide memory in use (total - free) after each step, so it includes the caching allocator's reserve; in-process ranks share one device",
         "device_memory_total_bytes": total_mem,
+        "peak_allocated_bytes_rank0": max_or_null(s0.iter().map(|r| r.alloc_peak)),
+        "peak_reserved_bytes_rank0": max_or_null(s0.iter().map(|r| r.reserved_peak)),
+        "allocator_note": "the CUDA caching allocator's peaks during a step: allocated = bytes in tensors, reserved = what the allocator holds from the device (allocated + its cache and fragments); in-process ranks share one allocator",
+        "deterministic": extras.deterministic,
     });
+    if let Some(p) = &extras.kernel_trace {
+        let path = if inprocess || w <= 1 {
+            p.clone()
+        } else {
+            let mut s = p.as_os_str().to_owned();
+            s.push(".rank0");
+            PathBuf::from(s)
+        };
+        let sum = kernel_trace_side(&path, ".summary.json");
+        if let Ok(text) = std::fs::read_to_string(&sum) {
+            let mut v: Value = serde_json::from_str(&text)?;
+            v["trace"] = json!(path);
+            v["step"] = json!(first_index + opts.steps - 1);
+            report["kernel_profile"] = v;
+        }
+    }
     if let Some(m) = resume {
         report["resumed_from"] = json!({"dir": m.dir, "step": m.step});
     }
