@@ -206,10 +206,14 @@ fn sync(dev: Device, on: bool) {
 }
 
 /// Lap timer over the phases of a step; synchronises the device first when profiling.
+/// With `MMSP_MEM_TRACE=1` on CUDA it also prints, at every lap, the caching allocator's
+/// bytes in tensors now and at their peak so far (a memory timeline of the step, for
+/// comparing with the planner's activation model; the call site is the lap's source line).
 struct Clock {
     dev: Device,
     on: bool,
     last: Instant,
+    mem_trace: bool,
 }
 
 impl Clock {
@@ -219,15 +223,27 @@ impl Clock {
             dev,
             on,
             last: Instant::now(),
+            mem_trace: dev.is_cuda() && std::env::var("MMSP_MEM_TRACE").as_deref() == Ok("1"),
         }
     }
 
     /// Seconds since the previous lap.
+    #[track_caller]
     fn lap(&mut self) -> f64 {
         sync(self.dev, self.on);
         let now = Instant::now();
         let d = (now - self.last).as_secs_f64();
         self.last = now;
+        if let (true, Device::Cuda(i)) = (self.mem_trace, self.dev) {
+            if let Ok(a) = crate::ffi::alloc_stats(i) {
+                eprintln!(
+                    "mem_trace line {}: allocated {} peak {}",
+                    std::panic::Location::caller().line(),
+                    a.allocated,
+                    a.allocated_peak
+                );
+            }
+        }
         d
     }
 }

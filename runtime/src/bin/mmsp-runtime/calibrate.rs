@@ -2,12 +2,14 @@
 //! uses and writes them as a calibration file for `mmsp plan --calibration FILE`
 //! (`planner/src/calibration.rs` reads it):
 //! - `gemm`: projection GEMMs forward + backward (y = x W^T, dX = dY W, dW = dY^T X; 3 x 2mnk
-//!   FLOPs) over token counts, for the Llama-style layer shapes or a given model's exact ones;
+//!   FLOPs) over token counts, for the Llama-style layer shapes or a given model's exact ones
+//!   (with `--model`, also its output head `lm_head` at up to the loss's 4096-row chunks);
 //! - `attention`: the runtime's own attention kernels ([`attention_fwd`], [`attention_bwd`],
 //!   GQA expansion included) over (heads, tokens), causal and not (forward 4 S^2 H D FLOPs,
 //!   halved when causal; forward + backward = 3.5 x forward, FlashAttention-2 counting);
 //! - `memory_bandwidth`: achieved HBM bandwidth of memory-bound kernels (a copy, an add and a
-//!   multiply over large bf16 tensors), as bytes read plus written per call over its time.
+//!   multiply over large bf16 tensors, and the layers' two layout copies: a heads-to-front
+//!   transpose and RoPE's rotate-half cat), as bytes read plus written per call over its time.
 //!
 //! Every figure is the median over several batches of back-to-back calls after warm-up, each
 //! batch bracketed by device synchronisation.
@@ -82,6 +84,9 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
 
 /// Token counts of the GEMM sweep (rows of the projections).
 const GEMM_TOKENS: [i64; 8] = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768];
+/// Rows of one chunk of the runtime's chunked cross-entropy (`train::LOSS_CHUNK`): the output
+/// head's GEMMs never see more.
+const HEAD_CHUNK_TOKENS: i64 = 4096;
 /// Query heads and tokens of the attention sweep (calls up to 32 heads x 32K tokens).
 const ATTN_HEADS: [i64; 5] = [32, 16, 8, 4, 1];
 const ATTN_TOKENS: [i64; 8] = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768];
@@ -100,6 +105,9 @@ struct Timing {
 struct Shapes {
     /// (name, n = output features, k = input features) of each projection.
     proj: Vec<(&'static str, i64, i64)>,
+    /// The output head (n = vocab, k = hidden) of a given model, measured at the loss's chunk
+    /// of rows and fewer (the runtime's chunked cross-entropy runs it 4096 rows at a time).
+    head: Option<(i64, i64)>,
     /// Query heads per kv head.
     gqa: i64,
     head_dim: i64,
@@ -113,6 +121,7 @@ impl Shapes {
             let (h, f) = (4096, 14336);
             return Ok(Shapes {
                 proj: vec![("h x h", h, h), ("f x h", f, h), ("h x f", h, f)],
+                head: None,
                 gqa: 4,
                 head_dim: 128,
                 source: "llama3-8b shapes".into(),
@@ -135,6 +144,7 @@ impl Shapes {
                 ("up_proj", f, h),
                 ("down_proj", h, f),
             ],
+            head: Some((c.vocab_size as i64, h)),
             gqa: (c.num_heads / c.num_kv_heads.max(1)).max(1) as i64,
             head_dim: c.head_dim as i64,
             source: path.display().to_string(),
@@ -175,7 +185,11 @@ fn randn(shape: &[i64], dev: Device) -> Tensor {
 fn gemm_points(dev: Device, tm: Timing, shapes: &Shapes) -> Result<Vec<Value>> {
     let mut out = Vec::new();
     for &m in &GEMM_TOKENS {
-        for &(name, n, k) in &shapes.proj {
+        let head = shapes
+            .head
+            .filter(|_| m <= HEAD_CHUNK_TOKENS)
+            .map(|(n, k)| ("lm_head", n, k));
+        for &(name, n, k) in shapes.proj.iter().chain(head.iter()) {
             let x = randn(&[m, k], dev);
             let w = randn(&[n, k], dev);
             let dy = randn(&[m, n], dev);
@@ -264,16 +278,36 @@ fn bandwidth_points(dev: Device, tm: Timing) -> Result<Vec<Value>> {
         let a = randn(&[n], dev);
         let b = randn(&[n], dev);
         let mut c = Tensor::empty([n], (Kind::BFloat16, dev));
-        // (op, tensors read + written per call)
-        for (op, tensors) in [("copy", 2), ("add", 3), ("mul", 3)] {
+        // (op, tensors read + written per call). Besides the streaming copy/add/mul, the two
+        // layout copies the runtime's layers run: "transpose", a (S, 32, 128) -> (32, S, 128)
+        // copy (heads to the front for the attention kernel and back), and "cat", RoPE's
+        // rotate-half cat([x2, x1]) over the last dimension of 128.
+        let hd = 128;
+        let rows = n / (32 * hd);
+        for (op, tensors) in [
+            ("copy", 2),
+            ("add", 3),
+            ("mul", 3),
+            ("transpose", 2),
+            ("cat", 2),
+        ] {
             let t = per_call(dev, tm, || {
                 match op {
                     "copy" => c.f_copy_(&a)?,
                     "add" => {
                         let _ = a.f_add_out(&c, &b)?;
                     }
-                    _ => {
+                    "mul" => {
                         let _ = a.f_mul_out(&c, &b)?;
+                    }
+                    "transpose" => {
+                        let src = a.view([rows, 32, hd]).transpose(0, 1);
+                        c.view([32, rows, hd]).f_copy_(&src)?;
+                    }
+                    _ => {
+                        let x = a.view([-1, hd]);
+                        let halves = [x.narrow(1, hd / 2, hd / 2), x.narrow(1, 0, hd / 2)];
+                        let _ = Tensor::f_cat_out(&c.view([-1, hd]), &halves, 1)?;
                     }
                 }
                 Ok(())
