@@ -164,8 +164,22 @@ fn deepspeed_ring_inner() {
             global_batch: 4,
         },
     );
-    let out = ok(&d, &["export", "--to", "deepspeed", "plan.json"]);
+    // A ZeRO-3 plan recomputes each layer outside attention (the runtime's recompute), which
+    // DeepSpeed's whole-layer checkpointing only approximates: it needs consent.
+    let refused = fails(&d, &["export", "--to", "deepspeed", "plan.json"]);
+    assert!(refused.contains("outside attention"), "{refused}");
+    let out = ok(
+        &d,
+        &[
+            "export",
+            "--to",
+            "deepspeed",
+            "plan.json",
+            "--allow-coarser-recompute",
+        ],
+    );
     let json: serde_json::Value = serde_json::from_str(out.split_once('\n').unwrap().1).unwrap();
+    assert_eq!(json["sequence_parallel"]["gradient_checkpointing"], true);
     assert_eq!(json["sequence_parallel"]["use_ulysses_low"], false);
     assert_eq!(json["deepspeed_config"]["train_batch_size"], 4);
     assert_eq!(json["deepspeed_config"]["gradient_accumulation_steps"], 2);
@@ -188,7 +202,18 @@ fn vila_torchrun_slurm() {
             global_batch: 2,
         },
     );
-    let vila = ok(&d, &["export", "--to", "vila", "plan.json"]);
+    fails(&d, &["export", "--to", "vila", "plan.json"]);
+    let vila = ok(
+        &d,
+        &[
+            "export",
+            "--to",
+            "vila",
+            "plan.json",
+            "--allow-coarser-recompute",
+        ],
+    );
+    assert!(vila.contains("--gradient_checkpointing True"));
     assert!(vila.contains("--seq_parallel_ring_type zigzag_ring_varlen"));
     insta::assert_snapshot!("vila", vila);
     insta::assert_snapshot!(

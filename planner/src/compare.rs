@@ -44,7 +44,7 @@ pub fn refine(
             let c = &s.candidate;
             let vision = match mm {
                 Some(mm) => Some(
-                    mm.stage(topo, model, &c.layout, c.zero_stage, c.recompute, context)
+                    mm.stage(topo, model, &c.layout, c.zero_stage, context)
                         .ok()?,
                 ),
                 None => None,
@@ -222,15 +222,8 @@ pub fn traces(
             };
             let vision = match mm {
                 Some(mm) => Some(
-                    mm.stage(
-                        topo,
-                        model,
-                        &c.layout,
-                        c.zero_stage,
-                        c.recompute,
-                        cmp.context_tokens,
-                    )
-                    .ok()?,
+                    mm.stage(topo, model, &c.layout, c.zero_stage, cmp.context_tokens)
+                        .ok()?,
                 ),
                 None => None,
             };
@@ -255,7 +248,7 @@ pub fn candidate_of(plan: &crate::plan::Plan) -> Candidate {
     Candidate {
         layout: plan.layout,
         zero_stage: plan.zero_stage,
-        recompute: plan.recompute,
+        recompute: plan.recompute_policy(),
         micro_batch: plan.micro_batch,
     }
 }

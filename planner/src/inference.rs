@@ -661,6 +661,9 @@ pub fn build_plan(
     };
     let mut plan = Plan::build(topo, topology_arg, m, context, 1, &scored)?;
     plan.mode = "inference".into();
+    // No backward, so nothing is recomputed (sharded weights included).
+    plan.recompute = Recompute::None;
+    plan.recompute_scope = None;
     Ok(plan)
 }
 

@@ -193,7 +193,8 @@ struct PlanArgs {
     context: Option<u64>,
     #[command(flatten)]
     video: VideoArgs,
-    /// Force a recompute policy instead of searching all three.
+    /// Force a recompute policy instead of searching all three (ZeRO-3 plans always recompute
+    /// each layer outside attention, as the runtime does; none leaves ZeRO-3 out).
     #[arg(long, value_enum)]
     recompute: Option<RecomputeArg>,
     /// Output format.

@@ -11,9 +11,15 @@ use serde::{Deserialize, Serialize};
 use crate::balance::{
     balance_frames, frame_costs, second_stage, BalanceOptions, FrameAssignment, TwoStageBalance,
 };
-use crate::cost::memory::{layer_activation_bytes_per_token, model_states, ActivationArch};
+use crate::cost::compute::{
+    attention_head_dim_padded, hbm_rate, ATTN_TRAIN_FACTOR, GEMM_TRAIN_FACTOR,
+};
+use crate::cost::memory::{
+    layer_activation_bytes_per_token, ActivationArch, GRAD_BYTES, OPTIMIZER_BYTES, WEIGHT_BYTES,
+};
 use crate::cost::{Layout, Recompute, VisionStage};
 use crate::error::{Error, Result};
+use crate::spec::cluster::ClusterSpec;
 use crate::spec::model::ModelSpec;
 use crate::spec::samples::Sample;
 use crate::spec::vision::VisionSpec;
@@ -152,24 +158,34 @@ impl MultiModal {
 
     /// The cost of the vision stage and of the re-shard for a layout (cached per split).
     ///
-    /// - Encoder: the most loaded rank's training FLOPs (3 x forward; 1 x if frozen) at the
-    ///   GPU's GEMM throughput (a ViT is GEMM-bound: Dosovitskiy et al. 2021).
+    /// - Encoder: the slowest rank's encoder and projector, forward and backward (forward only
+    ///   if frozen), as mmsp-runtime runs them ([`encoder_time`]): GEMMs at the calibrated GEMM
+    ///   curve, attention at the calibrated attention curve with its head dimension padded to
+    ///   the kernel's, and the memory-bound kernels as bytes at the calibrated bandwidth.
     /// - Re-shard: each rank sends the embeddings of its frames that the zigzag assigns
     ///   elsewhere, an all-to-all-v over the SP group, costed as an all-to-all of the busiest
     ///   rank's bytes; its mirror carries the embedding gradients back when training.
     /// - Attention: packed samples attend within themselves, so attention work is
     ///   sum(len^2) / S^2 of one sequence of S tokens, times the zigzag's measured imbalance.
-    /// - Memory: the encoder's model states (same ZeRO stage) and its activations for the
-    ///   rank's frames (Korthikanti-style accounting, GeLU MLP, FlashAttention).
+    /// - Memory: the encoder's model states as the runtime keeps them (replicated, whatever the
+    ///   decoder's ZeRO stage) and its activations for the rank's frames (Korthikanti-style
+    ///   accounting, GeLU MLP, FlashAttention; the runtime's encoder never recomputes).
+    ///
+    /// mmsp-runtime does not run ZeRO-3 with a vision section (`runtime/src/train/run.rs`,
+    /// `load_vision`), so a ZeRO-3 candidate's vision stage is an error.
     pub fn stage(
         &self,
         topo: &Topology,
         model: &ModelSpec,
         layout: &Layout,
         zero_stage: u8,
-        recompute: Recompute,
         context: u64,
     ) -> std::result::Result<VisionStage, String> {
+        if zero_stage >= 3 {
+            return Err(
+                "mmsp-runtime does not run ZeRO-3 with a vision section (the text rows' embedding lookup needs the gathered table): ZeRO 0, 1 or 2".into(),
+            );
+        }
         let key = (layout.ulysses, layout.ring, layout.tp, topo.world, context);
         let base = match self
             .stage_cache
@@ -188,27 +204,7 @@ impl MultiModal {
                 s
             }
         }?;
-        // Model states depend on the ZeRO stage and shards: added per candidate.
-        let v = &self.vision;
-        let params = v.params() as f64;
-        let per_layer = v.params_per_layer() as f64;
-        let shards = f64::from(layout.grad_family().size);
-        let (w, g, o) = model_states(params, per_layer, zero_stage, shards);
-        let states = if self.train_vision { w + g + o } else { w };
-        // The encoder follows the candidate's recompute policy: with any recompute it keeps
-        // only its layer inputs and runs its forward again in backward (4 x forward, not 3).
-        // `states_bytes` of the cached base holds the recomputed activation size.
-        let (memory_bytes, encoder_s) = if recompute != Recompute::None && self.train_vision {
-            (base.states_bytes, base.encoder_s * 4.0 / 3.0)
-        } else {
-            (base.memory_bytes, base.encoder_s)
-        };
-        Ok(VisionStage {
-            memory_bytes,
-            encoder_s,
-            states_bytes: states,
-            ..base
-        })
+        Ok(base)
     }
 
     fn stage_uncached(
@@ -220,17 +216,24 @@ impl MultiModal {
     ) -> Result<VisionStage> {
         let b = self.balance(model, layout.ulysses, layout.ring, false)?;
         let spec = &topo.spec;
-        let max_load = b.frames.load_per_rank.iter().copied().fold(0.0, f64::max);
-        let train_factor = if self.train_vision { 1.0 } else { 1.0 / 3.0 };
-        let frames_max = b
+        // Every rank encodes its frames; the stage waits for the slowest.
+        let resolutions = self.frame_resolutions();
+        let enc = b
             .frames
             .frames_per_rank
             .iter()
-            .map(Vec::len)
-            .max()
-            .unwrap_or(0) as f64;
-        let encoder_s =
-            max_load * train_factor / spec.gemm_rate(frames_max * self.vision.patches(None) as f64);
+            .map(|frames| {
+                let res: Vec<Option<(u32, u32)>> = frames.iter().map(|&f| resolutions[f]).collect();
+                encoder_time(
+                    spec,
+                    &self.vision,
+                    model.hidden_size,
+                    &res,
+                    self.train_vision,
+                )
+            })
+            .max_by(|a, b| a.total().total_cmp(&b.total()))
+            .unwrap_or_default();
         let n = layout.sp();
         let busiest = b
             .reshard
@@ -272,7 +275,8 @@ impl MultiModal {
             .unwrap_or(0) as f64;
         let patches = v.patches(None) as f64;
         // A frozen encoder keeps nothing for backward but one layer's working set; a trained one
-        // keeps its activations (or only layer inputs under recompute, see `stage`).
+        // keeps all its activations (the runtime's encoder runs under plain autograd, with no
+        // recompute: `runtime/src/vision/encoder.rs`).
         let act = if self.train_vision {
             frames_max
                 * patches
@@ -283,19 +287,36 @@ impl MultiModal {
                 * patches
                 * layer_activation_bytes_per_token(&arch, patches, 1.0, Recompute::None)
         };
-        let act_recompute = frames_max
-            * patches
-            * (f64::from(v.num_layers)
-                * layer_activation_bytes_per_token(&arch, patches, 1.0, Recompute::Full)
-                + layer_activation_bytes_per_token(&arch, patches, 1.0, Recompute::None));
+        // Model states as the runtime keeps them (`runtime/src/train/run.rs`, `VisionRank`):
+        // fp32 weights on every rank and, when trained, an unsharded AdamW (fp32 gradients and
+        // two moments, `AdamW::new` with no group), whatever the decoder's ZeRO stage; plus the
+        // 16-bit casts of the weights that the forward makes and autograd keeps for backward.
+        let all_params = (v.params() + v.projector_params(model.hidden_size)) as f64;
+        let master = OPTIMIZER_BYTES / 3.0;
+        let states = if self.train_vision {
+            all_params * (master + GRAD_BYTES + 2.0 * master + WEIGHT_BYTES)
+        } else {
+            all_params * master
+        };
         Ok(VisionStage {
-            encoder_s,
+            encoder_s: enc.total(),
             gather_s: if self.train_vision { reshard_s } else { 0.0 },
             reshard_s,
             memory_bytes: act,
-            states_bytes: act_recompute,
+            states_bytes: states,
             attention_scale: (sum_sq / s2) * b.attention_imbalance,
+            encoder_gemm_s: enc.gemm_s,
+            encoder_attention_s: enc.attention_s,
+            encoder_memory_bound_s: enc.memory_s,
         })
+    }
+
+    /// The resolution of every frame, in global frame order (sample by sample).
+    fn frame_resolutions(&self) -> Vec<Option<(u32, u32)>> {
+        self.samples
+            .iter()
+            .flat_map(|s| std::iter::repeat_n(s.resolution, s.frames as usize))
+            .collect()
     }
 
     /// Records both stages (MILP-balanced) for the plan's chosen candidate in the plan:
@@ -307,14 +328,7 @@ impl MultiModal {
         model: &ModelSpec,
         c: &crate::cost::Candidate,
     ) -> Result<()> {
-        let (vp, ranges) = self.plan(
-            topo,
-            model,
-            &c.layout,
-            c.zero_stage,
-            c.recompute,
-            plan.context_tokens,
-        )?;
+        let (vp, ranges) = self.plan(topo, model, &c.layout, c.zero_stage, plan.context_tokens)?;
         plan.vision = Some(vp);
         plan.tokens.ranges_per_rank = ranges;
         Ok(())
@@ -327,12 +341,11 @@ impl MultiModal {
         model: &ModelSpec,
         layout: &Layout,
         zero_stage: u8,
-        recompute: Recompute,
         context: u64,
     ) -> Result<(VisionPlan, Vec<Vec<[u64; 2]>>)> {
         let b = self.balance(model, layout.ulysses, layout.ring, true)?;
         let stage = self
-            .stage(topo, model, layout, zero_stage, recompute, context)
+            .stage(topo, model, layout, zero_stage, context)
             .map_err(|e| Error::invalid("vision stage", e))?;
         let ranges = b
             .ranges_per_rank
@@ -361,5 +374,205 @@ impl MultiModal {
             },
             ranges,
         ))
+    }
+}
+
+/// Where one rank's encoder time goes (seconds, forward and backward when trained).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EncoderTime {
+    pub gemm_s: f64,
+    pub attention_s: f64,
+    pub memory_s: f64,
+}
+
+impl EncoderTime {
+    pub fn total(&self) -> f64 {
+        self.gemm_s + self.attention_s + self.memory_s
+    }
+}
+
+/// Bytes per parameter of the encoder's weight casts in one step: mmsp-runtime's encoder keeps
+/// fp32 weights and casts each to the 16-bit compute dtype where the forward uses it (read 4,
+/// write 2: `runtime/src/vision/encoder.rs`, `p`); in backward the cast's gradient is widened
+/// back to fp32 (read 2, write 4) and accumulated into the fp32 gradient (read 4 + 4, write 4).
+const CAST_BYTES_FWD: f64 = 4.0 + WEIGHT_BYTES;
+const CAST_BYTES_BWD: f64 = (WEIGHT_BYTES + GRAD_BYTES) + 3.0 * GRAD_BYTES;
+
+/// The time of one rank's vision encoder and projector over its `frames` (one resolution per
+/// frame; `None` = native) into an LLM of hidden size `llm`, trained (forward + backward) or
+/// frozen (forward), as mmsp-runtime runs them (`runtime/src/vision/encoder.rs`: the rank's
+/// frames in one batch per resolution; `runtime/src/vision/stage.rs`):
+///
+/// - GEMMs ([`VisionSpec::gemm_flops_fwd`]) at the calibrated GEMM curve for the call's rows
+///   (the rank's patches; the projector's LLM tokens): 3 x forward when trained (dX and dW,
+///   [`GEMM_TRAIN_FACTOR`]), 2 x for the patch embedding (its input, the pixels, needs no
+///   gradient);
+/// - attention ([`VisionSpec::attention_flops_fwd`], bidirectional over each frame's patches)
+///   at the calibrated attention curve for one call of frames x heads over the frame's patches,
+///   at the head dimension the kernel computes with ([`attention_head_dim_padded`]: 72 runs as
+///   128), 3.5 x forward when trained ([`ATTN_TRAIN_FACTOR`]);
+/// - the memory-bound kernels (LayerNorms, the copies the runtime's layouts need, residual adds,
+///   GELU, bias gradients, gradient sums: [`VisionSpec::layer_memory_bytes_per_patch`] and the
+///   embedding's and projector's) and the weight casts, as bytes at the calibrated HBM bandwidth
+///   of their calls ([`hbm_rate`]).
+///
+/// Measured on an H100 for 16 SigLIP so400m frames (a replica of the runtime's encoder through
+/// the same libtorch kernels reproduced the runtime's 37.7 + 72.7 ms), the kernels took 43 ms
+/// in GEMMs, 16 ms in attention and 44 ms in memory-bound kernels: the last run at 0.5 to
+/// 1.5 TB/s, below the copy bandwidth the calibration measures (strided copies and adds on the
+/// transposed residual stream, column sums for the bias gradients), which this model does not
+/// capture.
+pub fn encoder_time(
+    spec: &ClusterSpec,
+    v: &VisionSpec,
+    llm: u64,
+    frames: &[Option<(u32, u32)>],
+    train: bool,
+) -> EncoderTime {
+    let mut out = EncoderTime::default();
+    if frames.is_empty() {
+        return out;
+    }
+    let mut groups: std::collections::BTreeMap<Option<(u32, u32)>, f64> = Default::default();
+    for r in frames {
+        *groups.entry(*r).or_default() += 1.0;
+    }
+    let h = v.hidden_size as f64;
+    let d = v.head_dim() as f64;
+    let pad = attention_head_dim_padded(v.head_dim()) as f64 / d;
+    let (gemm_x, patch_x, attn_x) = if train {
+        (GEMM_TRAIN_FACTOR, 2.0, ATTN_TRAIN_FACTOR)
+    } else {
+        (1.0, 1.0, 1.0)
+    };
+    let (layer_fwd, layer_bwd) = v.layer_memory_bytes_per_patch();
+    let (emb_fwd, emb_bwd) = v.embed_memory_bytes_per_patch();
+    let (proj_fwd, proj_bwd) = v.projector_memory_bytes_per_token(llm);
+    let layers = f64::from(v.num_layers);
+    for (res, count) in groups {
+        let patches = v.patches(res) as f64;
+        let rows = count * patches;
+        let tokens = count * v.tokens_for(res) as f64;
+        let (g_layers, g_patch, g_proj) = v.gemm_flops_fwd(res, llm);
+        out.gemm_s += count * (gemm_x * g_layers + patch_x * g_patch) / spec.gemm_rate(rows)
+            + count * gemm_x * g_proj / spec.gemm_rate(tokens);
+        let heads = count * f64::from(v.num_heads);
+        out.attention_s += attn_x * count * v.attention_flops_fwd(res) * pad
+            / spec.attention_rate(heads, patches, false);
+        let (lb, eb, pb) = if train {
+            (
+                layer_fwd + layer_bwd,
+                emb_fwd + emb_bwd,
+                proj_fwd + proj_bwd,
+            )
+        } else {
+            (layer_fwd, emb_fwd, proj_fwd)
+        };
+        let bytes = rows * (layers * lb + eb) + tokens * pb;
+        // At the bandwidth of a residual add over the call's patches (read two, write one).
+        out.memory_s += bytes / hbm_rate(spec, rows * 3.0 * h * 2.0);
+    }
+    // The weight casts, once per step, each the size of a weight matrix on average.
+    let params = (v.params() + v.projector_params(llm)) as f64;
+    let per_param = if train {
+        CAST_BYTES_FWD + CAST_BYTES_BWD
+    } else {
+        CAST_BYTES_FWD
+    };
+    let matrix = v.layer_matmul_params() as f64 / 6.0 * CAST_BYTES_FWD;
+    out.memory_s += params * per_param / hbm_rate(spec, matrix);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::Placement;
+
+    /// The 4 x H100 bench with its kernel calibration (runtime/bench/h100-4gpu.toml,
+    /// runtime/bench/results/h100-sxm-2layer.json) and the 2-layer llama3-8b shape.
+    fn bench4() -> (Topology, ModelSpec) {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/bench/");
+        let mut c = ClusterSpec::load(&format!("{dir}h100-4gpu.toml")).unwrap();
+        let cal =
+            crate::calibration::Calibration::load(&format!("{dir}results/h100-sxm-2layer.json"))
+                .unwrap();
+        c.calibration = Some(std::sync::Arc::new(cal));
+        (
+            Topology::build(&c, 4),
+            ModelSpec::load(&format!("{dir}llama3-8b-2layer.json")).unwrap(),
+        )
+    }
+
+    fn vlm(train: bool) -> MultiModal {
+        // runtime/bench/vlm_samples.jsonl
+        let samples = vec![Sample::uniform(32, 512), Sample::uniform(32, 256)];
+        MultiModal::new(VisionSpec::preset("siglip-so400m").unwrap(), samples, train).unwrap()
+    }
+
+    const LAYOUT: Layout = Layout {
+        ulysses: 2,
+        ring: 2,
+        dp: 1,
+        tp: 1,
+        placement: Placement::UlyssesInner,
+    };
+
+    /// Measured on 4 x H100 (runtime/bench/results/h100x4_run3_zero3_vlm_faults.log, plan
+    /// runtime/bench/plan4_vlm.json: 2x2, 16 frames per rank): the slowest rank's encoder +
+    /// projector took 37.9 ms forward and 73.0 ms backward, 110.8 ms; the planner said 49.1 ms
+    /// when it costed the encoder as GEMM FLOPs alone (3 x forward, attention included, at the
+    /// GEMM rate).
+    #[test]
+    fn measured_vlm_encoder_time() {
+        let (t, m) = bench4();
+        let mm = vlm(true);
+        let s = mm.stage(&t, &m, &LAYOUT, 1, mm.padded_context(4)).unwrap();
+        let sum = s.encoder_gemm_s + s.encoder_attention_s + s.encoder_memory_bound_s;
+        assert!((s.encoder_s - sum).abs() < 1e-12);
+        assert!(
+            (0.075..0.12).contains(&s.encoder_s),
+            "encoder {} s (measured 0.1108)",
+            s.encoder_s
+        );
+        // Attention at the kernel's head dimension, 128 for 72: FlashAttention-2 counting
+        // (3.5 x forward) at the calibrated attention curve for 16 frames x 16 heads.
+        let v = &mm.vision;
+        let rate = t.spec.attention_rate(16.0 * 16.0, 729.0, false);
+        let want = 3.5 * 16.0 * v.attention_flops_fwd(None) * 128.0 / 72.0 / rate;
+        assert!((s.encoder_attention_s - want).abs() / want < 1e-9);
+        // The memory-bound kernels are a large share, as in the measured kernel profile.
+        assert!(s.encoder_memory_bound_s > 0.2 * s.encoder_s);
+    }
+
+    #[test]
+    fn frozen_encoder_runs_forward_only() {
+        let (t, m) = bench4();
+        let frames = vec![None; 16];
+        let v = VisionSpec::preset("siglip-so400m").unwrap();
+        let train = encoder_time(&t.spec, &v, m.hidden_size, &frames, true);
+        let frozen = encoder_time(&t.spec, &v, m.hidden_size, &frames, false);
+        assert!((train.attention_s / frozen.attention_s - 3.5).abs() < 1e-9);
+        let g = train.gemm_s / frozen.gemm_s;
+        assert!(g > 2.99 && g < 3.0, "{g}");
+        assert!(frozen.memory_s < train.memory_s / 3.0);
+        assert_eq!(
+            encoder_time(&t.spec, &v, m.hidden_size, &[], true),
+            EncoderTime::default()
+        );
+    }
+
+    /// The runtime keeps the encoder's fp32 weights, gradients and AdamW moments on every rank
+    /// (plus the forward's 16-bit casts), and runs no ZeRO-3 with a vision section.
+    #[test]
+    fn encoder_states_and_stages_as_the_runtime_runs_them() {
+        let (t, m) = bench4();
+        let ctx = vlm(true).padded_context(4);
+        let params = 448_656_240.0;
+        let s = vlm(true).stage(&t, &m, &LAYOUT, 1, ctx).unwrap();
+        assert_eq!(s.states_bytes, params * (4.0 + 4.0 + 8.0 + 2.0));
+        let f = vlm(false).stage(&t, &m, &LAYOUT, 2, ctx).unwrap();
+        assert_eq!(f.states_bytes, params * 4.0);
+        assert!(vlm(true).stage(&t, &m, &LAYOUT, 3, ctx).is_err());
     }
 }

@@ -2,6 +2,13 @@
 //! everything the runtime needs to execute (mesh, each rank's coordinates and process groups,
 //! the zigzag token shards, ZeRO stage, recompute, micro-batch) and everything the planner
 //! predicted (time, memory, communication), so measured and predicted sit side by side.
+//!
+//! `recompute` is what the runtime reads: `none`, `selective` or `full`
+//! (`runtime/src/train/run.rs` rejects any other value, and runs every value but `none` as its
+//! one recompute). A ZeRO-3 plan always recomputes each layer outside attention, as the runtime
+//! does under ZeRO-3 whatever `recompute` says; it writes `"recompute": "full"` and
+//! `"recompute_scope": "outside_attention"`, which the runtime ignores and the planner reads back
+//! as [`Recompute::OutsideAttention`] ([`Plan::recompute_policy`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +60,15 @@ pub struct TokenPlan {
     pub ranges_per_rank: Vec<Vec<[u64; 2]>>,
 }
 
+/// What a plan's recompute covers when `recompute` alone does not say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecomputeScope {
+    /// mmsp-runtime's recompute of each layer outside attention, costed as
+    /// [`Recompute::OutsideAttention`] (always under ZeRO-3).
+    OutsideAttention,
+}
+
 /// What the planner predicts for the plan.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -90,7 +106,12 @@ pub struct Plan {
     pub grad_accum_steps: u64,
     pub layout: Layout,
     pub zero_stage: u8,
+    /// The recompute value the runtime reads: none, selective or full (see the module doc).
     pub recompute: Recompute,
+    /// `outside_attention` when the plan recomputes each layer outside attention (ZeRO-3):
+    /// `recompute` is then `full`, the runtime's name for its recompute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recompute_scope: Option<RecomputeScope>,
     pub ranks: Vec<RankInfo>,
     pub groups: Groups,
     pub tokens: TokenPlan,
@@ -140,6 +161,14 @@ impl Plan {
         };
         let ranges = ranges_per_rank(&[context], l.ulysses as usize, l.ring as usize)?;
         let e = &scored.estimate;
+        // What the runtime runs, as the estimate costed it (`crate::cost::terms`).
+        let rc = crate::cost::runtime_recompute(c.zero_stage, c.recompute);
+        let (recompute, recompute_scope) = match rc {
+            Recompute::OutsideAttention => {
+                (Recompute::Full, Some(RecomputeScope::OutsideAttention))
+            }
+            other => (other, None),
+        };
         Ok(Plan {
             schema: SCHEMA_NAME.into(),
             schema_version: SCHEMA_VERSION,
@@ -155,7 +184,8 @@ impl Plan {
             grad_accum_steps: e.grad_accum_steps,
             layout: l,
             zero_stage: c.zero_stage,
-            recompute: c.recompute,
+            recompute,
+            recompute_scope,
             ranks,
             groups,
             tokens: TokenPlan {
@@ -228,7 +258,27 @@ impl Plan {
         Ok(plan)
     }
 
+    /// The recompute policy the plan was costed with: [`Recompute::OutsideAttention`] when
+    /// `recompute_scope` says so, else `recompute`.
+    pub fn recompute_policy(&self) -> Recompute {
+        match self.recompute_scope {
+            Some(RecomputeScope::OutsideAttention) => Recompute::OutsideAttention,
+            None => self.recompute,
+        }
+    }
+
     fn check(&self) -> std::result::Result<(), String> {
+        if self.recompute == Recompute::OutsideAttention {
+            return Err(
+                "recompute must be none, selective or full (the runtime's values); write \"full\" with \"recompute_scope\": \"outside_attention\"".into(),
+            );
+        }
+        if self.recompute_scope.is_some() && self.recompute != Recompute::Full {
+            return Err(format!(
+                "recompute_scope outside_attention goes with recompute full, not {}",
+                self.recompute.as_str()
+            ));
+        }
         let l = &self.layout;
         if [l.tp, l.ulysses, l.ring, l.dp].contains(&0) {
             return Err("layout degrees must be >= 1".into());
@@ -259,5 +309,77 @@ impl Plan {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::{evaluate, Placement, Workload};
+    use crate::spec::cluster::ClusterSpec;
+
+    fn plan_for(zero: u8, recompute: Recompute) -> Plan {
+        let model = ModelSpec::load("llama3-8b").unwrap();
+        let cluster = ClusterSpec::load("dgx-h100").unwrap();
+        let topo = Topology::build(&cluster, 16);
+        let candidate = Candidate {
+            layout: Layout {
+                ulysses: 2,
+                ring: 4,
+                dp: 2,
+                tp: 1,
+                placement: Placement::UlyssesInner,
+            },
+            zero_stage: zero,
+            recompute,
+            micro_batch: 1,
+        };
+        let w = Workload {
+            model: &model,
+            context: 1 << 16,
+            global_batch: 2,
+            vision: None,
+        };
+        let estimate = evaluate(&topo, &w, &candidate).unwrap();
+        let scored = Scored {
+            candidate,
+            estimate,
+        };
+        Plan::build(&topo, "dgx-h100", &model, 1 << 16, 2, &scored).unwrap()
+    }
+
+    /// A ZeRO-3 plan says it recomputes, in a value the runtime reads (`runtime/src/train/run.rs`
+    /// accepts none, selective and full), and the planner reads it back as costed.
+    #[test]
+    fn zero3_plan_writes_the_runtimes_recompute() {
+        let plan = plan_for(3, Recompute::None);
+        assert_eq!(plan.recompute, Recompute::Full);
+        assert_eq!(plan.recompute_scope, Some(RecomputeScope::OutsideAttention));
+        assert_eq!(plan.recompute_policy(), Recompute::OutsideAttention);
+        assert!(plan.predicted.time.recompute_s > 0.0);
+        let v = serde_json::to_value(&plan).unwrap();
+        assert_eq!(v["recompute"], "full");
+        assert_eq!(v["recompute_scope"], "outside_attention");
+        let text = serde_json::to_string(&plan).unwrap();
+        let back = Plan::from_json(&text, "p.json").unwrap();
+        assert_eq!(back, plan);
+        assert_eq!(
+            crate::compare::candidate_of(&back).recompute,
+            Recompute::OutsideAttention
+        );
+        // The runtime cannot read the planner's own name for it.
+        let bad = text.replace(
+            "\"recompute\":\"full\"",
+            "\"recompute\":\"outside_attention\"",
+        );
+        assert!(Plan::from_json(&bad, "p.json").is_err());
+        // Below ZeRO-3: the policy as searched, no scope.
+        let z2 = plan_for(2, Recompute::None);
+        assert_eq!(z2.recompute, Recompute::None);
+        assert!(serde_json::to_value(&z2)
+            .unwrap()
+            .get("recompute_scope")
+            .is_none());
+        assert_eq!(z2.predicted.time.recompute_s, 0.0);
     }
 }

@@ -36,6 +36,31 @@ pub fn layout_words(topo: &Topology, s: &Scored) -> String {
     out
 }
 
+/// The plan's recompute in words: its policy, and for the runtime's recompute outside
+/// attention what it is and that ZeRO-3 forces it.
+fn recompute_words(plan: &Plan) -> String {
+    match plan.recompute_policy() {
+        crate::cost::Recompute::OutsideAttention => format!(
+            "each layer outside attention, in backward (the runtime's recompute{}; plan value \"{}\")",
+            if plan.zero_stage >= 3 {
+                ", forced by ZeRO-3"
+            } else {
+                ""
+            },
+            plan.recompute.as_str()
+        ),
+        r => r.as_str().to_string(),
+    }
+}
+
+/// A recompute policy in the runners-up table's 9-character column.
+fn recompute_column(r: crate::cost::Recompute) -> &'static str {
+    match r {
+        crate::cost::Recompute::OutsideAttention => "out-attn",
+        other => other.as_str(),
+    }
+}
+
 fn short_layout(s: &Scored) -> String {
     let l = &s.candidate.layout;
     let p = match l.placement {
@@ -108,7 +133,7 @@ pub fn plan_table(
         plan.zero_stage,
         l.grad_family().size
     );
-    let _ = writeln!(o, "  recompute    {}", plan.recompute.as_str());
+    let _ = writeln!(o, "  recompute    {}", recompute_words(plan));
     let _ = writeln!(
         o,
         "  micro-batch  {} sequence{}, {} accumulation step{}",
@@ -241,7 +266,7 @@ pub fn plan_table(
                 "  {:<22} {:>4} {:<9} {:>2} {:>10} {:>10}  {}",
                 short_layout(s),
                 s.candidate.zero_stage,
-                s.candidate.recompute.as_str(),
+                recompute_column(s.candidate.recompute),
                 s.candidate.micro_batch,
                 fmt_secs(s.estimate.step_time_s),
                 fmt_gib(s.estimate.memory_per_gpu_bytes),
@@ -271,7 +296,7 @@ pub fn sim_table(
         l.dp,
         l.placement.as_str(),
         plan.zero_stage,
-        plan.recompute.as_str()
+        plan.recompute_policy().as_str()
     );
     let _ = writeln!(
         o,

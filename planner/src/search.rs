@@ -77,7 +77,8 @@ pub struct Request {
     pub context: u64,
     /// Sequences per step; `None` picks [`default_global_batch`].
     pub global_batch: Option<u64>,
-    /// Force a recompute policy; `None` searches all three.
+    /// Force a recompute policy; `None` searches all three. ZeRO-3 candidates always get
+    /// [`Recompute::OutsideAttention`] (forcing `Recompute::None` rules them out).
     pub recompute: Option<Recompute>,
     pub strategy: Strategy,
     /// Restrict the search to one Ulysses x ring layout (`--layout UxR`); `None` searches all.
@@ -167,7 +168,20 @@ pub fn enumerate(model: &ModelSpec, cluster: &ClusterSpec, req: &Request) -> Vec
                         continue;
                     }
                     for &zero_stage in zeros.iter().filter(|z| req.zero.is_none_or(|f| f == **z)) {
-                        for &recompute in &recomputes {
+                        // ZeRO-3 runs the runtime's recompute outside attention whatever is
+                        // asked (`cost::runtime_recompute`): one candidate with it, or under
+                        // `--recompute none` one that records why ZeRO-3 cannot run.
+                        let forced = [if req.recompute == Some(Recompute::None) {
+                            Recompute::None
+                        } else {
+                            Recompute::OutsideAttention
+                        }];
+                        let stage_recomputes: &[Recompute] = if zero_stage >= 3 {
+                            &forced
+                        } else {
+                            &recomputes
+                        };
+                        for &recompute in stage_recomputes {
                             // Larger micro-batches only where the batch has the sequences.
                             for micro_batch in [1u32, 2, 4, 8] {
                                 if micro_batch > 1 && u64::from(dp * micro_batch) > global_batch {
@@ -221,6 +235,7 @@ impl SearchResult {
                 Infeasible::Divisibility { .. } => "context not divisible",
                 Infeasible::Batch { .. } => "batch not divisible",
                 Infeasible::Vision(_) => "vision stage cannot run",
+                Infeasible::Recompute => "ZeRO-3 needs recompute",
             };
             *m.entry(k).or_default() += 1;
         }
@@ -260,19 +275,16 @@ pub fn search(
     let mut ranked = Vec::new();
     let mut infeasible = Vec::new();
     for c in enumerate(model, &topo.spec, req) {
+        if c.zero_stage >= 3 && c.recompute == Recompute::None {
+            infeasible.push((c, Infeasible::Recompute));
+            continue;
+        }
         let mut w = w.clone();
         // Cheap checks first: the vision stage is costed only for layouts that can run.
         let runnable = crate::cost::head_split(model, c.layout.tp, c.layout.ulysses).is_ok()
             && global_batch.is_multiple_of(u64::from(c.layout.dp) * u64::from(c.micro_batch));
         if let (Some(mm), true) = (mm, runnable) {
-            match mm.stage(
-                topo,
-                model,
-                &c.layout,
-                c.zero_stage,
-                c.recompute,
-                req.context,
-            ) {
+            match mm.stage(topo, model, &c.layout, c.zero_stage, req.context) {
                 Ok(v) => w.vision = Some(v),
                 Err(e) => {
                     infeasible.push((c, Infeasible::Vision(e)));

@@ -8,6 +8,12 @@
 //! `s*b*h*(34 + 5*a*s/h)` for a GPT layer (dropout, GeLU MLP of 4h, MHA, no FlashAttention);
 //! for a Llama-style layer (no dropout, SwiGLU, GQA, FlashAttention) the score term becomes the
 //! per-head log-sum-exp and the MLP keeps three intermediate tensors.
+//!
+//! [`Recompute::OutsideAttention`] is mmsp-runtime's own recompute (the one ZeRO-3 always runs):
+//! its kept tensors and the working set of the recomputed layer are counted from what the
+//! runtime's trainer holds (`runtime/src/train/mod.rs`, `LayerState`; `runtime/src/ring.rs`,
+//! `RingCtx`; `runtime/src/model/decoder.rs`, `pre_attention_with` / `post_attention_with`), see
+//! [`layer_activation_bytes_per_token`] and [`outside_attention_working_bytes_per_token`].
 
 use serde::Serialize;
 
@@ -39,9 +45,21 @@ pub enum Recompute {
     /// Keep only each layer's input and recompute the whole layer (Korthikanti et al. 2022,
     /// Sec. 4.1: 2*s*b*h per layer).
     Full,
+    /// mmsp-runtime's recompute, which ZeRO-3 always runs (`runtime/src/train/zero3.rs`: a
+    /// layer's gathered weights are freed after its forward, so its forward outside attention
+    /// runs again, with autograd graph, once the weights are gathered again for its backward;
+    /// `runtime/src/train/mod.rs`, `Trainer` step, `rec = recompute || z3`). Kept per layer:
+    /// its input, the attention output and the attention's own context (Q, K, V in the
+    /// attention's layout, its output and log-sum-exp); the norms, projections, RoPE, MLP and
+    /// residual adds run again in backward, attention does not. Not a searchable policy: the
+    /// planner gives it to ZeRO-3 candidates ([`runtime_recompute`]); a plan writes it as
+    /// `"recompute": "full"` (what the runtime reads) with `"recompute_scope":
+    /// "outside_attention"` (`crate::plan`).
+    OutsideAttention,
 }
 
 impl Recompute {
+    /// The policies a search or `--recompute` chooses among.
     pub const ALL: [Recompute; 3] = [Recompute::None, Recompute::Selective, Recompute::Full];
 
     pub fn as_str(&self) -> &'static str {
@@ -49,7 +67,20 @@ impl Recompute {
             Recompute::None => "none",
             Recompute::Selective => "selective",
             Recompute::Full => "full",
+            Recompute::OutsideAttention => "outside_attention",
         }
+    }
+}
+
+/// The recompute mmsp-runtime runs for a candidate of ZeRO stage `zero_stage` that asks for
+/// `requested`: under ZeRO-3 always [`Recompute::OutsideAttention`] (the runtime recomputes
+/// every layer outside attention whatever the plan's `recompute` says,
+/// `runtime/src/train/mod.rs`: `let rec = self.cfg.recompute || z3`), else `requested`.
+pub fn runtime_recompute(zero_stage: u8, requested: Recompute) -> Recompute {
+    if zero_stage >= 3 {
+        Recompute::OutsideAttention
+    } else {
+        requested
     }
 }
 
@@ -57,6 +88,14 @@ impl Recompute {
 /// ways by tensor + sequence parallelism (Korthikanti et al. 2022, Table 2, last row: every
 /// term divided by t). `seq` is the attention length each query sees (only used without
 /// FlashAttention).
+///
+/// [`Recompute::OutsideAttention`] keeps what mmsp-runtime's `LayerState` holds under its
+/// recompute (`runtime/src/train/mod.rs`): the layer input `x_in` (2h); the attention context
+/// `RingCtx` (`runtime/src/ring.rs`): Q, K and V in the attention's layout (2q + 4kv, K and V
+/// with any Ulysses replication of kv heads), the attention output (2q) and the fp32
+/// log-sum-exp (4 bytes x heads); and the output `a` handed back to the sequence layout, a
+/// tensor of its own (2q) only when a Ulysses all-to-all made it (`a_copy`; with one Ulysses
+/// rank `head_to_seq` returns the attention output itself, `runtime/src/ulysses.rs`).
 pub fn layer_activation_bytes_per_token(
     a: &ActivationArch,
     seq: f64,
@@ -89,7 +128,42 @@ pub fn layer_activation_bytes_per_token(
             (all - 4.0 * h - product) / t
         }
         Recompute::Full => 2.0 * h / t,
+        Recompute::OutsideAttention => {
+            (2.0 * h + 2.0 * a.q_dim + 4.0 * a.kv_dim + 2.0 * a.q_dim + 4.0 * a.heads) / t
+        }
     }
+}
+
+/// Whether the attention output `a` that [`Recompute::OutsideAttention`] keeps is a tensor of its
+/// own besides the attention context's: with a Ulysses degree above one the all-to-all back to
+/// the sequence layout writes a new tensor (`runtime/src/ulysses.rs`, `head_to_seq`).
+pub fn outside_attention_extra_bytes_per_token(a: &ActivationArch, ulysses: u32, t: f64) -> f64 {
+    if ulysses > 1 {
+        2.0 * a.q_dim / t
+    } else {
+        0.0
+    }
+}
+
+/// Bytes per token (16-bit, split `t` ways) of the graph one layer holds while it is in
+/// backward under [`Recompute::OutsideAttention`]: its forward outside attention re-run with
+/// autograd (`runtime/src/train/mod.rs`, backward loop; `runtime/src/model/decoder.rs`):
+/// - `pre_attention_with`: the RMSNorm output that the Q, K and V projections keep (2h) and the
+///   q, k, v it returns, after RoPE, in the sequence layout with the model's kv heads
+///   (2q + 4 `kv_model`);
+/// - `post_attention_with`: the attention output made contiguous for the output projection
+///   (2q), the residual sum the second RMSNorm keeps (2h), that norm's output kept by the gate
+///   and up projections (2h), gate and up (4f), silu(gate) kept by the product (2f), the
+///   product kept by the down projection (2f), and the layer output `y` that the backward is
+///   seeded from (2h).
+///
+/// That is 8h + 4q + 4kv + 8f bytes; the layer's kept tensors
+/// ([`layer_activation_bytes_per_token`]) are counted besides.
+pub fn outside_attention_working_bytes_per_token(a: &ActivationArch, kv_model: f64, t: f64) -> f64 {
+    let h = a.hidden;
+    let pre = 2.0 * h + 2.0 * a.q_dim + 4.0 * kv_model;
+    let post = 2.0 * a.q_dim + 2.0 * h + 2.0 * h + 8.0 * a.ffn + 2.0 * h;
+    (pre + post) / t
 }
 
 /// Memory per GPU, in bytes, by category.

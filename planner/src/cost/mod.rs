@@ -12,7 +12,7 @@ use crate::spec::model::ModelSpec;
 use crate::topology::{GroupFamily, Topology};
 use compute::*;
 use memory::*;
-pub use memory::{MemoryBreakdown, Recompute};
+pub use memory::{runtime_recompute, MemoryBreakdown, Recompute};
 
 /// Which sequence-parallel dimension gets the consecutive ranks (and so the NVLink domain).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -142,6 +142,14 @@ pub struct VisionStage {
     /// Attention work relative to one sequence of the padded context: sum(len^2)/S^2 of the
     /// packed samples, times the zigzag's max/mean imbalance.
     pub attention_scale: f64,
+    /// `encoder_s` split: the encoder's and projector's GEMMs, its attention, and its
+    /// memory-bound kernels with the weight casts (absent in plans of older planners).
+    #[serde(default)]
+    pub encoder_gemm_s: f64,
+    #[serde(default)]
+    pub encoder_attention_s: f64,
+    #[serde(default)]
+    pub encoder_memory_bound_s: f64,
 }
 
 /// Why a candidate cannot run. The search skips these and reports the reasons.
@@ -161,6 +169,8 @@ pub enum Infeasible {
     Divisibility { context: u64, multiple: u64 },
     #[error("vision stage: {0}")]
     Vision(String),
+    #[error("ZeRO-3 always recomputes each layer outside attention (mmsp-runtime gathers its weights again for backward), so it cannot run with --recompute none")]
+    Recompute,
     #[error(
         "global batch {global_batch} is not a multiple of dp {dp} x micro-batch {micro_batch}"
     )]
@@ -239,10 +249,14 @@ pub fn head_split(m: &ModelSpec, tp: u32, ulysses: u32) -> Result<(u64, u64), In
 pub struct Terms {
     pub layout: Layout,
     pub zero_stage: u8,
+    /// The recompute the runtime runs ([`runtime_recompute`]: always
+    /// [`Recompute::OutsideAttention`] under ZeRO-3).
     pub recompute: Recompute,
     pub layers: u64,
     pub accum: u64,
-    /// 2 when full recompute runs each layer's forward twice, else 1.
+    /// Forward passes of each layer's attention (and of its all-to-all and ring traffic): 2 when
+    /// full recompute runs the whole layer's forward twice, else 1
+    /// ([`Recompute::OutsideAttention`] keeps the attention's outputs and does not re-run it).
     pub fwd_passes: u32,
     /// One layer's forward GEMMs, and the QKV and output-projection shares of them.
     pub gemm_fwd_s: f64,
@@ -272,6 +286,9 @@ pub struct Terms {
     /// Whole-model gradient bytes (fp32) and weight bytes (bf16) of the local shard.
     pub grad_bytes: f64,
     pub param_bytes: f64,
+    /// The part of `param_bytes` in the decoder layers (the rest: embedding, final norm, head).
+    /// ZeRO-3 gathers the layers twice per micro-batch and the rest once.
+    pub layers_param_bytes: f64,
     /// Per step: zeroing the fp32 gradients, the AdamW update and the 16-bit weight cast.
     pub optimizer_s: f64,
     pub vision: Option<VisionStage>,
@@ -298,6 +315,8 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     let l = &c.layout;
     let spec = &topo.spec;
     let (q_heads_local, kv_heads_local) = head_split(m, l.tp, l.ulysses)?;
+    // What the runtime runs: ZeRO-3 always recomputes the layers outside attention.
+    let recompute = runtime_recompute(c.zero_stage, c.recompute);
     let zig = 2 * u64::from(l.sp());
     if !w.context.is_multiple_of(zig) {
         return Err(Infeasible::Divisibility {
@@ -342,14 +361,23 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
         dropout: false,
         flash: true,
     };
-    let per_tok = layer_activation_bytes_per_token(&arch, s, tp, c.recompute);
+    let per_tok = layer_activation_bytes_per_token(&arch, s, tp, recompute)
+        + if recompute == Recompute::OutsideAttention {
+            outside_attention_extra_bytes_per_token(&arch, l.ulysses, tp)
+        } else {
+            0.0
+        };
     let full_layer = layer_activation_bytes_per_token(&arch, s, tp, Recompute::None);
     // Kept activations of all layers, plus the working set of the layer in backward (the
-    // recomputed layer's full activations under recompute, its gradients otherwise).
-    let working = if c.recompute == Recompute::None {
-        0.0
-    } else {
-        full_layer * tokens
+    // recomputed layer's full activations under recompute, its gradients otherwise). Under
+    // mmsp-runtime's recompute outside attention, the graph its re-run forward holds
+    // (`outside_attention_working_bytes_per_token`).
+    let working = match recompute {
+        Recompute::None => 0.0,
+        Recompute::OutsideAttention => {
+            outside_attention_working_bytes_per_token(&arch, m.kv_dim() as f64, tp) * tokens
+        }
+        Recompute::Selective | Recompute::Full => full_layer * tokens,
     };
     // Plus the embedding output and the final norm's input (2 bytes x h each).
     let activations = layers * per_tok * tokens + working + 2.0 * h * tokens * 2.0;
@@ -384,6 +412,9 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     // The vision stage runs once per sequence of the micro-batch.
     let vision = w.vision.map(|v| VisionStage {
         encoder_s: v.encoder_s * mb,
+        encoder_gemm_s: v.encoder_gemm_s * mb,
+        encoder_attention_s: v.encoder_attention_s * mb,
+        encoder_memory_bound_s: v.encoder_memory_bound_s * mb,
         gather_s: v.gather_s * mb,
         reshard_s: v.reshard_s * mb,
         memory_bytes: v.memory_bytes * mb,
@@ -424,7 +455,8 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     // forward share is 1/3.5 of the same time scale).
     let call_tokens = s / r;
     let heads_call = q_heads_local as f64;
-    let step_flops = attn_fwd / r;
+    // The kernel computes at its padded head dimension (no change at 128, the calibration's).
+    let step_flops = attn_fwd / r * attention_head_dim_padded(m.head_dim) as f64 / hd;
     let attn_fwd_s = step_flops / spec.attention_rate(heads_call, call_tokens, true)
         + (r - 1.0) * step_flops
             / spec.attention_rate(heads_call, call_tokens / 2f64.sqrt(), false);
@@ -474,17 +506,17 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     Ok(Terms {
         layout: *l,
         zero_stage: c.zero_stage,
-        recompute: c.recompute,
+        recompute,
         layers: m.num_layers,
         accum,
-        fwd_passes: if c.recompute == Recompute::Full { 2 } else { 1 },
+        fwd_passes: if recompute == Recompute::Full { 2 } else { 1 },
         gemm_fwd_s: gemm_fwd / spec.gemm_rate(tokens),
         qkv_share: (hq + 2.0 * (m.hidden_size * m.kv_dim()) as f64) / lp,
         o_share: hq / lp,
         // Forward alone runs at the fwd+bwd throughput in this model (one efficiency figure).
         attn_fwd_s,
         elem_fwd_s: (elem_fwd + elem_bwd + layer_grad) / 3.0,
-        selective_extra_s: if c.recompute == Recompute::Selective {
+        selective_extra_s: if recompute == Recompute::Selective {
             bw(tokens * selective_recompute_bytes(m, tp), act_call)
         } else {
             0.0
@@ -498,6 +530,7 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
         tp_bytes: tokens * h * 2.0,
         grad_bytes: params_local * GRAD_BYTES,
         param_bytes: params_local * WEIGHT_BYTES,
+        layers_param_bytes: layers * layer_params_local * WEIGHT_BYTES,
         optimizer_s: bw(opt_bytes, opt_bytes),
         vision,
         memory,
@@ -526,11 +559,18 @@ pub fn compose(topo: &Topology, t: &Terms) -> Estimate {
     let attn_t = layers * (t.attn_fwd_s + t.attn_bwd_s());
     let head_t = GEMM_TRAIN_FACTOR * t.head_fwd_s;
     let elem_t = 3.0 * layers * t.elem_fwd_s;
+    // Recompute in backward, per layer: selective redoes its memory-bound tensors; full the
+    // whole forward (Korthikanti et al. 2022, Sec. 4.1 and 5); mmsp-runtime's recompute outside
+    // attention (ZeRO-3) the forward's GEMMs (QKV, output projection, MLP) and its memory-bound
+    // work (norms, RoPE, SwiGLU, residual adds) but not attention, whose outputs are kept
+    // (`runtime/src/train/mod.rs`: `pre_attention_with` and `post_attention_with` run again
+    // before the layer's backward).
     let recompute_t = layers
         * match t.recompute {
             Recompute::None => 0.0,
             Recompute::Selective => t.selective_extra_s,
             Recompute::Full => t.gemm_fwd_s + t.attn_fwd_s + t.elem_fwd_s,
+            Recompute::OutsideAttention => t.gemm_fwd_s + t.elem_fwd_s,
         };
     let uly = l.ulysses_family();
     let a2a_t = layers
@@ -555,9 +595,17 @@ pub fn compose(topo: &Topology, t: &Terms) -> Estimate {
             * (fwd_passes * (c_fwd - step_fwd).max(0.0) + (c_bwd - step_bwd).max(0.0));
     }
     // Megatron tensor + sequence parallel: 2 all-gathers and 2 reduce-scatters of the
-    // activations per layer forward, mirrored in backward (Korthikanti et al. 2022, Sec. 4.2.2).
+    // activations per layer forward, mirrored in backward (Korthikanti et al. 2022, Sec. 4.2.2);
+    // a recompute of the layer outside attention re-runs its forward's four as well.
+    let tp_passes = fwd_passes
+        + 1.0
+        + if t.recompute == Recompute::OutsideAttention {
+            1.0
+        } else {
+            0.0
+        };
     let tp_t = if l.tp > 1 {
-        layers * (fwd_passes + 1.0) * 4.0 * topo.all_gather(l.tp_family(), t.tp_bytes)
+        layers * tp_passes * 4.0 * topo.all_gather(l.tp_family(), t.tp_bytes)
     } else {
         0.0
     };
@@ -580,10 +628,15 @@ pub fn compose(topo: &Topology, t: &Terms) -> Estimate {
             accum_f * topo.all_gather(gf, t.grad_bytes),
             topo.all_gather(gf, t.param_bytes),
         ),
-        // Stage 3 also gathers weights in forward and again in backward, every micro-batch.
+        // Stage 3 also gathers the weights every micro-batch, as mmsp-runtime does
+        // (`runtime/src/train/zero3.rs`): each layer's before its forward and again before its
+        // backward (where it is recomputed), the embedding table once for the lookup and the
+        // final norm and head once for the loss.
         _ => (
             accum_f * topo.all_gather(gf, t.grad_bytes),
-            accum_f * (fwd_passes + 1.0) * topo.all_gather(gf, t.param_bytes),
+            accum_f
+                * (2.0 * topo.all_gather(gf, t.layers_param_bytes)
+                    + topo.all_gather(gf, t.param_bytes - t.layers_param_bytes)),
         ),
     };
     // Bucketed gradient reduction overlaps with backward except the last layer's bucket;

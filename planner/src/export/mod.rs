@@ -142,6 +142,10 @@ pub fn export(plan: &Plan, engine: Engine, opts: &Options) -> Result<String> {
     }
 }
 
+/// Why an engine's whole-layer recompute needs consent for a plan costed with mmsp-runtime's
+/// recompute outside attention (every ZeRO-3 plan).
+const OUTSIDE_ATTENTION_COARSER: &str = "the plan recomputes each layer outside attention in backward (mmsp-runtime's recompute, which ZeRO-3 always runs), which this engine cannot express; pass --allow-coarser-recompute to recompute whole layers, attention included (less memory, slower), or re-plan with --zero 0, 1 or 2";
+
 fn unsupported(engine: Engine, msg: impl Into<String>) -> Error {
     Error::Unsupported {
         engine: engine.name(),
@@ -164,7 +168,7 @@ fn describe(plan: &Plan) -> String {
         l.dp,
         l.placement.as_str(),
         plan.zero_stage,
-        plan.recompute.as_str(),
+        plan.recompute_policy().as_str(),
         plan.micro_batch,
         plan.global_batch
     )
@@ -275,9 +279,12 @@ fn megatron(plan: &Plan, opts: &Options) -> Result<String> {
             ),
         ));
     }
-    let recompute: Vec<Vec<String>> = match plan.recompute {
+    let recompute: Vec<Vec<String>> = match plan.recompute_policy() {
         Recompute::None => vec![],
-        Recompute::Full => vec![
+        Recompute::OutsideAttention if !opts.allow_coarser_recompute => {
+            return Err(unsupported(e, OUTSIDE_ATTENTION_COARSER));
+        }
+        Recompute::Full | Recompute::OutsideAttention => vec![
             flag(&["--recompute-granularity", "full"]),
             flag(&["--recompute-method", "uniform"]),
             flag(&["--recompute-num-layers", "1"]),
@@ -395,9 +402,15 @@ fn deepspeed(plan: &Plan, opts: &Options) -> Result<String> {
             ),
         ));
     }
-    let checkpointing = match plan.recompute {
+    let checkpointing = match plan.recompute_policy() {
         Recompute::None => false,
         Recompute::Full => true,
+        Recompute::OutsideAttention => {
+            if !opts.allow_coarser_recompute {
+                return Err(unsupported(e, OUTSIDE_ATTENTION_COARSER));
+            }
+            true
+        }
         Recompute::Selective => {
             if !opts.allow_coarser_recompute {
                 return Err(unsupported(
@@ -475,9 +488,15 @@ fn vila(plan: &Plan, opts: &Options) -> Result<String> {
             "placement ring_inner is not reachable: VILA's set_pg_manager is called with the default use_ulysses_low=True, which puts Ulysses groups on adjacent ranks (re-plan, or export to deepspeed, where yunchang takes use_ulysses_low=False)",
         ));
     }
-    let gc = match plan.recompute {
+    let gc = match plan.recompute_policy() {
         Recompute::None => "False",
         Recompute::Full => "True",
+        Recompute::OutsideAttention => {
+            if !opts.allow_coarser_recompute {
+                return Err(unsupported(e, OUTSIDE_ATTENTION_COARSER));
+            }
+            "True"
+        }
         Recompute::Selective => {
             if !opts.allow_coarser_recompute {
                 return Err(unsupported(

@@ -153,3 +153,41 @@ fn head_limits_are_typed_reasons() {
         .iter()
         .any(|(_, e)| matches!(e, Infeasible::Heads { .. })));
 }
+
+#[test]
+fn zero3_candidates_carry_the_runtimes_recompute() {
+    let (t, m) = h100(16);
+    let r = req(16, 1 << 17);
+    let cands = enumerate(&m, &t.spec, &r);
+    assert!(cands.iter().any(|c| c.zero_stage == 3));
+    for c in &cands {
+        assert_eq!(
+            c.zero_stage == 3,
+            c.recompute == Recompute::OutsideAttention,
+            "{c:?}"
+        );
+    }
+    // --recompute none leaves ZeRO-3 out, saying why.
+    let none = Request {
+        recompute: Some(Recompute::None),
+        ..r.clone()
+    };
+    let res = search(&t, &m, &none, None);
+    assert!(res.ranked.iter().all(|s| s.candidate.zero_stage < 3));
+    assert!(res
+        .infeasible
+        .iter()
+        .any(|(c, e)| c.zero_stage == 3 && matches!(e, Infeasible::Recompute)));
+    // --recompute full with --zero 3: the runtime's recompute, costed.
+    let full = Request {
+        recompute: Some(Recompute::Full),
+        zero: Some(3),
+        ..r
+    };
+    let res = search(&t, &m, &full, None);
+    assert!(!res.ranked.is_empty());
+    for s in &res.ranked {
+        assert_eq!(s.candidate.recompute, Recompute::OutsideAttention);
+        assert!(s.estimate.time.recompute_s > 0.0);
+    }
+}

@@ -230,6 +230,30 @@ impl<'a> Builder<'a> {
         self.tp(&tag, "tp reduce-scatter", &d)
     }
 
+    /// mmsp-runtime's recompute of one layer outside attention before its backward
+    /// ([`Recompute::OutsideAttention`], `runtime/src/train/mod.rs`): the forward's GEMMs and
+    /// memory-bound work (with its tensor-parallel collectives) run again; attention and its
+    /// all-to-all and ring traffic do not (their outputs were kept).
+    fn recompute_outside_attention(&mut self, l: u64, deps: &H) -> H {
+        let t = self.t;
+        let tag = format!("L{l} recompute");
+        let mut d = self.tp(&tag, "tp all-gather", deps);
+        d = self.compute(
+            &format!("{tag} qkv"),
+            t.gemm_fwd_s * t.qkv_share + 0.5 * t.elem_fwd_s,
+            &d,
+        );
+        d = self.compute(&format!("{tag} o-proj"), t.gemm_fwd_s * t.o_share, &d);
+        d = self.tp(&tag, "tp reduce-scatter", &d);
+        d = self.tp(&tag, "tp all-gather", &d);
+        d = self.compute(
+            &format!("{tag} mlp"),
+            t.gemm_fwd_s * (1.0 - t.qkv_share - t.o_share) + 0.5 * t.elem_fwd_s,
+            &d,
+        );
+        self.tp(&tag, "tp reduce-scatter", &d)
+    }
+
     /// Backward of one layer.
     fn backward_layer(&mut self, l: u64, deps: &H) -> H {
         let t = self.t;
@@ -351,12 +375,29 @@ pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> SimResult {
     let gf = lay.grad_family();
     let layers = t.layers;
     let layer_grad = t.grad_bytes / layers as f64;
-    let layer_param = t.param_bytes / layers as f64;
+    // ZeRO-3 (as mmsp-runtime runs it, `runtime/src/train/zero3.rs`): each layer's weights are
+    // gathered before its forward and again before its backward; the embedding table and the
+    // final norm with the head once per micro-batch.
+    let layer_param = t.layers_param_bytes / layers as f64;
+    let other_param = t.param_bytes - t.layers_param_bytes;
     let mut d = b.empty();
     let mut grads: H = b.empty();
     for micro in 0..t.accum {
         let last_micro = micro + 1 == t.accum;
         d = b.compute("vision stage", t.vision_s(), &d);
+        if t.zero_stage >= 3 {
+            // Prefetched with the micro-batch's first layer gathers; the layers wait for it
+            // (the embedding lookup comes first).
+            let g = b.comm(
+                "zero-3 gather (embedding, head)",
+                Stream::Gather,
+                Coll::AllGather,
+                gf,
+                other_param,
+                &b.empty(),
+            );
+            d = Builder::join(&d, &g);
+        }
         let mut gathered: Vec<H> = Vec::new();
         for l in 0..layers {
             let mut fd = d.clone();
@@ -400,8 +441,10 @@ pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> SimResult {
                 );
                 bd = Builder::join(&bd, &g);
             }
-            if t.recompute == Recompute::Full {
-                bd = b.forward_layer(l, "recompute", &bd);
+            match t.recompute {
+                Recompute::Full => bd = b.forward_layer(l, "recompute", &bd),
+                Recompute::OutsideAttention => bd = b.recompute_outside_attention(l, &bd),
+                Recompute::None | Recompute::Selective => {}
             }
             d = b.backward_layer(l, &bd);
             bgathered.push(d.clone());

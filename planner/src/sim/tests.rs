@@ -233,3 +233,35 @@ fn trace_has_a_track_per_stream() {
     let x: Vec<_> = ev.iter().filter(|e| e["ph"] == "X").collect();
     assert_eq!(x.len(), s.ops);
 }
+
+#[test]
+fn zero3_simulation_runs_the_recompute() {
+    let t = topo("dgx-h100", 16);
+    let tm = terms_for(
+        &t,
+        "llama3-8b",
+        1 << 16,
+        2,
+        4,
+        2,
+        Placement::UlyssesInner,
+        3,
+        Recompute::None,
+        2,
+    );
+    assert_eq!(tm.recompute, Recompute::OutsideAttention);
+    let s = simulate(&t, &tm, true);
+    assert!(s.engine_ops.iter().any(|o| o.name.contains("recompute")));
+    let mut dropped = tm.clone();
+    dropped.recompute = Recompute::None;
+    let d = simulate(&t, &dropped, true);
+    let a = compose(&t, &tm);
+    assert!(
+        s.step_time_s - d.step_time_s > 0.9 * a.time.recompute_s,
+        "sim {} without recompute {} (recompute {})",
+        s.step_time_s,
+        d.step_time_s,
+        a.time.recompute_s
+    );
+    assert!((s.step_time_s - a.step_time_s).abs() / a.step_time_s < 0.05);
+}

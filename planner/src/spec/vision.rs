@@ -247,6 +247,120 @@ impl VisionSpec {
         3.0 * forward
     }
 
+    /// Attention head dimension (hidden / heads; 72 for SigLIP so400m).
+    pub fn head_dim(&self) -> u64 {
+        self.hidden_size / u64::from(self.num_heads)
+    }
+
+    /// Weights of one layer's GEMMs: Q, K, V and the output projection (4h^2) and the MLP's two
+    /// matrices (2hi); biases are added in the GEMMs' epilogues.
+    pub fn layer_matmul_params(&self) -> u64 {
+        let h = self.hidden_size;
+        4 * h * h + 2 * h * self.intermediate_size
+    }
+
+    /// Width of the projector's input features, as mmsp-runtime builds its projector
+    /// (`runtime/src/vision/config.rs`, `projector_in`; the pooling is the one whose token count
+    /// is the plan's, `runtime/src/vision/plan.rs`): 4 x hidden when the frame's tokens are its
+    /// 2x2-concatenated patches (VILA's `mlp_downsample`, ceil(grid/2)^2 tokens), else hidden.
+    pub fn projector_in(&self) -> u64 {
+        let g = u64::from(self.image_size / self.patch_size.max(1));
+        let pooled = g.div_ceil(2);
+        if self.tokens_per_frame == pooled * pooled && self.tokens_per_frame < g * g {
+            4 * self.hidden_size
+        } else {
+            self.hidden_size
+        }
+    }
+
+    /// Weights of mmsp-runtime's projector into an LLM of hidden size `llm` (LLaVA's two-layer
+    /// MLP with a GELU, its middle width `llm`; a LayerNorm over the concatenated features
+    /// first when pooling concatenates): `runtime/src/vision/config.rs`, `num_params`.
+    pub fn projector_params(&self, llm: u64) -> u64 {
+        let pin = self.projector_in();
+        let ln = if pin > self.hidden_size { 2 * pin } else { 0 };
+        ln + pin * llm + llm + llm * llm + llm
+    }
+
+    /// Forward GEMM FLOPs of one frame at `resolution` through the encoder and the projector
+    /// into an LLM of hidden size `llm`, 2 per multiply-add (Kaplan et al. 2020, Sec. 2.1):
+    /// the layers' projections and MLP (2 x [`VisionSpec::layer_matmul_params`] per patch), the
+    /// patch embedding (a strided convolution, 2 x 3p^2 x h per patch) and the projector's two
+    /// matrices per LLM token. Attention is [`VisionSpec::attention_flops_fwd`].
+    pub fn gemm_flops_fwd(&self, resolution: Option<(u32, u32)>, llm: u64) -> (f64, f64, f64) {
+        let n = self.patches(resolution) as f64;
+        let h = self.hidden_size as f64;
+        let p = f64::from(self.patch_size);
+        let layers = f64::from(self.num_layers) * 2.0 * self.layer_matmul_params() as f64 * n;
+        let patch = 2.0 * 3.0 * p * p * h * n;
+        let t = self.tokens_for(resolution) as f64;
+        let l = llm as f64;
+        let projector = 2.0 * t * (self.projector_in() as f64 * l + l * l);
+        (layers, patch, projector)
+    }
+
+    /// Forward FLOPs of one frame's attention, all layers: QK^T and the weighted sum of V over
+    /// n patches, 2 x 2 x n^2 x h per layer, none masked (bidirectional attention; Narayanan et
+    /// al. 2021, Sec. 5.1 / App. counting).
+    pub fn attention_flops_fwd(&self, resolution: Option<(u32, u32)>) -> f64 {
+        let n = self.patches(resolution) as f64;
+        f64::from(self.num_layers) * 4.0 * n * n * self.hidden_size as f64
+    }
+
+    /// Bytes moved by the memory-bound kernels of one layer, per patch, forward and backward
+    /// (read plus write, 16-bit activations), as mmsp-runtime's encoder runs them
+    /// (`runtime/src/vision/encoder.rs`, `encode`, under libtorch autograd):
+    ///
+    /// Forward: the two LayerNorms (Ba et al. 2016; read x, write the normalised x: 2 x 2h);
+    /// before each of them a copy that makes x contiguous (2 x 2h: the residual stream stays in
+    /// the transposed layout that `flatten(2, 3).transpose(1, 2)` of the patch embedding leaves,
+    /// and each residual add keeps it); the attention output turned back from heads to tokens
+    /// (`transpose(1, 2).reshape`, a copy: 2h); the two residual adds (read two, write one:
+    /// 2 x 3h); the tanh GELU of the MLP (read and write i: 2i). The projections' biases are
+    /// added in the GEMM epilogues (no pass of their own).
+    ///
+    /// Backward: the two LayerNorms (read x and dy, write dx: 3h; their weight and bias
+    /// gradients read x and dy again: 2h; 2 x 5h); the GELU (read dy and x, write dx: 3i); the
+    /// six bias gradients, each a sum over the tokens of its output gradient (q, k, v, out: 4h;
+    /// fc1: i; fc2: h); the gradient sums autograd forms where a tensor feeds several ops (the
+    /// first LayerNorm's output feeds q, k and v: 2 x 3h; the residual stream at its two joins:
+    /// 2 x 3h); and the attention output's gradient copied into the heads layout (2h).
+    ///
+    /// So 16h + 2i elements forward and 29h + 4i backward, 2 bytes each.
+    pub fn layer_memory_bytes_per_patch(&self) -> (f64, f64) {
+        let h = self.hidden_size as f64;
+        let i = self.intermediate_size as f64;
+        let fwd = 4.0 * h + 4.0 * h + 2.0 * h + 6.0 * h + 2.0 * i;
+        let bwd = 10.0 * h + 3.0 * i + (5.0 * h + i) + 12.0 * h + 2.0 * h;
+        (2.0 * fwd, 2.0 * bwd)
+    }
+
+    /// Bytes of the memory-bound kernels outside the layers, per patch: the position-embedding
+    /// add (3h), and the final LayerNorm with the copy that makes its input contiguous (2h + 2h
+    /// forward; 5h backward, as in a layer).
+    pub fn embed_memory_bytes_per_patch(&self) -> (f64, f64) {
+        let h = self.hidden_size as f64;
+        (2.0 * (3.0 * h + 4.0 * h), 2.0 * 5.0 * h)
+    }
+
+    /// Bytes of the projector's memory-bound kernels per LLM token, into an LLM of hidden size
+    /// `llm` (`runtime/src/vision/encoder.rs`, `pool` and `project`): forward the pooling's copy
+    /// (2 pin), the LayerNorm over the concatenated features when there is one (2 pin) and the
+    /// GELU (2 llm); backward the copy back (2 pin), that LayerNorm (5 pin), the GELU (3 llm)
+    /// and the two bias gradients (2 llm).
+    pub fn projector_memory_bytes_per_token(&self, llm: u64) -> (f64, f64) {
+        let pin = self.projector_in() as f64;
+        let l = llm as f64;
+        let concat = if self.projector_in() > self.hidden_size {
+            1.0
+        } else {
+            0.0
+        };
+        let fwd = concat * (2.0 * pin + 2.0 * pin) + 2.0 * l;
+        let bwd = concat * (2.0 * pin + 5.0 * pin) + 3.0 * l + 2.0 * l;
+        (2.0 * fwd, 2.0 * bwd)
+    }
+
     /// LLM tokens of a frame at `resolution`: `tokens_per_frame` scaled by the patch count
     /// relative to the native resolution (a pooling projector keeps its ratio), at least 1.
     pub fn tokens_for(&self, resolution: Option<(u32, u32)>) -> u64 {
@@ -271,6 +385,36 @@ mod tests {
         let p = v.params() as f64;
         // "so400m": the vision tower has ~400M weights.
         assert!((3.9e8..4.4e8).contains(&p), "params {p}");
+    }
+
+    /// The runtime reported its SigLIP so400m encoder with the 2x2-concatenating projector into
+    /// a 4096-wide LLM as 448,656,240 parameters (runtime/bench/results/
+    /// h100x4_run3_zero3_vlm_faults.log, `encoder_config.params`).
+    #[test]
+    fn encoder_and_projector_params_match_the_runtime() {
+        let v = VisionSpec::preset("siglip-so400m").unwrap();
+        assert_eq!(v.projector_in(), 4 * 1152);
+        assert_eq!(v.params() + v.projector_params(4096), 448_656_240);
+        let nopool = VisionSpec::preset("siglip-so400m-nopool").unwrap();
+        assert_eq!(nopool.projector_in(), 1152);
+        assert_eq!(v.head_dim(), 72);
+    }
+
+    #[test]
+    fn encoder_work_is_counted_by_hand() {
+        let v = VisionSpec::preset("siglip-so400m").unwrap();
+        let (h, i, n) = (1152.0, 4304.0, 729.0);
+        let (layers, patch, proj) = v.gemm_flops_fwd(None, 4096);
+        assert_eq!(layers, 27.0 * 2.0 * (4.0 * h * h + 2.0 * h * i) * n);
+        assert_eq!(patch, 2.0 * 3.0 * 14.0 * 14.0 * h * n);
+        assert_eq!(proj, 2.0 * 196.0 * (4608.0 * 4096.0 + 4096.0 * 4096.0));
+        assert_eq!(v.attention_flops_fwd(None), 27.0 * 4.0 * n * n * h);
+        // Forward: LayerNorms 4h, their input copies 4h, attention output copy 2h, residual
+        // adds 6h, GELU 2i; backward: LayerNorms 10h, GELU 3i, bias gradients 5h + i,
+        // gradient sums 12h, attention output gradient copy 2h; 2 bytes each.
+        let (fwd, bwd) = v.layer_memory_bytes_per_patch();
+        assert_eq!(fwd, 2.0 * (16.0 * h + 2.0 * i));
+        assert_eq!(bwd, 2.0 * (29.0 * h + 4.0 * i));
     }
 
     #[test]
