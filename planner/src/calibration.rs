@@ -4,7 +4,13 @@
 //! steps (or few heads per Ulysses rank) slower than one large kernel.
 //!
 //! Memory-bound work (norms, RoPE, activations, residual adds, the loss softmax, the optimizer)
-//! runs at the achieved HBM bandwidth, measured over the bytes one kernel call moves.
+//! runs at the achieved HBM bandwidth, measured over the bytes one kernel call moves: the
+//! streaming curve (ops "copy", "add", "mul") for elementwise kernels, and the layout curve
+//! (ops "transpose", "cat": a heads-to-front copy and RoPE's rotate-half cat, where the
+//! calibration has them) for the layout copies of the runtime's layers, which run at about half
+//! the streaming rate on an H100 (1.5-1.7 against 3.0 TB/s, `runtime/bench/results/
+//! h100-sxm-2layer-v2.json`). The output head's GEMM (`"proj": "lm_head"`, measured at the loss's
+//! chunk of rows) has its own curve when the file has it.
 //!
 //! The file is the JSON written by `mmsp-runtime calibrate --out FILE` (or printed by
 //! `tools/calibrate_kernels.py`) on the GPU machine: `{"device": ..., "gemm": [{"tokens", "n",
@@ -38,6 +44,9 @@ struct RawCalibration {
 
 #[derive(Debug, Deserialize)]
 struct RawBandwidth {
+    /// The op measured ("copy", "add", "mul": streaming; "transpose", "cat": layout copies).
+    #[serde(default)]
+    op: Option<String>,
     /// Bytes one kernel call reads plus writes.
     bytes: f64,
     /// Achieved bandwidth, 10^9 bytes/s.
@@ -47,6 +56,9 @@ struct RawBandwidth {
 
 #[derive(Debug, Deserialize)]
 struct RawGemm {
+    /// Which projection ("lm_head": the output head, kept apart from the layers' mean).
+    #[serde(default)]
+    proj: Option<String>,
     tokens: f64,
     #[serde(default)]
     tflops: Option<f64>,
@@ -76,6 +88,29 @@ pub struct Calibration {
     /// (log bytes moved per kernel call, bytes/s), ascending: mean over the ops measured.
     /// Empty when the file has no `memory_bandwidth` section.
     bandwidth: Vec<(f64, f64)>,
+    /// The same for the layout copies ("transpose", "cat"); empty when not measured.
+    layout: Vec<(f64, f64)>,
+    /// (log tokens, FLOP/s) of the output head's GEMMs; empty when not measured.
+    head: Vec<(f64, f64)>,
+}
+
+/// Whether a `memory_bandwidth` op is a layout copy rather than a streaming kernel.
+fn is_layout_op(op: Option<&str>) -> bool {
+    matches!(op, Some("transpose") | Some("cat"))
+}
+
+/// Mean of the values at each key, as (ln key, mean) ascending.
+fn mean_curve(points: impl Iterator<Item = (u64, f64)>) -> Vec<(f64, f64)> {
+    let mut by: std::collections::BTreeMap<u64, (f64, f64)> = Default::default();
+    for (k, v) in points {
+        let e = by.entry(k).or_default();
+        e.0 += v;
+        e.1 += 1.0;
+    }
+    by.into_iter()
+        .filter(|(k, _)| *k > 0)
+        .map(|(k, (sum, n))| ((k as f64).ln(), sum / n))
+        .collect()
 }
 
 /// Piecewise-linear interpolation in x, clamped at the ends.
@@ -122,20 +157,20 @@ impl Calibration {
             ))
         })?;
         let _ = raw.torch;
-        // GEMM: mean throughput per token count.
-        let mut by_tokens: std::collections::BTreeMap<u64, (f64, f64)> = Default::default();
-        for g in &raw.gemm {
-            if let Some(t) = g.tflops.filter(|t| t.is_finite() && *t > 0.0) {
-                let e = by_tokens.entry(g.tokens as u64).or_default();
-                e.0 += t * 1e12;
-                e.1 += 1.0;
-            }
-        }
-        let gemm: Vec<(f64, f64)> = by_tokens
-            .into_iter()
-            .filter(|(tok, _)| *tok > 0)
-            .map(|(tok, (sum, n))| ((tok as f64).ln(), sum / n))
-            .collect();
+        // GEMM: mean throughput per token count, the layers' projections and the output head
+        // apart.
+        let gemm_points = |head: bool| {
+            raw.gemm
+                .iter()
+                .filter(move |g| (g.proj.as_deref() == Some("lm_head")) == head)
+                .filter_map(|g| {
+                    g.tflops
+                        .filter(|t| t.is_finite() && *t > 0.0)
+                        .map(|t| (g.tokens as u64, t * 1e12))
+                })
+        };
+        let gemm = mean_curve(gemm_points(false));
+        let head = mean_curve(gemm_points(true));
         // Attention: best backend per (causal, heads, tokens).
         let mut best: std::collections::BTreeMap<(bool, u64, u64), f64> = Default::default();
         for a in &raw.attention {
@@ -163,21 +198,21 @@ impl Calibration {
                 .map(|(k, (sum, n))| (k as f64 / 100.0, sum / n))
                 .collect::<Vec<_>>()
         });
-        // Memory bandwidth: mean over the ops measured at each call size.
-        let mut by_bytes: std::collections::BTreeMap<u64, (f64, f64)> = Default::default();
-        for b in &raw.memory_bandwidth {
-            if let Some(g) = b.gb_per_s.filter(|g| g.is_finite() && *g > 0.0) {
-                if b.bytes.is_finite() && b.bytes >= 1.0 {
-                    let e = by_bytes.entry(b.bytes as u64).or_default();
-                    e.0 += g * 1e9;
-                    e.1 += 1.0;
-                }
-            }
-        }
-        let bandwidth: Vec<(f64, f64)> = by_bytes
-            .into_iter()
-            .map(|(b, (sum, n))| ((b as f64).ln(), sum / n))
-            .collect();
+        // Memory bandwidth: mean over the ops measured at each call size, streaming kernels and
+        // layout copies apart.
+        let bw_points = |layout: bool| {
+            raw.memory_bandwidth
+                .iter()
+                .filter(move |b| is_layout_op(b.op.as_deref()) == layout)
+                .filter(|b| b.bytes.is_finite() && b.bytes >= 1.0)
+                .filter_map(|b| {
+                    b.gb_per_s
+                        .filter(|g| g.is_finite() && *g > 0.0)
+                        .map(|g| (b.bytes as u64, g * 1e9))
+                })
+        };
+        let bandwidth = mean_curve(bw_points(false));
+        let layout = mean_curve(bw_points(true));
         if gemm.is_empty() || attention.iter().any(Vec::is_empty) {
             return Err(bad(
                 "needs GEMM points and causal and non-causal attention points with tflops".into(),
@@ -189,6 +224,8 @@ impl Calibration {
             gemm,
             attention,
             bandwidth,
+            layout,
+            head,
         })
     }
 
@@ -227,6 +264,18 @@ impl Calibration {
     /// calls are launch-bound; beyond the largest call measured the rate stays at its value.
     pub fn memory_bandwidth(&self, bytes: f64) -> Option<f64> {
         (!self.bandwidth.is_empty()).then(|| interp(&self.bandwidth, bytes.max(1.0).ln()))
+    }
+
+    /// Achieved bandwidth (bytes/s) of a layout copy (a transpose or a cat) moving `bytes`, or
+    /// None when the file has no such points.
+    pub fn layout_bandwidth(&self, bytes: f64) -> Option<f64> {
+        (!self.layout.is_empty()).then(|| interp(&self.layout, bytes.max(1.0).ln()))
+    }
+
+    /// The output head's GEMM throughput (FLOP/s) over `tokens` rows, or None when the file has
+    /// no `lm_head` points.
+    pub fn head_gemm_rate(&self, tokens: f64) -> Option<f64> {
+        (!self.head.is_empty()).then(|| interp(&self.head, tokens.max(1.0).ln()))
     }
 
     /// The per-kernel floor (seconds): the time of the smallest memory-bound call measured,

@@ -29,8 +29,8 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::cost::compute::{
-    attention_flops_fwd, hbm_rate, head_flops_fwd, layer_elementwise_bytes_fwd,
-    layer_gemm_flops_fwd,
+    attention_flops_fwd, hbm_rate, head_flops_fwd, layer_gemm_flops_fwd, layer_traffic_fwd,
+    layout_rate,
 };
 use crate::cost::memory::{
     layer_activation_bytes_per_token, model_states, ActivationArch, FRAGMENTATION,
@@ -416,14 +416,16 @@ pub fn evaluate(
     let heads_call = q_heads_local as f64;
     let attn_s = step_flops / spec.attention_rate(heads_call, s / r, true)
         + (r - 1.0) * step_flops / spec.attention_rate(heads_call, s / r / 2f64.sqrt(), false);
-    // Memory-bound work as the training model costs it (cost::terms): the forward elementwise
-    // ops at the bandwidth of a residual add over the rank's tokens, plus what only inference
+    // Memory-bound work as the training model costs it (cost::terms): the forward's streaming
+    // kernels at the bandwidth of a residual add over the rank's tokens and its layout copies at
+    // the layout curve, plus what only inference
     // does: K and V copied into the cache (read and write, `KvCache::append`). The embedding
     // row gathers (read and write h per token) come once, before the layers.
     let act_call = tokens * 3.0 * h * 2.0;
     let cache_write = 2.0 * 2.0 * m.kv_dim() as f64 * KV_BYTES;
-    let elem_s =
-        tokens * (layer_elementwise_bytes_fwd(m, 1.0) + cache_write) / hbm_rate(spec, act_call);
+    let fwd = layer_traffic_fwd(m, 1.0, q_heads_local > kv_heads_local);
+    let elem_s = tokens * (fwd.stream + cache_write) / hbm_rate(spec, act_call)
+        + tokens * fwd.layout / layout_rate(spec, tokens * q_dim_local * 4.0);
     let embed_s = tokens * 2.0 * h * 2.0 / hbm_rate(spec, tokens * 2.0 * h * 2.0);
     // Head (final norm + logits) on the last token only.
     let head_flops = head_flops_fwd(m, 1.0, 1.0);

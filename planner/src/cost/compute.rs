@@ -79,59 +79,128 @@ pub fn hbm_rate(spec: &ClusterSpec, bytes_per_call: f64) -> f64 {
         .unwrap_or(spec.hbm_bytes_per_s * HBM_EFFICIENCY)
 }
 
-/// Bytes moved by the memory-bound ops of one layer's forward, per token (of the rank's
-/// tokens; tensor + sequence parallelism splits every one of them `tp` ways, Korthikanti et
-/// al. 2022, Sec. 4.2.2):
-/// - two RMSNorms (Zhang & Sennrich 2019): read x, write the normalised x: 2 x (h + h);
-/// - RoPE on q and k (Su et al. 2021): read and write q and k: 2 x (q + kv);
-/// - the SwiGLU product silu(gate) * up (Shazeer 2020): read gate and up, write the product:
-///   3f;
-/// - two residual adds: read the stream and the branch, write the sum: 2 x 3h;
-///
-/// all at 2 bytes per element.
-pub fn layer_elementwise_bytes_fwd(m: &ModelSpec, tp: f64) -> f64 {
-    let h = m.hidden_size as f64;
-    let norms = 2.0 * (h + h);
-    let rope = 2.0 * (m.q_dim() + m.kv_dim()) as f64;
-    let swiglu = 3.0 * m.intermediate_size as f64;
-    let residual = 2.0 * 3.0 * h;
-    ACT_BYTES * (norms + rope + swiglu + residual) / tp
+/// Achieved bandwidth (bytes/s) of a layout copy (transpose, concatenation, dtype change)
+/// moving `bytes_per_call`: the calibration's layout curve when it has one, else the streaming
+/// rate [`hbm_rate`] (older calibrations and spec-only clusters).
+pub fn layout_rate(spec: &ClusterSpec, bytes_per_call: f64) -> f64 {
+    spec.calibration
+        .as_ref()
+        .and_then(|c| c.layout_bandwidth(bytes_per_call))
+        .unwrap_or_else(|| hbm_rate(spec, bytes_per_call))
 }
 
-/// Bytes moved by the backward of the ops of [`layer_elementwise_bytes_fwd`], per token:
-/// - RMSNorm backward: read x and dy, write dx: 2 x 3h (the weight gradient is a reduction of
-///   the same reads);
-/// - RoPE backward (the inverse rotation of dq and dk): read and write: 2 x (q + kv);
-/// - SwiGLU backward: read d(product), gate and up, write d(gate) and d(up): 5f;
-/// - the residual stream's gradient joining each branch's input gradient: read two, write one:
-///   2 x 3h (the stream's gradient passes through the add itself unchanged).
-pub fn layer_elementwise_bytes_bwd(m: &ModelSpec, tp: f64) -> f64 {
+/// Memory-bound traffic per token (or per parameter), in bytes read plus written, split by the
+/// kind of kernel that moves it: streaming elementwise kernels (at the calibration's streaming
+/// bandwidth) and layout copies (transposes, concatenations, dtype-changing copies: at its
+/// layout bandwidth, about half the streaming one on an H100).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Traffic {
+    pub stream: f64,
+    pub layout: f64,
+}
+
+impl Traffic {
+    fn scaled(self, k: f64) -> Traffic {
+        Traffic {
+            stream: self.stream * k,
+            layout: self.layout * k,
+        }
+    }
+}
+
+/// The memory-bound kernels of one layer's forward as mmsp-runtime runs it, per token of the
+/// rank (split `tp` ways under tensor + sequence parallelism), counted from its code
+/// (`runtime/src/model/decoder.rs`: `norm`, `Rope::apply`, `pre_attention_with`,
+/// `post_attention_with`; `runtime/src/train/mod.rs`, `step_input`; `runtime/src/kernel.rs`,
+/// `Prepared`) and checked against the kernels of a profiled step (`mmsp-runtime run
+/// --kernel-trace`, `runtime/bench/results/h100_runE_kernel_trace_32K.json.gz`). Elements of
+/// 2 bytes:
+/// - two RMSNorms, ATen's fused kernel: reads its input twice (the mean square, then the
+///   scaling) and writes once: 2 x 3h (0.25 ms for 32K x 4096 on the H100, 3.2 TB/s counted so);
+/// - RoPE on q and k (width w = q, kv): the rotate-half's negated half (w), x cos and
+///   rot x sin (2w each), their sum (3w): 8w streaming, and the rotate-half `cat` (2w, layout);
+/// - two residual adds (3h each) and SwiGLU's silu (2f) and product (3f);
+/// - layout copies for the attention kernel: q, k and v to the heads-first layout
+///   (2q + 4kv), the kv heads repeated to the q heads when the kernel call has fewer
+///   (`kv_expand`: 2 x (kv + q)), and the output back to the sequence layout (2q).
+pub fn layer_traffic_fwd(m: &ModelSpec, tp: f64, kv_expand: bool) -> Traffic {
     let h = m.hidden_size as f64;
-    let norms = 2.0 * 3.0 * h;
-    let rope = 2.0 * (m.q_dim() + m.kv_dim()) as f64;
-    let swiglu = 5.0 * m.intermediate_size as f64;
-    let residual = 2.0 * 3.0 * h;
-    ACT_BYTES * (norms + rope + swiglu + residual) / tp
+    let (q, kv, f) = (
+        m.q_dim() as f64,
+        m.kv_dim() as f64,
+        m.intermediate_size as f64,
+    );
+    let stream = 2.0 * 3.0 * h + 8.0 * (q + kv) + 2.0 * 3.0 * h + 5.0 * f;
+    let expand = if kv_expand { 2.0 * (kv + q) } else { 0.0 };
+    let layout = 2.0 * (q + kv) + (2.0 * q + 4.0 * kv) + expand + 2.0 * q;
+    Traffic {
+        stream: ACT_BYTES * stream / tp,
+        layout: ACT_BYTES * layout / tp,
+    }
+}
+
+/// The memory-bound kernels of one layer's backward (same sources as [`layer_traffic_fwd`]):
+/// - SwiGLU: the product's two input gradients and silu's backward, 3 x 3f;
+/// - two RMSNorm backwards: the input gradient (reads x twice and dy, writes dx: 4h) and the
+///   weight gradient (reads x and dy: 2h), 2 x 6h;
+/// - gradient sums where a tensor feeds several ops (the norm output into q, k, v and into
+///   gate, up; the residual streams into their norm and their skip): five adds of 3h;
+/// - RoPE's backward on dq and dk as its forward (8w streaming, 2w layout);
+/// - the kv-head gradient sums of a repeated call (`kv_expand`: read q, write kv, for dk, dv);
+/// - layout copies: the output gradient to the heads-first layout and the kernel's contiguous
+///   copy of it (2 x 2q), dq, dk, dv back to the sequence layout (2q + 4kv), and the residual
+///   gradient's copy (2h).
+pub fn layer_traffic_bwd(m: &ModelSpec, tp: f64, kv_expand: bool) -> Traffic {
+    let h = m.hidden_size as f64;
+    let (q, kv, f) = (
+        m.q_dim() as f64,
+        m.kv_dim() as f64,
+        m.intermediate_size as f64,
+    );
+    let expand = if kv_expand { 2.0 * (q + kv) } else { 0.0 };
+    let stream = 9.0 * f + 2.0 * 6.0 * h + 5.0 * 3.0 * h + 8.0 * (q + kv) + expand;
+    let layout = 2.0 * 2.0 * q + (2.0 * q + 4.0 * kv) + 2.0 * (q + kv) + 2.0 * h;
+    Traffic {
+        stream: ACT_BYTES * stream / tp,
+        layout: ACT_BYTES * layout / tp,
+    }
 }
 
 /// Bytes a selective recompute redoes per token and layer: the two RMSNorm outputs and the
-/// SwiGLU product (the tensors [`super::memory::Recompute::Selective`] drops), read inputs and
-/// write outputs as in their forward.
+/// SwiGLU product (the tensors [`super::memory::Recompute::Selective`] drops), as in their
+/// forward (a norm reads twice and writes once, the product reads two and writes one).
 pub fn selective_recompute_bytes(m: &ModelSpec, tp: f64) -> f64 {
     let h = m.hidden_size as f64;
-    ACT_BYTES * (2.0 * (h + h) + 3.0 * m.intermediate_size as f64) / tp
+    ACT_BYTES * (2.0 * 3.0 * h + 3.0 * m.intermediate_size as f64) / tp
 }
 
-/// Bytes per token of the cross-entropy over the vocabulary (its shard of `vocab / tp` under
-/// Megatron's vocab-parallel loss), forward and backward: the softmax is formed in fp32 from
-/// the 16-bit logits the head GEMM wrote (read 2 bytes, write 4 bytes per entry: the fp32
-/// buffer the memory model counts with the logits, 6 bytes per entry), and its backward reads
-/// the fp32 probabilities and writes the 16-bit logit gradient, softmax - onehot (4 + 2 bytes
-/// per entry; the onehot touches one entry per token). The online normaliser (Milakov &
-/// Gimelshein 2018) lets the max and the sum share one read of the logits.
-pub fn cross_entropy_bytes(m: &ModelSpec, tp: f64) -> f64 {
+/// Traffic per token of the runtime's chunked cross-entropy over the vocabulary (its shard of
+/// `vocab / tp`), forward and backward together (`runtime/src/train/mod.rs`, `chunked_loss`,
+/// whose kernels the profiled step shows): the 16-bit logits the head GEMM wrote are copied to
+/// fp32 (read 2, write 4 bytes per entry: a dtype-changing copy, layout class, 1.8 TB/s
+/// measured; ATen's `_log_softmax` has no bf16-to-fp32 path on CUDA), the log-softmax reads
+/// them three times (max, sum, output pass) and writes fp32 (16 bytes), and the gradient
+/// softmax - onehot is `exp` of the log-probabilities written in 16 bits (4 + 2 bytes).
+/// Without the copy (a fused bf16-input softmax) this would be 12 bytes.
+pub fn cross_entropy_traffic(m: &ModelSpec, tp: f64) -> Traffic {
     let v = m.vocab_size as f64 / tp;
-    v * (ACT_BYTES + 4.0) + v * (4.0 + ACT_BYTES)
+    Traffic {
+        stream: v * (16.0 + 6.0),
+        layout: v * (ACT_BYTES + 4.0),
+    }
+}
+
+/// Traffic per token of `n` layers' forward and backward, for callers that want one figure.
+pub fn layers_traffic(m: &ModelSpec, tp: f64, kv_expand: bool, n: f64) -> Traffic {
+    let (f, b) = (
+        layer_traffic_fwd(m, tp, kv_expand),
+        layer_traffic_bwd(m, tp, kv_expand),
+    );
+    Traffic {
+        stream: f.stream + b.stream,
+        layout: f.layout + b.layout,
+    }
+    .scaled(n)
 }
 
 /// Bytes per token of the embedding lookup and its gradient: forward gathers a row of the
@@ -142,17 +211,18 @@ pub fn embedding_bytes(m: &ModelSpec, tp: f64) -> f64 {
     ACT_BYTES * (2.0 * h + 3.0 * h) / tp
 }
 
-/// Bytes per step of zeroing the embedding table's 16-bit gradient before the scatter of
-/// [`embedding_bytes`] (PyTorch's dense embedding backward writes the whole table).
-pub fn embedding_grad_zero_bytes(m: &ModelSpec, tp: f64) -> f64 {
-    ACT_BYTES * (m.vocab_size * m.hidden_size) as f64 / tp
-}
+/// Bytes per parameter, per micro-batch, of bringing a weight gradient into the fp32 gradient
+/// buffer as mmsp-runtime does: autograd's backward of the fp32-to-16-bit weight cast writes the
+/// 16-bit gradient out as fp32 (read 2, write 4 bytes), then accumulates it into `.grad` (read
+/// 4 + 4, write 4): the two kernels per weight of the profiled step
+/// (`runtime/bench/results/h100_runE_kernel_trace_32K.json.gz`). Mixed-precision recipe of
+/// Micikevicius et al. 2018, "Mixed Precision Training", Sec. 3.1; Megatron-LM's fused
+/// `main_grad.add_(grad)` moves 10 bytes.
+pub const GRAD_ACCUMULATE_BYTES: f64 = (WEIGHT_BYTES + GRAD_BYTES) + 3.0 * GRAD_BYTES;
 
-/// Bytes per parameter, per micro-batch, of accumulating a weight gradient into the fp32
-/// gradient buffer: read the 16-bit gradient the weight-gradient GEMM wrote, read and write
-/// the fp32 accumulator (Megatron-LM's `main_grad.add_(grad)`; Micikevicius et al. 2018,
-/// "Mixed Precision Training", Sec. 3.1: half-precision gradients, fp32 master update).
-pub const GRAD_ACCUMULATE_BYTES: f64 = WEIGHT_BYTES + 2.0 * GRAD_BYTES;
+/// Bytes per parameter, per micro-batch, of the runtime's cast of the fp32 master weights to
+/// the 16-bit working copy its layers compute with (read 4, write 2).
+pub const WEIGHT_CAST_BYTES: f64 = GRAD_BYTES + WEIGHT_BYTES;
 
 /// Bytes per gradient element per step of zeroing the fp32 gradient buffer before the first
 /// micro-batch accumulates into it.
@@ -160,10 +230,10 @@ pub const GRAD_ZERO_BYTES: f64 = GRAD_BYTES;
 
 /// Bytes per parameter of the optimizer shard per step: the AdamW update (Loshchilov & Hutter
 /// 2019, "Decoupled Weight Decay Regularization", Algorithm 2) reads the fp32 master weight,
-/// gradient and both moments and writes the weight and both moments (4 x 4 + 3 x 4 bytes);
-/// then the 16-bit working copy is cast from the updated master (read 4, write 2 bytes).
-pub const OPTIMIZER_STEP_BYTES: f64 =
-    (OPTIMIZER_BYTES + GRAD_BYTES) + OPTIMIZER_BYTES + (4.0 + WEIGHT_BYTES);
+/// gradient and both moments and writes the weight and both moments (4 x 4 + 3 x 4 bytes), in
+/// ATen's fused multi-tensor kernel as the runtime runs it (`runtime/src/train/adamw.rs`). The
+/// 16-bit working copy is cast at the next forward ([`WEIGHT_CAST_BYTES`]).
+pub const OPTIMIZER_STEP_BYTES: f64 = (OPTIMIZER_BYTES + GRAD_BYTES) + OPTIMIZER_BYTES;
 
 #[cfg(test)]
 mod tests {
@@ -180,20 +250,40 @@ mod tests {
     fn memory_bound_bytes_are_counted_by_hand() {
         // llama3-8b: h 4096, q 4096, kv 1024, f 14336, vocab 128256.
         let m = ModelSpec::load("llama3-8b").unwrap();
-        let (h, qkv, f) = (4096.0, 5120.0, 14336.0);
-        // Forward: norms 4h, RoPE 2(q+kv), SwiGLU 3f, residuals 6h elements of 2 bytes.
-        let fwd = 2.0 * (4.0 * h + 2.0 * qkv + 3.0 * f + 6.0 * h);
-        assert_eq!(layer_elementwise_bytes_fwd(&m, 1.0), fwd);
-        assert_eq!(layer_elementwise_bytes_fwd(&m, 4.0), fwd / 4.0);
-        // Backward: norms 6h, RoPE 2(q+kv), SwiGLU 5f, residual joins 6h.
-        let bwd = 2.0 * (6.0 * h + 2.0 * qkv + 5.0 * f + 6.0 * h);
-        assert_eq!(layer_elementwise_bytes_bwd(&m, 1.0), bwd);
-        // Loss: 2 + 4 bytes forward and 4 + 2 backward per vocabulary entry.
-        assert_eq!(cross_entropy_bytes(&m, 1.0), 12.0 * 128256.0);
+        let (h, q, kv, f) = (4096.0, 4096.0, 1024.0, 14336.0);
+        // Forward: norms 2 x 3h, RoPE 8(q+kv), residuals 6h, SwiGLU 5f streaming; RoPE's cat
+        // 2(q+kv), heads-first q, k, v (2q + 4kv), kv expansion 2(kv+q), output 2q layout.
+        let fwd = layer_traffic_fwd(&m, 1.0, true);
+        assert_eq!(
+            fwd.stream,
+            2.0 * (6.0 * h + 8.0 * (q + kv) + 6.0 * h + 5.0 * f)
+        );
+        assert_eq!(
+            fwd.layout,
+            2.0 * (2.0 * (q + kv) + 2.0 * q + 4.0 * kv + 2.0 * (kv + q) + 2.0 * q)
+        );
+        let no_expand = layer_traffic_fwd(&m, 1.0, false);
+        assert_eq!(fwd.layout - no_expand.layout, 2.0 * 2.0 * (kv + q));
+        assert_eq!(layer_traffic_fwd(&m, 4.0, true).stream, fwd.stream / 4.0);
+        // Backward: SwiGLU 9f, norms 12h, five sums 15h, RoPE 8(q+kv), kv sums 2(q+kv).
+        let bwd = layer_traffic_bwd(&m, 1.0, true);
+        assert_eq!(
+            bwd.stream,
+            2.0 * (9.0 * f + 12.0 * h + 15.0 * h + 8.0 * (q + kv) + 2.0 * (q + kv))
+        );
+        assert_eq!(
+            bwd.layout,
+            2.0 * (4.0 * q + 2.0 * q + 4.0 * kv + 2.0 * (q + kv) + 2.0 * h)
+        );
+        // Loss: 22 streaming + 6 layout bytes per vocabulary entry.
+        let ce = cross_entropy_traffic(&m, 1.0);
+        assert_eq!((ce.stream, ce.layout), (22.0 * 128256.0, 6.0 * 128256.0));
         assert_eq!(embedding_bytes(&m, 1.0), 10.0 * h);
-        // AdamW reads p, g, m, v and writes p, m, v (fp32); the bf16 cast reads 4, writes 2.
-        assert_eq!(OPTIMIZER_STEP_BYTES, 7.0 * 4.0 + 6.0);
-        assert_eq!(GRAD_ACCUMULATE_BYTES, 10.0);
+        // Fused AdamW reads p, g, m, v and writes p, m, v (fp32); the cast reads 4, writes 2;
+        // the gradient's cast backward 2 + 4 and its accumulation 3 x 4.
+        assert_eq!(OPTIMIZER_STEP_BYTES, 7.0 * 4.0);
+        assert_eq!(WEIGHT_CAST_BYTES, 6.0);
+        assert_eq!(GRAD_ACCUMULATE_BYTES, 18.0);
     }
 
     #[test]

@@ -449,6 +449,8 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     let attn_scale = w.vision.map_or(1.0, |v| v.attention_scale);
     let attn_fwd = attn_scale * mb * attention_flops_fwd(m, s) / (sp * tp);
     let head_fwd = head_flops_fwd(m, tokens, tp);
+    // The head's GEMMs run one loss chunk of rows at a time (the runtime's `chunked_loss`).
+    let head_rate = spec.head_gemm_rate(tokens.min(LOSS_CHUNK_TOKENS));
     // Attention kernel calls: a ring rank's S/R tokens (per sequence) with its q heads; step 0
     // is causal, every other zigzag step a full 2c x c block (tokens ~ (S/R)/sqrt 2). Equal
     // work per step; each step at its kernel's measured throughput (fwd+bwd rates, so the
@@ -466,33 +468,39 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     // matrix's gradient, the optimizer over its whole shard.
     let bw = |bytes: f64, call: f64| bytes / hbm_rate(spec, call);
     let act_call = tokens * 3.0 * h * 2.0 / tp;
-    let elem_fwd = bw(tokens * layer_elementwise_bytes_fwd(m, tp), act_call);
-    let elem_bwd = bw(tokens * layer_elementwise_bytes_bwd(m, tp), act_call);
+    // Streaming kernels at the streaming curve, layout copies at the layout curve, each at the
+    // size of a typical call (an h-wide add; a q-wide transpose).
+    let traffic = |t: Traffic, n: f64| {
+        bw(n * t.stream, act_call) + n * t.layout / layout_rate(spec, tokens * q_dim_local * 4.0)
+    };
+    // The kernel call repeats kv heads up to its q heads when it has fewer (`Prepared`).
+    let kv_expand = q_heads_local > kv_heads_local;
+    let elem_fwd = traffic(layer_traffic_fwd(m, tp, kv_expand), tokens);
+    let elem_bwd = traffic(layer_traffic_bwd(m, tp, kv_expand), tokens);
     // Weight gradients accumulate in fp32 every micro-batch; under ZeRO-2/3 into the shard
     // this rank keeps (after the reduce-scatter), else into the whole local gradient.
     let grad_held = if c.zero_stage >= 2 { 1.0 / shards } else { 1.0 };
     let matrix_call =
         (m.hidden_size * m.intermediate_size) as f64 / tp * grad_held * GRAD_ACCUMULATE_BYTES;
+    // Per micro-batch the layer's fp32 weights are cast to 16 bits and, in backward, their
+    // gradients brought back into the fp32 buffer.
     let layer_grad = bw(
-        layer_params_local * grad_held * GRAD_ACCUMULATE_BYTES,
+        layer_params_local * (grad_held * GRAD_ACCUMULATE_BYTES + WEIGHT_CAST_BYTES),
         matrix_call,
     );
     // Outside the layers: the loss over the vocabulary, the embedding lookup and gradient
     // scatter, and the gradient accumulation of the embedding, head and final norm.
-    let other_params = params_local - layers * layer_params_local;
-    let loss = bw(
-        tokens * cross_entropy_bytes(m, tp),
-        tokens * (m.vocab_size as f64 / tp) * 6.0,
-    );
-    let embed = bw(tokens * embedding_bytes(m, tp), act_call)
-        + bw(
-            embedding_grad_zero_bytes(m, tp),
-            embedding_grad_zero_bytes(m, tp),
-        );
-    let other_grad = bw(
-        other_params * grad_held * GRAD_ACCUMULATE_BYTES,
-        matrix_call,
-    );
+    let loss_call = tokens.min(LOSS_CHUNK_TOKENS) * (m.vocab_size as f64 / tp) * 6.0;
+    let ce = cross_entropy_traffic(m, tp);
+    let loss =
+        bw(tokens * ce.stream, loss_call) + tokens * ce.layout / layout_rate(spec, loss_call);
+    let embed = bw(tokens * embedding_bytes(m, tp), act_call);
+    // The runtime accumulates the head's weight gradient in its GEMM's fp32 epilogue and the
+    // embedding's by an indexed add (`chunked_loss`, `add_head_grad`; the embedding backward's
+    // `index_put_`), so neither has an accumulation pass; the head's weights are cast to 16
+    // bits once per micro-batch (the embedding rows are cast as gathered, in `embedding_bytes`).
+    let head_params = (m.vocab_size * m.hidden_size) as f64 / tp;
+    let other_grad = bw(head_params * WEIGHT_CAST_BYTES, matrix_call);
     // Per step: zero the fp32 gradients held, then the AdamW update and the 16-bit cast over
     // the optimizer shard.
     let opt_params = if c.zero_stage >= 1 {
@@ -521,7 +529,7 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
         } else {
             0.0
         },
-        head_fwd_s: head_fwd / spec.gemm_rate(tokens) + (loss + embed + other_grad) / 3.0,
+        head_fwd_s: head_fwd / head_rate + (loss + embed + other_grad) / 3.0,
         // Ulysses: all-to-all of q, k, v before attention and of the output after, per layer
         // (Jacobs et al. 2023, DeepSpeed-Ulysses, Sec. 3.1); backward mirrors them.
         a2a_qkv_bytes: tokens * 2.0 * (q_dim_local + 2.0 * kv_dim_eff),

@@ -303,6 +303,15 @@ impl ClusterSpec {
             .map_or(self.gemm_flops, |c| c.gemm_rate(tokens))
     }
 
+    /// The output head's GEMM throughput (FLOP/s) for a loss chunk of `tokens` rows: the
+    /// calibration's `lm_head` curve when it has one, else the projections' curve.
+    pub fn head_gemm_rate(&self, tokens: f64) -> f64 {
+        self.calibration
+            .as_ref()
+            .and_then(|c| c.head_gemm_rate(tokens))
+            .unwrap_or_else(|| self.gemm_rate(tokens))
+    }
+
     /// Attention fwd+bwd throughput (FLOP/s) of one kernel call of `heads` x `tokens`.
     pub fn attention_rate(&self, heads: f64, tokens: f64, causal: bool) -> f64 {
         self.calibration.as_ref().map_or(self.attention_flops, |c| {
