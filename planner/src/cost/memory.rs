@@ -134,6 +134,40 @@ pub fn layer_activation_bytes_per_token(
     }
 }
 
+/// Bytes per token one layer keeps for backward without recompute as mmsp-runtime runs it
+/// (16-bit elements, split `t` ways), counted from what its autograd graph and the trainer hold
+/// (`runtime/src/train/mod.rs`, `LayerState`; `runtime/src/model/decoder.rs`,
+/// `pre_attention_with` / `post_attention_with`; `runtime/src/ring.rs`, `RingCtx`) and matched
+/// by the caching allocator's timeline of a step on an H100 (`MMSP_MEM_TRACE=1`,
+/// `runtime/bench/results/h100_runF_memory_timeline.txt`: 184.1 KB per token per layer
+/// measured at 16K, 32K and 64K tokens for the llama3-8b shape, 184.1 KB counted):
+/// - before attention: the RMSNorm output the Q, K, V projections keep (2h) and q, k, v after
+///   RoPE in the sequence layout with the model's kv heads (2q + 4 `kv_model`);
+/// - the attention context: q, k, v made contiguous in the attention's layout (2q + 4kv, kv
+///   after any Ulysses replication), its output (2q) and the fp32 log-sum-exp (4 x heads); with
+///   a Ulysses degree above one the output handed back to the sequence layout is a tensor of its
+///   own (2q);
+/// - after attention: the output made contiguous for the output projection (2q), the residual
+///   sum the second RMSNorm keeps (2h), that norm's output (2h), gate, up, silu(gate) and their
+///   product (4 x 2f), and the layer output, the next layer's input (2h).
+///
+/// That is 8h + 8q + 4 `kv_model` + 4kv + 8f + 4 heads (+ 2q with Ulysses): for the llama3-8b
+/// shape 24% more than the textbook count of [`layer_activation_bytes_per_token`] (the
+/// contiguous copies for the attention kernel, silu's output and the layer output).
+pub fn runtime_layer_activation_bytes_per_token(
+    a: &ActivationArch,
+    kv_model: f64,
+    ulysses: u32,
+    t: f64,
+) -> f64 {
+    let h = a.hidden;
+    let pre = 2.0 * h + 2.0 * a.q_dim + 4.0 * kv_model;
+    let ctx = 2.0 * a.q_dim + 4.0 * a.kv_dim + 2.0 * a.q_dim + 4.0 * a.heads;
+    let a_copy = if ulysses > 1 { 2.0 * a.q_dim } else { 0.0 };
+    let post = 2.0 * a.q_dim + 2.0 * h + 2.0 * h + 8.0 * a.ffn + 2.0 * h;
+    (pre + ctx + a_copy + post) / t
+}
+
 /// Whether the attention output `a` that [`Recompute::OutsideAttention`] keeps is a tensor of its
 /// own besides the attention context's: with a Ulysses degree above one the all-to-all back to
 /// the sequence layout writes a new tensor (`runtime/src/ulysses.rs`, `head_to_seq`).
@@ -286,6 +320,29 @@ mod tests {
         );
         assert!(b(Recompute::Full) < b(Recompute::Selective));
         assert!(b(Recompute::Selective) < b(Recompute::None));
+    }
+
+    #[test]
+    fn runtime_layer_matches_the_measured_timeline() {
+        // llama3-8b shape, one Ulysses rank: 8h + 8q + 8kv + 8f + 4 heads bytes per token,
+        // 184.1 KB per token per layer in the H100 allocator timeline (runF).
+        let arch = ActivationArch {
+            hidden: 4096.0,
+            q_dim: 4096.0,
+            kv_dim: 1024.0,
+            ffn: 14336.0,
+            heads: 32.0,
+            swiglu: true,
+            dropout: false,
+            flash: true,
+        };
+        let b = runtime_layer_activation_bytes_per_token(&arch, 1024.0, 1, 1.0);
+        assert_eq!(b, 8.0 * (4096.0 + 4096.0 + 1024.0 + 14336.0) + 4.0 * 32.0);
+        assert!((b / 1024.0 - 184.1).abs() < 0.2, "{}", b / 1024.0);
+        // Ulysses adds the output's copy back in the sequence layout.
+        let u = runtime_layer_activation_bytes_per_token(&arch, 1024.0, 2, 1.0);
+        assert_eq!(u - b, 2.0 * 4096.0);
+        assert!(b > layer_activation_bytes_per_token(&arch, 0.0, 1.0, Recompute::None));
     }
 
     #[test]

@@ -361,12 +361,17 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
         dropout: false,
         flash: true,
     };
-    let per_tok = layer_activation_bytes_per_token(&arch, s, tp, recompute)
-        + if recompute == Recompute::OutsideAttention {
-            outside_attention_extra_bytes_per_token(&arch, l.ulysses, tp)
-        } else {
-            0.0
-        };
+    let per_tok = match recompute {
+        // What the runtime's graph holds without recompute.
+        Recompute::None => {
+            runtime_layer_activation_bytes_per_token(&arch, m.kv_dim() as f64, l.ulysses, tp)
+        }
+        Recompute::OutsideAttention => {
+            layer_activation_bytes_per_token(&arch, s, tp, recompute)
+                + outside_attention_extra_bytes_per_token(&arch, l.ulysses, tp)
+        }
+        _ => layer_activation_bytes_per_token(&arch, s, tp, recompute),
+    };
     let full_layer = layer_activation_bytes_per_token(&arch, s, tp, Recompute::None);
     // Kept activations of all layers, plus the working set of the layer in backward (the
     // recomputed layer's full activations under recompute, its gradients otherwise). Under
@@ -379,19 +384,30 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
         }
         Recompute::Selective | Recompute::Full => full_layer * tokens,
     };
-    // Plus the embedding output and the final norm's input (2 bytes x h each).
-    let activations = layers * per_tok * tokens + working + 2.0 * h * tokens * 2.0;
+    // Plus the embedding output (the first layer's input), and at the loss the final norm's
+    // output and the gradient buffer of the shard's hidden states (2 bytes x h each; the
+    // allocator timeline grows by these at the embedding and at the loss, runF).
+    let activations = layers * per_tok * tokens + working + 3.0 * 2.0 * h * tokens / tp;
     // Logits: the loss is computed LOSS_CHUNK_TOKENS rows at a time with its gradient formed in
-    // the same pass, so only one chunk's logits are ever live: 16-bit logits (2 B), fp32
-    // log-probabilities (4 B) and the 16-bit logit gradient (2 B) per vocabulary entry. This is
-    // the chunked / fused linear cross-entropy of Liger Kernel (Hsu et al. 2024,
-    // arXiv:2410.10989, Sec. 3.3) and of mmsp's runtime (runtime/src/train/mod.rs,
-    // `chunked_loss`); a loss over the whole shard at once would hold tokens x V x 6 B.
-    let logits = tokens.min(LOSS_CHUNK_TOKENS) * (m.vocab_size as f64 / tp) * 8.0;
+    // the same pass, so only one chunk's logits are ever live. At its peak the runtime holds the
+    // 16-bit logits (2 B), their fp32 copy (4 B) and the fp32 log-probabilities (4 B) per
+    // vocabulary entry (`chunked_loss`: ATen's log-softmax has no bf16-to-fp32 path on CUDA; the
+    // 16-bit gradient is written after the logits are freed): 10 B, the 5.25 GB transient of a
+    // 4096 x 128256 chunk the H100 timeline shows (runF). This is the chunked / fused linear
+    // cross-entropy of Liger Kernel (Hsu et al. 2024, arXiv:2410.10989, Sec. 3.3); a loss over
+    // the whole shard at once would hold tokens x V x 6 B or more.
+    let logits = tokens.min(LOSS_CHUNK_TOKENS) * (m.vocab_size as f64 / tp) * 10.0;
     let params_local = m.params() as f64 / tp;
     let layer_params_local = m.layer_params() as f64 / tp;
     let shards = f64::from(l.grad_family().size);
     let (wb, gb, ob) = model_states(params_local, layer_params_local, c.zero_stage, shards);
+    // The runtime casts the layers, the norms and the head to 16 bits but looks up the untied
+    // embedding in the fp32 table itself (`Decoder::embed`), so that table has no 16-bit copy.
+    let wb = if c.zero_stage < 3 && !m.tie_word_embeddings {
+        wb - WEIGHT_BYTES * (m.vocab_size * m.hidden_size) as f64 / tp
+    } else {
+        wb
+    };
     // Ring attention double-buffers the KV block in flight (send + receive), in backward with
     // fp32 dK/dV (ring-flash-attention accumulates them in fp32): 2 x (2 + 2 x 2) bytes per kv
     // element; fp32 accumulators for dQ, dK, dV of the ring rank's chunk.
@@ -421,7 +437,11 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
         ..v
     });
     let vision_mem = vision.map_or(0.0, |v| v.memory_bytes + v.states_bytes);
-    let tensors = wb + gb + ob + activations + logits + comm_buffers + vision_mem;
+    // The loss's logits (between the last forward layer and the first backward one) and the
+    // attention's communication and fp32 accumulation buffers (inside each layer's attention)
+    // are never live together, so the peak holds the larger; the H100 timeline peaks at the
+    // loss with every layer's activations held (runF).
+    let tensors = wb + gb + ob + activations + logits.max(comm_buffers) + vision_mem;
     let frag = FRAGMENTATION * tensors;
     let needed = tensors + frag + RUNTIME_RESERVE_BYTES;
     let memory = MemoryBreakdown {
