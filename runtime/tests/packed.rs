@@ -5,7 +5,8 @@
 //! equals plain autograd run on each sample separately, and a block-diagonal (document)
 //! mask over the packed sequence equals the separate runs too, while the unpacked causal
 //! sequence does not; labels crossing samples are dropped; sample lengths that are not
-//! multiples of 2 x SP are typed one-line errors, never a panic or a hang.
+//! multiples of 2 x SP are typed one-line errors, never a panic or a hang, and so are ranks
+//! given different samples.
 use mmsp_runtime::comm::local::LocalComm;
 use mmsp_runtime::comm::Communicator;
 use mmsp_runtime::kernel::Backend;
@@ -517,4 +518,50 @@ fn document_mask_equals_separate_samples() {
         "causal over samples {} vs per sample {l_sep}",
         causal.losses[0]
     );
+}
+
+#[test]
+fn ranks_with_other_samples_fail_alike() {
+    // Same local rows, other samples: every rank fails at the first attention with the same
+    // one-line error (the ranks agree on the packing before any per-sample collective).
+    for (a, b) in [(vec![8, 8], vec![16]), (vec![8, 8, 8], vec![8, 16])] {
+        let res = on_ranks(
+            Layout::sp(1, 2, Placement::UlyssesInner),
+            move |rank, u, r, g| {
+                let lens = if rank == 0 { a.clone() } else { b.clone() };
+                let model = Decoder::random(
+                    ModelConfig::tiny(),
+                    Device::Cpu,
+                    Kind::Double,
+                    Kind::Double,
+                    SEED,
+                )
+                .unwrap();
+                let groups = Groups {
+                    ulysses: u as &dyn Communicator,
+                    ring: r,
+                    grad: g,
+                    dp: 1,
+                };
+                let cfg = TrainConfig {
+                    optimizer: opt(),
+                    zero_stage: 0,
+                    recompute: false,
+                    backend: Backend::CpuMath,
+                    profile: false,
+                };
+                let mut t = Trainer::new_packed(model, groups, &lens, cfg).unwrap();
+                let n = t.local_ranges().iter().map(|(a, b)| b - a).sum::<usize>() as i64;
+                let x = Tensor::zeros([1, n], (Kind::Int64, Device::Cpu));
+                t.step(&x, &x).unwrap_err().to_string()
+            },
+        );
+        assert_eq!(res[0], res[1]);
+        assert!(
+            res[0].contains("ranks disagree on the packed samples: rank(s) (ring 1, ulysses 0)"),
+            "{}",
+            res[0]
+        );
+        assert!(!res[0].contains('\n'), "{}", res[0]);
+    }
 }
