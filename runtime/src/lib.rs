@@ -9,6 +9,7 @@ pub mod ffi;
 pub mod infer;
 pub mod kernel;
 pub mod model;
+pub mod packed;
 pub mod plan;
 pub mod ring;
 pub mod shard;

@@ -1,7 +1,10 @@
 //! Zigzag token sharding fixed with the planner: the sequence is cut into 2*ring chunks, ring
 //! rank r holds chunks r and 2*ring-1-r, and each chunk is cut into `ulysses` contiguous
 //! sub-chunks of which Ulysses rank u holds sub-chunk u. Lengths need not divide: parts
-//! differ by at most one token (the first ones are longer).
+//! differ by at most one token (the first ones are longer; the planner places the extra
+//! tokens otherwise, so its ranges and these agree for lengths that divide by
+//! 2 x ring x ulysses). Packed samples, each sharded this way on its own:
+//! [`crate::packed`].
 use crate::error::{Result, RuntimeError};
 use tch::Tensor;
 

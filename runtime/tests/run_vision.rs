@@ -1,15 +1,41 @@
 //! `run` of a plan with a vision section (MM-SP stage 1 + 2), CPU, thread ranks: a tiny
-//! VLM plan (4 packed samples, 8 frames, 2 padding tokens) trained at SP 1, 2 (1 x 2), 4
-//! (2 x 2) and SP 2 x DP 2 gives the same losses; the report carries the vision stage's
-//! times next to the plan's; bad vision sections are one-line errors with exit code 2.
+//! VLM plan (4 packed samples, 8 frames, 8 padding tokens) trained at SP 1, 2 (1 x 2), 4
+//! (2 x 2) and SP 2 x DP 2 gives the same losses; stage 2 runs the plan's per-sample ranges
+//! (`plan_ranges_match`); the report carries the vision stage's times next to the plan's;
+//! bad vision sections (a sample length that is not a multiple of 2 x SP among them) are
+//! one-line errors with exit code 2.
 use mmsp_runtime::train::run::{run_vlm, ModelSource, RunExtras, RunOptions, VisionOptions};
 use mmsp_runtime::vision::balanced_frames;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
-/// Samples (frames, text tokens): 3 + 5, 1 + 0, 0 + 7, 4 + 2; 4 tokens per frame.
-const SAMPLES: [(usize, usize); 4] = [(3, 5), (1, 0), (0, 7), (4, 2)];
-const CONTEXT: usize = 48;
+/// Samples (frames, text tokens): 3 + 4, 1 + 4, 0 + 8, 4 + 0; 4 tokens per frame: 16, 8,
+/// 8 and 16 tokens, multiples of 2 x SP for SP up to 4 (each sample is zigzag-sharded on its
+/// own); the padding up to the context is one more sample of 8.
+const SAMPLES: [(usize, usize); 4] = [(3, 4), (1, 4), (0, 8), (4, 0)];
+const CONTEXT: usize = 56;
+
+/// The plan's `tokens.ranges_per_rank` for SP ranks `ring_idx * ulysses + ulysses_idx`, as
+/// the planner writes them (`planner/src/balance/zigzag.rs`, lengths that divide): per
+/// sample, chunks r and 2R-1-r of 2R, sub-chunk u of each.
+fn plan_ranges(ulysses: usize, ring: usize) -> Vec<Vec<(usize, usize)>> {
+    let mut out = vec![Vec::new(); ulysses * ring];
+    let mut start = 0;
+    for (f, t) in SAMPLES {
+        let len = 4 * f + t;
+        let (c, s) = (len / (2 * ring), len / (2 * ring * ulysses));
+        for r in 0..ring {
+            for u in 0..ulysses {
+                for chunk in [r, 2 * ring - 1 - r] {
+                    let a = start + chunk * c + u * s;
+                    out[r * ulysses + u].push((a, a + s));
+                }
+            }
+        }
+        start += len;
+    }
+    out
+}
 
 fn vision_plan(ulysses: usize, ring: usize, dp: usize, fpr: Option<Vec<Vec<usize>>>) -> Value {
     let sp = ulysses * ring;
@@ -29,6 +55,7 @@ fn vision_plan(ulysses: usize, ring: usize, dp: usize, fpr: Option<Vec<Vec<usize
                    "placement": "ulysses_inner"},
         "zero_stage": 0, "recompute": "none", "micro_batch": 1, "grad_accum_steps": 1,
         "context_tokens": CONTEXT,
+        "tokens": {"ranges_per_rank": plan_ranges(ulysses, ring)},
         "predicted": {"step_time_s": 1.0, "tokens_per_s": 48.0, "mfu": 0.5,
                       "memory_per_gpu_bytes": 1e9},
         "vision": {
@@ -103,7 +130,9 @@ fn run_vision_plan_same_losses_at_sp_1_2_4() {
         assert_eq!(l.len(), 3);
         assert!(l.iter().all(|x| x.is_finite() && *x > 0.0), "{l:?}");
         let vis = &v["vision"];
-        assert_eq!(vis["padding_tokens"], 2);
+        assert_eq!(vis["padding_tokens"], 8);
+        assert_eq!(vis["stage2"]["plan_ranges_match"], true, "{u}x{r}x{dp}");
+        assert_eq!(vis["stage2"]["sample_lens"], json!([16, 8, 8, 16, 8]));
         for k in [
             "encode_s",
             "reshard_s",
@@ -203,6 +232,11 @@ fn bad_vision_sections_are_one_line_errors_exit_2() {
     let mut p = vision_plan(1, 2, 1, None);
     p["context_tokens"] = json!(40);
     cases.push(("ctx", p, 2, "more than context_tokens"));
+    // A sample of 6 tokens at SP 2 x 2 (not a multiple of 8).
+    let mut p = vision_plan(2, 2, 1, None);
+    p["vision"]["sample_lens"][2] = json!(6);
+    p["vision"]["text_tokens_per_sample"][2] = json!(6);
+    cases.push(("len", p, 4, "packed sample 2 has 6 tokens"));
     // A launch of the wrong size.
     cases.push(("world", vision_plan(1, 2, 1, None), 4, "2"));
     for (name, plan, n, want) in cases {

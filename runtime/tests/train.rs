@@ -34,7 +34,7 @@ fn data(step: usize, dp: usize, vocab: i64) -> (Tensor, Tensor) {
     )
 }
 
-fn shard(t: &Tensor, ranges: [(usize, usize); 2]) -> Tensor {
+fn shard(t: &Tensor, ranges: &[(usize, usize)]) -> Tensor {
     let parts: Vec<Tensor> = ranges
         .iter()
         .map(|&(a, b)| t.narrow(1, a as i64, (b - a) as i64))
@@ -151,7 +151,7 @@ fn train_model(
                         let _ = dp;
                         let (ids, labels) = data(if fixed_data { 0 } else { step }, 0, vocab);
                         let rg = t.local_ranges();
-                        let st = t.step(&shard(&ids, rg), &shard(&labels, rg)).unwrap();
+                        let st = t.step(&shard(&ids, &rg), &shard(&labels, &rg)).unwrap();
                         assert_eq!(st.tokens, (SEQ - 1) as f64);
                         losses.push(st.loss);
                     }
@@ -624,7 +624,7 @@ fn zero3_shards_what_it_says() {
                 let mut t = Trainer::new(model, groups, SEQ, cfg).unwrap();
                 let (ids, labels) = data(0, 0, 128);
                 let rg = t.local_ranges();
-                t.step(&shard(&ids, rg), &shard(&labels, rg)).unwrap();
+                t.step(&shard(&ids, &rg), &shard(&labels, &rg)).unwrap();
                 let o = t.optimizer();
                 let units = o.units().unwrap();
                 assert_eq!(units.len(), 2 + 2, "embedding, 2 layers, final norm + head");
@@ -691,7 +691,11 @@ fn zero3_bf16_compute_follows_zero0() {
                         let (ids, labels) = data(0, 0, 128);
                         let rg = t.local_ranges();
                         let losses = (0..4)
-                            .map(|_| t.step(&shard(&ids, rg), &shard(&labels, rg)).unwrap().loss)
+                            .map(|_| {
+                                t.step(&shard(&ids, &rg), &shard(&labels, &rg))
+                                    .unwrap()
+                                    .loss
+                            })
                             .collect();
                         Run {
                             losses,

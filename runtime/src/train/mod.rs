@@ -1,9 +1,14 @@
 //! One training step of the decoder over a sequence-parallel group: every SP rank holds its
-//! zigzag token ranges; attention runs through [`Attention2d`] with its hand-written
-//! backward, everything else through libtorch autograd, one layer segment at a time (each
-//! layer's input and attention output are autograd leaves, and the segment's output gradients
-//! are fed back by a seeded backward, `ffi::backward_seeded`). The loss is normalised over the
-//! active tokens of the whole SP group; gradients of the (replicated) parameters are summed
+//! zigzag token ranges, of one sequence or, for a packed sequence of several samples
+//! ([`Trainer::new_packed`]), of each sample on its own ([`crate::packed::Packing`]: the
+//! plan's per-sample ranges, RoPE positions restarting at 0 in each sample); attention runs
+//! per sample (document mask) through [`crate::attn2d::Attention2d`] ([`PackedAttention`])
+//! with its hand-written backward, everything else through libtorch autograd, one layer
+//! segment at a time (each layer's input and attention output are autograd leaves, and the
+//! segment's output gradients are fed back by a seeded backward, `ffi::backward_seeded`).
+//! The loss is normalised over the active tokens of the whole SP group (in a packed sequence
+//! the last token of each sample has no label, whatever the caller passed, so no loss
+//! crosses samples); gradients of the (replicated) parameters are summed
 //! over the grad group (SP x DP) and averaged over DP; AdamW in the master dtype, its state
 //! either replicated (ZeRO-0) or sharded over the grad group (ZeRO-1/2: gradients
 //! reduce-scattered, updated parameters all-gathered; ZeRO-3: parameters, gradients and
@@ -47,13 +52,14 @@ pub mod kernel_profile;
 pub mod run;
 pub mod zero3;
 
-use crate::attn2d::{Attention2d, Attn2dCtx, AttnShape};
+use crate::attn2d::AttnShape;
 use crate::comm::Communicator;
 use crate::error::{Result, RuntimeError};
 use crate::ffi::backward_seeded;
 use crate::kernel::Backend;
 use crate::model::decoder::{PostWeights, PreWeights};
 use crate::model::{Decoder, Input, Rope};
+use crate::packed::{PackedAttention, PackedCtx};
 use adamw::{AdamW, AdamWConfig};
 use serde_json::{json, Value};
 use std::cell::Cell;
@@ -177,7 +183,7 @@ struct LayerState {
     x_in: Tensor,
     /// Non-detached q, k, v (autograd graph to x_in); None when recomputing.
     qkv: Option<(Tensor, Tensor, Tensor)>,
-    ctx: Attn2dCtx,
+    ctx: PackedCtx,
     /// Attention output (detached) as a leaf.
     a: Tensor,
     /// Layer output (autograd graph to x_in and a); None when recomputing.
@@ -187,12 +193,15 @@ struct LayerState {
 /// One rank's trainer.
 pub struct Trainer<'a> {
     pub model: Decoder,
-    attn: Attention2d<'a>,
+    attn: PackedAttention<'a>,
     groups: Groups<'a>,
     cfg: TrainConfig,
     opt: AdamW,
     rope: Rope,
     ids_len: usize,
+    /// Packed sequences: the local rows holding a sample's last token (their labels are
+    /// masked); None for one sample.
+    last_rows: Option<Tensor>,
     /// `_log_softmax(bf16, half_to_float)` works here and agrees with the fp32 path.
     fast_log_softmax: Cell<bool>,
     /// `addmm` with fp32 output from bf16 operands works here and agrees with mm + add.
@@ -276,6 +285,20 @@ impl<'a> Trainer<'a> {
         seq_len: usize,
         cfg: TrainConfig,
     ) -> Result<Trainer<'a>> {
+        Self::new_packed(model, groups, &[seq_len], cfg)
+    }
+
+    /// Builds the trainer for a packed sequence of samples of `sample_lens` tokens (in
+    /// order): each sample zigzag-sharded on its own, attention within samples only, RoPE
+    /// positions restarting in each sample (module [`crate::packed`]). With two or more
+    /// samples every length must be a multiple of 2 x ring x ulysses (else
+    /// [`RuntimeError::Shape`]); one sample is [`Trainer::new`].
+    pub fn new_packed(
+        model: Decoder,
+        groups: Groups<'a>,
+        sample_lens: &[usize],
+        cfg: TrainConfig,
+    ) -> Result<Trainer<'a>> {
         if cfg.zero_stage > 3 {
             return Err(RuntimeError::Plan(format!(
                 "ZeRO stage {} is not implemented by the runtime (0, 1, 2 and 3 are)",
@@ -292,19 +315,23 @@ impl<'a> Trainer<'a> {
         let m = &model.cfg;
         let shape = AttnShape {
             batch: 1,
-            seq_len,
+            seq_len: sample_lens.iter().fold(0usize, |a, &l| a.saturating_add(l)),
             q_heads: m.num_heads,
             kv_heads: m.num_kv_heads,
             head_dim: m.head_dim,
         };
-        let attn = Attention2d::new(groups.ulysses, groups.ring, cfg.backend, shape)?;
-        let ranges = attn
-            .sharding()
-            .local_ranges(groups.ring.rank(), groups.ulysses.rank());
+        let attn =
+            PackedAttention::new(groups.ulysses, groups.ring, cfg.backend, shape, sample_lens)?;
+        let (r, u) = (groups.ring.rank(), groups.ulysses.rank());
+        let packing = attn.packing();
         let device = model.named_parameters()[0].1.device();
-        let positions = Rope::positions(&ranges, device);
+        let positions = Tensor::from_slice(&packing.positions(r, u)).to(device);
         let ids_len = positions.size()[0] as usize;
         let rope = Rope::new(m, &positions, model.compute);
+        let last_rows = (packing.num_samples() > 1).then(|| {
+            let rows: Vec<i64> = packing.last_rows(r, u).iter().map(|&x| x as i64).collect();
+            Tensor::from_slice(&rows).to(device)
+        });
         let params: Vec<Tensor> = model.parameters();
         let opt = match cfg.zero_stage {
             0 => AdamW::new(&params, cfg.optimizer, None)?,
@@ -322,6 +349,7 @@ impl<'a> Trainer<'a> {
             opt,
             rope,
             ids_len,
+            last_rows,
             fast_log_softmax: Cell::new(fast_lsm),
             fp32_out_gemm: Cell::new(fp32_gemm),
         };
@@ -347,15 +375,22 @@ impl<'a> Trainer<'a> {
         &self.opt
     }
 
-    /// This rank's token ranges [start, end) in the sequence, in local order.
-    pub fn local_ranges(&self) -> [(usize, usize); 2] {
+    /// This rank's token ranges [start, end) in the (packed) sequence, in local order: two
+    /// per sample.
+    pub fn local_ranges(&self) -> Vec<(usize, usize)> {
         self.attn
-            .sharding()
+            .packing()
             .local_ranges(self.groups.ring.rank(), self.groups.ulysses.rank())
     }
 
+    /// The samples' lengths (one entry for an unpacked sequence).
+    pub fn sample_lens(&self) -> Vec<usize> {
+        self.attn.packing().sample_lens()
+    }
+
     /// One step on this rank's shard: `ids` (1, s_local) int64 and `labels` (1, s_local)
-    /// int64 (the next token of each position of the full sequence; -100 = no loss).
+    /// int64 (the next token of each position of the full sequence; -100 = no loss), rows in
+    /// [`Trainer::local_ranges`] order.
     pub fn step(&mut self, ids: &Tensor, labels: &Tensor) -> Result<StepStats> {
         let want = [1, self.ids_len as i64];
         if ids.size() != want {
@@ -546,6 +581,11 @@ impl<'a> Trainer<'a> {
         // loss gradient is formed chunk by chunk and the logits of the whole shard are never
         // held (compute-dtype GEMM, softmax in fp32 or wider, LOSS_CHUNK rows at a time).
         let labels = labels.to_device(dev).view([-1]);
+        // Packed: no label on a sample's last token (it would be the next sample's first).
+        let labels = match &self.last_rows {
+            Some(rows) => labels.f_index_fill(0, rows, -100i64)?,
+            None => labels,
+        };
         let acc = if compute == Kind::Double {
             Kind::Double
         } else {

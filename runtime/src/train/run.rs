@@ -16,14 +16,18 @@
 //! Vision (MM-SP stage 1, issue 7): a plan with a `vision` section trains a VLM step per
 //! step (see [`crate::vision::plan`] for the layout). Each rank encodes its frames of the
 //! plan's `vision.frames_per_rank` (synthetic pixels, a fixed function of (step, frame)),
-//! re-shards the embeddings into the trainer's zigzag shards over the world communicator
-//! (SP ranks mapped to world ranks, so DP replicas exchange in the same all-to-all), merges
+//! re-shards the embeddings into the trainer's shards over the world communicator (SP ranks
+//! mapped to world ranks, so DP replicas exchange in the same all-to-all), merges
 //! them with the text rows' embeddings from the decoder's table, runs
 //! [`Trainer::step_embeddings_text`] (the text rows' gradient reaches the table before the
 //! decoder's optimizer), sends the vision rows' gradient back and updates the encoder with
 //! its own AdamW (replicated state, gradients summed over the world and divided by dp) unless
-//! the plan freezes it. Loss: only where the next token is a text token of the same sample
-//! (labels -100 where the target is a vision token, across samples, and on the padding).
+//! the plan freezes it. Stage 2 is the plan's per-sample layout: the trainer is built with
+//! the plan's `vision.sample_lens` (and the padding up to `context_tokens` as one more
+//! sample), each sample zigzag-sharded on its own as in `tokens.ranges_per_rank`, attention
+//! within each sample only and RoPE positions restarting in each ([`crate::packed`]). Loss:
+//! only where the next token is a text token of the same sample (labels -100 where the
+//! target is a vision token, across samples, and on the padding).
 use super::adamw::{AdamW, AdamWConfig};
 use super::checkpoint::{self, Manifest};
 use super::{Groups, Phases, StepStats, TrainConfig, Trainer};
@@ -183,9 +187,9 @@ pub fn load(opts: &RunOptions) -> Result<(Plan, TrainPlan, ModelConfig)> {
     };
     let l = plan.layout;
     let zz = crate::shard::Zigzag::new(tp.context_tokens, l.ulysses, l.ring)?;
-    // A vision plan's ranges are the planner's per-sample zigzag, which the trainer (one
-    // causal sequence) does not execute: `run` uses its own zigzag and reports whether they
-    // agree (`vision.stage2`).
+    // A vision plan's ranges are the planner's per-sample zigzag, which `run` executes
+    // (`VisionSection::resolve` checks the samples; the report's `vision.stage2` says whether
+    // the plan's ranges are the ones run).
     if let (Some(t), None) = (&tp.tokens, &tp.vision) {
         for (i, rr) in t.ranges_per_rank.iter().enumerate() {
             let (r, u) = (i / l.ulysses, i % l.ulysses);
@@ -312,7 +316,7 @@ fn synthetic_frames(
     ((base + off).sin() * 0.8).view([-1, c, s, s])
 }
 
-fn shard(t: &Tensor, ranges: [(usize, usize); 2]) -> Tensor {
+fn shard(t: &Tensor, ranges: &[(usize, usize)]) -> Tensor {
     let parts: Vec<Tensor> = ranges
         .iter()
         .map(|&(a, b)| t.narrow(1, a as i64, (b - a) as i64))
@@ -534,7 +538,10 @@ fn rank_loop(rank: usize, groups: Groups<'_>, cx: &LoopCtx<'_>) -> Result<Vec<St
         // the step without them (no phase breakdown, no sync bubbles).
         profile: std::env::var("MMSP_PROFILE").map_or(true, |v| v != "0"),
     };
-    let mut t = Trainer::new(model, groups, tp.context_tokens, tc)?;
+    let mut t = match cx.vision {
+        Some(vr) => Trainer::new_packed(model, groups, &vr.sample_lens, tc)?,
+        None => Trainer::new(model, groups, tp.context_tokens, tc)?,
+    };
     let mut vis = match cx.vision {
         Some(vr) => Some(VisionRank::new(vr, rank, cx, &t, grad, master, compute)?),
         None => None,
@@ -575,7 +582,7 @@ fn rank_loop(rank: usize, groups: Groups<'_>, cx: &LoopCtx<'_>) -> Result<Vec<St
             (Some(v), Some(vr)) => v.step(step, vr, &mut t, grad, cx)?,
             _ => {
                 let (ids, labels) = synthetic(step, tp.context_tokens, cfg.vocab_size, dev);
-                (t.step(&shard(&ids, rg), &shard(&labels, rg))?, [0.0; 5])
+                (t.step(&shard(&ids, &rg), &shard(&labels, &rg))?, [0.0; 5])
             }
         };
         if let Some(e) = grad.peer_failure() {
@@ -654,9 +661,9 @@ impl VisionRank {
         let l = cx.layout;
         let sp = l.sp_rank(rank);
         let rg = t.local_ranges();
-        if rg.as_slice() != vr.ranges[sp].as_slice() {
+        if rg != vr.ranges[sp] {
             return Err(RuntimeError::Layout(format!(
-                "the trainer's shard {rg:?} is not SP rank {sp}'s zigzag ranges {:?}",
+                "the trainer's shard {rg:?} is not SP rank {sp}'s per-sample zigzag ranges {:?}",
                 vr.ranges[sp]
             )));
         }
@@ -714,7 +721,7 @@ impl VisionRank {
         let h = t.model.cfg.hidden_size as i64;
         let (ids, labels) = synthetic_vlm(step, vr, t.model.cfg.vocab_size, dev);
         let rg = t.local_ranges();
-        let (ids, labels) = (shard(&ids, rg), shard(&labels, rg));
+        let (ids, labels) = (shard(&ids, &rg), shard(&labels, &rg));
         let frames = synthetic_frames(step, &self.stage.frames, &vr.cfg, dev);
         syncf();
         let t0 = Instant::now();
@@ -1076,6 +1083,9 @@ pub fn run_vlm(opts: &RunOptions, extras: &RunExtras, vopts: &VisionOptions) -> 
         &records,
         first_index,
         resume.as_ref(),
+        vision
+            .as_ref()
+            .map_or(&[tp.context_tokens][..], |v| &v.sample_lens),
     )?;
     if let Some(vr) = &vision {
         vision_report(&mut report, vr, &plan, &tp, &cfg, &records, opts)?;
@@ -1220,7 +1230,8 @@ fn max_or_null(v: impl Iterator<Item = f64>) -> Value {
 }
 
 /// The report of a run (rank 0), printed and written as JSON; measured against predicted
-/// also goes to stderr.
+/// also goes to stderr. `samples`: the lengths of the trainer's samples (attention FLOPs are
+/// counted within each).
 #[allow(clippy::too_many_arguments)]
 fn report(
     opts: &RunOptions,
@@ -1232,6 +1243,7 @@ fn report(
     records: &[Vec<StepRecord>],
     first_index: usize,
     resume: Option<&Manifest>,
+    samples: &[usize],
 ) -> Result<Value> {
     let w = plan.world_size;
     let inprocess = launched == "inprocess";
@@ -1260,10 +1272,10 @@ fn report(
     let dp = plan.layout.dp as f64;
     let tokens_per_step = dp * tp.context_tokens as f64;
     let tokens_per_s = tokens_per_step / step_s;
-    let flops_per_step = dp
-        * 3.0
-        * (cfg.dense_flops_per_token() * tp.context_tokens as f64
-            + cfg.attention_flops(tp.context_tokens));
+    // Attention within each sample (document mask) for packed samples.
+    let attn_flops: f64 = samples.iter().map(|&l| cfg.attention_flops(l)).sum();
+    let flops_per_step =
+        dp * 3.0 * (cfg.dense_flops_per_token() * tp.context_tokens as f64 + attn_flops);
     let mfu = flops_per_step / step_s / (devices * opts.peak_flops);
     let per_gpu_tps = tokens_per_s / devices;
     let per_rank: Vec<Value> = records
@@ -1431,20 +1443,21 @@ fn vision_report(
     let slow = |k: usize| slowest[names[k]].as_f64().unwrap_or(0.0);
     let v = &vr.section;
     let l = plan.layout;
+    // The plan's ranges cover its samples; the runtime's add the padding's (after them).
+    let packed: usize = v.sample_lens.iter().sum();
     let plan_ranges_match = tp.tokens.as_ref().map(|t| {
         t.ranges_per_rank.len() >= vr.ranges.len()
-            && vr
-                .ranges
-                .iter()
-                .zip(&t.ranges_per_rank)
-                .all(|(a, b)| a == b)
+            && vr.ranges.iter().zip(&t.ranges_per_rank).all(|(a, b)| {
+                let ours: Vec<(usize, usize)> =
+                    a.iter().copied().filter(|r| r.0 < packed).collect();
+                ours == *b
+            })
     });
     let train = v.train_vision;
     let frames_flops = v.frames as f64 * vr.cfg.flops_per_frame() * if train { 3.0 } else { 1.0 };
     let dp = l.dp as f64;
-    let dec_flops = 3.0
-        * (cfg.dense_flops_per_token() * tp.context_tokens as f64
-            + cfg.attention_flops(tp.context_tokens));
+    let attn_flops: f64 = vr.sample_lens.iter().map(|&l| cfg.attention_flops(l)).sum();
+    let dec_flops = 3.0 * (cfg.dense_flops_per_token() * tp.context_tokens as f64 + attn_flops);
     let step_s = report["micro_step_s"].as_f64().unwrap_or(f64::NAN);
     let devices = report["devices"].as_f64().unwrap_or(1.0);
     let mfu_all = dp * (dec_flops + frames_flops) / step_s / (devices * opts.peak_flops);
@@ -1463,7 +1476,9 @@ fn vision_report(
         "loss": "next-token cross-entropy where the target is a text token of the same sample; \
                  -100 where it is a vision token, across samples and on the padding",
         "stage2": {
-            "ranges": "the trainer's zigzag of the whole packed sequence (causal across samples)",
+            "ranges": "per-sample zigzag (each sample, and the padding, sharded on its own; \
+                       attention within samples only, RoPE positions restarting per sample)",
+            "sample_lens": vr.sample_lens,
             "plan_ranges_match": plan_ranges_match,
         },
         "measured_rank0": Value::Object(rank0),

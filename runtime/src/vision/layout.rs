@@ -258,8 +258,9 @@ impl ReshardMap {
     }
 }
 
-/// The runtime LLM's stage-2 ranges by SP rank: the zigzag shards of one sequence of
-/// `seq_len` tokens ([`crate::shard::Zigzag`], as the trainer holds them).
+/// The runtime LLM's stage-2 ranges by SP rank for one unpacked sequence of `seq_len`
+/// tokens: its zigzag shards ([`crate::shard::Zigzag`], as [`crate::train::Trainer::new`]
+/// holds them). Packed samples: [`crate::packed::Packing::ranges_per_sp_rank`].
 pub fn zigzag_ranges(
     seq_len: usize,
     ulysses: usize,

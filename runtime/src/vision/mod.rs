@@ -1,7 +1,9 @@
 //! MM-SP stage 1 in the runtime (issue 7): a ViT/SigLIP-style vision encoder with a
 //! projector into the LLM's hidden size ([`encoder`], configured by [`config`]), the packed
-//! token layout and the stage-1/stage-2 placements ([`layout`]), the plan's `vision` section as `run` executes it ([`plan`]), the re-shard of encoded
-//! frames into the LLM's zigzag token shards by one uneven all-to-all, forward and backward
+//! token layout and the stage-1/stage-2 placements ([`layout`]), the plan's `vision` section
+//! as `run` executes it ([`plan`]: stage 2 is the per-sample zigzag of
+//! [`crate::packed::Packing`]), the re-shard of encoded frames into the LLM's token shards
+//! (any ranges that tile the sequence) by one uneven all-to-all, forward and backward
 //! ([`reshard`]), their composition as an autograd-compatible step ([`stage`]) and an encoder
 //! throughput benchmark ([`bench`]).
 pub mod bench;

@@ -1,12 +1,17 @@
 //! The `vision` section of a plan (`mmsp plan --frames N` / `--samples`), as `run` executes
 //! it: the packed token layout (per sample: its frames' tokens, then its text, as the
 //! planner lays them out, padded with trailing text-like tokens up to the plan's context),
-//! stage 1 exactly as the plan's `frames_per_rank`, and stage 2 the trainer's zigzag shards
-//! of the whole packed sequence. Everything here is checked without a device or peers, so a
-//! plan that cannot run is a one-line error before any communication.
+//! stage 1 exactly as the plan's `frames_per_rank`, and stage 2 the per-sample zigzag shards
+//! of the packed sequence ([`crate::packed::Packing`]: each sample, and the padding as one
+//! more sample, sharded on its own, which is the plan's `tokens.ranges_per_rank` followed by
+//! the padding's ranges), where the trainer attends within each sample only. With two or
+//! more samples (padding included) each length must be a multiple of 2 x ulysses x ring.
+//! Everything here is checked without a device or peers, so a plan that cannot run is a
+//! one-line error before any communication.
 use super::config::{Pooling, VisionConfig};
-use super::layout::{zigzag_ranges, ReshardMap, SampleSpec, TokenLayout};
+use super::layout::{ReshardMap, SampleSpec, TokenLayout};
 use crate::error::{Result, RuntimeError};
+use crate::packed::Packing;
 use serde::Deserialize;
 use std::path::PathBuf;
 
@@ -66,7 +71,10 @@ pub struct VisionRun {
     /// (no frames, `padding` text-like tokens without loss).
     pub layout: TokenLayout,
     pub padding: usize,
-    /// Stage 2: the trainer's zigzag ranges by SP rank.
+    /// The trainer's samples ([`crate::train::Trainer::new_packed`]): the plan's
+    /// `sample_lens`, then the padding when there is some.
+    pub sample_lens: Vec<usize>,
+    /// Stage 2: the trainer's per-sample zigzag ranges by SP rank.
     pub ranges: Vec<Vec<(usize, usize)>>,
     /// Per position p: p's label is the next token (p + 1 is a text token of the same
     /// sample, not padding); else -100.
@@ -249,7 +257,17 @@ impl VisionSection {
             )));
         }
         let layout = TokenLayout::new(&samples, self.tokens_per_frame)?;
-        let ranges = zigzag_ranges(context, ulysses, ring)?;
+        let sample_lens = layout.sample_lens();
+        let ranges = Packing::new(&sample_lens, ulysses, ring)
+            .map_err(|e| match e {
+                RuntimeError::Shape(m) if padding > 0 => RuntimeError::Plan(format!(
+                    "vision: {m}; sample {} is the padding up to context_tokens",
+                    sample_lens.len() - 1
+                )),
+                RuntimeError::Shape(m) => RuntimeError::Plan(format!("vision: {m}")),
+                e => e,
+            })?
+            .ranges_per_sp_rank();
         // Checks frames_per_rank is a partition of the frames (no repeats, none missing).
         ReshardMap::new(&layout, &self.frames_per_rank, &ranges)
             .map_err(|e| RuntimeError::Plan(format!("vision.frames_per_rank: {e}")))?;
@@ -266,6 +284,7 @@ impl VisionSection {
             cfg,
             layout,
             padding,
+            sample_lens,
             ranges,
             text_target,
         })

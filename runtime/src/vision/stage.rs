@@ -32,7 +32,9 @@ pub struct VisionStage {
 impl VisionStage {
     /// Rank `sp_rank`'s stage. `frames_per_rank`: the plan's `vision.frames_per_rank`, or
     /// None for [`balanced_frames`]; `ranges_per_rank`: the LLM's token ranges by SP rank
-    /// (e.g. [`super::layout::zigzag_ranges`]); see [`Reshard::new`] for `comm_rank_of_sp`.
+    /// (e.g. [`crate::packed::Packing::ranges_per_sp_rank`], as `run` uses, or
+    /// [`super::layout::zigzag_ranges`] for one sequence); see [`Reshard::new`] for
+    /// `comm_rank_of_sp`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         encoder: VisionEncoder,
