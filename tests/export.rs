@@ -112,7 +112,7 @@ fn megatron_hierarchical_cp() {
         &d,
         P {
             u: 4,
-            r: 4,
+            r: 8,
             dp: 1,
             tp: 1,
             placement: UI,
@@ -123,7 +123,7 @@ fn megatron_hierarchical_cp() {
     );
     let out = ok(&d, &["export", "--to", "megatron", "plan.json"]);
     assert!(out.contains("--cp-comm-type a2a+p2p"));
-    assert!(out.contains("--hierarchical-context-parallel-sizes 4 4"));
+    assert!(out.contains("--hierarchical-context-parallel-sizes 4 8"));
     insta::assert_snapshot!(out);
 }
 

@@ -152,7 +152,7 @@ fn pcie_box_punishes_all_to_all_heavy_layouts() {
     let heavy = terms_for(
         &t,
         "llama3-8b",
-        1 << 17,
+        3 << 15,
         8,
         1,
         1,
@@ -164,7 +164,7 @@ fn pcie_box_punishes_all_to_all_heavy_layouts() {
     let light = terms_for(
         &t,
         "llama3-8b",
-        1 << 17,
+        3 << 15,
         1,
         8,
         1,
