@@ -1327,6 +1327,7 @@ fn report(
         "peak_reserved_bytes_rank0": max_or_null(s0.iter().map(|r| r.reserved_peak)),
         "allocator_note": "the CUDA caching allocator's peaks during a step: allocated = bytes in tensors, reserved = what the allocator holds from the device (allocated + its cache and fragments); in-process ranks share one allocator",
         "deterministic": extras.deterministic,
+        "allocator_conf": std::env::var("PYTORCH_CUDA_ALLOC_CONF").ok(),
     });
     if let Some(p) = &extras.kernel_trace {
         let path = if inprocess || w <= 1 {
