@@ -84,7 +84,12 @@ fn plan_default_json_has_stable_names() {
         .map(|k| l[k].as_u64().unwrap())
         .product::<u64>();
     assert_eq!(prod, 256);
-    assert!(["none", "selective", "full"].contains(&v["recompute"].as_str().unwrap()));
+    // What mmsp-runtime runs: none, or full (its recompute outside attention) with the scope.
+    match v["recompute"].as_str().unwrap() {
+        "none" => assert!(v.get("recompute_scope").is_none()),
+        "full" => assert_eq!(v["recompute_scope"], "outside_attention"),
+        other => panic!("recompute {other}"),
+    }
     assert!(v["zero_stage"].as_u64().unwrap() <= 3);
     let p = &v["predicted"];
     for k in ["step_time_s", "tokens_per_s", "mfu", "memory_per_gpu_bytes"] {
@@ -154,6 +159,7 @@ fn errors_are_one_line_exit_2() {
         vec!["plan", "--gpus", "8", "--context", "16M"],
         vec!["plan", "--format", "xml"],
         vec!["plan", "--recompute", "some"],
+        vec!["plan", "--recompute", "selective"],
         vec!["plan", "--strategy", "zigzag"],
         vec!["plan", "--bogus"],
         vec!["frobnicate"],

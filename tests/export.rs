@@ -138,13 +138,27 @@ fn megatron_tp_ring_full_recompute() {
             dp: 1,
             tp: 2,
             placement: UI,
-            zero: 0,
+            zero: 1,
             recompute: Recompute::Full,
             global_batch: 1,
         },
     );
-    let out = ok(&d, &["export", "--to", "megatron", "plan.json"]);
+    // The plan recomputes as mmsp-runtime does, each layer outside attention, which Megatron's
+    // whole-layer recompute only approximates: it needs consent, whatever the ZeRO stage.
+    let refused = fails(&d, &["export", "--to", "megatron", "plan.json"]);
+    assert!(refused.contains("outside attention"), "{refused}");
+    let out = ok(
+        &d,
+        &[
+            "export",
+            "--to",
+            "megatron",
+            "plan.json",
+            "--allow-coarser-recompute",
+        ],
+    );
     assert!(out.contains("--sequence-parallel") && out.contains("--cp-comm-type p2p"));
+    assert!(out.contains("--recompute-granularity full"));
     insta::assert_snapshot!(out);
 }
 
@@ -237,8 +251,11 @@ fn vila_torchrun_slurm() {
     assert!(text.contains("#SBATCH --nodes=2") && text.contains("mmsp-runtime plan.json"));
 }
 
+/// Plans of older planners could say `selective`, or `full` without `recompute_scope` (then
+/// costed as Korthikanti et al.'s whole-layer recompute): they export as they say, selective
+/// only with consent, to the engine's nearest modules.
 #[test]
-fn selective_recompute_needs_consent() {
+fn older_plans_export_their_textbook_recompute() {
     let d = dir("sel");
     write_plan(
         &d,
@@ -249,11 +266,22 @@ fn selective_recompute_needs_consent() {
             tp: 2,
             placement: UI,
             zero: 1,
-            recompute: Recompute::Selective,
+            recompute: Recompute::Full,
             global_batch: 1,
         },
     );
-    fails(&d, &["export", "--to", "megatron", "plan.json"]);
+    let path = d.join("plan.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(v["recompute_scope"], "outside_attention");
+    v.as_object_mut().unwrap().remove("recompute_scope");
+    std::fs::write(&path, v.to_string()).unwrap();
+    let out = ok(&d, &["export", "--to", "megatron", "plan.json"]);
+    assert!(out.contains("--recompute-granularity full"), "{out}");
+    v["recompute"] = "selective".into();
+    std::fs::write(&path, v.to_string()).unwrap();
+    let refused = fails(&d, &["export", "--to", "megatron", "plan.json"]);
+    assert!(refused.contains("selective recompute"), "{refused}");
     let out = ok(
         &d,
         &[
@@ -321,7 +349,7 @@ fn errors_are_one_line_exit_2() {
                 dp: 1,
                 tp: 2,
                 placement: UI,
-                zero: 0,
+                zero: 1,
                 recompute: Recompute::Full,
                 global_batch: 1,
             },

@@ -245,17 +245,7 @@ fn stage(raw: &RawRecipe, s: &RawStage, name: String) -> Result<Stage> {
     };
     let recompute = match s.recompute.as_deref() {
         None => None,
-        Some(r) => Some(
-            Recompute::ALL
-                .into_iter()
-                .find(|x| x.as_str() == r)
-                .ok_or_else(|| {
-                    Error::invalid(
-                        "recompute",
-                        format!("'{r}' is not one of: none, selective, full"),
-                    )
-                })?,
-        ),
+        Some(r) => Some(Recompute::parse_requested(r).map_err(|m| Error::invalid("recompute", m))?),
     };
     if s.global_batch == Some(0) {
         return Err(Error::invalid("global_batch", "must be positive"));

@@ -1,6 +1,9 @@
 //! Strategy comparison and simulator refinement: the best configuration of each strategy
 //! (ring, ulysses, 2d, megatron-cp-tp, te-a2a-p2p) on the same cost model and topology, its
-//! simulated step time, memory, max context, and the main reason it loses to `2d`.
+//! simulated step time, memory, max context, and the main reason it loses to `2d`. Every
+//! strategy is costed as mmsp-runtime would run its layout, recompute included: none or the
+//! runtime's recompute of each layer outside attention (`crate::search::enumerate`), not the
+//! selective or whole-layer recompute that Megatron-LM or DeepSpeed offer.
 
 use serde::Serialize;
 

@@ -126,20 +126,25 @@ enum Format {
     Json,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug)]
+/// `--recompute`: what mmsp-runtime runs. `selective` parses (it is a value the runtime's plans
+/// accept) so that it is refused with the reason, not as an unknown value.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
 enum RecomputeArg {
     None,
-    Selective,
+    /// mmsp-runtime's recompute: each layer's forward outside attention again in backward.
     Full,
+    #[value(hide = true)]
+    Selective,
 }
 
-impl From<RecomputeArg> for Recompute {
-    fn from(r: RecomputeArg) -> Self {
-        match r {
-            RecomputeArg::None => Recompute::None,
-            RecomputeArg::Selective => Recompute::Selective,
-            RecomputeArg::Full => Recompute::Full,
-        }
+impl RecomputeArg {
+    fn policy(self) -> Result<Recompute> {
+        Recompute::parse_requested(match self {
+            RecomputeArg::None => "none",
+            RecomputeArg::Full => "full",
+            RecomputeArg::Selective => "selective",
+        })
+        .map_err(|m| mmsp_planner::Error::invalid("--recompute", m).into())
     }
 }
 
@@ -193,8 +198,9 @@ struct PlanArgs {
     context: Option<u64>,
     #[command(flatten)]
     video: VideoArgs,
-    /// Force a recompute policy instead of searching all three (ZeRO-3 plans always recompute
-    /// each layer outside attention, as the runtime does; none leaves ZeRO-3 out).
+    /// Force a recompute policy instead of searching both: none, or full (mmsp-runtime's
+    /// recompute of each layer's forward outside attention in backward; ZeRO-3 plans always
+    /// have it, so none leaves ZeRO-3 out).
     #[arg(long, value_enum)]
     recompute: Option<RecomputeArg>,
     /// Output format.
@@ -338,6 +344,7 @@ fn plan(a: PlanArgs) -> Result<()> {
     }
     let (model, cluster, topo) = a.target.load()?;
     let strategy = Strategy::parse(&a.strategy)?;
+    let recompute = a.recompute.map(RecomputeArg::policy).transpose()?;
     let mm = a.video.load()?;
     if mm.is_some() && (a.context.is_some() || a.max_context) {
         return Err(mmsp_planner::Error::invalid(
@@ -381,7 +388,7 @@ fn plan(a: PlanArgs) -> Result<()> {
         gpus,
         context,
         global_batch: a.target.global_batch,
-        recompute: a.recompute.map(Into::into),
+        recompute,
         strategy,
         pin: a.layout,
         zero: a.zero,

@@ -5,10 +5,13 @@
 //!
 //! `recompute` is what the runtime reads: `none`, `selective` or `full`
 //! (`runtime/src/train/run.rs` rejects any other value, and runs every value but `none` as its
-//! one recompute). A ZeRO-3 plan always recomputes each layer outside attention, as the runtime
-//! does under ZeRO-3 whatever `recompute` says; it writes `"recompute": "full"` and
-//! `"recompute_scope": "outside_attention"`, which the runtime ignores and the planner reads back
-//! as [`Recompute::OutsideAttention`] ([`Plan::recompute_policy`]).
+//! one recompute, each layer's forward outside attention again in backward; under ZeRO-3 it
+//! always does). The planner plans only what the runtime runs: a plan that recomputes (every
+//! ZeRO-3 plan) writes `"recompute": "full"` and `"recompute_scope": "outside_attention"`,
+//! which the runtime ignores and the planner reads back as [`Recompute::OutsideAttention`]
+//! ([`Plan::recompute_policy`]). Plans of older planners may say `selective`, or `full` without
+//! the scope (costed then as Korthikanti et al.'s policies); they still load, and are re-costed
+//! (`mmsp simulate`) as the runtime runs them.
 
 use serde::{Deserialize, Serialize};
 
@@ -65,7 +68,7 @@ pub struct TokenPlan {
 #[serde(rename_all = "snake_case")]
 pub enum RecomputeScope {
     /// mmsp-runtime's recompute of each layer outside attention, costed as
-    /// [`Recompute::OutsideAttention`] (always under ZeRO-3).
+    /// [`Recompute::OutsideAttention`] (every recomputing plan; always under ZeRO-3).
     OutsideAttention,
 }
 
@@ -106,10 +109,12 @@ pub struct Plan {
     pub grad_accum_steps: u64,
     pub layout: Layout,
     pub zero_stage: u8,
-    /// The recompute value the runtime reads: none, selective or full (see the module doc).
+    /// The recompute value the runtime reads: none, selective or full (see the module doc);
+    /// this planner writes none or full.
     pub recompute: Recompute,
-    /// `outside_attention` when the plan recomputes each layer outside attention (ZeRO-3):
-    /// `recompute` is then `full`, the runtime's name for its recompute.
+    /// `outside_attention` when the plan recomputes each layer outside attention (every plan
+    /// of this planner that recomputes): `recompute` is then `full`, the runtime's name for its
+    /// recompute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recompute_scope: Option<RecomputeScope>,
     pub ranks: Vec<RankInfo>,
@@ -259,7 +264,9 @@ impl Plan {
     }
 
     /// The recompute policy the plan was costed with: [`Recompute::OutsideAttention`] when
-    /// `recompute_scope` says so, else `recompute`.
+    /// `recompute_scope` says so, else `recompute` (for a plan of an older planner, the
+    /// textbook policy it was costed with; the runtime runs either as its recompute outside
+    /// attention, and [`crate::cost::terms`] re-costs it so).
     pub fn recompute_policy(&self) -> Recompute {
         match self.recompute_scope {
             Some(RecomputeScope::OutsideAttention) => Recompute::OutsideAttention,
@@ -319,6 +326,10 @@ mod tests {
     use crate::spec::cluster::ClusterSpec;
 
     fn plan_for(zero: u8, recompute: Recompute) -> Plan {
+        plan_at(zero, recompute, 1 << 16)
+    }
+
+    fn plan_at(zero: u8, recompute: Recompute, context: u64) -> Plan {
         let model = ModelSpec::load("llama3-8b").unwrap();
         let cluster = ClusterSpec::load("dgx-h100").unwrap();
         let topo = Topology::build(&cluster, 16);
@@ -336,7 +347,7 @@ mod tests {
         };
         let w = Workload {
             model: &model,
-            context: 1 << 16,
+            context,
             global_batch: 2,
             vision: None,
         };
@@ -345,7 +356,7 @@ mod tests {
             candidate,
             estimate,
         };
-        Plan::build(&topo, "dgx-h100", &model, 1 << 16, 2, &scored).unwrap()
+        Plan::build(&topo, "dgx-h100", &model, context, 2, &scored).unwrap()
     }
 
     /// A ZeRO-3 plan says it recomputes, in a value the runtime reads (`runtime/src/train/run.rs`
@@ -373,12 +384,50 @@ mod tests {
             "\"recompute\":\"outside_attention\"",
         );
         assert!(Plan::from_json(&bad, "p.json").is_err());
-        // Below ZeRO-3: the policy as searched, no scope.
-        let z2 = plan_for(2, Recompute::Selective);
-        assert_eq!(z2.recompute, Recompute::Selective);
+        // Below ZeRO-3 any recompute asked for is the runtime's, written the same way.
+        for rc in [
+            Recompute::Selective,
+            Recompute::Full,
+            Recompute::OutsideAttention,
+        ] {
+            let z2 = plan_for(2, rc);
+            assert_eq!(z2.recompute, Recompute::Full, "{rc:?}");
+            assert_eq!(z2.recompute_policy(), Recompute::OutsideAttention, "{rc:?}");
+            assert_eq!(z2.predicted, plan_for(2, Recompute::Full).predicted);
+        }
+        // No recompute: none, no scope.
+        let z2 = plan_at(2, Recompute::None, 1 << 14);
+        assert_eq!(z2.recompute, Recompute::None);
         assert!(serde_json::to_value(&z2)
             .unwrap()
             .get("recompute_scope")
             .is_none());
+    }
+
+    /// Plans of older planners that say `selective`, or `full` without a scope, still load and
+    /// read back as the policy they were costed with (for `mmsp export`); `mmsp simulate`
+    /// re-costs them as the runtime runs them.
+    #[test]
+    fn older_plans_with_textbook_recompute_still_load() {
+        let plan = plan_for(2, Recompute::Full);
+        let mut v = serde_json::to_value(&plan).unwrap();
+        v.as_object_mut().unwrap().remove("recompute_scope");
+        for (value, policy) in [
+            ("selective", Recompute::Selective),
+            ("full", Recompute::Full),
+        ] {
+            v["recompute"] = value.into();
+            let old = Plan::from_json(&v.to_string(), "old.json").unwrap();
+            assert_eq!(old.recompute_policy(), policy);
+            let topo = Topology::build(&ClusterSpec::load("dgx-h100").unwrap(), 16);
+            let w = Workload {
+                model: &old.model,
+                context: old.context_tokens,
+                global_batch: old.global_batch,
+                vision: None,
+            };
+            let t = crate::cost::terms(&topo, &w, &crate::compare::candidate_of(&old)).unwrap();
+            assert_eq!(t.recompute, Recompute::OutsideAttention, "{value}");
+        }
     }
 }

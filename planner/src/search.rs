@@ -77,8 +77,10 @@ pub struct Request {
     pub context: u64,
     /// Sequences per step; `None` picks [`default_global_batch`].
     pub global_batch: Option<u64>,
-    /// Force a recompute policy; `None` searches all three. ZeRO-3 candidates always get
-    /// [`Recompute::OutsideAttention`] (forcing `Recompute::None` rules them out).
+    /// Force a recompute policy; `None` searches both that mmsp-runtime runs
+    /// ([`Recompute::SEARCHED`]). Any policy but [`Recompute::None`] is the runtime's recompute
+    /// outside attention ([`crate::cost::runtime_recompute`]), which ZeRO-3 candidates always get
+    /// (forcing `Recompute::None` rules them out).
     pub recompute: Option<Recompute>,
     pub strategy: Strategy,
     /// Restrict the search to one Ulysses x ring layout (`--layout UxR`); `None` searches all.
@@ -111,9 +113,16 @@ pub fn enumerate(model: &ModelSpec, cluster: &ClusterSpec, req: &Request) -> Vec
     let global_batch = req
         .global_batch
         .unwrap_or_else(|| default_global_batch(req.context));
+    // What the runtime can run, each once: no recompute and its recompute outside attention.
+    // Every strategy is costed as mmsp-runtime would run its layout (the runtime's activation
+    // counts, kernels and recompute), so megatron-cp-tp and te-a2a-p2p search the same two:
+    // Korthikanti-style selective or whole-layer recompute, which Megatron-LM offers, would be
+    // costed against a different activation count than their no-recompute candidates, and
+    // `mmsp export` maps the runtime's recompute to an engine's whole-layer recompute under
+    // `--allow-coarser-recompute`.
     let recomputes: Vec<Recompute> = match req.recompute {
-        Some(r) => vec![r],
-        None => Recompute::ALL.to_vec(),
+        Some(r) => vec![crate::cost::runtime_recompute(0, r)],
+        None => Recompute::SEARCHED.to_vec(),
     };
     let tps: Vec<u32> = match req.strategy {
         Strategy::MegatronCpTp | Strategy::TeA2aP2p => {

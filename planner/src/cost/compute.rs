@@ -166,14 +166,6 @@ pub fn layer_traffic_bwd(m: &ModelSpec, tp: f64, kv_expand: bool) -> Traffic {
     }
 }
 
-/// Bytes a selective recompute redoes per token and layer: the two RMSNorm outputs and the
-/// SwiGLU product (the tensors [`super::memory::Recompute::Selective`] drops), as in their
-/// forward (a norm reads twice and writes once, the product reads two and writes one).
-pub fn selective_recompute_bytes(m: &ModelSpec, tp: f64) -> f64 {
-    let h = m.hidden_size as f64;
-    ACT_BYTES * (2.0 * 3.0 * h + 3.0 * m.intermediate_size as f64) / tp
-}
-
 /// Traffic per token of the runtime's chunked cross-entropy over the vocabulary (its shard of
 /// `vocab / tp`), forward and backward together (`runtime/src/train/mod.rs`, `chunked_loss`,
 /// whose kernels the profiled step shows): the 16-bit logits the head GEMM wrote are copied to

@@ -7,12 +7,18 @@
 //! backward, in bytes per token. The general form below reduces exactly to their
 //! `s*b*h*(34 + 5*a*s/h)` for a GPT layer (dropout, GeLU MLP of 4h, MHA, no FlashAttention);
 //! for a Llama-style layer (no dropout, SwiGLU, GQA, FlashAttention) the score term becomes the
-//! per-head log-sum-exp and the MLP keeps three intermediate tensors.
+//! per-head log-sum-exp and the MLP keeps three intermediate tensors. Its selective and full
+//! recompute forms are the paper's, kept as that reference: the cost model never uses them.
 //!
-//! [`Recompute::OutsideAttention`] is mmsp-runtime's own recompute (the one ZeRO-3 always runs):
-//! its kept tensors and the working set of the recomputed layer are counted from what the
-//! runtime's trainer holds (`runtime/src/train/mod.rs`, `LayerState`; `runtime/src/ring.rs`,
-//! `RingCtx`; `runtime/src/model/decoder.rs`, `pre_attention_with` / `post_attention_with`), see
+//! mmsp-runtime has two behaviours, no recompute and its recompute of each layer outside
+//! attention ([`Recompute::OutsideAttention`]), which it runs for every plan whose `recompute`
+//! is not `none` and always under ZeRO-3 (`runtime/src/train/run.rs`,
+//! `recompute: tp.recompute != "none"`; `runtime/src/train/mod.rs`, `rec = recompute || z3`).
+//! So the planner searches exactly those two ([`Recompute::SEARCHED`]) and costs any other
+//! request as the runtime runs it ([`runtime_recompute`]). The kept tensors and the working set
+//! of the recomputed layer are counted from what the runtime's trainer holds
+//! (`runtime/src/train/mod.rs`, `LayerState`; `runtime/src/ring.rs`, `RingCtx`;
+//! `runtime/src/model/decoder.rs`, `pre_attention_with` / `post_attention_with`), see
 //! [`layer_activation_bytes_per_token`] and [`outside_attention_working_bytes_per_token`].
 
 use serde::Serialize;
@@ -32,6 +38,10 @@ pub struct ActivationArch {
 }
 
 /// How much of a layer's activations are kept rather than recomputed in backward.
+///
+/// Only [`Recompute::None`] and [`Recompute::OutsideAttention`] are planned and costed (see the
+/// module doc); `selective` and `full` remain values a plan file may hold (the runtime accepts
+/// `none`, `selective` and `full` and runs the last two as its recompute outside attention).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, PartialOrd, Ord,
 )]
@@ -39,28 +49,32 @@ pub struct ActivationArch {
 pub enum Recompute {
     /// Keep everything.
     None,
-    /// Recompute the cheap, memory-bound tensors: the RMSNorm outputs (GEMM inputs) and the
-    /// SwiGLU product; keep every GEMM and attention output.
+    /// Korthikanti et al. 2022's selective recompute of the cheap, memory-bound tensors (the
+    /// RMSNorm outputs and the SwiGLU product). mmsp-runtime has no such recompute: never
+    /// searched, and costed, when a plan asks for it, as [`Recompute::OutsideAttention`] (what
+    /// the runtime runs). Read back from plans of older planners, and exported as it says.
     Selective,
-    /// Keep only each layer's input and recompute the whole layer (Korthikanti et al. 2022,
-    /// Sec. 4.1: 2*s*b*h per layer).
+    /// Korthikanti et al. 2022's full recompute: keep only each layer's input and recompute the
+    /// whole layer, attention included (Sec. 4.1: 2*s*b*h per layer). `"recompute": "full"` in
+    /// a plan is the runtime's name for its recompute outside attention (with
+    /// `"recompute_scope": "outside_attention"`, [`crate::plan`]); a plan of an older planner
+    /// without that scope reads back as this (whole layers, as it was costed then).
     Full,
-    /// mmsp-runtime's recompute, which ZeRO-3 always runs (`runtime/src/train/zero3.rs`: a
-    /// layer's gathered weights are freed after its forward, so its forward outside attention
-    /// runs again, with autograd graph, once the weights are gathered again for its backward;
-    /// `runtime/src/train/mod.rs`, `Trainer` step, `rec = recompute || z3`). Kept per layer:
-    /// its input, the attention output and the attention's own context (Q, K, V in the
-    /// attention's layout, its output and log-sum-exp); the norms, projections, RoPE, MLP and
-    /// residual adds run again in backward, attention does not. Not a searchable policy: the
-    /// planner gives it to ZeRO-3 candidates ([`runtime_recompute`]); a plan writes it as
-    /// `"recompute": "full"` (what the runtime reads) with `"recompute_scope":
-    /// "outside_attention"` (`crate::plan`).
+    /// mmsp-runtime's recompute, the one it runs for every plan that recomputes and always under
+    /// ZeRO-3 (`runtime/src/train/zero3.rs`: a layer's gathered weights are freed after its
+    /// forward, so its forward outside attention runs again, with autograd graph, once the
+    /// weights are gathered again for its backward; `runtime/src/train/mod.rs`, `Trainer` step,
+    /// `rec = recompute || z3`). Kept per layer: its input, the attention output and the
+    /// attention's own context (Q, K, V in the attention's layout, its output and log-sum-exp);
+    /// the norms, projections, RoPE, MLP and residual adds run again in backward, attention does
+    /// not. A plan writes it as `"recompute": "full"` (what the runtime reads) with
+    /// `"recompute_scope": "outside_attention"` (`crate::plan`).
     OutsideAttention,
 }
 
 impl Recompute {
-    /// The policies a search or `--recompute` chooses among.
-    pub const ALL: [Recompute; 3] = [Recompute::None, Recompute::Selective, Recompute::Full];
+    /// The policies a search chooses among: what mmsp-runtime can run.
+    pub const SEARCHED: [Recompute; 2] = [Recompute::None, Recompute::OutsideAttention];
 
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -70,24 +84,42 @@ impl Recompute {
             Recompute::OutsideAttention => "outside_attention",
         }
     }
+
+    /// A requested policy (`--recompute`, a campaign's or a report's `recompute`): `none`, or
+    /// `full` for the runtime's recompute ([`Recompute::OutsideAttention`]). `selective` is
+    /// refused with the reason (the runtime would run it as its recompute outside attention).
+    pub fn parse_requested(s: &str) -> std::result::Result<Recompute, String> {
+        match s {
+            "none" => Ok(Recompute::None),
+            "full" | "outside_attention" => Ok(Recompute::OutsideAttention),
+            "selective" => Err(SELECTIVE_REFUSED.into()),
+            _ => Err(format!("'{s}' is not one of: none, full")),
+        }
+    }
 }
 
+/// Why `--recompute selective` is refused.
+pub const SELECTIVE_REFUSED: &str = "mmsp-runtime has no selective recompute; it recomputes each layer outside attention: use --recompute full or none";
+
 /// The recompute mmsp-runtime runs for a candidate of ZeRO stage `zero_stage` that asks for
-/// `requested`: under ZeRO-3 always [`Recompute::OutsideAttention`] (the runtime recomputes
-/// every layer outside attention whatever the plan's `recompute` says,
-/// `runtime/src/train/mod.rs`: `let rec = self.cfg.recompute || z3`), else `requested`.
+/// `requested`: [`Recompute::None`] only when nothing is asked and the stage is below 3, else
+/// [`Recompute::OutsideAttention`], its one recompute (`runtime/src/train/run.rs`:
+/// `recompute: tp.recompute != "none"`; `runtime/src/train/mod.rs`:
+/// `let rec = self.cfg.recompute || z3`). Every estimate is costed with this.
 pub fn runtime_recompute(zero_stage: u8, requested: Recompute) -> Recompute {
-    if zero_stage >= 3 {
+    if zero_stage >= 3 || requested != Recompute::None {
         Recompute::OutsideAttention
     } else {
-        requested
+        Recompute::None
     }
 }
 
 /// Bytes kept per token per layer for backward, at 2 bytes per element (16-bit), sharded `t`
 /// ways by tensor + sequence parallelism (Korthikanti et al. 2022, Table 2, last row: every
 /// term divided by t). `seq` is the attention length each query sees (only used without
-/// FlashAttention).
+/// FlashAttention). [`Recompute::None`], [`Recompute::Selective`] and [`Recompute::Full`] are
+/// the paper's counts (the reference the unit tests reduce to Table 2; the cost model counts
+/// no recompute as the runtime's graph holds it, [`runtime_layer_activation_bytes_per_token`]).
 ///
 /// [`Recompute::OutsideAttention`] keeps what mmsp-runtime's `LayerState` holds under its
 /// recompute (`runtime/src/train/mod.rs`): the layer input `x_in` (2h); the attention context

@@ -249,15 +249,12 @@ pub fn head_split(m: &ModelSpec, tp: u32, ulysses: u32) -> Result<(u64, u64), In
 pub struct Terms {
     pub layout: Layout,
     pub zero_stage: u8,
-    /// The recompute the runtime runs ([`runtime_recompute`]: always
-    /// [`Recompute::OutsideAttention`] under ZeRO-3).
+    /// The recompute the runtime runs ([`runtime_recompute`]): [`Recompute::None`] or
+    /// [`Recompute::OutsideAttention`], which keeps the attention's outputs, so a layer's
+    /// attention (with its all-to-all and ring traffic) runs forward once either way.
     pub recompute: Recompute,
     pub layers: u64,
     pub accum: u64,
-    /// Forward passes of each layer's attention (and of its all-to-all and ring traffic): 2 when
-    /// full recompute runs the whole layer's forward twice, else 1
-    /// ([`Recompute::OutsideAttention`] keeps the attention's outputs and does not re-run it).
-    pub fwd_passes: u32,
     /// One layer's forward GEMMs, and the QKV and output-projection shares of them.
     pub gemm_fwd_s: f64,
     pub qkv_share: f64,
@@ -266,11 +263,9 @@ pub struct Terms {
     pub attn_fwd_s: f64,
     /// A third of one layer's memory-bound work per micro-batch: forward, backward and the
     /// fp32 accumulation of its weight gradients. The step builders charge it once to each
-    /// forward pass and twice to the backward (so a layer's total is 3x this; a full-recompute
-    /// forward is charged the same third).
+    /// forward pass and twice to the backward (so a layer's total is 3x this; the recompute
+    /// outside attention is charged the same third again).
     pub elem_fwd_s: f64,
-    /// Selective recompute's extra work per layer in backward.
-    pub selective_extra_s: f64,
     /// Output head GEMM forward (whole) plus a third of the work outside the layers that is
     /// charged with it: the cross-entropy softmax over the vocabulary, the embedding gather and
     /// gradient scatter, and the fp32 accumulation of the embedding, head and final-norm
@@ -315,7 +310,8 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     let l = &c.layout;
     let spec = &topo.spec;
     let (q_heads_local, kv_heads_local) = head_split(m, l.tp, l.ulysses)?;
-    // What the runtime runs: ZeRO-3 always recomputes the layers outside attention.
+    // What the runtime runs: no recompute, or its recompute of each layer outside attention
+    // (whatever else is asked, and always under ZeRO-3).
     let recompute = runtime_recompute(c.zero_stage, c.recompute);
     let zig = 2 * u64::from(l.sp());
     if !w.context.is_multiple_of(zig) {
@@ -361,28 +357,22 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
         dropout: false,
         flash: true,
     };
-    let per_tok = match recompute {
+    let recomputes = recompute != Recompute::None;
+    let per_tok = if recomputes {
+        // The runtime's recompute outside attention (the only other `runtime_recompute`).
+        layer_activation_bytes_per_token(&arch, s, tp, Recompute::OutsideAttention)
+            + outside_attention_extra_bytes_per_token(&arch, l.ulysses, tp)
+    } else {
         // What the runtime's graph holds without recompute.
-        Recompute::None => {
-            runtime_layer_activation_bytes_per_token(&arch, m.kv_dim() as f64, l.ulysses, tp)
-        }
-        Recompute::OutsideAttention => {
-            layer_activation_bytes_per_token(&arch, s, tp, recompute)
-                + outside_attention_extra_bytes_per_token(&arch, l.ulysses, tp)
-        }
-        _ => layer_activation_bytes_per_token(&arch, s, tp, recompute),
+        runtime_layer_activation_bytes_per_token(&arch, m.kv_dim() as f64, l.ulysses, tp)
     };
-    let full_layer = layer_activation_bytes_per_token(&arch, s, tp, Recompute::None);
-    // Kept activations of all layers, plus the working set of the layer in backward (the
-    // recomputed layer's full activations under recompute, its gradients otherwise). Under
-    // mmsp-runtime's recompute outside attention, the graph its re-run forward holds
+    // Kept activations of all layers, plus, under the recompute outside attention, the graph
+    // that the layer in backward holds from its re-run forward
     // (`outside_attention_working_bytes_per_token`).
-    let working = match recompute {
-        Recompute::None => 0.0,
-        Recompute::OutsideAttention => {
-            outside_attention_working_bytes_per_token(&arch, m.kv_dim() as f64, tp) * tokens
-        }
-        Recompute::Selective | Recompute::Full => full_layer * tokens,
+    let working = if recomputes {
+        outside_attention_working_bytes_per_token(&arch, m.kv_dim() as f64, tp) * tokens
+    } else {
+        0.0
     };
     // Plus the embedding output (the first layer's input), and at the loss the final norm's
     // output and the gradient buffer of the shard's hidden states (2 bytes x h each; the
@@ -537,18 +527,12 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
         recompute,
         layers: m.num_layers,
         accum,
-        fwd_passes: if recompute == Recompute::Full { 2 } else { 1 },
         gemm_fwd_s: gemm_fwd / spec.gemm_rate(tokens),
         qkv_share: (hq + 2.0 * (m.hidden_size * m.kv_dim()) as f64) / lp,
         o_share: hq / lp,
         // Forward alone runs at the fwd+bwd throughput in this model (one efficiency figure).
         attn_fwd_s,
         elem_fwd_s: (elem_fwd + elem_bwd + layer_grad) / 3.0,
-        selective_extra_s: if recompute == Recompute::Selective {
-            bw(tokens * selective_recompute_bytes(m, tp), act_call)
-        } else {
-            0.0
-        },
         head_fwd_s: head_fwd / head_rate + (loss + embed + other_grad) / 3.0,
         // Ulysses: all-to-all of q, k, v before attention and of the output after, per layer
         // (Jacobs et al. 2023, DeepSpeed-Ulysses, Sec. 3.1); backward mirrors them.
@@ -582,27 +566,26 @@ pub fn compose(topo: &Topology, t: &Terms) -> Estimate {
     let l = &t.layout;
     let spec = &topo.spec;
     let layers = t.layers as f64;
-    let fwd_passes = f64::from(t.fwd_passes);
+    let recomputes = t.recompute != Recompute::None;
     let gemm_t = GEMM_TRAIN_FACTOR * layers * t.gemm_fwd_s;
     let attn_t = layers * (t.attn_fwd_s + t.attn_bwd_s());
     let head_t = GEMM_TRAIN_FACTOR * t.head_fwd_s;
     let elem_t = 3.0 * layers * t.elem_fwd_s;
-    // Recompute in backward, per layer: selective redoes its memory-bound tensors; full the
-    // whole forward (Korthikanti et al. 2022, Sec. 4.1 and 5); mmsp-runtime's recompute outside
-    // attention (ZeRO-3) the forward's GEMMs (QKV, output projection, MLP) and its memory-bound
-    // work (norms, RoPE, SwiGLU, residual adds) but not attention, whose outputs are kept
+    // Recompute in backward, per layer: mmsp-runtime's recompute outside attention re-runs the
+    // forward's GEMMs (QKV, output projection, MLP) and its memory-bound work (norms, RoPE,
+    // SwiGLU, residual adds) but not attention, whose outputs are kept
     // (`runtime/src/train/mod.rs`: `pre_attention_with` and `post_attention_with` run again
-    // before the layer's backward).
-    let recompute_t = layers
-        * match t.recompute {
-            Recompute::None => 0.0,
-            Recompute::Selective => t.selective_extra_s,
-            Recompute::Full => t.gemm_fwd_s + t.attn_fwd_s + t.elem_fwd_s,
-            Recompute::OutsideAttention => t.gemm_fwd_s + t.elem_fwd_s,
-        };
+    // before the layer's backward). Korthikanti et al.'s selective and whole-layer recompute
+    // are not what the runtime runs, so no estimate is costed with them.
+    let recompute_t = if recomputes {
+        layers * (t.gemm_fwd_s + t.elem_fwd_s)
+    } else {
+        0.0
+    };
+    // Attention runs forward once (its outputs are kept under the recompute) and backward once.
     let uly = l.ulysses_family();
     let a2a_t = layers
-        * (fwd_passes + 1.0)
+        * 2.0
         * (topo.all_to_all(uly, t.a2a_qkv_bytes) + topo.all_to_all(uly, t.a2a_o_bytes));
     // Ring: ring-1 transfers of the KV block per layer, each overlapped with the attention of
     // one ring step (Liu et al. 2023, Ring Attention, Sec. 3); zigzag gives every step equal
@@ -617,21 +600,13 @@ pub fn compose(topo: &Topology, t: &Terms) -> Estimate {
         let c_fwd = topo.ring_p2p(ring, t.ring_kv_bytes);
         let c_bwd = topo.ring_p2p(ring, 3.0 * t.ring_kv_bytes);
         let steps = r - 1.0;
-        ring_t = layers * steps * (fwd_passes * c_fwd + c_bwd);
-        ring_exposed = layers
-            * steps
-            * (fwd_passes * (c_fwd - step_fwd).max(0.0) + (c_bwd - step_bwd).max(0.0));
+        ring_t = layers * steps * (c_fwd + c_bwd);
+        ring_exposed = layers * steps * ((c_fwd - step_fwd).max(0.0) + (c_bwd - step_bwd).max(0.0));
     }
     // Megatron tensor + sequence parallel: 2 all-gathers and 2 reduce-scatters of the
     // activations per layer forward, mirrored in backward (Korthikanti et al. 2022, Sec. 4.2.2);
     // a recompute of the layer outside attention re-runs its forward's four as well.
-    let tp_passes = fwd_passes
-        + 1.0
-        + if t.recompute == Recompute::OutsideAttention {
-            1.0
-        } else {
-            0.0
-        };
+    let tp_passes = 2.0 + if recomputes { 1.0 } else { 0.0 };
     let tp_t = if l.tp > 1 {
         layers * tp_passes * 4.0 * topo.all_gather(l.tp_family(), t.tp_bytes)
     } else {

@@ -55,7 +55,9 @@ pub struct ExportArgs {
     #[arg(long)]
     pub out: Option<String>,
     /// Accept the engine's coarser recompute (more recompute, less memory, slower than planned)
-    /// where it cannot express the plan's selective recompute exactly.
+    /// where it cannot express the plan's exactly: mmsp's recompute of each layer outside
+    /// attention becomes whole-layer recompute (the selective recompute of older plans, the
+    /// engine's nearest).
     #[arg(long)]
     pub allow_coarser_recompute: bool,
     /// Rendezvous port for torchrun / SLURM scripts.
@@ -143,8 +145,11 @@ pub fn export(plan: &Plan, engine: Engine, opts: &Options) -> Result<String> {
 }
 
 /// Why an engine's whole-layer recompute needs consent for a plan costed with mmsp-runtime's
-/// recompute outside attention (every ZeRO-3 plan).
-const OUTSIDE_ATTENTION_COARSER: &str = "the plan recomputes each layer outside attention in backward (mmsp-runtime's recompute, which ZeRO-3 always runs), which this engine cannot express; pass --allow-coarser-recompute to recompute whole layers, attention included (less memory, slower), or re-plan with --zero 0, 1 or 2";
+/// recompute outside attention: every plan that recomputes (the planner searches no other
+/// recompute, [`Recompute::SEARCHED`]), ZeRO-3 plans always. A plan of an older planner that
+/// says `full` without `recompute_scope` was costed as whole-layer recompute and exports as that
+/// without consent; one that says `selective` needs consent for the engine's nearest.
+const OUTSIDE_ATTENTION_COARSER: &str = "the plan recomputes each layer outside attention in backward (mmsp-runtime's recompute), which this engine cannot express; pass --allow-coarser-recompute to recompute whole layers, attention included (less memory, slower), or re-plan with --recompute none (ZeRO 0, 1 or 2)";
 
 fn unsupported(engine: Engine, msg: impl Into<String>) -> Error {
     Error::Unsupported {
@@ -293,7 +298,7 @@ fn megatron(plan: &Plan, opts: &Options) -> Result<String> {
             if !opts.allow_coarser_recompute {
                 return Err(unsupported(
                     e,
-                    "the plan's selective recompute (norm outputs and the SwiGLU product) has no exact Megatron module; pass --allow-coarser-recompute to recompute layernorm and mlp instead (less memory, slower), or re-plan with --recompute none or full",
+                    "the plan's selective recompute (norm outputs and the SwiGLU product) has no exact Megatron module; pass --allow-coarser-recompute to recompute layernorm and mlp instead (less memory, slower), or re-plan (this planner plans none or mmsp-runtime's recompute outside attention)",
                 ));
             }
             vec![
@@ -415,7 +420,7 @@ fn deepspeed(plan: &Plan, opts: &Options) -> Result<String> {
             if !opts.allow_coarser_recompute {
                 return Err(unsupported(
                     e,
-                    "the plan's selective recompute has no DeepSpeed / Hugging Face equivalent (gradient checkpointing recomputes whole layers); pass --allow-coarser-recompute to use full-layer checkpointing, or re-plan with --recompute none or full",
+                    "the plan's selective recompute has no DeepSpeed / Hugging Face equivalent (gradient checkpointing recomputes whole layers); pass --allow-coarser-recompute to use full-layer checkpointing, or re-plan with --recompute none",
                 ));
             }
             true
@@ -501,7 +506,7 @@ fn vila(plan: &Plan, opts: &Options) -> Result<String> {
             if !opts.allow_coarser_recompute {
                 return Err(unsupported(
                     e,
-                    "the plan's selective recompute has no VILA flag (--gradient_checkpointing recomputes whole layers); pass --allow-coarser-recompute to use it, or re-plan with --recompute none or full",
+                    "the plan's selective recompute has no VILA flag (--gradient_checkpointing recomputes whole layers); pass --allow-coarser-recompute to use it, or re-plan with --recompute none",
                 ));
             }
             "True"

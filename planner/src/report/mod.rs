@@ -38,10 +38,7 @@ fn strategy_arg(s: &str) -> std::result::Result<Strategy, String> {
 }
 
 fn recompute_arg(s: &str) -> std::result::Result<Recompute, String> {
-    Recompute::ALL
-        .into_iter()
-        .find(|r| r.as_str() == s)
-        .ok_or_else(|| format!("'{s}' is not one of: none, selective, full"))
+    Recompute::parse_requested(s)
 }
 
 /// `mmsp report`: flags. Every list is comma-separated.
@@ -68,8 +65,9 @@ pub struct ReportArgs {
     #[arg(long, value_delimiter = ',', default_value = "2d,ring,ulysses,megatron-cp-tp,te-a2a-p2p",
           value_parser = strategy_arg)]
     pub strategies: Vec<Strategy>,
-    /// Recompute policies for the largest-context sweep (the performance sweep searches all).
-    #[arg(long, value_delimiter = ',', default_value = "none,selective,full", value_parser = recompute_arg)]
+    /// Recompute policies for the largest-context sweep (the performance sweep searches both):
+    /// none, or full (mmsp-runtime's recompute of each layer outside attention).
+    #[arg(long, value_delimiter = ',', default_value = "none,full", value_parser = recompute_arg)]
     pub recompute: Vec<Recompute>,
     /// GPU count for the per-context charts [default: 256 if swept, else the largest swept].
     #[arg(long)]

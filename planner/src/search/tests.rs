@@ -154,18 +154,64 @@ fn head_limits_are_typed_reasons() {
         .any(|(_, e)| matches!(e, Infeasible::Heads { .. })));
 }
 
+/// mmsp-runtime runs no recompute or its recompute of each layer outside attention: the search
+/// (every strategy) enumerates exactly those, each once, and a forced policy is the runtime's.
+#[test]
+fn searches_only_the_recompute_the_runtime_runs() {
+    let (t, m) = h100(64);
+    for s in Strategy::ALL {
+        let r = Request {
+            strategy: s,
+            ..req(64, 1 << 19)
+        };
+        let cands = enumerate(&m, &t.spec, &r);
+        let distinct: std::collections::HashSet<_> = cands.iter().collect();
+        assert_eq!(distinct.len(), cands.len(), "{s:?}: duplicate candidates");
+        for c in &cands {
+            assert!(Recompute::SEARCHED.contains(&c.recompute), "{s:?}: {c:?}");
+        }
+        // Below ZeRO-3, every (layout, stage, micro-batch) that can run has both.
+        let batch = default_global_batch(r.context);
+        let runnable = |c: &Candidate| {
+            head_split(&m, c.layout.tp, c.layout.ulysses).is_ok()
+                && batch.is_multiple_of(u64::from(c.layout.dp))
+                && c.zero_stage < 3
+        };
+        for c in cands.iter().filter(|c| runnable(c)) {
+            for rc in Recompute::SEARCHED {
+                let other = Candidate {
+                    recompute: rc,
+                    ..*c
+                };
+                assert!(cands.contains(&other), "{s:?}: {other:?} missing");
+            }
+        }
+        let res = search(&t, &m, &r, None);
+        assert!(!res.ranked.is_empty(), "{s:?}");
+        for x in &res.ranked {
+            assert!(Recompute::SEARCHED.contains(&x.candidate.recompute));
+        }
+        // A forced selective or full recompute is the runtime's.
+        for rc in [Recompute::Selective, Recompute::Full] {
+            let forced = Request {
+                recompute: Some(rc),
+                ..r.clone()
+            };
+            for c in enumerate(&m, &t.spec, &forced) {
+                assert_eq!(c.recompute, Recompute::OutsideAttention, "{s:?} {rc:?}");
+            }
+        }
+    }
+}
+
 #[test]
 fn zero3_candidates_carry_the_runtimes_recompute() {
     let (t, m) = h100(16);
     let r = req(16, 1 << 17);
     let cands = enumerate(&m, &t.spec, &r);
     assert!(cands.iter().any(|c| c.zero_stage == 3));
-    for c in &cands {
-        assert_eq!(
-            c.zero_stage == 3,
-            c.recompute == Recompute::OutsideAttention,
-            "{c:?}"
-        );
+    for c in cands.iter().filter(|c| c.zero_stage == 3) {
+        assert_eq!(c.recompute, Recompute::OutsideAttention, "{c:?}");
     }
     // --recompute none leaves ZeRO-3 out, saying why.
     let none = Request {

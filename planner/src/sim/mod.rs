@@ -262,7 +262,7 @@ impl<'a> Builder<'a> {
         let mut d = self.tp(&tag, "tp all-gather", deps);
         d = self.compute(
             &format!("{tag} mlp"),
-            2.0 * t.gemm_fwd_s * mlp + t.elem_fwd_s + t.selective_extra_s,
+            2.0 * t.gemm_fwd_s * mlp + t.elem_fwd_s,
             &d,
         );
         d = self.tp(&tag, "tp reduce-scatter", &d);
@@ -441,10 +441,9 @@ pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> SimResult {
                 );
                 bd = Builder::join(&bd, &g);
             }
-            match t.recompute {
-                Recompute::Full => bd = b.forward_layer(l, "recompute", &bd),
-                Recompute::OutsideAttention => bd = b.recompute_outside_attention(l, &bd),
-                Recompute::None | Recompute::Selective => {}
+            // The runtime's only recompute (`cost::runtime_recompute`): outside attention.
+            if t.recompute != Recompute::None {
+                bd = b.recompute_outside_attention(l, &bd);
             }
             d = b.backward_layer(l, &bd);
             bgathered.push(d.clone());
