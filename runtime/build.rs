@@ -6,6 +6,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/attn_shim.cpp");
     println!("cargo:rerun-if-changed=csrc/optim_shim.cpp");
     println!("cargo:rerun-if-changed=csrc/diag_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/shim_error.h");
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
         .expect("torch-sys did not export DEP_TCH_LIBTORCH_LIB; is LIBTORCH_USE_PYTORCH=1 set?");
     let lib = PathBuf::from(lib);

@@ -9,6 +9,7 @@
 // GPU queue their work on separate streams) and CUDA-event timers, both through c10's
 // device-generic interface, so the shim needs no CUDA headers.
 #include <ATen/ATen.h>
+#include "shim_error.h"
 #include <c10/core/Event.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <atomic>
@@ -19,11 +20,7 @@
 #include <string>
 
 namespace {
-char *dup_error(const std::string &msg) {
-    char *p = static_cast<char *>(std::malloc(msg.size() + 1));
-    if (p != nullptr) std::memcpy(p, msg.c_str(), msg.size() + 1);
-    return p;
-}
+using mmsp_shim::dup_error;
 // Whether the cuDNN forward returned its log-sum-exp as (B, H, S, 1); the backward gets it back
 // in the same shape.
 std::atomic<int> g_cudnn_lse_4d{-1};
@@ -59,16 +56,6 @@ c10::Device cuda_device(int device) {
 }
 }  // namespace
 
-#define MMSP_TRY try {
-#define MMSP_CATCH                                             \
-    }                                                          \
-    catch (const std::exception &e) {                          \
-        return dup_error(e.what());                            \
-    }                                                          \
-    catch (...) {                                              \
-        return dup_error("unknown C++ exception in mmsp shim"); \
-    }                                                          \
-    return nullptr;
 
 extern "C" {
 
@@ -78,7 +65,7 @@ void mmsp_free_error(char *p) { std::free(p); }
 // lse (B, H, Sq) in float32 (float64 for float64 inputs on the CPU path), natural log.
 char *mmsp_attn_fwd(int backend, const at::Tensor *q, const at::Tensor *k, const at::Tensor *v,
                     int causal, double scale, at::Tensor **out, at::Tensor **lse) {
-    MMSP_TRY
+    MMSP_SHIM_TRY
     *out = nullptr;
     *lse = nullptr;
     const bool is_causal = causal != 0;
@@ -109,7 +96,7 @@ char *mmsp_attn_fwd(int backend, const at::Tensor *q, const at::Tensor *k, const
     }
     *out = new at::Tensor(std::move(o));
     *lse = new at::Tensor(l.reshape({b, h, s}));
-    MMSP_CATCH
+    MMSP_SHIM_CATCH("mmsp shim")
 }
 
 // Attention backward. `out` and `lse` are the (possibly merged, global) softmax output and
@@ -117,7 +104,7 @@ char *mmsp_attn_fwd(int backend, const at::Tensor *q, const at::Tensor *k, const
 char *mmsp_attn_bwd(int backend, const at::Tensor *dout, const at::Tensor *q, const at::Tensor *k,
                     const at::Tensor *v, const at::Tensor *out, const at::Tensor *lse, int causal,
                     double scale, at::Tensor **dq, at::Tensor **dk, at::Tensor **dv) {
-    MMSP_TRY
+    MMSP_SHIM_TRY
     *dq = nullptr;
     *dk = nullptr;
     *dv = nullptr;
@@ -152,56 +139,56 @@ char *mmsp_attn_bwd(int backend, const at::Tensor *dout, const at::Tensor *q, co
     *dq = new at::Tensor(std::move(std::get<0>(r)));
     *dk = new at::Tensor(std::move(std::get<1>(r)));
     *dv = new at::Tensor(std::move(std::get<2>(r)));
-    MMSP_CATCH
+    MMSP_SHIM_CATCH("mmsp shim")
 }
 
 // Makes the calling thread's current stream on `device` one from libtorch's stream pool (a
 // different one per call, round-robin). libtorch queues this thread's later kernels there.
 char *mmsp_stream_use_pool(int device) {
-    MMSP_TRY
+    MMSP_SHIM_TRY
     auto s = cuda_impl()->getStreamFromGlobalPool(cuda_device(device), false);
     cuda_impl()->exchangeStream(s);
-    MMSP_CATCH
+    MMSP_SHIM_CATCH("mmsp shim")
 }
 
 // Makes the calling thread's current stream on `device` the default stream again.
 char *mmsp_stream_use_default(int device) {
-    MMSP_TRY
+    MMSP_SHIM_TRY
     cuda_impl()->exchangeStream(cuda_impl()->getDefaultStream(cuda_device(device)));
-    MMSP_CATCH
+    MMSP_SHIM_CATCH("mmsp shim")
 }
 
 // Blocks the host until the calling thread's current stream on `device` has run its work.
 char *mmsp_stream_sync_current(int device) {
-    MMSP_TRY
+    MMSP_SHIM_TRY
     cuda_impl()->synchronizeStream(cuda_impl()->getStream(cuda_device(device)));
-    MMSP_CATCH
+    MMSP_SHIM_CATCH("mmsp shim")
 }
 
 // A CUDA event with timing enabled (freed with mmsp_event_free).
 char *mmsp_event_new(void **out) {
-    MMSP_TRY
+    MMSP_SHIM_TRY
     *out = nullptr;
     *out = new c10::Event(c10::DeviceType::CUDA, c10::EventFlag::BACKEND_DEFAULT);
-    MMSP_CATCH
+    MMSP_SHIM_CATCH("mmsp shim")
 }
 
 void mmsp_event_free(void *ev) { delete static_cast<c10::Event *>(ev); }
 
 // Records the event on the calling thread's current stream of `device`.
 char *mmsp_event_record(void *ev, int device) {
-    MMSP_TRY
+    MMSP_SHIM_TRY
     static_cast<c10::Event *>(ev)->record(cuda_impl()->getStream(cuda_device(device)));
-    MMSP_CATCH
+    MMSP_SHIM_CATCH("mmsp shim")
 }
 
 // Waits for `end` on the host, then writes the milliseconds from `start` to `end`.
 char *mmsp_event_elapsed_ms(void *start, void *end, double *ms) {
-    MMSP_TRY
+    MMSP_SHIM_TRY
     auto *e = static_cast<c10::Event *>(end);
     e->synchronize();
     *ms = static_cast<c10::Event *>(start)->elapsedTime(*e);
-    MMSP_CATCH
+    MMSP_SHIM_CATCH("mmsp shim")
 }
 
 }  // extern "C"

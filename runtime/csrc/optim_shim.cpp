@@ -6,34 +6,17 @@
 // - mmsp_backward: `torch::autograd::backward(tensors, grads)`, i.e. a vector-Jacobian product
 //   seeded with given output gradients, for several roots in one graph traversal.
 //
-// Same conventions as attn_shim.cpp: every function catches all C++ exceptions and returns
+// Errors as every shim reports them (shim_error.h): every function catches all C++ exceptions and returns
 // nullptr on success or a malloc'd, NUL-terminated message freed with mmsp_free_error (defined
 // in attn_shim.cpp). Tensors are `at::Tensor*` (tch's C_tensor).
 #include <ATen/ATen.h>
+#include "shim_error.h"
 #include <torch/csrc/autograd/autograd.h>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
-namespace {
-char *dup_optim_error(const std::string &msg) {
-    char *p = static_cast<char *>(std::malloc(msg.size() + 1));
-    if (p != nullptr) std::memcpy(p, msg.c_str(), msg.size() + 1);
-    return p;
-}
-}  // namespace
-
-#define MMSP_OPT_TRY try {
-#define MMSP_OPT_CATCH                                                 \
-    }                                                                  \
-    catch (const std::exception &e) {                                  \
-        return dup_optim_error(e.what());                              \
-    }                                                                  \
-    catch (...) {                                                      \
-        return dup_optim_error("unknown C++ exception in mmsp optim shim"); \
-    }                                                                  \
-    return nullptr;
 
 extern "C" {
 
@@ -45,7 +28,7 @@ extern "C" {
 char *mmsp_fused_adamw(const at::Tensor *param, const at::Tensor *grad, const at::Tensor *exp_avg,
                        const at::Tensor *exp_avg_sq, const at::Tensor *step, double lr, double beta1,
                        double beta2, double weight_decay, double eps, int64_t chunk) {
-    MMSP_OPT_TRY
+    MMSP_SHIM_TRY
     TORCH_CHECK(chunk > 0, "chunk must be positive");
     TORCH_CHECK(param->dim() == 1 && grad->dim() == 1 && exp_avg->dim() == 1 && exp_avg_sq->dim() == 1,
                 "fused AdamW takes 1-D buffers");
@@ -63,20 +46,20 @@ char *mmsp_fused_adamw(const at::Tensor *param, const at::Tensor *grad, const at
     std::vector<at::Tensor> steps(ps.size(), *step);
     at::_fused_adamw_(ps, gs, ms, vs, {}, steps, lr, beta1, beta2, weight_decay, eps,
                       /*amsgrad=*/false, /*maximize=*/false);
-    MMSP_OPT_CATCH
+    MMSP_SHIM_CATCH("mmsp optim shim")
 }
 
 // Backward from `n` roots `tensors[i]` seeded with `grads[i]` (same shape and dtype), in one
 // traversal; gradients accumulate into the leaves' .grad as with Tensor::backward.
 char *mmsp_backward(const at::Tensor *const *tensors, const at::Tensor *const *grads, int n) {
-    MMSP_OPT_TRY
+    MMSP_SHIM_TRY
     torch::autograd::variable_list ts, gs;
     for (int i = 0; i < n; ++i) {
         ts.push_back(*tensors[i]);
         gs.push_back(*grads[i]);
     }
     torch::autograd::backward(ts, gs);
-    MMSP_OPT_CATCH
+    MMSP_SHIM_CATCH("mmsp optim shim")
 }
 
 }  // extern "C"
