@@ -165,45 +165,12 @@ impl Packing {
 
     /// Rank (r, u)'s shard of a full tensor whose dimension `dim` is the packed sequence.
     pub fn shard(&self, full: &Tensor, dim: i64, r: usize, u: usize) -> Result<Tensor> {
-        let n = full.size().get(dim as usize).copied().unwrap_or(-1);
-        if n != self.seq_len as i64 {
-            return Err(RuntimeError::Shape(format!(
-                "tensor has {n} tokens in dim {dim}, the packing is for {}",
-                self.seq_len
-            )));
-        }
-        let parts: Vec<Tensor> = self
-            .local_ranges(r, u)
-            .iter()
-            .map(|&(s, e)| full.narrow(dim, s as i64, (e - s) as i64))
-            .collect();
-        Ok(Tensor::cat(&parts, dim))
+        crate::shard::shard_ranges(full, dim, self.seq_len, &self.local_ranges(r, u))
     }
 
     /// Reassembles the full tensor from every rank's shard (`shards[r][u]`).
     pub fn unshard(&self, shards: &[Vec<Tensor>], dim: i64) -> Result<Tensor> {
-        let mut pieces: Vec<(usize, Tensor)> = Vec::new();
-        for (r, row) in shards.iter().enumerate() {
-            for (u, t) in row.iter().enumerate() {
-                let ranges = self.local_ranges(r, u);
-                let want: usize = ranges.iter().map(|(a, b)| b - a).sum();
-                if t.size().get(dim as usize).copied() != Some(want as i64) {
-                    return Err(RuntimeError::Shape(format!(
-                        "shard ({r}, {u}) has {:?} tokens, expected {want}",
-                        t.size().get(dim as usize)
-                    )));
-                }
-                let mut at = 0i64;
-                for (a, b) in ranges {
-                    let n = (b - a) as i64;
-                    pieces.push((a, t.narrow(dim, at, n)));
-                    at += n;
-                }
-            }
-        }
-        pieces.sort_by_key(|p| p.0);
-        let ts: Vec<Tensor> = pieces.into_iter().map(|p| p.1).collect();
-        Ok(Tensor::cat(&ts, dim))
+        crate::shard::unshard_ranges(shards, dim, |r, u| self.local_ranges(r, u))
     }
 
     /// A fixed-size summary every rank must share: samples, tokens, and a hash of the lengths.

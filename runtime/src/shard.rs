@@ -93,42 +93,63 @@ impl Zigzag {
 
     /// Rank (r, u)'s shard of a full tensor whose dimension `dim` is the sequence.
     pub fn shard(&self, full: &Tensor, dim: i64, r: usize, u: usize) -> Result<Tensor> {
-        let n = full.size().get(dim as usize).copied().unwrap_or(-1);
-        if n != self.seq_len as i64 {
-            return Err(RuntimeError::Shape(format!(
-                "tensor has {n} tokens in dim {dim}, sharding is for {}",
-                self.seq_len
-            )));
-        }
-        let parts: Vec<Tensor> = self
-            .local_ranges(r, u)
-            .iter()
-            .map(|&(s, e)| full.narrow(dim, s as i64, (e - s) as i64))
-            .collect();
-        Ok(Tensor::cat(&parts, dim))
+        shard_ranges(full, dim, self.seq_len, &self.local_ranges(r, u))
     }
 
     /// Reassembles the full tensor from every rank's shard (`shards[r][u]`).
     pub fn unshard(&self, shards: &[Vec<Tensor>], dim: i64) -> Result<Tensor> {
-        let mut pieces: Vec<(usize, Tensor)> = Vec::new();
-        for (r, row) in shards.iter().enumerate() {
-            for (u, t) in row.iter().enumerate() {
-                let [ra, rb] = self.local_ranges(r, u);
-                let la = (ra.1 - ra.0) as i64;
-                let lb = (rb.1 - rb.0) as i64;
-                if t.size()[dim as usize] != la + lb {
-                    return Err(RuntimeError::Shape(format!(
-                        "shard ({r}, {u}) has {} tokens, expected {}",
-                        t.size()[dim as usize],
-                        la + lb
-                    )));
-                }
-                pieces.push((ra.0, t.narrow(dim, 0, la)));
-                pieces.push((rb.0, t.narrow(dim, la, lb)));
+        unshard_ranges(shards, dim, |r, u| self.local_ranges(r, u).to_vec())
+    }
+}
+
+/// The rows `ranges` (in order) of a full tensor whose dimension `dim` holds `seq_len` tokens:
+/// one rank's shard, for any layout that gives a rank a list of token ranges.
+pub(crate) fn shard_ranges(
+    full: &Tensor,
+    dim: i64,
+    seq_len: usize,
+    ranges: &[(usize, usize)],
+) -> Result<Tensor> {
+    let n = full.size().get(dim as usize).copied().unwrap_or(-1);
+    if n != seq_len as i64 {
+        return Err(RuntimeError::Shape(format!(
+            "tensor has {n} tokens in dim {dim}, sharding is for {seq_len}"
+        )));
+    }
+    let parts: Vec<Tensor> = ranges
+        .iter()
+        .map(|&(s, e)| full.narrow(dim, s as i64, (e - s) as i64))
+        .collect();
+    Ok(Tensor::cat(&parts, dim))
+}
+
+/// The full tensor from every rank's shard (`shards[r][u]`, holding the rows `ranges_of(r, u)`
+/// in order along `dim`); the ranges of all ranks must partition the sequence.
+pub(crate) fn unshard_ranges(
+    shards: &[Vec<Tensor>],
+    dim: i64,
+    ranges_of: impl Fn(usize, usize) -> Vec<(usize, usize)>,
+) -> Result<Tensor> {
+    let mut pieces: Vec<(usize, Tensor)> = Vec::new();
+    for (r, row) in shards.iter().enumerate() {
+        for (u, t) in row.iter().enumerate() {
+            let ranges = ranges_of(r, u);
+            let want: usize = ranges.iter().map(|(a, b)| b - a).sum();
+            if t.size().get(dim as usize).copied() != Some(want as i64) {
+                return Err(RuntimeError::Shape(format!(
+                    "shard ({r}, {u}) has {:?} tokens, expected {want}",
+                    t.size().get(dim as usize)
+                )));
+            }
+            let mut at = 0i64;
+            for (a, b) in ranges {
+                let n = (b - a) as i64;
+                pieces.push((a, t.narrow(dim, at, n)));
+                at += n;
             }
         }
-        pieces.sort_by_key(|p| p.0);
-        let ts: Vec<Tensor> = pieces.into_iter().map(|p| p.1).collect();
-        Ok(Tensor::cat(&ts, dim))
     }
+    pieces.sort_by_key(|p| p.0);
+    let ts: Vec<Tensor> = pieces.into_iter().map(|p| p.1).collect();
+    Ok(Tensor::cat(&ts, dim))
 }
