@@ -345,7 +345,15 @@ fn multimodal_plan_has_both_stages() {
         .flat_map(|r| r.as_array().unwrap())
         .map(|p| p[1].as_u64().unwrap() - p[0].as_u64().unwrap())
         .sum();
-    assert_eq!(tokens, 6000 * 196);
+    // The sample padded at its end to a multiple of 2 x sp, as mmsp-runtime shards it.
+    let pad = v["vision"]["pad_tokens_per_sample"][0].as_u64().unwrap();
+    assert_eq!(
+        v["vision"]["sample_lens"],
+        serde_json::json!([6000 * 196 + pad])
+    );
+    assert!(pad < 2 * sp as u64 && (6000 * 196 + pad).is_multiple_of(2 * sp as u64));
+    assert_eq!(tokens, 6000 * 196 + pad);
+    assert_eq!(v["context_tokens"], tokens);
     assert!(v["vision"]["stage"]["encoder_s"].as_f64().unwrap() > 0.0);
     // The table names both stages.
     // 128 GPUs: mmsp-runtime runs no ZeRO-3 with a vision section, and ZeRO 0-2 need them.
@@ -358,6 +366,63 @@ fn multimodal_plan_has_both_stages() {
         "--model",
         "qwen2-7b"
     ]));
+}
+
+/// Packed samples whose lengths do not divide: each is padded at its end to a multiple of
+/// 2 x sp for the chosen layout (mmsp-runtime's packed attention shards each sample into 2 x sp
+/// equal pieces), the context is their sum, and every rank holds an equal piece of each.
+#[test]
+fn packed_samples_are_padded_per_sample_for_the_layout() {
+    let manifest = temp(
+        "odd.jsonl",
+        "{\"frames\": 2, \"text_tokens\": 7}\n{\"frames\": 3, \"text_tokens\": 5}\n",
+    );
+    for (gpus, layout) in [("4", "2x2"), ("4", "1x4"), ("4", "1x2")] {
+        let (code, out, err) = mmsp(&[
+            "plan",
+            "--gpus",
+            gpus,
+            "--topology",
+            "../runtime/bench/h100-4gpu.toml",
+            "--model",
+            "../runtime/bench/llama3-8b-2layer.json",
+            "--samples",
+            &manifest,
+            "--layout",
+            layout,
+            "--zero",
+            "1",
+            "--global-batch",
+            "2",
+            "--format",
+            "json",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let l = &v["layout"];
+        let sp = l["ulysses"].as_u64().unwrap() * l["ring"].as_u64().unwrap();
+        let vis = &v["vision"];
+        let lens: Vec<u64> = serde_json::from_value(vis["sample_lens"].clone()).unwrap();
+        let pads: Vec<u64> = serde_json::from_value(vis["pad_tokens_per_sample"].clone()).unwrap();
+        let raw = [2 * 196 + 7, 3 * 196 + 5];
+        for i in 0..2 {
+            assert_eq!(lens[i], raw[i] + pads[i], "{layout}");
+            assert!(
+                lens[i].is_multiple_of(2 * sp) && pads[i] < 2 * sp,
+                "{layout}: {lens:?}"
+            );
+        }
+        assert_eq!(v["context_tokens"], lens.iter().sum::<u64>(), "{layout}");
+        // Each rank: two equal pieces of each sample, lens / (2 sp) tokens each.
+        let ranges: Vec<Vec<[u64; 2]>> =
+            serde_json::from_value(v["tokens"]["ranges_per_rank"].clone()).unwrap();
+        assert_eq!(ranges.len() as u64, sp);
+        for r in &ranges {
+            let sizes: Vec<u64> = r.iter().map(|p| p[1] - p[0]).collect();
+            let want: Vec<u64> = lens.iter().flat_map(|&n| [n / (2 * sp); 2]).collect();
+            assert_eq!(sizes, want, "{layout}");
+        }
+    }
 }
 
 #[test]

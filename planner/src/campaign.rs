@@ -331,11 +331,14 @@ pub fn plan(recipe: &Recipe, out: Option<&Path>) -> Result<CampaignResult> {
         };
         // Video stages cost both MM-SP stages (vision encoder, re-shard) for each layout.
         let mm = match (s.frames_per_sample, &s.vision) {
-            (Some(frames), Some(v)) => Some(MultiModal::new(
-                VisionSpec::load(v)?,
-                vec![Sample::uniform(frames, s.text_tokens)],
-                true,
-            )?),
+            (Some(frames), Some(v)) => Some(
+                MultiModal::new(
+                    VisionSpec::load(v)?,
+                    vec![Sample::uniform(frames, s.text_tokens)],
+                    true,
+                )?
+                .with_context(s.context_tokens),
+            ),
             _ => None,
         };
         let result = search::search(&topo, &model, &req, mm.as_ref());
@@ -352,7 +355,7 @@ pub fn plan(recipe: &Recipe, out: Option<&Path>) -> Result<CampaignResult> {
             &topo,
             &s.topology,
             &model,
-            s.context_tokens,
+            search::candidate_context(s.context_tokens, mm.as_ref(), &best.candidate.layout),
             result.global_batch,
             best,
         )?;

@@ -26,6 +26,7 @@ pub fn refine(
     context: u64,
     mm: Option<&MultiModal>,
 ) -> Vec<(Scored, f64)> {
+    // With samples, each candidate at its layout's padded context.
     // The analytically best candidate of each of the first few distinct layouts: near-ties
     // of one layout (ZeRO stage, micro-batch) would otherwise crowd out the alternatives.
     let mut layouts = Vec::new();
@@ -45,6 +46,7 @@ pub fn refine(
         .into_iter()
         .filter_map(|s| {
             let c = &s.candidate;
+            let context = search::candidate_context(context, mm, &c.layout);
             let vision = match mm {
                 Some(mm) => Some(
                     mm.stage(topo, model, &c.layout, c.zero_stage, context)
@@ -223,16 +225,17 @@ pub fn traces(
                 recompute: row.recompute?,
                 micro_batch: row.micro_batch?,
             };
+            let context = search::candidate_context(cmp.context_tokens, mm, &c.layout);
             let vision = match mm {
                 Some(mm) => Some(
-                    mm.stage(topo, model, &c.layout, c.zero_stage, cmp.context_tokens)
+                    mm.stage(topo, model, &c.layout, c.zero_stage, context)
                         .ok()?,
                 ),
                 None => None,
             };
             let w = Workload {
                 model,
-                context: cmp.context_tokens,
+                context,
                 global_batch: cmp.global_batch,
                 vision,
             };

@@ -415,11 +415,12 @@ fn plan(a: PlanArgs) -> Result<()> {
         .first()
         .map(|(s, t)| (s, Some(*t)))
         .unwrap_or((best, None));
+    // With samples, the context of the chosen layout: each sample padded for its SP degree.
     let mut plan = Plan::build(
         &topo,
         &a.target.topology,
         &model,
-        req.context,
+        search::candidate_context(req.context, mm.as_ref(), &best.candidate.layout),
         result.global_batch,
         best,
     )?;

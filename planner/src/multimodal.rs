@@ -2,6 +2,13 @@
 //! the sequence-parallel group to balance the vision encoder (stage 1), their embeddings are
 //! re-sharded to the LLM's zigzag token shards (stage 2), and both stages' cost enters every
 //! candidate of the search. Stage-1 placements are solved once per SP degree and cached.
+//!
+//! Stage 2 runs as mmsp-runtime's packed attention does: each sample zigzag-sharded on its own
+//! into 2 x sp equal pieces, so each is padded at its end to a multiple of 2 x sp for the
+//! layout being costed ([`crate::balance::sample_padding`]; no loss on the padding, and under
+//! causal masking no real token attends to it, so training is exact). A candidate's LLM context
+//! is the padded samples' sum ([`MultiModal::context_for`]); the plan records the padded
+//! `sample_lens` and the padding of each sample (`pad_tokens_per_sample`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -33,10 +40,14 @@ type StageKey = (u32, u32, u32, u32, u64);
 pub struct MultiModal {
     pub vision: VisionSpec,
     pub samples: Vec<Sample>,
-    /// LLM tokens of each sample (frames' tokens + text), in packing order.
+    /// LLM tokens of each sample (frames' tokens + text), in packing order, before padding.
     pub sample_lens: Vec<u64>,
     /// Train the vision encoder (forward + backward) or keep it frozen (forward only).
     pub train_vision: bool,
+    /// A context fixed by the request (a campaign's `context`), at least the padded samples of
+    /// every layout; the rest after them is one padding run without loss. 0: the padded
+    /// samples' sum.
+    min_context: u64,
     frames_cache: Mutex<HashMap<u32, FrameAssignment>>,
     stage_cache: Mutex<HashMap<StageKey, std::result::Result<VisionStage, String>>>,
 }
@@ -49,7 +60,13 @@ pub struct VisionPlan {
     pub tokens_per_frame: u64,
     pub frames: u64,
     pub samples: u64,
+    /// LLM tokens of each sample as stage 2 runs it, padding included (a multiple of
+    /// 2 x ulysses x ring; plans of older planners hold the unpadded lengths).
     pub sample_lens: Vec<u64>,
+    /// Padding tokens at the end of each sample, in `sample_lens`: ids of any token, no loss
+    /// (absent in plans of older planners: no padding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_tokens_per_sample: Option<Vec<u64>>,
     /// Frames of each sample, in packing order (absent in plans of older planners).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frames_per_sample: Option<Vec<u64>>,
@@ -87,21 +104,44 @@ impl MultiModal {
             samples,
             sample_lens,
             train_vision,
+            min_context: 0,
             frames_cache: Mutex::new(HashMap::new()),
             stage_cache: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Tokens of the packed LLM sequence.
+    /// A fixed LLM context (a campaign stage's): every layout's padded samples, then padding up
+    /// to `context` (a multiple of 2 x the GPUs, so of 2 x every SP degree).
+    pub fn with_context(mut self, context: u64) -> Self {
+        self.min_context = context;
+        self
+    }
+
+    /// Tokens of the packed LLM sequence, unpadded.
     pub fn tokens(&self) -> u64 {
         self.sample_lens.iter().sum()
     }
 
-    /// The LLM context used for costing: the packed tokens rounded up to a multiple of
-    /// 2 x `gpus`, so every SP degree's zigzag chunks are whole (at most 2 x gpus padding).
+    /// Padding at the end of each sample for a layout of SP degree `sp`.
+    pub fn pad_tokens(&self, sp: u32) -> Vec<u64> {
+        self.sample_lens
+            .iter()
+            .map(|&l| crate::balance::sample_padding(l, u64::from(sp)))
+            .collect()
+    }
+
+    /// The LLM context of a layout of SP degree `sp`: every sample padded to a multiple of
+    /// 2 x sp, summed (or the fixed context, [`Self::with_context`], when longer).
+    pub fn context_for(&self, sp: u32) -> u64 {
+        let padded: u64 = self.tokens() + self.pad_tokens(sp).iter().sum::<u64>();
+        padded.max(self.min_context)
+    }
+
+    /// The request's LLM context on `gpus` GPUs: the samples padded for the largest SP degree,
+    /// `gpus` (every layout's [`Self::context_for`] is at most this). Each candidate is costed
+    /// at its own layout's.
     pub fn padded_context(&self, gpus: u32) -> u64 {
-        let g = 2 * u64::from(gpus);
-        self.tokens().div_ceil(g) * g
+        self.context_for(gpus)
     }
 
     fn frames(&self, sp: u32, opts: &BalanceOptions) -> Result<FrameAssignment> {
@@ -252,8 +292,15 @@ impl MultiModal {
         } else {
             0.0
         };
+        // Attention within each padded sample, and within the padding run up to a fixed context.
         let s2 = (context as f64).powi(2);
-        let sum_sq: f64 = self.sample_lens.iter().map(|&l| (l as f64).powi(2)).sum();
+        let padded: u64 = b.sample_lens.iter().sum();
+        let sum_sq: f64 = b
+            .sample_lens
+            .iter()
+            .chain(std::iter::once(&context.saturating_sub(padded)))
+            .map(|&l| (l as f64).powi(2))
+            .sum();
         // Activations of the encoder for this rank's frames.
         let v = &self.vision;
         let arch = ActivationArch {
@@ -358,7 +405,8 @@ impl MultiModal {
                 tokens_per_frame: self.vision.tokens_per_frame,
                 frames: self.samples.iter().map(|s| s.frames).sum(),
                 samples: self.samples.len() as u64,
-                sample_lens: self.sample_lens.clone(),
+                sample_lens: b.sample_lens.clone(),
+                pad_tokens_per_sample: Some(b.pad_tokens_per_sample.clone()),
                 frames_per_sample: Some(self.samples.iter().map(|s| s.frames).collect()),
                 text_tokens_per_sample: Some(self.samples.iter().map(|s| s.text_tokens).collect()),
                 train_vision: self.train_vision,
@@ -574,5 +622,39 @@ mod tests {
         let f = vlm(false).stage(&t, &m, &LAYOUT, 2, ctx).unwrap();
         assert_eq!(f.states_bytes, params * 4.0);
         assert!(vlm(true).stage(&t, &m, &LAYOUT, 3, ctx).is_err());
+    }
+
+    /// Each candidate's context is its layout's padded samples; the plan records the padded
+    /// lengths, the padding and ranges over them, which sum to the context.
+    #[test]
+    fn samples_padded_for_the_layout_make_the_context() {
+        let (t, m) = bench4();
+        let v = VisionSpec::preset("siglip-so400m").unwrap();
+        let mm =
+            MultiModal::new(v, vec![Sample::uniform(2, 7), Sample::uniform(3, 5)], true).unwrap();
+        assert_eq!(mm.tokens(), 399 + 593);
+        assert_eq!(mm.pad_tokens(4), vec![1, 7]);
+        assert_eq!(mm.context_for(4), 1000);
+        assert_eq!(mm.context_for(2), 400 + 596);
+        assert_eq!(mm.context_for(1), 400 + 594);
+        assert_eq!(mm.padded_context(4), mm.context_for(4));
+        let (vp, ranges) = mm.plan(&t, &m, &LAYOUT, 1, 1000).unwrap();
+        assert_eq!(vp.sample_lens, vec![400, 600]);
+        assert_eq!(vp.pad_tokens_per_sample, Some(vec![1, 7]));
+        assert_eq!(vp.text_tokens_per_sample, Some(vec![7, 5]));
+        let mut all: Vec<[u64; 2]> = ranges.into_iter().flatten().collect();
+        all.sort_unstable();
+        assert_eq!(all.first().unwrap()[0], 0);
+        assert_eq!(all.last().unwrap()[1], 1000);
+        assert!(all.windows(2).all(|w| w[0][1] == w[1][0]));
+        // A fixed, longer context (a campaign's) keeps the padded samples and pads after them.
+        let fixed = MultiModal::new(
+            VisionSpec::preset("siglip-so400m").unwrap(),
+            vec![Sample::uniform(2, 7)],
+            true,
+        )
+        .unwrap()
+        .with_context(1024);
+        assert_eq!(fixed.context_for(4), 1024);
     }
 }

@@ -227,9 +227,12 @@ pub fn plan_table(
             fmt_secs(v.stage.reshard_s),
             fmt_secs(v.stage.gather_s)
         );
+        let pad: u64 = v.pad_tokens_per_sample.iter().flatten().sum();
         let _ = writeln!(
             o,
-            "    stage 2    LLM attention imbalance {:.4} (max/mean causal work over SP ranks)",
+            "    stage 2    each sample padded to a multiple of 2 x {} ({} padding tokens, no loss); LLM attention imbalance {:.4} (max/mean causal work over SP ranks)",
+            l.sp(),
+            pad,
             v.attention_imbalance
         );
     }

@@ -289,11 +289,12 @@ pub fn search(
             continue;
         }
         let mut w = w.clone();
+        w.context = candidate_context(req.context, mm, &c.layout);
         // Cheap checks first: the vision stage is costed only for layouts that can run.
         let runnable = crate::cost::head_split(model, c.layout.tp, c.layout.ulysses).is_ok()
             && global_batch.is_multiple_of(u64::from(c.layout.dp) * u64::from(c.micro_batch));
         if let (Some(mm), true) = (mm, runnable) {
-            match mm.stage(topo, model, &c.layout, c.zero_stage, req.context) {
+            match mm.stage(topo, model, &c.layout, c.zero_stage, w.context) {
                 Ok(v) => w.vision = Some(v),
                 Err(e) => {
                     infeasible.push((c, Infeasible::Vision(e)));
@@ -324,6 +325,13 @@ pub fn search(
         infeasible,
         global_batch,
     }
+}
+
+/// The LLM context a candidate of `layout` is costed (and planned) at: the request's, or with
+/// multi-modal samples theirs, each padded for the layout's SP degree
+/// ([`MultiModal::context_for`], at most the request's [`MultiModal::padded_context`]).
+pub fn candidate_context(context: u64, mm: Option<&MultiModal>, layout: &Layout) -> u64 {
+    mm.map_or(context, |m| m.context_for(layout.sp()))
 }
 
 /// Whether any candidate fits `context` on the topology (memory check only, global batch 1

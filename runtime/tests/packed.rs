@@ -266,6 +266,40 @@ fn packing_ranges_are_the_planners() {
     assert!(p.unshard(&shards, 1).unwrap().equal(&full));
 }
 
+/// A plan the planner made for samples of odd lengths (`tests/data/plan_vlm_padded_2x2.json`:
+/// 2 x 196 + 7 and 3 x 196 + 5 tokens at SP 2 x 2, padded by 1 and 7 to multiples of 8): the
+/// runtime shards the padded samples exactly as the plan's ranges, and no label is a padding
+/// token (the last text token of each sample has none either: its next token is padding).
+#[test]
+fn planner_padded_samples_shard_as_planned_without_loss_on_padding() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/plan_vlm_padded_2x2.json"
+    );
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let want: Vec<Vec<(usize, usize)>> =
+        serde_json::from_value(plan["tokens"]["ranges_per_rank"].clone()).unwrap();
+    let v: VisionSection = serde_json::from_value(plan["vision"].clone()).unwrap();
+    let vr = v.resolve(&EncoderSource::Tiny, 64, 1000, 2, 2).unwrap();
+    assert_eq!(vr.sample_lens, vec![400, 600]);
+    assert_eq!(vr.ranges, want);
+    assert_eq!(vr.padding, 8);
+    // Targets: the text tokens after the first of each sample (positions 392..399 and
+    // 988..993 are text, 399 and 993..1000 padding).
+    let targets: Vec<usize> = (0..1000).filter(|&p| vr.text_target[p]).collect();
+    let mut expect: Vec<usize> = (391..398).collect();
+    expect.extend(987..992);
+    assert_eq!(targets, expect);
+    // Without its padding field the samples do not add up (text 8 and 12, the plan says 7, 5).
+    let mut bare = v.clone();
+    bare.pad_tokens_per_sample = None;
+    assert!(matches!(
+        bare.resolve(&EncoderSource::Tiny, 64, 1000, 2, 2),
+        Err(RuntimeError::Plan(_))
+    ));
+}
+
 #[test]
 fn bad_sample_lengths_are_typed_errors() {
     let shape_err = |r: Result<Packing, RuntimeError>, needle: &str| match r {

@@ -2,8 +2,9 @@
 //! VLM plan (4 packed samples, 8 frames, 8 padding tokens) trained at SP 1, 2 (1 x 2), 4
 //! (2 x 2) and SP 2 x DP 2 gives the same losses; stage 2 runs the plan's per-sample ranges
 //! (`plan_ranges_match`); the report carries the vision stage's times next to the plan's;
-//! bad vision sections (a sample length that is not a multiple of 2 x SP among them) are
-//! one-line errors with exit code 2.
+//! plans the planner made for samples of odd lengths (each padded at its end to a multiple of
+//! 2 x SP) run with the plan's ranges; bad vision sections (a sample length that is not a
+//! multiple of 2 x SP among them, padding included) are one-line errors with exit code 2.
 use mmsp_runtime::train::run::{run_vlm, ModelSource, RunExtras, RunOptions, VisionOptions};
 use mmsp_runtime::vision::balanced_frames;
 use serde_json::{json, Value};
@@ -168,6 +169,53 @@ fn run_vision_plan_same_losses_at_sp_1_2_4() {
     assert!((r0[2] - r0[0]).abs() > 1e-6, "{r0:?}");
 }
 
+/// Plans made by the planner for two samples whose lengths do not divide (2 frames + 7 text
+/// tokens, 3 frames + 5, 196 tokens per frame: 399 and 593 tokens), written by
+/// `mmsp plan --gpus 4 --topology runtime/bench/h100-4gpu.toml --model
+/// runtime/bench/llama3-8b-2layer.json --samples runtime/tests/data/odd_samples.jsonl --zero 1
+/// --format json` with `--layout 2x2 --global-batch 1` and `--layout 1x2 --global-batch 2`:
+/// each sample is padded at its end to a multiple of 2 x SP (1 and 7 tokens at SP 4, 1 and 3 at
+/// SP 2), and `run` executes the plan's ranges. The padding carries no loss and no real token
+/// attends to it, so both layouts train alike.
+#[test]
+fn run_planner_made_plans_with_padded_samples() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let mut reference: Option<Vec<f64>> = None;
+    for (file, pads, lens) in [
+        ("plan_vlm_padded_2x2.json", [1, 7], [400, 600]),
+        ("plan_vlm_padded_1x2.json", [1, 3], [400, 596]),
+    ] {
+        let path = data.join(file);
+        let plan: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(
+            plan["vision"]["pad_tokens_per_sample"],
+            json!(pads),
+            "{file}"
+        );
+        assert_eq!(plan["vision"]["sample_lens"], json!(lens), "{file}");
+        assert_eq!(
+            plan["vision"]["text_tokens_per_sample"],
+            json!([7, 5]),
+            "{file}"
+        );
+        let v = run_vlm(&opts(&path, 4, 2), &quiet(), &VisionOptions::default()).unwrap();
+        let vis = &v["vision"];
+        assert_eq!(vis["stage2"]["plan_ranges_match"], true, "{file}");
+        assert_eq!(vis["stage2"]["sample_lens"], json!(lens), "{file}");
+        assert_eq!(vis["padding_tokens"], pads[0] + pads[1], "{file}");
+        let l = losses(&v);
+        assert!(l.iter().all(|x| x.is_finite() && *x > 0.0), "{file}: {l:?}");
+        match &reference {
+            None => reference = Some(l),
+            Some(r0) => {
+                for (a, b) in l.iter().zip(r0) {
+                    assert!((a - b).abs() <= 1e-4 * b.abs(), "{file}: {l:?} vs {r0:?}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn run_vision_frozen_encoder_and_balanced_frames() {
     let mut p = vision_plan(1, 2, 1, Some(balanced_frames(8, 2).unwrap()));
@@ -237,6 +285,15 @@ fn bad_vision_sections_are_one_line_errors_exit_2() {
     p["vision"]["sample_lens"][2] = json!(6);
     p["vision"]["text_tokens_per_sample"][2] = json!(6);
     cases.push(("len", p, 4, "packed sample 2 has 6 tokens"));
+    // Padding that makes a sample no multiple of 8 at SP 2 x 2 (2 + 8 = 10 tokens).
+    let mut p = vision_plan(2, 2, 1, None);
+    p["vision"]["sample_lens"][2] = json!(10);
+    p["vision"]["pad_tokens_per_sample"] = json!([0, 0, 2, 0]);
+    cases.push(("pad", p, 4, "packed sample 2 has 10 tokens"));
+    // Padding longer than the sample's tokens beyond its frames.
+    let mut p = vision_plan(1, 2, 1, None);
+    p["vision"]["pad_tokens_per_sample"] = json!([0, 0, 0, 4]);
+    cases.push(("padfit", p, 2, "4 padding tokens but 16 tokens in all"));
     // A launch of the wrong size.
     cases.push(("world", vision_plan(1, 2, 1, None), 4, "2"));
     for (name, plan, n, want) in cases {

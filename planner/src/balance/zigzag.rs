@@ -9,7 +9,10 @@
 //! sample. When L is not divisible, the `L % (2*ring)` extra tokens go first to the first-half
 //! chunks (ring ranks 0, 1, ...) and then to the second-half chunks of ranks 0, 1, ... so that
 //! ring ranks differ by at most one token; inside a chunk, the extra tokens go to the first
-//! sub-chunks of a first-half chunk and to the last sub-chunks of a second-half chunk.
+//! sub-chunks of a first-half chunk and to the last sub-chunks of a second-half chunk. The
+//! planner's multi-modal plans pad every sample to a multiple of 2 x ulysses x ring first
+//! ([`super::sample_padding`]), as mmsp-runtime's packed attention requires, so their pieces
+//! are all equal.
 
 use crate::error::{Error, Result};
 

@@ -1,6 +1,9 @@
 //! The `vision` section of a plan (`mmsp plan --frames N` / `--samples`), as `run` executes
-//! it: the packed token layout (per sample: its frames' tokens, then its text, as the
-//! planner lays them out, padded with trailing text-like tokens up to the plan's context),
+//! it: the packed token layout (per sample: its frames' tokens, then its text, then its
+//! padding (`pad_tokens_per_sample`: the planner pads each sample at its end to a multiple of
+//! 2 x ulysses x ring; ids of any token, no loss, and under causal masking no real token
+//! attends to it), as the planner lays them out, padded with trailing text-like tokens up to
+//! the plan's context),
 //! stage 1 exactly as the plan's `frames_per_rank`, and stage 2 the per-sample zigzag shards
 //! of the packed sequence ([`crate::packed::Packing`]: each sample, and the padding as one
 //! more sample, sharded on its own, which is the plan's `tokens.ranges_per_rank` followed by
@@ -39,6 +42,10 @@ pub struct VisionSection {
     pub frames_per_sample: Option<Vec<usize>>,
     #[serde(default)]
     pub text_tokens_per_sample: Option<Vec<usize>>,
+    /// Padding at the end of each sample, within its `sample_lens` (absent in plans of older
+    /// planners: none).
+    #[serde(default)]
+    pub pad_tokens_per_sample: Option<Vec<usize>>,
     #[serde(default = "yes")]
     pub train_vision: bool,
     pub frames_per_rank: Vec<Vec<usize>>,
@@ -67,9 +74,12 @@ pub enum EncoderSource {
 pub struct VisionRun {
     pub section: VisionSection,
     pub cfg: VisionConfig,
-    /// The packed samples plus, when the plan's context is longer, one padding "sample"
-    /// (no frames, `padding` text-like tokens without loss).
+    /// The packed samples (each sample's padding as text-like tokens after its text) plus,
+    /// when the plan's context is longer, one padding "sample" (no frames, text-like tokens
+    /// without loss).
     pub layout: TokenLayout,
+    /// Padding tokens in all (no loss): each sample's `pad_tokens_per_sample` and the padding
+    /// sample up to the context.
     pub padding: usize,
     /// The trainer's samples ([`crate::train::Trainer::new_packed`]): the plan's
     /// `sample_lens`, then the padding when there is some.
@@ -77,7 +87,7 @@ pub struct VisionRun {
     /// Stage 2: the trainer's per-sample zigzag ranges by SP rank.
     pub ranges: Vec<Vec<(usize, usize)>>,
     /// Per position p: p's label is the next token (p + 1 is a text token of the same
-    /// sample, not padding); else -100.
+    /// sample, not its padding nor the padding sample); else -100.
     pub text_target: Vec<bool>,
 }
 
@@ -129,7 +139,22 @@ impl VisionConfig {
 }
 
 impl VisionSection {
-    /// The samples (frames, text tokens) in packing order, checked against the section.
+    /// Each sample's padding (`pad_tokens_per_sample`, zeros when absent), checked against the
+    /// section.
+    pub fn sample_pads(&self) -> Result<Vec<usize>> {
+        let n = self.sample_lens.len();
+        match &self.pad_tokens_per_sample {
+            None => Ok(vec![0; n]),
+            Some(p) if p.len() == n => Ok(p.clone()),
+            Some(p) => Err(RuntimeError::Plan(format!(
+                "vision: pad_tokens_per_sample has {} entries for {n} samples",
+                p.len()
+            ))),
+        }
+    }
+
+    /// The samples (frames, text tokens, without their padding) in packing order, checked
+    /// against the section: each length is frames x tokens_per_frame + text + padding.
     pub fn sample_specs(&self) -> Result<Vec<SampleSpec>> {
         let bad = |m: String| Err(RuntimeError::Plan(format!("vision: {m}")));
         let n = self.sample_lens.len();
@@ -163,19 +188,27 @@ impl VisionSection {
             ));
         }
         let t = self.tokens_per_frame;
+        let pads = self.sample_pads()?;
         let mut out = Vec::with_capacity(n);
         for (i, (&f, &len)) in frames.iter().zip(&self.sample_lens).enumerate() {
-            let vis = f.checked_mul(t).filter(|&v| v <= len).ok_or_else(|| {
-                RuntimeError::Plan(format!(
-                    "vision: sample {i} has {f} frames of {t} tokens but {len} tokens in all"
-                ))
-            })?;
+            let pad = pads[i];
+            let vis = f
+                .checked_mul(t)
+                .and_then(|v| v.checked_add(pad))
+                .filter(|&v| v <= len)
+                .ok_or_else(|| {
+                    RuntimeError::Plan(format!(
+                        "vision: sample {i} has {f} frames of {t} tokens and {pad} padding \
+                         tokens but {len} tokens in all"
+                    ))
+                })?;
             let text = len - vis;
             if let Some(tt) = &self.text_tokens_per_sample {
                 if tt.get(i) != Some(&text) {
                     return bad(format!(
                         "sample {i}: {len} tokens are not {f} frames x {t} + {:?} text tokens \
-                         (frames of another resolution? the runtime's encoder has one)",
+                         + {pad} padding (frames of another resolution? the runtime's encoder \
+                         has one)",
                         tt.get(i)
                     ));
                 }
@@ -213,7 +246,17 @@ impl VisionSection {
                 self.frames
             )));
         }
-        let mut samples = self.sample_specs()?;
+        let pads = self.sample_pads()?;
+        // Each sample's padding sits after its text: text-like positions without loss.
+        let mut samples: Vec<SampleSpec> = self
+            .sample_specs()?
+            .into_iter()
+            .zip(&pads)
+            .map(|(s, &pad)| SampleSpec {
+                text_tokens: s.text_tokens + pad,
+                ..s
+            })
+            .collect();
         let packed: usize = self.sample_lens.iter().sum();
         if packed > context {
             return Err(RuntimeError::Plan(format!(
@@ -273,17 +316,23 @@ impl VisionSection {
             .map_err(|e| RuntimeError::Plan(format!("vision.frames_per_rank: {e}")))?;
         let vision = layout.vision_mask();
         let mut sample_of = Vec::with_capacity(context);
+        let mut pad = Vec::with_capacity(context);
         for (i, len) in layout.sample_lens().into_iter().enumerate() {
             sample_of.extend(std::iter::repeat_n(i, len));
+            let p = pads.get(i).copied().unwrap_or(0);
+            pad.extend(std::iter::repeat_n(false, len - p));
+            pad.extend(std::iter::repeat_n(true, p));
         }
         let text_target = (0..context)
-            .map(|p| p + 1 < packed && !vision[p + 1] && sample_of[p + 1] == sample_of[p])
+            .map(|p| {
+                p + 1 < packed && !vision[p + 1] && !pad[p + 1] && sample_of[p + 1] == sample_of[p]
+            })
             .collect();
         Ok(VisionRun {
             section: self.clone(),
             cfg,
             layout,
-            padding,
+            padding: padding + pads.iter().sum::<usize>(),
             sample_lens,
             ranges,
             text_target,
