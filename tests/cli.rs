@@ -109,7 +109,7 @@ fn plan_max_context() {
         "llama3-8b",
         "--max-context",
         "--recompute",
-        "none"
+        "full"
     ]));
     let (code, out, _) = mmsp(&[
         "plan",
@@ -117,7 +117,7 @@ fn plan_max_context() {
         "64",
         "--max-context",
         "--recompute",
-        "none",
+        "full",
         "--format",
         "json",
     ]);
@@ -535,7 +535,7 @@ fn plan_pinned_layout_and_zero() {
         "--layout",
         "2x8",
         "--zero",
-        "1",
+        "3",
         "--format",
         "json",
     ]);
@@ -544,7 +544,7 @@ fn plan_pinned_layout_and_zero() {
     assert_eq!(v["layout"]["ulysses"], 2);
     assert_eq!(v["layout"]["ring"], 8);
     assert_eq!(v["layout"]["dp"], 4);
-    assert_eq!(v["zero_stage"], 1);
+    assert_eq!(v["zero_stage"], 3);
     let cases: Vec<Vec<&str>> = vec![
         vec!["plan", "--gpus", "8", "--layout", "3x1"],
         vec!["plan", "--layout", "0x2"],

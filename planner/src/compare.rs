@@ -48,10 +48,7 @@ pub fn refine(
             let c = &s.candidate;
             let context = search::candidate_context(context, mm, &c.layout);
             let vision = match mm {
-                Some(mm) => Some(
-                    mm.stage(topo, model, &c.layout, c.zero_stage, context)
-                        .ok()?,
-                ),
+                Some(mm) => Some(mm.stage(topo, model, &c.layout, context).ok()?),
                 None => None,
             };
             let w = Workload {
@@ -227,10 +224,7 @@ pub fn traces(
             };
             let context = search::candidate_context(cmp.context_tokens, mm, &c.layout);
             let vision = match mm {
-                Some(mm) => Some(
-                    mm.stage(topo, model, &c.layout, c.zero_stage, context)
-                        .ok()?,
-                ),
+                Some(mm) => Some(mm.stage(topo, model, &c.layout, context).ok()?),
                 None => None,
             };
             let w = Workload {

@@ -211,21 +211,16 @@ impl MultiModal {
     ///   decoder's ZeRO stage) and its activations for the rank's frames (Korthikanti-style
     ///   accounting, GeLU MLP, FlashAttention; the runtime's encoder never recomputes).
     ///
-    /// mmsp-runtime does not run ZeRO-3 with a vision section (`runtime/src/train/run.rs`,
-    /// `load_vision`), so a ZeRO-3 candidate's vision stage is an error.
+    /// Every ZeRO stage runs a vision section (under ZeRO-3 the runtime gathers the decoder's
+    /// embedding table for the text rows' lookup, `Trainer::embed_ids`); the encoder's own
+    /// states are replicated whatever the stage.
     pub fn stage(
         &self,
         topo: &Topology,
         model: &ModelSpec,
         layout: &Layout,
-        zero_stage: u8,
         context: u64,
     ) -> std::result::Result<VisionStage, String> {
-        if zero_stage >= 3 {
-            return Err(
-                "mmsp-runtime does not run ZeRO-3 with a vision section (the text rows' embedding lookup needs the gathered table): ZeRO 0, 1 or 2".into(),
-            );
-        }
         let key = (layout.ulysses, layout.ring, layout.tp, topo.world, context);
         let base = match self
             .stage_cache
@@ -375,7 +370,7 @@ impl MultiModal {
         model: &ModelSpec,
         c: &crate::cost::Candidate,
     ) -> Result<()> {
-        let (vp, ranges) = self.plan(topo, model, &c.layout, c.zero_stage, plan.context_tokens)?;
+        let (vp, ranges) = self.plan(topo, model, &c.layout, plan.context_tokens)?;
         plan.vision = Some(vp);
         plan.tokens.ranges_per_rank = ranges;
         Ok(())
@@ -387,12 +382,11 @@ impl MultiModal {
         topo: &Topology,
         model: &ModelSpec,
         layout: &Layout,
-        zero_stage: u8,
         context: u64,
     ) -> Result<(VisionPlan, Vec<Vec<[u64; 2]>>)> {
         let b = self.balance(model, layout.ulysses, layout.ring, true)?;
         let stage = self
-            .stage(topo, model, layout, zero_stage, context)
+            .stage(topo, model, layout, context)
             .map_err(|e| Error::invalid("vision stage", e))?;
         let ranges = b
             .ranges_per_rank
@@ -575,7 +569,7 @@ mod tests {
     fn measured_vlm_encoder_time() {
         let (t, m) = bench4();
         let mm = vlm(true);
-        let s = mm.stage(&t, &m, &LAYOUT, 1, mm.padded_context(4)).unwrap();
+        let s = mm.stage(&t, &m, &LAYOUT, mm.padded_context(4)).unwrap();
         let sum = s.encoder_gemm_s + s.encoder_attention_s + s.encoder_memory_bound_s;
         assert!((s.encoder_s - sum).abs() < 1e-12);
         assert!(
@@ -611,17 +605,16 @@ mod tests {
     }
 
     /// The runtime keeps the encoder's fp32 weights, gradients and AdamW moments on every rank
-    /// (plus the forward's 16-bit casts), and runs no ZeRO-3 with a vision section.
+    /// (plus the forward's 16-bit casts), under every ZeRO stage of the decoder.
     #[test]
     fn encoder_states_and_stages_as_the_runtime_runs_them() {
         let (t, m) = bench4();
         let ctx = vlm(true).padded_context(4);
         let params = 448_656_240.0;
-        let s = vlm(true).stage(&t, &m, &LAYOUT, 1, ctx).unwrap();
+        let s = vlm(true).stage(&t, &m, &LAYOUT, ctx).unwrap();
         assert_eq!(s.states_bytes, params * (4.0 + 4.0 + 8.0 + 2.0));
-        let f = vlm(false).stage(&t, &m, &LAYOUT, 2, ctx).unwrap();
+        let f = vlm(false).stage(&t, &m, &LAYOUT, ctx).unwrap();
         assert_eq!(f.states_bytes, params * 4.0);
-        assert!(vlm(true).stage(&t, &m, &LAYOUT, 3, ctx).is_err());
     }
 
     /// Each candidate's context is its layout's padded samples; the plan records the padded
@@ -638,7 +631,7 @@ mod tests {
         assert_eq!(mm.context_for(2), 400 + 596);
         assert_eq!(mm.context_for(1), 400 + 594);
         assert_eq!(mm.padded_context(4), mm.context_for(4));
-        let (vp, ranges) = mm.plan(&t, &m, &LAYOUT, 1, 1000).unwrap();
+        let (vp, ranges) = mm.plan(&t, &m, &LAYOUT, 1000).unwrap();
         assert_eq!(vp.sample_lens, vec![400, 600]);
         assert_eq!(vp.pad_tokens_per_sample, Some(vec![1, 7]));
         assert_eq!(vp.text_tokens_per_sample, Some(vec![7, 5]));

@@ -133,10 +133,18 @@ pub fn enumerate(model: &ModelSpec, cluster: &ClusterSpec, req: &Request) -> Vec
         }
         _ => vec![1],
     };
-    let zeros: &[u8] = match req.strategy {
+    let stages: &[u8] = match req.strategy {
         Strategy::MegatronCpTp | Strategy::TeA2aP2p => &[0, 1],
         _ => &[0, 1, 2, 3],
     };
+    // mmsp-runtime's stage 2 keeps whole gradients, as its stage 1 does
+    // (`cost::memory::runtime_model_states`), so a search skips it as a duplicate of stage 1;
+    // `--zero 2` still plans it, costed as the runtime runs it.
+    let zeros: Vec<u8> = stages
+        .iter()
+        .copied()
+        .filter(|&z| z != 2 || req.zero == Some(2))
+        .collect();
     let mut out = Vec::new();
     for &tp in &tps {
         for sp in divisors(req.gpus / tp) {
@@ -294,7 +302,7 @@ pub fn search(
         let runnable = crate::cost::head_split(model, c.layout.tp, c.layout.ulysses).is_ok()
             && global_batch.is_multiple_of(u64::from(c.layout.dp) * u64::from(c.micro_batch));
         if let (Some(mm), true) = (mm, runnable) {
-            match mm.stage(topo, model, &c.layout, c.zero_stage, w.context) {
+            match mm.stage(topo, model, &c.layout, w.context) {
                 Ok(v) => w.vision = Some(v),
                 Err(e) => {
                     infeasible.push((c, Infeasible::Vision(e)));

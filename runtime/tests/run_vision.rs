@@ -169,6 +169,36 @@ fn run_vision_plan_same_losses_at_sp_1_2_4() {
     assert!((r0[2] - r0[0]).abs() > 1e-6, "{r0:?}");
 }
 
+/// ZeRO-3 (parameters, gradients and moments sharded, the embedding table gathered for the
+/// text rows' lookup) trains a VLM plan as ZeRO-0 does, at SP 2x2 and over DP 2.
+#[test]
+fn run_vision_plan_zero3_equals_zero0() {
+    for (u, r, dp) in [(2, 2, 1), (1, 2, 2)] {
+        let mut per_stage = Vec::new();
+        for zero in [0, 3] {
+            let mut v = vision_plan(u, r, dp, None);
+            v["zero_stage"] = json!(zero);
+            let plan = write(&format!("vlm_z{zero}_{u}x{r}x{dp}.json"), &v);
+            let out = run_vlm(
+                &opts(&plan, u * r * dp, 3),
+                &quiet(),
+                &VisionOptions::default(),
+            )
+            .unwrap();
+            assert_eq!(out["zero_stage"], zero);
+            per_stage.push(losses(&out));
+        }
+        for (a, b) in per_stage[1].iter().zip(&per_stage[0]) {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs(),
+                "{u}x{r}x{dp}: ZeRO-3 {:?} vs ZeRO-0 {:?}",
+                per_stage[1],
+                per_stage[0]
+            );
+        }
+    }
+}
+
 /// Plans made by the planner for two samples whose lengths do not divide (2 frames + 7 text
 /// tokens, 3 frames + 5, 196 tokens per frame: 399 and 593 tokens), written by
 /// `mmsp plan --gpus 4 --topology runtime/bench/h100-4gpu.toml --model

@@ -266,6 +266,46 @@ pub const WEIGHT_BYTES: f64 = 2.0;
 pub const GRAD_BYTES: f64 = 4.0;
 pub const OPTIMIZER_BYTES: f64 = 12.0;
 
+/// Model states per GPU as mmsp-runtime keeps them under ZeRO stage `zero` over `shards`
+/// ranks, as (16-bit weights, gradients, optimizer state) like [`model_states`]
+/// (`runtime/src/train/adamw.rs`, `zero3.rs`). The runtime's fp32 parameters are themselves
+/// the master weights, held in one flat buffer with one flat fp32 gradient buffer:
+/// - ZeRO-0: 16-bit working copies (2 B), fp32 gradients (4 B), fp32 master weights and both
+///   moments (12 B): 18 B per parameter;
+/// - ZeRO-1 and ZeRO-2: the moments of this rank's 1/N slice only; master weights and
+///   gradients stay whole (the gradients are reduce-scattered once per step, after the
+///   backward, then the updated slice is all-gathered): 2 + 4 + 4 + 8/N B per parameter, so
+///   stage 2 keeps what stage 1 keeps;
+/// - ZeRO-3: master weights, gradients and moments all 1/N (16/N B), plus the largest unit's
+///   gathered 16-bit weights (2 B x `unit_params`) and its full gradient (4 B x
+///   `unit_params`) before its reduce-scatter; the caller passes the largest unit, a layer or
+///   the head.
+pub fn runtime_model_states(
+    params: f64,
+    unit_params: f64,
+    zero: u8,
+    shards: f64,
+) -> (f64, f64, f64) {
+    let layer_params = unit_params;
+    match zero {
+        0 => (
+            WEIGHT_BYTES * params,
+            GRAD_BYTES * params,
+            OPTIMIZER_BYTES * params,
+        ),
+        1 | 2 => (
+            WEIGHT_BYTES * params,
+            GRAD_BYTES * params,
+            GRAD_BYTES * params + (OPTIMIZER_BYTES - GRAD_BYTES) * params / shards,
+        ),
+        _ => (
+            WEIGHT_BYTES * layer_params,
+            GRAD_BYTES * (params / shards + layer_params),
+            OPTIMIZER_BYTES * params / shards,
+        ),
+    }
+}
+
 /// Model states per GPU under ZeRO stage `zero` with states sharded over `shards` ranks
 /// (Rajbhandari et al. 2020, Sec. 5: stage 1 shards optimizer states, 2 also gradients, 3 also
 /// weights). `layer_params` sizes the gathered-weight and gradient buckets of stage 3.
@@ -375,6 +415,19 @@ mod tests {
         let u = runtime_layer_activation_bytes_per_token(&arch, 1024.0, 2, 1.0);
         assert_eq!(u - b, 2.0 * 4096.0);
         assert!(b > layer_activation_bytes_per_token(&arch, 0.0, 1.0, Recompute::None));
+    }
+
+    #[test]
+    fn runtime_states_keep_masters_and_gradients_whole_below_stage_3() {
+        let (p, layer, n) = (8e9, 2e8, 4.0);
+        let total = |z| {
+            let (w, g, o) = runtime_model_states(p, layer, z, n);
+            w + g + o
+        };
+        assert_eq!(total(0), 18.0 * p);
+        assert_eq!(total(1), (2.0 + 4.0 + 4.0 + 8.0 / n) * p);
+        assert_eq!(total(2), total(1));
+        assert_eq!(total(3), 16.0 * p / n + 6.0 * layer);
     }
 
     #[test]

@@ -377,7 +377,7 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     // Plus the embedding output (the first layer's input), and at the loss the final norm's
     // output and the gradient buffer of the shard's hidden states (2 bytes x h each; the
     // allocator timeline grows by these at the embedding and at the loss, runF).
-    let activations = layers * per_tok * tokens + working + 3.0 * 2.0 * h * tokens / tp;
+    let activations = layers * per_tok * tokens + 3.0 * 2.0 * h * tokens / tp;
     // Logits: the loss is computed LOSS_CHUNK_TOKENS rows at a time with its gradient formed in
     // the same pass, so only one chunk's logits are ever live. At its peak the runtime holds the
     // 16-bit logits (2 B), their fp32 copy (4 B) and the fp32 log-probabilities (4 B) per
@@ -390,7 +390,15 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     let params_local = m.params() as f64 / tp;
     let layer_params_local = m.layer_params() as f64 / tp;
     let shards = f64::from(l.grad_family().size);
-    let (wb, gb, ob) = model_states(params_local, layer_params_local, c.zero_stage, shards);
+    // ZeRO-3's largest unit gathered at once: a layer, or the final norm with the head, which
+    // is gathered for the loss (`zero3::final_unit`); tied, the head is the embedding's unit.
+    let head_unit = (m.vocab_size * m.hidden_size) as f64 / tp;
+    let (wb, gb, ob) = runtime_model_states(
+        params_local,
+        layer_params_local.max(head_unit),
+        c.zero_stage,
+        shards,
+    );
     // The runtime casts the layers, the norms and the head to 16 bits but looks up the untied
     // embedding in the fp32 table itself (`Decoder::embed`), so that table has no 16-bit copy.
     let wb = if c.zero_stage < 3 && !m.tie_word_embeddings {
@@ -431,14 +439,16 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     // attention's communication and fp32 accumulation buffers (inside each layer's attention)
     // are never live together, so the peak holds the larger; the H100 timeline peaks at the
     // loss with every layer's activations held (runF).
-    let tensors = wb + gb + ob + activations + logits.max(comm_buffers) + vision_mem;
+    // The working set of a recomputed layer (its backward) likewise comes after the loss.
+    let transient = logits.max(comm_buffers).max(working);
+    let tensors = wb + gb + ob + activations + transient + vision_mem;
     let frag = FRAGMENTATION * tensors;
     let needed = tensors + frag + RUNTIME_RESERVE_BYTES;
     let memory = MemoryBreakdown {
         weights_bytes: wb,
         gradients_bytes: gb,
         optimizer_bytes: ob,
-        activations_bytes: activations + vision_mem,
+        activations_bytes: activations + working + vision_mem,
         logits_bytes: logits,
         comm_buffers_bytes: comm_buffers,
         reserved_bytes: RUNTIME_RESERVE_BYTES,
@@ -621,15 +631,13 @@ pub fn compose(topo: &Topology, t: &Terms) -> Estimate {
     let (grad_sync, gather) = match t.zero_stage {
         // All-reduce of the gradients once per step.
         0 => (topo.all_reduce(gf, t.grad_bytes), 0.0),
-        // Reduce-scatter gradients once per step; all-gather the updated weights.
-        1 => (
+        // Reduce-scatter the fp32 gradients once per step, all-gather the updated fp32 master
+        // slices (`runtime/src/train/adamw.rs`, `step_timed`: the runtime's parameters are the
+        // masters); stage 2 does the same in the runtime (its gradients are whole, see
+        // `runtime_model_states`).
+        1 | 2 => (
             topo.all_gather(gf, t.grad_bytes),
-            topo.all_gather(gf, t.param_bytes),
-        ),
-        // Stage 2 reduce-scatters at every micro-batch.
-        2 => (
-            accum_f * topo.all_gather(gf, t.grad_bytes),
-            topo.all_gather(gf, t.param_bytes),
+            topo.all_gather(gf, t.param_bytes * GRAD_BYTES / WEIGHT_BYTES),
         ),
         // Stage 3 also gathers the weights every micro-batch, as mmsp-runtime does
         // (`runtime/src/train/zero3.rs`): each layer's before its forward and again before its
@@ -642,15 +650,18 @@ pub fn compose(topo: &Topology, t: &Terms) -> Estimate {
                     + topo.all_gather(gf, t.param_bytes - t.layers_param_bytes)),
         ),
     };
-    // Bucketed gradient reduction overlaps with backward except the last layer's bucket;
-    // stage-3 weight gathers are prefetched a layer ahead except the first.
-    let last = 1.0 / layers;
-    let grad_exposed = (grad_sync - backward_compute * (1.0 - last)).max(grad_sync * last);
-    let gather_exposed = if t.zero_stage >= 3 {
-        (gather - accum_f * (gemm_t + attn_t) * (1.0 - last)).max(gather * last)
-    } else {
-        gather
-    };
+    // mmsp-runtime runs these collectives between compute, not beside it: the gradients are
+    // reduced after the whole backward and the masters gathered after the update
+    // (`AdamW::step_timed`), and ZeRO-3 gathers a unit's weights right before its use and
+    // reduce-scatters its gradient right after its backward, each waited for before the
+    // compute that follows (`runtime/src/train/mod.rs`; the kernel profile of the 4 x H100
+    // ZeRO-1 step shows the reduce-scatter and all-gather, 14 + 13 ms, with nothing beside
+    // them, `runtime/bench/results/h100x4_runG/kt4_2x2.json.rank0.summary.json`). So all of
+    // it is exposed. (Megatron-LM and DeepSpeed overlap bucketed reductions with backward
+    // and prefetch ZeRO-3 gathers; this runtime does not yet.)
+    let _ = backward_compute;
+    let grad_exposed = grad_sync;
+    let gather_exposed = gather;
     let vision_t = t.vision_s();
     let step = accum_f * (micro + vision_t) + grad_exposed + gather_exposed + t.optimizer_s;
     let time = TimeBreakdown {

@@ -352,9 +352,10 @@ fn zero3_gathers_the_layers_twice_and_the_rest_once() {
 }
 
 /// The runtime's measurement on 4 x H100 over NCCL (2-layer llama3-8b shape, 128K tokens,
-/// 2x2, global batch 1): ZeRO-3 0.934 s per step and 25.4 GiB
-/// (runtime/bench/results/h100x4_run3_zero3_vlm_faults.log), ZeRO-1 0.874 s
-/// (h100x4_run2_summary.jsonl). The planner must carry ZeRO-3's recompute and extra gathers.
+/// 2x2, global batch 1): ZeRO-3 0.934 s per step (runtime/bench/results/
+/// h100x4_run3_zero3_vlm_faults.log; 0.923 s in h100x4_runG), ZeRO-1 0.874 s
+/// (h100x4_run2_summary.jsonl; 0.861 s in h100x4_runG). The planner must carry ZeRO-3's
+/// recompute and extra gathers, and the memory the runtime's allocator holds.
 #[test]
 fn measured_zero3_bench_carries_its_recompute() {
     let (t, m) = bench4();
@@ -385,6 +386,22 @@ fn measured_zero3_bench_carries_its_recompute() {
         z3.step_time_s,
         z1.step_time_s
     );
-    let gib = z3.memory_per_gpu_bytes / crate::units::GIB;
-    assert!((gib - 25.4).abs() / 25.4 < 0.1, "{gib} GiB");
+    // Tensors (total less the reserve and fragmentation margins) against the caching
+    // allocator's peak measured on the same bench after this session's runtime changes:
+    // 16.46 GiB for ZeRO-3 and 33.37 GiB for ZeRO-1
+    // (runtime/bench/results/h100x4_runG/train4_2x2{_z3,}.json, `peak_allocated_bytes_rank0`).
+    let tensors = |e: &Estimate| {
+        (e.memory.total_bytes - e.memory.reserved_bytes - e.memory.fragmentation_bytes)
+            / crate::units::GIB
+    };
+    assert!(
+        (tensors(&z3) - 16.46).abs() / 16.46 < 0.05,
+        "{} GiB",
+        tensors(&z3)
+    );
+    assert!(
+        (tensors(&z1) - 33.37).abs() / 33.37 < 0.05,
+        "{} GiB",
+        tensors(&z1)
+    );
 }

@@ -142,6 +142,24 @@ impl Grid {
     }
 }
 
+/// A recompute policy by its plan name (`none`, `outside_attention`).
+fn recompute_name<S: serde::Serializer>(
+    r: &Recompute,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(r.as_str())
+}
+
+fn recompute_name_opt<S: serde::Serializer>(
+    r: &Option<Recompute>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match r {
+        Some(r) => s.serialize_str(r.as_str()),
+        None => s.serialize_none(),
+    }
+}
+
 /// The largest context of one (model, topology, GPUs, strategy, recompute) cell, global batch 1.
 #[derive(Debug, Clone, Serialize)]
 pub struct MaxContextRow {
@@ -149,6 +167,7 @@ pub struct MaxContextRow {
     pub topology: String,
     pub gpus: u32,
     pub strategy: Strategy,
+    #[serde(serialize_with = "recompute_name")]
     pub recompute: Recompute,
     /// `None`: the model does not fit at any context (or the GPU count is not valid).
     pub max_context_tokens: Option<u64>,
@@ -170,6 +189,7 @@ pub struct PointRow {
     pub global_batch: u64,
     pub layout: Option<String>,
     pub zero_stage: Option<u8>,
+    #[serde(serialize_with = "recompute_name_opt")]
     pub recompute: Option<Recompute>,
     pub micro_batch: Option<u32>,
     pub step_time_s: Option<f64>,
@@ -467,13 +487,25 @@ pub fn summary(d: &ReportData) -> Vec<String> {
         };
         let first = d.grid.strategies[0];
         let (g0, g1) = (d.grid.gpus[0], *d.grid.gpus.last().expect("non-empty"));
-        let fmt = |v: Option<u64>| v.map(fmt_tokens).unwrap_or_else(|| "nothing".into());
+        let fmt = |v: Option<u64>| {
+            v.map(|t| format!("{} tokens", fmt_tokens(t)))
+                .unwrap_or_else(|| "no sequence".into())
+        };
         if d.grid.recompute.contains(&Recompute::None) {
+            let (a, b) = (
+                mc(first, Recompute::None, g0),
+                mc(first, Recompute::None, g1),
+            );
             out.push(format!(
-                "{model} on {topo} ({}), global batch 1, no activation recompute: the longest sequence that fits is {} tokens on {g0} GPUs and {} tokens on {g1} GPUs.",
+                "{model} on {topo} ({}), global batch 1, no activation recompute: the longest sequence that fits is {} on {g0} GPUs and {} on {g1} GPUs.{}",
                 first.name(),
-                fmt(mc(first, Recompute::None, g0)),
-                fmt(mc(first, Recompute::None, g1)),
+                fmt(a),
+                fmt(b),
+                if b.is_none() {
+                    " (Without recompute mmsp-runtime runs ZeRO-0 to 2 only, which keep fp32 master weights and gradients whole on every GPU; its ZeRO-3 always recomputes.)"
+                } else {
+                    ""
+                }
             ));
         }
         if let Some(&r) = d
@@ -484,7 +516,7 @@ pub fn summary(d: &ReportData) -> Vec<String> {
             .find(|r| **r != Recompute::None)
         {
             out.push(format!(
-                "With {} recompute, {g1} GPUs fit {} tokens.",
+                "With {} recompute, {g1} GPUs fit {}.",
                 r.as_str(),
                 fmt(mc(first, r, g1))
             ));

@@ -55,15 +55,21 @@ fn strategies_constrain_the_layout() {
     }
 }
 
+/// 2M tokens of llama3-8b fit 256 H100s with mmsp-runtime's ZeRO-3 (and the recompute it
+/// forces), not without recompute: below ZeRO-3 the runtime keeps fp32 masters and gradients
+/// whole (10 B per parameter, 80 GB for 8B parameters), and ZeRO-3 always recomputes.
 #[test]
-fn two_million_tokens_fit_256_h100s_without_recompute() {
+fn two_million_tokens_fit_256_h100s_with_the_runtimes_zero3() {
     let (t, m) = h100(256);
-    let r = Request {
+    let none = Request {
         recompute: Some(Recompute::None),
         ..req(256, 2 << 20)
     };
+    assert!(search(&t, &m, &none, None).best().is_none());
+    let r = req(256, 2 << 20);
     let res = search(&t, &m, &r, None);
     let best = res.best().expect("2M fits 256 H100s");
+    assert_eq!(best.candidate.zero_stage, 3);
     assert_eq!(best.candidate.layout.world(), 256);
     assert!(best.estimate.memory_per_gpu_bytes <= t.spec.hbm_bytes);
     // Ranked fastest first.

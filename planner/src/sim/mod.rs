@@ -377,7 +377,11 @@ pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> SimResult {
     let layer_grad = t.grad_bytes / layers as f64;
     // ZeRO-3 (as mmsp-runtime runs it, `runtime/src/train/zero3.rs`): each layer's weights are
     // gathered before its forward and again before its backward; the embedding table and the
-    // final norm with the head once per micro-batch.
+    // final norm with the head once per micro-batch. The runtime waits for each of these
+    // collectives before the compute that follows (no prefetch), and reduces a layer's
+    // gradient right after its backward, again waited for; below ZeRO-3 it reduces all the
+    // gradients after the last micro-batch's backward (`AdamW::step_timed`), so nothing
+    // overlaps (the kernel profile of runtime/bench/results/h100x4_runG shows it).
     let layer_param = t.layers_param_bytes / layers as f64;
     let other_param = t.param_bytes - t.layers_param_bytes;
     let mut d = b.empty();
@@ -386,107 +390,75 @@ pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> SimResult {
         let last_micro = micro + 1 == t.accum;
         d = b.compute("vision stage", t.vision_s(), &d);
         if t.zero_stage >= 3 {
-            // Prefetched with the micro-batch's first layer gathers; the layers wait for it
-            // (the embedding lookup comes first).
-            let g = b.comm(
+            d = b.comm(
                 "zero-3 gather (embedding, head)",
                 Stream::Gather,
                 Coll::AllGather,
                 gf,
                 other_param,
-                &b.empty(),
+                &d,
             );
-            d = Builder::join(&d, &g);
         }
-        let mut gathered: Vec<H> = Vec::new();
         for l in 0..layers {
-            let mut fd = d.clone();
             if t.zero_stage >= 3 {
-                // Prefetch: the gather for layer l waits for layer l-2's compute (two buffers).
-                let gd = if l >= 2 {
-                    gathered[(l - 2) as usize].clone()
-                } else {
-                    b.empty()
-                };
-                let g = b.comm(
+                d = b.comm(
                     &format!("L{l} zero-3 gather"),
                     Stream::Gather,
                     Coll::AllGather,
                     gf,
                     layer_param,
-                    &gd,
+                    &d,
                 );
-                fd = Builder::join(&fd, &g);
             }
-            d = b.forward_layer(l, "fwd", &fd);
-            gathered.push(d.clone());
+            d = b.forward_layer(l, "fwd", &d);
         }
         d = b.compute("head fwd+bwd", 3.0 * t.head_fwd_s, &d);
-        let mut bgathered: Vec<H> = Vec::new();
-        for (i, l) in (0..layers).rev().enumerate() {
-            let mut bd = d.clone();
+        for l in (0..layers).rev() {
             if t.zero_stage >= 3 {
-                let gd = if i >= 2 {
-                    bgathered[i - 2].clone()
-                } else {
-                    b.empty()
-                };
-                let g = b.comm(
+                d = b.comm(
                     &format!("L{l} zero-3 gather (bwd)"),
                     Stream::Gather,
                     Coll::AllGather,
                     gf,
                     layer_param,
-                    &gd,
+                    &d,
                 );
-                bd = Builder::join(&bd, &g);
             }
             // The runtime's only recompute (`cost::runtime_recompute`): outside attention.
             if t.recompute != Recompute::None {
-                bd = b.recompute_outside_attention(l, &bd);
+                d = b.recompute_outside_attention(l, &d);
             }
-            d = b.backward_layer(l, &bd);
-            bgathered.push(d.clone());
-            // Gradient bucket of this layer (Rajbhandari et al. 2020, Sec. 7).
-            let g = match t.zero_stage {
-                0 if last_micro => b.comm(
-                    &format!("L{l} grad all-reduce"),
-                    Stream::Grad,
-                    Coll::AllReduce,
-                    gf,
-                    layer_grad,
-                    &d,
-                ),
-                1 if last_micro => b.comm(
+            d = b.backward_layer(l, &d);
+            if t.zero_stage >= 3 {
+                d = b.comm(
                     &format!("L{l} grad reduce-scatter"),
                     Stream::Grad,
                     Coll::AllGather,
                     gf,
                     layer_grad,
                     &d,
-                ),
-                2 | 3 => b.comm(
-                    &format!("L{l} grad reduce-scatter"),
-                    Stream::Grad,
-                    Coll::AllGather,
-                    gf,
-                    layer_grad,
-                    &d,
-                ),
-                _ => b.empty(),
+                );
+            }
+        }
+        if last_micro && t.zero_stage < 3 {
+            let (name, coll) = if t.zero_stage == 0 {
+                ("grad all-reduce", Coll::AllReduce)
+            } else {
+                ("grad reduce-scatter", Coll::AllGather)
             };
-            grads = Builder::join(&grads, &g);
+            grads = b.comm(name, Stream::Grad, coll, gf, t.grad_bytes, &d);
         }
     }
     let all = Builder::join(&d, &grads);
     let opt = b.compute("optimizer step", t.optimizer_s, &all);
     if (1..=2).contains(&t.zero_stage) {
+        // The updated fp32 master slices (the runtime's parameters are the masters).
         b.comm(
             "weight all-gather",
             Stream::Gather,
             Coll::AllGather,
             gf,
-            t.param_bytes,
+            t.param_bytes * crate::cost::memory::GRAD_BYTES / crate::cost::memory::WEIGHT_BYTES,
             &opt,
         );
     }

@@ -53,7 +53,10 @@ fn collapsed_equals_full_simulation() {
         let t = topo("dgx-h100", 16);
         let tm = terms_for(
             &t,
-            "llama3-8b",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../runtime/bench/llama3-8b-2layer.json"
+            ),
             1 << 16,
             u,
             r,

@@ -388,6 +388,29 @@ impl<'a> Trainer<'a> {
         self.attn.packing().sample_lens()
     }
 
+    /// The decoder's embeddings of token `ids` (B, S) int64, in the compute dtype, without
+    /// graph: from the model's table, or under ZeRO-3 from the table gathered for the lookup
+    /// (a collective over the grad group: every rank calls it). For the text rows of a VLM
+    /// step ([`Trainer::step_embeddings_text`] sends their gradient back to the table).
+    pub fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        if self.opt.units().is_none() {
+            return tch::no_grad(|| self.model.embed(Input::Ids(ids)));
+        }
+        if ids.dim() != 2 || ids.kind() != Kind::Int64 {
+            return Err(RuntimeError::Shape(format!(
+                "token ids must be (B, S) int64, got {:?} {:?}",
+                ids.size(),
+                ids.kind()
+            )));
+        }
+        let g = self.gather(zero3::EMBED_UNIT, false)?;
+        let ids = ids.to_device(self.device());
+        tch::no_grad(|| {
+            g.get("embed_tokens.weight")
+                .map(|w| Tensor::embedding(w, &ids, -1, false, false))
+        })
+    }
+
     /// One step on this rank's shard: `ids` (1, s_local) int64 and `labels` (1, s_local)
     /// int64 (the next token of each position of the full sequence; -100 = no loss), rows in
     /// [`Trainer::local_ranges`] order.

@@ -36,7 +36,6 @@ use crate::comm::nccl::{LaunchEnv, NcclWorld};
 use crate::comm::{comm_timeout, Communicator};
 use crate::error::{Result, RuntimeError};
 use crate::kernel::Backend;
-use crate::model::Input;
 use crate::model::{Decoder, ModelConfig};
 use crate::plan::{GroupKind, Layout, Plan};
 use crate::vision::{EncoderSource, VisionEncoder, VisionRun, VisionSection, VisionStage};
@@ -235,13 +234,6 @@ pub fn load_vision(
         }
         return Ok(None);
     };
-    if tp.zero_stage == 3 {
-        return Err(RuntimeError::Plan(
-            "ZeRO-3 with a vision section is not implemented (the text rows' embedding lookup \
-             needs the gathered table): plan with --zero 0, 1 or 2"
-                .into(),
-        ));
-    }
     let source = match (&vopts.config, &opts.model) {
         (Some(p), _) => EncoderSource::HfConfig(p.clone()),
         (None, ModelSource::Tiny) => EncoderSource::Tiny,
@@ -727,7 +719,7 @@ impl VisionRank {
         let t0 = Instant::now();
         let (ctx, encode_s, reshard_s) = self.stage.forward_timed(world, &frames, &syncf)?;
         let text_ids = ids.view([-1]).index_select(0, &self.text_rows);
-        let text = tch::no_grad(|| t.model.embed(Input::Ids(&text_ids.view([1, -1]))))?;
+        let text = t.embed_ids(&text_ids.view([1, -1]))?;
         let emb = self.stage.merge(&ctx, &text.view([-1, h]))?.unsqueeze(0);
         let (mut st, g) =
             t.step_embeddings_text(&emb, &labels, Some((&self.text_rows, &text_ids)))?;
