@@ -19,7 +19,8 @@ use crate::balance::{
     balance_frames, frame_costs, second_stage, BalanceOptions, FrameAssignment, TwoStageBalance,
 };
 use crate::cost::compute::{
-    attention_head_dim_padded, hbm_rate, ATTN_TRAIN_FACTOR, GEMM_TRAIN_FACTOR,
+    attention_head_dim_padded, hbm_rate, ATTN_TRAIN_FACTOR, GEMM_TRAIN_FACTOR, GRAD_ZERO_BYTES,
+    OPTIMIZER_STEP_BYTES,
 };
 use crate::cost::memory::{
     layer_activation_bytes_per_token, ActivationArch, GRAD_BYTES, OPTIMIZER_BYTES, WEIGHT_BYTES,
@@ -350,6 +351,15 @@ impl MultiModal {
             encoder_gemm_s: enc.gemm_s,
             encoder_attention_s: enc.attention_s,
             encoder_memory_bound_s: enc.memory_s,
+            // Its AdamW (fused, as the decoder's) and gradient zeroing over every parameter,
+            // once per step (`VisionRank::step`; 14.6 ms measured for so400m + projector on an
+            // H100 with the phase's synchronisations, runtime/bench/results/h100x4_runG/vlm.json).
+            encoder_optimizer_s: if self.train_vision {
+                let bytes = all_params * (OPTIMIZER_STEP_BYTES + GRAD_ZERO_BYTES);
+                bytes / hbm_rate(&topo.spec, bytes)
+            } else {
+                0.0
+            },
         })
     }
 

@@ -150,6 +150,9 @@ pub struct VisionStage {
     pub encoder_attention_s: f64,
     #[serde(default)]
     pub encoder_memory_bound_s: f64,
+    /// The encoder's own AdamW step per step when trained (absent in plans of older planners).
+    #[serde(default)]
+    pub encoder_optimizer_s: f64,
 }
 
 /// Why a candidate cannot run. The search skips these and reports the reasons.
@@ -553,7 +556,7 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
         grad_bytes: params_local * GRAD_BYTES,
         param_bytes: params_local * WEIGHT_BYTES,
         layers_param_bytes: layers * layer_params_local * WEIGHT_BYTES,
-        optimizer_s: bw(opt_bytes, opt_bytes),
+        optimizer_s: bw(opt_bytes, opt_bytes) + vision.map_or(0.0, |v| v.encoder_optimizer_s),
         vision,
         memory,
         model_flops: f64::from(l.world())
