@@ -40,6 +40,26 @@ struct RawCalibration {
     /// Achieved bandwidth of memory-bound kernels (absent from older files).
     #[serde(default)]
     memory_bandwidth: Vec<RawBandwidth>,
+    /// NCCL collectives over the GPUs of one host (`mmsp-runtime calibrate-comm`; optional).
+    #[serde(default)]
+    collectives: Option<RawCollectives>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawCollectives {
+    /// GPUs the collectives spanned (one NVLink domain).
+    gpus: u32,
+    points: Vec<RawCollective>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawCollective {
+    /// "all_gather", "reduce_scatter", "all_reduce" or "all_to_all".
+    op: String,
+    /// Bytes of the whole tensor (all ranks' data).
+    bytes: f64,
+    /// nccl-tests bus bandwidth, 10^9 bytes/s.
+    bus_gb_per_s: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +112,9 @@ pub struct Calibration {
     layout: Vec<(f64, f64)>,
     /// (log tokens, FLOP/s) of the output head's GEMMs; empty when not measured.
     head: Vec<(f64, f64)>,
+    /// Bus bandwidth (bytes/s) of ring collectives inside one fabric domain at the largest
+    /// size measured, and the GPUs measured; None without a `collectives` section.
+    fabric_bus: Option<(f64, u32)>,
 }
 
 /// Whether a `memory_bandwidth` op is a layout copy rather than a streaming kernel.
@@ -213,6 +236,24 @@ impl Calibration {
         };
         let bandwidth = mean_curve(bw_points(false));
         let layout = mean_curve(bw_points(true));
+        // Collectives: the ring collectives' (all-gather, reduce-scatter) bus bandwidth at the
+        // largest tensor measured, the regime of gradient and weight traffic; mean of the two.
+        let fabric_bus = raw.collectives.as_ref().and_then(|c| {
+            let ring: Vec<&RawCollective> = c
+                .points
+                .iter()
+                .filter(|p| matches!(p.op.as_str(), "all_gather" | "reduce_scatter"))
+                .filter(|p| p.bus_gb_per_s.is_finite() && p.bus_gb_per_s > 0.0)
+                .collect();
+            let top = ring.iter().map(|p| p.bytes).fold(0.0, f64::max);
+            let at: Vec<f64> = ring
+                .iter()
+                .filter(|p| p.bytes == top)
+                .map(|p| p.bus_gb_per_s * 1e9)
+                .collect();
+            (!at.is_empty() && c.gpus > 1)
+                .then(|| (at.iter().sum::<f64>() / at.len() as f64, c.gpus))
+        });
         if gemm.is_empty() || attention.iter().any(Vec::is_empty) {
             return Err(bad(
                 "needs GEMM points and causal and non-causal attention points with tflops".into(),
@@ -226,6 +267,7 @@ impl Calibration {
             bandwidth,
             layout,
             head,
+            fabric_bus,
         })
     }
 
@@ -270,6 +312,13 @@ impl Calibration {
     /// None when the file has no such points.
     pub fn layout_bandwidth(&self, bytes: f64) -> Option<f64> {
         (!self.layout.is_empty()).then(|| interp(&self.layout, bytes.max(1.0).ln()))
+    }
+
+    /// The measured bus bandwidth (bytes/s) of ring collectives inside one fabric domain and
+    /// the GPUs it was measured on, if the file has a `collectives` section
+    /// (`mmsp-runtime calibrate-comm`).
+    pub fn fabric_bus_bandwidth(&self) -> Option<(f64, u32)> {
+        self.fabric_bus
     }
 
     /// The output head's GEMM throughput (FLOP/s) over `tokens` rows, or None when the file has
@@ -400,6 +449,24 @@ mod tests {
             e.contains("3.00 TB/s") && e.contains("2.00 TB/s HBM peak of g"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn collectives_give_the_fabric_bus_bandwidth() {
+        let base = r#"{"device": "x", "gemm": [{"tokens": 1024, "n": 1, "k": 1, "tflops": 100}],
+            "attention": [{"heads": 1, "tokens": 1024, "causal": true, "tflops": 100},
+                          {"heads": 1, "tokens": 1024, "causal": false, "tflops": 100}]"#;
+        let c = Calibration::from_json(&format!("{base}}}"), "t").unwrap();
+        assert_eq!(c.fabric_bus_bandwidth(), None);
+        let with = format!(
+            r#"{base}, "collectives": {{"gpus": 4, "points": [
+                {{"op": "all_gather", "bytes": 1e6, "bus_gb_per_s": 100}},
+                {{"op": "all_gather", "bytes": 1e9, "bus_gb_per_s": 360}},
+                {{"op": "reduce_scatter", "bytes": 1e9, "bus_gb_per_s": 340}},
+                {{"op": "all_to_all", "bytes": 1e9, "bus_gb_per_s": 200}}]}}}}"#
+        );
+        let c = Calibration::from_json(&with, "t").unwrap();
+        assert_eq!(c.fabric_bus_bandwidth(), Some((350e9, 4)));
     }
 
     #[test]

@@ -92,9 +92,7 @@ impl Target {
         let mut cluster = ClusterSpec::load(&self.topology)?;
         if let Some(c) = &self.calibration {
             let cal = mmsp_planner::calibration::Calibration::load(c)?;
-            cal.check_against(&cluster.gpu_model, cluster.peak_flops)?;
-            cal.check_bandwidth(&cluster.gpu_model, cluster.hbm_bytes_per_s)?;
-            cluster.calibration = Some(std::sync::Arc::new(cal));
+            cluster.apply_calibration(cal)?;
         }
         cluster.check_gpus(u64::from(self.gpus))?;
         let topo = Topology::build(&cluster, self.gpus);

@@ -2,11 +2,11 @@
 """Measured against predicted for the training runs of runtime/bench/results/h100x4_runG/ (4 x H100
 and GPU 0 of the same host): re-plans each configuration with the planner built here
 (`cargo run -p mmsp-planner -- plan ...`, the calibration given, default
-runtime/bench/results/h100-sxm-2layer-v2.json) and prints one JSON line per run plus a Markdown
+runtime/bench/results/h100-sxm-2layer-v3-nccl4.json) and prints one JSON line per run plus a Markdown
 table. Run from the repository root: python3 runtime/bench/table.py [CALIBRATION]"""
 import json, subprocess, sys
 
-cal = sys.argv[1] if len(sys.argv) > 1 else "runtime/bench/results/h100-sxm-2layer-v2.json"
+cal = sys.argv[1] if len(sys.argv) > 1 else "runtime/bench/results/h100-sxm-2layer-v3-nccl4.json"
 R = "runtime/bench/results/h100x4_runG/"
 runs = [(f"1 GPU {c}", f"train1_{c}.json", ["--topology", "runtime/bench/h100-1gpu.toml", "--gpus", "1", "--context", c, "--layout", "1x1", "--zero", "0", "--recompute", "none"])
         for c in ("8K", "16K", "32K", "64K", "112K", "128K")]

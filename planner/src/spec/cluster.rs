@@ -253,17 +253,12 @@ impl ClusterSpec {
         };
         let calibration = match &raw.efficiency.calibration {
             None => None,
-            Some(name) => {
-                let c = crate::calibration::Calibration::load(name)
-                    .map_err(|e| bad(format!("efficiency.calibration: {e}")))?;
-                c.check_against(&raw.gpu.model, peak)
-                    .map_err(|e| bad(format!("efficiency.calibration: {e}")))?;
-                c.check_bandwidth(&raw.gpu.model, raw.gpu.hbm_tbps * 1e12)
-                    .map_err(|e| bad(format!("efficiency.calibration: {e}")))?;
-                Some(std::sync::Arc::new(c))
-            }
+            Some(name) => Some(
+                crate::calibration::Calibration::load(name)
+                    .map_err(|e| bad(format!("efficiency.calibration: {e}")))?,
+            ),
         };
-        Ok(ClusterSpec {
+        let mut spec = ClusterSpec {
             name: raw.name,
             description: raw.description,
             gpu_model: raw.gpu.model,
@@ -287,13 +282,37 @@ impl ClusterSpec {
                 "efficiency.fabric_efficiency",
                 0.8,
             )?,
-            calibration,
+            calibration: None,
             network_efficiency: frac(
                 raw.efficiency.network_efficiency,
                 "efficiency.network_efficiency",
                 0.9,
             )?,
-        })
+        };
+        if let Some(c) = calibration {
+            spec.apply_calibration(c)
+                .map_err(|e| bad(format!("efficiency.calibration: {e}")))?;
+        }
+        Ok(spec)
+    }
+
+    /// Applies a kernel calibration: checks it against this GPU (its peak FLOP/s and HBM
+    /// bandwidth) and uses its curves; when it has measured collectives
+    /// (`mmsp-runtime calibrate-comm`) over as many GPUs as a fabric domain holds, their bus
+    /// bandwidth replaces the assumed fabric efficiency (measured bus bandwidth over the
+    /// nominal per-GPU fabric bandwidth, at most 1; 4 x H100: 320 / 450 GB/s = 0.71).
+    pub fn apply_calibration(&mut self, cal: crate::calibration::Calibration) -> Result<()> {
+        cal.check_against(&self.gpu_model, self.peak_flops)?;
+        cal.check_bandwidth(&self.gpu_model, self.hbm_bytes_per_s)?;
+        // Measured on as many GPUs as one fabric domain holds: the same ring over the same
+        // switch (a 4-GPU measurement says little about an 8-GPU domain's rings).
+        if let Some((bus, gpus)) = cal.fabric_bus_bandwidth() {
+            if gpus == self.domain_gpus {
+                self.fabric_efficiency = (bus / (self.fabric_gbps_per_gpu * 1e9)).min(1.0);
+            }
+        }
+        self.calibration = Some(std::sync::Arc::new(cal));
+        Ok(())
     }
 
     /// bf16 GEMM throughput (FLOP/s) for projections over `tokens` rows.
@@ -352,6 +371,28 @@ fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Measured collectives set the fabric's efficiency on a domain of the GPUs measured only.
+    #[test]
+    fn measured_collectives_set_the_fabric_efficiency_of_a_matching_domain() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/bench/");
+        let cal = || {
+            crate::calibration::Calibration::load(&format!(
+                "{dir}results/h100-sxm-2layer-v3-nccl4.json"
+            ))
+            .unwrap()
+        };
+        let (bus, gpus) = cal().fabric_bus_bandwidth().unwrap();
+        assert_eq!(gpus, 4);
+        let mut four = ClusterSpec::load(&format!("{dir}h100-4gpu.toml")).unwrap();
+        four.apply_calibration(cal()).unwrap();
+        assert!((four.fabric_efficiency - bus / 450e9).abs() < 1e-12);
+        assert!(four.fabric_efficiency > 0.6 && four.fabric_efficiency < 0.8);
+        let mut eight = ClusterSpec::load("dgx-h100").unwrap();
+        let before = eight.fabric_efficiency;
+        eight.apply_calibration(cal()).unwrap();
+        assert_eq!(eight.fabric_efficiency, before);
+    }
 
     #[test]
     fn all_shipped_topologies_parse() {

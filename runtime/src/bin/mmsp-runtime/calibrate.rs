@@ -53,6 +53,22 @@ pub enum Cmd {
         #[arg(long, default_value_t = 0.0)]
         preheat_s: f64,
     },
+    /// NCCL, one process per GPU of one host (torchrun-style environment, as `nccl-bench`):
+    /// time all-gather, reduce-scatter, all-reduce and all-to-all over every rank for bf16
+    /// tensors of 16 MiB to 1 GiB and add them, as nccl-tests bus bandwidths, to a calibration
+    /// file (`collectives`), from which `mmsp plan --calibration` takes the fabric's achieved
+    /// bandwidth.
+    CalibrateComm {
+        /// A plan whose world size is the launch's (only its world size is used).
+        #[arg(long)]
+        plan: PathBuf,
+        /// Calibration JSON (from `calibrate`) that rank 0 adds the `collectives` section to.
+        #[arg(long)]
+        into: PathBuf,
+        /// Timed calls per point (after two warm-up calls; the median is kept).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+    },
 }
 
 /// Runs one calibration subcommand.
@@ -79,7 +95,99 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
             };
             calibrate(&out, model.as_deref(), &backend, timing, preheat_s)
         }
+        Cmd::CalibrateComm { plan, into, iters } => calibrate_comm(&plan, &into, iters),
     }
+}
+
+/// Tensor sizes of the collective sweep (the whole tensor, all ranks' data), MiB.
+const COMM_MIB: [i64; 4] = [16, 64, 256, 1024];
+
+/// `calibrate-comm`: see [`Cmd::CalibrateComm`]. Bus bandwidth as nccl-tests counts it
+/// (doc/PERFORMANCE.md): all-gather, reduce-scatter and all-to-all move (n-1)/n of the tensor
+/// per rank, all-reduce 2(n-1)/n.
+fn calibrate_comm(plan: &std::path::Path, into: &std::path::Path, iters: usize) -> Result<()> {
+    use mmsp_runtime::comm::nccl::{LaunchEnv, NcclWorld};
+    use mmsp_runtime::comm::Communicator;
+    use mmsp_runtime::plan::Plan;
+    if iters == 0 {
+        return Err(usage("--iters must be >= 1"));
+    }
+    let text = std::fs::read_to_string(into)
+        .map_err(|e| usage(format!("--into {}: {e}", into.display())))?;
+    let mut cal: Value = serde_json::from_str(&text)
+        .map_err(|e| usage(format!("--into {}: not JSON: {e}", into.display())))?;
+    if !cal.get("gemm").is_some_and(Value::is_array) {
+        return Err(usage(format!(
+            "--into {}: not a calibration from `mmsp-runtime calibrate` (no gemm points)",
+            into.display()
+        )));
+    }
+    let plan = Plan::from_file(plan).map_err(|e| usage(format!("--plan: {e}")))?;
+    let env = LaunchEnv::from_env().context("reading the launch environment")?;
+    let nw = NcclWorld::init(&plan, env.clone(), std::time::Duration::from_secs(120))
+        .context("joining the NCCL world")?;
+    let world: &dyn Communicator = &nw.world;
+    let n = world.size() as i64;
+    let dev = Device::Cuda(env.local_rank);
+    let mut points = Vec::new();
+    for &mib in &COMM_MIB {
+        let elems = (mib << 20) / 2 / n * n; // bf16, a multiple of n
+        let full = Tensor::randn([elems], (Kind::BFloat16, dev));
+        let part = Tensor::empty([elems / n], (Kind::BFloat16, dev));
+        let sends: Vec<Tensor> = full.chunk(n, 0);
+        let recvs: Vec<Tensor> = (0..n)
+            .map(|_| Tensor::empty([elems / n], (Kind::BFloat16, dev)))
+            .collect();
+        let ops: [(&str, f64); 4] = [
+            ("all_gather", (n - 1) as f64 / n as f64),
+            ("reduce_scatter", (n - 1) as f64 / n as f64),
+            ("all_reduce", 2.0 * (n - 1) as f64 / n as f64),
+            ("all_to_all", (n - 1) as f64 / n as f64),
+        ];
+        for (op, factor) in ops {
+            let call = || -> Result<()> {
+                match op {
+                    "all_gather" => world.all_gather(&part, &full)?,
+                    "reduce_scatter" => world.reduce_scatter(&full, &part)?,
+                    "all_reduce" => world.all_reduce(&full)?,
+                    _ => world.all_to_all(&sends, &recvs)?.wait()?,
+                }
+                Ok(())
+            };
+            let mut ts = Vec::with_capacity(iters);
+            for i in 0..iters + 2 {
+                world.barrier()?;
+                sync(dev);
+                let t = Instant::now();
+                call()?;
+                sync(dev);
+                if i >= 2 {
+                    ts.push(t.elapsed().as_secs_f64());
+                }
+            }
+            ts.sort_by(f64::total_cmp);
+            let t = ts[ts.len() / 2];
+            let bytes = (elems * 2) as f64;
+            let p = json!({"op": op, "bytes": bytes, "seconds": t,
+                           "bus_gb_per_s": factor * bytes / t / 1e9});
+            if env.rank == 0 {
+                println!("{}", json!({"calibrate_comm": p, "gpus": n}));
+            }
+            points.push(p);
+        }
+    }
+    if env.rank == 0 {
+        cal["collectives"] = json!({
+            "tool": "mmsp-runtime calibrate-comm",
+            "gpus": n,
+            "timing": "host time of one call between device synchronisations after a barrier, median of the calls after two warm-ups",
+            "points": points,
+        });
+        std::fs::write(into, serde_json::to_string_pretty(&cal)? + "\n")
+            .map_err(|e| usage(format!("--into {}: {e}", into.display())))?;
+    }
+    nw.finish().context("leaving the NCCL world")?;
+    Ok(())
 }
 
 /// Token counts of the GEMM sweep (rows of the projections).
