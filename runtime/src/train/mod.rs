@@ -396,6 +396,12 @@ impl<'a> Trainer<'a> {
         if self.opt.units().is_none() {
             return tch::no_grad(|| self.model.embed(Input::Ids(ids)));
         }
+        Ok(self.embed_gathered(&ids.to_device(self.device()))?.0)
+    }
+
+    /// ZeRO-3: the embedding table gathered and the lookup of `ids` (B, S) int64 in it, without
+    /// graph; the gathered table is returned for a tied head.
+    fn embed_gathered(&self, ids: &Tensor) -> Result<(Tensor, zero3::Gathered)> {
         if ids.dim() != 2 || ids.kind() != Kind::Int64 {
             return Err(RuntimeError::Shape(format!(
                 "token ids must be (B, S) int64, got {:?} {:?}",
@@ -404,11 +410,11 @@ impl<'a> Trainer<'a> {
             )));
         }
         let g = self.gather(zero3::EMBED_UNIT, false)?;
-        let ids = ids.to_device(self.device());
-        tch::no_grad(|| {
+        let x0 = tch::no_grad(|| {
             g.get("embed_tokens.weight")
-                .map(|w| Tensor::embedding(w, &ids, -1, false, false))
-        })
+                .map(|w| Tensor::embedding(w, ids, -1, false, false))
+        })?;
+        Ok((x0, g))
     }
 
     /// One step on this rank's shard: `ids` (1, s_local) int64 and `labels` (1, s_local)
@@ -490,19 +496,8 @@ impl<'a> Trainer<'a> {
         let mut table: Option<zero3::Gathered> = None;
         let x0 = match input {
             Input::Ids(ids) if z3 => {
-                if ids.dim() != 2 || ids.kind() != Kind::Int64 {
-                    return Err(RuntimeError::Shape(format!(
-                        "token ids must be (B, S) int64, got {:?} {:?}",
-                        ids.size(),
-                        ids.kind()
-                    )));
-                }
-                let g = self.gather(zero3::EMBED_UNIT, false)?;
+                let (x0, g) = self.embed_gathered(ids)?;
                 ph.cast_s += clk.lap();
-                let x0 = tch::no_grad(|| {
-                    g.get("embed_tokens.weight")
-                        .map(|w| Tensor::embedding(w, ids, -1, false, false))
-                })?;
                 table = Some(g);
                 x0
             }
