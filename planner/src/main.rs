@@ -77,7 +77,9 @@ struct Target {
     #[arg(long, default_value = "dgx-h100")]
     topology: String,
     /// Kernel calibration (shipped name such as h100-sxm, or a JSON file from
-    /// tools/calibrate_kernels.py) replacing the topology's throughput figures.
+    /// `mmsp-runtime calibrate` or tools/calibrate_kernels.py) replacing the topology's
+    /// throughput figures, and with collectives from `mmsp-runtime calibrate-comm` its fabric
+    /// efficiency.
     #[arg(long)]
     calibration: Option<String>,
     /// Global batch in sequences [default: 4M tokens' worth, at least 1, a power of two].
@@ -217,7 +219,8 @@ struct PlanArgs {
     /// and micro-batch are still searched.
     #[arg(long, value_parser = layout_arg)]
     layout: Option<LayoutPin>,
-    /// Plan only this ZeRO stage (0-3) instead of searching them.
+    /// Plan only this ZeRO stage (0-3) instead of searching 0, 1 and 3 (mmsp-runtime's stage 2
+    /// keeps what its stage 1 keeps).
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=3))]
     zero: Option<u8>,
     /// Plan training steps or inference (sequence-parallel prefill, sharded-KV decoding).
