@@ -208,26 +208,7 @@ impl<'a> Builder<'a> {
 
     /// Forward of one layer; returns the dependencies of what follows.
     fn forward_layer(&mut self, l: u64, pass: &str, deps: &H) -> H {
-        let t = self.t;
-        let tag = format!("L{l} {pass}");
-        let mut d = self.tp(&tag, "tp all-gather", deps);
-        d = self.compute(
-            &format!("{tag} qkv"),
-            t.gemm_fwd_s * t.qkv_share + 0.5 * t.elem_fwd_s,
-            &d,
-        );
-        d = self.a2a(&tag, "a2a qkv", t.a2a_qkv_bytes, &d);
-        d = self.ring(&tag, t.attn_fwd_s, t.ring_kv_bytes, &d);
-        d = self.a2a(&tag, "a2a out", t.a2a_o_bytes, &d);
-        d = self.compute(&format!("{tag} o-proj"), t.gemm_fwd_s * t.o_share, &d);
-        d = self.tp(&tag, "tp reduce-scatter", &d);
-        d = self.tp(&tag, "tp all-gather", &d);
-        d = self.compute(
-            &format!("{tag} mlp"),
-            t.gemm_fwd_s * (1.0 - t.qkv_share - t.o_share) + 0.5 * t.elem_fwd_s,
-            &d,
-        );
-        self.tp(&tag, "tp reduce-scatter", &d)
+        self.layer_forward_ops(&format!("L{l} {pass}"), true, deps)
     }
 
     /// mmsp-runtime's recompute of one layer outside attention before its backward
@@ -235,23 +216,34 @@ impl<'a> Builder<'a> {
     /// memory-bound work (with its tensor-parallel collectives) run again; attention and its
     /// all-to-all and ring traffic do not (their outputs were kept).
     fn recompute_outside_attention(&mut self, l: u64, deps: &H) -> H {
+        self.layer_forward_ops(&format!("L{l} recompute"), false, deps)
+    }
+
+    /// A layer's forward ops under `tag`: QKV, then (with `attention`) the all-to-alls and the
+    /// ring around attention, the output projection and the MLP, with the tensor-parallel
+    /// collectives between them.
+    fn layer_forward_ops(&mut self, tag: &str, attention: bool, deps: &H) -> H {
         let t = self.t;
-        let tag = format!("L{l} recompute");
-        let mut d = self.tp(&tag, "tp all-gather", deps);
+        let mut d = self.tp(tag, "tp all-gather", deps);
         d = self.compute(
             &format!("{tag} qkv"),
             t.gemm_fwd_s * t.qkv_share + 0.5 * t.elem_fwd_s,
             &d,
         );
+        if attention {
+            d = self.a2a(tag, "a2a qkv", t.a2a_qkv_bytes, &d);
+            d = self.ring(tag, t.attn_fwd_s, t.ring_kv_bytes, &d);
+            d = self.a2a(tag, "a2a out", t.a2a_o_bytes, &d);
+        }
         d = self.compute(&format!("{tag} o-proj"), t.gemm_fwd_s * t.o_share, &d);
-        d = self.tp(&tag, "tp reduce-scatter", &d);
-        d = self.tp(&tag, "tp all-gather", &d);
+        d = self.tp(tag, "tp reduce-scatter", &d);
+        d = self.tp(tag, "tp all-gather", &d);
         d = self.compute(
             &format!("{tag} mlp"),
             t.gemm_fwd_s * (1.0 - t.qkv_share - t.o_share) + 0.5 * t.elem_fwd_s,
             &d,
         );
-        self.tp(&tag, "tp reduce-scatter", &d)
+        self.tp(tag, "tp reduce-scatter", &d)
     }
 
     /// Backward of one layer.
