@@ -195,7 +195,7 @@ pub fn runtime_layer_activation_bytes_per_token(
     let h = a.hidden;
     let pre = 2.0 * h + 2.0 * a.q_dim + 4.0 * kv_model;
     let ctx = 2.0 * a.q_dim + 4.0 * a.kv_dim + 2.0 * a.q_dim + 4.0 * a.heads;
-    let a_copy = if ulysses > 1 { 2.0 * a.q_dim } else { 0.0 };
+    let a_copy = outside_attention_extra_bytes_per_token(a, ulysses, 1.0);
     let post = 2.0 * a.q_dim + 2.0 * h + 2.0 * h + 8.0 * a.ffn + 2.0 * h;
     (pre + ctx + a_copy + post) / t
 }
@@ -286,7 +286,6 @@ pub fn runtime_model_states(
     zero: u8,
     shards: f64,
 ) -> (f64, f64, f64) {
-    let layer_params = unit_params;
     match zero {
         0 => (
             WEIGHT_BYTES * params,
@@ -299,8 +298,8 @@ pub fn runtime_model_states(
             GRAD_BYTES * params + (OPTIMIZER_BYTES - GRAD_BYTES) * params / shards,
         ),
         _ => (
-            WEIGHT_BYTES * layer_params,
-            GRAD_BYTES * (params / shards + layer_params),
+            WEIGHT_BYTES * unit_params,
+            GRAD_BYTES * (params / shards + unit_params),
             OPTIMIZER_BYTES * params / shards,
         ),
     }

@@ -626,7 +626,6 @@ pub fn compose(topo: &Topology, t: &Terms) -> Estimate {
         0.0
     };
     let micro = gemm_t + attn_t + head_t + elem_t + recompute_t + a2a_t + ring_exposed + tp_t;
-    let backward_compute = (gemm_t + attn_t + head_t) * 2.0 / 3.0;
 
     // ---- per step: gradients, ZeRO, optimizer (Rajbhandari et al. 2020, Sec. 7) ----
     let gf = l.grad_family();
@@ -662,7 +661,6 @@ pub fn compose(topo: &Topology, t: &Terms) -> Estimate {
     // them, `runtime/bench/results/h100x4_runG/kt4_2x2.json.rank0.summary.json`). So all of
     // it is exposed. (Megatron-LM and DeepSpeed overlap bucketed reductions with backward
     // and prefetch ZeRO-3 gathers; this runtime does not yet.)
-    let _ = backward_compute;
     let grad_exposed = grad_sync;
     let gather_exposed = gather;
     let vision_t = t.vision_s();
