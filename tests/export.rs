@@ -219,7 +219,8 @@ fn vila_torchrun_slurm() {
             tp: 1,
             placement: UI,
             zero: 3,
-            recompute: Recompute::None,
+            // Recompute is a choice under ZeRO-3: this plan takes the runtime's.
+            recompute: Recompute::OutsideAttention,
             global_batch: 2,
         },
     );

@@ -3,7 +3,10 @@
 //! simulated step time, memory, max context, and the main reason it loses to `2d`. Every
 //! strategy is costed as mmsp-runtime would run its layout, recompute included: none or the
 //! runtime's recompute of each layer outside attention (`crate::search::enumerate`), not the
-//! selective or whole-layer recompute that Megatron-LM or DeepSpeed offer.
+//! selective or whole-layer recompute that Megatron-LM or DeepSpeed offer. 2d, ring and
+//! ulysses search every ZeRO stage of mmsp-runtime; megatron-cp-tp and te-a2a-p2p run with
+//! Megatron-Core's distributed optimizer, the runtime's ZeRO-1 rule (6 + 12/d bytes per
+//! parameter over their DP x CP ranks, `crate::cost::memory::runtime_model_states`).
 
 use serde::Serialize;
 
@@ -75,6 +78,7 @@ pub struct StrategyRow {
     pub analytic_step_time_s: Option<f64>,
     pub tokens_per_s: Option<f64>,
     pub mfu: Option<f64>,
+    pub hfu: Option<f64>,
     /// This strategy's step time over 2d's: how many times faster 2d is.
     pub speedup_of_2d: Option<f64>,
     pub layout: Option<Layout>,
@@ -152,6 +156,7 @@ pub fn compare(
                 analytic_step_time_s: None,
                 tokens_per_s: None,
                 mfu: None,
+                hfu: None,
                 speedup_of_2d: None,
                 layout: None,
                 zero_stage: None,
@@ -184,6 +189,7 @@ pub fn compare(
                     analytic_step_time_s: Some(e.step_time_s),
                     tokens_per_s: Some(e.tokens_per_s * e.step_time_s / sim),
                     mfu: Some(e.mfu * e.step_time_s / sim),
+                    hfu: Some(e.hfu * e.step_time_s / sim),
                     speedup_of_2d,
                     layout: Some(best.candidate.layout),
                     zero_stage: Some(best.candidate.zero_stage),

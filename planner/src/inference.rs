@@ -624,10 +624,13 @@ pub fn build_plan(
 ) -> Result<Plan> {
     let world = c.layout.world();
     let mem = &e.memory;
+    // Prefill runs forward only and recomputes nothing: model and hardware FLOPs are one.
+    let mfu = e.prefill_flops / (e.prefill_s * f64::from(world) * topo.spec.peak_flops);
     let estimate = Estimate {
         step_time_s: e.prefill_s,
         tokens_per_s: e.prefill_tokens_per_s,
-        mfu: e.prefill_flops / (e.prefill_s * f64::from(world) * topo.spec.peak_flops),
+        mfu,
+        hfu: mfu,
         memory_per_gpu_bytes: mem.total_bytes,
         memory: MemoryBreakdown {
             weights_bytes: mem.weights_bytes,
@@ -648,6 +651,7 @@ pub fn build_plan(
             + (e.prefill.zero_gather_s - e.prefill.zero_gather_exposed_s),
         grad_accum_steps: 1,
         model_flops: e.prefill_flops,
+        hardware_flops: e.prefill_flops,
     };
     let scored = Scored {
         candidate: Candidate {

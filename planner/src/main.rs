@@ -39,6 +39,13 @@ enum Command {
     /// Replay one training step of a saved plan in the discrete-event simulator.
     Simulate(SimulateArgs),
     /// Compare strategies (2d, ring, ulysses, megatron-cp-tp, te-a2a-p2p) on one request.
+    ///
+    /// 2d, ring and ulysses are costed as mmsp-runtime runs them, every ZeRO stage (0-3) and
+    /// recompute (none, full) searched. megatron-cp-tp and te-a2a-p2p are costed with
+    /// Megatron-Core's distributed optimizer: ZeRO-1, 6 + 12/d bytes per parameter over their
+    /// DP x CP ranks (bf16 parameters and fp32 gradients whole, fp32 masters and Adam moments
+    /// sharded). MFU counts 6 x params x tokens and causal attention at 3x its forward (PaLM,
+    /// Appendix B); HFU counts what the kernels run (attention 3.5x, the recompute's forward).
     Compare(CompareArgs),
     /// Sweep GPUs x context x model x topology and write an HTML/Markdown/CSV/JSON report.
     Report(mmsp_planner::report::ReportArgs),
@@ -199,8 +206,8 @@ struct PlanArgs {
     #[command(flatten)]
     video: VideoArgs,
     /// Force a recompute policy instead of searching both: none, or full (mmsp-runtime's
-    /// recompute of each layer's forward outside attention in backward; ZeRO-3 plans always
-    /// have it, so none leaves ZeRO-3 out).
+    /// recompute of each layer's forward outside attention in backward). Either runs under
+    /// every ZeRO stage.
     #[arg(long, value_enum)]
     recompute: Option<RecomputeArg>,
     /// Output format.
@@ -219,8 +226,11 @@ struct PlanArgs {
     /// and micro-batch are still searched.
     #[arg(long, value_parser = layout_arg)]
     layout: Option<LayoutPin>,
-    /// Plan only this ZeRO stage (0-3) instead of searching 0, 1 and 3 (mmsp-runtime's stage 2
-    /// keeps what its stage 1 keeps).
+    /// Plan only this ZeRO stage (0-3) instead of searching all four: 0 keeps 18 B per
+    /// parameter, 1 bf16 parameters and fp32 gradients whole with masters and moments sharded
+    /// (6 + 12/N), 2 the gradients sharded too (2 + 16/N), 3 everything sharded (16/N) with
+    /// two layers gathered at a time (N: SP x DP ranks). megatron-cp-tp and te-a2a-p2p run
+    /// stage 1 only (Megatron-Core's distributed optimizer).
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=3))]
     zero: Option<u8>,
     /// Plan training steps or inference (sequence-parallel prefill, sharded-KV decoding).
@@ -374,11 +384,11 @@ fn plan(a: PlanArgs) -> Result<()> {
         }
     }
     if let (Some(z), Strategy::MegatronCpTp | Strategy::TeA2aP2p) = (a.zero, strategy) {
-        if z > 1 {
+        if z != 1 {
             return Err(mmsp_planner::Error::invalid(
                 "--zero",
                 format!(
-                    "{} plans ZeRO 0 or 1 (Megatron's distributed optimizer), not {z}",
+                    "{} plans ZeRO 1 (Megatron-Core's distributed optimizer), not {z}",
                     a.strategy
                 ),
             )

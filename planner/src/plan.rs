@@ -78,7 +78,13 @@ pub enum RecomputeScope {
 pub struct Predicted {
     pub step_time_s: f64,
     pub tokens_per_s: f64,
+    /// Model FLOPs utilisation: GEMMs 6 x params x tokens and causal attention 3 x its forward
+    /// (Chowdhery et al. 2022, PaLM, Appendix B), as the field reports MFU.
     pub mfu: f64,
+    /// Hardware FLOPs utilisation: what the kernels execute (attention 3.5 x its forward, the
+    /// recompute's forward GEMMs again). Absent in plans of older planners.
+    #[serde(default)]
+    pub hfu: f64,
     pub memory_per_gpu_bytes: f64,
     pub memory: MemoryBreakdown,
     pub time: TimeBreakdown,
@@ -167,7 +173,7 @@ impl Plan {
         let ranges = ranges_per_rank(&[context], l.ulysses as usize, l.ring as usize)?;
         let e = &scored.estimate;
         // What the runtime runs, as the estimate costed it (`crate::cost::terms`).
-        let rc = crate::cost::runtime_recompute(c.zero_stage, c.recompute);
+        let rc = crate::cost::runtime_recompute(c.recompute);
         let (recompute, recompute_scope) = match rc {
             Recompute::OutsideAttention => {
                 (Recompute::Full, Some(RecomputeScope::OutsideAttention))
@@ -205,6 +211,7 @@ impl Plan {
                 step_time_s: e.step_time_s,
                 tokens_per_s: e.tokens_per_s,
                 mfu: e.mfu,
+                hfu: e.hfu,
                 memory_per_gpu_bytes: e.memory_per_gpu_bytes,
                 memory: e.memory.clone(),
                 time: e.time.clone(),
@@ -366,11 +373,12 @@ mod tests {
         Plan::build(&topo, "dgx-h100", &model, context, 2, &scored).unwrap()
     }
 
-    /// A ZeRO-3 plan says it recomputes, in a value the runtime reads (`runtime/src/train/run.rs`
-    /// accepts none, selective and full), and the planner reads it back as costed.
+    /// A plan that recomputes says so in a value the runtime reads (`runtime/src/train/run.rs`
+    /// accepts none, selective and full), and the planner reads it back as costed. Recompute is
+    /// a choice at every ZeRO stage, ZeRO-3 included.
     #[test]
-    fn zero3_plan_writes_the_runtimes_recompute() {
-        let plan = plan_for(3, Recompute::None);
+    fn plans_write_the_runtimes_recompute_at_every_stage() {
+        let plan = plan_for(3, Recompute::OutsideAttention);
         assert_eq!(plan.recompute, Recompute::Full);
         assert_eq!(plan.recompute_scope, Some(RecomputeScope::OutsideAttention));
         assert_eq!(plan.recompute_policy(), Recompute::OutsideAttention);
@@ -391,24 +399,33 @@ mod tests {
             "\"recompute\":\"outside_attention\"",
         );
         assert!(Plan::from_json(&bad, "p.json").is_err());
-        // Below ZeRO-3 any recompute asked for is the runtime's, written the same way.
-        for rc in [
-            Recompute::Selective,
-            Recompute::Full,
-            Recompute::OutsideAttention,
-        ] {
-            let z2 = plan_for(2, rc);
-            assert_eq!(z2.recompute, Recompute::Full, "{rc:?}");
-            assert_eq!(z2.recompute_policy(), Recompute::OutsideAttention, "{rc:?}");
-            assert_eq!(z2.predicted, plan_for(2, Recompute::Full).predicted);
+        // At every stage any recompute asked for is the runtime's, written the same way.
+        for zero in 0..=3u8 {
+            for rc in [
+                Recompute::Selective,
+                Recompute::Full,
+                Recompute::OutsideAttention,
+            ] {
+                let p = plan_for(zero, rc);
+                assert_eq!(p.recompute, Recompute::Full, "ZeRO-{zero} {rc:?}");
+                assert_eq!(p.recompute_policy(), Recompute::OutsideAttention);
+                assert_eq!(p.predicted, plan_for(zero, Recompute::Full).predicted);
+            }
         }
-        // No recompute: none, no scope.
-        let z2 = plan_at(2, Recompute::None, 1 << 14);
-        assert_eq!(z2.recompute, Recompute::None);
-        assert!(serde_json::to_value(&z2)
-            .unwrap()
-            .get("recompute_scope")
-            .is_none());
+        // No recompute, ZeRO-3 included: none, no scope, no recompute time.
+        for zero in [2u8, 3] {
+            let p = plan_at(zero, Recompute::None, 1 << 14);
+            assert_eq!(p.recompute, Recompute::None, "ZeRO-{zero}");
+            assert_eq!(p.predicted.time.recompute_s, 0.0);
+            let v = serde_json::to_value(&p).unwrap();
+            assert!(v.get("recompute_scope").is_none());
+            // MFU and HFU both in the JSON; HFU counts attention at 3.5x, so it is higher.
+            let (mfu, hfu) = (
+                v["predicted"]["mfu"].as_f64(),
+                v["predicted"]["hfu"].as_f64(),
+            );
+            assert!(hfu.unwrap() > mfu.unwrap() && mfu.unwrap() > 0.0);
+        }
     }
 
     /// Plans of older planners that say `selective`, or `full` without a scope, still load and

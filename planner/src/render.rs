@@ -37,16 +37,11 @@ pub fn layout_words(topo: &Topology, s: &Scored) -> String {
 }
 
 /// The plan's recompute in words: its policy, and for the runtime's recompute outside
-/// attention what it is and that ZeRO-3 forces it.
+/// attention what it is (a choice under every ZeRO stage).
 fn recompute_words(plan: &Plan) -> String {
     match plan.recompute_policy() {
         crate::cost::Recompute::OutsideAttention => format!(
-            "each layer outside attention, in backward (the runtime's recompute{}; plan value \"{}\")",
-            if plan.zero_stage >= 3 {
-                ", forced by ZeRO-3"
-            } else {
-                ""
-            },
+            "each layer outside attention, in backward (the runtime's recompute; plan value \"{}\")",
             plan.recompute.as_str()
         ),
         r => r.as_str().to_string(),
@@ -144,10 +139,11 @@ pub fn plan_table(
     );
     let _ = writeln!(
         o,
-        "  step time    {}   ({:.0} tokens/s, MFU {:.1}%)",
+        "  step time    {}   ({:.0} tokens/s, MFU {:.1}%, HFU {:.1}%)",
         fmt_secs(p.step_time_s),
         p.tokens_per_s,
-        p.mfu * 100.0
+        p.mfu * 100.0,
+        p.hfu * 100.0
     );
     if let Some(sim) = p.simulated_step_time_s {
         let _ = writeln!(
@@ -358,6 +354,9 @@ pub fn sim_table(
     o
 }
 
+/// What `mmsp compare`'s table counts, printed under it (and in `mmsp compare --help`).
+pub const COMPARE_LEGEND: &str = "  2d, ring, ulysses: mmsp-runtime (ZeRO 0-3 searched, z0..z3). megatron-cp-tp, te-a2a-p2p: Megatron-Core's distributed optimizer (z1: 6 + 12/d B per parameter over DP x CP ranks).\n  MFU counts 6 x params x tokens and causal attention at 3x its forward (PaLM, App. B); HFU what the kernels run (attention 3.5x, recompute).";
+
 /// The table `mmsp compare` prints.
 pub fn compare_table(c: &crate::compare::Comparison) -> String {
     let mut o = String::new();
@@ -373,8 +372,15 @@ pub fn compare_table(c: &crate::compare::Comparison) -> String {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "  {:<15} {:<24} {:>10} {:>9} {:>6} {:>10} {:>9}  why it loses",
-        "strategy", "best configuration", "step time", "2d faster", "MFU", "memory", "max ctx"
+        "  {:<15} {:<24} {:>10} {:>9} {:>6} {:>6} {:>10} {:>9}  why it loses",
+        "strategy",
+        "best configuration",
+        "step time",
+        "2d faster",
+        "MFU",
+        "HFU",
+        "memory",
+        "max ctx"
     );
     for r in &c.strategies {
         let cfg = match (r.layout, r.zero_stage, r.recompute) {
@@ -401,16 +407,19 @@ pub fn compare_table(c: &crate::compare::Comparison) -> String {
         };
         let _ = writeln!(
             o,
-            "  {:<15} {:<24} {:>10} {:>9} {:>6} {:>10} {:>9}  {}",
+            "  {:<15} {:<24} {:>10} {:>9} {:>6} {:>6} {:>10} {:>9}  {}",
             r.name,
             cfg,
             r.step_time_s.map_or("-".into(), fmt_secs),
             r.speedup_of_2d.map_or("-".into(), |x| format!("{x:.2}x")),
             r.mfu.map_or("-".into(), |x| format!("{:.1}%", x * 100.0)),
+            r.hfu.map_or("-".into(), |x| format!("{:.1}%", x * 100.0)),
             r.memory_per_gpu_bytes.map_or("-".into(), fmt_gib),
             r.max_context_tokens.map_or("-".into(), fmt_tokens),
             r.why
         );
     }
+    let _ = writeln!(o);
+    let _ = writeln!(o, "{COMPARE_LEGEND}");
     o
 }

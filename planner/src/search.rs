@@ -30,11 +30,12 @@ pub enum Strategy {
     Ring,
     /// DeepSpeed-Ulysses alone: SP degree capped by the head count.
     Ulysses,
-    /// Megatron-LM context parallel (p2p ring) + tensor parallel with sequence parallel;
-    /// distributed optimizer (ZeRO-1) at most.
+    /// Megatron-LM context parallel (p2p ring) + tensor parallel with sequence parallel, with
+    /// Megatron-Core's distributed optimizer (ZeRO-1: 6 + 12/d bytes per parameter over the
+    /// DP x CP ranks).
     MegatronCpTp,
     /// TransformerEngine hierarchical context parallel (a2a inside, p2p across) with optional
-    /// tensor parallel; distributed optimizer (ZeRO-1) at most.
+    /// tensor parallel, with Megatron-Core's distributed optimizer as [`Strategy::MegatronCpTp`].
     TeA2aP2p,
 }
 
@@ -78,9 +79,8 @@ pub struct Request {
     /// Sequences per step; `None` picks [`default_global_batch`].
     pub global_batch: Option<u64>,
     /// Force a recompute policy; `None` searches both that mmsp-runtime runs
-    /// ([`Recompute::SEARCHED`]). Any policy but [`Recompute::None`] is the runtime's recompute
-    /// outside attention ([`crate::cost::runtime_recompute`]), which ZeRO-3 candidates always get
-    /// (forcing `Recompute::None` rules them out).
+    /// ([`Recompute::SEARCHED`]) under every ZeRO stage. Any policy but [`Recompute::None`] is
+    /// the runtime's recompute outside attention ([`crate::cost::runtime_recompute`]).
     pub recompute: Option<Recompute>,
     pub strategy: Strategy,
     /// Restrict the search to one Ulysses x ring layout (`--layout UxR`); `None` searches all.
@@ -121,7 +121,7 @@ pub fn enumerate(model: &ModelSpec, cluster: &ClusterSpec, req: &Request) -> Vec
     // `mmsp export` maps the runtime's recompute to an engine's whole-layer recompute under
     // `--allow-coarser-recompute`.
     let recomputes: Vec<Recompute> = match req.recompute {
-        Some(r) => vec![crate::cost::runtime_recompute(0, r)],
+        Some(r) => vec![crate::cost::runtime_recompute(r)],
         None => Recompute::SEARCHED.to_vec(),
     };
     let tps: Vec<u32> = match req.strategy {
@@ -133,18 +133,13 @@ pub fn enumerate(model: &ModelSpec, cluster: &ClusterSpec, req: &Request) -> Vec
         }
         _ => vec![1],
     };
-    let stages: &[u8] = match req.strategy {
-        Strategy::MegatronCpTp | Strategy::TeA2aP2p => &[0, 1],
-        _ => &[0, 1, 2, 3],
+    // Megatron-LM and TransformerEngine run with Megatron-Core's distributed optimizer (the
+    // runtime's ZeRO-1 rule, `cost::memory::runtime_model_states`); mmsp-runtime's layouts
+    // search every stage it runs (stage 2 shards the gradients as well, apart from stage 1).
+    let zeros: Vec<u8> = match req.strategy {
+        Strategy::MegatronCpTp | Strategy::TeA2aP2p => vec![1],
+        _ => vec![0, 1, 2, 3],
     };
-    // mmsp-runtime's stage 2 keeps whole gradients, as its stage 1 does
-    // (`cost::memory::runtime_model_states`), so a search skips it as a duplicate of stage 1;
-    // `--zero 2` still plans it, costed as the runtime runs it.
-    let zeros: Vec<u8> = stages
-        .iter()
-        .copied()
-        .filter(|&z| z != 2 || req.zero == Some(2))
-        .collect();
     let mut out = Vec::new();
     for &tp in &tps {
         for sp in divisors(req.gpus / tp) {
@@ -185,20 +180,8 @@ pub fn enumerate(model: &ModelSpec, cluster: &ClusterSpec, req: &Request) -> Vec
                         continue;
                     }
                     for &zero_stage in zeros.iter().filter(|z| req.zero.is_none_or(|f| f == **z)) {
-                        // ZeRO-3 runs the runtime's recompute outside attention whatever is
-                        // asked (`cost::runtime_recompute`): one candidate with it, or under
-                        // `--recompute none` one that records why ZeRO-3 cannot run.
-                        let forced = [if req.recompute == Some(Recompute::None) {
-                            Recompute::None
-                        } else {
-                            Recompute::OutsideAttention
-                        }];
-                        let stage_recomputes: &[Recompute] = if zero_stage >= 3 {
-                            &forced
-                        } else {
-                            &recomputes
-                        };
-                        for &recompute in stage_recomputes {
+                        // Recompute is a choice under every stage.
+                        for &recompute in &recomputes {
                             // Larger micro-batches only where the batch has the sequences.
                             for micro_batch in [1u32, 2, 4, 8] {
                                 if micro_batch > 1 && u64::from(dp * micro_batch) > global_batch {
@@ -252,7 +235,6 @@ impl SearchResult {
                 Infeasible::Divisibility { .. } => "context not divisible",
                 Infeasible::Batch { .. } => "batch not divisible",
                 Infeasible::Vision(_) => "vision stage cannot run",
-                Infeasible::Recompute => "ZeRO-3 needs recompute",
             };
             *m.entry(k).or_default() += 1;
         }
@@ -292,10 +274,6 @@ pub fn search(
     let mut ranked = Vec::new();
     let mut infeasible = Vec::new();
     for c in enumerate(model, &topo.spec, req) {
-        if c.zero_stage >= 3 && c.recompute == Recompute::None {
-            infeasible.push((c, Infeasible::Recompute));
-            continue;
-        }
         let mut w = w.clone();
         w.context = candidate_context(req.context, mm, &c.layout);
         // Cheap checks first: the vision stage is costed only for layouts that can run.

@@ -22,6 +22,13 @@ pub const GEMM_TRAIN_FACTOR: f64 = 3.0;
 /// of FlashAttention-2, Dao 2023, Sec. 4.1, used by shared/reference/README.md).
 pub const ATTN_TRAIN_FACTOR: f64 = 3.5;
 
+/// Causal attention's forward + backward as MFU counts it: 3x the forward, as for a GEMM
+/// (Chowdhery et al. 2022, PaLM, Appendix B: 6N + 12LHQT model FLOPs per token, whose
+/// attention term 12LHQT is 3 x the forward's 4LHQT of QK^T and AV; Megatron-LM and NeMo
+/// count causal attention as half of that, as [`attention_flops_fwd`] does), not the 3.5x
+/// FlashAttention-2 executes ([`ATTN_TRAIN_FACTOR`]), which counts towards HFU and step time.
+pub const ATTN_MODEL_FACTOR: f64 = 3.0;
+
 /// Forward GEMM FLOPs of one layer for `tokens` tokens, split over `tp` tensor-parallel ranks:
 /// 2 FLOPs per weight per token (Kaplan et al. 2020, Sec. 2.1).
 pub fn layer_gemm_flops_fwd(m: &ModelSpec, tokens: f64, tp: f64) -> f64 {

@@ -12,9 +12,9 @@
 //!
 //! mmsp-runtime has two behaviours, no recompute and its recompute of each layer outside
 //! attention ([`Recompute::OutsideAttention`]), which it runs for every plan whose `recompute`
-//! is not `none` and always under ZeRO-3 (`runtime/src/train/run.rs`,
-//! `recompute: tp.recompute != "none"`; `runtime/src/train/mod.rs`, `rec = recompute || z3`).
-//! So the planner searches exactly those two ([`Recompute::SEARCHED`]) and costs any other
+//! is not `none`, under every ZeRO stage (`runtime/src/train/run.rs`,
+//! `recompute: tp.recompute != "none"`; ZeRO-3 keeps a layer's graph across the release and
+//! re-gather of its weights, `runtime/src/train/shards.rs`). So the planner searches exactly those two ([`Recompute::SEARCHED`]) and costs any other
 //! request as the runtime runs it ([`runtime_recompute`]). The kept tensors and the working set
 //! of the recomputed layer are counted from what the runtime's trainer holds
 //! (`runtime/src/train/mod.rs`, `LayerState`; `runtime/src/ring.rs`, `RingCtx`;
@@ -60,12 +60,11 @@ pub enum Recompute {
     /// `"recompute_scope": "outside_attention"`, [`crate::plan`]); a plan of an older planner
     /// without that scope reads back as this (whole layers, as it was costed then).
     Full,
-    /// mmsp-runtime's recompute, the one it runs for every plan that recomputes and always under
-    /// ZeRO-3 (`runtime/src/train/zero3.rs`: a layer's gathered weights are freed after its
-    /// forward, so its forward outside attention runs again, with autograd graph, once the
-    /// weights are gathered again for its backward; `runtime/src/train/mod.rs`, `Trainer` step,
-    /// `rec = recompute || z3`). Kept per layer: its input, the attention output and the
-    /// attention's own context (Q, K, V in the attention's layout, its output and log-sum-exp);
+    /// mmsp-runtime's recompute, the one it runs for every plan that recomputes, at any ZeRO
+    /// stage (`runtime/src/train/mod.rs`: the forward outside attention runs without autograd
+    /// graph and again, with it, before the layer's backward; under ZeRO-3 once the weights
+    /// are gathered again, `runtime/src/train/shards.rs`). Kept per layer: its input, the
+    /// attention output and the attention's own context (Q, K, V in the attention's layout, its output and log-sum-exp);
     /// the norms, projections, RoPE, MLP and residual adds run again in backward, attention does
     /// not. A plan writes it as `"recompute": "full"` (what the runtime reads) with
     /// `"recompute_scope": "outside_attention"` (`crate::plan`).
@@ -101,13 +100,13 @@ impl Recompute {
 /// Why `--recompute selective` is refused.
 pub const SELECTIVE_REFUSED: &str = "mmsp-runtime has no selective recompute; it recomputes each layer outside attention: use --recompute full or none";
 
-/// The recompute mmsp-runtime runs for a candidate of ZeRO stage `zero_stage` that asks for
-/// `requested`: [`Recompute::None`] only when nothing is asked and the stage is below 3, else
-/// [`Recompute::OutsideAttention`], its one recompute (`runtime/src/train/run.rs`:
-/// `recompute: tp.recompute != "none"`; `runtime/src/train/mod.rs`:
-/// `let rec = self.cfg.recompute || z3`). Every estimate is costed with this.
-pub fn runtime_recompute(zero_stage: u8, requested: Recompute) -> Recompute {
-    if zero_stage >= 3 || requested != Recompute::None {
+/// The recompute mmsp-runtime runs for a candidate that asks for `requested`, at every ZeRO
+/// stage: [`Recompute::None`] when nothing is asked, else [`Recompute::OutsideAttention`], its
+/// one recompute (`runtime/src/train/run.rs`: `recompute: tp.recompute != "none"`). ZeRO-3
+/// does not force it: the runtime keeps a layer's autograd graph across the release and
+/// re-gather of its weights (`runtime/src/train/shards.rs`). Every estimate is costed with this.
+pub fn runtime_recompute(requested: Recompute) -> Recompute {
+    if requested != Recompute::None {
         Recompute::OutsideAttention
     } else {
         Recompute::None
@@ -266,42 +265,133 @@ pub const WEIGHT_BYTES: f64 = 2.0;
 pub const GRAD_BYTES: f64 = 4.0;
 pub const OPTIMIZER_BYTES: f64 = 12.0;
 
-/// Model states per GPU as mmsp-runtime keeps them under ZeRO stage `zero` over `shards`
-/// ranks, as (16-bit weights, gradients, optimizer state) like [`model_states`]
-/// (`runtime/src/train/adamw.rs`, `zero3.rs`). The runtime's fp32 parameters are themselves
-/// the master weights, held in one flat buffer with one flat fp32 gradient buffer:
-/// - ZeRO-0: 16-bit working copies (2 B), fp32 gradients (4 B), fp32 master weights and both
-///   moments (12 B): 18 B per parameter;
-/// - ZeRO-1 and ZeRO-2: the moments of this rank's 1/N slice only; master weights and
-///   gradients stay whole (the gradients are reduce-scattered once per step, after the
-///   backward, then the updated slice is all-gathered): 2 + 4 + 4 + 8/N B per parameter, so
-///   stage 2 keeps what stage 1 keeps;
-/// - ZeRO-3: master weights, gradients and moments all 1/N (16/N B), plus the largest unit's
-///   gathered 16-bit weights (2 B x `unit_params`) and its full gradient (4 B x
-///   `unit_params`) before its reduce-scatter; the caller passes the largest unit, a layer or
-///   the head.
-pub fn runtime_model_states(
-    params: f64,
-    unit_params: f64,
-    zero: u8,
-    shards: f64,
-) -> (f64, f64, f64) {
+/// The units mmsp-runtime shards and gathers its parameters by (`runtime/src/train/shards.rs`,
+/// `units`): the embedding table, each decoder layer, and the final norm with the head (the
+/// head only when untied; tied, the table is the head). Parameter counts per tensor-parallel
+/// rank.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StateUnits {
+    /// All parameters.
+    pub params: f64,
+    /// One decoder layer.
+    pub layer: f64,
+    /// The embedding table.
+    pub embedding: f64,
+    /// The final norm, with the head when untied.
+    pub head: f64,
+    /// Whether the head is the embedding table.
+    pub tied: bool,
+}
+
+/// Model states per GPU as mmsp-runtime keeps them, by category: the 16-bit working weights
+/// (whole, or gathered per use), the fp32 gradients (whole or this rank's shard, with the
+/// transient gradients of the units in backward) and the optimizer state (fp32 master weights
+/// and both Adam moments, whole or sharded).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ModelStates {
+    pub weights: f64,
+    pub gradients: f64,
+    pub optimizer: f64,
+}
+
+impl ModelStates {
+    pub fn total(&self) -> f64 {
+        self.weights + self.gradients + self.optimizer
+    }
+}
+
+/// Model states per GPU as mmsp-runtime keeps them under ZeRO stage `zero` over the grad group
+/// of `shards` = SP x DP ranks (`runtime/src/train/shards.rs`, `adamw.rs`), fp32 masters, bf16
+/// compute. Bytes per parameter (P all parameters, L one layer's, E the embedding table's, H
+/// the final norm and head's):
+/// - ZeRO-0: bf16 working copies (2), fp32 gradients (4), fp32 masters and both Adam moments
+///   (12): 18 P;
+/// - ZeRO-1, Megatron-Core's distributed optimizer ("Distributed Optimizer" in the
+///   Megatron-Core developer guide: 6 + 12/d bytes per parameter with bf16 parameters and fp32
+///   gradients): bf16 parameters whole (2), the fp32 gradient buffer whole (4), masters and
+///   moments sharded (12/N); transient: the bf16 weight gradients of the layer in backward
+///   (2 L). 6 P + 12 P/N + 2 L;
+/// - ZeRO-2 (Rajbhandari et al. 2020, ZeRO, Sec. 5.2: gradients partitioned as well): bf16
+///   parameters whole (2), masters, gradient shard and moments sharded (16/N); transient: each
+///   unit's full fp32 gradient vector from its backward until its reduce-scatter finishes, at
+///   most two units at once (the reduce-scatter of one unit is in flight while the next,
+///   earlier one runs its backward: adjacent units in backward order, head and last layer,
+///   two layers, first layer and embedding), plus the bf16 weight gradients of one layer:
+///   2 P + 16 P/N + 4 max(H + L, 2L, L + E) + 2 L;
+/// - ZeRO-3 (Rajbhandari et al. 2020, Sec. 5.3; its prefetch window as in Zhao et al. 2023,
+///   PyTorch FSDP, Sec. 3.3 and 4.2, forward and backward prefetch of one unit): 16 P/N
+///   persistent, and a transient window of **two gathered layers** at once (the one computing
+///   and the next, prefetched), with the bf16 weight gradients of one layer and the fp32
+///   gradients of two layers in flight: 2 x 2 L + 2 L + 2 x 4 L = 14 L in backward; at the
+///   embedding lookup the table gathered (2 E; tied, it stays gathered until the loss, beside
+///   the forward's two-layer window, 2 E + 4 L); at the loss the final norm and head gathered
+///   with their fp32 gradient (6 H; tied, the table's 6 E). The window counted is the largest
+///   of these.
+///
+/// The caller adds the activations and the other transients; the window is counted beside them
+/// (its phases are not told apart from the loss's or a layer's working set).
+pub fn runtime_model_states(u: &StateUnits, zero: u8, shards: f64) -> ModelStates {
+    let p = u.params;
     match zero {
-        0 => (
-            WEIGHT_BYTES * params,
-            GRAD_BYTES * params,
-            OPTIMIZER_BYTES * params,
-        ),
-        1 | 2 => (
-            WEIGHT_BYTES * params,
-            GRAD_BYTES * params,
-            GRAD_BYTES * params + (OPTIMIZER_BYTES - GRAD_BYTES) * params / shards,
-        ),
-        _ => (
-            WEIGHT_BYTES * unit_params,
-            GRAD_BYTES * (params / shards + unit_params),
-            OPTIMIZER_BYTES * params / shards,
-        ),
+        0 => ModelStates {
+            weights: WEIGHT_BYTES * p,
+            gradients: GRAD_BYTES * p,
+            optimizer: OPTIMIZER_BYTES * p,
+        },
+        1 => ModelStates {
+            weights: WEIGHT_BYTES * p,
+            gradients: GRAD_BYTES * p + WEIGHT_BYTES * u.layer,
+            optimizer: OPTIMIZER_BYTES * p / shards,
+        },
+        2 => {
+            let in_flight = (u.head + u.layer)
+                .max(2.0 * u.layer)
+                .max(u.layer + u.embedding);
+            ModelStates {
+                weights: WEIGHT_BYTES * p,
+                gradients: GRAD_BYTES * p / shards
+                    + GRAD_BYTES * in_flight
+                    + WEIGHT_BYTES * u.layer,
+                optimizer: OPTIMIZER_BYTES * p / shards,
+            }
+        }
+        _ => {
+            let w = zero3_window(u);
+            ModelStates {
+                weights: w.weights,
+                gradients: GRAD_BYTES * p / shards + w.gradients,
+                optimizer: OPTIMIZER_BYTES * p / shards,
+            }
+        }
+    }
+}
+
+/// The transient part of ZeRO-3's model states (see [`runtime_model_states`]): the largest of
+/// the backward's two-layer window (gathered bf16 weights of two layers, one layer's bf16
+/// weight gradients, two layers' fp32 gradients), the embedding lookup's gathered table (tied:
+/// held through the forward's two-layer window) and the loss's gathered head with its fp32
+/// gradient, as (16-bit weights, gradients).
+pub fn zero3_window(u: &StateUnits) -> ModelStates {
+    let l = u.layer;
+    let backward = (
+        2.0 * WEIGHT_BYTES * l,
+        WEIGHT_BYTES * l + 2.0 * GRAD_BYTES * l,
+    );
+    let lookup = if u.tied {
+        (WEIGHT_BYTES * (u.embedding + 2.0 * l), 0.0)
+    } else {
+        (WEIGHT_BYTES * u.embedding, 0.0)
+    };
+    let head = if u.tied { u.embedding } else { u.head };
+    let loss = (WEIGHT_BYTES * head, GRAD_BYTES * head);
+    let (weights, gradients) = [backward, lookup, loss]
+        .into_iter()
+        .max_by(|a, b| (a.0 + a.1).total_cmp(&(b.0 + b.1)))
+        .unwrap_or_default();
+    ModelStates {
+        weights,
+        gradients,
+        optimizer: 0.0,
     }
 }
 
@@ -416,17 +506,102 @@ mod tests {
         assert!(b > layer_activation_bytes_per_token(&arch, 0.0, 1.0, Recompute::None));
     }
 
+    /// llama3-8b's units (untied): 32 layers of 218.1M, a 525.3M table, a 525.3M head.
+    fn llama3_8b_units() -> StateUnits {
+        let (h, v, f, kv) = (4096.0, 128256.0, 14336.0, 1024.0);
+        let layer = 2.0 * h * h + 2.0 * h * kv + 3.0 * h * f + 2.0 * h;
+        let table = v * h;
+        StateUnits {
+            params: 32.0 * layer + 2.0 * table + h,
+            layer,
+            embedding: table,
+            head: table + h,
+            tied: false,
+        }
+    }
+
     #[test]
-    fn runtime_states_keep_masters_and_gradients_whole_below_stage_3() {
-        let (p, layer, n) = (8e9, 2e8, 4.0);
-        let total = |z| {
-            let (w, g, o) = runtime_model_states(p, layer, z, n);
-            w + g + o
+    fn zero0_keeps_18_bytes_per_parameter() {
+        let u = llama3_8b_units();
+        assert_eq!(runtime_model_states(&u, 0, 64.0).total(), 18.0 * u.params);
+    }
+
+    /// Megatron-Core's distributed optimizer: 6 + 12/d B per parameter (bf16 parameters and
+    /// fp32 gradients whole, masters and moments sharded), plus one layer's bf16 gradients.
+    #[test]
+    fn zero1_is_the_distributed_optimizers_6_plus_12_over_n() {
+        let u = llama3_8b_units();
+        for n in [1.0, 2.0, 8.0, 256.0] {
+            let s = runtime_model_states(&u, 1, n);
+            assert_eq!(s.weights, 2.0 * u.params);
+            assert_eq!(s.gradients, 4.0 * u.params + 2.0 * u.layer);
+            assert_eq!(s.optimizer, 12.0 * u.params / n);
+            let want = (6.0 + 12.0 / n) * u.params + 2.0 * u.layer;
+            assert!((s.total() - want).abs() <= 1e-9 * want, "N = {n}");
+        }
+    }
+
+    /// ZeRO-2: 2 + 16/N B per parameter, plus two units' fp32 gradients in flight (for
+    /// llama3-8b the head's and the last layer's, the largest adjacent pair) and one layer's
+    /// bf16 gradients.
+    #[test]
+    fn zero2_is_2_plus_16_over_n_and_two_units_in_flight() {
+        let u = llama3_8b_units();
+        for n in [2.0, 16.0, 256.0] {
+            let s = runtime_model_states(&u, 2, n);
+            assert_eq!(s.weights, 2.0 * u.params);
+            let want = (2.0 + 16.0 / n) * u.params + 4.0 * (u.head + u.layer) + 2.0 * u.layer;
+            assert!((s.total() - want).abs() <= 1e-9 * want, "N = {n}");
+        }
+        // A model whose layers outweigh its head and table: two layers in flight.
+        let big = StateUnits {
+            layer: 2.0 * u.head,
+            ..u
         };
-        assert_eq!(total(0), 18.0 * p);
-        assert_eq!(total(1), (2.0 + 4.0 + 4.0 + 8.0 / n) * p);
-        assert_eq!(total(2), total(1));
-        assert_eq!(total(3), 16.0 * p / n + 6.0 * layer);
+        let s = runtime_model_states(&big, 2, 8.0);
+        let want = (2.0 + 2.0) * big.params + 4.0 * 2.0 * big.layer + 2.0 * big.layer;
+        assert!((s.total() - want).abs() <= 1e-9 * want);
+    }
+
+    /// ZeRO-3: 16/N B per parameter and the window: two gathered layers (2 x 2 B), one layer's
+    /// bf16 gradients (2 B) and two layers' fp32 gradients (2 x 4 B): 14 B x layer; or at the
+    /// loss the head gathered with its fp32 gradient (6 B x head); or the table at the lookup.
+    #[test]
+    fn zero3_is_16_over_n_plus_the_two_layer_window() {
+        let u = llama3_8b_units();
+        let n = 256.0;
+        let s = runtime_model_states(&u, 3, n);
+        assert_eq!(s.optimizer, 12.0 * u.params / n);
+        let window = (14.0 * u.layer).max(6.0 * u.head).max(2.0 * u.embedding);
+        let want = 16.0 * u.params / n + window;
+        assert!((s.total() - want).abs() <= 1e-9 * want);
+        // llama3-8b: the loss's head (6 x 525.3M = 3.15 GB) just outweighs the layers'
+        // window (14 x 218.1M = 3.05 GB).
+        assert_eq!(window, 6.0 * u.head);
+        // Layers larger than the head: the two-layer window itself.
+        let big = StateUnits { layer: u.head, ..u };
+        let w = zero3_window(&big);
+        assert_eq!(w.weights, 2.0 * 2.0 * big.layer);
+        assert_eq!(w.gradients, 2.0 * big.layer + 2.0 * 4.0 * big.layer);
+        // Tied: the table stays gathered through the forward and is the head at the loss.
+        let tied = StateUnits {
+            tied: true,
+            head: 4096.0,
+            ..u
+        };
+        assert_eq!(zero3_window(&tied).total(), 6.0 * tied.embedding);
+    }
+
+    #[test]
+    fn recompute_is_a_choice_at_every_stage() {
+        assert_eq!(runtime_recompute(Recompute::None), Recompute::None);
+        for rc in [
+            Recompute::Selective,
+            Recompute::Full,
+            Recompute::OutsideAttention,
+        ] {
+            assert_eq!(runtime_recompute(rc), Recompute::OutsideAttention);
+        }
     }
 
     #[test]

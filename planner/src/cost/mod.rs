@@ -172,8 +172,6 @@ pub enum Infeasible {
     Divisibility { context: u64, multiple: u64 },
     #[error("vision stage: {0}")]
     Vision(String),
-    #[error("ZeRO-3 always recomputes each layer outside attention (mmsp-runtime gathers its weights again for backward), so it cannot run with --recompute none")]
-    Recompute,
     #[error(
         "global batch {global_batch} is not a multiple of dp {dp} x micro-batch {micro_batch}"
     )]
@@ -214,15 +212,61 @@ pub struct TimeBreakdown {
 pub struct Estimate {
     pub step_time_s: f64,
     pub tokens_per_s: f64,
+    /// Model FLOPs utilisation: [`Estimate::model_flops`] per second over the GPUs' peak.
     pub mfu: f64,
+    /// Hardware FLOPs utilisation: [`Estimate::hardware_flops`] per second over the peak.
+    pub hfu: f64,
     pub memory_per_gpu_bytes: f64,
     pub memory: MemoryBreakdown,
     pub time: TimeBreakdown,
     pub comm_exposed_s: f64,
     pub comm_overlapped_s: f64,
     pub grad_accum_steps: u64,
-    /// FLOPs of one step that the model needs (no recompute), for MFU.
+    /// FLOPs of one step that the model needs, as the field counts them for MFU
+    /// ([`model_flops`]).
     pub model_flops: f64,
+    /// FLOPs the kernels of one step execute, for HFU ([`hardware_flops`]).
+    pub hardware_flops: f64,
+}
+
+/// FLOPs of a step as MFU counts them (Chowdhery et al. 2022, PaLM, Appendix B; Megatron-LM
+/// and NeMo count the same): the GEMMs 3 x forward (6 x params x tokens) and causal attention
+/// at 3 x its forward ([`ATTN_MODEL_FACTOR`]), nothing recomputed. `layer_gemm_fwd`,
+/// `head_fwd` and `layer_attn_fwd` are one rank's forward FLOPs per micro-batch; `ranks_steps`
+/// is world x micro-batches.
+pub fn model_flops(
+    ranks_steps: f64,
+    layers: f64,
+    layer_gemm_fwd: f64,
+    head_fwd: f64,
+    layer_attn_fwd: f64,
+) -> f64 {
+    ranks_steps
+        * (GEMM_TRAIN_FACTOR * (layers * layer_gemm_fwd + head_fwd)
+            + ATTN_MODEL_FACTOR * layers * layer_attn_fwd)
+}
+
+/// FLOPs of a step as its kernels execute them, for HFU: attention at FlashAttention-2's
+/// 3.5 x forward ([`ATTN_TRAIN_FACTOR`], its backward recomputes the scores) and, under the
+/// runtime's recompute outside attention, each layer's forward GEMMs once more. The step time
+/// comes from these (the kernels' measured curves), not from [`model_flops`].
+pub fn hardware_flops(
+    ranks_steps: f64,
+    layers: f64,
+    layer_gemm_fwd: f64,
+    head_fwd: f64,
+    layer_attn_fwd: f64,
+    recompute: Recompute,
+) -> f64 {
+    let again = if recompute == Recompute::None {
+        0.0
+    } else {
+        1.0
+    };
+    ranks_steps
+        * ((GEMM_TRAIN_FACTOR + again) * layers * layer_gemm_fwd
+            + GEMM_TRAIN_FACTOR * head_fwd
+            + ATTN_TRAIN_FACTOR * layers * layer_attn_fwd)
 }
 
 /// Heads per rank after tensor and Ulysses splitting: (query heads, kv heads held, including
@@ -287,12 +331,18 @@ pub struct Terms {
     /// The part of `param_bytes` in the decoder layers (the rest: embedding, final norm, head).
     /// ZeRO-3 gathers the layers twice per micro-batch and the rest once.
     pub layers_param_bytes: f64,
+    /// bf16 bytes of the embedding unit (the table) and of the final unit (final norm, and the
+    /// head when untied): `param_bytes - layers_param_bytes` split by the runtime's units.
+    pub embed_param_bytes: f64,
+    pub head_param_bytes: f64,
     /// Per step: zeroing the fp32 gradients, the AdamW update and the 16-bit weight cast.
     pub optimizer_s: f64,
     pub vision: Option<VisionStage>,
     pub memory: MemoryBreakdown,
-    /// FLOPs of one step that the model needs (no recompute), for MFU.
+    /// FLOPs of one step as MFU counts them ([`model_flops`]).
     pub model_flops: f64,
+    /// FLOPs of one step the kernels execute ([`hardware_flops`]).
+    pub hardware_flops: f64,
     pub tokens_per_step: f64,
 }
 
@@ -300,6 +350,22 @@ impl Terms {
     /// Backward attention of one layer (FlashAttention-2 counting: 2.5x forward).
     pub fn attn_bwd_s(&self) -> f64 {
         self.attn_fwd_s * (ATTN_TRAIN_FACTOR - 1.0)
+    }
+    /// One layer's forward compute per micro-batch (GEMMs, attention, memory-bound work): what
+    /// a ZeRO-3 gather prefetched during it can hide behind.
+    pub fn layer_fwd_compute_s(&self) -> f64 {
+        self.gemm_fwd_s + self.attn_fwd_s + self.elem_fwd_s
+    }
+    /// One layer's backward compute per micro-batch, with its recompute outside attention when
+    /// it has one: what the reduce-scatter of the later unit and the prefetched gather of the
+    /// earlier layer can hide behind.
+    pub fn layer_bwd_compute_s(&self) -> f64 {
+        let again = if self.recompute == Recompute::None {
+            0.0
+        } else {
+            self.gemm_fwd_s + self.elem_fwd_s
+        };
+        2.0 * self.gemm_fwd_s + self.attn_bwd_s() + 2.0 * self.elem_fwd_s + again
     }
     pub fn vision_s(&self) -> f64 {
         self.vision
@@ -314,8 +380,8 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     let spec = &topo.spec;
     let (q_heads_local, kv_heads_local) = head_split(m, l.tp, l.ulysses)?;
     // What the runtime runs: no recompute, or its recompute of each layer outside attention
-    // (whatever else is asked, and always under ZeRO-3).
-    let recompute = runtime_recompute(c.zero_stage, c.recompute);
+    // (whatever else is asked), a choice under every ZeRO stage.
+    let recompute = runtime_recompute(c.recompute);
     let zig = 2 * u64::from(l.sp());
     if !w.context.is_multiple_of(zig) {
         return Err(Infeasible::Divisibility {
@@ -393,22 +459,27 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     let params_local = m.params() as f64 / tp;
     let layer_params_local = m.layer_params() as f64 / tp;
     let shards = f64::from(l.grad_family().size);
-    // ZeRO-3's largest unit gathered at once: a layer, or the final norm with the head, which
-    // is gathered for the loss (`zero3::final_unit`); tied, the head is the embedding's unit.
-    let head_unit = (m.vocab_size * m.hidden_size) as f64 / tp;
-    let (wb, gb, ob) = runtime_model_states(
-        params_local,
-        layer_params_local.max(head_unit),
-        c.zero_stage,
-        shards,
-    );
-    // The runtime casts the layers, the norms and the head to 16 bits but looks up the untied
-    // embedding in the fp32 table itself (`Decoder::embed`), so that table has no 16-bit copy.
-    let wb = if c.zero_stage < 3 && !m.tie_word_embeddings {
-        wb - WEIGHT_BYTES * (m.vocab_size * m.hidden_size) as f64 / tp
-    } else {
-        wb
+    // The runtime's units (`runtime/src/train/shards.rs`, `units`): the embedding table, each
+    // layer, and the final norm with the head (untied; tied, the table is the head).
+    let table = (m.vocab_size * m.hidden_size) as f64 / tp;
+    let final_norm = m.hidden_size as f64 / tp;
+    let units = StateUnits {
+        params: params_local,
+        layer: layer_params_local,
+        embedding: table,
+        head: final_norm + if m.tie_word_embeddings { 0.0 } else { table },
+        tied: m.tie_word_embeddings,
     };
+    let states = runtime_model_states(&units, c.zero_stage, shards);
+    // ZeRO-0 casts the layers, the norms and the head to 16 bits but looks up the untied
+    // embedding in the fp32 table itself (`Decoder::embed`), so that table has no 16-bit copy;
+    // the sharded stages keep (or gather) every unit's bf16 weights, the table's included.
+    let wb = if c.zero_stage == 0 && !m.tie_word_embeddings {
+        states.weights - WEIGHT_BYTES * table
+    } else {
+        states.weights
+    };
+    let (gb, ob) = (states.gradients, states.optimizer);
     // Ring attention double-buffers the KV block in flight (send + receive), in backward with
     // fp32 dK/dV (ring-flash-attention accumulates them in fp32): 2 x (2 + 2 x 2) bytes per kv
     // element; fp32 accumulators for dQ, dK, dV of the ring rank's chunk.
@@ -556,13 +627,26 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
         grad_bytes: params_local * GRAD_BYTES,
         param_bytes: params_local * WEIGHT_BYTES,
         layers_param_bytes: layers * layer_params_local * WEIGHT_BYTES,
+        embed_param_bytes: units.embedding * WEIGHT_BYTES,
+        head_param_bytes: units.head * WEIGHT_BYTES,
         optimizer_s: bw(opt_bytes, opt_bytes) + vision.map_or(0.0, |v| v.encoder_optimizer_s),
         vision,
         memory,
-        model_flops: f64::from(l.world())
-            * accum as f64
-            * (GEMM_TRAIN_FACTOR * (layers * gemm_fwd + head_fwd)
-                + ATTN_TRAIN_FACTOR * layers * attn_fwd),
+        model_flops: model_flops(
+            f64::from(l.world()) * accum as f64,
+            layers,
+            gemm_fwd,
+            head_fwd,
+            attn_fwd,
+        ),
+        hardware_flops: hardware_flops(
+            f64::from(l.world()) * accum as f64,
+            layers,
+            gemm_fwd,
+            head_fwd,
+            attn_fwd,
+            recompute,
+        ),
         tokens_per_step: (w.global_batch * w.context) as f64,
     })
 }
@@ -627,44 +711,13 @@ pub fn compose(topo: &Topology, t: &Terms) -> Estimate {
     };
     let micro = gemm_t + attn_t + head_t + elem_t + recompute_t + a2a_t + ring_exposed + tp_t;
 
-    // ---- per step: gradients, ZeRO, optimizer (Rajbhandari et al. 2020, Sec. 7) ----
-    let gf = l.grad_family();
+    // ---- gradients, ZeRO, optimizer (Rajbhandari et al. 2020, Sec. 7) ----
     let accum_f = t.accum as f64;
-    let (grad_sync, gather) = match t.zero_stage {
-        // All-reduce of the gradients once per step.
-        0 => (topo.all_reduce(gf, t.grad_bytes), 0.0),
-        // Reduce-scatter the fp32 gradients once per step, all-gather the updated fp32 master
-        // slices (`runtime/src/train/adamw.rs`, `step_timed`: the runtime's parameters are the
-        // masters); stage 2 does the same in the runtime (its gradients are whole, see
-        // `runtime_model_states`).
-        1 | 2 => (
-            topo.all_gather(gf, t.grad_bytes),
-            topo.all_gather(gf, t.param_bytes * GRAD_BYTES / WEIGHT_BYTES),
-        ),
-        // Stage 3 also gathers the weights every micro-batch, as mmsp-runtime does
-        // (`runtime/src/train/zero3.rs`): each layer's before its forward and again before its
-        // backward (where it is recomputed), the embedding table once for the lookup and the
-        // final norm and head once for the loss.
-        _ => (
-            accum_f * topo.all_gather(gf, t.grad_bytes),
-            accum_f
-                * (2.0 * topo.all_gather(gf, t.layers_param_bytes)
-                    + topo.all_gather(gf, t.param_bytes - t.layers_param_bytes)),
-        ),
-    };
-    // mmsp-runtime runs these collectives between compute, not beside it: the gradients are
-    // reduced after the whole backward and the masters gathered after the update
-    // (`AdamW::step_timed`), and ZeRO-3 gathers a unit's weights right before its use and
-    // reduce-scatters its gradient right after its backward, each waited for before the
-    // compute that follows (`runtime/src/train/mod.rs`; the kernel profile of the 4 x H100
-    // ZeRO-1 step shows the reduce-scatter and all-gather, 14 + 13 ms, with nothing beside
-    // them, `runtime/bench/results/h100x4_runG/kt4_2x2.json.rank0.summary.json`). So all of
-    // it is exposed. (Megatron-LM and DeepSpeed overlap bucketed reductions with backward
-    // and prefetch ZeRO-3 gathers; this runtime does not yet.)
-    let grad_exposed = grad_sync;
-    let gather_exposed = gather;
+    let z = optimizer_collectives(topo, t);
     let vision_t = t.vision_s();
-    let step = accum_f * (micro + vision_t) + grad_exposed + gather_exposed + t.optimizer_s;
+    let step = accum_f * (micro + vision_t) + z.grad_exposed + z.gather_exposed + t.optimizer_s;
+    let (grad_sync, gather, grad_exposed, gather_exposed) =
+        (z.grad, z.gather, z.grad_exposed, z.gather_exposed);
     let time = TimeBreakdown {
         gemm_s: accum_f * gemm_t,
         attention_s: accum_f * attn_t,
@@ -693,6 +746,7 @@ pub fn compose(topo: &Topology, t: &Terms) -> Estimate {
         step_time_s: step,
         tokens_per_s: t.tokens_per_step / step,
         mfu: t.model_flops / (step * f64::from(l.world()) * spec.peak_flops),
+        hfu: t.hardware_flops / (step * f64::from(l.world()) * spec.peak_flops),
         memory_per_gpu_bytes: t.memory.total_bytes,
         memory: t.memory.clone(),
         time,
@@ -700,7 +754,122 @@ pub fn compose(topo: &Topology, t: &Terms) -> Estimate {
         comm_overlapped_s: (total_comm - exposed).max(0.0),
         grad_accum_steps: t.accum,
         model_flops: t.model_flops,
+        hardware_flops: t.hardware_flops,
     }
+}
+
+/// The optimizer's collectives of one step, in seconds: the gradient reduction (all-reduce or
+/// reduce-scatters) and the weight all-gathers, each in all and the part left exposed.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct OptimizerCollectives {
+    pub grad: f64,
+    pub grad_exposed: f64,
+    pub gather: f64,
+    pub gather_exposed: f64,
+}
+
+/// The time of one communication that may run beside `compute` seconds of compute on another
+/// stream: (hidden, exposed) = (min(comm, compute), the rest).
+fn overlap(comm: f64, compute: f64) -> (f64, f64) {
+    let hidden = comm.min(compute.max(0.0));
+    (hidden, comm - hidden)
+}
+
+/// The optimizer's collectives as mmsp-runtime runs them over the grad group (SP x DP ranks,
+/// `runtime/src/train/shards.rs`), per unit (the embedding table, each layer, the final norm
+/// with the head):
+/// - ZeRO-0: the fp32 gradients all-reduced once after the whole backward of the step's last
+///   micro-batch, exposed;
+/// - ZeRO-1 and 2: in every micro-batch each unit's fp32 gradient is reduce-scattered as soon
+///   as its backward is done, on the communication stream, overlapped with the backward of the
+///   next (earlier) unit: the head's behind the last layer's backward, layer l's behind layer
+///   l-1's; the first layer's and the embedding's have no backward left to hide behind and are
+///   exposed. After the update the updated bf16 shards are all-gathered into the whole bf16
+///   parameters (2 B per parameter), exposed (Megatron-Core's distributed optimizer does the
+///   same: reduce-scatter of the gradient buckets overlapped with backward, all-gather of the
+///   parameters after the step);
+/// - ZeRO-3 (Zhao et al. 2023, PyTorch FSDP, Sec. 3.3: forward and backward prefetch of the
+///   next unit's all-gather): the embedding table gathered for the lookup and the first layer
+///   before its forward, exposed; layer l's gather prefetched during layer l-1's forward
+///   (hidden up to that compute); the final norm and head gathered for the loss, exposed, and
+///   the last layer's backward gather prefetched during the loss; in backward each layer's
+///   gather prefetched during the later layer's backward, which also hides the reduce-scatter
+///   of the layer after it (both share that window); the head's reduce-scatter, the first
+///   layer's and the embedding's exposed. No parameter all-gather after the update.
+///
+/// The simulator (`crate::sim`) puts the same collectives on their own streams with these
+/// dependencies, so the overlap (and contention with the ring's traffic) comes out of its
+/// schedule.
+pub fn optimizer_collectives(topo: &Topology, t: &Terms) -> OptimizerCollectives {
+    let gf = t.layout.grad_family();
+    let accum = t.accum as f64;
+    let layers = t.layers;
+    let layer_bf16 = t.layers_param_bytes / layers as f64;
+    let grad_per_bf16 = GRAD_BYTES / WEIGHT_BYTES;
+    let rs = |bf16: f64| topo.all_gather(gf, bf16 * grad_per_bf16);
+    let ag = |bf16: f64| topo.all_gather(gf, bf16);
+    let (rs_layer, rs_head, rs_embed) = (
+        rs(layer_bf16),
+        rs(t.head_param_bytes),
+        rs(t.embed_param_bytes),
+    );
+    let bwd = t.layer_bwd_compute_s();
+    let mut o = OptimizerCollectives::default();
+    match t.zero_stage {
+        0 => {
+            o.grad = topo.all_reduce(gf, t.grad_bytes);
+            o.grad_exposed = o.grad;
+        }
+        1 | 2 => {
+            // Per micro-batch, in backward order: the head's behind the last layer, layer l's
+            // behind layer l-1 (l >= 1), layer 0's and the embedding's exposed.
+            let mut exposed = 0.0;
+            for unit in 0..=layers {
+                let comm = if unit == 0 { rs_head } else { rs_layer };
+                let window = if unit < layers { bwd } else { 0.0 };
+                exposed += overlap(comm, window).1;
+            }
+            exposed += rs_embed;
+            o.grad = accum * (rs_head + layers as f64 * rs_layer + rs_embed);
+            o.grad_exposed = accum * exposed;
+            o.gather = ag(t.param_bytes);
+            o.gather_exposed = o.gather;
+        }
+        _ => {
+            let (g_layer, g_head, g_embed) = (
+                ag(layer_bf16),
+                ag(t.head_param_bytes),
+                ag(t.embed_param_bytes),
+            );
+            let fwd = t.layer_fwd_compute_s();
+            // Forward: the table and layer 0 exposed, layer l behind layer l-1's forward.
+            let mut gather_exposed = g_embed + g_layer;
+            for _ in 1..layers {
+                gather_exposed += overlap(g_layer, fwd).1;
+            }
+            // The loss: the head gathered (exposed), the last layer's backward gather behind
+            // the head's forward and backward, the head's reduce-scatter exposed.
+            gather_exposed += g_head + overlap(g_layer, GEMM_TRAIN_FACTOR * t.head_fwd_s).1;
+            let mut grad_exposed = rs_head;
+            // Backward of layer l hides the gather of layer l-1 and the reduce-scatter of
+            // layer l+1; what is left is split between them by their times.
+            for l in (0..layers).rev() {
+                let g = if l > 0 { g_layer } else { 0.0 };
+                let r = if l + 1 < layers { rs_layer } else { 0.0 };
+                let ex = overlap(g + r, bwd).1;
+                if g + r > 0.0 {
+                    gather_exposed += ex * g / (g + r);
+                    grad_exposed += ex * r / (g + r);
+                }
+            }
+            grad_exposed += rs_layer + rs_embed;
+            o.gather = accum * (g_embed + g_head + 2.0 * layers as f64 * g_layer);
+            o.gather_exposed = accum * gather_exposed;
+            o.grad = accum * (rs_head + layers as f64 * rs_layer + rs_embed);
+            o.grad_exposed = accum * grad_exposed;
+        }
+    }
+    o
 }
 
 #[cfg(test)]

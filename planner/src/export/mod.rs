@@ -146,10 +146,10 @@ pub fn export(plan: &Plan, engine: Engine, opts: &Options) -> Result<String> {
 
 /// Why an engine's whole-layer recompute needs consent for a plan costed with mmsp-runtime's
 /// recompute outside attention: every plan that recomputes (the planner searches no other
-/// recompute, [`Recompute::SEARCHED`]), ZeRO-3 plans always. A plan of an older planner that
+/// recompute, [`Recompute::SEARCHED`]), at any ZeRO stage. A plan of an older planner that
 /// says `full` without `recompute_scope` was costed as whole-layer recompute and exports as that
 /// without consent; one that says `selective` needs consent for the engine's nearest.
-const OUTSIDE_ATTENTION_COARSER: &str = "the plan recomputes each layer outside attention in backward (mmsp-runtime's recompute), which this engine cannot express; pass --allow-coarser-recompute to recompute whole layers, attention included (less memory, slower), or re-plan with --recompute none (ZeRO 0, 1 or 2)";
+const OUTSIDE_ATTENTION_COARSER: &str = "the plan recomputes each layer outside attention in backward (mmsp-runtime's recompute), which this engine cannot express; pass --allow-coarser-recompute to recompute whole layers, attention included (less memory, slower), or re-plan with --recompute none";
 
 fn unsupported(engine: Engine, msg: impl Into<String>) -> Error {
     Error::Unsupported {

@@ -502,7 +502,7 @@ pub fn summary(d: &ReportData) -> Vec<String> {
                 fmt(a),
                 fmt(b),
                 if b.is_none() {
-                    " (Without recompute mmsp-runtime runs ZeRO-0 to 2 only, which keep fp32 master weights and gradients whole on every GPU; its ZeRO-3 always recomputes.)"
+                    " (Without recompute every layer's activations stay on the GPU; ZeRO-3 leaves 16/N B per parameter and two gathered layers, so the activations decide.)"
                 } else {
                     ""
                 }

@@ -366,93 +366,125 @@ pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> SimResult {
     let lay = t.layout;
     let gf = lay.grad_family();
     let layers = t.layers;
-    let layer_grad = t.grad_bytes / layers as f64;
-    // ZeRO-3 (as mmsp-runtime runs it, `runtime/src/train/zero3.rs`): each layer's weights are
-    // gathered before its forward and again before its backward; the embedding table and the
-    // final norm with the head once per micro-batch. The runtime waits for each of these
-    // collectives before the compute that follows (no prefetch), and reduces a layer's
-    // gradient right after its backward, again waited for; below ZeRO-3 it reduces all the
-    // gradients after the last micro-batch's backward (`AdamW::step_timed`), so nothing
-    // overlaps (the kernel profile of runtime/bench/results/h100x4_runG shows it).
+    // The optimizer's collectives as mmsp-runtime runs them (`cost::optimizer_collectives`
+    // says the same analytically): ZeRO-0 all-reduces the fp32 gradients after the last
+    // micro-batch's backward; ZeRO-1 and 2 reduce-scatter each unit's fp32 gradient on the grad
+    // stream as soon as its backward is done, waited for after the next unit's backward, and
+    // all-gather the updated bf16 parameters after the update; ZeRO-3 also gathers each layer's
+    // bf16 weights on the gather stream, one layer ahead of the compute that needs them (Zhao
+    // et al. 2023, PyTorch FSDP, Sec. 3.3: at most two layers gathered at once), the embedding
+    // table for the lookup and the final norm with the head for the loss (waited for: exposed).
+    let wb = crate::cost::memory::WEIGHT_BYTES;
+    let fp32 = crate::cost::memory::GRAD_BYTES / wb;
     let layer_param = t.layers_param_bytes / layers as f64;
-    let other_param = t.param_bytes - t.layers_param_bytes;
+    let z3 = t.zero_stage >= 3;
+    let sharded = t.zero_stage >= 1;
+    let gather = |b: &mut Builder, name: &str, bytes: f64, deps: &H| {
+        b.comm(name, Stream::Gather, Coll::AllGather, gf, bytes, deps)
+    };
+    let reduce = |b: &mut Builder, name: &str, bytes: f64, deps: &H| {
+        b.comm(name, Stream::Grad, Coll::AllGather, gf, fp32 * bytes, deps)
+    };
     let mut d = b.empty();
     let mut grads: H = b.empty();
     for micro in 0..t.accum {
         let last_micro = micro + 1 == t.accum;
         d = b.compute("vision stage", t.vision_s(), &d);
-        if t.zero_stage >= 3 {
-            d = b.comm(
-                "zero-3 gather (embedding, head)",
-                Stream::Gather,
-                Coll::AllGather,
-                gf,
-                other_param,
+        // Forward. ZeRO-3: the table and layer 0 gathered before the first layer (exposed);
+        // layer l + 1's gather issued when layer l starts (layer l - 1's weights freed).
+        let mut next_gather = b.empty();
+        if z3 {
+            let e = gather(&mut b, "zero-3 gather (embedding)", t.embed_param_bytes, &d);
+            d = Builder::join(&d, &e);
+            next_gather = gather(&mut b, "L0 zero-3 gather", layer_param, &d);
+        }
+        for l in 0..layers {
+            let mine = next_gather.clone();
+            if z3 && l + 1 < layers {
+                next_gather = gather(
+                    &mut b,
+                    &format!("L{} zero-3 gather", l + 1),
+                    layer_param,
+                    &d,
+                );
+            }
+            let deps = Builder::join(&d, &mine);
+            d = b.forward_layer(l, "fwd", &deps);
+        }
+        // The loss. ZeRO-3: the final norm and head gathered (exposed), the last layer's
+        // backward gather prefetched behind the loss, the head's reduce-scatter exposed.
+        if z3 {
+            let h = gather(&mut b, "zero-3 gather (head)", t.head_param_bytes, &d);
+            d = Builder::join(&d, &h);
+            next_gather = gather(
+                &mut b,
+                &format!("L{} zero-3 gather (bwd)", layers - 1),
+                layer_param,
                 &d,
             );
         }
-        for l in 0..layers {
-            if t.zero_stage >= 3 {
-                d = b.comm(
-                    &format!("L{l} zero-3 gather"),
-                    Stream::Gather,
-                    Coll::AllGather,
-                    gf,
-                    layer_param,
-                    &d,
-                );
-            }
-            d = b.forward_layer(l, "fwd", &d);
-        }
         d = b.compute("head fwd+bwd", 3.0 * t.head_fwd_s, &d);
+        // The reduce-scatter in flight, waited for after the next unit's backward.
+        let mut pending = b.empty();
+        if sharded {
+            let r = reduce(&mut b, "head grad reduce-scatter", t.head_param_bytes, &d);
+            if z3 {
+                d = Builder::join(&d, &r);
+            } else {
+                pending = r;
+            }
+        }
         for l in (0..layers).rev() {
-            if t.zero_stage >= 3 {
-                d = b.comm(
-                    &format!("L{l} zero-3 gather (bwd)"),
-                    Stream::Gather,
-                    Coll::AllGather,
-                    gf,
+            let mine = next_gather.clone();
+            if z3 && l > 0 {
+                next_gather = gather(
+                    &mut b,
+                    &format!("L{} zero-3 gather (bwd)", l - 1),
                     layer_param,
                     &d,
                 );
             }
+            d = Builder::join(&d, &mine);
             // The runtime's only recompute (`cost::runtime_recompute`): outside attention.
             if t.recompute != Recompute::None {
                 d = b.recompute_outside_attention(l, &d);
             }
             d = b.backward_layer(l, &d);
-            if t.zero_stage >= 3 {
-                d = b.comm(
+            d = Builder::join(&d, &pending);
+            if sharded {
+                pending = reduce(
+                    &mut b,
                     &format!("L{l} grad reduce-scatter"),
-                    Stream::Grad,
-                    Coll::AllGather,
-                    gf,
-                    layer_grad,
+                    layer_param,
                     &d,
                 );
             }
         }
-        if last_micro && t.zero_stage < 3 {
-            let (name, coll) = if t.zero_stage == 0 {
-                ("grad all-reduce", Coll::AllReduce)
-            } else {
-                ("grad reduce-scatter", Coll::AllGather)
-            };
-            grads = b.comm(name, Stream::Grad, coll, gf, t.grad_bytes, &d);
+        if sharded {
+            // The first layer's reduce-scatter and the embedding's: nothing left to hide them.
+            let e = reduce(
+                &mut b,
+                "embedding grad reduce-scatter",
+                t.embed_param_bytes,
+                &d,
+            );
+            d = Builder::join(&d, &Builder::join(&pending, &e));
+        } else if last_micro {
+            grads = b.comm(
+                "grad all-reduce",
+                Stream::Grad,
+                Coll::AllReduce,
+                gf,
+                t.grad_bytes,
+                &d,
+            );
         }
     }
     let all = Builder::join(&d, &grads);
     let opt = b.compute("optimizer step", t.optimizer_s, &all);
     if (1..=2).contains(&t.zero_stage) {
-        // The updated fp32 master slices (the runtime's parameters are the masters).
-        b.comm(
-            "weight all-gather",
-            Stream::Gather,
-            Coll::AllGather,
-            gf,
-            t.param_bytes * crate::cost::memory::GRAD_BYTES / crate::cost::memory::WEIGHT_BYTES,
-            &opt,
-        );
+        // The updated bf16 shards into the whole bf16 parameters.
+        gather(&mut b, "weight all-gather", t.param_bytes, &opt);
     }
     let sched = b.eng.run();
     let ops = b.eng.ops;
