@@ -5,10 +5,10 @@
 //!
 //! `recompute` is what the runtime reads: `none`, `selective` or `full`
 //! (`runtime/src/train/run.rs` rejects any other value, and runs every value but `none` as its
-//! one recompute, each layer's forward outside attention again in backward; under ZeRO-3 it
-//! always does). The planner plans only what the runtime runs: a plan that recomputes (every
-//! ZeRO-3 plan) writes `"recompute": "full"` and `"recompute_scope": "outside_attention"`,
-//! which the runtime ignores and the planner reads back as [`Recompute::OutsideAttention`]
+//! one recompute, each layer's forward outside attention again in backward, at any ZeRO
+//! stage). The planner plans only what the runtime runs: a plan that recomputes writes
+//! `"recompute": "full"` and `"recompute_scope": "outside_attention"`, which the runtime
+//! ignores and the planner reads back as [`Recompute::OutsideAttention`]
 //! ([`Plan::recompute_policy`]). Plans of older planners may say `selective`, or `full` without
 //! the scope (costed then as Korthikanti et al.'s policies); they still load, and are re-costed
 //! (`mmsp simulate`) as the runtime runs them.
@@ -68,7 +68,7 @@ pub struct TokenPlan {
 #[serde(rename_all = "snake_case")]
 pub enum RecomputeScope {
     /// mmsp-runtime's recompute of each layer outside attention, costed as
-    /// [`Recompute::OutsideAttention`] (every recomputing plan; always under ZeRO-3).
+    /// [`Recompute::OutsideAttention`] (every recomputing plan, at any ZeRO stage).
     OutsideAttention,
 }
 
@@ -336,9 +336,8 @@ mod tests {
         plan_at(zero, recompute, 1 << 16)
     }
 
-    /// A plan of the 2-layer llama3-8b shape the runtime is measured with (a whole llama3-8b
-    /// does not fit 16 H100s below ZeRO-3 in mmsp-runtime, whose masters and gradients stay
-    /// whole there).
+    /// A plan of the 2-layer llama3-8b shape the runtime is measured with (small enough that
+    /// every ZeRO stage fits 16 H100s).
     fn plan_at(zero: u8, recompute: Recompute, context: u64) -> Plan {
         let model = ModelSpec::load(concat!(
             env!("CARGO_MANIFEST_DIR"),
