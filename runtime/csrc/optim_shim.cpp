@@ -5,6 +5,14 @@
 //   elements so that no single tensor of the list is larger than the kernel's indexing expects.
 // - mmsp_backward: `torch::autograd::backward(tensors, grads)`, i.e. a vector-Jacobian product
 //   seeded with given output gradients, for several roots in one graph traversal.
+// - mmsp_storage_resize / mmsp_storage_nbytes: release or re-allocate the storage behind a
+//   tensor in place (every tensor sharing it, views and autograd's saved tensors included,
+//   sees the change), as PyTorch FSDP frees a gathered flat parameter between a layer's
+//   forward and its backward and all-gathers into the same storage again before the backward.
+// - mmsp_tensor_version / mmsp_set_tensor_version: read and restore the autograd version
+//   counter a tensor shares with its views, so that refilling released weights with the same
+//   values is not taken for an in-place change of what the backward saved (PyTorch FSDP2 does
+//   the same with torch.autograd._unsafe_preserve_version_counter).
 //
 // Errors as every shim reports them (shim_error.h): every function catches all C++ exceptions and returns
 // nullptr on success or a malloc'd, NUL-terminated message freed with mmsp_free_error (defined
@@ -12,6 +20,8 @@
 #include <ATen/ATen.h>
 #include "shim_error.h"
 #include <torch/csrc/autograd/autograd.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/StorageImpl.h>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -59,6 +69,49 @@ char *mmsp_backward(const at::Tensor *const *tensors, const at::Tensor *const *g
         gs.push_back(*grads[i]);
     }
     torch::autograd::backward(ts, gs);
+    MMSP_SHIM_CATCH("mmsp optim shim")
+}
+
+// Sets the storage behind `t` to `nbytes` bytes: 0 releases its memory (to the caching
+// allocator on CUDA), more allocates fresh memory of undefined contents from the storage's own
+// allocator on the current stream (the caller fills it). The tensor's sizes, strides and offset
+// are untouched: `nbytes` must cover them before the tensor is read again.
+char *mmsp_storage_resize(const at::Tensor *t, int64_t nbytes) {
+    MMSP_SHIM_TRY
+    TORCH_CHECK(nbytes >= 0, "storage size must not be negative");
+    c10::StorageImpl *s = t->storage().unsafeGetStorageImpl();
+    TORCH_CHECK(s != nullptr, "tensor has no storage");
+    TORCH_CHECK(s->resizable() && s->allocator() != nullptr, "storage is not resizable");
+    c10::DeviceGuard guard(t->device());
+    if (nbytes == 0) {
+        s->set_data_ptr_noswap(at::DataPtr(nullptr, t->device()));
+    } else {
+        s->set_data_ptr_noswap(s->allocator()->allocate(static_cast<size_t>(nbytes)));
+    }
+    s->set_nbytes(static_cast<size_t>(nbytes));
+    MMSP_SHIM_CATCH("mmsp optim shim")
+}
+
+// *out = the bytes of the storage behind `t`.
+char *mmsp_storage_nbytes(const at::Tensor *t, int64_t *out) {
+    MMSP_SHIM_TRY
+    TORCH_CHECK(t->has_storage(), "tensor has no storage");
+    *out = static_cast<int64_t>(t->storage().nbytes());
+    MMSP_SHIM_CATCH("mmsp optim shim")
+}
+
+// *out = the autograd version counter of `t` (shared with its views).
+char *mmsp_tensor_version(const at::Tensor *t, int64_t *out) {
+    MMSP_SHIM_TRY
+    *out = static_cast<int64_t>(t->_version());
+    MMSP_SHIM_CATCH("mmsp optim shim")
+}
+
+// Sets the version counter of `t` (and of every view sharing it) to `v`.
+char *mmsp_set_tensor_version(const at::Tensor *t, int64_t v) {
+    MMSP_SHIM_TRY
+    c10::VariableVersion counter = t->unsafeGetTensorImpl()->version_counter();
+    counter.set_version(v);
     MMSP_SHIM_CATCH("mmsp optim shim")
 }
 

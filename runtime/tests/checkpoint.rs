@@ -166,7 +166,7 @@ fn zero3_checkpoint_holds_parameter_slices() {
     let man: Value =
         serde_json::from_str(&std::fs::read_to_string(c.dir.join("ck/manifest.json")).unwrap())
             .unwrap();
-    assert_eq!(man["param_layout"], "zero3-units");
+    assert_eq!(man["param_layout"], "sharded-units");
     let mut held = 0;
     for (f, ts) in &sh {
         let get = |k: &str| &ts.iter().find(|(n, _)| n == k).unwrap().1;

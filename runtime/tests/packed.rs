@@ -517,7 +517,7 @@ fn document_mask_equals_separate_samples() {
     // The trainer on one rank (packed) takes the separate runs' step: same loss, and the
     // same parameters after AdamW on the separate runs' gradients.
     let g1 = LocalComm::group(1).pop().unwrap();
-    let mut o = AdamW::new(&sep.parameters(), opt(), None).unwrap();
+    let mut o = AdamW::new(&sep.parameters(), opt()).unwrap();
     o.step(&g1, 1.0).unwrap();
     let reference = Run {
         losses: vec![l_sep],

@@ -303,7 +303,7 @@ fn hand_backward_matches_autograd() {
     loss.backward();
     let params: Vec<Tensor> = model.parameters();
     let g1 = LocalComm::group(1).pop().unwrap();
-    let mut o = AdamW::new(&params, opt(1e-2), None).unwrap();
+    let mut o = AdamW::new(&params, opt(1e-2)).unwrap();
     o.step(&g1, 1.0).unwrap();
     let reference = Run {
         losses: vec![loss.double_value(&[])],
@@ -514,9 +514,11 @@ fn bf16_compute_follows_f32() {
 }
 
 #[test]
-fn zero3_matches_zero0_f64() {
-    // Parameters, gradients and moments sharded over the grad group, each layer's weights
-    // gathered around its forward and backward: same losses and parameters as ZeRO-0.
+fn sharded_stages_match_zero0_f64() {
+    // ZeRO-1 (distributed optimizer), ZeRO-2 (gradients sharded too) and ZeRO-3 (parameters
+    // sharded, each layer's weights gathered around its forward and again before its
+    // backward), each with and without recompute: same losses and parameters as ZeRO-0
+    // without recompute, over SP x DP factorisations of up to 4 ranks.
     let cases = [
         (Layout::sp(1, 1, Placement::UlyssesInner), "sp1"),
         (Layout::sp(1, 2, Placement::UlyssesInner), "sp1x2"),
@@ -541,16 +543,27 @@ fn zero3_matches_zero0_f64() {
             },
             "dp2",
         ),
+        (
+            Layout {
+                dp: 2,
+                ..Layout::sp(2, 2, Placement::UlyssesInner)
+            },
+            "dp2 x sp2x2 (8 ranks)",
+        ),
     ];
     for (layout, name) in cases {
         let z0 = train(layout, 0, STEPS, Kind::Double, 1e-2, false, false);
-        let z3 = train(layout, 3, STEPS, Kind::Double, 1e-2, false, false);
-        let (le, pe) = max_rel(&z3, &z0);
-        eprintln!("ZeRO-3 vs ZeRO-0, {name}: loss err {le:e}, param err {pe:e}");
-        assert!(
-            le < 1e-10 && pe < 1e-10,
-            "{name}: loss err {le:e}, param err {pe:e}"
-        );
+        for zero in [1, 2, 3] {
+            for rec in [false, true] {
+                let z = train(layout, zero, STEPS, Kind::Double, 1e-2, rec, false);
+                let (le, pe) = max_rel(&z, &z0);
+                eprintln!("ZeRO-{zero} recompute {rec} vs ZeRO-0, {name}: {le:e} {pe:e}");
+                assert!(
+                    le < 1e-10 && pe < 1e-10,
+                    "ZeRO-{zero} recompute {rec}, {name}: loss err {le:e}, param err {pe:e}"
+                );
+            }
+        }
     }
 }
 
@@ -582,6 +595,72 @@ fn zero3_tied_and_bias_match_zero0_f64() {
         assert!(z3.params.iter().any(|(n, _)| n.ends_with("q_proj.bias")));
         let (le, pe) = max_rel(&z3, &z0);
         assert!(le < 1e-10 && pe < 1e-10, "{kernel:?}: {le:e} {pe:e}");
+    }
+}
+
+#[test]
+fn zero3_frees_gathered_weights_between_forward_and_backward() {
+    // When the forward ends, ZeRO-3 without recompute holds no gathered layer weights (each
+    // layer released its storage; the backward gathers again); ZeRO-2 keeps its resident
+    // weights (every layer unit's full length); the figure is the storage actually allocated.
+    let layout = Layout::sp(1, 2, Placement::UlyssesInner);
+    let layer_elems: i64 = Decoder::param_shapes(&ModelConfig::tiny())
+        .iter()
+        .filter(|(n, _)| n.starts_with("model.layers."))
+        .map(|(_, s)| s.iter().product::<i64>())
+        .sum();
+    for (zero, rec) in [(3, false), (3, true), (2, false), (2, true)] {
+        let held: Vec<f64> = std::thread::scope(|s| {
+            let uly = local_groups(&layout, GroupKind::Ulysses);
+            let ring = local_groups(&layout, GroupKind::Ring);
+            let hs: Vec<_> = uly
+                .into_iter()
+                .zip(ring)
+                .zip(LocalComm::group(2))
+                .map(|((u, r), g)| {
+                    s.spawn(move || {
+                        let model = Decoder::random(
+                            ModelConfig::tiny(),
+                            Device::Cpu,
+                            Kind::Float,
+                            Kind::Float,
+                            SEED,
+                        )
+                        .unwrap();
+                        let groups = Groups {
+                            ulysses: &u as &dyn Communicator,
+                            ring: &r,
+                            grad: &g,
+                            dp: 1,
+                        };
+                        let cfg = TrainConfig {
+                            optimizer: opt(1e-3),
+                            zero_stage: zero,
+                            recompute: rec,
+                            backend: Backend::CpuMath,
+                            profile: false,
+                        };
+                        let mut t = Trainer::new(model, groups, SEQ, cfg).unwrap();
+                        let (ids, labels) = data(0, 0, 128);
+                        let rg = t.local_ranges();
+                        let st = t.step(&shard(&ids, &rg), &shard(&labels, &rg)).unwrap();
+                        assert!(st.loss.is_finite());
+                        st.held_weight_bytes
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for h in held {
+            match (zero, rec) {
+                (2, false) => assert!(
+                    h >= (layer_elems * 4) as f64,
+                    "ZeRO-2 holds its resident weights: {h} < {}",
+                    layer_elems * 4
+                ),
+                _ => assert_eq!(h, 0.0, "ZeRO-{zero} recompute {rec} held {h} bytes"),
+            }
+        }
     }
 }
 

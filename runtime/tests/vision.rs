@@ -698,7 +698,7 @@ fn vlm_step(u: usize, r: usize) -> StepResult {
                     let mut trainer = Trainer::new(model, groups, seq, tc).unwrap();
                     assert_eq!(trainer.local_ranges().to_vec(), ranges[sp]);
                     let vparams: Vec<Tensor> = stage.encoder.parameters();
-                    let mut vopt = AdamW::new(&vparams, tc.optimizer, None).unwrap();
+                    let mut vopt = AdamW::new(&vparams, tc.optimizer).unwrap();
                     let frames = stage.local_frames(&frames_all(vcfg, nf)).unwrap();
                     let ctx = stage.forward(&g, &frames).unwrap();
                     let emb = stage.merge(&ctx, &text).unwrap().unsqueeze(0);
@@ -889,7 +889,7 @@ fn vlm_step_updates_text_embeddings_as_the_reference() {
         &Tensor::from_slice(&tids),
         &g_hook.index_select(0, &Tensor::from_slice(&rows)),
     );
-    let mut ref_opt = AdamW::new(std::slice::from_ref(&w_ref), opt, None).unwrap();
+    let mut ref_opt = AdamW::new(std::slice::from_ref(&w_ref), opt).unwrap();
     tch::no_grad(|| w_ref.grad().copy_(&gw));
     ref_opt.step(&LocalComm::group(1)[0], 1.0).unwrap();
     let e = rel_l2(&(&w_hook - &w0), &(&w_ref.detach() - &w0));

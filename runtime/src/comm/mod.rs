@@ -78,6 +78,17 @@ pub trait Communicator: Send {
     fn reduce_scatter(&self, send: &Tensor, recv: &Tensor) -> Result<()>;
     /// Sums `t` over ranks, in place.
     fn all_reduce(&self, t: &Tensor) -> Result<()>;
+    /// [`Communicator::all_gather`], issued without ordering the compute stream after it: the
+    /// caller keeps `send` and `recv` alive and calls [`Work::wait`] before reading `recv`
+    /// (prefetching a layer's weights while another layer computes). The in-process
+    /// communicator completes it before returning.
+    fn all_gather_async(&self, send: &Tensor, recv: &Tensor) -> Result<Work> {
+        self.all_gather(send, recv).map(|()| Work::done())
+    }
+    /// [`Communicator::reduce_scatter`], issued as [`Communicator::all_gather_async`] is.
+    fn reduce_scatter_async(&self, send: &Tensor, recv: &Tensor) -> Result<Work> {
+        self.reduce_scatter(send, recv).map(|()| Work::done())
+    }
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
     /// Seconds spent in this communicator's completed operations so far: host time inside

@@ -279,15 +279,21 @@ impl Communicator for NcclCommunicator {
     }
 
     fn all_gather(&self, send: &Tensor, recv: &Tensor) -> Result<()> {
-        check_gather_shapes(send, recv, self.size, "all_gather")?;
-        self.launch("all_gather", &[NcclOp::AllGather { send, recv }])?
-            .wait()
+        self.all_gather_async(send, recv)?.wait()
     }
 
     fn reduce_scatter(&self, send: &Tensor, recv: &Tensor) -> Result<()> {
+        self.reduce_scatter_async(send, recv)?.wait()
+    }
+
+    fn all_gather_async(&self, send: &Tensor, recv: &Tensor) -> Result<Work> {
+        check_gather_shapes(send, recv, self.size, "all_gather")?;
+        self.launch("all_gather", &[NcclOp::AllGather { send, recv }])
+    }
+
+    fn reduce_scatter_async(&self, send: &Tensor, recv: &Tensor) -> Result<Work> {
         check_gather_shapes(recv, send, self.size, "reduce_scatter")?;
-        self.launch("reduce_scatter", &[NcclOp::ReduceScatter { send, recv }])?
-            .wait()
+        self.launch("reduce_scatter", &[NcclOp::ReduceScatter { send, recv }])
     }
 
     fn all_reduce(&self, t: &Tensor) -> Result<()> {

@@ -266,6 +266,48 @@ extern "C" {
         grads: *const *const C_tensor,
         n: c_int,
     ) -> *mut c_char;
+    fn mmsp_storage_resize(t: *const C_tensor, nbytes: i64) -> *mut c_char;
+    fn mmsp_storage_nbytes(t: *const C_tensor, out: *mut i64) -> *mut c_char;
+    fn mmsp_tensor_version(t: *const C_tensor, out: *mut i64) -> *mut c_char;
+    fn mmsp_set_tensor_version(t: *const C_tensor, v: i64) -> *mut c_char;
+}
+
+/// Sets the storage behind `t` to `nbytes` bytes in place: 0 releases its memory, more
+/// allocates fresh memory of undefined contents (on CUDA from the caching allocator, on the
+/// current stream). Every tensor sharing the storage (views, autograd's saved tensors) sees
+/// it: the FSDP way of freeing gathered weights between a layer's forward and backward.
+pub fn storage_resize(t: &Tensor, nbytes: i64) -> Result<()> {
+    // SAFETY: `t` is a live tch tensor for the call; the shim swaps the storage's data
+    // pointer through c10's own API and keeps no pointer.
+    let err = unsafe { mmsp_storage_resize(t.as_ptr(), nbytes) };
+    check(err, "storage resize")
+}
+
+/// The bytes of the storage behind `t` (0 after [`storage_resize`] to 0).
+pub fn storage_nbytes(t: &Tensor) -> Result<i64> {
+    let mut out = 0i64;
+    // SAFETY: `t` is a live tch tensor for the call; `out` is a valid out-pointer.
+    let err = unsafe { mmsp_storage_nbytes(t.as_ptr(), &mut out) };
+    check(err, "storage size")?;
+    Ok(out)
+}
+
+/// The autograd version counter of `t`, shared with its views.
+pub fn tensor_version(t: &Tensor) -> Result<i64> {
+    let mut out = 0i64;
+    // SAFETY: `t` is a live tch tensor for the call; `out` is a valid out-pointer.
+    let err = unsafe { mmsp_tensor_version(t.as_ptr(), &mut out) };
+    check(err, "tensor version")?;
+    Ok(out)
+}
+
+/// Sets the autograd version counter of `t` (and its views) back to `v`: after refilling
+/// released weights with the values they had, so that the backward's saved views stay valid.
+pub fn set_tensor_version(t: &Tensor, v: i64) -> Result<()> {
+    // SAFETY: `t` is a live tch tensor for the call; the shim sets the counter through c10's
+    // own API and keeps no pointer.
+    let err = unsafe { mmsp_set_tensor_version(t.as_ptr(), v) };
+    check(err, "set tensor version")
 }
 
 /// AdamW hyper-parameters of one fused update (torch.optim.AdamW semantics, decoupled decay).

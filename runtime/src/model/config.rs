@@ -175,11 +175,21 @@ impl ModelConfig {
 
     /// Matmul FLOPs of one token's forward, excluding attention scores (2 per multiply-add).
     pub fn dense_flops_per_token(&self) -> f64 {
+        self.layer_flops_per_token() + self.head_flops_per_token()
+    }
+
+    /// The decoder layers' share of [`Self::dense_flops_per_token`] (what recompute repeats).
+    pub fn layer_flops_per_token(&self) -> f64 {
         let (h, d) = (self.hidden_size as f64, self.head_dim as f64);
         let q = self.num_heads as f64 * d;
         let kv = self.num_kv_heads as f64 * d;
         let layer = 2.0 * (h * q + 2.0 * h * kv + q * h + 3.0 * h * self.intermediate_size as f64);
-        self.num_layers as f64 * layer + 2.0 * h * self.vocab_size as f64
+        self.num_layers as f64 * layer
+    }
+
+    /// The LM head's share of [`Self::dense_flops_per_token`].
+    pub fn head_flops_per_token(&self) -> f64 {
+        2.0 * self.hidden_size as f64 * self.vocab_size as f64
     }
 
     /// Causal attention FLOPs (QK^T and PV) of the forward over one sequence of `s` tokens.

@@ -1,17 +1,22 @@
-//! AdamW over one flat buffer holding every parameter (and one holding their gradients), in
-//! the parameters' (master) dtype. With a shard group (ZeRO-1/2) each rank keeps the moments
-//! of its 1/N slice only: gradients are reduce-scattered, the slice updated, and the
-//! parameters all-gathered.
+//! AdamW over flat buffers in the parameters' (master) dtype, in two layouts:
 //!
-//! ZeRO-3 ([`AdamW::new_zero3`]): the parameters are cut into units (consecutive parameters:
-//! the embedding, each layer, the final norm with the head), each unit's flat vector padded
-//! to a multiple of N, and rank r keeps slice r of every unit only: master parameters,
-//! gradients and both moments are all 1/N. The model's own parameter tensors are released
-//! (left empty); the trainer materialises a unit's full weights with
-//! [`AdamW::gather_unit`] when it needs them and hands the unit's full gradient to
-//! [`AdamW::reduce_unit_grad`] (a reduce-scatter into this rank's gradient slice); the
-//! update then touches the local slices only, with no collective. Persistent state per rank
-//! for an fp32 master: (4 + 4 + 4 + 4) / N = 16 / N bytes per parameter.
+//! - **Replicated** ([`AdamW::new`], ZeRO-0): one flat buffer holds every parameter (the
+//!   model's parameters are views of it) and one their gradients; every rank keeps the whole
+//!   state (16 B per fp32 parameter) and the gradients are all-reduced before the update.
+//! - **Sharded units** ([`AdamW::new_sharded`], ZeRO-1/2/3): the parameters are cut into units
+//!   (consecutive parameters: the embedding, each layer, the final norm with the head), each
+//!   unit's flat vector padded to a multiple of N, and rank r keeps slice r of every unit:
+//!   fp32 master parameters, gradient slice and both moments are 1/N (16/N B per parameter).
+//!   The model's own parameter tensors are released (left empty). A unit's weights in the
+//!   compute dtype come from [`AdamW::gather_unit_start`] (an all-gather of the cast slices);
+//!   its gradient, a full master-dtype vector, goes to [`AdamW::reduce_unit_grad_start`] (a
+//!   reduce-scatter into this rank's slice), both issued without waiting so that the trainer
+//!   overlaps them with compute. The update touches the local slices only, with no collective.
+//!   With ZeRO-1 the full gradient vectors persist (4 B per parameter, as Megatron-Core's
+//!   distributed optimizer keeps its fp32 gradient buffer: 6 + 12/N B per parameter with the
+//!   trainer's resident bf16 weights); with ZeRO-2 and 3 they exist only while a unit's
+//!   reduce-scatter is in flight. Which stage keeps which weights is the trainer's business
+//!   (`train::shards`).
 //!
 //! Two update kernels compute the same thing (torch.optim.AdamW, Loshchilov & Hutter 2019,
 //! Algorithm 2 with decoupled weight decay):
@@ -25,9 +30,9 @@
 //! `fused` is the default on CUDA and `plain` on the CPU (CI); the environment variable
 //! `MMSP_ADAMW=plain|fused` overrides the default (for A/B runs), and
 //! [`AdamWConfig::kernel`] overrides both.
-use crate::comm::Communicator;
+use crate::comm::{Communicator, Work};
 use crate::error::{Result, RuntimeError};
-use crate::ffi::{fused_adamw, FusedAdamWArgs};
+use crate::ffi::{fused_adamw, set_tensor_version, FusedAdamWArgs};
 use std::ops::Range;
 use tch::{Device, Kind, Tensor};
 
@@ -89,7 +94,7 @@ impl Default for AdamWConfig {
 /// A ZeRO-3 unit: consecutive parameters gathered and reduced together.
 #[derive(Debug, Clone)]
 pub struct Unit {
-    /// Indices of its parameters (in the order given to [`AdamW::new_zero3`]).
+    /// Indices of its parameters (in the order given to [`AdamW::new_sharded`]).
     pub params: Range<usize>,
     /// Each parameter's shape and offset in the unit's flat vector.
     shapes: Vec<Vec<i64>>,
@@ -122,13 +127,15 @@ pub struct AdamW {
     shards: usize,
     shard_rank: usize,
     /// Every parameter, in order, as one padded buffer: the parameters are views of it.
-    /// ZeRO-3: this rank's slices of every unit, concatenated (no parameter is a view).
+    /// Sharded: this rank's slices of every unit, concatenated (no parameter is a view).
     pflat: Tensor,
-    /// Their gradients likewise (autograd accumulates into the views in place). ZeRO-3:
-    /// this rank's slices, filled by [`AdamW::reduce_unit_grad`].
+    /// Their gradients likewise (autograd accumulates into the views in place). Sharded:
+    /// this rank's slices, filled by [`AdamW::reduce_unit_grad_start`].
     gflat: Tensor,
-    /// ZeRO-3 units (None for stages 0-2).
+    /// The sharded units (None for ZeRO-0).
     units: Option<Vec<Unit>>,
+    /// ZeRO-1: every unit's full gradient vector (padded, master dtype), kept between steps.
+    full_grads: Option<Vec<Tensor>>,
     /// Moments of the slice this rank updates (the whole vector without sharding).
     m: Tensor,
     v: Tensor,
@@ -158,21 +165,16 @@ fn common_kind_device(params: &[Tensor]) -> Result<(Kind, Device)> {
 }
 
 impl AdamW {
-    /// State for `params`; `shard` = the group the state is sharded over (None: ZeRO-0).
-    /// The parameters' storage (and their gradients') moves into two flat buffers, so that
-    /// the update is a handful of large in-place kernels and gradients need no gathering.
-    pub fn new(
-        params: &[Tensor],
-        cfg: AdamWConfig,
-        shard: Option<&dyn Communicator>,
-    ) -> Result<AdamW> {
+    /// Replicated (ZeRO-0) state for `params`. The parameters' storage (and their
+    /// gradients') moves into two flat buffers, so that the update is a handful of large
+    /// in-place kernels and gradients need no gathering.
+    pub fn new(params: &[Tensor], cfg: AdamWConfig) -> Result<AdamW> {
         let (kind, dev) = common_kind_device(params)?;
         let kernel = checked_kernel(&cfg, dev, kind)?;
         let numel: i64 = params.iter().map(|p| p.numel() as i64).sum();
-        let (shards, shard_rank) = shard.map_or((1, 0), |c| (c.size(), c.rank()));
-        let n = shards as i64;
-        let padded = (numel + n - 1) / n * n;
-        let len = padded / n;
+        let (shards, shard_rank) = (1, 0);
+        let padded = numel;
+        let len = padded;
         // Gradients must exist to be re-seated: a zero backward defines the missing ones.
         let missing: Vec<&Tensor> = params.iter().filter(|p| !p.grad().defined()).collect();
         if !missing.is_empty() {
@@ -215,6 +217,7 @@ impl AdamW {
             pflat,
             gflat,
             units: None,
+            full_grads: None,
             m: Tensor::zeros([len], (kind, dev)),
             v: Tensor::zeros([len], (kind, dev)),
             t: 0,
@@ -223,15 +226,17 @@ impl AdamW {
         })
     }
 
-    /// ZeRO-3 state for `params` cut into `units` (consecutive index ranges covering every
+    /// Sharded state for `params` cut into `units` (consecutive index ranges covering every
     /// parameter in order), sharded over `group`: this rank copies its slice of each unit,
     /// then every parameter's storage (and gradient's, if any) is released, leaving empty
-    /// tensors of the same dtype and device in the model.
-    pub fn new_zero3(
+    /// tensors of the same dtype and device in the model. `keep_full_grads`: ZeRO-1's
+    /// persistent full gradient vectors.
+    pub fn new_sharded(
         params: &[Tensor],
         units: &[Range<usize>],
         cfg: AdamWConfig,
         group: &dyn Communicator,
+        keep_full_grads: bool,
     ) -> Result<AdamW> {
         let (kind, dev) = common_kind_device(params)?;
         let mut next = 0;
@@ -298,8 +303,15 @@ impl AdamW {
             }
             p.shallow_clone().f_set_data(&empty)?;
         }
+        let full_grads = keep_full_grads.then(|| {
+            layout
+                .iter()
+                .map(|u| Tensor::zeros([u.padded], (kind, dev)))
+                .collect()
+        });
         Ok(AdamW {
             cfg,
+            full_grads,
             numel: layout.iter().map(|u| u.numel).sum(),
             padded: local * n,
             shards,
@@ -315,7 +327,7 @@ impl AdamW {
         })
     }
 
-    /// The ZeRO-3 units (None for stages 0-2).
+    /// The sharded units (None for ZeRO-0).
     pub fn units(&self) -> Option<&[Unit]> {
         self.units.as_deref()
     }
@@ -324,13 +336,26 @@ impl AdamW {
         self.units
             .as_ref()
             .and_then(|us| us.get(u))
-            .ok_or_else(|| RuntimeError::Config(format!("no ZeRO-3 unit {u}")))
+            .ok_or_else(|| RuntimeError::Config(format!("no sharded unit {u}")))
     }
 
-    /// ZeRO-3: unit `u`'s full (padded) flat parameter vector in `kind`, all-gathered over
-    /// `group` (every rank of it must call). The local slice is cast first, so the gather
-    /// moves `kind`'s bytes (2 per parameter for bf16).
+    /// Unit `u`'s full (padded) flat parameter vector in `kind`, all-gathered over `group`
+    /// (every rank of it must call) and waited for.
     pub fn gather_unit(&self, u: usize, kind: Kind, group: &dyn Communicator) -> Result<Tensor> {
+        self.gather_unit_start(u, kind, group, None)?.wait()
+    }
+
+    /// Issues the all-gather of unit `u`'s parameters in `kind` into `into` (a tensor of the
+    /// unit's padded length whose storage is allocated, e.g. re-allocated by
+    /// `ffi::storage_resize`) or into a new tensor. The local slice is cast first, so the
+    /// gather moves `kind`'s bytes (2 per parameter for bf16).
+    pub fn gather_unit_start(
+        &self,
+        u: usize,
+        kind: Kind,
+        group: &dyn Communicator,
+        into: Option<Tensor>,
+    ) -> Result<PendingGather> {
         let unit = self.unit(u)?;
         let _ng = tch::no_grad_guard();
         let len = unit.padded / self.shards as i64;
@@ -340,15 +365,48 @@ impl AdamW {
         } else {
             mine.to_kind(kind)
         };
+        let (recv, version): (Tensor, Option<i64>) = match into {
+            Some(t) if t.size() == [unit.padded] && t.kind() == kind => (t, None),
+            Some(t) => {
+                return Err(RuntimeError::Shape(format!(
+                    "unit {u} gathers into {:?} {:?}, want [{}] {kind:?}",
+                    t.size(),
+                    t.kind(),
+                    unit.padded
+                )))
+            }
+            None if self.shards == 1 => {
+                return Ok(PendingGather {
+                    flat: send,
+                    work: Work::done(),
+                    _send: None,
+                    version: None,
+                })
+            }
+            None => (
+                Tensor::empty([unit.padded], (kind, self.pflat.device())),
+                None,
+            ),
+        };
         if self.shards == 1 {
-            return Ok(send);
+            recv.shallow_clone().f_copy_(&send)?;
+            return Ok(PendingGather {
+                flat: recv,
+                work: Work::done(),
+                _send: None,
+                version,
+            });
         }
-        let recv = Tensor::empty([unit.padded], (kind, self.pflat.device()));
-        group.all_gather(&send, &recv)?;
-        Ok(recv)
+        let work = group.all_gather_async(&send, &recv)?;
+        Ok(PendingGather {
+            flat: recv,
+            work,
+            _send: Some(send),
+            version,
+        })
     }
 
-    /// ZeRO-3: the parameters of unit `u` as views (their shapes) of its gathered `flat`.
+    /// The parameters of unit `u` as views (their shapes) of its gathered `flat`.
     pub fn unit_views(&self, u: usize, flat: &Tensor) -> Result<Vec<Tensor>> {
         let unit = self.unit(u)?;
         Ok(unit
@@ -362,27 +420,32 @@ impl AdamW {
             .collect())
     }
 
-    /// ZeRO-3: a zero gradient vector for unit `u` (padded, master dtype); fill it (e.g.
-    /// through [`AdamW::unit_views`]) and pass it to [`AdamW::reduce_unit_grad`].
+    /// Unit `u`'s full gradient vector (padded, master dtype) to fill (e.g. through
+    /// [`AdamW::unit_views`]) and pass to [`AdamW::reduce_unit_grad_start`]: ZeRO-1's
+    /// persistent one (zero after each reduce-scatter), else a new zero vector.
     pub fn new_unit_grad(&self, u: usize) -> Result<Tensor> {
         let unit = self.unit(u)?;
+        if let Some(full) = &self.full_grads {
+            return Ok(full[u].shallow_clone());
+        }
         Ok(self
             .gflat
             .new_zeros([unit.padded], (self.gflat.kind(), self.gflat.device())))
     }
 
-    /// ZeRO-3: sums this rank's full gradient of unit `u` (`grad`, padded, master dtype) over
-    /// `group` and adds this rank's slice of the sum to its gradient buffer.
-    pub fn reduce_unit_grad(
+    /// Issues the sum of this rank's full gradient of unit `u` (`grad`, padded, master dtype)
+    /// over `group` (a reduce-scatter); [`PendingReduce::finish`] adds this rank's slice of
+    /// the sum to its gradient buffer.
+    pub fn reduce_unit_grad_start(
         &self,
         u: usize,
-        grad: &Tensor,
+        grad: Tensor,
         group: &dyn Communicator,
-    ) -> Result<()> {
+    ) -> Result<PendingReduce> {
         let unit = self.unit(u)?;
         let _ng = tch::no_grad_guard();
         let len = unit.padded / self.shards as i64;
-        let mut dst = self.gflat.narrow(0, unit.local_off, len);
+        let dst = self.gflat.narrow(0, unit.local_off, len);
         if grad.size() != [unit.padded] || grad.kind() != dst.kind() {
             return Err(RuntimeError::Shape(format!(
                 "unit {u} gradient is {:?} {:?}, want [{}] {:?}",
@@ -392,14 +455,25 @@ impl AdamW {
                 dst.kind()
             )));
         }
-        if self.shards == 1 {
-            let _ = dst.f_add_(grad)?;
-            return Ok(());
-        }
-        let recv = dst.empty_like();
-        group.reduce_scatter(grad, &recv)?;
-        let _ = dst.f_add_(&recv)?;
-        Ok(())
+        let (recv, work) = if self.shards == 1 {
+            (grad.shallow_clone(), Work::done())
+        } else {
+            let recv = dst.empty_like();
+            let work = group.reduce_scatter_async(&grad, &recv)?;
+            (recv, work)
+        };
+        Ok(PendingReduce {
+            dst,
+            recv,
+            work,
+            send: grad,
+            zero_after: self.full_grads.is_some(),
+        })
+    }
+
+    /// [`AdamW::reduce_unit_grad_start`] and its finish.
+    pub fn reduce_unit_grad(&self, u: usize, grad: Tensor, group: &dyn Communicator) -> Result<()> {
+        self.reduce_unit_grad_start(u, grad, group)?.finish()
     }
 
     /// The update kernel in use (`Plain` or `Fused`).
@@ -429,8 +503,8 @@ impl AdamW {
     }
 
     /// Sums the gradients over `grad_group`, multiplies them by `scale`, updates the
-    /// parameters and clears their gradients. ZeRO-3: the gradients were already summed
-    /// unit by unit ([`AdamW::reduce_unit_grad`]), so no collective runs here.
+    /// parameters and clears their gradients. Sharded: the gradients were already summed
+    /// unit by unit ([`AdamW::reduce_unit_grad_start`]), so no collective runs here.
     pub fn step(&mut self, grad_group: &dyn Communicator, scale: f64) -> Result<()> {
         self.step_timed(grad_group, scale, &|| {}).map(|_| ())
     }
@@ -446,50 +520,81 @@ impl AdamW {
         let _ng = tch::no_grad_guard();
         self.t += 1;
         let c = self.cfg;
-        let len = self.padded / self.shards as i64;
-        let off = len * self.shard_rank as i64;
         sync();
         let t0 = std::time::Instant::now();
-        let zero3 = self.units.is_some();
-        let len = if zero3 { self.pflat.size()[0] } else { len };
-        let off = if zero3 { 0 } else { off };
-        let mut g = if zero3 {
-            self.gflat.shallow_clone()
-        } else if self.shards > 1 {
-            let recv = self
-                .gflat
-                .new_zeros([len], (self.gflat.kind(), self.gflat.device()));
-            grad_group.reduce_scatter(&self.gflat, &recv)?;
-            recv
-        } else {
-            if grad_group.size() > 1 {
-                grad_group.all_reduce(&self.gflat)?;
-            }
-            self.gflat.shallow_clone()
-        };
-        sync();
-        let mut reduce_s = t0.elapsed().as_secs_f64();
-        let t1 = std::time::Instant::now();
-        if scale != 1.0 {
-            let _ = g.f_mul_scalar_(scale)?;
+        if self.units.is_none() && grad_group.size() > 1 {
+            grad_group.all_reduce(&self.gflat)?;
         }
-        let p = self.pflat.narrow(0, off, len);
+        sync();
+        let reduce_s = t0.elapsed().as_secs_f64();
+        let t1 = std::time::Instant::now();
+        let g = self.gflat.shallow_clone();
+        if scale != 1.0 {
+            let _ = g.shallow_clone().f_mul_scalar_(scale)?;
+        }
+        let p = &self.pflat;
         match self.kernel {
-            AdamWKernel::Fused => update_fused(&c, self.t, &self.step_t, &p, &g, &self.m, &self.v)?,
-            _ => update_plain(&c, self.t, &p, &g, &self.m, &self.v)?,
+            AdamWKernel::Fused => update_fused(&c, self.t, &self.step_t, p, &g, &self.m, &self.v)?,
+            _ => update_plain(&c, self.t, p, &g, &self.m, &self.v)?,
         }
         // Zeroing the flat gradient (4 B written per parameter) is counted with the update.
-        drop(g);
         let _ = self.gflat.f_zero_()?;
         sync();
-        let update_s = t1.elapsed().as_secs_f64();
-        if self.shards > 1 && !zero3 {
-            let t2 = std::time::Instant::now();
-            grad_group.all_gather(&p.copy(), &self.pflat)?;
-            sync();
-            reduce_s += t2.elapsed().as_secs_f64();
+        Ok((reduce_s, t1.elapsed().as_secs_f64()))
+    }
+}
+
+/// An all-gather of a unit's parameters in flight ([`AdamW::gather_unit_start`]); the
+/// buffers live until [`PendingGather::wait`].
+#[must_use = "wait() before reading the gathered weights"]
+pub struct PendingGather {
+    flat: Tensor,
+    work: Work,
+    _send: Option<Tensor>,
+    /// A refill's version counter before the gather wrote it: restored by `wait`.
+    version: Option<i64>,
+}
+
+impl PendingGather {
+    /// Makes `wait` set the flat vector's autograd version counter back to `v`: for a refill
+    /// of released weights with the values they had when the forward read them.
+    pub fn restoring_version(mut self, v: i64) -> Self {
+        self.version = Some(v);
+        self
+    }
+
+    /// Orders the compute stream after the gather; returns the unit's flat vector. A refill
+    /// gets its autograd version counter back: it holds the values the forward read.
+    pub fn wait(self) -> Result<Tensor> {
+        self.work.wait()?;
+        if let Some(v) = self.version {
+            set_tensor_version(&self.flat, v)?;
         }
-        Ok((reduce_s, update_s))
+        Ok(self.flat)
+    }
+}
+
+/// A reduce-scatter of a unit's gradient in flight ([`AdamW::reduce_unit_grad_start`]).
+#[must_use = "finish() adds the reduced slice to the gradient buffer"]
+pub struct PendingReduce {
+    dst: Tensor,
+    recv: Tensor,
+    work: Work,
+    send: Tensor,
+    zero_after: bool,
+}
+
+impl PendingReduce {
+    /// Waits (device-side) and adds this rank's slice of the sum to its gradient buffer;
+    /// ZeRO-1's persistent full gradient is zeroed for the next step.
+    pub fn finish(self) -> Result<()> {
+        let _ng = tch::no_grad_guard();
+        self.work.wait()?;
+        let _ = self.dst.shallow_clone().f_add_(&self.recv)?;
+        if self.zero_after {
+            let _ = self.send.shallow_clone().f_zero_()?;
+        }
+        Ok(())
     }
 }
 
@@ -607,8 +712,8 @@ pub fn self_check(dev: Device, kind: Kind, n: i64, steps: i32) -> Result<f64> {
 
 // ---- Checkpoint access (used by train/checkpoint.rs; kept apart from the update code) ----
 impl AdamW {
-    /// The state a checkpoint holds: every parameter as one padded flat buffer (ZeRO-3:
-    /// this rank's slices only), this rank's moments and the step count.
+    /// The state a checkpoint holds: every parameter as one flat buffer (sharded: this
+    /// rank's slices only), this rank's moments and the step count.
     pub(crate) fn checkpoint_state(&self) -> (&Tensor, &Tensor, &Tensor, i32) {
         (&self.pflat, &self.m, &self.v, self.t)
     }
@@ -618,7 +723,7 @@ impl AdamW {
         (self.shards, self.shard_rank, self.numel, self.padded)
     }
 
-    /// Whether the parameter buffer holds this rank's slices only (ZeRO-3).
+    /// Whether the parameter buffer holds this rank's slices only (ZeRO-1/2/3).
     pub(crate) fn params_sharded(&self) -> bool {
         self.units.is_some()
     }

@@ -8,10 +8,12 @@
 //! group's rank 0 writes `shard-00000-of-00001.safetensors`; with ZeRO-1/2/3 grad rank r
 //! writes shard r. A shard file holds `params` (that shard's slice of the padded flat
 //! parameter vector, in `Decoder::param_shapes` order), `exp_avg` and `exp_avg_sq` (its
-//! moments) and `step`. With ZeRO-3 the parameter vector is cut into units (embedding, each
-//! layer, final norm with head; `train::zero3`), each padded to a multiple of the shard
-//! count, and shard r's `params` is slice r of every unit, concatenated (the same layout
-//! as its moments); on resume each rank reads its own shard file only. Rank 0 writes the manifest last, after a barrier, so a manifest
+//! moments) and `step`. With ZeRO-1/2/3 the parameter vector is cut into units (embedding,
+//! each layer, final norm with head; `train::shards`), each padded to a multiple of the
+//! shard count, and shard r's `params` is slice r of every unit, concatenated (the same
+//! layout as its moments); on resume each rank reads its own shard file only (ZeRO-1/2 then
+//! gather their resident compute-dtype weights from the loaded masters). Rank 0 writes the
+//! manifest last, after a barrier, so a manifest
 //! always describes complete shard files. The manifest records what must match for a resume
 //! ([`identity`]: world size, layout, ZeRO stage, context, master dtype, model config and
 //! parameter names and shapes); resuming under anything else is refused with one line
@@ -26,7 +28,7 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 /// Version of the layout described above.
-pub const FORMAT: u64 = 1;
+pub const FORMAT: u64 = 2;
 /// The manifest's file name inside a checkpoint directory.
 pub const MANIFEST: &str = "manifest.json";
 
@@ -233,7 +235,7 @@ pub fn write_manifest(
         "identity": identity,
         "files": shard_files(t),
         "numel": numel, "padded": padded,
-        "param_layout": if t.opt.params_sharded() { "zero3-units" } else { "flat" },
+        "param_layout": if t.opt.params_sharded() { "sharded-units" } else { "flat" },
         "optimizer": {"lr": t.cfg.optimizer.lr, "beta1": t.cfg.optimizer.beta1,
                       "beta2": t.cfg.optimizer.beta2, "eps": t.cfg.optimizer.eps,
                       "weight_decay": t.cfg.optimizer.weight_decay},
@@ -278,7 +280,7 @@ pub fn load(t: &mut Trainer<'_>, man: &Manifest) -> Result<()> {
     let (p, m, v, _) = t.opt.checkpoint_state();
     let (mut p, mut m, mut v) = (p.shallow_clone(), m.shallow_clone(), v.shallow_clone());
     let mut step = None;
-    // ZeRO-3 ranks hold their own parameter slices; the others the whole vector.
+    // Sharded ranks hold their own parameter slices; ZeRO-0 the whole vector.
     let own_only = t.opt.params_sharded();
     let mut parts = Vec::with_capacity(n);
     for (i, name) in man.files.iter().enumerate() {
@@ -324,5 +326,6 @@ pub fn load(t: &mut Trainer<'_>, man: &Manifest) -> Result<()> {
     let step = step.ok_or_else(|| ckpt_err(dir, "no step in this rank's shard"))?;
     let step = i32::try_from(step).map_err(|_| ckpt_err(dir, format!("step {step}")))?;
     t.opt.set_checkpoint_step(step);
-    Ok(())
+    // ZeRO-1/2: the resident compute-dtype weights follow the loaded masters.
+    t.refresh_resident()
 }

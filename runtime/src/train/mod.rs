@@ -10,10 +10,12 @@
 //! the last token of each sample has no label, whatever the caller passed, so no loss
 //! crosses samples); gradients of the (replicated) parameters are summed
 //! over the grad group (SP x DP) and averaged over DP; AdamW in the master dtype, its state
-//! either replicated (ZeRO-0) or sharded over the grad group (ZeRO-1/2: gradients
-//! reduce-scattered, updated parameters all-gathered; ZeRO-3: parameters, gradients and
-//! moments all sharded, each layer's weights all-gathered around its forward and its
-//! backward and its gradients reduce-scattered right after its backward, see [`zero3`]).
+//! either replicated (ZeRO-0: gradients all-reduced after the backward) or sharded over the
+//! grad group in units ([`shards`]: ZeRO-1/2 keep the compute-dtype weights resident and
+//! reduce-scatter each unit's gradient as soon as its backward is done, overlapped with the
+//! next layer's; ZeRO-3 gathers each layer's weights before its forward and again before its
+//! backward, prefetched one layer ahead, and frees them in between). Recompute (of each layer
+//! outside attention) is a choice under every stage.
 //!
 //! With [`TrainConfig::profile`] the device is synchronised between phases and
 //! [`StepStats::phases`] holds their times ([`Phases`]).
@@ -50,18 +52,19 @@ pub mod adamw;
 pub mod checkpoint;
 pub mod kernel_profile;
 pub mod run;
-pub mod zero3;
+pub mod shards;
 
 use crate::attn2d::AttnShape;
 use crate::comm::Communicator;
 use crate::error::{Result, RuntimeError};
-use crate::ffi::backward_seeded;
+use crate::ffi::{backward_seeded, storage_nbytes};
 use crate::kernel::Backend;
 use crate::model::decoder::{PostWeights, PreWeights};
 use crate::model::{Decoder, Input, Rope};
 use crate::packed::{PackedAttention, PackedCtx};
-use adamw::{AdamW, AdamWConfig};
+use adamw::{AdamW, AdamWConfig, PendingGather, PendingReduce};
 use serde_json::{json, Value};
+use shards::{Fetch, Gathered, Resident};
 use std::cell::Cell;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -80,11 +83,9 @@ pub struct Groups<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct TrainConfig {
     pub optimizer: AdamWConfig,
-    /// 0, 1, 2 or 3 (2 behaves as 1: gradients are reduce-scattered in both; 3 also shards
-    /// the parameters and gradients, see [`zero3`]).
+    /// 0, 1, 2 or 3 (module [`shards`] for what each keeps).
     pub zero_stage: u32,
     /// Keep only each layer's input and attention output; recompute the rest in backward.
-    /// Always done with ZeRO-3 (its layers' full weights exist only around their use).
     pub recompute: bool,
     pub backend: Backend,
     /// Synchronise the device around phases to time them (costs a little overlap).
@@ -103,6 +104,11 @@ pub struct StepStats {
     pub attention_s: f64,
     /// Token-count and gradient collectives plus the optimizer update.
     pub grad_sync_s: f64,
+    /// Bytes of sharded layer weights the saved graph still held when the forward ended
+    /// (storage of the gathered units): 0 under ZeRO-3 without recompute, whose layers free
+    /// their gathered weights after their forward; the resident bf16 weights under ZeRO-1/2
+    /// without recompute; 0 under ZeRO-0 (its per-layer casts are autograd's, not counted).
+    pub held_weight_bytes: f64,
     /// Per-phase times (device times with [`TrainConfig::profile`]; host-side enqueue times
     /// without it).
     pub phases: Phases,
@@ -114,7 +120,8 @@ pub struct StepStats {
 pub struct Phases {
     /// Master -> compute dtype weight casts (every layer weight once per step without
     /// recompute; with recompute the layers' casts fall in `fwd_s` / `bwd_s`; always the
-    /// head weight). ZeRO-3: every unit's cast and all-gather.
+    /// head weight). Sharded: waiting for the units' gathers (ZeRO-3; prefetched, so only what
+    /// compute did not hide) and building their leaves.
     pub cast_s: f64,
     /// Embedding gather, and its backward (accumulation into the table's gradient).
     pub embed_s: f64,
@@ -130,7 +137,7 @@ pub struct Phases {
     /// 2D attention backward.
     pub attn_bwd_s: f64,
     /// Gradient reduction over the grad group (all-reduce or reduce-scatter) and, with
-    /// ZeRO-1/2, the parameter all-gather. ZeRO-3: the per-unit reduce-scatters (with the
+    /// ZeRO-1/2, the resident weights' all-gather after the update. Sharded: the per-unit reduce-scatters (with the
     /// copies of the unit's gradients into one master-dtype vector).
     pub grad_reduce_s: f64,
     /// AdamW update of this rank's parameters and the gradient zeroing.
@@ -188,6 +195,9 @@ struct LayerState {
     a: Tensor,
     /// Layer output (autograd graph to x_in and a); None when recomputing.
     y: Option<Tensor>,
+    /// Sharded without recompute: the unit's leaves the graph uses (ZeRO-3: their storage
+    /// released until the backward refills it).
+    unit: Option<Gathered>,
 }
 
 /// One rank's trainer.
@@ -197,6 +207,8 @@ pub struct Trainer<'a> {
     groups: Groups<'a>,
     cfg: TrainConfig,
     opt: AdamW,
+    /// ZeRO-1/2: the resident compute-dtype weights of every unit.
+    resident: Option<Resident>,
     rope: Rope,
     ids_len: usize,
     /// Packed sequences: the local rows holding a sample's last token (their labels are
@@ -255,6 +267,15 @@ impl Clock {
         }
         d
     }
+}
+
+/// Storage bytes of the gathered units the layers' saved graphs hold.
+fn held_bytes(layers: &[LayerState]) -> Result<f64> {
+    let mut n = 0i64;
+    for g in layers.iter().filter_map(|l| l.unit.as_ref()) {
+        n += storage_nbytes(g.flat())?;
+    }
+    Ok(n as f64)
 }
 
 /// Backward from `t` seeded with `g` for every pair whose `g` is defined and whose `t`
@@ -334,25 +355,30 @@ impl<'a> Trainer<'a> {
         });
         let params: Vec<Tensor> = model.parameters();
         let opt = match cfg.zero_stage {
-            0 => AdamW::new(&params, cfg.optimizer, None)?,
-            1 | 2 => AdamW::new(&params, cfg.optimizer, Some(groups.grad))?,
-            _ => AdamW::new_zero3(&params, &zero3::units(&model)?, cfg.optimizer, groups.grad)?,
+            0 => AdamW::new(&params, cfg.optimizer)?,
+            z => {
+                let units = shards::units(&model)?;
+                AdamW::new_sharded(&params, &units, cfg.optimizer, groups.grad, z == 1)?
+            }
         };
         drop(params);
+        let resident = matches!(cfg.zero_stage, 1 | 2).then(|| Resident(Vec::new()));
         let master = model.head_weight().kind();
         let (fast_lsm, fp32_gemm) = probe_loss_kernels(device, model.compute, master);
-        let t = Trainer {
+        let mut t = Trainer {
             model,
             attn,
             groups,
             cfg,
             opt,
+            resident,
             rope,
             ids_len,
             last_rows,
             fast_log_softmax: Cell::new(fast_lsm),
             fp32_out_gemm: Cell::new(fp32_gemm),
         };
+        t.refresh_resident()?;
         if device.is_cuda() && t.groups.grad.rank() == 0 {
             eprintln!("{}", json!({ "train_kernels": t.kernels() }));
         }
@@ -369,7 +395,7 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// The optimizer (its flat buffers and moments, for checkpoints). With ZeRO-3 the model's
+    /// The optimizer (its flat buffers and moments, for checkpoints). Sharded, the model's
     /// parameter tensors are empty: [`Trainer::full_parameters`] gathers them.
     pub fn optimizer(&self) -> &AdamW {
         &self.opt
@@ -389,8 +415,8 @@ impl<'a> Trainer<'a> {
     }
 
     /// The decoder's embeddings of token `ids` (B, S) int64, in the compute dtype, without
-    /// graph: from the model's table, or under ZeRO-3 from the table gathered for the lookup
-    /// (a collective over the grad group: every rank calls it). For the text rows of a VLM
+    /// graph: from the model's table, or when sharded from the table's unit (ZeRO-3: gathered
+    /// for the lookup, a collective over the grad group: every rank calls it). For the text rows of a VLM
     /// step ([`Trainer::step_embeddings_text`] sends their gradient back to the table).
     pub fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
         if self.opt.units().is_none() {
@@ -399,9 +425,9 @@ impl<'a> Trainer<'a> {
         Ok(self.embed_gathered(&ids.to_device(self.device()))?.0)
     }
 
-    /// ZeRO-3: the embedding table gathered and the lookup of `ids` (B, S) int64 in it, without
+    /// Sharded: the embedding table's unit and the lookup of `ids` (B, S) int64 in it, without
     /// graph; the gathered table is returned for a tied head.
-    fn embed_gathered(&self, ids: &Tensor) -> Result<(Tensor, zero3::Gathered)> {
+    fn embed_gathered(&self, ids: &Tensor) -> Result<(Tensor, shards::Gathered)> {
         if ids.dim() != 2 || ids.kind() != Kind::Int64 {
             return Err(RuntimeError::Shape(format!(
                 "token ids must be (B, S) int64, got {:?} {:?}",
@@ -409,7 +435,7 @@ impl<'a> Trainer<'a> {
                 ids.kind()
             )));
         }
-        let g = self.gather(zero3::EMBED_UNIT, false)?;
+        let g = self.gather(shards::EMBED_UNIT, false)?;
         let x0 = tch::no_grad(|| {
             g.get("embed_tokens.weight")
                 .map(|w| Tensor::embedding(w, ids, -1, false, false))
@@ -442,8 +468,8 @@ impl<'a> Trainer<'a> {
     /// embeddings, their gradient (1, s_local, hidden) in the compute dtype, undefined-free.
     /// `text` = (local rows, token ids) of embedding rows taken from the decoder's table:
     /// their gradient is added to the table's before the optimizer runs.
-    /// With ZeRO-3 every rank of the grad group must pass the same kind of input (ids,
-    /// embeddings with `text`, embeddings without): it decides whether the embedding
+    /// With sharded states every rank of the grad group must pass the same kind of input
+    /// (ids, embeddings with `text`, embeddings without): it decides whether the embedding
     /// table's gradient is reduce-scattered.
     fn step_input(
         &mut self,
@@ -459,43 +485,79 @@ impl<'a> Trainer<'a> {
             )));
         }
         let dev = self.device();
-        let prof = self.cfg.profile;
         let mut ph = Phases::default();
-        let mut clk = Clock::new(dev, prof);
+        let mut clk = Clock::new(dev, self.cfg.profile);
         let t0 = Instant::now();
-        let nl = self.model.cfg.num_layers;
-        // ZeRO-3: weights are gathered unit by unit (module `zero3`), layers recomputed.
-        let z3 = self.opt.units().is_some();
-        let tied = self.model.cfg.tie_word_embeddings;
-        let rec = self.cfg.recompute || z3;
-        let compute = self.model.compute;
-        // Master -> compute casts, once per step (kept in the graph: their backward
-        // accumulates into the fp32 gradient buffer).
-        let weights: Vec<(PreWeights, PostWeights)> = if rec {
-            Vec::new()
-        } else {
-            (0..nl)
-                .map(|l| (self.model.pre_weights(l), self.model.post_weights(l)))
-                .collect()
-        };
-        let head_w = if z3 {
-            None
-        } else {
-            Some(tch::no_grad(|| {
-                self.model.head_weight().detach().to_kind(compute)
-            }))
-        };
-        let norm_w = (!z3).then(|| self.model.final_norm_weight());
-        ph.cast_s = clk.lap();
-        // Embedding: no autograd (its backward is one index_put_ below).
+        let mut comm_s = 0.0;
         let emb_ids = match input {
             Input::Ids(ids) => Some(ids.view([-1])),
             Input::Embeddings(_) => None,
         };
-        // ZeRO-3: the gathered embedding table, while needed (the lookup; the head if tied).
-        let mut table: Option<zero3::Gathered> = None;
+        let (x0, table) = self.embed_forward(input, &mut ph, &mut clk)?;
+        let mut x = x0.detach().set_requires_grad(true);
+        let x_first = x.shallow_clone();
+        ph.embed_s = clk.lap();
+        let layers = self.forward_layers(&mut x, &mut ph, &mut clk)?;
+        let held_weight_bytes = held_bytes(&layers)?;
+        let mut lw = self.loss_weights(table, &mut ph, &mut clk)?;
+        let (loss_mean, total) = self.loss_backward(&x, labels, &mut lw, &mut comm_s, &mut clk)?;
+        ph.loss_s = clk.lap();
+        let LossWeights { fin, emb_grad, .. } = lw;
+        let mut emb_grad = emb_grad;
+        if let Some((g, flat)) = fin {
+            ph.bwd_s += clk.lap();
+            self.collect_grads(&g, &flat)?;
+            drop(g);
+            self.reduce(shards::final_unit(self.model.cfg.num_layers), flat)?;
+            let d = clk.lap();
+            ph.grad_reduce_s += d;
+            comm_s += d;
+        }
+        let g = self.backward_layers(layers, x.grad(), &mut ph, &mut clk, &mut comm_s)?;
+        if self.sharded() && (emb_ids.is_some() || text.is_some()) && emb_grad.is_none() {
+            emb_grad = Some(self.opt.new_unit_grad(shards::EMBED_UNIT)?);
+        }
+        let input_grad = self.embed_backward(g, emb_ids, text, &emb_grad, &x_first)?;
+        ph.embed_s += clk.lap();
+        if let Some(flat) = emb_grad {
+            // The embedding's gradient (token rows, and the head's when tied).
+            self.reduce(shards::EMBED_UNIT, flat)?;
+            let d = clk.lap();
+            ph.grad_reduce_s += d;
+            comm_s += d;
+        }
+        self.optimizer_step(&mut ph, &mut comm_s)?;
+        let _ = clk.lap();
+        // The step's time is the device's: wait for its queued work even without profiling
+        // (one synchronisation per step; without it step_s would be the host's enqueue time).
+        sync(dev, true);
+        Ok((
+            StepStats {
+                loss: loss_mean,
+                tokens: total,
+                step_s: t0.elapsed().as_secs_f64(),
+                attention_s: ph.attn_fwd_s + ph.attn_bwd_s,
+                grad_sync_s: comm_s,
+                held_weight_bytes,
+                phases: ph,
+            },
+            input_grad,
+        ))
+    }
+
+    /// The embedding forward without autograd (its backward is one `index_put_`): from the
+    /// model's table, or the sharded unit's (gathered, or resident). Returns the embeddings
+    /// and, when the head is tied, the table's unit kept for the loss.
+    fn embed_forward(
+        &self,
+        input: Input<'_>,
+        ph: &mut Phases,
+        clk: &mut Clock,
+    ) -> Result<(Tensor, Option<Gathered>)> {
+        let tied = self.model.cfg.tie_word_embeddings;
+        let mut table = None;
         let x0 = match input {
-            Input::Ids(ids) if z3 => {
+            Input::Ids(ids) if self.sharded() => {
                 let (x0, g) = self.embed_gathered(ids)?;
                 ph.cast_s += clk.lap();
                 table = Some(g);
@@ -503,37 +565,62 @@ impl<'a> Trainer<'a> {
             }
             _ => tch::no_grad(|| self.model.embed(input))?,
         };
-        if z3 && tied && table.is_none() {
-            table = Some(self.gather(zero3::EMBED_UNIT, false)?);
+        if self.sharded() && tied && table.is_none() {
+            table = Some(self.gather(shards::EMBED_UNIT, false)?);
         }
-        if !tied {
-            table = None;
+        Ok((x0, if tied { table } else { None }))
+    }
+
+    /// Layer `l`'s weights for its forward: cast from the master (ZeRO-0; in the graph
+    /// unless recomputing) or the unit's (fetched by `fetch`; leaves with grad unless
+    /// recomputing).
+    fn forward_weights(
+        &self,
+        l: usize,
+        fetch: Option<Fetch>,
+    ) -> Result<(PreWeights, PostWeights, Option<Gathered>)> {
+        let rec = self.cfg.recompute;
+        match fetch {
+            Some(f) => {
+                let g = self.fetch_finish(f, !rec)?;
+                let (pre, post) = g.layer_weights()?;
+                Ok((pre, post, Some(g)))
+            }
+            None if rec => Ok(tch::no_grad(|| {
+                (self.model.pre_weights(l), self.model.post_weights(l), None)
+            })),
+            None => Ok((self.model.pre_weights(l), self.model.post_weights(l), None)),
         }
-        let mut x = x0.detach().set_requires_grad(true);
-        let x_first = x.shallow_clone();
-        ph.embed_s = clk.lap();
+    }
+
+    /// The layers' forward. Without recompute each layer keeps its graph (and, sharded, its
+    /// unit's leaves; ZeRO-3 releases their storage right after the layer); with recompute
+    /// only its input and attention output.
+    fn forward_layers(
+        &self,
+        x: &mut Tensor,
+        ph: &mut Phases,
+        clk: &mut Clock,
+    ) -> Result<Vec<LayerState>> {
+        let nl = self.model.cfg.num_layers;
+        let rec = self.cfg.recompute;
         let mut layers: Vec<LayerState> = Vec::with_capacity(nl);
+        // ZeRO-3: layer l + 1's gather is in flight while layer l computes.
+        let mut next = match self.sharded() && nl > 0 {
+            true => Some(self.fetch_start(shards::layer_unit(0))?),
+            false => None,
+        };
         for l in 0..nl {
-            // Weights cast at the start of the step, or (recompute) cast here without graph,
-            // or (ZeRO-3) gathered here and freed after the layer.
-            let cast = weights.get(l);
-            let lw = match (cast, z3) {
-                (Some(_), _) => None,
-                (None, true) => {
-                    let (pre, post, _) = self.gathered_layer(l, false)?;
-                    ph.cast_s += clk.lap();
-                    Some((pre, post))
-                }
-                (None, false) => Some(tch::no_grad(|| {
-                    (self.model.pre_weights(l), self.model.post_weights(l))
-                })),
-            };
-            let (q, k, v) = match (cast, &lw) {
-                (Some((pre, _)), _) => self.model.pre_attention_with(pre, &x, &self.rope),
-                (None, Some((pre, _))) => {
-                    tch::no_grad(|| self.model.pre_attention_with(pre, &x, &self.rope))
-                }
-                (None, None) => unreachable!("layer weights are cast or gathered"),
+            let (pre, post, unit) = self.forward_weights(l, next.take())?;
+            if self.sharded() && l + 1 < nl {
+                next = Some(self.fetch_start(shards::layer_unit(l + 1))?);
+            }
+            ph.cast_s += clk.lap();
+            let graph = |f: &dyn Fn() -> Tensor| if rec { tch::no_grad(f) } else { f() };
+            let (q, k, v) = if rec {
+                tch::no_grad(|| self.model.pre_attention_with(&pre, x, &self.rope))
+            } else {
+                self.model.pre_attention_with(&pre, x, &self.rope)
             };
             ph.fwd_s += clk.lap();
             let (o, ctx) = self.attn.forward(
@@ -543,125 +630,196 @@ impl<'a> Trainer<'a> {
             )?;
             ph.attn_fwd_s += clk.lap();
             let a = o.detach().set_requires_grad(true);
-            let y = match (cast, &lw) {
-                (Some((_, post)), _) => self.model.post_attention_with(post, &x, &a),
-                (None, Some((_, post))) => {
-                    tch::no_grad(|| self.model.post_attention_with(post, &x, &a))
+            let y = graph(&|| self.model.post_attention_with(&post, x, &a));
+            drop((pre, post));
+            let unit = match unit {
+                Some(g) if !rec => {
+                    if self.per_use() {
+                        g.release()?;
+                    }
+                    Some(g)
                 }
-                (None, None) => unreachable!("layer weights are cast or gathered"),
+                _ => None,
             };
-            drop(lw);
-            let next = y.detach().set_requires_grad(true);
+            let next_x = y.detach().set_requires_grad(true);
             layers.push(LayerState {
-                x_in: x,
+                x_in: std::mem::replace(x, next_x),
                 qkv: (!rec).then_some((q, k, v)),
                 ctx,
                 a,
                 y: (!rec).then_some(y),
+                unit,
             });
-            x = next;
             ph.fwd_s += clk.lap();
         }
-        // ZeRO-3: the final norm (a leaf with grad) and the untied head, gathered for the
-        // loss; the head's gradient goes straight into the unit's gradient vector (or the
-        // embedding's when tied).
-        let mut fin: Option<(zero3::Gathered, Tensor)> = None;
-        let mut emb_grad: Option<Tensor> = None;
-        let (norm_w, head_w, mut head_gw) = match (norm_w, head_w) {
-            (Some(n), Some(h)) => (n, h, self.model.head_weight().grad()),
-            _ => {
-                let g = self.gather(zero3::final_unit(nl), true)?;
-                let flat = self.opt.new_unit_grad(g.unit)?;
-                let nw = g.get("model.norm.weight")?.shallow_clone();
-                let (hw, hg) = if tied {
-                    let t = table.as_ref().ok_or_else(|| {
-                        RuntimeError::Config("ZeRO-3: the tied head has no table".into())
-                    })?;
-                    let eg = self.opt.new_unit_grad(zero3::EMBED_UNIT)?;
-                    let hg = self.opt.unit_views(zero3::EMBED_UNIT, &eg)?.remove(0);
-                    emb_grad = Some(eg);
-                    (t.get("embed_tokens.weight")?.detach(), hg)
-                } else {
-                    let i = self.model.named_parameters()
-                        [self.opt.units().map_or(0..0, |u| u[g.unit].params.clone())]
-                    .iter()
-                    .position(|(n, _)| n == "lm_head.weight")
-                    .ok_or_else(|| RuntimeError::Config("ZeRO-3: no lm_head.weight".into()))?;
-                    let hg = self.opt.unit_views(g.unit, &flat)?.remove(i);
-                    (g.get("lm_head.weight")?.detach(), hg)
-                };
-                fin = Some((g, flat));
-                ph.cast_s += clk.lap();
-                (nw, hw, hg)
-            }
+        Ok(layers)
+    }
+
+    /// The final norm and head weights for the loss, and the buffers their gradients go to.
+    fn loss_weights(
+        &self,
+        table: Option<Gathered>,
+        ph: &mut Phases,
+        clk: &mut Clock,
+    ) -> Result<LossWeights> {
+        if !self.sharded() {
+            let head_w = tch::no_grad(|| {
+                self.model
+                    .head_weight()
+                    .detach()
+                    .to_kind(self.model.compute)
+            });
+            ph.cast_s += clk.lap();
+            return Ok(LossWeights {
+                norm_w: self.model.final_norm_weight(),
+                head_w,
+                head_gw: self.model.head_weight().grad(),
+                fin: None,
+                emb_grad: None,
+                _table: table,
+            });
+        }
+        let nl = self.model.cfg.num_layers;
+        let g = self.gather(shards::final_unit(nl), true)?;
+        let flat = self.opt.new_unit_grad(g.unit)?;
+        let norm_w = g.get("model.norm.weight")?.shallow_clone();
+        let mut emb_grad = None;
+        let (head_w, head_gw) = if self.model.cfg.tie_word_embeddings {
+            let t = table.as_ref().ok_or_else(|| {
+                RuntimeError::Config("sharded states: the tied head has no table".into())
+            })?;
+            let eg = self.opt.new_unit_grad(shards::EMBED_UNIT)?;
+            let hg = self.opt.unit_views(shards::EMBED_UNIT, &eg)?.remove(0);
+            emb_grad = Some(eg);
+            (t.get("embed_tokens.weight")?.detach(), hg)
+        } else {
+            let i = g
+                .leaves
+                .iter()
+                .position(|(n, _)| n == "lm_head.weight")
+                .ok_or_else(|| RuntimeError::Config("sharded states: no lm_head.weight".into()))?;
+            let hg = self.opt.unit_views(g.unit, &flat)?.remove(i);
+            (g.get("lm_head.weight")?.detach(), hg)
         };
-        // Loss over the SP group's active tokens. The tokens are counted first, so that the
-        // loss gradient is formed chunk by chunk and the logits of the whole shard are never
-        // held (compute-dtype GEMM, softmax in fp32 or wider, LOSS_CHUNK rows at a time).
+        ph.cast_s += clk.lap();
+        Ok(LossWeights {
+            norm_w,
+            head_w,
+            head_gw,
+            fin: Some((g, flat)),
+            emb_grad,
+            _table: table,
+        })
+    }
+
+    /// Loss over the SP group's active tokens and its backward into the final norm and the
+    /// last layer's output `x`: returns (mean loss, active tokens). The tokens are counted
+    /// first, so that the loss gradient is formed chunk by chunk and the logits of the whole
+    /// shard are never held (compute-dtype GEMM, softmax in fp32 or wider, LOSS_CHUNK rows at
+    /// a time).
+    fn loss_backward(
+        &self,
+        x: &Tensor,
+        labels: &Tensor,
+        lw: &mut LossWeights,
+        comm_s: &mut f64,
+        clk: &mut Clock,
+    ) -> Result<(f64, f64)> {
+        let (dev, prof) = (self.device(), self.cfg.profile);
         let labels = labels.to_device(dev).view([-1]);
         // Packed: no label on a sample's last token (it would be the next sample's first).
         let labels = match &self.last_rows {
             Some(rows) => labels.f_index_fill(0, rows, -100i64)?,
             None => labels,
         };
-        let acc = if compute == Kind::Double {
+        let acc = if self.model.compute == Kind::Double {
             Kind::Double
         } else {
             Kind::Float
         };
         let red = Kind::Float.max_precision(acc);
+        let sp_sum = |t: &Tensor, comm_s: &mut f64| -> Result<()> {
+            sync(dev, prof);
+            let tc = Instant::now();
+            self.groups.ulysses.all_reduce(t)?;
+            self.groups.ring.all_reduce(t)?;
+            sync(dev, prof);
+            *comm_s += tc.elapsed().as_secs_f64();
+            Ok(())
+        };
         let count = labels.ne(-100).sum(Kind::Double).to_kind(red).view([1]);
-        sync(dev, prof);
-        let tc = Instant::now();
-        self.groups.ulysses.all_reduce(&count)?;
-        self.groups.ring.all_reduce(&count)?;
-        sync(dev, prof);
-        let mut comm_s = tc.elapsed().as_secs_f64();
+        sp_sum(&count, comm_s)?;
         let total = count.double_value(&[0]);
-        let hn = self.model.final_norm_with(&norm_w, &x);
+        let hn = self.model.final_norm_with(&lw.norm_w, x);
         let (loss_sum, dhn) = self.chunked_loss(
             &hn,
-            &head_w,
-            &mut head_gw,
+            &lw.head_w,
+            &mut lw.head_gw,
             &labels,
             acc,
             1.0 / total.max(1.0),
         )?;
         let stats = loss_sum.to_kind(red).view([1]);
-        sync(dev, prof);
-        let tc = Instant::now();
-        self.groups.ulysses.all_reduce(&stats)?;
-        self.groups.ring.all_reduce(&stats)?;
-        sync(dev, prof);
-        comm_s += tc.elapsed().as_secs_f64();
+        sp_sum(&stats, comm_s)?;
         let loss_mean = stats.double_value(&[0]) / total.max(1.0);
-        ph.loss_s = clk.lap();
+        let _ = clk;
         seed(&[(&hn, &dhn)])?;
-        drop((hn, dhn, head_w, head_gw, norm_w, table));
-        if let Some((g, flat)) = fin.take() {
-            ph.bwd_s += clk.lap();
-            self.collect_grads(&g, &flat)?;
-            drop(g);
-            self.reduce(zero3::final_unit(nl), &flat)?;
-            let d = clk.lap();
-            ph.grad_reduce_s += d;
-            comm_s += d;
+        Ok((loss_mean, total))
+    }
+
+    /// Starts fetching layer `st`'s weights for its backward: ZeRO-3 without recompute
+    /// refills the released storage; with recompute the unit is fetched afresh; resident
+    /// weights are ready. None for ZeRO-0.
+    fn backward_fetch_start(&self, l: usize, st: &LayerState) -> Result<Option<BwdFetch>> {
+        if !self.sharded() {
+            return Ok(None);
         }
-        // Backward, layer by layer.
-        let mut g = x.grad();
-        for (l, st) in layers.into_iter().enumerate().rev() {
-            let mut gathered = None;
+        Ok(Some(match &st.unit {
+            Some(g) if self.per_use() => BwdFetch::Refill(self.refill_start(g)?),
+            Some(_) => BwdFetch::Kept,
+            None => BwdFetch::Fresh(self.fetch_start(shards::layer_unit(l))?),
+        }))
+    }
+
+    /// The layers' backward, last to first, from the gradient `g` of the last layer's output;
+    /// returns the gradient of the first layer's input. Sharded: layer l - 1's weights are
+    /// fetched while layer l's backward runs, and layer l's gradient reduce-scatter is
+    /// finished after layer l - 1's backward.
+    fn backward_layers(
+        &self,
+        mut layers: Vec<LayerState>,
+        mut g: Tensor,
+        ph: &mut Phases,
+        clk: &mut Clock,
+        comm_s: &mut f64,
+    ) -> Result<Tensor> {
+        let mut next = match layers.last() {
+            Some(st) => self.backward_fetch_start(layers.len() - 1, st)?,
+            None => None,
+        };
+        let mut in_flight: Option<PendingReduce> = None;
+        while let Some(st) = layers.pop() {
+            let l = layers.len();
+            ph.bwd_s += clk.lap();
+            let unit = match (next.take(), st.unit) {
+                (Some(BwdFetch::Refill(p)), Some(u)) => {
+                    drop(p.wait()?);
+                    Some(u)
+                }
+                (Some(BwdFetch::Kept), Some(u)) => Some(u),
+                (Some(BwdFetch::Fresh(f)), _) => Some(self.fetch_finish(f, true)?),
+                _ => None,
+            };
+            if let Some(prev) = layers.last() {
+                next = self.backward_fetch_start(l - 1, prev)?;
+            }
+            ph.cast_s += clk.lap();
             let (qkv, y) = match (st.qkv, st.y) {
                 (Some(qkv), Some(y)) => (qkv, y),
                 _ => {
-                    let (pre, post) = if z3 {
-                        ph.bwd_s += clk.lap();
-                        let (pre, post, gw) = self.gathered_layer(l, true)?;
-                        gathered = Some(gw);
-                        ph.cast_s += clk.lap();
-                        (pre, post)
-                    } else {
-                        (self.model.pre_weights(l), self.model.post_weights(l))
+                    let (pre, post) = match &unit {
+                        Some(u) => u.layer_weights()?,
+                        None => (self.model.pre_weights(l), self.model.post_weights(l)),
                     };
                     let qkv = self.model.pre_attention_with(&pre, &st.x_in, &self.rope);
                     let y = self.model.post_attention_with(&post, &st.x_in, &st.a);
@@ -679,84 +837,123 @@ impl<'a> Trainer<'a> {
             drop((q, k, v));
             g = st.x_in.grad();
             ph.bwd_s += clk.lap();
-            if let Some(gw) = gathered {
-                // The layer's gradients, reduce-scattered now; its weights are freed.
-                let flat = self.opt.new_unit_grad(gw.unit)?;
-                self.collect_grads(&gw, &flat)?;
-                drop(gw);
-                self.reduce(zero3::layer_unit(l), &flat)?;
+            if let Some(u) = unit {
+                // The layer's gradient: issued now, finished after the next layer's backward.
+                let flat = self.opt.new_unit_grad(u.unit)?;
+                self.collect_grads(&u, &flat)?;
+                drop(u);
+                if let Some(p) = in_flight.take() {
+                    p.finish()?;
+                }
+                let unit = shards::layer_unit(l);
+                in_flight = Some(
+                    self.opt
+                        .reduce_unit_grad_start(unit, flat, self.groups.grad)?,
+                );
                 let d = clk.lap();
                 ph.grad_reduce_s += d;
-                comm_s += d;
+                *comm_s += d;
             }
         }
-        drop(weights);
-        if z3 && (emb_ids.is_some() || text.is_some()) && emb_grad.is_none() {
-            emb_grad = Some(self.opt.new_unit_grad(zero3::EMBED_UNIT)?);
+        if let Some(p) = in_flight.take() {
+            p.finish()?;
+            let d = clk.lap();
+            ph.grad_reduce_s += d;
+            *comm_s += d;
         }
-        let input_grad = match emb_ids {
+        Ok(g)
+    }
+
+    /// The embedding's backward: the gradient `g` of the first layer's input goes into the
+    /// table's gradient (token ids: every row; embeddings: the `text` rows), or is returned
+    /// (embeddings input).
+    fn embed_backward(
+        &self,
+        g: Tensor,
+        emb_ids: Option<Tensor>,
+        text: Option<(&Tensor, &Tensor)>,
+        emb_grad: &Option<Tensor>,
+        x_first: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let dev = self.device();
+        let h = self.model.cfg.hidden_size as i64;
+        let table_grad = || -> Result<Tensor> {
+            Ok(match emb_grad {
+                Some(flat) => self.opt.unit_views(shards::EMBED_UNIT, flat)?.remove(0),
+                None => self.model.embed_weight().grad(),
+            })
+        };
+        match emb_ids {
             Some(ids) => {
                 if g.defined() {
                     // d table[ids[i]] += d x0[i]: one accumulating scatter of (S, h) rows
                     // (sorted, hence deterministic, on CUDA).
-                    let mut gw = match &emb_grad {
-                        Some(flat) => self.opt.unit_views(zero3::EMBED_UNIT, flat)?.remove(0),
-                        None => self.model.embed_weight().grad(),
-                    };
-                    let h = self.model.cfg.hidden_size as i64;
+                    let mut gw = table_grad()?;
                     let rows = g.view([-1, h]).to_kind(gw.kind());
                     let _ = tch::no_grad(|| gw.f_index_put_(&[Some(&ids)], &rows, true))?;
                 }
-                None
+                Ok(None)
             }
             None => {
                 let g = if g.defined() { g } else { x_first.zeros_like() };
                 if let Some((rows, ids)) = text {
                     // The text rows came from the table: d table[ids[j]] += d x0[rows[j]].
-                    let mut gw = match &emb_grad {
-                        Some(flat) => self.opt.unit_views(zero3::EMBED_UNIT, flat)?.remove(0),
-                        None => self.model.embed_weight().grad(),
-                    };
-                    let h = self.model.cfg.hidden_size as i64;
+                    let mut gw = table_grad()?;
                     let r = g.view([-1, h]).index_select(0, &rows.to_device(dev));
                     let r = r.to_kind(gw.kind());
                     let ids = ids.to_device(dev).view([-1]);
                     let _ = tch::no_grad(|| gw.f_index_put_(&[Some(&ids)], &r, true))?;
                 }
-                Some(g)
+                Ok(Some(g))
             }
-        };
-        ph.embed_s += clk.lap();
-        if let Some(flat) = emb_grad {
-            // ZeRO-3: the embedding's gradient (token rows, and the head's when tied).
-            self.reduce(zero3::EMBED_UNIT, &flat)?;
-            drop(flat);
-            let d = clk.lap();
-            ph.grad_reduce_s += d;
-            comm_s += d;
         }
+    }
+
+    /// The AdamW update (ZeRO-0: after the gradients' all-reduce) and, ZeRO-1/2, the
+    /// all-gather of the updated weights into the resident ones.
+    fn optimizer_step(&mut self, ph: &mut Phases, comm_s: &mut f64) -> Result<()> {
+        let (dev, prof) = (self.device(), self.cfg.profile);
         let scale = 1.0 / self.groups.dp as f64;
         let sync_fn = || sync(dev, prof);
         let (reduce_s, update_s) = self.opt.step_timed(self.groups.grad, scale, &sync_fn)?;
-        let _ = clk.lap();
         ph.grad_reduce_s += reduce_s;
         ph.optimizer_s = update_s;
-        comm_s += reduce_s + update_s;
-        // The step's time is the device's: wait for its queued work even without profiling
-        // (one synchronisation per step; without it step_s would be the host's enqueue time).
-        sync(dev, true);
-        Ok((
-            StepStats {
-                loss: loss_mean,
-                tokens: total,
-                step_s: t0.elapsed().as_secs_f64(),
-                attention_s: ph.attn_fwd_s + ph.attn_bwd_s,
-                grad_sync_s: comm_s,
-                phases: ph,
-            },
-            input_grad,
-        ))
+        *comm_s += reduce_s + update_s;
+        if self.resident.is_some() {
+            let t = Instant::now();
+            self.refresh_resident()?;
+            sync(dev, prof);
+            let d = t.elapsed().as_secs_f64();
+            ph.grad_reduce_s += d;
+            *comm_s += d;
+        }
+        Ok(())
     }
+}
+
+/// The loss's weights and where their gradients go.
+struct LossWeights {
+    norm_w: Tensor,
+    head_w: Tensor,
+    /// The head weight's gradient (master dtype): its `.grad()`, or a view of a unit's
+    /// gradient vector.
+    head_gw: Tensor,
+    /// Sharded: the final unit's leaves and its gradient vector.
+    fin: Option<(Gathered, Tensor)>,
+    /// Sharded and tied: the embedding unit's gradient vector (the head's gradient is in it).
+    emb_grad: Option<Tensor>,
+    /// Sharded and tied: the table's unit, held until the loss is done.
+    _table: Option<Gathered>,
+}
+
+/// A layer's weights for its backward, on their way.
+enum BwdFetch {
+    /// ZeRO-3 without recompute: the released storage being gathered into again.
+    Refill(PendingGather),
+    /// Resident leaves kept from the forward (ZeRO-1/2 without recompute).
+    Kept,
+    /// Recompute: the unit fetched afresh.
+    Fresh(Fetch),
 }
 
 /// Rows of the loss computed at a time.
@@ -801,7 +998,7 @@ impl Trainer<'_> {
     /// Cross-entropy of the head (compute-dtype weight `w`, detached) over the normed hidden
     /// states `hn` (B, S, hidden): returns the loss summed over the labelled tokens and its
     /// gradient with respect to `hn` scaled by `inv_total`; the head weight's gradient is
-    /// added to `gw` (master dtype: its `.grad()`, or with ZeRO-3 a view of the unit's
+    /// added to `gw` (master dtype: its `.grad()`, or when sharded a view of the unit's
     /// gradient vector) directly.
     ///
     /// Per chunk of k rows: logits z = hc W^T (k, V) in the compute dtype; l = log_softmax(z)

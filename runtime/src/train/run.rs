@@ -76,7 +76,18 @@ pub struct Predicted {
     pub step_time_s: f64,
     pub tokens_per_s: f64,
     pub mfu: f64,
+    /// Absent from plans written before HFU was reported.
+    #[serde(default)]
+    pub hfu: Option<f64>,
     pub memory_per_gpu_bytes: f64,
+}
+
+impl TrainPlan {
+    /// Whether the plan recomputes each layer's forward outside attention in its backward
+    /// (`recompute` other than "none"; checked to be a known value by [`load`]).
+    pub fn recomputes(&self) -> bool {
+        self.recompute != "none"
+    }
 }
 
 fn none() -> String {
@@ -400,7 +411,7 @@ struct StepRecord {
 }
 
 /// Fields of a [`StepRecord`] as gathered between processes.
-const REC_LEN: usize = 23;
+const REC_LEN: usize = 24;
 
 impl StepRecord {
     fn to_vec(self) -> [f64; REC_LEN] {
@@ -429,6 +440,7 @@ impl StepRecord {
             self.vision[4],
             self.alloc_peak,
             self.reserved_peak,
+            s.held_weight_bytes,
         ]
     }
 }
@@ -524,7 +536,7 @@ fn rank_loop(rank: usize, groups: Groups<'_>, cx: &LoopCtx<'_>) -> Result<Vec<St
             ..AdamWConfig::default()
         },
         zero_stage: tp.zero_stage,
-        recompute: tp.recompute != "none",
+        recompute: tp.recomputes(),
         backend: attention_backend(cx.extras, dev),
         // Phase times need a device synchronisation around each phase; MMSP_PROFILE=0 runs
         // the step without them (no phase breakdown, no sync bubbles).
@@ -678,7 +690,7 @@ impl VisionRank {
                 lr: cx.opts.lr,
                 ..AdamWConfig::default()
             };
-            Some(AdamW::new(&ps, cfg, None)?)
+            Some(AdamW::new(&ps, cfg)?)
         } else {
             None
         };
@@ -1088,6 +1100,18 @@ pub fn run_vlm(opts: &RunOptions, extras: &RunExtras, vopts: &VisionOptions) -> 
     Ok(report)
 }
 
+/// FLOPs one DP replica's step executes, for HFU, counted as the planner counts them: GEMMs
+/// at 3x forward plus one more forward of the layers under recompute, attention at
+/// FlashAttention-2's 3.5x forward (its backward recomputes the scores; Dao 2023, Sec. 4.1).
+/// MFU's model FLOPs count attention at 3x (PaLM, Chowdhery et al. 2022, Appendix B).
+fn hardware_flops(cfg: &ModelConfig, tp: &TrainPlan, attn_flops: f64) -> f64 {
+    let again = if tp.recomputes() { 1.0 } else { 0.0 };
+    let tokens = tp.context_tokens as f64;
+    (3.0 + again) * cfg.layer_flops_per_token() * tokens
+        + 3.0 * cfg.head_flops_per_token() * tokens
+        + 3.5 * attn_flops
+}
+
 /// Every rank's records, in rank order, through an all-gather over the world.
 fn gather_records(
     world: &dyn Communicator,
@@ -1123,6 +1147,7 @@ fn gather_records(
                             grad_reduce_s: v[14],
                             optimizer_s: v[15],
                         },
+                        held_weight_bytes: v[23],
                         ..StepStats::default()
                     },
                     comm_s: v[5],
@@ -1269,6 +1294,7 @@ fn report(
     let flops_per_step =
         dp * 3.0 * (cfg.dense_flops_per_token() * tp.context_tokens as f64 + attn_flops);
     let mfu = flops_per_step / step_s / (devices * opts.peak_flops);
+    let hfu = hardware_flops(cfg, tp, attn_flops) * dp / step_s / (devices * opts.peak_flops);
     let per_gpu_tps = tokens_per_s / devices;
     let per_rank: Vec<Value> = records
         .iter()
@@ -1281,7 +1307,9 @@ fn report(
                    "grad_sync_and_optimizer_s": mean(&t, &|r| r.stats.grad_sync_s),
                    "peak_device_memory_used_bytes": max_or_null(recs.iter().map(|r| r.mem_used)),
                    "peak_allocated_bytes": max_or_null(recs.iter().map(|r| r.alloc_peak)),
-                   "peak_reserved_bytes": max_or_null(recs.iter().map(|r| r.reserved_peak))})
+                   "peak_reserved_bytes": max_or_null(recs.iter().map(|r| r.reserved_peak)),
+                   "held_weight_bytes_after_forward":
+                       max_or_null(recs.iter().map(|r| r.stats.held_weight_bytes))})
         })
         .collect();
     let phases = Phases::mean(&t0.iter().map(|r| r.stats.phases).collect::<Vec<_>>());
@@ -1301,7 +1329,7 @@ fn report(
         "micro_step_s": step_s,
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_per_gpu": per_gpu_tps,
-        "mfu": mfu, "peak_flops_per_device": opts.peak_flops,
+        "mfu": mfu, "hfu": hfu, "peak_flops_per_device": opts.peak_flops,
         "attention_s_rank0": mean(&t0, &|r| r.stats.attention_s),
         "grad_sync_and_optimizer_s_rank0": mean(&t0, &|r| r.stats.grad_sync_s),
         "communication_s_rank0": comm_s,
@@ -1353,11 +1381,13 @@ fn report(
         let m_step = step_s * devices / w as f64;
         report["predicted"] = json!({
             "micro_step_s": pred_micro, "tokens_per_s_per_gpu": pred_tps_gpu, "mfu": p.mfu,
+            "hfu": p.hfu,
             "memory_per_gpu_bytes": p.memory_per_gpu_bytes,
             "error_pct": {
                 "micro_step_s": err(m_step, pred_micro),
                 "tokens_per_s_per_gpu": err(per_gpu_tps, pred_tps_gpu),
                 "mfu": err(mfu, p.mfu),
+                "hfu": p.hfu.map(|h| err(hfu, h)),
                 "memory": peak_per_rank.map(|m| err(m, p.memory_per_gpu_bytes)),
             }
         });
@@ -1385,6 +1415,14 @@ fn report(
                 100.0 * p.mfu,
                 err(mfu, p.mfu)
             );
+            if let Some(h) = p.hfu {
+                eprintln!(
+                    "  HFU             {:>10.1}%    {:>10.1}%    {:+.1}%",
+                    100.0 * hfu,
+                    100.0 * h,
+                    err(hfu, h)
+                );
+            }
             if let Some(m) = peak_per_rank {
                 eprintln!(
                     "  memory per GPU  {:>10.1} GiB {:>10.1} GiB {:+.1}%",

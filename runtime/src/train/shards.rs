@@ -1,33 +1,37 @@
-//! ZeRO-3 weight handling of the trainer: the parameters are cut into units (the embedding
-//! table; each decoder layer; the final norm with the untied head), and each rank keeps
-//! 1/N of every unit ([`super::adamw::AdamW::new_zero3`]). A unit's full compute-dtype weights exist only
-//! while it is used:
-//! - layer l: all-gathered (compute dtype) before its forward, which runs without autograd
-//!   graph, and freed after it; all-gathered again before its backward, where the layer
-//!   outside attention is recomputed with graph (the graph of a kept forward would hold the
-//!   gathered weights until the backward: all layers' weights at once), then its
-//!   gradients are reduce-scattered (master dtype) and freed. So one layer's full weights
-//!   are live at a time: ZeRO-3 always runs the layers as with [`super::TrainConfig::recompute`]
-//!   (the extra cost is the layers' forward outside attention, ~1/3 of their GEMM FLOPs).
-//! - the embedding table: gathered once per step for the token lookup and freed right after
-//!   (kept until the loss when it is tied to the head); its gradient (the index_put_ of the
-//!   token rows, plus the head's when tied) is reduce-scattered at the end of the backward.
-//! - the final norm and head: gathered once per step before the loss, freed after it; their
-//!   gradient is reduce-scattered right after the loss.
+//! Sharded model states of the trainer (ZeRO-1, 2 and 3): the parameters are cut into units
+//! (the embedding table; each decoder layer; the final norm with the untied head) and each
+//! rank of the grad group (SP x DP, N ranks) keeps 1/N of every unit's fp32 master, gradient
+//! and AdamW moments ([`super::adamw::AdamW::new_sharded`]). What differs by stage is where a
+//! unit's compute-dtype (bf16) weights and its full gradient live:
 //!
-//! Bytes per parameter kept by each rank of a grad group of N (fp32 master, bf16 compute):
-//! persistent 16 / N (master 4, gradient 4, AdamW moments 4 + 4, all sharded). Transient,
-//! per unit while it is in use: its gathered bf16 weights (2 B per parameter of the unit),
-//! the bf16 weight gradients of its backward (2 B) and the fp32 unit gradient handed to the
-//! reduce-scatter (4 B): 8 B per parameter of one layer at a time; for the embedding
-//! (vocab x hidden) 2 B during the lookup and 4 B for its gradient at the end of the
-//! backward; for the head 2 + 4 B during the loss. Compare ZeRO-0: 16 B (+ 2 B of casts
-//! per step) and this runtime's ZeRO-1/2: 8 + 8 / N B (full fp32 parameters and gradients).
+//! | stage | bf16 weights | full fp32 gradient | B per parameter kept (fp32 master) |
+//! |---|---|---|---|
+//! | 1 | resident, whole ([`Resident`]), all-gathered after each update | whole, persistent | 2 + 4 + 12/N (Megatron-Core's distributed optimizer: 6 + 12/d) |
+//! | 2 | resident, whole | per unit, only while its reduce-scatter is in flight | 2 + 16/N |
+//! | 3 | gathered per use (FSDP), freed after it | as stage 2 | 16/N |
+//!
+//! ZeRO-3 without recompute (Zhao et al. 2023, PyTorch FSDP, Sec. 3.2-3.3): layer l's weights
+//! are all-gathered before its forward, which keeps its autograd graph; right after the
+//! forward the storage behind the gathered flat vector is released (`ffi::storage_resize` to
+//! 0), so the graph's saved references to the weights hold no memory; before the layer's
+//! backward the same storage is re-allocated and all-gathered into again, and the backward
+//! reads the re-gathered weights through the saved references. With recompute (outside
+//! attention) the forward runs without graph and the backward gathers afresh.
+//!
+//! Prefetch window: the gather of the next layer (l + 1 in forward, l - 1 in backward) is
+//! issued on the grad group's communication stream as soon as layer l's weights are ready,
+//! so it runs while layer l computes; at most **two layers' gathered weights** are alive at
+//! once. Each layer's gradient reduce-scatter is issued right after its backward and
+//! finished after the next layer's backward, so at most two units' fp32 gradient vectors are
+//! in flight. The embedding table is gathered for the lookup only (until the loss when tied
+//! to the head); the final norm and head for the loss.
 //!
 //! Units follow the parameter order of [`Decoder::param_shapes`], so a rank's shard is its
 //! slice of each unit (padded to a multiple of N), concatenated in that order.
+use super::adamw::PendingGather;
 use super::Trainer;
 use crate::error::{Result, RuntimeError};
+use crate::ffi::{storage_resize, tensor_version};
 use crate::model::decoder::{PostWeights, PreWeights};
 use crate::model::Decoder;
 use std::ops::Range;
@@ -76,23 +80,28 @@ pub(crate) fn units(model: &Decoder) -> Result<Vec<Range<usize>>> {
             out[k].end = i + 1;
         } else {
             return Err(RuntimeError::Config(format!(
-                "ZeRO-3: parameter {n} is out of the embedding / layers / head order"
+                "sharded states: parameter {n} is out of the embedding / layers / head order"
             )));
         }
     }
     if out.len() != nl + 2 {
         return Err(RuntimeError::Config(format!(
-            "ZeRO-3: {} parameter units for {nl} layers",
+            "sharded states: {} parameter units for {nl} layers",
             out.len()
         )));
     }
     Ok(out)
 }
 
-/// A unit's gathered compute-dtype weights: autograd leaves (views of one flat buffer)
-/// by parameter name.
+/// ZeRO-1/2: every unit's bf16 (compute-dtype) weights, whole, refreshed from the updated
+/// master slices by one all-gather per unit after each optimizer step.
+pub(crate) struct Resident(pub Vec<Tensor>);
+
+/// A unit's compute-dtype weights as autograd leaves (views of one flat vector), by name.
 pub(crate) struct Gathered {
     pub unit: usize,
+    /// The flat vector the leaves view (its storage is what [`Gathered::release`] frees).
+    flat: Tensor,
     pub leaves: Vec<(String, Tensor)>,
 }
 
@@ -102,52 +111,30 @@ impl Gathered {
             .iter()
             .find(|(n, _)| n.ends_with(suffix))
             .map(|(_, t)| t)
-            .ok_or_else(|| RuntimeError::Config(format!("ZeRO-3 unit has no {suffix}")))
+            .ok_or_else(|| RuntimeError::Config(format!("sharded unit has no {suffix}")))
     }
 
-    /// Offset of the named leaf in the unit's flat vector.
-    fn position(&self, suffix: &str) -> Option<usize> {
-        self.leaves.iter().position(|(n, _)| n.ends_with(suffix))
-    }
-}
-
-impl Trainer<'_> {
-    /// ZeRO-3: gathers unit `u` in the compute dtype; its leaves require grad when `grad`.
-    pub(crate) fn gather(&self, u: usize, grad: bool) -> Result<Gathered> {
-        let flat = self
-            .opt
-            .gather_unit(u, self.model.compute, self.groups.grad)?;
-        let views = self.opt.unit_views(u, &flat)?;
-        let range = self
-            .opt
-            .units()
-            .and_then(|us| us.get(u))
-            .map(|x| x.params.clone())
-            .ok_or_else(|| RuntimeError::Config(format!("no ZeRO-3 unit {u}")))?;
-        let names = &self.model.named_parameters()[range];
-        let leaves = names
-            .iter()
-            .zip(views)
-            .map(|((n, _), v)| (n.clone(), v.detach().set_requires_grad(grad)))
-            .collect();
-        Ok(Gathered { unit: u, leaves })
+    /// Frees the memory of the gathered weights; the leaves (and the autograd graph's
+    /// references to them) stay, without storage, until [`Trainer::refill_start`].
+    pub fn release(&self) -> Result<()> {
+        storage_resize(&self.flat, 0)
     }
 
-    /// ZeRO-3: layer `l`'s weights (gathered, leaves requiring grad when `grad`).
-    pub(crate) fn gathered_layer(
-        &self,
-        l: usize,
-        grad: bool,
-    ) -> Result<(PreWeights, PostWeights, Gathered)> {
-        let g = self.gather(layer_unit(l), grad)?;
-        let t = |s: &str| g.get(s).map(Tensor::shallow_clone);
-        let bias = match g.position("self_attn.q_proj.bias") {
-            Some(_) => Some((
+    /// The flat vector (for tests: its storage size tells whether the weights are held).
+    pub fn flat(&self) -> &Tensor {
+        &self.flat
+    }
+
+    /// Layer weights (pre- and post-attention) from a layer unit's leaves.
+    pub fn layer_weights(&self) -> Result<(PreWeights, PostWeights)> {
+        let t = |s: &str| self.get(s).map(Tensor::shallow_clone);
+        let bias = match self.get("self_attn.q_proj.bias") {
+            Ok(_) => Some((
                 t("self_attn.q_proj.bias")?,
                 t("self_attn.k_proj.bias")?,
                 t("self_attn.v_proj.bias")?,
             )),
-            None => None,
+            Err(_) => None,
         };
         let pre = PreWeights {
             norm: t("input_layernorm.weight")?,
@@ -163,10 +150,119 @@ impl Trainer<'_> {
             up: t("mlp.up_proj.weight")?,
             down: t("mlp.down_proj.weight")?,
         };
-        Ok((pre, post, g))
+        Ok((pre, post))
+    }
+}
+
+/// A unit's weights on their way: resident (ZeRO-1/2) or an all-gather in flight (ZeRO-3).
+pub(crate) enum Fetch {
+    Ready(usize, Tensor),
+    Pending(usize, PendingGather),
+}
+
+impl Trainer<'_> {
+    /// Whether the model states are sharded in units (ZeRO-1/2/3).
+    pub(crate) fn sharded(&self) -> bool {
+        self.opt.units().is_some()
     }
 
-    /// ZeRO-3: copies the gradients of `g`'s leaves (where defined) into `flat` (the unit's
+    /// Whether units are gathered per use (ZeRO-3) rather than resident (ZeRO-1/2).
+    pub(crate) fn per_use(&self) -> bool {
+        self.sharded() && self.resident.is_none()
+    }
+
+    /// Starts fetching unit `u`'s compute-dtype weights (a collective over the grad group for
+    /// ZeRO-3: every rank calls it in the same order).
+    pub(crate) fn fetch_start(&self, u: usize) -> Result<Fetch> {
+        if let Some(r) = &self.resident {
+            let flat = r
+                .0
+                .get(u)
+                .ok_or_else(|| RuntimeError::Config(format!("no resident weights of unit {u}")))?;
+            return Ok(Fetch::Ready(u, flat.shallow_clone()));
+        }
+        let p = self
+            .opt
+            .gather_unit_start(u, self.model.compute, self.groups.grad, None)?;
+        Ok(Fetch::Pending(u, p))
+    }
+
+    /// Waits for a fetch; the leaves require grad when `grad`.
+    pub(crate) fn fetch_finish(&self, f: Fetch, grad: bool) -> Result<Gathered> {
+        let (u, flat) = match f {
+            Fetch::Ready(u, flat) => (u, flat),
+            Fetch::Pending(u, p) => (u, p.wait()?),
+        };
+        let views = self.opt.unit_views(u, &flat)?;
+        let range = self
+            .opt
+            .units()
+            .and_then(|us| us.get(u))
+            .map(|x| x.params.clone())
+            .ok_or_else(|| RuntimeError::Config(format!("no sharded unit {u}")))?;
+        let names = &self.model.named_parameters()[range];
+        let leaves = names
+            .iter()
+            .zip(views)
+            .map(|((n, _), v)| (n.clone(), v.detach().set_requires_grad(grad)))
+            .collect();
+        Ok(Gathered {
+            unit: u,
+            flat,
+            leaves,
+        })
+    }
+
+    /// Unit `u`'s weights, fetched and waited for.
+    pub(crate) fn gather(&self, u: usize, grad: bool) -> Result<Gathered> {
+        let f = self.fetch_start(u)?;
+        self.fetch_finish(f, grad)
+    }
+
+    /// ZeRO-3: re-allocates the storage of `g` (released after its forward) and issues the
+    /// all-gather into it; wait for the result before the backward reads the leaves.
+    pub(crate) fn refill_start(&self, g: &Gathered) -> Result<PendingGather> {
+        let bytes = g.flat.numel() as i64 * g.flat.kind().elt_size_in_bytes() as i64;
+        storage_resize(&g.flat, bytes)?;
+        let version = tensor_version(&g.flat)?;
+        let p = self.opt.gather_unit_start(
+            g.unit,
+            self.model.compute,
+            self.groups.grad,
+            Some(g.flat.shallow_clone()),
+        )?;
+        Ok(p.restoring_version(version))
+    }
+
+    /// ZeRO-1/2: the resident weights of every unit, gathered from the master slices (after
+    /// construction, each optimizer step and a checkpoint load). A collective over the grad
+    /// group.
+    pub(crate) fn refresh_resident(&mut self) -> Result<()> {
+        if self.resident.is_none() {
+            return Ok(());
+        }
+        let n = self.opt.units().map_or(0, <[_]>::len);
+        let mut all = Vec::with_capacity(n);
+        for u in 0..n {
+            let into = self
+                .resident
+                .as_ref()
+                .and_then(|r| r.0.get(u))
+                .map(Tensor::shallow_clone);
+            let p = self
+                .opt
+                .gather_unit_start(u, self.model.compute, self.groups.grad, into)?;
+            all.push(p);
+        }
+        let flats = all
+            .into_iter()
+            .map(PendingGather::wait)
+            .collect::<Result<Vec<_>>>()?;
+        self.resident = Some(Resident(flats));
+        Ok(())
+    }
+
+    /// Copies the gradients of `g`'s leaves (where defined) into `flat` (the unit's
     /// master-dtype gradient, [`super::adamw::AdamW::new_unit_grad`]).
     pub(crate) fn collect_grads(&self, g: &Gathered, flat: &Tensor) -> Result<()> {
         let _ng = tch::no_grad_guard();
@@ -180,13 +276,13 @@ impl Trainer<'_> {
         Ok(())
     }
 
-    /// ZeRO-3: reduce-scatters `flat`, unit `u`'s gradient, into this rank's slice.
-    pub(crate) fn reduce(&self, u: usize, flat: &Tensor) -> Result<()> {
+    /// Reduce-scatters `flat`, unit `u`'s gradient, into this rank's slice (waited for).
+    pub(crate) fn reduce(&self, u: usize, flat: Tensor) -> Result<()> {
         self.opt.reduce_unit_grad(u, flat, self.groups.grad)
     }
 
-    /// Every parameter, full, in the master dtype, by name (copies). With ZeRO-3 each unit
-    /// is all-gathered over the grad group: every rank of it must call this.
+    /// Every parameter, full, in the master dtype, by name (copies). Sharded: each unit is
+    /// all-gathered over the grad group, so every rank of it must call this.
     pub fn full_parameters(&self) -> Result<Vec<(String, Tensor)>> {
         let Some(units) = self.opt.units() else {
             return Ok(self
