@@ -27,8 +27,12 @@ use crate::error::{Error, Result};
 pub const L2_BOUND_BYTES: f64 = 256.0 * 1024.0 * 1024.0;
 
 /// Calibrations measured on the GPU machine and shipped with the tool.
-pub const EMBEDDED: &[(&str, &str)] =
-    &[("h100-sxm", include_str!("../../calibration/h100-sxm.json"))];
+pub const EMBEDDED: &[(&str, &str)] = &[
+    ("h100-sxm", include_str!("../../calibration/h100-sxm.json")),
+    // One H200 of the GPU machine (`runtime/bench/runI.sh`): streaming kernels at 4.2-4.4
+    // TB/s against the H100's 3.0, layout copies 1.65-1.85 TB/s; no collectives section.
+    ("h200-sxm", include_str!("../../calibration/h200-sxm.json")),
+];
 
 #[derive(Debug, Deserialize)]
 struct RawCalibration {

@@ -13,6 +13,10 @@
 //   counter a tensor shares with its views, so that refilling released weights with the same
 //   values is not taken for an in-place change of what the backward saved (PyTorch FSDP2 does
 //   the same with torch.autograd._unsafe_preserve_version_counter).
+// - mmsp_swiglu: silu(gate) * up as one autograd node that keeps gate and up for its backward
+//   and recomputes silu(gate) there, so the graph holds two of the MLP's intermediate tensors
+//   instead of three (autograd's own silu and product keep gate, silu(gate) and up); the
+//   memory-efficient SwiGLU of Megatron-Core's fused bias-SwiGLU, without its bias.
 //
 // Errors as every shim reports them (shim_error.h): every function catches all C++ exceptions and returns
 // nullptr on success or a malloc'd, NUL-terminated message freed with mmsp_free_error (defined
@@ -20,6 +24,7 @@
 #include <ATen/ATen.h>
 #include "shim_error.h"
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/StorageImpl.h>
 #include <cstdlib>
@@ -27,6 +32,30 @@
 #include <string>
 #include <vector>
 
+namespace {
+// y = silu(g) * u. Backward: du = dy * silu(g), dg = silu'(g) * (dy * u) with ATen's
+// silu_backward (dsilu/dg = s (1 + g (1 - s)), s = sigmoid(g)), each written over its own
+// temporary so that at most dy, du and dg are alive besides the saved g and u.
+struct SwiGlu : public torch::autograd::Function<SwiGlu> {
+    static at::Tensor forward(torch::autograd::AutogradContext *ctx, const at::Tensor &gate,
+                              const at::Tensor &up) {
+        ctx->save_for_backward({gate, up});
+        return at::silu(gate) * up;
+    }
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
+                                                   torch::autograd::variable_list grads) {
+        torch::autograd::variable_list saved = ctx->get_saved_variables();
+        const at::Tensor &g = saved[0];
+        const at::Tensor &u = saved[1];
+        const at::Tensor &dy = grads[0];
+        at::Tensor du = at::silu(g);
+        du.mul_(dy);
+        at::Tensor dg = dy * u;
+        at::silu_backward_out(dg, dg, g);
+        return {dg, du};
+    }
+};
+}  // namespace
 
 extern "C" {
 
@@ -112,6 +141,15 @@ char *mmsp_set_tensor_version(const at::Tensor *t, int64_t v) {
     MMSP_SHIM_TRY
     c10::VariableVersion counter = t->unsafeGetTensorImpl()->version_counter();
     counter.set_version(v);
+    MMSP_SHIM_CATCH("mmsp optim shim")
+}
+
+// *out = silu(gate) * up through SwiGlu (an autograd node when grad mode is on and an input
+// requires grad; plain kernels otherwise).
+char *mmsp_swiglu(const at::Tensor *gate, const at::Tensor *up, at::Tensor **out) {
+    MMSP_SHIM_TRY
+    TORCH_CHECK(gate->sizes() == up->sizes(), "swiglu: gate and up differ in shape");
+    *out = new at::Tensor(SwiGlu::apply(*gate, *up));
     MMSP_SHIM_CATCH("mmsp optim shim")
 }
 

@@ -145,6 +145,12 @@ fn resume_is_bit_exact_sp2_zero1() {
 }
 
 #[test]
+fn resume_is_bit_exact_sp2_zero2_dp2() {
+    // ZeRO-2: gradients per unit in flight, masters and moments sharded over 4 ranks.
+    bit_exact("sp2z2dp2", 2, 1, 2, 2);
+}
+
+#[test]
 fn resume_is_bit_exact_sp2_zero3() {
     // ZeRO-3: each shard file holds that rank's slices of the parameter units.
     bit_exact("sp2z3", 2, 1, 1, 3);

@@ -667,65 +667,69 @@ fn zero3_frees_gathered_weights_between_forward_and_backward() {
 #[test]
 fn zero3_shards_what_it_says() {
     // Each of 4 ranks keeps 1/4 of every unit (parameters, gradients, moments); the model's
-    // own parameter tensors are empty.
-    let layout = Layout::sp(2, 2, Placement::UlyssesInner);
-    let uly = local_groups(&layout, GroupKind::Ulysses);
-    let ring = local_groups(&layout, GroupKind::Ring);
-    let world = LocalComm::group(4);
-    let total: i64 = Decoder::param_shapes(&ModelConfig::tiny())
-        .iter()
-        .map(|(_, s)| s.iter().product::<i64>())
-        .sum();
-    std::thread::scope(|s| {
-        for ((u, r), g) in uly.into_iter().zip(ring).zip(world) {
-            s.spawn(move || {
-                let model = Decoder::random(
-                    ModelConfig::tiny(),
-                    Device::Cpu,
-                    Kind::Float,
-                    Kind::Float,
-                    1,
-                )
-                .unwrap();
-                let groups = Groups {
-                    ulysses: &u as &dyn Communicator,
-                    ring: &r,
-                    grad: &g,
-                    dp: 1,
-                };
-                let cfg = TrainConfig {
-                    optimizer: opt(1e-3),
-                    zero_stage: 3,
-                    recompute: false,
-                    backend: Backend::CpuMath,
-                    profile: false,
-                };
-                let mut t = Trainer::new(model, groups, SEQ, cfg).unwrap();
-                let (ids, labels) = data(0, 0, 128);
-                let rg = t.local_ranges();
-                t.step(&shard(&ids, &rg), &shard(&labels, &rg)).unwrap();
-                let o = t.optimizer();
-                let units = o.units().unwrap();
-                assert_eq!(units.len(), 2 + 2, "embedding, 2 layers, final norm + head");
-                let local: i64 = units.iter().map(|x| x.padded() / 4).sum();
-                assert_eq!(o.params_flat().size(), [local]);
-                assert_eq!(o.grads_flat().size(), [local]);
-                let (m, v, _) = o.moments();
-                assert_eq!((m.size(), v.size()), (vec![local], vec![local]));
-                assert!(local * 4 < total + 4 * units.len() as i64);
-                assert!(t
-                    .model
-                    .named_parameters()
-                    .iter()
-                    .all(|(_, p)| p.numel() == 0));
-                let full = t.full_parameters().unwrap();
-                assert_eq!(
-                    full.iter().map(|(_, p)| p.numel() as i64).sum::<i64>(),
-                    total
-                );
-            });
-        }
-    });
+    // own parameter tensors are empty. ZeRO-1 keeps no gradient shard apart: its slices are
+    // views of the whole gradient vectors (the distributed optimizer's 6 + 12/N).
+    for zero in [1u32, 2, 3] {
+        let layout = Layout::sp(2, 2, Placement::UlyssesInner);
+        let uly = local_groups(&layout, GroupKind::Ulysses);
+        let ring = local_groups(&layout, GroupKind::Ring);
+        let world = LocalComm::group(4);
+        let total: i64 = Decoder::param_shapes(&ModelConfig::tiny())
+            .iter()
+            .map(|(_, s)| s.iter().product::<i64>())
+            .sum();
+        std::thread::scope(|s| {
+            for ((u, r), g) in uly.into_iter().zip(ring).zip(world) {
+                s.spawn(move || {
+                    let model = Decoder::random(
+                        ModelConfig::tiny(),
+                        Device::Cpu,
+                        Kind::Float,
+                        Kind::Float,
+                        1,
+                    )
+                    .unwrap();
+                    let groups = Groups {
+                        ulysses: &u as &dyn Communicator,
+                        ring: &r,
+                        grad: &g,
+                        dp: 1,
+                    };
+                    let cfg = TrainConfig {
+                        optimizer: opt(1e-3),
+                        zero_stage: zero,
+                        recompute: false,
+                        backend: Backend::CpuMath,
+                        profile: false,
+                    };
+                    let mut t = Trainer::new(model, groups, SEQ, cfg).unwrap();
+                    let (ids, labels) = data(0, 0, 128);
+                    let rg = t.local_ranges();
+                    t.step(&shard(&ids, &rg), &shard(&labels, &rg)).unwrap();
+                    let o = t.optimizer();
+                    let units = o.units().unwrap();
+                    assert_eq!(units.len(), 2 + 2, "embedding, 2 layers, final norm + head");
+                    let local: i64 = units.iter().map(|x| x.padded() / 4).sum();
+                    assert_eq!(o.params_flat().size(), [local]);
+                    let shard = if zero == 1 { 0 } else { local };
+                    assert_eq!(o.grads_flat().size(), [shard], "ZeRO-{zero}");
+                    let (m, v, _) = o.moments();
+                    assert_eq!((m.size(), v.size()), (vec![local], vec![local]));
+                    assert!(local * 4 < total + 4 * units.len() as i64);
+                    assert!(t
+                        .model
+                        .named_parameters()
+                        .iter()
+                        .all(|(_, p)| p.numel() == 0));
+                    let full = t.full_parameters().unwrap();
+                    assert_eq!(
+                        full.iter().map(|(_, p)| p.numel() as i64).sum::<i64>(),
+                        total
+                    );
+                });
+            }
+        });
+    }
 }
 
 #[test]
@@ -798,4 +802,30 @@ fn zero3_bf16_compute_follows_zero0() {
         let e = (a - b).norm().double_value(&[]) / a.norm().double_value(&[]);
         assert!(e < 1e-3, "{n}: {e:e}");
     }
+}
+
+#[test]
+fn swiglu_node_matches_autograd_f64() {
+    // The one-node SwiGLU (gate and up kept, silu recomputed in backward) against autograd's
+    // silu and product: output and both input gradients.
+    let opts = (Kind::Double, Device::Cpu);
+    tch::manual_seed(11);
+    let gate = Tensor::randn([3, 5, 17], opts).set_requires_grad(true);
+    let up = Tensor::randn([3, 5, 17], opts).set_requires_grad(true);
+    let dy = Tensor::randn([3, 5, 17], opts);
+    let ours = mmsp_runtime::ffi::swiglu(&gate, &up).unwrap();
+    (&ours * &dy).sum(Kind::Double).backward();
+    let (g1, u1) = (gate.grad().copy(), up.grad().copy());
+    let _ = gate.grad().zero_();
+    let _ = up.grad().zero_();
+    let theirs = gate.silu() * &up;
+    (&theirs * &dy).sum(Kind::Double).backward();
+    let rel =
+        |a: &Tensor, b: &Tensor| (a - b).norm().double_value(&[]) / b.norm().double_value(&[]);
+    assert!(rel(&ours, &theirs) < 1e-14);
+    assert!(rel(&g1, &gate.grad()) < 1e-13, "{}", rel(&g1, &gate.grad()));
+    assert!(rel(&u1, &up.grad()) < 1e-13);
+    // Without grad mode it is the plain product.
+    let plain = tch::no_grad(|| mmsp_runtime::ffi::swiglu(&gate, &up).unwrap());
+    assert!(!plain.requires_grad());
 }

@@ -147,7 +147,8 @@ pub fn layer_traffic_fwd(m: &ModelSpec, tp: f64, kv_expand: bool) -> Traffic {
 }
 
 /// The memory-bound kernels of one layer's backward (same sources as [`layer_traffic_fwd`]):
-/// - SwiGLU: the product's two input gradients and silu's backward, 3 x 3f;
+/// - SwiGLU, one node (`csrc/optim_shim.cpp`, `SwiGlu`): silu(gate) recomputed (2f), the
+///   product's two input gradients and silu's backward (3 x 3f);
 /// - two RMSNorm backwards: the input gradient (reads x twice and dy, writes dx: 4h) and the
 ///   weight gradient (reads x and dy: 2h), 2 x 6h;
 /// - gradient sums where a tensor feeds several ops (the norm output into q, k, v and into
@@ -165,7 +166,7 @@ pub fn layer_traffic_bwd(m: &ModelSpec, tp: f64, kv_expand: bool) -> Traffic {
         m.intermediate_size as f64,
     );
     let expand = if kv_expand { 2.0 * (q + kv) } else { 0.0 };
-    let stream = 9.0 * f + 2.0 * 6.0 * h + 5.0 * 3.0 * h + 8.0 * (q + kv) + expand;
+    let stream = 11.0 * f + 2.0 * 6.0 * h + 5.0 * 3.0 * h + 8.0 * (q + kv) + expand;
     let layout = 2.0 * 2.0 * q + (2.0 * q + 4.0 * kv) + 2.0 * (q + kv) + 2.0 * h;
     Traffic {
         stream: ACT_BYTES * stream / tp,
@@ -264,11 +265,12 @@ mod tests {
         let no_expand = layer_traffic_fwd(&m, 1.0, false);
         assert_eq!(fwd.layout - no_expand.layout, 2.0 * 2.0 * (kv + q));
         assert_eq!(layer_traffic_fwd(&m, 4.0, true).stream, fwd.stream / 4.0);
-        // Backward: SwiGLU 9f, norms 12h, five sums 15h, RoPE 8(q+kv), kv sums 2(q+kv).
+        // Backward: SwiGLU 11f (silu recomputed), norms 12h, five sums 15h, RoPE 8(q+kv),
+        // kv sums 2(q+kv).
         let bwd = layer_traffic_bwd(&m, 1.0, true);
         assert_eq!(
             bwd.stream,
-            2.0 * (9.0 * f + 12.0 * h + 15.0 * h + 8.0 * (q + kv) + 2.0 * (q + kv))
+            2.0 * (11.0 * f + 12.0 * h + 15.0 * h + 8.0 * (q + kv) + 2.0 * (q + kv))
         );
         assert_eq!(
             bwd.layout,

@@ -167,36 +167,46 @@ pub fn layer_activation_bytes_per_token(
 
 /// Bytes per token one layer keeps for backward without recompute as mmsp-runtime runs it
 /// (16-bit elements, split `t` ways), counted from what its autograd graph and the trainer hold
-/// (`runtime/src/train/mod.rs`, `LayerState`; `runtime/src/model/decoder.rs`,
-/// `pre_attention_with` / `post_attention_with`; `runtime/src/ring.rs`, `RingCtx`) and matched
-/// by the caching allocator's timeline of a step on an H100 (`MMSP_MEM_TRACE=1`,
-/// `runtime/bench/results/h100_runF_memory_timeline.txt`: 184.1 KB per token per layer
-/// measured at 16K, 32K and 64K tokens for the llama3-8b shape, 184.1 KB counted):
-/// - before attention: the RMSNorm output the Q, K, V projections keep (2h) and q, k, v after
-///   RoPE in the sequence layout with the model's kv heads (2q + 4 `kv_model`);
+/// (`runtime/src/train/mod.rs`, `LayerState` and `release_copied_roots`;
+/// `runtime/src/model/decoder.rs`, `pre_attention_with` / `post_attention_with`;
+/// `csrc/optim_shim.cpp`, `SwiGlu`; `runtime/src/ring.rs`, `RingCtx`) and matched by the
+/// caching allocator's timeline of a step (`MMSP_MEM_TRACE=1`; H200:
+/// `runtime/bench/results/h200_runI_memory_timeline.txt`, 144.1 KB per token per layer
+/// measured at 16K-64K tokens for the llama3-8b shape, 144.1 KB counted; before the two
+/// savings below the H100 timeline `h100_runF_memory_timeline.txt` measured 184.1 KB):
+/// - before attention: the RMSNorm output the Q, K, V projections keep (2h); q, k, v after
+///   RoPE stay only as the backward's roots, their storage released once the attention has
+///   its dense copies;
 /// - the attention context: q, k, v made contiguous in the attention's layout (2q + 4kv, kv
 ///   after any Ulysses replication), its output (2q) and the fp32 log-sum-exp (4 x heads); with
 ///   a Ulysses degree above one the output handed back to the sequence layout is a tensor of its
 ///   own (2q);
 /// - after attention: the output made contiguous for the output projection (2q), the residual
-///   sum the second RMSNorm keeps (2h), that norm's output (2h), gate, up, silu(gate) and their
-///   product (4 x 2f), and the layer output, the next layer's input (2h).
+///   sum the second RMSNorm keeps (2h), that norm's output (2h), gate and up kept by the
+///   one-node SwiGLU (which recomputes silu(gate) in its backward) and their product kept by
+///   the down projection (3 x 2f), and the layer output, the next layer's input (2h).
 ///
-/// That is 8h + 8q + 4 `kv_model` + 4kv + 8f + 4 heads (+ 2q with Ulysses): for the llama3-8b
-/// shape 24% more than the textbook count of [`layer_activation_bytes_per_token`] (the
-/// contiguous copies for the attention kernel, silu's output and the layer output).
-pub fn runtime_layer_activation_bytes_per_token(
-    a: &ActivationArch,
-    kv_model: f64,
-    ulysses: u32,
-    t: f64,
-) -> f64 {
+/// That is 8h + 6q + 4kv + 6f + 4 heads (+ 2q with Ulysses): for the llama3-8b shape 3% below
+/// the textbook count of [`layer_activation_bytes_per_token`] (which keeps silu's output and
+/// not the attention kernel's contiguous copies).
+pub fn runtime_layer_activation_bytes_per_token(a: &ActivationArch, ulysses: u32, t: f64) -> f64 {
     let h = a.hidden;
-    let pre = 2.0 * h + 2.0 * a.q_dim + 4.0 * kv_model;
+    let pre = 2.0 * h;
     let ctx = 2.0 * a.q_dim + 4.0 * a.kv_dim + 2.0 * a.q_dim + 4.0 * a.heads;
     let a_copy = outside_attention_extra_bytes_per_token(a, ulysses, 1.0);
-    let post = 2.0 * a.q_dim + 2.0 * h + 2.0 * h + 8.0 * a.ffn + 2.0 * h;
+    let post = 2.0 * a.q_dim + 2.0 * h + 2.0 * h + 6.0 * a.ffn + 2.0 * h;
     (pre + ctx + a_copy + post) / t
+}
+
+/// Bytes per token (16-bit, split `t` ways) that a layer's backward holds for a moment beyond
+/// what the layers keep, at its largest node, the one-node SwiGLU (`csrc/optim_shim.cpp`,
+/// `SwiGlu::backward`): the gradient of the down projection's input (2f), and du and dg written
+/// over their own temporaries (2f each), while the down projection's saved input is already
+/// freed (-2f): 4f. The attention backward's dq, dk, dv and its output-gradient copies are
+/// smaller for every model here. It competes with the loss's chunk transient for the step's
+/// peak: at a layer's backward the final norm's output and the logits chunk are gone.
+pub fn runtime_backward_transient_bytes_per_token(a: &ActivationArch, t: f64) -> f64 {
+    4.0 * a.ffn / t
 }
 
 /// Whether the attention output `a` that [`Recompute::OutsideAttention`] keeps is a tensor of its
@@ -218,16 +228,16 @@ pub fn outside_attention_extra_bytes_per_token(a: &ActivationArch, ulysses: u32,
 ///   (2q + 4 `kv_model`);
 /// - `post_attention_with`: the attention output made contiguous for the output projection
 ///   (2q), the residual sum the second RMSNorm keeps (2h), that norm's output kept by the gate
-///   and up projections (2h), gate and up (4f), silu(gate) kept by the product (2f), the
-///   product kept by the down projection (2f), and the layer output `y` that the backward is
-///   seeded from (2h).
+///   and up projections (2h), gate and up kept by the one-node SwiGLU (4f), the product kept
+///   by the down projection (2f), and the layer output `y` that the backward is seeded from
+///   (2h).
 ///
-/// That is 8h + 4q + 4kv + 8f bytes; the layer's kept tensors
+/// That is 8h + 4q + 4kv + 6f bytes; the layer's kept tensors
 /// ([`layer_activation_bytes_per_token`]) are counted besides.
 pub fn outside_attention_working_bytes_per_token(a: &ActivationArch, kv_model: f64, t: f64) -> f64 {
     let h = a.hidden;
     let pre = 2.0 * h + 2.0 * a.q_dim + 4.0 * kv_model;
-    let post = 2.0 * a.q_dim + 2.0 * h + 2.0 * h + 8.0 * a.ffn + 2.0 * h;
+    let post = 2.0 * a.q_dim + 2.0 * h + 2.0 * h + 6.0 * a.ffn + 2.0 * h;
     (pre + post) / t
 }
 
@@ -485,8 +495,8 @@ mod tests {
 
     #[test]
     fn runtime_layer_matches_the_measured_timeline() {
-        // llama3-8b shape, one Ulysses rank: 8h + 8q + 8kv + 8f + 4 heads bytes per token,
-        // 184.1 KB per token per layer in the H100 allocator timeline (runF).
+        // llama3-8b shape, one Ulysses rank: 8h + 6q + 4kv + 6f + 4 heads bytes per token,
+        // 144.1 KB per token per layer in the H200 allocator timeline (runI).
         let arch = ActivationArch {
             hidden: 4096.0,
             q_dim: 4096.0,
@@ -497,11 +507,14 @@ mod tests {
             dropout: false,
             flash: true,
         };
-        let b = runtime_layer_activation_bytes_per_token(&arch, 1024.0, 1, 1.0);
-        assert_eq!(b, 8.0 * (4096.0 + 4096.0 + 1024.0 + 14336.0) + 4.0 * 32.0);
-        assert!((b / 1024.0 - 184.1).abs() < 0.2, "{}", b / 1024.0);
+        let b = runtime_layer_activation_bytes_per_token(&arch, 1, 1.0);
+        assert_eq!(
+            b,
+            8.0 * 4096.0 + 6.0 * 4096.0 + 4.0 * 1024.0 + 6.0 * 14336.0 + 4.0 * 32.0
+        );
+        assert!((b / 1024.0 - 144.1).abs() < 0.2, "{}", b / 1024.0);
         // Ulysses adds the output's copy back in the sequence layout.
-        let u = runtime_layer_activation_bytes_per_token(&arch, 1024.0, 2, 1.0);
+        let u = runtime_layer_activation_bytes_per_token(&arch, 2, 1.0);
         assert_eq!(u - b, 2.0 * 4096.0);
         assert!(b > layer_activation_bytes_per_token(&arch, 0.0, 1.0, Recompute::None));
     }

@@ -433,7 +433,7 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
             + outside_attention_extra_bytes_per_token(&arch, l.ulysses, tp)
     } else {
         // What the runtime's graph holds without recompute.
-        runtime_layer_activation_bytes_per_token(&arch, m.kv_dim() as f64, l.ulysses, tp)
+        runtime_layer_activation_bytes_per_token(&arch, l.ulysses, tp)
     };
     // Kept activations of all layers, plus, under the recompute outside attention, the graph
     // that the layer in backward holds from its re-run forward
@@ -446,7 +446,7 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     // Plus the embedding output (the first layer's input), and at the loss the final norm's
     // output and the gradient buffer of the shard's hidden states (2 bytes x h each; the
     // allocator timeline grows by these at the embedding and at the loss, runF).
-    let activations = layers * per_tok * tokens + 3.0 * 2.0 * h * tokens / tp;
+    let kept = layers * per_tok * tokens + 3.0 * 2.0 * h * tokens / tp;
     // Logits: the loss is computed LOSS_CHUNK_TOKENS rows at a time with its gradient formed in
     // the same pass, so only one chunk's logits are ever live. At its peak the runtime holds the
     // 16-bit logits (2 B), their fp32 copy (4 B) and the fp32 log-probabilities (4 B) per
@@ -456,6 +456,11 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     // cross-entropy of Liger Kernel (Hsu et al. 2024, arXiv:2410.10989, Sec. 3.3); a loss over
     // the whole shard at once would hold tokens x V x 6 B or more.
     let logits = tokens.min(LOSS_CHUNK_TOKENS) * (m.vocab_size as f64 / tp) * 10.0;
+    // Inside the last layer's backward: its recomputed graph (if any) and the backward's own
+    // transient (`runtime_backward_transient_bytes_per_token`), the final norm's output gone.
+    let bwd = runtime_backward_transient_bytes_per_token(&arch, tp) * tokens;
+    let backward_peak = (working + bwd - 2.0 * h * tokens / tp).max(0.0);
+    let activations = kept;
     let params_local = m.params() as f64 / tp;
     let layer_params_local = m.layer_params() as f64 / tp;
     let shards = f64::from(l.grad_family().size);
@@ -513,8 +518,10 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     // attention's communication and fp32 accumulation buffers (inside each layer's attention)
     // are never live together, so the peak holds the larger; the H100 timeline peaks at the
     // loss with every layer's activations held (runF).
-    // The working set of a recomputed layer (its backward) likewise comes after the loss.
-    let transient = logits.max(comm_buffers).max(working);
+    // A layer's backward (its recomputed graph and its transient) likewise comes after the
+    // loss: short shards peak at the loss, long ones in the backward (one H200, 128K tokens,
+    // runtime/bench/runI.sh).
+    let transient = logits.max(comm_buffers).max(backward_peak);
     let tensors = wb + gb + ob + activations + transient + vision_mem;
     let frag = FRAGMENTATION * tensors;
     let needed = tensors + frag + RUNTIME_RESERVE_BYTES;
@@ -522,7 +529,7 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
         weights_bytes: wb,
         gradients_bytes: gb,
         optimizer_bytes: ob,
-        activations_bytes: activations + working + vision_mem,
+        activations_bytes: activations + backward_peak + vision_mem,
         logits_bytes: logits,
         comm_buffers_bytes: comm_buffers,
         reserved_bytes: RUNTIME_RESERVE_BYTES,

@@ -139,8 +139,11 @@ fn every_recompute_is_costed_as_the_runtime_runs_it() {
         // Kept per layer: the input and the attention context (Ulysses 2 adds the output's
         // copy in the sequence layout); the layer in backward holds its re-run forward.
         let kept = 2.0 * h + (2.0 * q + 4.0 * kv) + 2.0 * q + 4.0 * heads + 2.0 * q;
-        let working = 8.0 * h + 4.0 * q + 4.0 * kv + 8.0 * f;
-        let want = 2.0 * kept * tokens + working * tokens + 3.0 * 2.0 * h * tokens;
+        let working = 8.0 * h + 4.0 * q + 4.0 * kv + 6.0 * f;
+        // Inside the backward the SwiGLU node's transient (4f) joins the re-run graph, the
+        // final norm's output (2h) gone.
+        let backward = (working + 4.0 * f - 2.0 * h) * tokens;
+        let want = 2.0 * kept * tokens + 3.0 * 2.0 * h * tokens + backward;
         assert_eq!(e.memory.activations_bytes, want, "ZeRO-{zero}");
         // Not the textbook selective count (norm outputs and SwiGLU product dropped).
         let arch = ActivationArch {
@@ -157,7 +160,11 @@ fn every_recompute_is_costed_as_the_runtime_runs_it() {
         let whole = layer_activation_bytes_per_token(&arch, 0.0, 1.0, Recompute::None);
         let textbook = (2.0 * selective + whole + 3.0 * 2.0 * h) * tokens;
         assert!(kept < selective);
-        assert!(e.memory.activations_bytes < 0.8 * textbook, "ZeRO-{zero}");
+        // What the layers keep stays below the textbook's; the backward's transient is beside.
+        assert!(
+            e.memory.activations_bytes - backward < 0.8 * textbook,
+            "ZeRO-{zero}"
+        );
         // Its time: the layers' forward GEMMs and memory-bound work once more, attention not.
         let want = (e.time.gemm_s + e.time.elementwise_s) / 3.0;
         assert!(
@@ -365,10 +372,12 @@ fn zero3_keeps_what_the_runtime_keeps() {
         let a_copy = if u > 1 { 2.0 * q } else { 0.0 };
         let kept = 2.0 * h + (2.0 * q + 4.0 * kv) + 2.0 * q + 4.0 * heads + a_copy;
         // The layer in backward: its forward outside attention re-run with graph.
-        let working = 8.0 * h + 4.0 * q + 4.0 * kv + 8.0 * f;
+        let working = 8.0 * h + 4.0 * q + 4.0 * kv + 6.0 * f;
         // Besides the layers: the embedding output, the final norm's output and the hidden
         // states' gradient buffer at the loss (2h each).
-        let want = 32.0 * kept * tokens + working * tokens + 3.0 * 2.0 * h * tokens;
+        // and, inside it, the SwiGLU node's transient (4f), the final norm's output (2h) gone.
+        let backward = (working + 4.0 * f - 2.0 * h) * tokens;
+        let want = 32.0 * kept * tokens + 3.0 * 2.0 * h * tokens + backward;
         assert_eq!(e.memory.activations_bytes, want, "u{u} r{r}");
     }
 }
@@ -584,29 +593,58 @@ fn measured_zero3_bench_carries_its_recompute() {
         z3.step_time_s,
         z1.step_time_s
     );
-    // Tensors (total less the reserve and fragmentation margins) against the caching
-    // allocator's peak measured on the same bench: 16.46 GiB for ZeRO-3 and 33.37 GiB for
-    // ZeRO-1 (runtime/bench/results/h100x4_runG/train4_2x2{_z3,}.json,
-    // `peak_allocated_bytes_rank0`). That ZeRO-1 kept fp32 masters and gradients whole
-    // (10 + 8/N B per parameter, the untied table without a bf16 copy); the distributed
-    // optimizer's keeps 6 + 12/N and one layer's bf16 gradients, 3P - 2E - 2L less (P all
-    // parameters, E the table, L a layer). Not measured yet on the new runtime.
-    let p = m.params() as f64;
-    let table = (m.vocab_size * m.hidden_size) as f64;
-    let layer = m.layer_params() as f64;
-    let z1_measured = 33.37 - (3.0 * p - 2.0 * table - 2.0 * layer) / crate::units::GIB;
-    let tensors = |e: &Estimate| {
-        (e.memory.total_bytes - e.memory.reserved_bytes - e.memory.fragmentation_bytes)
-            / crate::units::GIB
-    };
-    assert!(
-        (tensors(&z3) - 16.46).abs() / 16.46 < 0.05,
-        "{} GiB",
-        tensors(&z3)
-    );
-    assert!(
-        (tensors(&z1) - z1_measured).abs() / z1_measured < 0.05,
-        "{} GiB vs {z1_measured}",
-        tensors(&z1)
-    );
+    // The memory these runs held belongs to the runtime before issue 13 (ZeRO-1 with whole
+    // fp32 masters, autograd's SwiGLU); `measured_h200_one_rank_tensors` checks today's.
+}
+
+/// One H200 (`runtime/bench/runI.sh`, `runtime/bench/results/h200_runI/`): the caching
+/// allocator's peak bytes in tensors of a training step of the 2-layer llama3-8b shape on one
+/// rank (`peak_allocated_bytes_rank0` of r1_*.json and mt_*.json), ZeRO 0-3 with and without
+/// recompute, against the planner's memory less its reserve and fragmentation margins: within
+/// 3% (the issue's bar). At 128K tokens the step peaks inside the last layer's backward, below
+/// 96K at the loss.
+#[test]
+fn measured_h200_one_rank_tensors() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/bench/");
+    let c = ClusterSpec::load(&format!("{dir}h200-1gpu.toml")).unwrap();
+    let t = Topology::build(&c, 1);
+    let m = ModelSpec::load(&format!("{dir}llama3-8b-2layer.json")).unwrap();
+    let (none, rec) = (Recompute::None, Recompute::OutsideAttention);
+    let measured = [
+        (32768u64, 0u8, none, 38.678),
+        (32768, 0, rec, 31.879),
+        (32768, 1, none, 39.656),
+        (32768, 1, rec, 33.373),
+        (32768, 2, none, 41.613),
+        (32768, 2, rec, 35.513),
+        (32768, 3, none, 39.822),
+        (32768, 3, rec, 34.351),
+        (131072, 0, none, 69.110),
+        (131072, 0, rec, 56.702),
+        (131072, 1, none, 70.198),
+        (131072, 1, rec, 58.197),
+        (131072, 2, none, 72.155),
+        (131072, 2, rec, 60.154),
+        (131072, 3, none, 71.176),
+        (131072, 3, rec, 59.175),
+        (16384, 0, none, 33.790),
+        (65536, 0, none, 48.453),
+        (98304, 0, none, 58.228),
+    ];
+    for (context, zero, rc, gib) in measured {
+        let w = Workload {
+            model: &m,
+            context,
+            global_batch: 1,
+            vision: None,
+        };
+        let e = evaluate(&t, &w, &cand(1, 1, 1, Placement::UlyssesInner, zero, rc)).unwrap();
+        let tensors =
+            (e.memory.total_bytes - e.memory.reserved_bytes - e.memory.fragmentation_bytes)
+                / crate::units::GIB;
+        assert!(
+            (tensors - gib).abs() / gib < 0.03,
+            "{context} ZeRO-{zero} {rc:?}: {tensors} GiB predicted, {gib} measured"
+        );
+    }
 }

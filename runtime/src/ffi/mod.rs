@@ -266,6 +266,11 @@ extern "C" {
         grads: *const *const C_tensor,
         n: c_int,
     ) -> *mut c_char;
+    fn mmsp_swiglu(
+        gate: *const C_tensor,
+        up: *const C_tensor,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
     fn mmsp_storage_resize(t: *const C_tensor, nbytes: i64) -> *mut c_char;
     fn mmsp_storage_nbytes(t: *const C_tensor, out: *mut i64) -> *mut c_char;
     fn mmsp_tensor_version(t: *const C_tensor, out: *mut i64) -> *mut c_char;
@@ -275,6 +280,17 @@ extern "C" {
 /// Sets the storage behind `t` to `nbytes` bytes in place: 0 releases its memory, more
 /// allocates fresh memory of undefined contents (on CUDA from the caching allocator, on the
 /// current stream). Every tensor sharing the storage (views, autograd's saved tensors) sees
+/// silu(gate) * up as one autograd node that keeps gate and up and recomputes silu(gate) in
+/// its backward (the graph holds 2 of the MLP's intermediates, not 3).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: gate and up are live tch tensors for the call; the shim writes the out-pointer
+    // (a fresh heap tensor, null on error).
+    let err = unsafe { mmsp_swiglu(gate.as_ptr(), up.as_ptr(), &mut out) };
+    check(err, "swiglu")?;
+    own(out, "swiglu")
+}
+
 /// it: the FSDP way of freeing gathered weights between a layer's forward and backward.
 pub fn storage_resize(t: &Tensor, nbytes: i64) -> Result<()> {
     // SAFETY: `t` is a live tch tensor for the call; the shim swaps the storage's data

@@ -300,7 +300,7 @@ impl<'a> RankInference<'a> {
             c.append(&k, &v)?;
             drop((q, k, v));
             self.caches.push(c);
-            x = self.model.post_attention(l, &x, &a);
+            x = self.model.post_attention(l, &x, &a)?;
         }
         // The last position is the end of chunk 2R-1: ring rank 0, last Ulysses sub-chunk.
         let owner = rr == 0 && uu == u - 1;
@@ -369,7 +369,7 @@ impl<'a> RankInference<'a> {
             outs.push(a.reshape([cfg.num_heads as i64, cfg.head_dim as i64]));
             x = self
                 .model
-                .post_attention(l, &x, &a.to_kind(self.model.compute));
+                .post_attention(l, &x, &a.to_kind(self.model.compute))?;
         }
         self.seq_len += 1;
         let logits = self

@@ -220,7 +220,7 @@ pub fn chunked_reference(
                         rows[i] = Some(o.select(2, (p - a) as i64).squeeze_dim(0));
                     }
                 }
-                xs.push(model.post_attention(l, &x.narrow(1, a64, n), &o));
+                xs.push(model.post_attention(l, &x.narrow(1, a64, n), &o)?);
             }
             drop(qs);
             x = Tensor::cat(&xs, 1);

@@ -373,12 +373,18 @@ impl Decoder {
     }
 
     /// Layer `l` after attention: `attn` (B, Hq, S, D) -> the next residual stream.
-    pub fn post_attention(&self, l: usize, x: &Tensor, attn: &Tensor) -> Tensor {
+    pub fn post_attention(&self, l: usize, x: &Tensor, attn: &Tensor) -> Result<Tensor> {
         self.post_attention_with(&self.post_weights(l), x, attn)
     }
 
-    /// [`Decoder::post_attention`] with weights already cast.
-    pub fn post_attention_with(&self, w: &PostWeights, x: &Tensor, attn: &Tensor) -> Tensor {
+    /// [`Decoder::post_attention`] with weights already cast. SwiGLU is one autograd node
+    /// ([`crate::ffi::swiglu`]) that keeps gate and up, not silu(gate) besides.
+    pub fn post_attention_with(
+        &self,
+        w: &PostWeights,
+        x: &Tensor,
+        attn: &Tensor,
+    ) -> Result<Tensor> {
         let (b, s) = (x.size()[0], x.size()[1]);
         let a = attn.transpose(1, 2).contiguous().view([
             b,
@@ -389,8 +395,8 @@ impl Decoder {
         let hn = self.norm(&h, &w.norm);
         let gate = hn.linear::<Tensor>(&w.gate, None);
         let up = hn.linear::<Tensor>(&w.up, None);
-        let m = (gate.silu() * up).linear::<Tensor>(&w.down, None);
-        h + m
+        let m = crate::ffi::swiglu(&gate, &up)?.linear::<Tensor>(&w.down, None);
+        Ok(h + m)
     }
 
     /// Final norm and LM head: logits (B, S, vocab) in the compute dtype.
@@ -449,7 +455,7 @@ impl Decoder {
         for l in 0..self.cfg.num_layers {
             let (q, k, v) = self.pre_attention(l, &x, &rope);
             let a = attn(l, &q, &k, &v)?;
-            x = self.post_attention(l, &x, &a);
+            x = self.post_attention(l, &x, &a)?;
         }
         Ok(self.head(&x))
     }

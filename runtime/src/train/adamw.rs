@@ -12,10 +12,12 @@
 //!   its gradient, a full master-dtype vector, goes to [`AdamW::reduce_unit_grad_start`] (a
 //!   reduce-scatter into this rank's slice), both issued without waiting so that the trainer
 //!   overlaps them with compute. The update touches the local slices only, with no collective.
-//!   With ZeRO-1 the full gradient vectors persist (4 B per parameter, as Megatron-Core's
-//!   distributed optimizer keeps its fp32 gradient buffer: 6 + 12/N B per parameter with the
-//!   trainer's resident bf16 weights); with ZeRO-2 and 3 they exist only while a unit's
-//!   reduce-scatter is in flight. Which stage keeps which weights is the trainer's business
+//!   With ZeRO-1 the full gradient vectors persist (4 B per parameter) and are reduce-scattered
+//!   in place: this rank's slice of each unit's vector receives the sum and is the gradient
+//!   its update reads, with no shard buffer besides, as Megatron-Core's distributed optimizer
+//!   keeps its fp32 gradient buffer (6 + 12/N B per parameter with the trainer's resident
+//!   bf16 weights); with ZeRO-2 and 3 they exist only while a unit's reduce-scatter is in
+//!   flight, and the sum goes to the shard buffer (16/N B with masters and moments). Which stage keeps which weights is the trainer's business
 //!   (`train::shards`).
 //!
 //! Two update kernels compute the same thing (torch.optim.AdamW, Loshchilov & Hutter 2019,
@@ -130,11 +132,13 @@ pub struct AdamW {
     /// Sharded: this rank's slices of every unit, concatenated (no parameter is a view).
     pflat: Tensor,
     /// Their gradients likewise (autograd accumulates into the views in place). Sharded:
-    /// this rank's slices, filled by [`AdamW::reduce_unit_grad_start`].
+    /// this rank's slices, filled by [`AdamW::reduce_unit_grad_start`]; empty under ZeRO-1,
+    /// whose slices live in `full_grads`.
     gflat: Tensor,
     /// The sharded units (None for ZeRO-0).
     units: Option<Vec<Unit>>,
-    /// ZeRO-1: every unit's full gradient vector (padded, master dtype), kept between steps.
+    /// ZeRO-1: every unit's full gradient vector (padded, master dtype), kept between steps;
+    /// this rank's slice of each holds the reduced gradient after the backward.
     full_grads: Option<Vec<Tensor>>,
     /// Moments of the slice this rank updates (the whole vector without sharding).
     m: Tensor,
@@ -316,7 +320,10 @@ impl AdamW {
             padded: local * n,
             shards,
             shard_rank,
-            gflat: pflat.zeros_like(),
+            gflat: match keep_full_grads {
+                true => pflat.new_zeros([0], (kind, dev)),
+                false => pflat.zeros_like(),
+            },
             m: pflat.zeros_like(),
             v: pflat.zeros_like(),
             pflat,
@@ -325,6 +332,30 @@ impl AdamW {
             kernel,
             step_t: Tensor::zeros([1], (Kind::Float, dev)),
         })
+    }
+
+    /// (parameters, gradient, m, v) that the update runs over: the flat buffers, or under
+    /// ZeRO-1 each unit's slices, its gradient a view of the unit's full vector.
+    fn update_slices(&self) -> Vec<(Tensor, Tensor, Tensor, Tensor)> {
+        let (Some(full), Some(units)) = (&self.full_grads, &self.units) else {
+            let g = self.gflat.shallow_clone();
+            return vec![(
+                self.pflat.shallow_clone(),
+                g,
+                self.m.shallow_clone(),
+                self.v.shallow_clone(),
+            )];
+        };
+        units
+            .iter()
+            .zip(full)
+            .map(|(unit, f)| {
+                let len = unit.padded / self.shards as i64;
+                let at = |t: &Tensor| t.narrow(0, unit.local_off, len);
+                let g = f.narrow(0, self.shard_rank as i64 * len, len);
+                (at(&self.pflat), g, at(&self.m), at(&self.v))
+            })
+            .collect()
     }
 
     /// The sharded units (None for ZeRO-0).
@@ -422,15 +453,15 @@ impl AdamW {
 
     /// Unit `u`'s full gradient vector (padded, master dtype) to fill (e.g. through
     /// [`AdamW::unit_views`]) and pass to [`AdamW::reduce_unit_grad_start`]: ZeRO-1's
-    /// persistent one (zero after each reduce-scatter), else a new zero vector.
+    /// persistent one (zeroed after each update), else a new zero vector.
     pub fn new_unit_grad(&self, u: usize) -> Result<Tensor> {
         let unit = self.unit(u)?;
         if let Some(full) = &self.full_grads {
             return Ok(full[u].shallow_clone());
         }
         Ok(self
-            .gflat
-            .new_zeros([unit.padded], (self.gflat.kind(), self.gflat.device())))
+            .pflat
+            .new_zeros([unit.padded], (self.pflat.kind(), self.pflat.device())))
     }
 
     /// Issues the sum of this rank's full gradient of unit `u` (`grad`, padded, master dtype)
@@ -445,7 +476,11 @@ impl AdamW {
         let unit = self.unit(u)?;
         let _ng = tch::no_grad_guard();
         let len = unit.padded / self.shards as i64;
-        let dst = self.gflat.narrow(0, unit.local_off, len);
+        let in_place = self.full_grads.is_some();
+        let dst = match &self.full_grads {
+            Some(full) => full[u].narrow(0, self.shard_rank as i64 * len, len),
+            None => self.gflat.narrow(0, unit.local_off, len),
+        };
         if grad.size() != [unit.padded] || grad.kind() != dst.kind() {
             return Err(RuntimeError::Shape(format!(
                 "unit {u} gradient is {:?} {:?}, want [{}] {:?}",
@@ -455,19 +490,29 @@ impl AdamW {
                 dst.kind()
             )));
         }
-        let (recv, work) = if self.shards == 1 {
-            (grad.shallow_clone(), Work::done())
-        } else {
-            let recv = dst.empty_like();
-            let work = group.reduce_scatter_async(&grad, &recv)?;
-            (recv, work)
+        let own = |f: &Vec<Tensor>| grad.data_ptr() == f[u].data_ptr();
+        if self.full_grads.as_ref().is_some_and(|f| !own(f)) {
+            return Err(RuntimeError::Shape(format!(
+                "unit {u}: ZeRO-1 reduces the unit's own gradient buffer (new_unit_grad)"
+            )));
+        }
+        let (recv, work) = match (self.shards == 1, in_place) {
+            // In place (NCCL's in-place reduce-scatter: the output is the rank's slice of
+            // the input); one rank's sum is its own gradient.
+            (true, true) => (None, Work::done()),
+            (false, true) => (None, group.reduce_scatter_async(&grad, &dst)?),
+            (true, false) => (Some(grad.shallow_clone()), Work::done()),
+            (false, false) => {
+                let recv = dst.empty_like();
+                let work = group.reduce_scatter_async(&grad, &recv)?;
+                (Some(recv), work)
+            }
         };
         Ok(PendingReduce {
             dst,
             recv,
             work,
-            send: grad,
-            zero_after: self.full_grads.is_some(),
+            _send: grad,
         })
     }
 
@@ -528,17 +573,20 @@ impl AdamW {
         sync();
         let reduce_s = t0.elapsed().as_secs_f64();
         let t1 = std::time::Instant::now();
-        let g = self.gflat.shallow_clone();
-        if scale != 1.0 {
-            let _ = g.shallow_clone().f_mul_scalar_(scale)?;
+        for (p, g, m, v) in self.update_slices() {
+            if scale != 1.0 {
+                let _ = g.shallow_clone().f_mul_scalar_(scale)?;
+            }
+            match self.kernel {
+                AdamWKernel::Fused => update_fused(&c, self.t, &self.step_t, &p, &g, &m, &v)?,
+                _ => update_plain(&c, self.t, &p, &g, &m, &v)?,
+            }
         }
-        let p = &self.pflat;
-        match self.kernel {
-            AdamWKernel::Fused => update_fused(&c, self.t, &self.step_t, p, &g, &self.m, &self.v)?,
-            _ => update_plain(&c, self.t, p, &g, &self.m, &self.v)?,
-        }
-        // Zeroing the flat gradient (4 B written per parameter) is counted with the update.
+        // Zeroing the gradients (4 B written per parameter) is counted with the update.
         let _ = self.gflat.f_zero_()?;
+        for f in self.full_grads.iter().flatten() {
+            let _ = f.shallow_clone().f_zero_()?;
+        }
         sync();
         Ok((reduce_s, t1.elapsed().as_secs_f64()))
     }
@@ -578,21 +626,21 @@ impl PendingGather {
 #[must_use = "finish() adds the reduced slice to the gradient buffer"]
 pub struct PendingReduce {
     dst: Tensor,
-    recv: Tensor,
+    /// The reduced slice to add to `dst`; None when the reduce-scatter wrote `dst` in place.
+    recv: Option<Tensor>,
     work: Work,
-    send: Tensor,
-    zero_after: bool,
+    /// The full vector, alive until the collective is done.
+    _send: Tensor,
 }
 
 impl PendingReduce {
-    /// Waits (device-side) and adds this rank's slice of the sum to its gradient buffer;
-    /// ZeRO-1's persistent full gradient is zeroed for the next step.
+    /// Waits (device-side) and adds this rank's slice of the sum to its gradient buffer
+    /// (ZeRO-1: the collective wrote it in place).
     pub fn finish(self) -> Result<()> {
         let _ng = tch::no_grad_guard();
         self.work.wait()?;
-        let _ = self.dst.shallow_clone().f_add_(&self.recv)?;
-        if self.zero_after {
-            let _ = self.send.shallow_clone().f_zero_()?;
+        if let Some(recv) = &self.recv {
+            let _ = self.dst.shallow_clone().f_add_(recv)?;
         }
         Ok(())
     }

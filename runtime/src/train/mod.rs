@@ -57,7 +57,7 @@ pub mod shards;
 use crate::attn2d::AttnShape;
 use crate::comm::Communicator;
 use crate::error::{Result, RuntimeError};
-use crate::ffi::{backward_seeded, storage_nbytes};
+use crate::ffi::{backward_seeded, storage_nbytes, storage_resize};
 use crate::kernel::Backend;
 use crate::model::decoder::{PostWeights, PreWeights};
 use crate::model::{Decoder, Input, Rope};
@@ -198,6 +198,21 @@ struct LayerState {
     /// Sharded without recompute: the unit's leaves the graph uses (ZeRO-3: their storage
     /// released until the backward refills it).
     unit: Option<Gathered>,
+}
+
+/// Without recompute the layer keeps q, k, v (after RoPE, in the sequence layout) as the roots
+/// its backward is seeded from, while the attention works on dense copies of them. Nothing in
+/// the graph saves those roots (RoPE's sum and the projections' views are outputs no backward
+/// reads), so where the attention took a copy their storage is released: the backward needs
+/// only their autograd nodes and shapes. A root the attention uses as it is (already dense)
+/// keeps its storage.
+fn release_copied_roots(roots: [&Tensor; 3], dense: &[Tensor; 3]) -> Result<()> {
+    for (r, d) in roots.into_iter().zip(dense) {
+        if r.data_ptr() != d.data_ptr() {
+            storage_resize(r, 0)?;
+        }
+    }
+    Ok(())
 }
 
 /// One rank's trainer.
@@ -616,21 +631,22 @@ impl<'a> Trainer<'a> {
                 next = Some(self.fetch_start(shards::layer_unit(l + 1))?);
             }
             ph.cast_s += clk.lap();
-            let graph = |f: &dyn Fn() -> Tensor| if rec { tch::no_grad(f) } else { f() };
+            let graph = |f: &dyn Fn() -> Result<Tensor>| if rec { tch::no_grad(f) } else { f() };
             let (q, k, v) = if rec {
                 tch::no_grad(|| self.model.pre_attention_with(&pre, x, &self.rope))
             } else {
                 self.model.pre_attention_with(&pre, x, &self.rope)
             };
             ph.fwd_s += clk.lap();
-            let (o, ctx) = self.attn.forward(
-                &q.detach().contiguous(),
-                &k.detach().contiguous(),
-                &v.detach().contiguous(),
-            )?;
+            let dense = [&q, &k, &v].map(|t| t.detach().contiguous());
+            let (o, ctx) = self.attn.forward(&dense[0], &dense[1], &dense[2])?;
+            if !rec {
+                release_copied_roots([&q, &k, &v], &dense)?;
+            }
+            drop(dense);
             ph.attn_fwd_s += clk.lap();
             let a = o.detach().set_requires_grad(true);
-            let y = graph(&|| self.model.post_attention_with(&post, x, &a));
+            let y = graph(&|| self.model.post_attention_with(&post, x, &a))?;
             drop((pre, post));
             let unit = match unit {
                 Some(g) if !rec => {
@@ -822,7 +838,7 @@ impl<'a> Trainer<'a> {
                         None => (self.model.pre_weights(l), self.model.post_weights(l)),
                     };
                     let qkv = self.model.pre_attention_with(&pre, &st.x_in, &self.rope);
-                    let y = self.model.post_attention_with(&post, &st.x_in, &st.a);
+                    let y = self.model.post_attention_with(&post, &st.x_in, &st.a)?;
                     (qkv, y)
                 }
             };
