@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Measured against predicted for runtime/bench/runI.sh (one H200): reads the reports in
-runtime/bench/results/h200_runI/ and the plans they ran (carry/, made as runI.sh says), and
+runtime/bench/results/h200_runI/ and the plans they ran (p*.json beside them, made as runI.sh
+says), and
 prints one JSON line per run and a Markdown table: the caching allocator's peak bytes in
 tensors per rank against the planner's memory less its reserve and fragmentation margins,
 the step time, MFU and HFU against the plan's. Four in-process ranks share one allocator:
@@ -14,7 +15,7 @@ rows = []
 for f in sorted(glob.glob(os.path.join(R, "r[14]_*.json"))):
     name = os.path.basename(f)[:-5]
     m = json.load(open(f))
-    plan = json.load(open(os.path.join("carry", "p" + name[1:] + ".json")))
+    plan = json.load(open(os.path.join(R, "p" + name[1:] + ".json")))
     p = plan["predicted"]
     mp = m["predicted"]  # the plan's prediction as the run's report carries it
     ranks = m["ranks"]
