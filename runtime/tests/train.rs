@@ -518,7 +518,8 @@ fn sharded_stages_match_zero0_f64() {
     // ZeRO-1 (distributed optimizer), ZeRO-2 (gradients sharded too) and ZeRO-3 (parameters
     // sharded, each layer's weights gathered around its forward and again before its
     // backward), each with and without recompute: same losses and parameters as ZeRO-0
-    // without recompute, over SP x DP factorisations of up to 4 ranks.
+    // without recompute, over SP x DP factorisations of 1 to 8 ranks: every Ulysses x ring
+    // split of SP 8 the tiny model's 4 heads allow (1x8, 2x4, 4x2) and SP 4 x DP 2 (2x2, 1x4).
     let cases = [
         (Layout::sp(1, 1, Placement::UlyssesInner), "sp1"),
         (Layout::sp(1, 2, Placement::UlyssesInner), "sp1x2"),
@@ -550,6 +551,16 @@ fn sharded_stages_match_zero0_f64() {
             },
             "dp2 x sp2x2 (8 ranks)",
         ),
+        (
+            Layout {
+                dp: 2,
+                ..Layout::sp(1, 4, Placement::UlyssesInner)
+            },
+            "dp2 x sp1x4 (8 ranks)",
+        ),
+        (Layout::sp(1, 8, Placement::UlyssesInner), "sp1x8"),
+        (Layout::sp(2, 4, Placement::UlyssesInner), "sp2x4"),
+        (Layout::sp(4, 2, Placement::RingInner), "sp4x2"),
     ];
     for (layout, name) in cases {
         let z0 = train(layout, 0, STEPS, Kind::Double, 1e-2, false, false);
