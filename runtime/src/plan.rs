@@ -1,9 +1,15 @@
 //! The part of the planner's plan JSON that the runtime needs: world size, the layout
 //! (ulysses x ring x dp, tp) and the placement, and the rank arithmetic that turns them into
-//! process groups. Unknown fields are ignored.
+//! process groups. Unknown fields are ignored; the schema name and version are checked, so
+//! that a plan of another format or version is refused in one line rather than misread.
 use crate::error::{Result, RuntimeError};
 use serde::Deserialize;
 use std::path::Path;
+
+/// The plan format the planner writes (`planner/src/plan.rs`, `SCHEMA_NAME`) and the version of
+/// it this runtime reads (`SCHEMA_VERSION`; a test holds the two sides equal).
+pub const SCHEMA_NAME: &str = "mmsp-plan";
+pub const SCHEMA_VERSION: u64 = 1;
 
 /// How sequence-parallel ranks are laid onto consecutive global ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -36,6 +42,24 @@ fn one() -> usize {
 pub struct Plan {
     pub world_size: usize,
     pub layout: Layout,
+}
+
+/// The plan's `schema` and `schema_version`, as the planner writes them.
+fn check_schema(v: &serde_json::Value) -> Result<()> {
+    if v.get("schema").and_then(|s| s.as_str()) != Some(SCHEMA_NAME) {
+        return Err(RuntimeError::Plan(format!(
+            "not an mmsp plan (expected \"schema\": \"{SCHEMA_NAME}\")"
+        )));
+    }
+    match v.get("schema_version").and_then(|n| n.as_u64()) {
+        Some(SCHEMA_VERSION) => Ok(()),
+        Some(n) => Err(RuntimeError::Plan(format!(
+            "plan schema version {n} is not supported by this mmsp-runtime (expected {SCHEMA_VERSION}; re-plan with the matching mmsp)"
+        ))),
+        None => Err(RuntimeError::Plan(format!(
+            "the plan has no schema_version (expected {SCHEMA_VERSION})"
+        ))),
+    }
 }
 
 /// Coordinates of a global rank in the layout.
@@ -170,7 +194,9 @@ pub enum GroupKind {
 impl Plan {
     /// Parses a plan from JSON text; fields the runtime does not use are ignored.
     pub fn from_json(text: &str) -> Result<Plan> {
-        let p: Plan = serde_json::from_str(text)?;
+        let v: serde_json::Value = serde_json::from_str(text)?;
+        check_schema(&v)?;
+        let p: Plan = serde_json::from_value(v)?;
         p.validate()?;
         Ok(p)
     }

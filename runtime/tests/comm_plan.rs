@@ -111,7 +111,7 @@ fn rank_that_leaves_makes_peers_fail_not_hang() {
 
 #[test]
 fn plan_parsing_ignores_unknown_fields_and_maps_ranks() {
-    let text = r#"{"world_size": 16, "score": 1.5, "layout": {"ulysses": 4, "ring": 2, "dp": 2, "tp": 1,
+    let text = r#"{"schema": "mmsp-plan", "schema_version": 1, "world_size": 16, "score": 1.5, "layout": {"ulysses": 4, "ring": 2, "dp": 2, "tp": 1,
         "placement": "ulysses_inner", "extra": [1, 2]}, "stages": []}"#;
     let p = Plan::from_json(text).unwrap();
     let l = p.layout;
@@ -150,15 +150,50 @@ fn plan_parsing_ignores_unknown_fields_and_maps_ranks() {
 
 #[test]
 fn bad_plans_are_rejected() {
-    let wrong_size = r#"{"world_size": 6, "layout": {"ulysses": 4, "ring": 2, "dp": 1, "tp": 1, "placement": "ring_inner"}}"#;
+    let wrong_size = r#"{"schema": "mmsp-plan", "schema_version": 1, "world_size": 6, "layout": {"ulysses": 4, "ring": 2, "dp": 1, "tp": 1, "placement": "ring_inner"}}"#;
     assert!(matches!(
         Plan::from_json(wrong_size),
         Err(RuntimeError::Plan(_))
     ));
-    let tp = r#"{"world_size": 4, "layout": {"ulysses": 1, "ring": 2, "dp": 1, "tp": 2, "placement": "ring_inner"}}"#;
+    let tp = r#"{"schema": "mmsp-plan", "schema_version": 1, "world_size": 4, "layout": {"ulysses": 1, "ring": 2, "dp": 1, "tp": 2, "placement": "ring_inner"}}"#;
     assert!(matches!(Plan::from_json(tp), Err(RuntimeError::Layout(_))));
-    let bad_place = r#"{"world_size": 2, "layout": {"ulysses": 1, "ring": 2, "dp": 1, "tp": 1, "placement": "diagonal"}}"#;
+    let bad_place = r#"{"schema": "mmsp-plan", "schema_version": 1, "world_size": 2, "layout": {"ulysses": 1, "ring": 2, "dp": 1, "tp": 1, "placement": "diagonal"}}"#;
     assert!(Plan::from_json(bad_place).is_err());
+    // Another format or version is refused in one line naming what is expected.
+    let body = r#""world_size": 2, "layout": {"ulysses": 1, "ring": 2, "placement": "ring_inner"}"#;
+    for (head, want) in [
+        ("", "not an mmsp plan"),
+        (
+            r#""schema": "other", "schema_version": 1,"#,
+            "not an mmsp plan",
+        ),
+        (r#""schema": "mmsp-plan","#, "no schema_version"),
+        (
+            r#""schema": "mmsp-plan", "schema_version": 2,"#,
+            "schema version 2 is not supported",
+        ),
+    ] {
+        match Plan::from_json(&format!("{{{head} {body}}}")) {
+            Err(RuntimeError::Plan(m)) => assert!(m.contains(want) && !m.contains('\n'), "{m}"),
+            other => panic!("{head}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn reads_the_schema_the_planner_writes() {
+    // The planner's own constants, and a plan `mmsp plan` wrote (bench/plan4_2x2.json).
+    use mmsp_runtime::plan::{SCHEMA_NAME, SCHEMA_VERSION};
+    assert_eq!(SCHEMA_NAME, mmsp_planner::plan::SCHEMA_NAME);
+    assert_eq!(
+        SCHEMA_VERSION,
+        u64::from(mmsp_planner::plan::SCHEMA_VERSION)
+    );
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/plan4_2x2.json"))
+            .unwrap();
+    let p = Plan::from_json(&text).unwrap();
+    assert_eq!(p.world_size, 4);
 }
 
 /// Builds a 2D layer on every rank of a (u, r) group and returns each rank's result of `f`;
@@ -267,7 +302,7 @@ fn rendezvous_exchanges_values_and_times_out_on_missing_keys() {
 fn nccl_world_rejects_a_plan_for_another_world_size_before_any_communication() {
     use mmsp_runtime::comm::nccl::{LaunchEnv, NcclWorld};
     let plan = Plan::from_json(
-        r#"{"world_size": 4, "layout": {"ulysses": 2, "ring": 2, "dp": 1, "tp": 1, "placement": "ulysses_inner"}}"#,
+        r#"{"schema": "mmsp-plan", "schema_version": 1, "world_size": 4, "layout": {"ulysses": 2, "ring": 2, "dp": 1, "tp": 1, "placement": "ulysses_inner"}}"#,
     )
     .unwrap();
     // Nobody listens on this port: reaching the rendezvous would fail differently (or wait).

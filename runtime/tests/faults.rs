@@ -233,7 +233,7 @@ fn plan_file(name: &str, ulysses: usize, ring: usize) -> std::path::PathBuf {
     std::fs::write(
         &p,
         format!(
-            r#"{{"world_size": {}, "layout": {{"ulysses": {ulysses}, "ring": {ring}, "dp": 1, "tp": 1,
+            r#"{{"schema": "mmsp-plan", "schema_version": 1, "world_size": {}, "layout": {{"ulysses": {ulysses}, "ring": {ring}, "dp": 1, "tp": 1,
             "placement": "ulysses_inner"}}, "zero_stage": 1, "recompute": "none", "micro_batch": 1,
             "grad_accum_steps": 1, "context_tokens": 64}}"#,
             ulysses * ring

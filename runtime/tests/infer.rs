@@ -179,7 +179,7 @@ fn generation_stops_at_the_context() {
 
 fn plan_json(mode: &str, context: usize) -> String {
     format!(
-        r#"{{"mode": "{mode}", "context_tokens": {context}, "world_size": 4,
+        r#"{{"schema": "mmsp-plan", "schema_version": 1, "mode": "{mode}", "context_tokens": {context}, "world_size": 4,
             "layout": {{"ulysses": 2, "ring": 2, "dp": 1, "tp": 1, "placement": "ulysses_inner"}}}}"#
     )
 }

@@ -51,6 +51,7 @@ fn vision_plan(ulysses: usize, ring: usize, dp: usize, fpr: Option<Vec<Vec<usize
         v
     });
     json!({
+        "schema": "mmsp-plan", "schema_version": 1,
         "world_size": sp * dp,
         "layout": {"ulysses": ulysses, "ring": ring, "dp": dp, "tp": 1,
                    "placement": "ulysses_inner"},

@@ -348,7 +348,7 @@ fn loss_falls_f32() {
 
 fn plan_json(ranges: &str) -> String {
     format!(
-        r#"{{"world_size": 2, "layout": {{"ulysses": 1, "ring": 2, "dp": 1, "tp": 1,
+        r#"{{"schema": "mmsp-plan", "schema_version": 1, "world_size": 2, "layout": {{"ulysses": 1, "ring": 2, "dp": 1, "tp": 1,
         "placement": "ulysses_inner"}}, "zero_stage": 1, "recompute": "none", "micro_batch": 1,
         "grad_accum_steps": 4, "context_tokens": 64, "unknown_field": 3,
         "tokens": {{"ranges_per_rank": {ranges}}},
