@@ -13,7 +13,7 @@ use mmsp_runtime::model::decoder::autograd_causal;
 use mmsp_runtime::model::{Decoder, Input, ModelConfig, Rope};
 use mmsp_runtime::plan::{GroupKind, Layout, Placement};
 use mmsp_runtime::train::adamw::{self_check, AdamW, AdamWConfig, AdamWKernel};
-use mmsp_runtime::train::{Groups, TrainConfig, Trainer};
+use mmsp_runtime::train::{Groups, StepStats, TrainConfig, Trainer};
 use tch::{Device, Kind, Tensor};
 
 const SEQ: usize = 53;
@@ -115,18 +115,43 @@ fn train_model(
     fixed_data: bool,
     kernel: AdamWKernel,
 ) -> Run {
-    let w = layout.world_size();
-    let uly = local_groups(&layout, GroupKind::Ulysses);
-    let ring = local_groups(&layout, GroupKind::Ring);
-    let world = LocalComm::group(w);
     let cfg = TrainConfig {
         optimizer: AdamWConfig { kernel, ..opt(lr) },
-        zero_stage: zero,
-        recompute,
-        backend: Backend::CpuMath,
-        profile: false,
+        ..cpu_config(lr, zero, recompute)
     };
-    let mut runs: Vec<Run> = std::thread::scope(|s| {
+    let mut runs = on_each_rank(mcfg, (kind, kind), layout, cfg, |_, t| {
+        let vocab = t.model.cfg.vocab_size as i64;
+        let mut losses = vec![];
+        for step in 0..steps {
+            // Same data on every DP replica (so dp = 2 must equal dp = 1).
+            let (ids, labels) = data(if fixed_data { 0 } else { step }, 0, vocab);
+            let rg = t.local_ranges();
+            let st = t.step(&shard(&ids, &rg), &shard(&labels, &rg)).unwrap();
+            assert_eq!(st.tokens, (SEQ - 1) as f64);
+            losses.push(st.loss);
+        }
+        // Gathered over the grad group with ZeRO-3 (every rank calls it).
+        let params = t.full_parameters().unwrap();
+        Run { losses, params }
+    });
+    runs.swap_remove(0)
+}
+
+/// One thread per rank of `layout` over local communicators, each with a trainer of a
+/// `mcfg` model (seed [`SEED`], parameters and compute in `kinds`): every rank's `f(rank,
+/// trainer)`, in rank order.
+fn on_each_rank<T: Send>(
+    mcfg: ModelConfig,
+    kinds: (Kind, Kind),
+    layout: Layout,
+    cfg: TrainConfig,
+    f: impl Fn(usize, &mut Trainer<'_>) -> T + Sync,
+) -> Vec<T> {
+    let uly = local_groups(&layout, GroupKind::Ulysses);
+    let ring = local_groups(&layout, GroupKind::Ring);
+    let world = LocalComm::group(layout.world_size());
+    let f = &f;
+    std::thread::scope(|s| {
         let hs: Vec<_> = uly
             .into_iter()
             .zip(ring)
@@ -135,8 +160,7 @@ fn train_model(
             .map(|(rank, ((u, r), g))| {
                 let mcfg = mcfg.clone();
                 s.spawn(move || {
-                    let model = Decoder::random(mcfg, Device::Cpu, kind, kind, SEED).unwrap();
-                    let vocab = model.cfg.vocab_size as i64;
+                    let model = Decoder::random(mcfg, Device::Cpu, kinds.0, kinds.1, SEED).unwrap();
                     let groups = Groups {
                         ulysses: &u as &dyn Communicator,
                         ring: &r,
@@ -144,26 +168,30 @@ fn train_model(
                         dp: layout.dp,
                     };
                     let mut t = Trainer::new(model, groups, SEQ, cfg).unwrap();
-                    let dp = layout.coords(rank).dp;
-                    let mut losses = vec![];
-                    for step in 0..steps {
-                        // Same data on every DP replica (so dp = 2 must equal dp = 1).
-                        let _ = dp;
-                        let (ids, labels) = data(if fixed_data { 0 } else { step }, 0, vocab);
-                        let rg = t.local_ranges();
-                        let st = t.step(&shard(&ids, &rg), &shard(&labels, &rg)).unwrap();
-                        assert_eq!(st.tokens, (SEQ - 1) as f64);
-                        losses.push(st.loss);
-                    }
-                    // Gathered over the grad group with ZeRO-3 (every rank calls it).
-                    let params = t.full_parameters().unwrap();
-                    Run { losses, params }
+                    f(rank, &mut t)
                 })
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    runs.swap_remove(0)
+    })
+}
+
+/// The CPU trainer's configuration: plain AdamW at `lr`, ZeRO `zero`, CPU attention.
+fn cpu_config(lr: f64, zero: u32, recompute: bool) -> TrainConfig {
+    TrainConfig {
+        optimizer: opt(lr),
+        zero_stage: zero,
+        recompute,
+        backend: Backend::CpuMath,
+        profile: false,
+    }
+}
+
+/// One step of `t` on step 0's sequence (vocabulary 128), sharded as the trainer holds it.
+fn one_step(t: &mut Trainer<'_>) -> StepStats {
+    let (ids, labels) = data(0, 0, 128);
+    let rg = t.local_ranges();
+    t.step(&shard(&ids, &rg), &shard(&labels, &rg)).unwrap()
 }
 
 fn max_rel(a: &Run, b: &Run) -> (f64, f64) {
@@ -449,11 +477,8 @@ fn phases_add_up() {
         dp: 1,
     };
     let cfg = TrainConfig {
-        optimizer: opt(1e-3),
-        zero_stage: 0,
-        recompute: false,
-        backend: Backend::CpuMath,
         profile: true,
+        ..cpu_config(1e-3, 0, false)
     };
     let mut t = Trainer::new(model, groups, SEQ, cfg).unwrap();
     let (ids, labels) = data(0, 0, 128);
@@ -490,13 +515,7 @@ fn bf16_compute_follows_f32() {
             grad: &g,
             dp: 1,
         };
-        let cfg = TrainConfig {
-            optimizer: opt(4e-3),
-            zero_stage: 0,
-            recompute: false,
-            backend: Backend::CpuMath,
-            profile: false,
-        };
+        let cfg = cpu_config(4e-3, 0, false);
         let mut t = Trainer::new(model, groups, SEQ, cfg).unwrap();
         let (ids, labels) = data(0, 0, 128);
         (0..6)
@@ -621,47 +640,18 @@ fn zero3_frees_gathered_weights_between_forward_and_backward() {
         .map(|(_, s)| s.iter().product::<i64>())
         .sum();
     for (zero, rec) in [(3, false), (3, true), (2, false), (2, true)] {
-        let held: Vec<f64> = std::thread::scope(|s| {
-            let uly = local_groups(&layout, GroupKind::Ulysses);
-            let ring = local_groups(&layout, GroupKind::Ring);
-            let hs: Vec<_> = uly
-                .into_iter()
-                .zip(ring)
-                .zip(LocalComm::group(2))
-                .map(|((u, r), g)| {
-                    s.spawn(move || {
-                        let model = Decoder::random(
-                            ModelConfig::tiny(),
-                            Device::Cpu,
-                            Kind::Float,
-                            Kind::Float,
-                            SEED,
-                        )
-                        .unwrap();
-                        let groups = Groups {
-                            ulysses: &u as &dyn Communicator,
-                            ring: &r,
-                            grad: &g,
-                            dp: 1,
-                        };
-                        let cfg = TrainConfig {
-                            optimizer: opt(1e-3),
-                            zero_stage: zero,
-                            recompute: rec,
-                            backend: Backend::CpuMath,
-                            profile: false,
-                        };
-                        let mut t = Trainer::new(model, groups, SEQ, cfg).unwrap();
-                        let (ids, labels) = data(0, 0, 128);
-                        let rg = t.local_ranges();
-                        let st = t.step(&shard(&ids, &rg), &shard(&labels, &rg)).unwrap();
-                        assert!(st.loss.is_finite());
-                        st.held_weight_bytes
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let cfg = cpu_config(1e-3, zero, rec);
+        let held = on_each_rank(
+            ModelConfig::tiny(),
+            (Kind::Float, Kind::Float),
+            layout,
+            cfg,
+            |_, t| {
+                let st = one_step(t);
+                assert!(st.loss.is_finite());
+                st.held_weight_bytes
+            },
+        );
         for h in held {
             match (zero, rec) {
                 (2, false) => assert!(
@@ -682,64 +672,40 @@ fn zero3_shards_what_it_says() {
     // views of the whole gradient vectors (the distributed optimizer's 6 + 12/N).
     for zero in [1u32, 2, 3] {
         let layout = Layout::sp(2, 2, Placement::UlyssesInner);
-        let uly = local_groups(&layout, GroupKind::Ulysses);
-        let ring = local_groups(&layout, GroupKind::Ring);
-        let world = LocalComm::group(4);
         let total: i64 = Decoder::param_shapes(&ModelConfig::tiny())
             .iter()
             .map(|(_, s)| s.iter().product::<i64>())
             .sum();
-        std::thread::scope(|s| {
-            for ((u, r), g) in uly.into_iter().zip(ring).zip(world) {
-                s.spawn(move || {
-                    let model = Decoder::random(
-                        ModelConfig::tiny(),
-                        Device::Cpu,
-                        Kind::Float,
-                        Kind::Float,
-                        1,
-                    )
-                    .unwrap();
-                    let groups = Groups {
-                        ulysses: &u as &dyn Communicator,
-                        ring: &r,
-                        grad: &g,
-                        dp: 1,
-                    };
-                    let cfg = TrainConfig {
-                        optimizer: opt(1e-3),
-                        zero_stage: zero,
-                        recompute: false,
-                        backend: Backend::CpuMath,
-                        profile: false,
-                    };
-                    let mut t = Trainer::new(model, groups, SEQ, cfg).unwrap();
-                    let (ids, labels) = data(0, 0, 128);
-                    let rg = t.local_ranges();
-                    t.step(&shard(&ids, &rg), &shard(&labels, &rg)).unwrap();
-                    let o = t.optimizer();
-                    let units = o.units().unwrap();
-                    assert_eq!(units.len(), 2 + 2, "embedding, 2 layers, final norm + head");
-                    let local: i64 = units.iter().map(|x| x.padded() / 4).sum();
-                    assert_eq!(o.params_flat().size(), [local]);
-                    let shard = if zero == 1 { 0 } else { local };
-                    assert_eq!(o.grads_flat().size(), [shard], "ZeRO-{zero}");
-                    let (m, v, _) = o.moments();
-                    assert_eq!((m.size(), v.size()), (vec![local], vec![local]));
-                    assert!(local * 4 < total + 4 * units.len() as i64);
-                    assert!(t
-                        .model
-                        .named_parameters()
-                        .iter()
-                        .all(|(_, p)| p.numel() == 0));
-                    let full = t.full_parameters().unwrap();
-                    assert_eq!(
-                        full.iter().map(|(_, p)| p.numel() as i64).sum::<i64>(),
-                        total
-                    );
-                });
-            }
-        });
+        let cfg = cpu_config(1e-3, zero, false);
+        on_each_rank(
+            ModelConfig::tiny(),
+            (Kind::Float, Kind::Float),
+            layout,
+            cfg,
+            |_, t| {
+                one_step(t);
+                let o = t.optimizer();
+                let units = o.units().unwrap();
+                assert_eq!(units.len(), 2 + 2, "embedding, 2 layers, final norm + head");
+                let local: i64 = units.iter().map(|x| x.padded() / 4).sum();
+                assert_eq!(o.params_flat().size(), [local]);
+                let shard = if zero == 1 { 0 } else { local };
+                assert_eq!(o.grads_flat().size(), [shard], "ZeRO-{zero}");
+                let (m, v, _) = o.moments();
+                assert_eq!((m.size(), v.size()), (vec![local], vec![local]));
+                assert!(local * 4 < total + 4 * units.len() as i64);
+                assert!(t
+                    .model
+                    .named_parameters()
+                    .iter()
+                    .all(|(_, p)| p.numel() == 0));
+                let full = t.full_parameters().unwrap();
+                assert_eq!(
+                    full.iter().map(|(_, p)| p.numel() as i64).sum::<i64>(),
+                    total
+                );
+            },
+        );
     }
 }
 
@@ -750,55 +716,22 @@ fn zero3_bf16_compute_follows_zero0() {
     // as ZeRO-0's casts do; the runs agree within bf16 rounding.
     let run = |zero: u32| {
         let layout = Layout::sp(1, 2, Placement::UlyssesInner);
-        let uly = local_groups(&layout, GroupKind::Ulysses);
-        let ring = local_groups(&layout, GroupKind::Ring);
-        let world = LocalComm::group(2);
-        let mut out: Vec<Run> = std::thread::scope(|s| {
-            let hs: Vec<_> = uly
-                .into_iter()
-                .zip(ring)
-                .zip(world)
-                .map(|((u, r), g)| {
-                    s.spawn(move || {
-                        let model = Decoder::random(
-                            ModelConfig::tiny(),
-                            Device::Cpu,
-                            Kind::Float,
-                            Kind::BFloat16,
-                            SEED,
-                        )
-                        .unwrap();
-                        let groups = Groups {
-                            ulysses: &u as &dyn Communicator,
-                            ring: &r,
-                            grad: &g,
-                            dp: 1,
-                        };
-                        let cfg = TrainConfig {
-                            optimizer: opt(4e-3),
-                            zero_stage: zero,
-                            recompute: false,
-                            backend: Backend::CpuMath,
-                            profile: false,
-                        };
-                        let mut t = Trainer::new(model, groups, SEQ, cfg).unwrap();
-                        let (ids, labels) = data(0, 0, 128);
-                        let rg = t.local_ranges();
-                        let losses = (0..4)
-                            .map(|_| {
-                                t.step(&shard(&ids, &rg), &shard(&labels, &rg))
-                                    .unwrap()
-                                    .loss
-                            })
-                            .collect();
-                        Run {
-                            losses,
-                            params: t.full_parameters().unwrap(),
-                        }
-                    })
+        let cfg = cpu_config(4e-3, zero, false);
+        let kinds = (Kind::Float, Kind::BFloat16);
+        let mut out = on_each_rank(ModelConfig::tiny(), kinds, layout, cfg, |_, t| {
+            let (ids, labels) = data(0, 0, 128);
+            let rg = t.local_ranges();
+            let losses = (0..4)
+                .map(|_| {
+                    t.step(&shard(&ids, &rg), &shard(&labels, &rg))
+                        .unwrap()
+                        .loss
                 })
                 .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+            Run {
+                losses,
+                params: t.full_parameters().unwrap(),
+            }
         });
         out.swap_remove(0)
     };

@@ -446,7 +446,7 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     // Plus the embedding output (the first layer's input), and at the loss the final norm's
     // output and the gradient buffer of the shard's hidden states (2 bytes x h each; the
     // allocator timeline grows by these at the embedding and at the loss, runF).
-    let kept = layers * per_tok * tokens + 3.0 * 2.0 * h * tokens / tp;
+    let activations = layers * per_tok * tokens + 3.0 * 2.0 * h * tokens / tp;
     // Logits: the loss is computed LOSS_CHUNK_TOKENS rows at a time with its gradient formed in
     // the same pass, so only one chunk's logits are ever live. At its peak the runtime holds the
     // 16-bit logits (2 B), their fp32 copy (4 B) and the fp32 log-probabilities (4 B) per
@@ -460,7 +460,6 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     // transient (`runtime_backward_transient_bytes_per_token`), the final norm's output gone.
     let bwd = runtime_backward_transient_bytes_per_token(&arch, tp) * tokens;
     let backward_peak = (working + bwd - 2.0 * h * tokens / tp).max(0.0);
-    let activations = kept;
     let params_local = m.params() as f64 / tp;
     let layer_params_local = m.layer_params() as f64 / tp;
     let shards = f64::from(l.grad_family().size);

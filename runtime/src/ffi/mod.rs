@@ -277,9 +277,6 @@ extern "C" {
     fn mmsp_set_tensor_version(t: *const C_tensor, v: i64) -> *mut c_char;
 }
 
-/// Sets the storage behind `t` to `nbytes` bytes in place: 0 releases its memory, more
-/// allocates fresh memory of undefined contents (on CUDA from the caching allocator, on the
-/// current stream). Every tensor sharing the storage (views, autograd's saved tensors) sees
 /// silu(gate) * up as one autograd node that keeps gate and up and recomputes silu(gate) in
 /// its backward (the graph holds 2 of the MLP's intermediates, not 3).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -291,6 +288,9 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     own(out, "swiglu")
 }
 
+/// Sets the storage behind `t` to `nbytes` bytes in place: 0 releases its memory, more
+/// allocates fresh memory of undefined contents (on CUDA from the caching allocator, on the
+/// current stream). Every tensor sharing the storage (views, autograd's saved tensors) sees
 /// it: the FSDP way of freeing gathered weights between a layer's forward and backward.
 pub fn storage_resize(t: &Tensor, nbytes: i64) -> Result<()> {
     // SAFETY: `t` is a live tch tensor for the call; the shim swaps the storage's data

@@ -17,8 +17,8 @@
 //!   its update reads, with no shard buffer besides, as Megatron-Core's distributed optimizer
 //!   keeps its fp32 gradient buffer (6 + 12/N B per parameter with the trainer's resident
 //!   bf16 weights); with ZeRO-2 and 3 they exist only while a unit's reduce-scatter is in
-//!   flight, and the sum goes to the shard buffer (16/N B with masters and moments). Which stage keeps which weights is the trainer's business
-//!   (`train::shards`).
+//!   flight, and the sum goes to the shard buffer (16/N B with masters and moments). Which
+//!   stage keeps which weights is the trainer's business (`train::shards`).
 //!
 //! Two update kernels compute the same thing (torch.optim.AdamW, Loshchilov & Hutter 2019,
 //! Algorithm 2 with decoupled weight decay):
@@ -338,10 +338,9 @@ impl AdamW {
     /// ZeRO-1 each unit's slices, its gradient a view of the unit's full vector.
     fn update_slices(&self) -> Vec<(Tensor, Tensor, Tensor, Tensor)> {
         let (Some(full), Some(units)) = (&self.full_grads, &self.units) else {
-            let g = self.gflat.shallow_clone();
             return vec![(
                 self.pflat.shallow_clone(),
-                g,
+                self.gflat.shallow_clone(),
                 self.m.shallow_clone(),
                 self.v.shallow_clone(),
             )];
@@ -476,26 +475,24 @@ impl AdamW {
         let unit = self.unit(u)?;
         let _ng = tch::no_grad_guard();
         let len = unit.padded / self.shards as i64;
-        let in_place = self.full_grads.is_some();
-        let dst = match &self.full_grads {
-            Some(full) => full[u].narrow(0, self.shard_rank as i64 * len, len),
-            None => self.gflat.narrow(0, unit.local_off, len),
-        };
-        if grad.size() != [unit.padded] || grad.kind() != dst.kind() {
+        if grad.size() != [unit.padded] || grad.kind() != self.pflat.kind() {
             return Err(RuntimeError::Shape(format!(
                 "unit {u} gradient is {:?} {:?}, want [{}] {:?}",
                 grad.size(),
                 grad.kind(),
                 unit.padded,
-                dst.kind()
+                self.pflat.kind()
             )));
         }
-        let own = |f: &Vec<Tensor>| grad.data_ptr() == f[u].data_ptr();
-        if self.full_grads.as_ref().is_some_and(|f| !own(f)) {
-            return Err(RuntimeError::Shape(format!(
-                "unit {u}: ZeRO-1 reduces the unit's own gradient buffer (new_unit_grad)"
-            )));
-        }
+        let (dst, in_place) = match &self.full_grads {
+            Some(full) if grad.data_ptr() != full[u].data_ptr() => {
+                return Err(RuntimeError::Shape(format!(
+                    "unit {u}: ZeRO-1 reduces the unit's own gradient buffer (new_unit_grad)"
+                )))
+            }
+            Some(full) => (full[u].narrow(0, self.shard_rank as i64 * len, len), true),
+            None => (self.gflat.narrow(0, unit.local_off, len), false),
+        };
         let (recv, work) = match (self.shards == 1, in_place) {
             // In place (NCCL's in-place reduce-scatter: the output is the rank's slice of
             // the input); one rank's sum is its own gradient.
