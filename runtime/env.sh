@@ -2,7 +2,9 @@
 # Source this file (do not execute it): `source runtime/env.sh`.
 #
 # Makes the project-local Python virtual environment `.venv` at the repository root with
-# PyPI's torch==2.11.0 (the libtorch that tch 0.24 builds against) when it is missing, then
+# PyPI's torch==2.11.0 (the libtorch that tch 0.24 builds against) and the packages the tests
+# check the runtime against (Transformers, tokenizers, megatron-core, NumPy; pinned below)
+# when they are missing, then
 # exports what building and running mmsp-runtime needs: LIBTORCH_USE_PYTORCH=1, the venv
 # first on PATH, and LD_LIBRARY_PATH with torch/lib and the nvidia/*/lib folders of the wheel.
 # Idempotent; every failure is reported and returns non-zero.
@@ -13,6 +15,7 @@ _mmsp_env_main() {
     local venv="$root/.venv"
     local py="$venv/bin/python"
 
+    local refs="transformers==5.24.0 tokenizers==0.23.3 safetensors==0.8.0 megatron-core==0.16.1 numpy==2.4.6"
     if ! "$py" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$torch_version' else 1)" >/dev/null 2>&1; then
         echo "runtime/env.sh: installing torch==$torch_version into $venv (one time, ~2-4 GB)" >&2
         if [ ! -x "$py" ]; then
@@ -22,6 +25,13 @@ _mmsp_env_main() {
             || { echo "runtime/env.sh: pip install torch==$torch_version failed" >&2; return 1; }
         "$py" -c "import torch" >/dev/null 2>&1 \
             || { echo "runtime/env.sh: torch does not import after install" >&2; return 1; }
+    fi
+
+    if ! "$py" -c "import transformers, tokenizers, megatron.core, numpy, sys; sys.exit(0 if transformers.__version__ == '5.24.0' else 1)" >/dev/null 2>&1; then
+        echo "runtime/env.sh: installing the reference packages into $venv ($refs)" >&2
+        # shellcheck disable=SC2086
+        "$venv/bin/pip" install --disable-pip-version-check -q $refs \
+            || { echo "runtime/env.sh: pip install $refs failed" >&2; return 1; }
     fi
 
     local site

@@ -11,6 +11,8 @@ pub enum RuntimeError {
     Layout(String),
     #[error("invalid model config: {0}")]
     Config(String),
+    #[error("invalid training data: {0}")]
+    Data(String),
     #[error("invalid plan: {0}")]
     Plan(String),
     #[error("launch does not match the plan: {0}")]
@@ -54,6 +56,7 @@ impl RuntimeError {
             self,
             RuntimeError::Plan(_)
                 | RuntimeError::Config(_)
+                | RuntimeError::Data(_)
                 | RuntimeError::Launch(_)
                 | RuntimeError::Shape(_)
                 | RuntimeError::Layout(_)

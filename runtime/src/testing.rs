@@ -168,3 +168,16 @@ pub fn errors(g: &Grads, r: &Grads) -> [f64; 4] {
         rel_err(&g.dv, &r.dv),
     ]
 }
+
+/// A minimal training plan (the planner's schema) for SP `ulysses` x `ring` x DP `dp` with
+/// ZeRO stage `zero` over sequences of `context` tokens: what tests run.
+pub fn plan_json(ulysses: usize, ring: usize, dp: usize, zero: u32, context: usize) -> String {
+    format!(
+        r#"{{"schema": "{}", "schema_version": {}, "world_size": {}, "layout": {{"ulysses": {ulysses}, "ring": {ring}, "dp": {dp}, "tp": 1,
+        "placement": "ulysses_inner"}}, "zero_stage": {zero}, "recompute": "none", "micro_batch": 1,
+        "grad_accum_steps": 1, "context_tokens": {context}}}"#,
+        crate::plan::SCHEMA_NAME,
+        crate::plan::SCHEMA_VERSION,
+        ulysses * ring * dp
+    )
+}

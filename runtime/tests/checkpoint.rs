@@ -11,12 +11,7 @@ use std::path::{Path, PathBuf};
 use tch::Tensor;
 
 fn plan_json(ulysses: usize, ring: usize, dp: usize, zero: u32) -> String {
-    format!(
-        r#"{{"schema": "mmsp-plan", "schema_version": 1, "world_size": {}, "layout": {{"ulysses": {ulysses}, "ring": {ring}, "dp": {dp}, "tp": 1,
-        "placement": "ulysses_inner"}}, "zero_stage": {zero}, "recompute": "none", "micro_batch": 1,
-        "grad_accum_steps": 1, "context_tokens": 64}}"#,
-        ulysses * ring * dp
-    )
+    mmsp_runtime::testing::plan_json(ulysses, ring, dp, zero, 64)
 }
 
 struct Case {

@@ -1,7 +1,9 @@
 //! Decoder configuration: read from a Hugging Face `config.json` (Llama / Qwen2 / Mistral
 //! style), from the `model` object of a plan, or the tiny CI model.
+use super::rope::RopeScaling;
 use crate::error::{Result, RuntimeError};
 use serde::Deserialize;
+use serde_json::Value;
 use std::path::Path;
 
 /// Shape and numerics of a Llama/Qwen2-style decoder.
@@ -18,9 +20,16 @@ pub struct ModelConfig {
     /// q/k/v projections carry a bias (Qwen2).
     pub qkv_bias: bool,
     pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
     pub rms_norm_eps: f64,
+    /// The context the checkpoint was trained for (`max_position_embeddings`; None when the
+    /// model does not come from a config.json): the original length of a rope scaling that
+    /// does not name one, and what a run past it is warned about.
+    pub max_position_embeddings: Option<usize>,
 }
 
+/// The fields of a Hugging Face `config.json` that the decoder's math depends on; the
+/// others (token ids, dtype, versions) are kept verbatim by `--save-hf`, not read here.
 #[derive(Deserialize)]
 struct HfConfig {
     model_type: Option<String>,
@@ -34,8 +43,230 @@ struct HfConfig {
     #[serde(default)]
     tie_word_embeddings: bool,
     attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    hidden_act: Option<String>,
     rope_theta: Option<f64>,
+    /// Transformers 4.x: `{"rope_type" | "type": ..., "factor": ...}`.
+    rope_scaling: Option<Value>,
+    /// Transformers 5.x: `{"rope_type": ..., "rope_theta": ..., ...}`.
+    rope_parameters: Option<Value>,
     rms_norm_eps: Option<f64>,
+    max_position_embeddings: Option<usize>,
+    partial_rotary_factor: Option<f64>,
+    use_sliding_window: Option<bool>,
+    sliding_window: Option<Value>,
+    attention_dropout: Option<f64>,
+    /// Transformers 5: per-layer attention kinds ("full_attention" or "sliding_attention").
+    layer_types: Option<Vec<String>>,
+}
+
+fn refuse(field: &str, value: impl std::fmt::Display, expected: &str) -> RuntimeError {
+    RuntimeError::Config(format!(
+        "config.json: {field} = {value} is not supported (expected {expected})"
+    ))
+}
+
+/// Reads `rope_scaling` / `rope_parameters` (their rope type, factor and the type's own
+/// fields), as Transformers' `ROPE_INIT_FUNCTIONS` name them.
+fn rope_scaling(v: &Value, max_pos: Option<usize>) -> Result<RopeScaling> {
+    let field = |k: &str| v.get(k).and_then(Value::as_f64);
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let need = |k: &str| {
+        field(k).ok_or_else(|| {
+            RuntimeError::Config(format!(
+                "config.json: rope_scaling of type {kind} has no {k}"
+            ))
+        })
+    };
+    let original = |from_cfg: Option<usize>| -> Result<f64> {
+        field("original_max_position_embeddings")
+            .or(from_cfg.map(|m| m as f64))
+            .ok_or_else(|| {
+                RuntimeError::Config(format!(
+                    "config.json: rope_scaling of type {kind} needs original_max_position_embeddings \
+                     or max_position_embeddings"
+                ))
+            })
+    };
+    Ok(match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: need("factor")?,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: need("factor")?,
+            low_freq_factor: need("low_freq_factor")?,
+            high_freq_factor: need("high_freq_factor")?,
+            original_max_position_embeddings: original(max_pos)?,
+        },
+        "yarn" => {
+            let old = original(max_pos)?;
+            // Transformers 5: without a factor, the ratio of the two lengths.
+            let factor = match (field("factor"), max_pos) {
+                (Some(f), _) => f,
+                (None, Some(m)) => m as f64 / old,
+                (None, None) => need("factor")?,
+            };
+            let mscale = |scale: f64, m: f64| {
+                if scale <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * scale.ln() + 1.0
+                }
+            };
+            let attention_factor = match (
+                field("attention_factor"),
+                field("mscale"),
+                field("mscale_all_dim"),
+            ) {
+                (Some(a), _, _) => a,
+                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                    mscale(factor, m) / mscale(factor, all)
+                }
+                _ => mscale(factor, 1.0),
+            };
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: old,
+                beta_fast: field("beta_fast").unwrap_or(32.0),
+                beta_slow: field("beta_slow").unwrap_or(1.0),
+                attention_factor,
+                truncate: v.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+            }
+        }
+        other => {
+            return Err(refuse(
+                "rope_scaling type",
+                other,
+                "default, linear, llama3 or yarn (dynamic NTK changes the frequencies with the \
+                 sequence length; longrope needs per-dimension factors)",
+            ))
+        }
+    })
+}
+
+impl HfConfig {
+    /// Refuses, by name, every field whose value would change the math the decoder does.
+    fn check_supported(&self) -> Result<()> {
+        let arch = self.model_type.as_deref().unwrap_or("llama");
+        if !["llama", "qwen2", "mistral"].contains(&arch) {
+            return Err(refuse("model_type", arch, "llama, qwen2 or mistral"));
+        }
+        if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
+            return Err(refuse("hidden_act", act, "silu (SwiGLU)"));
+        }
+        if self.mlp_bias == Some(true) {
+            return Err(refuse("mlp_bias", true, "false"));
+        }
+        if arch != "qwen2" && self.attention_bias == Some(true) {
+            // Transformers' Llama puts that bias on o_proj too.
+            return Err(refuse(
+                "attention_bias",
+                true,
+                "false for llama/mistral (o_proj bias)",
+            ));
+        }
+        if let Some(f) = self.partial_rotary_factor.filter(|f| *f != 1.0) {
+            return Err(refuse("partial_rotary_factor", f, "1.0"));
+        }
+        let window = self.sliding_window.as_ref().filter(|w| !w.is_null());
+        let windowed = match arch {
+            "qwen2" => self.use_sliding_window == Some(true),
+            _ => window.is_some(),
+        };
+        if windowed {
+            return Err(refuse(
+                "sliding_window",
+                window.map_or("on".to_string(), |w| w.to_string()),
+                "null / use_sliding_window false (full causal attention)",
+            ));
+        }
+        if let Some(t) = self
+            .layer_types
+            .iter()
+            .flatten()
+            .find(|t| *t != "full_attention")
+        {
+            return Err(refuse("layer_types", t, "full_attention in every layer"));
+        }
+        if let Some(p) = self.attention_dropout.filter(|p| *p != 0.0) {
+            return Err(refuse("attention_dropout", p, "0.0"));
+        }
+        Ok(())
+    }
+}
+
+impl ModelConfig {
+    /// The CI model: 2 layers, hidden 64, 4 heads, 2 kv heads, vocab 128.
+    pub fn tiny() -> ModelConfig {
+        ModelConfig {
+            hidden_size: 64,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            intermediate_size: 128,
+            num_layers: 2,
+            vocab_size: 128,
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            rope_theta: 10000.0,
+            rope_scaling: RopeScaling::None,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: None,
+        }
+    }
+
+    /// Parses a Hugging Face `config.json` text (Transformers 4.x or 5.x layout). Defaults
+    /// are Transformers' own for the model type (rope_theta 10000, rms_norm_eps 1e-6).
+    pub fn from_hf_json(text: &str) -> Result<ModelConfig> {
+        let h: HfConfig = serde_json::from_str(text)
+            .map_err(|e| RuntimeError::Config(format!("model config.json: {e}")))?;
+        h.check_supported()?;
+        let heads = h.num_attention_heads;
+        if heads == 0 {
+            return Err(RuntimeError::Config("num_attention_heads is 0".into()));
+        }
+        let qwen = h.model_type.as_deref() == Some("qwen2");
+        let params = h.rope_parameters.as_ref();
+        let theta = params
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .or(h.rope_theta)
+            .unwrap_or(10000.0);
+        let scaling = match params.or(h.rope_scaling.as_ref()) {
+            Some(v) if !v.is_null() => rope_scaling(v, h.max_position_embeddings)?,
+            _ => RopeScaling::None,
+        };
+        let c = ModelConfig {
+            hidden_size: h.hidden_size,
+            num_heads: heads,
+            num_kv_heads: h.num_key_value_heads.unwrap_or(heads),
+            head_dim: h.head_dim.unwrap_or(h.hidden_size / heads),
+            intermediate_size: h.intermediate_size,
+            num_layers: h.num_hidden_layers,
+            vocab_size: h.vocab_size,
+            tie_word_embeddings: h.tie_word_embeddings,
+            qkv_bias: h.attention_bias.unwrap_or(qwen),
+            rope_theta: theta,
+            rope_scaling: scaling,
+            rms_norm_eps: h.rms_norm_eps.unwrap_or(1e-6),
+            max_position_embeddings: h.max_position_embeddings,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Reads a Hugging Face `config.json` file.
+    pub fn from_hf_file(path: &Path) -> Result<ModelConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| RuntimeError::Config(format!("{}: {e}", path.display())))?;
+        Self::from_hf_json(&text)
+            .map_err(|e| RuntimeError::Config(format!("{}: {e}", path.display())))
+    }
 }
 
 /// The `model` object of a plan JSON.
@@ -55,56 +286,6 @@ struct PlanModel {
 }
 
 impl ModelConfig {
-    /// The CI model: 2 layers, hidden 64, 4 heads, 2 kv heads, vocab 128.
-    pub fn tiny() -> ModelConfig {
-        ModelConfig {
-            hidden_size: 64,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 16,
-            intermediate_size: 128,
-            num_layers: 2,
-            vocab_size: 128,
-            tie_word_embeddings: false,
-            qkv_bias: false,
-            rope_theta: 10000.0,
-            rms_norm_eps: 1e-5,
-        }
-    }
-
-    /// Parses a Hugging Face `config.json` text.
-    pub fn from_hf_json(text: &str) -> Result<ModelConfig> {
-        let h: HfConfig = serde_json::from_str(text)
-            .map_err(|e| RuntimeError::Config(format!("model config.json: {e}")))?;
-        let heads = h.num_attention_heads;
-        if heads == 0 {
-            return Err(RuntimeError::Config("num_attention_heads is 0".into()));
-        }
-        let qwen = h.model_type.as_deref() == Some("qwen2");
-        let c = ModelConfig {
-            hidden_size: h.hidden_size,
-            num_heads: heads,
-            num_kv_heads: h.num_key_value_heads.unwrap_or(heads),
-            head_dim: h.head_dim.unwrap_or(h.hidden_size / heads),
-            intermediate_size: h.intermediate_size,
-            num_layers: h.num_hidden_layers,
-            vocab_size: h.vocab_size,
-            tie_word_embeddings: h.tie_word_embeddings,
-            qkv_bias: h.attention_bias.unwrap_or(qwen),
-            rope_theta: h.rope_theta.unwrap_or(10000.0),
-            rms_norm_eps: h.rms_norm_eps.unwrap_or(1e-6),
-        };
-        c.validate()?;
-        Ok(c)
-    }
-
-    /// Reads a Hugging Face `config.json` file.
-    pub fn from_hf_file(path: &Path) -> Result<ModelConfig> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| RuntimeError::Config(format!("{}: {e}", path.display())))?;
-        Self::from_hf_json(&text)
-    }
-
     /// The model described by a plan's `model` object (rope_theta 500000 and eps 1e-5, as
     /// Llama 3; the plan does not carry them).
     pub fn from_plan_value(v: &serde_json::Value) -> Result<ModelConfig> {
@@ -121,7 +302,9 @@ impl ModelConfig {
             tie_word_embeddings: m.tie_word_embeddings,
             qkv_bias: m.qkv_bias,
             rope_theta: 500000.0,
+            rope_scaling: RopeScaling::None,
             rms_norm_eps: 1e-5,
+            max_position_embeddings: None,
         };
         c.validate()?;
         Ok(c)

@@ -15,10 +15,11 @@
 //! about 10: at S = 32K, h = 4096 that is ~12 GB (4 ms at 3 TB/s) saved per norm, 5 norms
 //! per step for 2 layers.
 use super::config::ModelConfig;
+use super::hf::HfCheckpoint;
+pub use super::rope::Rope;
 use crate::error::{Result, RuntimeError};
 use crate::kernel::{attention_fwd, Backend};
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
@@ -27,53 +28,6 @@ use tch::{Device, Kind, Tensor};
 pub enum Input<'a> {
     Ids(&'a Tensor),
     Embeddings(&'a Tensor),
-}
-
-/// RoPE tables for one shard's positions (which need not be contiguous: zigzag shards).
-pub struct Rope {
-    /// (S, head_dim) in the compute dtype.
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    /// Tables for the given absolute positions (a 1-D int64 tensor).
-    pub fn new(cfg: &ModelConfig, positions: &Tensor, kind: Kind) -> Rope {
-        let d = cfg.head_dim as i64;
-        let dev = positions.device();
-        let inv = Tensor::arange_start_step(0, d, 2, (Kind::Double, dev))
-            .divide_scalar(d as f64)
-            .neg()
-            .multiply_scalar(cfg.rope_theta.ln())
-            .exp();
-        let freqs = positions
-            .to_kind(Kind::Double)
-            .unsqueeze(1)
-            .matmul(&inv.unsqueeze(0));
-        let emb = Tensor::cat(&[&freqs, &freqs], 1);
-        Rope {
-            cos: emb.cos().to_kind(kind),
-            sin: emb.sin().to_kind(kind),
-        }
-    }
-
-    /// Positions of zigzag ranges, in local order.
-    pub fn positions(ranges: &[(usize, usize)], device: Device) -> Tensor {
-        let v: Vec<i64> = ranges
-            .iter()
-            .flat_map(|&(s, e)| (s as i64)..(e as i64))
-            .collect();
-        Tensor::from_slice(&v).to(device)
-    }
-
-    /// Applies the rotation to (B, H, S, D).
-    pub fn apply(&self, x: &Tensor) -> Tensor {
-        let half = x.size()[3] / 2;
-        let x1 = x.narrow(3, 0, half);
-        let x2 = x.narrow(3, half, half);
-        let rot = Tensor::cat(&[&x2.neg(), &x1], 3);
-        x * &self.cos + rot * &self.sin
-    }
 }
 
 /// A decoder whose parameters are named as in Hugging Face checkpoints
@@ -86,6 +40,8 @@ pub struct Decoder {
     index: HashMap<String, usize>,
     /// ATen's fused RMSNorm on CUDA (`MMSP_FUSED_NORM=0` turns it off).
     fused_norm: bool,
+    /// The checkpoint the parameters are still to be read from ([`Decoder::deferred_hf`]).
+    deferred: Option<std::sync::Arc<HfCheckpoint>>,
 }
 
 /// The compute-dtype weights of a layer's part before attention (casts of the master
@@ -162,6 +118,7 @@ impl Decoder {
             params,
             index,
             fused_norm: std::env::var("MMSP_FUSED_NORM").as_deref() != Ok("0"),
+            deferred: None,
         }
     }
 
@@ -198,37 +155,67 @@ impl Decoder {
         Ok(Self::from_params(cfg, compute, params))
     }
 
-    /// Loads Hugging Face safetensors files (all shards of a checkpoint). Every expected
-    /// tensor must be present with its shape; unknown tensors are ignored.
-    pub fn load_safetensors(
-        cfg: ModelConfig,
-        files: &[&Path],
+    /// The whole model from a Hugging Face checkpoint (every parameter read, cast to
+    /// `master` on `device`).
+    pub fn from_hf(
+        ck: &HfCheckpoint,
         device: Device,
         master: Kind,
         compute: Kind,
     ) -> Result<Decoder> {
-        cfg.validate()?;
-        let mut found: HashMap<String, Tensor> = HashMap::new();
-        for f in files {
-            for (n, t) in Tensor::read_safetensors(f)? {
-                found.insert(n, t);
-            }
-        }
+        let cfg = ck.cfg.clone();
         let mut params = Vec::new();
-        for (name, shape) in Self::param_shapes(&cfg) {
-            let t = found
-                .remove(&name)
-                .ok_or_else(|| RuntimeError::Config(format!("checkpoint has no tensor {name}")))?;
-            if t.size() != shape {
-                return Err(RuntimeError::Config(format!(
-                    "{name} is {:?} in the checkpoint, the config says {shape:?}",
-                    t.size()
-                )));
-            }
-            let t = tch::no_grad(|| t.to_device(device).to_kind(master));
+        for (name, _) in Self::param_shapes(&cfg) {
+            let t = tch::no_grad(|| -> Result<Tensor> {
+                Ok(ck.read(&name)?.to_device(device).to_kind(master))
+            })?;
             params.push((name, t.set_requires_grad(true)));
         }
         Ok(Self::from_params(cfg, compute, params))
+    }
+
+    /// A decoder whose parameters are not read yet: empty `master` tensors on `device`, to be
+    /// filled from `ck` by whoever shards them (the trainer's ZeRO-1/2/3 optimizer reads each
+    /// rank's slices alone; [`Decoder::materialise`] reads the whole model). Nothing runs on
+    /// it before then.
+    pub fn deferred_hf(
+        ck: std::sync::Arc<HfCheckpoint>,
+        device: Device,
+        master: Kind,
+        compute: Kind,
+    ) -> Decoder {
+        let cfg = ck.cfg.clone();
+        let params = Self::param_shapes(&cfg)
+            .into_iter()
+            .map(|(n, _)| {
+                (
+                    n,
+                    Tensor::empty([0], (master, device)).set_requires_grad(true),
+                )
+            })
+            .collect();
+        let mut d = Self::from_params(cfg, compute, params);
+        d.deferred = Some(ck);
+        d
+    }
+
+    /// Where the parameters are still to be read from (see [`Decoder::deferred_hf`]); taking
+    /// it leaves the decoder as the caller fills it.
+    pub fn take_deferred(&mut self) -> Option<std::sync::Arc<HfCheckpoint>> {
+        self.deferred.take()
+    }
+
+    /// Reads every deferred parameter whole (a no-op for a decoder that has its weights).
+    pub fn materialise(&mut self) -> Result<()> {
+        let Some(ck) = self.deferred.take() else {
+            return Ok(());
+        };
+        let _g = tch::no_grad_guard();
+        for (name, p) in &self.params {
+            let t = ck.read(name)?.to_device(p.device()).to_kind(p.kind());
+            p.shallow_clone().f_set_data(&t)?;
+        }
+        Ok(())
     }
 
     /// Every parameter with its Hugging Face name, in [`Decoder::param_shapes`] order.

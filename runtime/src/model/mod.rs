@@ -5,6 +5,9 @@
 //! sequence-parallel attention (training, [`crate::train`]).
 pub mod config;
 pub mod decoder;
+pub mod hf;
+pub mod rope;
 
 pub use config::ModelConfig;
-pub use decoder::{Decoder, Input, Rope};
+pub use decoder::{Decoder, Input};
+pub use rope::{Rope, RopeScaling};

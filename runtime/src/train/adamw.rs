@@ -78,6 +78,9 @@ pub struct AdamWConfig {
     pub eps: f64,
     pub weight_decay: f64,
     pub kernel: AdamWKernel,
+    /// Clip the gradient to this global L2 norm (over every shard of the grad group, after
+    /// the reduction and `scale`), as `torch.nn.utils.clip_grad_norm_`; 0: no clipping.
+    pub max_grad_norm: f64,
 }
 
 impl Default for AdamWConfig {
@@ -89,6 +92,7 @@ impl Default for AdamWConfig {
             eps: 1e-8,
             weight_decay: 0.0,
             kernel: AdamWKernel::Auto,
+            max_grad_norm: 0.0,
         }
     }
 }
@@ -120,6 +124,15 @@ impl Unit {
     }
 }
 
+/// Where a sharded optimizer's initial values come from: every parameter's shape, and
+/// `read(parameter index, first element, count)` returning those elements of the flattened
+/// parameter (any dtype and device; copied into the shard).
+pub struct ShardInit<'s> {
+    pub shapes: &'s [Vec<i64>],
+    #[allow(clippy::type_complexity)]
+    pub read: &'s dyn Fn(usize, i64, i64) -> Result<Tensor>,
+}
+
 /// Optimizer state.
 pub struct AdamW {
     cfg: AdamWConfig,
@@ -149,6 +162,10 @@ pub struct AdamW {
     /// The step number as a one-element float32 tensor on the device (read by the fused
     /// kernel; refreshed from `t` before every update, so `t` alone is the state).
     step_t: Tensor,
+    /// Whether [`AdamW::step`] measures the global gradient norm without clipping.
+    measure_norm: bool,
+    /// The global gradient norm of the last step (NaN when not measured).
+    last_grad_norm: f64,
 }
 
 /// Elements updated per group of kernels (bounds the temporaries).
@@ -227,6 +244,8 @@ impl AdamW {
             t: 0,
             kernel,
             step_t: Tensor::zeros([1], (Kind::Float, dev)),
+            measure_norm: false,
+            last_grad_norm: f64::NAN,
         })
     }
 
@@ -242,7 +261,37 @@ impl AdamW {
         group: &dyn Communicator,
         keep_full_grads: bool,
     ) -> Result<AdamW> {
+        let shapes: Vec<Vec<i64>> = params.iter().map(|p| p.size()).collect();
+        let read = |i: usize, lo: i64, len: i64| -> Result<Tensor> {
+            Ok(params[i].detach().reshape([-1]).narrow(0, lo, len))
+        };
+        let init = ShardInit {
+            shapes: &shapes,
+            read: &read,
+        };
+        Self::new_sharded_from(params, &init, units, cfg, group, keep_full_grads)
+    }
+
+    /// [`AdamW::new_sharded`] with the parameters' values coming from `init` (their shapes,
+    /// and a reader of element ranges), so that a rank reads nothing but its own slices
+    /// (e.g. from a checkpoint); `params` are only their handles (dtype, device, storage to
+    /// release) and may be empty already.
+    pub fn new_sharded_from(
+        params: &[Tensor],
+        init: &ShardInit<'_>,
+        units: &[Range<usize>],
+        cfg: AdamWConfig,
+        group: &dyn Communicator,
+        keep_full_grads: bool,
+    ) -> Result<AdamW> {
         let (kind, dev) = common_kind_device(params)?;
+        if init.shapes.len() != params.len() {
+            return Err(RuntimeError::Config(format!(
+                "{} shapes for {} parameters",
+                init.shapes.len(),
+                params.len()
+            )));
+        }
         let mut next = 0;
         for u in units {
             if u.start != next || u.end <= u.start {
@@ -264,12 +313,12 @@ impl AdamW {
         let mut layout = Vec::with_capacity(units.len());
         let mut local = 0;
         for u in units {
-            let shapes: Vec<Vec<i64>> = params[u.clone()].iter().map(|p| p.size()).collect();
+            let shapes: Vec<Vec<i64>> = init.shapes[u.clone()].to_vec();
             let mut offsets = Vec::with_capacity(shapes.len());
             let mut numel = 0;
-            for p in &params[u.clone()] {
+            for s in &shapes {
                 offsets.push(numel);
-                numel += p.numel() as i64;
+                numel += s.iter().product::<i64>();
             }
             let padded = (numel + n - 1) / n * n;
             layout.push(Unit {
@@ -288,11 +337,11 @@ impl AdamW {
             // This rank's slice [a, a + len) of the unit's flat vector.
             let len = u.padded / n;
             let a = len * shard_rank as i64;
-            for (i, p) in params[u.params.clone()].iter().enumerate() {
-                let (o, k) = (u.offsets[i], p.numel() as i64);
+            for (i, s) in u.shapes.iter().enumerate() {
+                let (o, k) = (u.offsets[i], s.iter().product::<i64>());
                 let (lo, hi) = (o.max(a), (o + k).min(a + len));
                 if lo < hi {
-                    let src = p.detach().reshape([-1]).narrow(0, lo - o, hi - lo);
+                    let src = (init.read)(u.params.start + i, lo - o, hi - lo)?;
                     pflat
                         .narrow(0, u.local_off + lo - a, hi - lo)
                         .f_copy_(&src)?;
@@ -331,6 +380,8 @@ impl AdamW {
             t: 0,
             kernel,
             step_t: Tensor::zeros([1], (Kind::Float, dev)),
+            measure_norm: false,
+            last_grad_norm: f64::NAN,
         })
     }
 
@@ -355,6 +406,42 @@ impl AdamW {
                 (at(&self.pflat), g, at(&self.m), at(&self.v))
             })
             .collect()
+    }
+
+    /// The global L2 norm of the reduced gradient: this rank's slices (the whole gradient
+    /// under ZeRO-0, where every rank holds all of it) summed over the grad group.
+    fn grad_norm(
+        &self,
+        slices: &[(Tensor, Tensor, Tensor, Tensor)],
+        group: &dyn Communicator,
+    ) -> Result<f64> {
+        let dev = self.pflat.device();
+        let mut sq = Tensor::zeros([1], (Kind::Double, dev));
+        for (_, g, _, _) in slices {
+            sq += g.to_kind(Kind::Double).square().sum(Kind::Double);
+        }
+        if self.units.is_some() && group.size() > 1 {
+            let k = self.pflat.kind();
+            let t = sq.to_kind(k);
+            group.all_reduce(&t)?;
+            sq = t.to_kind(Kind::Double);
+        }
+        Ok(sq.double_value(&[0]).sqrt())
+    }
+
+    /// Sets the learning rate of the next steps (a schedule's value).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+
+    /// Measures the global gradient norm at every step even without clipping.
+    pub fn set_measure_norm(&mut self, on: bool) {
+        self.measure_norm = on;
+    }
+
+    /// The global gradient norm of the last step, before clipping (NaN if not measured).
+    pub fn last_grad_norm(&self) -> f64 {
+        self.last_grad_norm
     }
 
     /// The sharded units (None for ZeRO-0).
@@ -570,7 +657,17 @@ impl AdamW {
         sync();
         let reduce_s = t0.elapsed().as_secs_f64();
         let t1 = std::time::Instant::now();
-        for (p, g, m, v) in self.update_slices() {
+        let slices = self.update_slices();
+        let mut scale = scale;
+        if c.max_grad_norm > 0.0 || self.measure_norm {
+            let norm = self.grad_norm(&slices, grad_group)? * scale.abs();
+            self.last_grad_norm = norm;
+            if c.max_grad_norm > 0.0 && norm > c.max_grad_norm {
+                // torch.nn.utils.clip_grad_norm_'s coefficient.
+                scale *= c.max_grad_norm / (norm + 1e-6);
+            }
+        }
+        for (p, g, m, v) in slices {
             if scale != 1.0 {
                 let _ = g.shallow_clone().f_mul_scalar_(scale)?;
             }

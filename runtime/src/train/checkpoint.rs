@@ -62,6 +62,7 @@ pub fn identity(
             "intermediate_size": cfg.intermediate_size, "num_layers": cfg.num_layers,
             "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_word_embeddings,
             "qkv_bias": cfg.qkv_bias, "rope_theta": cfg.rope_theta,
+            "rope_scaling": format!("{:?}", cfg.rope_scaling),
             "rms_norm_eps": cfg.rms_norm_eps, "params": params,
         },
     })

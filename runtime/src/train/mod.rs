@@ -50,8 +50,10 @@
 //! - RMSNorm: ATen's fused kernel on CUDA (see `model::decoder`), ~4 ms saved per norm.
 pub mod adamw;
 pub mod checkpoint;
+pub mod data;
 pub mod kernel_profile;
 pub mod run;
+pub mod session;
 pub mod shards;
 
 use crate::attn2d::AttnShape;
@@ -62,7 +64,7 @@ use crate::kernel::Backend;
 use crate::model::decoder::{PostWeights, PreWeights};
 use crate::model::{Decoder, Input, Rope};
 use crate::packed::{PackedAttention, PackedCtx};
-use adamw::{AdamW, AdamWConfig, PendingGather, PendingReduce};
+use adamw::{AdamW, AdamWConfig, PendingGather, PendingReduce, ShardInit};
 use serde_json::{json, Value};
 use shards::{Fetch, Gathered, Resident};
 use std::cell::Cell;
@@ -330,7 +332,7 @@ impl<'a> Trainer<'a> {
     /// samples every length must be a multiple of 2 x ring x ulysses (else
     /// [`RuntimeError::Shape`]); one sample is [`Trainer::new`].
     pub fn new_packed(
-        model: Decoder,
+        mut model: Decoder,
         groups: Groups<'a>,
         sample_lens: &[usize],
         cfg: TrainConfig,
@@ -368,15 +370,7 @@ impl<'a> Trainer<'a> {
             let rows: Vec<i64> = packing.last_rows(r, u).iter().map(|&x| x as i64).collect();
             Tensor::from_slice(&rows).to(device)
         });
-        let params: Vec<Tensor> = model.parameters();
-        let opt = match cfg.zero_stage {
-            0 => AdamW::new(&params, cfg.optimizer)?,
-            z => {
-                let units = shards::units(&model)?;
-                AdamW::new_sharded(&params, &units, cfg.optimizer, groups.grad, z == 1)?
-            }
-        };
-        drop(params);
+        let opt = Self::optimizer_for(&mut model, &cfg, groups.grad)?;
         let resident = matches!(cfg.zero_stage, 1 | 2).then(|| Resident(Vec::new()));
         let master = model.head_weight().kind();
         let (fast_lsm, fp32_gemm) = probe_loss_kernels(device, model.compute, master);
@@ -400,6 +394,37 @@ impl<'a> Trainer<'a> {
         Ok(t)
     }
 
+    /// The optimizer over `model`'s parameters: whole (ZeRO-0; a deferred checkpoint is read
+    /// whole first) or sharded over `grad` (each rank reads only its slices, from the
+    /// deferred checkpoint when there is one).
+    fn optimizer_for(
+        model: &mut Decoder,
+        cfg: &TrainConfig,
+        grad: &dyn Communicator,
+    ) -> Result<AdamW> {
+        if cfg.zero_stage == 0 {
+            model.materialise()?;
+            return AdamW::new(&model.parameters(), cfg.optimizer);
+        }
+        let units = shards::units(model)?;
+        let params = model.parameters();
+        let keep_full = cfg.zero_stage == 1;
+        let Some(ck) = model.take_deferred() else {
+            return AdamW::new_sharded(&params, &units, cfg.optimizer, grad, keep_full);
+        };
+        let named = model.named_parameters();
+        let shapes: Vec<Vec<i64>> = Decoder::param_shapes(&model.cfg)
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        let read = |i: usize, lo: i64, len: i64| ck.read_range(&named[i].0, lo, len);
+        let init = ShardInit {
+            shapes: &shapes,
+            read: &read,
+        };
+        AdamW::new_sharded_from(&params, &init, &units, cfg.optimizer, grad, keep_full)
+    }
+
     /// Which kernels this trainer uses (for logs and A/B runs).
     pub fn kernels(&self) -> Value {
         json!({
@@ -414,6 +439,11 @@ impl<'a> Trainer<'a> {
     /// parameter tensors are empty: [`Trainer::full_parameters`] gathers them.
     pub fn optimizer(&self) -> &AdamW {
         &self.opt
+    }
+
+    /// The optimizer, to set its learning rate or norm measurement between steps.
+    pub fn optimizer_mut(&mut self) -> &mut AdamW {
+        &mut self.opt
     }
 
     /// This rank's token ranges [start, end) in the (packed) sequence, in local order: two

@@ -30,13 +30,15 @@
 //! target is a vision token, across samples, and on the padding).
 use super::adamw::{AdamW, AdamWConfig};
 use super::checkpoint::{self, Manifest};
+use super::session::{save_hf, Inputs, LrSchedule, Metrics, SaveHf};
 use super::{Groups, Phases, StepStats, TrainConfig, Trainer};
 use crate::comm::local::{local_groups, LocalComm};
 use crate::comm::nccl::{LaunchEnv, NcclWorld};
 use crate::comm::{comm_timeout, Communicator};
 use crate::error::{Result, RuntimeError};
 use crate::kernel::Backend;
-use crate::model::{Decoder, ModelConfig};
+use crate::model::hf::HfCheckpoint;
+use crate::model::ModelConfig;
 use crate::plan::{GroupKind, Layout, Plan};
 use crate::vision::{EncoderSource, VisionEncoder, VisionRun, VisionSection, VisionStage};
 use serde::Deserialize;
@@ -103,7 +105,10 @@ pub enum ModelSource {
     /// The plan's `model` object.
     Plan,
     Tiny,
+    /// A Hugging Face config.json alone: its shapes and numerics, random weights.
     HfConfig(PathBuf),
+    /// A Hugging Face model directory: config.json and its safetensors weights.
+    HfDir(PathBuf),
 }
 
 /// Options of a run.
@@ -147,6 +152,18 @@ pub struct RunExtras {
     /// Attention kernel (default: cuDNN on CUDA, flash when deterministic, the ATen CPU
     /// kernel on the CPU).
     pub attn_backend: Option<Backend>,
+    /// Training data (module [`super::data`]); None: synthetic token ids.
+    pub data: Option<PathBuf>,
+    /// Seed of the data order (0: file order).
+    pub data_seed: u64,
+    /// Learning rate by step (None: `RunOptions::lr`, constant).
+    pub schedule: Option<LrSchedule>,
+    /// Clip gradients to this global norm (0: off).
+    pub max_grad_norm: f64,
+    /// Append one JSON line of metrics per step here.
+    pub metrics: Option<PathBuf>,
+    /// Write Hugging Face checkpoints (at the end, and every `save_every` steps when set).
+    pub save_hf: Option<SaveHf>,
 }
 
 impl Default for RunExtras {
@@ -160,6 +177,12 @@ impl Default for RunExtras {
             kernel_trace: None,
             deterministic: false,
             attn_backend: None,
+            data: None,
+            data_seed: 0,
+            schedule: None,
+            max_grad_norm: 0.0,
+            metrics: None,
+            save_hf: None,
         }
     }
 }
@@ -191,6 +214,7 @@ pub fn load(opts: &RunOptions) -> Result<(Plan, TrainPlan, ModelConfig)> {
     let cfg = match &opts.model {
         ModelSource::Tiny => ModelConfig::tiny(),
         ModelSource::HfConfig(p) => ModelConfig::from_hf_file(p)?,
+        ModelSource::HfDir(d) => HfCheckpoint::open(d)?.cfg,
         ModelSource::Plan => ModelConfig::from_plan_value(tp.model.as_ref().ok_or_else(|| {
             RuntimeError::Plan("no model in the plan (use --model or --tiny)".into())
         })?)?,
@@ -458,6 +482,7 @@ struct LoopCtx<'a> {
     in_process: bool,
     layout: Layout,
     vision: Option<&'a VisionRun>,
+    inputs: &'a Inputs,
 }
 
 /// The attention kernel of a run: the one asked for, else FlashAttention-2 in a deterministic
@@ -512,6 +537,31 @@ fn finish_kernel_trace(path: &Path) -> Result<()> {
     Ok(())
 }
 
+fn finite_or_null(x: f64) -> Value {
+    if x.is_finite() {
+        json!(x)
+    } else {
+        Value::Null
+    }
+}
+
+/// Model FLOPs utilisation of one step (as the report counts it: 3 x the forward with causal
+/// attention, over the devices the run uses).
+fn step_mfu(cx: &LoopCtx<'_>, step_s: f64) -> f64 {
+    let (cfg, tp) = (cx.cfg, cx.tp);
+    let whole = [tp.context_tokens];
+    let samples: &[usize] = cx.vision.map_or(&whole[..], |v| &v.sample_lens);
+    let attn: f64 = samples.iter().map(|&l| cfg.attention_flops(l)).sum();
+    let flops =
+        cx.layout.dp as f64 * 3.0 * (cfg.dense_flops_per_token() * tp.context_tokens as f64 + attn);
+    let devices = if cx.in_process {
+        1
+    } else {
+        cx.layout.world_size()
+    };
+    flops / step_s / (devices as f64 * cx.opts.peak_flops)
+}
+
 fn now_unix_s() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -529,10 +579,12 @@ fn rank_loop(rank: usize, groups: Groups<'_>, cx: &LoopCtx<'_>) -> Result<Vec<St
     let comms = [groups.ulysses, groups.ring, groups.grad];
     let comm_now = || comms.iter().map(|c| c.comm_time_s()).sum::<f64>();
     let grad = groups.grad;
-    let model = Decoder::random(cfg.clone(), dev, master, compute, 1)?;
+    let model = cx.inputs.decoder(cfg, dev, master, compute)?;
+    let schedule = cx.extras.schedule.unwrap_or(LrSchedule::constant(opts.lr));
     let tc = TrainConfig {
         optimizer: AdamWConfig {
-            lr: opts.lr,
+            lr: schedule.at(0),
+            max_grad_norm: cx.extras.max_grad_norm,
             ..AdamWConfig::default()
         },
         zero_stage: tp.zero_stage,
@@ -558,6 +610,13 @@ fn rank_loop(rank: usize, groups: Groups<'_>, cx: &LoopCtx<'_>) -> Result<Vec<St
         None => 0,
     };
     let mut losses: Vec<f64> = cx.resume.map(|m| m.losses.clone()).unwrap_or_default();
+    t.optimizer_mut()
+        .set_measure_norm(cx.extras.metrics.is_some());
+    let mut metrics = match (&cx.extras.metrics, rank) {
+        (Some(p), 0) => Some(Metrics::open(p)?),
+        _ => None,
+    };
+    let started = Instant::now();
     let mut out = vec![];
     for i in 0..opts.steps {
         let step = first + i;
@@ -567,6 +626,7 @@ fn rank_loop(rank: usize, groups: Groups<'_>, cx: &LoopCtx<'_>) -> Result<Vec<St
             }
         }
         let rg = t.local_ranges();
+        t.optimizer_mut().set_lr(schedule.at(step));
         if let Device::Cuda(d) = dev {
             crate::ffi::alloc_reset_peak(d)?;
         }
@@ -585,7 +645,18 @@ fn rank_loop(rank: usize, groups: Groups<'_>, cx: &LoopCtx<'_>) -> Result<Vec<St
         let (st, vision) = match (&mut vis, cx.vision) {
             (Some(v), Some(vr)) => v.step(step, vr, &mut t, grad, cx)?,
             _ => {
-                let (ids, labels) = synthetic(step, tp.context_tokens, cfg.vocab_size, dev);
+                let (ids, labels) = match &cx.inputs.data {
+                    Some(d) => {
+                        let dp_rank = cx.layout.coords(rank).dp;
+                        let smp = d.sample(step, dp_rank, cx.layout.dp)?;
+                        let s = smp.ids.len() as i64;
+                        (
+                            Tensor::from_slice(&smp.ids).view([1, s]).to(dev),
+                            Tensor::from_slice(&smp.labels).view([1, s]).to(dev),
+                        )
+                    }
+                    None => synthetic(step, tp.context_tokens, cfg.vocab_size, dev),
+                };
                 (t.step(&shard(&ids, &rg), &shard(&labels, &rg))?, [0.0; 5])
             }
         };
@@ -609,20 +680,47 @@ fn rank_loop(rank: usize, groups: Groups<'_>, cx: &LoopCtx<'_>) -> Result<Vec<St
             vision,
         };
         losses.push(st.loss);
+        let tokens_per_s = (cx.layout.dp * tp.context_tokens) as f64 / st.step_s;
         if rank == 0 && cx.extras.progress {
+            let eta =
+                (opts.steps - i - 1) as f64 * (started.elapsed().as_secs_f64() / (i + 1) as f64);
             eprintln!(
-                "step {}/{} (index {step}): loss {:.6}  step {:.3} s  attention {:.3} s  \
-                 grad sync + optimizer {:.3} s  communication {:.3} s",
+                "step {}/{} (index {step}): loss {:.6}  step {:.3} s  {:.0} tokens/s  attention {:.3} s  \
+                 grad sync + optimizer {:.3} s  communication {:.3} s  ETA {:.0} s",
                 i + 1,
                 opts.steps,
                 st.loss,
                 st.step_s,
+                tokens_per_s,
                 st.attention_s,
                 st.grad_sync_s,
-                rec.comm_s
+                rec.comm_s,
+                eta
             );
         }
+        if let Some(m) = &mut metrics {
+            m.write(&json!({
+                "step": step + 1, "loss": st.loss, "lr": schedule.at(step),
+                "grad_norm": finite_or_null(t.optimizer().last_grad_norm()),
+                "step_s": st.step_s, "tokens_per_s": tokens_per_s,
+                "mfu": step_mfu(cx, st.step_s), "peak_allocated_bytes": finite_or_null(rec.alloc_peak),
+                "unix_s": start_unix_s,
+            }))?;
+        }
         out.push(rec);
+        if let Some(sh) = &cx.extras.save_hf {
+            let every = cx.extras.save_every;
+            if i + 1 == opts.steps || (every > 0 && (step + 1) % every == 0) {
+                let files = save_hf(&t, cx.inputs, sh, opts.cpu, rank == 0)?;
+                if rank == 0 && cx.extras.progress {
+                    eprintln!(
+                        "Hugging Face checkpoint after step index {step}: {} files in {}",
+                        files.len(),
+                        sh.dir.display()
+                    );
+                }
+            }
+        }
         if let Some(dir) = &cx.extras.save {
             let every = cx.extras.save_every;
             if i + 1 == opts.steps || (every > 0 && (step + 1) % every == 0) {
@@ -917,6 +1015,24 @@ pub fn run_with(opts: &RunOptions, extras: &RunExtras) -> Result<Value> {
 pub fn run_vlm(opts: &RunOptions, extras: &RunExtras, vopts: &VisionOptions) -> Result<Value> {
     let (plan, tp, cfg) = load(opts)?;
     let vision = load_vision(opts, vopts, &plan, &tp, &cfg)?;
+    let model_dir = match &opts.model {
+        ModelSource::HfDir(d) => Some(d.as_path()),
+        _ => None,
+    };
+    if vision.is_some() && (extras.data.is_some() || extras.save_hf.is_some()) {
+        return Err(RuntimeError::Plan(
+            "--data and --save-hf with a plan that has a vision section are not implemented \
+             (frames are synthetic there)"
+                .into(),
+        ));
+    }
+    let inputs = Inputs::load(
+        model_dir,
+        &cfg,
+        extras.data.as_deref(),
+        extras.data_seed,
+        tp.context_tokens,
+    )?;
     if vision.is_some() && (extras.save.is_some() || extras.resume.is_some()) {
         return Err(RuntimeError::Plan(
             "--save/--resume of a plan with a vision section are not implemented (the \
@@ -981,6 +1097,7 @@ pub fn run_vlm(opts: &RunOptions, extras: &RunExtras, vopts: &VisionOptions) -> 
             in_process: true,
             layout: plan.layout,
             vision: vision.as_ref(),
+            inputs: &inputs,
         };
         let res: Vec<Result<Vec<StepRecord>>> = std::thread::scope(|s| {
             let hs: Vec<_> = uly
@@ -1057,6 +1174,7 @@ pub fn run_vlm(opts: &RunOptions, extras: &RunExtras, vopts: &VisionOptions) -> 
             in_process: false,
             layout: plan.layout,
             vision: vision.as_ref(),
+            inputs: &inputs,
         };
         let groups = Groups {
             ulysses: &nw.ulysses,

@@ -284,16 +284,29 @@ impl Trainer<'_> {
     /// Every parameter, full, in the master dtype, by name (copies). Sharded: each unit is
     /// all-gathered over the grad group, so every rank of it must call this.
     pub fn full_parameters(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(self.model.named_parameters().len());
+        self.visit_full_parameters(&mut |n, t| {
+            out.push((n.to_string(), t.copy()));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with every parameter, full, in the master dtype, in order: sharded, one unit
+    /// is gathered at a time (at most one unit whole on the device), so every rank of the
+    /// grad group must call this. The tensors are views valid during the call.
+    pub fn visit_full_parameters(
+        &self,
+        f: &mut dyn FnMut(&str, &Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let _g = tch::no_grad_guard();
         let Some(units) = self.opt.units() else {
-            return Ok(self
-                .model
-                .named_parameters()
-                .iter()
-                .map(|(n, p)| (n.clone(), p.detach().copy()))
-                .collect());
+            for (n, p) in self.model.named_parameters() {
+                f(n, &p.detach())?;
+            }
+            return Ok(());
         };
         let master = self.opt.params_flat().kind();
-        let mut out = Vec::with_capacity(self.model.named_parameters().len());
         for (u, unit) in units.iter().enumerate() {
             let flat = self.opt.gather_unit(u, master, self.groups.grad)?;
             let views = self.opt.unit_views(u, &flat)?;
@@ -301,9 +314,9 @@ impl Trainer<'_> {
                 .iter()
                 .zip(views)
             {
-                out.push((n.clone(), v.copy()));
+                f(n, &v)?;
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
