@@ -200,6 +200,14 @@ fn first_training_loss_equals_transformers_on_2d_layouts() {
                 ..quiet()
             };
             let v = run_with(&opts(&plan, model, 1, u * ring, 1e-3), &ex).unwrap();
+            // ZeRO ranks read only their slices: one model's bytes in all; ZeRO-0 ranks each
+            // read it whole.
+            let w = &v["weights"];
+            let copies = if zero == 0 { u * ring } else { 1 } as u64;
+            assert_eq!(
+                w["bytes_read"].as_u64().unwrap(),
+                copies * w["model_bytes"].as_u64().unwrap()
+            );
             let got = losses(&v)[0];
             assert!(
                 (got - want).abs() < 1e-5 * want,
@@ -584,4 +592,84 @@ fn binary_refuses_bad_models_and_data_with_one_line_exit_2() {
             .filter(|l| !l.trim().is_empty() && !l.starts_with("For more information"));
         assert_eq!(lines.count(), 1, "{args:?}: {err}");
     }
+}
+
+#[test]
+fn infer_prompt_text_prints_the_greedy_completion() {
+    let (model_dir, _) = text_model();
+    let d = tmp("hf-infer");
+    let plan = d.join("infer.json");
+    // The plan's model shape is not the checkpoint's: --model decides, predictions are null.
+    let text = mmsp_runtime::testing::plan_json(2, 1, 1, 0, 64).replacen(
+        '{',
+        r#"{"mode": "inference","#,
+        1,
+    );
+    std::fs::write(&plan, text).unwrap();
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mmsp-runtime"))
+            .args([
+                "infer",
+                plan.to_str().unwrap(),
+                "--model",
+                model_dir.to_str().unwrap(),
+            ])
+            .args([
+                "--prompt-text",
+                "It was the best of times, it was the",
+                "--max-new",
+                "6",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let v: serde_json::Value = serde_json::from_str(&run(&["--json"])).unwrap();
+    let tokens: Vec<i64> = serde_json::from_value(v["tokens"].clone()).unwrap();
+    assert!(!tokens.is_empty() && tokens.len() <= 6);
+    // The same tokens as the single-device reference on the same prompt ids.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model_dir.join("config.json")).unwrap())
+            .unwrap();
+    let tok = TextTokenizer::from_model_dir(&model_dir, &cfg).unwrap();
+    let prompt: Vec<i64> = tok
+        .encode("It was the best of times, it was the", true)
+        .unwrap()
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    let m = load(&model_dir);
+    let (want, _) =
+        mmsp_runtime::infer::generate_reference(&m, Backend::CpuMath, &prompt, 6, Some(2)).unwrap();
+    assert_eq!(tokens, want);
+    let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
+    assert_eq!(v["text"].as_str().unwrap(), tok.decode(&ids).unwrap());
+    assert_eq!(run(&[]).trim_end_matches('\n'), tok.decode(&ids).unwrap());
+    // Sampling is seeded: the same seed repeats, and runs end without error.
+    let a = run(&[
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+        "--json",
+    ]);
+    let b = run(&[
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+        "--json",
+    ]);
+    let tk = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["tokens"].clone();
+    assert_eq!(tk(&a), tk(&b));
 }

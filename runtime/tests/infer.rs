@@ -279,3 +279,30 @@ fn binary_errors_are_one_line_exit_2() {
     assert_eq!(v["tokens"].as_array().unwrap().len(), 4);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn sampler_is_greedy_at_zero_and_follows_softmax_with_top_p() {
+    use mmsp_runtime::infer::Sampler;
+    use tch::Tensor;
+    let logits = Tensor::from_slice(&[0.0f64, 2.0, 1.0, -1.0]);
+    assert_eq!(Sampler::greedy().pick(&logits), 1);
+    // top_p tiny: only the most likely token survives.
+    let mut s = Sampler::new(1.0, 1e-6, 7).unwrap();
+    assert!((0..50).all(|_| s.pick(&logits) == 1));
+    // Full nucleus: frequencies follow softmax(logits / T) at T = 1.
+    let mut s = Sampler::new(1.0, 1.0, 11).unwrap();
+    let mut n = [0usize; 4];
+    let draws = 20000;
+    for _ in 0..draws {
+        n[s.pick(&logits) as usize] += 1;
+    }
+    let p = Vec::<f64>::try_from(logits.softmax(0, tch::Kind::Double)).unwrap();
+    for i in 0..4 {
+        let f = n[i] as f64 / draws as f64;
+        assert!((f - p[i]).abs() < 0.015, "token {i}: {f} vs {}", p[i]);
+    }
+    // top_p 0.8: the two most likely (0.66 + 0.24 >= 0.8) and nothing else.
+    let mut s = Sampler::new(1.0, 0.8, 5).unwrap();
+    assert!((0..500).all(|_| matches!(s.pick(&logits), 1 | 2)));
+    assert!(Sampler::new(-1.0, 0.9, 0).is_err() && Sampler::new(1.0, 0.0, 0).is_err());
+}

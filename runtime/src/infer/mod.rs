@@ -406,6 +406,18 @@ impl<'a> RankInference<'a> {
         max_new: usize,
         eos: Option<i64>,
     ) -> Result<Generation> {
+        self.generate_with(prompt, max_new, eos, &mut Sampler::greedy())
+    }
+
+    /// [`Self::generate`] choosing each token with `sampler` (rank 0's choice is broadcast,
+    /// so every rank continues with the same token).
+    pub fn generate_with(
+        &mut self,
+        prompt: &[i64],
+        max_new: usize,
+        eos: Option<i64>,
+        sampler: &mut Sampler,
+    ) -> Result<Generation> {
         let dev = self.model.device();
         if self.max_new.is_none() {
             // Tokens fed back after the prompt: all but the last one generated.
@@ -427,7 +439,7 @@ impl<'a> RankInference<'a> {
             kv_tokens: 0,
         };
         while g.tokens.len() < max_new {
-            let tok = broadcast_i64(self.world, logits.argmax(0, false).int64_value(&[]), 0, dev)?;
+            let tok = broadcast_i64(self.world, sampler.pick(&logits), 0, dev)?;
             g.tokens.push(tok);
             g.logits.push(logits);
             if Some(tok) == eos {
@@ -445,6 +457,81 @@ impl<'a> RankInference<'a> {
         (g.kv_bytes, g.kv_tokens) = self.kv_usage();
         g.kv_capacity_bytes = self.kv_capacity_bytes();
         Ok(g)
+    }
+}
+
+/// How the next token is chosen from the logits: greedy (temperature 0), or sampled from
+/// softmax(logits / temperature) restricted to the smallest set of most likely tokens whose
+/// probability reaches `top_p` (nucleus sampling, Holtzman et al. 2020; the first token past
+/// the threshold is kept, as Transformers' `TopPLogitsWarper` does), from a seeded
+/// generator.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    pub temperature: f64,
+    pub top_p: f64,
+    state: u64,
+}
+
+impl Sampler {
+    pub fn greedy() -> Sampler {
+        Sampler {
+            temperature: 0.0,
+            top_p: 1.0,
+            state: 0,
+        }
+    }
+
+    /// Sampling at `temperature` (> 0) with nucleus `top_p` in (0, 1], seeded.
+    pub fn new(temperature: f64, top_p: f64, seed: u64) -> Result<Sampler> {
+        if !(temperature >= 0.0 && temperature.is_finite() && top_p > 0.0 && top_p <= 1.0) {
+            return Err(RuntimeError::Config(format!(
+                "temperature {temperature} must be >= 0 and top_p {top_p} in (0, 1]"
+            )));
+        }
+        Ok(Sampler {
+            temperature,
+            top_p,
+            state: seed,
+        })
+    }
+
+    /// A uniform draw in [0, 1) (splitmix64, Steele et al. 2014).
+    fn uniform(&mut self) -> f64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// The next token of `logits` (vocab,).
+    pub fn pick(&mut self, logits: &Tensor) -> i64 {
+        if self.temperature == 0.0 {
+            return logits.argmax(0, false).int64_value(&[]);
+        }
+        let l = logits.to_kind(Kind::Double).to(Device::Cpu);
+        let p = (l / self.temperature).softmax(0, Kind::Double);
+        let (sorted, idx) = p.sort(0, true);
+        let probs = Vec::<f64>::try_from(&sorted).unwrap_or_default();
+        let ids = Vec::<i64>::try_from(&idx).unwrap_or_default();
+        let mut keep = probs.len();
+        let mut cum = 0.0;
+        for (i, q) in probs.iter().enumerate() {
+            cum += q;
+            if cum >= self.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        let total: f64 = probs[..keep].iter().sum();
+        let mut u = self.uniform() * total;
+        for i in 0..keep {
+            u -= probs[i];
+            if u < 0.0 {
+                return ids[i];
+            }
+        }
+        ids[keep.saturating_sub(1)]
     }
 }
 
@@ -516,6 +603,47 @@ pub fn run_local_chunked(
     eos: Option<i64>,
     kv_chunk: Option<usize>,
 ) -> Result<Vec<Generation>> {
+    let greedy = Sampler::greedy();
+    let job = LocalJob {
+        layout,
+        context,
+        backend,
+        max_new,
+        eos,
+        kv_chunk,
+        sampler: &greedy,
+    };
+    run_local_job(&job, make_model, prompt)
+}
+
+/// What [`run_local_job`] runs: generation over the layout's thread ranks.
+pub struct LocalJob<'a> {
+    pub layout: Layout,
+    pub context: usize,
+    pub backend: Backend,
+    pub max_new: usize,
+    pub eos: Option<i64>,
+    /// The KV caches' key chunk (None: [`chunk_len`]).
+    pub kv_chunk: Option<usize>,
+    /// How tokens are chosen (each rank starts from a copy; rank 0's choice is broadcast).
+    pub sampler: &'a Sampler,
+}
+
+/// [`run_local`] with every option of a [`LocalJob`].
+pub fn run_local_job(
+    job: &LocalJob<'_>,
+    make_model: &(dyn Fn() -> Result<Decoder> + Sync),
+    prompt: &[i64],
+) -> Result<Vec<Generation>> {
+    let LocalJob {
+        layout,
+        context,
+        backend,
+        max_new,
+        eos,
+        kv_chunk,
+        sampler,
+    } = *job;
     layout.validate()?;
     if layout.dp != 1 {
         return Err(RuntimeError::Layout(
@@ -531,7 +659,7 @@ pub fn run_local_chunked(
             if let Some(c) = kv_chunk {
                 st.set_kv_chunk(c);
             }
-            st.generate(prompt, max_new, eos)
+            st.generate_with(prompt, max_new, eos, &mut sampler.clone())
         })
     });
     results.into_iter().collect()

@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use tch::{Kind, Tensor};
 
 /// Where one tensor's bytes are.
@@ -38,6 +39,8 @@ pub struct HfCheckpoint {
     pub cfg: ModelConfig,
     files: Vec<(PathBuf, File)>,
     entries: HashMap<String, Entry>,
+    /// Tensor bytes read so far, by every reader of this checkpoint.
+    bytes_read: AtomicU64,
 }
 
 fn bad(path: &Path, what: impl std::fmt::Display) -> RuntimeError {
@@ -170,6 +173,7 @@ impl HfCheckpoint {
             cfg,
             files,
             entries,
+            bytes_read: AtomicU64::new(0),
         };
         ck.check()?;
         Ok(ck)
@@ -280,7 +284,28 @@ impl HfCheckpoint {
         let (path, f) = &self.files[e.file];
         f.read_exact_at(&mut buf, e.start + lo as u64 * es)
             .map_err(|err| bad(path, format!("reading {name}: {err}")))?;
+        self.bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(Tensor::f_from_data_size(&buf, &[len], e.kind)?)
+    }
+
+    /// Tensor bytes read from the files so far (headers excluded), over every reader.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of every decoder parameter in the files.
+    pub fn model_bytes(&self) -> u64 {
+        Decoder::param_shapes(&self.cfg)
+            .iter()
+            .map(|(n, s)| {
+                let es = self
+                    .entries
+                    .get(n)
+                    .map_or(0, |e| e.kind.elt_size_in_bytes());
+                s.iter().product::<i64>() as u64 * es as u64
+            })
+            .sum()
     }
 
     /// A whole tensor with its shape (CPU, stored dtype).

@@ -1212,6 +1212,7 @@ pub fn run_vlm(opts: &RunOptions, extras: &RunExtras, vopts: &VisionOptions) -> 
     if let Some(vr) = &vision {
         vision_report(&mut report, vr, &plan, &tp, &cfg, &records, opts)?;
     }
+    inputs.describe(&mut report);
     if let Some(o) = &opts.out {
         std::fs::write(o, serde_json::to_string_pretty(&report)?)?;
     }

@@ -125,6 +125,22 @@ impl Inputs {
         }
     }
 
+    /// The report's `weights` (the directory, and the tensor bytes this process read from it
+    /// against the model's: one model's worth in all when ZeRO shards it, one per rank
+    /// otherwise) and `data` (file, tokens, sequences per epoch).
+    pub fn describe(&self, report: &mut Value) {
+        if let Some(w) = &self.weights {
+            report["weights"] = serde_json::json!({
+                "dir": w.dir, "bytes_read": w.bytes_read(), "model_bytes": w.model_bytes(),
+            });
+        }
+        if let Some(d) = &self.data {
+            report["data"] = serde_json::json!({
+                "path": d.path, "tokens": d.num_tokens, "sequences_per_epoch": d.num_sequences,
+            });
+        }
+    }
+
     /// The dtype a save writes by default.
     fn save_dtype(&self, s: &SaveHf, cpu: bool) -> Kind {
         s.dtype

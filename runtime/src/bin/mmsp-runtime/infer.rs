@@ -17,8 +17,9 @@ pub enum Cmd {
     /// Inference from a plan made by `mmsp plan --mode inference`: sequence-parallel
     /// prefill and sharded-KV greedy decoding, one thread per rank of the plan in this
     /// process, or with --nccl one process per GPU (RANK, WORLD_SIZE, LOCAL_RANK,
-    /// MASTER_ADDR, MASTER_PORT as torchrun sets them; rank 0 prints). A random model of the
-    /// plan's shape, or --tiny. Token ids only.
+    /// MASTER_ADDR, MASTER_PORT as torchrun sets them; rank 0 prints). A Hugging Face model
+    /// directory (--model, with --prompt-text through its tokenizer), a random model of the
+    /// plan's shape, or --tiny.
     Infer(InferArgs),
     /// Needle in a haystack: sharded prefill and decode (in-process ranks) against a chunked
     /// single-device reference at the needle's positions, with the plan's predictions.
@@ -38,14 +39,32 @@ pub struct InferArgs {
     /// Plan JSON with "mode": "inference".
     plan: std::path::PathBuf,
     /// Prompt token ids, comma-separated.
-    #[arg(long, default_value = "", conflicts_with = "haystack")]
+    #[arg(long, default_value = "", conflicts_with_all = ["haystack", "prompt_text"])]
     prompt: String,
+    /// Prompt text, tokenized with --model's tokenizer.json; the completion is printed as
+    /// text (--json: the report with a "text" field instead).
+    #[arg(long, requires = "model", conflicts_with = "haystack")]
+    prompt_text: Option<String>,
+    /// A Hugging Face model directory (config.json and safetensors) to generate with,
+    /// instead of random weights of the plan's shape.
+    #[arg(long, conflicts_with = "tiny")]
+    model: Option<std::path::PathBuf>,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus sampling: sample among the most likely tokens whose probability reaches this.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// With --prompt-text, print the JSON report (its "text" field the completion) instead of
+    /// the text.
+    #[arg(long)]
+    json: bool,
     /// Instead of --prompt: this many seeded random token ids (long-context runs).
     #[arg(long)]
     haystack: Option<usize>,
     #[arg(long, default_value_t = 16)]
     max_new: usize,
-    /// End-of-sequence token id.
+    /// End-of-sequence token id [default: --model's eos_token_id].
     #[arg(long)]
     eos: Option<i64>,
     /// The CI model (2 layers, hidden 64, 4 heads, 2 kv heads, vocab 128) instead of the
@@ -67,13 +86,26 @@ pub struct InferArgs {
 }
 
 fn infer(a: InferArgs) -> Result<()> {
-    use mmsp_runtime::infer::{run_local, InferPlan};
+    use mmsp_runtime::infer::{run_local_job, InferPlan};
     use mmsp_runtime::model::{Decoder, ModelConfig};
     let text = std::fs::read_to_string(&a.plan)
         .map_err(|e| crate::util::usage(format!("{}: {e}", a.plan.display())))?;
     let plan = InferPlan::from_json(&text)?;
     let plan_json: serde_json::Value = serde_json::from_str(&text)?;
-    let cfg = if a.tiny {
+    let ck = a
+        .model
+        .as_deref()
+        .map(mmsp_runtime::model::hf::HfCheckpoint::open)
+        .transpose()?;
+    let tok = match (&a.prompt_text, &a.model, &ck) {
+        (Some(_), Some(d), Some(ck)) => Some(
+            mmsp_runtime::train::data::TextTokenizer::from_model_dir(d, &ck.config_json)?,
+        ),
+        _ => None,
+    };
+    let cfg = if let Some(ck) = &ck {
+        ck.cfg.clone()
+    } else if a.tiny {
         ModelConfig::tiny()
     } else {
         let m = plan
@@ -90,6 +122,17 @@ fn infer(a: InferArgs) -> Result<()> {
                 [n as i64],
                 (Kind::Int64, Device::Cpu),
             ))?
+        }
+        None if tok.is_some() => {
+            let (t, text) = (
+                tok.as_ref().expect("checked"),
+                a.prompt_text.as_deref().unwrap_or(""),
+            );
+            t.encode(text, true)
+                .map_err(|e| crate::util::usage(format!("--prompt-text: tokenizer: {e}")))?
+                .into_iter()
+                .map(i64::from)
+                .collect()
         }
         None => a
             .prompt
@@ -138,21 +181,29 @@ fn infer(a: InferArgs) -> Result<()> {
     };
     let l = plan.plan.layout;
     let t0 = Instant::now();
-    let make = || Decoder::random(cfg.clone(), dev, kind, kind, a.seed);
+    let make = || match &ck {
+        Some(ck) => Decoder::from_hf(ck, dev, kind, kind),
+        None => Decoder::random(cfg.clone(), dev, kind, kind, a.seed),
+    };
+    let eos = a
+        .eos
+        .or_else(|| tok.as_ref().and_then(|t| t.eos).map(i64::from));
+    let sampler = mmsp_runtime::infer::Sampler::new(a.temperature, a.top_p, a.seed as u64)?;
     let backend = Backend::default_for(dev);
     // (this rank's generation, every rank's (kv bytes, kv tokens, kv bytes allocated));
     // None on ranks other than 0 of an NCCL launch.
     let (g, kv) = match launch {
         None => {
-            let gens = run_local(
-                l,
-                plan.context_tokens,
-                &make,
+            let job = mmsp_runtime::infer::LocalJob {
+                layout: l,
+                context: plan.context_tokens,
                 backend,
-                &prompt,
-                a.max_new,
-                a.eos,
-            )?;
+                max_new: a.max_new,
+                eos,
+                kv_chunk: None,
+                sampler: &sampler,
+            };
+            let gens = run_local_job(&job, &make, &prompt)?;
             let kv: Vec<[i64; 3]> = gens
                 .iter()
                 .map(|g| {
@@ -165,7 +216,7 @@ fn infer(a: InferArgs) -> Result<()> {
                 .collect();
             (gens.into_iter().next().context("no rank ran")?, kv)
         }
-        Some(env) => match infer_nccl(&plan, env, &make, backend, &prompt, &a)? {
+        Some(env) => match infer_nccl(&plan, env, &make, backend, &prompt, (eos, &sampler), &a)? {
             Some(r) => r,
             None => return Ok(()),
         },
@@ -174,8 +225,22 @@ fn infer(a: InferArgs) -> Result<()> {
     d.sort_by(|x, y| x.total_cmp(y));
     let med = d.get(d.len() / 2).copied();
     let inf = &plan_json["inference"];
-    // The plan's predictions hold for the plan's model shape, not for --tiny.
-    let predicted = if a.tiny {
+    let text = match &tok {
+        Some(t) => {
+            let ids: Vec<u32> = g.tokens.iter().map(|&x| x as u32).collect();
+            Some(
+                t.decode(&ids)
+                    .map_err(|e| anyhow::anyhow!("decoding the completion: {e}"))?,
+            )
+        }
+        None => None,
+    };
+    if let (Some(text), false) = (&text, a.json) {
+        println!("{text}");
+        return Ok(());
+    }
+    // The plan's predictions hold for the plan's model shape, not for --tiny or --model.
+    let predicted = if a.tiny || a.model.is_some() {
         json!(null)
     } else {
         json!({"prefill_tokens_per_s": inf["prefill_tokens_per_s"],
@@ -190,7 +255,9 @@ fn infer(a: InferArgs) -> Result<()> {
             "device": format!("{dev:?}"), "dtype": format!("{kind:?}"),
             "model": {"hidden": cfg.hidden_size, "layers": cfg.num_layers, "heads": cfg.num_heads,
                 "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "vocab": cfg.vocab_size},
-            "prompt_tokens": prompt.len(), "tokens": g.tokens, "stopped_on_eos": g.stopped_on_eos,
+            "prompt_tokens": prompt.len(), "tokens": g.tokens, "text": text,
+            "stopped_on_eos": g.stopped_on_eos,
+            "temperature": a.temperature, "top_p": a.top_p,
             "prefill_s": g.prefill_s, "prefill_tokens_per_s": prompt.len() as f64 / g.prefill_s,
             "decode_steps": g.decode_s.len(),
             "decode_ms_per_token_median": med.map(|x| x * 1e3),
@@ -213,6 +280,7 @@ fn infer_nccl(
     make: &dyn Fn() -> mmsp_runtime::Result<mmsp_runtime::model::Decoder>,
     backend: Backend,
     prompt: &[i64],
+    (eos, sampler): (Option<i64>, &mmsp_runtime::infer::Sampler),
     a: &InferArgs,
 ) -> Result<Option<RankResult>> {
     use mmsp_runtime::comm::nccl::NcclWorld;
@@ -232,7 +300,7 @@ fn infer_nccl(
             backend,
             plan.context_tokens,
         )?;
-        let g = st.generate(prompt, a.max_new, a.eos)?;
+        let g = st.generate_with(prompt, a.max_new, eos, &mut sampler.clone())?;
         let n = nw.world.size() as i64;
         let mine = Tensor::from_slice(&[
             g.kv_bytes as i64,
