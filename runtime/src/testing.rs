@@ -181,3 +181,74 @@ pub fn plan_json(ulysses: usize, ring: usize, dp: usize, zero: u32, context: usi
         ulysses * ring * dp
     )
 }
+
+/// The planner's `tokens.ranges_per_rank` of packed `samples` (frames, text tokens) with
+/// `tpf` tokens per frame, for SP ranks `ring_idx * ulysses + ulysses_idx` (as
+/// `planner/src/balance/zigzag.rs` writes them for lengths that divide: per sample, chunks r
+/// and 2R-1-r of 2R, sub-chunk u of each).
+pub fn vision_plan_ranges(
+    samples: &[(usize, usize)],
+    tpf: usize,
+    ulysses: usize,
+    ring: usize,
+) -> Vec<Vec<(usize, usize)>> {
+    let mut out = vec![Vec::new(); ulysses * ring];
+    let mut start = 0;
+    for &(f, t) in samples {
+        let len = tpf * f + t;
+        let (c, s) = (len / (2 * ring), len / (2 * ring * ulysses));
+        for r in 0..ring {
+            for u in 0..ulysses {
+                for chunk in [r, 2 * ring - 1 - r] {
+                    let a = start + chunk * c + u * s;
+                    out[r * ulysses + u].push((a, a + s));
+                }
+            }
+        }
+        start += len;
+    }
+    out
+}
+
+/// A training plan with a vision section for packed `samples` (frames, text tokens), `tpf`
+/// tokens per frame, over `(ulysses, ring, dp)`; stage 1's `frames_per_rank` as given, else
+/// a scattered assignment (not the contiguous split, as a MILP may return).
+pub fn vision_plan(
+    samples: &[(usize, usize)],
+    tpf: usize,
+    context: usize,
+    (ulysses, ring, dp): (usize, usize, usize),
+    frames_per_rank: Option<Vec<Vec<usize>>>,
+) -> serde_json::Value {
+    let sp = ulysses * ring;
+    let frames: usize = samples.iter().map(|s| s.0).sum();
+    let lens: Vec<usize> = samples.iter().map(|s| s.0 * tpf + s.1).collect();
+    let fpr = frames_per_rank.unwrap_or_else(|| {
+        let mut v = vec![Vec::new(); sp];
+        for f in (0..frames).rev() {
+            v[(3 * f + 1) % sp].push(f);
+        }
+        v
+    });
+    serde_json::json!({
+        "schema": crate::plan::SCHEMA_NAME, "schema_version": crate::plan::SCHEMA_VERSION,
+        "world_size": sp * dp,
+        "layout": {"ulysses": ulysses, "ring": ring, "dp": dp, "tp": 1,
+                   "placement": "ulysses_inner"},
+        "zero_stage": 0, "recompute": "none", "micro_batch": 1, "grad_accum_steps": 1,
+        "context_tokens": context,
+        "tokens": {"ranges_per_rank": vision_plan_ranges(samples, tpf, ulysses, ring)},
+        "predicted": {"step_time_s": 1.0, "tokens_per_s": 48.0, "mfu": 0.5,
+                      "memory_per_gpu_bytes": 1e9},
+        "vision": {
+            "encoder": "siglip-so400m", "tokens_per_frame": tpf, "frames": frames,
+            "samples": samples.len(), "sample_lens": lens,
+            "frames_per_sample": samples.iter().map(|s| s.0).collect::<Vec<_>>(),
+            "text_tokens_per_sample": samples.iter().map(|s| s.1).collect::<Vec<_>>(),
+            "train_vision": true, "frames_per_rank": fpr,
+            "encoder_imbalance_before": 1.0, "encoder_imbalance_after": 1.0,
+            "stage": {"encoder_s": 0.01, "gather_s": 0.001, "reshard_s": 0.001,
+                      "memory_bytes": 1.0, "states_bytes": 1.0, "attention_scale": 1.0}
+        }
+    })
+}

@@ -673,3 +673,96 @@ fn infer_prompt_text_prints_the_greedy_completion() {
     let tk = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["tokens"].clone();
     assert_eq!(tk(&a), tk(&b));
 }
+
+/// A tiny SigLIP vision model, frames and a manifest made by Transformers and Pillow.
+fn vision_fixture() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = tmp("hf-vision");
+        python(&["vision", d.to_str().unwrap()]);
+        d
+    })
+}
+
+#[test]
+fn frames_are_the_pixels_siglips_image_processor_makes() {
+    use mmsp_runtime::train::video::{load_frame, Normalize};
+    let d = vision_fixture();
+    let norm = Normalize::from_preprocessor(&d.join("model/preprocessor_config.json")).unwrap();
+    assert_eq!(norm, Normalize::SIGLIP);
+    let px = Tensor::read_safetensors(d.join("pixels.safetensors")).unwrap();
+    for i in 0..7 {
+        let want = &px.iter().find(|(n, _)| n == &format!("px{i}")).unwrap().1;
+        let ext = if (4..7).contains(&i) && i % 2 == 1 {
+            "jpg"
+        } else {
+            "png"
+        };
+        let got = load_frame(&d.join(format!("frames/f{i}.{ext}")), 32, &norm).unwrap();
+        let e = max_abs(&got.to_kind(Kind::Double), &want.to_kind(Kind::Double));
+        let mean = (&got - want).abs().mean(Kind::Float).double_value(&[]);
+        eprintln!("frame {i} ({ext}): max |pixel - SigLIP processor| = {e:.2e}, mean {mean:.2e}");
+        // At the encoder's size no resize happens: the same numbers. Downscaled frames differ
+        // by the two bicubic resamplers (Pillow's and the image crate's Catmull-Rom).
+        if i < 4 {
+            assert!(e < 1e-6, "frame {i}: {e:e}");
+        } else {
+            assert!(
+                mean < 0.02 && e < 0.2,
+                "frame {i}: max {e:e}, mean {mean:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn video_manifest_trains_with_the_same_losses_over_sp_layouts() {
+    let (model_dir, _) = text_model();
+    let vis = vision_fixture();
+    let d = tmp("hf-video-run");
+    // Three packed slots: 3, 1 and 2 frames of 4 tokens, 12 text tokens each.
+    let samples = [(3, 12), (1, 12), (2, 12)];
+    let mut reference: Option<Vec<f64>> = None;
+    for (u, r) in [(1, 1), (1, 2), (2, 1)] {
+        let plan = d.join(format!("vlm_{u}x{r}.json"));
+        let p = mmsp_runtime::testing::vision_plan(&samples, 4, 60, (u, r, 1), None);
+        std::fs::write(&plan, p.to_string()).unwrap();
+        let ex = RunExtras {
+            data: Some(vis.join("manifest.jsonl")),
+            ..quiet()
+        };
+        let vopts = mmsp_runtime::train::run::VisionOptions {
+            config: Some(vis.join("model")),
+        };
+        let o = opts(&plan, ModelSource::HfDir(model_dir.clone()), 3, u * r, 1e-3);
+        let v = mmsp_runtime::train::run::run_vlm(&o, &ex, &vopts).unwrap();
+        assert_eq!(v["data"]["video_samples"], 3);
+        let l = losses(&v);
+        assert!(l.iter().all(|x| x.is_finite() && *x > 0.0), "{l:?}");
+        match &reference {
+            None => reference = Some(l),
+            Some(want) => {
+                for (a, b) in l.iter().zip(want) {
+                    assert!((a - b).abs() < 1e-4 * b, "{u}x{r}: {l:?} vs {want:?}");
+                }
+            }
+        }
+    }
+    // A missing frame is one error naming the file and the sample's line.
+    let bad = d.join("bad.jsonl");
+    std::fs::write(&bad, "{\"frames\": [\"frames/f0.png\"], \"text\": \"a\"}\n{\"frames\": [\"frames/nope.png\"], \"text\": \"b\"}\n").unwrap();
+    std::fs::copy(vis.join("frames/f0.png"), d.join("f0.png")).unwrap();
+    std::fs::create_dir_all(d.join("frames")).unwrap();
+    std::fs::copy(vis.join("frames/f0.png"), d.join("frames/f0.png")).unwrap();
+    let plan = d.join("vlm_1x1.json");
+    let ex = RunExtras {
+        data: Some(bad),
+        ..quiet()
+    };
+    let vopts = mmsp_runtime::train::run::VisionOptions {
+        config: Some(vis.join("model")),
+    };
+    let o = opts(&plan, ModelSource::HfDir(model_dir), 1, 1, 1e-3);
+    let e = err_line(mmsp_runtime::train::run::run_vlm(&o, &ex, &vopts).unwrap_err());
+    assert!(e.contains("line 2") && e.contains("nope.png"), "{e}");
+}

@@ -16,61 +16,8 @@ use std::path::{Path, PathBuf};
 const SAMPLES: [(usize, usize); 4] = [(3, 4), (1, 4), (0, 8), (4, 0)];
 const CONTEXT: usize = 56;
 
-/// The plan's `tokens.ranges_per_rank` for SP ranks `ring_idx * ulysses + ulysses_idx`, as
-/// the planner writes them (`planner/src/balance/zigzag.rs`, lengths that divide): per
-/// sample, chunks r and 2R-1-r of 2R, sub-chunk u of each.
-fn plan_ranges(ulysses: usize, ring: usize) -> Vec<Vec<(usize, usize)>> {
-    let mut out = vec![Vec::new(); ulysses * ring];
-    let mut start = 0;
-    for (f, t) in SAMPLES {
-        let len = 4 * f + t;
-        let (c, s) = (len / (2 * ring), len / (2 * ring * ulysses));
-        for r in 0..ring {
-            for u in 0..ulysses {
-                for chunk in [r, 2 * ring - 1 - r] {
-                    let a = start + chunk * c + u * s;
-                    out[r * ulysses + u].push((a, a + s));
-                }
-            }
-        }
-        start += len;
-    }
-    out
-}
-
 fn vision_plan(ulysses: usize, ring: usize, dp: usize, fpr: Option<Vec<Vec<usize>>>) -> Value {
-    let sp = ulysses * ring;
-    let frames: usize = SAMPLES.iter().map(|s| s.0).sum();
-    let lens: Vec<usize> = SAMPLES.iter().map(|s| s.0 * 4 + s.1).collect();
-    let fpr = fpr.unwrap_or_else(|| {
-        // A scattered stage 1 (not the contiguous split), as a MILP may return.
-        let mut v = vec![Vec::new(); sp];
-        for f in (0..frames).rev() {
-            v[(3 * f + 1) % sp].push(f);
-        }
-        v
-    });
-    json!({
-        "schema": "mmsp-plan", "schema_version": 1,
-        "world_size": sp * dp,
-        "layout": {"ulysses": ulysses, "ring": ring, "dp": dp, "tp": 1,
-                   "placement": "ulysses_inner"},
-        "zero_stage": 0, "recompute": "none", "micro_batch": 1, "grad_accum_steps": 1,
-        "context_tokens": CONTEXT,
-        "tokens": {"ranges_per_rank": plan_ranges(ulysses, ring)},
-        "predicted": {"step_time_s": 1.0, "tokens_per_s": 48.0, "mfu": 0.5,
-                      "memory_per_gpu_bytes": 1e9},
-        "vision": {
-            "encoder": "siglip-so400m", "tokens_per_frame": 4, "frames": frames,
-            "samples": SAMPLES.len(), "sample_lens": lens,
-            "frames_per_sample": SAMPLES.iter().map(|s| s.0).collect::<Vec<_>>(),
-            "text_tokens_per_sample": SAMPLES.iter().map(|s| s.1).collect::<Vec<_>>(),
-            "train_vision": true, "frames_per_rank": fpr,
-            "encoder_imbalance_before": 1.0, "encoder_imbalance_after": 1.0,
-            "stage": {"encoder_s": 0.01, "gather_s": 0.001, "reshard_s": 0.001,
-                      "memory_bytes": 1.0, "states_bytes": 1.0, "attention_scale": 1.0}
-        }
-    })
+    mmsp_runtime::testing::vision_plan(&SAMPLES, 4, CONTEXT, (ulysses, ring, dp), fpr)
 }
 
 fn dir() -> PathBuf {

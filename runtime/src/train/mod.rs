@@ -55,6 +55,7 @@ pub mod kernel_profile;
 pub mod run;
 pub mod session;
 pub mod shards;
+pub mod video;
 
 use crate::attn2d::AttnShape;
 use crate::comm::Communicator;

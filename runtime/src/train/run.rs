@@ -270,6 +270,8 @@ pub fn load_vision(
         return Ok(None);
     };
     let source = match (&vopts.config, &opts.model) {
+        // A vision model directory: its config.json (its weights are loaded by the ranks).
+        (Some(p), _) if p.is_dir() => EncoderSource::HfConfig(p.join("config.json")),
         (Some(p), _) => EncoderSource::HfConfig(p.clone()),
         (None, ModelSource::Tiny) => EncoderSource::Tiny,
         (None, _) => EncoderSource::Preset,
@@ -748,6 +750,8 @@ struct VisionRank {
     opt: Option<AdamW>,
     /// Local rows of the text tokens (n,) int64.
     text_rows: Tensor,
+    /// This rank's DP index (which data samples it takes).
+    dp_rank: usize,
 }
 
 impl VisionRank {
@@ -769,7 +773,14 @@ impl VisionRank {
                 vr.ranges[sp]
             )));
         }
-        let enc = VisionEncoder::random(vr.cfg.clone(), cx.dev, master, compute, 23)?;
+        let enc = match cx.inputs.vision_weights.as_slice() {
+            [] => VisionEncoder::random(vr.cfg.clone(), cx.dev, master, compute, 23)?,
+            files => {
+                let files: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+                let (cfg, dev) = (vr.cfg.clone(), cx.dev);
+                VisionEncoder::load_safetensors(cfg, &files, dev, master, compute, 23)?.0
+            }
+        };
         let comm_ranks = crate::vision::world_ranks_of_sp(&l, l.coords(rank).dp);
         let train = vr.section.train_vision;
         let stage = VisionStage::new(
@@ -802,6 +813,7 @@ impl VisionRank {
             stage,
             opt,
             text_rows: Tensor::from_slice(&rows).to(cx.dev),
+            dp_rank: l.coords(rank).dp,
         })
     }
 
@@ -821,10 +833,24 @@ impl VisionRank {
             }
         };
         let h = t.model.cfg.hidden_size as i64;
-        let (ids, labels) = synthetic_vlm(step, vr, t.model.cfg.vocab_size, dev);
+        let dp = cx.layout.dp;
+        let (ids, labels, frames) = match &cx.inputs.video {
+            Some(v) => {
+                let (ids, labels) = v.text(step, self.dp_rank, dp, &vr.text_target, dev);
+                let px = v.frames(step, self.dp_rank, dp, &self.stage.frames, dev)?;
+                (ids, labels, px)
+            }
+            None => {
+                let (ids, labels) = synthetic_vlm(step, vr, t.model.cfg.vocab_size, dev);
+                (
+                    ids,
+                    labels,
+                    synthetic_frames(step, &self.stage.frames, &vr.cfg, dev),
+                )
+            }
+        };
         let rg = t.local_ranges();
         let (ids, labels) = (shard(&ids, &rg), shard(&labels, &rg));
-        let frames = synthetic_frames(step, &self.stage.frames, &vr.cfg, dev);
         syncf();
         let t0 = Instant::now();
         let (ctx, encode_s, reshard_s) = self.stage.forward_timed(world, &frames, &syncf)?;
@@ -1019,19 +1045,14 @@ pub fn run_vlm(opts: &RunOptions, extras: &RunExtras, vopts: &VisionOptions) -> 
         ModelSource::HfDir(d) => Some(d.as_path()),
         _ => None,
     };
-    if vision.is_some() && (extras.data.is_some() || extras.save_hf.is_some()) {
-        return Err(RuntimeError::Plan(
-            "--data and --save-hf with a plan that has a vision section are not implemented \
-             (frames are synthetic there)"
-                .into(),
-        ));
-    }
+    let vision_dir = vopts.config.as_deref().filter(|p| p.is_dir());
     let inputs = Inputs::load(
         model_dir,
         &cfg,
         extras.data.as_deref(),
         extras.data_seed,
         tp.context_tokens,
+        vision.as_ref().map(|v| (v, vision_dir)),
     )?;
     if vision.is_some() && (extras.save.is_some() || extras.resume.is_some()) {
         return Err(RuntimeError::Plan(

@@ -5,10 +5,12 @@
 //! Everything here is opened and checked by [`Inputs::load`] before any rank starts, so a
 //! missing tensor, a bad data line or a mismatched config is one error, never a hang.
 use super::data::{Dataset, TextTokenizer};
+use super::video::{Normalize, VideoData};
 use super::Trainer;
 use crate::error::{Result, RuntimeError};
 use crate::model::hf::{config_dtype, synth_config, HfCheckpoint, HfWriter, SIDE_FILES};
 use crate::model::{Decoder, ModelConfig};
+use crate::vision::VisionRun;
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -69,6 +71,10 @@ pub struct SaveHf {
 pub struct Inputs {
     pub weights: Option<Arc<HfCheckpoint>>,
     pub data: Option<Dataset>,
+    /// A plan with a vision section: its manifest of frames and text.
+    pub video: Option<VideoData>,
+    /// The vision encoder's safetensors files (a `--vision-config` directory); empty: random.
+    pub vision_weights: Vec<PathBuf>,
     /// The config.json that `--save-hf` writes (the input's, or one made for the model).
     pub config_json: Value,
     /// The model directory whose tokenizer and generation files are copied beside a save.
@@ -85,6 +91,7 @@ impl Inputs {
         data: Option<&Path>,
         data_seed: u64,
         context: usize,
+        vision: Option<(&VisionRun, Option<&Path>)>,
     ) -> Result<Inputs> {
         let weights = model_dir.map(HfCheckpoint::open).transpose()?.map(Arc::new);
         let config_json = weights
@@ -99,12 +106,42 @@ impl Inputs {
             }
             _ => None,
         };
-        let data = data
-            .map(|p| Dataset::open(p, context, cfg.vocab_size, data_seed, tok.as_ref()))
-            .transpose()?;
+        let mut video = None;
+        let data = match (data, vision) {
+            (Some(p), Some((vr, vdir))) => {
+                let tok = tok.as_ref().ok_or_else(|| {
+                    RuntimeError::Data(format!(
+                        "{}: a video manifest needs --model DIR with a tokenizer.json",
+                        p.display()
+                    ))
+                })?;
+                let pre = vdir.map(|d| d.join("preprocessor_config.json"));
+                let norm = match pre.filter(|p| p.is_file()) {
+                    Some(p) => Normalize::from_preprocessor(&p)?,
+                    None => Normalize::SIGLIP,
+                };
+                let (slots, size) = (vr.section.samples, vr.cfg.image_size);
+                video = Some(VideoData::open(p, tok, &vr.layout, slots, size, norm)?);
+                None
+            }
+            (Some(p), None) => Some(Dataset::open(
+                p,
+                context,
+                cfg.vocab_size,
+                data_seed,
+                tok.as_ref(),
+            )?),
+            (None, _) => None,
+        };
+        let vision_weights = match vision {
+            Some((_, Some(d))) => vision_files(d)?,
+            _ => Vec::new(),
+        };
         Ok(Inputs {
             weights,
             data,
+            video,
+            vision_weights,
             config_json,
             side_dir: model_dir.map(Path::to_path_buf),
         })
@@ -134,6 +171,9 @@ impl Inputs {
                 "dir": w.dir, "bytes_read": w.bytes_read(), "model_bytes": w.model_bytes(),
             });
         }
+        if let Some(v) = &self.video {
+            report["data"] = serde_json::json!({"path": v.path, "video_samples": v.num_samples()});
+        }
         if let Some(d) = &self.data {
             report["data"] = serde_json::json!({
                 "path": d.path, "tokens": d.num_tokens, "sequences_per_epoch": d.num_sequences,
@@ -151,6 +191,34 @@ impl Inputs {
             })
             .unwrap_or(if cpu { Kind::Float } else { Kind::BFloat16 })
     }
+}
+
+/// The safetensors files of a vision model directory (`model.safetensors`, or the shards its
+/// index names).
+fn vision_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index)?;
+        let v: Value = serde_json::from_str(&text)?;
+        let mut files: Vec<PathBuf> = v["weight_map"]
+            .as_object()
+            .ok_or_else(|| RuntimeError::Config(format!("{}: no weight_map", index.display())))?
+            .values()
+            .filter_map(Value::as_str)
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let one = dir.join("model.safetensors");
+    if one.is_file() {
+        return Ok(vec![one]);
+    }
+    Err(RuntimeError::Config(format!(
+        "{}: a vision model directory needs model.safetensors or model.safetensors.index.json",
+        dir.display()
+    )))
 }
 
 /// Writes the trainer's model as a Hugging Face directory: every rank of the grad group

@@ -168,8 +168,9 @@ impl VisionEncoder {
         Ok(Self::from_params(cfg, compute, params))
     }
 
-    /// Loads Hugging Face safetensors files. Each tensor is looked up under its name and
-    /// under `vision_tower.` + its name (LLaVA-style checkpoints). Every encoder tensor must
+    /// Loads Hugging Face safetensors files. Each tensor is looked up under its name, under
+    /// `vision_tower.` + its name (LLaVA-style checkpoints) and without `vision_model.` (a
+    /// SiglipVisionModel saved by Transformers 5). Every encoder tensor must
     /// be present with its shape; projector tensors missing from the files (a plain SigLIP
     /// checkpoint has none) are initialised as [`VisionEncoder::random`] with `seed` would,
     /// and their names are returned.
@@ -193,7 +194,12 @@ impl VisionEncoder {
         for (i, (name, shape)) in Self::param_shapes(&cfg).into_iter().enumerate() {
             let t = found
                 .remove(&name)
-                .or_else(|| found.remove(&format!("vision_tower.{name}")));
+                .or_else(|| found.remove(&format!("vision_tower.{name}")))
+                .or_else(|| {
+                    // Transformers 5 saves a SiglipVisionModel without its `vision_model.`.
+                    let bare = name.strip_prefix("vision_model.")?;
+                    found.remove(bare)
+                });
             let t = match t {
                 Some(t) => {
                     if t.size() != shape {

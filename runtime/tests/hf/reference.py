@@ -8,6 +8,12 @@
     python reference.py tokenizer TEXT OUT  a byte-level BPE tokenizer.json trained on TEXT
     python reference.py encode TOK JSONL OUT  ids of every document of JSONL, by the Python
                                           tokenizers package (with an EOS after each)
+    python reference.py vision OUT        a tiny SigLIP vision model (SiglipVisionModel,
+                                          save_pretrained, with its image processor's
+                                          preprocessor_config.json), frame images (PNG at the
+                                          encoder's size, JPEG and PNG larger), a manifest, and
+                                          OUT/pixels.safetensors: SiglipImageProcessor's pixels
+                                          of each frame
     python reference.py megatron IDS PREFIX  Megatron-LM's indexed dataset (megatron-core's
                                           IndexedDatasetBuilder, uint16) of the documents
                                           (lists of ids) in the JSON file IDS
@@ -186,6 +192,49 @@ def encode(tok_file, jsonl, out):
     json.dump(ids, open(out, "w"))
 
 
+def vision(out):
+    import numpy as np
+    from PIL import Image
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    os.makedirs(os.path.join(out, "model"), exist_ok=True)
+    os.makedirs(os.path.join(out, "frames"), exist_ok=True)
+    cfg = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+    )
+    torch.manual_seed(7)
+    SiglipVisionModel(cfg).save_pretrained(os.path.join(out, "model"))
+    proc = SiglipImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    proc.save_pretrained(os.path.join(out, "model"))
+    rng = np.random.default_rng(3)
+    names = []
+    for i in range(7):
+        if i < 4:
+            size, ext = (32, 32), "png"
+        else:
+            size, ext = ((64, 48), "jpg") if i % 2 else ((80, 80), "png")
+        yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
+        base = np.stack([xx * 3 + i * 20, yy * 5, (xx + yy) * 2], -1) % 256
+        arr = (0.7 * base + 0.3 * rng.integers(0, 256, base.shape)).astype(np.uint8)
+        name = f"frames/f{i}.{ext}"
+        Image.fromarray(arr).save(os.path.join(out, name))
+        names.append(name)
+    px = {}
+    for i, n in enumerate(names):
+        img = Image.open(os.path.join(out, n)).convert("RGB")
+        px[f"px{i}"] = proc(images=img, return_tensors="pt")["pixel_values"][0].float().contiguous()
+    save_file(px, os.path.join(out, "pixels.safetensors"))
+    lines = [
+        {"frames": names[:3], "text": "It was the best of times, it was the worst of times."},
+        {"frames": names[3:4], "prompt": "Call me", "completion": " Ishmael. Some years ago."},
+        {"frames": names[4:], "text": "We the People of the United States."},
+    ]
+    with open(os.path.join(out, "manifest.jsonl"), "w") as f:
+        for l in lines:
+            f.write(json.dumps(l) + "\n")
+
+
 def megatron(ids_file, prefix):
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -198,4 +247,4 @@ def megatron(ids_file, prefix):
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"make": make, "logits": logits, "tokenizer": tokenizer, "encode": encode, "megatron": megatron}[cmd](*args)
+    {"make": make, "logits": logits, "tokenizer": tokenizer, "encode": encode, "megatron": megatron, "vision": vision}[cmd](*args)
