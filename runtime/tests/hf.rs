@@ -287,6 +287,24 @@ fn text_is_tokenized_as_the_python_tokenizers_package_does() {
     let w: Vec<i64> = want[64..128].iter().map(|&t| t as i64).collect();
     assert_eq!(s.ids, w);
     assert_eq!(s.labels[63], want[128] as i64);
+    // SFT: a prompt's tokens are never a label; the completion's and the EOS are.
+    let sft = tmp("hf-sft").join("sft.jsonl");
+    let line = r#"{"prompt": "We the People", "completion": " of the United States."}"#;
+    std::fs::write(&sft, format!("{line}\n").repeat(12)).unwrap();
+    let p = tok.encode("We the People", true).unwrap();
+    let c = tok.encode(" of the United States.", false).unwrap();
+    let ds = Dataset::open(&sft, 32, 512, 0, Some(&tok)).unwrap();
+    let doc = p.len() + c.len() + 1;
+    assert_eq!(ds.num_tokens, (12 * doc) as u64);
+    let s = ds.sample(0, 0, 1).unwrap();
+    for (i, &l) in s.labels.iter().enumerate() {
+        let next = (i + 1) % doc;
+        let in_prompt = next < p.len();
+        assert_eq!(l == -100, in_prompt, "position {i}");
+        if !in_prompt {
+            assert_eq!(l, s.ids.get(i + 1).copied().unwrap_or(l));
+        }
+    }
 }
 
 #[test]
@@ -318,6 +336,7 @@ fn trained_checkpoint_loads_in_transformers_with_the_same_logits() {
         &ex,
     )
     .unwrap();
+    assert!(v.get("warnings").is_none(), "{}", v["warnings"]);
     let l = losses(&v);
     let (head, tail) = (
         l[..4].iter().sum::<f64>() / 4.0,
@@ -765,4 +784,28 @@ fn video_manifest_trains_with_the_same_losses_over_sp_layouts() {
     let o = opts(&plan, ModelSource::HfDir(model_dir), 1, 1, 1e-3);
     let e = err_line(mmsp_runtime::train::run::run_vlm(&o, &ex, &vopts).unwrap_err());
     assert!(e.contains("line 2") && e.contains("nope.png"), "{e}");
+}
+
+#[test]
+fn a_context_past_max_position_embeddings_is_trained_and_warned_about() {
+    let d = tmp("hf-long");
+    let plan = d.join("plan.json");
+    std::fs::write(&plan, plan_json(1, 2, 1, 0, 320)).unwrap();
+    let v = run_with(
+        &opts(
+            &plan,
+            ModelSource::HfDir(models().join("qwen2_tied")),
+            1,
+            2,
+            1e-3,
+        ),
+        &quiet(),
+    )
+    .unwrap();
+    let w = v["warnings"][0].as_str().unwrap();
+    assert!(
+        w.contains("320") && w.contains("max_position_embeddings 256"),
+        "{w}"
+    );
+    assert!(losses(&v)[0].is_finite());
 }

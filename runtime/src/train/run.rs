@@ -539,6 +539,19 @@ fn finish_kernel_trace(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A context past the checkpoint's `max_position_embeddings` (with its rope scaling, the
+/// context it was made for): trained as asked (context extension), said once.
+fn context_warning(cfg: &ModelConfig, context: usize) -> Option<String> {
+    let m = cfg.max_position_embeddings?;
+    (context > m).then(|| {
+        format!(
+            "the plan's context of {context} tokens is past the model's max_position_embeddings \
+             {m}: positions past {m} are new to it (raise rope_theta or add a rope_scaling to \
+             extend it)"
+        )
+    })
+}
+
 fn finite_or_null(x: f64) -> Value {
     if x.is_finite() {
         json!(x)
@@ -1045,6 +1058,9 @@ pub fn run_vlm(opts: &RunOptions, extras: &RunExtras, vopts: &VisionOptions) -> 
         ModelSource::HfDir(d) => Some(d.as_path()),
         _ => None,
     };
+    if let (Some(w), true) = (context_warning(&cfg, tp.context_tokens), extras.progress) {
+        eprintln!("warning: {w}");
+    }
     let vision_dir = vopts.config.as_deref().filter(|p| p.is_dir());
     let inputs = Inputs::load(
         model_dir,
@@ -1234,6 +1250,9 @@ pub fn run_vlm(opts: &RunOptions, extras: &RunExtras, vopts: &VisionOptions) -> 
         vision_report(&mut report, vr, &plan, &tp, &cfg, &records, opts)?;
     }
     inputs.describe(&mut report);
+    if let Some(w) = context_warning(&cfg, tp.context_tokens) {
+        report["warnings"] = json!([w]);
+    }
     if let Some(o) = &opts.out {
         std::fs::write(o, serde_json::to_string_pretty(&report)?)?;
     }
