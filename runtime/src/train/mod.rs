@@ -442,6 +442,11 @@ impl<'a> Trainer<'a> {
         &self.opt
     }
 
+    /// The communicator gradients are reduced over (SP x DP).
+    pub fn grad_group(&self) -> &'a dyn Communicator {
+        self.groups.grad
+    }
+
     /// The optimizer, to set its learning rate or norm measurement between steps.
     pub fn optimizer_mut(&mut self) -> &mut AdamW {
         &mut self.opt

@@ -1,0 +1,491 @@
+//! `mmsp-runtime run`: train a plan for N steps and report measured step time, tokens/s, MFU,
+//! peak memory per rank and time in communication next to the plan's prediction (JSON, a
+//! per-step progress line on stderr, and optionally a Chrome trace of every rank's step
+//! phases in the simulator's format).
+//!
+//! Launch: with `--inprocess N` the ranks are threads on one device. Otherwise each process
+//! is one rank over NCCL, as torchrun or SLURM start them (RANK/WORLD_SIZE/LOCAL_RANK or
+//! SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, and MASTER_ADDR/MASTER_PORT); and when none of
+//! these is set, [`spawn_local`] starts one such process per local GPU itself (the same code
+//! path), forwards their output and fails if any of them fails.
+//!
+//! Faults: a rank that fails makes every other rank end with an error naming it, within a
+//! bounded time (see `comm`); `MMSP_FAULT_INJECT=rank:step[:exit|panic|error|hang]` makes
+//! one rank fail before the given step, for tests. Checkpoints: see [`super::checkpoint`].
+//!
+//! Vision (MM-SP stage 1, issue 7): a plan with a `vision` section trains a VLM step per
+//! step (see [`crate::vision::plan`] for the layout). Each rank encodes its frames of the
+//! plan's `vision.frames_per_rank` (synthetic pixels, a fixed function of (step, frame)),
+//! re-shards the embeddings into the trainer's shards over the world communicator (SP ranks
+//! mapped to world ranks, so DP replicas exchange in the same all-to-all), merges
+//! them with the text rows' embeddings from the decoder's table, runs
+//! [`Trainer::step_embeddings_text`] (the text rows' gradient reaches the table before the
+//! decoder's optimizer), sends the vision rows' gradient back and updates the encoder with
+//! its own AdamW (replicated state, gradients summed over the world and divided by dp) unless
+//! the plan freezes it. Stage 2 is the plan's per-sample layout: the trainer is built with
+//! the plan's `vision.sample_lens` (and the padding up to `context_tokens` as one more
+//! sample), each sample zigzag-sharded on its own as in `tokens.ranges_per_rank`, attention
+//! within each sample only and RoPE positions restarting in each ([`crate::packed`]). Loss:
+//! only where the next token is a text token of the same sample (labels -100 where the
+//! target is a vision token, across samples, and on the padding).
+use super::adamw::{AdamW, AdamWConfig};
+use super::checkpoint::{self, Manifest};
+use super::session::{save_hf, Inputs, LrSchedule, Metrics, SaveHf};
+use super::{Groups, Phases, StepStats, TrainConfig, Trainer};
+use crate::comm::local::{local_groups, LocalComm};
+use crate::comm::nccl::{LaunchEnv, NcclWorld};
+use crate::comm::{comm_timeout, Communicator};
+use crate::error::{Result, RuntimeError};
+use crate::kernel::Backend;
+use crate::model::hf::HfCheckpoint;
+use crate::model::ModelConfig;
+use crate::plan::{GroupKind, Layout, Plan};
+use crate::vision::{EncoderSource, VisionEncoder, VisionRun, VisionSection, VisionStage};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tch::{Device, Kind, Tensor};
+
+mod faults;
+mod launch;
+mod rank;
+mod report;
+mod vision_rank;
+
+use faults::*;
+pub use faults::{fault_injection, FaultMode};
+use launch::*;
+pub use launch::{local_gpus, should_spawn, spawn_local};
+use rank::*;
+use report::*;
+use vision_rank::*;
+
+/// The plan fields training reads beyond [`Plan`]'s.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TrainPlan {
+    #[serde(default)]
+    pub zero_stage: u32,
+    #[serde(default = "none")]
+    pub recompute: String,
+    #[serde(default = "one")]
+    pub micro_batch: usize,
+    #[serde(default = "one")]
+    pub grad_accum_steps: usize,
+    pub context_tokens: usize,
+    pub model: Option<Value>,
+    pub tokens: Option<Tokens>,
+    pub predicted: Option<Predicted>,
+    /// MM-SP stages (plans made with `--frames` or `--samples`).
+    pub vision: Option<VisionSection>,
+}
+
+/// `tokens` of a plan.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Tokens {
+    pub ranges_per_rank: Vec<Vec<(usize, usize)>>,
+}
+
+/// `predicted` of a plan.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Predicted {
+    pub step_time_s: f64,
+    pub tokens_per_s: f64,
+    pub mfu: f64,
+    /// Absent from plans written before HFU was reported.
+    #[serde(default)]
+    pub hfu: Option<f64>,
+    pub memory_per_gpu_bytes: f64,
+}
+
+impl TrainPlan {
+    /// Whether the plan recomputes each layer's forward outside attention in its backward
+    /// (`recompute` other than "none"; checked to be a known value by [`load`]).
+    pub fn recomputes(&self) -> bool {
+        self.recompute != "none"
+    }
+}
+
+fn none() -> String {
+    "none".into()
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Where the model comes from.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    /// The plan's `model` object.
+    Plan,
+    Tiny,
+    /// A Hugging Face config.json alone: its shapes and numerics, random weights.
+    HfConfig(PathBuf),
+    /// A Hugging Face model directory: config.json and its safetensors weights.
+    HfDir(PathBuf),
+}
+
+/// Options of a run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub plan: PathBuf,
+    pub steps: usize,
+    pub model: ModelSource,
+    /// Ranks as threads on one device instead of one process per GPU.
+    pub inprocess: Option<usize>,
+    /// Use the CPU (f32) instead of the GPU (bf16).
+    pub cpu: bool,
+    pub lr: f64,
+    /// Peak dense bf16 FLOP/s of one device, for MFU.
+    pub peak_flops: f64,
+    pub out: Option<PathBuf>,
+}
+
+/// Checkpointing, tracing and progress options of a run (apart from [`RunOptions`], whose
+/// callers build it field by field).
+#[derive(Debug, Clone)]
+pub struct RunExtras {
+    /// Write a checkpoint into this directory at the end (and every `save_every` steps).
+    pub save: Option<PathBuf>,
+    /// 0: only at the end.
+    pub save_every: usize,
+    /// Resume from this checkpoint directory (its step count is the first step's index).
+    pub resume: Option<PathBuf>,
+    /// Write a Chrome trace-event JSON of every rank's steps here.
+    pub trace: Option<PathBuf>,
+    /// A progress line per step on stderr (rank 0).
+    pub progress: bool,
+    /// Profile the last step's device activities with libtorch's Kineto profiler: the Chrome
+    /// trace goes here (one file per process, `.rankN` added when several), its activity
+    /// list beside it (`.kernels.tsv`) and a summary into the report (`kernel_profile`).
+    pub kernel_trace: Option<PathBuf>,
+    /// Bitwise-reproducible run: ATen's deterministic algorithms and cuDNN's deterministic
+    /// mode on (an op without a deterministic implementation is then an error), and the
+    /// FlashAttention-2 kernel on CUDA (cuDNN's attention is refused).
+    pub deterministic: bool,
+    /// Attention kernel (default: cuDNN on CUDA, flash when deterministic, the ATen CPU
+    /// kernel on the CPU).
+    pub attn_backend: Option<Backend>,
+    /// Training data (module [`super::data`]); None: synthetic token ids.
+    pub data: Option<PathBuf>,
+    /// Seed of the data order (0: file order).
+    pub data_seed: u64,
+    /// Learning rate by step (None: `RunOptions::lr`, constant).
+    pub schedule: Option<LrSchedule>,
+    /// Clip gradients to this global norm (0: off).
+    pub max_grad_norm: f64,
+    /// Append one JSON line of metrics per step here.
+    pub metrics: Option<PathBuf>,
+    /// Write Hugging Face checkpoints (at the end, and every `save_every` steps when set).
+    pub save_hf: Option<SaveHf>,
+}
+
+impl Default for RunExtras {
+    fn default() -> Self {
+        RunExtras {
+            save: None,
+            save_every: 0,
+            resume: None,
+            trace: None,
+            progress: true,
+            kernel_trace: None,
+            deterministic: false,
+            attn_backend: None,
+            data: None,
+            data_seed: 0,
+            schedule: None,
+            max_grad_norm: 0.0,
+            metrics: None,
+            save_hf: None,
+        }
+    }
+}
+
+/// Reads and checks everything that can be checked without a device or peers.
+pub fn load(opts: &RunOptions) -> Result<(Plan, TrainPlan, ModelConfig)> {
+    let text = std::fs::read_to_string(&opts.plan)
+        .map_err(|e| RuntimeError::Plan(format!("{}: {e}", opts.plan.display())))?;
+    let plan = Plan::from_json(&text)?;
+    let tp: TrainPlan = serde_json::from_str(&text)?;
+    if !["none", "selective", "full"].contains(&tp.recompute.as_str()) {
+        return Err(RuntimeError::Plan(format!(
+            "unknown recompute {:?}",
+            tp.recompute
+        )));
+    }
+    if tp.micro_batch != 1 {
+        return Err(RuntimeError::Plan(format!(
+            "micro_batch {} (the runtime trains one sequence per micro-step)",
+            tp.micro_batch
+        )));
+    }
+    if tp.zero_stage > 3 {
+        return Err(RuntimeError::Plan(format!(
+            "ZeRO stage {} is not implemented",
+            tp.zero_stage
+        )));
+    }
+    let cfg = match &opts.model {
+        ModelSource::Tiny => ModelConfig::tiny(),
+        ModelSource::HfConfig(p) => ModelConfig::from_hf_file(p)?,
+        ModelSource::HfDir(d) => HfCheckpoint::open(d)?.cfg,
+        ModelSource::Plan => ModelConfig::from_plan_value(tp.model.as_ref().ok_or_else(|| {
+            RuntimeError::Plan("no model in the plan (use --model or --tiny)".into())
+        })?)?,
+    };
+    let l = plan.layout;
+    let zz = crate::shard::Zigzag::new(tp.context_tokens, l.ulysses, l.ring)?;
+    // A vision plan's ranges are the planner's per-sample zigzag, which `run` executes
+    // (`VisionSection::resolve` checks the samples; the report's `vision.stage2` says whether
+    // the plan's ranges are the ones run).
+    if let (Some(t), None) = (&tp.tokens, &tp.vision) {
+        for (i, rr) in t.ranges_per_rank.iter().enumerate() {
+            let (r, u) = (i / l.ulysses, i % l.ulysses);
+            if r >= l.ring || rr.as_slice() != zz.local_ranges(r, u).as_slice() {
+                return Err(RuntimeError::Plan(format!(
+                    "tokens.ranges_per_rank[{i}] = {rr:?} is not the runtime's zigzag shard {:?}",
+                    zz.local_ranges(r.min(l.ring - 1), u)
+                )));
+            }
+        }
+    }
+    if let Some(n) = opts.inprocess {
+        plan.check_launch(n)?;
+    }
+    if opts.steps == 0 {
+        return Err(RuntimeError::Plan("--steps must be >= 1".into()));
+    }
+    Ok((plan, tp, cfg))
+}
+
+/// Vision options of a run (apart from [`RunOptions`], whose callers build it field by
+/// field).
+#[derive(Debug, Clone, Default)]
+pub struct VisionOptions {
+    /// A Hugging Face vision config.json for the encoder (default: the plan's preset, or the
+    /// tiny encoder with `--tiny`).
+    pub config: Option<PathBuf>,
+}
+
+/// The plan's vision section, resolved and checked (None without one).
+pub fn load_vision(
+    opts: &RunOptions,
+    vopts: &VisionOptions,
+    plan: &Plan,
+    tp: &TrainPlan,
+    cfg: &ModelConfig,
+) -> Result<Option<VisionRun>> {
+    let Some(v) = &tp.vision else {
+        if vopts.config.is_some() {
+            return Err(RuntimeError::Plan(
+                "--vision-config given but the plan has no vision section".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    let source = match (&vopts.config, &opts.model) {
+        // A vision model directory: its config.json (its weights are loaded by the ranks).
+        (Some(p), _) if p.is_dir() => EncoderSource::HfConfig(p.join("config.json")),
+        (Some(p), _) => EncoderSource::HfConfig(p.clone()),
+        (None, ModelSource::Tiny) => EncoderSource::Tiny,
+        (None, _) => EncoderSource::Preset,
+    };
+    let l = plan.layout;
+    v.resolve(
+        &source,
+        cfg.hidden_size,
+        tp.context_tokens,
+        l.ulysses,
+        l.ring,
+    )
+    .map(Some)
+}
+
+/// Everything a rank's loop needs besides its communicators.
+struct LoopCtx<'a> {
+    tp: &'a TrainPlan,
+    cfg: &'a ModelConfig,
+    dev: Device,
+    opts: &'a RunOptions,
+    extras: &'a RunExtras,
+    resume: Option<&'a Manifest>,
+    identity: &'a Value,
+    inject: Option<(usize, usize, FaultMode)>,
+    in_process: bool,
+    layout: Layout,
+    vision: Option<&'a VisionRun>,
+    inputs: &'a Inputs,
+}
+
+/// A context past the checkpoint's `max_position_embeddings` (with its rope scaling, the
+/// context it was made for): trained as asked (context extension), said once.
+fn context_warning(cfg: &ModelConfig, context: usize) -> Option<String> {
+    let m = cfg.max_position_embeddings?;
+    (context > m).then(|| {
+        format!(
+            "the plan's context of {context} tokens is past the model's max_position_embeddings \
+             {m}: positions past {m} are new to it (raise rope_theta or add a rope_scaling to \
+             extend it)"
+        )
+    })
+}
+
+/// Runs the plan and returns the report (also written to `opts.out`).
+pub fn run(opts: &RunOptions) -> Result<Value> {
+    run_with(opts, &RunExtras::default())
+}
+
+/// As [`run`], with checkpointing, tracing and progress options. Returns `Value::Null` on
+/// NCCL ranks other than 0.
+pub fn run_with(opts: &RunOptions, extras: &RunExtras) -> Result<Value> {
+    run_vlm(opts, extras, &VisionOptions::default())
+}
+
+/// As [`run_with`], with the vision encoder's options (used when the plan has a vision
+/// section).
+pub fn run_vlm(opts: &RunOptions, extras: &RunExtras, vopts: &VisionOptions) -> Result<Value> {
+    let p = prepare(opts, extras, vopts)?;
+    let (records, launched) = if opts.inprocess.is_some() {
+        (launch_inprocess(&p, opts, extras)?, "inprocess")
+    } else {
+        match launch_nccl(&p, opts, extras)? {
+            Some(r) => (r, "nccl"),
+            None => return Ok(Value::Null),
+        }
+    };
+    let first_index = p.resume.as_ref().map_or(0, |m| m.step);
+    let (plan, tp, cfg) = (&p.plan, &p.tp, &p.cfg);
+    let samples = p
+        .vision
+        .as_ref()
+        .map_or(vec![tp.context_tokens], |v| v.sample_lens.clone());
+    let mut report = report(
+        opts,
+        extras,
+        plan,
+        tp,
+        cfg,
+        launched,
+        &records,
+        first_index,
+        p.resume.as_ref(),
+        &samples,
+    )?;
+    if let Some(vr) = &p.vision {
+        vision_report(&mut report, vr, plan, tp, cfg, &records, opts)?;
+    }
+    p.inputs.describe(&mut report);
+    if let Some(w) = context_warning(cfg, tp.context_tokens) {
+        report["warnings"] = json!([w]);
+    }
+    if let Some(o) = &opts.out {
+        std::fs::write(o, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(report)
+}
+
+/// Everything a run reads and checks before any rank starts.
+struct Prepared {
+    plan: Plan,
+    tp: TrainPlan,
+    cfg: ModelConfig,
+    vision: Option<VisionRun>,
+    inputs: Inputs,
+    /// What a checkpoint of this run must match.
+    identity: Value,
+    resume: Option<Manifest>,
+    inject: Option<(usize, usize, FaultMode)>,
+}
+
+/// Reads the plan, model, vision section, weights and data, the checkpoint to resume, and
+/// checks the options against each other.
+fn prepare(opts: &RunOptions, extras: &RunExtras, vopts: &VisionOptions) -> Result<Prepared> {
+    let (plan, tp, cfg) = load(opts)?;
+    let vision = load_vision(opts, vopts, &plan, &tp, &cfg)?;
+    let model_dir = match &opts.model {
+        ModelSource::HfDir(d) => Some(d.as_path()),
+        _ => None,
+    };
+    if let (Some(w), true) = (context_warning(&cfg, tp.context_tokens), extras.progress) {
+        eprintln!("warning: {w}");
+    }
+    let vision_dir = vopts.config.as_deref().filter(|p| p.is_dir());
+    let inputs = Inputs::load(
+        model_dir,
+        &cfg,
+        extras.data.as_deref(),
+        extras.data_seed,
+        tp.context_tokens,
+        vision.as_ref().map(|v| (v, vision_dir)),
+    )?;
+    if vision.is_some() && (extras.save.is_some() || extras.resume.is_some()) {
+        return Err(RuntimeError::Plan(
+            "--save/--resume of a plan with a vision section are not implemented (the \
+             encoder's state is not checkpointed)"
+                .into(),
+        ));
+    }
+    let identity = checkpoint::identity(&plan, tp.zero_stage, tp.context_tokens, &cfg, Kind::Float);
+    let resume = match &extras.resume {
+        Some(d) => Some(checkpoint::check(d, &identity)?),
+        None => None,
+    };
+    let inject = fault_injection()?;
+    if extras.deterministic {
+        if extras.attn_backend == Some(Backend::Cudnn) {
+            return Err(RuntimeError::Plan(
+                "--deterministic with --attn-backend cudnn: cuDNN's attention backward is not \
+                 bitwise reproducible; use --attn-backend flash (the default when deterministic)"
+                    .into(),
+            ));
+        }
+        deterministic_mode()?;
+    }
+    if !opts.cpu && !tch::Cuda::is_available() {
+        return Err(RuntimeError::Launch(
+            "CUDA is not available (use --cpu)".into(),
+        ));
+    }
+    Ok(Prepared {
+        plan,
+        tp,
+        cfg,
+        vision,
+        inputs,
+        identity,
+        resume,
+        inject,
+    })
+}
+
+impl Prepared {
+    /// The context of this process's rank loops.
+    fn ctx<'a>(
+        &'a self,
+        opts: &'a RunOptions,
+        extras: &'a RunExtras,
+        dev: Device,
+        in_process: bool,
+    ) -> LoopCtx<'a> {
+        LoopCtx {
+            tp: &self.tp,
+            cfg: &self.cfg,
+            dev,
+            opts,
+            extras,
+            resume: self.resume.as_ref(),
+            identity: &self.identity,
+            inject: self.inject,
+            in_process,
+            layout: self.plan.layout,
+            vision: self.vision.as_ref(),
+            inputs: &self.inputs,
+        }
+    }
+}
+
+/// Whether a path is a checkpoint directory (has a manifest).
+pub fn is_checkpoint(dir: &Path) -> bool {
+    dir.join(checkpoint::MANIFEST).is_file()
+}

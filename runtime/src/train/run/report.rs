@@ -1,0 +1,545 @@
+//! What a run measured, gathered from every rank ([`StepRecord`]), against what the plan
+//! predicted: the report JSON, its vision section and the Chrome trace of the steps.
+use super::*;
+
+/// What one rank measured in one step.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct StepRecord {
+    /// Wall-clock start, seconds since the Unix epoch.
+    pub(super) start_unix_s: f64,
+    pub(super) stats: StepStats,
+    /// Time in this rank's collectives during the step (see `Communicator::comm_time_s`).
+    pub(super) comm_s: f64,
+    /// Device memory in use after the step (device-wide), if known.
+    pub(super) mem_used: f64,
+    /// The caching allocator's peak allocated (tensors) and reserved bytes during the step
+    /// (CUDA; NaN elsewhere).
+    pub(super) alloc_peak: f64,
+    pub(super) reserved_peak: f64,
+    /// Vision stage (0 without one): encoder forward, re-shard, reverse exchange, encoder
+    /// backward, encoder optimizer (seconds, device-synchronised on CUDA).
+    pub(super) vision: [f64; 5],
+}
+
+/// Fields of a [`StepRecord`] as gathered between processes.
+pub(super) const REC_LEN: usize = 24;
+
+impl StepRecord {
+    /// Every field, in the one order in which records travel between processes.
+    fn fields_mut(&mut self) -> [&mut f64; REC_LEN] {
+        let s = &mut self.stats;
+        let p = &mut s.phases;
+        let [v0, v1, v2, v3, v4] = &mut self.vision;
+        [
+            &mut self.start_unix_s,
+            &mut s.loss,
+            &mut s.step_s,
+            &mut s.attention_s,
+            &mut s.grad_sync_s,
+            &mut self.comm_s,
+            &mut self.mem_used,
+            &mut p.cast_s,
+            &mut p.embed_s,
+            &mut p.fwd_s,
+            &mut p.attn_fwd_s,
+            &mut p.loss_s,
+            &mut p.bwd_s,
+            &mut p.attn_bwd_s,
+            &mut p.grad_reduce_s,
+            &mut p.optimizer_s,
+            v0,
+            v1,
+            v2,
+            v3,
+            v4,
+            &mut self.alloc_peak,
+            &mut self.reserved_peak,
+            &mut s.held_weight_bytes,
+        ]
+    }
+
+    fn to_vec(mut self) -> [f64; REC_LEN] {
+        self.fields_mut().map(|f| *f)
+    }
+
+    fn from_slice(v: &[f64]) -> StepRecord {
+        let mut r = StepRecord::default();
+        for (f, x) in r.fields_mut().into_iter().zip(v) {
+            *f = *x;
+        }
+        r
+    }
+}
+
+/// FLOPs one DP replica's step executes, for HFU, counted as the planner counts them: GEMMs
+/// at 3x forward plus one more forward of the layers under recompute, attention at
+/// FlashAttention-2's 3.5x forward (its backward recomputes the scores; Dao 2023, Sec. 4.1).
+/// MFU's model FLOPs count attention at 3x (PaLM, Chowdhery et al. 2022, Appendix B).
+pub(super) fn hardware_flops(cfg: &ModelConfig, tp: &TrainPlan, attn_flops: f64) -> f64 {
+    let again = if tp.recomputes() { 1.0 } else { 0.0 };
+    let tokens = tp.context_tokens as f64;
+    (3.0 + again) * cfg.layer_flops_per_token() * tokens
+        + 3.0 * cfg.head_flops_per_token() * tokens
+        + 3.5 * attn_flops
+}
+
+/// Every rank's records, in rank order, through an all-gather over the world.
+pub(super) fn gather_records(
+    world: &dyn Communicator,
+    mine: &[StepRecord],
+    dev: Device,
+) -> Result<Vec<Vec<StepRecord>>> {
+    let n = world.size();
+    let flat: Vec<f64> = mine.iter().flat_map(|r| r.to_vec()).collect();
+    let k = flat.len() as i64;
+    let send = Tensor::from_slice(&flat).to_device(dev).view([1, k]);
+    let recv = Tensor::zeros([n as i64, k], (Kind::Double, dev));
+    world.all_gather(&send, &recv)?;
+    let all = Vec::<f64>::try_from(recv.to_device(Device::Cpu).view([-1]))?;
+    Ok(all
+        .chunks(flat.len().max(1))
+        .map(|rank| rank.chunks(REC_LEN).map(StepRecord::from_slice).collect())
+        .collect())
+}
+
+/// The phases of a step in the order they run, with the simulator's stream (thread id) each
+/// is drawn on. Each is summed over the layers, so the trace shows them as consecutive
+/// blocks of the measured length, not interleaved layer by layer.
+pub(super) fn phase_list(p: &Phases) -> [(&'static str, f64, u32); 9] {
+    // Thread ids as in the planner's `sim::engine::Stream` (0 compute, 4 grad sync).
+    [
+        ("weight casts", p.cast_s, 0),
+        ("embedding", p.embed_s, 0),
+        ("forward, all layers (without attention)", p.fwd_s, 0),
+        (
+            "attention forward, all layers (2D, with its communication)",
+            p.attn_fwd_s,
+            0,
+        ),
+        ("loss (head, cross-entropy, all-reduces)", p.loss_s, 0),
+        ("backward, all layers (without attention)", p.bwd_s, 0),
+        (
+            "attention backward, all layers (2D, with its communication)",
+            p.attn_bwd_s,
+            0,
+        ),
+        (
+            "gradient reduction (and ZeRO all-gather)",
+            p.grad_reduce_s,
+            4,
+        ),
+        ("optimizer", p.optimizer_s, 0),
+    ]
+}
+
+/// Chrome trace-event JSON of every rank's steps, in the simulator's format (one process
+/// per rank, one thread per stream, complete events in microseconds from the first step's
+/// start).
+pub(super) fn chrome_trace(records: &[Vec<StepRecord>], first_index: usize, label: &str) -> Value {
+    let t0 = records
+        .iter()
+        .flatten()
+        .map(|r| r.start_unix_s)
+        .fold(f64::INFINITY, f64::min);
+    let mut ev = Vec::new();
+    for (rank, recs) in records.iter().enumerate() {
+        ev.push(
+            json!({"name": "process_name", "ph": "M", "pid": rank, "tid": 0,
+                       "args": {"name": format!("rank {rank} {label}")}}),
+        );
+        for (tid, name) in [(0, "compute"), (4, "grad sync")] {
+            ev.push(
+                json!({"name": "thread_name", "ph": "M", "pid": rank, "tid": tid,
+                           "args": {"name": name}}),
+            );
+        }
+        for (i, r) in recs.iter().enumerate() {
+            let start = (r.start_unix_s - t0) * 1e6;
+            let end = start + r.stats.step_s * 1e6;
+            ev.push(
+                json!({"name": format!("step {}", first_index + i), "cat": "step", "ph": "X",
+                           "ts": start, "dur": r.stats.step_s * 1e6, "pid": rank, "tid": 0,
+                           "args": {"loss": r.stats.loss, "communication_s": r.comm_s}}),
+            );
+            let mut at = start;
+            for (name, dur_s, tid) in phase_list(&r.stats.phases) {
+                let dur = (dur_s * 1e6).min(end - at).max(0.0);
+                if dur > 0.0 {
+                    let cat = if tid == 0 { "compute" } else { "grad sync" };
+                    ev.push(
+                        json!({"name": name, "cat": cat, "ph": "X", "ts": at, "dur": dur,
+                                   "pid": rank, "tid": tid}),
+                    );
+                }
+                at += dur;
+            }
+        }
+    }
+    json!({"traceEvents": ev, "displayTimeUnit": "ms"})
+}
+
+pub(super) fn max_or_null(v: impl Iterator<Item = f64>) -> Value {
+    let m = v.filter(|x| x.is_finite()).fold(f64::NAN, f64::max);
+    if m.is_finite() {
+        json!(m)
+    } else {
+        Value::Null
+    }
+}
+
+/// The report of a run (rank 0), printed and written as JSON; measured against predicted
+/// also goes to stderr. `samples`: the lengths of the trainer's samples (attention FLOPs are
+/// The steps a run's figures summarise: all but the first, which includes warm-up (cuDNN
+/// graph builds, allocator growth), unless there is only one.
+fn tail(recs: &[StepRecord]) -> Vec<StepRecord> {
+    if recs.len() > 1 {
+        recs[1..].to_vec()
+    } else {
+        recs.to_vec()
+    }
+}
+
+fn mean(recs: &[StepRecord], f: &dyn Fn(&StepRecord) -> f64) -> f64 {
+    recs.iter().map(f).sum::<f64>() / recs.len().max(1) as f64
+}
+
+/// One rank's line of the report's `per_rank`.
+fn rank_summary(rank: usize, recs: &[StepRecord]) -> Value {
+    let t = tail(recs);
+    json!({"rank": rank, "step_s": mean(&t, &|r| r.stats.step_s),
+           "communication_s": mean(&t, &|r| r.comm_s),
+           "attention_s": mean(&t, &|r| r.stats.attention_s),
+           "grad_sync_and_optimizer_s": mean(&t, &|r| r.stats.grad_sync_s),
+           "peak_device_memory_used_bytes": max_or_null(recs.iter().map(|r| r.mem_used)),
+           "peak_allocated_bytes": max_or_null(recs.iter().map(|r| r.alloc_peak)),
+           "peak_reserved_bytes": max_or_null(recs.iter().map(|r| r.reserved_peak)),
+           "held_weight_bytes_after_forward":
+               max_or_null(recs.iter().map(|r| r.stats.held_weight_bytes))})
+}
+
+/// counted within each).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn report(
+    opts: &RunOptions,
+    extras: &RunExtras,
+    plan: &Plan,
+    tp: &TrainPlan,
+    cfg: &ModelConfig,
+    launched: &str,
+    records: &[Vec<StepRecord>],
+    first_index: usize,
+    resume: Option<&Manifest>,
+    samples: &[usize],
+) -> Result<Value> {
+    let w = plan.world_size;
+    let inprocess = launched == "inprocess";
+    let dev_for_total = if opts.cpu {
+        Device::Cpu
+    } else {
+        Device::Cuda(0)
+    };
+    let total_mem = device_memory(dev_for_total).map(|m| m.0);
+    let s0 = &records[0];
+    let t0 = tail(s0);
+    let step_s = mean(&t0, &|r| r.stats.step_s);
+    let devices = if inprocess { 1.0 } else { w as f64 };
+    let dp = plan.layout.dp as f64;
+    let tokens_per_step = dp * tp.context_tokens as f64;
+    let tokens_per_s = tokens_per_step / step_s;
+    // Attention within each sample (document mask) for packed samples.
+    let attn_flops: f64 = samples.iter().map(|&l| cfg.attention_flops(l)).sum();
+    let flops_per_step =
+        dp * 3.0 * (cfg.dense_flops_per_token() * tp.context_tokens as f64 + attn_flops);
+    let mfu = flops_per_step / step_s / (devices * opts.peak_flops);
+    let hfu = hardware_flops(cfg, tp, attn_flops) * dp / step_s / (devices * opts.peak_flops);
+    let per_gpu_tps = tokens_per_s / devices;
+    let per_rank: Vec<Value> = records
+        .iter()
+        .enumerate()
+        .map(|(r, recs)| rank_summary(r, recs))
+        .collect();
+    let phases = Phases::mean(&t0.iter().map(|r| r.stats.phases).collect::<Vec<_>>());
+    let comm_s = mean(&t0, &|r| r.comm_s);
+    let peak = max_or_null(records.iter().flatten().map(|r| r.mem_used));
+    let mut report = json!({
+        "launch": launched, "ranks": w, "devices": devices,
+        "layout": {"ulysses": plan.layout.ulysses, "ring": plan.layout.ring, "dp": plan.layout.dp},
+        "zero_stage": tp.zero_stage, "recompute": tp.recompute,
+        "model": {"hidden": cfg.hidden_size, "layers": cfg.num_layers, "heads": cfg.num_heads,
+                  "kv_heads": cfg.num_kv_heads, "ffn": cfg.intermediate_size, "vocab": cfg.vocab_size,
+                  "params": cfg.num_params()},
+        "context_tokens": tp.context_tokens, "steps": opts.steps,
+        "first_step_index": first_index,
+        "losses": s0.iter().map(|r| r.stats.loss).collect::<Vec<_>>(),
+        "first_step_s": s0[0].stats.step_s,
+        "micro_step_s": step_s,
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_gpu": per_gpu_tps,
+        "mfu": mfu, "hfu": hfu, "peak_flops_per_device": opts.peak_flops,
+        "attention_s_rank0": mean(&t0, &|r| r.stats.attention_s),
+        "grad_sync_and_optimizer_s_rank0": mean(&t0, &|r| r.stats.grad_sync_s),
+        "communication_s_rank0": comm_s,
+        "communication_note": if inprocess {
+            "host time inside collectives, waiting for peers included"
+        } else {
+            "device time of NCCL groups on the communication streams (events), summed over the rank's communicators"
+        },
+        "phases_rank0": phases.to_json(),
+        "per_rank": per_rank,
+        "peak_device_memory_used_bytes": peak,
+        "memory_note": "device-wide memory in use (total - free) after each step, so it includes the caching allocator's reserve; in-process ranks share one device",
+        "device_memory_total_bytes": total_mem,
+        "peak_allocated_bytes_rank0": max_or_null(s0.iter().map(|r| r.alloc_peak)),
+        "peak_reserved_bytes_rank0": max_or_null(s0.iter().map(|r| r.reserved_peak)),
+        "allocator_note": "the CUDA caching allocator's peaks during a step: allocated = bytes in tensors, reserved = what the allocator holds from the device (allocated + its cache and fragments); in-process ranks share one allocator",
+        "deterministic": extras.deterministic,
+        "allocator_conf": std::env::var("PYTORCH_CUDA_ALLOC_CONF").ok(),
+    });
+    if let Some(v) = kernel_profile(extras, inprocess || w <= 1, first_index + opts.steps - 1)? {
+        report["kernel_profile"] = v;
+    }
+    if let Some(m) = resume {
+        report["resumed_from"] = json!({"dir": m.dir, "step": m.step});
+    }
+    if let Some(d) = &extras.save {
+        report["checkpoint"] = json!({"dir": d, "step": first_index + opts.steps});
+    }
+    let peak_per_rank = peak
+        .as_f64()
+        .map(|p| if inprocess { p / w as f64 } else { p });
+    if let Some(p) = &tp.predicted {
+        let m = Measured {
+            step_s: step_s * devices / w as f64,
+            tokens_per_s_per_gpu: per_gpu_tps,
+            mfu,
+            hfu,
+            memory: peak_per_rank,
+        };
+        report["predicted"] = against_predicted(&m, p, tp, w, extras.progress);
+    }
+    if let Some(path) = &extras.trace {
+        let trace = chrome_trace(records, first_index, "(measured)");
+        std::fs::write(path, serde_json::to_string(&trace)?)?;
+        report["trace"] = json!(path);
+    }
+    Ok(report)
+}
+
+/// The kernel profile's summary of the last step (`--kernel-trace`), when it was written:
+/// this process's trace (`.rank0` added when several processes wrote one each).
+fn kernel_profile(extras: &RunExtras, one_file: bool, step: usize) -> Result<Option<Value>> {
+    let Some(p) = &extras.kernel_trace else {
+        return Ok(None);
+    };
+    let path = if one_file {
+        p.clone()
+    } else {
+        let mut s = p.as_os_str().to_owned();
+        s.push(".rank0");
+        PathBuf::from(s)
+    };
+    let Ok(text) = std::fs::read_to_string(kernel_trace_side(&path, ".summary.json")) else {
+        return Ok(None);
+    };
+    let mut v: Value = serde_json::from_str(&text)?;
+    v["trace"] = json!(path);
+    v["step"] = json!(step);
+    Ok(Some(v))
+}
+
+/// What a run measured, per rank, in the plan's terms.
+struct Measured {
+    step_s: f64,
+    tokens_per_s_per_gpu: f64,
+    mfu: f64,
+    hfu: f64,
+    /// Peak device memory per rank (None off CUDA).
+    memory: Option<f64>,
+}
+
+/// The report's `predicted` object (the plan's figures and the measured error against each
+/// in percent), printed as a table on stderr with `progress`.
+fn against_predicted(
+    m: &Measured,
+    p: &Predicted,
+    tp: &TrainPlan,
+    w: usize,
+    progress: bool,
+) -> Value {
+    let pred_micro = p.step_time_s / tp.grad_accum_steps.max(1) as f64;
+    let pred_tps_gpu = p.tokens_per_s / w as f64;
+    let err = |m: f64, p: f64| 100.0 * (m - p) / p;
+    if progress {
+        let gib = |b: f64| b / 1073741824.0;
+        eprintln!(
+            "measured vs predicted ({w} ranks, {} tokens):",
+            tp.context_tokens
+        );
+        eprintln!(
+            "  step per rank   {:>10.4} s   {:>10.4} s   {:+.1}%",
+            m.step_s,
+            pred_micro,
+            err(m.step_s, pred_micro)
+        );
+        eprintln!(
+            "  tokens/s/GPU    {:>10.0}     {:>10.0}     {:+.1}%",
+            m.tokens_per_s_per_gpu,
+            pred_tps_gpu,
+            err(m.tokens_per_s_per_gpu, pred_tps_gpu)
+        );
+        let pct = |name: &str, a: f64, b: f64| {
+            eprintln!(
+                "  {name:<15} {:>10.1}%    {:>10.1}%    {:+.1}%",
+                100.0 * a,
+                100.0 * b,
+                err(a, b)
+            );
+        };
+        pct("MFU", m.mfu, p.mfu);
+        if let Some(h) = p.hfu {
+            pct("HFU", m.hfu, h);
+        }
+        if let Some(mem) = m.memory {
+            eprintln!(
+                "  memory per GPU  {:>10.1} GiB {:>10.1} GiB {:+.1}%",
+                gib(mem),
+                gib(p.memory_per_gpu_bytes),
+                err(mem, p.memory_per_gpu_bytes)
+            );
+        }
+    }
+    json!({
+        "micro_step_s": pred_micro, "tokens_per_s_per_gpu": pred_tps_gpu, "mfu": p.mfu,
+        "hfu": p.hfu,
+        "memory_per_gpu_bytes": p.memory_per_gpu_bytes,
+        "error_pct": {
+            "micro_step_s": err(m.step_s, pred_micro),
+            "tokens_per_s_per_gpu": err(m.tokens_per_s_per_gpu, pred_tps_gpu),
+            "mfu": err(m.mfu, p.mfu),
+            "hfu": p.hfu.map(|h| err(m.hfu, h)),
+            "memory": m.memory.map(|x| err(x, p.memory_per_gpu_bytes)),
+        }
+    })
+}
+
+/// The report's `vision` object: the stage's measured times (mean over the steps after the
+/// first; rank 0 and the slowest rank) next to the plan's predicted ones, the layout run,
+/// and the MFU counting the encoder's FLOPs too.
+pub(super) fn vision_report(
+    report: &mut Value,
+    vr: &VisionRun,
+    plan: &Plan,
+    tp: &TrainPlan,
+    cfg: &ModelConfig,
+    records: &[Vec<StepRecord>],
+    opts: &RunOptions,
+) -> Result<()> {
+    let names = [
+        "encode_s",
+        "reshard_s",
+        "reshard_backward_s",
+        "encoder_backward_s",
+        "encoder_optimizer_s",
+    ];
+    let mean_of = |recs: &[StepRecord], k: usize| {
+        let t = if recs.len() > 1 { &recs[1..] } else { recs };
+        t.iter().map(|r| r.vision[k]).sum::<f64>() / t.len().max(1) as f64
+    };
+    let mut rank0 = serde_json::Map::new();
+    let mut slowest = serde_json::Map::new();
+    for (k, n) in names.iter().enumerate() {
+        rank0.insert(n.to_string(), json!(mean_of(&records[0], k)));
+        let m = records.iter().map(|r| mean_of(r, k)).fold(0.0f64, f64::max);
+        slowest.insert(n.to_string(), json!(m));
+    }
+    let slow = |k: usize| slowest[names[k]].as_f64().unwrap_or(0.0);
+    let v = &vr.section;
+    let l = plan.layout;
+    // The plan's ranges cover its samples; the runtime's add the padding's (after them).
+    let packed: usize = v.sample_lens.iter().sum();
+    let plan_ranges_match = tp.tokens.as_ref().map(|t| {
+        t.ranges_per_rank.len() >= vr.ranges.len()
+            && vr.ranges.iter().zip(&t.ranges_per_rank).all(|(a, b)| {
+                let ours: Vec<(usize, usize)> =
+                    a.iter().copied().filter(|r| r.0 < packed).collect();
+                ours == *b
+            })
+    });
+    let train = v.train_vision;
+    let frames_flops = v.frames as f64 * vr.cfg.flops_per_frame() * if train { 3.0 } else { 1.0 };
+    let dp = l.dp as f64;
+    let attn_flops: f64 = vr.sample_lens.iter().map(|&l| cfg.attention_flops(l)).sum();
+    let dec_flops = 3.0 * (cfg.dense_flops_per_token() * tp.context_tokens as f64 + attn_flops);
+    let step_s = report["micro_step_s"].as_f64().unwrap_or(f64::NAN);
+    let devices = report["devices"].as_f64().unwrap_or(1.0);
+    let mfu_all = dp * (dec_flops + frames_flops) / step_s / (devices * opts.peak_flops);
+    let mut out = json!({
+        "encoder": v.encoder,
+        "encoder_config": {"hidden": vr.cfg.hidden_size, "layers": vr.cfg.num_layers,
+            "heads": vr.cfg.num_heads, "image_size": vr.cfg.image_size,
+            "patch_size": vr.cfg.patch_size, "pooling": format!("{:?}", vr.cfg.pooling).to_lowercase(),
+            "params": vr.cfg.num_params()},
+        "tokens_per_frame": v.tokens_per_frame,
+        "frames": v.frames,
+        "samples": v.samples,
+        "padding_tokens": vr.padding,
+        "train_vision": train,
+        "frames_per_rank": v.frames_per_rank.iter().map(Vec::len).collect::<Vec<_>>(),
+        "loss": "next-token cross-entropy where the target is a text token of the same sample; \
+                 -100 where it is a vision token, across samples and on the padding",
+        "stage2": {
+            "ranges": "per-sample zigzag (each sample, and the padding, sharded on its own; \
+                       attention within samples only, RoPE positions restarting per sample)",
+            "sample_lens": vr.sample_lens,
+            "plan_ranges_match": plan_ranges_match,
+        },
+        "measured_rank0": Value::Object(rank0),
+        "measured_slowest_rank": Value::Object(slowest.clone()),
+        "mfu_with_encoder": mfu_all,
+        "note": "seconds, mean over the steps after the first, device-synchronised around each \
+                 phase; encode_s = encoder + projector forward, reshard_s = the stage-1 -> \
+                 stage-2 all-to-all, reshard_backward_s = its reverse (gradients), \
+                 encoder_backward_s = encoder + projector backward",
+    });
+    if let Some(p) = &v.stage {
+        let err = |m: f64, p: f64| {
+            if p > 0.0 {
+                json!(100.0 * (m - p) / p)
+            } else {
+                Value::Null
+            }
+        };
+        let enc = slow(0) + slow(3);
+        out["predicted"] = json!({
+            "encoder_s": p.encoder_s, "reshard_s": p.reshard_s, "gather_s": p.gather_s,
+            "error_pct": {
+                "encoder_s (encode_s + encoder_backward_s, slowest rank)": err(enc, p.encoder_s),
+                "reshard_s": err(slow(1), p.reshard_s),
+                "gather_s (reshard_backward_s)": err(slow(2), p.gather_s),
+            }
+        });
+    }
+    report["vision"] = out;
+    Ok(())
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+
+    #[test]
+    fn a_record_travels_as_its_fields_and_comes_back_whole() {
+        let mut r = StepRecord::default();
+        for (i, f) in r.fields_mut().into_iter().enumerate() {
+            *f = 1.5 + i as f64;
+        }
+        let v = r.to_vec();
+        assert_eq!(StepRecord::from_slice(&v).to_vec(), v);
+        assert_eq!(r.stats.held_weight_bytes, 1.5 + (REC_LEN - 1) as f64);
+        assert_eq!(r.vision[4], 1.5 + 20.0);
+        // Every field is distinct: no two positions alias one field.
+        let mut seen: Vec<f64> = v.to_vec();
+        seen.dedup();
+        assert_eq!(seen.len(), REC_LEN);
+    }
+}
