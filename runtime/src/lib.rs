@@ -8,6 +8,7 @@ pub mod error;
 pub mod ffi;
 pub mod infer;
 pub mod kernel;
+pub mod knobs;
 pub mod model;
 pub mod packed;
 pub mod plan;

@@ -158,6 +158,7 @@ fn train(layout: Layout, lens: &[usize], steps: usize, recompute: bool, unpacked
             recompute,
             backend: Backend::CpuMath,
             profile: false,
+            mem_trace: false,
         };
         let mut t = if unpacked {
             Trainer::new(model, groups, seq, cfg).unwrap()
@@ -344,6 +345,7 @@ fn bad_sample_lengths_are_typed_errors() {
             recompute: false,
             backend: Backend::CpuMath,
             profile: false,
+            mem_trace: false,
         };
         Trainer::new_packed(model, groups, &[8, 6, 8], cfg)
             .err()
@@ -583,6 +585,7 @@ fn ranks_with_other_samples_fail_alike() {
                     recompute: false,
                     backend: Backend::CpuMath,
                     profile: false,
+                    mem_trace: false,
                 };
                 let mut t = Trainer::new_packed(model, groups, &lens, cfg).unwrap();
                 let n = t.local_ranges().iter().map(|(a, b)| b - a).sum::<usize>() as i64;

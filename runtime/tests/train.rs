@@ -184,6 +184,7 @@ fn cpu_config(lr: f64, zero: u32, recompute: bool) -> TrainConfig {
         recompute,
         backend: Backend::CpuMath,
         profile: false,
+        mem_trace: false,
     }
 }
 
@@ -478,6 +479,7 @@ fn phases_add_up() {
     };
     let cfg = TrainConfig {
         profile: true,
+        mem_trace: false,
         ..cpu_config(1e-3, 0, false)
     };
     let mut t = Trainer::new(model, groups, SEQ, cfg).unwrap();

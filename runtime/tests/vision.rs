@@ -649,6 +649,7 @@ fn vlm_step(u: usize, r: usize) -> StepResult {
         recompute: false,
         backend: Backend::CpuMath,
         profile: false,
+        mem_trace: false,
     };
     let mut out: Vec<StepResult> = std::thread::scope(|s| {
         let hs: Vec<_> = uly
@@ -824,6 +825,7 @@ fn vlm_step_updates_text_embeddings_as_the_reference() {
         recompute: false,
         backend: Backend::CpuMath,
         profile: false,
+        mem_trace: false,
     };
     // (embedding table after the step, the input gradient) with or without the hook.
     let run = |hook: bool| -> (Tensor, Tensor, Vec<i64>, Vec<i64>) {

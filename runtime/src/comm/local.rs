@@ -6,7 +6,7 @@
 //! [`RuntimeError::PeerGone`] naming it; a wait whose peers do not all arrive fails with
 //! [`RuntimeError::Timeout`] naming the missing ranks. Ranks are named by their label: the
 //! global rank for [`local_groups`], the index in the group otherwise.
-use super::{check_gather_shapes, comm_timeout, Communicator, P2p, Work};
+use super::{check_gather_shapes, default_comm_timeout, Communicator, P2p, Work};
 use crate::error::{Result, RuntimeError};
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -46,9 +46,9 @@ pub struct LocalComm {
 
 impl LocalComm {
     /// Makes a group of `n` ranks; hand one to each thread. Waits time out after
-    /// [`comm_timeout`] (`MMSP_COMM_TIMEOUT_S`).
+    /// [`super::DEFAULT_COMM_TIMEOUT_S`].
     pub fn group(n: usize) -> Vec<LocalComm> {
-        Self::group_with_timeout(n, comm_timeout())
+        Self::group_with_timeout(n, default_comm_timeout())
     }
 
     /// As [`LocalComm::group`], with a custom timeout for each wait.
@@ -420,9 +420,18 @@ impl Drop for LocalComm {
 /// In-process communicators for every group of one kind of a layout, indexed by global rank
 /// (entry i is rank i's communicator for its group); errors name global ranks.
 pub fn local_groups(layout: &crate::plan::Layout, kind: crate::plan::GroupKind) -> Vec<LocalComm> {
+    local_groups_with_timeout(layout, kind, default_comm_timeout())
+}
+
+/// [`local_groups`] whose collectives wait `timeout` for their peers.
+pub fn local_groups_with_timeout(
+    layout: &crate::plan::Layout,
+    kind: crate::plan::GroupKind,
+    timeout: std::time::Duration,
+) -> Vec<LocalComm> {
     let mut slots: Vec<Option<LocalComm>> = (0..layout.world_size()).map(|_| None).collect();
     for g in layout.all_groups(kind) {
-        for (member, comm) in g.iter().zip(LocalComm::group_named(&g, comm_timeout())) {
+        for (member, comm) in g.iter().zip(LocalComm::group_named(&g, timeout)) {
             slots[*member] = Some(comm);
         }
     }

@@ -4,7 +4,7 @@
 //!
 //! Faults: a collective never hangs. A rank that fails or leaves makes its peers' pending and
 //! later collectives fail with [`RuntimeError::PeerGone`] naming it, and a collective whose
-//! peers do not arrive fails with [`RuntimeError::Timeout`] after [`comm_timeout`]
+//! peers do not arrive fails with [`RuntimeError::Timeout`] after its timeout ([`DEFAULT_COMM_TIMEOUT_S`] unless set)
 //! (`MMSP_COMM_TIMEOUT_S`, default 300 s).
 pub mod local;
 pub mod nccl;
@@ -15,19 +15,13 @@ use crate::ffi::cuda::InFlight;
 use std::time::Duration;
 use tch::Tensor;
 
-/// Default of [`comm_timeout`].
+/// How long a collective waits for its peers unless told otherwise
+/// ([`crate::knobs::Knobs::comm_timeout`], `MMSP_COMM_TIMEOUT_S` in the binary).
 pub const DEFAULT_COMM_TIMEOUT_S: f64 = 300.0;
 
-/// How long a collective may wait for its peers: `MMSP_COMM_TIMEOUT_S` seconds (a positive
-/// number, fractions allowed), else [`DEFAULT_COMM_TIMEOUT_S`].
-pub fn comm_timeout() -> Duration {
-    std::env::var("MMSP_COMM_TIMEOUT_S")
-        .ok()
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .map_or(Duration::from_secs_f64(DEFAULT_COMM_TIMEOUT_S), |s| {
-            Duration::from_secs_f64(s)
-        })
+/// [`DEFAULT_COMM_TIMEOUT_S`] as a duration.
+pub fn default_comm_timeout() -> Duration {
+    Duration::from_secs_f64(DEFAULT_COMM_TIMEOUT_S)
 }
 
 /// One point-to-point operation of a batched [`Communicator::send_recv`]. Tensors are

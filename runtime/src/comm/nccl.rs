@@ -11,14 +11,14 @@
 //! ([`super::rendezvous::Liveness`]): when a rank's process dies (or ends on an error) every
 //! survivor learns which rank within a TCP round trip. A watchdog thread per process polls
 //! every communicator's `ncclCommGetAsyncError` and the completion event of every operation
-//! in flight; an operation pending longer than [`super::comm_timeout`]
+//! in flight; an operation pending longer than the world's timeout
 //! (`MMSP_COMM_TIMEOUT_S`) is a timeout. On the first fault the watchdog records it (every
 //! later call on any communicator returns it, naming the rank), aborts the communicators if an
 //! operation is still in flight (so the device work behind them returns), and if the process
 //! is still stuck in NCCL or on the device [`FAULT_GRACE`] later, prints the error and exits
 //! with code 1. A run ends cleanly through [`NcclWorld::finish`].
 use super::rendezvous::{Liveness, Rendezvous};
-use super::{check_gather_shapes, comm_timeout, Communicator, P2p, Work};
+use super::{check_gather_shapes, Communicator, P2p, Work};
 use crate::error::{Result, RuntimeError};
 use crate::ffi::cuda::{self, Event, NcclComm, NcclOp, NcclWatch, Stream};
 use crate::plan::Plan;
@@ -542,7 +542,7 @@ impl NcclWorld {
 
     /// Checks the plan against the launch, then builds the world and the plan's groups.
     /// Every check that can fail without talking to other ranks runs first. `timeout`
-    /// bounds the rendezvous; collectives time out after [`comm_timeout`].
+    /// bounds the rendezvous; collectives time out after it too.
     pub fn init(plan: &Plan, env: LaunchEnv, timeout: Duration) -> Result<NcclWorld> {
         plan.validate()?;
         plan.check_launch(env.world_size)?;
@@ -561,7 +561,7 @@ impl NcclWorld {
         let liveness =
             Rendezvous::connect_client(&env.master_addr, env.master_port, env.rank, timeout)?
                 .watch(move |msg| h.set(FaultKind::PeerGone, msg))?;
-        let watchdog = Watchdog::start(env.rank, env.local_rank, health.clone(), comm_timeout());
+        let watchdog = Watchdog::start(env.rank, env.local_rank, health.clone(), timeout);
         // Every rank must run the same NCCL: the ids would not match otherwise.
         store.set(
             &format!("nccl_version/{}", env.rank),

@@ -8,7 +8,7 @@
 //! [`Decoder::post_attention`] cast on each call).
 //!
 //! RMSNorm: on CUDA, ATen's fused `rms_norm` (one kernel forward, one backward; input in the
-//! compute dtype, statistics in fp32); elsewhere, or with `MMSP_FUSED_NORM=0`, the Hugging
+//! compute dtype, statistics in fp32); elsewhere, or with [`Decoder::set_fused_norm`] off, the Hugging
 //! Face formulation (upcast to fp32, x * rsqrt(mean(x^2) + eps), cast back, times the weight).
 //! Per norm of S tokens x hidden h in bf16, the unfused forward moves about 36 B per element
 //! (to fp32, square, mean, multiply, cast, weight) and its backward about 60; the fused pair
@@ -38,7 +38,7 @@ pub struct Decoder {
     pub compute: Kind,
     params: Vec<(String, Tensor)>,
     index: HashMap<String, usize>,
-    /// ATen's fused RMSNorm on CUDA (`MMSP_FUSED_NORM=0` turns it off).
+    /// ATen's fused RMSNorm on CUDA (on unless [`Decoder::set_fused_norm`] turns it off).
     fused_norm: bool,
     /// The checkpoint the parameters are still to be read from ([`Decoder::deferred_hf`]).
     deferred: Option<std::sync::Arc<HfCheckpoint>>,
@@ -117,7 +117,7 @@ impl Decoder {
             compute,
             params,
             index,
-            fused_norm: std::env::var("MMSP_FUSED_NORM").as_deref() != Ok("0"),
+            fused_norm: true,
             deferred: None,
         }
     }
@@ -216,6 +216,15 @@ impl Decoder {
             p.shallow_clone().f_set_data(&t)?;
         }
         Ok(())
+    }
+
+    /// Whether RMSNorm runs ATen's fused kernel on CUDA (else the Hugging Face formulation).
+    pub fn set_fused_norm(&mut self, on: bool) {
+        self.fused_norm = on;
+    }
+
+    pub fn fused_norm(&self) -> bool {
+        self.fused_norm
     }
 
     /// Every parameter with its Hugging Face name, in [`Decoder::param_shapes`] order.

@@ -41,7 +41,7 @@ use tch::{Device, Kind, Tensor};
 /// Which update kernel to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AdamWKernel {
-    /// `MMSP_ADAMW` if set, else fused on CUDA and plain on the CPU.
+    /// Fused on CUDA, plain on the CPU.
     #[default]
     Auto,
     Plain,
@@ -52,17 +52,8 @@ impl AdamWKernel {
     /// The kernel used for parameters on `dev`.
     pub fn resolve(self, dev: Device) -> Result<AdamWKernel> {
         let k = match self {
-            AdamWKernel::Auto => match std::env::var("MMSP_ADAMW").ok().as_deref() {
-                Some("plain") => AdamWKernel::Plain,
-                Some("fused") => AdamWKernel::Fused,
-                Some(other) => {
-                    return Err(RuntimeError::Config(format!(
-                        "MMSP_ADAMW={other:?} (plain or fused)"
-                    )))
-                }
-                None if dev.is_cuda() => AdamWKernel::Fused,
-                None => AdamWKernel::Plain,
-            },
+            AdamWKernel::Auto if dev.is_cuda() => AdamWKernel::Fused,
+            AdamWKernel::Auto => AdamWKernel::Plain,
             k => k,
         };
         Ok(k)

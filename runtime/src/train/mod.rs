@@ -93,6 +93,9 @@ pub struct TrainConfig {
     pub backend: Backend,
     /// Synchronise the device around phases to time them (costs a little overlap).
     pub profile: bool,
+    /// Print the caching allocator's bytes at every phase boundary (CUDA): the step's memory
+    /// timeline.
+    pub mem_trace: bool,
 }
 
 /// What one step measured.
@@ -245,7 +248,7 @@ fn sync(dev: Device, on: bool) {
 }
 
 /// Lap timer over the phases of a step; synchronises the device first when profiling.
-/// With `MMSP_MEM_TRACE=1` on CUDA it also prints, at every lap, the caching allocator's
+/// With [`TrainConfig::mem_trace`] on CUDA it also prints, at every lap, the caching allocator's
 /// bytes in tensors now and at their peak so far (a memory timeline of the step, for
 /// comparing with the planner's activation model; the call site is the lap's source line).
 struct Clock {
@@ -256,13 +259,13 @@ struct Clock {
 }
 
 impl Clock {
-    fn new(dev: Device, on: bool) -> Clock {
+    fn new(dev: Device, on: bool, mem_trace: bool) -> Clock {
         sync(dev, on);
         Clock {
             dev,
             on,
             last: Instant::now(),
-            mem_trace: dev.is_cuda() && std::env::var("MMSP_MEM_TRACE").as_deref() == Ok("1"),
+            mem_trace: dev.is_cuda() && mem_trace,
         }
     }
 
@@ -432,7 +435,7 @@ impl<'a> Trainer<'a> {
             "adamw": format!("{:?}", self.opt.kernel()).to_lowercase(),
             "loss_log_softmax_half_to_float": self.fast_log_softmax.get(),
             "head_grad_fp32_out_gemm": self.fp32_out_gemm.get(),
-            "fused_rms_norm": std::env::var("MMSP_FUSED_NORM").as_deref() != Ok("0"),
+            "fused_rms_norm": self.model.fused_norm(),
         })
     }
 
@@ -537,7 +540,7 @@ impl<'a> Trainer<'a> {
         }
         let dev = self.device();
         let mut ph = Phases::default();
-        let mut clk = Clock::new(dev, self.cfg.profile);
+        let mut clk = Clock::new(dev, self.cfg.profile, self.cfg.mem_trace);
         let t0 = Instant::now();
         let mut comm_s = 0.0;
         let emb_ids = match input {

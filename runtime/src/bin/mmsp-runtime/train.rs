@@ -198,7 +198,13 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
                 spawn_local(&opts, &args, std::time::Duration::from_secs(30))?;
                 return Ok(());
             }
+            if deterministic && std::env::var_os("CUBLAS_WORKSPACE_CONFIG").is_none() {
+                // cuBLAS's fixed workspace, read when cuBLAS starts (later than this): the
+                // binary sets it, the library does not touch the environment.
+                std::env::set_var("CUBLAS_WORKSPACE_CONFIG", ":4096:8");
+            }
             let extras = RunExtras {
+                knobs: mmsp_runtime::knobs::Knobs::from_env()?,
                 save,
                 save_every,
                 resume,

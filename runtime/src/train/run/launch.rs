@@ -31,12 +31,6 @@ pub(super) fn panic_to_error(rank: usize, payload: &(dyn std::any::Any + Send)) 
     }
 }
 
-/// `MMSP_SKIP_MEMORY_CHECK=1` runs a plan whose predicted memory exceeds the GPU's (to
-/// measure where it really runs out, against the planner's prediction).
-pub(super) fn memory_check_skipped() -> bool {
-    std::env::var("MMSP_SKIP_MEMORY_CHECK").is_ok_and(|v| v == "1")
-}
-
 /// The error to report when several ranks failed: a rank's own failure rather than the
 /// peers' reports of it.
 pub(super) fn root_cause(errs: Vec<RuntimeError>) -> RuntimeError {
@@ -158,13 +152,13 @@ pub fn spawn_local(opts: &RunOptions, args: &[std::ffi::OsString], grace: Durati
     }
 }
 
-/// Refuses a plan whose predicted memory for `ranks` ranks exceeds `dev` (unless
+/// Refuses a plan whose predicted memory for `ranks` ranks exceeds `dev` (unless `skip`:
 /// `MMSP_SKIP_MEMORY_CHECK=1`, to measure the real limit).
-fn check_memory(tp: &TrainPlan, dev: Device, ranks: usize) -> Result<()> {
+fn check_memory(tp: &TrainPlan, dev: Device, ranks: usize, skip: bool) -> Result<()> {
     let (Some((total, _)), Some(p)) = (device_memory(dev), &tp.predicted) else {
         return Ok(());
     };
-    if p.memory_per_gpu_bytes * ranks as f64 <= total || memory_check_skipped() {
+    if p.memory_per_gpu_bytes * ranks as f64 <= total || skip {
         return Ok(());
     }
     let gib = |b: f64| b / 1073741824.0;
@@ -192,10 +186,11 @@ pub(super) fn launch_inprocess(
         Device::Cuda(0)
     };
     let (l, w) = (p.plan.layout, p.plan.world_size);
-    check_memory(&p.tp, dev, w)?;
-    let uly = local_groups(&l, GroupKind::Ulysses);
-    let ring = local_groups(&l, GroupKind::Ring);
-    let world = LocalComm::group_named(&(0..w).collect::<Vec<_>>(), comm_timeout());
+    check_memory(&p.tp, dev, w, extras.knobs.skip_memory_check)?;
+    let timeout = extras.knobs.comm_timeout;
+    let uly = local_groups_with_timeout(&l, GroupKind::Ulysses, timeout);
+    let ring = local_groups_with_timeout(&l, GroupKind::Ring, timeout);
+    let world = LocalComm::group_named(&(0..w).collect::<Vec<_>>(), timeout);
     let cx = p.ctx(opts, extras, dev, true);
     let res: Vec<Result<Vec<StepRecord>>> = std::thread::scope(|s| {
         let hs: Vec<_> = uly
@@ -251,9 +246,9 @@ pub(super) fn launch_nccl(
     let env = LaunchEnv::from_env()?;
     p.plan.check_launch(env.world_size)?;
     let d = Device::Cuda(env.local_rank);
-    check_memory(&p.tp, d, 1)?;
+    check_memory(&p.tp, d, 1, extras.knobs.skip_memory_check)?;
     let rank = env.rank;
-    let nw = NcclWorld::init(&p.plan, env, comm_timeout())?;
+    let nw = NcclWorld::init(&p.plan, env, extras.knobs.comm_timeout)?;
     let cx = p.ctx(opts, extras, d, false);
     let groups = Groups {
         ulysses: &nw.ulysses,

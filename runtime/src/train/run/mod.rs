@@ -10,8 +10,8 @@
 //! path), forwards their output and fails if any of them fails.
 //!
 //! Faults: a rank that fails makes every other rank end with an error naming it, within a
-//! bounded time (see `comm`); `MMSP_FAULT_INJECT=rank:step[:exit|panic|error|hang]` makes
-//! one rank fail before the given step, for tests. Checkpoints: see [`super::checkpoint`].
+//! bounded time (see `comm`); [`Knobs::fault`] (`MMSP_FAULT_INJECT=rank:step[:mode]` in the
+//! binary) makes one rank fail before the given step, for tests. Checkpoints: see [`super::checkpoint`].
 //!
 //! Vision (MM-SP stage 1, issue 7): a plan with a `vision` section trains a VLM step per
 //! step (see [`crate::vision::plan`] for the layout). Each rank encodes its frames of the
@@ -32,11 +32,12 @@ use super::adamw::{AdamW, AdamWConfig};
 use super::checkpoint::{self, Manifest};
 use super::session::{save_hf, Inputs, LrSchedule, Metrics, SaveHf};
 use super::{Groups, Phases, StepStats, TrainConfig, Trainer};
-use crate::comm::local::{local_groups, LocalComm};
+use crate::comm::local::{local_groups_with_timeout, LocalComm};
 use crate::comm::nccl::{LaunchEnv, NcclWorld};
-use crate::comm::{comm_timeout, Communicator};
+use crate::comm::Communicator;
 use crate::error::{Result, RuntimeError};
 use crate::kernel::Backend;
+use crate::knobs::{Fault, FaultMode, Knobs};
 use crate::model::hf::HfCheckpoint;
 use crate::model::ModelConfig;
 use crate::plan::{GroupKind, Layout, Plan};
@@ -54,7 +55,6 @@ mod report;
 mod vision_rank;
 
 use faults::*;
-pub use faults::{fault_injection, FaultMode};
 use launch::*;
 pub use launch::{local_gpus, should_spawn, spawn_local};
 use rank::*;
@@ -179,6 +179,8 @@ pub struct RunExtras {
     pub metrics: Option<PathBuf>,
     /// Write Hugging Face checkpoints (at the end, and every `save_every` steps when set).
     pub save_hf: Option<SaveHf>,
+    /// Kernel choices, profiling, fault injection and timeouts ([`Knobs`]).
+    pub knobs: Knobs,
 }
 
 impl Default for RunExtras {
@@ -198,6 +200,7 @@ impl Default for RunExtras {
             max_grad_norm: 0.0,
             metrics: None,
             save_hf: None,
+            knobs: Knobs::default(),
         }
     }
 }
@@ -311,7 +314,7 @@ struct LoopCtx<'a> {
     extras: &'a RunExtras,
     resume: Option<&'a Manifest>,
     identity: &'a Value,
-    inject: Option<(usize, usize, FaultMode)>,
+    inject: Option<Fault>,
     in_process: bool,
     layout: Layout,
     vision: Option<&'a VisionRun>,
@@ -395,7 +398,7 @@ struct Prepared {
     /// What a checkpoint of this run must match.
     identity: Value,
     resume: Option<Manifest>,
-    inject: Option<(usize, usize, FaultMode)>,
+    inject: Option<Fault>,
 }
 
 /// Reads the plan, model, vision section, weights and data, the checkpoint to resume, and
@@ -431,7 +434,7 @@ fn prepare(opts: &RunOptions, extras: &RunExtras, vopts: &VisionOptions) -> Resu
         Some(d) => Some(checkpoint::check(d, &identity)?),
         None => None,
     };
-    let inject = fault_injection()?;
+    let inject = extras.knobs.fault;
     if extras.deterministic {
         if extras.attn_backend == Some(Backend::Cudnn) {
             return Err(RuntimeError::Plan(

@@ -35,13 +35,11 @@ pub(super) fn attention_backend(extras: &RunExtras, dev: Device) -> Backend {
     }
 }
 
-/// Turns on bitwise-reproducible execution for this process: cuBLAS's fixed workspace
-/// (`CUBLAS_WORKSPACE_CONFIG=:4096:8` unless set, read when cuBLAS first starts, which is
-/// later than this), ATen's deterministic algorithms and cuDNN's deterministic mode.
+/// Turns on bitwise-reproducible execution for this process: ATen's deterministic
+/// algorithms and cuDNN's deterministic mode. On CUDA cuBLAS also needs its fixed workspace,
+/// `CUBLAS_WORKSPACE_CONFIG=:4096:8` in the environment before cuBLAS starts: the binary
+/// sets it for `--deterministic`; without it ATen refuses cuBLAS calls in deterministic mode.
 pub(super) fn deterministic_mode() -> Result<()> {
-    if std::env::var_os("CUBLAS_WORKSPACE_CONFIG").is_none() {
-        std::env::set_var("CUBLAS_WORKSPACE_CONFIG", ":4096:8");
-    }
     crate::ffi::set_deterministic(true)
 }
 
@@ -135,9 +133,9 @@ pub(super) fn rank_loop(
     let mut out = vec![];
     for i in 0..opts.steps {
         let step = first + i;
-        if let Some((r, s, mode)) = cx.inject {
-            if r == rank && s == step {
-                inject(rank, step, mode, cx, grad)?;
+        if let Some(f) = cx.inject {
+            if f.rank == rank && f.step == step {
+                inject(rank, step, f.mode, cx, grad)?;
             }
         }
         t.optimizer_mut().set_lr(schedule.at(step));
@@ -209,19 +207,22 @@ fn build_trainer<'a>(
         (Kind::Float, Kind::BFloat16)
     };
     let grad = groups.grad;
-    let model = cx.inputs.decoder(cx.cfg, dev, master, compute)?;
+    let mut model = cx.inputs.decoder(cx.cfg, dev, master, compute)?;
+    model.set_fused_norm(cx.extras.knobs.fused_norm);
     let tc = TrainConfig {
         optimizer: AdamWConfig {
             lr: schedule.at(0),
             max_grad_norm: cx.extras.max_grad_norm,
+            kernel: cx.extras.knobs.adamw,
             ..AdamWConfig::default()
         },
         zero_stage: tp.zero_stage,
         recompute: tp.recomputes(),
         backend: attention_backend(cx.extras, dev),
-        // Phase times need a device synchronisation around each phase; MMSP_PROFILE=0 runs
-        // the step without them (no phase breakdown, no sync bubbles).
-        profile: std::env::var("MMSP_PROFILE").map_or(true, |v| v != "0"),
+        // Phase times need a device synchronisation around each phase; without profiling
+        // (MMSP_PROFILE=0) the step runs without them (no phase breakdown, no sync bubbles).
+        profile: cx.extras.knobs.profile,
+        mem_trace: cx.extras.knobs.mem_trace,
     };
     let mut t = match cx.vision {
         Some(vr) => Trainer::new_packed(model, groups, &vr.sample_lens, tc)?,

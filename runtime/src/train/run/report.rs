@@ -293,7 +293,7 @@ pub(super) fn report(
         "peak_reserved_bytes_rank0": max_or_null(s0.iter().map(|r| r.reserved_peak)),
         "allocator_note": "the CUDA caching allocator's peaks during a step: allocated = bytes in tensors, reserved = what the allocator holds from the device (allocated + its cache and fragments); in-process ranks share one allocator",
         "deterministic": extras.deterministic,
-        "allocator_conf": std::env::var("PYTORCH_CUDA_ALLOC_CONF").ok(),
+        "allocator_conf": extras.knobs.alloc_conf,
     });
     if let Some(v) = kernel_profile(extras, inprocess || w <= 1, first_index + opts.steps - 1)? {
         report["kernel_profile"] = v;
