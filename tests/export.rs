@@ -397,3 +397,71 @@ fn errors_are_one_line_exit_2() {
     }
     insta::assert_snapshot!(all.join("\n"));
 }
+
+/// A plan's model name, topology and path holding newlines and shell syntax end up in the
+/// generated scripts as comment text or quoted words, never as commands: each script parses
+/// (`bash -n`) and, with its `exec`/`srun` lines taken out, runs without creating the file
+/// the injected command would.
+#[test]
+fn hostile_names_never_become_commands() {
+    let d = dir("hostile");
+    write_plan(
+        &d,
+        P {
+            u: 4,
+            r: 4,
+            dp: 1,
+            tp: 1,
+            placement: UI,
+            zero: 1,
+            recompute: Recompute::None,
+            global_batch: 2,
+        },
+    );
+    let marker = d.join("pwned");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("plan.json")).unwrap()).unwrap();
+    // Relative: the scripts run in `d`.
+    v["model"]["name"] = "x\ntouch pwned\n#".into();
+    v["topology"] = "t\r\ntouch pwned".into();
+    let hostile = "p\ntouch pwned;.json".to_string();
+    std::fs::write(d.join(&hostile), v.to_string()).unwrap();
+    for engine in ["torchrun", "slurm", "megatron", "vila"] {
+        let (code, out, err) = mmsp(
+            &d,
+            &[
+                "export",
+                "--to",
+                engine,
+                &hostile,
+                "--allow-coarser-recompute",
+            ],
+        );
+        assert_eq!(code, 0, "{engine}: {err}");
+        for line in out.lines() {
+            assert!(!line.trim_start().starts_with("touch"), "{engine}: {line}");
+        }
+        let script = d.join(format!("{engine}.sh"));
+        let body: String = out
+            .lines()
+            .filter(|l| !l.starts_with("exec ") && !l.starts_with("srun ") && !l.starts_with("  "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&script, body).unwrap();
+        let st = Command::new("bash")
+            .arg("-n")
+            .arg(&script)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{engine}: the script does not parse");
+        let _ = Command::new("bash")
+            .arg(&script)
+            .current_dir(&d)
+            .env("SLURM_NTASKS", "16")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("NODE_RANK", "0")
+            .output()
+            .unwrap();
+        assert!(!marker.exists(), "{engine}: the injected command ran");
+    }
+}

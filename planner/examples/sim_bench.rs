@@ -45,7 +45,7 @@ fn main() {
                 continue;
             }
             let t0 = Instant::now();
-            let s = simulate(&topo, &t, collapse);
+            let s = simulate(&topo, &t, collapse).expect("the bench step completes");
             let wall = t0.elapsed().as_secs_f64();
             println!(
                 "{{\"bench\":\"simulate\",\"gpus\":{gpus},\"layers\":{},\"ulysses\":{u},\"ring\":{r},\"collapsed\":{collapse},\"ops\":{},\"simulated_step_s\":{:.4},\"wall_s\":{wall:.4},\"target_s\":1.0}}",

@@ -61,7 +61,8 @@ pub fn refine(
                 vision,
             };
             let t = terms(topo, &w, c).ok()?;
-            Some((s.clone(), simulate(topo, &t, true).step_time_s))
+            // A step the simulator cannot complete is not a candidate.
+            Some((s.clone(), simulate(topo, &t, true).ok()?.step_time_s))
         })
         .collect();
     out.sort_by(|a, b| a.1.total_cmp(&b.1));
@@ -240,7 +241,7 @@ pub fn traces(
                 vision,
             };
             let t = terms(topo, &w, &c).ok()?;
-            let sim = simulate(topo, &t, true);
+            let sim = simulate(topo, &t, true).ok()?;
             Some((
                 row.name.clone(),
                 crate::sim::trace::chrome_trace(&sim, &row.name),

@@ -163,10 +163,10 @@ fn describe(plan: &Plan) -> String {
     let l = &plan.layout;
     format!(
         "{} at {} tokens on {} GPUs ({}): tp {} x ulysses {} x ring {} x dp {} ({}), ZeRO-{}, {} recompute, micro-batch {}, global batch {}",
-        plan.model.name,
+        one_line(&plan.model.name),
         fmt_tokens(plan.context_tokens),
         plan.world_size,
-        plan.topology,
+        one_line(&plan.topology),
         l.tp,
         l.ulysses,
         l.ring,
@@ -185,13 +185,43 @@ fn ring_inner_2d(plan: &Plan) -> bool {
     l.ulysses > 1 && l.ring > 1 && l.placement == Placement::RingInner
 }
 
-/// Quotes a string for a POSIX shell when it holds anything but safe characters.
+/// A string from a plan or the command line made safe for a comment line of a generated
+/// script: control characters (a newline would end the comment and start a command) are
+/// written as their escapes (`\n`, `\u{1b}`).
+fn one_line(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let e: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            e
+        })
+        .collect()
+}
+
+/// Quotes a string for the generated (bash) scripts when it holds anything but safe
+/// characters: single quotes, or bash's `$'...'` with escapes when it holds control
+/// characters, so that a quoted word never spans lines.
 fn sh_quote(s: &str) -> String {
     if !s.is_empty()
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
     {
         s.to_string()
+    } else if s.chars().any(char::is_control) {
+        let body: String = s
+            .chars()
+            .map(|c| match c {
+                '\\' => "\\\\".to_string(),
+                '\'' => "\\'".to_string(),
+                c if c.is_control() && (c as u32) < 0x80 => format!("\\x{:02x}", c as u32),
+                c if c.is_control() => format!("\\u{:04x}", c as u32),
+                c => c.to_string(),
+            })
+            .collect();
+        format!("$'{body}'")
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
     }
@@ -311,7 +341,7 @@ fn megatron(plan: &Plan, opts: &Options) -> Result<String> {
     let _ = writeln!(
         out,
         "# Megatron-LM / TransformerEngine arguments from {}",
-        opts.plan_path
+        one_line(&opts.plan_path)
     );
     let _ = writeln!(out, "# plan: {}", describe(plan));
     let _ = writeln!(
@@ -546,7 +576,7 @@ fn vila(plan: &Plan, opts: &Options) -> Result<String> {
     let _ = writeln!(
         out,
         "# LongVILA (VILA) training flags from {}",
-        opts.plan_path
+        one_line(&opts.plan_path)
     );
     let _ = writeln!(out, "# plan: {}", describe(plan));
     let _ = writeln!(
@@ -601,7 +631,11 @@ fn torchrun(plan: &Plan, opts: &Options) -> Result<String> {
     let (n, per) = check_whole_nodes(plan, Engine::Torchrun)?;
     let mut o = String::new();
     let _ = writeln!(o, "#!/usr/bin/env bash");
-    let _ = writeln!(o, "# mmsp-runtime under torchrun for {}", opts.plan_path);
+    let _ = writeln!(
+        o,
+        "# mmsp-runtime under torchrun for {}",
+        one_line(&opts.plan_path)
+    );
     let _ = writeln!(o, "# plan: {}", describe(plan));
     if n > 1 {
         let _ = writeln!(
@@ -618,7 +652,7 @@ fn torchrun(plan: &Plan, opts: &Options) -> Result<String> {
         );
         let _ = writeln!(
             o,
-            ": \"${{NODE_RANK:?set NODE_RANK to this node's index, 0..{}}}\"",
+            ": \"${{NODE_RANK:?set NODE_RANK to the index of this node, 0..{}}}\"",
             n - 1
         );
     } else {
@@ -662,7 +696,11 @@ fn slurm(plan: &Plan, opts: &Options) -> Result<String> {
     let _ = writeln!(o, "#SBATCH --ntasks-per-node={per}");
     let _ = writeln!(o, "#SBATCH --gpus-per-node={per}");
     let _ = writeln!(o, "#SBATCH --exclusive");
-    let _ = writeln!(o, "# mmsp-runtime under SLURM for {}", opts.plan_path);
+    let _ = writeln!(
+        o,
+        "# mmsp-runtime under SLURM for {}",
+        one_line(&opts.plan_path)
+    );
     let _ = writeln!(o, "# plan: {}", describe(plan));
     let _ = writeln!(o, "set -euo pipefail");
     let _ = writeln!(
@@ -690,10 +728,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn comment_text_keeps_to_one_line() {
+        assert_eq!(one_line("a\nb\r\u{1b}c"), "a\\nb\\r\\u{1b}c");
+        assert_eq!(one_line("plain name-1"), "plain name-1");
+    }
+
+    #[test]
     fn quotes_only_when_needed() {
         assert_eq!(sh_quote("plan.json"), "plan.json");
         assert_eq!(sh_quote("my plan.json"), "'my plan.json'");
         assert_eq!(sh_quote("it's"), r"'it'\''s'");
         assert_eq!(sh_quote(""), "''");
+        assert_eq!(sh_quote("a\nb'c\\"), r"$'a\x0ab\'c\\'");
     }
 }

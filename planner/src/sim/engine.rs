@@ -5,6 +5,7 @@
 //! share every link max-min fairly (progressive filling, Bertsekas & Gallager, "Data
 //! Networks", Sec. 6.5.2), so contention and overlap emerge from the schedule.
 
+use crate::{Error, Result};
 use std::sync::Arc;
 
 use crate::topology::Loads;
@@ -111,7 +112,10 @@ impl Engine {
         self.ops.len() - 1
     }
 
-    pub fn run(&self) -> Schedule {
+    /// Runs every op to completion. A schedule that cannot finish (an op that can never
+    /// start, or a transfer over links of no capacity: a topology or calibration with absurd
+    /// figures) is an [`Error::Invalid`] naming how far it got, not a panic.
+    pub fn run(&self) -> Result<Schedule> {
         let n = self.ops.len();
         let ns = Stream::ALL.len();
         // Per (lane, stream): the ops in issue order and the position of the next one.
@@ -170,8 +174,9 @@ impl Engine {
             }
             to_check.clear();
             // Rates of fluid transfers (max-min fair progressive filling).
+            // A rate of 0 (a link of no capacity) leaves its transfer unfinishable: the next
+            // event is then at infinity, an error below.
             let rates = self.fair_rates(&fluid, &mut used, &mut demand);
-            debug_assert!(rates.iter().all(|&r| r > 0.0));
             if fluid.len() > 1 {
                 max_util = max_util.max(self.utilisation(&fluid, &rates, &mut used));
             } else if !fluid.is_empty() {
@@ -186,10 +191,14 @@ impl Engine {
                 t_next = t_next.min(now + rem / rates[k]);
             }
             if !t_next.is_finite() {
-                panic!(
-                    "simulation deadlock: {} of {n} ops done, nothing running",
-                    done
-                );
+                return Err(Error::invalid(
+                    "simulation",
+                    format!(
+                        "the step cannot complete: {done} of {n} operations done and none can \
+                         progress (a link or kernel rate of zero or non-finite figures in the \
+                         topology or calibration)"
+                    ),
+                ));
             }
             let dt = t_next - now;
             now = t_next;
@@ -251,13 +260,13 @@ impl Engine {
                 }
             }
         }
-        Schedule {
+        Ok(Schedule {
             start,
             end,
             makespan: now,
             max_link_utilisation: max_util,
             link_bytes,
-        }
+        })
     }
 
     fn scale(&self, i: usize) -> f64 {
@@ -438,7 +447,7 @@ mod tests {
                 Work::Compute { secs: c },
                 vec![last[1], s0],
             ));
-            let s = e.run();
+            let s = e.run().unwrap();
             assert!(
                 (s.makespan - expect).abs() < 1e-9,
                 "c={c}: {} vs {expect}",
@@ -446,6 +455,29 @@ mod tests {
             );
             assert!(s.max_link_utilisation <= 1.0 + 1e-9);
         }
+    }
+
+    /// A transfer over a link of no capacity can never finish: an error naming the progress,
+    /// not a panic (what a topology or calibration with absurd figures used to cause).
+    #[test]
+    fn a_step_that_cannot_finish_is_an_error() {
+        let mut e = Engine::new(vec![0.0], 1);
+        let a = e.push(op(
+            "c",
+            vec![0],
+            Stream::Compute,
+            Work::Compute { secs: 1.0 },
+            vec![],
+        ));
+        e.push(op(
+            "send",
+            vec![0],
+            Stream::Ring,
+            comm(vec![(0, 1.0)], 8.0, 0.0),
+            vec![a],
+        ));
+        let err = e.run().unwrap_err().to_string();
+        assert!(err.contains("1 of 2 operations done"), "{err}");
     }
 
     /// 4-rank all-to-all on a non-blocking switch: each rank sends 3/4 of 8 bytes over its
@@ -466,7 +498,7 @@ mod tests {
             comm(per_link, 8.0, 0.25),
             vec![],
         ));
-        let s = e.run();
+        let s = e.run().unwrap();
         assert!((s.makespan - (0.25 + 1.5)).abs() < 1e-9, "{}", s.makespan);
         assert!((s.link_bytes[0] - 8.0 * 6.0).abs() < 1e-9);
     }
@@ -490,7 +522,7 @@ mod tests {
             comm(vec![(0, 1.0)], 16.0, 0.0),
             vec![],
         ));
-        let s = e.run();
+        let s = e.run().unwrap();
         // a runs at 2 (slow link) for 2 s; b gets 8 meanwhile (16 bytes), done at 2 s too.
         assert!(
             (s.end[a] - 2.0).abs() < 1e-9 && (s.end[b] - 2.0).abs() < 1e-9,
@@ -531,7 +563,7 @@ mod tests {
             Work::Compute { secs: 1.0 },
             vec![y],
         ));
-        let s = e.run();
+        let s = e.run().unwrap();
         assert_eq!((s.start[z], s.end[y], s.start[w]), (1.0, 4.0, 4.0));
         for (i, o) in e.ops.iter().enumerate() {
             for &d in &o.deps {

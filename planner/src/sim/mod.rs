@@ -340,12 +340,12 @@ pub fn replay_plan(
         )
     })?;
     let analytic = crate::cost::compose(&topo, &t);
-    let sim = simulate(&topo, &t, collapse);
+    let sim = simulate(&topo, &t, collapse)?;
     Ok((topo, analytic, sim))
 }
 
 /// Simulates one training step of a candidate's terms on the topology.
-pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> SimResult {
+pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> crate::Result<SimResult> {
     let world = t.layout.world();
     let ranks: Vec<u32> = if collapse {
         vec![0]
@@ -486,7 +486,7 @@ pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> SimResult {
         // The updated bf16 shards into the whole bf16 parameters.
         gather(&mut b, "weight all-gather", t.param_bytes, &opt);
     }
-    let sched = b.eng.run();
+    let sched = b.eng.run()?;
     let ops = b.eng.ops;
     let mut busy: HashMap<Stream, f64> = HashMap::new();
     let mut sent: HashMap<Stream, f64> = HashMap::new();
@@ -503,7 +503,7 @@ pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> SimResult {
             .filter_map(|s| m.get(s).map(|v| (s.name().to_string(), *v)))
             .collect::<Vec<_>>()
     };
-    SimResult {
+    Ok(SimResult {
         step_time_s: sched.makespan,
         compute_busy_s: compute_busy,
         exposed_s: (sched.makespan - compute_busy).max(0.0),
@@ -514,7 +514,7 @@ pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> SimResult {
         lanes: if collapse { 1 } else { world },
         engine_ops: ops,
         schedule: Some(sched),
-    }
+    })
 }
 
 #[cfg(test)]

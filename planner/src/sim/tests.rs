@@ -66,8 +66,8 @@ fn collapsed_equals_full_simulation() {
             Recompute::OutsideAttention,
             u64::from(dp),
         );
-        let a = simulate(&t, &tm, true);
-        let b = simulate(&t, &tm, false);
+        let a = simulate(&t, &tm, true).unwrap();
+        let b = simulate(&t, &tm, false).unwrap();
         let rel = (a.step_time_s - b.step_time_s).abs() / b.step_time_s;
         assert!(
             rel < 1e-9,
@@ -93,7 +93,7 @@ fn invariants_hold() {
         Recompute::OutsideAttention,
         1,
     );
-    let s = simulate(&t, &tm, false);
+    let s = simulate(&t, &tm, false).unwrap();
     let sched = s.schedule.as_ref().unwrap();
     assert!(
         s.max_link_utilisation <= 1.0 + 1e-6,
@@ -140,7 +140,7 @@ fn simulation_tracks_the_analytic_model() {
         (1, 64, Placement::UlyssesInner),
     ] {
         let tm = terms_for(&t, "llama3-8b", 1 << 19, u, r, 1, p, 3, Recompute::None, 1);
-        let s = simulate(&t, &tm, true).step_time_s;
+        let s = simulate(&t, &tm, true).unwrap().step_time_s;
         let a = compose(&t, &tm).step_time_s;
         assert!(
             (s - a).abs() / a < 0.15,
@@ -178,7 +178,10 @@ fn pcie_box_punishes_all_to_all_heavy_layouts() {
         Recompute::OutsideAttention,
         1,
     );
-    let (h, l) = (simulate(&t, &heavy, true), simulate(&t, &light, true));
+    let (h, l) = (
+        simulate(&t, &heavy, true).unwrap(),
+        simulate(&t, &light, true).unwrap(),
+    );
     assert!(
         h.step_time_s > l.step_time_s,
         "a2a {} ring {}",
@@ -205,7 +208,7 @@ fn mha_ring_is_exposed_sooner_than_gqa() {
             Recompute::OutsideAttention,
             1,
         );
-        let s = simulate(&t, &tm, true);
+        let s = simulate(&t, &tm, true).unwrap();
         s.exposed_s / s.step_time_s
     };
     let (gqa, mha) = (exposed("llama3-8b"), exposed("llama2-7b"));
@@ -227,7 +230,7 @@ fn trace_has_a_track_per_stream() {
         Recompute::None,
         1,
     );
-    let s = simulate(&t, &tm, true);
+    let s = simulate(&t, &tm, true).unwrap();
     let v = trace::chrome_trace(&s, "test");
     let ev = v["traceEvents"].as_array().unwrap();
     assert!(ev.iter().any(|e| e["name"]
@@ -255,11 +258,11 @@ fn zero3_simulation_runs_the_recompute() {
         2,
     );
     assert_eq!(tm.recompute, Recompute::OutsideAttention);
-    let s = simulate(&t, &tm, true);
+    let s = simulate(&t, &tm, true).unwrap();
     assert!(s.engine_ops.iter().any(|o| o.name.contains("recompute")));
     let mut dropped = tm.clone();
     dropped.recompute = Recompute::None;
-    let d = simulate(&t, &dropped, true);
+    let d = simulate(&t, &dropped, true).unwrap();
     let a = compose(&t, &tm);
     assert!(
         s.step_time_s - d.step_time_s > 0.9 * a.time.recompute_s,
@@ -289,7 +292,7 @@ fn zero3_gathers_and_reduce_scatters_overlap_in_the_simulator() {
         Recompute::OutsideAttention,
         1,
     );
-    let s = simulate(&t, &tm, true);
+    let s = simulate(&t, &tm, true).unwrap();
     let a = compose(&t, &tm);
     let busy = |name: &str| {
         s.stream_busy_s
