@@ -346,6 +346,16 @@ pub fn replay_plan(
 
 /// Simulates one training step of a candidate's terms on the topology.
 pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> crate::Result<SimResult> {
+    simulate_micro(topo, t, collapse, SIMULATED_MICRO_BATCHES)
+}
+
+/// [`simulate`] holding at most `cap` micro-batches (at least 3) in the event graph.
+pub(crate) fn simulate_micro(
+    topo: &Topology,
+    t: &Terms,
+    collapse: bool,
+    cap: u64,
+) -> crate::Result<SimResult> {
     let world = t.layout.world();
     let ranks: Vec<u32> = if collapse {
         vec![0]
@@ -387,8 +397,14 @@ pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> crate::Result<Sim
     };
     let mut d = b.empty();
     let mut grads: H = b.empty();
-    for micro in 0..t.accum {
-        let last_micro = micro + 1 == t.accum;
+    // Micro-batches between the first and the last are alike: three are simulated (first,
+    // one of the middle, last) and the middle one's period stands for the others
+    // ([`extrapolate`]), so a step of 32,768 accumulation steps costs what 3 do.
+    let simulated = t.accum.min(cap.max(SIMULATED_MICRO_BATCHES));
+    let mut micro_ops: Vec<std::ops::Range<usize>> = Vec::new();
+    for micro in 0..simulated {
+        let last_micro = micro + 1 == simulated;
+        let first_op = b.eng.ops.len();
         d = b.compute("vision stage", t.vision_s(), &d);
         // Forward. ZeRO-3: the table and layer 0 gathered before the first layer (exposed);
         // layer l + 1's gather issued when layer l starts (layer l - 1's weights freed).
@@ -479,6 +495,7 @@ pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> crate::Result<Sim
                 &d,
             );
         }
+        micro_ops.push(first_op..b.eng.ops.len());
     }
     let all = Builder::join(&d, &grads);
     let opt = b.compute("optimizer step", t.optimizer_s, &all);
@@ -496,6 +513,15 @@ pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> crate::Result<Sim
             *sent.entry(o.stream).or_default() += o.sent_per_rank;
         }
     }
+    let extra_s = extrapolate(
+        &ops,
+        &sched,
+        &micro_ops,
+        t.accum - simulated,
+        &mut busy,
+        &mut sent,
+    );
+    let step_time_s = sched.makespan + extra_s;
     let compute_busy = busy.get(&Stream::Compute).copied().unwrap_or(0.0);
     let order = |m: HashMap<Stream, f64>| {
         Stream::ALL
@@ -504,9 +530,9 @@ pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> crate::Result<Sim
             .collect::<Vec<_>>()
     };
     Ok(SimResult {
-        step_time_s: sched.makespan,
+        step_time_s,
         compute_busy_s: compute_busy,
-        exposed_s: (sched.makespan - compute_busy).max(0.0),
+        exposed_s: (step_time_s - compute_busy).max(0.0),
         stream_busy_s: order(busy),
         sent_bytes: order(sent),
         max_link_utilisation: sched.max_link_utilisation,
@@ -515,6 +541,39 @@ pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> crate::Result<Sim
         engine_ops: ops,
         schedule: Some(sched),
     })
+}
+
+/// Micro-batches a step's simulation holds at most: the first, one of the middle and the last.
+const SIMULATED_MICRO_BATCHES: u64 = 3;
+
+/// The time (returned) and rank 0's busy time and bytes (added) of the `missing` middle
+/// micro-batches a step did not simulate: each as the simulated second one, whose period is
+/// the time between the ends of its rank-0 work and of the first micro-batch's.
+fn extrapolate(
+    ops: &[Op],
+    sched: &Schedule,
+    micro_ops: &[std::ops::Range<usize>],
+    missing: u64,
+    busy: &mut HashMap<Stream, f64>,
+    sent: &mut HashMap<Stream, f64>,
+) -> f64 {
+    let missing = missing as f64;
+    if missing == 0.0 || micro_ops.len() < 2 {
+        return 0.0;
+    }
+    let end_of = |r: &std::ops::Range<usize>| {
+        r.clone()
+            .filter(|&i| ops[i].lanes.contains(&0))
+            .map(|i| sched.end[i])
+            .fold(0.0, f64::max)
+    };
+    let period = (end_of(&micro_ops[1]) - end_of(&micro_ops[0])).max(0.0);
+    for i in micro_ops[1].clone().filter(|&i| ops[i].lanes.contains(&0)) {
+        let o = &ops[i];
+        *busy.entry(o.stream).or_default() += missing * (sched.end[i] - sched.start[i]);
+        *sent.entry(o.stream).or_default() += missing * o.sent_per_rank;
+    }
+    missing * period
 }
 
 #[cfg(test)]

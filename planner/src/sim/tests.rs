@@ -79,6 +79,49 @@ fn collapsed_equals_full_simulation() {
 }
 
 #[test]
+fn middle_micro_batches_extrapolate_to_the_full_simulation() {
+    // 12 accumulation steps (global batch 24 over dp 2), every ZeRO stage: simulating the
+    // first, one middle and the last micro-batch and repeating the middle one's period gives
+    // the step, busy time and bytes of simulating all twelve.
+    let t = topo("dgx-h100", 16);
+    for zero in [0, 1, 2, 3] {
+        let tm = terms_for(
+            &t,
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../runtime/bench/llama3-8b-2layer.json"
+            ),
+            1 << 15,
+            2,
+            4,
+            2,
+            Placement::UlyssesInner,
+            zero,
+            Recompute::None,
+            24,
+        );
+        assert_eq!(tm.accum, 12);
+        let short = simulate(&t, &tm, true).unwrap();
+        let full = simulate_micro(&t, &tm, true, u64::MAX).unwrap();
+        assert!(full.ops > 3 * short.ops, "{} vs {}", full.ops, short.ops);
+        let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-30);
+        assert!(
+            rel(short.step_time_s, full.step_time_s) < 1e-6,
+            "ZeRO-{zero}: {} vs {}",
+            short.step_time_s,
+            full.step_time_s
+        );
+        assert!(
+            rel(short.compute_busy_s, full.compute_busy_s) < 1e-6,
+            "ZeRO-{zero}"
+        );
+        for ((n, a), (_, b)) in short.sent_bytes.iter().zip(&full.sent_bytes) {
+            assert!(rel(*a, *b) < 1e-6, "ZeRO-{zero} {n}: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
 fn invariants_hold() {
     let t = topo("dgx-h100", 32);
     let tm = terms_for(
