@@ -285,3 +285,47 @@ fn deterministic_refuses_cudnn_attention() {
     assert!(e.is_bad_input(), "{e}");
     assert!(e.to_string().contains("--attn-backend flash"), "{e}");
 }
+
+#[test]
+fn a_save_interrupted_midway_leaves_the_previous_checkpoint_loadable() {
+    // ZeRO-1 over DP 2: two shard files per save. A save of step 2 completes; a later save
+    // dies after one rank wrote its shard of step 4 and another left a temporary file (the
+    // manifest still names step 2's files): resuming from the directory continues from step 2
+    // as a straight run does, and a completed save keeps only its own step's files.
+    let c = Case::new("interrupted", 1, 1, 2, 1);
+    let straight = c.run(4, "straight", None).unwrap();
+    c.run(2, "ck", None).unwrap();
+    let ck = c.dir.join("ck");
+    let names = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("shard-"))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = names(&ck);
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert!(before.iter().all(|n| n.contains(".step2.")), "{before:?}");
+    std::fs::write(
+        ck.join("shard-00000-of-00002.step4.safetensors"),
+        b"half a shard",
+    )
+    .unwrap();
+    std::fs::write(ck.join("shard-00001-of-00002.step4.safetensors.tmp"), b"").unwrap();
+    let resumed = c.run(2, "after", Some("ck")).unwrap();
+    assert_eq!(losses(&resumed), losses(&straight)[2..].to_vec());
+    assert_same_state(&c.dir.join("straight"), &c.dir.join("after"), "interrupted");
+    // Saving into the directory again replaces the debris with complete step-4 files.
+    c.run(2, "ck", Some("ck")).unwrap();
+    let after = names(&ck);
+    assert!(
+        after
+            .iter()
+            .all(|n| n.contains(".step4.") && n.ends_with(".safetensors")),
+        "{after:?}"
+    );
+    assert_eq!(after.len(), 2);
+    let _ = std::fs::remove_dir_all(&c.dir);
+}

@@ -5,8 +5,11 @@
 //!
 //! A checkpoint is a directory: one safetensors file per optimizer shard and
 //! `manifest.json`. Without ZeRO (one shard, every rank holds the same state) the grad
-//! group's rank 0 writes `shard-00000-of-00001.safetensors`; with ZeRO-1/2/3 grad rank r
-//! writes shard r. A shard file holds `params` (that shard's slice of the padded flat
+//! group's rank 0 writes `shard-00000-of-00001.stepS.safetensors`; with ZeRO-1/2/3 grad rank
+//! r writes shard r. Files are written under temporary names, synced and renamed; shard names
+//! carry the step, so the files the current manifest names are never overwritten, and the
+//! previous save's files are removed only once the new manifest is in place: a crash at any
+//! point of a save leaves the previous checkpoint whole and loadable. A shard file holds `params` (that shard's slice of the padded flat
 //! parameter vector, in `Decoder::param_shapes` order), `exp_avg` and `exp_avg_sq` (its
 //! moments) and `step`. With ZeRO-1/2/3 the parameter vector is cut into units (embedding,
 //! each layer, final norm with head; `train::shards`), each padded to a multiple of the
@@ -170,8 +173,11 @@ pub fn check(dir: &Path, want: &Value) -> Result<Manifest> {
     })
 }
 
-fn shard_name(i: usize, n: usize) -> String {
-    format!("shard-{i:05}-of-{n:05}.safetensors")
+/// Shard file names carry the step they hold, so that a save never overwrites the files the
+/// current manifest names: a crash before the new manifest is renamed into place leaves the
+/// previous checkpoint whole.
+fn shard_name(i: usize, n: usize, step: usize) -> String {
+    format!("shard-{i:05}-of-{n:05}.step{step}.safetensors")
 }
 
 /// The shard this rank writes, if any, and the shard count.
@@ -184,10 +190,25 @@ fn my_shard(t: &Trainer<'_>) -> (Option<usize>, usize) {
     }
 }
 
-/// The shard file names of a checkpoint of this trainer.
-pub fn shard_files(t: &Trainer<'_>) -> Vec<String> {
+/// The shard file names of this trainer's checkpoint after `step` steps.
+pub fn shard_files(t: &Trainer<'_>, step: usize) -> Vec<String> {
     let n = my_shard(t).1;
-    (0..n).map(|i| shard_name(i, n)).collect()
+    (0..n).map(|i| shard_name(i, n, step)).collect()
+}
+
+/// Writes `bytes` to `path` through a temporary file that is synced, then renamed.
+fn write_durable(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    write(&tmp)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(d) = path.parent() {
+        // The rename itself, durable.
+        std::fs::File::open(d)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn cpu(t: &Tensor) -> Tensor {
@@ -196,7 +217,7 @@ fn cpu(t: &Tensor) -> Tensor {
 
 /// Writes this rank's shard file into `dir` (created if missing), if this rank writes one.
 /// Call on every rank, then a barrier, then [`write_manifest`] on rank 0.
-pub fn save_shard(t: &Trainer<'_>, dir: &Path) -> Result<()> {
+pub fn save_shard(t: &Trainer<'_>, dir: &Path, after_step: usize) -> Result<()> {
     let (Some(i), n) = my_shard(t) else {
         return Ok(());
     };
@@ -214,40 +235,47 @@ pub fn save_shard(t: &Trainer<'_>, dir: &Path) -> Result<()> {
         ("exp_avg_sq", cpu(v)),
         ("step", Tensor::from_slice(&[i64::from(step)])),
     ];
-    let name = shard_name(i, n);
-    let tmp = dir.join(format!("{name}.tmp"));
-    Tensor::write_safetensors(&tensors, &tmp)?;
-    std::fs::rename(&tmp, dir.join(&name))?;
-    Ok(())
+    write_durable(&dir.join(shard_name(i, n, after_step)), |tmp| {
+        Ok(Tensor::write_safetensors(&tensors, tmp)?)
+    })
 }
 
-/// Writes the manifest (rank 0, after every shard file is written).
+/// Writes the manifest (rank 0, after every shard file is written), then removes the shard
+/// files of earlier saves. `data` says where the training data stands (its source; the
+/// position is the step).
 pub fn write_manifest(
     t: &Trainer<'_>,
     dir: &Path,
     identity: &Value,
     step: usize,
     losses: &[f64],
+    data: &Value,
 ) -> Result<()> {
     let (_, _, numel, padded) = t.opt.checkpoint_layout();
     let v = json!({
         "format": FORMAT,
         "step": step,
         "identity": identity,
-        "files": shard_files(t),
+        "files": shard_files(t, step),
         "numel": numel, "padded": padded,
         "param_layout": if t.opt.params_sharded() { "sharded-units" } else { "flat" },
         "optimizer": {"lr": t.cfg.optimizer.lr, "beta1": t.cfg.optimizer.beta1,
                       "beta2": t.cfg.optimizer.beta2, "eps": t.cfg.optimizer.eps,
                       "weight_decay": t.cfg.optimizer.weight_decay},
-        "data": {"source": "synthetic", "next_step": step,
-                 "note": "the data of step k is a function of k; no generator state is used after initialisation"},
+        "data": {"source": data, "next_step": step,
+                 "note": "the data of step k is a function of (seed, k, DP rank); no generator state is used after initialisation"},
         "losses": losses,
     });
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!("{MANIFEST}.tmp"));
-    std::fs::write(&tmp, serde_json::to_string_pretty(&v)?)?;
-    std::fs::rename(&tmp, dir.join(MANIFEST))?;
+    let text = serde_json::to_string_pretty(&v)?;
+    write_durable(&dir.join(MANIFEST), |tmp| Ok(std::fs::write(tmp, &text)?))?;
+    let keep = shard_files(t, step);
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("shard-") && name.ends_with(".safetensors") && !keep.contains(&name) {
+            std::fs::remove_file(e.path())?;
+        }
+    }
     Ok(())
 }
 

@@ -332,10 +332,15 @@ fn save_after(
         ));
     }
     if let Some(dir) = &cx.extras.save {
-        checkpoint::save_shard(t, dir)?;
+        checkpoint::save_shard(t, dir, step + 1)?;
         t.grad_group().barrier()?;
         if rank == 0 {
-            checkpoint::write_manifest(t, dir, cx.identity, step + 1, losses)?;
+            let data = match (&cx.inputs.data, &cx.extras.data) {
+                (Some(d), _) => json!({"path": d.path, "seed": cx.extras.data_seed}),
+                (None, Some(p)) => json!({"path": p}),
+                (None, None) => json!("synthetic"),
+            };
+            checkpoint::write_manifest(t, dir, cx.identity, step + 1, losses, &data)?;
         }
         say(format!(
             "checkpoint after step index {step} written to {}",
