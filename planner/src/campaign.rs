@@ -18,11 +18,10 @@ use serde::{Deserialize, Serialize};
 use crate::cost::Recompute;
 use crate::error::{Error, Result};
 use crate::multimodal::MultiModal;
-use crate::plan::Plan;
 use crate::report::charts::{self, Span};
 use crate::report::page::{self, Page, Section, Table};
 use crate::report::{create_dir, short_layout, write_file};
-use crate::search::{self, Request, Strategy};
+use crate::search::{Request, Strategy};
 use crate::spec::samples::Sample;
 use crate::spec::{cluster::ClusterSpec, model::ModelSpec, vision::VisionSpec};
 use crate::topology::Topology;
@@ -341,27 +340,10 @@ pub fn plan(recipe: &Recipe, out: Option<&Path>) -> Result<CampaignResult> {
             ),
             _ => None,
         };
-        let result = search::search(&topo, &model, &req, mm.as_ref());
-        let Some(best) = result.best() else {
-            return Err(ctx_err(search::no_plan_error_for(
-                &topo,
-                &model,
-                &req,
-                &result,
-                mm.as_ref(),
-            )));
-        };
-        let mut p = Plan::build(
-            &topo,
-            &s.topology,
-            &model,
-            search::candidate_context(s.context_tokens, mm.as_ref(), &best.candidate.layout),
-            result.global_batch,
-            best,
-        )?;
-        if let Some(mm) = &mm {
-            mm.attach(&mut p, &topo, &model, &best.candidate)?;
-        }
+        // The same pipeline as `mmsp plan`: the same plan for the same stage.
+        let planned = crate::pipeline::plan_training(&topo, &s.topology, &model, &req, mm.as_ref())
+            .map_err(ctx_err)?;
+        let (p, result, best) = (planned.plan, planned.result, &planned.best);
         let file = format!("stage-{}-{}.plan.json", i + 1, slug(&s.name));
         if let Some(dir) = out {
             let json = serde_json::to_string_pretty(&p)

@@ -11,6 +11,7 @@ pub mod error;
 pub mod export;
 pub mod inference;
 pub mod multimodal;
+pub mod pipeline;
 pub mod plan;
 pub mod render;
 pub mod report;

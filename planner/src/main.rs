@@ -416,30 +416,15 @@ fn plan(a: PlanArgs) -> Result<()> {
         req.global_batch = Some(a.target.global_batch.unwrap_or(1));
         max_ctx = Some(ctx);
     }
-    let result = search::search(&topo, &model, &req, mm.as_ref());
-    let Some(best) = result.best() else {
-        return Err(search::no_plan_error_for(&topo, &model, &req, &result, mm.as_ref()).into());
-    };
-    // The simulator re-ranks the analytically best few candidates.
-    let refined = mmsp_planner::compare::refine(&topo, &model, &result, req.context, mm.as_ref());
-    let (best, simulated) = refined
-        .first()
-        .map(|(s, t)| (s, Some(*t)))
-        .unwrap_or((best, None));
-    // With samples, the context of the chosen layout: each sample padded for its SP degree.
-    let mut plan = Plan::build(
+    let planned = mmsp_planner::pipeline::plan_training(
         &topo,
         &a.target.topology,
         &model,
-        search::candidate_context(req.context, mm.as_ref(), &best.candidate.layout),
-        result.global_batch,
-        best,
+        &req,
+        mm.as_ref(),
     )?;
-    plan.predicted.simulated_step_time_s = simulated;
+    let (mut plan, result, best) = (planned.plan, planned.result, planned.best);
     plan.max_context_tokens = max_ctx;
-    if let Some(mm) = &mm {
-        mm.attach(&mut plan, &topo, &model, &best.candidate)?;
-    }
     let mut out = std::io::stdout().lock();
     match a.format {
         Format::Json => {
@@ -449,7 +434,7 @@ fn plan(a: PlanArgs) -> Result<()> {
         Format::Table => write!(
             out,
             "{}",
-            render::plan_table(&topo, &plan, &result, best, a.top)
+            render::plan_table(&topo, &plan, &result, &best, a.top)
         )?,
     }
     Ok(())
