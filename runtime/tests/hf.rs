@@ -809,3 +809,74 @@ fn a_context_past_max_position_embeddings_is_trained_and_warned_about() {
     );
     assert!(losses(&v)[0].is_finite());
 }
+
+#[test]
+fn packed_documents_attend_within_themselves() {
+    use mmsp_runtime::model::ModelConfig;
+    use mmsp_runtime::train::data::pack_documents;
+    // Documents of 5, 13, 30, 9 and 40 tokens (token-id JSONL, one per line), context 64 over
+    // 2 x 2 ranks: each document a sample of its own, padded to a multiple of 8. The first
+    // loss equals the mean cross entropy of each document run alone on one device (positions
+    // from 0), with no label crossing documents; with cross-document attention it differs.
+    let d = tmp("hf-docs");
+    let docs: [usize; 5] = [5, 13, 30, 9, 40];
+    let mut text = String::new();
+    let mut k = 0i64;
+    for n in docs {
+        let ids: Vec<i64> = (0..n)
+            .map(|_| {
+                k += 1;
+                (k * 37 + 11) % 125 + 3
+            })
+            .collect();
+        text += &format!("{}\n", serde_json::to_string(&ids).unwrap());
+    }
+    let data = d.join("docs.jsonl");
+    std::fs::write(&data, text).unwrap();
+    let plan = d.join("plan.json");
+    std::fs::write(&plan, plan_json(2, 2, 1, 0, 64)).unwrap();
+    let run = |cross: bool| {
+        let ex = RunExtras {
+            data: Some(data.clone()),
+            cross_document_attention: cross,
+            ..quiet()
+        };
+        losses(&run_with(&opts(&plan, ModelSource::Tiny, 1, 4, 1e-3), &ex).unwrap())[0]
+    };
+    let (masked, cross) = (run(false), run(true));
+    // The reference: the packed samples, each alone.
+    let ds = Dataset::open(&data, 64, 128, 0, None).unwrap();
+    let smp = ds.sample(0, 0, 1).unwrap();
+    assert_eq!(smp.doc_lens, vec![5, 13, 30, 9, 7]);
+    let p = pack_documents(&smp, 8, 0).unwrap();
+    assert_eq!(p.sample_lens, vec![8, 16, 32, 8]);
+    let m = Decoder::random(
+        ModelConfig::tiny(),
+        Device::Cpu,
+        Kind::Float,
+        Kind::Float,
+        1,
+    )
+    .unwrap();
+    let (mut sum, mut count) = (0.0, 0usize);
+    let mut at = 0;
+    for &len in &p.sample_lens {
+        let lg = forward_logits(&m, &p.ids[at..at + len])
+            .get(0)
+            .log_softmax(-1, Kind::Double);
+        for i in 0..len {
+            let l = p.labels[at + i];
+            if l >= 0 {
+                sum -= lg.double_value(&[i as i64, l]);
+                count += 1;
+            }
+        }
+        at += len;
+    }
+    let want = sum / count as f64;
+    assert!((masked - want).abs() < 1e-5 * want, "{masked} vs {want}");
+    assert!(
+        (cross - want).abs() > 1e-3 * want,
+        "cross-document attention gave the same loss"
+    );
+}

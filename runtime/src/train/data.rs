@@ -14,9 +14,11 @@
 //!   documents of `megatron/core/datasets/indexed_dataset.py`, concatenated in index order;
 //!   read by byte range (the `.bin` is not loaded).
 //!
-//! Packing: documents are concatenated (as Megatron's GPT dataset does without
-//! `--reset-attention-mask`); sequence k of an epoch is tokens [kC, kC + C) with labels
-//! shifted by one (the last label is the next sequence's first token). Sample j of a run is
+//! Packing: documents are concatenated; sequence k of an epoch is tokens [kC, kC + C) with
+//! labels shifted by one (the last label is the next sequence's first token), and
+//! [`pack_documents`] makes each of its documents a sample of the packed trainer
+//! (document-masked attention) unless the run asks for attention across them (Megatron's
+//! GPT dataset without `--reset-attention-mask`). Sample j of a run is
 //! sequence j of the epoch's permutation (seeded shuffle of the sequence order, one per
 //! epoch); step s on DP rank d takes sample s * dp + d.
 use crate::error::{Result, RuntimeError};
@@ -35,6 +37,8 @@ enum Tokens {
         ids: Vec<u32>,
         /// Whether position i carries loss (false: an SFT prompt token).
         loss: Vec<bool>,
+        /// First token of each document (empty: one document, a `.npy`).
+        doc_starts: Vec<u64>,
     },
     Megatron(Megatron),
 }
@@ -66,6 +70,9 @@ pub struct Dataset {
 pub struct Sample {
     pub ids: Vec<i64>,
     pub labels: Vec<i64>,
+    /// Lengths of the documents (or pieces of them) the sequence holds, in order; their sum
+    /// is the context.
+    pub doc_lens: Vec<usize>,
 }
 
 /// What turns text into ids: the model's tokenizer and its end-of-sequence id.
@@ -127,10 +134,18 @@ impl Dataset {
         } else if name.ends_with(".npy") {
             let ids = read_npy(path)?;
             let loss = vec![true; ids.len()];
-            Tokens::Memory { ids, loss }
+            Tokens::Memory {
+                ids,
+                loss,
+                doc_starts: Vec::new(),
+            }
         } else if name.ends_with(".jsonl") {
-            let (ids, loss) = read_jsonl(path, tok)?;
-            Tokens::Memory { ids, loss }
+            let (ids, loss, doc_starts) = read_jsonl(path, tok)?;
+            Tokens::Memory {
+                ids,
+                loss,
+                doc_starts,
+            }
         } else {
             return Err(bad(
                 path,
@@ -199,12 +214,39 @@ impl Dataset {
             .collect();
         let mut ids = ids;
         ids.truncate(c);
-        Ok(Sample { ids, labels })
+        let doc_lens = self.doc_lens(start, c);
+        Ok(Sample {
+            ids,
+            labels,
+            doc_lens,
+        })
+    }
+
+    /// Lengths of the documents' pieces in tokens [start, start + n).
+    fn doc_lens(&self, start: u64, n: usize) -> Vec<usize> {
+        let end = start + n as u64;
+        let starts: Vec<u64> = match &self.tokens {
+            Tokens::Memory { doc_starts, .. } => doc_starts.clone(),
+            Tokens::Megatron(m) => m.seqs.iter().map(|s| s.2).collect(),
+        };
+        let mut cuts: Vec<u64> = starts
+            .into_iter()
+            .filter(|&s| s > start && s < end)
+            .collect();
+        cuts.push(end);
+        let mut at = start;
+        cuts.into_iter()
+            .map(|c| {
+                let l = (c - at) as usize;
+                at = c;
+                l
+            })
+            .collect()
     }
 
     fn read(&self, start: u64, n: usize) -> Result<(Vec<i64>, Vec<bool>)> {
         match &self.tokens {
-            Tokens::Memory { ids, loss } => {
+            Tokens::Memory { ids, loss, .. } => {
                 let r = start as usize..start as usize + n;
                 Ok((
                     ids[r.clone()].iter().map(|&t| t as i64).collect(),
@@ -217,10 +259,13 @@ impl Dataset {
 }
 
 /// Reads a JSONL of documents: text (tokenized) or token ids.
-fn read_jsonl(path: &Path, tok: Option<&TextTokenizer>) -> Result<(Vec<u32>, Vec<bool>)> {
+fn read_jsonl(path: &Path, tok: Option<&TextTokenizer>) -> Result<(Vec<u32>, Vec<bool>, Vec<u64>)> {
     let text = std::fs::read_to_string(path).map_err(|e| bad(path, e))?;
-    let (mut ids, mut loss) = (Vec::new(), Vec::new());
+    let (mut ids, mut loss, mut starts) = (Vec::new(), Vec::new(), Vec::new());
     for (i, line) in text.lines().enumerate() {
+        if !line.trim().is_empty() {
+            starts.push(ids.len() as u64);
+        }
         if line.trim().is_empty() {
             continue;
         }
@@ -273,7 +318,7 @@ fn read_jsonl(path: &Path, tok: Option<&TextTokenizer>) -> Result<(Vec<u32>, Vec
             loss.push(true);
         }
     }
-    Ok((ids, loss))
+    Ok((ids, loss, starts))
 }
 
 /// Reads a `.npy` array of integers (NumPy format 1.0-3.0, C order), flattened.
@@ -459,4 +504,69 @@ impl Megatron {
         }
         Ok(out)
     }
+}
+
+/// A sequence packed with one sample per document piece, for document-masked attention.
+pub struct Packed {
+    pub ids: Vec<i64>,
+    pub labels: Vec<i64>,
+    /// The trainer's samples ([`crate::train::Trainer::repack`]), each a multiple of `multiple`.
+    pub sample_lens: Vec<usize>,
+}
+
+/// Packs a sample's documents as samples of the packed trainer (attention within each only,
+/// RoPE positions restarting in each): every piece padded at its end (id `pad`, no loss) to a
+/// multiple of `multiple` (2 x SP: each sample is zigzag-sharded on its own), pieces taken in
+/// order while they fit the context, the one that does not truncated to the room left (a
+/// multiple too) and the rest of the sequence dropped, as packers that never split a
+/// sample's shard do. A document's last label (the next document's first token) is dropped;
+/// a piece cut by the sequence's end keeps it (the same document goes on) unless it is the
+/// last row of one of several samples, which the packed trainer never labels. None when the context is not a multiple of `multiple`.
+pub fn pack_documents(s: &Sample, multiple: usize, pad: i64) -> Option<Packed> {
+    let c = s.ids.len();
+    if multiple == 0 || !c.is_multiple_of(multiple) {
+        return None;
+    }
+    let (mut ids, mut labels, mut lens) =
+        (Vec::with_capacity(c), Vec::with_capacity(c), Vec::new());
+    let mut at = 0;
+    let last = s.doc_lens.len().saturating_sub(1);
+    for (j, &len) in s.doc_lens.iter().enumerate() {
+        let room = c - ids.len();
+        if room == 0 {
+            break;
+        }
+        let take = len.min(room);
+        let padded = take.div_ceil(multiple) * multiple;
+        let (take, padded) = if padded > room {
+            (room, room)
+        } else {
+            (take, padded)
+        };
+        ids.extend_from_slice(&s.ids[at..at + take]);
+        labels.extend_from_slice(&s.labels[at..at + take]);
+        if take == len && j < last {
+            // The document ends here: its last label would be the next document's token.
+            if let Some(l) = labels.last_mut() {
+                *l = -100;
+            }
+        }
+        ids.resize(ids.len() + padded - take, pad);
+        labels.resize(labels.len() + padded - take, -100);
+        lens.push(padded);
+        at += len;
+    }
+    if lens.len() > 1 {
+        // The packed trainer gives no sample's last row a label (it would cross samples).
+        let mut end = 0;
+        for &l in &lens {
+            end += l;
+            labels[end - 1] = -100;
+        }
+    }
+    Some(Packed {
+        ids,
+        labels,
+        sample_lens: lens,
+    })
 }

@@ -429,6 +429,42 @@ impl<'a> Trainer<'a> {
         AdamW::new_sharded_from(&params, &init, &units, cfg.optimizer, grad, keep_full)
     }
 
+    /// Re-packs the trainer's sequence as `sample_lens` (same total; every length a multiple
+    /// of 2 x SP when there are several): the per-sample sharding, attention, RoPE positions
+    /// and masked last rows of [`Trainer::new_packed`], for data whose document boundaries
+    /// change from step to step. Every rank of the SP group must repack alike before a step.
+    pub fn repack(&mut self, sample_lens: &[usize]) -> Result<()> {
+        let m = &self.model.cfg;
+        let shape = AttnShape {
+            batch: 1,
+            seq_len: sample_lens.iter().fold(0usize, |a, &l| a.saturating_add(l)),
+            q_heads: m.num_heads,
+            kv_heads: m.num_kv_heads,
+            head_dim: m.head_dim,
+        };
+        if shape.seq_len != self.attn.packing().seq_len() {
+            return Err(RuntimeError::Shape(format!(
+                "repack to {} tokens, the trainer holds {}",
+                shape.seq_len,
+                self.attn.packing().seq_len()
+            )));
+        }
+        let g = &self.groups;
+        let attn = PackedAttention::new(g.ulysses, g.ring, self.cfg.backend, shape, sample_lens)?;
+        let (r, u) = (g.ring.rank(), g.ulysses.rank());
+        let packing = attn.packing();
+        let device = self.model.device();
+        let positions = Tensor::from_slice(&packing.positions(r, u)).to(device);
+        self.ids_len = positions.size()[0] as usize;
+        self.rope = Rope::new(m, &positions, self.model.compute);
+        self.last_rows = (packing.num_samples() > 1).then(|| {
+            let rows: Vec<i64> = packing.last_rows(r, u).iter().map(|&x| x as i64).collect();
+            Tensor::from_slice(&rows).to(device)
+        });
+        self.attn = attn;
+        Ok(())
+    }
+
     /// Which kernels this trainer uses (for logs and A/B runs).
     pub fn kernels(&self) -> Value {
         json!({

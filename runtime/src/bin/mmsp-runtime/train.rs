@@ -38,6 +38,11 @@ pub struct RunArgs {
     /// (0: file order).
     #[arg(long, default_value_t = 0)]
     data_seed: u64,
+    /// Let tokens attend across the documents a sequence packs (Megatron's default); without
+    /// it each document is a sample of its own (document-masked attention, positions
+    /// restarting), padded to a multiple of 2 x SP.
+    #[arg(long)]
+    cross_document_attention: bool,
     /// Learning-rate warmup steps (linear from 0 to --lr).
     #[arg(long, default_value_t = 0)]
     warmup_steps: usize,
@@ -129,6 +134,7 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
                 model,
                 data,
                 data_seed,
+                cross_document_attention,
                 warmup_steps,
                 decay_steps,
                 min_lr_ratio,
@@ -215,6 +221,7 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
                 attn_backend,
                 data,
                 data_seed,
+                cross_document_attention,
                 schedule: Some(LrSchedule {
                     peak: lr,
                     warmup_steps,

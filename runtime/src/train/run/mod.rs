@@ -171,6 +171,9 @@ pub struct RunExtras {
     pub data: Option<PathBuf>,
     /// Seed of the data order (0: file order).
     pub data_seed: u64,
+    /// Attention across the documents a sequence of `data` packs (off: each document is a
+    /// sample of its own, padded to a multiple of 2 x SP, as [`super::data::pack_documents`]).
+    pub cross_document_attention: bool,
     /// Learning rate by step (None: `RunOptions::lr`, constant).
     pub schedule: Option<LrSchedule>,
     /// Clip gradients to this global norm (0: off).
@@ -196,6 +199,7 @@ impl Default for RunExtras {
             attn_backend: None,
             data: None,
             data_seed: 0,
+            cross_document_attention: false,
             schedule: None,
             max_grad_norm: 0.0,
             metrics: None,

@@ -2,6 +2,7 @@
 //! (the dataset's sample or synthetic ids), learning rate, checkpoints, `--save-hf`, metrics
 //! and progress, kernel traces.
 use super::*;
+use crate::train::data::pack_documents;
 
 pub(super) fn synthetic(step: usize, seq: usize, vocab: usize, dev: Device) -> (Tensor, Tensor) {
     let ids: Vec<i64> = (0..seq as i64)
@@ -148,7 +149,7 @@ pub(super) fn rank_loop(
         let (st, vision) = match (&mut vis, cx.vision) {
             (Some(v), Some(vr)) => v.step(step, vr, &mut t, grad, cx)?,
             _ => {
-                let (ids, labels) = text_batch(cx, rank, step)?;
+                let (ids, labels) = text_batch(cx, &mut t, rank, step)?;
                 let rg = t.local_ranges();
                 (t.step(&shard(&ids, &rg), &shard(&labels, &rg))?, [0.0; 5])
             }
@@ -237,9 +238,15 @@ fn build_trainer<'a>(
     Ok((t, vis))
 }
 
-/// Ids and labels (1, S) of a text step: the dataset's sample for this rank's DP index, or
-/// the synthetic sequence.
-fn text_batch(cx: &LoopCtx<'_>, rank: usize, step: usize) -> Result<(Tensor, Tensor)> {
+/// Ids and labels (1, S) of a text step: the dataset's sample for this rank's DP index (its
+/// documents as samples of their own unless `cross_document_attention`: the trainer is
+/// re-packed for them), or the synthetic sequence.
+fn text_batch(
+    cx: &LoopCtx<'_>,
+    t: &mut Trainer<'_>,
+    rank: usize,
+    step: usize,
+) -> Result<(Tensor, Tensor)> {
     let dev = cx.dev;
     let Some(d) = &cx.inputs.data else {
         return Ok(synthetic(
@@ -250,10 +257,18 @@ fn text_batch(cx: &LoopCtx<'_>, rank: usize, step: usize) -> Result<(Tensor, Ten
         ));
     };
     let smp = d.sample(step, cx.layout.coords(rank).dp, cx.layout.dp)?;
-    let s = smp.ids.len() as i64;
+    let multiple = 2 * cx.layout.ulysses * cx.layout.ring;
+    let (ids, labels) = match pack_documents(&smp, multiple, 0) {
+        Some(p) if !cx.extras.cross_document_attention => {
+            t.repack(&p.sample_lens)?;
+            (p.ids, p.labels)
+        }
+        _ => (smp.ids, smp.labels),
+    };
+    let s = ids.len() as i64;
     Ok((
-        Tensor::from_slice(&smp.ids).view([1, s]).to(dev),
-        Tensor::from_slice(&smp.labels).view([1, s]).to(dev),
+        Tensor::from_slice(&ids).view([1, s]).to(dev),
+        Tensor::from_slice(&labels).view([1, s]).to(dev),
     ))
 }
 
