@@ -539,6 +539,7 @@ pub fn no_plan_error_for(
             .collect();
         msg += &format!(": infeasible candidates: {}", parts.join(", "));
     }
+    let memory = result.closest_memory_miss().is_some();
     if mm.is_some() {
         // The samples fix the context: a plain-text maximum would mislead.
     } else if let Some((ctx, _)) = max_context(topo, model, req) {
@@ -547,14 +548,70 @@ pub fn no_plan_error_for(
             req.gpus,
             fmt_tokens(ctx)
         );
-    } else {
+    } else if memory {
         msg += &format!("; it does not fit on {} GPUs at any context", req.gpus);
+    } else {
+        msg += &format!(
+            "; no context runs on {} GPUs under these constraints (not for lack of memory)",
+            req.gpus
+        );
+    }
+    if !memory {
+        msg += &remedies(result, req);
     }
     match fewest_gpus_for(&topo.spec, model, req, mm) {
         Some(g) => msg += &format!("; {g} GPUs would fit {}", fmt_tokens(req.context)),
-        None => msg += "; no cluster size up to 65536 GPUs fits it",
+        None if memory => msg += "; no cluster size up to 65536 GPUs fits it",
+        None => msg += "; no cluster size up to 65536 GPUs plans it with this batch and strategy",
     }
     Error::NoFeasiblePlan(msg)
+}
+
+/// What would lift the non-memory causes that ruled candidates out, worded per cause.
+fn remedies(result: &SearchResult, req: &Request) -> String {
+    let mut out = String::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (_, e) in &result.infeasible {
+        let hint = match e {
+            Infeasible::Batch { global_batch, .. } => format!(
+                "a global batch of {global_batch} sequences does not divide over the DP degrees \
+                 tried (--global-batch a multiple of the DP degree, e.g. {})",
+                req.gpus
+            ),
+            Infeasible::Heads {
+                heads, kv_heads, ..
+            } => format!(
+                "tp x ulysses must divide the {heads} query heads ({kv_heads} kv heads are \
+                 replicated past their count)"
+            ),
+            Infeasible::Divisibility { .. } => {
+                let m: Vec<u64> = result
+                    .infeasible
+                    .iter()
+                    .filter_map(|(_, e)| match e {
+                        Infeasible::Divisibility { multiple, .. } => Some(*multiple),
+                        _ => None,
+                    })
+                    .collect();
+                let (lo, hi) = (
+                    m.iter().min().copied().unwrap_or(2),
+                    m.iter().max().copied().unwrap_or(2),
+                );
+                format!(
+                    "zigzag sharding needs the context to be a multiple of 2 x SP ({} candidates, whose SP \
+                     degrees need multiples of {lo} to {hi}; {} tokens is one of {lo})",
+                    m.len(),
+                    req.context.div_ceil(lo) * lo
+                )
+            }
+            _ => continue,
+        };
+        let key = std::mem::discriminant(e);
+        if seen.insert(format!("{key:?}")) {
+            out += &format!("; {hint}");
+        }
+    }
+    out
 }
 
 #[cfg(test)]
