@@ -28,7 +28,7 @@ if [ "$N" -lt 2 ]; then
   exit 0
 fi
 PLAN=$WORK/plan.json
-echo "{\"world_size\": $N, \"layout\": {\"ulysses\": 1, \"ring\": $N, \"dp\": 1, \"tp\": 1, \"placement\": \"ulysses_inner\"}, \"zero_stage\": 1, \"recompute\": \"none\", \"micro_batch\": 1, \"grad_accum_steps\": 1, \"context_tokens\": $CTX}" > "$PLAN"
+echo "{\"schema\": \"mmsp-plan\", \"schema_version\": 1, \"world_size\": $N, \"layout\": {\"ulysses\": 1, \"ring\": $N, \"dp\": 1, \"tp\": 1, \"placement\": \"ulysses_inner\"}, \"zero_stage\": 1, \"recompute\": \"none\", \"micro_batch\": 1, \"grad_accum_steps\": 1, \"context_tokens\": $CTX}" > "$PLAN"
 PORT=29700
 # Float helpers (no bc needed): lt A B is true when A < B; since T0 prints seconds since T0.
 lt() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a < b) }'; }

@@ -87,7 +87,7 @@ pub struct InferArgs {
 
 fn infer(a: InferArgs) -> Result<()> {
     use mmsp_runtime::infer::{run_local_job, InferPlan};
-    use mmsp_runtime::model::{Decoder, ModelConfig};
+    use mmsp_runtime::model::Decoder;
     let text = std::fs::read_to_string(&a.plan)
         .map_err(|e| crate::util::usage(format!("{}: {e}", a.plan.display())))?;
     let plan = InferPlan::from_json(&text)?;
@@ -103,48 +103,8 @@ fn infer(a: InferArgs) -> Result<()> {
         ),
         _ => None,
     };
-    let cfg = if let Some(ck) = &ck {
-        ck.cfg.clone()
-    } else if a.tiny {
-        ModelConfig::tiny()
-    } else {
-        let m = plan
-            .model
-            .as_ref()
-            .ok_or_else(|| crate::util::usage("the plan has no model; use --tiny"))?;
-        ModelConfig::from_plan_value(m)?
-    };
-    let prompt: Vec<i64> = match a.haystack {
-        Some(n) => {
-            tch::manual_seed(a.seed);
-            Vec::<i64>::try_from(Tensor::randint(
-                cfg.vocab_size as i64,
-                [n as i64],
-                (Kind::Int64, Device::Cpu),
-            ))?
-        }
-        None if tok.is_some() => {
-            let (t, text) = (
-                tok.as_ref().expect("checked"),
-                a.prompt_text.as_deref().unwrap_or(""),
-            );
-            t.encode(text, true)
-                .map_err(|e| crate::util::usage(format!("--prompt-text: tokenizer: {e}")))?
-                .into_iter()
-                .map(i64::from)
-                .collect()
-        }
-        None => a
-            .prompt
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(|t| {
-                t.parse::<i64>()
-                    .with_context(|| format!("bad token id {t:?} in --prompt"))
-            })
-            .collect::<Result<_>>()?,
-    };
+    let cfg = model_config(&a, &plan, ck.as_ref())?;
+    let prompt = prompt_ids(&a, &cfg, tok.as_ref())?;
     plan.check_prompt(prompt.len())?;
     if let Some(&t) = prompt
         .iter()
@@ -163,22 +123,7 @@ fn infer(a: InferArgs) -> Result<()> {
     } else {
         None
     };
-    let dev = match (a.device.as_str(), &launch) {
-        (_, Some(_)) if !tch::Cuda::is_available() => {
-            usage!("--nccl needs CUDA, which is not available to libtorch")
-        }
-        (_, Some(env)) => Device::Cuda(env.local_rank),
-        ("cpu", None) => Device::Cpu,
-        ("cuda", None) if tch::Cuda::is_available() => Device::Cuda(0),
-        ("cuda", None) => usage!("CUDA is not available to libtorch"),
-        (d, None) => usage!("--device must be cpu or cuda, not {d:?}"),
-    };
-    let kind = match (a.dtype.as_deref(), dev) {
-        (Some("f64"), _) => Kind::Double,
-        (Some("f32"), _) | (None, Device::Cpu) => Kind::Float,
-        (Some("bf16"), _) | (None, _) => Kind::BFloat16,
-        (Some(d), _) => usage!("--dtype must be f64, f32 or bf16, not {d:?}"),
-    };
+    let (dev, kind) = device_and_kind(&a, launch.as_ref())?;
     let l = plan.plan.layout;
     let t0 = Instant::now();
     let make = || match &ck {
@@ -224,7 +169,6 @@ fn infer(a: InferArgs) -> Result<()> {
     let mut d = g.decode_s.clone();
     d.sort_by(|x, y| x.total_cmp(y));
     let med = d.get(d.len() / 2).copied();
-    let inf = &plan_json["inference"];
     let text = match &tok {
         Some(t) => {
             let ids: Vec<u32> = g.tokens.iter().map(|&x| x as u32).collect();
@@ -239,15 +183,7 @@ fn infer(a: InferArgs) -> Result<()> {
         println!("{text}");
         return Ok(());
     }
-    // The plan's predictions hold for the plan's model shape, not for --tiny or --model.
-    let predicted = if a.tiny || a.model.is_some() {
-        json!(null)
-    } else {
-        json!({"prefill_tokens_per_s": inf["prefill_tokens_per_s"],
-            "decode_ms_per_token": inf["decode_s_per_token"].as_f64().map(|s| s * 1e3),
-            "kv_cache_bytes_per_gpu": inf["memory"]["kv_cache_bytes"],
-            "context_tokens": plan.context_tokens})
-    };
+    let predicted = predictions(&a, &plan, &plan_json);
     println!(
         "{}",
         json!({"bench": "infer", "launch": if a.nccl { "nccl" } else { "inprocess" },
@@ -268,6 +204,107 @@ fn infer(a: InferArgs) -> Result<()> {
             "wall_s": t0.elapsed().as_secs_f64()})
     );
     Ok(())
+}
+
+/// The plan's predictions of an inference run (null for --tiny or --model, whose shape is not
+/// the plan's).
+fn predictions(
+    a: &InferArgs,
+    plan: &mmsp_runtime::infer::InferPlan,
+    plan_json: &serde_json::Value,
+) -> serde_json::Value {
+    if a.tiny || a.model.is_some() {
+        return json!(null);
+    }
+    let inf = &plan_json["inference"];
+    json!({"prefill_tokens_per_s": inf["prefill_tokens_per_s"],
+        "decode_ms_per_token": inf["decode_s_per_token"].as_f64().map(|s| s * 1e3),
+        "kv_cache_bytes_per_gpu": inf["memory"]["kv_cache_bytes"],
+        "context_tokens": plan.context_tokens})
+}
+
+/// The decoder's configuration: the checkpoint's (--model), the tiny CI model, or the plan's.
+fn model_config(
+    a: &InferArgs,
+    plan: &mmsp_runtime::infer::InferPlan,
+    ck: Option<&mmsp_runtime::model::hf::HfCheckpoint>,
+) -> Result<mmsp_runtime::model::ModelConfig> {
+    use mmsp_runtime::model::ModelConfig;
+    Ok(if let Some(ck) = ck {
+        ck.cfg.clone()
+    } else if a.tiny {
+        ModelConfig::tiny()
+    } else {
+        let m = plan
+            .model
+            .as_ref()
+            .ok_or_else(|| crate::util::usage("the plan has no model; use --tiny"))?;
+        ModelConfig::from_plan_value(m)?
+    })
+}
+
+/// The prompt's token ids: seeded random (--haystack), --prompt-text through the tokenizer,
+/// or --prompt's list.
+fn prompt_ids(
+    a: &InferArgs,
+    cfg: &mmsp_runtime::model::ModelConfig,
+    tok: Option<&mmsp_runtime::train::data::TextTokenizer>,
+) -> Result<Vec<i64>> {
+    Ok(match a.haystack {
+        Some(n) => {
+            tch::manual_seed(a.seed);
+            Vec::<i64>::try_from(Tensor::randint(
+                cfg.vocab_size as i64,
+                [n as i64],
+                (Kind::Int64, Device::Cpu),
+            ))?
+        }
+        None if tok.is_some() => {
+            let (t, text) = (
+                tok.expect("checked"),
+                a.prompt_text.as_deref().unwrap_or(""),
+            );
+            t.encode(text, true)
+                .map_err(|e| crate::util::usage(format!("--prompt-text: tokenizer: {e}")))?
+                .into_iter()
+                .map(i64::from)
+                .collect()
+        }
+        None => a
+            .prompt
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                t.parse::<i64>()
+                    .with_context(|| format!("bad token id {t:?} in --prompt"))
+            })
+            .collect::<Result<_>>()?,
+    })
+}
+
+/// The device and dtype of the run.
+fn device_and_kind(
+    a: &InferArgs,
+    launch: Option<&mmsp_runtime::comm::nccl::LaunchEnv>,
+) -> Result<(Device, Kind)> {
+    let dev = match (a.device.as_str(), launch) {
+        (_, Some(_)) if !tch::Cuda::is_available() => {
+            usage!("--nccl needs CUDA, which is not available to libtorch")
+        }
+        (_, Some(env)) => Device::Cuda(env.local_rank),
+        ("cpu", None) => Device::Cpu,
+        ("cuda", None) if tch::Cuda::is_available() => Device::Cuda(0),
+        ("cuda", None) => usage!("CUDA is not available to libtorch"),
+        (d, None) => usage!("--device must be cpu or cuda, not {d:?}"),
+    };
+    let kind = match (a.dtype.as_deref(), dev) {
+        (Some("f64"), _) => Kind::Double,
+        (Some("f32"), _) | (None, Device::Cpu) => Kind::Float,
+        (Some("bf16"), _) | (None, _) => Kind::BFloat16,
+        (Some(d), _) => usage!("--dtype must be f64, f32 or bf16, not {d:?}"),
+    };
+    Ok((dev, kind))
 }
 
 /// One rank of an NCCL launch: joins the plan's groups, generates, and gathers every rank's

@@ -170,18 +170,7 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
                 (false, Some(p)) => ModelSource::HfConfig(p),
                 (false, None) => ModelSource::Plan,
             };
-            if !(0.0..=1.0).contains(&min_lr_ratio) || clip_grad < 0.0 {
-                return Err(mmsp_runtime::RuntimeError::Config(format!(
-                    "--min-lr-ratio {min_lr_ratio} must be in [0, 1] and --clip-grad {clip_grad} >= 0"
-                ))
-                .into());
-            }
-            if decay_steps > 0 && decay_steps <= warmup_steps {
-                return Err(mmsp_runtime::RuntimeError::Config(format!(
-                    "--decay-steps {decay_steps} must be past --warmup-steps {warmup_steps}"
-                ))
-                .into());
-            }
+            check_schedule(min_lr_ratio, clip_grad, warmup_steps, decay_steps)?;
             let mut opts = RunOptions {
                 plan,
                 steps,
@@ -246,6 +235,28 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The learning-rate schedule's and clipping's flags, checked against each other.
+fn check_schedule(
+    min_lr_ratio: f64,
+    clip_grad: f64,
+    warmup_steps: usize,
+    decay_steps: usize,
+) -> Result<()> {
+    if !(0.0..=1.0).contains(&min_lr_ratio) || clip_grad < 0.0 {
+        return Err(mmsp_runtime::RuntimeError::Config(format!(
+            "--min-lr-ratio {min_lr_ratio} must be in [0, 1] and --clip-grad {clip_grad} >= 0"
+        ))
+        .into());
+    }
+    if decay_steps > 0 && decay_steps <= warmup_steps {
+        return Err(mmsp_runtime::RuntimeError::Config(format!(
+            "--decay-steps {decay_steps} must be past --warmup-steps {warmup_steps}"
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 fn parse_backend(s: &str) -> Result<mmsp_runtime::kernel::Backend, String> {
