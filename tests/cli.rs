@@ -613,3 +613,52 @@ fn plan_calibration_memory_bandwidth() {
     let err = fails(&["plan", "--calibration", &over]).replace(&dir, "TMP/");
     insta::assert_snapshot!(err);
 }
+
+#[test]
+fn contexts_that_do_not_divide_are_padded_not_refused() {
+    // 1M = 2^20 tokens on an NVL72 rack: no SP degree dividing 72 GPUs and 2^20 / 2 at once
+    // for every layout; the plan pads the context at its end to a multiple of 2 x SP and
+    // says so, and its zigzag ranges cover exactly the padded context.
+    let (code, out, err) = mmsp(&[
+        "plan",
+        "--gpus",
+        "72",
+        "--topology",
+        "gb200-nvl72",
+        "--context",
+        "1M",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let p: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (ctx, pad) = (
+        p["context_tokens"].as_u64().unwrap(),
+        p["padding_tokens"].as_u64().unwrap(),
+    );
+    let sp = p["layout"]["ulysses"].as_u64().unwrap() * p["layout"]["ring"].as_u64().unwrap();
+    assert_eq!(ctx, (1 << 20) + pad);
+    assert!(
+        pad > 0 && pad < 2 * sp && ctx % (2 * sp) == 0,
+        "{ctx} {pad} sp {sp}"
+    );
+    let covered: u64 = p["tokens"]["ranges_per_rank"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter())
+        .map(|r| r[1].as_u64().unwrap() - r[0].as_u64().unwrap())
+        .sum();
+    assert_eq!(covered, ctx);
+    // A context that divides carries no padding field.
+    let (_, out, _) = mmsp(&[
+        "plan",
+        "--gpus",
+        "8",
+        "--context",
+        "64K",
+        "--format",
+        "json",
+    ]);
+    assert!(!out.contains("padding_tokens"));
+}

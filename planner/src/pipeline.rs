@@ -39,6 +39,9 @@ pub fn plan_training(
     let context = search::candidate_context(req.context, mm, &best.candidate.layout);
     let mut plan = Plan::build(topo, topology, model, context, result.global_batch, &best)?;
     plan.predicted.simulated_step_time_s = simulated;
+    if mm.is_none() {
+        plan.padding_tokens = context - req.context;
+    }
     if let Some(mm) = mm {
         mm.attach(&mut plan, topo, model, &best.candidate)?;
     }

@@ -133,6 +133,15 @@ pub struct Plan {
     pub feasible: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_context_tokens: Option<u64>,
+    /// Text plans: tokens of padding after the requested context, which `context_tokens`
+    /// includes, to make it a multiple of 2 x SP for the zigzag shards (costed as tokens; the
+    /// data fills them as it fills the rest).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub padding_tokens: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Plan {
@@ -221,6 +230,7 @@ impl Plan {
             },
             feasible: true,
             max_context_tokens: None,
+            padding_tokens: 0,
         })
     }
 

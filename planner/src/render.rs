@@ -104,6 +104,13 @@ pub fn plan_table(
         let _ = write!(line, "; infeasible: {}", parts.join(", "));
     }
     let _ = writeln!(o, "{line}");
+    if plan.padding_tokens > 0 {
+        let _ = writeln!(
+            o,
+            "context padded by {} tokens to {} (a multiple of 2 x SP for the zigzag shards; costed)",
+            plan.padding_tokens, plan.context_tokens
+        );
+    }
     if let Some(mc) = plan.max_context_tokens {
         let _ = writeln!(
             o,

@@ -317,7 +317,10 @@ pub fn search(
 /// multi-modal samples theirs, each padded for the layout's SP degree
 /// ([`MultiModal::context_for`], at most the request's [`MultiModal::padded_context`]).
 pub fn candidate_context(context: u64, mm: Option<&MultiModal>, layout: &Layout) -> u64 {
-    mm.map_or(context, |m| m.context_for(layout.sp()))
+    // Text: padded at its end to a multiple of 2 x SP (the zigzag's chunks), as the packed
+    // samples of a video plan are; the padding is costed as tokens and stated in the plan.
+    let zig = 2 * u64::from(layout.sp());
+    mm.map_or(context.div_ceil(zig) * zig, |m| m.context_for(layout.sp()))
 }
 
 /// Whether any candidate fits `context` on the topology (memory check only, global batch 1
