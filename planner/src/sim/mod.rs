@@ -65,6 +65,8 @@ struct Builder<'a> {
     ranks: Vec<u32>,
     collapse: bool,
     group_cache: HashMap<(Pattern, GroupFamily, u32), Arc<crate::topology::Loads>>,
+    /// Groups of middle ring steps an attention call holds at most (u32::MAX: every step).
+    ring_groups: u32,
 }
 
 impl<'a> Builder<'a> {
@@ -280,13 +282,21 @@ impl<'a> Builder<'a> {
         let mut prev_attn: Option<H> = None;
         let mut recv: H = deps.clone();
         let mut attn = deps.clone();
-        for k in 0..r {
+        // Steps 1..r-2 are alike: at most RING_GROUPS ops stand for them, each g steps of
+        // compute beside the g blocks the next g steps need (the same period, g x max(step,
+        // transfer), when nothing else shares the links); the first and last stay single.
+        let groups = ring_groups(r, self.ring_groups);
+        for (k, &g) in groups.iter().enumerate() {
             let a_deps = match &prev_attn {
                 None => deps.clone(),
                 Some(p) => Self::join(p, &recv),
             };
-            attn = self.compute(&format!("{tag} attn step {k}"), step, &a_deps);
-            if k + 1 < r {
+            attn = self.compute(
+                &format!("{tag} attn step {k}"),
+                step * f64::from(g),
+                &a_deps,
+            );
+            if k + 1 < groups.len() {
                 let s_deps = match &prev_attn {
                     None => deps.clone(),
                     Some(p) => Self::join(p, &recv),
@@ -296,7 +306,7 @@ impl<'a> Builder<'a> {
                     Stream::Ring,
                     Coll::P2P,
                     fam,
-                    block_bytes,
+                    block_bytes * f64::from(g),
                     &s_deps,
                 );
             }
@@ -305,6 +315,22 @@ impl<'a> Builder<'a> {
         attn
     }
 }
+
+/// Ring steps each simulated op stands for: the first and the last step alone, the middle
+/// ones in at most `max` near-equal groups (one op per step up to that size).
+fn ring_groups(r: u32, max: u32) -> Vec<u32> {
+    if r <= max.saturating_add(2) {
+        return vec![1; r as usize];
+    }
+    let mid = r - 2;
+    let mut out = vec![1];
+    out.extend((0..max).map(|i| mid / max + u32::from(i < mid % max)));
+    out.push(1);
+    out
+}
+
+/// Groups of middle ring steps a simulated attention call holds at most.
+const RING_GROUPS: u32 = 6;
 
 /// Replays a saved plan: checks it against its topology (node size, whole nodes, memory and
 /// layout rules), then returns the topology, the analytic estimate and the simulated step.
@@ -349,7 +375,9 @@ pub fn simulate(topo: &Topology, t: &Terms, collapse: bool) -> crate::Result<Sim
     simulate_micro(topo, t, collapse, SIMULATED_MICRO_BATCHES)
 }
 
-/// [`simulate`] holding at most `cap` micro-batches (at least 3) in the event graph.
+/// [`simulate`] holding at most `cap` micro-batches (at least 3) in the event graph; with
+/// `cap` = `u64::MAX` every micro-batch and every ring step is an op of its own (the exact
+/// replay the shortcuts are checked against).
 pub(crate) fn simulate_micro(
     topo: &Topology,
     t: &Terms,
@@ -372,6 +400,11 @@ pub(crate) fn simulate_micro(
         ranks,
         collapse,
         group_cache: HashMap::new(),
+        ring_groups: if cap == u64::MAX {
+            u32::MAX
+        } else {
+            RING_GROUPS
+        },
     };
     let lay = t.layout;
     let gf = lay.grad_family();
