@@ -131,6 +131,7 @@ pub(super) fn rank_loop(
         _ => None,
     };
     let started = Instant::now();
+    let bar = progress_bar(cx, rank);
     let mut out = vec![];
     for i in 0..opts.steps {
         let step = first + i;
@@ -175,8 +176,16 @@ pub(super) fn rank_loop(
         };
         losses.push(st.loss);
         let eta = (opts.steps - i - 1) as f64 * (started.elapsed().as_secs_f64() / (i + 1) as f64);
-        if rank == 0 && cx.extras.progress {
-            eprintln!("{}", progress_line(cx, i, step, &rec, eta));
+        match &bar {
+            Some(b) => {
+                let tps = tokens_per_s(cx, rec.stats.step_s);
+                b.set_message(format!("loss {:.4}  {tps:.0} tokens/s", rec.stats.loss));
+                b.inc(1);
+            }
+            None if rank == 0 && cx.extras.progress => {
+                eprintln!("{}", progress_line(cx, i, step, &rec, eta));
+            }
+            None => {}
         }
         if let Some(m) = &mut metrics {
             let lr = schedule.at(step);
@@ -191,7 +200,26 @@ pub(super) fn rank_loop(
         out.push(rec);
         save_after(cx, rank, i, step, &t, &losses)?;
     }
+    if let Some(b) = bar {
+        b.finish();
+    }
     Ok(out)
+}
+
+/// Rank 0's progress bar (steps, loss, tokens/s, ETA) when stderr is a terminal; elsewhere
+/// (logs, CI) one line per step instead.
+fn progress_bar(cx: &LoopCtx<'_>, rank: usize) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if rank != 0 || !cx.extras.progress || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(cx.opts.steps as u64);
+    let style = indicatif::ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} steps  {msg}  elapsed {elapsed}  ETA {eta}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    b.set_style(style);
+    Some(b)
 }
 
 /// The rank's trainer (from the run's weights, or seeded random ones) and its vision stage.
