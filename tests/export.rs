@@ -465,3 +465,67 @@ fn hostile_names_never_become_commands() {
         assert!(!marker.exists(), "{engine}: the injected command ran");
     }
 }
+
+/// A saved plan with one field made garbage is refused by `simulate` and `export` in one line
+/// naming that field (exit 2), as the runtime refuses it, instead of yielding NaN or a script.
+#[test]
+fn garbage_plans_are_refused_by_field() {
+    let d = dir("garbage");
+    write_plan(
+        &d,
+        P {
+            u: 2,
+            r: 4,
+            dp: 2,
+            tp: 1,
+            placement: UI,
+            zero: 1,
+            recompute: Recompute::None,
+            global_batch: 2,
+        },
+    );
+    let good: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("plan.json")).unwrap()).unwrap();
+    let cases: [(&str, &dyn Fn(&mut serde_json::Value), &str); 7] = [
+        (
+            "head_dim",
+            &|v| v["model"]["head_dim"] = 0.into(),
+            "head_dim",
+        ),
+        (
+            "layers",
+            &|v| v["model"]["num_layers"] = 0.into(),
+            "num_layers",
+        ),
+        ("batch", &|v| v["global_batch"] = 3.into(), "global_batch"),
+        ("zero", &|v| v["zero_stage"] = 7.into(), "zero_stage"),
+        (
+            "context",
+            &|v| v["context_tokens"] = 1000.into(),
+            "ranges_per_rank",
+        ),
+        (
+            "range",
+            &|v| v["tokens"]["ranges_per_rank"][0][0] = serde_json::json!([5, 5]),
+            "ranges_per_rank[0]",
+        ),
+        (
+            "step",
+            &|v| v["predicted"]["step_time_s"] = (-1.0).into(),
+            "predicted.step_time_s",
+        ),
+    ];
+    for (name, edit, want) in cases {
+        let mut v = good.clone();
+        edit(&mut v);
+        let f = format!("{name}.json");
+        std::fs::write(d.join(&f), v.to_string()).unwrap();
+        for cmd in [
+            vec!["simulate", f.as_str()],
+            vec!["export", "--to", "torchrun", f.as_str()],
+        ] {
+            let err = fails(&d, &cmd);
+            assert!(err.contains(want), "{name} {cmd:?}: {err}");
+        }
+    }
+}

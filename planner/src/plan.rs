@@ -332,6 +332,69 @@ impl Plan {
                 l.sp()
             ));
         }
+        self.model.validate().map_err(|e| format!("model: {e}"))?;
+        self.check_batch_and_tokens()?;
+        self.check_predicted()
+    }
+
+    /// Context, batch arithmetic, ZeRO stage and the token ranges covering the context.
+    fn check_batch_and_tokens(&self) -> std::result::Result<(), String> {
+        if self.context_tokens == 0 {
+            return Err("context_tokens must be positive".into());
+        }
+        if self.zero_stage > 3 {
+            return Err(format!("zero_stage {} (expected 0 to 3)", self.zero_stage));
+        }
+        let per_step = u64::from(self.micro_batch)
+            .checked_mul(self.grad_accum_steps)
+            .and_then(|x| x.checked_mul(u64::from(self.layout.dp)));
+        if self.micro_batch == 0 || per_step != Some(self.global_batch) {
+            return Err(format!(
+                "global_batch {} is not micro_batch {} x grad_accum_steps {} x dp {}",
+                self.global_batch, self.micro_batch, self.grad_accum_steps, self.layout.dp
+            ));
+        }
+        let mut covered = 0u64;
+        for (i, rr) in self.tokens.ranges_per_rank.iter().enumerate() {
+            for &[a, b] in rr {
+                if a >= b || b > self.context_tokens {
+                    return Err(format!(
+                        "tokens.ranges_per_rank[{i}] holds [{a}, {b}), not a non-empty range within the context of {}",
+                        self.context_tokens
+                    ));
+                }
+                covered += b - a;
+            }
+        }
+        if covered != self.context_tokens {
+            return Err(format!(
+                "tokens.ranges_per_rank cover {covered} tokens, the context is {}",
+                self.context_tokens
+            ));
+        }
+        Ok(())
+    }
+
+    /// The predictions: finite and non-negative, the step time positive.
+    fn check_predicted(&self) -> std::result::Result<(), String> {
+        let p = &self.predicted;
+        let figures = [
+            ("step_time_s", p.step_time_s),
+            ("tokens_per_s", p.tokens_per_s),
+            ("mfu", p.mfu),
+            ("hfu", p.hfu),
+            ("memory_per_gpu_bytes", p.memory_per_gpu_bytes),
+            ("comm_exposed_s", p.comm_exposed_s),
+            ("comm_overlapped_s", p.comm_overlapped_s),
+        ];
+        if let Some((name, v)) = figures.iter().find(|(_, v)| !v.is_finite() || *v < 0.0) {
+            return Err(format!(
+                "predicted.{name} = {v} (expected a finite figure >= 0)"
+            ));
+        }
+        if p.step_time_s <= 0.0 {
+            return Err("predicted.step_time_s must be positive".into());
+        }
         Ok(())
     }
 }

@@ -165,7 +165,17 @@ impl ModelSpec {
         Ok(spec)
     }
 
-    fn validate(&self) -> std::result::Result<(), String> {
+    pub(crate) fn validate(&self) -> std::result::Result<(), String> {
+        let dims = [
+            ("hidden_size", self.hidden_size),
+            ("num_heads", self.num_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("num_layers", self.num_layers),
+            ("vocab_size", self.vocab_size),
+        ];
+        if let Some((name, _)) = dims.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be positive"));
+        }
         if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
