@@ -486,7 +486,8 @@ fn garbage_plans_are_refused_by_field() {
     );
     let good: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("plan.json")).unwrap()).unwrap();
-    let cases: [(&str, &dyn Fn(&mut serde_json::Value), &str); 7] = [
+    type Edit<'a> = &'a dyn Fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, &str); 7] = [
         (
             "head_dim",
             &|v| v["model"]["head_dim"] = 0.into(),
