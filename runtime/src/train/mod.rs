@@ -319,6 +319,51 @@ fn seed(pairs: &[(&Tensor, &Tensor)]) -> Result<()> {
     backward_seeded(&refs)
 }
 
+/// What a packing of the trainer's sequence fixes on this rank: the per-sample attention, the
+/// rank's RoPE tables and row count, and the rows whose labels are masked (each sample's
+/// last, when there are several).
+struct Packed<'a> {
+    attn: PackedAttention<'a>,
+    rope: Rope,
+    ids_len: usize,
+    last_rows: Option<Tensor>,
+}
+
+impl<'a> Packed<'a> {
+    fn new(
+        m: &crate::model::ModelConfig,
+        compute: Kind,
+        device: Device,
+        groups: &Groups<'a>,
+        backend: Backend,
+        sample_lens: &[usize],
+    ) -> Result<Packed<'a>> {
+        let shape = AttnShape {
+            batch: 1,
+            seq_len: sample_lens.iter().fold(0usize, |a, &l| a.saturating_add(l)),
+            q_heads: m.num_heads,
+            kv_heads: m.num_kv_heads,
+            head_dim: m.head_dim,
+        };
+        let attn = PackedAttention::new(groups.ulysses, groups.ring, backend, shape, sample_lens)?;
+        let (r, u) = (groups.ring.rank(), groups.ulysses.rank());
+        let packing = attn.packing();
+        let positions = Tensor::from_slice(&packing.positions(r, u)).to(device);
+        let ids_len = positions.size()[0] as usize;
+        let rope = Rope::new(m, &positions, compute);
+        let last_rows = (packing.num_samples() > 1).then(|| {
+            let rows: Vec<i64> = packing.last_rows(r, u).iter().map(|&x| x as i64).collect();
+            Tensor::from_slice(&rows).to(device)
+        });
+        Ok(Packed {
+            attn,
+            rope,
+            ids_len,
+            last_rows,
+        })
+    }
+}
+
 impl<'a> Trainer<'a> {
     /// Builds the trainer for a sequence of `seq_len` tokens (batch 1 per rank group).
     pub fn new(
@@ -354,40 +399,29 @@ impl<'a> Trainer<'a> {
                 groups.grad.size()
             )));
         }
-        let m = &model.cfg;
-        let shape = AttnShape {
-            batch: 1,
-            seq_len: sample_lens.iter().fold(0usize, |a, &l| a.saturating_add(l)),
-            q_heads: m.num_heads,
-            kv_heads: m.num_kv_heads,
-            head_dim: m.head_dim,
-        };
-        let attn =
-            PackedAttention::new(groups.ulysses, groups.ring, cfg.backend, shape, sample_lens)?;
-        let (r, u) = (groups.ring.rank(), groups.ulysses.rank());
-        let packing = attn.packing();
         let device = model.named_parameters()[0].1.device();
-        let positions = Tensor::from_slice(&packing.positions(r, u)).to(device);
-        let ids_len = positions.size()[0] as usize;
-        let rope = Rope::new(m, &positions, model.compute);
-        let last_rows = (packing.num_samples() > 1).then(|| {
-            let rows: Vec<i64> = packing.last_rows(r, u).iter().map(|&x| x as i64).collect();
-            Tensor::from_slice(&rows).to(device)
-        });
+        let p = Packed::new(
+            &model.cfg,
+            model.compute,
+            device,
+            &groups,
+            cfg.backend,
+            sample_lens,
+        )?;
         let opt = Self::optimizer_for(&mut model, &cfg, groups.grad)?;
         let resident = matches!(cfg.zero_stage, 1 | 2).then(|| Resident(Vec::new()));
         let master = model.head_weight().kind();
         let (fast_lsm, fp32_gemm) = probe_loss_kernels(device, model.compute, master);
         let mut t = Trainer {
             model,
-            attn,
+            attn: p.attn,
             groups,
             cfg,
             opt,
             resident,
-            rope,
-            ids_len,
-            last_rows,
+            rope: p.rope,
+            ids_len: p.ids_len,
+            last_rows: p.last_rows,
             fast_log_softmax: Cell::new(fast_lsm),
             fp32_out_gemm: Cell::new(fp32_gemm),
         };
@@ -434,34 +468,24 @@ impl<'a> Trainer<'a> {
     /// and masked last rows of [`Trainer::new_packed`], for data whose document boundaries
     /// change from step to step. Every rank of the SP group must repack alike before a step.
     pub fn repack(&mut self, sample_lens: &[usize]) -> Result<()> {
-        let m = &self.model.cfg;
-        let shape = AttnShape {
-            batch: 1,
-            seq_len: sample_lens.iter().fold(0usize, |a, &l| a.saturating_add(l)),
-            q_heads: m.num_heads,
-            kv_heads: m.num_kv_heads,
-            head_dim: m.head_dim,
-        };
-        if shape.seq_len != self.attn.packing().seq_len() {
+        let total = sample_lens.iter().fold(0usize, |a, &l| a.saturating_add(l));
+        if total != self.attn.packing().seq_len() {
             return Err(RuntimeError::Shape(format!(
-                "repack to {} tokens, the trainer holds {}",
-                shape.seq_len,
+                "repack to {total} tokens, the trainer holds {}",
                 self.attn.packing().seq_len()
             )));
         }
-        let g = &self.groups;
-        let attn = PackedAttention::new(g.ulysses, g.ring, self.cfg.backend, shape, sample_lens)?;
-        let (r, u) = (g.ring.rank(), g.ulysses.rank());
-        let packing = attn.packing();
-        let device = self.model.device();
-        let positions = Tensor::from_slice(&packing.positions(r, u)).to(device);
-        self.ids_len = positions.size()[0] as usize;
-        self.rope = Rope::new(m, &positions, self.model.compute);
-        self.last_rows = (packing.num_samples() > 1).then(|| {
-            let rows: Vec<i64> = packing.last_rows(r, u).iter().map(|&x| x as i64).collect();
-            Tensor::from_slice(&rows).to(device)
-        });
-        self.attn = attn;
+        let m = &self.model;
+        let p = Packed::new(
+            &m.cfg,
+            m.compute,
+            m.device(),
+            &self.groups,
+            self.cfg.backend,
+            sample_lens,
+        )?;
+        (self.attn, self.rope, self.ids_len, self.last_rows) =
+            (p.attn, p.rope, p.ids_len, p.last_rows);
         Ok(())
     }
 
