@@ -109,8 +109,9 @@ impl TextTokenizer {
     }
 }
 
-/// splitmix64 (Steele et al. 2014): the generator of the epoch permutations.
-fn splitmix(x: &mut u64) -> u64 {
+/// splitmix64 (Steele et al. 2014): the generator of the epoch permutations (and of
+/// inference's sampler).
+pub(crate) fn splitmix(x: &mut u64) -> u64 {
     *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *x;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
