@@ -147,6 +147,39 @@ pub fn has_weights(dir: &Path) -> bool {
     dir.join("model.safetensors").is_file() || dir.join("model.safetensors.index.json").is_file()
 }
 
+/// The safetensors files of a model directory: `model.safetensors`, or the shards its
+/// `model.safetensors.index.json` names (sorted).
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        if dir.join("model.safetensors").is_file() {
+            return Ok(vec![dir.join("model.safetensors")]);
+        }
+        return Err(bad(
+            dir,
+            "no model.safetensors or model.safetensors.index.json",
+        ));
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| bad(&index, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| bad(&index, e))?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad(&index, "no weight_map object"))?;
+    let mut out: Vec<String> = Vec::new();
+    for (t, f) in map {
+        let f = f
+            .as_str()
+            .filter(|f| !f.contains('/') && !f.is_empty())
+            .ok_or_else(|| bad(&index, format!("weight_map[{t}] is not a file name")))?;
+        if !out.iter().any(|o| o == f) {
+            out.push(f.to_string());
+        }
+    }
+    out.sort();
+    Ok(out.into_iter().map(|f| dir.join(f)).collect())
+}
+
 impl HfCheckpoint {
     /// Opens a model directory: parses `config.json` and every safetensors header, and checks
     /// that the checkpoint holds exactly the decoder's parameters with the config's shapes.
@@ -156,11 +189,9 @@ impl HfCheckpoint {
         let config_json: Value =
             serde_json::from_str(&text).map_err(|e| bad(&cpath, format!("not JSON: {e}")))?;
         let cfg = ModelConfig::from_hf_json(&text).map_err(|e| bad(&cpath, e))?;
-        let names = Self::weight_files(dir)?;
         let mut files = Vec::new();
         let mut entries = HashMap::new();
-        for (fi, name) in names.iter().enumerate() {
-            let path = dir.join(name);
+        for (fi, path) in weight_files(dir)?.into_iter().enumerate() {
             let f = File::open(&path).map_err(|e| bad(&path, e))?;
             for (n, e) in read_header(&path, &f, fi)? {
                 entries.insert(n, e);
@@ -177,38 +208,6 @@ impl HfCheckpoint {
         };
         ck.check()?;
         Ok(ck)
-    }
-
-    /// The safetensors files of the directory, in index order.
-    fn weight_files(dir: &Path) -> Result<Vec<String>> {
-        let index = dir.join("model.safetensors.index.json");
-        if !index.is_file() {
-            if dir.join("model.safetensors").is_file() {
-                return Ok(vec!["model.safetensors".into()]);
-            }
-            return Err(bad(
-                dir,
-                "no model.safetensors or model.safetensors.index.json",
-            ));
-        }
-        let text = std::fs::read_to_string(&index).map_err(|e| bad(&index, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| bad(&index, e))?;
-        let map = v
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| bad(&index, "no weight_map object"))?;
-        let mut out: Vec<String> = Vec::new();
-        for (t, f) in map {
-            let f = f
-                .as_str()
-                .filter(|f| !f.contains('/') && !f.is_empty())
-                .ok_or_else(|| bad(&index, format!("weight_map[{t}] is not a file name")))?;
-            if !out.iter().any(|o| o == f) {
-                out.push(f.to_string());
-            }
-        }
-        out.sort();
-        Ok(out)
     }
 
     /// Every decoder parameter present with its shape; nothing else but tensors Transformers

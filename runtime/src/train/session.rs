@@ -8,7 +8,9 @@ use super::data::{Dataset, TextTokenizer};
 use super::video::{Normalize, VideoData};
 use super::Trainer;
 use crate::error::{Result, RuntimeError};
-use crate::model::hf::{config_dtype, synth_config, HfCheckpoint, HfWriter, SIDE_FILES};
+use crate::model::hf::{
+    config_dtype, synth_config, weight_files, HfCheckpoint, HfWriter, SIDE_FILES,
+};
 use crate::model::{Decoder, ModelConfig};
 use crate::vision::VisionRun;
 use serde_json::Value;
@@ -134,7 +136,7 @@ impl Inputs {
             (None, _) => None,
         };
         let vision_weights = match vision {
-            Some((_, Some(d))) => vision_files(d)?,
+            Some((_, Some(d))) => weight_files(d)?,
             _ => Vec::new(),
         };
         Ok(Inputs {
@@ -191,34 +193,6 @@ impl Inputs {
             })
             .unwrap_or(if cpu { Kind::Float } else { Kind::BFloat16 })
     }
-}
-
-/// The safetensors files of a vision model directory (`model.safetensors`, or the shards its
-/// index names).
-fn vision_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        let text = std::fs::read_to_string(&index)?;
-        let v: Value = serde_json::from_str(&text)?;
-        let mut files: Vec<PathBuf> = v["weight_map"]
-            .as_object()
-            .ok_or_else(|| RuntimeError::Config(format!("{}: no weight_map", index.display())))?
-            .values()
-            .filter_map(Value::as_str)
-            .map(|f| dir.join(f))
-            .collect();
-        files.sort();
-        files.dedup();
-        return Ok(files);
-    }
-    let one = dir.join("model.safetensors");
-    if one.is_file() {
-        return Ok(vec![one]);
-    }
-    Err(RuntimeError::Config(format!(
-        "{}: a vision model directory needs model.safetensors or model.safetensors.index.json",
-        dir.display()
-    )))
 }
 
 /// Writes the trainer's model as a Hugging Face directory: every rank of the grad group
