@@ -226,14 +226,24 @@ impl Dataset {
     /// Lengths of the documents' pieces in tokens [start, start + n).
     fn doc_lens(&self, start: u64, n: usize) -> Vec<usize> {
         let end = start + n as u64;
-        let starts: Vec<u64> = match &self.tokens {
-            Tokens::Memory { doc_starts, .. } => doc_starts.clone(),
-            Tokens::Megatron(m) => m.seqs.iter().map(|s| s.2).collect(),
+        // Document starts strictly inside the window, found by binary search (both lists are
+        // in stream order): no per-step copy of every document's start.
+        let inside = |firsts: &mut dyn Iterator<Item = u64>| -> Vec<u64> {
+            firsts
+                .take_while(|&f| f < end)
+                .filter(|&f| f > start)
+                .collect()
         };
-        let mut cuts: Vec<u64> = starts
-            .into_iter()
-            .filter(|&s| s > start && s < end)
-            .collect();
+        let mut cuts = match &self.tokens {
+            Tokens::Memory { doc_starts, .. } => {
+                let i = doc_starts.partition_point(|&f| f <= start);
+                inside(&mut doc_starts[i..].iter().copied())
+            }
+            Tokens::Megatron(m) => {
+                let i = m.seqs.partition_point(|s| s.2 <= start);
+                inside(&mut m.seqs[i..].iter().map(|s| s.2))
+            }
+        };
         cuts.push(end);
         let mut at = start;
         cuts.into_iter()
