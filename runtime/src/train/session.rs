@@ -84,18 +84,19 @@ pub struct Inputs {
 }
 
 impl Inputs {
-    /// Opens the model directory (`model_dir`: its config and every safetensors header,
-    /// checked against each other) and the data file (tokenized now, if text), checking
+    /// Takes the opened model directory ([`super::run::load`] parsed its config and every
+    /// safetensors header, checked against each other) and opens the data file (tokenized now, if text), checking
     /// ids against the vocabulary and the context.
     pub fn load(
-        model_dir: Option<&Path>,
+        weights: Option<Arc<HfCheckpoint>>,
         cfg: &ModelConfig,
         data: Option<&Path>,
         data_seed: u64,
         context: usize,
         vision: Option<(&VisionRun, Option<&Path>)>,
     ) -> Result<Inputs> {
-        let weights = model_dir.map(HfCheckpoint::open).transpose()?.map(Arc::new);
+        let model_dir = weights.as_ref().map(|w| w.dir.clone());
+        let model_dir = model_dir.as_deref();
         let config_json = weights
             .as_ref()
             .map_or_else(|| synth_config(cfg), |w| w.config_json.clone());

@@ -184,8 +184,8 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
             if let Some(n) = tokens {
                 // Whole steps of the plan's context x DP.
                 opts.steps = 1;
-                let (plan, tp, _) = load(&opts)?;
-                let per_step = (tp.context_tokens * plan.layout.dp) as u64;
+                let l = load(&opts)?;
+                let per_step = (l.tp.context_tokens * l.plan.layout.dp) as u64;
                 opts.steps = n.div_ceil(per_step).max(1) as usize;
             }
             if should_spawn(&opts) {

@@ -68,7 +68,7 @@ pub fn should_spawn(opts: &RunOptions) -> bool {
 /// `grace` to end on their own (they see the failure through the rendezvous) and are then
 /// killed; the error names the first rank that failed.
 pub fn spawn_local(opts: &RunOptions, args: &[std::ffi::OsString], grace: Duration) -> Result<()> {
-    let (plan, _, _) = load(opts)?;
+    let plan = load(opts)?.plan;
     let gpus = local_gpus();
     let w = plan.world_size;
     if gpus != w {

@@ -209,8 +209,17 @@ impl Default for RunExtras {
     }
 }
 
+/// What [`load`] read: the plan, its training fields, the model's configuration and, for a
+/// Hugging Face model directory, the opened checkpoint (headers parsed and checked).
+pub struct Loaded {
+    pub plan: Plan,
+    pub tp: TrainPlan,
+    pub cfg: ModelConfig,
+    pub weights: Option<std::sync::Arc<HfCheckpoint>>,
+}
+
 /// Reads and checks everything that can be checked without a device or peers.
-pub fn load(opts: &RunOptions) -> Result<(Plan, TrainPlan, ModelConfig)> {
+pub fn load(opts: &RunOptions) -> Result<Loaded> {
     let text = std::fs::read_to_string(&opts.plan)
         .map_err(|e| RuntimeError::Plan(format!("{}: {e}", opts.plan.display())))?;
     let plan = Plan::from_json(&text)?;
@@ -233,13 +242,19 @@ pub fn load(opts: &RunOptions) -> Result<(Plan, TrainPlan, ModelConfig)> {
             tp.zero_stage
         )));
     }
-    let cfg = match &opts.model {
-        ModelSource::Tiny => ModelConfig::tiny(),
-        ModelSource::HfConfig(p) => ModelConfig::from_hf_file(p)?,
-        ModelSource::HfDir(d) => HfCheckpoint::open(d)?.cfg,
-        ModelSource::Plan => ModelConfig::from_plan_value(tp.model.as_ref().ok_or_else(|| {
-            RuntimeError::Plan("no model in the plan (use --model or --tiny)".into())
-        })?)?,
+    let (cfg, weights) = match &opts.model {
+        ModelSource::HfDir(d) => {
+            let w = std::sync::Arc::new(HfCheckpoint::open(d)?);
+            (w.cfg.clone(), Some(w))
+        }
+        ModelSource::Tiny => (ModelConfig::tiny(), None),
+        ModelSource::HfConfig(p) => (ModelConfig::from_hf_file(p)?, None),
+        ModelSource::Plan => {
+            let m = tp.model.as_ref().ok_or_else(|| {
+                RuntimeError::Plan("no model in the plan (use --model or --tiny)".into())
+            })?;
+            (ModelConfig::from_plan_value(m)?, None)
+        }
     };
     let l = plan.layout;
     let zz = crate::shard::Zigzag::new(tp.context_tokens, l.ulysses, l.ring)?;
@@ -263,7 +278,12 @@ pub fn load(opts: &RunOptions) -> Result<(Plan, TrainPlan, ModelConfig)> {
     if opts.steps == 0 {
         return Err(RuntimeError::Plan("--steps must be >= 1".into()));
     }
-    Ok((plan, tp, cfg))
+    Ok(Loaded {
+        plan,
+        tp,
+        cfg,
+        weights,
+    })
 }
 
 /// Vision options of a run (apart from [`RunOptions`], whose callers build it field by
@@ -408,18 +428,19 @@ struct Prepared {
 /// Reads the plan, model, vision section, weights and data, the checkpoint to resume, and
 /// checks the options against each other.
 fn prepare(opts: &RunOptions, extras: &RunExtras, vopts: &VisionOptions) -> Result<Prepared> {
-    let (plan, tp, cfg) = load(opts)?;
+    let Loaded {
+        plan,
+        tp,
+        cfg,
+        weights,
+    } = load(opts)?;
     let vision = load_vision(opts, vopts, &plan, &tp, &cfg)?;
-    let model_dir = match &opts.model {
-        ModelSource::HfDir(d) => Some(d.as_path()),
-        _ => None,
-    };
     if let (Some(w), true) = (context_warning(&cfg, tp.context_tokens), extras.progress) {
         eprintln!("warning: {w}");
     }
     let vision_dir = vopts.config.as_deref().filter(|p| p.is_dir());
     let inputs = Inputs::load(
-        model_dir,
+        weights,
         &cfg,
         extras.data.as_deref(),
         extras.data_seed,
