@@ -252,3 +252,21 @@ pub fn vision_plan(
         }
     })
 }
+
+/// Run options for tests: no progress lines, everything else at its default.
+pub fn quiet_run() -> crate::train::run::RunExtras {
+    crate::train::run::RunExtras {
+        progress: false,
+        ..crate::train::run::RunExtras::default()
+    }
+}
+
+/// The `losses` of a run's report (panics, failing the test, when the report has none).
+pub fn report_losses(v: &serde_json::Value) -> Vec<f64> {
+    v["losses"]
+        .as_array()
+        .expect("the report has losses")
+        .iter()
+        .map(|x| x.as_f64().expect("losses are numbers"))
+        .collect()
+}

@@ -14,6 +14,7 @@ use mmsp_runtime::model::hf::HfCheckpoint;
 use mmsp_runtime::model::{Decoder, Input};
 use mmsp_runtime::plan::{Layout, Placement};
 use mmsp_runtime::testing::plan_json;
+use mmsp_runtime::testing::{quiet_run as quiet, report_losses as losses};
 use mmsp_runtime::train::data::{Dataset, TextTokenizer};
 use mmsp_runtime::train::run::{run_with, ModelSource, RunExtras, RunOptions};
 use mmsp_runtime::train::session::{LrSchedule, SaveHf};
@@ -163,22 +164,6 @@ fn opts(plan: &Path, model: ModelSource, steps: usize, ranks: usize, lr: f64) ->
         peak_flops: 1e12,
         out: None,
     }
-}
-
-fn quiet() -> RunExtras {
-    RunExtras {
-        progress: false,
-        ..RunExtras::default()
-    }
-}
-
-fn losses(v: &serde_json::Value) -> Vec<f64> {
-    v["losses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! plans the planner made for samples of odd lengths (each padded at its end to a multiple of
 //! 2 x SP) run with the plan's ranges; bad vision sections (a sample length that is not a
 //! multiple of 2 x SP among them, padding included) are one-line errors with exit code 2.
-use mmsp_runtime::train::run::{run_vlm, ModelSource, RunExtras, RunOptions, VisionOptions};
+use mmsp_runtime::testing::{quiet_run as quiet, report_losses as losses};
+use mmsp_runtime::train::run::{run_vlm, ModelSource, RunOptions, VisionOptions};
 use mmsp_runtime::vision::balanced_frames;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -43,22 +44,6 @@ fn opts(plan: &Path, n: usize, steps: usize) -> RunOptions {
         peak_flops: 1e12,
         out: None,
     }
-}
-
-fn quiet() -> RunExtras {
-    RunExtras {
-        progress: false,
-        ..RunExtras::default()
-    }
-}
-
-fn losses(v: &Value) -> Vec<f64> {
-    v["losses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
 }
 
 #[test]
