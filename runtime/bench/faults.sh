@@ -11,7 +11,8 @@
 #   spawn      `mmsp-runtime run PLAN` with no launcher environment starts one process per
 #              GPU itself; with rank K injected to exit, the launcher fails naming rank K
 # NCCL refuses two ranks of one communicator on one GPU, so with fewer than 2 GPUs the script
-# says so and stops. Run on the device machine from the repository root with the binary in
+# runs the exit, panic and hang cases as in-process ranks on GPU 0 instead (default and 20 s
+# collective timeouts) and says the NCCL cases were not run. Run on the device machine from the repository root with the binary in
 # carry/: bash runtime/bench/faults.sh   (env: KILL_RANK, BOUND_S, HANG_TIMEOUT_S, CTX)
 set -uo pipefail
 # shellcheck source=runtime/bench/device_env.sh
@@ -23,16 +24,44 @@ HANG_TIMEOUT_S=${HANG_TIMEOUT_S:-20}
 CTX=${CTX:-1024}
 WORK=${OUT:-/tmp}/faults
 mkdir -p "$WORK"
-if [ "$N" -lt 2 ]; then
-  echo "{\"faults\": \"not run\", \"gpus\": $N, \"reason\": \"NCCL does not allow two ranks of one communicator on one GPU; these checks need at least 2 GPUs (the in-process cases run on the CPU in tests/faults.rs)\"}"
-  exit 0
-fi
-PLAN=$WORK/plan.json
-echo "{\"schema\": \"mmsp-plan\", \"schema_version\": 1, \"world_size\": $N, \"layout\": {\"ulysses\": 1, \"ring\": $N, \"dp\": 1, \"tp\": 1, \"placement\": \"ulysses_inner\"}, \"zero_stage\": 1, \"recompute\": \"none\", \"micro_batch\": 1, \"grad_accum_steps\": 1, \"context_tokens\": $CTX}" > "$PLAN"
 PORT=29700
 # Float helpers (no bc needed): lt A B is true when A < B; since T0 prints seconds since T0.
 lt() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a < b) }'; }
 since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }'; }
+
+# inprocess CASE INJECT [TIMEOUT_S]: RANKS (default 2) in-process ranks on GPU 0 (a ring),
+# the tiny model, 1000 steps, the fault injected; prints seconds to exit, exit code and the
+# last error line. Without TIMEOUT_S the default (adaptive) collective timeout applies.
+inprocess() {
+  local case=$1 inject=$2 to=${3:-} n=${RANKS:-2} t0 code secs last
+  local plan=$WORK/plan_inprocess_$n.json
+  echo "{\"schema\": \"mmsp-plan\", \"schema_version\": 1, \"world_size\": $n, \"layout\": {\"ulysses\": 1, \"ring\": $n, \"dp\": 1, \"tp\": 1, \"placement\": \"ulysses_inner\"}, \"zero_stage\": 1, \"recompute\": \"none\", \"micro_batch\": 1, \"grad_accum_steps\": 1, \"context_tokens\": $CTX}" > "$plan"
+  t0=$(date +%s.%N)
+  if [ -n "$to" ]; then
+    MMSP_FAULT_INJECT=$inject MMSP_COMM_TIMEOUT_S=$to timeout 400 $BIN run "$plan" --tiny --inprocess "$n" --steps 1000 >"$WORK/ip_$case.out" 2>"$WORK/ip_$case.err"
+  else
+    env -u MMSP_COMM_TIMEOUT_S MMSP_FAULT_INJECT=$inject timeout 400 $BIN run "$plan" --tiny --inprocess "$n" --steps 1000 >"$WORK/ip_$case.out" 2>"$WORK/ip_$case.err"
+  fi
+  code=$?; secs=$(since "$t0")
+  last=$(grep "^error:" "$WORK/ip_$case.err" | tail -1 | sed 's/"/\\"/g' | cut -c1-300)
+  # The fault's own time: the injected step starts after the steps before it.
+  echo "{\"case\": \"inprocess_$case\", \"ranks\": $n, \"injected\": \"$inject\", \"comm_timeout_s\": \"${to:-default}\", \"exit_code\": $code, \"seconds_to_exit\": $secs, \"error\": \"$last\"}"
+}
+
+if [ "$N" -lt 2 ]; then
+  # NCCL refuses two ranks of one communicator on one GPU: the fault cases run as in-process
+  # ranks (threads) sharing GPU 0 instead.
+  K=1
+  inprocess exit "$K:3:exit"
+  inprocess panic "$K:3:panic"
+  inprocess hang_default "$K:3:hang"
+  inprocess hang_20s "$K:3:hang" 20
+  RANKS=4 inprocess hang_default_4 "3:5:hang"
+  echo "{\"faults_nccl\": \"not run\", \"gpus\": $N, \"reason\": \"NCCL does not allow two ranks of one communicator on one GPU; the NCCL cases need at least 2 GPUs\"}"
+  exit 0
+fi
+PLAN=$WORK/plan.json
+echo "{\"schema\": \"mmsp-plan\", \"schema_version\": 1, \"world_size\": $N, \"layout\": {\"ulysses\": 1, \"ring\": $N, \"dp\": 1, \"tp\": 1, \"placement\": \"ulysses_inner\"}, \"zero_stage\": 1, \"recompute\": \"none\", \"micro_batch\": 1, \"grad_accum_steps\": 1, \"context_tokens\": $CTX}" > "$PLAN"
 
 # start CASE STEPS [extra env...]: starts N ranks; fills PIDS.
 start() {

@@ -11,11 +11,12 @@
 //! | `MMSP_MEM_TRACE=1` | [`Knobs::mem_trace`] | off |
 //! | `MMSP_SKIP_MEMORY_CHECK=1` | [`Knobs::skip_memory_check`] | plans predicted past the GPU refused |
 //! | `MMSP_FAULT_INJECT=rank:step[:mode]` | [`Knobs::fault`] | none |
-//! | `MMSP_COMM_TIMEOUT_S=S` | [`Knobs::comm_timeout`] | [`DEFAULT_COMM_TIMEOUT_S`] |
+//! | `MMSP_COMM_TIMEOUT_S=S` | [`Knobs::comm_timeout`] | adaptive ([`crate::comm::timeout`]): [`DEFAULT_COMM_TIMEOUT_S`] at start-up and saves, 4 x the longest step (15 s at least) once steps run |
 //! | `PYTORCH_CUDA_ALLOC_CONF` (read, for the report) | [`Knobs::alloc_conf`] | unset |
-use crate::comm::DEFAULT_COMM_TIMEOUT_S;
+use crate::comm::{CommTimeout, DEFAULT_COMM_TIMEOUT_S};
 use crate::error::{Result, RuntimeError};
 use crate::train::adamw::AdamWKernel;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How an injected fault fails its rank.
@@ -26,7 +27,8 @@ pub enum FaultMode {
     Panic,
     Error,
     /// The rank stops calling collectives: it sleeps until the fault reaches it (NCCL) or
-    /// for the collective timeout plus 2 s (in-process), then fails.
+    /// for the collective timeout (the limit in force then) plus 2 s (in-process), then
+    /// fails.
     Hang,
 }
 
@@ -47,7 +49,8 @@ pub struct Knobs {
     pub mem_trace: bool,
     pub skip_memory_check: bool,
     pub fault: Option<Fault>,
-    pub comm_timeout: Duration,
+    /// A fixed collective timeout; `None`: the adaptive one ([`Knobs::timeout_policy`]).
+    pub comm_timeout: Option<Duration>,
     pub alloc_conf: Option<String>,
 }
 
@@ -60,7 +63,7 @@ impl Default for Knobs {
             mem_trace: false,
             skip_memory_check: false,
             fault: None,
-            comm_timeout: Duration::from_secs_f64(DEFAULT_COMM_TIMEOUT_S),
+            comm_timeout: None,
             alloc_conf: None,
         }
     }
@@ -81,14 +84,17 @@ impl Knobs {
             .map(|v| parse_fault(&v))
             .transpose()?;
         let comm_timeout = match var("MMSP_COMM_TIMEOUT_S") {
-            None => Knobs::default().comm_timeout,
-            Some(v) => v
-                .trim()
-                .parse::<f64>()
-                .ok()
-                .filter(|s| s.is_finite() && *s > 0.0)
-                .map(Duration::from_secs_f64)
-                .ok_or_else(|| bad("MMSP_COMM_TIMEOUT_S", &v, "a positive number of seconds"))?,
+            None => None,
+            Some(v) => Some(
+                v.trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| s.is_finite() && *s > 0.0)
+                    .map(Duration::from_secs_f64)
+                    .ok_or_else(|| {
+                        bad("MMSP_COMM_TIMEOUT_S", &v, "a positive number of seconds")
+                    })?,
+            ),
         };
         let k = Knobs {
             adamw,
@@ -101,6 +107,17 @@ impl Knobs {
             alloc_conf: var("PYTORCH_CUDA_ALLOC_CONF"),
         };
         Ok(k)
+    }
+}
+
+impl Knobs {
+    /// The run's collective timeout, shared by all of a process's communicators: the fixed
+    /// limit when one was set, else the adaptive one starting at [`DEFAULT_COMM_TIMEOUT_S`].
+    pub fn timeout_policy(&self) -> Arc<CommTimeout> {
+        match self.comm_timeout {
+            Some(d) => CommTimeout::fixed(d),
+            None => CommTimeout::adaptive(Duration::from_secs_f64(DEFAULT_COMM_TIMEOUT_S)),
+        }
     }
 }
 

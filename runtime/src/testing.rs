@@ -261,6 +261,14 @@ pub fn quiet_run() -> crate::train::run::RunExtras {
     }
 }
 
+/// A run's report as JSON, for tests that read it by key (panics, failing the test, on an
+/// error or on a rank that has no report).
+pub fn report_json(r: crate::Result<Option<crate::train::report::RunReport>>) -> serde_json::Value {
+    r.expect("the run succeeds")
+        .expect("this rank has the report")
+        .to_json()
+}
+
 /// The `losses` of a run's report (panics, failing the test, when the report has none).
 pub fn report_losses(v: &serde_json::Value) -> Vec<f64> {
     v["losses"]

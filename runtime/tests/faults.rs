@@ -152,31 +152,63 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[test]
-fn rendezvous_tells_survivors_which_rank_is_gone() {
-    let port = free_port();
+/// Tests that open liveness channels run one at a time: the process's exit hook holds the
+/// last channel opened ([`mmsp_runtime::ffi::shutdown_on_exit`]).
+static LIVENESS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn liveness_lock() -> std::sync::MutexGuard<'static, ()> {
+    LIVENESS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Rank 0's rendezvous on `port` and `n` ranks watching it; each notice arrives on the
+/// receiver with the rank that got it.
+fn watching(
+    port: u16,
+    n: usize,
+) -> (
+    Vec<mmsp_runtime::comm::rendezvous::Liveness>,
+    mpsc::Receiver<(usize, String)>,
+) {
     let t = Duration::from_secs(10);
     let (tx, rx) = mpsc::channel::<(usize, String)>();
     let r0 = Rendezvous::connect("127.0.0.1", port, 0, t).unwrap();
     let mut live = Vec::new();
-    for rank in 0..3 {
+    for rank in 0..n {
         let tx = tx.clone();
         let c = Rendezvous::connect_client("127.0.0.1", port, rank, t).unwrap();
         live.push(c.watch(move |m| tx.send((rank, m)).unwrap()).unwrap());
     }
     r0.close();
-    // Rank 2's process "dies": its liveness connection closes without a clean end.
-    let t0 = Instant::now();
-    drop(live.pop());
+    (live, rx)
+}
+
+/// Waits for the notices of ranks 0 and 1 that rank 2 is gone, within 2 s of `t0` (rank
+/// 2's own watcher, whose connection ended, may hear of it too: it is leaving).
+fn ranks_0_and_1_hear_of_rank_2(rx: &mpsc::Receiver<(usize, String)>, t0: Instant) {
     let mut seen = Vec::new();
-    for _ in 0..2 {
+    while seen.len() < 2 {
         let (rank, m) = rx.recv_timeout(Duration::from_secs(5)).expect("no notice");
-        assert!(m.contains("rank 2"), "rank {rank} got {m}");
+        if rank == 2 {
+            continue;
+        }
+        assert!(m.contains("rank 2 is gone"), "rank {rank} got {m}");
         seen.push(rank);
     }
     seen.sort();
     assert_eq!(seen, vec![0, 1]);
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+}
+
+#[test]
+fn rendezvous_tells_survivors_which_rank_is_gone() {
+    let _one = liveness_lock();
+    let port = free_port();
+    let t = Duration::from_secs(10);
+    let (mut live, rx) = watching(port, 3);
+    // Rank 2's process "dies": its liveness connection closes without a clean end.
+    let t0 = Instant::now();
+    drop(live.pop());
+    ranks_0_and_1_hear_of_rank_2(&rx, t0);
     // A rendezvous lookup after the fault fails at once, naming the rank.
     let mut c = Rendezvous::connect_client("127.0.0.1", port, 1, t).unwrap();
     let t1 = Instant::now();
@@ -193,6 +225,7 @@ fn rendezvous_tells_survivors_which_rank_is_gone() {
 
 #[test]
 fn a_clean_end_is_not_a_fault() {
+    let _one = liveness_lock();
     let port = free_port();
     let t = Duration::from_secs(10);
     let (tx, rx) = mpsc::channel::<String>();
@@ -212,6 +245,22 @@ fn a_clean_end_is_not_a_fault() {
     }
     drop(live);
     assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
+}
+
+/// A rank that exits while its process is still alive (CUDA or NCCL teardown blocking after
+/// a failure): the exit hook, which `exit` runs before that teardown, ends its liveness
+/// connection, so the others hear at once, not when the process is finally gone.
+#[test]
+fn an_exit_is_heard_before_the_process_is_gone() {
+    let _one = liveness_lock();
+    let (live, rx) = watching(free_port(), 3);
+    // Rank 2 (the last channel opened) "exits": `exit` runs the hook; its Liveness lives on.
+    let t0 = Instant::now();
+    mmsp_runtime::ffi::exit_hook();
+    ranks_0_and_1_hear_of_rank_2(&rx, t0);
+    for l in &live {
+        l.finish();
+    }
 }
 
 fn bin() -> std::process::Command {
@@ -245,19 +294,24 @@ fn plan_file(name: &str, ulysses: usize, ring: usize) -> std::path::PathBuf {
 
 /// Runs the binary's `run` on in-process CPU ranks with a fault injected; returns (exit
 /// code, stderr, seconds).
+/// `timeout_s`: `MMSP_COMM_TIMEOUT_S`, or None for the default (adaptive) timeout.
 fn run_injected(
     plan: &std::path::Path,
     inject: &str,
-    timeout_s: &str,
+    timeout_s: Option<&str>,
+    steps: usize,
 ) -> (Option<i32>, String, f64) {
     let t0 = Instant::now();
-    let out = bin()
-        .args(["run", "--tiny", "--cpu", "--inprocess", "2", "--steps", "3"])
+    let mut cmd = bin();
+    cmd.args(["run", "--tiny", "--cpu", "--inprocess", "2", "--steps"])
+        .arg(steps.to_string())
         .arg(plan)
-        .env("MMSP_FAULT_INJECT", inject)
-        .env("MMSP_COMM_TIMEOUT_S", timeout_s)
-        .output()
-        .unwrap();
+        .env("MMSP_FAULT_INJECT", inject);
+    match timeout_s {
+        Some(s) => cmd.env("MMSP_COMM_TIMEOUT_S", s),
+        None => cmd.env_remove("MMSP_COMM_TIMEOUT_S"),
+    };
+    let out = cmd.output().unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -269,7 +323,7 @@ fn run_injected(
 fn binary_run_ends_with_an_error_naming_the_failed_rank() {
     let plan = plan_file("inject", 1, 2);
     for mode in ["error", "panic", "exit"] {
-        let (code, err, secs) = run_injected(&plan, &format!("1:1:{mode}"), "30");
+        let (code, err, secs) = run_injected(&plan, &format!("1:1:{mode}"), Some("30"), 3);
         assert_eq!(code, Some(1), "{mode}: {err}");
         let last = err.trim().lines().last().unwrap_or("");
         assert!(
@@ -279,7 +333,7 @@ fn binary_run_ends_with_an_error_naming_the_failed_rank() {
         assert!(secs < 60.0, "{mode}: {secs} s");
     }
     // A rank that stops calling collectives: its peer times out after 1 s naming it.
-    let (code, err, secs) = run_injected(&plan, "1:1:hang", "1");
+    let (code, err, secs) = run_injected(&plan, "1:1:hang", Some("1"), 3);
     assert_eq!(code, Some(1), "hang: {err}");
     let last = err.trim().lines().last().unwrap_or("");
     assert!(
@@ -288,8 +342,25 @@ fn binary_run_ends_with_an_error_naming_the_failed_rank() {
     );
     assert!(secs < 60.0, "hang: {secs} s");
     // A malformed injection is bad input (exit 2).
-    let (code, err, _) = run_injected(&plan, "one:1", "30");
+    let (code, err, _) = run_injected(&plan, "one:1", Some("30"), 3);
     assert_eq!(code, Some(2), "{err}");
+    let _ = std::fs::remove_file(&plan);
+}
+
+/// With the default timeouts, a rank that hangs once steps run ends the run within 30 s of
+/// the fault (the steady-state limit: 4 x the longest step, 15 s at least), naming it.
+#[test]
+fn a_hang_with_the_default_timeouts_ends_within_30_s() {
+    let plan = plan_file("hang-default", 1, 2);
+    let (code, err, secs) = run_injected(&plan, "1:3:hang", None, 6);
+    assert_eq!(code, Some(1), "hang: {err}");
+    let last = err.trim().lines().last().unwrap_or("");
+    assert!(
+        last.contains("timed out") && last.contains("[1]"),
+        "hang: {err}"
+    );
+    // Three tiny CPU steps come first (well under a second each); the bound is the issue's.
+    assert!(secs < 30.0, "hang with default timeouts: {secs} s");
     let _ = std::fs::remove_file(&plan);
 }
 

@@ -14,7 +14,7 @@ use mmsp_runtime::model::hf::HfCheckpoint;
 use mmsp_runtime::model::{Decoder, Input};
 use mmsp_runtime::plan::{Layout, Placement};
 use mmsp_runtime::testing::plan_json;
-use mmsp_runtime::testing::{quiet_run as quiet, report_losses as losses};
+use mmsp_runtime::testing::{quiet_run as quiet, report_json, report_losses as losses};
 use mmsp_runtime::train::data::{Dataset, TextTokenizer};
 use mmsp_runtime::train::run::{run_with, ModelSource, RunExtras, RunOptions};
 use mmsp_runtime::train::session::{LrSchedule, SaveHf};
@@ -184,7 +184,7 @@ fn first_training_loss_equals_transformers_on_2d_layouts() {
                 data: Some(data.clone()),
                 ..quiet()
             };
-            let v = run_with(&opts(&plan, model, 1, u * ring, 1e-3), &ex).unwrap();
+            let v = report_json(run_with(&opts(&plan, model, 1, u * ring, 1e-3), &ex));
             // ZeRO ranks read only their slices: one model's bytes in all; ZeRO-0 ranks each
             // read it whole.
             let w = &v["weights"];
@@ -316,11 +316,10 @@ fn trained_checkpoint_loads_in_transformers_with_the_same_logits() {
         }),
         ..quiet()
     };
-    let v = run_with(
+    let v = report_json(run_with(
         &opts(&plan, ModelSource::HfDir(model_dir), 20, 2, 3e-3),
         &ex,
-    )
-    .unwrap();
+    ));
     assert!(v.get("warnings").is_none(), "{}", v["warnings"]);
     let l = losses(&v);
     let (head, tail) = (
@@ -384,10 +383,19 @@ fn resumed_run_with_data_repeats_a_straight_run() {
         ..quiet()
     };
     let m = || ModelSource::HfDir(model_dir.clone());
-    let straight = losses(&run_with(&opts(&plan, m(), 6, 2, 2e-3), &ex(None, None)).unwrap());
+    let straight = losses(&report_json(run_with(
+        &opts(&plan, m(), 6, 2, 2e-3),
+        &ex(None, None),
+    )));
     let ck = d.join("ck");
-    let a = losses(&run_with(&opts(&plan, m(), 3, 2, 2e-3), &ex(Some(ck.clone()), None)).unwrap());
-    let b = losses(&run_with(&opts(&plan, m(), 3, 2, 2e-3), &ex(None, Some(ck))).unwrap());
+    let a = losses(&report_json(run_with(
+        &opts(&plan, m(), 3, 2, 2e-3),
+        &ex(Some(ck.clone()), None),
+    )));
+    let b = losses(&report_json(run_with(
+        &opts(&plan, m(), 3, 2, 2e-3),
+        &ex(None, Some(ck)),
+    )));
     assert_eq!(&a[..], &straight[..3]);
     // The resumed report lists the earlier losses, then its own.
     assert_eq!(&b[b.len() - 3..], &straight[3..]);
@@ -739,7 +747,7 @@ fn video_manifest_trains_with_the_same_losses_over_sp_layouts() {
             config: Some(vis.join("model")),
         };
         let o = opts(&plan, ModelSource::HfDir(model_dir.clone()), 3, u * r, 1e-3);
-        let v = mmsp_runtime::train::run::run_vlm(&o, &ex, &vopts).unwrap();
+        let v = report_json(mmsp_runtime::train::run::run_vlm(&o, &ex, &vopts));
         assert_eq!(v["data"]["video_samples"], 3);
         let l = losses(&v);
         assert!(l.iter().all(|x| x.is_finite() && *x > 0.0), "{l:?}");
@@ -776,7 +784,7 @@ fn a_context_past_max_position_embeddings_is_trained_and_warned_about() {
     let d = tmp("hf-long");
     let plan = d.join("plan.json");
     std::fs::write(&plan, plan_json(1, 2, 1, 0, 320)).unwrap();
-    let v = run_with(
+    let v = report_json(run_with(
         &opts(
             &plan,
             ModelSource::HfDir(models().join("qwen2_tied")),
@@ -785,8 +793,7 @@ fn a_context_past_max_position_embeddings_is_trained_and_warned_about() {
             1e-3,
         ),
         &quiet(),
-    )
-    .unwrap();
+    ));
     let w = v["warnings"][0].as_str().unwrap();
     assert!(
         w.contains("320") && w.contains("max_position_embeddings 256"),
@@ -826,7 +833,10 @@ fn packed_documents_attend_within_themselves() {
             cross_document_attention: cross,
             ..quiet()
         };
-        losses(&run_with(&opts(&plan, ModelSource::Tiny, 1, 4, 1e-3), &ex).unwrap())[0]
+        losses(&report_json(run_with(
+            &opts(&plan, ModelSource::Tiny, 1, 4, 1e-3),
+            &ex,
+        )))[0]
     };
     let (masked, cross) = (run(false), run(true));
     // The reference: the packed samples, each alone.

@@ -5,7 +5,7 @@
 //! plans the planner made for samples of odd lengths (each padded at its end to a multiple of
 //! 2 x SP) run with the plan's ranges; bad vision sections (a sample length that is not a
 //! multiple of 2 x SP among them, padding included) are one-line errors with exit code 2.
-use mmsp_runtime::testing::{quiet_run as quiet, report_losses as losses};
+use mmsp_runtime::testing::{quiet_run as quiet, report_json, report_losses as losses};
 use mmsp_runtime::train::run::{run_vlm, ModelSource, RunOptions, VisionOptions};
 use mmsp_runtime::vision::balanced_frames;
 use serde_json::{json, Value};
@@ -54,12 +54,11 @@ fn run_vision_plan_same_losses_at_sp_1_2_4() {
             &format!("vlm_{u}x{r}x{dp}.json"),
             &vision_plan(u, r, dp, None),
         );
-        let v = run_vlm(
+        let v = report_json(run_vlm(
             &opts(&plan, u * r * dp, 3),
             &quiet(),
             &VisionOptions::default(),
-        )
-        .unwrap();
+        ));
         let l = losses(&v);
         assert_eq!(l.len(), 3);
         assert!(l.iter().all(|x| x.is_finite() && *x > 0.0), "{l:?}");
@@ -112,12 +111,11 @@ fn run_vision_plan_zero3_equals_zero0() {
             let mut v = vision_plan(u, r, dp, None);
             v["zero_stage"] = json!(zero);
             let plan = write(&format!("vlm_z{zero}_{u}x{r}x{dp}.json"), &v);
-            let out = run_vlm(
+            let out = report_json(run_vlm(
                 &opts(&plan, u * r * dp, 3),
                 &quiet(),
                 &VisionOptions::default(),
-            )
-            .unwrap();
+            ));
             assert_eq!(out["zero_stage"], zero);
             per_stage.push(losses(&out));
         }
@@ -161,7 +159,11 @@ fn run_planner_made_plans_with_padded_samples() {
             json!([7, 5]),
             "{file}"
         );
-        let v = run_vlm(&opts(&path, 4, 2), &quiet(), &VisionOptions::default()).unwrap();
+        let v = report_json(run_vlm(
+            &opts(&path, 4, 2),
+            &quiet(),
+            &VisionOptions::default(),
+        ));
         let vis = &v["vision"];
         assert_eq!(vis["stage2"]["plan_ranges_match"], true, "{file}");
         assert_eq!(vis["stage2"]["sample_lens"], json!(lens), "{file}");
@@ -184,7 +186,11 @@ fn run_vision_frozen_encoder_and_balanced_frames() {
     let mut p = vision_plan(1, 2, 1, Some(balanced_frames(8, 2).unwrap()));
     p["vision"]["train_vision"] = json!(false);
     let plan = write("vlm_frozen.json", &p);
-    let v = run_vlm(&opts(&plan, 2, 2), &quiet(), &VisionOptions::default()).unwrap();
+    let v = report_json(run_vlm(
+        &opts(&plan, 2, 2),
+        &quiet(),
+        &VisionOptions::default(),
+    ));
     assert_eq!(v["vision"]["train_vision"], false);
     assert_eq!(v["vision"]["measured_rank0"]["encoder_backward_s"], 0.0);
 }

@@ -406,13 +406,21 @@ fn run_subcommand_inprocess_cpu() {
         peak_flops: 1e12,
         out: Some(dir.join("run.json")),
     };
-    let r = run(&opts(&good, 2)).unwrap();
-    assert_eq!(r["losses"].as_array().unwrap().len(), 2);
-    assert!(r["micro_step_s"].as_f64().unwrap() > 0.0);
-    assert!(r["predicted"]["error_pct"]["micro_step_s"].is_number());
-    let written: serde_json::Value =
+    let r = run(&opts(&good, 2))
+        .unwrap()
+        .expect("in-process runs report");
+    assert_eq!(r.losses.len(), 2);
+    assert!(r.micro_step_s > 0.0);
+    let p = r.predicted.expect("the plan predicts");
+    assert!(p.error_pct.micro_step_s.is_finite());
+    // The file is the same report, and reads back into the type.
+    let written: mmsp_runtime::train::report::RunReport =
         serde_json::from_str(&std::fs::read_to_string(dir.join("run.json")).unwrap()).unwrap();
-    assert_eq!(written["ranks"], 2);
+    assert_eq!((written.ranks, written.losses.len()), (2, 2));
+    for (a, b) in written.losses.iter().zip(&r.losses) {
+        assert!((a - b).abs() <= 1e-12 * b.abs(), "{a} vs {b}");
+    }
+    assert!(written.predicted.is_some() && written.vision.is_none());
     assert!(matches!(run(&opts(&good, 4)), Err(RuntimeError::Launch(_))));
     assert!(matches!(run(&opts(&bad, 2)), Err(RuntimeError::Plan(_))));
     let _ = std::fs::remove_dir_all(&dir);

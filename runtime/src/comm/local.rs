@@ -6,7 +6,7 @@
 //! [`RuntimeError::PeerGone`] naming it; a wait whose peers do not all arrive fails with
 //! [`RuntimeError::Timeout`] naming the missing ranks. Ranks are named by their label: the
 //! global rank for [`local_groups`], the index in the group otherwise.
-use super::{check_gather_shapes, default_comm_timeout, Communicator, P2p, Work};
+use super::{check_gather_shapes, default_comm_timeout, CommTimeout, Communicator, P2p, Work};
 use crate::error::{Result, RuntimeError};
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -21,8 +21,9 @@ struct State {
     /// The first member that left: (index in the group, why, whether it failed rather than
     /// finished).
     gone: Option<(usize, String, bool)>,
-    /// The first wait that timed out: what it says (every waiter reports it).
-    timed_out: Option<String>,
+    /// The first wait that timed out: its limit in seconds and what it says (every waiter
+    /// reports it).
+    timed_out: Option<(u64, String)>,
     /// (src, dst) -> tensors posted by src for dst, in order.
     mail: HashMap<(usize, usize), Vec<Tensor>>,
 }
@@ -33,7 +34,7 @@ struct Shared {
     labels: Vec<usize>,
     state: Mutex<State>,
     cv: Condvar,
-    timeout: Duration,
+    timeout: Arc<CommTimeout>,
 }
 
 /// One rank of an in-process group.
@@ -58,6 +59,11 @@ impl LocalComm {
 
     /// A group whose member i is called rank `labels[i]` in errors (its global rank).
     pub fn group_named(labels: &[usize], timeout: Duration) -> Vec<LocalComm> {
+        Self::group_shared(labels, CommTimeout::fixed(timeout))
+    }
+
+    /// As [`LocalComm::group_named`], with a run's shared (possibly adaptive) timeout.
+    pub fn group_shared(labels: &[usize], timeout: Arc<CommTimeout>) -> Vec<LocalComm> {
         let n = labels.len();
         let shared = Arc::new(Shared {
             n,
@@ -114,7 +120,7 @@ impl LocalComm {
     fn timeout_error(&self, st: &State) -> Option<RuntimeError> {
         st.timed_out
             .as_ref()
-            .map(|m| RuntimeError::Timeout(self.shared.timeout.as_secs(), m.clone()))
+            .map(|(s, m)| RuntimeError::Timeout(*s, m.clone()))
     }
 
     fn wait_all(&self, what: &str) -> Result<()> {
@@ -135,7 +141,8 @@ impl LocalComm {
             self.shared.cv.notify_all();
             return Ok(());
         }
-        let deadline = Instant::now() + self.shared.timeout;
+        let limit = self.shared.timeout.get();
+        let deadline = Instant::now() + limit;
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -149,14 +156,14 @@ impl LocalComm {
                 let msg = format!(
                     "{what}: rank(s) {missing:?} never arrived (rank {} waited {:.1} s)",
                     self.label(),
-                    self.shared.timeout.as_secs_f64()
+                    limit.as_secs_f64()
                 );
                 // Every waiter of this group reports the same missing ranks.
-                st.timed_out.get_or_insert(msg);
+                st.timed_out.get_or_insert((limit.as_secs(), msg));
                 self.shared.cv.notify_all();
-                return Err(self.timeout_error(&st).unwrap_or_else(|| {
-                    RuntimeError::Timeout(self.shared.timeout.as_secs(), what.to_string())
-                }));
+                return Err(self
+                    .timeout_error(&st)
+                    .unwrap_or_else(|| RuntimeError::Timeout(limit.as_secs(), what.to_string())));
             }
             let (g, _) = self
                 .shared
@@ -429,9 +436,18 @@ pub fn local_groups_with_timeout(
     kind: crate::plan::GroupKind,
     timeout: std::time::Duration,
 ) -> Vec<LocalComm> {
+    local_groups_shared(layout, kind, &CommTimeout::fixed(timeout))
+}
+
+/// [`local_groups`] whose collectives follow a run's shared timeout.
+pub fn local_groups_shared(
+    layout: &crate::plan::Layout,
+    kind: crate::plan::GroupKind,
+    timeout: &Arc<CommTimeout>,
+) -> Vec<LocalComm> {
     let mut slots: Vec<Option<LocalComm>> = (0..layout.world_size()).map(|_| None).collect();
     for g in layout.all_groups(kind) {
-        for (member, comm) in g.iter().zip(LocalComm::group_named(&g, timeout)) {
+        for (member, comm) in g.iter().zip(LocalComm::group_shared(&g, timeout.clone())) {
             slots[*member] = Some(comm);
         }
     }

@@ -4,19 +4,25 @@
 //!
 //! Faults: a collective never hangs. A rank that fails or leaves makes its peers' pending and
 //! later collectives fail with [`RuntimeError::PeerGone`] naming it, and a collective whose
-//! peers do not arrive fails with [`RuntimeError::Timeout`] after its timeout ([`DEFAULT_COMM_TIMEOUT_S`] unless set)
-//! (`MMSP_COMM_TIMEOUT_S`, default 300 s).
+//! peers do not arrive fails with [`RuntimeError::Timeout`] after its timeout
+//! ([`timeout::CommTimeout`]: `MMSP_COMM_TIMEOUT_S` when set; otherwise
+//! [`DEFAULT_COMM_TIMEOUT_S`] while a run starts and saves, and a multiple of its longest step
+//! once steps run).
 pub mod local;
 pub mod nccl;
 pub mod rendezvous;
+pub mod timeout;
+
+pub use timeout::CommTimeout;
 
 use crate::error::{Result, RuntimeError};
 use crate::ffi::cuda::InFlight;
 use std::time::Duration;
 use tch::Tensor;
 
-/// How long a collective waits for its peers unless told otherwise
-/// ([`crate::knobs::Knobs::comm_timeout`], `MMSP_COMM_TIMEOUT_S` in the binary).
+/// How long a collective waits for its peers while a run starts (and during saves) unless
+/// told otherwise ([`crate::knobs::Knobs::comm_timeout`], `MMSP_COMM_TIMEOUT_S` in the
+/// binary); see [`timeout`] for the limit once steps run.
 pub const DEFAULT_COMM_TIMEOUT_S: f64 = 300.0;
 
 /// [`DEFAULT_COMM_TIMEOUT_S`] as a duration.

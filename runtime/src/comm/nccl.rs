@@ -12,13 +12,13 @@
 //! survivor learns which rank within a TCP round trip. A watchdog thread per process polls
 //! every communicator's `ncclCommGetAsyncError` and the completion event of every operation
 //! in flight; an operation pending longer than the world's timeout
-//! (`MMSP_COMM_TIMEOUT_S`) is a timeout. On the first fault the watchdog records it (every
+//! ([`super::CommTimeout`]: `MMSP_COMM_TIMEOUT_S`, or adaptive) is a timeout. On the first fault the watchdog records it (every
 //! later call on any communicator returns it, naming the rank), aborts the communicators if an
 //! operation is still in flight (so the device work behind them returns), and if the process
 //! is still stuck in NCCL or on the device [`FAULT_GRACE`] later, prints the error and exits
 //! with code 1. A run ends cleanly through [`NcclWorld::finish`].
 use super::rendezvous::{Liveness, Rendezvous};
-use super::{check_gather_shapes, Communicator, P2p, Work};
+use super::{check_gather_shapes, CommTimeout, Communicator, P2p, Work};
 use crate::error::{Result, RuntimeError};
 use crate::ffi::cuda::{self, Event, NcclComm, NcclOp, NcclWatch, Stream};
 use crate::plan::Plan;
@@ -387,11 +387,17 @@ struct Watchdog {
 }
 
 impl Watchdog {
-    fn start(rank: usize, device: usize, health: Arc<Health>, timeout: Duration) -> Watchdog {
+    fn start(
+        rank: usize,
+        device: usize,
+        health: Arc<Health>,
+        timeout: Arc<CommTimeout>,
+    ) -> Watchdog {
         let stop = Arc::new(AtomicBool::new(false));
         let trackers: Arc<Mutex<Vec<Arc<Tracker>>>> = Arc::default();
         let (st, tr) = (stop.clone(), trackers.clone());
-        let handle = std::thread::spawn(move || watchdog(rank, device, &health, timeout, &st, &tr));
+        let handle =
+            std::thread::spawn(move || watchdog(rank, device, &health, &timeout, &st, &tr));
         Watchdog {
             stop,
             trackers,
@@ -418,7 +424,7 @@ fn watchdog(
     rank: usize,
     device: usize,
     health: &Health,
-    timeout: Duration,
+    timeout: &CommTimeout,
     stop: &AtomicBool,
     trackers: &Mutex<Vec<Arc<Tracker>>>,
 ) {
@@ -441,14 +447,15 @@ fn watchdog(
             }
             if let Some((age, what)) = t.oldest() {
                 busy = true;
-                if age > timeout {
+                let limit = timeout.get();
+                if age > limit {
                     health.set(
-                        FaultKind::Timeout(timeout.as_secs()),
+                        FaultKind::Timeout(limit.as_secs()),
                         format!(
                             "rank {rank}: {what} on the {} group did not complete within {:.0} s \
                              (a peer is stuck or gone; MMSP_COMM_TIMEOUT_S sets the limit)",
                             t.group,
-                            timeout.as_secs_f64()
+                            limit.as_secs_f64()
                         ),
                     );
                 }
@@ -544,6 +551,13 @@ impl NcclWorld {
     /// Every check that can fail without talking to other ranks runs first. `timeout`
     /// bounds the rendezvous; collectives time out after it too.
     pub fn init(plan: &Plan, env: LaunchEnv, timeout: Duration) -> Result<NcclWorld> {
+        Self::init_shared(plan, env, CommTimeout::fixed(timeout))
+    }
+
+    /// As [`NcclWorld::init`], with a run's shared timeout: its start-up limit bounds the
+    /// rendezvous, and the watchdog reads its current limit.
+    pub fn init_shared(plan: &Plan, env: LaunchEnv, limit: Arc<CommTimeout>) -> Result<NcclWorld> {
+        let timeout = limit.startup();
         plan.validate()?;
         plan.check_launch(env.world_size)?;
         let version = cuda::nccl_version()?;
@@ -561,7 +575,7 @@ impl NcclWorld {
         let liveness =
             Rendezvous::connect_client(&env.master_addr, env.master_port, env.rank, timeout)?
                 .watch(move |msg| h.set(FaultKind::PeerGone, msg))?;
-        let watchdog = Watchdog::start(env.rank, env.local_rank, health.clone(), timeout);
+        let watchdog = Watchdog::start(env.rank, env.local_rank, health.clone(), limit);
         // Every rank must run the same NCCL: the ids would not match otherwise.
         store.set(
             &format!("nccl_version/{}", env.rank),

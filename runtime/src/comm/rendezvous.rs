@@ -13,6 +13,7 @@ use crate::error::{Result, RuntimeError};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -299,6 +300,8 @@ impl Rendezvous {
         self.stream.write_all(&[OP_WATCH])?;
         self.stream.set_read_timeout(None)?;
         let mut reader = self.stream.try_clone()?;
+        // Whatever way this process exits, the others hear of it at once.
+        crate::ffi::shutdown_on_exit(self.stream.as_raw_fd())?;
         let closing = Arc::new(AtomicBool::new(false));
         let c = closing.clone();
         let me = self.rank;
@@ -354,5 +357,6 @@ impl Drop for Liveness {
         self.closing.store(true, Ordering::Release);
         let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
         let _ = s.shutdown(Shutdown::Both);
+        crate::ffi::forget_exit_socket(s.as_raw_fd());
     }
 }

@@ -5,6 +5,8 @@ pub mod cuda;
 
 use crate::error::{Result, RuntimeError};
 use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Once;
 use tch::Tensor;
 use torch_sys::C_tensor;
 
@@ -22,6 +24,54 @@ pub fn hard_exit(code: i32) -> ! {
     let _ = std::io::stdout().flush();
     // SAFETY: `_exit` takes an int and never returns; skipping destructors is the intent.
     unsafe { _exit(code) }
+}
+
+extern "C" {
+    /// The C library's `atexit` and `shutdown(2)`.
+    fn atexit(f: extern "C" fn()) -> c_int;
+    fn shutdown(fd: c_int, how: c_int) -> c_int;
+}
+
+/// `SHUT_RDWR` of `<sys/socket.h>` (Linux).
+const SHUT_RDWR: c_int = 2;
+
+/// The socket [`shutdown_on_exit`] ends at exit (-1: none).
+static EXIT_SOCKET: AtomicI32 = AtomicI32::new(-1);
+static EXIT_HOOK: Once = Once::new();
+
+/// The atexit handler: shuts the registered socket down, so that the peer sees it close now
+/// rather than when the process has finished tearing down (CUDA and NCCL teardown after a
+/// failure can block for many seconds while the process, and so its sockets, live on).
+pub extern "C" fn exit_hook() {
+    let fd = EXIT_SOCKET.swap(-1, Ordering::AcqRel);
+    if fd >= 0 {
+        // SAFETY: shutdown(2) on a descriptor this process registered and has not closed
+        // (the owner clears it before closing, `forget_exit_socket`); it only changes the
+        // socket's state, and its result is of no use at exit.
+        let _ = unsafe { shutdown(fd, SHUT_RDWR) };
+    }
+}
+
+/// Shuts `fd` (a connected socket) down first thing when the process exits through `exit`
+/// (returning from main, `std::process::exit`): registered after libtorch and NCCL are
+/// loaded, the handler runs before their teardown. One socket per process; a later call
+/// replaces it.
+pub fn shutdown_on_exit(fd: c_int) -> Result<()> {
+    EXIT_SOCKET.store(fd, Ordering::Release);
+    let mut rc = 0;
+    // SAFETY: registers a plain `extern "C" fn()` with no captured state, once per process.
+    EXIT_HOOK.call_once(|| rc = unsafe { atexit(exit_hook) });
+    if rc != 0 {
+        return Err(RuntimeError::Comm(format!(
+            "atexit failed (return code {rc})"
+        )));
+    }
+    Ok(())
+}
+
+/// Unregisters `fd` (about to be closed) if it is the one [`shutdown_on_exit`] holds.
+pub fn forget_exit_socket(fd: c_int) {
+    let _ = EXIT_SOCKET.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Acquire);
 }
 
 extern "C" {

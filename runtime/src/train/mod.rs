@@ -52,6 +52,7 @@ pub mod adamw;
 pub mod checkpoint;
 pub mod data;
 pub mod kernel_profile;
+pub mod report;
 pub mod run;
 pub mod session;
 pub mod shards;
@@ -121,8 +122,8 @@ pub struct StepStats {
 }
 
 /// Where one step's time goes. The phases partition the step: their sum is `step_s` up to
-/// the host work between them.
-#[derive(Debug, Clone, Copy, Default)]
+/// the host work between them. The report's `phases_rank0` is this, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Phases {
     /// Master -> compute dtype weight casts (every layer weight once per step without
     /// recompute; with recompute the layers' casts fall in `fwd_s` / `bwd_s`; always the
@@ -153,12 +154,8 @@ pub struct Phases {
 impl Phases {
     /// The phases as a JSON object (seconds).
     pub fn to_json(&self) -> Value {
-        json!({
-            "cast_s": self.cast_s, "embed_s": self.embed_s, "fwd_s": self.fwd_s,
-            "attn_fwd_s": self.attn_fwd_s, "loss_s": self.loss_s, "bwd_s": self.bwd_s,
-            "attn_bwd_s": self.attn_bwd_s, "grad_reduce_s": self.grad_reduce_s,
-            "optimizer_s": self.optimizer_s,
-        })
+        // Nine f64 fields: serialization cannot fail.
+        serde_json::to_value(self).unwrap_or(Value::Null)
     }
 
     /// Their sum.

@@ -5,6 +5,7 @@
 //! Everything here is opened and checked by [`Inputs::load`] before any rank starts, so a
 //! missing tensor, a bad data line or a mismatched config is one error, never a hang.
 use super::data::{Dataset, TextTokenizer};
+use super::report::{DataSummary, RunReport, WeightsSummary};
 use super::video::{Normalize, VideoData};
 use super::Trainer;
 use crate::error::{Result, RuntimeError};
@@ -168,18 +169,26 @@ impl Inputs {
     /// The report's `weights` (the directory, and the tensor bytes this process read from it
     /// against the model's: one model's worth in all when ZeRO shards it, one per rank
     /// otherwise) and `data` (file, tokens, sequences per epoch).
-    pub fn describe(&self, report: &mut Value) {
-        if let Some(w) = &self.weights {
-            report["weights"] = serde_json::json!({
-                "dir": w.dir, "bytes_read": w.bytes_read(), "model_bytes": w.model_bytes(),
+    pub fn describe(&self, report: &mut RunReport) {
+        report.weights = self.weights.as_ref().map(|w| WeightsSummary {
+            dir: w.dir.clone(),
+            bytes_read: w.bytes_read(),
+            model_bytes: w.model_bytes(),
+        });
+        if let Some(v) = &self.video {
+            report.data = Some(DataSummary {
+                path: v.path.clone(),
+                tokens: None,
+                sequences_per_epoch: None,
+                video_samples: Some(v.num_samples()),
             });
         }
-        if let Some(v) = &self.video {
-            report["data"] = serde_json::json!({"path": v.path, "video_samples": v.num_samples()});
-        }
         if let Some(d) = &self.data {
-            report["data"] = serde_json::json!({
-                "path": d.path, "tokens": d.num_tokens, "sequences_per_epoch": d.num_sequences,
+            report.data = Some(DataSummary {
+                path: d.path.clone(),
+                tokens: Some(d.num_tokens),
+                sequences_per_epoch: Some(d.num_sequences),
+                video_samples: None,
             });
         }
     }

@@ -228,9 +228,8 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
             let vopts = VisionOptions {
                 config: vision_config,
             };
-            let v = run_vlm(&opts, &extras, &vopts)?;
-            if !v.is_null() {
-                println!("{v}");
+            if let Some(report) = run_vlm(&opts, &extras, &vopts)? {
+                println!("{}", serde_json::to_string(&report)?);
             }
             Ok(())
         }

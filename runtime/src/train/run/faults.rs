@@ -22,7 +22,7 @@ pub(super) fn inject(
         FaultMode::Hang => {
             eprintln!("{what}: no longer calling collectives");
             let t0 = Instant::now();
-            let limit = cx.extras.knobs.comm_timeout + Duration::from_secs(2);
+            let limit = cx.timeout.get() + Duration::from_secs(2);
             loop {
                 std::thread::sleep(Duration::from_millis(200));
                 if let Some(e) = world.peer_failure() {

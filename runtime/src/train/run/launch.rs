@@ -187,11 +187,11 @@ pub(super) fn launch_inprocess(
     };
     let (l, w) = (p.plan.layout, p.plan.world_size);
     check_memory(&p.tp, dev, w, extras.knobs.skip_memory_check)?;
-    let timeout = extras.knobs.comm_timeout;
-    let uly = local_groups_with_timeout(&l, GroupKind::Ulysses, timeout);
-    let ring = local_groups_with_timeout(&l, GroupKind::Ring, timeout);
-    let world = LocalComm::group_named(&(0..w).collect::<Vec<_>>(), timeout);
-    let cx = p.ctx(opts, extras, dev, true);
+    let timeout = extras.knobs.timeout_policy();
+    let uly = local_groups_shared(&l, GroupKind::Ulysses, &timeout);
+    let ring = local_groups_shared(&l, GroupKind::Ring, &timeout);
+    let world = LocalComm::group_shared(&(0..w).collect::<Vec<_>>(), timeout.clone());
+    let cx = p.ctx(opts, extras, dev, true, &timeout);
     let res: Vec<Result<Vec<StepRecord>>> = std::thread::scope(|s| {
         let hs: Vec<_> = uly
             .into_iter()
@@ -248,8 +248,9 @@ pub(super) fn launch_nccl(
     let d = Device::Cuda(env.local_rank);
     check_memory(&p.tp, d, 1, extras.knobs.skip_memory_check)?;
     let rank = env.rank;
-    let nw = NcclWorld::init(&p.plan, env, extras.knobs.comm_timeout)?;
-    let cx = p.ctx(opts, extras, d, false);
+    let timeout = extras.knobs.timeout_policy();
+    let nw = NcclWorld::init_shared(&p.plan, env, timeout.clone())?;
+    let cx = p.ctx(opts, extras, d, false, &timeout);
     let groups = Groups {
         ulysses: &nw.ulysses,
         ring: &nw.ring,
@@ -262,6 +263,8 @@ pub(super) fn launch_nccl(
         rank_loop(rank, groups, &cx)
     }))
     .unwrap_or_else(|p| Err(panic_to_error(rank, p.as_ref())))?;
+    // Ranks reach the end at their own pace (rank 0 may still be writing files).
+    let _relaxed = timeout.relax();
     let records = gather_records(&nw.world, &mine, d)?;
     nw.finish()?;
     Ok((rank == 0).then_some(records))

@@ -30,10 +30,16 @@
 //! target is a vision token, across samples, and on the padding).
 use super::adamw::{AdamW, AdamWConfig};
 use super::checkpoint::{self, Manifest};
+use super::report::{
+    AgainstPredicted, CheckpointRef, EncoderSummary, ErrorPct, LayoutSummary, ModelSummary,
+    RankSummary, RunReport, Stage2Summary, VisionErrorPct, VisionPredicted, VisionReport,
+    VisionTimes,
+};
 use super::session::{save_hf, Inputs, LrSchedule, Metrics, SaveHf};
 use super::{Groups, Phases, StepStats, TrainConfig, Trainer};
-use crate::comm::local::{local_groups_with_timeout, LocalComm};
+use crate::comm::local::{local_groups_shared, LocalComm};
 use crate::comm::nccl::{LaunchEnv, NcclWorld};
+use crate::comm::CommTimeout;
 use crate::comm::Communicator;
 use crate::error::{Result, RuntimeError};
 use crate::kernel::Backend;
@@ -343,6 +349,8 @@ struct LoopCtx<'a> {
     layout: Layout,
     vision: Option<&'a VisionRun>,
     inputs: &'a Inputs,
+    /// The collective timeout of this process's communicators (told of each step).
+    timeout: &'a CommTimeout,
 }
 
 /// A context past the checkpoint's `max_position_embeddings` (with its rope scaling, the
@@ -359,57 +367,56 @@ fn context_warning(cfg: &ModelConfig, context: usize) -> Option<String> {
 }
 
 /// Runs the plan and returns the report (also written to `opts.out`).
-pub fn run(opts: &RunOptions) -> Result<Value> {
+pub fn run(opts: &RunOptions) -> Result<Option<RunReport>> {
     run_with(opts, &RunExtras::default())
 }
 
-/// As [`run`], with checkpointing, tracing and progress options. Returns `Value::Null` on
-/// NCCL ranks other than 0.
-pub fn run_with(opts: &RunOptions, extras: &RunExtras) -> Result<Value> {
+/// As [`run`], with checkpointing, tracing and progress options. Returns the report on the
+/// rank that gathers it (every in-process run; rank 0 of an NCCL run), None on the others.
+pub fn run_with(opts: &RunOptions, extras: &RunExtras) -> Result<Option<RunReport>> {
     run_vlm(opts, extras, &VisionOptions::default())
 }
 
 /// As [`run_with`], with the vision encoder's options (used when the plan has a vision
 /// section).
-pub fn run_vlm(opts: &RunOptions, extras: &RunExtras, vopts: &VisionOptions) -> Result<Value> {
+pub fn run_vlm(
+    opts: &RunOptions,
+    extras: &RunExtras,
+    vopts: &VisionOptions,
+) -> Result<Option<RunReport>> {
     let p = prepare(opts, extras, vopts)?;
     let (records, launched) = if opts.inprocess.is_some() {
         (launch_inprocess(&p, opts, extras)?, "inprocess")
     } else {
         match launch_nccl(&p, opts, extras)? {
             Some(r) => (r, "nccl"),
-            None => return Ok(Value::Null),
+            None => return Ok(None),
         }
     };
-    let first_index = p.resume.as_ref().map_or(0, |m| m.step);
-    let (plan, tp, cfg) = (&p.plan, &p.tp, &p.cfg);
-    let samples = p
-        .vision
-        .as_ref()
-        .map_or(vec![tp.context_tokens], |v| v.sample_lens.clone());
-    let mut report = report(
-        opts,
-        extras,
-        plan,
+    let tp = &p.tp;
+    let whole = [tp.context_tokens];
+    let facts = RunFacts {
+        plan: &p.plan,
         tp,
-        cfg,
+        cfg: &p.cfg,
         launched,
-        &records,
-        first_index,
-        p.resume.as_ref(),
-        &samples,
-    )?;
+        records: &records,
+        first_index: p.resume.as_ref().map_or(0, |m| m.step),
+        resume: p.resume.as_ref(),
+        samples: p.vision.as_ref().map_or(&whole[..], |v| &v.sample_lens),
+    };
+    let mut report = report(opts, extras, &facts)?;
     if let Some(vr) = &p.vision {
-        vision_report(&mut report, vr, plan, tp, cfg, &records, opts)?;
+        report.vision = Some(vision_report(&report, vr, &facts, opts));
     }
     p.inputs.describe(&mut report);
-    if let Some(w) = context_warning(cfg, tp.context_tokens) {
-        report["warnings"] = json!([w]);
-    }
+    report
+        .warnings
+        .extend(context_warning(&p.cfg, tp.context_tokens));
     if let Some(o) = &opts.out {
         std::fs::write(o, serde_json::to_string_pretty(&report)?)?;
     }
-    Ok(report)
+    Ok(Some(report))
 }
 
 /// Everything a run reads and checks before any rank starts.
@@ -495,6 +502,7 @@ impl Prepared {
         extras: &'a RunExtras,
         dev: Device,
         in_process: bool,
+        timeout: &'a CommTimeout,
     ) -> LoopCtx<'a> {
         LoopCtx {
             tp: &self.tp,
@@ -509,6 +517,7 @@ impl Prepared {
             layout: self.plan.layout,
             vision: self.vision.as_ref(),
             inputs: &self.inputs,
+            timeout,
         }
     }
 }

@@ -133,6 +133,7 @@ pub(super) fn rank_loop(
     let started = Instant::now();
     let bar = progress_bar(cx, rank);
     let mut out = vec![];
+    let mut step_began = Instant::now();
     for i in 0..opts.steps {
         let step = first + i;
         if let Some(f) = cx.inject {
@@ -145,6 +146,8 @@ pub(super) fn rank_loop(
             crate::ffi::alloc_reset_peak(d)?;
         }
         let profiled = begin_kernel_trace(cx, rank, i + 1 == opts.steps)?;
+        // A profiled step runs slower and writes its trace files: not a steady step.
+        let _relaxed = profiled.as_ref().map(|_| cx.timeout.relax());
         let c0 = comm_now();
         let start_unix_s = now_unix_s();
         let (st, vision) = match (&mut vis, cx.vision) {
@@ -198,7 +201,16 @@ pub(super) fn rank_loop(
             ))?;
         }
         out.push(rec);
-        save_after(cx, rank, i, step, &t, &losses)?;
+        // The step as the collective timeout sees it: from the last one's end (its save
+        // aside) to this one's, data and metrics included.
+        let step_wall_s = step_began.elapsed().as_secs_f64();
+        {
+            // A save's waits (file writes, gathers to rank 0) are not bounded by a step.
+            let _relaxed = cx.timeout.relax();
+            save_after(cx, rank, i, step, &t, &losses)?;
+        }
+        cx.timeout.observe_step(step_wall_s);
+        step_began = Instant::now();
     }
     if let Some(b) = bar {
         b.finish();

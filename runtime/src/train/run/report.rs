@@ -178,24 +178,19 @@ pub(super) fn chrome_trace(records: &[Vec<StepRecord>], first_index: usize, labe
     json!({"traceEvents": ev, "displayTimeUnit": "ms"})
 }
 
-pub(super) fn max_or_null(v: impl Iterator<Item = f64>) -> Value {
+/// The largest finite value, if any.
+pub(super) fn finite_max(v: impl Iterator<Item = f64>) -> Option<f64> {
     let m = v.filter(|x| x.is_finite()).fold(f64::NAN, f64::max);
-    if m.is_finite() {
-        json!(m)
-    } else {
-        Value::Null
-    }
+    m.is_finite().then_some(m)
 }
 
-/// The report of a run (rank 0), printed and written as JSON; measured against predicted
-/// also goes to stderr. `samples`: the lengths of the trainer's samples (attention FLOPs are
 /// The steps a run's figures summarise: all but the first, which includes warm-up (cuDNN
 /// graph builds, allocator growth), unless there is only one.
-fn tail(recs: &[StepRecord]) -> Vec<StepRecord> {
+fn tail(recs: &[StepRecord]) -> &[StepRecord] {
     if recs.len() > 1 {
-        recs[1..].to_vec()
+        &recs[1..]
     } else {
-        recs.to_vec()
+        recs
     }
 }
 
@@ -204,125 +199,176 @@ fn mean(recs: &[StepRecord], f: &dyn Fn(&StepRecord) -> f64) -> f64 {
 }
 
 /// One rank's line of the report's `per_rank`.
-fn rank_summary(rank: usize, recs: &[StepRecord]) -> Value {
+fn rank_summary(rank: usize, recs: &[StepRecord]) -> RankSummary {
     let t = tail(recs);
-    json!({"rank": rank, "step_s": mean(&t, &|r| r.stats.step_s),
-           "communication_s": mean(&t, &|r| r.comm_s),
-           "attention_s": mean(&t, &|r| r.stats.attention_s),
-           "grad_sync_and_optimizer_s": mean(&t, &|r| r.stats.grad_sync_s),
-           "peak_device_memory_used_bytes": max_or_null(recs.iter().map(|r| r.mem_used)),
-           "peak_allocated_bytes": max_or_null(recs.iter().map(|r| r.alloc_peak)),
-           "peak_reserved_bytes": max_or_null(recs.iter().map(|r| r.reserved_peak)),
-           "held_weight_bytes_after_forward":
-               max_or_null(recs.iter().map(|r| r.stats.held_weight_bytes))})
+    RankSummary {
+        rank,
+        step_s: mean(t, &|r| r.stats.step_s),
+        communication_s: mean(t, &|r| r.comm_s),
+        attention_s: mean(t, &|r| r.stats.attention_s),
+        grad_sync_and_optimizer_s: mean(t, &|r| r.stats.grad_sync_s),
+        peak_device_memory_used_bytes: finite_max(recs.iter().map(|r| r.mem_used)),
+        peak_allocated_bytes: finite_max(recs.iter().map(|r| r.alloc_peak)),
+        peak_reserved_bytes: finite_max(recs.iter().map(|r| r.reserved_peak)),
+        held_weight_bytes_after_forward: finite_max(recs.iter().map(|r| r.stats.held_weight_bytes)),
+    }
 }
 
-/// counted within each).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn report(
-    opts: &RunOptions,
-    extras: &RunExtras,
-    plan: &Plan,
-    tp: &TrainPlan,
-    cfg: &ModelConfig,
-    launched: &str,
-    records: &[Vec<StepRecord>],
-    first_index: usize,
-    resume: Option<&Manifest>,
-    samples: &[usize],
-) -> Result<Value> {
+fn model_summary(cfg: &ModelConfig) -> ModelSummary {
+    ModelSummary {
+        hidden: cfg.hidden_size,
+        layers: cfg.num_layers,
+        heads: cfg.num_heads,
+        kv_heads: cfg.num_kv_heads,
+        ffn: cfg.intermediate_size,
+        vocab: cfg.vocab_size,
+        params: cfg.num_params(),
+    }
+}
+
+/// What a run is, as the report states it (rank 0's view; `records` are every rank's).
+pub(super) struct RunFacts<'a> {
+    pub(super) plan: &'a Plan,
+    pub(super) tp: &'a TrainPlan,
+    pub(super) cfg: &'a ModelConfig,
+    pub(super) launched: &'static str,
+    pub(super) records: &'a [Vec<StepRecord>],
+    pub(super) first_index: usize,
+    pub(super) resume: Option<&'a Manifest>,
+    /// The lengths of the trainer's samples (attention FLOPs are counted within each).
+    pub(super) samples: &'a [usize],
+}
+
+/// Throughput and utilisation of rank 0's steps after the first.
+struct Rates {
+    step_s: f64,
+    devices: f64,
+    tokens_per_s: f64,
+    mfu: f64,
+    hfu: f64,
+}
+
+fn rates(f: &RunFacts<'_>, opts: &RunOptions) -> Rates {
+    let (tp, cfg) = (f.tp, f.cfg);
+    let step_s = mean(tail(&f.records[0]), &|r| r.stats.step_s);
+    let devices = if f.launched == "inprocess" {
+        1.0
+    } else {
+        f.plan.world_size as f64
+    };
+    let dp = f.plan.layout.dp as f64;
+    // Attention within each sample (document mask) for packed samples.
+    let attn_flops: f64 = f.samples.iter().map(|&l| cfg.attention_flops(l)).sum();
+    let flops_per_step =
+        dp * 3.0 * (cfg.dense_flops_per_token() * tp.context_tokens as f64 + attn_flops);
+    let peak = devices * opts.peak_flops;
+    Rates {
+        step_s,
+        devices,
+        tokens_per_s: dp * tp.context_tokens as f64 / step_s,
+        mfu: flops_per_step / step_s / peak,
+        hfu: hardware_flops(cfg, tp, attn_flops) * dp / step_s / peak,
+    }
+}
+
+/// The report of a run (rank 0), printed and written as JSON; measured against predicted
+/// also goes to stderr.
+pub(super) fn report(opts: &RunOptions, extras: &RunExtras, f: &RunFacts<'_>) -> Result<RunReport> {
+    let (plan, tp, records) = (f.plan, f.tp, f.records);
     let w = plan.world_size;
-    let inprocess = launched == "inprocess";
+    let inprocess = f.launched == "inprocess";
     let dev_for_total = if opts.cpu {
         Device::Cpu
     } else {
         Device::Cuda(0)
     };
-    let total_mem = device_memory(dev_for_total).map(|m| m.0);
     let s0 = &records[0];
     let t0 = tail(s0);
-    let step_s = mean(&t0, &|r| r.stats.step_s);
-    let devices = if inprocess { 1.0 } else { w as f64 };
-    let dp = plan.layout.dp as f64;
-    let tokens_per_step = dp * tp.context_tokens as f64;
-    let tokens_per_s = tokens_per_step / step_s;
-    // Attention within each sample (document mask) for packed samples.
-    let attn_flops: f64 = samples.iter().map(|&l| cfg.attention_flops(l)).sum();
-    let flops_per_step =
-        dp * 3.0 * (cfg.dense_flops_per_token() * tp.context_tokens as f64 + attn_flops);
-    let mfu = flops_per_step / step_s / (devices * opts.peak_flops);
-    let hfu = hardware_flops(cfg, tp, attn_flops) * dp / step_s / (devices * opts.peak_flops);
-    let per_gpu_tps = tokens_per_s / devices;
-    let per_rank: Vec<Value> = records
-        .iter()
-        .enumerate()
-        .map(|(r, recs)| rank_summary(r, recs))
-        .collect();
+    let r = rates(f, opts);
+    let per_gpu_tps = r.tokens_per_s / r.devices;
     let phases = Phases::mean(&t0.iter().map(|r| r.stats.phases).collect::<Vec<_>>());
-    let comm_s = mean(&t0, &|r| r.comm_s);
-    let peak = max_or_null(records.iter().flatten().map(|r| r.mem_used));
-    let mut report = json!({
-        "launch": launched, "ranks": w, "devices": devices,
-        "layout": {"ulysses": plan.layout.ulysses, "ring": plan.layout.ring, "dp": plan.layout.dp},
-        "zero_stage": tp.zero_stage, "recompute": tp.recompute,
-        "model": {"hidden": cfg.hidden_size, "layers": cfg.num_layers, "heads": cfg.num_heads,
-                  "kv_heads": cfg.num_kv_heads, "ffn": cfg.intermediate_size, "vocab": cfg.vocab_size,
-                  "params": cfg.num_params()},
-        "context_tokens": tp.context_tokens, "steps": opts.steps,
-        "first_step_index": first_index,
-        "losses": s0.iter().map(|r| r.stats.loss).collect::<Vec<_>>(),
-        "first_step_s": s0[0].stats.step_s,
-        "micro_step_s": step_s,
-        "tokens_per_s": tokens_per_s,
-        "tokens_per_s_per_gpu": per_gpu_tps,
-        "mfu": mfu, "hfu": hfu, "peak_flops_per_device": opts.peak_flops,
-        "attention_s_rank0": mean(&t0, &|r| r.stats.attention_s),
-        "grad_sync_and_optimizer_s_rank0": mean(&t0, &|r| r.stats.grad_sync_s),
-        "communication_s_rank0": comm_s,
-        "communication_note": if inprocess {
+    let peak = finite_max(records.iter().flatten().map(|r| r.mem_used));
+    let last_step = f.first_index + opts.steps;
+    let predicted = tp.predicted.as_ref().map(|p| {
+        let m = Measured {
+            step_s: r.step_s * r.devices / w as f64,
+            tokens_per_s_per_gpu: per_gpu_tps,
+            mfu: r.mfu,
+            hfu: r.hfu,
+            memory: peak.map(|p| if inprocess { p / w as f64 } else { p }),
+        };
+        against_predicted(&m, p, tp, w, extras.progress)
+    });
+    let trace = match &extras.trace {
+        Some(path) => {
+            let trace = chrome_trace(records, f.first_index, "(measured)");
+            std::fs::write(path, serde_json::to_string(&trace)?)?;
+            Some(path.clone())
+        }
+        None => None,
+    };
+    Ok(RunReport {
+        launch: f.launched.to_string(),
+        ranks: w,
+        devices: r.devices,
+        layout: LayoutSummary {
+            ulysses: plan.layout.ulysses,
+            ring: plan.layout.ring,
+            dp: plan.layout.dp,
+        },
+        zero_stage: tp.zero_stage,
+        recompute: tp.recompute.clone(),
+        model: model_summary(f.cfg),
+        context_tokens: tp.context_tokens,
+        steps: opts.steps,
+        first_step_index: f.first_index,
+        losses: s0.iter().map(|r| r.stats.loss).collect(),
+        first_step_s: s0[0].stats.step_s,
+        micro_step_s: r.step_s,
+        tokens_per_s: r.tokens_per_s,
+        tokens_per_s_per_gpu: per_gpu_tps,
+        mfu: r.mfu,
+        hfu: r.hfu,
+        peak_flops_per_device: opts.peak_flops,
+        attention_s_rank0: mean(t0, &|r| r.stats.attention_s),
+        grad_sync_and_optimizer_s_rank0: mean(t0, &|r| r.stats.grad_sync_s),
+        communication_s_rank0: mean(t0, &|r| r.comm_s),
+        communication_note: if inprocess {
             "host time inside collectives, waiting for peers included"
         } else {
             "device time of NCCL groups on the communication streams (events), summed over the rank's communicators"
-        },
-        "phases_rank0": phases.to_json(),
-        "per_rank": per_rank,
-        "peak_device_memory_used_bytes": peak,
-        "memory_note": "device-wide memory in use (total - free) after each step, so it includes the caching allocator's reserve; in-process ranks share one device",
-        "device_memory_total_bytes": total_mem,
-        "peak_allocated_bytes_rank0": max_or_null(s0.iter().map(|r| r.alloc_peak)),
-        "peak_reserved_bytes_rank0": max_or_null(s0.iter().map(|r| r.reserved_peak)),
-        "allocator_note": "the CUDA caching allocator's peaks during a step: allocated = bytes in tensors, reserved = what the allocator holds from the device (allocated + its cache and fragments); in-process ranks share one allocator",
-        "deterministic": extras.deterministic,
-        "allocator_conf": extras.knobs.alloc_conf,
-    });
-    if let Some(v) = kernel_profile(extras, inprocess || w <= 1, first_index + opts.steps - 1)? {
-        report["kernel_profile"] = v;
-    }
-    if let Some(m) = resume {
-        report["resumed_from"] = json!({"dir": m.dir, "step": m.step});
-    }
-    if let Some(d) = &extras.save {
-        report["checkpoint"] = json!({"dir": d, "step": first_index + opts.steps});
-    }
-    let peak_per_rank = peak
-        .as_f64()
-        .map(|p| if inprocess { p / w as f64 } else { p });
-    if let Some(p) = &tp.predicted {
-        let m = Measured {
-            step_s: step_s * devices / w as f64,
-            tokens_per_s_per_gpu: per_gpu_tps,
-            mfu,
-            hfu,
-            memory: peak_per_rank,
-        };
-        report["predicted"] = against_predicted(&m, p, tp, w, extras.progress);
-    }
-    if let Some(path) = &extras.trace {
-        let trace = chrome_trace(records, first_index, "(measured)");
-        std::fs::write(path, serde_json::to_string(&trace)?)?;
-        report["trace"] = json!(path);
-    }
-    Ok(report)
+        }
+        .into(),
+        phases_rank0: phases,
+        per_rank: records
+            .iter()
+            .enumerate()
+            .map(|(r, recs)| rank_summary(r, recs))
+            .collect(),
+        peak_device_memory_used_bytes: peak,
+        memory_note: "device-wide memory in use (total - free) after each step, so it includes the caching allocator's reserve; in-process ranks share one device".into(),
+        device_memory_total_bytes: device_memory(dev_for_total).map(|m| m.0),
+        peak_allocated_bytes_rank0: finite_max(s0.iter().map(|r| r.alloc_peak)),
+        peak_reserved_bytes_rank0: finite_max(s0.iter().map(|r| r.reserved_peak)),
+        allocator_note: "the CUDA caching allocator's peaks during a step: allocated = bytes in tensors, reserved = what the allocator holds from the device (allocated + its cache and fragments); in-process ranks share one allocator".into(),
+        deterministic: extras.deterministic,
+        allocator_conf: extras.knobs.alloc_conf.clone(),
+        kernel_profile: kernel_profile(extras, inprocess || w <= 1, last_step - 1)?,
+        resumed_from: f.resume.map(|m| CheckpointRef {
+            dir: m.dir.clone(),
+            step: m.step,
+        }),
+        checkpoint: extras.save.as_ref().map(|d| CheckpointRef {
+            dir: d.clone(),
+            step: last_step,
+        }),
+        predicted,
+        trace,
+        vision: None,
+        weights: None,
+        data: None,
+        warnings: vec![],
+    })
 }
 
 /// The kernel profile's summary of the last step (`--kernel-trace`), when it was written:
@@ -365,60 +411,116 @@ fn against_predicted(
     tp: &TrainPlan,
     w: usize,
     progress: bool,
-) -> Value {
+) -> AgainstPredicted {
     let pred_micro = p.step_time_s / tp.grad_accum_steps.max(1) as f64;
     let pred_tps_gpu = p.tokens_per_s / w as f64;
     let err = |m: f64, p: f64| 100.0 * (m - p) / p;
     if progress {
-        let gib = |b: f64| b / 1073741824.0;
-        eprintln!(
-            "measured vs predicted ({w} ranks, {} tokens):",
-            tp.context_tokens
-        );
-        eprintln!(
-            "  step per rank   {:>10.4} s   {:>10.4} s   {:+.1}%",
-            m.step_s,
-            pred_micro,
-            err(m.step_s, pred_micro)
-        );
-        eprintln!(
-            "  tokens/s/GPU    {:>10.0}     {:>10.0}     {:+.1}%",
-            m.tokens_per_s_per_gpu,
-            pred_tps_gpu,
-            err(m.tokens_per_s_per_gpu, pred_tps_gpu)
-        );
-        let pct = |name: &str, a: f64, b: f64| {
-            eprintln!(
-                "  {name:<15} {:>10.1}%    {:>10.1}%    {:+.1}%",
-                100.0 * a,
-                100.0 * b,
-                err(a, b)
-            );
-        };
-        pct("MFU", m.mfu, p.mfu);
-        if let Some(h) = p.hfu {
-            pct("HFU", m.hfu, h);
-        }
-        if let Some(mem) = m.memory {
-            eprintln!(
-                "  memory per GPU  {:>10.1} GiB {:>10.1} GiB {:+.1}%",
-                gib(mem),
-                gib(p.memory_per_gpu_bytes),
-                err(mem, p.memory_per_gpu_bytes)
-            );
-        }
+        print_against_predicted(m, p, tp, w, pred_micro, pred_tps_gpu);
     }
-    json!({
-        "micro_step_s": pred_micro, "tokens_per_s_per_gpu": pred_tps_gpu, "mfu": p.mfu,
-        "hfu": p.hfu,
-        "memory_per_gpu_bytes": p.memory_per_gpu_bytes,
-        "error_pct": {
-            "micro_step_s": err(m.step_s, pred_micro),
-            "tokens_per_s_per_gpu": err(m.tokens_per_s_per_gpu, pred_tps_gpu),
-            "mfu": err(m.mfu, p.mfu),
-            "hfu": p.hfu.map(|h| err(m.hfu, h)),
-            "memory": m.memory.map(|x| err(x, p.memory_per_gpu_bytes)),
-        }
+    AgainstPredicted {
+        micro_step_s: pred_micro,
+        tokens_per_s_per_gpu: pred_tps_gpu,
+        mfu: p.mfu,
+        hfu: p.hfu,
+        memory_per_gpu_bytes: p.memory_per_gpu_bytes,
+        error_pct: ErrorPct {
+            micro_step_s: err(m.step_s, pred_micro),
+            tokens_per_s_per_gpu: err(m.tokens_per_s_per_gpu, pred_tps_gpu),
+            mfu: err(m.mfu, p.mfu),
+            hfu: p.hfu.map(|h| err(m.hfu, h)),
+            memory: m.memory.map(|x| err(x, p.memory_per_gpu_bytes)),
+        },
+    }
+}
+
+/// The measured-against-predicted table on stderr.
+fn print_against_predicted(
+    m: &Measured,
+    p: &Predicted,
+    tp: &TrainPlan,
+    w: usize,
+    pred_micro: f64,
+    pred_tps_gpu: f64,
+) {
+    let err = |m: f64, p: f64| 100.0 * (m - p) / p;
+    let gib = |b: f64| b / 1073741824.0;
+    eprintln!(
+        "measured vs predicted ({w} ranks, {} tokens):",
+        tp.context_tokens
+    );
+    eprintln!(
+        "  step per rank   {:>10.4} s   {:>10.4} s   {:+.1}%",
+        m.step_s,
+        pred_micro,
+        err(m.step_s, pred_micro)
+    );
+    eprintln!(
+        "  tokens/s/GPU    {:>10.0}     {:>10.0}     {:+.1}%",
+        m.tokens_per_s_per_gpu,
+        pred_tps_gpu,
+        err(m.tokens_per_s_per_gpu, pred_tps_gpu)
+    );
+    let pct = |name: &str, a: f64, b: f64| {
+        eprintln!(
+            "  {name:<15} {:>10.1}%    {:>10.1}%    {:+.1}%",
+            100.0 * a,
+            100.0 * b,
+            err(a, b)
+        );
+    };
+    pct("MFU", m.mfu, p.mfu);
+    if let Some(h) = p.hfu {
+        pct("HFU", m.hfu, h);
+    }
+    if let Some(mem) = m.memory {
+        eprintln!(
+            "  memory per GPU  {:>10.1} GiB {:>10.1} GiB {:+.1}%",
+            gib(mem),
+            gib(p.memory_per_gpu_bytes),
+            err(mem, p.memory_per_gpu_bytes)
+        );
+    }
+}
+
+/// Mean of one vision phase (index into `StepRecord::vision`) over the steps after the first.
+fn vision_times(recs: &[StepRecord]) -> VisionTimes {
+    let t = tail(recs);
+    let m = |k: usize| t.iter().map(|r| r.vision[k]).sum::<f64>() / t.len().max(1) as f64;
+    VisionTimes {
+        encode_s: m(0),
+        reshard_s: m(1),
+        reshard_backward_s: m(2),
+        encoder_backward_s: m(3),
+        encoder_optimizer_s: m(4),
+    }
+}
+
+/// The slowest rank's time of each vision phase.
+fn slowest(records: &[Vec<StepRecord>]) -> VisionTimes {
+    records
+        .iter()
+        .map(|r| vision_times(r))
+        .fold(VisionTimes::default(), |a, b| VisionTimes {
+            encode_s: a.encode_s.max(b.encode_s),
+            reshard_s: a.reshard_s.max(b.reshard_s),
+            reshard_backward_s: a.reshard_backward_s.max(b.reshard_backward_s),
+            encoder_backward_s: a.encoder_backward_s.max(b.encoder_backward_s),
+            encoder_optimizer_s: a.encoder_optimizer_s.max(b.encoder_optimizer_s),
+        })
+}
+
+/// Whether the runtime's stage-2 shards are the plan's: the plan's ranges cover its samples;
+/// the runtime's add the padding's (after them).
+fn plan_ranges_match(vr: &VisionRun, tp: &TrainPlan) -> Option<bool> {
+    let packed: usize = vr.section.sample_lens.iter().sum();
+    tp.tokens.as_ref().map(|t| {
+        t.ranges_per_rank.len() >= vr.ranges.len()
+            && vr.ranges.iter().zip(&t.ranges_per_rank).all(|(a, b)| {
+                let ours: Vec<(usize, usize)> =
+                    a.iter().copied().filter(|r| r.0 < packed).collect();
+                ours == *b
+            })
     })
 }
 
@@ -426,101 +528,69 @@ fn against_predicted(
 /// first; rank 0 and the slowest rank) next to the plan's predicted ones, the layout run,
 /// and the MFU counting the encoder's FLOPs too.
 pub(super) fn vision_report(
-    report: &mut Value,
+    report: &RunReport,
     vr: &VisionRun,
-    plan: &Plan,
-    tp: &TrainPlan,
-    cfg: &ModelConfig,
-    records: &[Vec<StepRecord>],
+    f: &RunFacts<'_>,
     opts: &RunOptions,
-) -> Result<()> {
-    let names = [
-        "encode_s",
-        "reshard_s",
-        "reshard_backward_s",
-        "encoder_backward_s",
-        "encoder_optimizer_s",
-    ];
-    let mean_of = |recs: &[StepRecord], k: usize| {
-        let t = if recs.len() > 1 { &recs[1..] } else { recs };
-        t.iter().map(|r| r.vision[k]).sum::<f64>() / t.len().max(1) as f64
-    };
-    let mut rank0 = serde_json::Map::new();
-    let mut slowest = serde_json::Map::new();
-    for (k, n) in names.iter().enumerate() {
-        rank0.insert(n.to_string(), json!(mean_of(&records[0], k)));
-        let m = records.iter().map(|r| mean_of(r, k)).fold(0.0f64, f64::max);
-        slowest.insert(n.to_string(), json!(m));
-    }
-    let slow = |k: usize| slowest[names[k]].as_f64().unwrap_or(0.0);
+) -> VisionReport {
+    let (tp, cfg) = (f.tp, f.cfg);
     let v = &vr.section;
-    let l = plan.layout;
-    // The plan's ranges cover its samples; the runtime's add the padding's (after them).
-    let packed: usize = v.sample_lens.iter().sum();
-    let plan_ranges_match = tp.tokens.as_ref().map(|t| {
-        t.ranges_per_rank.len() >= vr.ranges.len()
-            && vr.ranges.iter().zip(&t.ranges_per_rank).all(|(a, b)| {
-                let ours: Vec<(usize, usize)> =
-                    a.iter().copied().filter(|r| r.0 < packed).collect();
-                ours == *b
-            })
-    });
+    let slow = slowest(f.records);
     let train = v.train_vision;
     let frames_flops = v.frames as f64 * vr.cfg.flops_per_frame() * if train { 3.0 } else { 1.0 };
-    let dp = l.dp as f64;
+    let dp = f.plan.layout.dp as f64;
     let attn_flops: f64 = vr.sample_lens.iter().map(|&l| cfg.attention_flops(l)).sum();
     let dec_flops = 3.0 * (cfg.dense_flops_per_token() * tp.context_tokens as f64 + attn_flops);
-    let step_s = report["micro_step_s"].as_f64().unwrap_or(f64::NAN);
-    let devices = report["devices"].as_f64().unwrap_or(1.0);
-    let mfu_all = dp * (dec_flops + frames_flops) / step_s / (devices * opts.peak_flops);
-    let mut out = json!({
-        "encoder": v.encoder,
-        "encoder_config": {"hidden": vr.cfg.hidden_size, "layers": vr.cfg.num_layers,
-            "heads": vr.cfg.num_heads, "image_size": vr.cfg.image_size,
-            "patch_size": vr.cfg.patch_size, "pooling": format!("{:?}", vr.cfg.pooling).to_lowercase(),
-            "params": vr.cfg.num_params()},
-        "tokens_per_frame": v.tokens_per_frame,
-        "frames": v.frames,
-        "samples": v.samples,
-        "padding_tokens": vr.padding,
-        "train_vision": train,
-        "frames_per_rank": v.frames_per_rank.iter().map(Vec::len).collect::<Vec<_>>(),
-        "loss": "next-token cross-entropy where the target is a text token of the same sample; \
-                 -100 where it is a vision token, across samples and on the padding",
-        "stage2": {
-            "ranges": "per-sample zigzag (each sample, and the padding, sharded on its own; \
-                       attention within samples only, RoPE positions restarting per sample)",
-            "sample_lens": vr.sample_lens,
-            "plan_ranges_match": plan_ranges_match,
+    let mfu_all =
+        dp * (dec_flops + frames_flops) / report.micro_step_s / (report.devices * opts.peak_flops);
+    let err = |m: f64, p: f64| (p > 0.0).then(|| 100.0 * (m - p) / p);
+    let predicted = v.stage.as_ref().map(|p| VisionPredicted {
+        encoder_s: p.encoder_s,
+        reshard_s: p.reshard_s,
+        gather_s: p.gather_s,
+        error_pct: VisionErrorPct {
+            encoder_s: err(slow.encode_s + slow.encoder_backward_s, p.encoder_s),
+            reshard_s: err(slow.reshard_s, p.reshard_s),
+            gather_s: err(slow.reshard_backward_s, p.gather_s),
         },
-        "measured_rank0": Value::Object(rank0),
-        "measured_slowest_rank": Value::Object(slowest.clone()),
-        "mfu_with_encoder": mfu_all,
-        "note": "seconds, mean over the steps after the first, device-synchronised around each \
-                 phase; encode_s = encoder + projector forward, reshard_s = the stage-1 -> \
-                 stage-2 all-to-all, reshard_backward_s = its reverse (gradients), \
-                 encoder_backward_s = encoder + projector backward",
     });
-    if let Some(p) = &v.stage {
-        let err = |m: f64, p: f64| {
-            if p > 0.0 {
-                json!(100.0 * (m - p) / p)
-            } else {
-                Value::Null
-            }
-        };
-        let enc = slow(0) + slow(3);
-        out["predicted"] = json!({
-            "encoder_s": p.encoder_s, "reshard_s": p.reshard_s, "gather_s": p.gather_s,
-            "error_pct": {
-                "encoder_s (encode_s + encoder_backward_s, slowest rank)": err(enc, p.encoder_s),
-                "reshard_s": err(slow(1), p.reshard_s),
-                "gather_s (reshard_backward_s)": err(slow(2), p.gather_s),
-            }
-        });
+    VisionReport {
+        encoder: v.encoder.clone(),
+        encoder_config: EncoderSummary {
+            hidden: vr.cfg.hidden_size,
+            layers: vr.cfg.num_layers,
+            heads: vr.cfg.num_heads,
+            image_size: vr.cfg.image_size,
+            patch_size: vr.cfg.patch_size,
+            pooling: format!("{:?}", vr.cfg.pooling).to_lowercase(),
+            params: vr.cfg.num_params(),
+        },
+        tokens_per_frame: v.tokens_per_frame,
+        frames: v.frames,
+        samples: v.samples,
+        padding_tokens: vr.padding,
+        train_vision: train,
+        frames_per_rank: v.frames_per_rank.iter().map(Vec::len).collect(),
+        loss: "next-token cross-entropy where the target is a text token of the same sample; \
+               -100 where it is a vision token, across samples and on the padding"
+            .into(),
+        stage2: Stage2Summary {
+            ranges: "per-sample zigzag (each sample, and the padding, sharded on its own; \
+                     attention within samples only, RoPE positions restarting per sample)"
+                .into(),
+            sample_lens: vr.sample_lens.clone(),
+            plan_ranges_match: plan_ranges_match(vr, tp),
+        },
+        measured_rank0: vision_times(&f.records[0]),
+        measured_slowest_rank: slow,
+        mfu_with_encoder: mfu_all,
+        note: "seconds, mean over the steps after the first, device-synchronised around each \
+               phase; encode_s = encoder + projector forward, reshard_s = the stage-1 -> \
+               stage-2 all-to-all, reshard_backward_s = its reverse (gradients), \
+               encoder_backward_s = encoder + projector backward"
+            .into(),
+        predicted,
     }
-    report["vision"] = out;
-    Ok(())
 }
 
 #[cfg(test)]
