@@ -544,11 +544,10 @@ mod tests {
     /// The 4 x H100 bench with its kernel calibration (runtime/bench/h100-4gpu.toml,
     /// runtime/bench/results/h100-sxm-2layer.json) and the 2-layer llama3-8b shape.
     fn bench4() -> (Topology, ModelSpec) {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/bench/");
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/tests/data/");
         let mut c = ClusterSpec::load(&format!("{dir}h100-4gpu.toml")).unwrap();
         let cal =
-            crate::calibration::Calibration::load(&format!("{dir}results/h100-sxm-2layer.json"))
-                .unwrap();
+            crate::calibration::Calibration::load(&format!("{dir}h100-sxm-2layer.json")).unwrap();
         c.calibration = Some(std::sync::Arc::new(cal));
         (
             Topology::build(&c, 4),

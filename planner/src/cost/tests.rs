@@ -288,10 +288,9 @@ fn batch_and_divisibility_are_typed() {
 /// The 4 x H100 bench the runtime measured: runtime/bench/h100-4gpu.toml with the
 /// runtime/bench/results/h100-sxm-2layer.json calibration, and the 2-layer llama3-8b shape.
 fn bench4() -> (Topology, ModelSpec) {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/bench/");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/tests/data/");
     let mut c = ClusterSpec::load(&format!("{dir}h100-4gpu.toml")).unwrap();
-    let cal = crate::calibration::Calibration::load(&format!("{dir}results/h100-sxm-2layer.json"))
-        .unwrap();
+    let cal = crate::calibration::Calibration::load(&format!("{dir}h100-sxm-2layer.json")).unwrap();
     c.calibration = Some(std::sync::Arc::new(cal));
     (
         Topology::build(&c, 4),
@@ -605,7 +604,7 @@ fn measured_zero3_bench_carries_its_recompute() {
 /// 96K at the loss.
 #[test]
 fn measured_h200_one_rank_tensors() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/bench/");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/tests/data/");
     let c = ClusterSpec::load(&format!("{dir}h200-1gpu.toml")).unwrap();
     let t = Topology::build(&c, 1);
     let m = ModelSpec::load(&format!("{dir}llama3-8b-2layer.json")).unwrap();
