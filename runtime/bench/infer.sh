@@ -6,32 +6,24 @@
 # thread ranks on GPU 0 (the tokens must be equal), and rank 0's decode ms/token and prefill
 # tokens/s are printed next to the plan's prediction, as JSON.
 #
-# Plans are made on the CPU machine and carried in carry/ with the binary (carry/mmsp-runtime).
-# One node of N GPUs on one NVSwitch: runtime/bench/h100-1gpu.toml with N GPUs (and, for
-# H200s, the H200's memory and bandwidth from topologies/hgx-h200.toml):
-#   M=target/release/mmsp   # or any build of the planner
-#   for n in 2 4 8; do
-#     sed -e "s/^gpus = 1/gpus = $n/" -e "s/^domain_gpus = 1/domain_gpus = $n/" \
-#       -e "s/^name = .*/name = \"h100-${n}gpu\"/" runtime/bench/h100-1gpu.toml > carry/h100-${n}gpu.toml
-#     sed -e 's/^model = .*/model = "H200 SXM 141GB"/' -e 's/^hbm_gib = .*/hbm_gib = 140.4/' \
-#       -e 's/^hbm_tbps = .*/hbm_tbps = 4.8/' -e "s/h100-${n}gpu/h200-${n}gpu/" \
-#       carry/h100-${n}gpu.toml > carry/h200-${n}gpu.toml
-#     for g in h100 h200; do
-#       $M plan --mode inference --topology carry/$g-${n}gpu.toml --gpus $n \
-#         --model runtime/bench/needle-1m-model.json --context 256K --global-batch 1 \
-#         --decode-tokens 32 --format json > carry/plan_infer_${g}_$n.json
-#     done
-#   done
-# Usage there: bash runtime/bench/infer_nccl.sh   (PLAN=... to pick another plan)
+# The plan is made here at run time with the carried planner (common.sh): N GPUs of this
+# machine's kind on one NVSwitch, the needle model shape (runtime/bench/inputs/needle-1m-model.json):
+#   mmsp plan --mode inference --topology <kind>-<N>gpu.toml --gpus N \
+#     --model runtime/bench/inputs/needle-1m-model.json --context 256K --global-batch 1 \
+#     --decode-tokens 32 --format json > $OUT/plan_infer.json
+# Usage there: bash runtime/bench/infer.sh
+# Arguments (environment): NGPU (default all), CONTEXT (default 256K), MAX_NEW (default 32),
+# PLAN (a plan file instead of making one), STEP_TIMEOUT.
 set -uo pipefail
-# shellcheck source=runtime/bench/device_env.sh
-source "$(dirname "$0")/device_env.sh"
-OUTDIR=${OUT:-/tmp}
+# shellcheck source=runtime/bench/common.sh
+source "$(dirname "$0")/common.sh"
 N=${NGPU:-$(nvidia-smi -L | wc -l)}
-NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-case $NAME in *H200*) TOPO=h200;; *) TOPO=h100;; esac
-PLAN=${PLAN:-carry/plan_infer_${TOPO}_$N.json}
 MAX_NEW=${MAX_NEW:-32}
+if [ -z "${PLAN:-}" ]; then
+  PLAN=$OUTDIR/plan_infer.json
+  plan "$N" --mode inference --model "$IN/needle-1m-model.json" --context "${CONTEXT:-256K}" \
+    --global-batch 1 --decode-tokens "$MAX_NEW" > "$PLAN" || exit 1
+fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 echo "{\"gpus\": $N, \"plan\": \"$PLAN\"}"
 [ -f "$PLAN" ] || { echo "missing $PLAN"; exit 2; }

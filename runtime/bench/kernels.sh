@@ -2,7 +2,7 @@
 # Runs the GPU checks and benchmarks of mmsp-runtime on the device machine, from the
 # repository root, with the binary carried in carry/mmsp-runtime. Prints JSON lines, with a
 # "== section (time)" line before each part.
-# Usage there: bash runtime/bench/device.sh [checks] [kernels] [pytorch] [2d] [nccl]
+# Usage there: bash runtime/bench/kernels.sh [checks] [kernels] [pytorch] [2d] [nccl]
 # (default: checks kernels pytorch 2d; nccl needs a machine with several GPUs to mean much)
 #   kernels + pytorch: the runtime's kernels and attn_bench.py timed the same way (CUDA events,
 #     mean of back-to-back calls), then one "kernel_ratio" line per S (runtime's best backend
@@ -13,12 +13,12 @@
 #   nccl: one launch per (ulysses, ring) factorisation of all GPUs: checks, then 2D attention
 #     at NCCL_SEQS (default 32768,131072) against one single-GPU kernel.
 set -uo pipefail
-# shellcheck source=runtime/bench/device_env.sh
-source "$(dirname "$0")/device_env.sh"
+# shellcheck source=runtime/bench/common.sh
+source "$(dirname "$0")/common.sh"
 PARTS=${*:-checks kernels pytorch 2d}
-T0=$(date +%s)
 TMP=$(mktemp -d)
-sec() { echo "== $1 (t=$(( $(date +%s) - T0 )) s)"; }
+# wplan W U R PLACEMENT: a plan of world size W and its layout only (what nccl-check reads).
+wplan() { echo "{\"schema\": \"mmsp-plan\", \"schema_version\": 1, \"world_size\": $1, \"layout\": {\"ulysses\": $2, \"ring\": $3, \"dp\": 1, \"tp\": 1, \"placement\": \"$4\"}}" > "$TMP/w$1.json"; echo "$TMP/w$1.json"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 for part in $PARTS; do
   case $part in
@@ -26,9 +26,9 @@ for part in $PARTS; do
     sec "check: 2D attention in bf16 on the GPU vs float64"; $BIN check
     sec "bf16 error vs ring size (cuDNN)"; $BIN bf16-error --backend cudnn --seq 8192
     sec "nccl world of 1"
-    RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 $BIN nccl-check --plan runtime/bench/plan_w1.json
+    RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 $BIN nccl-check --plan "$(wplan 1 1 1 ulysses_inner)"
     sec "plan for 2 ranks, launch of 1 (must fail at once)"
-    RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29512 timeout 60 $BIN nccl-check --plan runtime/bench/plan_w2.json; echo "exit=$?";;
+    RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29512 timeout 60 $BIN nccl-check --plan "$(wplan 2 1 2 ring_inner)"; echo "exit=$?";;
   kernels) sec "runtime kernels"; $BIN bench --what kernels | tee "$TMP/kernels.jsonl";;
   pytorch) sec "pytorch attn_bench.py"; PYTHONUNBUFFERED=1 $PY runtime/bench/attn_bench.py | tee "$TMP/pytorch.jsonl";;
   2d) sec "2D in-process ranks on one GPU"
