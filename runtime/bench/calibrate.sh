@@ -5,7 +5,8 @@
 #   bash runtime/bench/calibrate.sh      (about a minute per calibration on an H100)
 # Arguments (environment):
 #   SHAPES     which shapes: "8b" (llama3-8b, calibrate's default) and/or "2layer" (the 2-layer
-#              bench model's exact shapes, runtime/tests/data/llama3-8b-2layer.json); default both
+#              bench model's exact shapes, runtime/tests/data/llama3-8b-2layer.json); default
+#              both; SHAPES= (empty) none, for COMM=1 alone
 #   NAME       file name prefix (default <kind>-sxm: h100-sxm.json, h100-sxm-2layer.json)
 #   CAL_ARGS   extra `calibrate` flags, e.g. "--batch-ms 100 --preheat-s 10" (sustained clocks)
 #   CLOCKS=1   log the SM clock, power and temperature every 500 ms to $OUT/clocks.csv
@@ -22,7 +23,7 @@ if [ "${CLOCKS:-0}" = 1 ]; then
   SMI=$!
 fi
 CAL=
-for s in ${SHAPES:-8b 2layer}; do
+for s in ${SHAPES-8b 2layer}; do
   if [ "$s" = 8b ]; then CAL=$OUTDIR/$NAME.json; M=(); else CAL=$OUTDIR/$NAME-2layer.json; M=(--model "$MODEL"); fi
   sec "calibrate ($s shapes)"
   # shellcheck disable=SC2086
