@@ -35,7 +35,7 @@ fn write_plan(dir: &Path, p: P) {
     // and Megatron's and TE's exports need ZeRO-1 at most.
     let model = ModelSpec::load(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../runtime/bench/llama3-8b-2layer.json"
+        "/../runtime/tests/data/llama3-8b-2layer.json"
     ))
     .unwrap();
     let cluster = ClusterSpec::load("dgx-h100").unwrap();

@@ -8,7 +8,7 @@
 //! streaming curve (ops "copy", "add", "mul") for elementwise kernels, and the layout curve
 //! (ops "transpose", "cat": a heads-to-front copy and RoPE's rotate-half cat, where the
 //! calibration has them) for the layout copies of the runtime's layers, which run at about half
-//! the streaming rate on an H100 (1.5-1.7 against 3.0 TB/s, `runtime/bench/results/
+//! the streaming rate on an H100 (1.5-1.7 against 3.0 TB/s, `runtime/bench/results/h100-sxm/raw/
 //! h100-sxm-2layer-v2.json`). The output head's GEMM (`"proj": "lm_head"`, measured at the loss's
 //! chunk of rows) has its own curve when the file has it.
 //!
@@ -29,7 +29,7 @@ pub const L2_BOUND_BYTES: f64 = 256.0 * 1024.0 * 1024.0;
 /// Calibrations measured on the GPU machine and shipped with the tool.
 pub const EMBEDDED: &[(&str, &str)] = &[
     ("h100-sxm", include_str!("../../calibration/h100-sxm.json")),
-    // One H200 of the GPU machine (`runtime/bench/runI.sh`): streaming kernels at 4.2-4.4
+    // One H200 of the GPU machine (`runtime/bench/calibrate.sh`): streaming kernels at 4.2-4.4
     // TB/s against the H100's 3.0, layout copies 1.65-1.85 TB/s; no collectives section.
     ("h200-sxm", include_str!("../../calibration/h200-sxm.json")),
 ];

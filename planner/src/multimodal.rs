@@ -353,7 +353,8 @@ impl MultiModal {
             encoder_memory_bound_s: enc.memory_s,
             // Its AdamW (fused, as the decoder's) and gradient zeroing over every parameter,
             // once per step (`VisionRank::step`; 14.6 ms measured for so400m + projector on an
-            // H100 with the phase's synchronisations, runtime/bench/results/h100x4_runG/vlm.json).
+            // H100 with the phase's synchronisations,
+            // runtime/bench/results/h100-sxm-x4/raw/h100x4_runG/vlm.json).
             encoder_optimizer_s: if self.train_vision {
                 let bytes = all_params * (OPTIMIZER_STEP_BYTES + GRAD_ZERO_BYTES);
                 bytes / hbm_rate(&topo.spec, bytes)
@@ -541,14 +542,13 @@ mod tests {
     use super::*;
     use crate::cost::Placement;
 
-    /// The 4 x H100 bench with its kernel calibration (runtime/bench/h100-4gpu.toml,
-    /// runtime/bench/results/h100-sxm-2layer.json) and the 2-layer llama3-8b shape.
+    /// The 4 x H100 bench with its kernel calibration (runtime/tests/data/h100-4gpu.toml,
+    /// runtime/tests/data/h100-sxm-2layer.json) and the 2-layer llama3-8b shape.
     fn bench4() -> (Topology, ModelSpec) {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/bench/");
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/tests/data/");
         let mut c = ClusterSpec::load(&format!("{dir}h100-4gpu.toml")).unwrap();
         let cal =
-            crate::calibration::Calibration::load(&format!("{dir}results/h100-sxm-2layer.json"))
-                .unwrap();
+            crate::calibration::Calibration::load(&format!("{dir}h100-sxm-2layer.json")).unwrap();
         c.calibration = Some(std::sync::Arc::new(cal));
         (
             Topology::build(&c, 4),
@@ -557,7 +557,7 @@ mod tests {
     }
 
     fn vlm(train: bool) -> MultiModal {
-        // runtime/bench/vlm_samples.jsonl
+        // runtime/bench/inputs/vlm_samples.jsonl
         let samples = vec![Sample::uniform(32, 512), Sample::uniform(32, 256)];
         MultiModal::new(VisionSpec::preset("siglip-so400m").unwrap(), samples, train).unwrap()
     }
@@ -570,8 +570,9 @@ mod tests {
         placement: Placement::UlyssesInner,
     };
 
-    /// Measured on 4 x H100 (runtime/bench/results/h100x4_run3_zero3_vlm_faults.log, plan
-    /// runtime/bench/plan4_vlm.json: 2x2, 16 frames per rank): the slowest rank's encoder +
+    /// Measured on 4 x H100 (runtime/bench/results/h100-sxm-x4/raw/
+    /// h100x4_run3_zero3_vlm_faults.log, plan runtime/tests/data/plan4_vlm.json: 2x2, 16 frames
+    /// per rank): the slowest rank's encoder +
     /// projector took 37.9 ms forward and 73.0 ms backward, 110.8 ms; the planner said 49.1 ms
     /// when it costed the encoder as GEMM FLOPs alone (3 x forward, attention included, at the
     /// GEMM rate).

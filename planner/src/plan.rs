@@ -414,7 +414,7 @@ mod tests {
     fn plan_at(zero: u8, recompute: Recompute, context: u64) -> Plan {
         let model = ModelSpec::load(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../runtime/bench/llama3-8b-2layer.json"
+            "/../runtime/tests/data/llama3-8b-2layer.json"
         ))
         .unwrap();
         let cluster = ClusterSpec::load("dgx-h100").unwrap();

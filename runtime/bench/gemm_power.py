@@ -1,4 +1,5 @@
-# Run on the GPU machine: /opt/torch/.venv/bin/python3 runtime/bench/gemm_power.py (results: results/h100_runE_memory_determinism.jsonl)
+# Run on the GPU machine: /opt/torch/.venv/bin/python3 runtime/bench/gemm_power.py (results:
+# results/h100-sxm/raw/h100_runE_memory_determinism.jsonl)
 # Why training's GEMMs run faster than the calibration's: data, duty cycle, clocks.
 import torch, json, subprocess, time, threading
 dev = "cuda"

@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # Needle in a haystack over 1M tokens on ONE GPU (bf16, in-process ranks), against a chunked
 # single-device reference, with the planner's predictions (decode ms/token, prefill tokens/s,
-# KV bytes). Small model shape (stated in the output): runtime/bench/needle-1m-model.json
+# KV bytes). Small model shape (stated in the output): runtime/bench/inputs/needle-1m-model.json
 # (2 layers, hidden 1024, 8 heads, 2 kv heads, head_dim 128, intermediate 2816, vocab 32000).
-# The plan is made here (CPU) with:
-#   mmsp plan --mode inference --topology runtime/bench/h100-1gpu.toml --gpus 1 \
-#     --model runtime/bench/needle-1m-model.json --context 1M --global-batch 1 \
-#     --decode-tokens 16 --format json > carry/plan_needle_1m.json
-# and carried in carry/ with the binary (carry/mmsp-runtime). Run there:
-#   bash runtime/bench/needle.sh            # LAYOUTS="plan 2x2 1x4" by default
+# The plan is made here at run time with the carried planner (common.sh):
+#   mmsp plan --mode inference --topology <kind>-1gpu.toml --gpus 1 \
+#     --model runtime/bench/inputs/needle-1m-model.json --context 1M --global-batch 1 \
+#     --decode-tokens 16 --format json > $OUT/plan_needle.json
+# Run there: bash runtime/bench/needle.sh
+# Arguments (environment): LAYOUTS (default "plan 2x2 1x4"), CONTEXT (default 1M), DECODE
+# (tokens decoded, default 8), PLAN (a plan file instead of making one), STEP_TIMEOUT.
 # Prints each layout's JSON, then one summary line per layout: decode ms/token measured vs
 # predicted (the prediction is for the plan's layout, 1 rank on the GPU).
 set -uo pipefail
-# shellcheck source=runtime/bench/device_env.sh
-source "$(dirname "$0")/device_env.sh"
-OUTDIR=${OUT:-/tmp}
-PLAN=${PLAN:-carry/plan_needle_1m.json}
+# shellcheck source=runtime/bench/common.sh
+source "$(dirname "$0")/common.sh"
+if [ -z "${PLAN:-}" ]; then
+  PLAN=$OUTDIR/plan_needle.json
+  plan 1 --mode inference --model "$IN/needle-1m-model.json" --context "${CONTEXT:-1M}" --global-batch 1 \
+    --decode-tokens 16 > "$PLAN" || exit 1
+fi
 DECODE=${DECODE:-8}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # The plan's layout (one rank: the figures next to the predictions), then 2x2 and 1x4

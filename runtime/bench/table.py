@@ -1,22 +1,22 @@
 #!/usr/bin/env python3
-"""Measured against predicted for the training runs of runtime/bench/results/h100x4_runG/ (4 x H100
-and GPU 0 of the same host): re-plans each configuration with the planner built here
+"""Measured against predicted for the training runs of
+runtime/bench/results/h100-sxm-x4/raw/h100x4_runG/ (4 x H100 and GPU 0 of the same host): re-plans each configuration with the planner built here
 (`cargo run -p mmsp-planner -- plan ...`, the calibration given, default
-runtime/bench/results/h100-sxm-2layer-v3-nccl4.json) and prints one JSON line per run plus a Markdown
+runtime/tests/data/h100-sxm-2layer-v3-nccl4.json) and prints one JSON line per run plus a Markdown
 table. Run from the repository root: python3 runtime/bench/table.py [CALIBRATION]"""
 import json, subprocess, sys
 
-cal = sys.argv[1] if len(sys.argv) > 1 else "runtime/bench/results/h100-sxm-2layer-v3-nccl4.json"
-R = "runtime/bench/results/h100x4_runG/"
-runs = [(f"1 GPU {c}", f"train1_{c}.json", ["--topology", "runtime/bench/h100-1gpu.toml", "--gpus", "1", "--context", c, "--layout", "1x1", "--zero", "0", "--recompute", "none"])
+cal = sys.argv[1] if len(sys.argv) > 1 else "runtime/tests/data/h100-sxm-2layer-v3-nccl4.json"
+R = "runtime/bench/results/h100-sxm-x4/raw/h100x4_runG/"
+runs = [(f"1 GPU {c}", f"train1_{c}.json", ["--topology", "runtime/bench/inputs/h100-1gpu.toml", "--gpus", "1", "--context", c, "--layout", "1x1", "--zero", "0", "--recompute", "none"])
         for c in ("8K", "16K", "32K", "64K", "112K", "128K")]
-runs += [(f"4 GPU 128K {l} ZeRO-1", f"train4_{l}.json", ["--topology", "runtime/bench/h100-4gpu.toml", "--gpus", "4", "--context", "128K", "--layout", l, "--zero", "1", "--recompute", "none"])
+runs += [(f"4 GPU 128K {l} ZeRO-1", f"train4_{l}.json", ["--topology", "runtime/tests/data/h100-4gpu.toml", "--gpus", "4", "--context", "128K", "--layout", l, "--zero", "1", "--recompute", "none"])
          for l in ("1x4", "2x2", "4x1")]
-runs += [("4 GPU 128K 2x2 ZeRO-3", "train4_2x2_z3.json", ["--topology", "runtime/bench/h100-4gpu.toml", "--gpus", "4", "--context", "128K", "--layout", "2x2", "--zero", "3"])]
+runs += [("4 GPU 128K 2x2 ZeRO-3", "train4_2x2_z3.json", ["--topology", "runtime/tests/data/h100-4gpu.toml", "--gpus", "4", "--context", "128K", "--layout", "2x2", "--zero", "3"])]
 rows = []
 for name, f, args in runs:
     m = json.load(open(R + f))
-    cmd = ["cargo", "run", "-q", "-p", "mmsp-planner", "--", "plan", "--model", "runtime/bench/llama3-8b-2layer.json",
+    cmd = ["cargo", "run", "-q", "-p", "mmsp-planner", "--", "plan", "--model", "runtime/tests/data/llama3-8b-2layer.json",
            "--global-batch", "1", "--calibration", cal, "--format", "json"] + args
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:

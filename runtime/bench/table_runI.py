@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Measured against predicted for runtime/bench/runI.sh (one H200): reads the reports in
-runtime/bench/results/h200_runI/ and the plans they ran (p*.json beside them, made as runI.sh
-says), and
+"""Measured against predicted for the ZeRO x recompute runs on one H200 (issue 13; train.sh
+as runtime/bench/README.md says, once called runI.sh): reads the reports in
+runtime/bench/results/h200/raw/h200_runI/ and the plans they ran (p*.json beside them), and
 prints one JSON line per run and a Markdown table: the caching allocator's peak bytes in
 tensors per rank against the planner's memory less its reserve and fragmentation margins,
 the step time, MFU and HFU against the plan's. Four in-process ranks share one allocator:
@@ -9,7 +9,7 @@ their peak is divided by four (the ranks run in lockstep, so their peaks coincid
 Run from the repository root: python3 runtime/bench/table_runI.py [RESULTS_DIR]"""
 import glob, json, os, sys
 
-R = sys.argv[1] if len(sys.argv) > 1 else "runtime/bench/results/h200_runI"
+R = sys.argv[1] if len(sys.argv) > 1 else "runtime/bench/results/h200/raw/h200_runI"
 GIB = 2**30
 rows = []
 for f in sorted(glob.glob(os.path.join(R, "r[14]_*.json"))):

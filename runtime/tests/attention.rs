@@ -372,7 +372,7 @@ fn bad_shapes_fail_in_one_line() {
 /// before any communication.
 #[test]
 fn binary_exits_2_on_launch_mismatch() {
-    let plan = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/plan_w2.json");
+    let plan = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/plan_w2.json");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmsp-runtime"))
         .args(["nccl-check", "--plan", plan])
         .env("RANK", "0")

@@ -182,16 +182,18 @@ fn bad_plans_are_rejected() {
 
 #[test]
 fn reads_the_schema_the_planner_writes() {
-    // The planner's own constants, and a plan `mmsp plan` wrote (bench/plan4_2x2.json).
+    // The planner's own constants, and a plan `mmsp plan` wrote (tests/data/plan4_2x2.json).
     use mmsp_runtime::plan::{SCHEMA_NAME, SCHEMA_VERSION};
     assert_eq!(SCHEMA_NAME, mmsp_planner::plan::SCHEMA_NAME);
     assert_eq!(
         SCHEMA_VERSION,
         u64::from(mmsp_planner::plan::SCHEMA_VERSION)
     );
-    let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/plan4_2x2.json"))
-            .unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/plan4_2x2.json"
+    ))
+    .unwrap();
     let p = Plan::from_json(&text).unwrap();
     assert_eq!(p.world_size, 4);
 }

@@ -215,7 +215,7 @@ fn max_rel(a: &Run, b: &Run) -> (f64, f64) {
 #[test]
 fn packing_ranges_are_the_planners() {
     // plan4_vlm.json: 2 samples (6784, 6528) over ulysses 2 x ring 2, made by the planner.
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/plan4_vlm.json");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/plan4_vlm.json");
     let plan: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let want: Vec<Vec<(usize, usize)>> =

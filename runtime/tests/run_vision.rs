@@ -132,8 +132,8 @@ fn run_vision_plan_zero3_equals_zero0() {
 
 /// Plans made by the planner for two samples whose lengths do not divide (2 frames + 7 text
 /// tokens, 3 frames + 5, 196 tokens per frame: 399 and 593 tokens), written by
-/// `mmsp plan --gpus 4 --topology runtime/bench/h100-4gpu.toml --model
-/// runtime/bench/llama3-8b-2layer.json --samples runtime/tests/data/odd_samples.jsonl --zero 1
+/// `mmsp plan --gpus 4 --topology runtime/tests/data/h100-4gpu.toml --model
+/// runtime/tests/data/llama3-8b-2layer.json --samples runtime/tests/data/odd_samples.jsonl --zero 1
 /// --format json` with `--layout 2x2 --global-batch 1` and `--layout 1x2 --global-batch 2`:
 /// each sample is padded at its end to a multiple of 2 x SP (1 and 7 tokens at SP 4, 1 and 3 at
 /// SP 2), and `run` executes the plan's ranges. The padding carries no loss and no real token

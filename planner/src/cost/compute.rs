@@ -120,8 +120,8 @@ impl Traffic {
 /// (`runtime/src/model/decoder.rs`: `norm`, `Rope::apply`, `pre_attention_with`,
 /// `post_attention_with`; `runtime/src/train/mod.rs`, `step_input`; `runtime/src/kernel.rs`,
 /// `Prepared`) and checked against the kernels of a profiled step (`mmsp-runtime run
-/// --kernel-trace`, `runtime/bench/results/h100_runE_kernel_trace_32K.json.gz`). Elements of
-/// 2 bytes:
+/// --kernel-trace`, `runtime/bench/results/h100-sxm/raw/h100_runE_kernel_trace_32K.json.gz`).
+/// Elements of 2 bytes:
 /// - two RMSNorms, ATen's fused kernel: reads its input twice (the mean square, then the
 ///   scaling) and writes once: 2 x 3h (0.25 ms for 32K x 4096 on the H100, 3.2 TB/s counted so);
 /// - RoPE on q and k (width w = q, kv): the rotate-half's negated half (w), x cos and
@@ -215,8 +215,8 @@ pub fn embedding_bytes(m: &ModelSpec, tp: f64) -> f64 {
 /// buffer as mmsp-runtime does: autograd's backward of the fp32-to-16-bit weight cast writes the
 /// 16-bit gradient out as fp32 (read 2, write 4 bytes), then accumulates it into `.grad` (read
 /// 4 + 4, write 4): the two kernels per weight of the profiled step
-/// (`runtime/bench/results/h100_runE_kernel_trace_32K.json.gz`). Mixed-precision recipe of
-/// Micikevicius et al. 2018, "Mixed Precision Training", Sec. 3.1; Megatron-LM's fused
+/// (`runtime/bench/results/h100-sxm/raw/h100_runE_kernel_trace_32K.json.gz`). Mixed-precision
+/// recipe of Micikevicius et al. 2018, "Mixed Precision Training", Sec. 3.1; Megatron-LM's fused
 /// `main_grad.add_(grad)` moves 10 bytes.
 pub const GRAD_ACCUMULATE_BYTES: f64 = (WEIGHT_BYTES + GRAD_BYTES) + 3.0 * GRAD_BYTES;
 

@@ -171,9 +171,10 @@ pub fn layer_activation_bytes_per_token(
 /// `runtime/src/model/decoder.rs`, `pre_attention_with` / `post_attention_with`;
 /// `csrc/optim_shim.cpp`, `SwiGlu`; `runtime/src/ring.rs`, `RingCtx`) and matched by the
 /// caching allocator's timeline of a step (`MMSP_MEM_TRACE=1`; H200:
-/// `runtime/bench/results/h200_runI_memory_timeline.txt`, 144.1 KB per token per layer
+/// `runtime/bench/results/h200/raw/h200_runI/timeline_*.txt`, 144.1 KB per token per layer
 /// measured at 16K-64K tokens for the llama3-8b shape, 144.1 KB counted; before the two
-/// savings below the H100 timeline `h100_runF_memory_timeline.txt` measured 184.1 KB):
+/// savings below the H100 timeline `results/h100-sxm/raw/h100_runF_memory_timeline.txt`
+/// measured 184.1 KB):
 /// - before attention: the RMSNorm output the Q, K, V projections keep (2h); q, k, v after
 ///   RoPE stay only as the backward's roots, their storage released once the attention has
 ///   its dense copies;

@@ -519,7 +519,7 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
     // loss with every layer's activations held (runF).
     // A layer's backward (its recomputed graph and its transient) likewise comes after the
     // loss: short shards peak at the loss, long ones in the backward (one H200, 128K tokens,
-    // runtime/bench/runI.sh).
+    // runtime/bench/results/h200/raw/h200_runI/).
     let transient = logits.max(comm_buffers).max(backward_peak);
     let tensors = wb + gb + ob + activations + transient + vision_mem;
     let frag = FRAGMENTATION * tensors;

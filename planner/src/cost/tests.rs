@@ -285,13 +285,12 @@ fn batch_and_divisibility_are_typed() {
     assert!(matches!(e, Err(Infeasible::Batch { .. })));
 }
 
-/// The 4 x H100 bench the runtime measured: runtime/bench/h100-4gpu.toml with the
-/// runtime/bench/results/h100-sxm-2layer.json calibration, and the 2-layer llama3-8b shape.
+/// The 4 x H100 bench the runtime measured: runtime/tests/data/h100-4gpu.toml with the
+/// runtime/tests/data/h100-sxm-2layer.json calibration, and the 2-layer llama3-8b shape.
 fn bench4() -> (Topology, ModelSpec) {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/bench/");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/tests/data/");
     let mut c = ClusterSpec::load(&format!("{dir}h100-4gpu.toml")).unwrap();
-    let cal = crate::calibration::Calibration::load(&format!("{dir}results/h100-sxm-2layer.json"))
-        .unwrap();
+    let cal = crate::calibration::Calibration::load(&format!("{dir}h100-sxm-2layer.json")).unwrap();
     c.calibration = Some(std::sync::Arc::new(cal));
     (
         Topology::build(&c, 4),
@@ -551,8 +550,9 @@ mod stages {
 
 /// The runtime's measurement on 4 x H100 over NCCL (2-layer llama3-8b shape, 128K tokens,
 /// 2x2, global batch 1), made before issue 13's runtime change: ZeRO-3 with its recompute
-/// 0.934 s per step (runtime/bench/results/h100x4_run3_zero3_vlm_faults.log; 0.923 s in
-/// h100x4_runG), ZeRO-1 0.874 s (h100x4_run2_summary.jsonl; 0.861 s in h100x4_runG). The
+/// 0.934 s per step (runtime/bench/results/h100-sxm-x4/raw/h100x4_run3_zero3_vlm_faults.log;
+/// 0.923 s in h100x4_runG), ZeRO-1 0.874 s (h100x4_run2_summary.jsonl; 0.861 s in
+/// h100x4_runG). The
 /// planner must carry ZeRO-3's recompute and extra gathers, and the memory the runtime's
 /// allocator holds.
 #[test]
@@ -597,7 +597,7 @@ fn measured_zero3_bench_carries_its_recompute() {
     // fp32 masters, autograd's SwiGLU); `measured_h200_one_rank_tensors` checks today's.
 }
 
-/// One H200 (`runtime/bench/runI.sh`, `runtime/bench/results/h200_runI/`): the caching
+/// One H200 (`runtime/bench/train.sh`, `runtime/bench/results/h200/raw/h200_runI/`): the caching
 /// allocator's peak bytes in tensors of a training step of the 2-layer llama3-8b shape on one
 /// rank (`peak_allocated_bytes_rank0` of r1_*.json and mt_*.json), ZeRO 0-3 with and without
 /// recompute, against the planner's memory less its reserve and fragmentation margins: within
@@ -605,7 +605,7 @@ fn measured_zero3_bench_carries_its_recompute() {
 /// 96K at the loss.
 #[test]
 fn measured_h200_one_rank_tensors() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/bench/");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/tests/data/");
     let c = ClusterSpec::load(&format!("{dir}h200-1gpu.toml")).unwrap();
     let t = Topology::build(&c, 1);
     let m = ModelSpec::load(&format!("{dir}llama3-8b-2layer.json")).unwrap();

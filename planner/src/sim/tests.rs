@@ -55,7 +55,7 @@ fn collapsed_equals_full_simulation() {
             &t,
             concat!(
                 env!("CARGO_MANIFEST_DIR"),
-                "/../runtime/bench/llama3-8b-2layer.json"
+                "/../runtime/tests/data/llama3-8b-2layer.json"
             ),
             1 << 16,
             u,
@@ -89,7 +89,7 @@ fn middle_micro_batches_extrapolate_to_the_full_simulation() {
             &t,
             concat!(
                 env!("CARGO_MANIFEST_DIR"),
-                "/../runtime/bench/llama3-8b-2layer.json"
+                "/../runtime/tests/data/llama3-8b-2layer.json"
             ),
             1 << 15,
             2,
@@ -131,7 +131,7 @@ fn grouped_ring_steps_stay_within_a_percent_of_every_step() {
             &t,
             concat!(
                 env!("CARGO_MANIFEST_DIR"),
-                "/../runtime/bench/llama3-8b-2layer.json"
+                "/../runtime/tests/data/llama3-8b-2layer.json"
             ),
             1 << 19,
             u,

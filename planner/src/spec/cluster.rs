@@ -375,12 +375,10 @@ mod tests {
     /// Measured collectives set the fabric's efficiency on a domain of the GPUs measured only.
     #[test]
     fn measured_collectives_set_the_fabric_efficiency_of_a_matching_domain() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/bench/");
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/tests/data/");
         let cal = || {
-            crate::calibration::Calibration::load(&format!(
-                "{dir}results/h100-sxm-2layer-v3-nccl4.json"
-            ))
-            .unwrap()
+            crate::calibration::Calibration::load(&format!("{dir}h100-sxm-2layer-v3-nccl4.json"))
+                .unwrap()
         };
         let (bus, gpus) = cal().fabric_bus_bandwidth().unwrap();
         assert_eq!(gpus, 4);

@@ -388,7 +388,7 @@ mod tests {
     }
 
     /// The runtime reported its SigLIP so400m encoder with the 2x2-concatenating projector into
-    /// a 4096-wide LLM as 448,656,240 parameters (runtime/bench/results/
+    /// a 4096-wide LLM as 448,656,240 parameters (runtime/bench/results/h100-sxm-x4/raw/
     /// h100x4_run3_zero3_vlm_faults.log, `encoder_config.params`).
     #[test]
     fn encoder_and_projector_params_match_the_runtime() {

@@ -37,7 +37,7 @@ enum Cmd {
 /// The caching allocator's configuration when the user sets none: expandable segments, which
 /// grow one mapping instead of caching fixed blocks, so long-context steps fragment less
 /// (measured on an H100 at 112K tokens: 74.2 against 76.3 GiB reserved for the same 71.9 GiB
-/// of tensors, and 128K tokens fit only with it; `runtime/bench/results/
+/// of tensors, and 128K tokens fit only with it; `runtime/bench/results/h100-sxm/raw/
 /// h100_runE_memory_determinism.jsonl`). libtorch reads it when CUDA first allocates, which is
 /// after this.
 const DEFAULT_ALLOC_CONF: &str = "expandable_segments:True";

@@ -27,7 +27,8 @@ pub(super) fn shard(t: &Tensor, ranges: &[(usize, usize)]) -> Tensor {
 
 /// The attention kernel of a run: the one asked for, else FlashAttention-2 in a deterministic
 /// run on CUDA (its backward is bitwise reproducible under ATen's deterministic mode; cuDNN's
-/// is not, measured: `runtime/bench/runE.sh`), else the device's default.
+/// is not, measured: `runtime/bench/results/h100-sxm/raw/h100_runE_memory_determinism.jsonl`),
+/// else the device's default.
 pub(super) fn attention_backend(extras: &RunExtras, dev: Device) -> Backend {
     match (extras.attn_backend, extras.deterministic, dev) {
         (Some(b), _, _) => b,
