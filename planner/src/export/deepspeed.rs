@@ -3,7 +3,8 @@
 //!
 //! DeepSpeed 0.19.8 (`deepspeed/runtime/config.py`): without an mpu, a top-level
 //! `sequence_parallel_size` makes the batch world size `world / sequence_parallel_size`
-//! (lines 468-469), so that `train_batch_size = train_micro_batch_size_per_gpu x
+//! (lines 468-469; only when the config is given as a dict: the test is `in config`, which for
+//! a path is a substring test), so that `train_batch_size = train_micro_batch_size_per_gpu x
 //! gradient_accumulation_steps x (world / SP)` passes `_batch_assertion` (line 602); keys
 //! DeepSpeed does not know (the `mmsp` section) are ignored. `activation_checkpointing` is read
 //! by `deepspeed.checkpointing.configure` for layers the model wraps in
@@ -76,6 +77,7 @@ fn yunchang_setup(plan: &Plan) -> Vec<String> {
     let py = |b: bool| if b { "True" } else { "False" };
     let sp = l.ulysses * l.ring;
     vec![
+        "# deepspeed.initialize(..., config=json.load(open(<this file>))): as a dict, since DeepSpeed 0.19.8 reads sequence_parallel_size only from a dict (runtime/config.py line 468)".into(),
         "from yunchang import LongContextAttention, set_seq_parallel_pg".into(),
         "from yunchang.comm.extract_local import zigzag_extract_local".into(),
         format!(
