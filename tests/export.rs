@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use mmsp_planner::cost::{evaluate, Candidate, Layout, Placement, Recompute, Workload};
+use mmsp_planner::export::fit::{self, EngineRecompute};
 use mmsp_planner::plan::Plan;
 use mmsp_planner::search::Scored;
 use mmsp_planner::spec::{cluster::ClusterSpec, model::ModelSpec};
@@ -609,8 +610,16 @@ fn recosting_a_plan_reproduces_its_prediction() {
     std::fs::write(d.join("video.json"), video.split_once('\n').unwrap().1).unwrap();
     for f in ["plan.json", "video.json"] {
         let plan = Plan::load(d.join(f).to_str().unwrap()).unwrap();
-        let c = mmsp_planner::export::fit::cost_plan(&plan).unwrap();
+        let c = fit::cost_plan(&plan).unwrap();
         let (got, want) = (c.estimate.step_time_s, plan.predicted.step_time_s);
         assert!((got - want).abs() <= 1e-9 * want, "{f}: {got} vs {want}");
+        // Whole layers run attention again: slower than the runtime's recompute, which runs
+        // the QKV and output projections again that Megatron's norms-and-MLP modules keep.
+        let whole = fit::engine_recompute_step(&c, EngineRecompute::WholeLayer).unwrap();
+        if plan.recompute_policy() == Recompute::OutsideAttention {
+            assert!(whole > got, "{f}: {whole} vs {got}");
+            let norms = fit::engine_recompute_step(&c, EngineRecompute::NormsAndMlp).unwrap();
+            assert!(norms < got, "{f}: {norms} vs {got}");
+        }
     }
 }

@@ -55,7 +55,8 @@ fn layout_misfit(m: &ModelSpec, c: &Candidate) -> Option<String> {
 }
 
 /// RoPE base (`rope_theta` of the model's config.json) of the presets; a plan does not record
-/// it for models read from a config.json.
+/// it for models read from a config.json. None of the presets has `rope_scaling` (Llama 3, not
+/// 3.1), so `--use-rope-scaling` is not emitted.
 fn rope_theta(model: &str) -> Option<u64> {
     match model {
         // meta-llama/Meta-Llama-3-8B and -70B config.json: "rope_theta": 500000.0.

@@ -27,11 +27,11 @@ use crate::units::fmt_tokens;
 /// Engines a plan can be exported to.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Engine {
-    /// Megatron-LM / TransformerEngine command-line arguments (a bash array).
+    /// Megatron-LM pretrain_gpt.py arguments and environment (a bash file to source).
     Megatron,
-    /// DeepSpeed-Ulysses / yunchang (USP) degrees and a DeepSpeed config (JSON).
+    /// A DeepSpeed config (JSON) with the yunchang (USP) set-up lines in its `mmsp` section.
     Deepspeed,
-    /// LongVILA (NVlabs/VILA) training flags (a bash array).
+    /// LongVILA (NVlabs/VILA) llava/train/train_hybrid.py flags (a bash array).
     Vila,
     /// A torchrun launch script for mmsp-runtime (run once per node).
     Torchrun,
