@@ -15,7 +15,7 @@ _mmsp_env_main() {
     local venv="$root/.venv"
     local py="$venv/bin/python"
 
-    local refs="transformers==5.24.0 tokenizers==0.23.3 safetensors==0.8.0 megatron-core==0.16.1 numpy==2.4.6 pillow==13.0.0"
+    local refs="transformers==5.24.0 tokenizers==0.23.3 safetensors==0.8.0 megatron-core==0.16.1 numpy==2.4.6 pillow==13.0.0 deepspeed==0.19.8"
     if ! "$py" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$torch_version' else 1)" >/dev/null 2>&1; then
         echo "runtime/env.sh: installing torch==$torch_version into $venv (one time, ~2-4 GB)" >&2
         if [ ! -x "$py" ]; then

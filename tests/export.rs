@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use mmsp_planner::cost::{evaluate, Candidate, Layout, Placement, Recompute, Workload};
+use mmsp_planner::export::fit::{self, EngineRecompute};
 use mmsp_planner::plan::Plan;
 use mmsp_planner::search::Scored;
 use mmsp_planner::spec::{cluster::ClusterSpec, model::ModelSpec};
@@ -112,6 +113,31 @@ fn fails(dir: &Path, args: &[&str]) -> String {
 const UI: Placement = Placement::UlyssesInner;
 const RI: Placement = Placement::RingInner;
 
+/// The flags of an exported bash array (`NAME=(` ... `)`), one word per element.
+fn array_flags(out: &str) -> Vec<String> {
+    out.lines()
+        .filter(|l| l.starts_with("  --"))
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect()
+}
+
+/// Every flag in `out` is in the engine's checked-in list (`planner/src/export/flags/`), which
+/// names the upstream file and line that define it.
+fn assert_listed(out: &str, list: &str) {
+    let path = format!("{}/src/export/flags/{list}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let listed: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    let flags = array_flags(out);
+    assert!(!flags.is_empty(), "no flags in {out}");
+    for f in flags {
+        assert!(listed.contains(&f.as_str()), "{f} is not in {list}");
+    }
+}
+
 #[test]
 fn megatron_hierarchical_cp() {
     let d = dir("meg-2d");
@@ -131,11 +157,28 @@ fn megatron_hierarchical_cp() {
     let out = ok(&d, &["export", "--to", "megatron", "plan.json"]);
     assert!(out.contains("--cp-comm-type a2a+p2p"));
     assert!(out.contains("--hierarchical-context-parallel-sizes 4 8"));
+    // The model Megatron builds is the planned one: RoPE, SwiGLU, RMSNorm, no biases.
+    for f in [
+        "--position-embedding-type rope",
+        "--swiglu",
+        "--normalization RMSNorm",
+        "--disable-bias-linear",
+        "--untie-embeddings-and-output-weights",
+        "--num-query-groups 8",
+        "--use-distributed-optimizer",
+    ] {
+        assert!(out.contains(f), "{f} missing: {out}");
+    }
+    // Context parallelism without FSDP: Megatron asserts the variable is 1.
+    assert!(out.contains("\nexport CUDA_DEVICE_MAX_CONNECTIONS=1\n"));
+    // This model comes from a config.json: its rope base is not in the plan, and it says so.
+    assert!(out.contains("add --rotary-base"));
+    assert_listed(&out, "megatron.txt");
     insta::assert_snapshot!(out);
 }
 
 #[test]
-fn megatron_tp_ring_full_recompute() {
+fn megatron_tp_ring_recompute_is_recosted() {
     let d = dir("meg-tp");
     write_plan(
         &d,
@@ -150,23 +193,45 @@ fn megatron_tp_ring_full_recompute() {
             global_batch: 1,
         },
     );
-    // The plan recomputes as mmsp-runtime does, each layer outside attention, which Megatron's
-    // whole-layer recompute only approximates: it needs consent, whatever the ZeRO stage.
-    let refused = fails(&d, &["export", "--to", "megatron", "plan.json"]);
-    assert!(refused.contains("outside attention"), "{refused}");
-    let out = ok(
-        &d,
-        &[
-            "export",
-            "--to",
-            "megatron",
-            "plan.json",
-            "--allow-coarser-recompute",
-        ],
-    );
+    // The plan recomputes as mmsp-runtime does, each layer outside attention; Megatron's
+    // nearest is its selective recompute of the norms and the MLP, exported with both step
+    // times instead of refused.
+    let out = ok(&d, &["export", "--to", "megatron", "plan.json"]);
     assert!(out.contains("--sequence-parallel") && out.contains("--cp-comm-type p2p"));
-    assert!(out.contains("--recompute-granularity full"));
+    assert!(out.contains("--recompute-granularity selective"), "{out}");
+    assert!(out.contains("--recompute-modules layernorm mlp"), "{out}");
+    assert_eq!(out.matches(" s/step").count(), 2, "{out}");
+    assert_listed(&out, "megatron.txt");
     insta::assert_snapshot!(out);
+}
+
+#[test]
+fn megatron_zero3_is_megatron_fsdp() {
+    let d = dir("meg-z3");
+    write_plan(
+        &d,
+        P {
+            u: 4,
+            r: 4,
+            dp: 1,
+            tp: 1,
+            placement: UI,
+            zero: 3,
+            recompute: Recompute::None,
+            global_batch: 1,
+        },
+    );
+    let out = ok(&d, &["export", "--to", "megatron", "plan.json"]);
+    assert!(out.contains("--use-megatron-fsdp"), "{out}");
+    assert!(out.contains("--data-parallel-sharding-strategy optim_grads_params"));
+    assert!(out.contains("--ckpt-format fsdp_dtensor"));
+    // Megatron-FSDP asserts the variable is not 1.
+    assert!(
+        out.contains("\nunset CUDA_DEVICE_MAX_CONNECTIONS\n"),
+        "{out}"
+    );
+    assert!(!out.contains("--use-distributed-optimizer"));
+    assert_listed(&out, "megatron.txt");
 }
 
 #[test]
@@ -185,25 +250,22 @@ fn deepspeed_ring_inner() {
             global_batch: 4,
         },
     );
-    // A ZeRO-3 plan recomputes each layer outside attention (the runtime's recompute), which
-    // DeepSpeed's whole-layer checkpointing only approximates: it needs consent.
-    let refused = fails(&d, &["export", "--to", "deepspeed", "plan.json"]);
-    assert!(refused.contains("outside attention"), "{refused}");
-    let out = ok(
-        &d,
-        &[
-            "export",
-            "--to",
-            "deepspeed",
-            "plan.json",
-            "--allow-coarser-recompute",
-        ],
-    );
+    let out = ok(&d, &["export", "--to", "deepspeed", "plan.json"]);
     let json: serde_json::Value = serde_json::from_str(out.split_once('\n').unwrap().1).unwrap();
-    assert_eq!(json["sequence_parallel"]["gradient_checkpointing"], true);
-    assert_eq!(json["sequence_parallel"]["use_ulysses_low"], false);
-    assert_eq!(json["deepspeed_config"]["train_batch_size"], 4);
-    assert_eq!(json["deepspeed_config"]["gradient_accumulation_steps"], 2);
+    // A DeepSpeed config at the top level; the batch holds with the world divided by SP.
+    assert_eq!(json["train_batch_size"], 4);
+    assert_eq!(json["train_micro_batch_size_per_gpu"], 1);
+    assert_eq!(json["gradient_accumulation_steps"], 2);
+    assert_eq!(json["sequence_parallel_size"], 8);
+    assert_eq!(json["zero_optimization"]["stage"], 3);
+    assert!(json["activation_checkpointing"].is_object());
+    let setup = json["mmsp"]["yunchang"]["setup"].to_string();
+    assert!(setup.contains("set_seq_parallel_pg(2, 4, rank, 16, use_ulysses_low=False)"));
+    assert!(setup.contains("zigzag_extract_local"), "{setup}");
+    // Whole-layer checkpointing in place of the runtime's recompute, with both step times.
+    let notes = json["mmsp"]["notes"].to_string();
+    assert!(notes.contains("recomputes whole layers"), "{notes}");
+    assert_eq!(notes.matches(" s/step").count(), 2, "{notes}");
     insta::assert_snapshot!(out);
 }
 
@@ -224,19 +286,12 @@ fn vila_torchrun_slurm() {
             global_batch: 2,
         },
     );
-    fails(&d, &["export", "--to", "vila", "plan.json"]);
-    let vila = ok(
-        &d,
-        &[
-            "export",
-            "--to",
-            "vila",
-            "plan.json",
-            "--allow-coarser-recompute",
-        ],
-    );
+    let vila = ok(&d, &["export", "--to", "vila", "plan.json"]);
     assert!(vila.contains("--gradient_checkpointing True"));
     assert!(vila.contains("--seq_parallel_ring_type zigzag_ring_varlen"));
+    assert!(vila.contains("llava/train/train_hybrid.py"));
+    assert_eq!(vila.matches(" s/step").count(), 2, "{vila}");
+    assert_listed(&vila, "vila.txt");
     insta::assert_snapshot!("vila", vila);
     insta::assert_snapshot!(
         "torchrun",
@@ -260,8 +315,8 @@ fn vila_torchrun_slurm() {
 }
 
 /// Plans of older planners could say `selective`, or `full` without `recompute_scope` (then
-/// costed as Korthikanti et al.'s whole-layer recompute): they export as they say, selective
-/// only with consent, to the engine's nearest modules.
+/// costed as Korthikanti et al.'s whole-layer recompute): whole-layer exports as Megatron's
+/// own, selective as its norms-and-MLP modules with both step times.
 #[test]
 fn older_plans_export_their_textbook_recompute() {
     let d = dir("sel");
@@ -286,27 +341,20 @@ fn older_plans_export_their_textbook_recompute() {
     std::fs::write(&path, v.to_string()).unwrap();
     let out = ok(&d, &["export", "--to", "megatron", "plan.json"]);
     assert!(out.contains("--recompute-granularity full"), "{out}");
+    assert!(!out.contains("s/step"), "{out}");
     v["recompute"] = "selective".into();
     std::fs::write(&path, v.to_string()).unwrap();
-    let refused = fails(&d, &["export", "--to", "megatron", "plan.json"]);
-    assert!(refused.contains("selective recompute"), "{refused}");
-    let out = ok(
-        &d,
-        &[
-            "export",
-            "--to",
-            "megatron",
-            "plan.json",
-            "--allow-coarser-recompute",
-        ],
-    );
+    let out = ok(&d, &["export", "--to", "megatron", "plan.json"]);
     assert!(out.contains("--recompute-granularity selective"));
+    assert!(out.contains("s/step"), "{out}");
 }
 
+/// Layouts an engine cannot run are re-planned within its constraints, and the export says
+/// why, with the original plan and both step times; the re-plan's layout satisfies the
+/// constraint.
 #[test]
-fn errors_are_one_line_exit_2() {
-    let mut all = Vec::new();
-    let cases: Vec<(&str, P, &str)> = vec![
+fn engines_replan_what_they_cannot_run() {
+    let cases: Vec<(&str, P, &str, &str)> = vec![
         (
             "megatron",
             P {
@@ -315,25 +363,12 @@ fn errors_are_one_line_exit_2() {
                 dp: 1,
                 tp: 1,
                 placement: RI,
-                zero: 3,
+                zero: 1,
                 recompute: Recompute::None,
                 global_batch: 1,
             },
-            "ring-inner",
-        ),
-        (
-            "megatron",
-            P {
-                u: 4,
-                r: 4,
-                dp: 1,
-                tp: 1,
-                placement: UI,
-                zero: 3,
-                recompute: Recompute::None,
-                global_batch: 1,
-            },
-            "zero3",
+            "ring_inner",
+            "(ring_inner)",
         ),
         (
             "megatron",
@@ -344,10 +379,11 @@ fn errors_are_one_line_exit_2() {
                 tp: 1,
                 placement: UI,
                 zero: 1,
-                recompute: Recompute::Full,
+                recompute: Recompute::None,
                 global_batch: 1,
             },
-            "kv-heads",
+            "does not replicate kv heads",
+            "ulysses 16",
         ),
         (
             "deepspeed",
@@ -358,10 +394,11 @@ fn errors_are_one_line_exit_2() {
                 tp: 2,
                 placement: UI,
                 zero: 1,
-                recompute: Recompute::Full,
+                recompute: Recompute::None,
                 global_batch: 1,
             },
-            "tp",
+            "tensor parallel size 2",
+            "tp 2",
         ),
         (
             "vila",
@@ -372,17 +409,33 @@ fn errors_are_one_line_exit_2() {
                 tp: 1,
                 placement: RI,
                 zero: 3,
-                recompute: Recompute::Full,
+                recompute: Recompute::None,
                 global_batch: 1,
             },
-            "ring-inner",
+            "ring_inner",
+            "(ring_inner)",
         ),
     ];
-    for (engine, p, name) in cases {
-        let d = dir(&format!("err-{engine}-{name}"));
+    // (engine, plan, the reason named, what the re-plan's layout no longer has)
+    for (engine, p, why, bad) in cases {
+        let d = dir(&format!("replan-{engine}-{}", why.len()));
         write_plan(&d, p);
-        all.push(fails(&d, &["export", "--to", engine, "plan.json"]));
+        let out = ok(&d, &["export", "--to", engine, "plan.json"]);
+        assert!(out.contains(&format!("re-planned for {engine}")), "{out}");
+        assert!(out.contains(why), "{engine}: {out}");
+        assert!(out.contains("the original plan"), "{out}");
+        assert!(out.contains("this re-plan"), "{out}");
+        let planned = out
+            .lines()
+            .find(|l| l.starts_with("# plan: ") || l.contains("\"plan\": "))
+            .unwrap();
+        assert!(!planned.contains(bad), "{engine}: {bad} in {planned}");
     }
+}
+
+#[test]
+fn errors_are_one_line_exit_2() {
+    let mut all = Vec::new();
     let d = dir("bad-inputs");
     std::fs::write(d.join("notaplan.json"), r#"{"schema": "something-else"}"#).unwrap();
     std::fs::write(d.join("garbage.json"), "not json").unwrap();
@@ -427,16 +480,7 @@ fn hostile_names_never_become_commands() {
     let hostile = "p\ntouch pwned;.json".to_string();
     std::fs::write(d.join(&hostile), v.to_string()).unwrap();
     for engine in ["torchrun", "slurm", "megatron", "vila"] {
-        let (code, out, err) = mmsp(
-            &d,
-            &[
-                "export",
-                "--to",
-                engine,
-                &hostile,
-                "--allow-coarser-recompute",
-            ],
-        );
+        let (code, out, err) = mmsp(&d, &["export", "--to", engine, &hostile]);
         assert_eq!(code, 0, "{engine}: {err}");
         for line in out.lines() {
             assert!(!line.trim_start().starts_with("touch"), "{engine}: {line}");
@@ -527,6 +571,55 @@ fn garbage_plans_are_refused_by_field() {
         ] {
             let err = fails(&d, &cmd);
             assert!(err.contains(want), "{name} {cmd:?}: {err}");
+        }
+    }
+}
+
+/// The exports' re-costing starts from the plan's own candidate: for a text plan and a video
+/// plan (whose vision stage comes from the plan) it reproduces the plan's predicted step time.
+#[test]
+fn recosting_a_plan_reproduces_its_prediction() {
+    let d = dir("recost");
+    write_plan(
+        &d,
+        P {
+            u: 2,
+            r: 4,
+            dp: 2,
+            tp: 1,
+            placement: UI,
+            zero: 2,
+            recompute: Recompute::OutsideAttention,
+            global_batch: 4,
+        },
+    );
+    let video = ok(
+        &d,
+        &[
+            "plan",
+            "--gpus",
+            "16",
+            "--frames",
+            "64",
+            "--text-tokens",
+            "256",
+            "--format",
+            "json",
+        ],
+    );
+    std::fs::write(d.join("video.json"), video.split_once('\n').unwrap().1).unwrap();
+    for f in ["plan.json", "video.json"] {
+        let plan = Plan::load(d.join(f).to_str().unwrap()).unwrap();
+        let c = fit::cost_plan(&plan).unwrap();
+        let (got, want) = (c.estimate.step_time_s, plan.predicted.step_time_s);
+        assert!((got - want).abs() <= 1e-9 * want, "{f}: {got} vs {want}");
+        // Whole layers run attention again: slower than the runtime's recompute, which runs
+        // the QKV and output projections again that Megatron's norms-and-MLP modules keep.
+        let whole = fit::engine_recompute_step(&c, EngineRecompute::WholeLayer).unwrap();
+        if plan.recompute_policy() == Recompute::OutsideAttention {
+            assert!(whole > got, "{f}: {whole} vs {got}");
+            let norms = fit::engine_recompute_step(&c, EngineRecompute::NormsAndMlp).unwrap();
+            assert!(norms < got, "{f}: {norms} vs {got}");
         }
     }
 }

@@ -35,4 +35,10 @@ source runtime/env.sh
 cargo clippy -p mmsp-runtime --all-targets -- -D warnings
 cargo test -p mmsp-runtime
 
+step "exports: parsed by the engines' own code (DeepSpeedConfig, torchrun's parser, megatron-core, transformers)"
+# The three plans of issue 16 exported to megatron, deepspeed, vila and torchrun (~20 s on CPU).
+python -c "import deepspeed" >/dev/null 2>&1 || DS_BUILD_OPS=0 python -m pip install --disable-pip-version-check -q deepspeed==0.19.8
+cargo build -q -p mmsp-planner --bin mmsp
+python -W ignore tests/engines/check_exports.py --mmsp "${CARGO_TARGET_DIR:-target}/debug/mmsp"
+
 step "all tests passed"

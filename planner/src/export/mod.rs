@@ -2,16 +2,24 @@
 //! DeepSpeed-Ulysses / yunchang settings with a ZeRO config, LongVILA (VILA) training flags, and
 //! torchrun or SLURM launch scripts for mmsp's own runtime (`mmsp-runtime run plan.json`).
 //!
-//! Every exporter first checks that its engine can express the plan (degrees, rank placement,
-//! head splits, ZeRO stage, recompute policy) and returns [`Error::Unsupported`] naming the
-//! constraint otherwise: a config that silently differs from the plan is worse than none.
-//! The flag names and constraints come from the engines' own sources, cited where used.
+//! Every exporter first checks that its engine can run the plan's layout (degrees, rank
+//! placement, head splits); where it cannot, it re-plans within the engine's constraints
+//! ([`fit::replan`]) and says so in the output with both step times. Where the engine's
+//! recompute differs from the plan's, the output names the engine's and its re-costed step time
+//! next to the plan's ([`fit::engine_recompute_step`]). A request no layout of the engine fits
+//! is [`Error::Unsupported`] naming the constraint. The flag names and constraints come from
+//! the engines' own sources, cited where used (`flags/*.txt` lists each flag's file and line).
+
+mod deepspeed;
+pub mod fit;
+mod megatron;
+mod vila;
 
 use std::fmt::Write;
 
 use clap::ValueEnum;
 
-use crate::cost::{Placement, Recompute};
+use crate::cost::Placement;
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 use crate::units::fmt_tokens;
@@ -19,11 +27,11 @@ use crate::units::fmt_tokens;
 /// Engines a plan can be exported to.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Engine {
-    /// Megatron-LM / TransformerEngine command-line arguments (a bash array).
+    /// Megatron-LM pretrain_gpt.py arguments and environment (a bash file to source).
     Megatron,
-    /// DeepSpeed-Ulysses / yunchang (USP) degrees and a DeepSpeed config (JSON).
+    /// A DeepSpeed config (JSON) with the yunchang (USP) set-up lines in its `mmsp` section.
     Deepspeed,
-    /// LongVILA (NVlabs/VILA) training flags (a bash array).
+    /// LongVILA (NVlabs/VILA) llava/train/train_hybrid.py flags (a bash array).
     Vila,
     /// A torchrun launch script for mmsp-runtime (run once per node).
     Torchrun,
@@ -54,12 +62,6 @@ pub struct ExportArgs {
     /// Write to this file instead of standard output.
     #[arg(long)]
     pub out: Option<String>,
-    /// Accept the engine's coarser recompute (more recompute, less memory, slower than planned)
-    /// where it cannot express the plan's exactly: mmsp's recompute of each layer outside
-    /// attention becomes whole-layer recompute (the selective recompute of older plans, the
-    /// engine's nearest).
-    #[arg(long)]
-    pub allow_coarser_recompute: bool,
     /// Rendezvous port for torchrun / SLURM scripts.
     #[arg(long, default_value_t = 29500)]
     pub port: u16,
@@ -73,7 +75,6 @@ pub struct ExportArgs {
 pub struct Options {
     /// Path of the plan as the launch scripts should name it.
     pub plan_path: String,
-    pub allow_coarser_recompute: bool,
     pub port: u16,
     pub runtime: String,
 }
@@ -82,7 +83,6 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             plan_path: "plan.json".into(),
-            allow_coarser_recompute: false,
             port: 29500,
             runtime: "mmsp-runtime".into(),
         }
@@ -95,7 +95,6 @@ pub fn run(a: &ExportArgs) -> Result<()> {
     let plan = Plan::load(&a.plan)?;
     let opts = Options {
         plan_path: a.plan.clone(),
-        allow_coarser_recompute: a.allow_coarser_recompute,
         port: a.port,
         runtime: a.runtime.clone(),
     };
@@ -136,22 +135,15 @@ fn make_executable(_path: &str) {}
 /// Renders `plan` for `engine`, or says why the engine cannot express it.
 pub fn export(plan: &Plan, engine: Engine, opts: &Options) -> Result<String> {
     match engine {
-        Engine::Megatron => megatron(plan, opts),
-        Engine::Deepspeed => deepspeed(plan, opts),
-        Engine::Vila => vila(plan, opts),
+        Engine::Megatron => megatron::megatron(plan, opts),
+        Engine::Deepspeed => deepspeed::deepspeed(plan, opts),
+        Engine::Vila => vila::vila(plan, opts),
         Engine::Torchrun => torchrun(plan, opts),
         Engine::Slurm => slurm(plan, opts),
     }
 }
 
-/// Why an engine's whole-layer recompute needs consent for a plan costed with mmsp-runtime's
-/// recompute outside attention: every plan that recomputes (the planner searches no other
-/// recompute, [`Recompute::SEARCHED`]), at any ZeRO stage. A plan of an older planner that
-/// says `full` without `recompute_scope` was costed as whole-layer recompute and exports as that
-/// without consent; one that says `selective` needs consent for the engine's nearest.
-const OUTSIDE_ATTENTION_COARSER: &str = "the plan recomputes each layer outside attention in backward (mmsp-runtime's recompute), which this engine cannot express; pass --allow-coarser-recompute to recompute whole layers, attention included (less memory, slower), or re-plan with --recompute none";
-
-fn unsupported(engine: Engine, msg: impl Into<String>) -> Error {
+pub(crate) fn unsupported(engine: Engine, msg: impl Into<String>) -> Error {
     Error::Unsupported {
         engine: engine.name(),
         msg: msg.into(),
@@ -159,7 +151,7 @@ fn unsupported(engine: Engine, msg: impl Into<String>) -> Error {
 }
 
 /// One line describing the plan, for the header comment of every export.
-fn describe(plan: &Plan) -> String {
+pub(crate) fn describe(plan: &Plan) -> String {
     let l = &plan.layout;
     format!(
         "{} at {} tokens on {} GPUs ({}): tp {} x ulysses {} x ring {} x dp {} ({}), ZeRO-{}, {} recompute, micro-batch {}, global batch {}",
@@ -180,7 +172,7 @@ fn describe(plan: &Plan) -> String {
 }
 
 /// Both Ulysses and ring are > 1 and the ring is the inner (consecutive-rank) dimension.
-fn ring_inner_2d(plan: &Plan) -> bool {
+pub(crate) fn ring_inner_2d(plan: &Plan) -> bool {
     let l = &plan.layout;
     l.ulysses > 1 && l.ring > 1 && l.placement == Placement::RingInner
 }
@@ -188,7 +180,7 @@ fn ring_inner_2d(plan: &Plan) -> bool {
 /// A string from a plan or the command line made safe for a comment line of a generated
 /// script: control characters (a newline would end the comment and start a command) are
 /// written as their escapes (`\n`, `\u{1b}`).
-fn one_line(s: &str) -> String {
+pub(crate) fn one_line(s: &str) -> String {
     s.chars()
         .flat_map(|c| {
             let e: Vec<char> = if c.is_control() {
@@ -227,7 +219,7 @@ fn sh_quote(s: &str) -> String {
     }
 }
 
-fn push_flags(out: &mut String, name: &str, flags: &[Vec<String>]) {
+pub(crate) fn push_flags(out: &mut String, name: &str, flags: &[Vec<String>]) {
     let _ = writeln!(out, "{name}=(");
     for f in flags {
         let _ = writeln!(out, "  {}", f.join(" "));
@@ -235,372 +227,63 @@ fn push_flags(out: &mut String, name: &str, flags: &[Vec<String>]) {
     let _ = writeln!(out, ")");
 }
 
-fn flag(parts: &[&str]) -> Vec<String> {
+pub(crate) fn flag(parts: &[&str]) -> Vec<String> {
     parts.iter().map(|s| s.to_string()).collect()
 }
 
-/// Megatron-LM with TransformerEngine context parallelism.
-///
-/// Relied on (Megatron-LM `megatron/training/arguments.py`, `_add_distributed_args` and
-/// `_add_training_args`): `--context-parallel-size`; `--cp-comm-type` one of p2p, a2a,
-/// allgather, a2a+p2p; `--hierarchical-context-parallel-sizes`, whose help says that with
-/// "2 4" "every two adjacent gpus forms the first level of cp groups", the first level being
-/// the a2a one of a2a+p2p, and whose product must equal the CP size; rank order
-/// tp-cp-ep-dp-pp (`initialize_model_parallel(order=...)` in `megatron/core/parallel_state.py`),
-/// so tensor parallel is innermost, then CP, then DP, as in an mmsp plan;
-/// `--recompute-granularity {full,selective}`, `--recompute-method {uniform,block}`,
-/// `--recompute-num-layers`, `--recompute-modules` (layernorm, mlp, core_attn, ...);
-/// `--use-distributed-optimizer` (ZeRO-1 style sharding of optimizer states);
-/// `--micro-batch-size`, `--global-batch-size` (a multiple of micro-batch x data-parallel size).
-/// TransformerEngine's a2a context parallel (`AttnFuncWithCPAndQKVOA2A` in
-/// `transformer_engine/pytorch/attention.py`) asserts that the query *and* key head counts per
-/// rank are divisible by the a2a size: it does not replicate kv heads. Load balancing splits the
-/// sequence into 2 x CP chunks, so the sequence length must be a multiple of 2 x CP.
-fn megatron(plan: &Plan, opts: &Options) -> Result<String> {
-    let e = Engine::Megatron;
-    let l = &plan.layout;
-    let m = &plan.model;
-    let cp = l.ulysses * l.ring;
-    if ring_inner_2d(plan) {
-        return Err(unsupported(
-            e,
-            format!(
-                "placement ring_inner puts ring neighbours on adjacent ranks, but Megatron's --hierarchical-context-parallel-sizes always makes adjacent ranks the a2a level (export to deepspeed, whose yunchang supports ring-inner, or use a ulysses_inner plan of ulysses {} x ring {})",
-                l.ulysses, l.ring
-            ),
-        ));
-    }
-    if plan.zero_stage > 1 {
-        return Err(unsupported(
-            e,
-            format!(
-                "ZeRO-{} is not available; Megatron's distributed optimizer is ZeRO-1 (re-plan with --strategy megatron-cp-tp or te-a2a-p2p)",
-                plan.zero_stage
-            ),
-        ));
-    }
-    if !m.num_heads.is_multiple_of(u64::from(l.tp))
-        || !m.num_kv_heads.is_multiple_of(u64::from(l.tp))
-    {
-        return Err(unsupported(
-            e,
-            format!(
-                "{} query / {} kv heads are not divisible by tensor-parallel size {}",
-                m.num_heads, m.num_kv_heads, l.tp
-            ),
-        ));
-    }
-    if l.ulysses > 1 {
-        let (q, kv) = (
-            m.num_heads / u64::from(l.tp),
-            m.num_kv_heads / u64::from(l.tp),
-        );
-        if !q.is_multiple_of(u64::from(l.ulysses)) || !kv.is_multiple_of(u64::from(l.ulysses)) {
-            return Err(unsupported(
-                e,
-                format!(
-                    "TransformerEngine's a2a context parallel needs query and kv heads per TP rank ({q} and {kv}) divisible by the a2a size {} and does not replicate kv heads (a Ulysses degree of at most {kv} that divides {q} would fit)",
-                    l.ulysses
-                ),
-            ));
-        }
-    }
-    if !plan.context_tokens.is_multiple_of(2 * u64::from(cp)) {
-        return Err(unsupported(
-            e,
-            format!(
-                "sequence length {} is not a multiple of 2 x context-parallel size {}",
-                plan.context_tokens, cp
-            ),
-        ));
-    }
-    let recompute: Vec<Vec<String>> = match plan.recompute_policy() {
-        Recompute::None => vec![],
-        Recompute::OutsideAttention if !opts.allow_coarser_recompute => {
-            return Err(unsupported(e, OUTSIDE_ATTENTION_COARSER));
-        }
-        Recompute::Full | Recompute::OutsideAttention => vec![
-            flag(&["--recompute-granularity", "full"]),
-            flag(&["--recompute-method", "uniform"]),
-            flag(&["--recompute-num-layers", "1"]),
-        ],
-        Recompute::Selective => {
-            if !opts.allow_coarser_recompute {
-                return Err(unsupported(
-                    e,
-                    "the plan's selective recompute (norm outputs and the SwiGLU product) has no exact Megatron module; pass --allow-coarser-recompute to recompute layernorm and mlp instead (less memory, slower), or re-plan (this planner plans none or mmsp-runtime's recompute outside attention)",
-                ));
-            }
-            vec![
-                flag(&["--recompute-granularity", "selective"]),
-                flag(&["--recompute-modules", "layernorm", "mlp"]),
-            ]
-        }
+/// The plan, or the fastest re-plan over `strategies` whose layout `misfit` accepts, with the
+/// comment lines that say why and what each costs.
+pub(crate) fn fit_layout(
+    plan: &Plan,
+    engine: Engine,
+    strategies: &[crate::search::Strategy],
+    misfit: fn(&crate::spec::model::ModelSpec, &crate::cost::Candidate) -> Option<String>,
+) -> Result<(Plan, Vec<String>)> {
+    let own = crate::cost::Candidate {
+        layout: plan.layout,
+        zero_stage: plan.zero_stage,
+        recompute: plan.recompute_policy(),
+        micro_batch: plan.micro_batch,
     };
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# Megatron-LM / TransformerEngine arguments from {}",
-        one_line(&opts.plan_path)
-    );
-    let _ = writeln!(out, "# plan: {}", describe(plan));
-    let _ = writeln!(
-        out,
-        "# Use: torchrun ... pretrain_gpt.py \"${{MMSP_MEGATRON_ARGS[@]}}\" <data, tokenizer, optimizer flags>"
-    );
-    let _ = writeln!(
-        out,
-        "# Megatron shards the sequence into 2 x CP zigzag chunks itself; the plan's per-rank token ranges are mmsp-runtime's."
-    );
-    let s = |v: u64| v.to_string();
-    let mut flags: Vec<Vec<String>> = vec![
-        vec!["--tensor-model-parallel-size".into(), s(u64::from(l.tp))],
-        flag(&["--pipeline-model-parallel-size", "1"]),
-        vec!["--context-parallel-size".into(), s(u64::from(cp))],
+    let Some(why) = misfit(&plan.model, &own) else {
+        return Ok((plan.clone(), vec![]));
+    };
+    let m = plan.model.clone();
+    let accept = move |c: &crate::cost::Candidate| misfit(&m, c).is_none();
+    let Some(r) = fit::replan(plan, strategies, &accept)? else {
+        return Err(unsupported(
+            engine,
+            format!("{why}, and no layout it can run fits this request"),
+        ));
+    };
+    let notes = vec![
+        format!("re-planned for {}: {why}.", engine.name()),
+        format!("the original plan: {}", describe(plan)),
+        format!(
+            "step time (mmsp cost model, analytic): the original plan {:.3} s, this re-plan {:.3} s.",
+            r.before_s, r.after_s
+        ),
     ];
-    if cp > 1 {
-        let kind = match (l.ulysses > 1, l.ring > 1) {
-            (true, true) => "a2a+p2p",
-            (true, false) => "a2a",
-            _ => "p2p",
-        };
-        flags.push(vec!["--cp-comm-type".into(), kind.into()]);
-        if kind == "a2a+p2p" {
-            flags.push(vec![
-                "--hierarchical-context-parallel-sizes".into(),
-                s(u64::from(l.ulysses)),
-                s(u64::from(l.ring)),
-            ]);
-        }
-    }
-    if l.tp > 1 {
-        flags.push(flag(&["--sequence-parallel"]));
-    }
-    flags.extend([
-        vec!["--seq-length".into(), s(plan.context_tokens)],
-        vec!["--max-position-embeddings".into(), s(plan.context_tokens)],
-        vec!["--micro-batch-size".into(), s(u64::from(plan.micro_batch))],
-        vec!["--global-batch-size".into(), s(plan.global_batch)],
-        vec!["--num-layers".into(), s(m.num_layers)],
-        vec!["--hidden-size".into(), s(m.hidden_size)],
-        vec!["--ffn-hidden-size".into(), s(m.intermediate_size)],
-        vec!["--num-attention-heads".into(), s(m.num_heads)],
-        vec!["--kv-channels".into(), s(m.head_dim)],
-    ]);
-    if m.num_kv_heads != m.num_heads {
-        flags.push(flag(&["--group-query-attention"]));
-        flags.push(vec!["--num-query-groups".into(), s(m.num_kv_heads)]);
-    }
-    if m.qkv_bias {
-        flags.push(flag(&["--add-qkv-bias"]));
-    }
-    if !m.tie_word_embeddings {
-        flags.push(flag(&["--untie-embeddings-and-output-weights"]));
-    }
-    flags.extend(recompute);
-    if plan.zero_stage == 1 {
-        flags.push(flag(&["--use-distributed-optimizer"]));
-    }
-    flags.push(flag(&["--bf16"]));
-    push_flags(&mut out, "MMSP_MEGATRON_ARGS", &flags);
-    Ok(out)
+    Ok((r.plan, notes))
 }
 
-/// DeepSpeed-Ulysses / yunchang (USP) and a DeepSpeed config.
-///
-/// Relied on: yunchang `yunchang/globals.py` `set_seq_parallel_pg(sp_ulysses_degree,
-/// sp_ring_degree, rank, world_size, use_ulysses_low=True)`: world size must be a multiple of
-/// ulysses x ring; `use_ulysses_low=True` makes Ulysses groups consecutive ranks (mmsp
-/// `ulysses_inner`), `False` makes ring groups consecutive (`ring_inner`); the zigzag ring is
-/// `ring_impl_type="zigzag"` of `LongContextAttention`. yunchang has no tensor parallelism. The
-/// DeepSpeed config keys are `train_batch_size`, `train_micro_batch_size_per_gpu`,
-/// `gradient_accumulation_steps` (train_batch_size = micro x accumulation x data-parallel size,
-/// where the sequence-parallel ranks of one sample count once) and `zero_optimization.stage`.
-fn deepspeed(plan: &Plan, opts: &Options) -> Result<String> {
-    let e = Engine::Deepspeed;
-    let l = &plan.layout;
-    if l.tp > 1 {
-        return Err(unsupported(
-            e,
-            format!(
-                "tensor parallel size {} is not available in yunchang / DeepSpeed-Ulysses (re-plan with --strategy 2d, ring or ulysses, or export to megatron)",
-                l.tp
-            ),
-        ));
-    }
-    if u64::from(plan.micro_batch) * plan.grad_accum_steps * u64::from(l.dp) != plan.global_batch {
-        return Err(unsupported(
-            e,
-            format!(
-                "global batch {} is not micro-batch {} x accumulation {} x dp {}",
-                plan.global_batch, plan.micro_batch, plan.grad_accum_steps, l.dp
-            ),
-        ));
-    }
-    let checkpointing = match plan.recompute_policy() {
-        Recompute::None => false,
-        Recompute::Full => true,
-        Recompute::OutsideAttention => {
-            if !opts.allow_coarser_recompute {
-                return Err(unsupported(e, OUTSIDE_ATTENTION_COARSER));
-            }
-            true
-        }
-        Recompute::Selective => {
-            if !opts.allow_coarser_recompute {
-                return Err(unsupported(
-                    e,
-                    "the plan's selective recompute has no DeepSpeed / Hugging Face equivalent (gradient checkpointing recomputes whole layers); pass --allow-coarser-recompute to use full-layer checkpointing, or re-plan with --recompute none",
-                ));
-            }
-            true
-        }
-    };
-    let mut zero = serde_json::json!({ "stage": plan.zero_stage });
-    if plan.zero_stage >= 2 {
-        zero["overlap_comm"] = true.into();
-        zero["contiguous_gradients"] = true.into();
-    }
-    let v = serde_json::json!({
-        "_comment": format!("mmsp export --to deepspeed {}: {}", opts.plan_path, describe(plan)),
-        "sequence_parallel": {
-            "library": "yunchang",
-            "ulysses_degree": l.ulysses,
-            "ring_degree": l.ring,
-            "use_ulysses_low": l.placement == Placement::UlyssesInner || l.ulysses == 1 || l.ring == 1,
-            "ring_impl_type": "zigzag",
-            "data_parallel_degree": l.dp,
-            "gradient_checkpointing": checkpointing,
-            "setup": format!(
-                "set_seq_parallel_pg({}, {}, rank, {}, use_ulysses_low={}); LongContextAttention(ring_impl_type=\"zigzag\")",
-                l.ulysses,
-                l.ring,
-                plan.world_size,
-                if l.placement == Placement::RingInner && l.ulysses > 1 && l.ring > 1 { "False" } else { "True" }
-            ),
-        },
-        "deepspeed_config": {
-            "train_batch_size": plan.global_batch,
-            "train_micro_batch_size_per_gpu": plan.micro_batch,
-            "gradient_accumulation_steps": plan.grad_accum_steps,
-            "bf16": { "enabled": true },
-            "zero_optimization": zero,
-            "gradient_clipping": 1.0,
-        },
-    });
-    let mut s =
-        serde_json::to_string_pretty(&v).map_err(|e| Error::invalid("plan", e.to_string()))?;
-    s.push('\n');
-    Ok(s)
-}
-
-/// LongVILA (NVlabs/VILA) training flags.
-///
-/// Relied on (VILA `llava/train/args.py` TrainingArguments and `llava/train/train.py`):
-/// `--seq_parallel_size` (the SP degree; -1 disables), `--seq_parallel_ring_size` (ring degree;
-/// `seq_parallel_size` = ring x ulysses), `--seq_parallel_ring_type` one of `ring_varlen`,
-/// `zigzag_ring_varlen` (only used when the ring size is > 1). The trainer calls
-/// `set_pg_manager(sp_degree, ring_degree, ring_type=...)` without `use_ulysses_low`, whose
-/// default `True` makes Ulysses groups consecutive ranks. The README: with SP, each group of
-/// `seq_parallel_size` GPUs counts as one device, so global batch = per-device batch x
-/// accumulation x data-parallel size. DeepSpeed ZeRO comes from `--deepspeed <config.json>`;
-/// VILA has no tensor parallelism.
-fn vila(plan: &Plan, opts: &Options) -> Result<String> {
-    let e = Engine::Vila;
-    let l = &plan.layout;
-    if l.tp > 1 {
-        return Err(unsupported(
-            e,
-            format!(
-                "tensor parallel size {} is not available in VILA (re-plan with --strategy 2d, ring or ulysses)",
-                l.tp
-            ),
-        ));
-    }
-    if ring_inner_2d(plan) {
-        return Err(unsupported(
-            e,
-            "placement ring_inner is not reachable: VILA's set_pg_manager is called with the default use_ulysses_low=True, which puts Ulysses groups on adjacent ranks (re-plan, or export to deepspeed, where yunchang takes use_ulysses_low=False)",
-        ));
-    }
-    let gc = match plan.recompute_policy() {
-        Recompute::None => "False",
-        Recompute::Full => "True",
-        Recompute::OutsideAttention => {
-            if !opts.allow_coarser_recompute {
-                return Err(unsupported(e, OUTSIDE_ATTENTION_COARSER));
-            }
-            "True"
-        }
-        Recompute::Selective => {
-            if !opts.allow_coarser_recompute {
-                return Err(unsupported(
-                    e,
-                    "the plan's selective recompute has no VILA flag (--gradient_checkpointing recomputes whole layers); pass --allow-coarser-recompute to use it, or re-plan with --recompute none",
-                ));
-            }
-            "True"
-        }
-    };
-    let sp = l.ulysses * l.ring;
-    let s = |v: u64| v.to_string();
-    let mut flags: Vec<Vec<String>> = vec![];
-    if sp > 1 {
-        flags.push(vec!["--seq_parallel_size".into(), s(u64::from(sp))]);
-        if l.ring > 1 {
-            flags.push(vec![
-                "--seq_parallel_ring_size".into(),
-                s(u64::from(l.ring)),
-            ]);
-            flags.push(flag(&["--seq_parallel_ring_type", "zigzag_ring_varlen"]));
-        }
-    }
-    flags.extend([
-        vec!["--model_max_length".into(), s(plan.context_tokens)],
-        vec![
-            "--per_device_train_batch_size".into(),
-            s(u64::from(plan.micro_batch)),
-        ],
-        vec![
-            "--gradient_accumulation_steps".into(),
-            s(plan.grad_accum_steps),
-        ],
-        vec!["--gradient_checkpointing".into(), gc.into()],
-        vec![
-            "--deepspeed".into(),
-            format!("./scripts/zero{}.json", plan.zero_stage),
-        ],
-        flag(&["--bf16", "True"]),
-    ]);
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# LongVILA (VILA) training flags from {}",
-        one_line(&opts.plan_path)
-    );
-    let _ = writeln!(out, "# plan: {}", describe(plan));
-    let _ = writeln!(
-        out,
-        "# global batch {} = per-device {} x accumulation {} x data-parallel {} (each SP group of {} GPUs counts as one device)",
-        plan.global_batch, plan.micro_batch, plan.grad_accum_steps, l.dp, sp
-    );
-    let _ = writeln!(
-        out,
-        "# --deepspeed names a ZeRO-{} config: VILA ships scripts/zero2.json and scripts/zero3.json; write zero{}.json if yours lacks it",
-        plan.zero_stage, plan.zero_stage
-    );
-    let _ = writeln!(
-        out,
-        "# Use: torchrun --nnodes {} --nproc_per_node {} llava/train/train_mem.py \"${{MMSP_VILA_ARGS[@]}}\" <model, data flags>",
-        nodes(plan).0,
-        nodes(plan).1
-    );
-    push_flags(&mut out, "MMSP_VILA_ARGS", &flags);
-    Ok(out)
+/// A note for engines that train the language model alone: a video plan's vision stage (the
+/// encoder over the frames, stage 1 of MM-SP) is not part of what they run.
+pub(crate) fn text_only_note(plan: &Plan, engine: Engine) -> Option<String> {
+    plan.vision.as_ref().map(|v| {
+        format!(
+            "{} trains the language model on the packed sequence of {} tokens; the plan's vision stage ({}, {} frames, {} tokens each) runs outside it (export to vila or torchrun for both).",
+            engine.name(),
+            plan.context_tokens,
+            one_line(&v.encoder),
+            v.frames,
+            v.tokens_per_frame
+        )
+    })
 }
 
 /// (nodes, processes per node) of a plan: whole nodes, or one partial node for small worlds.
-fn nodes(plan: &Plan) -> (u32, u32) {
+pub(crate) fn nodes(plan: &Plan) -> (u32, u32) {
     let gpn = plan.gpus_per_node.max(1);
     if plan.world_size <= gpn {
         (1, plan.world_size)
