@@ -12,6 +12,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::cost::compute::ATTN_TRAIN_FACTOR;
 use crate::cost::{terms, Candidate, Infeasible, Layout, Placement, Recompute, Workload};
 use crate::engines::{self, Engine, Profile};
 use crate::multimodal::MultiModal;
@@ -187,12 +188,25 @@ fn engine_no_plan(res: &engines::EngineSearch) -> String {
             fmt_gib(a)
         ),
         None if res.infeasible.is_empty() => "no layout of this engine for these GPUs".into(),
-        None => format!(
-            "infeasible candidates: {}",
-            res.infeasible
-                .first()
-                .map_or(String::new(), |x| x.1.to_string())
-        ),
+        None => {
+            // Each kind of reason once, with its example of the fewest DP ranks (the closest
+            // to running a batch that does not divide).
+            let mut all: Vec<&(crate::cost::Candidate, Infeasible)> =
+                res.infeasible.iter().collect();
+            all.sort_by_key(|(c, _)| c.layout.dp);
+            let mut seen: Vec<(std::mem::Discriminant<Infeasible>, String)> = Vec::new();
+            for (_, e) in all {
+                let kind = std::mem::discriminant(e);
+                if !seen.iter().any(|x| x.0 == kind) {
+                    seen.push((kind, e.to_string()));
+                }
+            }
+            let reasons: Vec<&str> = seen.iter().map(|x| x.1.as_str()).collect();
+            format!(
+                "every layout of this engine is infeasible: {}",
+                reasons.join("; ")
+            )
+        }
     }
 }
 
@@ -280,7 +294,8 @@ fn row(topo: &Topology, o: Outcome, reference: Option<&(Scored, f64)>) -> Strate
         Some(_) if is_2d => (Some(1.0), "reference".to_string()),
         Some((b2d, sim2d)) => {
             let why = if sim > sim2d * 1.005 {
-                why_slower_by(topo, b2d, &best, Some(sim / sim2d - 1.0))
+                let generic = why_slower_by(topo, b2d, &best, Some(sim / sim2d - 1.0));
+                engine_why(&o.profile, &best, sim - sim2d, sim / sim2d - 1.0, generic)
             } else if sim < sim2d * 0.995 {
                 "faster than 2d here".to_string()
             } else {
@@ -310,6 +325,60 @@ fn row(topo: &Topology, o: Outcome, reference: Option<&(Scored, f64)>) -> Strate
         why,
         ..empty
     }
+}
+
+/// Why another engine's row is slower than 2d: what its profile changes (its attention kernels,
+/// its whole-layer recompute), each with the time it adds, and the cost model's own reason
+/// (`generic`, from [`why_slower_by`]) when those explain less than half of the gap.
+fn engine_why(p: &Profile, best: &Scored, gap_s: f64, slower: f64, generic: String) -> String {
+    if p.engine == Engine::MmspRuntime {
+        return generic;
+    }
+    let t = &best.estimate.time;
+    let full = best.candidate.recompute != Recompute::None;
+    // Whole-layer recompute runs attention forward once more: 1 of its 4.5 forwards.
+    let attn_again = if full {
+        t.attention_s / (ATTN_TRAIN_FACTOR + 1.0)
+    } else {
+        0.0
+    };
+    let mut causes: Vec<(f64, String)> = Vec::new();
+    if p.attention_efficiency < 1.0 {
+        let merge = if p.python_merge && best.candidate.layout.ring > 1 {
+            " and the ring merge in PyTorch"
+        } else {
+            ""
+        };
+        causes.push((
+            (t.attention_s - attn_again) * (1.0 - p.attention_efficiency),
+            format!(
+                "FlashAttention-2 kernels at {} x cuDNN{merge}",
+                p.attention_efficiency
+            ),
+        ));
+    }
+    if full {
+        causes.push((
+            attn_again + t.recompute_s,
+            "whole-layer recompute re-runs attention and the GEMMs".into(),
+        ));
+    }
+    let explained: f64 = causes.iter().map(|c| c.0).sum();
+    if causes.is_empty() {
+        return generic;
+    }
+    let mut parts: Vec<String> = causes
+        .iter()
+        .map(|(s, l)| format!("{l} (+{})", fmt_secs(*s)))
+        .collect();
+    if explained < 0.5 * gap_s {
+        parts.push(
+            generic
+                .split_once(": ")
+                .map_or(generic.clone(), |x| x.1.to_string()),
+        );
+    }
+    format!("{:.0}% slower: {}", slower * 100.0, parts.join("; "))
 }
 
 /// What `mmsp compare`'s table counts, printed under it.

@@ -353,12 +353,11 @@ fn engine_terms(
     Ok(t)
 }
 
-/// Whether a candidate's layout is one the engine runs.
+/// Whether a candidate's layout is one the engine runs (its ZeRO stages are checked apart).
 fn runs_layout(p: &Profile, model: &ModelSpec, c: &Candidate) -> bool {
     let l = &c.layout;
     (!p.ulysses_inner_only || l.ulysses == 1 || l.placement == Placement::UlyssesInner)
         && (!p.ulysses_within_kv_heads || u64::from(l.ulysses * l.tp) <= model.num_kv_heads)
-        && p.zero_stages.contains(&c.zero_stage)
 }
 
 /// Costs one candidate under a profile (`gemm_speedup` 1 for bf16).
@@ -408,12 +407,14 @@ pub fn search(
     let mut ranked = Vec::new();
     let mut infeasible = Vec::new();
     for c in search::enumerate(model, &topo.spec, &req) {
-        if !runs_layout(p, model, &c) {
+        let runnable = head_split(model, c.layout.tp, c.layout.ulysses).is_ok()
+            && global_batch.is_multiple_of(u64::from(c.layout.dp) * u64::from(c.micro_batch));
+        // A layout the enumeration records as unable to run (heads or batch) keeps its reason
+        // whatever ZeRO stage it was recorded with.
+        if !runs_layout(p, model, &c) || (runnable && !p.zero_stages.contains(&c.zero_stage)) {
             continue;
         }
         let context = search::candidate_context(req.context, mm, &c.layout);
-        let runnable = head_split(model, c.layout.tp, c.layout.ulysses).is_ok()
-            && global_batch.is_multiple_of(u64::from(c.layout.dp) * u64::from(c.micro_batch));
         let vision = match (mm, runnable) {
             (Some(mm), true) => match mm.stage(topo, model, &c.layout, context) {
                 Ok(v) => Some(v),
