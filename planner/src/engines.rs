@@ -31,7 +31,7 @@
 
 use serde::Serialize;
 
-use crate::cost::compute::{hbm_rate, ATTN_TRAIN_FACTOR};
+use crate::cost::compute::{attention_flops_fwd, hbm_rate, ATTN_TRAIN_FACTOR};
 use crate::cost::memory::{
     layer_activation_bytes_per_token, ActivationArch, FRAGMENTATION, RUNTIME_RESERVE_BYTES,
 };
@@ -339,6 +339,12 @@ fn engine_terms(
         // Whole-layer recompute: attention forward again (4.5x its forward in all), with its
         // ring traffic (forward K, V again: 2 + 3 blocks instead of 1 + 3) and all-to-alls.
         t.attn_fwd_s *= (ATTN_TRAIN_FACTOR + 1.0) / ATTN_TRAIN_FACTOR;
+        // HFU counts the attention forward run again (the GEMMs' is counted by the terms).
+        let scale = w.vision.map_or(1.0, |v| v.attention_scale);
+        let attn_fwd =
+            scale * f64::from(c.micro_batch) * attention_flops_fwd(w.model, w.context as f64)
+                / f64::from(l.sp() * l.tp);
+        t.hardware_flops += f64::from(l.world()) * t.accum as f64 * t.layers as f64 * attn_fwd;
         t.ring_kv_bytes *= 5.0 / 4.0;
         t.a2a_qkv_bytes *= 1.5;
         t.a2a_o_bytes *= 1.5;

@@ -140,6 +140,14 @@ fn whole_layer_recompute_repeats_attention() {
     let r = full.terms.attn_fwd_s / none.terms.attn_fwd_s;
     assert!((r - 4.5 / 3.5).abs() < 1e-12, "{r}");
     assert!(full.estimate.memory.activations_bytes < none.estimate.memory.activations_bytes);
+    // HFU: the layers' forward GEMMs and attention's forward once more; MFU unchanged.
+    assert_eq!(full.terms.model_flops, none.terms.model_flops);
+    let l = 32.0;
+    let gemm = crate::cost::compute::layer_gemm_flops_fwd(&m, 32768.0 / 4.0, 2.0);
+    let attn = crate::cost::compute::attention_flops_fwd(&m, 32768.0) / 8.0;
+    let again = 8.0 * l * (gemm + attn);
+    let got = full.terms.hardware_flops - none.terms.hardware_flops;
+    assert!((got - again).abs() <= 1e-9 * again, "{got} {again}");
 }
 
 /// The logits each engine's loss holds: Megatron 6 B, Hugging Face 10 B per logit over the
