@@ -7,6 +7,7 @@ pub mod calibration;
 pub mod campaign;
 pub mod compare;
 pub mod cost;
+pub mod engines;
 pub mod error;
 pub mod export;
 pub mod inference;
@@ -20,5 +21,6 @@ pub mod sim;
 pub mod spec;
 pub mod topology;
 pub mod units;
+pub mod validate;
 
 pub use error::{Error, Result};

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use mmsp_planner::cost::Recompute;
+use mmsp_planner::engines::Engine;
 use mmsp_planner::multimodal::MultiModal;
 use mmsp_planner::plan::Plan;
 use mmsp_planner::render;
@@ -38,15 +39,22 @@ enum Command {
     List,
     /// Replay one training step of a saved plan in the discrete-event simulator.
     Simulate(SimulateArgs),
-    /// Compare strategies (2d, ring, ulysses, megatron-cp-tp, te-a2a-p2p) on one request.
+    /// Compare strategies of each engine (mmsp-runtime, megatron-core, ring-flash-attn,
+    /// yunchang, deepspeed-ulysses, vila-mmsp) on one request, each costed by its engine's profile.
     ///
     /// 2d, ring and ulysses are costed as mmsp-runtime runs them, every ZeRO stage (0-3) and
-    /// recompute (none, full) searched. megatron-cp-tp and te-a2a-p2p are costed with
-    /// Megatron-Core's distributed optimizer: ZeRO-1, 6 + 12/d bytes per parameter over their
-    /// DP x CP ranks (bf16 parameters and fp32 gradients whole, fp32 masters and Adam moments
-    /// sharded). MFU counts 6 x params x tokens and causal attention at 3x its forward (PaLM,
-    /// Appendix B); HFU counts what the kernels run (attention 3.5x, the recompute's forward).
+    /// recompute (none, full) searched. megatron-cp-tp and te-a2a-p2p as Megatron-Core with
+    /// Transformer Engine: distributed optimizer (6 + 12/d bytes per parameter over DP x CP),
+    /// Korthikanti activations, whole-layer recompute, cuDNN attention. ring-flash-attn, usp,
+    /// ds-ulysses and vila-mmsp on DeepSpeed ZeRO with FlashAttention-2 (0.574 x cuDNN,
+    /// measured). "vs 2d" is the step time against 2d's (+ slower). MFU counts 6 x params x
+    /// tokens and causal attention at 3x its forward (PaLM, Appendix B); HFU counts what the
+    /// kernels run (attention 3.5x, the recompute's forward).
     Compare(CompareArgs),
+    /// Run published training throughputs (validation/published.toml) through the planner
+    /// with each one's engine profile at its pinned layout: predicted, published, error per
+    /// row, mean and worst absolute error.
+    Validate(ValidateArgs),
     /// Sweep GPUs x context x model x topology and write an HTML/Markdown/CSV/JSON report.
     Report(mmsp_planner::report::ReportArgs),
     /// Export a plan as Megatron, DeepSpeed or VILA settings, or a torchrun/SLURM launch script.
@@ -125,6 +133,23 @@ struct CompareArgs {
     /// Write the Chrome trace of each strategy's best configuration into this folder.
     #[arg(long)]
     trace_dir: Option<String>,
+    /// Engines whose rows to show, comma-separated (mmsp-runtime, megatron-core,
+    /// ring-flash-attn, yunchang, deepspeed-ulysses, vila-mmsp) [default: all].
+    #[arg(long)]
+    engine: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct ValidateArgs {
+    /// A validation table (TOML, as validation/published.toml) instead of the shipped one.
+    #[arg(long)]
+    table: Option<String>,
+    /// Engines whose rows to run, comma-separated [default: all].
+    #[arg(long)]
+    engine: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -306,6 +331,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plan(a) => plan(a),
         Command::Simulate(a) => simulate(a),
         Command::Compare(a) => compare(a),
+        Command::Validate(a) => validate(a),
         Command::Report(a) => {
             let html = mmsp_planner::report::run(&a)?;
             println!("wrote {}", html.display());
@@ -528,7 +554,11 @@ fn compare(a: CompareArgs) -> Result<()> {
         pin: None,
         zero: None,
     };
-    let cmp = mmsp_planner::compare::compare(&topo, &model, &req, mm.as_ref());
+    let selected = match &a.engine {
+        Some(e) => Engine::parse_list(e)?,
+        None => Engine::ALL.to_vec(),
+    };
+    let cmp = mmsp_planner::compare::compare(&topo, &model, &req, mm.as_ref(), &selected);
     if let Some(dir) = &a.trace_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
         for (name, trace) in mmsp_planner::compare::traces(&topo, &model, &cmp, mm.as_ref()) {
@@ -543,7 +573,37 @@ fn compare(a: CompareArgs) -> Result<()> {
             serde_json::to_writer_pretty(&mut out, &cmp)?;
             writeln!(out)?;
         }
-        Format::Table => write!(out, "{}", render::compare_table(&cmp))?,
+        Format::Table => write!(out, "{}", mmsp_planner::compare::table(&cmp))?,
+    }
+    Ok(())
+}
+
+fn validate(a: ValidateArgs) -> Result<()> {
+    let selected = match &a.engine {
+        Some(e) => Engine::parse_list(e)?,
+        None => Vec::new(),
+    };
+    let (text, name) = match &a.table {
+        Some(path) => (
+            std::fs::read_to_string(path).map_err(|e| mmsp_planner::Error::Io {
+                path: path.clone(),
+                msg: e.to_string(),
+            })?,
+            path.clone(),
+        ),
+        None => (
+            mmsp_planner::validate::PUBLISHED.to_string(),
+            "validation/published.toml".to_string(),
+        ),
+    };
+    let v = mmsp_planner::validate::validate(&text, &name, &selected)?;
+    let mut out = std::io::stdout().lock();
+    match a.format {
+        Format::Json => {
+            serde_json::to_writer_pretty(&mut out, &v)?;
+            writeln!(out)?;
+        }
+        Format::Table => write!(out, "{}", mmsp_planner::validate::table(&v))?,
     }
     Ok(())
 }

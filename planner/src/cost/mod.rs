@@ -375,6 +375,22 @@ impl Terms {
 
 /// Checks a candidate and computes its [`Terms`] (memory included), or says why it cannot run.
 pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infeasible> {
+    terms_checked(topo, w, c, true)
+}
+
+/// [`terms`] without the memory check against the GPU's HBM (the memory is still counted as
+/// mmsp-runtime holds it): for engine profiles (`crate::engines`) that count memory by their
+/// own rules and check it themselves.
+pub fn terms_any_memory(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infeasible> {
+    terms_checked(topo, w, c, false)
+}
+
+fn terms_checked(
+    topo: &Topology,
+    w: &Workload,
+    c: &Candidate,
+    check_memory: bool,
+) -> Result<Terms, Infeasible> {
     let m = w.model;
     let l = &c.layout;
     let spec = &topo.spec;
@@ -535,7 +551,7 @@ pub fn terms(topo: &Topology, w: &Workload, c: &Candidate) -> Result<Terms, Infe
         fragmentation_bytes: frag,
         total_bytes: needed,
     };
-    if needed > spec.hbm_bytes {
+    if check_memory && needed > spec.hbm_bytes {
         return Err(Infeasible::Memory {
             needed,
             available: spec.hbm_bytes,
