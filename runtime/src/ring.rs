@@ -6,7 +6,7 @@
 //!
 //! Communication for step j+1 is issued before step j's attention and waited for (on the
 //! device, through an event, for NCCL) only when its data is needed.
-use crate::comm::{Communicator, P2p};
+use crate::comm::{Communicator, P2p, Work};
 use crate::error::{Result, RuntimeError};
 use crate::kernel::{attention_bwd, attention_fwd, Backend};
 use crate::shard::Zigzag;
@@ -207,6 +207,22 @@ fn kv_buffer(like: &Tensor, len: usize) -> Tensor {
     Tensor::empty([s[0], s[1], len as i64, s[3]], (like.kind(), like.device()))
 }
 
+/// One step of the ring: sends `send` to the next rank and receives into `recv` from the
+/// previous one, as one batched operation.
+fn rotate(comm: &dyn Communicator, send: [&Tensor; 2], recv: [&Tensor; 2]) -> Result<Work> {
+    let (n, r) = (comm.size(), comm.rank());
+    let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+    let sends = send.into_iter().map(|t| P2p::Send {
+        peer: next,
+        tensor: t.shallow_clone(),
+    });
+    let recvs = recv.into_iter().map(|t| P2p::Recv {
+        peer: prev,
+        tensor: t.shallow_clone(),
+    });
+    comm.send_recv(&sends.chain(recvs).collect::<Vec<_>>())
+}
+
 /// Ring attention forward. `q` (B, Hq, a+b, D), `k`, `v` (B, Hkv, a+b, D) hold this ring
 /// rank's two zigzag chunks (the full chunks, for the heads this rank owns).
 pub fn ring_fwd(
@@ -229,7 +245,6 @@ pub fn ring_fwd(
     let ak = acc_kind(q.kind());
     let rows = q.size()[2];
     let mut parts: Vec<Part> = Vec::with_capacity(n.min(MAX_PARTS) + 2);
-    let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
     let mut cur_k = k.shallow_clone();
     let mut cur_v = v.shallow_clone();
     let mut q_rows = RowCache::default();
@@ -240,24 +255,7 @@ pub fn ring_fwd(
             let (na, nb) = zz.ring_lens(nsrc);
             let nk = kv_buffer(k, na + nb);
             let nv = kv_buffer(v, na + nb);
-            let w = comm.send_recv(&[
-                P2p::Send {
-                    peer: next,
-                    tensor: cur_k.shallow_clone(),
-                },
-                P2p::Send {
-                    peer: next,
-                    tensor: cur_v.shallow_clone(),
-                },
-                P2p::Recv {
-                    peer: prev,
-                    tensor: nk.shallow_clone(),
-                },
-                P2p::Recv {
-                    peer: prev,
-                    tensor: nv.shallow_clone(),
-                },
-            ])?;
+            let w = rotate(comm, [&cur_k, &cur_v], [&nk, &nv])?;
             Some((w, nk, nv))
         } else {
             None
@@ -296,6 +294,59 @@ pub fn ring_fwd(
     Ok((out, ctx))
 }
 
+/// Adds `part` (the gradient of rows [off, off+len)) into `acc`, which a part covering every
+/// row of `like` starts by a cast (no zero fill), any other by zeros.
+fn add_rows(
+    acc: &mut Option<Tensor>,
+    part: &Tensor,
+    like: &Tensor,
+    off: i64,
+    len: i64,
+    ak: Kind,
+) -> Result<()> {
+    match acc {
+        None if off == 0 && len == like.size()[2] => *acc = Some(part.f_to_kind(ak)?),
+        None => {
+            let a = Tensor::zeros(like.size(), (ak, like.device()));
+            let _ = a.narrow(2, off, len).f_add_(part)?;
+            *acc = Some(a);
+        }
+        Some(a) => {
+            let _ = a.narrow(2, off, len).f_add_(part)?;
+        }
+    }
+    Ok(())
+}
+
+/// dK/dV of the K/V block held now: this step's block gradients added to what the earlier
+/// ranks accumulated for it (`incoming`, waited for only now, so that its transfer overlapped
+/// with this step's kernels), or, at the first step, the start of the sums.
+fn fold_dkv(
+    incoming: Option<(Work, Tensor, Tensor)>,
+    grads: Vec<(Block, Tensor, Tensor)>,
+    cur_k: &Tensor,
+    cur_v: &Tensor,
+    ak: Kind,
+) -> Result<(Tensor, Tensor)> {
+    let (mut dk_acc, mut dv_acc) = match incoming {
+        Some((w, dk_in, dv_in)) => {
+            w.wait()?;
+            (Some(dk_in), Some(dv_in))
+        }
+        None => (None, None),
+    };
+    for (blk, dk, dv) in grads {
+        add_rows(&mut dk_acc, &dk, cur_k, blk.kv_off, blk.kv_len, ak)?;
+        add_rows(&mut dv_acc, &dv, cur_v, blk.kv_off, blk.kv_len, ak)?;
+    }
+    match (dk_acc, dv_acc) {
+        (Some(dk), Some(dv)) => Ok((dk, dv)),
+        _ => Err(RuntimeError::Comm(
+            "ring backward: a step with no blocks".into(),
+        )),
+    }
+}
+
 /// Ring attention backward: returns (dq, dk, dv) for this rank's q, k, v.
 pub fn ring_bwd(
     comm: &dyn Communicator,
@@ -316,7 +367,6 @@ pub fn ring_bwd(
     let dout = dout.to_kind(ctx.out.kind());
     let (q, k, v) = (&ctx.q, &ctx.k, &ctx.v);
     let ak = acc_kind(q.kind());
-    let q_total = q.size()[2];
     // Allocated (as zeros) only if the first step does not cover every row.
     let mut dq_acc: Option<Tensor> = None;
     let (mut q_rows, mut dout_rows, mut out_rows, mut lse_rows) = (
@@ -325,7 +375,6 @@ pub fn ring_bwd(
         RowCache::default(),
         RowCache::default(),
     );
-    let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
     let mut cur_k = k.shallow_clone();
     let mut cur_v = v.shallow_clone();
     let mut pending_dkv: Option<(crate::comm::Work, Tensor, Tensor)> = None;
@@ -337,24 +386,7 @@ pub fn ring_bwd(
         let pending_kv = if j + 1 < n {
             let nk = kv_buffer(k, na + nb);
             let nv = kv_buffer(v, na + nb);
-            let w = comm.send_recv(&[
-                P2p::Send {
-                    peer: next,
-                    tensor: cur_k.shallow_clone(),
-                },
-                P2p::Send {
-                    peer: next,
-                    tensor: cur_v.shallow_clone(),
-                },
-                P2p::Recv {
-                    peer: prev,
-                    tensor: nk.shallow_clone(),
-                },
-                P2p::Recv {
-                    peer: prev,
-                    tensor: nv.shallow_clone(),
-                },
-            ])?;
+            let w = rotate(comm, [&cur_k, &cur_v], [&nk, &nv])?;
             Some((w, nk, nv))
         } else {
             None
@@ -373,72 +405,18 @@ pub fn ring_bwd(
                 blk.causal,
                 scale,
             )?;
-            match &dq_acc {
-                None if blk.q_off == 0 && blk.q_len == q_total => {
-                    dq_acc = Some(dq.f_to_kind(ak)?);
-                }
-                None => {
-                    let a = Tensor::zeros(q.size(), (ak, q.device()));
-                    let _ = a.narrow(2, blk.q_off, blk.q_len).f_add_(&dq)?;
-                    dq_acc = Some(a);
-                }
-                Some(a) => {
-                    let _ = a.narrow(2, blk.q_off, blk.q_len).f_add_(&dq)?;
-                }
-            }
+            add_rows(&mut dq_acc, &dq, q, blk.q_off, blk.q_len, ak)?;
             grads.push((blk, dk, dv));
         }
         // dK/dV of the block held now: add to what earlier ranks accumulated for it (waited
         // for only now, so that its transfer overlapped with this step's kernels).
-        let kv_total = cur_k.size()[2];
-        let (dk_blk, dv_blk) = match pending_dkv.take() {
-            Some((w, dk_in, dv_in)) => {
-                w.wait()?;
-                for (blk, dk, dv) in grads {
-                    let _ = dk_in.narrow(2, blk.kv_off, blk.kv_len).f_add_(&dk)?;
-                    let _ = dv_in.narrow(2, blk.kv_off, blk.kv_len).f_add_(&dv)?;
-                }
-                (dk_in, dv_in)
-            }
-            // The first step: one block over all columns starts the sums (one cast instead
-            // of zero-filling and adding).
-            None if grads.len() == 1 && grads[0].0.kv_off == 0 && grads[0].0.kv_len == kv_total => {
-                let (_, dk, dv) = &grads[0];
-                (dk.f_to_kind(ak)?, dv.f_to_kind(ak)?)
-            }
-            None => {
-                let dk_blk = Tensor::zeros(cur_k.size(), (ak, q.device()));
-                let dv_blk = Tensor::zeros(cur_v.size(), (ak, q.device()));
-                for (blk, dk, dv) in grads {
-                    let _ = dk_blk.narrow(2, blk.kv_off, blk.kv_len).f_add_(&dk)?;
-                    let _ = dv_blk.narrow(2, blk.kv_off, blk.kv_len).f_add_(&dv)?;
-                }
-                (dk_blk, dv_blk)
-            }
-        };
+        let (dk_blk, dv_blk) = fold_dkv(pending_dkv.take(), grads, &cur_k, &cur_v, ak)?;
         if n > 1 {
             // Pass the partial dK/dV on with the K/V; after the last step they reach home.
             let ks = cur_k.size();
             let dk_next = Tensor::empty([ks[0], ks[1], (na + nb) as i64, ks[3]], (ak, q.device()));
             let dv_next = dk_next.empty_like();
-            let w = comm.send_recv(&[
-                P2p::Send {
-                    peer: next,
-                    tensor: dk_blk.shallow_clone(),
-                },
-                P2p::Send {
-                    peer: next,
-                    tensor: dv_blk.shallow_clone(),
-                },
-                P2p::Recv {
-                    peer: prev,
-                    tensor: dk_next.shallow_clone(),
-                },
-                P2p::Recv {
-                    peer: prev,
-                    tensor: dv_next.shallow_clone(),
-                },
-            ])?;
+            let w = rotate(comm, [&dk_blk, &dv_blk], [&dk_next, &dv_next])?;
             pending_dkv = Some((w, dk_next, dv_next));
         } else {
             final_dkv = Some((dk_blk, dv_blk));
