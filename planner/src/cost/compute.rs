@@ -38,8 +38,16 @@ pub fn layer_gemm_flops_fwd(m: &ModelSpec, tokens: f64, tp: f64) -> f64 {
 /// Forward FLOPs of causal attention of one layer over one sequence of `seq` tokens: QK^T and
 /// PV are 2 * 2 * S^2 * (heads * head_dim) FLOPs, of which causality keeps half:
 /// 2 * S^2 * H * D (FlashAttention-2, Dao 2023, Sec. 4.1 counting, halved for causal masks).
+/// With sliding-window layers, the band their kernels compute, averaged over the layers
+/// ([`ModelSpec::attention_work_fraction`]).
 pub fn attention_flops_fwd(m: &ModelSpec, seq: f64) -> f64 {
-    2.0 * seq * seq * m.q_dim() as f64
+    let full = 2.0 * seq * seq * m.q_dim() as f64;
+    let fraction = m.attention_work_fraction(seq);
+    if fraction < 1.0 {
+        full * fraction
+    } else {
+        full
+    }
 }
 
 /// The head dimension an attention kernel computes with for heads of dimension `d`: `d`
