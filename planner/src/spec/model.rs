@@ -156,7 +156,16 @@ impl ModelSpec {
                 path: arg.into(),
                 msg: e.to_string(),
             })?;
+            // A model directory's `config.json` is named after its directory.
             let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+            let dir = path
+                .parent()
+                .and_then(|d| d.file_name())
+                .and_then(|s| s.to_str());
+            let stem = match dir {
+                Some(d) if stem == "config" => d,
+                _ => stem,
+            };
             return Self::from_hf_json(&text, arg, stem);
         }
         Err(Error::UnknownPreset {
