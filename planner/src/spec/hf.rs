@@ -68,7 +68,9 @@ impl Family {
     /// The family of a `model_type`, or why it is refused.
     fn of_model_type(t: &str) -> std::result::Result<Family, String> {
         Ok(match t {
-            "llama" => Family::Llama,
+            // The original LLaVA and VILA checkpoints write the Llama decoder's fields flat
+            // under these (haotian-liu/LLaVA `LlavaConfig(LlamaConfig)`, NVlabs/VILA).
+            "llama" | "llava" | "llava_llama" => Family::Llama,
             "mistral" => Family::Mistral,
             "qwen2" | "qwen2_vl" | "qwen2_vl_text" | "qwen2_5_vl" | "qwen2_5_vl_text" => {
                 Family::Qwen2
@@ -97,7 +99,7 @@ impl Family {
     /// The family of an `architectures` entry (`<Family>ForCausalLM`).
     fn of_architecture(a: &str) -> std::result::Result<Family, String> {
         let t = match a {
-            "LlamaForCausalLM" => "llama",
+            "LlamaForCausalLM" | "LlavaLlamaForCausalLM" | "LlavaLlamaModel" => "llama",
             "MistralForCausalLM" => "mistral",
             "Qwen2ForCausalLM" => "qwen2",
             "Qwen2VLForConditionalGeneration" => "qwen2_vl",
@@ -517,6 +519,15 @@ mod tests {
         for &(dir, published, active_published) in PUBLISHED {
             let (total, active) = counted(dir);
             let err = (total - published).abs() / published;
+            // The table of the fixtures' README (`-- --nocapture` shows it).
+            println!(
+                "| {dir} | {published:.4e} | {total:.0} | {:+.3}% | {} |",
+                (total - published) / published * 100.0,
+                active_published.map_or("-".into(), |a| format!(
+                    "{active:.0} vs {a:.3e} ({:+.2}%)",
+                    (active - a) / a * 100.0
+                ))
+            );
             assert!(err < 0.005, "{dir}: {total} vs published {published}");
             if let Some(a) = active_published {
                 let err = (active - a).abs() / a;
@@ -584,6 +595,24 @@ mod tests {
         let vl = spec("qwen2-vl-7b");
         assert_eq!(vl.params(), 7_615_616_512);
         assert_eq!(vl.family.as_deref(), Some("qwen2"));
+    }
+
+    #[test]
+    fn vila_and_flat_llava_configs_read_the_llama_decoder() {
+        let llama = ModelSpec::load("llama3-8b").unwrap();
+        let dims = r#""hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256"#;
+        let vila = format!(
+            r#"{{"architectures": ["LlavaLlamaModel"], "model_type": "llava_llama",
+            "llm_cfg": {{"architectures": ["LlamaForCausalLM"], "model_type": "llama", {dims}}},
+            "vision_tower_cfg": {{"model_type": "siglip_vision_model"}}}}"#
+        );
+        let flat = format!(r#"{{"architectures": ["LlavaLlamaForCausalLM"], {dims}}}"#);
+        for text in [vila, flat] {
+            let m = ModelSpec::from_hf_json(&text, "c.json", "x").unwrap();
+            assert_eq!(m.params(), llama.params(), "{text}");
+            assert_eq!(m.family.as_deref(), Some("llama"));
+        }
     }
 
     #[test]

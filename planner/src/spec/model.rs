@@ -3,7 +3,10 @@
 
 use crate::error::{Error, Result};
 
-/// A Llama/Qwen2-style decoder (RMSNorm, RoPE, SwiGLU MLP, grouped-query attention).
+/// A Llama-style decoder (RMSNorm, RoPE, gated MLP, grouped-query attention) with the
+/// variations of the families [`super::hf`] reads: q/k/v biases, a head dimension of its own,
+/// sliding-window layers, extra norms, soft-capping and a mixture of experts. New fields go at
+/// the end with a serde default, so that older plans still parse.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
