@@ -436,6 +436,11 @@ fn sliding(r: &Reader, layers: u64) -> Result<(Option<u64>, u64)> {
     let Some(window) = r.opt_u64("sliding_window")?.or(default) else {
         return Ok((None, 0));
     };
+    // Qwen2Config drops the window unless use_sliding_window, whatever layer_types says.
+    let qwen = matches!(f, Family::Qwen2 | Family::Qwen2Moe);
+    if qwen && !r.opt_bool("use_sliding_window")?.unwrap_or(false) {
+        return Ok((None, 0));
+    }
     if let Some(types) = r.get("layer_types").and_then(Value::as_array) {
         let n = types
             .iter()
@@ -446,12 +451,8 @@ fn sliding(r: &Reader, layers: u64) -> Result<(Option<u64>, u64)> {
     let n = match f {
         Family::Mistral | Family::Mixtral | Family::Phi3 => layers,
         Family::Qwen2 | Family::Qwen2Moe => {
-            if r.opt_bool("use_sliding_window")?.unwrap_or(false) {
-                let full = r.opt_u64("max_window_layers")?.unwrap_or(28).min(layers);
-                layers - full
-            } else {
-                0
-            }
+            let full = r.opt_u64("max_window_layers")?.unwrap_or(28).min(layers);
+            layers - full
         }
         Family::Gemma2 => layers.div_ceil(2),
         Family::Plain | Family::Llama | Family::Gemma => {
@@ -613,6 +614,34 @@ mod tests {
             assert_eq!(m.params(), llama.params(), "{text}");
             assert_eq!(m.family.as_deref(), Some("llama"));
         }
+    }
+
+    #[test]
+    fn qwen2_windows_only_the_layers_from_max_window_layers_when_asked() {
+        let (path, text) = fixture("qwen2-7b");
+        let on = text.replace(
+            "\"use_sliding_window\": false",
+            "\"use_sliding_window\": true",
+        );
+        let on = on.replace("\"max_window_layers\": 28", "\"max_window_layers\": 20");
+        let m = ModelSpec::from_hf_json(&on, &path, "q").unwrap();
+        assert_eq!(
+            (m.sliding_window, m.sliding_window_layers),
+            (Some(131072), 8)
+        );
+        // transformers >= 4.53 lists the layers instead; that list wins, but only with
+        // use_sliding_window (Qwen2Config sets the window to None without it).
+        let types =
+            "\"use_cache\": true, \"layer_types\": [\"sliding_attention\", \"full_attention\"],";
+        let typed = on.replace("\"use_cache\": true,", types);
+        let m = ModelSpec::from_hf_json(&typed, &path, "q").unwrap();
+        assert_eq!(
+            (m.sliding_window, m.sliding_window_layers),
+            (Some(131072), 1)
+        );
+        let off = text.replace("\"use_cache\": true,", types);
+        let m = ModelSpec::from_hf_json(&off, &path, "q").unwrap();
+        assert_eq!((m.sliding_window, m.sliding_window_layers), (None, 0));
     }
 
     #[test]
