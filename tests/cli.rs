@@ -771,3 +771,108 @@ fn validate_refuses_bad_tables() {
     assert_eq!(code, 2);
     assert!(err.contains("/nonexistent.toml"), "{err}");
 }
+
+/// A Hugging Face config fixture, relative to the package directory the tests run in.
+fn hf(model: &str) -> String {
+    format!("../tests/data/hf/{model}/config.json")
+}
+
+#[test]
+fn plan_mixtral_counts_experts() {
+    let cfg = hf("mixtral-8x7b-v0.1");
+    insta::assert_snapshot!(run(&[
+        "plan",
+        "--gpus",
+        "64",
+        "--context",
+        "512K",
+        "--model",
+        &cfg,
+        "--top",
+        "0"
+    ]));
+}
+
+#[test]
+fn plan_sliding_window_costs_the_band() {
+    // Mistral-7B-v0.1 with its 4K window against the same model with full attention.
+    let (code, with, err) = mmsp(&[
+        "plan",
+        "--gpus",
+        "64",
+        "--context",
+        "512K",
+        "--model",
+        &hf("mistral-7b-v0.1"),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(hf("mistral-7b-v0.1")).unwrap();
+    let full = temp(
+        "mistral-full.json",
+        &text.replace("\"sliding_window\": 4096", "\"sliding_window\": null"),
+    );
+    let (code, without, err) = mmsp(&[
+        "plan",
+        "--gpus",
+        "64",
+        "--context",
+        "512K",
+        "--model",
+        &full,
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let step = |s: &str| {
+        let v: serde_json::Value = serde_json::from_str(s).unwrap();
+        (
+            v["predicted"]["step_time_s"].as_f64().unwrap(),
+            v["predicted"]["time"]["attention_s"].as_f64().unwrap(),
+            v["model"]["sliding_window"].as_u64(),
+        )
+    };
+    let (a, b) = (step(&with), step(&without));
+    assert_eq!((a.2, b.2), (Some(4096), None));
+    // The band is 1.6% of the causal square at 512K: attention and the step shrink.
+    assert!(a.1 < 0.05 * b.1, "attention {} vs {}", a.1, b.1);
+    assert!(a.0 < b.0, "step {} vs {}", a.0, b.0);
+}
+
+#[test]
+fn hf_configs_refused_by_name() {
+    let mlp_bias = temp(
+        "mlp_bias.json",
+        r#"{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+            "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 10, "mlp_bias": true}"#,
+    );
+    let gemma3 = temp(
+        "gemma3.json",
+        r#"{"model_type": "gemma3", "hidden_size": 64}"#,
+    );
+    let dense_experts = temp(
+        "experts.json",
+        r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+            "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 10,
+            "num_experts": 8}"#,
+    );
+    let vl = hf("qwen2-vl-7b");
+    let cases: Vec<Vec<&str>> = vec![
+        vec![
+            "plan",
+            "--model",
+            "../tests/data/hf/deepseek-v3-excerpt/config.json",
+        ],
+        vec!["plan", "--model", &mlp_bias],
+        vec!["plan", "--model", &gemma3],
+        vec!["plan", "--model", &dense_experts],
+        vec!["plan", "--frames", "64", "--model", &vl, "--vision", &vl],
+    ];
+    let dir = std::env::temp_dir().join(format!("mmsp-cli-{}", std::process::id()));
+    let all: Vec<String> = cases
+        .iter()
+        .map(|c| fails(c).replace(dir.to_str().unwrap(), "TMP"))
+        .collect();
+    insta::assert_snapshot!(all.join("\n"));
+}

@@ -138,6 +138,34 @@ fn report_on_a_tiny_grid() {
     let second = json["summary"][1].as_str().unwrap();
     let tokens = mmsp_planner::units::fmt_tokens(mcs[1]);
     assert!(second.contains(&tokens), "{second} lacks {tokens}");
+    // The per-context sentence names the winner of each context row of the points table.
+    let focus = json["grid"]["focus_gpus"].as_u64().unwrap();
+    let per_context = json["summary"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.as_str())
+        .find(|s| s.starts_with("Fastest strategy at each context"))
+        .expect("a per-context sentence");
+    let rate = |p: &serde_json::Value| p["tokens_per_s"].as_f64().unwrap();
+    for ctx in [32768u64, 65536, 131072] {
+        let rows: Vec<&serde_json::Value> = json["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["gpus"].as_u64() == Some(focus) && p["context_tokens"] == ctx)
+            .filter(|p| p["feasible"] == true)
+            .collect();
+        let max = rows.iter().map(|p| rate(p)).fold(0.0, f64::max);
+        let named = rows
+            .iter()
+            .find(|p| {
+                let t = mmsp_planner::units::fmt_tokens(ctx);
+                per_context.contains(&format!("{t} {} (", p["strategy"].as_str().unwrap()))
+            })
+            .unwrap_or_else(|| panic!("{per_context}: no strategy named at {ctx}"));
+        assert_eq!(rate(named), max, "{per_context} at {ctx}");
+    }
 }
 
 #[test]

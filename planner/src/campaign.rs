@@ -8,8 +8,9 @@
 //! Recipe fields (top level: defaults for every stage; `[[stage]]`: one stage each):
 //! `name`, `model`, `topology`, `vision` (encoder preset for frames), `strategy`, and per stage
 //! `gpus`, `context` (tokens, "256K") or `frames_per_sample` (x the encoder's tokens per frame,
-//! plus `text_tokens`), one of `samples` or `tokens` ("2B" = 2e9), optional `global_batch` and
-//! `recompute`.
+//! plus `text_tokens`), one of `samples` or `tokens`, optional `global_batch` and `recompute`.
+//! Counts are binary throughout, read and printed ([`UNITS`]): K = 1024, M = 1024^2,
+//! G (or B) = 1024^3, T = 1024^4, as token sizes are elsewhere in mmsp.
 
 use std::path::{Path, PathBuf};
 
@@ -37,8 +38,15 @@ pub struct CampaignArgs {
     pub out: PathBuf,
 }
 
-/// A count written as a number or a string: "2B" (x1e9), "1.5T" (x1e12), or token sizes
-/// "128K" / "2M" (K = 1024, M = 1048576) as elsewhere in mmsp.
+/// The campaign's one unit convention, stated in its outputs.
+pub const UNITS: &str =
+    "units: K = 1024, M = 1024^2, G (or B) = 1024^3, T = 1024^4 (binary, for tokens and samples alike)";
+
+const GI: u64 = 1024 * 1024 * 1024;
+const TI: u64 = 1024 * GI;
+
+/// A count written as a number or a string with a binary suffix ([`UNITS`]): "128K", "2M",
+/// "2G" or "2B" (x1024^3), "1.5T" (x1024^4).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 enum Count {
@@ -53,15 +61,15 @@ fn parse_count(c: &Count, what: &str) -> Result<u64> {
         Count::Text(s) => {
             let t = s.trim();
             let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-                Some('B') => (&t[..t.len() - 1], 1e9),
-                Some('T') => (&t[..t.len() - 1], 1e12),
+                Some('B' | 'G') => (&t[..t.len() - 1], GI as f64),
+                Some('T') => (&t[..t.len() - 1], TI as f64),
                 _ => return parse_tokens(t).map_err(|e| Error::invalid(what, e.to_string())),
             };
             let v: f64 = num.trim().parse().map_err(|_| {
                 Error::invalid(
                     what,
                     format!(
-                        "'{s}' is not a count (expected e.g. 2000000, \"2B\", \"1.5T\", \"128K\")"
+                        "'{s}' is not a count (expected e.g. 2000000, \"128K\", \"2G\", \"1.5T\"; {UNITS})"
                     ),
                 )
             })?;
@@ -394,14 +402,18 @@ pub fn fmt_duration(s: f64) -> String {
     }
 }
 
+/// A count with a binary suffix ([`UNITS`]): "2G", "1.5T", "4M"; under 1024^2 in full.
 fn fmt_count(n: u64) -> String {
-    let v = n as f64;
-    if v >= 1e12 {
-        format!("{:.2}T", v / 1e12)
-    } else if v >= 1e9 {
-        format!("{:.2}B", v / 1e9)
-    } else if v >= 1e6 {
-        format!("{:.2}M", v / 1e6)
+    let trim = |v: f64| {
+        let t = format!("{v:.2}");
+        t.trim_end_matches('0').trim_end_matches('.').to_string()
+    };
+    if n >= TI {
+        trim(n as f64 / TI as f64) + "T"
+    } else if n >= GI {
+        trim(n as f64 / GI as f64) + "G"
+    } else if n >= 1024 * 1024 {
+        fmt_tokens(n)
     } else {
         n.to_string()
     }
@@ -470,7 +482,7 @@ pub fn table(c: &CampaignResult) -> String {
         o.push('\n');
     }
     o += &format!(
-        "total: {} wall-clock, {:.0} GPU-hours\n",
+        "total: {} wall-clock, {:.0} GPU-hours\n{UNITS}\n",
         fmt_duration(c.wall_clock_s),
         c.gpu_hours
     );
@@ -528,7 +540,7 @@ pub fn build_page(c: &CampaignResult) -> Result<Page> {
     Ok(Page {
         title: format!("mmsp campaign: {}", c.name),
         subtitle: format!(
-            "Each stage planned by the mmsp search; wall-clock = steps x predicted step time; GPU-hours = wall-clock x GPUs. mmsp {}.",
+            "Each stage planned by the mmsp search; wall-clock = steps x predicted step time; GPU-hours = wall-clock x GPUs; {UNITS}. mmsp {}.",
             env!("CARGO_PKG_VERSION")
         ),
         summary,
@@ -634,14 +646,23 @@ gpus = 16
 
     #[test]
     fn parses_counts() {
+        // One binary convention: B and G alike are 1024^3, T 1024^4, K and M as for tokens.
         assert_eq!(
             parse_count(&Count::Text("2B".into()), "x").unwrap(),
-            2_000_000_000
+            2 * 1024 * 1024 * 1024
+        );
+        assert_eq!(
+            parse_count(&Count::Text("2G".into()), "x").unwrap(),
+            2 * 1024 * 1024 * 1024
         );
         assert_eq!(
             parse_count(&Count::Text("1.5T".into()), "x").unwrap(),
-            1_500_000_000_000
+            3 * 512 * 1024 * 1024 * 1024
         );
+        assert_eq!(fmt_count(2 * 1024 * 1024 * 1024), "2G");
+        assert_eq!(fmt_count(3 * 512 * 1024 * 1024 * 1024), "1.5T");
+        assert_eq!(fmt_count(20000), "20000");
+        assert_eq!(fmt_count(4 * 1024 * 1024), "4M");
         assert_eq!(
             parse_count(&Count::Text("128K".into()), "x").unwrap(),
             131072
@@ -659,7 +680,8 @@ gpus = 16
             r.stages[1].context_tokens,
             (256 * 196 + 1000_u64).div_ceil(32) * 32
         );
-        assert_eq!(r.stages[0].samples, 1_000_000_000_u64.div_ceil(65536));
+        // "1B" tokens = 1024^3 (binary), in 64K-token samples.
+        assert_eq!(r.stages[0].samples, (1u64 << 30).div_ceil(65536));
         let c = plan(&r, None).unwrap();
         assert_eq!(c.stages.len(), 2);
         let (a, b) = (&c.stages[0], &c.stages[1]);

@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::search::Scored;
 use crate::spec::model::ModelSpec;
 use crate::topology::Topology;
+use crate::units::GIB;
 
 /// The schema this build reads and writes. Bump on any incompatible change.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -93,6 +94,45 @@ pub struct Predicted {
     /// Step time from the discrete-event simulator, when it was run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub simulated_step_time_s: Option<f64>,
+    /// Parameters of the model, every expert included ([`ModelSpec::params`]).
+    #[serde(default)]
+    pub params: u64,
+    /// Parameters one token uses, for a mixture of experts ([`ModelSpec::active_params`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_params: Option<u64>,
+    /// Tokens per second per GPU: `tokens_per_s` over the world size.
+    #[serde(default)]
+    pub tokens_per_s_per_gpu: f64,
+    /// Model TFLOP/s per GPU: the FLOPs MFU counts, over the step time and the world size.
+    #[serde(default)]
+    pub model_tflops_per_gpu: f64,
+    /// Fraction of the GPU's memory left free by `memory_per_gpu_bytes`.
+    #[serde(default)]
+    pub memory_headroom: f64,
+    /// Warnings about the plan (a memory headroom under [`HEADROOM_WARNING`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// A plan whose predicted memory leaves less than this fraction of the GPU's memory free is
+/// flagged: the allocator's fragmentation varies from run to run by a few percent of the
+/// memory in use (the FRAGMENTATION allowance of `crate::cost::memory`), so such a plan may not
+/// fit as run.
+pub const HEADROOM_WARNING: f64 = 0.03;
+
+/// The headroom warning of a plan needing `needed` of `capacity` bytes per GPU, if it is due.
+pub fn headroom_warning(needed: f64, capacity: f64) -> Option<String> {
+    let free = 1.0 - needed / capacity;
+    (free < HEADROOM_WARNING).then(|| {
+        format!(
+            "memory headroom {:.1}% (under {:.0}%): {:.1} of {:.1} GiB per GPU; a run may not \
+             fit (for margin: a shorter context, more recompute or more GPUs)",
+            free * 100.0,
+            HEADROOM_WARNING * 100.0,
+            needed / GIB,
+            capacity / GIB
+        )
+    })
 }
 
 /// A complete, executable plan.
@@ -227,6 +267,14 @@ impl Plan {
                 comm_exposed_s: e.comm_exposed_s,
                 comm_overlapped_s: e.comm_overlapped_s,
                 simulated_step_time_s: None,
+                params: model.params(),
+                active_params: model.moe.as_ref().map(|_| model.active_params()),
+                tokens_per_s_per_gpu: e.tokens_per_s / f64::from(world),
+                model_tflops_per_gpu: e.model_flops / e.step_time_s / f64::from(world) / 1e12,
+                memory_headroom: 1.0 - e.memory_per_gpu_bytes / topo.spec.hbm_bytes,
+                warnings: headroom_warning(e.memory_per_gpu_bytes, topo.spec.hbm_bytes)
+                    .into_iter()
+                    .collect(),
             },
             feasible: true,
             max_context_tokens: None,
@@ -404,6 +452,15 @@ mod tests {
     use super::*;
     use crate::cost::{evaluate, Placement, Workload};
     use crate::spec::cluster::ClusterSpec;
+
+    #[test]
+    fn headroom_warning_under_three_percent() {
+        let gib = GIB;
+        assert!(headroom_warning(77.0 * gib, 80.0 * gib).is_none());
+        let w = headroom_warning(78.0 * gib, 80.0 * gib).unwrap();
+        assert!(w.contains("2.5%") && w.contains("78.0 of 80.0 GiB"), "{w}");
+        assert!(!w.contains('\n'));
+    }
 
     fn plan_for(zero: u8, recompute: Recompute) -> Plan {
         plan_at(zero, recompute, 1 << 16)

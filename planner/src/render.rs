@@ -38,6 +38,48 @@ pub fn layout_words(topo: &Topology, s: &Scored) -> String {
 
 /// The plan's recompute in words: its policy, and for the runtime's recompute outside
 /// attention what it is (a choice under every ZeRO stage).
+/// Parameters as "8.03B (8,030,261,248)".
+pub fn fmt_params(n: u64) -> String {
+    let digits = n.to_string();
+    let mut grouped = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    format!("{:.2}B ({grouped})", n as f64 / 1e9)
+}
+
+/// The model line: parameters (active ones for experts), family and attention when read from
+/// a Hugging Face config.
+fn model_words(plan: &Plan) -> String {
+    let m = &plan.model;
+    let p = &plan.predicted;
+    let mut s = format!("model: {} parameters", fmt_params(p.params));
+    if let (Some(a), Some(e)) = (p.active_params, &m.moe) {
+        let _ = write!(
+            s,
+            ", {} active per token ({} of {} experts)",
+            fmt_params(a),
+            e.experts_per_token,
+            e.num_experts
+        );
+        s.push_str(", experts sharded like dense weights (no expert parallelism or routing skew)");
+    }
+    if let Some(f) = &m.family {
+        let _ = write!(s, "; {f}");
+    }
+    if let Some(w) = m.sliding_window {
+        let _ = write!(
+            s,
+            "; sliding window {w} on {} of {} layers (costed as the band)",
+            m.sliding_window_layers, m.num_layers
+        );
+    }
+    s
+}
+
 fn recompute_words(plan: &Plan) -> String {
     match plan.recompute_policy() {
         crate::cost::Recompute::OutsideAttention => format!(
@@ -119,6 +161,7 @@ pub fn plan_table(
             plan.world_size
         );
     }
+    let _ = writeln!(o, "{}", model_words(plan));
     let _ = writeln!(o);
     let _ = writeln!(o, "Best plan");
     let l = &plan.layout;
@@ -160,6 +203,13 @@ pub fn plan_table(
             fmt_secs(p.step_time_s)
         );
     }
+    let _ = writeln!(
+        o,
+        "  per GPU      {:.0} tokens/s, {:.1} model TFLOP/s; {} tokens of each sequence",
+        p.tokens_per_s_per_gpu,
+        p.model_tflops_per_gpu,
+        fmt_tokens(plan.context_tokens / u64::from(l.sp()))
+    );
     let m = &p.memory;
     let _ = writeln!(
         o,
@@ -180,6 +230,9 @@ pub fn plan_table(
         g(m.reserved_bytes),
         g(m.fragmentation_bytes)
     );
+    for w in &p.warnings {
+        let _ = writeln!(o, "  warning      {w}");
+    }
     let t = &p.time;
     let _ = writeln!(
         o,

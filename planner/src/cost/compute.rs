@@ -35,11 +35,32 @@ pub fn layer_gemm_flops_fwd(m: &ModelSpec, tokens: f64, tp: f64) -> f64 {
     2.0 * tokens * m.layer_matmul_params() as f64 / tp
 }
 
+/// Of a mixture of experts' forward GEMM FLOPs of one layer for `tokens` tokens split `tp`
+/// ways: the routed experts' share and the rows each expert's GEMM gets, tokens x experts per
+/// token / experts on average (the balanced routing the auxiliary load-balancing loss aims at:
+/// Fedus et al. 2022, Switch Transformers, Sec. 2.2; Megatron-Core and vLLM run the experts as
+/// one grouped GEMM of that many rows each). None without experts.
+pub fn expert_gemm_fwd(m: &ModelSpec, tokens: f64, tp: f64) -> Option<(f64, f64)> {
+    let e = m.moe.as_ref()?;
+    let k = e.experts_per_token as f64;
+    let routed = 3.0 * (m.hidden_size * e.expert_intermediate_size) as f64 * k;
+    let flops = 2.0 * tokens * routed / tp;
+    Some((flops, tokens * k / e.num_experts as f64))
+}
+
 /// Forward FLOPs of causal attention of one layer over one sequence of `seq` tokens: QK^T and
 /// PV are 2 * 2 * S^2 * (heads * head_dim) FLOPs, of which causality keeps half:
 /// 2 * S^2 * H * D (FlashAttention-2, Dao 2023, Sec. 4.1 counting, halved for causal masks).
+/// With sliding-window layers, the band their kernels compute, averaged over the layers
+/// ([`ModelSpec::attention_work_fraction`]).
 pub fn attention_flops_fwd(m: &ModelSpec, seq: f64) -> f64 {
-    2.0 * seq * seq * m.q_dim() as f64
+    let full = 2.0 * seq * seq * m.q_dim() as f64;
+    let fraction = m.attention_work_fraction(seq);
+    if fraction < 1.0 {
+        full * fraction
+    } else {
+        full
+    }
 }
 
 /// The head dimension an attention kernel computes with for heads of dimension `d`: `d`

@@ -627,15 +627,34 @@ fn terms_checked(
     let opt_bytes = opt_params * OPTIMIZER_STEP_BYTES + params_local * grad_held * GRAD_ZERO_BYTES;
     let hq = (m.hidden_size * m.q_dim()) as f64;
     let lp = m.layer_matmul_params() as f64;
+    // Dense GEMMs at the rank's tokens; a mixture's routed experts at the rows each expert
+    // gets (`expert_gemm_fwd`), the shares of q/k/v and o then by time.
+    let (gemm_fwd_s, qkv_share, o_share) = match expert_gemm_fwd(m, tokens, tp) {
+        None => (
+            gemm_fwd / spec.gemm_rate(tokens),
+            (hq + 2.0 * (m.hidden_size * m.kv_dim()) as f64) / lp,
+            hq / lp,
+        ),
+        Some((expert_flops, rows)) => {
+            let dense_s = (gemm_fwd - expert_flops) / spec.gemm_rate(tokens);
+            let total = dense_s + expert_flops / spec.gemm_rate(rows);
+            let per_param = dense_s / (lp - expert_flops / (2.0 * tokens / tp)) / total;
+            (
+                total,
+                (hq + 2.0 * (m.hidden_size * m.kv_dim()) as f64) * per_param,
+                hq * per_param,
+            )
+        }
+    };
     Ok(Terms {
         layout: *l,
         zero_stage: c.zero_stage,
         recompute,
         layers: m.num_layers,
         accum,
-        gemm_fwd_s: gemm_fwd / spec.gemm_rate(tokens),
-        qkv_share: (hq + 2.0 * (m.hidden_size * m.kv_dim()) as f64) / lp,
-        o_share: hq / lp,
+        gemm_fwd_s,
+        qkv_share,
+        o_share,
         // Forward alone runs at the fwd+bwd throughput in this model (one efficiency figure).
         attn_fwd_s,
         elem_fwd_s: (elem_fwd + elem_bwd + layer_grad) / 3.0,

@@ -648,3 +648,90 @@ fn measured_h200_one_rank_tensors() {
         );
     }
 }
+
+/// A spec read from a fixture of tests/data/hf.
+fn hf_model(dir: &str) -> ModelSpec {
+    let path = format!(
+        "{}/../tests/data/hf/{dir}/config.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    ModelSpec::load(&path).unwrap()
+}
+
+#[test]
+fn experts_cost_total_memory_and_active_flops() {
+    let spec = ClusterSpec::load("hgx-h200").unwrap();
+    let t = Topology::build(&spec, 64);
+    let m = hf_model("mixtral-8x7b-v0.1");
+    let w = Workload {
+        model: &m,
+        context: 65536,
+        global_batch: 8,
+        vision: None,
+    };
+    let c = cand(
+        1,
+        8,
+        8,
+        Placement::UlyssesInner,
+        3,
+        Recompute::OutsideAttention,
+    );
+    let e = terms(&t, &w, &c).unwrap();
+    // Model states from every expert's weights: ZeRO-3 keeps 16 B per parameter over 64 ranks.
+    let states = e.memory.weights_bytes + e.memory.gradients_bytes + e.memory.optimizer_bytes;
+    assert!(states > 16.0 * m.params() as f64 / 64.0, "{states}");
+    // MFU's FLOPs from the active parameters: 6 x active GEMM weights per token, not total.
+    let tokens = (w.global_batch * w.context) as f64;
+    let layers = m.num_layers as f64;
+    let gemm = 6.0 * tokens * (m.layer_matmul_params() as f64 * layers + head_params(&m));
+    let attn = 3.0 * layers * 8.0 * attention_flops_fwd(&m, 65536.0);
+    assert!(((e.model_flops - gemm - attn) / e.model_flops).abs() < 1e-9);
+    assert!(m.layer_matmul_params() * 3 < m.layer_params());
+    // Each expert's GEMM gets a quarter of the rank's rows (2 of 8 experts): no faster than
+    // every GEMM at the rank's rows; the q/k/v and o shares of the time stay fractions.
+    let rows = 65536.0 / 8.0;
+    let dense = layer_gemm_flops_fwd(&m, rows, 1.0) / spec.gemm_rate(rows);
+    assert!(e.gemm_fwd_s >= dense, "{} vs {dense}", e.gemm_fwd_s);
+    assert!(e.qkv_share > 0.0 && e.qkv_share + e.o_share < 1.0);
+}
+
+#[test]
+fn sliding_window_shrinks_attention_time_only() {
+    let spec = ClusterSpec::load("dgx-h100").unwrap();
+    let t = Topology::build(&spec, 8);
+    let windowed = hf_model("mistral-7b-v0.1");
+    let full = ModelSpec {
+        sliding_window: None,
+        sliding_window_layers: 0,
+        ..windowed.clone()
+    };
+    let c = cand(
+        8,
+        1,
+        1,
+        Placement::UlyssesInner,
+        3,
+        Recompute::OutsideAttention,
+    );
+    let at = |m: &ModelSpec| {
+        let w = Workload {
+            model: m,
+            context: 131072,
+            global_batch: 1,
+            vision: None,
+        };
+        terms(&t, &w, &c).unwrap()
+    };
+    let (a, b) = (at(&windowed), at(&full));
+    // 128K tokens, window 4K: (2SW - W^2) / S^2 of the causal square.
+    let (s, w) = (131072.0, 4096.0);
+    let band = (2.0 * s * w - w * w) / (s * s);
+    assert!((a.attn_fwd_s / b.attn_fwd_s - band).abs() < 1e-9);
+    assert_eq!(a.gemm_fwd_s, b.gemm_fwd_s);
+    assert_eq!(a.memory.total_bytes, b.memory.total_bytes);
+}
+
+fn head_params(m: &ModelSpec) -> f64 {
+    (m.hidden_size * m.vocab_size) as f64
+}

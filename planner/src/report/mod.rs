@@ -10,6 +10,7 @@
 pub mod charts;
 pub mod page;
 
+use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -570,35 +571,35 @@ pub fn summary(d: &ReportData) -> Vec<String> {
                     .find(|&c| !at(c).is_empty())
             });
         if let Some(ctx) = ctx {
-            let v = at(ctx);
-            let best = v[0];
-            let mut s = format!(
-                "At {} tokens on {focus} GPUs the fastest strategy is {} ({}, {} recompute): {} tokens/s, MFU {}, step {:.2} s, {} of it exposed communication",
-                fmt_tokens(ctx),
-                best.strategy.name(),
-                best.layout.clone().unwrap_or_default(),
-                best.recompute.map(|r| r.as_str()).unwrap_or("?"),
-                fmt_rate(best.tokens_per_s.unwrap_or(0.0)),
-                fmt_pct(best.mfu.unwrap_or(0.0)),
-                best.step_time_s.unwrap_or(0.0),
-                fmt_pct(best.exposed_comm_share.unwrap_or(0.0)),
-            );
-            let ratio = |a: &PointRow, b: &PointRow| {
-                a.tokens_per_s.unwrap_or(0.0) / b.tokens_per_s.unwrap_or(1.0).max(1e-9)
-            };
-            if let Some(second) = v.get(1).filter(|b| ratio(best, b) < 1.01) {
-                s += &format!("; {} ties with it (within 1%).", second.strategy.name());
-            } else if let Some(second) = v.get(1) {
-                s += &format!(
-                    "; {:.2}x the next, {} ({} exposed).",
-                    best.tokens_per_s.unwrap_or(0.0) / second.tokens_per_s.unwrap_or(1.0).max(1e-9),
-                    second.strategy.name(),
-                    fmt_pct(second.exposed_comm_share.unwrap_or(0.0))
+            out.push(fastest_sentence(&at(ctx), ctx, focus));
+        }
+        // The winner of every context row of the "Best plan per context and strategy" table.
+        let rows: Vec<String> = d
+            .grid
+            .contexts
+            .iter()
+            .filter_map(|&c| {
+                let v = at(c);
+                let (best, ties) = winners(&v)?;
+                let mut w = format!(
+                    "{} {} ({} tokens/s",
+                    fmt_tokens(c),
+                    best.strategy.name(),
+                    fmt_rate(best.tokens_per_s.unwrap_or(0.0))
                 );
-            } else {
-                s += "; no other strategy fits there.";
-            }
-            out.push(s);
+                if !ties.is_empty() {
+                    let names: Vec<&str> = ties.iter().map(|t| t.strategy.name()).collect();
+                    let _ = write!(w, "; within 1%: {}", names.join(", "));
+                }
+                w.push(')');
+                Some(w)
+            })
+            .collect();
+        if !rows.is_empty() {
+            out.push(format!(
+                "Fastest strategy at each context on {focus} GPUs (the table of best plans per context and strategy): {}.",
+                rows.join("; ")
+            ));
         }
         let total = d
             .points
@@ -615,6 +616,53 @@ pub fn summary(d: &ReportData) -> Vec<String> {
         ));
     }
     out
+}
+
+/// Of one context's feasible rows sorted fastest first: the fastest and the others within 1%
+/// of its throughput (a tie at the model's precision).
+fn winners<'a>(v: &[&'a PointRow]) -> Option<(&'a PointRow, Vec<&'a PointRow>)> {
+    let best = *v.first()?;
+    let rate = |p: &PointRow| p.tokens_per_s.unwrap_or(0.0);
+    let ties = v[1..]
+        .iter()
+        .copied()
+        .filter(|p| rate(p) >= rate(best) / 1.01)
+        .collect();
+    Some((best, ties))
+}
+
+/// The headline at one context: the fastest strategy's figures, and every strategy within 1%
+/// of it, else how far ahead it is of the next.
+fn fastest_sentence(v: &[&PointRow], ctx: u64, focus: u32) -> String {
+    let Some((best, ties)) = winners(v) else {
+        return String::new();
+    };
+    let mut s = format!(
+        "At {} tokens on {focus} GPUs the fastest strategy is {} ({}, {} recompute): {} tokens/s, MFU {}, step {:.2} s, {} of it exposed communication",
+        fmt_tokens(ctx),
+        best.strategy.name(),
+        best.layout.clone().unwrap_or_default(),
+        best.recompute.map(|r| r.as_str()).unwrap_or("?"),
+        fmt_rate(best.tokens_per_s.unwrap_or(0.0)),
+        fmt_pct(best.mfu.unwrap_or(0.0)),
+        best.step_time_s.unwrap_or(0.0),
+        fmt_pct(best.exposed_comm_share.unwrap_or(0.0)),
+    );
+    if !ties.is_empty() {
+        let names: Vec<&str> = ties.iter().map(|t| t.strategy.name()).collect();
+        let verb = if ties.len() == 1 { "ties" } else { "tie" };
+        s += &format!("; {} {verb} with it (within 1%).", names.join(", "));
+    } else if let Some(second) = v.get(1) {
+        s += &format!(
+            "; {:.2}x the next, {} ({} exposed).",
+            best.tokens_per_s.unwrap_or(0.0) / second.tokens_per_s.unwrap_or(1.0).max(1e-9),
+            second.strategy.name(),
+            fmt_pct(second.exposed_comm_share.unwrap_or(0.0))
+        );
+    } else {
+        s += "; no other strategy fits there.";
+    }
+    s
 }
 
 fn combos(d: &ReportData) -> Vec<(String, String)> {

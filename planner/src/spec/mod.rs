@@ -2,6 +2,7 @@
 //! ours) and then validated into typed structs: model, vision encoder, cluster, sample manifest.
 
 pub mod cluster;
+pub mod hf;
 pub mod model;
 pub mod samples;
 pub mod vision;

@@ -120,6 +120,14 @@ impl VisionSpec {
             Some(_) => return Err(perr("'vision_config' is not an object".into())),
             None => (top, "the top level"),
         };
+        if vc.contains_key("depth") && vc.contains_key("embed_dim") {
+            return Err(perr(format!(
+                "{where_} is a Qwen2-VL vision tower (depth, embed_dim: 3D patches, 2D RoPE, a 2x2 \
+                 patch merger), not a ViT shape the planner models; expected a SigLIP/CLIP \
+                 vision_config or a preset ({})",
+                PRESETS.join(", ")
+            )));
+        }
         let field = |key: &str| -> Result<u64> {
             match vc.get(key) {
                 None => Err(perr(format!("missing field '{key}' in {where_}"))),
@@ -458,6 +466,11 @@ mod tests {
             .to_string();
         assert!(e.contains("'patch_size'") && e.contains("c.json"), "{e}");
         assert!(!e.contains('\n'));
+        let qwen = r#"{"vision_config": {"depth": 32, "embed_dim": 1280, "num_heads": 16}}"#;
+        let e = VisionSpec::from_hf_json(qwen, "c.json")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Qwen2-VL") && e.contains("siglip-so400m"), "{e}");
         let e = VisionSpec::from_hf_json("{", "c.json")
             .unwrap_err()
             .to_string();
