@@ -19,6 +19,8 @@ use mmsp_planner::spec::{cluster::ClusterSpec, model::ModelSpec};
 use mmsp_planner::topology::Topology;
 use mmsp_planner::units::parse_tokens;
 
+mod cli;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "mmsp",
@@ -58,7 +60,7 @@ enum Command {
     /// Sweep GPUs x context x model x topology and write an HTML/Markdown/CSV/JSON report.
     Report(mmsp_planner::report::ReportArgs),
     /// Export a plan as Megatron, DeepSpeed or VILA settings, or a torchrun/SLURM launch script.
-    Export(mmsp_planner::export::ExportArgs),
+    Export(cli::export::ExportArgs),
     /// Plan a training campaign of stages from a TOML recipe: plans, wall-clock, GPU-hours.
     Campaign(mmsp_planner::campaign::CampaignArgs),
 }
@@ -337,7 +339,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {}", html.display());
             Ok(())
         }
-        Command::Export(a) => Ok(mmsp_planner::export::run(&a)?),
+        Command::Export(a) => Ok(mmsp_planner::export::run(&a.request())?),
         Command::Campaign(a) => {
             print!("{}", mmsp_planner::campaign::run(&a)?);
             Ok(())
