@@ -126,6 +126,56 @@ fn is_layout_op(op: Option<&str>) -> bool {
     matches!(op, Some("transpose") | Some("cat"))
 }
 
+/// Attention curves per causal flag from the measured calls: the best backend per (causal,
+/// heads, tokens), keyed by work (heads x tokens^2) as [`Calibration`]'s `attention` is.
+fn attention_curves(raw: &[RawAttention]) -> [Vec<(f64, f64)>; 2] {
+    let mut best: std::collections::BTreeMap<(bool, u64, u64), f64> = Default::default();
+    for a in raw {
+        if let Some(t) = a.tflops.filter(|t| t.is_finite() && *t > 0.0) {
+            let e = best
+                .entry((a.causal, a.heads as u64, a.tokens as u64))
+                .or_default();
+            *e = e.max(t * 1e12);
+        }
+    }
+    let mut by_work: [std::collections::BTreeMap<u64, (f64, f64)>; 2] = Default::default();
+    for ((causal, heads, tokens), f) in best {
+        if heads == 0 || tokens == 0 {
+            continue;
+        }
+        let work = heads as f64 * (tokens as f64).powi(2);
+        // Bucket by 1/100 of a natural-log unit so equal-work shapes average.
+        let key = (work.ln() * 100.0).round() as u64;
+        let e = by_work[usize::from(causal)].entry(key).or_default();
+        e.0 += f;
+        e.1 += 1.0;
+    }
+    by_work.map(|m| {
+        m.into_iter()
+            .map(|(k, (sum, n))| (k as f64 / 100.0, sum / n))
+            .collect::<Vec<_>>()
+    })
+}
+
+/// The ring collectives' (all-gather, reduce-scatter) bus bandwidth at the largest tensor
+/// measured, the regime of gradient and weight traffic (mean of the two), and the GPUs they
+/// spanned; None with fewer than two GPUs or no such point.
+fn ring_bus_bandwidth(c: &RawCollectives) -> Option<(f64, u32)> {
+    let ring: Vec<&RawCollective> = c
+        .points
+        .iter()
+        .filter(|p| matches!(p.op.as_str(), "all_gather" | "reduce_scatter"))
+        .filter(|p| p.bus_gb_per_s.is_finite() && p.bus_gb_per_s > 0.0)
+        .collect();
+    let top = ring.iter().map(|p| p.bytes).fold(0.0, f64::max);
+    let at: Vec<f64> = ring
+        .iter()
+        .filter(|p| p.bytes == top)
+        .map(|p| p.bus_gb_per_s * 1e9)
+        .collect();
+    (!at.is_empty() && c.gpus > 1).then(|| (at.iter().sum::<f64>() / at.len() as f64, c.gpus))
+}
+
 /// Mean of the values at each key, as (ln key, mean) ascending.
 fn mean_curve(points: impl Iterator<Item = (u64, f64)>) -> Vec<(f64, f64)> {
     let mut by: std::collections::BTreeMap<u64, (f64, f64)> = Default::default();
@@ -198,33 +248,7 @@ impl Calibration {
         };
         let gemm = mean_curve(gemm_points(false));
         let head = mean_curve(gemm_points(true));
-        // Attention: best backend per (causal, heads, tokens).
-        let mut best: std::collections::BTreeMap<(bool, u64, u64), f64> = Default::default();
-        for a in &raw.attention {
-            if let Some(t) = a.tflops.filter(|t| t.is_finite() && *t > 0.0) {
-                let e = best
-                    .entry((a.causal, a.heads as u64, a.tokens as u64))
-                    .or_default();
-                *e = e.max(t * 1e12);
-            }
-        }
-        let mut by_work: [std::collections::BTreeMap<u64, (f64, f64)>; 2] = Default::default();
-        for ((causal, heads, tokens), f) in best {
-            if heads == 0 || tokens == 0 {
-                continue;
-            }
-            let work = heads as f64 * (tokens as f64).powi(2);
-            // Bucket by 1/100 of a natural-log unit so equal-work shapes average.
-            let key = (work.ln() * 100.0).round() as u64;
-            let e = by_work[usize::from(causal)].entry(key).or_default();
-            e.0 += f;
-            e.1 += 1.0;
-        }
-        let attention = by_work.map(|m| {
-            m.into_iter()
-                .map(|(k, (sum, n))| (k as f64 / 100.0, sum / n))
-                .collect::<Vec<_>>()
-        });
+        let attention = attention_curves(&raw.attention);
         // Memory bandwidth: mean over the ops measured at each call size, streaming kernels and
         // layout copies apart.
         let bw_points = |layout: bool| {
@@ -240,24 +264,7 @@ impl Calibration {
         };
         let bandwidth = mean_curve(bw_points(false));
         let layout = mean_curve(bw_points(true));
-        // Collectives: the ring collectives' (all-gather, reduce-scatter) bus bandwidth at the
-        // largest tensor measured, the regime of gradient and weight traffic; mean of the two.
-        let fabric_bus = raw.collectives.as_ref().and_then(|c| {
-            let ring: Vec<&RawCollective> = c
-                .points
-                .iter()
-                .filter(|p| matches!(p.op.as_str(), "all_gather" | "reduce_scatter"))
-                .filter(|p| p.bus_gb_per_s.is_finite() && p.bus_gb_per_s > 0.0)
-                .collect();
-            let top = ring.iter().map(|p| p.bytes).fold(0.0, f64::max);
-            let at: Vec<f64> = ring
-                .iter()
-                .filter(|p| p.bytes == top)
-                .map(|p| p.bus_gb_per_s * 1e9)
-                .collect();
-            (!at.is_empty() && c.gpus > 1)
-                .then(|| (at.iter().sum::<f64>() / at.len() as f64, c.gpus))
-        });
+        let fabric_bus = raw.collectives.as_ref().and_then(ring_bus_bandwidth);
         if gemm.is_empty() || attention.iter().any(Vec::is_empty) {
             return Err(bad(
                 "needs GEMM points and causal and non-causal attention points with tflops".into(),

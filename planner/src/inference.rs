@@ -318,6 +318,52 @@ pub fn head_layout_kv_bytes(m: &ModelSpec, l: &Layout, context: u64) -> f64 {
     kv_cache_bytes(m.num_layers, held, m.head_dim, context / u64::from(l.ring))
 }
 
+/// Per-rank sizes of one candidate that its memory, prefill and decode costs share.
+struct RankShape {
+    /// Query and kv heads per rank after the Ulysses all-to-all ([`head_split`]).
+    q_heads_local: u64,
+    kv_heads_local: u64,
+    /// Ring and SP degrees.
+    r: f64,
+    sp: f64,
+    /// Context tokens and the rank's share of them (S / SP).
+    s: f64,
+    tokens: f64,
+    /// K/V tokens the rank's cache holds (context / SP).
+    kv_tokens: u64,
+    /// K/V width per token with Ulysses-replicated kv heads, and the query width.
+    kv_dim_eff: f64,
+    q_dim_local: f64,
+    /// Elements of one ring K/V block (one of K or V): S/R tokens of the local kv heads.
+    kv_block: f64,
+}
+
+impl RankShape {
+    fn new(
+        m: &ModelSpec,
+        l: &Layout,
+        context: u64,
+        q_heads_local: u64,
+        kv_heads_local: u64,
+    ) -> Self {
+        let (u, r, sp) = (f64::from(l.ulysses), f64::from(l.ring), f64::from(l.sp()));
+        let s = context as f64;
+        let hd = m.head_dim as f64;
+        RankShape {
+            q_heads_local,
+            kv_heads_local,
+            r,
+            sp,
+            s,
+            tokens: s / sp,
+            kv_tokens: context / u64::from(l.sp()),
+            kv_dim_eff: kv_heads_local as f64 * u * hd,
+            q_dim_local: q_heads_local as f64 * u * hd,
+            kv_block: (s / r) * kv_heads_local as f64 * hd,
+        }
+    }
+}
+
 /// Predicts one candidate, or says why it cannot run.
 pub fn evaluate(
     topo: &Topology,
@@ -326,7 +372,6 @@ pub fn evaluate(
     c: &InferenceCandidate,
 ) -> std::result::Result<InferenceEstimate, Infeasible> {
     let l = &c.layout;
-    let spec = &topo.spec;
     let (q_heads_local, kv_heads_local) = head_split(m, l.tp, l.ulysses)?;
     let zig = 2 * u64::from(l.sp());
     if !req.context.is_multiple_of(zig) {
@@ -335,17 +380,50 @@ pub fn evaluate(
             multiple: zig,
         });
     }
-    let (u, r, sp) = (f64::from(l.ulysses), f64::from(l.ring), f64::from(l.sp()));
-    let s = req.context as f64;
-    let layers = m.num_layers as f64;
-    let (h, hd) = (m.hidden_size as f64, m.head_dim as f64);
-    let tokens = s / sp;
-    let kv_dim_eff = kv_heads_local as f64 * u * hd;
-    let q_dim_local = q_heads_local as f64 * u * hd;
+    let shape = RankShape::new(m, l, req.context, q_heads_local, kv_heads_local);
+    let memory = inference_memory(m, c, &shape);
+    if memory.total_bytes > topo.spec.hbm_bytes {
+        return Err(Infeasible::Memory {
+            needed: memory.total_bytes,
+            available: topo.spec.hbm_bytes,
+        });
+    }
+    let p = prefill_cost(topo, m, c, &shape);
+    let d = decode_cost(topo, m, c, &shape, p.prefill.zero_gather_s);
+    let decode_s = d.kernels_s + d.comm_s + d.weight_gather_s;
+    Ok(InferenceEstimate {
+        weights: c.weights,
+        kv_heads_held: m.num_kv_heads,
+        kv_tokens_per_rank: shape.kv_tokens,
+        kv_append_rule:
+            "round_robin: position p >= prompt length goes to sp rank (p - prompt) mod sp".into(),
+        prefill_s: p.prefill_s,
+        prefill_tokens_per_s: shape.s / p.prefill_s,
+        decode_s_per_token: decode_s,
+        decode_tokens: req.decode_tokens,
+        request_s: p.prefill_s + req.decode_tokens as f64 * decode_s,
+        memory,
+        prefill: p.prefill,
+        decode_kernels_s: d.kernels_s,
+        decode_kernels_per_token: d.kernels_per_token,
+        decode_kernel_floor_s: d.kernel_floor_s,
+        decode_bytes_per_token: d.bytes_per_token,
+        decode_hbm_s: d.hbm_s,
+        decode_floor_s: d.floor_s,
+        decode_comm_s: d.comm_s,
+        decode_weight_gather_s: d.weight_gather_s,
+        prefill_flops: p.flops,
+    })
+}
 
-    // ---- memory ----
-    let kv_tokens = req.context / u64::from(l.sp());
-    let kv = kv_cache_bytes(m.num_layers, m.num_kv_heads, m.head_dim, kv_tokens);
+/// Memory per GPU of one candidate: weights, its K/V shard, one layer's prefill activations,
+/// the last position's logits and the ring / Ulysses buffers, with fragmentation and the
+/// runtime's reserve.
+fn inference_memory(m: &ModelSpec, c: &InferenceCandidate, shape: &RankShape) -> InferenceMemory {
+    let l = &c.layout;
+    let (s, r, tokens) = (shape.s, shape.r, shape.tokens);
+    let (h, hd) = (m.hidden_size as f64, m.head_dim as f64);
+    let kv = kv_cache_bytes(m.num_layers, m.num_kv_heads, m.head_dim, shape.kv_tokens);
     let shards = f64::from(l.sp());
     let params = m.params() as f64;
     let weights = match c.weights {
@@ -359,7 +437,7 @@ pub fn evaluate(
     let arch = ActivationArch {
         hidden: h,
         q_dim: m.q_dim() as f64,
-        kv_dim: kv_dim_eff,
+        kv_dim: shape.kv_dim_eff,
         ffn: m.intermediate_size as f64,
         heads: m.num_heads as f64,
         swiglu: true,
@@ -373,23 +451,21 @@ pub fn evaluate(
     // Forward ring: the K/V block in flight double-buffered (send + receive, bf16) and fp32
     // accumulators for the output and log-sum-exp of the ring rank's queries; Ulysses staging of
     // one q-sized tensor (as in cost::terms, without the backward's dK/dV).
-    let kv_block = (s / r) * kv_heads_local as f64 * hd;
     let ring_buf = if l.ring > 1 {
-        2.0 * 2.0 * kv_block * 2.0
+        2.0 * 2.0 * shape.kv_block * 2.0
     } else {
         0.0
     };
-    let acc = (s / r) * q_heads_local as f64 * (hd + 1.0) * 4.0;
+    let acc = (s / r) * shape.q_heads_local as f64 * (hd + 1.0) * 4.0;
     let a2a_buf = if l.ulysses > 1 {
-        tokens * q_dim_local * 2.0
+        tokens * shape.q_dim_local * 2.0
     } else {
         0.0
     };
     let comm_buffers = ring_buf + acc + a2a_buf;
     let tensors = weights + kv + activations + logits + comm_buffers;
     let frag = FRAGMENTATION * tensors;
-    let total = tensors + frag + RUNTIME_RESERVE_BYTES;
-    let memory = InferenceMemory {
+    InferenceMemory {
         weights_bytes: weights,
         kv_cache_bytes: kv,
         activations_bytes: activations,
@@ -397,16 +473,29 @@ pub fn evaluate(
         comm_buffers_bytes: comm_buffers,
         reserved_bytes: RUNTIME_RESERVE_BYTES,
         fragmentation_bytes: frag,
-        total_bytes: total,
-    };
-    if total > spec.hbm_bytes {
-        return Err(Infeasible::Memory {
-            needed: total,
-            available: spec.hbm_bytes,
-        });
+        total_bytes: tensors + frag + RUNTIME_RESERVE_BYTES,
     }
+}
 
-    // ---- prefill: the forward terms of cost::terms, per layer ----
+/// Prefill of the whole context: its time, the breakdown and the FLOPs the ranks run.
+struct PrefillCost {
+    prefill_s: f64,
+    prefill: TimeBreakdown,
+    flops: f64,
+}
+
+/// Prefill: the forward terms of cost::terms, per layer, over the rank's tokens.
+fn prefill_cost(
+    topo: &Topology,
+    m: &ModelSpec,
+    c: &InferenceCandidate,
+    shape: &RankShape,
+) -> PrefillCost {
+    let (l, spec) = (&c.layout, &topo.spec);
+    let (s, r, sp, tokens) = (shape.s, shape.r, shape.sp, shape.tokens);
+    let (q_heads_local, q_dim_local) = (shape.q_heads_local, shape.q_dim_local);
+    let layers = m.num_layers as f64;
+    let h = m.hidden_size as f64;
     let gemm_flops = layer_gemm_flops_fwd(m, tokens, 1.0);
     let gemm_s = gemm_flops / spec.gemm_rate(tokens);
     let attn_flops = attention_flops_fwd(m, s) / sp;
@@ -423,7 +512,7 @@ pub fn evaluate(
     // row gathers (read and write h per token) come once, before the layers.
     let act_call = tokens * 3.0 * h * 2.0;
     let cache_write = 2.0 * 2.0 * m.kv_dim() as f64 * KV_BYTES;
-    let fwd = layer_traffic_fwd(m, 1.0, q_heads_local > kv_heads_local);
+    let fwd = layer_traffic_fwd(m, 1.0, q_heads_local > shape.kv_heads_local);
     let elem_s = tokens * (fwd.stream + cache_write) / hbm_rate(spec, act_call)
         + tokens * fwd.layout / layout_rate(spec, tokens * q_dim_local * 4.0);
     let embed_s = tokens * 2.0 * h * 2.0 / hbm_rate(spec, tokens * 2.0 * h * 2.0);
@@ -432,25 +521,24 @@ pub fn evaluate(
     let head_s = head_flops / spec.gemm_rate(1.0);
     // Ulysses all-to-all of q, k, v before attention and the output after (Jacobs et al. 2023).
     let uly = l.ulysses_family();
-    let a2a_s = topo.all_to_all(uly, tokens * 2.0 * (q_dim_local + 2.0 * kv_dim_eff))
+    let a2a_s = topo.all_to_all(uly, tokens * 2.0 * (q_dim_local + 2.0 * shape.kv_dim_eff))
         + topo.all_to_all(uly, tokens * 2.0 * q_dim_local);
     // Ring: R-1 K/V transfers per layer, each overlapped with one step's attention (Liu et al.
     // 2023, Sec. 3).
     let (mut ring_s, mut ring_exposed) = (0.0, 0.0);
     if l.ring > 1 {
-        let c_fwd = topo.ring_p2p(l.ring_family(), 2.0 * kv_block * 2.0);
+        let c_fwd = topo.ring_p2p(l.ring_family(), 2.0 * shape.kv_block * 2.0);
         ring_s = (r - 1.0) * c_fwd;
         ring_exposed = (r - 1.0) * (c_fwd - attn_s / r).max(0.0);
     }
     let layer_compute = gemm_s + attn_s;
-    let param_bytes = WEIGHT_BYTES * params;
-    let gf = l.grad_family();
+    let param_bytes = WEIGHT_BYTES * m.params() as f64;
     // ZeRO-3: every layer's weights gathered once in prefill, prefetched a layer ahead (exposed:
     // the first layer, or what compute cannot hide), as in cost::compose.
     let (gather, gather_exposed) = match c.weights {
         WeightSharding::Replicated => (0.0, 0.0),
         WeightSharding::Sharded => {
-            let g = topo.all_gather(gf, param_bytes);
+            let g = topo.all_gather(l.grad_family(), param_bytes);
             let last = 1.0 / layers;
             (g, (g - layers * layer_compute * (1.0 - last)).max(g * last))
         }
@@ -471,8 +559,36 @@ pub fn evaluate(
         zero_gather_exposed_s: gather_exposed,
         ..TimeBreakdown::default()
     };
+    PrefillCost {
+        prefill_s,
+        prefill,
+        flops: layers * (gemm_flops + attn_flops) * sp + head_flops,
+    }
+}
 
-    // ---- decode, per token ----
+/// One decoded token on one rank: the parts of [`InferenceEstimate`]'s `decode_*` fields.
+struct DecodeCost {
+    kernels_s: f64,
+    kernels_per_token: u64,
+    kernel_floor_s: f64,
+    bytes_per_token: f64,
+    hbm_s: f64,
+    floor_s: f64,
+    comm_s: f64,
+    weight_gather_s: f64,
+}
+
+/// Decode, per token: the rank's kernel chain, the merge all-gathers and the token broadcast;
+/// `weight_gather_s` is the ZeRO-3 weight gather of prefill (0 with replicated weights), run
+/// again for every token.
+fn decode_cost(
+    topo: &Topology,
+    m: &ModelSpec,
+    c: &InferenceCandidate,
+    shape: &RankShape,
+    weight_gather_s: f64,
+) -> DecodeCost {
+    let (l, spec) = (&c.layout, &topo.spec);
     // The rank's kernel chain (decode_kernels): dependent kernels in one stream, so their
     // times add. Each is memory bound (roofline, Williams et al. 2009: bytes over the achieved
     // HBM bandwidth at its call size) or, when small, launch bound at the per-kernel floor.
@@ -481,55 +597,34 @@ pub fn evaluate(
     // the input embedding only the one row it looks up. Ranks on other GPUs run their chains
     // at the same time; only one plan rank per GPU is modelled.
     let floor = kernel_floor_s(spec);
-    let (mut decode_hbm_s, mut decode_floor_s, mut n_kernels, mut decode_bytes) =
-        (0.0, 0.0, 0u64, 0.0);
-    for k in decode_kernels(m, kv_tokens, l.sp()) {
+    let (mut hbm_s, mut floor_s, mut n_kernels, mut bytes) = (0.0, 0.0, 0u64, 0.0);
+    for k in decode_kernels(m, shape.kv_tokens, l.sp()) {
         let n = k.count as f64;
         let roof = k.bytes / hbm_rate(spec, k.bytes);
-        decode_hbm_s += n * roof;
-        decode_floor_s += n * (kernel_s(spec, k.bytes, floor) - roof);
+        hbm_s += n * roof;
+        floor_s += n * (kernel_s(spec, k.bytes, floor) - roof);
         n_kernels += k.count;
-        decode_bytes += n * k.bytes;
+        bytes += n * k.bytes;
     }
-    let decode_kernels_s = decode_hbm_s + decode_floor_s;
     // Per layer: all-gather over the SP group of every rank's partial output and its
     // log-sum-exp, both fp32 as `mmsp-runtime infer` packs them (q heads x (head dim + 1) x 4
     // bytes per rank); per token: the sampled token id broadcast as an all-reduce of one int64.
     // NCCL ring costs, (n - 1) latency hops plus (n - 1)/n of the bytes (topology::all_gather,
     // all_reduce = 2 x all_gather; nccl-tests doc/PERFORMANCE.md).
-    let sp_family = gf;
-    let partial = m.num_heads as f64 * (hd + 1.0) * 4.0;
-    let decode_comm_s =
-        layers * topo.all_gather(sp_family, sp * partial) + topo.all_reduce(sp_family, 8.0);
-    let decode_weight_gather_s = match c.weights {
-        WeightSharding::Replicated => 0.0,
-        WeightSharding::Sharded => gather,
-    };
-    let decode_s = decode_kernels_s + decode_comm_s + decode_weight_gather_s;
-    let prefill_flops = layers * (gemm_flops + attn_flops) * sp + head_flops;
-    Ok(InferenceEstimate {
-        weights: c.weights,
-        kv_heads_held: m.num_kv_heads,
-        kv_tokens_per_rank: kv_tokens,
-        kv_append_rule:
-            "round_robin: position p >= prompt length goes to sp rank (p - prompt) mod sp".into(),
-        prefill_s,
-        prefill_tokens_per_s: s / prefill_s,
-        decode_s_per_token: decode_s,
-        decode_tokens: req.decode_tokens,
-        request_s: prefill_s + req.decode_tokens as f64 * decode_s,
-        memory,
-        prefill,
-        decode_kernels_s,
-        decode_kernels_per_token: n_kernels,
-        decode_kernel_floor_s: floor,
-        decode_bytes_per_token: decode_bytes,
-        decode_hbm_s,
-        decode_floor_s,
-        decode_comm_s,
-        decode_weight_gather_s,
-        prefill_flops,
-    })
+    let sp_family = l.grad_family();
+    let partial = m.num_heads as f64 * (m.head_dim as f64 + 1.0) * 4.0;
+    let comm_s = m.num_layers as f64 * topo.all_gather(sp_family, shape.sp * partial)
+        + topo.all_reduce(sp_family, 8.0);
+    DecodeCost {
+        kernels_s: hbm_s + floor_s,
+        kernels_per_token: n_kernels,
+        kernel_floor_s: floor,
+        bytes_per_token: bytes,
+        hbm_s,
+        floor_s,
+        comm_s,
+        weight_gather_s,
+    }
 }
 
 /// Every candidate: sp = GPUs, each (ulysses, ring) factorisation, both placements when both
@@ -698,6 +793,52 @@ fn ms(s: f64) -> String {
     format!("{:.3} ms", s * 1e3)
 }
 
+/// The table's "Memory per GPU" section.
+fn write_memory(o: &mut String, mem: &InferenceMemory) {
+    let _ = writeln!(o, "Memory per GPU");
+    for (name, b) in [
+        ("weights", mem.weights_bytes),
+        ("KV cache", mem.kv_cache_bytes),
+        ("activations", mem.activations_bytes),
+        ("logits", mem.logits_bytes),
+        ("comm buffers", mem.comm_buffers_bytes),
+        ("reserved", mem.reserved_bytes),
+        ("fragmentation", mem.fragmentation_bytes),
+        ("total", mem.total_bytes),
+    ] {
+        let _ = writeln!(o, "  {name:<14}{}", fmt_gib(b));
+    }
+}
+
+/// The table's "Predicted" section: prefill, decode per token and the whole request.
+fn write_predicted(o: &mut String, e: &InferenceEstimate) {
+    let _ = writeln!(o, "Predicted");
+    let _ = writeln!(
+        o,
+        "  prefill       {:.3} s ({:.0} tokens/s): gemm {:.3} s, attention {:.3} s, all-to-all {:.3} s, ring exposed {:.3} s",
+        e.prefill_s,
+        e.prefill_tokens_per_s,
+        e.prefill.gemm_s,
+        e.prefill.attention_s,
+        e.prefill.ulysses_all_to_all_s,
+        e.prefill.ring_exposed_s
+    );
+    let _ = writeln!(
+        o,
+        "  decode        {} per token: kernels {} ({} kernels, {}: HBM {} + floor {} at {:.1} us each), merge {}, weight gather {}",
+        ms(e.decode_s_per_token),
+        ms(e.decode_kernels_s),
+        e.decode_kernels_per_token,
+        fmt_gib(e.decode_bytes_per_token),
+        ms(e.decode_hbm_s),
+        ms(e.decode_floor_s),
+        e.decode_kernel_floor_s * 1e6,
+        ms(e.decode_comm_s),
+        ms(e.decode_weight_gather_s)
+    );
+    let _ = writeln!(o, "  request       {:.3} s", e.request_s);
+}
+
 /// Table output of an inference plan: the best candidate, its memory and times, runners-up.
 pub fn table(
     topo: &Topology,
@@ -727,7 +868,6 @@ pub fn table(
     let Some((c, e)) = s.ranked.first() else {
         return o;
     };
-    let mem = &e.memory;
     let _ = writeln!(o);
     let _ = writeln!(o, "Best plan");
     let _ = writeln!(
@@ -744,45 +884,9 @@ pub fn table(
         fmt_tokens(e.kv_tokens_per_rank)
     );
     let _ = writeln!(o);
-    let _ = writeln!(o, "Memory per GPU");
-    for (name, b) in [
-        ("weights", mem.weights_bytes),
-        ("KV cache", mem.kv_cache_bytes),
-        ("activations", mem.activations_bytes),
-        ("logits", mem.logits_bytes),
-        ("comm buffers", mem.comm_buffers_bytes),
-        ("reserved", mem.reserved_bytes),
-        ("fragmentation", mem.fragmentation_bytes),
-        ("total", mem.total_bytes),
-    ] {
-        let _ = writeln!(o, "  {name:<14}{}", fmt_gib(b));
-    }
+    write_memory(&mut o, &e.memory);
     let _ = writeln!(o);
-    let _ = writeln!(o, "Predicted");
-    let _ = writeln!(
-        o,
-        "  prefill       {:.3} s ({:.0} tokens/s): gemm {:.3} s, attention {:.3} s, all-to-all {:.3} s, ring exposed {:.3} s",
-        e.prefill_s,
-        e.prefill_tokens_per_s,
-        e.prefill.gemm_s,
-        e.prefill.attention_s,
-        e.prefill.ulysses_all_to_all_s,
-        e.prefill.ring_exposed_s
-    );
-    let _ = writeln!(
-        o,
-        "  decode        {} per token: kernels {} ({} kernels, {}: HBM {} + floor {} at {:.1} us each), merge {}, weight gather {}",
-        ms(e.decode_s_per_token),
-        ms(e.decode_kernels_s),
-        e.decode_kernels_per_token,
-        fmt_gib(e.decode_bytes_per_token),
-        ms(e.decode_hbm_s),
-        ms(e.decode_floor_s),
-        e.decode_kernel_floor_s * 1e6,
-        ms(e.decode_comm_s),
-        ms(e.decode_weight_gather_s)
-    );
-    let _ = writeln!(o, "  request       {:.3} s", e.request_s);
+    write_predicted(&mut o, e);
     if s.ranked.len() > 1 && top > 0 {
         let _ = writeln!(o);
         let _ = writeln!(o, "Runners-up");

@@ -19,6 +19,8 @@ use mmsp_planner::spec::{cluster::ClusterSpec, model::ModelSpec};
 use mmsp_planner::topology::Topology;
 use mmsp_planner::units::parse_tokens;
 
+mod cli;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "mmsp",
@@ -58,7 +60,7 @@ enum Command {
     /// Sweep GPUs x context x model x topology and write an HTML/Markdown/CSV/JSON report.
     Report(mmsp_planner::report::ReportArgs),
     /// Export a plan as Megatron, DeepSpeed or VILA settings, or a torchrun/SLURM launch script.
-    Export(mmsp_planner::export::ExportArgs),
+    Export(cli::export::ExportArgs),
     /// Plan a training campaign of stages from a TOML recipe: plans, wall-clock, GPU-hours.
     Campaign(mmsp_planner::campaign::CampaignArgs),
 }
@@ -337,7 +339,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {}", html.display());
             Ok(())
         }
-        Command::Export(a) => Ok(mmsp_planner::export::run(&a)?),
+        Command::Export(a) => Ok(mmsp_planner::export::run(&a.request())?),
         Command::Campaign(a) => {
             print!("{}", mmsp_planner::campaign::run(&a)?);
             Ok(())
@@ -375,15 +377,11 @@ fn layout_arg(s: &str) -> std::result::Result<LayoutPin, String> {
     Ok(LayoutPin { ulysses, ring })
 }
 
-fn plan(a: PlanArgs) -> Result<()> {
-    if a.mode == Mode::Inference {
-        return plan_inference(a);
-    }
-    let (model, cluster, topo) = a.target.load()?;
-    let strategy = Strategy::parse(&a.strategy)?;
-    let recompute = a.recompute.map(RecomputeArg::policy).transpose()?;
-    let mm = a.video.load()?;
-    if mm.is_some() && (a.context.is_some() || a.max_context) {
+/// Refuses what the training search cannot take: --context or --max-context with video
+/// input (`video`), a --layout that does not divide --gpus, a ZeRO stage other than 1 for the
+/// Megatron-Core strategies.
+fn check_training_flags(a: &PlanArgs, strategy: Strategy, video: bool) -> Result<()> {
+    if video && (a.context.is_some() || a.max_context) {
         return Err(mmsp_planner::Error::invalid(
             "flags",
             "--context and --max-context do not go with --frames/--samples (the context is the packed video + text tokens)",
@@ -391,10 +389,6 @@ fn plan(a: PlanArgs) -> Result<()> {
         .into());
     }
     let gpus = a.target.gpus;
-    let context = match &mm {
-        Some(mm) => mm.padded_context(gpus),
-        None => a.context.unwrap_or(2 * 1024 * 1024),
-    };
     if let Some(p) = a.layout {
         if !gpus.is_multiple_of(p.ulysses * p.ring) {
             return Err(mmsp_planner::Error::invalid(
@@ -421,6 +415,23 @@ fn plan(a: PlanArgs) -> Result<()> {
             .into());
         }
     }
+    Ok(())
+}
+
+fn plan(a: PlanArgs) -> Result<()> {
+    if a.mode == Mode::Inference {
+        return plan_inference(a);
+    }
+    let (model, cluster, topo) = a.target.load()?;
+    let strategy = Strategy::parse(&a.strategy)?;
+    let recompute = a.recompute.map(RecomputeArg::policy).transpose()?;
+    let mm = a.video.load()?;
+    check_training_flags(&a, strategy, mm.is_some())?;
+    let gpus = a.target.gpus;
+    let context = match &mm {
+        Some(mm) => mm.padded_context(gpus),
+        None => a.context.unwrap_or(2 * 1024 * 1024),
+    };
     let mut req = Request {
         gpus,
         context,

@@ -251,11 +251,43 @@ impl MultiModal {
         context: u64,
     ) -> Result<VisionStage> {
         let b = self.balance(model, layout.ulysses, layout.ring, false)?;
-        let spec = &topo.spec;
-        // Every rank encodes its frames; the stage waits for the slowest.
+        let enc = self.slowest_encoder(&topo.spec, model, &b);
+        let reshard_s = reshard_time(topo, layout, &b);
+        let all_params = self.encoder_params(model);
+        Ok(VisionStage {
+            encoder_s: enc.total(),
+            gather_s: if self.train_vision { reshard_s } else { 0.0 },
+            reshard_s,
+            memory_bytes: self.encoder_activation_bytes(&b),
+            states_bytes: self.encoder_states_bytes(all_params),
+            attention_scale: packed_attention_share(context, &b.sample_lens)
+                * b.attention_imbalance,
+            encoder_gemm_s: enc.gemm_s,
+            encoder_attention_s: enc.attention_s,
+            encoder_memory_bound_s: enc.memory_s,
+            // Its AdamW (fused, as the decoder's) and gradient zeroing over every parameter,
+            // once per step (`VisionRank::step`; 14.6 ms measured for so400m + projector on an
+            // H100 with the phase's synchronisations,
+            // runtime/bench/results/h100-sxm-x4/raw/h100x4_runG/vlm.json).
+            encoder_optimizer_s: if self.train_vision {
+                let bytes = all_params * (OPTIMIZER_STEP_BYTES + GRAD_ZERO_BYTES);
+                bytes / hbm_rate(&topo.spec, bytes)
+            } else {
+                0.0
+            },
+        })
+    }
+
+    /// The encoder time of the rank with the slowest frames: every rank encodes its frames and
+    /// the stage waits for the slowest.
+    fn slowest_encoder(
+        &self,
+        spec: &ClusterSpec,
+        model: &ModelSpec,
+        b: &TwoStageBalance,
+    ) -> EncoderTime {
         let resolutions = self.frame_resolutions();
-        let enc = b
-            .frames
+        b.frames
             .frames_per_rank
             .iter()
             .map(|frames| {
@@ -269,35 +301,11 @@ impl MultiModal {
                 )
             })
             .max_by(|a, b| a.total().total_cmp(&b.total()))
-            .unwrap_or_default();
-        let n = layout.sp();
-        let busiest = b
-            .reshard
-            .send_bytes_per_rank
-            .iter()
-            .zip(&b.reshard.recv_bytes_per_rank)
-            .map(|(s, r)| (*s).max(*r))
-            .max()
-            .unwrap_or(0) as f64;
-        // The SP group is a block of sp ranks, tp apart, in either placement. The exchange is
-        // an all-to-all-v bounded by each rank's injection bandwidth (Thakur, Rabenseifner &
-        // Gropp 2005, all-to-all cost ~ n * m / bandwidth per process): the share of its bytes
-        // bound for ranks in its own fabric domain goes over the fabric, the rest over the NIC.
-        let reshard_s = if n > 1 {
-            topo.spread_exchange_time(n, layout.tp, busiest)
-        } else {
-            0.0
-        };
-        // Attention within each padded sample, and within the padding run up to a fixed context.
-        let s2 = (context as f64).powi(2);
-        let padded: u64 = b.sample_lens.iter().sum();
-        let sum_sq: f64 = b
-            .sample_lens
-            .iter()
-            .chain(std::iter::once(&context.saturating_sub(padded)))
-            .map(|&l| (l as f64).powi(2))
-            .sum();
-        // Activations of the encoder for this rank's frames.
+            .unwrap_or_default()
+    }
+
+    /// Activation bytes of the encoder on the rank with the most frames.
+    fn encoder_activation_bytes(&self, b: &TwoStageBalance) -> f64 {
         let v = &self.vision;
         let arch = ActivationArch {
             hidden: v.hidden_size as f64,
@@ -320,7 +328,7 @@ impl MultiModal {
         // A frozen encoder keeps nothing for backward but one layer's working set; a trained one
         // keeps all its activations (the runtime's encoder runs under plain autograd, with no
         // recompute: `runtime/src/vision/encoder.rs`).
-        let act = if self.train_vision {
+        if self.train_vision {
             frames_max
                 * patches
                 * f64::from(v.num_layers)
@@ -329,39 +337,26 @@ impl MultiModal {
             frames_max
                 * patches
                 * layer_activation_bytes_per_token(&arch, patches, 1.0, Recompute::None)
-        };
-        // Model states as the runtime keeps them (`runtime/src/train/run.rs`, `VisionRank`):
-        // fp32 weights on every rank and, when trained, an unsharded AdamW (fp32 gradients and
-        // two moments, `AdamW::new` with no group), whatever the decoder's ZeRO stage; plus the
-        // 16-bit casts of the weights that the forward makes and autograd keeps for backward.
-        let all_params = (v.params() + v.projector_params(model.hidden_size)) as f64;
+        }
+    }
+
+    /// Parameters of the encoder and its projector into the LLM's hidden size.
+    fn encoder_params(&self, model: &ModelSpec) -> f64 {
+        (self.vision.params() + self.vision.projector_params(model.hidden_size)) as f64
+    }
+
+    /// Model states of the encoder and projector (`all_params` parameters) as the runtime keeps
+    /// them (`runtime/src/train/run.rs`, `VisionRank`): fp32 weights on every rank and, when
+    /// trained, an unsharded AdamW (fp32 gradients and two moments, `AdamW::new` with no
+    /// group), whatever the decoder's ZeRO stage; plus the 16-bit casts of the weights that
+    /// the forward makes and autograd keeps for backward.
+    fn encoder_states_bytes(&self, all_params: f64) -> f64 {
         let master = OPTIMIZER_BYTES / 3.0;
-        let states = if self.train_vision {
+        if self.train_vision {
             all_params * (master + GRAD_BYTES + 2.0 * master + WEIGHT_BYTES)
         } else {
             all_params * master
-        };
-        Ok(VisionStage {
-            encoder_s: enc.total(),
-            gather_s: if self.train_vision { reshard_s } else { 0.0 },
-            reshard_s,
-            memory_bytes: act,
-            states_bytes: states,
-            attention_scale: (sum_sq / s2) * b.attention_imbalance,
-            encoder_gemm_s: enc.gemm_s,
-            encoder_attention_s: enc.attention_s,
-            encoder_memory_bound_s: enc.memory_s,
-            // Its AdamW (fused, as the decoder's) and gradient zeroing over every parameter,
-            // once per step (`VisionRank::step`; 14.6 ms measured for so400m + projector on an
-            // H100 with the phase's synchronisations,
-            // runtime/bench/results/h100-sxm-x4/raw/h100x4_runG/vlm.json).
-            encoder_optimizer_s: if self.train_vision {
-                let bytes = all_params * (OPTIMIZER_STEP_BYTES + GRAD_ZERO_BYTES);
-                bytes / hbm_rate(&topo.spec, bytes)
-            } else {
-                0.0
-            },
-        })
+        }
     }
 
     /// The resolution of every frame, in global frame order (sample by sample).
@@ -428,6 +423,41 @@ impl MultiModal {
             ranges,
         ))
     }
+}
+
+/// The re-shard's time: the SP group is a block of sp ranks, tp apart, in either placement.
+/// The exchange is an all-to-all-v bounded by each rank's injection bandwidth (Thakur,
+/// Rabenseifner & Gropp 2005, all-to-all cost ~ n * m / bandwidth per process): the share of
+/// the busiest rank's bytes bound for ranks in its own fabric domain goes over the fabric, the
+/// rest over the NIC.
+fn reshard_time(topo: &Topology, layout: &Layout, b: &TwoStageBalance) -> f64 {
+    let n = layout.sp();
+    let busiest = b
+        .reshard
+        .send_bytes_per_rank
+        .iter()
+        .zip(&b.reshard.recv_bytes_per_rank)
+        .map(|(s, r)| (*s).max(*r))
+        .max()
+        .unwrap_or(0) as f64;
+    if n > 1 {
+        topo.spread_exchange_time(n, layout.tp, busiest)
+    } else {
+        0.0
+    }
+}
+
+/// Attention work of packed samples as a share of one sequence of `context` tokens:
+/// sum(len^2) / S^2 over the padded samples and the padding run up to `context`.
+fn packed_attention_share(context: u64, sample_lens: &[u64]) -> f64 {
+    let s2 = (context as f64).powi(2);
+    let padded: u64 = sample_lens.iter().sum();
+    let sum_sq: f64 = sample_lens
+        .iter()
+        .chain(std::iter::once(&context.saturating_sub(padded)))
+        .map(|&l| (l as f64).powi(2))
+        .sum();
+    sum_sq / s2
 }
 
 /// Where one rank's encoder time goes (seconds, forward and backward when trained).

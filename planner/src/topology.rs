@@ -134,22 +134,41 @@ impl Topology {
     /// [`ClusterSpec::check_gpus`]).
     pub fn build(spec: &ClusterSpec, world: u32) -> Self {
         let mut g: UnGraph<Vertex, Link> = UnGraph::default();
+        let gpu_nodes: Vec<NodeIndex> = (0..world).map(|r| g.add_node(Vertex::Gpu(r))).collect();
+        let domain_of: Vec<u32> = (0..world).map(|r| r / spec.domain_gpus).collect();
+        let fabric_roots = Self::add_fabric_plane(&mut g, spec, &gpu_nodes, &domain_of);
+        let network_roots = Self::add_network_plane(&mut g, spec, &gpu_nodes);
+        let chains = [
+            Self::chains(&g, &gpu_nodes, &fabric_roots, Plane::Fabric),
+            Self::chains(&g, &gpu_nodes, &network_roots, Plane::Network),
+        ];
+        Topology {
+            spec: spec.clone(),
+            world,
+            graph: g,
+            gpu_nodes,
+            chains,
+            domain_of,
+            cache: Mutex::new(HashMap::new()),
+            loads_cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Adds the fabric plane over the GPUs (`gpu_nodes`, rank order): one NVSwitch per domain,
+    /// or per node a host with its PCIe switches. Returns the plane's roots.
+    fn add_fabric_plane(
+        g: &mut UnGraph<Vertex, Link>,
+        spec: &ClusterSpec,
+        gpu_nodes: &[NodeIndex],
+        domain_of: &[u32],
+    ) -> Vec<NodeIndex> {
+        let world = gpu_nodes.len() as u32;
         let gpn = spec.gpus_per_node;
-        let nodes = world.div_ceil(gpn);
         let fab = Link {
             bytes_per_s: spec.fabric_gbps_per_gpu * 1e9 * spec.fabric_efficiency,
             latency_s: spec.fabric_latency_s,
             plane: Plane::Fabric,
         };
-        let net = |gbps: f64| Link {
-            bytes_per_s: gbps * 1e9 * spec.network_efficiency,
-            latency_s: spec.network_latency_s,
-            plane: Plane::Network,
-        };
-        let gpu_nodes: Vec<NodeIndex> = (0..world).map(|r| g.add_node(Vertex::Gpu(r))).collect();
-        let domain_of: Vec<u32> = (0..world).map(|r| r / spec.domain_gpus).collect();
-        let mut roots = [Vec::new(), Vec::new()];
-        // Fabric plane.
         match &spec.fabric {
             Fabric::NvSwitch => {
                 let domains = world.div_ceil(spec.domain_gpus);
@@ -159,7 +178,7 @@ impl Topology {
                 for (r, &n) in gpu_nodes.iter().enumerate() {
                     g.add_edge(n, sw[domain_of[r] as usize], fab);
                 }
-                roots[0] = sw;
+                sw
             }
             Fabric::Pcie {
                 gpus_per_switch,
@@ -169,9 +188,10 @@ impl Topology {
                     bytes_per_s: uplink_gbps * 1e9 * spec.fabric_efficiency,
                     ..fab
                 };
-                for node in 0..nodes {
+                let mut hosts = Vec::new();
+                for node in 0..world.div_ceil(gpn) {
                     let host = g.add_node(Vertex::Host(node));
-                    roots[0].push(host);
+                    hosts.push(host);
                     for idx in 0..gpn / gpus_per_switch {
                         let sw = g.add_node(Vertex::PcieSwitch { node, idx });
                         g.add_edge(sw, host, up);
@@ -183,26 +203,43 @@ impl Topology {
                         }
                     }
                 }
+                hosts
             }
         }
-        // Network plane: GPU -> NIC -> leaf -> spine.
+    }
+
+    /// Adds the network plane over the GPUs: GPU -> NIC -> leaf -> spine (a spine only with
+    /// more than one leaf). Returns the plane's roots.
+    fn add_network_plane(
+        g: &mut UnGraph<Vertex, Link>,
+        spec: &ClusterSpec,
+        gpu_nodes: &[NodeIndex],
+    ) -> Vec<NodeIndex> {
+        let world = gpu_nodes.len() as u32;
+        let gpn = spec.gpus_per_node;
+        let nodes = world.div_ceil(gpn);
+        let net = |gbps: f64| Link {
+            bytes_per_s: gbps * 1e9 * spec.network_efficiency,
+            latency_s: spec.network_latency_s,
+            plane: Plane::Network,
+        };
         let gpu_nic_gbps = match spec.fabric {
             Fabric::NvSwitch => GPU_NIC_PCIE_GEN5_GBPS,
             Fabric::Pcie { .. } => spec.fabric_gbps_per_gpu,
         };
         let leaves = nodes.div_ceil(spec.nodes_per_leaf);
         let leaf: Vec<NodeIndex> = (0..leaves).map(|l| g.add_node(Vertex::Leaf(l))).collect();
-        if leaves > 1 {
+        let roots = if leaves > 1 {
             let spine = g.add_node(Vertex::Spine);
             let per_leaf = f64::from(spec.nodes_per_leaf * spec.nics_per_node) * spec.nic_gbps
                 / spec.oversubscription;
             for &l in &leaf {
                 g.add_edge(l, spine, net(per_leaf));
             }
-            roots[1] = vec![spine];
+            vec![spine]
         } else {
-            roots[1] = leaf.clone();
-        }
+            leaf.clone()
+        };
         for node in 0..nodes {
             let nics: Vec<NodeIndex> = (0..spec.nics_per_node)
                 .map(|idx| g.add_node(Vertex::Nic { node, idx }))
@@ -222,20 +259,7 @@ impl Topology {
                 }
             }
         }
-        let chains = [
-            Self::chains(&g, &gpu_nodes, &roots[0], Plane::Fabric),
-            Self::chains(&g, &gpu_nodes, &roots[1], Plane::Network),
-        ];
-        Topology {
-            spec: spec.clone(),
-            world,
-            graph: g,
-            gpu_nodes,
-            chains,
-            domain_of,
-            cache: Mutex::new(HashMap::new()),
-            loads_cache: Mutex::new(HashMap::new()),
-        }
+        roots
     }
 
     /// Breadth-first search from the roots over one plane's links gives every vertex its parent;

@@ -17,29 +17,30 @@ mod vila;
 
 use std::fmt::Write;
 
-use clap::ValueEnum;
-
 use crate::cost::Placement;
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 use crate::units::fmt_tokens;
 
 /// Engines a plan can be exported to.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Engine {
-    /// Megatron-LM pretrain_gpt.py arguments and environment (a bash file to source).
     Megatron,
-    /// A DeepSpeed config (JSON) with the yunchang (USP) set-up lines in its `mmsp` section.
     Deepspeed,
-    /// LongVILA (NVlabs/VILA) llava/train/train_hybrid.py flags (a bash array).
     Vila,
-    /// A torchrun launch script for mmsp-runtime (run once per node).
     Torchrun,
-    /// A SLURM batch script for mmsp-runtime (one task per GPU).
     Slurm,
 }
 
 impl Engine {
+    pub const ALL: [Engine; 5] = [
+        Engine::Megatron,
+        Engine::Deepspeed,
+        Engine::Vila,
+        Engine::Torchrun,
+        Engine::Slurm,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Engine::Megatron => "megatron",
@@ -49,24 +50,35 @@ impl Engine {
             Engine::Slurm => "slurm",
         }
     }
+
+    /// What the export to this engine is (one line, for help text).
+    pub fn about(self) -> &'static str {
+        match self {
+            Engine::Megatron => {
+                "Megatron-LM pretrain_gpt.py arguments and environment (a bash file to source)"
+            }
+            Engine::Deepspeed => {
+                "A DeepSpeed config (JSON) with the yunchang (USP) set-up lines in its `mmsp` section"
+            }
+            Engine::Vila => "LongVILA (NVlabs/VILA) llava/train/train_hybrid.py flags (a bash array)",
+            Engine::Torchrun => "A torchrun launch script for mmsp-runtime (run once per node)",
+            Engine::Slurm => "A SLURM batch script for mmsp-runtime (one task per GPU)",
+        }
+    }
 }
 
-/// `mmsp export`: flags.
-#[derive(clap::Args, Debug, Clone)]
-pub struct ExportArgs {
+/// `mmsp export`: what to export, to which engine, and where.
+#[derive(Debug, Clone)]
+pub struct ExportRequest {
     /// Target engine.
-    #[arg(long = "to", value_enum)]
-    pub to: Engine,
+    pub engine: Engine,
     /// The plan file written by `mmsp plan --format json`.
     pub plan: String,
     /// Write to this file instead of standard output.
-    #[arg(long)]
     pub out: Option<String>,
     /// Rendezvous port for torchrun / SLURM scripts.
-    #[arg(long, default_value_t = 29500)]
     pub port: u16,
     /// The runtime binary that the torchrun / SLURM scripts start.
-    #[arg(long, default_value = "mmsp-runtime")]
     pub runtime: String,
 }
 
@@ -90,22 +102,22 @@ impl Default for Options {
 }
 
 /// Runs `mmsp export`: reads and checks the plan, renders it for the engine, and writes it to
-/// `--out` or standard output.
-pub fn run(a: &ExportArgs) -> Result<()> {
+/// `req.out` or standard output.
+pub fn run(a: &ExportRequest) -> Result<()> {
     let plan = Plan::load(&a.plan)?;
     let opts = Options {
         plan_path: a.plan.clone(),
         port: a.port,
         runtime: a.runtime.clone(),
     };
-    let text = export(&plan, a.to, &opts)?;
+    let text = export(&plan, a.engine, &opts)?;
     match &a.out {
         Some(path) => {
             std::fs::write(path, &text).map_err(|e| Error::Io {
                 path: path.clone(),
                 msg: e.to_string(),
             })?;
-            if matches!(a.to, Engine::Torchrun | Engine::Slurm) {
+            if matches!(a.engine, Engine::Torchrun | Engine::Slurm) {
                 make_executable(path);
             }
         }
