@@ -623,3 +623,37 @@ fn recosting_a_plan_reproduces_its_prediction() {
         }
     }
 }
+
+/// A model no export maps (experts, sliding windows) is refused by name for every engine,
+/// not exported as a dense model with full attention.
+#[test]
+fn models_the_exports_do_not_map_are_refused_by_name() {
+    let d = dir("unmapped");
+    let root = env!("CARGO_MANIFEST_DIR");
+    for (model, what) in [
+        ("mixtral-8x7b-v0.1", "mixture-of-experts"),
+        ("mistral-7b-v0.1", "sliding-window"),
+    ] {
+        let cfg = format!("{root}/../tests/data/hf/{model}/config.json");
+        let (code, plan, err) = mmsp(
+            &d,
+            &[
+                "plan",
+                "--gpus",
+                "64",
+                "--context",
+                "128K",
+                "--model",
+                &cfg,
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(code, 0, "{model}: {err}");
+        std::fs::write(d.join("plan.json"), plan).unwrap();
+        for engine in ["megatron", "deepspeed", "vila", "torchrun", "slurm"] {
+            let e = fails(&d, &["export", "--to", engine, "plan.json"]);
+            assert!(e.contains(what), "{model} to {engine}: {e}");
+        }
+    }
+}

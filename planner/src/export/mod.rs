@@ -146,12 +146,37 @@ fn make_executable(_path: &str) {}
 
 /// Renders `plan` for `engine`, or says why the engine cannot express it.
 pub fn export(plan: &Plan, engine: Engine, opts: &Options) -> Result<String> {
+    if let Some(what) = unmapped_feature(&plan.model) {
+        return Err(unsupported(
+            engine,
+            format!(
+                "the plan's model has {what}, which this export does not map (it would start a \
+                 dense model with full attention); export a dense, full-attention model"
+            ),
+        ));
+    }
     match engine {
         Engine::Megatron => megatron::megatron(plan, opts),
         Engine::Deepspeed => deepspeed::deepspeed(plan, opts),
         Engine::Vila => vila::vila(plan, opts),
         Engine::Torchrun => torchrun(plan, opts),
         Engine::Slurm => slurm(plan, opts),
+    }
+}
+
+/// The first feature of the model that no export maps yet (nor mmsp-runtime trains).
+fn unmapped_feature(m: &crate::spec::model::ModelSpec) -> Option<&'static str> {
+    if m.moe.is_some() {
+        Some("mixture-of-experts layers")
+    } else if m.sliding_window.is_some() {
+        Some("sliding-window attention")
+    } else if m.extra_norms_per_layer > 0
+        || m.attn_logit_softcapping.is_some()
+        || m.final_logit_softcapping.is_some()
+    {
+        Some("Gemma-2's extra norms and logit soft-capping")
+    } else {
+        None
     }
 }
 

@@ -283,6 +283,39 @@ struct PlanModel {
     tie_word_embeddings: bool,
     #[serde(default)]
     qkv_bias: bool,
+    /// What the planner's HF families add (`planner/src/spec/model.rs`); the runtime trains
+    /// none of it, so a plan that has any is refused rather than run as another model.
+    #[serde(default)]
+    family: Option<String>,
+    #[serde(default)]
+    sliding_window: Option<u64>,
+    #[serde(default)]
+    sliding_window_layers: u64,
+    #[serde(default)]
+    moe: Option<serde_json::Value>,
+    #[serde(default)]
+    extra_norms_per_layer: u64,
+    #[serde(default)]
+    attn_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    final_logit_softcapping: Option<f64>,
+}
+
+impl PlanModel {
+    /// The first feature of the planned model that the runtime's decoder does not have.
+    fn unsupported(&self) -> Option<&'static str> {
+        if self.moe.is_some() {
+            Some("mixture-of-experts layers (moe)")
+        } else if self.sliding_window.is_some() || self.sliding_window_layers > 0 {
+            Some("sliding-window attention (sliding_window)")
+        } else if self.extra_norms_per_layer > 0 {
+            Some("extra norms per layer (extra_norms_per_layer, Gemma-2)")
+        } else if self.attn_logit_softcapping.is_some() || self.final_logit_softcapping.is_some() {
+            Some("logit soft-capping (Gemma-2)")
+        } else {
+            None
+        }
+    }
 }
 
 impl ModelConfig {
@@ -291,6 +324,13 @@ impl ModelConfig {
     pub fn from_plan_value(v: &serde_json::Value) -> Result<ModelConfig> {
         let m: PlanModel = serde_json::from_value(v.clone())
             .map_err(|e| RuntimeError::Plan(format!("model: {e}")))?;
+        if let Some(what) = m.unsupported() {
+            let family = m.family.as_deref().unwrap_or("this");
+            return Err(RuntimeError::Plan(format!(
+                "the plan's {family} model has {what}, which mmsp-runtime does not train (it \
+                 runs dense Llama/Qwen2-style decoders with full causal attention)"
+            )));
+        }
         let c = ModelConfig {
             hidden_size: m.hidden_size,
             num_heads: m.num_heads,
@@ -380,5 +420,53 @@ impl ModelConfig {
         let s = s as f64;
         // 2 matmuls x 2 flops x s^2/2 (causal) x heads x head_dim, per layer.
         2.0 * s * s * (self.num_heads * self.head_dim) as f64 * self.num_layers as f64
+    }
+}
+
+#[cfg(test)]
+mod plan_model_tests {
+    use super::*;
+
+    fn model(extra: serde_json::Value) -> serde_json::Value {
+        let mut m = serde_json::json!({
+            "name": "m", "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
+            "intermediate_size": 128, "num_layers": 2, "vocab_size": 100,
+            "tie_word_embeddings": false, "qkv_bias": false
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            m[k] = v.clone();
+        }
+        m
+    }
+
+    #[test]
+    fn planned_features_the_decoder_lacks_are_refused_by_name() {
+        assert!(
+            ModelConfig::from_plan_value(&model(serde_json::json!({"family": "llama"}))).is_ok()
+        );
+        let cases = [
+            (
+                serde_json::json!({"family": "mixtral", "moe": {"num_experts": 8}}),
+                "mixture-of-experts",
+            ),
+            (
+                serde_json::json!({"family": "mistral", "sliding_window": 4096}),
+                "sliding-window",
+            ),
+            (
+                serde_json::json!({"family": "gemma2", "extra_norms_per_layer": 2}),
+                "extra norms",
+            ),
+            (
+                serde_json::json!({"final_logit_softcapping": 30.0}),
+                "soft-capping",
+            ),
+        ];
+        for (extra, want) in cases {
+            let e = ModelConfig::from_plan_value(&model(extra))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want) && !e.contains('\n'), "{e}");
+        }
     }
 }
