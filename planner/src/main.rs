@@ -62,7 +62,7 @@ enum Command {
     /// Export a plan as Megatron, DeepSpeed or VILA settings, or a torchrun/SLURM launch script.
     Export(cli::export::ExportArgs),
     /// Plan a training campaign of stages from a TOML recipe: plans, wall-clock, GPU-hours.
-    Campaign(mmsp_planner::campaign::CampaignArgs),
+    Campaign(cli::campaign::CampaignArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -341,7 +341,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Export(a) => Ok(mmsp_planner::export::run(&a.request())?),
         Command::Campaign(a) => {
-            print!("{}", mmsp_planner::campaign::run(&a)?);
+            print!("{}", mmsp_planner::campaign::run(&a.request())?);
             Ok(())
         }
         Command::List => {

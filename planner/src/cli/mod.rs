@@ -2,4 +2,5 @@
 //! turns them into the plain request that the library (`mmsp_planner`) takes, so that the
 //! library does not depend on clap.
 
+pub mod campaign;
 pub mod export;
