@@ -4,3 +4,11 @@
 
 pub mod campaign;
 pub mod export;
+pub mod report;
+
+use mmsp_planner::units::parse_tokens;
+
+/// A token count flag: 131072, 128K, 2M or 1.5M (K = 1024, M = 1048576).
+pub fn tokens_arg(s: &str) -> std::result::Result<u64, String> {
+    parse_tokens(s).map_err(|e| e.to_string())
+}

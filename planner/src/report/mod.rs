@@ -23,61 +23,36 @@ use crate::error::{Error, Result};
 use crate::search::{self, Request, Scored, Strategy};
 use crate::spec::{cluster::ClusterSpec, model::ModelSpec};
 use crate::topology::Topology;
-use crate::units::{fmt_tokens, parse_tokens, GIB};
+use crate::units::{fmt_tokens, GIB};
 use charts::{LineChart, Scale, Series, StackedBars};
 use page::{Page, Section, Table};
 
 pub const SCHEMA_NAME: &str = "mmsp-report";
 pub const SCHEMA_VERSION: u32 = 1;
 
-fn tokens_arg(s: &str) -> std::result::Result<u64, String> {
-    parse_tokens(s).map_err(|e| e.to_string())
-}
-
-fn strategy_arg(s: &str) -> std::result::Result<Strategy, String> {
-    Strategy::parse(s).map_err(|e| e.to_string())
-}
-
-fn recompute_arg(s: &str) -> std::result::Result<Recompute, String> {
-    Recompute::parse_requested(s)
-}
-
-/// `mmsp report`: flags. Every list is comma-separated.
-#[derive(clap::Args, Debug, Clone)]
-pub struct ReportArgs {
+/// `mmsp report`: what to sweep and where to write it. Every list is as given, before
+/// [`Grid::from_request`] sorts and checks it.
+#[derive(Debug, Clone)]
+pub struct ReportRequest {
     /// Folder to write report.html, report.md, max_context.csv, points.csv and report.json to.
-    #[arg(long, default_value = "report")]
     pub out: PathBuf,
     /// GPU counts to sweep.
-    #[arg(long, value_delimiter = ',', default_value = "8,16,32,64,128,256,512,1024",
-          value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub gpus: Vec<u32>,
-    /// Context lengths to sweep (K = 1024, M = 1048576).
-    #[arg(long, value_delimiter = ',', default_value = "32K,64K,128K,256K,512K,1M,2M,4M",
-          value_parser = tokens_arg)]
+    /// Context lengths to sweep.
     pub contexts: Vec<u64>,
     /// Model presets or Hugging Face config.json files.
-    #[arg(long, value_delimiter = ',', default_value = "llama3-8b")]
     pub models: Vec<String>,
     /// Topology presets or TOML files.
-    #[arg(long, value_delimiter = ',', default_value = "dgx-h100")]
     pub topologies: Vec<String>,
     /// Strategies to compare.
-    #[arg(long, value_delimiter = ',', default_value = "2d,ring,ulysses,megatron-cp-tp,te-a2a-p2p",
-          value_parser = strategy_arg)]
     pub strategies: Vec<Strategy>,
-    /// Recompute policies for the largest-context sweep (the performance sweep searches both):
-    /// none, or full (mmsp-runtime's recompute of each layer outside attention).
-    #[arg(long, value_delimiter = ',', default_value = "none,full", value_parser = recompute_arg)]
+    /// Recompute policies for the largest-context sweep (the performance sweep searches both).
     pub recompute: Vec<Recompute>,
     /// GPU count for the per-context charts [default: 256 if swept, else the largest swept].
-    #[arg(long)]
     pub focus_gpus: Option<u32>,
     /// Global batch in sequences for the performance sweep [default: 4M tokens' worth].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub global_batch: Option<u64>,
     /// No progress bar.
-    #[arg(long, short)]
     pub quiet: bool,
 }
 
@@ -96,7 +71,7 @@ pub struct Grid {
 
 impl Grid {
     /// Checks the lists and picks the focus GPU count.
-    pub fn from_args(a: &ReportArgs) -> Result<Grid> {
+    pub fn from_request(a: &ReportRequest) -> Result<Grid> {
         let mut gpus = a.gpus.clone();
         gpus.sort_unstable();
         gpus.dedup();
@@ -1116,8 +1091,8 @@ pub fn create_dir(dir: &Path) -> Result<()> {
 }
 
 /// Runs `mmsp report`: sweep, render, write the files; returns the HTML path.
-pub fn run(a: &ReportArgs) -> Result<PathBuf> {
-    let grid = Grid::from_args(a)?;
+pub fn run(a: &ReportRequest) -> Result<PathBuf> {
+    let grid = Grid::from_request(a)?;
     let data = sweep(&grid, a.quiet)?;
     create_dir(&a.out)?;
     let page = build_page(&data)?;
