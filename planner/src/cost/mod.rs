@@ -290,6 +290,24 @@ pub fn head_split(m: &ModelSpec, tp: u32, ulysses: u32) -> Result<(u64, u64), In
     Ok((m.num_heads / (tp * u), kvt.max(u) / u))
 }
 
+/// [`head_split`] of a layout, then the check that `context` splits into its 2 x SP zigzag
+/// chunks, in that order: the heads each rank holds (query, kv) or why the layout cannot run.
+pub fn split_heads_and_context(
+    m: &ModelSpec,
+    l: &Layout,
+    context: u64,
+) -> Result<(u64, u64), Infeasible> {
+    let heads = head_split(m, l.tp, l.ulysses)?;
+    let zig = 2 * u64::from(l.sp());
+    if !context.is_multiple_of(zig) {
+        return Err(Infeasible::Divisibility {
+            context,
+            multiple: zig,
+        });
+    }
+    Ok(heads)
+}
+
 /// The per-micro-batch building blocks of a step, shared by the analytic composition
 /// ([`evaluate`]) and the discrete-event simulator (`crate::sim`). Times are seconds on one
 /// rank; bytes are per rank.
@@ -497,14 +515,7 @@ impl RankShape {
     fn new(w: &Workload, c: &Candidate) -> Result<RankShape, Infeasible> {
         let m = w.model;
         let l = &c.layout;
-        let (q_heads_local, kv_heads_local) = head_split(m, l.tp, l.ulysses)?;
-        let zig = 2 * u64::from(l.sp());
-        if !w.context.is_multiple_of(zig) {
-            return Err(Infeasible::Divisibility {
-                context: w.context,
-                multiple: zig,
-            });
-        }
+        let (q_heads_local, kv_heads_local) = split_heads_and_context(m, l, w.context)?;
         let seqs_per_dp = u64::from(l.dp) * u64::from(c.micro_batch);
         if !w.global_batch.is_multiple_of(seqs_per_dp) {
             return Err(Infeasible::Batch {

@@ -547,17 +547,8 @@ fn max_context_sentences(d: &ReportData, model: &str, topo: &str, out: &mut Vec<
 
 /// The feasible points of one context at the focus GPU count, fastest first.
 fn feasible_at<'a>(d: &'a ReportData, model: &str, topo: &str, ctx: u64) -> Vec<&'a PointRow> {
-    let focus = d.grid.focus_gpus;
-    let mut v: Vec<&PointRow> = d
-        .points
-        .iter()
-        .filter(|p| {
-            p.model == model
-                && p.topology == topo
-                && p.gpus == focus
-                && p.context_tokens == ctx
-                && p.feasible
-        })
+    let mut v: Vec<&PointRow> = feasible_at_focus(d, model, topo)
+        .filter(|p| p.context_tokens == ctx)
         .collect();
     v.sort_by(|a, b| {
         b.tokens_per_s
@@ -836,17 +827,24 @@ fn max_context_table(d: &ReportData, model: &str, topo: &str) -> Table {
 
 /// The feasible points of one strategy at the focus GPU count, in sweep order.
 fn focus_points<'a>(d: &'a ReportData, model: &str, topo: &str, s: Strategy) -> Vec<&'a PointRow> {
+    feasible_at_focus(d, model, topo)
+        .filter(|p| p.strategy == s)
+        .collect()
+}
+
+/// The feasible points of one model and topology at the focus GPU count, in sweep order.
+fn feasible_at_focus<'a, 'b>(
+    d: &'a ReportData,
+    model: &'b str,
+    topo: &'b str,
+) -> impl Iterator<Item = &'a PointRow> + 'b
+where
+    'a: 'b,
+{
     let focus = d.grid.focus_gpus;
     d.points
         .iter()
-        .filter(|p| {
-            p.model == model
-                && p.topology == topo
-                && p.gpus == focus
-                && p.strategy == s
-                && p.feasible
-        })
-        .collect()
+        .filter(move |p| p.model == model && p.topology == topo && p.gpus == focus && p.feasible)
 }
 
 /// One series per strategy of `f` against the context at the focus GPU count.
