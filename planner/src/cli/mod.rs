@@ -1,6 +1,6 @@
 //! The `mmsp` binary's argument types that are not in main.rs: each parses flags with clap and
 //! turns them into the plain request that the library (`mmsp_planner`) takes, so that the
-//! library does not depend on clap.
+//! library does not depend on clap. Also the token-count parser that main.rs's flags share.
 
 pub mod campaign;
 pub mod export;
