@@ -28,13 +28,12 @@ use crate::spec::{cluster::ClusterSpec, model::ModelSpec, vision::VisionSpec};
 use crate::topology::Topology;
 use crate::units::{fmt_gib, fmt_tokens, parse_tokens};
 
-/// `mmsp campaign`: flags.
-#[derive(clap::Args, Debug, Clone)]
-pub struct CampaignArgs {
+/// `mmsp campaign`: what to plan and where to write it.
+#[derive(Debug, Clone)]
+pub struct CampaignRequest {
     /// The recipe (TOML); see examples/campaign.toml.
     pub recipe: String,
     /// Folder for campaign.html, campaign.md, campaign.csv, campaign.json and the stage plans.
-    #[arg(long, default_value = "campaign")]
     pub out: PathBuf,
 }
 
@@ -566,7 +565,7 @@ pub fn build_page(c: &CampaignResult) -> Result<Page> {
 }
 
 /// Runs `mmsp campaign`: plans the recipe, writes the files, returns the table to print.
-pub fn run(a: &CampaignArgs) -> Result<String> {
+pub fn run(a: &CampaignRequest) -> Result<String> {
     let recipe = Recipe::load(&a.recipe)?;
     create_dir(&a.out)?;
     let c = plan(&recipe, Some(&a.out))?;

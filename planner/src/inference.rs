@@ -37,8 +37,8 @@ use crate::cost::memory::{
     RUNTIME_RESERVE_BYTES, WEIGHT_BYTES,
 };
 use crate::cost::{
-    head_split, Candidate, Estimate, Infeasible, Layout, MemoryBreakdown, Placement, Recompute,
-    TimeBreakdown,
+    split_heads_and_context, Candidate, Estimate, Infeasible, Layout, MemoryBreakdown, Placement,
+    Recompute, TimeBreakdown,
 };
 use crate::error::{Error, Result};
 use crate::plan::Plan;
@@ -320,7 +320,7 @@ pub fn head_layout_kv_bytes(m: &ModelSpec, l: &Layout, context: u64) -> f64 {
 
 /// Per-rank sizes of one candidate that its memory, prefill and decode costs share.
 struct RankShape {
-    /// Query and kv heads per rank after the Ulysses all-to-all ([`head_split`]).
+    /// Query and kv heads per rank after the Ulysses all-to-all ([`crate::cost::head_split`]).
     q_heads_local: u64,
     kv_heads_local: u64,
     /// Ring and SP degrees.
@@ -372,14 +372,7 @@ pub fn evaluate(
     c: &InferenceCandidate,
 ) -> std::result::Result<InferenceEstimate, Infeasible> {
     let l = &c.layout;
-    let (q_heads_local, kv_heads_local) = head_split(m, l.tp, l.ulysses)?;
-    let zig = 2 * u64::from(l.sp());
-    if !req.context.is_multiple_of(zig) {
-        return Err(Infeasible::Divisibility {
-            context: req.context,
-            multiple: zig,
-        });
-    }
+    let (q_heads_local, kv_heads_local) = split_heads_and_context(m, l, req.context)?;
     let shape = RankShape::new(m, l, req.context, q_heads_local, kv_heads_local);
     let memory = inference_memory(m, c, &shape);
     if memory.total_bytes > topo.spec.hbm_bytes {

@@ -17,9 +17,10 @@ use mmsp_planner::spec::samples::{load_manifest, Sample};
 use mmsp_planner::spec::vision::VisionSpec;
 use mmsp_planner::spec::{cluster::ClusterSpec, model::ModelSpec};
 use mmsp_planner::topology::Topology;
-use mmsp_planner::units::parse_tokens;
 
 mod cli;
+
+use cli::tokens_arg;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -58,11 +59,11 @@ enum Command {
     /// row, mean and worst absolute error.
     Validate(ValidateArgs),
     /// Sweep GPUs x context x model x topology and write an HTML/Markdown/CSV/JSON report.
-    Report(mmsp_planner::report::ReportArgs),
+    Report(cli::report::ReportArgs),
     /// Export a plan as Megatron, DeepSpeed or VILA settings, or a torchrun/SLURM launch script.
     Export(cli::export::ExportArgs),
     /// Plan a training campaign of stages from a TOML recipe: plans, wall-clock, GPU-hours.
-    Campaign(mmsp_planner::campaign::CampaignArgs),
+    Campaign(cli::campaign::CampaignArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -180,10 +181,6 @@ impl RecomputeArg {
         })
         .map_err(|m| mmsp_planner::Error::invalid("--recompute", m).into())
     }
-}
-
-fn tokens_arg(s: &str) -> std::result::Result<u64, String> {
-    parse_tokens(s).map_err(|e| e.to_string())
 }
 
 /// Multi-modal input (shared by plan and compare): frames of one sample, or a manifest.
@@ -335,13 +332,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Compare(a) => compare(a),
         Command::Validate(a) => validate(a),
         Command::Report(a) => {
-            let html = mmsp_planner::report::run(&a)?;
+            let html = mmsp_planner::report::run(&a.request())?;
             println!("wrote {}", html.display());
             Ok(())
         }
         Command::Export(a) => Ok(mmsp_planner::export::run(&a.request())?),
         Command::Campaign(a) => {
-            print!("{}", mmsp_planner::campaign::run(&a)?);
+            print!("{}", mmsp_planner::campaign::run(&a.request())?);
             Ok(())
         }
         Command::List => {

@@ -2,7 +2,8 @@
 
 use std::fmt::Write;
 
-use crate::cost::Placement;
+use crate::cost::{Placement, TimeBreakdown};
+use crate::multimodal::VisionPlan;
 use crate::plan::Plan;
 use crate::search::{why_slower, Scored, SearchResult};
 use crate::topology::Topology;
@@ -121,7 +122,30 @@ pub fn plan_table(
     top: usize,
 ) -> String {
     let mut o = String::new();
+    write_plan_header(&mut o, topo, plan, result);
+    let _ = writeln!(o, "{}", model_words(plan));
+    let _ = writeln!(o);
+    let _ = writeln!(o, "Best plan");
+    write_best_layout(&mut o, topo, plan, best);
+    write_memory(&mut o, topo, plan);
+    write_step_time(&mut o, &plan.predicted.time);
+    if let Some(v) = &plan.vision {
+        write_vision(&mut o, v, plan.layout.sp());
+    }
     let p = &plan.predicted;
+    let _ = writeln!(
+        o,
+        "  comm         {} exposed, {} overlapped with compute",
+        fmt_secs(p.comm_exposed_s),
+        fmt_secs(p.comm_overlapped_s)
+    );
+    write_runners_up(&mut o, topo, result, best, top);
+    o
+}
+
+/// The plan table's first lines: the request, the candidates searched (with the infeasible
+/// ones by reason), the padding and the largest context when searched for.
+fn write_plan_header(o: &mut String, topo: &Topology, plan: &Plan, result: &SearchResult) {
     let spec = &topo.spec;
     let _ = writeln!(
         o,
@@ -161,9 +185,11 @@ pub fn plan_table(
             plan.world_size
         );
     }
-    let _ = writeln!(o, "{}", model_words(plan));
-    let _ = writeln!(o);
-    let _ = writeln!(o, "Best plan");
+}
+
+/// The best plan's layout, ZeRO stage, recompute, micro-batch, step time and per-GPU rates.
+fn write_best_layout(o: &mut String, topo: &Topology, plan: &Plan, best: &Scored) {
+    let p = &plan.predicted;
     let l = &plan.layout;
     let _ = writeln!(
         o,
@@ -210,6 +236,12 @@ pub fn plan_table(
         p.model_tflops_per_gpu,
         fmt_tokens(plan.context_tokens / u64::from(l.sp()))
     );
+}
+
+/// The best plan's memory per GPU, by kind, and the search's warnings about it.
+fn write_memory(o: &mut String, topo: &Topology, plan: &Plan) {
+    let p = &plan.predicted;
+    let spec = &topo.spec;
     let m = &p.memory;
     let _ = writeln!(
         o,
@@ -233,7 +265,10 @@ pub fn plan_table(
     for w in &p.warnings {
         let _ = writeln!(o, "  warning      {w}");
     }
-    let t = &p.time;
+}
+
+/// The best plan's step time by kind of work and communication.
+fn write_step_time(o: &mut String, t: &TimeBreakdown) {
     let _ = writeln!(
         o,
         "  time/step    gemm {} | attention {} | elementwise {} | head {} | recompute {} | vision {}",
@@ -254,18 +289,21 @@ pub fn plan_table(
         fmt_secs(t.grad_sync_exposed_s + t.zero_gather_exposed_s),
         fmt_secs(t.optimizer_s)
     );
-    if let Some(v) = &plan.vision {
-        let _ = writeln!(
-            o,
-            "  vision       {} frames of {} sample{} via {} ({} tokens/frame, {})",
-            v.frames,
-            v.samples,
-            if v.samples == 1 { "" } else { "s" },
-            v.encoder,
-            v.tokens_per_frame,
-            if v.train_vision { "trained" } else { "frozen" }
-        );
-        let _ = writeln!(
+}
+
+/// The multi-modal stages: frames balanced for the encoder, re-sharded, packed for the LLM.
+fn write_vision(o: &mut String, v: &VisionPlan, sp: u32) {
+    let _ = writeln!(
+        o,
+        "  vision       {} frames of {} sample{} via {} ({} tokens/frame, {})",
+        v.frames,
+        v.samples,
+        if v.samples == 1 { "" } else { "s" },
+        v.encoder,
+        v.tokens_per_frame,
+        if v.train_vision { "trained" } else { "frozen" }
+    );
+    let _ = writeln!(
             o,
             "    stage 1    frames over {} SP ranks: encoder imbalance {:.3} -> {:.3} ({} via {}, {}); encoder {} per micro-batch",
             v.frames_per_rank.len(),
@@ -276,29 +314,31 @@ pub fn plan_table(
             fmt_secs(v.solve_time_s),
             fmt_secs(v.stage.encoder_s)
         );
-        let _ = writeln!(
-            o,
-            "    re-shard   {} of embeddings to the zigzag shards: {} forward, {} gradients back",
-            fmt_gib(v.reshard_bytes as f64),
-            fmt_secs(v.stage.reshard_s),
-            fmt_secs(v.stage.gather_s)
-        );
-        let pad: u64 = v.pad_tokens_per_sample.iter().flatten().sum();
-        let _ = writeln!(
+    let _ = writeln!(
+        o,
+        "    re-shard   {} of embeddings to the zigzag shards: {} forward, {} gradients back",
+        fmt_gib(v.reshard_bytes as f64),
+        fmt_secs(v.stage.reshard_s),
+        fmt_secs(v.stage.gather_s)
+    );
+    let pad: u64 = v.pad_tokens_per_sample.iter().flatten().sum();
+    let _ = writeln!(
             o,
             "    stage 2    each sample padded to a multiple of 2 x {} ({} padding tokens, no loss); LLM attention imbalance {:.4} (max/mean causal work over SP ranks)",
-            l.sp(),
+            sp,
             pad,
             v.attention_imbalance
         );
-    }
-    let _ = writeln!(
-        o,
-        "  comm         {} exposed, {} overlapped with compute",
-        fmt_secs(p.comm_exposed_s),
-        fmt_secs(p.comm_overlapped_s)
-    );
-    // Runners-up: the best candidate of each other layout.
+}
+
+/// Runners-up: the best candidate of each other layout, at most `top`, with why each lost.
+fn write_runners_up(
+    o: &mut String,
+    topo: &Topology,
+    result: &SearchResult,
+    best: &Scored,
+    top: usize,
+) {
     let mut seen = vec![best.candidate.layout];
     let mut rows = Vec::new();
     for s in &result.ranked {
@@ -333,7 +373,6 @@ pub fn plan_table(
             );
         }
     }
-    o
 }
 
 /// The table `mmsp simulate` prints.
@@ -411,75 +450,5 @@ pub fn sim_table(
             }
         );
     }
-    o
-}
-
-/// What `mmsp compare`'s table counts, printed under it (and in `mmsp compare --help`).
-pub const COMPARE_LEGEND: &str = "  2d, ring, ulysses: mmsp-runtime (ZeRO 0-3 searched, z0..z3). megatron-cp-tp, te-a2a-p2p: Megatron-Core's distributed optimizer (z1: 6 + 12/d B per parameter over DP x CP ranks).\n  MFU counts 6 x params x tokens and causal attention at 3x its forward (PaLM, App. B); HFU what the kernels run (attention 3.5x, recompute).";
-
-/// The table `mmsp compare` prints.
-pub fn compare_table(c: &crate::compare::Comparison) -> String {
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "mmsp compare: {} at {} tokens on {} x {}, global batch {} (simulated step times; max ctx: one sequence, any recompute)",
-        c.model,
-        fmt_tokens(c.context_tokens),
-        c.gpus,
-        c.topology,
-        c.global_batch
-    );
-    let _ = writeln!(o);
-    let _ = writeln!(
-        o,
-        "  {:<15} {:<24} {:>10} {:>9} {:>6} {:>6} {:>10} {:>9}  why it loses",
-        "strategy",
-        "best configuration",
-        "step time",
-        "2d faster",
-        "MFU",
-        "HFU",
-        "memory",
-        "max ctx"
-    );
-    for r in &c.strategies {
-        let cfg = match (r.layout, r.zero_stage, r.recompute) {
-            (Some(l), Some(z), Some(rc)) => {
-                let tp = if l.tp > 1 {
-                    format!("t{} ", l.tp)
-                } else {
-                    String::new()
-                };
-                let p = if l.placement == Placement::UlyssesInner {
-                    "u-in"
-                } else {
-                    "r-in"
-                };
-                format!(
-                    "{tp}u{} r{} dp{} {p} z{z} {}",
-                    l.ulysses,
-                    l.ring,
-                    l.dp,
-                    &rc.as_str()[..3]
-                )
-            }
-            _ => "infeasible".into(),
-        };
-        let _ = writeln!(
-            o,
-            "  {:<15} {:<24} {:>10} {:>9} {:>6} {:>6} {:>10} {:>9}  {}",
-            r.name,
-            cfg,
-            r.step_time_s.map_or("-".into(), fmt_secs),
-            r.speedup_of_2d.map_or("-".into(), |x| format!("{x:.2}x")),
-            r.mfu.map_or("-".into(), |x| format!("{:.1}%", x * 100.0)),
-            r.hfu.map_or("-".into(), |x| format!("{:.1}%", x * 100.0)),
-            r.memory_per_gpu_bytes.map_or("-".into(), fmt_gib),
-            r.max_context_tokens.map_or("-".into(), fmt_tokens),
-            r.why
-        );
-    }
-    let _ = writeln!(o);
-    let _ = writeln!(o, "{COMPARE_LEGEND}");
     o
 }

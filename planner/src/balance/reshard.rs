@@ -58,50 +58,8 @@ pub fn reshard_traffic(
             ),
         ));
     }
-    let mut owner = vec![usize::MAX; frame_tokens.len()];
-    for (r, fs) in frames_per_rank.iter().enumerate() {
-        for &f in fs {
-            match owner.get_mut(f) {
-                Some(o) if *o == usize::MAX => *o = r,
-                Some(_) => {
-                    return Err(Error::invalid(
-                        "re-shard",
-                        format!("frame {f} is assigned to more than one rank"),
-                    ))
-                }
-                None => {
-                    return Err(Error::invalid(
-                        "re-shard",
-                        format!("frame {f} does not exist ({} frames)", frame_tokens.len()),
-                    ))
-                }
-            }
-        }
-    }
-    if let Some(f) = owner.iter().position(|&o| o == usize::MAX) {
-        return Err(Error::invalid(
-            "re-shard",
-            format!("frame {f} is not assigned to any rank"),
-        ));
-    }
-
-    // Vision-token intervals (start, end, frame) in sequence order.
-    let mut spans: Vec<(u64, u64, usize)> = Vec::with_capacity(frame_tokens.len());
-    let mut at: u64 = 0;
-    let mut g = 0usize;
-    let overflow = || Error::invalid("re-shard", "the token sequence overflows u64");
-    for s in samples {
-        for _ in 0..s.frames {
-            let end = at.checked_add(frame_tokens[g]).ok_or_else(overflow)?;
-            if end > at {
-                spans.push((at, end, g));
-            }
-            at = end;
-            g += 1;
-        }
-        at = at.checked_add(s.text_tokens).ok_or_else(overflow)?;
-    }
-    let seq_len = at;
+    let owner = frame_owners(frames_per_rank, frame_tokens.len())?;
+    let (spans, seq_len) = vision_spans(samples, frame_tokens)?;
 
     let mut send = vec![0u64; ranks];
     let mut recv = vec![0u64; ranks];
@@ -130,6 +88,62 @@ pub fn reshard_traffic(
         recv_bytes_per_rank: recv,
         total_bytes,
     })
+}
+
+/// The stage-1 rank of each of `frames` frames, checking that `frames_per_rank` assigns every
+/// frame to exactly one rank.
+fn frame_owners(frames_per_rank: &[Vec<usize>], frames: usize) -> Result<Vec<usize>> {
+    let mut owner = vec![usize::MAX; frames];
+    for (r, fs) in frames_per_rank.iter().enumerate() {
+        for &f in fs {
+            match owner.get_mut(f) {
+                Some(o) if *o == usize::MAX => *o = r,
+                Some(_) => {
+                    return Err(Error::invalid(
+                        "re-shard",
+                        format!("frame {f} is assigned to more than one rank"),
+                    ))
+                }
+                None => {
+                    return Err(Error::invalid(
+                        "re-shard",
+                        format!("frame {f} does not exist ({frames} frames)"),
+                    ))
+                }
+            }
+        }
+    }
+    if let Some(f) = owner.iter().position(|&o| o == usize::MAX) {
+        return Err(Error::invalid(
+            "re-shard",
+            format!("frame {f} is not assigned to any rank"),
+        ));
+    }
+    Ok(owner)
+}
+
+/// One frame's vision tokens in the packed sequence: (start, end, frame).
+type TokenSpan = (u64, u64, usize);
+
+/// The vision tokens' intervals (start, end, frame) in sequence order, frames without tokens
+/// left out, and the length of the packed sequence (text tokens included).
+fn vision_spans(samples: &[Sample], frame_tokens: &[u64]) -> Result<(Vec<TokenSpan>, u64)> {
+    let mut spans: Vec<TokenSpan> = Vec::with_capacity(frame_tokens.len());
+    let mut at: u64 = 0;
+    let mut g = 0usize;
+    let overflow = || Error::invalid("re-shard", "the token sequence overflows u64");
+    for s in samples {
+        for _ in 0..s.frames {
+            let end = at.checked_add(frame_tokens[g]).ok_or_else(overflow)?;
+            if end > at {
+                spans.push((at, end, g));
+            }
+            at = end;
+            g += 1;
+        }
+        at = at.checked_add(s.text_tokens).ok_or_else(overflow)?;
+    }
+    Ok((spans, at))
 }
 
 #[cfg(test)]

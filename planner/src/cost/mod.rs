@@ -8,6 +8,7 @@ pub mod memory;
 
 use serde::{Deserialize, Serialize};
 
+use crate::spec::cluster::ClusterSpec;
 use crate::spec::model::ModelSpec;
 use crate::topology::{GroupFamily, Topology};
 use compute::*;
@@ -289,6 +290,24 @@ pub fn head_split(m: &ModelSpec, tp: u32, ulysses: u32) -> Result<(u64, u64), In
     Ok((m.num_heads / (tp * u), kvt.max(u) / u))
 }
 
+/// [`head_split`] of a layout, then the check that `context` splits into its 2 x SP zigzag
+/// chunks, in that order: the heads each rank holds (query, kv) or why the layout cannot run.
+pub fn split_heads_and_context(
+    m: &ModelSpec,
+    l: &Layout,
+    context: u64,
+) -> Result<(u64, u64), Infeasible> {
+    let heads = head_split(m, l.tp, l.ulysses)?;
+    let zig = 2 * u64::from(l.sp());
+    if !context.is_multiple_of(zig) {
+        return Err(Infeasible::Divisibility {
+            context,
+            multiple: zig,
+        });
+    }
+    Ok(heads)
+}
+
 /// The per-micro-batch building blocks of a step, shared by the analytic composition
 /// ([`evaluate`]) and the discrete-event simulator (`crate::sim`). Times are seconds on one
 /// rank; bytes are per rank.
@@ -394,48 +413,161 @@ fn terms_checked(
     let m = w.model;
     let l = &c.layout;
     let spec = &topo.spec;
-    let (q_heads_local, kv_heads_local) = head_split(m, l.tp, l.ulysses)?;
+    let sh = RankShape::new(w, c)?;
     // What the runtime runs: no recompute, or its recompute of each layer outside attention
     // (whatever else is asked), a choice under every ZeRO stage.
     let recompute = runtime_recompute(c.recompute);
-    let zig = 2 * u64::from(l.sp());
-    if !w.context.is_multiple_of(zig) {
-        return Err(Infeasible::Divisibility {
-            context: w.context,
-            multiple: zig,
-        });
-    }
-    let seqs_per_dp = u64::from(l.dp) * u64::from(c.micro_batch);
-    if !w.global_batch.is_multiple_of(seqs_per_dp) {
-        return Err(Infeasible::Batch {
-            global_batch: w.global_batch,
-            dp: l.dp,
-            micro_batch: c.micro_batch,
-        });
-    }
-    let accum = w.global_batch / seqs_per_dp;
-    let (tp, u, r, sp) = (
-        f64::from(l.tp),
-        f64::from(l.ulysses),
-        f64::from(l.ring),
-        f64::from(l.sp()),
-    );
-    let mb = f64::from(c.micro_batch);
-    let s = w.context as f64;
-    let layers = m.num_layers as f64;
-    let hd = m.head_dim as f64;
-    let h = m.hidden_size as f64;
-    // Tokens each rank holds outside attention.
-    let tokens = mb * s / sp;
-    // kv width each rank holds per local token, after Ulysses replication: max(kv/tp, u) heads.
-    let kv_dim_eff = (kv_heads_local as f64) * u * hd;
-    let q_dim_local = (q_heads_local as f64) * u * hd; // = q_dim / tp
+    let (tp, h, tokens, layers) = (sh.tp, sh.h, sh.tokens, sh.layers);
 
     // ---- memory ----
+    let act = activation_memory(m, l, &sh, recompute);
+    let states = rank_model_states(m, c, tp);
+    let (comm_buffers, kv_block) = attention_buffer_bytes(l, &sh);
+    let vision = vision_per_micro_batch(w, sh.mb);
+    let memory = rank_memory(&act, &states, comm_buffers, vision);
+    if check_memory && memory.total_bytes > spec.hbm_bytes {
+        return Err(Infeasible::Memory {
+            needed: memory.total_bytes,
+            available: spec.hbm_bytes,
+        });
+    }
+
+    // ---- compute, per layer and micro-batch ----
+    let gemm_fwd = layer_gemm_flops_fwd(m, tokens, tp);
+    let (attn_fwd, attn_fwd_s) = attention_fwd(spec, w, &sh);
+    let head_fwd = head_flops_fwd(m, tokens, tp);
+    // The head's GEMMs run one loss chunk of rows at a time (the runtime's `chunked_loss`).
+    let head_rate = spec.head_gemm_rate(tokens.min(LOSS_CHUNK_TOKENS));
+    let mem_bound = memory_bound_times(spec, m, c, &sh, &states);
+    let (gemm_fwd_s, qkv_share, o_share) = gemm_fwd_time(spec, m, &sh, gemm_fwd);
+    let params_local = states.units.params;
+    Ok(Terms {
+        layout: *l,
+        zero_stage: c.zero_stage,
+        recompute,
+        layers: m.num_layers,
+        accum: sh.accum,
+        gemm_fwd_s,
+        qkv_share,
+        o_share,
+        // Forward alone runs at the fwd+bwd throughput in this model (one efficiency figure).
+        attn_fwd_s,
+        elem_fwd_s: mem_bound.layer_s,
+        head_fwd_s: head_fwd / head_rate + mem_bound.outside_layers_s,
+        // Ulysses: all-to-all of q, k, v before attention and of the output after, per layer
+        // (Jacobs et al. 2023, DeepSpeed-Ulysses, Sec. 3.1); backward mirrors them.
+        a2a_qkv_bytes: tokens * 2.0 * (sh.q_dim_local + 2.0 * sh.kv_dim_eff),
+        a2a_o_bytes: tokens * 2.0 * sh.q_dim_local,
+        ring_kv_bytes: 2.0 * kv_block * 2.0,
+        tp_bytes: tokens * h * 2.0,
+        grad_bytes: params_local * GRAD_BYTES,
+        param_bytes: params_local * WEIGHT_BYTES,
+        layers_param_bytes: layers * states.units.layer * WEIGHT_BYTES,
+        embed_param_bytes: states.units.embedding * WEIGHT_BYTES,
+        head_param_bytes: states.units.head * WEIGHT_BYTES,
+        optimizer_s: mem_bound.optimizer_s + vision.map_or(0.0, |v| v.encoder_optimizer_s),
+        vision,
+        memory,
+        model_flops: model_flops(
+            f64::from(l.world()) * sh.accum as f64,
+            layers,
+            gemm_fwd,
+            head_fwd,
+            attn_fwd,
+        ),
+        hardware_flops: hardware_flops(
+            f64::from(l.world()) * sh.accum as f64,
+            layers,
+            gemm_fwd,
+            head_fwd,
+            attn_fwd,
+            recompute,
+        ),
+        tokens_per_step: (w.global_batch * w.context) as f64,
+    })
+}
+
+/// A candidate's sizes on one rank: its heads after TP and Ulysses, the tokens it holds, its
+/// accumulation steps, and the degrees and model sizes as floats for the formulas.
+struct RankShape {
+    q_heads_local: u64,
+    kv_heads_local: u64,
+    accum: u64,
+    tp: f64,
+    r: f64,
+    sp: f64,
+    mb: f64,
+    s: f64,
+    layers: f64,
+    hd: f64,
+    h: f64,
+    /// Tokens each rank holds outside attention.
+    tokens: f64,
+    /// kv width each rank holds per local token, after Ulysses replication: max(kv/tp, u) heads.
+    kv_dim_eff: f64,
+    /// q width each rank holds per local token (= q_dim / tp).
+    q_dim_local: f64,
+}
+
+impl RankShape {
+    /// The shape, or why there is none, checked in this order: the heads split over TP x
+    /// Ulysses, the context into 2 x SP zigzag chunks, the global batch into DP x micro-batches.
+    fn new(w: &Workload, c: &Candidate) -> Result<RankShape, Infeasible> {
+        let m = w.model;
+        let l = &c.layout;
+        let (q_heads_local, kv_heads_local) = split_heads_and_context(m, l, w.context)?;
+        let seqs_per_dp = u64::from(l.dp) * u64::from(c.micro_batch);
+        if !w.global_batch.is_multiple_of(seqs_per_dp) {
+            return Err(Infeasible::Batch {
+                global_batch: w.global_batch,
+                dp: l.dp,
+                micro_batch: c.micro_batch,
+            });
+        }
+        let (tp, u, sp) = (f64::from(l.tp), f64::from(l.ulysses), f64::from(l.sp()));
+        let (mb, s) = (f64::from(c.micro_batch), w.context as f64);
+        let hd = m.head_dim as f64;
+        Ok(RankShape {
+            q_heads_local,
+            kv_heads_local,
+            accum: w.global_batch / seqs_per_dp,
+            tp,
+            r: f64::from(l.ring),
+            sp,
+            mb,
+            s,
+            layers: m.num_layers as f64,
+            hd,
+            h: m.hidden_size as f64,
+            tokens: mb * s / sp,
+            kv_dim_eff: (kv_heads_local as f64) * u * hd,
+            q_dim_local: (q_heads_local as f64) * u * hd,
+        })
+    }
+}
+
+/// Activation memory per rank as mmsp-runtime holds it (bytes).
+struct ActivationMemory {
+    /// Every layer's kept activations, the embedding output and the loss's hidden-state buffers.
+    activations: f64,
+    /// The one live chunk of the loss's logits.
+    logits: f64,
+    /// The peak inside the last layer's backward beyond what the loss frees.
+    backward_peak: f64,
+}
+
+/// The activations, logits and backward peak of one rank under the runtime's recompute.
+fn activation_memory(
+    m: &ModelSpec,
+    l: &Layout,
+    sh: &RankShape,
+    recompute: Recompute,
+) -> ActivationMemory {
+    let (tp, s, h, tokens, layers) = (sh.tp, sh.s, sh.h, sh.tokens, sh.layers);
     let arch = ActivationArch {
         hidden: h,
         q_dim: m.q_dim() as f64,
-        kv_dim: kv_dim_eff * tp,
+        kv_dim: sh.kv_dim_eff * tp,
         ffn: m.intermediate_size as f64,
         heads: m.num_heads as f64,
         swiglu: true,
@@ -476,6 +608,26 @@ fn terms_checked(
     // transient (`runtime_backward_transient_bytes_per_token`), the final norm's output gone.
     let bwd = runtime_backward_transient_bytes_per_token(&arch, tp) * tokens;
     let backward_peak = (working + bwd - 2.0 * h * tokens / tp).max(0.0);
+    ActivationMemory {
+        activations,
+        logits,
+        backward_peak,
+    }
+}
+
+/// The model states of one rank: the runtime's units (parameters per TP rank), the ZeRO
+/// shards, and the bytes of weights, gradients and optimizer states at the candidate's stage.
+struct RankStates {
+    units: StateUnits,
+    shards: f64,
+    weights: f64,
+    gradients: f64,
+    optimizer: f64,
+}
+
+/// [`RankStates`] of a candidate at tensor-parallel degree `tp`.
+fn rank_model_states(m: &ModelSpec, c: &Candidate, tp: f64) -> RankStates {
+    let l = &c.layout;
     let params_local = m.params() as f64 / tp;
     let layer_params_local = m.layer_params() as f64 / tp;
     let shards = f64::from(l.grad_family().size);
@@ -500,6 +652,21 @@ fn terms_checked(
         states.weights
     };
     let (gb, ob) = (states.gradients, states.optimizer);
+    RankStates {
+        units,
+        shards,
+        weights: wb,
+        gradients: gb,
+        optimizer: ob,
+    }
+}
+
+/// Attention's communication and accumulation buffers per rank (bytes), and the elements of
+/// K (or V) in one ring block.
+fn attention_buffer_bytes(l: &Layout, sh: &RankShape) -> (f64, f64) {
+    let (mb, s, r, hd, tokens) = (sh.mb, sh.s, sh.r, sh.hd, sh.tokens);
+    let (q_heads_local, kv_heads_local, q_dim_local) =
+        (sh.q_heads_local, sh.kv_heads_local, sh.q_dim_local);
     // Ring attention double-buffers the KV block in flight (send + receive), in backward with
     // fp32 dK/dV (ring-flash-attention accumulates them in fp32): 2 x (2 + 2 x 2) bytes per kv
     // element; fp32 accumulators for dQ, dK, dV of the ring rank's chunk.
@@ -517,8 +684,13 @@ fn terms_checked(
         0.0
     };
     let comm_buffers = ring_buf + acc + a2a_buf;
+    (comm_buffers, kv_block)
+}
+
+/// The workload's vision stage per micro-batch of `mb` sequences.
+fn vision_per_micro_batch(w: &Workload, mb: f64) -> Option<VisionStage> {
     // The vision stage runs once per sequence of the micro-batch.
-    let vision = w.vision.map(|v| VisionStage {
+    w.vision.map(|v| VisionStage {
         encoder_s: v.encoder_s * mb,
         encoder_gemm_s: v.encoder_gemm_s * mb,
         encoder_attention_s: v.encoder_attention_s * mb,
@@ -527,7 +699,19 @@ fn terms_checked(
         reshard_s: v.reshard_s * mb,
         memory_bytes: v.memory_bytes * mb,
         ..v
-    });
+    })
+}
+
+/// Memory per rank: the model states, the activations, the largest transient, the vision
+/// stage's, fragmentation and the runtime's reserve; `total_bytes` is what must fit.
+fn rank_memory(
+    act: &ActivationMemory,
+    states: &RankStates,
+    comm_buffers: f64,
+    vision: Option<VisionStage>,
+) -> MemoryBreakdown {
+    let (activations, logits, backward_peak) = (act.activations, act.logits, act.backward_peak);
+    let (wb, gb, ob) = (states.weights, states.gradients, states.optimizer);
     let vision_mem = vision.map_or(0.0, |v| v.memory_bytes + v.states_bytes);
     // The loss's logits (between the last forward layer and the first backward one) and the
     // attention's communication and fp32 accumulation buffers (inside each layer's attention)
@@ -540,7 +724,7 @@ fn terms_checked(
     let tensors = wb + gb + ob + activations + transient + vision_mem;
     let frag = FRAGMENTATION * tensors;
     let needed = tensors + frag + RUNTIME_RESERVE_BYTES;
-    let memory = MemoryBreakdown {
+    MemoryBreakdown {
         weights_bytes: wb,
         gradients_bytes: gb,
         optimizer_bytes: ob,
@@ -550,23 +734,19 @@ fn terms_checked(
         reserved_bytes: RUNTIME_RESERVE_BYTES,
         fragmentation_bytes: frag,
         total_bytes: needed,
-    };
-    if check_memory && needed > spec.hbm_bytes {
-        return Err(Infeasible::Memory {
-            needed,
-            available: spec.hbm_bytes,
-        });
     }
+}
 
-    // ---- compute, per layer and micro-batch ----
-    let gemm_fwd = layer_gemm_flops_fwd(m, tokens, tp);
+/// Forward attention of one rank per layer and micro-batch: its FLOPs and its time over the
+/// ring's zigzag steps at the measured kernel throughput.
+fn attention_fwd(spec: &ClusterSpec, w: &Workload, sh: &RankShape) -> (f64, f64) {
+    let m = w.model;
+    let (mb, s, r, sp, tp, hd) = (sh.mb, sh.s, sh.r, sh.sp, sh.tp, sh.hd);
+    let q_heads_local = sh.q_heads_local;
     // Attention work of the ring rank's zigzag chunks is balanced: 1/sp of the sequence's
     // causal work per rank (each of the micro-batch's sequences separately).
     let attn_scale = w.vision.map_or(1.0, |v| v.attention_scale);
     let attn_fwd = attn_scale * mb * attention_flops_fwd(m, s) / (sp * tp);
-    let head_fwd = head_flops_fwd(m, tokens, tp);
-    // The head's GEMMs run one loss chunk of rows at a time (the runtime's `chunked_loss`).
-    let head_rate = spec.head_gemm_rate(tokens.min(LOSS_CHUNK_TOKENS));
     // Attention kernel calls: a ring rank's S/R tokens (per sequence) with its q heads; step 0
     // is causal, every other zigzag step a full 2c x c block (tokens ~ (S/R)/sqrt 2). Equal
     // work per step; each step at its kernel's measured throughput (fwd+bwd rates, so the
@@ -578,7 +758,31 @@ fn terms_checked(
     let attn_fwd_s = step_flops / spec.attention_rate(heads_call, call_tokens, true)
         + (r - 1.0) * step_flops
             / spec.attention_rate(heads_call, call_tokens / 2f64.sqrt(), false);
-    // ---- memory-bound work (bytes over the achieved HBM bandwidth, see `compute`) ----
+    (attn_fwd, attn_fwd_s)
+}
+
+/// The memory-bound work's times: per layer (elementwise kernels and the weight-gradient
+/// passes, forward-equivalent: a third of forward + backward), outside the layers (loss,
+/// embedding, head), and the optimizer step.
+struct MemoryBoundTimes {
+    layer_s: f64,
+    outside_layers_s: f64,
+    optimizer_s: f64,
+}
+
+/// [`MemoryBoundTimes`] of one rank per micro-batch (the optimizer per step).
+fn memory_bound_times(
+    spec: &ClusterSpec,
+    m: &ModelSpec,
+    c: &Candidate,
+    sh: &RankShape,
+    states: &RankStates,
+) -> MemoryBoundTimes {
+    let (tp, h, tokens, q_dim_local) = (sh.tp, sh.h, sh.tokens, sh.q_dim_local);
+    let (q_heads_local, kv_heads_local) = (sh.q_heads_local, sh.kv_heads_local);
+    let (params_local, layer_params_local, shards) =
+        (states.units.params, states.units.layer, states.shards);
+    // Memory-bound work: bytes over the achieved HBM bandwidth (see `compute`).
     // Each group at the bandwidth of its typical kernel call: a residual add over the rank's
     // tokens (read two, write one h-wide tensor), the loss over a vocabulary shard, one weight
     // matrix's gradient, the optimizer over its whole shard.
@@ -625,6 +829,22 @@ fn terms_checked(
         params_local
     };
     let opt_bytes = opt_params * OPTIMIZER_STEP_BYTES + params_local * grad_held * GRAD_ZERO_BYTES;
+    MemoryBoundTimes {
+        layer_s: (elem_fwd + elem_bwd + layer_grad) / 3.0,
+        outside_layers_s: (loss + embed + other_grad) / 3.0,
+        optimizer_s: bw(opt_bytes, opt_bytes),
+    }
+}
+
+/// Forward GEMM time per layer and micro-batch of `gemm_fwd` FLOPs, with the time shares of
+/// the q/k/v and o projections.
+fn gemm_fwd_time(
+    spec: &ClusterSpec,
+    m: &ModelSpec,
+    sh: &RankShape,
+    gemm_fwd: f64,
+) -> (f64, f64, f64) {
+    let (tokens, tp) = (sh.tokens, sh.tp);
     let hq = (m.hidden_size * m.q_dim()) as f64;
     let lp = m.layer_matmul_params() as f64;
     // Dense GEMMs at the rank's tokens; a mixture's routed experts at the rows each expert
@@ -646,50 +866,7 @@ fn terms_checked(
             )
         }
     };
-    Ok(Terms {
-        layout: *l,
-        zero_stage: c.zero_stage,
-        recompute,
-        layers: m.num_layers,
-        accum,
-        gemm_fwd_s,
-        qkv_share,
-        o_share,
-        // Forward alone runs at the fwd+bwd throughput in this model (one efficiency figure).
-        attn_fwd_s,
-        elem_fwd_s: (elem_fwd + elem_bwd + layer_grad) / 3.0,
-        head_fwd_s: head_fwd / head_rate + (loss + embed + other_grad) / 3.0,
-        // Ulysses: all-to-all of q, k, v before attention and of the output after, per layer
-        // (Jacobs et al. 2023, DeepSpeed-Ulysses, Sec. 3.1); backward mirrors them.
-        a2a_qkv_bytes: tokens * 2.0 * (q_dim_local + 2.0 * kv_dim_eff),
-        a2a_o_bytes: tokens * 2.0 * q_dim_local,
-        ring_kv_bytes: 2.0 * kv_block * 2.0,
-        tp_bytes: tokens * h * 2.0,
-        grad_bytes: params_local * GRAD_BYTES,
-        param_bytes: params_local * WEIGHT_BYTES,
-        layers_param_bytes: layers * layer_params_local * WEIGHT_BYTES,
-        embed_param_bytes: units.embedding * WEIGHT_BYTES,
-        head_param_bytes: units.head * WEIGHT_BYTES,
-        optimizer_s: bw(opt_bytes, opt_bytes) + vision.map_or(0.0, |v| v.encoder_optimizer_s),
-        vision,
-        memory,
-        model_flops: model_flops(
-            f64::from(l.world()) * accum as f64,
-            layers,
-            gemm_fwd,
-            head_fwd,
-            attn_fwd,
-        ),
-        hardware_flops: hardware_flops(
-            f64::from(l.world()) * accum as f64,
-            layers,
-            gemm_fwd,
-            head_fwd,
-            attn_fwd,
-            recompute,
-        ),
-        tokens_per_step: (w.global_batch * w.context) as f64,
-    })
+    (gemm_fwd_s, qkv_share, o_share)
 }
 
 /// Predicts one candidate on a topology, or says why it cannot run: the analytic composition

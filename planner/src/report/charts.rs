@@ -87,9 +87,9 @@ fn log2_label(v: f64, f: &dyn Fn(f64) -> String) -> String {
     }
 }
 
-/// Renders a line chart to an SVG string. Series without points are listed in the legend as
-/// "(none fit)" so that a missing line is explained.
-pub fn line_chart(c: &LineChart) -> Result<String> {
+/// The plotted ranges (x0, x1, y0, y1) of a line chart, in scale units: the points' extent
+/// padded, the y axis from zero when asked on a linear scale.
+fn line_chart_bounds(c: &LineChart) -> (f64, f64, f64, f64) {
     let pts: Vec<(f64, f64)> = c
         .series
         .iter()
@@ -108,6 +108,38 @@ pub fn line_chart(c: &LineChart) -> Result<String> {
     if c.y_from_zero && c.y_scale == Scale::Linear {
         y0 = 0.0;
     }
+    (x0, x1, y0, y1)
+}
+
+/// Tick labels on an axis from `lo` to `hi`: one per power of two on a log scale (2 to 24),
+/// else 8.
+fn label_count(scale: Scale, lo: f64, hi: f64) -> usize {
+    match scale {
+        Scale::Log2 => ((hi - lo).ceil() as usize + 1).clamp(2, 24),
+        Scale::Linear => 8,
+    }
+}
+
+/// Keeps the legend off the lines: upper right when most series fall from left to right.
+fn legend_position(series: &[Series]) -> SeriesLabelPosition {
+    let falling = series
+        .iter()
+        .filter(|s| s.points.len() >= 2)
+        .filter(|s| s.points[0].1 > s.points[s.points.len() - 1].1)
+        .count()
+        * 2
+        > series.iter().filter(|s| s.points.len() >= 2).count();
+    if falling {
+        SeriesLabelPosition::UpperRight
+    } else {
+        SeriesLabelPosition::UpperLeft
+    }
+}
+
+/// Renders a line chart to an SVG string. Series without points are listed in the legend as
+/// "(none fit)" so that a missing line is explained.
+pub fn line_chart(c: &LineChart) -> Result<String> {
+    let (x0, x1, y0, y1) = line_chart_bounds(c);
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (W, H)).into_drawing_area();
@@ -127,14 +159,8 @@ pub fn line_chart(c: &LineChart) -> Result<String> {
             Scale::Log2 => log2_label(*v, c.y_fmt),
             Scale::Linear => (c.y_fmt)(*v),
         };
-        let x_labels = match c.x_scale {
-            Scale::Log2 => ((x1 - x0).ceil() as usize + 1).clamp(2, 24),
-            Scale::Linear => 8,
-        };
-        let y_labels = match c.y_scale {
-            Scale::Log2 => ((y1 - y0).ceil() as usize + 1).clamp(2, 24),
-            Scale::Linear => 8,
-        };
+        let x_labels = label_count(c.x_scale, x0, x1);
+        let y_labels = label_count(c.y_scale, y0, y1);
         chart
             .configure_mesh()
             .x_desc(c.x_desc.as_str())
@@ -172,22 +198,9 @@ pub fn line_chart(c: &LineChart) -> Result<String> {
                 .draw_series(mapped.iter().map(|&p| Circle::new(p, 3, col.filled())))
                 .map_err(chart_err)?;
         }
-        // Keep the legend off the lines: upper right when the series fall from left to right.
-        let falling = c
-            .series
-            .iter()
-            .filter(|s| s.points.len() >= 2)
-            .filter(|s| s.points[0].1 > s.points[s.points.len() - 1].1)
-            .count()
-            * 2
-            > c.series.iter().filter(|s| s.points.len() >= 2).count();
         chart
             .configure_series_labels()
-            .position(if falling {
-                SeriesLabelPosition::UpperRight
-            } else {
-                SeriesLabelPosition::UpperLeft
-            })
+            .position(legend_position(&c.series))
             .background_style(WHITE.mix(0.85))
             .border_style(RGBColor(180, 180, 180))
             .label_font((FONT, 13))

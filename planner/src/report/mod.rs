@@ -23,61 +23,36 @@ use crate::error::{Error, Result};
 use crate::search::{self, Request, Scored, Strategy};
 use crate::spec::{cluster::ClusterSpec, model::ModelSpec};
 use crate::topology::Topology;
-use crate::units::{fmt_tokens, parse_tokens, GIB};
+use crate::units::{fmt_tokens, GIB};
 use charts::{LineChart, Scale, Series, StackedBars};
 use page::{Page, Section, Table};
 
 pub const SCHEMA_NAME: &str = "mmsp-report";
 pub const SCHEMA_VERSION: u32 = 1;
 
-fn tokens_arg(s: &str) -> std::result::Result<u64, String> {
-    parse_tokens(s).map_err(|e| e.to_string())
-}
-
-fn strategy_arg(s: &str) -> std::result::Result<Strategy, String> {
-    Strategy::parse(s).map_err(|e| e.to_string())
-}
-
-fn recompute_arg(s: &str) -> std::result::Result<Recompute, String> {
-    Recompute::parse_requested(s)
-}
-
-/// `mmsp report`: flags. Every list is comma-separated.
-#[derive(clap::Args, Debug, Clone)]
-pub struct ReportArgs {
+/// `mmsp report`: what to sweep and where to write it. Every list is as given, before
+/// [`Grid::from_request`] sorts and checks it.
+#[derive(Debug, Clone)]
+pub struct ReportRequest {
     /// Folder to write report.html, report.md, max_context.csv, points.csv and report.json to.
-    #[arg(long, default_value = "report")]
     pub out: PathBuf,
     /// GPU counts to sweep.
-    #[arg(long, value_delimiter = ',', default_value = "8,16,32,64,128,256,512,1024",
-          value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub gpus: Vec<u32>,
-    /// Context lengths to sweep (K = 1024, M = 1048576).
-    #[arg(long, value_delimiter = ',', default_value = "32K,64K,128K,256K,512K,1M,2M,4M",
-          value_parser = tokens_arg)]
+    /// Context lengths to sweep.
     pub contexts: Vec<u64>,
     /// Model presets or Hugging Face config.json files.
-    #[arg(long, value_delimiter = ',', default_value = "llama3-8b")]
     pub models: Vec<String>,
     /// Topology presets or TOML files.
-    #[arg(long, value_delimiter = ',', default_value = "dgx-h100")]
     pub topologies: Vec<String>,
     /// Strategies to compare.
-    #[arg(long, value_delimiter = ',', default_value = "2d,ring,ulysses,megatron-cp-tp,te-a2a-p2p",
-          value_parser = strategy_arg)]
     pub strategies: Vec<Strategy>,
-    /// Recompute policies for the largest-context sweep (the performance sweep searches both):
-    /// none, or full (mmsp-runtime's recompute of each layer outside attention).
-    #[arg(long, value_delimiter = ',', default_value = "none,full", value_parser = recompute_arg)]
+    /// Recompute policies for the largest-context sweep (the performance sweep searches both).
     pub recompute: Vec<Recompute>,
     /// GPU count for the per-context charts [default: 256 if swept, else the largest swept].
-    #[arg(long)]
     pub focus_gpus: Option<u32>,
     /// Global batch in sequences for the performance sweep [default: 4M tokens' worth].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub global_batch: Option<u64>,
     /// No progress bar.
-    #[arg(long, short)]
     pub quiet: bool,
 }
 
@@ -96,7 +71,7 @@ pub struct Grid {
 
 impl Grid {
     /// Checks the lists and picks the focus GPU count.
-    pub fn from_args(a: &ReportArgs) -> Result<Grid> {
+    pub fn from_request(a: &ReportRequest) -> Result<Grid> {
         let mut gpus = a.gpus.clone();
         gpus.sort_unstable();
         gpus.dedup();
@@ -474,87 +449,9 @@ pub fn summary(d: &ReportData) -> Vec<String> {
     let mut out = Vec::new();
     let focus = d.grid.focus_gpus;
     for (model, topo) in combos(d) {
-        let mc = |strategy: Strategy, r: Recompute, g: u32| {
-            d.max_context
-                .iter()
-                .find(|x| {
-                    x.model == model
-                        && x.topology == topo
-                        && x.strategy == strategy
-                        && x.recompute == r
-                        && x.gpus == g
-                })
-                .and_then(|x| x.max_context_tokens)
-        };
-        let first = d.grid.strategies[0];
-        let (g0, g1) = (d.grid.gpus[0], *d.grid.gpus.last().expect("non-empty"));
-        let fmt = |v: Option<u64>| {
-            v.map(|t| format!("{} tokens", fmt_tokens(t)))
-                .unwrap_or_else(|| "no sequence".into())
-        };
-        if d.grid.recompute.contains(&Recompute::None) {
-            let (a, b) = (
-                mc(first, Recompute::None, g0),
-                mc(first, Recompute::None, g1),
-            );
-            out.push(format!(
-                "{model} on {topo} ({}), global batch 1, no activation recompute: the longest sequence that fits is {} on {g0} GPUs and {} on {g1} GPUs.{}",
-                first.name(),
-                fmt(a),
-                fmt(b),
-                if b.is_none() {
-                    " (Without recompute every layer's activations stay on the GPU; ZeRO-3 leaves 16/N B per parameter and two gathered layers, so the activations decide.)"
-                } else {
-                    ""
-                }
-            ));
-        }
-        if let Some(&r) = d
-            .grid
-            .recompute
-            .iter()
-            .rev()
-            .find(|r| **r != Recompute::None)
-        {
-            out.push(format!(
-                "With {} recompute, {g1} GPUs fit {}.",
-                r.as_str(),
-                fmt(mc(first, r, g1))
-            ));
-        }
-        // Strategies' reach without recompute at the largest GPU count.
-        if d.grid.strategies.len() > 1 && d.grid.recompute.contains(&Recompute::None) {
-            let parts: Vec<String> = d
-                .grid
-                .strategies
-                .iter()
-                .map(|s| format!("{} {}", s.name(), fmt(mc(*s, Recompute::None, g1))))
-                .collect();
-            out.push(format!(
-                "Largest context on {g1} GPUs without recompute, by strategy: {}.",
-                parts.join(", ")
-            ));
-        }
+        max_context_sentences(d, &model, &topo, &mut out);
         // Performance at the focus GPU count: the largest context where two strategies fit.
-        let at = |ctx: u64| -> Vec<&PointRow> {
-            let mut v: Vec<&PointRow> = d
-                .points
-                .iter()
-                .filter(|p| {
-                    p.model == model
-                        && p.topology == topo
-                        && p.gpus == focus
-                        && p.context_tokens == ctx
-                        && p.feasible
-                })
-                .collect();
-            v.sort_by(|a, b| {
-                b.tokens_per_s
-                    .unwrap_or(0.0)
-                    .total_cmp(&a.tokens_per_s.unwrap_or(0.0))
-            });
-            v
-        };
+        let at = |ctx: u64| feasible_at(d, &model, &topo, ctx);
         let ctx = d
             .grid
             .contexts
@@ -573,49 +470,144 @@ pub fn summary(d: &ReportData) -> Vec<String> {
         if let Some(ctx) = ctx {
             out.push(fastest_sentence(&at(ctx), ctx, focus));
         }
-        // The winner of every context row of the "Best plan per context and strategy" table.
-        let rows: Vec<String> = d
-            .grid
-            .contexts
-            .iter()
-            .filter_map(|&c| {
-                let v = at(c);
-                let (best, ties) = winners(&v)?;
-                let mut w = format!(
-                    "{} {} ({} tokens/s",
-                    fmt_tokens(c),
-                    best.strategy.name(),
-                    fmt_rate(best.tokens_per_s.unwrap_or(0.0))
-                );
-                if !ties.is_empty() {
-                    let names: Vec<&str> = ties.iter().map(|t| t.strategy.name()).collect();
-                    let _ = write!(w, "; within 1%: {}", names.join(", "));
-                }
-                w.push(')');
-                Some(w)
-            })
-            .collect();
-        if !rows.is_empty() {
-            out.push(format!(
-                "Fastest strategy at each context on {focus} GPUs (the table of best plans per context and strategy): {}.",
-                rows.join("; ")
-            ));
+        if let Some(s) = fastest_per_context(d, &model, &topo) {
+            out.push(s);
         }
-        let total = d
-            .points
-            .iter()
-            .filter(|p| p.model == model && p.topology == topo)
-            .count();
-        let fit = d
-            .points
-            .iter()
-            .filter(|p| p.model == model && p.topology == topo && p.feasible)
-            .count();
-        out.push(format!(
-            "{fit} of {total} (GPUs, context, strategy) points have a feasible plan at the default global batch (4M tokens per step, at least one sequence)."
-        ));
+        out.push(feasible_share(d, &model, &topo));
     }
     out
+}
+
+/// The summary's largest-context findings for one model and topology: the first strategy
+/// without recompute at the smallest and largest GPU counts, with the last recompute policy
+/// at the largest, and every strategy without recompute at the largest.
+fn max_context_sentences(d: &ReportData, model: &str, topo: &str, out: &mut Vec<String>) {
+    let mc = |strategy: Strategy, r: Recompute, g: u32| {
+        d.max_context
+            .iter()
+            .find(|x| {
+                x.model == model
+                    && x.topology == topo
+                    && x.strategy == strategy
+                    && x.recompute == r
+                    && x.gpus == g
+            })
+            .and_then(|x| x.max_context_tokens)
+    };
+    let first = d.grid.strategies[0];
+    let (g0, g1) = (d.grid.gpus[0], *d.grid.gpus.last().expect("non-empty"));
+    let fmt = |v: Option<u64>| {
+        v.map(|t| format!("{} tokens", fmt_tokens(t)))
+            .unwrap_or_else(|| "no sequence".into())
+    };
+    if d.grid.recompute.contains(&Recompute::None) {
+        let (a, b) = (
+            mc(first, Recompute::None, g0),
+            mc(first, Recompute::None, g1),
+        );
+        out.push(format!(
+            "{model} on {topo} ({}), global batch 1, no activation recompute: the longest sequence that fits is {} on {g0} GPUs and {} on {g1} GPUs.{}",
+            first.name(),
+            fmt(a),
+            fmt(b),
+            if b.is_none() {
+                " (Without recompute every layer's activations stay on the GPU; ZeRO-3 leaves 16/N B per parameter and two gathered layers, so the activations decide.)"
+            } else {
+                ""
+            }
+        ));
+    }
+    if let Some(&r) = d
+        .grid
+        .recompute
+        .iter()
+        .rev()
+        .find(|r| **r != Recompute::None)
+    {
+        out.push(format!(
+            "With {} recompute, {g1} GPUs fit {}.",
+            r.as_str(),
+            fmt(mc(first, r, g1))
+        ));
+    }
+    // Strategies' reach without recompute at the largest GPU count.
+    if d.grid.strategies.len() > 1 && d.grid.recompute.contains(&Recompute::None) {
+        let parts: Vec<String> = d
+            .grid
+            .strategies
+            .iter()
+            .map(|s| format!("{} {}", s.name(), fmt(mc(*s, Recompute::None, g1))))
+            .collect();
+        out.push(format!(
+            "Largest context on {g1} GPUs without recompute, by strategy: {}.",
+            parts.join(", ")
+        ));
+    }
+}
+
+/// The feasible points of one context at the focus GPU count, fastest first.
+fn feasible_at<'a>(d: &'a ReportData, model: &str, topo: &str, ctx: u64) -> Vec<&'a PointRow> {
+    let mut v: Vec<&PointRow> = feasible_at_focus(d, model, topo)
+        .filter(|p| p.context_tokens == ctx)
+        .collect();
+    v.sort_by(|a, b| {
+        b.tokens_per_s
+            .unwrap_or(0.0)
+            .total_cmp(&a.tokens_per_s.unwrap_or(0.0))
+    });
+    v
+}
+
+/// The winner of every context row of the "Best plan per context and strategy" table, as one
+/// sentence; none where no context has a feasible plan.
+fn fastest_per_context(d: &ReportData, model: &str, topo: &str) -> Option<String> {
+    let focus = d.grid.focus_gpus;
+    let at = |ctx: u64| feasible_at(d, model, topo, ctx);
+    let rows: Vec<String> = d
+        .grid
+        .contexts
+        .iter()
+        .filter_map(|&c| {
+            let v = at(c);
+            let (best, ties) = winners(&v)?;
+            let mut w = format!(
+                "{} {} ({} tokens/s",
+                fmt_tokens(c),
+                best.strategy.name(),
+                fmt_rate(best.tokens_per_s.unwrap_or(0.0))
+            );
+            if !ties.is_empty() {
+                let names: Vec<&str> = ties.iter().map(|t| t.strategy.name()).collect();
+                let _ = write!(w, "; within 1%: {}", names.join(", "));
+            }
+            w.push(')');
+            Some(w)
+        })
+        .collect();
+    if rows.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "Fastest strategy at each context on {focus} GPUs (the table of best plans per context and strategy): {}.",
+        rows.join("; ")
+    ))
+}
+
+/// How many of the (GPUs, context, strategy) points of one model and topology have a plan.
+fn feasible_share(d: &ReportData, model: &str, topo: &str) -> String {
+    let total = d
+        .points
+        .iter()
+        .filter(|p| p.model == model && p.topology == topo)
+        .count();
+    let fit = d
+        .points
+        .iter()
+        .filter(|p| p.model == model && p.topology == topo && p.feasible)
+        .count();
+    format!(
+        "{fit} of {total} (GPUs, context, strategy) points have a feasible plan at the default global batch (4M tokens per step, at least one sequence)."
+    )
 }
 
 /// Of one context's feasible rows sorted fastest first: the fastest and the others within 1%
@@ -686,7 +678,6 @@ fn tokens_fmt(v: f64) -> String {
 
 /// Builds the page (charts and tables) from the data.
 pub fn build_page(d: &ReportData) -> Result<Page> {
-    let focus = d.grid.focus_gpus;
     let mut page = Page {
         title: "mmsp report: how far the cluster goes".into(),
         subtitle: format!(
@@ -708,282 +699,344 @@ pub fn build_page(d: &ReportData) -> Result<Page> {
             "report.json".into(),
         ],
     };
-    let y_secs = |v: f64| format!("{v:.2}");
-    let y_rate = |v: f64| fmt_rate(v);
-    let y_pct = |v: f64| format!("{:.0}%", v * 100.0);
-    let y_gib = |v: f64| format!("{v:.0}");
     for (model, topo) in combos(d) {
-        // ---- largest context ----
-        let mut sec = Section {
-            title: format!("Largest context: {model} on {topo}"),
-            text: vec![format!(
-                "The longest sequence (tokens, global batch 1) whose best plan fits in GPU memory, found by doubling then bisection over multiples of 2 x GPUs. Strategy {} per recompute policy, then every strategy without recompute. A missing point means nothing fits.",
-                d.grid.strategies[0].name()
-            )],
-            ..Section::default()
-        };
-        let mc_series = |pred: &dyn Fn(&MaxContextRow) -> bool| -> Vec<(f64, f64)> {
-            d.max_context
-                .iter()
-                .filter(|x| x.model == model && x.topology == topo && pred(x))
-                .filter_map(|x| x.max_context_tokens.map(|c| (f64::from(x.gpus), c as f64)))
-                .collect()
-        };
-        let first = d.grid.strategies[0];
-        let series: Vec<Series> = d
-            .grid
-            .recompute
-            .iter()
-            .map(|r| Series {
-                name: format!("{} recompute", r.as_str()),
-                points: mc_series(&|x| x.strategy == first && x.recompute == *r),
-            })
-            .collect();
-        sec.charts.push(charts::line_chart(&LineChart {
-            title: format!(
-                "Max context vs GPUs ({}, per recompute policy)",
-                first.name()
-            ),
-            x_desc: "GPUs (log scale)".into(),
-            y_desc: "max context (tokens, log scale)".into(),
-            x_scale: Scale::Log2,
-            y_scale: Scale::Log2,
-            x_fmt: &gpus_fmt,
-            y_fmt: &tokens_fmt,
-            series,
-            y_from_zero: false,
-        })?);
-        if d.grid.strategies.len() > 1 {
-            let r0 = d.grid.recompute[0];
-            let series: Vec<Series> = d
-                .grid
-                .strategies
-                .iter()
-                .map(|s| Series {
-                    name: s.name().into(),
-                    points: mc_series(&|x| x.strategy == *s && x.recompute == r0),
-                })
-                .collect();
-            sec.charts.push(charts::line_chart(&LineChart {
-                title: format!(
-                    "Max context vs GPUs per strategy ({} recompute)",
-                    r0.as_str()
-                ),
-                x_desc: "GPUs (log scale)".into(),
-                y_desc: "max context (tokens, log scale)".into(),
-                x_scale: Scale::Log2,
-                y_scale: Scale::Log2,
-                x_fmt: &gpus_fmt,
-                y_fmt: &tokens_fmt,
-                series,
-                y_from_zero: false,
-            })?);
-        }
-        let mut header = vec!["GPUs".to_string()];
-        let mut cols: Vec<(Strategy, Recompute)> = Vec::new();
-        for &r in &d.grid.recompute {
-            cols.push((first, r));
-        }
-        for &s in d.grid.strategies.iter().skip(1) {
-            cols.push((s, d.grid.recompute[0]));
-        }
-        for (s, r) in &cols {
-            header.push(format!("{} / {}", s.name(), r.as_str()));
-        }
-        let rows = d
-            .grid
-            .gpus
-            .iter()
-            .map(|&g| {
-                let mut row = vec![g.to_string()];
-                for (s, r) in &cols {
-                    let v = d.max_context.iter().find(|x| {
-                        x.model == model
-                            && x.topology == topo
-                            && x.gpus == g
-                            && x.strategy == *s
-                            && x.recompute == *r
-                    });
-                    row.push(
-                        v.and_then(|x| x.max_context_tokens)
-                            .map(fmt_tokens)
-                            .unwrap_or_else(|| "-".into()),
-                    );
-                }
-                row
-            })
-            .collect();
-        sec.tables.push(Table {
-            caption: "Max context (tokens; strategy / recompute)".into(),
-            header,
-            rows,
-        });
-        page.sections.push(sec);
-
-        // ---- performance vs context ----
-        let pts = |s: Strategy| -> Vec<&PointRow> {
-            d.points
-                .iter()
-                .filter(|p| {
-                    p.model == model
-                        && p.topology == topo
-                        && p.gpus == focus
-                        && p.strategy == s
-                        && p.feasible
-                })
-                .collect()
-        };
-        let perf_series = |f: &dyn Fn(&PointRow) -> f64| -> Vec<Series> {
-            d.grid
-                .strategies
-                .iter()
-                .map(|&s| Series {
-                    name: s.name().into(),
-                    points: pts(s)
-                        .into_iter()
-                        .map(|p| (p.context_tokens as f64, f(p)))
-                        .collect(),
-                })
-                .collect()
-        };
-        let mut sec = Section {
-            title: format!("Step time and throughput: {model} on {focus} {topo} GPUs"),
-            text: vec![format!(
-                "Best plan of each strategy (layout, ZeRO stage, recompute and micro-batch searched) at the default global batch: 4M tokens per step as whole sequences, at least one. Step time is one optimizer step; tokens/s is global batch x context / step time."
-            )],
-            ..Section::default()
-        };
-        sec.charts.push(charts::line_chart(&LineChart {
-            title: format!("Step time vs context ({focus} GPUs)"),
-            x_desc: "context (tokens, log scale)".into(),
-            y_desc: "step time (s)".into(),
-            x_scale: Scale::Log2,
-            y_scale: Scale::Linear,
-            x_fmt: &tokens_fmt,
-            y_fmt: &y_secs,
-            series: perf_series(&|p| p.step_time_s.unwrap_or(0.0)),
-            y_from_zero: true,
-        })?);
-        sec.charts.push(charts::line_chart(&LineChart {
-            title: format!("Throughput vs context ({focus} GPUs)"),
-            x_desc: "context (tokens, log scale)".into(),
-            y_desc: "throughput (tokens/s)".into(),
-            x_scale: Scale::Log2,
-            y_scale: Scale::Linear,
-            x_fmt: &tokens_fmt,
-            y_fmt: &y_rate,
-            series: perf_series(&|p| p.tokens_per_s.unwrap_or(0.0)),
-            y_from_zero: true,
-        })?);
-        page.sections.push(sec);
-
-        // ---- memory and communication ----
-        let mut sec = Section {
-            title: format!("Memory and communication: {model} on {focus} {topo} GPUs"),
-            text: vec![format!(
-                "Memory per GPU of the best {} plan at each context, by component (GiB = 2^30 bytes), against the GPU's memory; and the share of the step spent in communication that is not hidden behind compute.",
-                first.name()
-            )],
-            ..Section::default()
-        };
-        let mem_pts = pts(first);
-        if !mem_pts.is_empty() {
-            let comps: [(&str, MemField); 8] = [
-                ("weights", |m| m.weights_bytes),
-                ("gradients", |m| m.gradients_bytes),
-                ("optimizer", |m| m.optimizer_bytes),
-                ("activations", |m| m.activations_bytes),
-                ("logits", |m| m.logits_bytes),
-                ("comm buffers", |m| m.comm_buffers_bytes),
-                ("reserved", |m| m.reserved_bytes),
-                ("fragmentation", |m| m.fragmentation_bytes),
-            ];
-            let layers = comps
-                .iter()
-                .map(|(name, f)| {
-                    (
-                        name.to_string(),
-                        mem_pts
-                            .iter()
-                            .map(|p| p.memory.as_ref().map(f).unwrap_or(0.0) / GIB)
-                            .collect(),
-                    )
-                })
-                .collect();
-            let hbm = d
-                .hbm_bytes
-                .iter()
-                .find(|(t, _)| *t == topo)
-                .map(|(_, b)| *b / GIB);
-            sec.charts.push(charts::stacked_bars(&StackedBars {
-                title: format!("Memory per GPU ({}, {focus} GPUs)", first.name()),
-                x_desc: "context (tokens)".into(),
-                y_desc: "memory per GPU (GiB)".into(),
-                categories: mem_pts
-                    .iter()
-                    .map(|p| fmt_tokens(p.context_tokens))
-                    .collect(),
-                layers,
-                limit: hbm.map(|h| (format!("GPU memory {h:.0} GiB"), h)),
-                y_fmt: &y_gib,
-            })?);
-        }
-        sec.charts.push(charts::line_chart(&LineChart {
-            title: format!("Exposed communication share ({focus} GPUs)"),
-            x_desc: "context (tokens, log scale)".into(),
-            y_desc: "exposed communication (% of step)".into(),
-            x_scale: Scale::Log2,
-            y_scale: Scale::Linear,
-            x_fmt: &tokens_fmt,
-            y_fmt: &y_pct,
-            series: perf_series(&|p| p.exposed_comm_share.unwrap_or(0.0)),
-            y_from_zero: true,
-        })?);
-        let rows: Vec<Vec<String>> = d
-            .points
-            .iter()
-            .filter(|p| p.model == model && p.topology == topo && p.gpus == focus)
-            .map(|p| {
-                let o = |v: Option<String>| v.unwrap_or_else(|| "-".into());
-                vec![
-                    fmt_tokens(p.context_tokens),
-                    p.strategy.name().into(),
-                    if p.feasible {
-                        o(p.layout.clone())
-                    } else {
-                        format!("does not fit: {}", o(p.reason.clone()))
-                    },
-                    o(p.recompute.map(|r| r.as_str().to_string())),
-                    o(p.zero_stage.map(|z| z.to_string())),
-                    o(p.step_time_s.map(|v| format!("{v:.2}"))),
-                    o(p.tokens_per_s.map(fmt_rate)),
-                    o(p.mfu.map(fmt_pct)),
-                    o(p.memory_per_gpu_bytes.map(|v| format!("{:.1}", v / GIB))),
-                    o(p.exposed_comm_share.map(fmt_pct)),
-                ]
-            })
-            .collect();
-        sec.tables.push(Table {
-            caption: format!("Best plan per context and strategy ({focus} GPUs)"),
-            header: [
-                "context",
-                "strategy",
-                "layout",
-                "recompute",
-                "ZeRO",
-                "step (s)",
-                "tokens/s",
-                "MFU",
-                "memory (GiB)",
-                "exposed comm",
-            ]
-            .map(String::from)
-            .to_vec(),
-            rows,
-        });
-        page.sections.push(sec);
+        page.sections.push(max_context_section(d, &model, &topo)?);
+        page.sections.push(performance_section(d, &model, &topo)?);
+        page.sections.push(memory_comm_section(d, &model, &topo)?);
     }
     Ok(page)
+}
+
+/// The largest-context section of one model and topology: per recompute policy, per strategy
+/// without recompute, and the table of both.
+fn max_context_section(d: &ReportData, model: &str, topo: &str) -> Result<Section> {
+    let mut sec = Section {
+        title: format!("Largest context: {model} on {topo}"),
+        text: vec![format!(
+            "The longest sequence (tokens, global batch 1) whose best plan fits in GPU memory, found by doubling then bisection over multiples of 2 x GPUs. Strategy {} per recompute policy, then every strategy without recompute. A missing point means nothing fits.",
+            d.grid.strategies[0].name()
+        )],
+        ..Section::default()
+    };
+    let mc_series = |pred: &dyn Fn(&MaxContextRow) -> bool| -> Vec<(f64, f64)> {
+        d.max_context
+            .iter()
+            .filter(|x| x.model == model && x.topology == topo && pred(x))
+            .filter_map(|x| x.max_context_tokens.map(|c| (f64::from(x.gpus), c as f64)))
+            .collect()
+    };
+    let first = d.grid.strategies[0];
+    let series: Vec<Series> = d
+        .grid
+        .recompute
+        .iter()
+        .map(|r| Series {
+            name: format!("{} recompute", r.as_str()),
+            points: mc_series(&|x| x.strategy == first && x.recompute == *r),
+        })
+        .collect();
+    sec.charts.push(max_context_chart(
+        format!(
+            "Max context vs GPUs ({}, per recompute policy)",
+            first.name()
+        ),
+        series,
+    )?);
+    if d.grid.strategies.len() > 1 {
+        let r0 = d.grid.recompute[0];
+        let series: Vec<Series> = d
+            .grid
+            .strategies
+            .iter()
+            .map(|s| Series {
+                name: s.name().into(),
+                points: mc_series(&|x| x.strategy == *s && x.recompute == r0),
+            })
+            .collect();
+        sec.charts.push(max_context_chart(
+            format!(
+                "Max context vs GPUs per strategy ({} recompute)",
+                r0.as_str()
+            ),
+            series,
+        )?);
+    }
+    sec.tables.push(max_context_table(d, model, topo));
+    Ok(sec)
+}
+
+/// A chart of the largest context against GPUs, both on log scales.
+fn max_context_chart(title: String, series: Vec<Series>) -> Result<String> {
+    charts::line_chart(&LineChart {
+        title,
+        x_desc: "GPUs (log scale)".into(),
+        y_desc: "max context (tokens, log scale)".into(),
+        x_scale: Scale::Log2,
+        y_scale: Scale::Log2,
+        x_fmt: &gpus_fmt,
+        y_fmt: &tokens_fmt,
+        series,
+        y_from_zero: false,
+    })
+}
+
+/// The largest context per GPU count (rows) and strategy / recompute (columns): the first
+/// strategy under each recompute policy, then the others under the first policy.
+fn max_context_table(d: &ReportData, model: &str, topo: &str) -> Table {
+    let first = d.grid.strategies[0];
+    let mut header = vec!["GPUs".to_string()];
+    let mut cols: Vec<(Strategy, Recompute)> = Vec::new();
+    for &r in &d.grid.recompute {
+        cols.push((first, r));
+    }
+    for &s in d.grid.strategies.iter().skip(1) {
+        cols.push((s, d.grid.recompute[0]));
+    }
+    for (s, r) in &cols {
+        header.push(format!("{} / {}", s.name(), r.as_str()));
+    }
+    let rows = d
+        .grid
+        .gpus
+        .iter()
+        .map(|&g| {
+            let mut row = vec![g.to_string()];
+            for (s, r) in &cols {
+                let v = d.max_context.iter().find(|x| {
+                    x.model == model
+                        && x.topology == topo
+                        && x.gpus == g
+                        && x.strategy == *s
+                        && x.recompute == *r
+                });
+                row.push(
+                    v.and_then(|x| x.max_context_tokens)
+                        .map(fmt_tokens)
+                        .unwrap_or_else(|| "-".into()),
+                );
+            }
+            row
+        })
+        .collect();
+    Table {
+        caption: "Max context (tokens; strategy / recompute)".into(),
+        header,
+        rows,
+    }
+}
+
+/// The feasible points of one strategy at the focus GPU count, in sweep order.
+fn focus_points<'a>(d: &'a ReportData, model: &str, topo: &str, s: Strategy) -> Vec<&'a PointRow> {
+    feasible_at_focus(d, model, topo)
+        .filter(|p| p.strategy == s)
+        .collect()
+}
+
+/// The feasible points of one model and topology at the focus GPU count, in sweep order.
+fn feasible_at_focus<'a, 'b>(
+    d: &'a ReportData,
+    model: &'b str,
+    topo: &'b str,
+) -> impl Iterator<Item = &'a PointRow> + 'b
+where
+    'a: 'b,
+{
+    let focus = d.grid.focus_gpus;
+    d.points
+        .iter()
+        .filter(move |p| p.model == model && p.topology == topo && p.gpus == focus && p.feasible)
+}
+
+/// One series per strategy of `f` against the context at the focus GPU count.
+fn context_series(
+    d: &ReportData,
+    model: &str,
+    topo: &str,
+    f: &dyn Fn(&PointRow) -> f64,
+) -> Vec<Series> {
+    d.grid
+        .strategies
+        .iter()
+        .map(|&s| Series {
+            name: s.name().into(),
+            points: focus_points(d, model, topo, s)
+                .into_iter()
+                .map(|p| (p.context_tokens as f64, f(p)))
+                .collect(),
+        })
+        .collect()
+}
+
+/// A chart of one figure against the context (log scale), its y axis linear from zero.
+fn context_chart(
+    title: String,
+    y_desc: &str,
+    y_fmt: &dyn Fn(f64) -> String,
+    series: Vec<Series>,
+) -> Result<String> {
+    charts::line_chart(&LineChart {
+        title,
+        x_desc: "context (tokens, log scale)".into(),
+        y_desc: y_desc.into(),
+        x_scale: Scale::Log2,
+        y_scale: Scale::Linear,
+        x_fmt: &tokens_fmt,
+        y_fmt,
+        series,
+        y_from_zero: true,
+    })
+}
+
+/// The step time and throughput section of one model and topology at the focus GPU count.
+fn performance_section(d: &ReportData, model: &str, topo: &str) -> Result<Section> {
+    let focus = d.grid.focus_gpus;
+    let y_secs = |v: f64| format!("{v:.2}");
+    let y_rate = |v: f64| fmt_rate(v);
+    let mut sec = Section {
+        title: format!("Step time and throughput: {model} on {focus} {topo} GPUs"),
+        text: vec![format!(
+            "Best plan of each strategy (layout, ZeRO stage, recompute and micro-batch searched) at the default global batch: 4M tokens per step as whole sequences, at least one. Step time is one optimizer step; tokens/s is global batch x context / step time."
+        )],
+        ..Section::default()
+    };
+    sec.charts.push(context_chart(
+        format!("Step time vs context ({focus} GPUs)"),
+        "step time (s)",
+        &y_secs,
+        context_series(d, model, topo, &|p| p.step_time_s.unwrap_or(0.0)),
+    )?);
+    sec.charts.push(context_chart(
+        format!("Throughput vs context ({focus} GPUs)"),
+        "throughput (tokens/s)",
+        &y_rate,
+        context_series(d, model, topo, &|p| p.tokens_per_s.unwrap_or(0.0)),
+    )?);
+    Ok(sec)
+}
+
+/// The memory and communication section of one model and topology at the focus GPU count:
+/// the first strategy's memory by component, the exposed communication, the best plans.
+fn memory_comm_section(d: &ReportData, model: &str, topo: &str) -> Result<Section> {
+    let focus = d.grid.focus_gpus;
+    let first = d.grid.strategies[0];
+    let y_pct = |v: f64| format!("{:.0}%", v * 100.0);
+    let mut sec = Section {
+        title: format!("Memory and communication: {model} on {focus} {topo} GPUs"),
+        text: vec![format!(
+            "Memory per GPU of the best {} plan at each context, by component (GiB = 2^30 bytes), against the GPU's memory; and the share of the step spent in communication that is not hidden behind compute.",
+            first.name()
+        )],
+        ..Section::default()
+    };
+    let mem_pts = focus_points(d, model, topo, first);
+    if !mem_pts.is_empty() {
+        sec.charts.push(memory_chart(d, topo, first, &mem_pts)?);
+    }
+    sec.charts.push(context_chart(
+        format!("Exposed communication share ({focus} GPUs)"),
+        "exposed communication (% of step)",
+        &y_pct,
+        context_series(d, model, topo, &|p| p.exposed_comm_share.unwrap_or(0.0)),
+    )?);
+    sec.tables.push(best_plans_table(d, model, topo));
+    Ok(sec)
+}
+
+/// Memory per GPU by component as stacked bars per context, under the GPU's memory.
+fn memory_chart(
+    d: &ReportData,
+    topo: &str,
+    first: Strategy,
+    mem_pts: &[&PointRow],
+) -> Result<String> {
+    let focus = d.grid.focus_gpus;
+    let y_gib = |v: f64| format!("{v:.0}");
+    let comps: [(&str, MemField); 8] = [
+        ("weights", |m| m.weights_bytes),
+        ("gradients", |m| m.gradients_bytes),
+        ("optimizer", |m| m.optimizer_bytes),
+        ("activations", |m| m.activations_bytes),
+        ("logits", |m| m.logits_bytes),
+        ("comm buffers", |m| m.comm_buffers_bytes),
+        ("reserved", |m| m.reserved_bytes),
+        ("fragmentation", |m| m.fragmentation_bytes),
+    ];
+    let layers = comps
+        .iter()
+        .map(|(name, f)| {
+            (
+                name.to_string(),
+                mem_pts
+                    .iter()
+                    .map(|p| p.memory.as_ref().map(f).unwrap_or(0.0) / GIB)
+                    .collect(),
+            )
+        })
+        .collect();
+    let hbm = d
+        .hbm_bytes
+        .iter()
+        .find(|(t, _)| *t == topo)
+        .map(|(_, b)| *b / GIB);
+    charts::stacked_bars(&StackedBars {
+        title: format!("Memory per GPU ({}, {focus} GPUs)", first.name()),
+        x_desc: "context (tokens)".into(),
+        y_desc: "memory per GPU (GiB)".into(),
+        categories: mem_pts
+            .iter()
+            .map(|p| fmt_tokens(p.context_tokens))
+            .collect(),
+        layers,
+        limit: hbm.map(|h| (format!("GPU memory {h:.0} GiB"), h)),
+        y_fmt: &y_gib,
+    })
+}
+
+/// Every (context, strategy) point at the focus GPU count: its best plan, or why none fits.
+fn best_plans_table(d: &ReportData, model: &str, topo: &str) -> Table {
+    let focus = d.grid.focus_gpus;
+    let rows: Vec<Vec<String>> = d
+        .points
+        .iter()
+        .filter(|p| p.model == model && p.topology == topo && p.gpus == focus)
+        .map(|p| {
+            let o = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+            vec![
+                fmt_tokens(p.context_tokens),
+                p.strategy.name().into(),
+                if p.feasible {
+                    o(p.layout.clone())
+                } else {
+                    format!("does not fit: {}", o(p.reason.clone()))
+                },
+                o(p.recompute.map(|r| r.as_str().to_string())),
+                o(p.zero_stage.map(|z| z.to_string())),
+                o(p.step_time_s.map(|v| format!("{v:.2}"))),
+                o(p.tokens_per_s.map(fmt_rate)),
+                o(p.mfu.map(fmt_pct)),
+                o(p.memory_per_gpu_bytes.map(|v| format!("{:.1}", v / GIB))),
+                o(p.exposed_comm_share.map(fmt_pct)),
+            ]
+        })
+        .collect();
+    Table {
+        caption: format!("Best plan per context and strategy ({focus} GPUs)"),
+        header: [
+            "context",
+            "strategy",
+            "layout",
+            "recompute",
+            "ZeRO",
+            "step (s)",
+            "tokens/s",
+            "MFU",
+            "memory (GiB)",
+            "exposed comm",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows,
+    }
 }
 
 /// Reads one component of a memory breakdown.
@@ -1116,8 +1169,8 @@ pub fn create_dir(dir: &Path) -> Result<()> {
 }
 
 /// Runs `mmsp report`: sweep, render, write the files; returns the HTML path.
-pub fn run(a: &ReportArgs) -> Result<PathBuf> {
-    let grid = Grid::from_args(a)?;
+pub fn run(a: &ReportRequest) -> Result<PathBuf> {
+    let grid = Grid::from_request(a)?;
     let data = sweep(&grid, a.quiet)?;
     create_dir(&a.out)?;
     let page = build_page(&data)?;

@@ -147,6 +147,109 @@ const H100_PEAK: f64 = 989.0;
 const DEFAULT_GEMM_FRACTION: f64 = 797.0 / H100_PEAK;
 const DEFAULT_ATTENTION_FRACTION: f64 = 520.0 / H100_PEAK;
 
+/// An error in the topology file at `path`.
+fn parse_error(path: &str, msg: String) -> Error {
+    Error::Parse {
+        path: path.into(),
+        msg,
+    }
+}
+
+/// `v` if it is a positive (finite) number, else an error naming `field`.
+fn positive(v: f64, field: &str, path: &str) -> Result<f64> {
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(parse_error(
+            path,
+            format!("{field} must be a positive number, got {v}"),
+        ))
+    }
+}
+
+/// An efficiency in (0, 1], or `default` when not given.
+fn fraction(v: Option<f64>, field: &str, default: f64, path: &str) -> Result<f64> {
+    match v {
+        None => Ok(default),
+        Some(x) if x > 0.0 && x <= 1.0 => Ok(x),
+        Some(x) => Err(parse_error(
+            path,
+            format!("{field} must be in (0, 1], got {x}"),
+        )),
+    }
+}
+
+impl RawCluster {
+    /// Checks the GPU, fabric and network figures, in this order: the rates and sizes
+    /// positive, the counts at least 1, the oversubscription at least 1, the fabric domain
+    /// against the node.
+    fn check(&self, path: &str) -> Result<()> {
+        let bad = |msg: String| parse_error(path, msg);
+        positive(self.gpu.peak_bf16_tflops, "gpu.peak_bf16_tflops", path)?;
+        positive(self.gpu.hbm_gib, "gpu.hbm_gib", path)?;
+        positive(self.gpu.hbm_tbps, "gpu.hbm_tbps", path)?;
+        positive(self.fabric.gbps_per_gpu, "fabric.gbps_per_gpu", path)?;
+        positive(self.network.nic_gbps, "network.nic_gbps", path)?;
+        if self.node.gpus == 0
+            || self.network.nics_per_node == 0
+            || self.network.nodes_per_leaf == 0
+        {
+            return Err(bad(
+                "node.gpus, network.nics_per_node and network.nodes_per_leaf must be >= 1".into(),
+            ));
+        }
+        if self.network.oversubscription < 1.0 {
+            return Err(bad(format!(
+                "network.oversubscription is downlink:uplink and must be >= 1, got {}",
+                self.network.oversubscription
+            )));
+        }
+        let d = self.fabric.domain_gpus;
+        let g = self.node.gpus;
+        if d == 0 || (!d.is_multiple_of(g) && !g.is_multiple_of(d)) {
+            return Err(bad(format!(
+                "fabric.domain_gpus ({d}) must divide, or be a multiple of, node.gpus ({g})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The node's fabric: NVSwitch, or PCIe switches with their GPUs and uplink (a PCIe
+    /// fabric's domain is one node).
+    fn fabric_kind(&self, path: &str) -> Result<Fabric> {
+        let bad = |msg: String| parse_error(path, msg);
+        let (d, g) = (self.fabric.domain_gpus, self.node.gpus);
+        match self.fabric.kind.as_str() {
+            "nvswitch" => Ok(Fabric::NvSwitch),
+            "pcie" => {
+                let per = self.fabric.gpus_per_switch.unwrap_or(g);
+                let up = self
+                    .fabric
+                    .uplink_gbps
+                    .map(f64::from)
+                    .unwrap_or(self.fabric.gbps_per_gpu);
+                if per == 0 || !g.is_multiple_of(per) {
+                    return Err(bad(format!(
+                        "fabric.gpus_per_switch ({per}) must divide node.gpus ({g})"
+                    )));
+                }
+                if d != g {
+                    return Err(bad(
+                        "a pcie fabric's domain is one node: domain_gpus = node.gpus".into(),
+                    ));
+                }
+                Ok(Fabric::Pcie {
+                    gpus_per_switch: per,
+                    uplink_gbps: up,
+                })
+            }
+            other => Err(bad(format!(
+                "fabric.kind '{other}' is not one of: nvswitch, pcie"
+            ))),
+        }
+    }
+}
+
 impl ClusterSpec {
     /// A shipped topology by name, or a TOML file by path.
     pub fn load(arg: &str) -> Result<Self> {
@@ -173,82 +276,17 @@ impl ClusterSpec {
             path: path.into(),
             msg: one_line(&e.to_string()),
         })?;
-        let bad = |msg: String| Error::Parse {
-            path: path.into(),
-            msg,
-        };
-        let pos = |v: f64, field: &str| {
-            if v.is_finite() && v > 0.0 {
-                Ok(v)
-            } else {
-                Err(bad(format!("{field} must be a positive number, got {v}")))
-            }
-        };
-        pos(raw.gpu.peak_bf16_tflops, "gpu.peak_bf16_tflops")?;
-        pos(raw.gpu.hbm_gib, "gpu.hbm_gib")?;
-        pos(raw.gpu.hbm_tbps, "gpu.hbm_tbps")?;
-        pos(raw.fabric.gbps_per_gpu, "fabric.gbps_per_gpu")?;
-        pos(raw.network.nic_gbps, "network.nic_gbps")?;
-        if raw.node.gpus == 0 || raw.network.nics_per_node == 0 || raw.network.nodes_per_leaf == 0 {
-            return Err(bad(
-                "node.gpus, network.nics_per_node and network.nodes_per_leaf must be >= 1".into(),
-            ));
-        }
-        if raw.network.oversubscription < 1.0 {
-            return Err(bad(format!(
-                "network.oversubscription is downlink:uplink and must be >= 1, got {}",
-                raw.network.oversubscription
-            )));
-        }
-        let d = raw.fabric.domain_gpus;
-        let g = raw.node.gpus;
-        if d == 0 || (!d.is_multiple_of(g) && !g.is_multiple_of(d)) {
-            return Err(bad(format!(
-                "fabric.domain_gpus ({d}) must divide, or be a multiple of, node.gpus ({g})"
-            )));
-        }
-        let fabric = match raw.fabric.kind.as_str() {
-            "nvswitch" => Fabric::NvSwitch,
-            "pcie" => {
-                let per = raw.fabric.gpus_per_switch.unwrap_or(g);
-                let up = raw
-                    .fabric
-                    .uplink_gbps
-                    .map(f64::from)
-                    .unwrap_or(raw.fabric.gbps_per_gpu);
-                if per == 0 || !g.is_multiple_of(per) {
-                    return Err(bad(format!(
-                        "fabric.gpus_per_switch ({per}) must divide node.gpus ({g})"
-                    )));
-                }
-                if d != g {
-                    return Err(bad(
-                        "a pcie fabric's domain is one node: domain_gpus = node.gpus".into(),
-                    ));
-                }
-                Fabric::Pcie {
-                    gpus_per_switch: per,
-                    uplink_gbps: up,
-                }
-            }
-            other => {
-                return Err(bad(format!(
-                    "fabric.kind '{other}' is not one of: nvswitch, pcie"
-                )))
-            }
-        };
-        let frac = |v: Option<f64>, field: &str, default: f64| match v {
-            None => Ok(default),
-            Some(x) if x > 0.0 && x <= 1.0 => Ok(x),
-            Some(x) => Err(bad(format!("{field} must be in (0, 1], got {x}"))),
-        };
+        let bad = |msg: String| parse_error(path, msg);
+        raw.check(path)?;
+        let (d, g) = (raw.fabric.domain_gpus, raw.node.gpus);
+        let fabric = raw.fabric_kind(path)?;
         let peak = raw.gpu.peak_bf16_tflops * 1e12;
         let gemm = match raw.efficiency.gemm_tflops {
-            Some(t) => pos(t, "efficiency.gemm_tflops")? * 1e12,
+            Some(t) => positive(t, "efficiency.gemm_tflops", path)? * 1e12,
             None => peak * DEFAULT_GEMM_FRACTION,
         };
         let attn = match raw.efficiency.attention_tflops {
-            Some(t) => pos(t, "efficiency.attention_tflops")? * 1e12,
+            Some(t) => positive(t, "efficiency.attention_tflops", path)? * 1e12,
             None => peak * DEFAULT_ATTENTION_FRACTION,
         };
         let calibration = match &raw.efficiency.calibration {
@@ -277,16 +315,18 @@ impl ClusterSpec {
             oversubscription: raw.network.oversubscription,
             gemm_flops: gemm,
             attention_flops: attn,
-            fabric_efficiency: frac(
+            fabric_efficiency: fraction(
                 raw.efficiency.fabric_efficiency,
                 "efficiency.fabric_efficiency",
                 0.8,
+                path,
             )?,
             calibration: None,
-            network_efficiency: frac(
+            network_efficiency: fraction(
                 raw.efficiency.network_efficiency,
                 "efficiency.network_efficiency",
                 0.9,
+                path,
             )?,
         };
         if let Some(c) = calibration {
