@@ -384,6 +384,18 @@ pub(crate) fn simulate_micro(
     collapse: bool,
     cap: u64,
 ) -> crate::Result<SimResult> {
+    simulate_opts(topo, t, collapse, cap, true)
+}
+
+/// [`simulate_micro`]; `merge_links = false` shares bandwidth over every directed link
+/// instead of over classes of alike links ([`engine::Engine::merge_links`]).
+pub(crate) fn simulate_opts(
+    topo: &Topology,
+    t: &Terms,
+    collapse: bool,
+    cap: u64,
+    merge_links: bool,
+) -> crate::Result<SimResult> {
     let world = t.layout.world();
     let ranks: Vec<u32> = if collapse {
         vec![0]
@@ -406,6 +418,7 @@ pub(crate) fn simulate_micro(
             RING_GROUPS
         },
     };
+    b.eng.merge_links = merge_links;
     let lay = t.layout;
     let gf = lay.grad_family();
     let layers = t.layers;
