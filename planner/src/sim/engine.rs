@@ -307,7 +307,7 @@ impl Engine {
                     ),
                 ));
             }
-            let dt = t_next - now;
+            let (dt, before) = (t_next - now, now);
             now = t_next;
             let eps = 1e-12 * now.max(1.0);
             let mut finished: Vec<usize> = Vec::new();
@@ -331,7 +331,10 @@ impl Engine {
             let mut keep = Vec::with_capacity(fluid.len());
             for (k, &(i, rem)) in fluid.iter().enumerate() {
                 let left = rem - rates[k] * dt;
-                if left <= 1e-9 * self.scale(i).max(1.0) {
+                // The transfer that set `t_next` ends now even where `before + rem / rate`
+                // rounds to `before` (a transfer far shorter than a ulp of the clock), which
+                // would otherwise leave the clock stuck.
+                if left <= 1e-9 * self.scale(i).max(1.0) || before + rem / rates[k] <= t_next {
                     finished.push(i);
                 } else {
                     keep.push((i, left));
@@ -586,6 +589,29 @@ mod tests {
         ));
         let err = e.run().unwrap_err().to_string();
         assert!(err.contains("1 of 2 operations done"), "{err}");
+    }
+
+    /// A transfer far shorter than a ulp of the clock (1 ps after 10^6 s) still ends: the
+    /// clock used to stay put and the loop spin forever (`plan --gpus 65536 --context 16`).
+    #[test]
+    fn a_transfer_shorter_than_the_clock_resolution_ends() {
+        let mut e = Engine::new(vec![1e15], 1);
+        let a = e.push(op(
+            "c",
+            vec![0],
+            Stream::Compute,
+            Work::Compute { secs: 1e6 },
+            vec![],
+        ));
+        e.push(op(
+            "send",
+            vec![0],
+            Stream::Ring,
+            comm(vec![(0, 1.0)], 1e3, 0.0),
+            vec![a],
+        ));
+        let s = e.run().unwrap();
+        assert_eq!(s.makespan, 1e6);
     }
 
     /// 4-rank all-to-all on a non-blocking switch: each rank sends 3/4 of 8 bytes over its
