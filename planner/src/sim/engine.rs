@@ -251,6 +251,9 @@ impl Engine {
         let mut now = 0.0f64;
         let mut max_util: f64 = 0.0;
         let net = Net::new(&self.ops, &self.caps, self.merge_links);
+        // Buffers reused from event to event.
+        let (mut rates, mut frozen) = (Vec::new(), Vec::new());
+        let (mut finished, mut entering, mut keep) = (Vec::new(), Vec::new(), Vec::new());
         let mut used = vec![0.0; net.caps.len()];
         let mut demand = vec![0.0; net.caps.len()];
         let is_ready = |i: usize, head: &Vec<usize>, pending: &Vec<usize>, started: &Vec<bool>| {
@@ -283,7 +286,14 @@ impl Engine {
             // Rates of fluid transfers (max-min fair progressive filling).
             // A rate of 0 (a link of no capacity) leaves its transfer unfinishable: the next
             // event is then at infinity, an error below.
-            let rates = fair_rates(&net, &fluid, &mut used, &mut demand);
+            fair_rates(
+                &net,
+                &fluid,
+                &mut used,
+                &mut demand,
+                &mut rates,
+                &mut frozen,
+            );
             if fluid.len() > 1 {
                 max_util = max_util.max(utilisation(&net, &fluid, &rates, &mut used));
             } else if !fluid.is_empty() {
@@ -310,7 +320,7 @@ impl Engine {
             let (dt, before) = (t_next - now, now);
             now = t_next;
             let eps = 1e-12 * now.max(1.0);
-            let mut finished: Vec<usize> = Vec::new();
+            finished.clear();
             running_compute.retain(|&(i, t)| {
                 if t <= now + eps {
                     finished.push(i);
@@ -319,7 +329,7 @@ impl Engine {
                     true
                 }
             });
-            let mut entering = Vec::new();
+            entering.clear();
             latency_wait.retain(|&(i, t)| {
                 if t <= now + eps {
                     entering.push(i);
@@ -328,7 +338,7 @@ impl Engine {
                     true
                 }
             });
-            let mut keep = Vec::with_capacity(fluid.len());
+            keep.clear();
             for (k, &(i, rem)) in fluid.iter().enumerate() {
                 let left = rem - rates[k] * dt;
                 // The transfer that set `t_next` ends now even where `before + rem / rate`
@@ -340,8 +350,8 @@ impl Engine {
                     keep.push((i, left));
                 }
             }
-            fluid = keep;
-            for i in entering {
+            std::mem::swap(&mut fluid, &mut keep);
+            for &i in &entering {
                 let s = self.scale(i);
                 if s > 0.0 && self.has_links(i) {
                     fluid.push((i, s));
@@ -349,7 +359,7 @@ impl Engine {
                     finished.push(i);
                 }
             }
-            for i in finished {
+            for &i in &finished {
                 end[i] = now;
                 done += 1;
                 if let Work::Comm { scale, .. } = &self.ops[i].work {
@@ -393,9 +403,17 @@ impl Engine {
 
 /// Progressive filling: raise all unfrozen transfers' rates (in units of `scale` per second)
 /// together until a link class saturates; freeze the transfers crossing it; repeat.
-fn fair_rates(net: &Net, fluid: &[(usize, f64)], used: &mut [f64], demand: &mut [f64]) -> Vec<f64> {
+fn fair_rates(
+    net: &Net,
+    fluid: &[(usize, f64)],
+    used: &mut [f64],
+    demand: &mut [f64],
+    rate: &mut Vec<f64>,
+    frozen: &mut Vec<bool>,
+) {
     let m = fluid.len();
-    let mut rate = vec![0.0; m];
+    rate.clear();
+    rate.resize(m, 0.0);
     if m == 1 {
         // Alone on the network: limited by its most loaded link.
         rate[0] = net
@@ -403,7 +421,7 @@ fn fair_rates(net: &Net, fluid: &[(usize, f64)], used: &mut [f64], demand: &mut 
             .iter()
             .map(|&(e, l)| net.caps[e] / l)
             .fold(f64::INFINITY, f64::min);
-        return rate;
+        return;
     }
     let mut touched: Vec<usize> = Vec::new();
     for &(i, _) in fluid {
@@ -417,7 +435,8 @@ fn fair_rates(net: &Net, fluid: &[(usize, f64)], used: &mut [f64], demand: &mut 
     for &e in &touched {
         used[e] = 0.0;
     }
-    let mut frozen = vec![false; m];
+    frozen.clear();
+    frozen.resize(m, false);
     while frozen.iter().any(|f| !f) {
         for &e in &touched {
             demand[e] = 0.0;
@@ -465,7 +484,6 @@ fn fair_rates(net: &Net, fluid: &[(usize, f64)], used: &mut [f64], demand: &mut 
         used[e] = 0.0;
         demand[e] = 0.0;
     }
-    rate
 }
 
 /// Highest utilisation of any link under the given rates.
