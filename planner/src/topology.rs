@@ -3,6 +3,8 @@
 //! routed over it (tree routing through the lowest common switch) and every link's load is
 //! accumulated, so the time of a collective phase is set by its most loaded link: where a group
 //! is placed (a Ulysses group inside one NVLink domain, or spanning nodes) decides its cost.
+//! All-to-alls are counted per link from the tree's subtrees ([`a2a`]), equal to routing every
+//! pair.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -3,7 +3,9 @@
 //! dependencies. Compute ops take a fixed time. Communication ops first wait their latency,
 //! then move bytes over the directed links of the topology as a fluid: concurrent transfers
 //! share every link max-min fairly (progressive filling, Bertsekas & Gallager, "Data
-//! Networks", Sec. 6.5.2), so contention and overlap emerge from the schedule.
+//! Networks", Sec. 6.5.2), so contention and overlap emerge from the schedule. The sharing
+//! runs over classes of links that every pattern of the step loads alike ([`Net`]), which
+//! gives the per-link rates exactly at a fraction of the cost on large clusters.
 
 use crate::{Error, Result};
 use std::sync::Arc;
