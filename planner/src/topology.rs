@@ -132,6 +132,8 @@ pub struct Topology {
     domain_of: Vec<u32>,
     /// The latency every link of a plane (fabric, network) shares, if they share one.
     plane_latency: [Option<f64>; 2],
+    /// Route every all-to-all pair instead of counting (the slow path tests compare with).
+    route_all_to_alls: bool,
     cache: Mutex<HashMap<(Pattern, GroupFamily), PhaseCost>>,
     loads_cache: Mutex<HashMap<(Pattern, GroupFamily), Arc<Loads>>>,
 }
@@ -250,6 +252,7 @@ impl Topology {
         ];
         Topology {
             plane_latency,
+            route_all_to_alls: false,
             spec: spec.clone(),
             world,
             graph: g,
@@ -299,6 +302,13 @@ impl Topology {
                 chain
             })
             .collect()
+    }
+
+    /// The same topology routing every all-to-all pair instead of counting link loads (slow;
+    /// what tests hold the counted loads to).
+    pub fn routing_all_to_alls(mut self) -> Self {
+        self.route_all_to_alls = true;
+        self
     }
 
     /// Whether two ranks share a fabric domain (NVLink domain, or PCIe node).
@@ -407,7 +417,7 @@ impl Topology {
 
     /// [`Topology::groups_loads`] with the loads of every directed link, zero or not.
     fn groups_dense(&self, pattern: Pattern, groups: &[Vec<u32>]) -> (Vec<f64>, f64) {
-        if pattern == Pattern::AllToAll {
+        if pattern == Pattern::AllToAll && !self.route_all_to_alls {
             if let Some(l) = self.all_to_all_counted(groups) {
                 return l;
             }

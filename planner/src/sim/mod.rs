@@ -384,7 +384,22 @@ pub(crate) fn simulate_micro(
     collapse: bool,
     cap: u64,
 ) -> crate::Result<SimResult> {
-    simulate_opts(topo, t, collapse, cap, true)
+    simulate_opts(topo, t, collapse, cap, MERGE_LINKS.with(|m| m.get()))
+}
+
+thread_local! {
+    /// Whether this thread's simulations share bandwidth over link classes (the default) or
+    /// over every link ([`per_link_sharing`]: the slow path tests compare plans with).
+    static MERGE_LINKS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Runs `f` with this thread's simulations sharing bandwidth over every directed link instead
+/// of over classes of alike links (slow; the reference for tests of whole plans).
+pub fn per_link_sharing<T>(f: impl FnOnce() -> T) -> T {
+    let before = MERGE_LINKS.with(|m| m.replace(false));
+    let out = f();
+    MERGE_LINKS.with(|m| m.set(before));
+    out
 }
 
 /// [`simulate_micro`]; `merge_links = false` shares bandwidth over every directed link
