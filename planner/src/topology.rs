@@ -272,9 +272,12 @@ impl Topology {
         roots: &[NodeIndex],
         plane: Plane,
     ) -> Vec<Vec<(EdgeIndex, NodeIndex)>> {
-        let mut parent: HashMap<NodeIndex, (EdgeIndex, NodeIndex)> = HashMap::new();
+        let mut parent: Vec<Option<(EdgeIndex, NodeIndex)>> = vec![None; g.node_count()];
         let mut queue: std::collections::VecDeque<NodeIndex> = roots.iter().copied().collect();
-        let mut seen: std::collections::HashSet<NodeIndex> = roots.iter().copied().collect();
+        let mut seen = vec![false; g.node_count()];
+        for r in roots {
+            seen[r.index()] = true;
+        }
         while let Some(v) = queue.pop_front() {
             for e in g.edges(v) {
                 if e.weight().plane != plane {
@@ -285,8 +288,8 @@ impl Topology {
                 } else {
                     e.source()
                 };
-                if seen.insert(w) {
-                    parent.insert(w, (e.id(), v));
+                if !std::mem::replace(&mut seen[w.index()], true) {
+                    parent[w.index()] = Some((e.id(), v));
                     queue.push_back(w);
                 }
             }
@@ -295,7 +298,7 @@ impl Topology {
             .map(|&gpu| {
                 let mut chain = Vec::new();
                 let mut v = gpu;
-                while let Some(&(e, p)) = parent.get(&v) {
+                while let Some((e, p)) = parent[v.index()] {
                     chain.push((e, p));
                     v = p;
                 }
