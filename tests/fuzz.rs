@@ -666,3 +666,79 @@ fn mutated_inputs_never_panic_hang_or_answer_garbage() {
         failures.join("\n")
     );
 }
+
+/// The inputs the fuzz test found faults with (issue 17), each refused with exit code 2 in
+/// well under the bound: a context of "1e-308K" (a campaign divided by zero), 2^64 - 1 frames
+/// in a sample and 2^32 - 1 frames per campaign sample (capacity overflow, a 34 GB
+/// allocation), a frame 2^32 - 1 pixels tall (24 s), 1e-308 GB/s links ("inf" step times) and
+/// a 1e308 GB/s calibration point ("NaN" step times).
+#[test]
+fn inputs_the_fuzz_test_found_are_refused() {
+    let dir = std::env::temp_dir().join(format!("mmsp-fuzz-found-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let read = |p: &str| std::fs::read_to_string(root().join(p)).unwrap();
+    let write = |name: &str, text: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let campaign = read("examples/campaign.toml");
+    let samples = read("examples/samples.jsonl");
+    let topo = read("topologies/gb200-nvl72.toml");
+    let calibration = read("calibration/h100-sxm.json");
+    let cases: Vec<Vec<String>> = vec![
+        {
+            let r = write("a.toml", campaign.replacen("\"256K\"", "\"1e-308K\"", 1));
+            s(&["campaign", &r, "--out", dir.join("a").to_str().unwrap()])
+        },
+        {
+            let r = write("b.toml", campaign.replacen("= 1024", "= 4294967295", 1));
+            s(&["campaign", &r, "--out", dir.join("b").to_str().unwrap()])
+        },
+        {
+            let m = samples.replacen("\"frames\": 32", "\"frames\": 18446744073709551615", 1);
+            s(&["plan", "--gpus", "128", "--samples", &write("c.jsonl", m)])
+        },
+        {
+            let m = samples.replacen("[448, 448]", "[4294967295, 448]", 1);
+            s(&["plan", "--gpus", "128", "--samples", &write("d.jsonl", m)])
+        },
+        {
+            let t = topo.replacen("gbps_per_gpu = 900.0", "gbps_per_gpu = 1e-308", 1);
+            s(&[
+                "plan",
+                "--gpus",
+                "72",
+                "--context",
+                "256K",
+                "--topology",
+                &write("e.toml", t),
+            ])
+        },
+        {
+            let mut c: Value = serde_json::from_str(&calibration).unwrap();
+            for p in c["memory_bandwidth"].as_array_mut().unwrap() {
+                p["gb_per_s"] = serde_json::json!(1e308);
+            }
+            let f = write("f.json", c.to_string());
+            s(&[
+                "plan",
+                "--gpus",
+                "8",
+                "--context",
+                "128K",
+                "--calibration",
+                &f,
+            ])
+        },
+    ];
+    for (k, args) in cases.iter().enumerate() {
+        let o = run(args, &dir, Duration::from_secs(20));
+        assert_eq!(fault(&o, ""), None, "case {k}: {args:?}: {}", o.stderr);
+        // The calibration's absurd points are skipped like failed measurements (a plan);
+        // every other input is refused.
+        let expect = if k == 5 { 0 } else { 2 };
+        assert_eq!(o.code, Some(expect), "case {k}: {args:?}: {}", o.stderr);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -265,11 +265,11 @@ pub fn search(
     search_with(topo, model, req, mm, true)
 }
 
-/// [`search`]; with `exact_misses = false` a candidate that does not fit in memory without its
-/// vision stage is ruled out without costing the stage (the stage only adds memory: its
-/// activations and encoder states), so the memory a miss records is then a lower bound. The
-/// feasible candidates and their ranking are the same; [`fewest_gpus_for`], which only asks
-/// whether any fits, uses it: costing the stage (its frame balancing over every rank) for
+/// [`search`]; with `exact_misses = false` only whether some candidate fits is asked for: the
+/// search stops at the first that fits, and a candidate that does not fit in memory without
+/// its vision stage is ruled out without costing the stage (the stage only adds memory: its
+/// activations and encoder states; the memory a miss records is then a lower bound).
+/// [`fewest_gpus_for`] uses it: costing the stage (its frame balancing over every rank) for
 /// every candidate of every doubling made a manifest of enormous frames take 24 s to refuse.
 fn search_with(
     topo: &Topology,
@@ -311,10 +311,15 @@ fn search_with(
             }
         }
         match evaluate(topo, &w, &c) {
-            Ok(estimate) => ranked.push(Scored {
-                candidate: c,
-                estimate,
-            }),
+            Ok(estimate) => {
+                ranked.push(Scored {
+                    candidate: c,
+                    estimate,
+                });
+                if !exact_misses {
+                    break;
+                }
+            }
             Err(e) => infeasible.push((c, e)),
         }
     }

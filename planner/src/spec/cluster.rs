@@ -178,10 +178,16 @@ impl ClusterSpec {
             msg,
         };
         let pos = |v: f64, field: &str| {
-            if v.is_finite() && v > 0.0 {
-                Ok(v)
-            } else {
+            if !(v.is_finite() && v > 0.0) {
                 Err(bad(format!("{field} must be a positive number, got {v}")))
+            } else if !(1e-6..=1e9).contains(&v) {
+                // 1e-308 GB/s passes as positive but makes every transfer take forever (the
+                // fuzz test printed "inf" step times).
+                Err(bad(format!(
+                    "{field} = {v:e} is outside the plausible 1e-6 to 1e9"
+                )))
+            } else {
+                Ok(v)
             }
         };
         pos(raw.gpu.peak_bf16_tflops, "gpu.peak_bf16_tflops")?;
