@@ -670,7 +670,8 @@ fn mutated_inputs_never_panic_hang_or_answer_garbage() {
 /// The inputs the fuzz test found faults with (issue 17), each refused with exit code 2 in
 /// well under the bound: a context of "1e-308K" (a campaign divided by zero), 2^64 - 1 frames
 /// in a sample and 2^32 - 1 frames per campaign sample (capacity overflow, a 34 GB
-/// allocation), a frame 2^32 - 1 pixels tall (24 s), 1e-308 GB/s links ("inf" step times) and
+/// allocation), a frame 2^32 - 1 pixels tall (24 s), 1e-308 GB/s links ("inf" step times),
+/// 2^32 - 1 NICs per node (an abort on memory) and
 /// a 1e308 GB/s calibration point ("NaN" step times).
 #[test]
 fn inputs_the_fuzz_test_found_are_refused() {
@@ -716,6 +717,18 @@ fn inputs_the_fuzz_test_found_are_refused() {
             ])
         },
         {
+            let t = topo.replacen("nics_per_node = 4", "nics_per_node = 4294967295", 1);
+            s(&[
+                "plan",
+                "--gpus",
+                "144",
+                "--context",
+                "256K",
+                "--topology",
+                &write("g.toml", t),
+            ])
+        },
+        {
             let mut c: Value = serde_json::from_str(&calibration).unwrap();
             for p in c["memory_bandwidth"].as_array_mut().unwrap() {
                 p["gb_per_s"] = serde_json::json!(1e308);
@@ -737,7 +750,7 @@ fn inputs_the_fuzz_test_found_are_refused() {
         assert_eq!(fault(&o, ""), None, "case {k}: {args:?}: {}", o.stderr);
         // The calibration's absurd points are skipped like failed measurements (a plan);
         // every other input is refused.
-        let expect = if k == 5 { 0 } else { 2 };
+        let expect = if k == 6 { 0 } else { 2 };
         assert_eq!(o.code, Some(expect), "case {k}: {args:?}: {}", o.stderr);
     }
     let _ = std::fs::remove_dir_all(&dir);

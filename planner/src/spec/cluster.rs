@@ -200,6 +200,13 @@ impl ClusterSpec {
                 "node.gpus, network.nics_per_node and network.nodes_per_leaf must be >= 1".into(),
             ));
         }
+        if raw.network.nics_per_node > 256 {
+            // The graph holds a vertex per NIC: 2^32 - 1 of them aborted on memory (fuzz test).
+            return Err(bad(format!(
+                "network.nics_per_node must be at most 256, got {}",
+                raw.network.nics_per_node
+            )));
+        }
         if raw.network.oversubscription < 1.0 {
             return Err(bad(format!(
                 "network.oversubscription is downlink:uplink and must be >= 1, got {}",
