@@ -131,7 +131,7 @@ fn is_layout_op(op: Option<&str>) -> bool {
 fn attention_curves(raw: &[RawAttention]) -> [Vec<(f64, f64)>; 2] {
     let mut best: std::collections::BTreeMap<(bool, u64, u64), f64> = Default::default();
     for a in raw {
-        if let Some(t) = a.tflops.filter(|t| t.is_finite() && *t > 0.0) {
+        if let Some(t) = a.tflops.filter(|&t| plausible(t)) {
             let e = best
                 .entry((a.causal, a.heads as u64, a.tokens as u64))
                 .or_default();
@@ -165,7 +165,7 @@ fn ring_bus_bandwidth(c: &RawCollectives) -> Option<(f64, u32)> {
         .points
         .iter()
         .filter(|p| matches!(p.op.as_str(), "all_gather" | "reduce_scatter"))
-        .filter(|p| p.bus_gb_per_s.is_finite() && p.bus_gb_per_s > 0.0)
+        .filter(|p| plausible(p.bus_gb_per_s))
         .collect();
     let top = ring.iter().map(|p| p.bytes).fold(0.0, f64::max);
     let at: Vec<f64> = ring
@@ -242,7 +242,7 @@ impl Calibration {
                 .filter(move |g| (g.proj.as_deref() == Some("lm_head")) == head)
                 .filter_map(|g| {
                     g.tflops
-                        .filter(|t| t.is_finite() && *t > 0.0)
+                        .filter(|&t| plausible(t))
                         .map(|t| (g.tokens as u64, t * 1e12))
                 })
         };
@@ -258,7 +258,7 @@ impl Calibration {
                 .filter(|b| b.bytes.is_finite() && b.bytes >= 1.0)
                 .filter_map(|b| {
                     b.gb_per_s
-                        .filter(|g| g.is_finite() && *g > 0.0)
+                        .filter(|&g| plausible(g))
                         .map(|g| (b.bytes as u64, g * 1e9))
                 })
         };
@@ -385,6 +385,13 @@ impl Calibration {
         let work = heads.max(1.0) * tokens.max(1.0).powi(2);
         interp(&self.attention[usize::from(causal)], work.ln())
     }
+}
+
+/// A measured rate (TFLOP/s or GB/s) that a GPU can reach: positive, finite and below 10^6
+/// (a petabyte or exaflop per second). Points outside are skipped like failed measurements: a
+/// file with 1e308 GB/s made every memory-bound time 0 and the step "NaN" (fuzz test).
+fn plausible(rate: f64) -> bool {
+    rate.is_finite() && rate > 0.0 && rate <= 1e6
 }
 
 #[cfg(test)]

@@ -88,8 +88,33 @@ pub struct VisionPlan {
     pub stage: VisionStage,
 }
 
+/// The most frames one sample may hold (2^20).
+pub const MAX_FRAMES_PER_SAMPLE: u64 = 1 << 20;
+/// The most text tokens one sample may hold (2^40, about the 10^15-token bound of a context).
+pub const MAX_TEXT_TOKENS: u64 = 1 << 40;
+
 impl MultiModal {
     pub fn new(vision: VisionSpec, samples: Vec<Sample>, train_vision: bool) -> Result<Self> {
+        // The planner keeps a record per frame (its resolution, its rank): an absurd count
+        // would exhaust memory instead of being refused (the fuzz test found 2^64 - 1 frames).
+        if let Some(s) = samples.iter().find(|s| s.frames > MAX_FRAMES_PER_SAMPLE) {
+            return Err(Error::invalid(
+                "frames",
+                format!(
+                    "{} frames in one sample is more than the {MAX_FRAMES_PER_SAMPLE} planned (about 11.6 hours at 25 frames per second)",
+                    s.frames
+                ),
+            ));
+        }
+        if let Some(s) = samples.iter().find(|s| s.text_tokens > MAX_TEXT_TOKENS) {
+            return Err(Error::invalid(
+                "text_tokens",
+                format!(
+                    "{} text tokens in one sample is more than the {MAX_TEXT_TOKENS} planned",
+                    s.text_tokens
+                ),
+            ));
+        }
         if samples.iter().all(|s| s.frames == 0) {
             return Err(Error::invalid(
                 "--frames",

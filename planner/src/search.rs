@@ -262,6 +262,22 @@ pub fn search(
     req: &Request,
     mm: Option<&MultiModal>,
 ) -> SearchResult {
+    search_with(topo, model, req, mm, true)
+}
+
+/// [`search`]; with `exact_misses = false` only whether some candidate fits is asked for: the
+/// search stops at the first that fits, and a candidate that does not fit in memory without
+/// its vision stage is ruled out without costing the stage (the stage only adds memory: its
+/// activations and encoder states; the memory a miss records is then a lower bound).
+/// [`fewest_gpus_for`] uses it: costing the stage (its frame balancing over every rank) for
+/// every candidate of every doubling made a manifest of enormous frames take 24 s to refuse.
+fn search_with(
+    topo: &Topology,
+    model: &ModelSpec,
+    req: &Request,
+    mm: Option<&MultiModal>,
+    exact_misses: bool,
+) -> SearchResult {
     let global_batch = req
         .global_batch
         .unwrap_or_else(|| default_global_batch(req.context));
@@ -280,6 +296,12 @@ pub fn search(
         let runnable = crate::cost::head_split(model, c.layout.tp, c.layout.ulysses).is_ok()
             && global_batch.is_multiple_of(u64::from(c.layout.dp) * u64::from(c.micro_batch));
         if let (Some(mm), true) = (mm, runnable) {
+            if !exact_misses {
+                if let Err(e @ Infeasible::Memory { .. }) = evaluate(topo, &w, &c) {
+                    infeasible.push((c, e));
+                    continue;
+                }
+            }
             match mm.stage(topo, model, &c.layout, w.context) {
                 Ok(v) => w.vision = Some(v),
                 Err(e) => {
@@ -289,10 +311,15 @@ pub fn search(
             }
         }
         match evaluate(topo, &w, &c) {
-            Ok(estimate) => ranked.push(Scored {
-                candidate: c,
-                estimate,
-            }),
+            Ok(estimate) => {
+                ranked.push(Scored {
+                    candidate: c,
+                    estimate,
+                });
+                if !exact_misses {
+                    break;
+                }
+            }
             Err(e) => infeasible.push((c, e)),
         }
     }
@@ -388,7 +415,7 @@ pub fn fewest_gpus_for(
             context,
             ..req.clone()
         };
-        if !search(&topo, model, &r, mm).ranked.is_empty() {
+        if !search_with(&topo, model, &r, mm, false).ranked.is_empty() {
             return Some(gpus);
         }
     }

@@ -3,6 +3,8 @@
 //! routed over it (tree routing through the lowest common switch) and every link's load is
 //! accumulated, so the time of a collective phase is set by its most loaded link: where a group
 //! is placed (a Ulysses group inside one NVLink domain, or spanning nodes) decides its cost.
+//! All-to-alls are counted per link from the tree's subtrees ([`a2a`]), equal to routing every
+//! pair.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,6 +13,8 @@ use petgraph::graph::{EdgeIndex, NodeIndex, UnGraph};
 use petgraph::visit::EdgeRef;
 
 use crate::spec::cluster::{ClusterSpec, Fabric};
+
+mod a2a;
 
 /// A vertex of the cluster graph.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +109,18 @@ impl GroupFamily {
     }
 }
 
+/// Sparse loads (links carrying something) from dense ones.
+fn sparse(load: Vec<f64>, latency_s: f64) -> Loads {
+    Loads {
+        per_link: load
+            .into_iter()
+            .enumerate()
+            .filter(|&(_, l)| l > 0.0)
+            .collect(),
+        latency_s,
+    }
+}
+
 /// The cluster graph for a given number of GPUs.
 pub struct Topology {
     pub spec: ClusterSpec,
@@ -114,6 +130,10 @@ pub struct Topology {
     /// Per GPU and plane: the chain of (edge, vertex reached) from the GPU up to the root.
     chains: [Vec<Vec<(EdgeIndex, NodeIndex)>>; 2],
     domain_of: Vec<u32>,
+    /// The latency every link of a plane (fabric, network) shares, if they share one.
+    plane_latency: [Option<f64>; 2],
+    /// Route every all-to-all pair instead of counting (the slow path tests compare with).
+    route_all_to_alls: bool,
     cache: Mutex<HashMap<(Pattern, GroupFamily), PhaseCost>>,
     loads_cache: Mutex<HashMap<(Pattern, GroupFamily), Arc<Loads>>>,
 }
@@ -142,7 +162,13 @@ impl Topology {
             Self::chains(&g, &gpu_nodes, &fabric_roots, Plane::Fabric),
             Self::chains(&g, &gpu_nodes, &network_roots, Plane::Network),
         ];
+        let plane_latency = [
+            a2a::shared_latency(&g, Plane::Fabric),
+            a2a::shared_latency(&g, Plane::Network),
+        ];
         Topology {
+            plane_latency,
+            route_all_to_alls: false,
             spec: spec.clone(),
             world,
             graph: g,
@@ -270,9 +296,12 @@ impl Topology {
         roots: &[NodeIndex],
         plane: Plane,
     ) -> Vec<Vec<(EdgeIndex, NodeIndex)>> {
-        let mut parent: HashMap<NodeIndex, (EdgeIndex, NodeIndex)> = HashMap::new();
+        let mut parent: Vec<Option<(EdgeIndex, NodeIndex)>> = vec![None; g.node_count()];
         let mut queue: std::collections::VecDeque<NodeIndex> = roots.iter().copied().collect();
-        let mut seen: std::collections::HashSet<NodeIndex> = roots.iter().copied().collect();
+        let mut seen = vec![false; g.node_count()];
+        for r in roots {
+            seen[r.index()] = true;
+        }
         while let Some(v) = queue.pop_front() {
             for e in g.edges(v) {
                 if e.weight().plane != plane {
@@ -283,8 +312,8 @@ impl Topology {
                 } else {
                     e.source()
                 };
-                if seen.insert(w) {
-                    parent.insert(w, (e.id(), v));
+                if !std::mem::replace(&mut seen[w.index()], true) {
+                    parent[w.index()] = Some((e.id(), v));
                     queue.push_back(w);
                 }
             }
@@ -293,13 +322,20 @@ impl Topology {
             .map(|&gpu| {
                 let mut chain = Vec::new();
                 let mut v = gpu;
-                while let Some(&(e, p)) = parent.get(&v) {
+                while let Some((e, p)) = parent[v.index()] {
                     chain.push((e, p));
                     v = p;
                 }
                 chain
             })
             .collect()
+    }
+
+    /// The same topology routing every all-to-all pair instead of counting link loads (slow;
+    /// what tests hold the counted loads to).
+    pub fn routing_all_to_alls(mut self) -> Self {
+        self.route_all_to_alls = true;
+        self
     }
 
     /// Whether two ranks share a fabric domain (NVLink domain, or PCIe node).
@@ -309,8 +345,15 @@ impl Topology {
 
     /// The directed links a transfer from `a` to `b` crosses: (edge, upward?) pairs.
     pub fn route(&self, a: u32, b: u32) -> Vec<(EdgeIndex, bool)> {
+        let mut path = Vec::new();
+        self.route_each(a, b, |e, up| path.push((e, up)));
+        path
+    }
+
+    /// Calls `f` on each directed link of [`Topology::route`], in order, without allocating.
+    fn route_each(&self, a: u32, b: u32, mut f: impl FnMut(EdgeIndex, bool)) {
         if a == b {
-            return Vec::new();
+            return;
         }
         let plane = if self.same_domain(a, b) { 0 } else { 1 };
         let ca = &self.chains[plane][a as usize];
@@ -319,32 +362,34 @@ impl Topology {
         let lca = (0..ca.len())
             .find(|&i| ca[i].1 == cb[i].1)
             .expect("two GPUs of one plane meet at its root");
-        let mut path: Vec<(EdgeIndex, bool)> = ca[..=lca].iter().map(|&(e, _)| (e, true)).collect();
-        path.extend(cb[..=lca].iter().rev().map(|&(e, _)| (e, false)));
-        path
+        for &(e, _) in &ca[..=lca] {
+            f(e, true);
+        }
+        for &(e, _) in cb[..=lca].iter().rev() {
+            f(e, false);
+        }
     }
 
     /// Routes a set of flows (src, dst, bytes) and returns the load each directed link carries
     /// (sparse, by directed-link index `2 * edge + upward`) and the longest path's latency.
     pub fn flows_loads(&self, flows: impl IntoIterator<Item = (u32, u32, f64)>) -> Loads {
+        let (load, latency) = self.flows_dense(flows);
+        sparse(load, latency)
+    }
+
+    /// [`Topology::flows_loads`] with the loads of every directed link, zero or not.
+    fn flows_dense(&self, flows: impl IntoIterator<Item = (u32, u32, f64)>) -> (Vec<f64>, f64) {
         let mut load = vec![0.0f64; 2 * self.graph.edge_count()];
         let mut latency: f64 = 0.0;
         for (a, b, bytes) in flows {
             let mut lat = 0.0;
-            for (e, up) in self.route(a, b) {
+            self.route_each(a, b, |e, up| {
                 load[2 * e.index() + usize::from(up)] += bytes;
                 lat += self.graph[e].latency_s;
-            }
+            });
             latency = latency.max(lat);
         }
-        Loads {
-            per_link: load
-                .into_iter()
-                .enumerate()
-                .filter(|&(_, l)| l > 0.0)
-                .collect(),
-            latency_s: latency,
-        }
+        (load, latency)
     }
 
     /// Capacity in bytes/s of a directed link (either direction of an edge).
@@ -365,9 +410,13 @@ impl Topology {
     /// A phase's time per byte alone on the network: its most loaded directed link's bytes
     /// over that link's capacity, plus the longest path's latency.
     pub fn loads_cost(&self, loads: &Loads) -> PhaseCost {
+        self.cost_of(loads.per_link.iter().copied(), loads.latency_s)
+    }
+
+    fn cost_of(&self, loads: impl Iterator<Item = (usize, f64)>, latency_s: f64) -> PhaseCost {
         let mut worst = 0.0;
         let mut bottleneck = None;
-        for &(i, l) in &loads.per_link {
+        for (i, l) in loads {
             let t = l / self.link_capacity(i);
             if t > worst {
                 worst = t;
@@ -376,7 +425,7 @@ impl Topology {
         }
         PhaseCost {
             s_per_byte: worst,
-            latency_s: loads.latency_s,
+            latency_s,
             bottleneck,
         }
     }
@@ -387,9 +436,32 @@ impl Topology {
     }
 
     /// Link loads of `pattern` run at once by the given groups, for 1 byte per rank.
+    /// All-to-alls are counted per link ([`a2a`]) rather than routed pair by pair.
     pub fn groups_loads(&self, pattern: Pattern, groups: &[Vec<u32>]) -> Loads {
+        let (load, latency) = self.groups_dense(pattern, groups);
+        sparse(load, latency)
+    }
+
+    /// [`Topology::groups_loads`] with the loads of every directed link, zero or not.
+    fn groups_dense(&self, pattern: Pattern, groups: &[Vec<u32>]) -> (Vec<f64>, f64) {
+        if pattern == Pattern::AllToAll && !self.route_all_to_alls {
+            if let Some(l) = self.all_to_all_counted(groups) {
+                return l;
+            }
+        }
+        self.groups_routed(pattern, groups)
+    }
+
+    /// [`Topology::groups_loads`] with every flow routed (the reference the counting is
+    /// tested against).
+    pub fn groups_loads_routed(&self, pattern: Pattern, groups: &[Vec<u32>]) -> Loads {
+        let (load, latency) = self.groups_routed(pattern, groups);
+        sparse(load, latency)
+    }
+
+    fn groups_routed(&self, pattern: Pattern, groups: &[Vec<u32>]) -> (Vec<f64>, f64) {
         match pattern {
-            Pattern::AllToAll => self.flows_loads(groups.iter().flat_map(|g| {
+            Pattern::AllToAll => self.flows_dense(groups.iter().flat_map(|g| {
                 let share = 1.0 / g.len() as f64;
                 g.iter().flat_map(move |&a| {
                     g.iter()
@@ -397,7 +469,7 @@ impl Topology {
                         .map(move |&b| (a, b, share))
                 })
             })),
-            Pattern::RingP2P => self.flows_loads(groups.iter().flat_map(|g| {
+            Pattern::RingP2P => self.flows_dense(groups.iter().flat_map(|g| {
                 let n = g.len();
                 (0..n)
                     .filter(move |_| n > 1)
@@ -441,7 +513,23 @@ impl Topology {
         {
             return c;
         }
-        let cost = self.loads_cost(&self.family_loads(pattern, family));
+        // The loads themselves are kept only for the simulator (`family_loads`): a search
+        // prices hundreds of families on large clusters, each a dense pass over the links.
+        let cost = match self
+            .loads_cache
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&(pattern, family)).cloned())
+        {
+            Some(l) => self.loads_cost(&l),
+            None => {
+                let (load, latency) = self.groups_dense(pattern, &family.groups(self.world));
+                self.cost_of(
+                    load.into_iter().enumerate().filter(|&(_, l)| l > 0.0),
+                    latency,
+                )
+            }
+        };
         if let Ok(mut c) = self.cache.lock() {
             c.insert((pattern, family), cost);
         }

@@ -40,6 +40,10 @@ pub fn parse_tokens(s: &str) -> Result<u64> {
     if (tokens - tokens.round()).abs() > 1e-6 {
         return Err(bad("is not a whole number of tokens"));
     }
+    if tokens.round() < 1.0 {
+        // "1e-308K" is positive but rounds to no token at all.
+        return Err(bad("must be at least one token"));
+    }
     Ok(tokens.round() as u64)
 }
 
@@ -88,6 +92,8 @@ mod tests {
         assert_eq!(parse_tokens("128k").unwrap(), 131072);
         assert_eq!(parse_tokens("2M").unwrap(), 2 * 1048576);
         assert_eq!(parse_tokens("1.5M").unwrap(), 1572864);
+        // Positive but no whole token (the fuzz test found it: a campaign divided by zero).
+        assert!(parse_tokens("1e-308K").is_err());
     }
 
     #[test]

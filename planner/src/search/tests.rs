@@ -259,3 +259,52 @@ fn zero3_recompute_is_a_choice() {
         assert!(s.estimate.time.recompute_s > 0.0);
     }
 }
+
+/// The shortcuts of issue 17 (all-to-all loads counted instead of routed, fair sharing over
+/// link classes instead of links) choose the plan, and simulate its step time, of the slow
+/// path: on small clusters of every shipped topology, text and video requests.
+#[test]
+fn fast_paths_choose_the_slow_paths_plan() {
+    for (topology, gpus, context, frames) in [
+        ("dgx-h100", 16, 256 << 10, None),
+        ("dgx-h100", 64, 1 << 20, None),
+        ("gb200-nvl72", 72, 1 << 20, None),
+        ("pcie-l40s", 16, 128 << 10, None),
+        ("dgx-a100", 32, 512 << 10, None),
+        ("dgx-h100", 32, 0, Some((256, 2048))),
+    ] {
+        let cluster = ClusterSpec::load(topology).unwrap();
+        let model = ModelSpec::load("llama3-8b").unwrap();
+        let mm = frames.map(|(f, text)| {
+            crate::multimodal::MultiModal::new(
+                crate::spec::vision::VisionSpec::load("siglip-so400m").unwrap(),
+                vec![crate::spec::samples::Sample::uniform(f, text)],
+                true,
+            )
+            .unwrap()
+        });
+        let ctx = mm.as_ref().map_or(context, |m| m.padded_context(gpus));
+        let r = req(gpus, ctx);
+        let fast_topo = Topology::build(&cluster, gpus);
+        let fast =
+            crate::pipeline::plan_training(&fast_topo, topology, &model, &r, mm.as_ref()).unwrap();
+        let slow_topo = Topology::build(&cluster, gpus).routing_all_to_alls();
+        let slow = crate::sim::per_link_sharing(|| {
+            crate::pipeline::plan_training(&slow_topo, topology, &model, &r, mm.as_ref())
+        })
+        .unwrap();
+        let at = format!("{topology} {gpus} GPUs {ctx} tokens");
+        assert_eq!(fast.best.candidate, slow.best.candidate, "{at}");
+        let (a, b) = (
+            fast.plan.predicted.simulated_step_time_s.unwrap(),
+            slow.plan.predicted.simulated_step_time_s.unwrap(),
+        );
+        assert!((a - b).abs() <= 1e-9 * b, "{at}: {a} vs {b}");
+        let (a, b) = (
+            fast.plan.predicted.step_time_s,
+            slow.plan.predicted.step_time_s,
+        );
+        assert!((a - b).abs() <= 1e-9 * b, "{at}: analytic {a} vs {b}");
+        assert_eq!(fast.result.ranked.len(), slow.result.ranked.len(), "{at}");
+    }
+}

@@ -384,6 +384,33 @@ pub(crate) fn simulate_micro(
     collapse: bool,
     cap: u64,
 ) -> crate::Result<SimResult> {
+    simulate_opts(topo, t, collapse, cap, MERGE_LINKS.with(|m| m.get()))
+}
+
+thread_local! {
+    /// Whether this thread's simulations share bandwidth over link classes (the default) or
+    /// over every link ([`per_link_sharing`]: the slow path tests compare plans with).
+    static MERGE_LINKS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Runs `f` with this thread's simulations sharing bandwidth over every directed link instead
+/// of over classes of alike links (slow; the reference for tests of whole plans).
+pub fn per_link_sharing<T>(f: impl FnOnce() -> T) -> T {
+    let before = MERGE_LINKS.with(|m| m.replace(false));
+    let out = f();
+    MERGE_LINKS.with(|m| m.set(before));
+    out
+}
+
+/// [`simulate_micro`]; `merge_links = false` shares bandwidth over every directed link
+/// instead of over classes of alike links ([`engine::Engine::merge_links`]).
+pub(crate) fn simulate_opts(
+    topo: &Topology,
+    t: &Terms,
+    collapse: bool,
+    cap: u64,
+    merge_links: bool,
+) -> crate::Result<SimResult> {
     let world = t.layout.world();
     let ranks: Vec<u32> = if collapse {
         vec![0]
@@ -406,6 +433,7 @@ pub(crate) fn simulate_micro(
             RING_GROUPS
         },
     };
+    b.eng.merge_links = merge_links;
     let lay = t.layout;
     let gf = lay.grad_family();
     let layers = t.layers;

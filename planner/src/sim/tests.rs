@@ -402,3 +402,63 @@ fn zero3_gathers_and_reduce_scatters_overlap_in_the_simulator() {
     assert_eq!(n("reduce-scatter"), 32 + 2);
     assert_eq!(n("weight all-gather"), 0);
 }
+
+/// Sharing bandwidth over classes of alike links ([`engine::Engine::merge_links`]) gives the
+/// schedule of sharing it over every directed link, op for op and bit for bit: collapsed and
+/// full simulations, every ZeRO stage, both placements, NVLink, NVL72 and PCIe topologies.
+#[test]
+fn merged_links_give_the_per_link_schedule() {
+    let small = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../runtime/tests/data/llama3-8b-2layer.json"
+    );
+    for (name, gpus, u, r, dp, p, zero, collapse) in [
+        ("dgx-h100", 16, 2, 4, 2, Placement::UlyssesInner, 3, false),
+        ("dgx-h100", 16, 2, 4, 2, Placement::RingInner, 1, false),
+        ("dgx-h100", 256, 8, 16, 2, Placement::UlyssesInner, 2, true),
+        ("dgx-h100", 256, 4, 8, 8, Placement::RingInner, 0, true),
+        (
+            "gb200-nvl72",
+            144,
+            4,
+            4,
+            9,
+            Placement::UlyssesInner,
+            3,
+            true,
+        ),
+        ("gb200-nvl72", 144, 2, 8, 9, Placement::RingInner, 1, true),
+        ("pcie-l40s", 16, 4, 2, 2, Placement::RingInner, 1, false),
+    ] {
+        let t = topo(name, gpus);
+        let tm = terms_for(
+            &t,
+            small,
+            1 << 16,
+            u,
+            r,
+            dp,
+            p,
+            zero,
+            Recompute::OutsideAttention,
+            u64::from(2 * dp),
+        );
+        let a = simulate_opts(&t, &tm, collapse, SIMULATED_MICRO_BATCHES, true).unwrap();
+        let b = simulate_opts(&t, &tm, collapse, SIMULATED_MICRO_BATCHES, false).unwrap();
+        let at = format!("{name} {gpus} u{u} r{r} dp{dp} {p:?} ZeRO-{zero}");
+        assert_eq!(a.step_time_s.to_bits(), b.step_time_s.to_bits(), "{at}");
+        let (sa, sb) = (a.schedule.unwrap(), b.schedule.unwrap());
+        assert_eq!(sa.end.len(), sb.end.len(), "{at}");
+        for (x, y) in sa.end.iter().zip(&sb.end) {
+            assert_eq!(x.to_bits(), y.to_bits(), "{at}");
+        }
+        assert_eq!(
+            sa.max_link_utilisation.to_bits(),
+            sb.max_link_utilisation.to_bits(),
+            "{at}"
+        );
+        for (x, y) in sa.link_bytes.iter().zip(&sb.link_bytes) {
+            assert_eq!(x.to_bits(), y.to_bits(), "{at}");
+        }
+    }
+}

@@ -157,13 +157,20 @@ fn parse_error(path: &str, msg: String) -> Error {
 
 /// `v` if it is a positive (finite) number, else an error naming `field`.
 fn positive(v: f64, field: &str, path: &str) -> Result<f64> {
-    if v.is_finite() && v > 0.0 {
-        Ok(v)
-    } else {
+    if !(v.is_finite() && v > 0.0) {
         Err(parse_error(
             path,
             format!("{field} must be a positive number, got {v}"),
         ))
+    } else if !(1e-6..=1e9).contains(&v) {
+        // 1e-308 GB/s passes as positive but makes every transfer take forever (the fuzz
+        // test printed "inf" step times).
+        Err(parse_error(
+            path,
+            format!("{field} = {v:e} is outside the plausible 1e-6 to 1e9"),
+        ))
+    } else {
+        Ok(v)
     }
 }
 
@@ -197,6 +204,13 @@ impl RawCluster {
             return Err(bad(
                 "node.gpus, network.nics_per_node and network.nodes_per_leaf must be >= 1".into(),
             ));
+        }
+        if self.network.nics_per_node > 256 {
+            // The graph holds a vertex per NIC: 2^32 - 1 of them aborted on memory (fuzz test).
+            return Err(bad(format!(
+                "network.nics_per_node must be at most 256, got {}",
+                self.network.nics_per_node
+            )));
         }
         if self.network.oversubscription < 1.0 {
             return Err(bad(format!(

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Planner answer time: runs the release `mmsp` on the issue-17 benchmark requests and a few
+# absurd ones, REPEAT times each (default 5), and prints one JSON line per request with the
+# median and worst wall-clock and user-CPU seconds and the target it is held to.
+#   bash planner/bench/plan_speed.sh            # builds the release binary first
+#   MMSP=path/to/mmsp REPEAT=9 bash planner/bench/plan_speed.sh
+# Wall time includes waiting for a CPU: on a loaded machine compare user seconds.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+if [[ -z "${MMSP:-}" ]]; then
+  cargo build --release -q -p mmsp-planner
+  MMSP="${CARGO_TARGET_DIR:-target}/release/mmsp"
+fi
+REPEAT="${REPEAT:-5}"
+TIMEFORMAT='%R %U'
+# target seconds | arguments
+cases=(
+  "0.01|plan --gpus 256 --context 2M"
+  "0.1|plan --gpus 4096 --context 16M"
+  "1|plan --gpus 65536 --context 128K"
+  "2|compare --gpus 256 --context 2M"
+  "2|plan --gpus 65536 --context 16"
+  "2|plan --gpus 8 --context 128K --global-batch 1000000"
+  "2|plan --gpus 65536 --max-context"
+  "2|plan --gpus 65520 --topology gb200-nvl72 --context 1M"
+  "2|compare --gpus 65536 --context 128K"
+)
+for c in "${cases[@]}"; do
+  target="${c%%|*}"
+  args="${c#*|}"
+  walls=()
+  users=()
+  set +e
+  # shellcheck disable=SC2086
+  "$MMSP" $args >/dev/null 2>&1
+  code=$?
+  set -e
+  for _ in $(seq "$REPEAT"); do
+    # shellcheck disable=SC2086
+    t=$( { time "$MMSP" $args >/dev/null 2>&1 || true; } 2>&1 | tail -1)
+    walls+=("${t% *}")
+    users+=("${t#* }")
+  done
+  med() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+  max() { printf '%s\n' "$@" | sort -g | tail -1; }
+  mw=$(med "${walls[@]}")
+  mu=$(med "${users[@]}")
+  met=$(awk -v a="$mw" -v b="$target" 'BEGIN {print (a <= b) ? "true" : "false"}')
+  met_user=$(awk -v a="$mu" -v b="$target" 'BEGIN {print (a <= b) ? "true" : "false"}')
+  printf '{"bench":"plan_speed","args":"%s","exit_code":%s,"runs":%s,"median_wall_s":%s,"max_wall_s":%s,"median_user_s":%s,"max_user_s":%s,"target_s":%s,"met":%s,"met_user":%s}\n' \
+    "$args" "$code" "$REPEAT" "$mw" "$(max "${walls[@]}")" "$mu" "$(max "${users[@]}")" "$target" "$met" "$met_user"
+done
