@@ -276,6 +276,11 @@ def main():
     ap.add_argument("--mmsp", required=True, help="the mmsp binary (release or debug)")
     ap.add_argument("--keep", help="write the plans and exports here instead of a temporary dir")
     a = ap.parse_args()
+    # The exports run in the temporary directory: a relative binary path must not depend on it.
+    a.mmsp = str(pathlib.Path(a.mmsp).resolve())
+    if not os.access(a.mmsp, os.X_OK):
+        print(f"check_exports.py: --mmsp {a.mmsp} is not an executable file", file=sys.stderr)
+        return 2
     tmp = pathlib.Path(a.keep or tempfile.mkdtemp(prefix="mmsp-exports-"))
     tmp.mkdir(parents=True, exist_ok=True)
     failed = 0
