@@ -171,8 +171,9 @@ fn megatron_hierarchical_cp() {
     }
     // Context parallelism without FSDP: Megatron asserts the variable is 1.
     assert!(out.contains("\nexport CUDA_DEVICE_MAX_CONNECTIONS=1\n"));
-    // This model comes from a config.json: its rope base is not in the plan, and it says so.
-    assert!(out.contains("add --rotary-base"));
+    // This model comes from a config.json: its rope base travels in the plan.
+    assert!(out.contains("\n  --rotary-base 500000\n"), "{out}");
+    assert!(!out.contains("add --rotary-base"));
     assert_listed(&out, "megatron.txt");
     insta::assert_snapshot!(out);
 }
@@ -656,4 +657,33 @@ fn models_the_exports_do_not_map_are_refused_by_name() {
             assert!(e.contains(what), "{model} to {engine}: {e}");
         }
     }
+}
+
+/// A model read from a config.json carries its RoPE base into Megatron's `--rotary-base`.
+#[test]
+fn megatron_takes_the_rope_base_of_a_config_json() {
+    let d = dir("rope-base");
+    let cfg = format!(
+        "{}/../tests/data/hf/qwen2-7b/config.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let (code, plan, err) = mmsp(
+        &d,
+        &[
+            "plan",
+            "--gpus",
+            "64",
+            "--context",
+            "128K",
+            "--model",
+            &cfg,
+            "--format",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    std::fs::write(d.join("plan.json"), plan).unwrap();
+    let out = ok(&d, &["export", "--to", "megatron", "plan.json"]);
+    assert!(out.contains("\n  --rotary-base 1000000\n"), "{out}");
+    assert!(!out.contains("add --rotary-base"), "{out}");
 }

@@ -54,11 +54,14 @@ fn layout_misfit(m: &ModelSpec, c: &Candidate) -> Option<String> {
     None
 }
 
-/// RoPE base (`rope_theta` of the model's config.json) of the presets; a plan does not record
-/// it for models read from a config.json. None of the presets has `rope_scaling` (Llama 3, not
-/// 3.1), so `--use-rope-scaling` is not emitted.
-fn rope_theta(model: &str) -> Option<u64> {
-    match model {
+/// RoPE base: the plan's model's `rope_theta` (read from its config.json) when it is a whole
+/// number (Megatron's `--rotary-base` takes an int), else the preset's. None of the presets has
+/// `rope_scaling` (Llama 3, not 3.1), so `--use-rope-scaling` is not emitted.
+fn rope_theta(m: &crate::spec::model::ModelSpec) -> Option<u64> {
+    if let Some(t) = m.rope_theta {
+        return (t.fract() == 0.0 && (1.0..1e15).contains(&t)).then_some(t as u64);
+    }
+    match m.name.as_str() {
         // meta-llama/Meta-Llama-3-8B and -70B config.json: "rope_theta": 500000.0.
         "llama3-8b" | "llama3-70b" => Some(500_000),
         // meta-llama/Llama-2-7b-hf config.json: "rope_theta": 10000.0.
@@ -150,10 +153,10 @@ fn architecture_flags(m: &ModelSpec, context: u64) -> (Vec<Vec<String>>, Vec<Str
     }
     flags.push(vec!["--max-position-embeddings".into(), s(context)]);
     flags.push(flag(&["--position-embedding-type", "rope"]));
-    match rope_theta(&m.name) {
+    match rope_theta(m) {
         Some(b) => flags.push(vec!["--rotary-base".into(), s(b)]),
         None => notes.push(format!(
-            "add --rotary-base <rope_theta of {}'s config.json>: the plan does not record it (Megatron's default is 10000).",
+            "add --rotary-base <rope_theta of {}'s config.json>: the plan does not record a whole-number one (Megatron's default is 10000).",
             one_line(&m.name)
         )),
     }

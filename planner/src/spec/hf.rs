@@ -396,6 +396,12 @@ fn read(r: &Reader, name: &str) -> Result<ModelSpec> {
         // Gemma2Config defaults: attn_logit_softcapping 50.0, final_logit_softcapping 30.0.
         attn_logit_softcapping: softcap("attn_logit_softcapping", 50.0),
         final_logit_softcapping: softcap("final_logit_softcapping", 30.0),
+        rope_theta: r.opt_f64("rope_theta").filter(|t| *t > 0.0).or_else(|| {
+            r.get("rope_parameters")?
+                .get("rope_theta")?
+                .as_f64()
+                .filter(|t| t.is_finite() && *t > 0.0)
+        }),
     })
 }
 
@@ -578,6 +584,7 @@ mod tests {
             ModelSpec {
                 name: "llama-3-8b".into(),
                 family: Some("llama".into()),
+                rope_theta: Some(500_000.0),
                 ..ModelSpec::load("llama3-8b").unwrap()
             }
         );
@@ -596,6 +603,17 @@ mod tests {
         let vl = spec("qwen2-vl-7b");
         assert_eq!(vl.params(), 7_615_616_512);
         assert_eq!(vl.family.as_deref(), Some("qwen2"));
+    }
+
+    #[test]
+    fn rope_theta_is_read_in_both_transformers_layouts() {
+        assert_eq!(spec("llama-3-8b").rope_theta, Some(500_000.0));
+        let v5 = r#"{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+            "num_hidden_layers": 2, "vocab_size": 100, "intermediate_size": 128,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}"#;
+        assert_eq!(parse(v5, "v5.json", "v5").unwrap().rope_theta, Some(1e6));
+        let none = v5.replace("\"rope_theta\": 1000000.0", "\"factor\": 1.0");
+        assert_eq!(parse(&none, "none.json", "none").unwrap().rope_theta, None);
     }
 
     #[test]

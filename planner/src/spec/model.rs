@@ -52,6 +52,11 @@ pub struct ModelSpec {
     /// logits, recorded and not costed separately (the loss already reads them several times).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_logit_softcapping: Option<f64>,
+    /// RoPE base (`rope_theta`, or Transformers 5's `rope_parameters.rope_theta`) of a model
+    /// read from a config.json: it costs nothing, the exports pass it on (Megatron's
+    /// `--rotary-base`). None for the presets (the exports know theirs) and configs without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
 }
 
 /// The experts of a mixture-of-experts MLP (every layer sparse).
@@ -112,6 +117,7 @@ fn llama(
         extra_norms_per_layer: 0,
         attn_logit_softcapping: None,
         final_logit_softcapping: None,
+        rope_theta: None,
     }
 }
 
