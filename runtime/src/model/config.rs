@@ -299,6 +299,9 @@ struct PlanModel {
     attn_logit_softcapping: Option<f64>,
     #[serde(default)]
     final_logit_softcapping: Option<f64>,
+    /// RoPE base of a model the planner read from a config.json (absent for its presets).
+    #[serde(default)]
+    rope_theta: Option<f64>,
 }
 
 impl PlanModel {
@@ -341,7 +344,7 @@ impl ModelConfig {
             vocab_size: m.vocab_size,
             tie_word_embeddings: m.tie_word_embeddings,
             qkv_bias: m.qkv_bias,
-            rope_theta: 500000.0,
+            rope_theta: m.rope_theta.unwrap_or(500000.0),
             rope_scaling: RopeScaling::None,
             rms_norm_eps: 1e-5,
             max_position_embeddings: None,
@@ -441,9 +444,10 @@ mod plan_model_tests {
 
     #[test]
     fn planned_features_the_decoder_lacks_are_refused_by_name() {
-        assert!(
-            ModelConfig::from_plan_value(&model(serde_json::json!({"family": "llama"}))).is_ok()
-        );
+        let plain = ModelConfig::from_plan_value(&model(serde_json::json!({"family": "llama"})));
+        assert_eq!(plain.unwrap().rope_theta, 500000.0);
+        let qwen = ModelConfig::from_plan_value(&model(serde_json::json!({"rope_theta": 1e6})));
+        assert_eq!(qwen.unwrap().rope_theta, 1e6);
         let cases = [
             (
                 serde_json::json!({"family": "mixtral", "moe": {"num_experts": 8}}),
