@@ -625,33 +625,28 @@ fn recosting_a_plan_reproduces_its_prediction() {
     }
 }
 
+/// Writes `d/plan.json`: `mmsp plan` of a Hugging Face config fixture on 64 GPUs at 128K.
+fn plan_hf_fixture(d: &Path, model: &str) {
+    let cfg = format!(
+        "{}/../tests/data/hf/{model}/config.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let args = ["plan", "--gpus", "64", "--context", "128K", "--model", &cfg];
+    let (code, plan, err) = mmsp(d, &[&args[..], &["--format", "json"]].concat());
+    assert_eq!(code, 0, "{model}: {err}");
+    std::fs::write(d.join("plan.json"), plan).unwrap();
+}
+
 /// A model no export maps (experts, sliding windows) is refused by name for every engine,
 /// not exported as a dense model with full attention.
 #[test]
 fn models_the_exports_do_not_map_are_refused_by_name() {
     let d = dir("unmapped");
-    let root = env!("CARGO_MANIFEST_DIR");
     for (model, what) in [
         ("mixtral-8x7b-v0.1", "mixture-of-experts"),
         ("mistral-7b-v0.1", "sliding-window"),
     ] {
-        let cfg = format!("{root}/../tests/data/hf/{model}/config.json");
-        let (code, plan, err) = mmsp(
-            &d,
-            &[
-                "plan",
-                "--gpus",
-                "64",
-                "--context",
-                "128K",
-                "--model",
-                &cfg,
-                "--format",
-                "json",
-            ],
-        );
-        assert_eq!(code, 0, "{model}: {err}");
-        std::fs::write(d.join("plan.json"), plan).unwrap();
+        plan_hf_fixture(&d, model);
         for engine in ["megatron", "deepspeed", "vila", "torchrun", "slurm"] {
             let e = fails(&d, &["export", "--to", engine, "plan.json"]);
             assert!(e.contains(what), "{model} to {engine}: {e}");
@@ -663,26 +658,7 @@ fn models_the_exports_do_not_map_are_refused_by_name() {
 #[test]
 fn megatron_takes_the_rope_base_of_a_config_json() {
     let d = dir("rope-base");
-    let cfg = format!(
-        "{}/../tests/data/hf/qwen2-7b/config.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let (code, plan, err) = mmsp(
-        &d,
-        &[
-            "plan",
-            "--gpus",
-            "64",
-            "--context",
-            "128K",
-            "--model",
-            &cfg,
-            "--format",
-            "json",
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
-    std::fs::write(d.join("plan.json"), plan).unwrap();
+    plan_hf_fixture(&d, "qwen2-7b");
     let out = ok(&d, &["export", "--to", "megatron", "plan.json"]);
     assert!(out.contains("\n  --rotary-base 1000000\n"), "{out}");
     assert!(!out.contains("add --rotary-base"), "{out}");

@@ -173,14 +173,7 @@ fn engine_outcome(
 
 /// Why an engine has no plan, in one phrase.
 fn engine_no_plan(res: &engines::EngineSearch) -> String {
-    let closest = res
-        .infeasible
-        .iter()
-        .filter_map(|(_, e)| match e {
-            Infeasible::Memory { needed, available } => Some((*needed, *available)),
-            _ => None,
-        })
-        .min_by(|a, b| a.0.total_cmp(&b.0));
+    let closest = Infeasible::closest_memory_miss(res.infeasible.iter().map(|(_, e)| e));
     match closest {
         Some((n, a)) => format!(
             "the closest needs {} per GPU ({} available)",

@@ -672,14 +672,7 @@ pub fn search(topo: &Topology, m: &ModelSpec, req: &InferenceRequest) -> Inferen
 
 /// The error when nothing fits, naming the closest miss.
 pub fn no_plan_error(m: &ModelSpec, req: &InferenceRequest, s: &InferenceSearch) -> Error {
-    let miss = s
-        .infeasible
-        .iter()
-        .filter_map(|(_, e)| match e {
-            Infeasible::Memory { needed, available } => Some((*needed, *available)),
-            _ => None,
-        })
-        .min_by(|a, b| a.0.total_cmp(&b.0));
+    let miss = Infeasible::closest_memory_miss(s.infeasible.iter().map(|(_, e)| e));
     let why = match miss {
         Some((n, a)) => format!(
             "the smallest needs {} per GPU, {} available",

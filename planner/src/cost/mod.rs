@@ -183,6 +183,21 @@ pub enum Infeasible {
     },
 }
 
+impl Infeasible {
+    /// Of candidates that missed, the memory miss that needed least: (needed, available) bytes.
+    pub fn closest_memory_miss<'a>(
+        misses: impl IntoIterator<Item = &'a Infeasible>,
+    ) -> Option<(f64, f64)> {
+        misses
+            .into_iter()
+            .filter_map(|e| match e {
+                Infeasible::Memory { needed, available } => Some((*needed, *available)),
+                _ => None,
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+    }
+}
+
 /// Where the time of one step goes (seconds; per step, summed over micro-batches).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

@@ -24,7 +24,7 @@
 use std::fmt::Write;
 
 use super::fit::{self, EngineRecompute};
-use super::{describe, fit_layout, flag, one_line, push_flags, ring_inner_2d, Engine, Options};
+use super::{fit_layout, flag, one_line, push_flags, ring_inner_2d, Engine, Options};
 use crate::cost::{Candidate, Placement, Recompute};
 use crate::error::Result;
 use crate::plan::Plan;
@@ -222,16 +222,12 @@ pub(super) fn megatron(plan: &Plan, opts: &Options) -> Result<String> {
     flags.push(flag(&["--attention-backend", "flash"]));
     flags.push(flag(&["--bf16"]));
 
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# Megatron-LM (core_v0.16.1) / TransformerEngine arguments from {}",
-        one_line(&opts.plan_path)
+    let mut out = super::header(
+        "Megatron-LM (core_v0.16.1) / TransformerEngine arguments",
+        plan,
+        opts,
+        &notes,
     );
-    let _ = writeln!(out, "# plan: {}", describe(plan));
-    for n in &notes {
-        let _ = writeln!(out, "# {n}");
-    }
     let _ = writeln!(
         out,
         "# Use: source this file, then torchrun ... pretrain_gpt.py \"${{MMSP_MEGATRON_ARGS[@]}}\" <data, tokenizer, optimizer flags>"

@@ -187,6 +187,19 @@ pub(crate) fn unsupported(engine: Engine, msg: impl Into<String>) -> Error {
     }
 }
 
+/// The comment lines an export starts with: what it is and which plan file it came from, the
+/// plan in one line, and `notes` (re-plans, re-costs, what to add), one comment line each.
+pub(crate) fn header(title: &str, plan: &Plan, opts: &Options, notes: &[String]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "# {title} from {}", one_line(&opts.plan_path));
+    let _ = writeln!(out, "# plan: {}", describe(plan));
+    for n in notes {
+        let _ = writeln!(out, "# {n}");
+    }
+    out
+}
+
 /// One line describing the plan, for the header comment of every export.
 pub(crate) fn describe(plan: &Plan) -> String {
     let l = &plan.layout;

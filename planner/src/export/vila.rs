@@ -23,7 +23,7 @@
 use std::fmt::Write;
 
 use super::deepspeed::whole_layer_recompute;
-use super::{describe, fit_layout, flag, nodes, one_line, push_flags, Engine, Options};
+use super::{fit_layout, flag, nodes, one_line, push_flags, Engine, Options};
 use crate::cost::{Candidate, Placement};
 use crate::error::Result;
 use crate::plan::Plan;
@@ -118,16 +118,7 @@ pub(super) fn vila(plan: &Plan, opts: &Options) -> Result<String> {
         ],
         flag(&["--bf16", "True"]),
     ]);
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# LongVILA (VILA b760c34) training flags from {}",
-        one_line(&opts.plan_path)
-    );
-    let _ = writeln!(out, "# plan: {}", describe(plan));
-    for n in &notes {
-        let _ = writeln!(out, "# {n}");
-    }
+    let mut out = super::header("LongVILA (VILA b760c34) training flags", plan, opts, &notes);
     let _ = writeln!(
         out,
         "# global batch {} = per-device {} x accumulation {} x data-parallel {} (each SP group of {} GPUs counts as one device)",
