@@ -115,6 +115,22 @@ impl MultiModal {
                 ),
             ));
         }
+        // A frame smaller than one patch gives the encoder nothing to embed (0 patches) and the
+        // costs divide by it: refused (the fuzz test found a 1 x 448 frame taking 32 s to plan).
+        if let Some(s) = samples
+            .iter()
+            .find(|s| s.frames > 0 && vision.patches(s.resolution) == 0)
+        {
+            let (h, w) = s.resolution.unwrap_or_default();
+            return Err(Error::invalid(
+                "resolution",
+                format!(
+                    "a {h} x {w} frame is smaller than one {p} x {p} patch of {}: each side must be at least {p} pixels",
+                    vision.name,
+                    p = vision.patch_size
+                ),
+            ));
+        }
         if samples.iter().all(|s| s.frames == 0) {
             return Err(Error::invalid(
                 "--frames",
