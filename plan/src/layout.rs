@@ -152,6 +152,23 @@ impl Layout {
         GroupFamily { size, stride }
     }
 
+    pub fn tp_family(&self) -> GroupFamily {
+        self.family(GroupKind::Tp)
+    }
+    pub fn ulysses_family(&self) -> GroupFamily {
+        self.family(GroupKind::Ulysses)
+    }
+    pub fn ring_family(&self) -> GroupFamily {
+        self.family(GroupKind::Ring)
+    }
+    pub fn dp_family(&self) -> GroupFamily {
+        self.family(GroupKind::Dp)
+    }
+    /// Ranks holding the same parameter shard: gradients are reduced over dp x sp.
+    pub fn grad_family(&self) -> GroupFamily {
+        self.family(GroupKind::Grad)
+    }
+
     /// Every group of one kind, ordered by smallest member.
     pub fn groups(&self, kind: GroupKind) -> Vec<Vec<u32>> {
         self.family(kind).groups(self.world())
