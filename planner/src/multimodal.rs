@@ -352,7 +352,7 @@ impl MultiModal {
     }
 
     /// Model states of the encoder and projector (`all_params` parameters) as the runtime keeps
-    /// them (`runtime/src/train/run.rs`, `VisionRank`): fp32 weights on every rank and, when
+    /// them (`runtime/src/train/run/vision_rank.rs`): fp32 weights on every rank and, when
     /// trained, an unsharded AdamW (fp32 gradients and two moments, `AdamW::new` with no
     /// group), whatever the decoder's ZeRO stage; plus the 16-bit casts of the weights that
     /// the forward makes and autograd keeps for backward.

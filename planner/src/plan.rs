@@ -148,7 +148,7 @@ mod tests {
         build(&topo, "dgx-h100", &model, context, 2, &scored).unwrap()
     }
 
-    /// A plan that recomputes says so in a value the runtime reads (`runtime/src/train/run.rs`
+    /// A plan that recomputes says so in a value the runtime reads (`runtime/src/train/run/mod.rs`
     /// accepts none, selective and full), and the planner reads it back as costed. Recompute is
     /// a choice at every ZeRO stage, ZeRO-3 included.
     #[test]

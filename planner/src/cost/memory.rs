@@ -12,8 +12,8 @@
 //!
 //! mmsp-runtime has two behaviours, no recompute and its recompute of each layer outside
 //! attention ([`Recompute::OutsideAttention`]), which it runs for every plan whose `recompute`
-//! is not `none`, under every ZeRO stage (`runtime/src/train/run.rs`,
-//! `recompute: tp.recompute != "none"`; ZeRO-3 keeps a layer's graph across the release and
+//! is not `none`, under every ZeRO stage (`runtime/src/train/run/mod.rs`,
+//! `TrainPlan::recomputes`: any value but none; ZeRO-3 keeps a layer's graph across the release and
 //! re-gather of its weights, `runtime/src/train/shards.rs`). So the planner searches exactly those two ([`Recompute::SEARCHED`]) and costs any other
 //! request as the runtime runs it ([`runtime_recompute`]). The kept tensors and the working set
 //! of the recomputed layer are counted from what the runtime's trainer holds
@@ -39,7 +39,7 @@ pub use mmsp_plan::predicted::{Recompute, SELECTIVE_REFUSED};
 
 /// The recompute mmsp-runtime runs for a candidate that asks for `requested`, at every ZeRO
 /// stage: [`Recompute::None`] when nothing is asked, else [`Recompute::OutsideAttention`], its
-/// one recompute (`runtime/src/train/run.rs`: `recompute: tp.recompute != "none"`). ZeRO-3
+/// one recompute (`runtime/src/train/run/mod.rs`, `TrainPlan::recomputes`: any value but none). ZeRO-3
 /// does not force it: the runtime keeps a layer's autograd graph across the release and
 /// re-gather of its weights (`runtime/src/train/shards.rs`). Every estimate is costed with this.
 pub fn runtime_recompute(requested: Recompute) -> Recompute {

@@ -68,7 +68,7 @@ fn memory_grows_with_context_and_shrinks_with_recompute() {
 }
 
 /// mmsp-runtime runs every recompute a plan asks for as its recompute outside attention
-/// (`runtime/src/train/run.rs`: `recompute: tp.recompute != "none"`), so at every ZeRO stage a
+/// (`runtime/src/train/run/mod.rs`, `TrainPlan::recomputes`: any value but none), so at every ZeRO stage a
 /// request for Korthikanti et al.'s selective or full recompute is costed exactly as that, never
 /// with the paper's kept tensors or its recompute work.
 #[test]
