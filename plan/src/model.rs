@@ -80,6 +80,31 @@ fn is_zero(n: &u64) -> bool {
 }
 
 impl ModelSpec {
+    /// A dense decoder with full causal attention and no dimensions yet (none of the family
+    /// extras): the base of a struct update that sets them.
+    pub fn dense(name: &str) -> ModelSpec {
+        ModelSpec {
+            name: name.into(),
+            hidden_size: 0,
+            num_heads: 0,
+            num_kv_heads: 0,
+            head_dim: 0,
+            intermediate_size: 0,
+            num_layers: 0,
+            vocab_size: 0,
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            family: None,
+            sliding_window: None,
+            sliding_window_layers: 0,
+            moe: None,
+            extra_norms_per_layer: 0,
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
+            rope_theta: None,
+        }
+    }
+
     /// Positive dimensions, heads that group evenly, sane windows and experts; the message
     /// names the field.
     pub fn validate(&self) -> std::result::Result<(), String> {

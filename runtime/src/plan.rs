@@ -52,9 +52,7 @@ impl Layout {
         Layout {
             ulysses,
             ring,
-            dp: 1,
-            tp: 1,
-            placement,
+            ..Layout::from(mmsp_plan::Layout::sp_only(1, 1, placement))
         }
     }
 

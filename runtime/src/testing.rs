@@ -20,7 +20,10 @@ pub struct Problem {
 impl Problem {
     /// Random normal inputs, drawn in float64 from `seed` and cast to `kind` on `device`.
     pub fn random(shape: AttnShape, kind: Kind, device: Device, seed: i64) -> Problem {
-        tch::manual_seed(seed);
+        crate::rng::seeded(seed, || Self::draw(shape, kind, device))
+    }
+
+    fn draw(shape: AttnShape, kind: Kind, device: Device) -> Problem {
         let (b, s, d) = (
             shape.batch as i64,
             shape.seq_len as i64,

@@ -777,10 +777,13 @@ fn swiglu_node_matches_autograd_f64() {
     // The one-node SwiGLU (gate and up kept, silu recomputed in backward) against autograd's
     // silu and product: output and both input gradients.
     let opts = (Kind::Double, Device::Cpu);
-    tch::manual_seed(11);
-    let gate = Tensor::randn([3, 5, 17], opts).set_requires_grad(true);
-    let up = Tensor::randn([3, 5, 17], opts).set_requires_grad(true);
-    let dy = Tensor::randn([3, 5, 17], opts);
+    let (gate, up, dy) = mmsp_runtime::rng::seeded(11, || {
+        (
+            Tensor::randn([3, 5, 17], opts).set_requires_grad(true),
+            Tensor::randn([3, 5, 17], opts).set_requires_grad(true),
+            Tensor::randn([3, 5, 17], opts),
+        )
+    });
     let ours = mmsp_runtime::ffi::swiglu(&gate, &up).unwrap();
     (&ours * &dy).sum(Kind::Double).backward();
     let (g1, u1) = (gate.grad().copy(), up.grad().copy());

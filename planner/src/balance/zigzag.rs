@@ -105,20 +105,6 @@ mod tests {
     }
 
     #[test]
-    fn hand_checked_layout_u2_r2() {
-        // S = 16, 4 chunks of 4: ring 0 holds chunks 0 and 3, ring 1 holds chunks 1 and 2.
-        let r = ranges_per_rank(&[16], 2, 2).unwrap();
-        assert_eq!(r[0], vec![(0, 2), (12, 14)]);
-        assert_eq!(r[1], vec![(2, 4), (14, 16)]);
-        assert_eq!(r[2], vec![(4, 6), (8, 10)]);
-        assert_eq!(r[3], vec![(6, 8), (10, 12)]);
-        // Two packed samples are zigzagged individually.
-        let r = ranges_per_rank(&[4, 8], 1, 2).unwrap();
-        assert_eq!(r[0], vec![(0, 1), (3, 4), (4, 6), (10, 12)]);
-        assert_eq!(r[1], vec![(1, 2), (2, 3), (6, 8), (8, 10)]);
-    }
-
-    #[test]
     fn every_factorisation_up_to_64_partitions_and_balances() {
         for n in 1..=64usize {
             for (u, r) in factorisations(n) {

@@ -26,7 +26,6 @@ fn llama(
     bias: bool,
 ) -> ModelSpec {
     ModelSpec {
-        name: name.into(),
         hidden_size: h,
         num_heads: heads,
         num_kv_heads: kv,
@@ -34,16 +33,8 @@ fn llama(
         intermediate_size: ffn,
         num_layers: layers,
         vocab_size: vocab,
-        tie_word_embeddings: false,
         qkv_bias: bias,
-        family: None,
-        sliding_window: None,
-        sliding_window_layers: 0,
-        moe: None,
-        extra_norms_per_layer: 0,
-        attn_logit_softcapping: None,
-        final_logit_softcapping: None,
-        rope_theta: None,
+        ..ModelSpec::dense(name)
     }
 }
 

@@ -322,7 +322,6 @@ impl ModelConfig {
     pub fn to_plan_model(&self, name: &str) -> ModelSpec {
         let n = |x: usize| x as u64;
         ModelSpec {
-            name: name.into(),
             hidden_size: n(self.hidden_size),
             num_heads: n(self.num_heads),
             num_kv_heads: n(self.num_kv_heads),
@@ -332,14 +331,8 @@ impl ModelConfig {
             vocab_size: n(self.vocab_size),
             tie_word_embeddings: self.tie_word_embeddings,
             qkv_bias: self.qkv_bias,
-            family: None,
-            sliding_window: None,
-            sliding_window_layers: 0,
-            moe: None,
-            extra_norms_per_layer: 0,
-            attn_logit_softcapping: None,
-            final_logit_softcapping: None,
             rope_theta: Some(self.rope_theta),
+            ..ModelSpec::dense(name)
         }
     }
 
