@@ -7,9 +7,8 @@ use std::process::Command;
 
 use mmsp_planner::cost::{evaluate, Candidate, Layout, Placement, Recompute, Workload};
 use mmsp_planner::export::fit::{self, EngineRecompute};
-use mmsp_planner::plan::Plan;
 use mmsp_planner::search::Scored;
-use mmsp_planner::spec::{cluster::ClusterSpec, model::ModelSpec};
+use mmsp_planner::spec::cluster::ClusterSpec;
 use mmsp_planner::topology::Topology;
 
 fn dir(name: &str) -> PathBuf {
@@ -34,7 +33,7 @@ fn write_plan(dir: &Path, p: P) {
     // The 2-layer llama3-8b shape the runtime is measured with: a whole llama3-8b fits below
     // ZeRO-3 on no GPU count in mmsp-runtime (fp32 masters and gradients stay whole there),
     // and Megatron's and TE's exports need ZeRO-1 at most.
-    let model = ModelSpec::load(concat!(
+    let model = mmsp_planner::spec::model::load(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../runtime/tests/data/llama3-8b-2layer.json"
     ))
@@ -62,7 +61,7 @@ fn write_plan(dir: &Path, p: P) {
         vision: None,
     };
     let estimate = evaluate(&topo, &w, &candidate).expect("test candidate fits");
-    let plan = Plan::build(
+    let plan = mmsp_planner::plan::build(
         &topo,
         "dgx-h100",
         &model,
@@ -610,9 +609,12 @@ fn recosting_a_plan_reproduces_its_prediction() {
     );
     std::fs::write(d.join("video.json"), video.split_once('\n').unwrap().1).unwrap();
     for f in ["plan.json", "video.json"] {
-        let plan = Plan::load(d.join(f).to_str().unwrap()).unwrap();
+        let plan = mmsp_planner::plan::load_training(d.join(f).to_str().unwrap()).unwrap();
         let c = fit::cost_plan(&plan).unwrap();
-        let (got, want) = (c.estimate.step_time_s, plan.predicted.step_time_s);
+        let (got, want) = (
+            c.estimate.step_time_s,
+            plan.predicted.as_ref().unwrap().step_time_s,
+        );
         assert!((got - want).abs() <= 1e-9 * want, "{f}: {got} vs {want}");
         // Whole layers run attention again: slower than the runtime's recompute, which runs
         // the QKV and output projections again that Megatron's norms-and-MLP modules keep.

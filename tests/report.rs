@@ -195,7 +195,7 @@ fn campaign_example() {
     // Every stage plan is a valid plan that the exporters accept.
     for s in stages {
         let plan = out.join(s["plan_file"].as_str().unwrap());
-        let p = mmsp_planner::plan::Plan::load(plan.to_str().unwrap()).unwrap();
+        let p = mmsp_planner::plan::load_training(plan.to_str().unwrap()).unwrap();
         assert_eq!(p.world_size, s["stage"]["gpus"].as_u64().unwrap() as u32);
         let (code, _, err) = mmsp(&["export", "--to", "torchrun", plan.to_str().unwrap()]);
         assert_eq!(code, 0, "{err}");

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test of mmsp on a fresh machine: formatting, lints, the planner's unit, property
-# and CLI snapshot tests (default pure-Rust solver and the HiGHS feature), and the runtime's CPU
+# Runs every test of mmsp on a fresh machine: formatting, lints, the plan contract's tests, the
+# planner's unit, property and CLI snapshot tests (default pure-Rust solver and the HiGHS feature), and the runtime's CPU
 # tests against libtorch from a project-local virtual environment. Installs what it needs
 # (cmake and libclang for HiGHS, torch==2.11.0 into .venv) and stops at the first failure.
 set -euo pipefail
@@ -11,8 +11,11 @@ step() { printf '\n== %s\n' "$*"; }
 step "format"
 cargo fmt --all -- --check
 
-step "planner: clippy"
-cargo clippy -p mmsp-planner --all-targets -- -D warnings
+step "plan contract and planner: clippy"
+cargo clippy -p mmsp-plan -p mmsp-planner --all-targets -- -D warnings
+
+step "plan contract: tests"
+cargo test -p mmsp-plan
 
 step "planner: tests (microlp)"
 cargo test -p mmsp-planner

@@ -6,11 +6,11 @@
 use std::time::Instant;
 
 use mmsp_planner::search::{search, Request, Strategy};
-use mmsp_planner::spec::{cluster::ClusterSpec, model::ModelSpec};
+use mmsp_planner::spec::cluster::ClusterSpec;
 use mmsp_planner::topology::Topology;
 
 fn main() {
-    let model = ModelSpec::load("llama3-8b").expect("preset");
+    let model = mmsp_planner::spec::model::load("llama3-8b").expect("preset");
     let cluster = ClusterSpec::load("dgx-h100").expect("preset");
     for (gpus, context, target_s) in [(256u32, 2u64 << 20, 0.1), (4096, 16 << 20, 1.0)] {
         let mut times = Vec::new();

@@ -7,11 +7,11 @@ use std::time::Instant;
 
 use mmsp_planner::cost::{terms, Candidate, Layout, Placement, Recompute, Workload};
 use mmsp_planner::sim::simulate;
-use mmsp_planner::spec::{cluster::ClusterSpec, model::ModelSpec};
+use mmsp_planner::spec::cluster::ClusterSpec;
 use mmsp_planner::topology::Topology;
 
 fn main() {
-    let model = ModelSpec::load("llama3-8b").expect("preset");
+    let model = mmsp_planner::spec::model::load("llama3-8b").expect("preset");
     let cluster = ClusterSpec::load("dgx-h100").expect("preset");
     let cases: [(u32, u64, u32, u32, bool); 4] = [
         (256, 2 << 20, 8, 32, true),

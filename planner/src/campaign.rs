@@ -24,7 +24,7 @@ use crate::report::page::{self, Page, Section, Table};
 use crate::report::{create_dir, short_layout, write_file};
 use crate::search::{Request, Strategy};
 use crate::spec::samples::Sample;
-use crate::spec::{cluster::ClusterSpec, model::ModelSpec, vision::VisionSpec};
+use crate::spec::{cluster::ClusterSpec, vision::VisionSpec};
 use crate::topology::Topology;
 use crate::units::{fmt_gib, fmt_tokens, parse_tokens};
 
@@ -320,7 +320,7 @@ pub fn plan(recipe: &Recipe, out: Option<&Path>) -> Result<CampaignResult> {
     let mut stages = Vec::new();
     let mut t = 0.0;
     for (i, s) in recipe.stages.iter().enumerate() {
-        let model = ModelSpec::load(&s.model)?;
+        let model = crate::spec::model::load(&s.model)?;
         let cluster = ClusterSpec::load(&s.topology)?;
         let ctx_err =
             |e: Error| Error::invalid(format!("stage {} ({})", i + 1, s.name), e.to_string());

@@ -52,3 +52,17 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The plan contract's errors, as the planner words them.
+impl From<mmsp_plan::PlanError> for Error {
+    fn from(e: mmsp_plan::PlanError) -> Self {
+        match e {
+            mmsp_plan::PlanError::Io { path, msg } => Error::Io { path, msg },
+            mmsp_plan::PlanError::Invalid { path, msg } => Error::Parse { path, msg },
+            mmsp_plan::PlanError::Shape { what, msg } => Error::Invalid {
+                what: what.into(),
+                msg,
+            },
+        }
+    }
+}

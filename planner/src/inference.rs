@@ -201,25 +201,7 @@ pub fn kernel_s(spec: &ClusterSpec, bytes: f64, floor: f64) -> f64 {
     (bytes / hbm_rate(spec, bytes)).max(floor)
 }
 
-/// How the weights are held.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WeightSharding {
-    /// Every GPU holds all weights.
-    Replicated,
-    /// ZeRO-3 style: each GPU holds 1/sp of the weights and gathers a layer before using it
-    /// (Rajbhandari et al. 2020, Sec. 5).
-    Sharded,
-}
-
-impl WeightSharding {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            WeightSharding::Replicated => "replicated",
-            WeightSharding::Sharded => "sharded (ZeRO-3)",
-        }
-    }
-}
+pub use mmsp_plan::{InferenceEstimate, InferenceMemory, WeightSharding};
 
 /// What to plan.
 #[derive(Debug, Clone)]
@@ -237,62 +219,6 @@ pub struct InferenceRequest {
 pub struct InferenceCandidate {
     pub layout: Layout,
     pub weights: WeightSharding,
-}
-
-/// Memory per GPU, bytes.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InferenceMemory {
-    pub weights_bytes: f64,
-    pub kv_cache_bytes: f64,
-    /// One layer's prefill activations at a time (no gradients kept).
-    pub activations_bytes: f64,
-    pub logits_bytes: f64,
-    pub comm_buffers_bytes: f64,
-    pub reserved_bytes: f64,
-    pub fragmentation_bytes: f64,
-    pub total_bytes: f64,
-}
-
-/// Prediction for one feasible candidate.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InferenceEstimate {
-    pub weights: WeightSharding,
-    /// K/V held per rank: heads (all kv heads, token layout) and tokens.
-    pub kv_heads_held: u64,
-    pub kv_tokens_per_rank: u64,
-    /// Rule for tokens decoded after the prompt.
-    pub kv_append_rule: String,
-    pub prefill_s: f64,
-    pub prefill_tokens_per_s: f64,
-    pub decode_s_per_token: f64,
-    pub decode_tokens: u64,
-    /// prefill_s + decode_tokens x decode_s_per_token: the ranking key.
-    pub request_s: f64,
-    pub memory: InferenceMemory,
-    pub prefill: TimeBreakdown,
-    /// Decode per token: the rank's kernel chain ([`decode_kernels`]), each kernel the
-    /// longer of its bytes over bandwidth and the floor: `decode_hbm_s + decode_floor_s`.
-    pub decode_kernels_s: f64,
-    /// Kernels launched per token on one rank.
-    pub decode_kernels_per_token: u64,
-    /// The per-kernel floor used ([`kernel_floor_s`]), seconds.
-    pub decode_kernel_floor_s: f64,
-    /// HBM bytes the kernels of one token read and write on one rank: KV shard, weights, the
-    /// fp32 scores' passes and the small tensors.
-    pub decode_bytes_per_token: f64,
-    /// Decode per token: every kernel's bytes over the achieved bandwidth at its size (the
-    /// roofline time, no floor).
-    pub decode_hbm_s: f64,
-    /// Decode per token: what the floor adds over the roofline time, the sum over kernels of
-    /// max(0, floor - bytes / bandwidth) (launch-bound small kernels).
-    pub decode_floor_s: f64,
-    /// Decode per token: merge all-gathers (every layer) and the token broadcast.
-    pub decode_comm_s: f64,
-    /// Decode per token: ZeRO-3 weight gathers (0 when replicated).
-    pub decode_weight_gather_s: f64,
-    pub prefill_flops: f64,
 }
 
 /// 2 (K and V) x layers x kv heads held x head dim x tokens per rank x 2 bytes (bf16).
@@ -692,9 +618,10 @@ pub fn no_plan_error(m: &ModelSpec, req: &InferenceRequest, s: &InferenceSearch)
     ))
 }
 
-/// The training-plan shell of a candidate: mesh, groups and zigzag shards come from
-/// [`Plan::build`]; `mode` is "inference", `predicted` holds the prefill figures (step =
-/// prefill; memory total includes the KV cache, counted in `activations_bytes`).
+/// The inference plan of a candidate: mesh, groups and zigzag shards come from
+/// [`crate::plan::build`]; `mode` is inference, `predicted` holds the prefill figures (step =
+/// prefill; memory total includes the KV cache, counted in `activations_bytes`) and
+/// `inference` the whole estimate.
 pub fn build_plan(
     topo: &Topology,
     topology_arg: &str,
@@ -746,24 +673,13 @@ pub fn build_plan(
         },
         estimate,
     };
-    let mut plan = Plan::build(topo, topology_arg, m, context, 1, &scored)?;
-    plan.mode = "inference".into();
+    let mut plan = crate::plan::build(topo, topology_arg, m, context, 1, &scored)?;
+    plan.mode = crate::plan::Mode::Inference;
     // No backward, so nothing is recomputed (sharded weights included).
     plan.recompute = Recompute::None;
     plan.recompute_scope = None;
+    plan.inference = Some(e.clone());
     Ok(plan)
-}
-
-/// The plan as JSON: the [`Plan`] fields plus an `inference` object with the estimate.
-pub fn plan_json(plan: &Plan, e: &InferenceEstimate) -> Result<serde_json::Value> {
-    let mut v = serde_json::to_value(plan)
-        .map_err(|err| Error::invalid("plan", format!("cannot serialise: {err}")))?;
-    let inf = serde_json::to_value(e)
-        .map_err(|err| Error::invalid("plan", format!("cannot serialise: {err}")))?;
-    if let Some(o) = v.as_object_mut() {
-        o.insert("inference".into(), inf);
-    }
-    Ok(v)
 }
 
 fn layout_name(l: &Layout) -> String {
@@ -900,7 +816,7 @@ mod tests {
         let cluster = ClusterSpec::load("dgx-h100").unwrap();
         (
             Topology::build(&cluster, gpus),
-            ModelSpec::load("llama3-8b").unwrap(),
+            crate::spec::model::load("llama3-8b").unwrap(),
         )
     }
 
@@ -963,7 +879,7 @@ mod tests {
     /// P V).
     #[test]
     fn decode_kernels_are_the_runtime_chain() {
-        let m = ModelSpec::load("llama3-8b").unwrap();
+        let m = crate::spec::model::load("llama3-8b").unwrap();
         let count = |sp| {
             decode_kernels(&m, 64 * 1024, sp)
                 .iter()
@@ -1024,7 +940,7 @@ mod tests {
     #[test]
     fn tiny_decode_is_kernels_times_floor() {
         let cluster = ClusterSpec::load("dgx-h100").unwrap();
-        let mut m = ModelSpec::load("llama3-8b").unwrap();
+        let mut m = crate::spec::model::load("llama3-8b").unwrap();
         (
             m.hidden_size,
             m.intermediate_size,
@@ -1065,7 +981,7 @@ mod tests {
 
     #[test]
     fn more_gpus_less_kv_per_gpu() {
-        let m = ModelSpec::load("llama3-8b").unwrap();
+        let m = crate::spec::model::load("llama3-8b").unwrap();
         let cluster = ClusterSpec::load("dgx-h100").unwrap();
         let mut last = f64::INFINITY;
         for gpus in [8, 16, 32] {
@@ -1091,7 +1007,7 @@ mod tests {
     fn sharded_weights_when_replicated_do_not_fit() {
         // llama3-70b at 1M on 8 GPUs: 141 GB of bf16 weights cannot be replicated on 80 GB.
         let cluster = ClusterSpec::load("dgx-h100").unwrap();
-        let m = ModelSpec::load("llama3-70b").unwrap();
+        let m = crate::spec::model::load("llama3-70b").unwrap();
         let topo = Topology::build(&cluster, 8);
         let req = InferenceRequest {
             gpus: 8,
@@ -1128,7 +1044,7 @@ mod tests {
         let s = search(&topo, &m, &req);
         let (c, e) = &s.ranked[0];
         let plan = build_plan(&topo, "dgx-h100", &m, req.context, c, e).unwrap();
-        let v = plan_json(&plan, e).unwrap();
+        let v = serde_json::to_value(&plan).unwrap();
         assert_eq!(v["mode"], "inference");
         assert_eq!(v["world_size"], 8);
         assert_eq!(v["context_tokens"], 1 << 20);

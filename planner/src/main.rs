@@ -10,7 +10,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mmsp_planner::cost::Recompute;
 use mmsp_planner::engines::Engine;
 use mmsp_planner::multimodal::MultiModal;
-use mmsp_planner::plan::Plan;
 use mmsp_planner::render;
 use mmsp_planner::search::{self, LayoutPin, Request, Strategy};
 use mmsp_planner::spec::samples::{load_manifest, Sample};
@@ -108,7 +107,7 @@ struct Target {
 impl Target {
     /// The model, the cluster (with the calibration applied) and its graph for --gpus.
     fn load(&self) -> Result<(ModelSpec, ClusterSpec, Topology)> {
-        let model = ModelSpec::load(&self.model)?;
+        let model = mmsp_planner::spec::model::load(&self.model)?;
         let mut cluster = ClusterSpec::load(&self.topology)?;
         if let Some(c) = &self.calibration {
             let cal = mmsp_planner::calibration::Calibration::load(c)?;
@@ -502,8 +501,7 @@ fn plan_inference(a: PlanArgs) -> Result<()> {
     match a.format {
         Format::Json => {
             let plan = inference::build_plan(&topo, &a.target.topology, &model, req.context, c, e)?;
-            let v = inference::plan_json(&plan, e)?;
-            serde_json::to_writer_pretty(&mut out, &v).context("writing the plan")?;
+            serde_json::to_writer_pretty(&mut out, &plan).context("writing the plan")?;
             writeln!(out)?;
         }
         Format::Table => write!(
@@ -516,7 +514,7 @@ fn plan_inference(a: PlanArgs) -> Result<()> {
 }
 
 fn simulate(a: SimulateArgs) -> Result<()> {
-    let plan = Plan::load(&a.plan)?;
+    let plan = mmsp_planner::plan::load_training(&a.plan)?;
     let (_, analytic, sim) = mmsp_planner::sim::replay_plan(&plan, &a.plan, !a.no_collapse)?;
     if let Some(path) = &a.trace {
         let tr = mmsp_planner::sim::trace::chrome_trace(&sim, &plan.model.name);

@@ -13,8 +13,6 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use serde::{Deserialize, Serialize};
-
 use crate::balance::{
     balance_frames, frame_costs, second_stage, BalanceOptions, FrameAssignment, TwoStageBalance,
 };
@@ -53,40 +51,7 @@ pub struct MultiModal {
     stage_cache: Mutex<HashMap<StageKey, std::result::Result<VisionStage, String>>>,
 }
 
-/// Stage 1 and 2 as they go into the plan, for the runtime to execute exactly this split.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct VisionPlan {
-    pub encoder: String,
-    pub tokens_per_frame: u64,
-    pub frames: u64,
-    pub samples: u64,
-    /// LLM tokens of each sample as stage 2 runs it, padding included (a multiple of
-    /// 2 x ulysses x ring; plans of older planners hold the unpadded lengths).
-    pub sample_lens: Vec<u64>,
-    /// Padding tokens at the end of each sample, in `sample_lens`: ids of any token, no loss
-    /// (absent in plans of older planners: no padding).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pad_tokens_per_sample: Option<Vec<u64>>,
-    /// Frames of each sample, in packing order (absent in plans of older planners).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frames_per_sample: Option<Vec<u64>>,
-    /// Text tokens of each sample, in packing order (absent in plans of older planners).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub text_tokens_per_sample: Option<Vec<u64>>,
-    pub train_vision: bool,
-    /// Stage 1: global frame indices per SP rank (the same in every DP replica).
-    pub frames_per_rank: Vec<Vec<usize>>,
-    pub encoder_imbalance_before: f64,
-    pub encoder_imbalance_after: f64,
-    pub balance_method: String,
-    pub solver: String,
-    pub solve_time_s: f64,
-    /// Stage 2: causal attention work max / mean over SP ranks.
-    pub attention_imbalance: f64,
-    pub reshard_bytes: u64,
-    pub stage: VisionStage,
-}
+pub use mmsp_plan::VisionPlan;
 
 /// The most frames one sample may hold (2^20).
 pub const MAX_FRAMES_PER_SAMPLE: u64 = 1 << 20;
@@ -387,7 +352,7 @@ impl MultiModal {
     }
 
     /// Model states of the encoder and projector (`all_params` parameters) as the runtime keeps
-    /// them (`runtime/src/train/run.rs`, `VisionRank`): fp32 weights on every rank and, when
+    /// them (`runtime/src/train/run/vision_rank.rs`): fp32 weights on every rank and, when
     /// trained, an unsharded AdamW (fp32 gradients and two moments, `AdamW::new` with no
     /// group), whatever the decoder's ZeRO stage; plus the 16-bit casts of the weights that
     /// the forward makes and autograd keeps for backward.
@@ -623,7 +588,7 @@ mod tests {
         c.calibration = Some(std::sync::Arc::new(cal));
         (
             Topology::build(&c, 4),
-            ModelSpec::load(&format!("{dir}llama3-8b-2layer.json")).unwrap(),
+            crate::spec::model::load(&format!("{dir}llama3-8b-2layer.json")).unwrap(),
         )
     }
 

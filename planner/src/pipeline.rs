@@ -37,8 +37,10 @@ pub fn plan_training(
         None => (analytic_best.clone(), None),
     };
     let context = search::candidate_context(req.context, mm, &best.candidate.layout);
-    let mut plan = Plan::build(topo, topology, model, context, result.global_batch, &best)?;
-    plan.predicted.simulated_step_time_s = simulated;
+    let mut plan = crate::plan::build(topo, topology, model, context, result.global_batch, &best)?;
+    if let Some(p) = plan.predicted.as_mut() {
+        p.simulated_step_time_s = simulated;
+    }
     if mm.is_none() {
         plan.padding_tokens = context - req.context;
     }

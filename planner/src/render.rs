@@ -54,9 +54,16 @@ pub fn fmt_params(n: u64) -> String {
 
 /// The model line: parameters (active ones for experts), family and attention when read from
 /// a Hugging Face config.
+/// The prediction of a plan the pipeline built (it always has one: [`crate::plan::build`]).
+fn built(plan: &Plan) -> &crate::plan::Predicted {
+    plan.predicted
+        .as_ref()
+        .expect("a plan built by the planner has a prediction")
+}
+
 fn model_words(plan: &Plan) -> String {
     let m = &plan.model;
-    let p = &plan.predicted;
+    let p = built(plan);
     let mut s = format!("model: {} parameters", fmt_params(p.params));
     if let (Some(a), Some(e)) = (p.active_params, &m.moe) {
         let _ = write!(
@@ -128,11 +135,11 @@ pub fn plan_table(
     let _ = writeln!(o, "Best plan");
     write_best_layout(&mut o, topo, plan, best);
     write_memory(&mut o, topo, plan);
-    write_step_time(&mut o, &plan.predicted.time);
+    write_step_time(&mut o, &built(plan).time);
     if let Some(v) = &plan.vision {
         write_vision(&mut o, v, plan.layout.sp());
     }
-    let p = &plan.predicted;
+    let p = built(plan);
     let _ = writeln!(
         o,
         "  comm         {} exposed, {} overlapped with compute",
@@ -189,7 +196,7 @@ fn write_plan_header(o: &mut String, topo: &Topology, plan: &Plan, result: &Sear
 
 /// The best plan's layout, ZeRO stage, recompute, micro-batch, step time and per-GPU rates.
 fn write_best_layout(o: &mut String, topo: &Topology, plan: &Plan, best: &Scored) {
-    let p = &plan.predicted;
+    let p = built(plan);
     let l = &plan.layout;
     let _ = writeln!(
         o,
@@ -240,7 +247,7 @@ fn write_best_layout(o: &mut String, topo: &Topology, plan: &Plan, best: &Scored
 
 /// The best plan's memory per GPU, by kind, and the search's warnings about it.
 fn write_memory(o: &mut String, topo: &Topology, plan: &Plan) {
-    let p = &plan.predicted;
+    let p = built(plan);
     let spec = &topo.spec;
     let m = &p.memory;
     let _ = writeln!(

@@ -82,32 +82,7 @@ pub struct Loads {
     pub latency_s: f64,
 }
 
-/// A family of equal groups tiling the world: group members are `base + k * stride` for
-/// `k < size`, with bases covering every rank once. Consecutive ranks: stride 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct GroupFamily {
-    pub size: u32,
-    pub stride: u32,
-}
-
-impl GroupFamily {
-    /// All groups of the family in a world of `world` ranks (world must be a multiple of
-    /// size * stride).
-    pub fn groups(&self, world: u32) -> Vec<Vec<u32>> {
-        let block = self.size * self.stride;
-        let mut out = Vec::with_capacity((world / self.size.max(1)) as usize);
-        for b in 0..world / block {
-            for off in 0..self.stride {
-                out.push(
-                    (0..self.size)
-                        .map(|k| b * block + off + k * self.stride)
-                        .collect(),
-                );
-            }
-        }
-        out
-    }
-}
+pub use mmsp_plan::GroupFamily;
 
 /// Sparse loads (links carrying something) from dense ones.
 fn sparse(load: Vec<f64>, latency_s: f64) -> Loads {

@@ -212,7 +212,7 @@ pub fn nemo_llama_flops(m: &ModelSpec, global_batch: u64, s: f64) -> f64 {
 /// Runs one row through the planner.
 fn run_row(src: &Source, r: &RawRow) -> Result<ValidationRow> {
     let profile = profile_of(src)?;
-    let model = ModelSpec::load(&src.model)?;
+    let model = crate::spec::model::load(&src.model)?;
     let cluster = ClusterSpec::load(&src.topology)?;
     cluster.check_gpus(u64::from(r.gpus))?;
     let topo = Topology::build(&cluster, r.gpus);

@@ -64,3 +64,16 @@ impl RuntimeError {
         )
     }
 }
+
+/// The plan contract's errors: a plan that cannot be read or used is a plan error (the message
+/// names the file and the field), lengths the shard arithmetic cannot cut are shape errors.
+impl From<mmsp_plan::PlanError> for RuntimeError {
+    fn from(e: mmsp_plan::PlanError) -> Self {
+        match e {
+            mmsp_plan::PlanError::Shape { what, msg } => {
+                RuntimeError::Shape(format!("{what}: {msg}"))
+            }
+            other => RuntimeError::Plan(other.to_string()),
+        }
+    }
+}

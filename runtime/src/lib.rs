@@ -13,6 +13,7 @@ pub mod model;
 pub mod packed;
 pub mod plan;
 pub mod ring;
+pub mod rng;
 pub mod shard;
 pub mod testing;
 pub mod train;

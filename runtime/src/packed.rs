@@ -3,7 +3,7 @@
 //! SP group ([`Zigzag`] of L_j: 2 x ring chunks, ring rank r holds chunks r and 2R-1-r, each
 //! cut into `ulysses` sub-chunks of which Ulysses rank u holds sub-chunk u), and a rank's local
 //! shard is the concatenation, sample by sample, of its two pieces of that sample: the order
-//! of the planner's `tokens.ranges_per_rank` (`planner/src/balance/zigzag.rs`).
+//! of the planner's `tokens.ranges_per_rank` (`mmsp_plan::zigzag`, the contract crate).
 //!
 //! Attention is per sample (a document mask): [`PackedAttention`] runs [`Attention2d`] on each
 //! sample's local rows (a zigzag-sharded sequence of L_j tokens over the SP group) and writes

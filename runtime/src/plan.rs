@@ -1,73 +1,49 @@
-//! The part of the planner's plan JSON that the runtime needs: world size, the layout
-//! (ulysses x ring x dp, tp) and the placement, and the rank arithmetic that turns them into
-//! process groups. Unknown fields are ignored; the schema name and version are checked, so
-//! that a plan of another format or version is refused in one line rather than misread.
+//! The runtime's reading of the plan contract ([`mmsp_plan`], the crate the planner writes
+//! plans with). The plan is parsed and checked once, by the contract's reader (schema and
+//! version, every field, ranks, groups and token ranges against the contract's arithmetic);
+//! this module adds what the runtime itself refuses (tensor parallelism) and gives the mesh in
+//! the runtime's index type: [`Layout`] is the contract's layout with `usize` degrees, and
+//! every rank and group it answers comes from the contract's arithmetic.
 use crate::error::{Result, RuntimeError};
-use serde::Deserialize;
 use std::path::Path;
 
-/// The plan format the planner writes (`planner/src/plan.rs`, `SCHEMA_NAME`) and the version of
-/// it this runtime reads (`SCHEMA_VERSION`; a test holds the two sides equal).
-pub const SCHEMA_NAME: &str = "mmsp-plan";
-pub const SCHEMA_VERSION: u64 = 1;
+pub use mmsp_plan::{GroupKind, Mode, Placement, Recompute, SCHEMA_NAME, SCHEMA_VERSION};
 
-/// How sequence-parallel ranks are laid onto consecutive global ranks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Placement {
-    /// The Ulysses group is made of consecutive ranks (inside one NVLink domain).
-    UlyssesInner,
-    /// Ring neighbours are consecutive ranks.
-    RingInner,
-}
+/// The plan as the contract defines it.
+pub type Contract = mmsp_plan::Plan;
 
-/// Parallel layout of a plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+/// Parallel layout of a plan in `usize` degrees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
     pub ulysses: usize,
     pub ring: usize,
-    #[serde(default = "one")]
     pub dp: usize,
-    #[serde(default = "one")]
     pub tp: usize,
     pub placement: Placement,
 }
 
-fn one() -> usize {
-    1
-}
-
-/// A plan, reduced to the fields the runtime reads.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Plan {
-    pub world_size: usize,
-    pub layout: Layout,
-}
-
-/// The plan's `schema` and `schema_version`, as the planner writes them.
-fn check_schema(v: &serde_json::Value) -> Result<()> {
-    if v.get("schema").and_then(|s| s.as_str()) != Some(SCHEMA_NAME) {
-        return Err(RuntimeError::Plan(format!(
-            "not an mmsp plan (expected \"schema\": \"{SCHEMA_NAME}\")"
-        )));
-    }
-    match v.get("schema_version").and_then(|n| n.as_u64()) {
-        Some(SCHEMA_VERSION) => Ok(()),
-        Some(n) => Err(RuntimeError::Plan(format!(
-            "plan schema version {n} is not supported by this mmsp-runtime (expected {SCHEMA_VERSION}; re-plan with the matching mmsp)"
-        ))),
-        None => Err(RuntimeError::Plan(format!(
-            "the plan has no schema_version (expected {SCHEMA_VERSION})"
-        ))),
-    }
-}
-
-/// Coordinates of a global rank in the layout.
+/// Coordinates of a global rank in the layout (tp is 1 in the runtime).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Coords {
     pub dp: usize,
     pub ring: usize,
     pub ulysses: usize,
+}
+
+impl From<mmsp_plan::Layout> for Layout {
+    fn from(l: mmsp_plan::Layout) -> Layout {
+        Layout {
+            ulysses: l.ulysses as usize,
+            ring: l.ring as usize,
+            dp: l.dp as usize,
+            tp: l.tp as usize,
+            placement: l.placement,
+        }
+    }
+}
+
+fn as_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 impl Layout {
@@ -76,9 +52,18 @@ impl Layout {
         Layout {
             ulysses,
             ring,
-            dp: 1,
-            tp: 1,
-            placement,
+            ..Layout::from(mmsp_plan::Layout::sp_only(1, 1, placement))
+        }
+    }
+
+    /// The contract's layout.
+    pub fn contract(&self) -> mmsp_plan::Layout {
+        mmsp_plan::Layout {
+            ulysses: as_u32(self.ulysses),
+            ring: as_u32(self.ring),
+            dp: as_u32(self.dp),
+            tp: as_u32(self.tp),
+            placement: self.placement,
         }
     }
 
@@ -92,13 +77,18 @@ impl Layout {
         self.ulysses * self.ring * self.dp * self.tp
     }
 
-    /// Checks degrees are positive and that the runtime supports the layout.
+    /// Checks degrees are positive (and fit the contract's ranks) and that the runtime
+    /// supports the layout.
     pub fn validate(&self) -> Result<()> {
-        if self.ulysses == 0 || self.ring == 0 || self.dp == 0 || self.tp == 0 {
+        let d = [self.ulysses, self.ring, self.dp, self.tp];
+        if d.iter().any(|&x| x == 0 || x > u32::MAX as usize) {
             return Err(RuntimeError::Layout(format!(
                 "degrees must be >= 1, got {self:?}"
             )));
         }
+        self.contract()
+            .validate()
+            .map_err(|e| RuntimeError::Layout(e.to_string()))?;
         if self.tp != 1 {
             return Err(RuntimeError::Layout(format!(
                 "tensor parallelism (tp = {}) is not implemented by the runtime",
@@ -110,104 +100,91 @@ impl Layout {
 
     /// Global rank of the given coordinates.
     pub fn global_rank(&self, c: Coords) -> usize {
-        let sp = self.sp_size();
-        match self.placement {
-            Placement::UlyssesInner => c.dp * sp + c.ring * self.ulysses + c.ulysses,
-            Placement::RingInner => c.dp * sp + c.ulysses * self.ring + c.ring,
-        }
+        self.contract().rank_of(mmsp_plan::Coords {
+            tp: 0,
+            ulysses: as_u32(c.ulysses),
+            ring: as_u32(c.ring),
+            dp: as_u32(c.dp),
+        }) as usize
     }
 
     /// Coordinates of a global rank.
     pub fn coords(&self, rank: usize) -> Coords {
-        let sp = self.sp_size();
-        let (dp, within) = (rank / sp, rank % sp);
-        match self.placement {
-            Placement::UlyssesInner => Coords {
-                dp,
-                ring: within / self.ulysses,
-                ulysses: within % self.ulysses,
-            },
-            Placement::RingInner => Coords {
-                dp,
-                ring: within % self.ring,
-                ulysses: within / self.ring,
-            },
+        let c = self.contract().coords(as_u32(rank));
+        Coords {
+            dp: c.dp as usize,
+            ring: c.ring as usize,
+            ulysses: c.ulysses as usize,
         }
     }
 
     /// SP rank inside the SP group: `ring_idx * ulysses + ulysses_idx`.
     pub fn sp_rank(&self, rank: usize) -> usize {
-        let c = self.coords(rank);
-        c.ring * self.ulysses + c.ulysses
+        self.contract().sp_rank(as_u32(rank)) as usize
+    }
+
+    /// Global ranks of `rank`'s group of one kind, ordered by the index in that dimension.
+    pub fn group(&self, kind: GroupKind, rank: usize) -> Vec<usize> {
+        let g = self.contract().group_of(kind, as_u32(rank));
+        g.into_iter().map(|r| r as usize).collect()
     }
 
     /// Global ranks of `rank`'s Ulysses group, ordered by Ulysses index.
     pub fn ulysses_group(&self, rank: usize) -> Vec<usize> {
-        let c = self.coords(rank);
-        (0..self.ulysses)
-            .map(|u| self.global_rank(Coords { ulysses: u, ..c }))
-            .collect()
+        self.group(GroupKind::Ulysses, rank)
     }
 
     /// Global ranks of `rank`'s ring group, ordered by ring index.
     pub fn ring_group(&self, rank: usize) -> Vec<usize> {
-        let c = self.coords(rank);
-        (0..self.ring)
-            .map(|r| self.global_rank(Coords { ring: r, ..c }))
-            .collect()
+        self.group(GroupKind::Ring, rank)
     }
 
     /// Global ranks of `rank`'s data-parallel group, ordered by dp index.
     pub fn dp_group(&self, rank: usize) -> Vec<usize> {
-        let c = self.coords(rank);
-        (0..self.dp)
-            .map(|d| self.global_rank(Coords { dp: d, ..c }))
-            .collect()
+        self.group(GroupKind::Dp, rank)
     }
 
-    /// Every group of one kind, each once, in a deterministic order (by smallest member).
+    /// Every group of one kind, each once, ordered by smallest member.
     pub fn all_groups(&self, kind: GroupKind) -> Vec<Vec<usize>> {
-        let mut seen = std::collections::BTreeSet::new();
-        let mut out = Vec::new();
-        for r in 0..self.world_size() {
-            let g = match kind {
-                GroupKind::Ulysses => self.ulysses_group(r),
-                GroupKind::Ring => self.ring_group(r),
-                GroupKind::Dp => self.dp_group(r),
-            };
-            if seen.insert(g.clone()) {
-                out.push(g);
-            }
-        }
-        out
+        let gs = self.contract().groups(kind);
+        gs.into_iter()
+            .map(|g| g.into_iter().map(|r| r as usize).collect())
+            .collect()
     }
 }
 
-/// The kinds of process group a plan defines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GroupKind {
-    Ulysses,
-    Ring,
-    Dp,
+/// A plan as the runtime runs it: the contract's plan, checked, with its mesh in `usize`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub world_size: usize,
+    pub layout: Layout,
+    pub contract: Contract,
 }
 
 impl Plan {
-    /// Parses a plan from JSON text; fields the runtime does not use are ignored.
+    /// Parses and checks a plan (the contract's reader, then [`Plan::validate`]).
     pub fn from_json(text: &str) -> Result<Plan> {
-        let v: serde_json::Value = serde_json::from_str(text)?;
-        check_schema(&v)?;
-        let p: Plan = serde_json::from_value(v)?;
-        p.validate()?;
-        Ok(p)
+        Self::from_contract(Contract::from_json(text, "plan")?)
     }
 
     /// Reads a plan file.
     pub fn from_file(path: &Path) -> Result<Plan> {
-        let text = std::fs::read_to_string(path)?;
-        Self::from_json(&text)
+        Self::from_contract(Contract::load(&path.display().to_string())?)
     }
 
-    /// Checks the layout and that it accounts for exactly `world_size` ranks.
+    /// A plan of the contract, checked for the runtime.
+    pub fn from_contract(contract: Contract) -> Result<Plan> {
+        let p = Plan {
+            world_size: contract.world_size as usize,
+            layout: Layout::from(contract.layout),
+            contract,
+        };
+        p.validate()?;
+        Ok(p)
+    }
+
+    /// Checks the layout is one the runtime runs (the contract has checked it against
+    /// `world_size`, the ranks and the groups).
     pub fn validate(&self) -> Result<()> {
         self.layout.validate()?;
         if self.layout.world_size() != self.world_size {

@@ -20,7 +20,10 @@ pub struct Problem {
 impl Problem {
     /// Random normal inputs, drawn in float64 from `seed` and cast to `kind` on `device`.
     pub fn random(shape: AttnShape, kind: Kind, device: Device, seed: i64) -> Problem {
-        tch::manual_seed(seed);
+        crate::rng::seeded(seed, || Self::draw(shape, kind, device))
+    }
+
+    fn draw(shape: AttnShape, kind: Kind, device: Device) -> Problem {
         let (b, s, d) = (
             shape.batch as i64,
             shape.seq_len as i64,
@@ -72,7 +75,7 @@ pub fn run_2d_local(
     let mut inputs = Vec::with_capacity(w);
     for rank in 0..w {
         let c = layout.coords(rank);
-        let sh = |t: &Tensor| zz.shard(t, 2, c.ring, c.ulysses);
+        let sh = |t: &Tensor| crate::shard::shard(&zz, t, 2, c.ring, c.ulysses);
         inputs.push((sh(&p.q)?, sh(&p.k)?, sh(&p.v)?, sh(&p.dout)?));
     }
     let results: Vec<Result<[Tensor; 4]>> = std::thread::scope(|s| {
@@ -122,7 +125,7 @@ pub fn run_2d_local(
                     .collect()
             })
             .collect();
-        zz.unshard(&shards, 2)
+        crate::shard::unshard(&zz, &shards, 2)
     };
     Ok(Grads {
         out: pick(0)?,
@@ -169,45 +172,100 @@ pub fn errors(g: &Grads, r: &Grads) -> [f64; 4] {
     ]
 }
 
-/// A minimal training plan (the planner's schema) for SP `ulysses` x `ring` x DP `dp` with
-/// ZeRO stage `zero` over sequences of `context` tokens: what tests run.
+/// A training plan of the contract without a prediction ([`mmsp_plan::Plan::skeleton`]) for
+/// SP `ulysses` x `ring` x DP `dp` with ZeRO stage `zero` over sequences of `context` tokens
+/// and the tiny model: what tests run.
+pub fn plan(ulysses: usize, ring: usize, dp: usize, zero: u32, context: usize) -> mmsp_plan::Plan {
+    let layout = crate::plan::Layout {
+        ulysses,
+        ring,
+        dp,
+        tp: 1,
+        placement: crate::plan::Placement::UlyssesInner,
+    };
+    let model = crate::model::ModelConfig::tiny().to_plan_model("tiny");
+    let mut p = mmsp_plan::Plan::skeleton(model, layout.contract(), 8, context as u64, dp as u64)
+        .expect("a test's layout and context make a plan");
+    p.zero_stage = zero as u8;
+    p
+}
+
+/// An inference plan of the tiny model on one `ulysses` x `ring` group holding `context`
+/// tokens, with a prediction of no run (zeros; the runtime reports it beside its measures).
+pub fn inference_plan(ulysses: usize, ring: usize, context: usize) -> mmsp_plan::Plan {
+    let mut p = plan(ulysses, ring, 1, 0, context);
+    p.mode = mmsp_plan::Mode::Inference;
+    p.inference = Some(mmsp_plan::InferenceEstimate {
+        weights: mmsp_plan::WeightSharding::Replicated,
+        kv_heads_held: 0,
+        kv_tokens_per_rank: 0,
+        kv_append_rule: "test".into(),
+        prefill_s: 0.0,
+        prefill_tokens_per_s: 0.0,
+        decode_s_per_token: 0.0,
+        decode_tokens: 0,
+        request_s: 0.0,
+        memory: Default::default(),
+        prefill: Default::default(),
+        decode_kernels_s: 0.0,
+        decode_kernels_per_token: 0,
+        decode_kernel_floor_s: 0.0,
+        decode_bytes_per_token: 0.0,
+        decode_hbm_s: 0.0,
+        decode_floor_s: 0.0,
+        decode_comm_s: 0.0,
+        decode_weight_gather_s: 0.0,
+        prefill_flops: 0.0,
+    });
+    p
+}
+
+/// [`plan`] as JSON text.
 pub fn plan_json(ulysses: usize, ring: usize, dp: usize, zero: u32, context: usize) -> String {
-    format!(
-        r#"{{"schema": "{}", "schema_version": {}, "world_size": {}, "layout": {{"ulysses": {ulysses}, "ring": {ring}, "dp": {dp}, "tp": 1,
-        "placement": "ulysses_inner"}}, "zero_stage": {zero}, "recompute": "none", "micro_batch": 1,
-        "grad_accum_steps": 1, "context_tokens": {context}}}"#,
-        crate::plan::SCHEMA_NAME,
-        crate::plan::SCHEMA_VERSION,
-        ulysses * ring * dp
-    )
+    serde_json::to_string(&plan(ulysses, ring, dp, zero, context)).expect("a plan serialises")
 }
 
 /// The planner's `tokens.ranges_per_rank` of packed `samples` (frames, text tokens) with
-/// `tpf` tokens per frame, for SP ranks `ring_idx * ulysses + ulysses_idx` (as
-/// `planner/src/balance/zigzag.rs` writes them for lengths that divide: per sample, chunks r
-/// and 2R-1-r of 2R, sub-chunk u of each).
+/// `tpf` tokens per frame, for SP ranks `ring_idx * ulysses + ulysses_idx` (the contract's
+/// zigzag shards of each sample).
 pub fn vision_plan_ranges(
     samples: &[(usize, usize)],
     tpf: usize,
     ulysses: usize,
     ring: usize,
 ) -> Vec<Vec<(usize, usize)>> {
-    let mut out = vec![Vec::new(); ulysses * ring];
-    let mut start = 0;
-    for &(f, t) in samples {
-        let len = tpf * f + t;
-        let (c, s) = (len / (2 * ring), len / (2 * ring * ulysses));
-        for r in 0..ring {
-            for u in 0..ulysses {
-                for chunk in [r, 2 * ring - 1 - r] {
-                    let a = start + chunk * c + u * s;
-                    out[r * ulysses + u].push((a, a + s));
-                }
-            }
-        }
-        start += len;
+    let lens: Vec<u64> = samples.iter().map(|&(f, t)| (tpf * f + t) as u64).collect();
+    mmsp_plan::zigzag::ranges_per_rank(&lens, ulysses, ring)
+        .expect("a test's samples shard")
+        .into_iter()
+        .map(|rs| {
+            rs.into_iter()
+                .map(|(a, b)| (a as usize, b as usize))
+                .collect()
+        })
+        .collect()
+}
+
+/// A prediction for test plans (figures of no run: 1 s per step, 48 tokens/s, MFU 0.5, 1 GB).
+fn test_prediction() -> mmsp_plan::Predicted {
+    mmsp_plan::Predicted {
+        step_time_s: 1.0,
+        tokens_per_s: 48.0,
+        mfu: 0.5,
+        hfu: 0.0,
+        memory_per_gpu_bytes: 1e9,
+        memory: Default::default(),
+        time: Default::default(),
+        comm_exposed_s: 0.0,
+        comm_overlapped_s: 0.0,
+        simulated_step_time_s: None,
+        params: 0,
+        active_params: None,
+        tokens_per_s_per_gpu: 0.0,
+        model_tflops_per_gpu: 0.0,
+        memory_headroom: 0.0,
+        warnings: Vec::new(),
     }
-    out
 }
 
 /// A training plan with a vision section for packed `samples` (frames, text tokens), `tpf`
@@ -222,7 +280,7 @@ pub fn vision_plan(
 ) -> serde_json::Value {
     let sp = ulysses * ring;
     let frames: usize = samples.iter().map(|s| s.0).sum();
-    let lens: Vec<usize> = samples.iter().map(|s| s.0 * tpf + s.1).collect();
+    let lens: Vec<u64> = samples.iter().map(|s| (s.0 * tpf + s.1) as u64).collect();
     let fpr = frames_per_rank.unwrap_or_else(|| {
         let mut v = vec![Vec::new(); sp];
         for f in (0..frames).rev() {
@@ -230,27 +288,41 @@ pub fn vision_plan(
         }
         v
     });
-    serde_json::json!({
-        "schema": crate::plan::SCHEMA_NAME, "schema_version": crate::plan::SCHEMA_VERSION,
-        "world_size": sp * dp,
-        "layout": {"ulysses": ulysses, "ring": ring, "dp": dp, "tp": 1,
-                   "placement": "ulysses_inner"},
-        "zero_stage": 0, "recompute": "none", "micro_batch": 1, "grad_accum_steps": 1,
-        "context_tokens": context,
-        "tokens": {"ranges_per_rank": vision_plan_ranges(samples, tpf, ulysses, ring)},
-        "predicted": {"step_time_s": 1.0, "tokens_per_s": 48.0, "mfu": 0.5,
-                      "memory_per_gpu_bytes": 1e9},
-        "vision": {
-            "encoder": "siglip-so400m", "tokens_per_frame": tpf, "frames": frames,
-            "samples": samples.len(), "sample_lens": lens,
-            "frames_per_sample": samples.iter().map(|s| s.0).collect::<Vec<_>>(),
-            "text_tokens_per_sample": samples.iter().map(|s| s.1).collect::<Vec<_>>(),
-            "train_vision": true, "frames_per_rank": fpr,
-            "encoder_imbalance_before": 1.0, "encoder_imbalance_after": 1.0,
-            "stage": {"encoder_s": 0.01, "gather_s": 0.001, "reshard_s": 0.001,
-                      "memory_bytes": 1.0, "states_bytes": 1.0, "attention_scale": 1.0}
-        }
-    })
+    let mut p = plan(ulysses, ring, dp, 0, context);
+    p.tokens.ranges_per_rank = vision_plan_ranges(samples, tpf, ulysses, ring)
+        .into_iter()
+        .map(|rs| rs.into_iter().map(|(a, b)| [a as u64, b as u64]).collect())
+        .collect();
+    p.predicted = Some(test_prediction());
+    p.vision = Some(mmsp_plan::VisionPlan {
+        encoder: "siglip-so400m".into(),
+        tokens_per_frame: tpf as u64,
+        frames: frames as u64,
+        samples: samples.len() as u64,
+        sample_lens: lens,
+        pad_tokens_per_sample: None,
+        frames_per_sample: Some(samples.iter().map(|s| s.0 as u64).collect()),
+        text_tokens_per_sample: Some(samples.iter().map(|s| s.1 as u64).collect()),
+        train_vision: true,
+        frames_per_rank: fpr,
+        encoder_imbalance_before: 1.0,
+        encoder_imbalance_after: 1.0,
+        balance_method: "test".into(),
+        solver: "none".into(),
+        solve_time_s: 0.0,
+        attention_imbalance: 1.0,
+        reshard_bytes: 0,
+        stage: mmsp_plan::VisionStage {
+            encoder_s: 0.01,
+            gather_s: 0.001,
+            reshard_s: 0.001,
+            memory_bytes: 1.0,
+            states_bytes: 1.0,
+            attention_scale: 1.0,
+            ..Default::default()
+        },
+    });
+    serde_json::to_value(&p).expect("a plan serialises")
 }
 
 /// Run options for tests: no progress lines, everything else at its default.

@@ -59,8 +59,8 @@ pub fn head_to_seq(comm: &dyn Communicator, zz: &Zigzag, r: usize, y: &Tensor) -
     let [ca, cb] = zz.ring_chunks(r);
     let (sub_a, sub_b) = (zz.sub_lens(ca), zz.sub_lens(cb));
     let (off_a, off_b) = (offsets(&sub_a), offsets(&sub_b));
-    let a_len = zz.chunk[ca] as i64;
-    if s[2] != a_len + zz.chunk[cb] as i64 {
+    let a_len = zz.chunk_len(ca) as i64;
+    if s[2] != a_len + zz.chunk_len(cb) as i64 {
         return Err(RuntimeError::Shape(format!(
             "head_to_seq: {s:?} does not hold chunks {ca} and {cb}"
         )));

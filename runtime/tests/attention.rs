@@ -208,7 +208,7 @@ fn good_inputs(layout: Layout, shape: AttnShape) -> Vec<RankInput> {
     (0..layout.world_size())
         .map(|rank| {
             let c = layout.coords(rank);
-            let sh = |t: &Tensor| zz.shard(t, 2, c.ring, c.ulysses).unwrap();
+            let sh = |t: &Tensor| mmsp_runtime::shard::shard(&zz, t, 2, c.ring, c.ulysses).unwrap();
             (shape, sh(&p.q), sh(&p.k), sh(&p.v))
         })
         .collect()
@@ -372,9 +372,10 @@ fn bad_shapes_fail_in_one_line() {
 /// before any communication.
 #[test]
 fn binary_exits_2_on_launch_mismatch() {
-    let plan = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/plan_w2.json");
+    let plan = std::env::temp_dir().join(format!("mmsp-plan-w2-{}.json", std::process::id()));
+    std::fs::write(&plan, mmsp_runtime::testing::plan_json(1, 2, 1, 0, 64)).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmsp-runtime"))
-        .args(["nccl-check", "--plan", plan])
+        .args(["nccl-check", "--plan", plan.to_str().unwrap()])
         .env("RANK", "0")
         .env("WORLD_SIZE", "1")
         .env("LOCAL_RANK", "0")
@@ -386,4 +387,5 @@ fn binary_exits_2_on_launch_mismatch() {
     assert_eq!(out.status.code(), Some(2), "stderr: {err}");
     assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
     assert!(err.contains("launch does not match the plan"), "{err}");
+    let _ = std::fs::remove_file(&plan);
 }

@@ -110,10 +110,9 @@ fn rank_that_leaves_makes_peers_fail_not_hang() {
 }
 
 #[test]
-fn plan_parsing_ignores_unknown_fields_and_maps_ranks() {
-    let text = r#"{"schema": "mmsp-plan", "schema_version": 1, "world_size": 16, "score": 1.5, "layout": {"ulysses": 4, "ring": 2, "dp": 2, "tp": 1,
-        "placement": "ulysses_inner", "extra": [1, 2]}, "stages": []}"#;
-    let p = Plan::from_json(text).unwrap();
+fn plan_parsing_maps_ranks_and_refuses_unknown_fields() {
+    let text = mmsp_runtime::testing::plan_json(4, 2, 2, 0, 64);
+    let p = Plan::from_json(&text).unwrap();
     let l = p.layout;
     assert_eq!((l.ulysses, l.ring, l.dp), (4, 2, 2));
     // ulysses_inner: rank = dp*8 + ring*4 + u.
@@ -146,49 +145,85 @@ fn plan_parsing_ignores_unknown_fields_and_maps_ranks() {
     }
     assert!(matches!(p.check_launch(8), Err(RuntimeError::Launch(_))));
     assert!(p.check_launch(16).is_ok());
+    // One contract: a field the plan does not define is refused by name, not ignored.
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["score"] = 1.5.into();
+    match Plan::from_json(&v.to_string()) {
+        Err(RuntimeError::Plan(m)) => assert!(m.contains("score"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A valid plan's JSON, changed by `f`, through the runtime's reader.
+fn mutated(f: impl Fn(&mut serde_json::Value)) -> Result<Plan, RuntimeError> {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&mmsp_runtime::testing::plan_json(2, 2, 1, 0, 64)).unwrap();
+    f(&mut v);
+    Plan::from_json(&v.to_string())
 }
 
 #[test]
 fn bad_plans_are_rejected() {
-    let wrong_size = r#"{"schema": "mmsp-plan", "schema_version": 1, "world_size": 6, "layout": {"ulysses": 4, "ring": 2, "dp": 1, "tp": 1, "placement": "ring_inner"}}"#;
-    assert!(matches!(
-        Plan::from_json(wrong_size),
-        Err(RuntimeError::Plan(_))
-    ));
-    let tp = r#"{"schema": "mmsp-plan", "schema_version": 1, "world_size": 4, "layout": {"ulysses": 1, "ring": 2, "dp": 1, "tp": 2, "placement": "ring_inner"}}"#;
-    assert!(matches!(Plan::from_json(tp), Err(RuntimeError::Layout(_))));
-    let bad_place = r#"{"schema": "mmsp-plan", "schema_version": 1, "world_size": 2, "layout": {"ulysses": 1, "ring": 2, "dp": 1, "tp": 1, "placement": "diagonal"}}"#;
-    assert!(Plan::from_json(bad_place).is_err());
+    let wrong_size = mutated(|v| v["world_size"] = 6.into());
+    assert!(
+        matches!(wrong_size, Err(RuntimeError::Plan(_))),
+        "{wrong_size:?}"
+    );
+    let bad_place = mutated(|v| v["layout"]["placement"] = "diagonal".into());
+    assert!(bad_place.is_err());
+    // Groups or token ranges that disagree with the layout are refused, naming the field.
+    let groups = mutated(|v| v["groups"]["ring"][0] = serde_json::json!([1, 0]));
+    assert!(format!("{groups:?}").contains("groups.ring"), "{groups:?}");
+    let ranges = mutated(|v| v["tokens"]["ranges_per_rank"][0][0] = serde_json::json!([0, 9]));
+    assert!(
+        format!("{ranges:?}").contains("ranges_per_rank[0]"),
+        "{ranges:?}"
+    );
+    // Tensor parallelism is the contract's, not the runtime's: refused as a layout.
+    let layout = mmsp_plan::Layout {
+        ulysses: 1,
+        ring: 2,
+        dp: 1,
+        tp: 2,
+        placement: Placement::RingInner,
+    };
+    let model = mmsp_runtime::model::ModelConfig::tiny().to_plan_model("tiny");
+    let tp = mmsp_plan::Plan::skeleton(model, layout, 8, 64, 1).unwrap();
+    let tp = Plan::from_json(&serde_json::to_string(&tp).unwrap());
+    assert!(matches!(tp, Err(RuntimeError::Layout(_))), "{tp:?}");
     // Another format or version is refused in one line naming what is expected.
-    let body = r#""world_size": 2, "layout": {"ulysses": 1, "ring": 2, "placement": "ring_inner"}"#;
-    for (head, want) in [
-        ("", "not an mmsp plan"),
+    for (edit, want) in [
+        (None, "not an mmsp plan"),
         (
-            r#""schema": "other", "schema_version": 1,"#,
+            Some(("schema", serde_json::json!("other"))),
             "not an mmsp plan",
         ),
-        (r#""schema": "mmsp-plan","#, "no schema_version"),
         (
-            r#""schema": "mmsp-plan", "schema_version": 2,"#,
+            Some(("schema_version", serde_json::Value::Null)),
+            "schema_version",
+        ),
+        (
+            Some(("schema_version", serde_json::json!(2))),
             "schema version 2 is not supported",
         ),
     ] {
-        match Plan::from_json(&format!("{{{head} {body}}}")) {
+        let r = mutated(|v| match &edit {
+            None => {
+                v.as_object_mut().unwrap().remove("schema");
+            }
+            Some((k, x)) => v[*k] = x.clone(),
+        });
+        match r {
             Err(RuntimeError::Plan(m)) => assert!(m.contains(want) && !m.contains('\n'), "{m}"),
-            other => panic!("{head}: {other:?}"),
+            other => panic!("{edit:?}: {other:?}"),
         }
     }
 }
 
 #[test]
-fn reads_the_schema_the_planner_writes() {
-    // The planner's own constants, and a plan `mmsp plan` wrote (tests/data/plan4_2x2.json).
-    use mmsp_runtime::plan::{SCHEMA_NAME, SCHEMA_VERSION};
-    assert_eq!(SCHEMA_NAME, mmsp_planner::plan::SCHEMA_NAME);
-    assert_eq!(
-        SCHEMA_VERSION,
-        u64::from(mmsp_planner::plan::SCHEMA_VERSION)
-    );
+fn reads_the_plans_the_planner_writes() {
+    // A plan `mmsp plan` wrote (tests/data/plan4_2x2.json), and one the planner's pipeline
+    // makes now: the runtime reads both through the same contract.
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/data/plan4_2x2.json"
@@ -196,6 +231,28 @@ fn reads_the_schema_the_planner_writes() {
     .unwrap();
     let p = Plan::from_json(&text).unwrap();
     assert_eq!(p.world_size, 4);
+    use mmsp_planner::search::{Request, Strategy};
+    let model = mmsp_planner::spec::model::load("llama3-8b").unwrap();
+    let cluster = mmsp_planner::spec::cluster::ClusterSpec::load("dgx-h100").unwrap();
+    let topo = mmsp_planner::topology::Topology::build(&cluster, 16);
+    let req = Request {
+        gpus: 16,
+        context: 1 << 17,
+        global_batch: None,
+        recompute: None,
+        strategy: Strategy::TwoD,
+        pin: None,
+        zero: None,
+    };
+    let planned =
+        mmsp_planner::pipeline::plan_training(&topo, "dgx-h100", &model, &req, None).unwrap();
+    let text = serde_json::to_string(&planned.plan).unwrap();
+    let p = Plan::from_json(&text).unwrap();
+    assert_eq!(p.world_size, 16);
+    assert_eq!(p.contract, planned.plan);
+    let tp = mmsp_runtime::train::run::TrainPlan::of(&p).unwrap();
+    assert_eq!(tp.context_tokens, 1 << 17);
+    assert!(tp.predicted.is_some());
 }
 
 /// Builds a 2D layer on every rank of a (u, r) group and returns each rank's result of `f`;
@@ -303,10 +360,7 @@ fn rendezvous_exchanges_values_and_times_out_on_missing_keys() {
 #[test]
 fn nccl_world_rejects_a_plan_for_another_world_size_before_any_communication() {
     use mmsp_runtime::comm::nccl::{LaunchEnv, NcclWorld};
-    let plan = Plan::from_json(
-        r#"{"schema": "mmsp-plan", "schema_version": 1, "world_size": 4, "layout": {"ulysses": 2, "ring": 2, "dp": 1, "tp": 1, "placement": "ulysses_inner"}}"#,
-    )
-    .unwrap();
+    let plan = Plan::from_json(&mmsp_runtime::testing::plan_json(2, 2, 1, 0, 64)).unwrap();
     // Nobody listens on this port: reaching the rendezvous would fail differently (or wait).
     let env = LaunchEnv {
         rank: 0,

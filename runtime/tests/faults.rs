@@ -281,12 +281,7 @@ fn plan_file(name: &str, ulysses: usize, ring: usize) -> std::path::PathBuf {
     let p = std::env::temp_dir().join(format!("mmsp-faults-{}-{name}.json", std::process::id()));
     std::fs::write(
         &p,
-        format!(
-            r#"{{"schema": "mmsp-plan", "schema_version": 1, "world_size": {}, "layout": {{"ulysses": {ulysses}, "ring": {ring}, "dp": 1, "tp": 1,
-            "placement": "ulysses_inner"}}, "zero_stage": 1, "recompute": "none", "micro_batch": 1,
-            "grad_accum_steps": 1, "context_tokens": 64}}"#,
-            ulysses * ring
-        ),
+        mmsp_runtime::testing::plan_json(ulysses, ring, 1, 1, 64),
     )
     .unwrap();
     p

@@ -612,11 +612,7 @@ fn infer_prompt_text_prints_the_greedy_completion() {
     let d = tmp("hf-infer");
     let plan = d.join("infer.json");
     // The plan's model shape is not the checkpoint's: --model decides, predictions are null.
-    let text = mmsp_runtime::testing::plan_json(2, 1, 1, 0, 64).replacen(
-        '{',
-        r#"{"mode": "inference","#,
-        1,
-    );
+    let text = serde_json::to_string(&mmsp_runtime::testing::inference_plan(2, 1, 64)).unwrap();
     std::fs::write(&plan, text).unwrap();
     let run = |extra: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_mmsp-runtime"))

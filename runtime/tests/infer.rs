@@ -177,11 +177,13 @@ fn generation_stops_at_the_context() {
     assert_eq!(gens.iter().map(|g| g.kv_tokens).sum::<usize>(), 24);
 }
 
+/// A 2 x 2 plan of the tiny model for `mode` ("training" or "inference").
 fn plan_json(mode: &str, context: usize) -> String {
-    format!(
-        r#"{{"schema": "mmsp-plan", "schema_version": 1, "mode": "{mode}", "context_tokens": {context}, "world_size": 4,
-            "layout": {{"ulysses": 2, "ring": 2, "dp": 1, "tp": 1, "placement": "ulysses_inner"}}}}"#
-    )
+    let p = match mode {
+        "inference" => mmsp_runtime::testing::inference_plan(2, 2, context),
+        _ => mmsp_runtime::testing::plan(2, 2, 1, 0, context),
+    };
+    serde_json::to_string(&p).unwrap()
 }
 
 #[test]
@@ -189,7 +191,7 @@ fn bad_plans_and_prompts() {
     let e = InferPlan::from_json(&plan_json("training", 64))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("made for training"), "{e}");
+    assert!(e.contains("is a plan for training"), "{e}");
     let plan = InferPlan::from_json(&plan_json("inference", 64)).unwrap();
     let e = plan.check_prompt(0).unwrap_err().to_string();
     assert!(e.contains("empty"), "{e}");
@@ -226,7 +228,7 @@ fn binary_errors_are_one_line_exit_2() {
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec![train.to_str().unwrap(), "--prompt", "1,2,3,4,5,6,7,8"],
-            "made for training",
+            "is a plan for training",
         ),
         (vec![inf.to_str().unwrap(), "--prompt", ""], "empty"),
         (

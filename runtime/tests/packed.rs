@@ -212,6 +212,12 @@ fn max_rel(a: &Run, b: &Run) -> (f64, f64) {
     (le, pe)
 }
 
+/// The vision section of a plan file, read through the runtime's plan reader.
+fn vision_of(path: &str) -> VisionSection {
+    let plan = mmsp_runtime::plan::Plan::from_file(std::path::Path::new(path)).unwrap();
+    VisionSection::from_plan(plan.contract.vision.as_ref().unwrap()).unwrap()
+}
+
 #[test]
 fn packing_ranges_are_the_planners() {
     // plan4_vlm.json: 2 samples (6784, 6528) over ulysses 2 x ring 2, made by the planner.
@@ -225,7 +231,7 @@ fn packing_ranges_are_the_planners() {
     assert_eq!(p.ranges_per_sp_rank(), want);
     assert_eq!(p.seq_len(), 13312);
     // The vision section as `run` resolves it: the same ranges (no padding in this plan).
-    let v: VisionSection = serde_json::from_value(plan["vision"].clone()).unwrap();
+    let v = vision_of(path);
     let vr = v.resolve(&EncoderSource::Tiny, 64, 13312, 2, 2).unwrap();
     assert_eq!(vr.ranges, want);
     assert_eq!(vr.sample_lens, lens);
@@ -281,7 +287,7 @@ fn planner_padded_samples_shard_as_planned_without_loss_on_padding() {
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let want: Vec<Vec<(usize, usize)>> =
         serde_json::from_value(plan["tokens"]["ranges_per_rank"].clone()).unwrap();
-    let v: VisionSection = serde_json::from_value(plan["vision"].clone()).unwrap();
+    let v = vision_of(path);
     let vr = v.resolve(&EncoderSource::Tiny, 64, 1000, 2, 2).unwrap();
     assert_eq!(vr.sample_lens, vec![400, 600]);
     assert_eq!(vr.ranges, want);
@@ -359,12 +365,19 @@ fn bad_sample_lengths_are_typed_errors() {
         );
     }
     // A vision section whose samples do not divide: a plan error.
-    let v: VisionSection = serde_json::from_value(serde_json::json!({
-        "encoder": "siglip-so400m", "tokens_per_frame": 4, "frames": 3, "samples": 2,
-        "sample_lens": [12, 10], "frames_per_sample": [2, 1],
-        "text_tokens_per_sample": [4, 6], "frames_per_rank": [[0, 1], [2]]
-    }))
-    .unwrap();
+    let v = VisionSection {
+        encoder: "siglip-so400m".into(),
+        tokens_per_frame: 4,
+        frames: 3,
+        samples: 2,
+        sample_lens: vec![12, 10],
+        frames_per_sample: Some(vec![2, 1]),
+        text_tokens_per_sample: Some(vec![4, 6]),
+        pad_tokens_per_sample: None,
+        train_vision: true,
+        frames_per_rank: vec![vec![0, 1], vec![2]],
+        stage: None,
+    };
     match v.resolve(&EncoderSource::Tiny, 64, 24, 1, 2) {
         Err(RuntimeError::Plan(m)) => {
             assert!(m.contains("packed sample 1 has 10 tokens"), "{m}");

@@ -217,6 +217,17 @@ fn binary(plan: &Path, n: usize) -> (i32, String) {
     )
 }
 
+/// The plan's token ranges made again for its (edited) `vision.sample_lens`, as the planner
+/// would write them, so that the runtime's own checks of the section are what is tested.
+fn reshard(p: &mut Value, ulysses: usize, ring: usize) {
+    let lens: Vec<u64> = serde_json::from_value(p["vision"]["sample_lens"].clone()).unwrap();
+    let r = mmsp_plan::zigzag::ranges_per_rank(&lens, ulysses, ring).unwrap();
+    p["tokens"]["ranges_per_rank"] = json!(r
+        .iter()
+        .map(|rs| rs.iter().map(|&(a, b)| [a, b]).collect::<Vec<_>>())
+        .collect::<Vec<_>>());
+}
+
 #[test]
 fn bad_vision_sections_are_one_line_errors_exit_2() {
     let mut cases: Vec<(&str, Value, usize, &str)> = Vec::new();
@@ -248,16 +259,18 @@ fn bad_vision_sections_are_one_line_errors_exit_2() {
     // More tokens than the context.
     let mut p = vision_plan(1, 2, 1, None);
     p["context_tokens"] = json!(40);
-    cases.push(("ctx", p, 2, "more than context_tokens"));
+    cases.push(("ctx", p, 2, "add up to more than the context of 40"));
     // A sample of 6 tokens at SP 2 x 2 (not a multiple of 8).
     let mut p = vision_plan(2, 2, 1, None);
     p["vision"]["sample_lens"][2] = json!(6);
     p["vision"]["text_tokens_per_sample"][2] = json!(6);
+    reshard(&mut p, 2, 2);
     cases.push(("len", p, 4, "packed sample 2 has 6 tokens"));
     // Padding that makes a sample no multiple of 8 at SP 2 x 2 (2 + 8 = 10 tokens).
     let mut p = vision_plan(2, 2, 1, None);
     p["vision"]["sample_lens"][2] = json!(10);
     p["vision"]["pad_tokens_per_sample"] = json!([0, 0, 2, 0]);
+    reshard(&mut p, 2, 2);
     cases.push(("pad", p, 4, "packed sample 2 has 10 tokens"));
     // Padding longer than the sample's tokens beyond its frames.
     let mut p = vision_plan(1, 2, 1, None);

@@ -375,15 +375,25 @@ fn loss_falls_f32() {
     assert!(last < 0.5 * first, "loss did not fall: {:?}", run.losses);
 }
 
-fn plan_json(ranges: &str) -> String {
-    format!(
-        r#"{{"schema": "mmsp-plan", "schema_version": 1, "world_size": 2, "layout": {{"ulysses": 1, "ring": 2, "dp": 1, "tp": 1,
-        "placement": "ulysses_inner"}}, "zero_stage": 1, "recompute": "none", "micro_batch": 1,
-        "grad_accum_steps": 4, "context_tokens": 64, "unknown_field": 3,
-        "tokens": {{"ranges_per_rank": {ranges}}},
-        "predicted": {{"step_time_s": 1.0, "tokens_per_s": 256.0, "mfu": 0.5,
-        "memory_per_gpu_bytes": 1e9}}}}"#
-    )
+/// A 1 x 2 plan of the tiny model (ZeRO-1, 4 micro-steps, 64 tokens) with a prediction, its
+/// token ranges replaced by `ranges` when given.
+fn plan_json(ranges: Option<&str>) -> String {
+    let mut p = mmsp_runtime::testing::plan(1, 2, 1, 1, 64);
+    (p.global_batch, p.grad_accum_steps) = (4, 4);
+    let mut v = serde_json::to_value(&p).unwrap();
+    v["predicted"] = serde_json::json!({"step_time_s": 1.0, "tokens_per_s": 256.0, "mfu": 0.5,
+        "memory_per_gpu_bytes": 1e9, "memory": {"weights_bytes": 0.0, "gradients_bytes": 0.0,
+        "optimizer_bytes": 0.0, "activations_bytes": 0.0, "logits_bytes": 0.0,
+        "comm_buffers_bytes": 0.0, "reserved_bytes": 0.0, "fragmentation_bytes": 0.0,
+        "total_bytes": 0.0}, "time": {"gemm_s": 0.0, "attention_s": 0.0, "elementwise_s": 0.0,
+        "head_s": 0.0, "recompute_s": 0.0, "vision_s": 0.0, "ulysses_all_to_all_s": 0.0,
+        "ring_p2p_s": 0.0, "ring_exposed_s": 0.0, "tp_comm_s": 0.0, "grad_sync_s": 0.0,
+        "grad_sync_exposed_s": 0.0, "zero_gather_s": 0.0, "zero_gather_exposed_s": 0.0,
+        "optimizer_s": 0.0}, "comm_exposed_s": 0.0, "comm_overlapped_s": 0.0});
+    if let Some(r) = ranges {
+        v["tokens"]["ranges_per_rank"] = serde_json::from_str(r).unwrap();
+    }
+    v.to_string()
 }
 
 #[test]
@@ -393,9 +403,13 @@ fn run_subcommand_inprocess_cpu() {
     let dir = std::env::temp_dir().join(format!("mmsp-train-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let good = dir.join("good.json");
-    std::fs::write(&good, plan_json("[[[0,16],[48,64]],[[16,32],[32,48]]]")).unwrap();
+    std::fs::write(
+        &good,
+        plan_json(Some("[[[0,16],[48,64]],[[16,32],[32,48]]]")),
+    )
+    .unwrap();
     let bad = dir.join("bad.json");
-    std::fs::write(&bad, plan_json("[[[0,32]],[[32,64]]]")).unwrap();
+    std::fs::write(&bad, plan_json(Some("[[[0,32]],[[32,64]]]"))).unwrap();
     let opts = |plan: &std::path::Path, n: usize| RunOptions {
         plan: plan.to_path_buf(),
         steps: 2,
@@ -763,10 +777,13 @@ fn swiglu_node_matches_autograd_f64() {
     // The one-node SwiGLU (gate and up kept, silu recomputed in backward) against autograd's
     // silu and product: output and both input gradients.
     let opts = (Kind::Double, Device::Cpu);
-    tch::manual_seed(11);
-    let gate = Tensor::randn([3, 5, 17], opts).set_requires_grad(true);
-    let up = Tensor::randn([3, 5, 17], opts).set_requires_grad(true);
-    let dy = Tensor::randn([3, 5, 17], opts);
+    let (gate, up, dy) = mmsp_runtime::rng::seeded(11, || {
+        (
+            Tensor::randn([3, 5, 17], opts).set_requires_grad(true),
+            Tensor::randn([3, 5, 17], opts).set_requires_grad(true),
+            Tensor::randn([3, 5, 17], opts),
+        )
+    });
     let ours = mmsp_runtime::ffi::swiglu(&gate, &up).unwrap();
     (&ours * &dy).sum(Kind::Double).backward();
     let (g1, u1) = (gate.grad().copy(), up.grad().copy());

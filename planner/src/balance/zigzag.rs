@@ -1,135 +1,35 @@
 //! Stage 2 of MM-SP: zigzag token sharding of the merged sequence for 2D attention
 //! (Ulysses x zigzag ring), and each rank's causal attention work under it.
 //!
-//! Convention (shared with the runtime; do not change one side alone): each sample of length L
-//! is cut into `2*ring` chunks; ring rank r holds chunks `r` and `2*ring-1-r`; each of those
-//! chunks is cut into `ulysses` contiguous sub-chunks and Ulysses rank u holds sub-chunk u of
-//! both. `sp_rank = ring_idx * ulysses + ulysses_idx`. Packed samples are split individually
-//! (varlen zigzag, as LongVILA's `zigzag_ring_varlen`), so a rank holds up to two ranges per
-//! sample. When L is not divisible, the `L % (2*ring)` extra tokens go first to the first-half
-//! chunks (ring ranks 0, 1, ...) and then to the second-half chunks of ranks 0, 1, ... so that
-//! ring ranks differ by at most one token; inside a chunk, the extra tokens go to the first
-//! sub-chunks of a first-half chunk and to the last sub-chunks of a second-half chunk. The
-//! planner's multi-modal plans pad every sample to a multiple of 2 x ulysses x ring first
-//! ([`super::sample_padding`]), as mmsp-runtime's packed attention requires, so their pieces
-//! are all equal.
+//! The shards themselves are the plan contract's ([`mmsp_plan::zigzag`], which the runtime cuts
+//! its tensors by): this module re-exports them and adds what the cost model needs, each rank's
+//! causal attention work. The planner's multi-modal plans pad every sample to a multiple of
+//! 2 x ulysses x ring first ([`super::sample_padding`]), as mmsp-runtime's packed attention
+//! requires, so their pieces are all equal.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
-/// A contiguous piece of one sample held by one rank.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Piece {
-    /// Offset of the sample in the packed sequence.
-    sample_start: u64,
-    /// Half-open range inside the sample.
-    lo: u64,
-    hi: u64,
-}
+pub use mmsp_plan::zigzag::{tokens_per_rank, Piece};
 
-fn check_degrees(ulysses: usize, ring: usize) -> Result<()> {
-    if ulysses == 0 || ring == 0 {
-        return Err(Error::invalid(
-            "sequence-parallel degrees",
-            format!("ulysses ({ulysses}) and ring ({ring}) must both be at least 1"),
-        ));
-    }
-    if ulysses.checked_mul(ring).is_none_or(|n| n > 1 << 20) {
-        return Err(Error::invalid(
-            "sequence-parallel degrees",
-            format!("ulysses x ring = {ulysses} x {ring} is too large"),
-        ));
-    }
-    Ok(())
-}
-
-/// Boundaries (parts + 1 offsets) of `len` cut into `parts` near-equal pieces, `extra(i)` saying
-/// whether piece i gets one of the `len % parts` extra tokens.
-fn bounds(len: u64, parts: u64, extra: impl Fn(u64, u64) -> bool) -> Vec<u64> {
-    let base = len / parts;
-    let rem = len % parts;
-    let mut out = Vec::with_capacity(parts as usize + 1);
-    let mut at = 0;
-    out.push(0);
-    for i in 0..parts {
-        at += base + u64::from(extra(i, rem));
-        out.push(at);
-    }
-    debug_assert_eq!(at, len);
-    out
-}
-
-fn pieces_per_rank(sample_lens: &[u64], ulysses: usize, ring: usize) -> Result<Vec<Vec<Piece>>> {
-    check_degrees(ulysses, ring)?;
-    let (u, r) = (ulysses as u64, ring as u64);
-    let mut out = vec![Vec::new(); ulysses * ring];
-    let mut sample_start: u64 = 0;
-    for (i, &len) in sample_lens.iter().enumerate() {
-        // Chunk extras: first-half chunks c < r for c < rem; then second-half chunk 2r-1-k for k < rem - r.
-        let chunks = bounds(len, 2 * r, |c, rem| {
-            if c < r {
-                c < rem
-            } else {
-                (2 * r - 1 - c) < rem.saturating_sub(r)
-            }
-        });
-        for ring_idx in 0..r {
-            for (half, chunk) in [(0, ring_idx), (1, 2 * r - 1 - ring_idx)] {
-                let (c_lo, c_hi) = (chunks[chunk as usize], chunks[chunk as usize + 1]);
-                let subs = bounds(c_hi - c_lo, u, |s, rem| {
-                    if half == 0 {
-                        s < rem
-                    } else {
-                        (u - 1 - s) < rem
-                    }
-                });
-                for uly_idx in 0..u {
-                    let lo = c_lo + subs[uly_idx as usize];
-                    let hi = c_lo + subs[uly_idx as usize + 1];
-                    if hi > lo {
-                        out[(ring_idx * u + uly_idx) as usize].push(Piece {
-                            sample_start,
-                            lo,
-                            hi,
-                        });
-                    }
-                }
-            }
-        }
-        sample_start = sample_start.checked_add(len).ok_or_else(|| {
-            Error::invalid(
-                "sample lengths",
-                format!("the packed sequence overflows u64 at sample {i}"),
-            )
-        })?;
-    }
-    Ok(out)
-}
-
-/// The token ranges of each SP rank (indexed by `sp_rank = ring_idx * ulysses + ulysses_idx`):
-/// half-open `(start, end)` global offsets in the packed sequence, in sample order and, within a
-/// sample, first-half chunk before second-half chunk. Empty pieces are omitted. The ranges of
-/// all ranks form an exact partition of `[0, sum(sample_lens))`.
+/// [`mmsp_plan::zigzag::ranges_per_rank`], with the planner's error.
 pub fn ranges_per_rank(
     sample_lens: &[u64],
     ulysses: usize,
     ring: usize,
 ) -> Result<Vec<Vec<(u64, u64)>>> {
-    Ok(pieces_per_rank(sample_lens, ulysses, ring)?
-        .into_iter()
-        .map(|ps| {
-            ps.into_iter()
-                .map(|p| (p.sample_start + p.lo, p.sample_start + p.hi))
-                .collect()
-        })
-        .collect())
+    Ok(mmsp_plan::zigzag::ranges_per_rank(
+        sample_lens,
+        ulysses,
+        ring,
+    )?)
 }
 
-/// Tokens held by each SP rank.
-pub fn tokens_per_rank(ranges: &[Vec<(u64, u64)>]) -> Vec<u64> {
-    ranges
-        .iter()
-        .map(|rs| rs.iter().map(|(a, b)| b - a).sum())
-        .collect()
+fn pieces_per_rank(sample_lens: &[u64], ulysses: usize, ring: usize) -> Result<Vec<Vec<Piece>>> {
+    Ok(mmsp_plan::zigzag::pieces_per_rank(
+        sample_lens,
+        ulysses,
+        ring,
+    )?)
 }
 
 /// Causal attention work of query positions `[lo, hi)` of one sample: query i attends to the
@@ -202,20 +102,6 @@ mod tests {
         (1..=n)
             .filter(move |u| n.is_multiple_of(*u))
             .map(move |u| (u, n / u))
-    }
-
-    #[test]
-    fn hand_checked_layout_u2_r2() {
-        // S = 16, 4 chunks of 4: ring 0 holds chunks 0 and 3, ring 1 holds chunks 1 and 2.
-        let r = ranges_per_rank(&[16], 2, 2).unwrap();
-        assert_eq!(r[0], vec![(0, 2), (12, 14)]);
-        assert_eq!(r[1], vec![(2, 4), (14, 16)]);
-        assert_eq!(r[2], vec![(4, 6), (8, 10)]);
-        assert_eq!(r[3], vec![(6, 8), (10, 12)]);
-        // Two packed samples are zigzagged individually.
-        let r = ranges_per_rank(&[4, 8], 1, 2).unwrap();
-        assert_eq!(r[0], vec![(0, 1), (3, 4), (4, 6), (10, 12)]);
-        assert_eq!(r[1], vec![(1, 2), (2, 3), (6, 8), (8, 10)]);
     }
 
     #[test]

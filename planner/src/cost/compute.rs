@@ -262,7 +262,7 @@ mod tests {
 
     #[test]
     fn gemm_flops_follow_six_n_rule() {
-        let m = ModelSpec::load("llama3-8b").unwrap();
+        let m = crate::spec::model::load("llama3-8b").unwrap();
         let per_token_train = GEMM_TRAIN_FACTOR * layer_gemm_flops_fwd(&m, 1.0, 1.0);
         assert_eq!(per_token_train, 6.0 * m.layer_matmul_params() as f64);
     }
@@ -270,7 +270,7 @@ mod tests {
     #[test]
     fn memory_bound_bytes_are_counted_by_hand() {
         // llama3-8b: h 4096, q 4096, kv 1024, f 14336, vocab 128256.
-        let m = ModelSpec::load("llama3-8b").unwrap();
+        let m = crate::spec::model::load("llama3-8b").unwrap();
         let (h, q, kv, f) = (4096.0, 4096.0, 1024.0, 14336.0);
         // Forward: norms 2 x 3h, RoPE 8(q+kv), residuals 6h, SwiGLU 5f streaming; RoPE's cat
         // 2(q+kv), heads-first q, k, v (2q + 4kv), kv expansion 2(kv+q), output 2q layout.
@@ -328,7 +328,7 @@ mod tests {
     #[test]
     fn attention_flops_match_reference_counting() {
         // shared/reference: 32 heads x 128 at 8192 tokens, fwd 0.91 ms at 606 TFLOP/s.
-        let m = ModelSpec::load("llama3-8b").unwrap();
+        let m = crate::spec::model::load("llama3-8b").unwrap();
         let f = attention_flops_fwd(&m, 8192.0);
         let tflops = f / 0.91e-3 / 1e12;
         assert!((tflops - 606.0).abs() < 5.0, "{tflops}");

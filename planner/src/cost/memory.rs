@@ -12,16 +12,14 @@
 //!
 //! mmsp-runtime has two behaviours, no recompute and its recompute of each layer outside
 //! attention ([`Recompute::OutsideAttention`]), which it runs for every plan whose `recompute`
-//! is not `none`, under every ZeRO stage (`runtime/src/train/run.rs`,
-//! `recompute: tp.recompute != "none"`; ZeRO-3 keeps a layer's graph across the release and
+//! is not `none`, under every ZeRO stage (`runtime/src/train/run/mod.rs`,
+//! `TrainPlan::recomputes`: any value but none; ZeRO-3 keeps a layer's graph across the release and
 //! re-gather of its weights, `runtime/src/train/shards.rs`). So the planner searches exactly those two ([`Recompute::SEARCHED`]) and costs any other
 //! request as the runtime runs it ([`runtime_recompute`]). The kept tensors and the working set
 //! of the recomputed layer are counted from what the runtime's trainer holds
 //! (`runtime/src/train/mod.rs`, `LayerState`; `runtime/src/ring.rs`, `RingCtx`;
 //! `runtime/src/model/decoder.rs`, `pre_attention_with` / `post_attention_with`), see
 //! [`layer_activation_bytes_per_token`] and [`outside_attention_working_bytes_per_token`].
-
-use serde::Serialize;
 
 /// Architecture features that change what a layer keeps for backward.
 #[derive(Debug, Clone, Copy)]
@@ -37,72 +35,11 @@ pub struct ActivationArch {
     pub flash: bool,
 }
 
-/// How much of a layer's activations are kept rather than recomputed in backward.
-///
-/// Only [`Recompute::None`] and [`Recompute::OutsideAttention`] are planned and costed (see the
-/// module doc); `selective` and `full` remain values a plan file may hold (the runtime accepts
-/// `none`, `selective` and `full` and runs the last two as its recompute outside attention).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, PartialOrd, Ord,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Recompute {
-    /// Keep everything.
-    None,
-    /// Korthikanti et al. 2022's selective recompute of the cheap, memory-bound tensors (the
-    /// RMSNorm outputs and the SwiGLU product). mmsp-runtime has no such recompute: never
-    /// searched, and costed, when a plan asks for it, as [`Recompute::OutsideAttention`] (what
-    /// the runtime runs). Read back from plans of older planners, and exported as it says.
-    Selective,
-    /// Korthikanti et al. 2022's full recompute: keep only each layer's input and recompute the
-    /// whole layer, attention included (Sec. 4.1: 2*s*b*h per layer). `"recompute": "full"` in
-    /// a plan is the runtime's name for its recompute outside attention (with
-    /// `"recompute_scope": "outside_attention"`, [`crate::plan`]); a plan of an older planner
-    /// without that scope reads back as this (whole layers, as it was costed then).
-    Full,
-    /// mmsp-runtime's recompute, the one it runs for every plan that recomputes, at any ZeRO
-    /// stage (`runtime/src/train/mod.rs`: the forward outside attention runs without autograd
-    /// graph and again, with it, before the layer's backward; under ZeRO-3 once the weights
-    /// are gathered again, `runtime/src/train/shards.rs`). Kept per layer: its input, the
-    /// attention output and the attention's own context (Q, K, V in the attention's layout, its output and log-sum-exp);
-    /// the norms, projections, RoPE, MLP and residual adds run again in backward, attention does
-    /// not. A plan writes it as `"recompute": "full"` (what the runtime reads) with
-    /// `"recompute_scope": "outside_attention"` (`crate::plan`).
-    OutsideAttention,
-}
-
-impl Recompute {
-    /// The policies a search chooses among: what mmsp-runtime can run.
-    pub const SEARCHED: [Recompute; 2] = [Recompute::None, Recompute::OutsideAttention];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Recompute::None => "none",
-            Recompute::Selective => "selective",
-            Recompute::Full => "full",
-            Recompute::OutsideAttention => "outside_attention",
-        }
-    }
-
-    /// A requested policy (`--recompute`, a campaign's or a report's `recompute`): `none`, or
-    /// `full` for the runtime's recompute ([`Recompute::OutsideAttention`]). `selective` is
-    /// refused with the reason (the runtime would run it as its recompute outside attention).
-    pub fn parse_requested(s: &str) -> std::result::Result<Recompute, String> {
-        match s {
-            "none" => Ok(Recompute::None),
-            "full" | "outside_attention" => Ok(Recompute::OutsideAttention),
-            "selective" => Err(SELECTIVE_REFUSED.into()),
-            _ => Err(format!("'{s}' is not one of: none, full")),
-        }
-    }
-}
-
-/// Why `--recompute selective` is refused.
-pub const SELECTIVE_REFUSED: &str = "mmsp-runtime has no selective recompute; it recomputes each layer outside attention: use --recompute full or none";
+pub use mmsp_plan::predicted::{Recompute, SELECTIVE_REFUSED};
 
 /// The recompute mmsp-runtime runs for a candidate that asks for `requested`, at every ZeRO
 /// stage: [`Recompute::None`] when nothing is asked, else [`Recompute::OutsideAttention`], its
-/// one recompute (`runtime/src/train/run.rs`: `recompute: tp.recompute != "none"`). ZeRO-3
+/// one recompute (`runtime/src/train/run/mod.rs`, `TrainPlan::recomputes`: any value but none). ZeRO-3
 /// does not force it: the runtime keeps a layer's autograd graph across the release and
 /// re-gather of its weights (`runtime/src/train/shards.rs`). Every estimate is costed with this.
 pub fn runtime_recompute(requested: Recompute) -> Recompute {
@@ -242,20 +179,7 @@ pub fn outside_attention_working_bytes_per_token(a: &ActivationArch, kv_model: f
     (pre + post) / t
 }
 
-/// Memory per GPU, in bytes, by category.
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct MemoryBreakdown {
-    pub weights_bytes: f64,
-    pub gradients_bytes: f64,
-    pub optimizer_bytes: f64,
-    pub activations_bytes: f64,
-    pub logits_bytes: f64,
-    pub comm_buffers_bytes: f64,
-    pub reserved_bytes: f64,
-    pub fragmentation_bytes: f64,
-    pub total_bytes: f64,
-}
+pub use mmsp_plan::MemoryBreakdown;
 
 /// CUDA context, cuBLAS/cuDNN workspaces and NCCL internal buffers, per GPU. An assumption
 /// (about what a PyTorch + NCCL process holds before its first tensor), to be replaced by a

@@ -10,100 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::spec::cluster::ClusterSpec;
 use crate::spec::model::ModelSpec;
-use crate::topology::{GroupFamily, Topology};
+use crate::topology::Topology;
 use compute::*;
 use memory::*;
 pub use memory::{runtime_recompute, MemoryBreakdown, Recompute};
-
-/// Which sequence-parallel dimension gets the consecutive ranks (and so the NVLink domain).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Placement {
-    /// Ulysses groups are consecutive ranks (inside a node); ring neighbours are a Ulysses
-    /// group apart (across nodes).
-    UlyssesInner,
-    /// Ring neighbours are consecutive ranks; Ulysses groups are strided.
-    RingInner,
-}
-
-impl Placement {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Placement::UlyssesInner => "ulysses_inner",
-            Placement::RingInner => "ring_inner",
-        }
-    }
-}
-
-/// The parallel mesh: world = tp x ulysses x ring x dp. Tensor parallel ranks are innermost,
-/// then the sequence-parallel dimensions in placement order, then data parallel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Layout {
-    pub ulysses: u32,
-    pub ring: u32,
-    pub dp: u32,
-    pub tp: u32,
-    pub placement: Placement,
-}
-
-impl Layout {
-    pub fn sp(&self) -> u32 {
-        self.ulysses * self.ring
-    }
-    pub fn world(&self) -> u32 {
-        self.tp * self.sp() * self.dp
-    }
-    pub fn tp_family(&self) -> GroupFamily {
-        GroupFamily {
-            size: self.tp,
-            stride: 1,
-        }
-    }
-    pub fn ulysses_family(&self) -> GroupFamily {
-        let stride = match self.placement {
-            Placement::UlyssesInner => self.tp,
-            Placement::RingInner => self.tp * self.ring,
-        };
-        GroupFamily {
-            size: self.ulysses,
-            stride,
-        }
-    }
-    pub fn ring_family(&self) -> GroupFamily {
-        let stride = match self.placement {
-            Placement::UlyssesInner => self.tp * self.ulysses,
-            Placement::RingInner => self.tp,
-        };
-        GroupFamily {
-            size: self.ring,
-            stride,
-        }
-    }
-    pub fn dp_family(&self) -> GroupFamily {
-        GroupFamily {
-            size: self.dp,
-            stride: self.tp * self.sp(),
-        }
-    }
-    /// Ranks holding the same parameter shard: gradients are reduced over dp x sp.
-    pub fn grad_family(&self) -> GroupFamily {
-        GroupFamily {
-            size: self.dp * self.sp(),
-            stride: self.tp,
-        }
-    }
-    /// Coordinates (tp, ulysses, ring, dp) of a global rank.
-    pub fn coords(&self, rank: u32) -> (u32, u32, u32, u32) {
-        let tp = rank % self.tp;
-        let r = rank / self.tp;
-        let (u, ring) = match self.placement {
-            Placement::UlyssesInner => (r % self.ulysses, (r / self.ulysses) % self.ring),
-            Placement::RingInner => ((r / self.ring) % self.ulysses, r % self.ring),
-        };
-        (tp, u, ring, rank / (self.tp * self.sp()))
-    }
-}
+pub use mmsp_plan::{Coords, GroupKind, Layout, Placement, TimeBreakdown, VisionStage};
 
 /// One point of the search space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -123,37 +34,6 @@ pub struct Workload<'a> {
     pub global_batch: u64,
     /// Per-step time of the vision stage (encoder, gather, re-shard) if the input is video.
     pub vision: Option<VisionStage>,
-}
-
-/// The vision stage's cost for one layout, computed by [`crate::multimodal`] and added to each
-/// micro-batch.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct VisionStage {
-    /// Vision encoder time on the most loaded rank (stage 1).
-    pub encoder_s: f64,
-    /// Embedding gradients returning to their frames' ranks in backward (0 when frozen).
-    pub gather_s: f64,
-    /// Embeddings moving from stage-1 ranks to their stage-2 zigzag shards.
-    pub reshard_s: f64,
-    /// Encoder activations per GPU for one sequence's frames.
-    pub memory_bytes: f64,
-    /// Encoder model states per GPU (weights, and gradients and optimizer states if trained).
-    pub states_bytes: f64,
-    /// Attention work relative to one sequence of the padded context: sum(len^2)/S^2 of the
-    /// packed samples, times the zigzag's max/mean imbalance.
-    pub attention_scale: f64,
-    /// `encoder_s` split: the encoder's and projector's GEMMs, its attention, and its
-    /// memory-bound kernels with the weight casts (absent in plans of older planners).
-    #[serde(default)]
-    pub encoder_gemm_s: f64,
-    #[serde(default)]
-    pub encoder_attention_s: f64,
-    #[serde(default)]
-    pub encoder_memory_bound_s: f64,
-    /// The encoder's own AdamW step per step when trained (absent in plans of older planners).
-    #[serde(default)]
-    pub encoder_optimizer_s: f64,
 }
 
 /// Why a candidate cannot run. The search skips these and reports the reasons.
@@ -196,31 +76,6 @@ impl Infeasible {
             })
             .min_by(|a, b| a.0.total_cmp(&b.0))
     }
-}
-
-/// Where the time of one step goes (seconds; per step, summed over micro-batches).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TimeBreakdown {
-    pub gemm_s: f64,
-    pub attention_s: f64,
-    /// Memory-bound work of the layers: norms, RoPE, SwiGLU, residual adds (forward and
-    /// backward) and the fp32 accumulation of their weight gradients.
-    pub elementwise_s: f64,
-    /// Output head GEMMs (forward and backward) with the cross-entropy softmax, the embedding
-    /// lookup and gradient, and the gradient accumulation of the embedding, head and final norm.
-    pub head_s: f64,
-    pub recompute_s: f64,
-    pub vision_s: f64,
-    pub ulysses_all_to_all_s: f64,
-    pub ring_p2p_s: f64,
-    pub ring_exposed_s: f64,
-    pub tp_comm_s: f64,
-    pub grad_sync_s: f64,
-    pub grad_sync_exposed_s: f64,
-    pub zero_gather_s: f64,
-    pub zero_gather_exposed_s: f64,
-    pub optimizer_s: f64,
 }
 
 /// The prediction for one feasible candidate.

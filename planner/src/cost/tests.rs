@@ -6,7 +6,7 @@ fn setup(world: u32) -> (Topology, ModelSpec) {
     let spec = ClusterSpec::load("dgx-h100").unwrap();
     (
         Topology::build(&spec, world),
-        ModelSpec::load("llama3-8b").unwrap(),
+        crate::spec::model::load("llama3-8b").unwrap(),
     )
 }
 
@@ -26,44 +26,12 @@ fn cand(u: u32, r: u32, dp: u32, placement: Placement, zero: u8, rc: Recompute) 
 }
 
 #[test]
-fn coords_cover_the_mesh_once() {
-    for placement in [Placement::UlyssesInner, Placement::RingInner] {
-        let l = Layout {
-            ulysses: 4,
-            ring: 2,
-            dp: 3,
-            tp: 2,
-            placement,
-        };
-        let mut seen = std::collections::HashSet::new();
-        for rank in 0..l.world() {
-            assert!(seen.insert(l.coords(rank)));
-        }
-        // Families agree with coordinates: ranks of a Ulysses group differ only in ulysses.
-        for g in l.ulysses_family().groups(l.world()) {
-            let c0 = l.coords(g[0]);
-            for (k, &rank) in g.iter().enumerate() {
-                let c = l.coords(rank);
-                assert_eq!((c.0, c.1, c.2, c.3), (c0.0, k as u32, c0.2, c0.3));
-            }
-        }
-        for g in l.ring_family().groups(l.world()) {
-            let c0 = l.coords(g[0]);
-            for (k, &rank) in g.iter().enumerate() {
-                let c = l.coords(rank);
-                assert_eq!((c.0, c.1, c.2, c.3), (c0.0, c0.1, k as u32, c0.3));
-            }
-        }
-    }
-}
-
-#[test]
 fn gqa_kv_heads_replicate_beyond_kv_count() {
-    let m = ModelSpec::load("llama3-8b").unwrap(); // 32 q, 8 kv heads
+    let m = crate::spec::model::load("llama3-8b").unwrap(); // 32 q, 8 kv heads
     assert_eq!(head_split(&m, 1, 4).unwrap(), (8, 2));
     assert_eq!(head_split(&m, 1, 16).unwrap(), (2, 1));
     assert!(head_split(&m, 1, 64).is_err());
-    let q = ModelSpec::load("qwen2-7b").unwrap(); // 28 q, 4 kv heads
+    let q = crate::spec::model::load("qwen2-7b").unwrap(); // 28 q, 4 kv heads
     assert!(head_split(&q, 1, 8).is_err());
     assert_eq!(head_split(&q, 1, 4).unwrap(), (7, 1));
 }
@@ -100,7 +68,7 @@ fn memory_grows_with_context_and_shrinks_with_recompute() {
 }
 
 /// mmsp-runtime runs every recompute a plan asks for as its recompute outside attention
-/// (`runtime/src/train/run.rs`: `recompute: tp.recompute != "none"`), so at every ZeRO stage a
+/// (`runtime/src/train/run/mod.rs`, `TrainPlan::recomputes`: any value but none), so at every ZeRO stage a
 /// request for Korthikanti et al.'s selective or full recompute is costed exactly as that, never
 /// with the paper's kept tensors or its recompute work.
 #[test]
@@ -294,7 +262,7 @@ fn bench4() -> (Topology, ModelSpec) {
     c.calibration = Some(std::sync::Arc::new(cal));
     (
         Topology::build(&c, 4),
-        ModelSpec::load(&format!("{dir}llama3-8b-2layer.json")).unwrap(),
+        crate::spec::model::load(&format!("{dir}llama3-8b-2layer.json")).unwrap(),
     )
 }
 
@@ -521,7 +489,7 @@ mod stages {
         ) {
             let gpus = 8 * nodes;
             let t = Topology::build(&ClusterSpec::load("dgx-h100").unwrap(), gpus);
-            let m = ModelSpec::load(model).unwrap();
+            let m = crate::spec::model::load(model).unwrap();
             let ulysses = 1u32 << u_pow;
             prop_assume!(head_split(&m, 1, ulysses).is_ok());
             let ring = gpus / ulysses;
@@ -608,7 +576,7 @@ fn measured_h200_one_rank_tensors() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/tests/data/");
     let c = ClusterSpec::load(&format!("{dir}h200-1gpu.toml")).unwrap();
     let t = Topology::build(&c, 1);
-    let m = ModelSpec::load(&format!("{dir}llama3-8b-2layer.json")).unwrap();
+    let m = crate::spec::model::load(&format!("{dir}llama3-8b-2layer.json")).unwrap();
     let (none, rec) = (Recompute::None, Recompute::OutsideAttention);
     let measured = [
         (32768u64, 0u8, none, 38.678),
@@ -655,7 +623,7 @@ fn hf_model(dir: &str) -> ModelSpec {
         "{}/../tests/data/hf/{dir}/config.json",
         env!("CARGO_MANIFEST_DIR")
     );
-    ModelSpec::load(&path).unwrap()
+    crate::spec::model::load(&path).unwrap()
 }
 
 #[test]

@@ -3,7 +3,7 @@ use crate::cost::{Layout, Placement};
 use crate::spec::cluster::ClusterSpec;
 
 fn llama3() -> ModelSpec {
-    ModelSpec::load("llama3-8b").unwrap()
+    crate::spec::model::load("llama3-8b").unwrap()
 }
 
 fn profile(row: &str) -> Profile {

@@ -196,7 +196,7 @@ pub fn replan(
         return Ok(None);
     };
     let ctx = search::candidate_context(context, mm.as_ref(), &best.candidate.layout);
-    let mut p = Plan::build(
+    let mut p = crate::plan::build(
         &topo,
         &plan.topology,
         &plan.model,

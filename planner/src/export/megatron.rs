@@ -275,7 +275,7 @@ mod tests {
 
     #[test]
     fn layouts_megatron_cannot_run_are_named() {
-        let m = ModelSpec::load("llama3-8b").unwrap();
+        let m = crate::spec::model::load("llama3-8b").unwrap();
         assert!(layout_misfit(&m, &cand(4, 8, 1, Placement::UlyssesInner)).is_none());
         assert!(layout_misfit(&m, &cand(8, 8, 1, Placement::UlyssesInner)).is_none());
         // 8 kv heads: TE's a2a cannot split them 16 ways (mmsp-runtime replicates them).

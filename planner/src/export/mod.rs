@@ -104,7 +104,7 @@ impl Default for Options {
 /// Runs `mmsp export`: reads and checks the plan, renders it for the engine, and writes it to
 /// `req.out` or standard output.
 pub fn run(a: &ExportRequest) -> Result<()> {
-    let plan = Plan::load(&a.plan)?;
+    let plan = crate::plan::load_training(&a.plan)?;
     let opts = Options {
         plan_path: a.plan.clone(),
         port: a.port,

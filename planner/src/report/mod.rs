@@ -269,7 +269,7 @@ pub fn sweep(grid: &Grid, quiet: bool) -> Result<ReportData> {
                     .map_err(|e| Error::invalid("--gpus", format!("{g} on {t}: {e}")))?;
             }
             setups.push(Setup {
-                model: ModelSpec::load(m)?,
+                model: crate::spec::model::load(m)?,
                 cluster,
             });
         }

@@ -7,7 +7,7 @@ fn h100(gpus: u32) -> (Topology, ModelSpec) {
     let c = ClusterSpec::load("dgx-h100").unwrap();
     (
         Topology::build(&c, gpus),
-        ModelSpec::load("llama3-8b").unwrap(),
+        crate::spec::model::load("llama3-8b").unwrap(),
     )
 }
 
@@ -118,7 +118,7 @@ proptest! {
     /// More GPUs never shrink the max context.
     #[test]
     fn more_gpus_never_shrink_max_context(nodes in 1u32..8) {
-        let m = ModelSpec::load("llama3-8b").unwrap();
+        let m = crate::spec::model::load("llama3-8b").unwrap();
         let c = ClusterSpec::load("dgx-h100").unwrap();
         let mc = |g: u32| {
             let t = Topology::build(&c, g);
@@ -274,7 +274,7 @@ fn fast_paths_choose_the_slow_paths_plan() {
         ("dgx-h100", 32, 0, Some((256, 2048))),
     ] {
         let cluster = ClusterSpec::load(topology).unwrap();
-        let model = ModelSpec::load("llama3-8b").unwrap();
+        let model = crate::spec::model::load("llama3-8b").unwrap();
         let mm = frames.map(|(f, text)| {
             crate::multimodal::MultiModal::new(
                 crate::spec::vision::VisionSpec::load("siglip-so400m").unwrap(),
@@ -296,13 +296,23 @@ fn fast_paths_choose_the_slow_paths_plan() {
         let at = format!("{topology} {gpus} GPUs {ctx} tokens");
         assert_eq!(fast.best.candidate, slow.best.candidate, "{at}");
         let (a, b) = (
-            fast.plan.predicted.simulated_step_time_s.unwrap(),
-            slow.plan.predicted.simulated_step_time_s.unwrap(),
+            fast.plan
+                .predicted
+                .as_ref()
+                .unwrap()
+                .simulated_step_time_s
+                .unwrap(),
+            slow.plan
+                .predicted
+                .as_ref()
+                .unwrap()
+                .simulated_step_time_s
+                .unwrap(),
         );
         assert!((a - b).abs() <= 1e-9 * b, "{at}: {a} vs {b}");
         let (a, b) = (
-            fast.plan.predicted.step_time_s,
-            slow.plan.predicted.step_time_s,
+            fast.plan.predicted.as_ref().unwrap().step_time_s,
+            slow.plan.predicted.as_ref().unwrap().step_time_s,
         );
         assert!((a - b).abs() <= 1e-9 * b, "{at}: analytic {a} vs {b}");
         assert_eq!(fast.result.ranked.len(), slow.result.ranked.len(), "{at}");

@@ -1,7 +1,7 @@
 //! Tests of the simulator: collapsed = full, invariants, orderings physics decides, traces.
 use super::*;
 use crate::cost::{compose, terms, Candidate, Layout, Placement, Workload};
-use crate::spec::{cluster::ClusterSpec, model::ModelSpec};
+use crate::spec::cluster::ClusterSpec;
 
 #[allow(clippy::too_many_arguments)]
 fn terms_for(
@@ -16,7 +16,7 @@ fn terms_for(
     rc: Recompute,
     gb: u64,
 ) -> Terms {
-    let m = ModelSpec::load(model).unwrap();
+    let m = crate::spec::model::load(model).unwrap();
     let w = Workload {
         model: &m,
         context: ctx,

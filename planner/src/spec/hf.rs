@@ -489,7 +489,7 @@ mod tests {
 
     fn spec(dir: &str) -> ModelSpec {
         let (path, text) = fixture(dir);
-        ModelSpec::from_hf_json(&text, &path, dir).unwrap()
+        crate::spec::model::from_hf_json(&text, &path, dir).unwrap()
     }
 
     /// Published total (and, for experts, active) parameter counts; sources in
@@ -574,7 +574,10 @@ mod tests {
         // Qwen2 carries a sliding_window but use_sliding_window is false: full attention.
         let qwen = spec("qwen2-7b");
         assert_eq!((qwen.sliding_window, qwen.qkv_bias), (None, true));
-        assert_eq!(qwen.params(), ModelSpec::load("qwen2-7b").unwrap().params());
+        assert_eq!(
+            qwen.params(),
+            crate::spec::model::load("qwen2-7b").unwrap().params()
+        );
         let mixtral = spec("mixtral-8x7b-v0.1");
         assert_eq!(mixtral.sliding_window, None);
         assert_eq!(mixtral.intermediate_size, 2 * 14336);
@@ -585,7 +588,7 @@ mod tests {
                 name: "llama-3-8b".into(),
                 family: Some("llama".into()),
                 rope_theta: Some(500_000.0),
-                ..ModelSpec::load("llama3-8b").unwrap()
+                ..crate::spec::model::load("llama3-8b").unwrap()
             }
         );
     }
@@ -618,7 +621,7 @@ mod tests {
 
     #[test]
     fn vila_and_flat_llava_configs_read_the_llama_decoder() {
-        let llama = ModelSpec::load("llama3-8b").unwrap();
+        let llama = crate::spec::model::load("llama3-8b").unwrap();
         let dims = r#""hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
             "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256"#;
         let vila = format!(
@@ -628,7 +631,7 @@ mod tests {
         );
         let flat = format!(r#"{{"architectures": ["LlavaLlamaForCausalLM"], {dims}}}"#);
         for text in [vila, flat] {
-            let m = ModelSpec::from_hf_json(&text, "c.json", "x").unwrap();
+            let m = crate::spec::model::from_hf_json(&text, "c.json", "x").unwrap();
             assert_eq!(m.params(), llama.params(), "{text}");
             assert_eq!(m.family.as_deref(), Some("llama"));
         }
@@ -642,7 +645,7 @@ mod tests {
             "\"use_sliding_window\": true",
         );
         let on = on.replace("\"max_window_layers\": 28", "\"max_window_layers\": 20");
-        let m = ModelSpec::from_hf_json(&on, &path, "q").unwrap();
+        let m = crate::spec::model::from_hf_json(&on, &path, "q").unwrap();
         assert_eq!(
             (m.sliding_window, m.sliding_window_layers),
             (Some(131072), 8)
@@ -652,13 +655,13 @@ mod tests {
         let types =
             "\"use_cache\": true, \"layer_types\": [\"sliding_attention\", \"full_attention\"],";
         let typed = on.replace("\"use_cache\": true,", types);
-        let m = ModelSpec::from_hf_json(&typed, &path, "q").unwrap();
+        let m = crate::spec::model::from_hf_json(&typed, &path, "q").unwrap();
         assert_eq!(
             (m.sliding_window, m.sliding_window_layers),
             (Some(131072), 1)
         );
         let off = text.replace("\"use_cache\": true,", types);
-        let m = ModelSpec::from_hf_json(&off, &path, "q").unwrap();
+        let m = crate::spec::model::from_hf_json(&off, &path, "q").unwrap();
         assert_eq!((m.sliding_window, m.sliding_window_layers), (None, 0));
     }
 
@@ -685,7 +688,7 @@ mod tests {
     }
 
     fn refusal(text: &str) -> String {
-        ModelSpec::from_hf_json(text, "c.json", "x")
+        crate::spec::model::from_hf_json(text, "c.json", "x")
             .unwrap_err()
             .to_string()
     }

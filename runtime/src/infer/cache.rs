@@ -286,12 +286,15 @@ mod tests {
     #[test]
     fn cache_attention_equals_contiguous_attention() {
         for (kind, tol) in [(Kind::Double, 1e-12), (Kind::Float, 1e-5)] {
-            tch::manual_seed(3);
             let opt = (kind, Device::Cpu);
             let (hq, hkv, d) = (8, 2, 16);
-            let k = Tensor::randn([1, hkv, 61, d], opt);
-            let v = Tensor::randn([1, hkv, 61, d], opt);
-            let q = Tensor::randn([1, hq, 1, d], opt);
+            let (k, v, q) = crate::rng::seeded(3, || {
+                (
+                    Tensor::randn([1, hkv, 61, d], opt),
+                    Tensor::randn([1, hkv, 61, d], opt),
+                    Tensor::randn([1, hq, 1, d], opt),
+                )
+            });
             let scale = 1.0 / (d as f64).sqrt();
             for chunk in [1usize, 4, 7, 16, 64, 256] {
                 // Capacity smaller than the data: the cache must grow.

@@ -81,12 +81,15 @@ mod tests {
     /// Partial attention over any split of the keys, merged, equals attention over all keys.
     #[test]
     fn shards_merged_equal_full_attention() {
-        tch::manual_seed(7);
         let opt = (Kind::Double, Device::Cpu);
         let (hq, hkv, n, d) = (4, 2, 23, 16);
-        let q = Tensor::randn([1, hq, 1, d], opt);
-        let k = Tensor::randn([1, hkv, n, d], opt);
-        let v = Tensor::randn([1, hkv, n, d], opt);
+        let (q, k, v) = crate::rng::seeded(7, || {
+            (
+                Tensor::randn([1, hq, 1, d], opt),
+                Tensor::randn([1, hkv, n, d], opt),
+                Tensor::randn([1, hkv, n, d], opt),
+            )
+        });
         let scale = 1.0 / (d as f64).sqrt();
         let dout = Tensor::zeros([1, hq, 1, d], opt);
         let (full, ..) = reference_attention(&q, &k, &v, &dout, false, scale).unwrap();

@@ -38,53 +38,66 @@ use crate::plan::{GroupKind, Layout, Plan};
 use crate::shard::Zigzag;
 use cache::{chunk_len, KvCache};
 use merge::merge_over;
-use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-/// An inference plan: the runtime plan plus `mode` and `context_tokens` (the KV capacity:
-/// prompt + generated tokens).
+/// An inference plan: the runtime plan with the contract's inference section (its prefill and
+/// decode predictions) and the KV capacity `context_tokens` (prompt + generated tokens).
 #[derive(Debug, Clone)]
 pub struct InferPlan {
     pub plan: Plan,
     pub context_tokens: usize,
-    /// The plan's `model` object, if any.
-    pub model: Option<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
-struct Header {
-    mode: Option<String>,
-    context_tokens: Option<usize>,
-    model: Option<serde_json::Value>,
+    /// The planner's prediction for the plan's model and layout.
+    pub estimate: mmsp_plan::InferenceEstimate,
 }
 
 impl InferPlan {
     /// Parses a plan and checks it was made for inference, before anything else.
     pub fn from_json(text: &str) -> Result<InferPlan> {
-        let h: Header = serde_json::from_str(text)?;
-        match h.mode.as_deref() {
-            Some("inference") => {}
-            Some(m) => {
-                return Err(RuntimeError::Plan(format!(
-                    "plan was made for {m} (\"mode\": \"{m}\"); make one with `mmsp plan --mode inference`"
-                )))
-            }
-            None => return Err(RuntimeError::Plan("plan has no \"mode\"".into())),
-        }
-        let context_tokens = h
-            .context_tokens
-            .ok_or_else(|| RuntimeError::Plan("plan has no \"context_tokens\"".into()))?;
-        let plan = Plan::from_json(text)?;
+        Self::of(Plan::from_json(text)?)
+    }
+
+    /// The inference view of a plan: its mode, one SP group, a context this machine addresses.
+    pub fn of(plan: Plan) -> Result<InferPlan> {
+        let c = &plan.contract;
+        c.expect_mode(crate::plan::Mode::Inference, "plan")?;
         if plan.layout.dp != 1 {
             return Err(RuntimeError::Plan(format!(
                 "inference runs one sequence-parallel group, the plan has dp = {}",
                 plan.layout.dp
             )));
         }
+        let context_tokens = usize::try_from(c.context_tokens).map_err(|_| {
+            RuntimeError::Plan(format!(
+                "context_tokens {} is more than this machine addresses",
+                c.context_tokens
+            ))
+        })?;
+        let estimate = c
+            .inference
+            .clone()
+            .ok_or_else(|| RuntimeError::Plan("the plan has no inference section".into()))?;
         Ok(InferPlan {
             plan,
             context_tokens,
-            model: h.model,
+            estimate,
+        })
+    }
+
+    /// The decoder of the plan's model ([`crate::model::ModelConfig::from_plan_model`]).
+    pub fn model_config(&self) -> Result<crate::model::ModelConfig> {
+        crate::model::ModelConfig::from_plan_model(&self.plan.contract.model)
+    }
+
+    /// The planner's predictions for the report: prefill tokens/s, decode ms per token, KV
+    /// bytes and tokens per rank.
+    pub fn predictions(&self) -> serde_json::Value {
+        let e = &self.estimate;
+        serde_json::json!({
+            "prefill_tokens_per_s": e.prefill_tokens_per_s,
+            "decode_ms_per_token": e.decode_s_per_token * 1e3,
+            "kv_cache_bytes_per_gpu": e.memory.kv_cache_bytes,
+            "kv_tokens_per_rank": e.kv_tokens_per_rank,
+            "context_tokens": self.context_tokens,
         })
     }
 

@@ -279,8 +279,6 @@ pub fn compare(ranks: &[NeedleRank], probes: &[usize], reference: &Tensor) -> Re
 /// What a needle run is made of.
 pub struct NeedleOpts<'a> {
     pub plan: &'a InferPlan,
-    /// The plan as JSON (its "inference" predictions are reported next to the measures).
-    pub plan_json: &'a serde_json::Value,
     /// The layout run (the plan's, or another one on the same devices).
     pub layout: Layout,
     pub make_model: &'a (dyn Fn() -> Result<Decoder> + Sync),
@@ -328,7 +326,6 @@ pub fn run_needle(o: &NeedleOpts<'_>) -> Result<serde_json::Value> {
         .collect();
     steps.sort_by(|a, b| a.total_cmp(b));
     let median = steps.get(steps.len() / 2).map(|s| s * 1e3);
-    let inf = &o.plan_json["inference"];
     let l = o.layout;
     let pl = o.plan.plan.layout;
     Ok(json!({
@@ -349,13 +346,7 @@ pub fn run_needle(o: &NeedleOpts<'_>) -> Result<serde_json::Value> {
             "kv_bytes_per_rank": ranks.iter().map(|r| r.kv_bytes).collect::<Vec<_>>(),
             "kv_tokens_per_rank": ranks.iter().map(|r| r.kv_tokens).collect::<Vec<_>>(),
         },
-        "predicted": {
-            "prefill_tokens_per_s": inf["prefill_tokens_per_s"],
-            "decode_ms_per_token": inf["decode_s_per_token"].as_f64().map(|s| s * 1e3),
-            "kv_cache_bytes_per_gpu": inf["memory"]["kv_cache_bytes"],
-            "kv_tokens_per_rank": inf["kv_tokens_per_rank"],
-            "context_tokens": o.plan.context_tokens,
-        },
+        "predicted": o.plan.predictions(),
         "sharded_wall_s": sharded_wall_s,
         "reference_wall_s": reference_wall_s,
         "reference_chunk": o.chunk,

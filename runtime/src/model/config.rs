@@ -2,6 +2,7 @@
 //! style), from the `model` object of a plan, or the tiny CI model.
 use super::rope::RopeScaling;
 use crate::error::{Result, RuntimeError};
+use mmsp_plan::ModelSpec;
 use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
@@ -269,79 +270,42 @@ impl ModelConfig {
     }
 }
 
-/// The `model` object of a plan JSON.
-#[derive(Deserialize)]
-struct PlanModel {
-    hidden_size: usize,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    intermediate_size: usize,
-    num_layers: usize,
-    vocab_size: usize,
-    #[serde(default)]
-    tie_word_embeddings: bool,
-    #[serde(default)]
-    qkv_bias: bool,
-    /// What the planner's HF families add (`planner/src/spec/model.rs`); the runtime trains
-    /// none of it, so a plan that has any is refused rather than run as another model.
-    #[serde(default)]
-    family: Option<String>,
-    #[serde(default)]
-    sliding_window: Option<u64>,
-    #[serde(default)]
-    sliding_window_layers: u64,
-    #[serde(default)]
-    moe: Option<serde_json::Value>,
-    #[serde(default)]
-    extra_norms_per_layer: u64,
-    #[serde(default)]
-    attn_logit_softcapping: Option<f64>,
-    #[serde(default)]
-    final_logit_softcapping: Option<f64>,
-    /// RoPE base of a model the planner read from a config.json (absent for its presets).
-    #[serde(default)]
-    rope_theta: Option<f64>,
-}
-
-impl PlanModel {
-    /// The first feature of the planned model that the runtime's decoder does not have.
-    fn unsupported(&self) -> Option<&'static str> {
-        if self.moe.is_some() {
-            Some("mixture-of-experts layers (moe)")
-        } else if self.sliding_window.is_some() || self.sliding_window_layers > 0 {
-            Some("sliding-window attention (sliding_window)")
-        } else if self.extra_norms_per_layer > 0 {
-            Some("extra norms per layer (extra_norms_per_layer, Gemma-2)")
-        } else if self.attn_logit_softcapping.is_some() || self.final_logit_softcapping.is_some() {
-            Some("logit soft-capping (Gemma-2)")
-        } else {
-            None
-        }
+/// The first feature of a planned model that the runtime's decoder does not have.
+fn unsupported(m: &ModelSpec) -> Option<&'static str> {
+    if m.moe.is_some() {
+        Some("mixture-of-experts layers (moe)")
+    } else if m.sliding_window.is_some() || m.sliding_window_layers > 0 {
+        Some("sliding-window attention (sliding_window)")
+    } else if m.extra_norms_per_layer > 0 {
+        Some("extra norms per layer (extra_norms_per_layer, Gemma-2)")
+    } else if m.attn_logit_softcapping.is_some() || m.final_logit_softcapping.is_some() {
+        Some("logit soft-capping (Gemma-2)")
+    } else {
+        None
     }
 }
 
 impl ModelConfig {
-    /// The model described by a plan's `model` object (rope_theta 500000 and eps 1e-5, as
-    /// Llama 3; the plan does not carry them).
-    pub fn from_plan_value(v: &serde_json::Value) -> Result<ModelConfig> {
-        let m: PlanModel = serde_json::from_value(v.clone())
-            .map_err(|e| RuntimeError::Plan(format!("model: {e}")))?;
-        if let Some(what) = m.unsupported() {
+    /// The model described by a plan's `model` (eps 1e-5, as Llama 3; the RoPE base is the
+    /// plan's, else Llama 3's 500000). What the planner's HF families add and the decoder does
+    /// not have is refused rather than run as another model.
+    pub fn from_plan_model(m: &ModelSpec) -> Result<ModelConfig> {
+        if let Some(what) = unsupported(m) {
             let family = m.family.as_deref().unwrap_or("this");
             return Err(RuntimeError::Plan(format!(
                 "the plan's {family} model has {what}, which mmsp-runtime does not train (it \
                  runs dense Llama/Qwen2-style decoders with full causal attention)"
             )));
         }
+        let dim = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
         let c = ModelConfig {
-            hidden_size: m.hidden_size,
-            num_heads: m.num_heads,
-            num_kv_heads: m.num_kv_heads,
-            head_dim: m.head_dim,
-            intermediate_size: m.intermediate_size,
-            num_layers: m.num_layers,
-            vocab_size: m.vocab_size,
+            hidden_size: dim(m.hidden_size),
+            num_heads: dim(m.num_heads),
+            num_kv_heads: dim(m.num_kv_heads),
+            head_dim: dim(m.head_dim),
+            intermediate_size: dim(m.intermediate_size),
+            num_layers: dim(m.num_layers),
+            vocab_size: dim(m.vocab_size),
             tie_word_embeddings: m.tie_word_embeddings,
             qkv_bias: m.qkv_bias,
             rope_theta: m.rope_theta.unwrap_or(500000.0),
@@ -351,6 +315,25 @@ impl ModelConfig {
         };
         c.validate()?;
         Ok(c)
+    }
+
+    /// The plan's model of this decoder (named `name`), for plans made without the planner
+    /// (tests, tools): what [`ModelConfig::from_plan_model`] reads back.
+    pub fn to_plan_model(&self, name: &str) -> ModelSpec {
+        let n = |x: usize| x as u64;
+        ModelSpec {
+            hidden_size: n(self.hidden_size),
+            num_heads: n(self.num_heads),
+            num_kv_heads: n(self.num_kv_heads),
+            head_dim: n(self.head_dim),
+            intermediate_size: n(self.intermediate_size),
+            num_layers: n(self.num_layers),
+            vocab_size: n(self.vocab_size),
+            tie_word_embeddings: self.tie_word_embeddings,
+            qkv_bias: self.qkv_bias,
+            rope_theta: Some(self.rope_theta),
+            ..ModelSpec::dense(name)
+        }
     }
 
     /// Checks the dimensions are usable.
@@ -430,7 +413,8 @@ impl ModelConfig {
 mod plan_model_tests {
     use super::*;
 
-    fn model(extra: serde_json::Value) -> serde_json::Value {
+    /// A plan's model: the contract's type, read from JSON as a plan holds it.
+    fn model(extra: serde_json::Value) -> ModelSpec {
         let mut m = serde_json::json!({
             "name": "m", "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
             "intermediate_size": 128, "num_layers": 2, "vocab_size": 100,
@@ -439,18 +423,19 @@ mod plan_model_tests {
         for (k, v) in extra.as_object().unwrap() {
             m[k] = v.clone();
         }
-        m
+        serde_json::from_value(m).unwrap()
     }
 
     #[test]
     fn planned_features_the_decoder_lacks_are_refused_by_name() {
-        let plain = ModelConfig::from_plan_value(&model(serde_json::json!({"family": "llama"})));
+        let plain = ModelConfig::from_plan_model(&model(serde_json::json!({"family": "llama"})));
         assert_eq!(plain.unwrap().rope_theta, 500000.0);
-        let qwen = ModelConfig::from_plan_value(&model(serde_json::json!({"rope_theta": 1e6})));
+        let qwen = ModelConfig::from_plan_model(&model(serde_json::json!({"rope_theta": 1e6})));
         assert_eq!(qwen.unwrap().rope_theta, 1e6);
         let cases = [
             (
-                serde_json::json!({"family": "mixtral", "moe": {"num_experts": 8}}),
+                serde_json::json!({"family": "mixtral", "moe": {"num_experts": 8,
+                    "experts_per_token": 2, "expert_intermediate_size": 64}}),
                 "mixture-of-experts",
             ),
             (
@@ -467,7 +452,7 @@ mod plan_model_tests {
             ),
         ];
         for (extra, want) in cases {
-            let e = ModelConfig::from_plan_value(&model(extra))
+            let e = ModelConfig::from_plan_model(&model(extra))
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(want) && !e.contains('\n'), "{e}");

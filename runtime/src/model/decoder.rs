@@ -20,7 +20,6 @@ pub use super::rope::Rope;
 use crate::error::{Result, RuntimeError};
 use crate::kernel::{attention_fwd, Backend};
 use std::collections::HashMap;
-use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
 /// What enters the decoder: token ids (B, S) or embeddings (B, S, hidden) (e.g. vision tokens
@@ -62,10 +61,6 @@ pub struct PostWeights {
     pub up: Tensor,
     pub down: Tensor,
 }
-
-/// Serialises seeded initialisation: libtorch's generator is global, and ranks may be
-/// threads.
-static INIT_LOCK: Mutex<()> = Mutex::new(());
 
 fn layer_name(l: usize, s: &str) -> String {
     format!("model.layers.{l}.{s}")
@@ -132,7 +127,6 @@ impl Decoder {
         seed: i64,
     ) -> Result<Decoder> {
         cfg.validate()?;
-        let _g = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let params = Self::param_shapes(&cfg)
             .into_iter()
             .enumerate()
@@ -140,13 +134,12 @@ impl Decoder {
                 let t = tch::no_grad(|| {
                     if name.ends_with("norm.weight") {
                         Tensor::ones(shape.as_slice(), (master, device))
-                    } else if name.ends_with(".bias") {
-                        // Small non-zero biases so that tests see their gradients.
-                        tch::manual_seed(seed.wrapping_mul(1_000_003).wrapping_add(i as i64));
-                        Tensor::randn(shape.as_slice(), (master, device)).multiply_scalar(0.02)
                     } else {
-                        tch::manual_seed(seed.wrapping_mul(1_000_003).wrapping_add(i as i64));
-                        Tensor::randn(shape.as_slice(), (master, device)).multiply_scalar(0.02)
+                        // Biases too are small and non-zero, so that tests see their gradients.
+                        let s = seed.wrapping_mul(1_000_003).wrapping_add(i as i64);
+                        crate::rng::seeded(s, || {
+                            Tensor::randn(shape.as_slice(), (master, device)).multiply_scalar(0.02)
+                        })
                     }
                 });
                 (name, t.set_requires_grad(true))

@@ -1082,7 +1082,8 @@ fn probe_loss_kernels(dev: Device, compute: Kind, master: Kind) -> (bool, bool) 
     let rel = |a: &Tensor, b: &Tensor| {
         (a - b).norm().double_value(&[]) / b.norm().double_value(&[]).max(f64::MIN_POSITIVE)
     };
-    let x = (Tensor::randn([64, 1000], (Kind::Float, dev)) * 4.0).to_kind(compute);
+    let x = (crate::rng::unseeded(|| Tensor::randn([64, 1000], (Kind::Float, dev))) * 4.0)
+        .to_kind(compute);
     let lsm = match x.f_internal_log_softmax(1, true) {
         Ok(fast) => {
             let slow = x.to_kind(Kind::Float).log_softmax(1, Kind::Float);
@@ -1091,9 +1092,13 @@ fn probe_loss_kernels(dev: Device, compute: Kind, master: Kind) -> (bool, bool) 
         Err(_) => false,
     };
     let gemm = master == Kind::Float && {
-        let a = Tensor::randn([96, 64], (Kind::Float, dev)).to_kind(compute);
-        let b = Tensor::randn([64, 80], (Kind::Float, dev)).to_kind(compute);
-        let c0 = Tensor::randn([96, 80], (Kind::Float, dev));
+        let (a, b, c0) = crate::rng::unseeded(|| {
+            (
+                Tensor::randn([96, 64], (Kind::Float, dev)).to_kind(compute),
+                Tensor::randn([64, 80], (Kind::Float, dev)).to_kind(compute),
+                Tensor::randn([96, 80], (Kind::Float, dev)),
+            )
+        });
         let c = c0.copy();
         match c.f_addmm_dtype_out(&c, &a, &b, Kind::Float) {
             Ok(_) => {

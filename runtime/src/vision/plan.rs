@@ -15,22 +15,18 @@ use super::config::{Pooling, VisionConfig};
 use super::layout::{ReshardMap, SampleSpec, TokenLayout};
 use crate::error::{Result, RuntimeError};
 use crate::packed::Packing;
-use serde::Deserialize;
 use std::path::PathBuf;
 
 /// The planner's predicted stage times (`vision.stage`).
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct PredictedStage {
-    #[serde(default)]
     pub encoder_s: f64,
-    #[serde(default)]
     pub gather_s: f64,
-    #[serde(default)]
     pub reshard_s: f64,
 }
 
-/// The plan's `vision` object (fields the runtime reads; others are ignored).
-#[derive(Debug, Clone, Deserialize)]
+/// The plan's `vision` section ([`mmsp_plan::VisionPlan`]) in the runtime's index types.
+#[derive(Debug, Clone)]
 pub struct VisionSection {
     pub encoder: String,
     pub tokens_per_frame: usize,
@@ -38,23 +34,48 @@ pub struct VisionSection {
     pub samples: usize,
     pub sample_lens: Vec<usize>,
     /// Absent in plans of older planners (then only a one-sample plan can be laid out).
-    #[serde(default)]
     pub frames_per_sample: Option<Vec<usize>>,
-    #[serde(default)]
     pub text_tokens_per_sample: Option<Vec<usize>>,
     /// Padding at the end of each sample, within its `sample_lens` (absent in plans of older
     /// planners: none).
-    #[serde(default)]
     pub pad_tokens_per_sample: Option<Vec<usize>>,
-    #[serde(default = "yes")]
     pub train_vision: bool,
     pub frames_per_rank: Vec<Vec<usize>>,
-    #[serde(default)]
     pub stage: Option<PredictedStage>,
 }
 
-fn yes() -> bool {
-    true
+impl VisionSection {
+    /// The plan's section, its counts in `usize` (one past the address space is refused).
+    pub fn from_plan(v: &mmsp_plan::VisionPlan) -> Result<VisionSection> {
+        let n = |what: &str, x: u64| {
+            usize::try_from(x).map_err(|_| {
+                RuntimeError::Plan(format!(
+                    "vision.{what} {x} is more than this machine addresses"
+                ))
+            })
+        };
+        let all =
+            |what: &str, xs: &[u64]| xs.iter().map(|&x| n(what, x)).collect::<Result<Vec<_>>>();
+        let opt =
+            |what: &str, xs: &Option<Vec<u64>>| xs.as_deref().map(|x| all(what, x)).transpose();
+        Ok(VisionSection {
+            encoder: v.encoder.clone(),
+            tokens_per_frame: n("tokens_per_frame", v.tokens_per_frame)?,
+            frames: n("frames", v.frames)?,
+            samples: n("samples", v.samples)?,
+            sample_lens: all("sample_lens", &v.sample_lens)?,
+            frames_per_sample: opt("frames_per_sample", &v.frames_per_sample)?,
+            text_tokens_per_sample: opt("text_tokens_per_sample", &v.text_tokens_per_sample)?,
+            pad_tokens_per_sample: opt("pad_tokens_per_sample", &v.pad_tokens_per_sample)?,
+            train_vision: v.train_vision,
+            frames_per_rank: v.frames_per_rank.clone(),
+            stage: Some(PredictedStage {
+                encoder_s: v.stage.encoder_s,
+                gather_s: v.stage.gather_s,
+                reshard_s: v.stage.reshard_s,
+            }),
+        })
+    }
 }
 
 /// Where the encoder's shape comes from.

@@ -272,7 +272,7 @@ fn time_2d(
     let mut inputs = Vec::new();
     for rank in 0..w {
         let c = layout.coords(rank);
-        let sh = |t: &Tensor| zz.shard(t, 2, c.ring, c.ulysses);
+        let sh = |t: &Tensor| mmsp_runtime::shard::shard(&zz, t, 2, c.ring, c.ulysses);
         inputs.push((sh(&p.q)?, sh(&p.k)?, sh(&p.v)?, sh(&p.dout)?));
     }
     drop(p);
@@ -565,7 +565,7 @@ fn nccl_check_world(plan: &Plan, env: &LaunchEnv, nw: &NcclWorld, seq: usize) ->
     let p = Problem::random(shape, Kind::BFloat16, dev, 9);
     let c = l.coords(env.rank);
     let zz = mmsp_runtime::shard::Zigzag::new(seq, l.ulysses, l.ring)?;
-    let sh = |t: &Tensor| zz.shard(t, 2, c.ring, c.ulysses);
+    let sh = |t: &Tensor| mmsp_runtime::shard::shard(&zz, t, 2, c.ring, c.ulysses);
     let attn = Attention2d::new(&nw.ulysses, &nw.ring, Backend::Cudnn, shape)?;
     let (o, ctx) = attn.forward(&sh(&p.q)?, &sh(&p.k)?, &sh(&p.v)?)?;
     let (dq, _, _) = attn.backward(&ctx, &sh(&p.dout)?)?;

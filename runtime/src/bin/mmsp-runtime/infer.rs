@@ -91,7 +91,6 @@ fn infer(a: InferArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.plan)
         .map_err(|e| crate::util::usage(format!("{}: {e}", a.plan.display())))?;
     let plan = InferPlan::from_json(&text)?;
-    let plan_json: serde_json::Value = serde_json::from_str(&text)?;
     let ck = a
         .model
         .as_deref()
@@ -183,7 +182,7 @@ fn infer(a: InferArgs) -> Result<()> {
         println!("{text}");
         return Ok(());
     }
-    let predicted = predictions(&a, &plan, &plan_json);
+    let predicted = predictions(&a, &plan);
     println!(
         "{}",
         json!({"bench": "infer", "launch": if a.nccl { "nccl" } else { "inprocess" },
@@ -208,19 +207,11 @@ fn infer(a: InferArgs) -> Result<()> {
 
 /// The plan's predictions of an inference run (null for --tiny or --model, whose shape is not
 /// the plan's).
-fn predictions(
-    a: &InferArgs,
-    plan: &mmsp_runtime::infer::InferPlan,
-    plan_json: &serde_json::Value,
-) -> serde_json::Value {
+fn predictions(a: &InferArgs, plan: &mmsp_runtime::infer::InferPlan) -> serde_json::Value {
     if a.tiny || a.model.is_some() {
         return json!(null);
     }
-    let inf = &plan_json["inference"];
-    json!({"prefill_tokens_per_s": inf["prefill_tokens_per_s"],
-        "decode_ms_per_token": inf["decode_s_per_token"].as_f64().map(|s| s * 1e3),
-        "kv_cache_bytes_per_gpu": inf["memory"]["kv_cache_bytes"],
-        "context_tokens": plan.context_tokens})
+    plan.predictions()
 }
 
 /// The decoder's configuration: the checkpoint's (--model), the tiny CI model, or the plan's.
@@ -235,11 +226,7 @@ fn model_config(
     } else if a.tiny {
         ModelConfig::tiny()
     } else {
-        let m = plan
-            .model
-            .as_ref()
-            .ok_or_else(|| crate::util::usage("the plan has no model; use --tiny"))?;
-        ModelConfig::from_plan_value(m)?
+        plan.model_config()?
     })
 }
 
@@ -384,15 +371,10 @@ pub struct NeedleArgs {
 fn needle(a: NeedleArgs) -> Result<()> {
     use mmsp_runtime::infer::needle::{run_needle, NeedleOpts};
     use mmsp_runtime::infer::InferPlan;
-    use mmsp_runtime::model::{Decoder, ModelConfig};
+    use mmsp_runtime::model::Decoder;
     let text = std::fs::read_to_string(&a.plan)?;
     let plan = InferPlan::from_json(&text)?;
-    let plan_json: serde_json::Value = serde_json::from_str(&text)?;
-    let cfg = ModelConfig::from_plan_value(
-        plan.model
-            .as_ref()
-            .ok_or_else(|| crate::util::usage("the plan has no model"))?,
-    )?;
+    let cfg = plan.model_config()?;
     let layout = match a.layout.as_deref() {
         None => plan.plan.layout,
         Some(s) => {
@@ -416,7 +398,6 @@ fn needle(a: NeedleArgs) -> Result<()> {
     };
     let out = run_needle(&NeedleOpts {
         plan: &plan,
-        plan_json: &plan_json,
         layout,
         make_model: &|| Decoder::random(cfg.clone(), dev, kind, kind, a.seed),
         backend: Backend::default_for(dev),

@@ -46,9 +46,9 @@ use crate::kernel::Backend;
 use crate::knobs::{Fault, FaultMode, Knobs};
 use crate::model::hf::HfCheckpoint;
 use crate::model::ModelConfig;
-use crate::plan::{GroupKind, Layout, Plan};
+use crate::plan::{GroupKind, Layout, Mode, Plan, Recompute};
 use crate::vision::{EncoderSource, VisionEncoder, VisionRun, VisionSection, VisionStage};
-use serde::Deserialize;
+use mmsp_plan::{ModelSpec, Predicted};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -67,57 +67,67 @@ use rank::*;
 use report::*;
 use vision_rank::*;
 
-/// The plan fields training reads beyond [`Plan`]'s.
-#[derive(Debug, Clone, Deserialize)]
+/// What training reads of the plan beyond its mesh, from the contract's checked plan in the
+/// runtime's types.
+#[derive(Debug, Clone)]
 pub struct TrainPlan {
-    #[serde(default)]
     pub zero_stage: u32,
-    #[serde(default = "none")]
-    pub recompute: String,
-    #[serde(default = "one")]
+    pub recompute: Recompute,
     pub micro_batch: usize,
-    #[serde(default = "one")]
     pub grad_accum_steps: usize,
     pub context_tokens: usize,
-    pub model: Option<Value>,
-    pub tokens: Option<Tokens>,
+    pub model: ModelSpec,
     pub predicted: Option<Predicted>,
+    /// The plan's stage-2 token ranges of each SP rank (`tokens.ranges_per_rank`).
+    pub ranges_per_rank: Vec<Vec<(usize, usize)>>,
     /// MM-SP stages (plans made with `--frames` or `--samples`).
     pub vision: Option<VisionSection>,
 }
 
-/// `tokens` of a plan.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Tokens {
-    pub ranges_per_rank: Vec<Vec<(usize, usize)>>,
-}
-
-/// `predicted` of a plan.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Predicted {
-    pub step_time_s: f64,
-    pub tokens_per_s: f64,
-    pub mfu: f64,
-    /// Absent from plans written before HFU was reported.
-    #[serde(default)]
-    pub hfu: Option<f64>,
-    pub memory_per_gpu_bytes: f64,
-}
-
 impl TrainPlan {
-    /// Whether the plan recomputes each layer's forward outside attention in its backward
-    /// (`recompute` other than "none"; checked to be a known value by [`load`]).
-    pub fn recomputes(&self) -> bool {
-        self.recompute != "none"
+    /// The training view of a plan; an inference plan, or one the runtime does not train
+    /// (several sequences per micro-batch, a context past the address space), is refused here.
+    pub fn of(plan: &Plan) -> Result<TrainPlan> {
+        let c = &plan.contract;
+        c.expect_mode(Mode::Training, "plan")?;
+        if c.micro_batch != 1 {
+            return Err(RuntimeError::Plan(format!(
+                "micro_batch {} (the runtime trains one sequence per micro-step)",
+                c.micro_batch
+            )));
+        }
+        let size = |what: &str, n: u64| {
+            usize::try_from(n).map_err(|_| {
+                RuntimeError::Plan(format!("{what} {n} is more than this machine addresses"))
+            })
+        };
+        Ok(TrainPlan {
+            zero_stage: u32::from(c.zero_stage),
+            recompute: c.recompute,
+            micro_batch: 1,
+            grad_accum_steps: size("grad_accum_steps", c.grad_accum_steps)?,
+            context_tokens: size("context_tokens", c.context_tokens)?,
+            model: c.model.clone(),
+            predicted: c.predicted.clone(),
+            ranges_per_rank: c
+                .tokens
+                .ranges_per_rank
+                .iter()
+                .map(|rs| rs.iter().map(|&[a, b]| (a as usize, b as usize)).collect())
+                .collect(),
+            vision: c
+                .vision
+                .as_ref()
+                .map(VisionSection::from_plan)
+                .transpose()?,
+        })
     }
-}
 
-fn none() -> String {
-    "none".into()
-}
-
-fn one() -> usize {
-    1
+    /// Whether the plan recomputes each layer's forward outside attention in its backward
+    /// (`recompute` other than none).
+    pub fn recomputes(&self) -> bool {
+        self.recompute != Recompute::None
+    }
 }
 
 /// Where the model comes from.
@@ -226,28 +236,8 @@ pub struct Loaded {
 
 /// Reads and checks everything that can be checked without a device or peers.
 pub fn load(opts: &RunOptions) -> Result<Loaded> {
-    let text = std::fs::read_to_string(&opts.plan)
-        .map_err(|e| RuntimeError::Plan(format!("{}: {e}", opts.plan.display())))?;
-    let plan = Plan::from_json(&text)?;
-    let tp: TrainPlan = serde_json::from_str(&text)?;
-    if !["none", "selective", "full"].contains(&tp.recompute.as_str()) {
-        return Err(RuntimeError::Plan(format!(
-            "unknown recompute {:?}",
-            tp.recompute
-        )));
-    }
-    if tp.micro_batch != 1 {
-        return Err(RuntimeError::Plan(format!(
-            "micro_batch {} (the runtime trains one sequence per micro-step)",
-            tp.micro_batch
-        )));
-    }
-    if tp.zero_stage > 3 {
-        return Err(RuntimeError::Plan(format!(
-            "ZeRO stage {} is not implemented",
-            tp.zero_stage
-        )));
-    }
+    let plan = Plan::from_file(&opts.plan)?;
+    let tp = TrainPlan::of(&plan)?;
     let (cfg, weights) = match &opts.model {
         ModelSource::HfDir(d) => {
             let w = std::sync::Arc::new(HfCheckpoint::open(d)?);
@@ -255,29 +245,11 @@ pub fn load(opts: &RunOptions) -> Result<Loaded> {
         }
         ModelSource::Tiny => (ModelConfig::tiny(), None),
         ModelSource::HfConfig(p) => (ModelConfig::from_hf_file(p)?, None),
-        ModelSource::Plan => {
-            let m = tp.model.as_ref().ok_or_else(|| {
-                RuntimeError::Plan("no model in the plan (use --model or --tiny)".into())
-            })?;
-            (ModelConfig::from_plan_value(m)?, None)
-        }
+        ModelSource::Plan => (ModelConfig::from_plan_model(&tp.model)?, None),
     };
-    let l = plan.layout;
-    let zz = crate::shard::Zigzag::new(tp.context_tokens, l.ulysses, l.ring)?;
-    // A vision plan's ranges are the planner's per-sample zigzag, which `run` executes
-    // (`VisionSection::resolve` checks the samples; the report's `vision.stage2` says whether
-    // the plan's ranges are the ones run).
-    if let (Some(t), None) = (&tp.tokens, &tp.vision) {
-        for (i, rr) in t.ranges_per_rank.iter().enumerate() {
-            let (r, u) = (i / l.ulysses, i % l.ulysses);
-            if r >= l.ring || rr.as_slice() != zz.local_ranges(r, u).as_slice() {
-                return Err(RuntimeError::Plan(format!(
-                    "tokens.ranges_per_rank[{i}] = {rr:?} is not the runtime's zigzag shard {:?}",
-                    zz.local_ranges(r.min(l.ring - 1), u)
-                )));
-            }
-        }
-    }
+    // The plan's token ranges are the contract's zigzag shards (its reader checked them),
+    // which the runtime cuts by; a sequence too short for every rank to hold a token is refused.
+    crate::shard::Zigzag::new(tp.context_tokens, plan.layout.ulysses, plan.layout.ring)?;
     if let Some(n) = opts.inprocess {
         plan.check_launch(n)?;
     }

@@ -317,7 +317,7 @@ pub(super) fn report(opts: &RunOptions, extras: &RunExtras, f: &RunFacts<'_>) ->
             dp: plan.layout.dp,
         },
         zero_stage: tp.zero_stage,
-        recompute: tp.recompute.clone(),
+        recompute: tp.recompute.as_str().into(),
         model: model_summary(f.cfg),
         context_tokens: tp.context_tokens,
         steps: opts.steps,
@@ -422,16 +422,21 @@ fn against_predicted(
         micro_step_s: pred_micro,
         tokens_per_s_per_gpu: pred_tps_gpu,
         mfu: p.mfu,
-        hfu: p.hfu,
+        hfu: planned_hfu(p),
         memory_per_gpu_bytes: p.memory_per_gpu_bytes,
         error_pct: ErrorPct {
             micro_step_s: err(m.step_s, pred_micro),
             tokens_per_s_per_gpu: err(m.tokens_per_s_per_gpu, pred_tps_gpu),
             mfu: err(m.mfu, p.mfu),
-            hfu: p.hfu.map(|h| err(m.hfu, h)),
+            hfu: planned_hfu(p).map(|h| err(m.hfu, h)),
             memory: m.memory.map(|x| err(x, p.memory_per_gpu_bytes)),
         },
     }
+}
+
+/// The plan's HFU (0 in plans of planners that did not report it: none).
+fn planned_hfu(p: &Predicted) -> Option<f64> {
+    (p.hfu > 0.0).then_some(p.hfu)
 }
 
 /// The measured-against-predicted table on stderr.
@@ -470,7 +475,7 @@ fn print_against_predicted(
         );
     };
     pct("MFU", m.mfu, p.mfu);
-    if let Some(h) = p.hfu {
+    if let Some(h) = planned_hfu(p) {
         pct("HFU", m.hfu, h);
     }
     if let Some(mem) = m.memory {
@@ -514,14 +519,15 @@ fn slowest(records: &[Vec<StepRecord>]) -> VisionTimes {
 /// the runtime's add the padding's (after them).
 fn plan_ranges_match(vr: &VisionRun, tp: &TrainPlan) -> Option<bool> {
     let packed: usize = vr.section.sample_lens.iter().sum();
-    tp.tokens.as_ref().map(|t| {
-        t.ranges_per_rank.len() >= vr.ranges.len()
-            && vr.ranges.iter().zip(&t.ranges_per_rank).all(|(a, b)| {
+    let planned = &tp.ranges_per_rank;
+    Some(
+        planned.len() >= vr.ranges.len()
+            && vr.ranges.iter().zip(planned).all(|(a, b)| {
                 let ours: Vec<(usize, usize)> =
                     a.iter().copied().filter(|r| r.0 < packed).collect();
                 ours == *b
-            })
-    })
+            }),
+    )
 }
 
 /// The report's `vision` object: the stage's measured times (mean over the steps after the
