@@ -9,9 +9,8 @@ pub use mmsp_plan::plan::{
 };
 pub use mmsp_plan::predicted::{headroom_warning, Predicted, HEADROOM_WARNING};
 
-use crate::cost::{runtime_recompute, Recompute};
+use crate::cost::{runtime_recompute, Recompute, Scored};
 use crate::error::Result;
-use crate::search::Scored;
 use crate::spec::model::ModelSpec;
 use crate::topology::Topology;
 

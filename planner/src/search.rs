@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::cost::{
-    evaluate, head_split, Candidate, Estimate, Infeasible, Layout, Placement, Recompute, Workload,
+    evaluate, head_split, Candidate, Infeasible, Layout, Placement, Recompute, Workload,
 };
 use crate::error::{Error, Result};
 use crate::multimodal::MultiModal;
@@ -203,12 +203,7 @@ pub fn enumerate(model: &ModelSpec, cluster: &ClusterSpec, req: &Request) -> Vec
     out
 }
 
-/// A feasible candidate and its prediction.
-#[derive(Debug, Clone)]
-pub struct Scored {
-    pub candidate: Candidate,
-    pub estimate: Estimate,
-}
+pub use crate::cost::Scored;
 
 /// The outcome of a search.
 #[derive(Debug)]

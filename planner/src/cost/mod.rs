@@ -26,6 +26,13 @@ pub struct Candidate {
     pub micro_batch: u32,
 }
 
+/// A feasible candidate and its prediction.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    pub candidate: Candidate,
+    pub estimate: Estimate,
+}
+
 /// What is being trained: the model, the sequence length and the global batch in sequences.
 #[derive(Debug, Clone)]
 pub struct Workload<'a> {
