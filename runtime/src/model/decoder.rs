@@ -19,7 +19,6 @@ use super::hf::HfCheckpoint;
 pub use super::rope::Rope;
 use crate::error::{Result, RuntimeError};
 use crate::kernel::{attention_fwd, Backend};
-use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
 /// What enters the decoder: token ids (B, S) or embeddings (B, S, hidden) (e.g. vision tokens
@@ -35,8 +34,7 @@ pub struct Decoder {
     pub cfg: ModelConfig,
     /// Dtype of the matmuls and activations (bf16 on GPU, f32/f64 on CPU).
     pub compute: Kind,
-    params: Vec<(String, Tensor)>,
-    index: HashMap<String, usize>,
+    params: super::NamedParams,
     /// ATen's fused RMSNorm on CUDA (on unless [`Decoder::set_fused_norm`] turns it off).
     fused_norm: bool,
     /// The checkpoint the parameters are still to be read from ([`Decoder::deferred_hf`]).
@@ -102,16 +100,11 @@ impl Decoder {
     }
 
     fn from_params(cfg: ModelConfig, compute: Kind, params: Vec<(String, Tensor)>) -> Decoder {
-        let index = params
-            .iter()
-            .enumerate()
-            .map(|(i, (n, _))| (n.clone(), i))
-            .collect();
+        let params = super::NamedParams::new(params);
         Decoder {
             cfg,
             compute,
             params,
-            index,
             fused_norm: true,
             deferred: None,
         }
@@ -204,7 +197,7 @@ impl Decoder {
             return Ok(());
         };
         let _g = tch::no_grad_guard();
-        for (name, p) in &self.params {
+        for (name, p) in self.params.named() {
             let t = ck.read(name)?.to_device(p.device()).to_kind(p.kind());
             p.shallow_clone().f_set_data(&t)?;
         }
@@ -223,27 +216,26 @@ impl Decoder {
     /// Every parameter with its Hugging Face name, in [`Decoder::param_shapes`] order.
     /// The device the parameters live on (the CPU for a model without parameters).
     pub fn device(&self) -> Device {
-        self.params.first().map_or(Device::Cpu, |p| p.1.device())
+        self.params.device()
     }
 
     /// Handles to every parameter (sharing storage), in `named_parameters` order: what an
     /// optimizer is built over.
     pub fn parameters(&self) -> Vec<Tensor> {
-        self.params.iter().map(|(_, t)| t.shallow_clone()).collect()
+        self.params.handles()
     }
 
     pub fn named_parameters(&self) -> &[(String, Tensor)] {
-        &self.params
+        self.params.named()
     }
 
     /// The parameter with this Hugging Face name.
     pub fn param(&self, name: &str) -> Option<&Tensor> {
-        self.index.get(name).map(|&i| &self.params[i].1)
+        self.params.get(name)
     }
 
     fn p(&self, name: &str) -> Tensor {
-        // Names come from param_shapes, so they exist.
-        self.params[self.index[name]].1.to_kind(self.compute)
+        self.params.cast(name, self.compute)
     }
 
     fn lp(&self, l: usize, s: &str) -> Tensor {
@@ -252,7 +244,7 @@ impl Decoder {
 
     fn opt_lp(&self, l: usize, s: &str) -> Option<Tensor> {
         let n = layer_name(l, s);
-        self.index.get(&n).map(|_| self.p(&n))
+        self.params.get(&n).map(|_| self.p(&n))
     }
 
     fn norm(&self, x: &Tensor, w: &Tensor) -> Tensor {
@@ -286,7 +278,7 @@ impl Decoder {
                 }
                 // Gather the rows in the master dtype, then cast: casting the whole table
                 // first would read and write all of it every step.
-                let w = &self.params[self.index["model.embed_tokens.weight"]].1;
+                let w = &self.params.must("model.embed_tokens.weight");
                 Ok(Tensor::embedding(w, ids, -1, false, false).to_kind(self.compute))
             }
             Input::Embeddings(e) => {
@@ -411,7 +403,7 @@ impl Decoder {
 
     /// The embedding table (vocab, hidden) in the master dtype.
     pub fn embed_weight(&self) -> &Tensor {
-        &self.params[self.index["model.embed_tokens.weight"]].1
+        &self.params.must("model.embed_tokens.weight")
     }
 
     /// The LM head's weight (vocab, hidden) in the master dtype (the embedding when tied).
@@ -421,7 +413,7 @@ impl Decoder {
         } else {
             "lm_head.weight"
         };
-        &self.params[self.index[n]].1
+        self.params.must(n)
     }
 
     /// Whole forward on one shard: `positions` (1-D int64, the shard's absolute positions),

@@ -6,8 +6,10 @@
 pub mod config;
 pub mod decoder;
 pub mod hf;
+pub mod params;
 pub mod rope;
 
 pub use config::ModelConfig;
 pub use decoder::{Decoder, Input};
+pub use params::NamedParams;
 pub use rope::{Rope, RopeScaling};

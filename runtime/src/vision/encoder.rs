@@ -17,8 +17,7 @@ pub struct VisionEncoder {
     pub cfg: VisionConfig,
     /// Dtype of the matmuls and activations.
     pub compute: Kind,
-    params: Vec<(String, Tensor)>,
-    index: HashMap<String, usize>,
+    params: crate::model::NamedParams,
 }
 
 const PROJ: &str = "multi_modal_projector";
@@ -132,16 +131,10 @@ impl VisionEncoder {
     }
 
     fn from_params(cfg: VisionConfig, compute: Kind, params: Vec<(String, Tensor)>) -> Self {
-        let index = params
-            .iter()
-            .enumerate()
-            .map(|(i, (n, _))| (n.clone(), i))
-            .collect();
         VisionEncoder {
             cfg,
             compute,
-            params,
-            index,
+            params: crate::model::NamedParams::new(params),
         }
     }
 
@@ -228,27 +221,26 @@ impl VisionEncoder {
     /// Handles to every parameter (sharing storage), in `named_parameters` order: what an
     /// optimizer is built over.
     pub fn parameters(&self) -> Vec<Tensor> {
-        self.params.iter().map(|(_, t)| t.shallow_clone()).collect()
+        self.params.handles()
     }
 
     /// Every parameter with its Hugging Face name, in [`VisionEncoder::param_shapes`] order.
     pub fn named_parameters(&self) -> &[(String, Tensor)] {
-        &self.params
+        self.params.named()
     }
 
     /// The parameter with this name.
     pub fn param(&self, name: &str) -> Option<&Tensor> {
-        self.index.get(name).map(|&i| &self.params[i].1)
+        self.params.get(name)
     }
 
     /// Device of the parameters.
     pub fn device(&self) -> Device {
-        self.params[0].1.device()
+        self.params.device()
     }
 
     fn p(&self, name: &str) -> Tensor {
-        // Names come from param_shapes, so they exist.
-        self.params[self.index[name]].1.to_kind(self.compute)
+        self.params.cast(name, self.compute)
     }
 
     fn lp(&self, l: usize, s: &str) -> Tensor {
