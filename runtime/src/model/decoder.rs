@@ -403,7 +403,7 @@ impl Decoder {
 
     /// The embedding table (vocab, hidden) in the master dtype.
     pub fn embed_weight(&self) -> &Tensor {
-        &self.params.must("model.embed_tokens.weight")
+        self.params.must("model.embed_tokens.weight")
     }
 
     /// The LM head's weight (vocab, hidden) in the master dtype (the embedding when tied).
