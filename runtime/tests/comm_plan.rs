@@ -253,6 +253,22 @@ fn reads_the_plans_the_planner_writes() {
     let tp = mmsp_runtime::train::run::TrainPlan::of(&p).unwrap();
     assert_eq!(tp.context_tokens, 1 << 17);
     assert!(tp.predicted.is_some());
+    // An inference plan of the planner: the same reader, its typed estimate carried through.
+    use mmsp_planner::inference::{build_plan, search, InferenceRequest};
+    let topo = mmsp_planner::topology::Topology::build(&cluster, 8);
+    let req = InferenceRequest {
+        gpus: 8,
+        context: 1 << 20,
+        decode_tokens: 128,
+    };
+    let found = search(&topo, &model, &req);
+    let (c, e) = found.ranked.first().unwrap();
+    let plan = build_plan(&topo, "dgx-h100", &model, req.context, c, e).unwrap();
+    let ip = mmsp_runtime::infer::InferPlan::from_json(&serde_json::to_string(&plan).unwrap());
+    let ip = ip.unwrap();
+    assert_eq!((ip.context_tokens, &ip.estimate), (1 << 20, e));
+    // ... and refused where a training plan is wanted.
+    assert!(mmsp_runtime::train::run::TrainPlan::of(&ip.plan).is_err());
 }
 
 /// Builds a 2D layer on every rank of a (u, r) group and returns each rank's result of `f`;
