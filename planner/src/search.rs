@@ -266,9 +266,10 @@ pub fn search(
 }
 
 /// [`search`]; with `exact_misses = false` only whether some candidate fits is asked for: the
-/// search stops at the first that fits, and a candidate that does not fit in memory without
-/// its vision stage is ruled out without costing the stage (the stage only adds memory: its
-/// activations and encoder states; the memory a miss records is then a lower bound).
+/// search stops at the first that fits, and a candidate that does not fit in memory with the
+/// vision stage's memory floor ([`MultiModal::stage_memory_floor`]: the encoder's states and
+/// the mean rank's frames' activations, never more than the stage costed) is ruled out without
+/// costing the stage (the memory a miss records is then a lower bound).
 /// [`fewest_gpus_for`] uses it: costing the stage (its frame balancing over every rank) for
 /// every candidate of every doubling made a manifest of enormous frames take 24 s to refuse.
 fn search_with(
@@ -297,7 +298,12 @@ fn search_with(
             && global_batch.is_multiple_of(u64::from(c.layout.dp) * u64::from(c.micro_batch));
         if let (Some(mm), true) = (mm, runnable) {
             if !exact_misses {
-                if let Err(e @ Infeasible::Memory { .. }) = evaluate(topo, &w, &c) {
+                // The stage's memory floor: a candidate it rules out cannot fit with the stage.
+                let floor = Workload {
+                    vision: Some(mm.stage_memory_floor(model, &c.layout)),
+                    ..w.clone()
+                };
+                if let Err(e @ Infeasible::Memory { .. }) = crate::cost::terms(topo, &floor, &c) {
                     infeasible.push((c, e));
                     continue;
                 }
@@ -350,43 +356,65 @@ pub fn candidate_context(context: u64, mm: Option<&MultiModal>, layout: &Layout)
     mm.map_or(context.div_ceil(zig) * zig, |m| m.context_for(layout.sp()))
 }
 
-/// Whether any candidate fits `context` on the topology (memory check only, global batch 1
-/// unless given).
-fn fits(topo: &Topology, model: &ModelSpec, req: &Request, context: u64) -> Option<Scored> {
-    let r = Request {
+/// The request at `context` tokens with global batch 1 unless given (what a maximum context
+/// is asked for).
+fn at_context(req: &Request, context: u64) -> Request {
+    Request {
         context,
         global_batch: Some(req.global_batch.unwrap_or(1)),
         ..req.clone()
-    };
-    search(topo, model, &r, None).ranked.into_iter().next()
+    }
+}
+
+/// Whether any candidate fits `context` on the topology: [`crate::cost::terms`] only (the
+/// memory check and the layout's rules), stopping at the first that fits. Infeasibility is
+/// decided there, never by [`crate::cost::compose`], so this agrees with a full [`search`]
+/// having a ranked candidate, without pricing each layout's collectives (on 65536 GPUs each
+/// new group family is a pass over every rank's route).
+fn fits(topo: &Topology, model: &ModelSpec, req: &Request, context: u64) -> bool {
+    let r = at_context(req, context);
+    let global_batch = r.global_batch.unwrap_or(1);
+    enumerate(model, &topo.spec, &r).iter().any(|c| {
+        let w = Workload {
+            model,
+            context: candidate_context(context, None, &c.layout),
+            global_batch,
+            vision: None,
+        };
+        crate::cost::terms(topo, &w, c).is_ok()
+    })
 }
 
 /// The largest context (a multiple of 2 x GPUs, so that every SP degree's zigzag chunks are
-/// whole) for which some candidate fits, with that candidate. Memory grows with context for
-/// every candidate, so feasibility is monotone and a doubling then bisection finds it.
+/// whole) for which some candidate fits, with the best candidate there. Memory grows with
+/// context for every candidate, so feasibility is monotone and a doubling then bisection
+/// finds it.
 pub fn max_context(topo: &Topology, model: &ModelSpec, req: &Request) -> Option<(u64, Scored)> {
     let granule = 2 * u64::from(req.gpus);
-    let mut lo_best = fits(topo, model, req, granule)?;
+    let best_at = |k: u64| {
+        let r = at_context(req, k * granule);
+        search(topo, model, &r, None).ranked.into_iter().next()
+    };
+    if !fits(topo, model, req, granule) {
+        return None;
+    }
     let (mut lo, mut hi) = (1u64, 2u64);
-    while let Some(s) = fits(topo, model, req, hi * granule) {
+    while fits(topo, model, req, hi * granule) {
         lo = hi;
-        lo_best = s;
         hi *= 2;
         if hi * granule > (1u64 << 40) {
-            return Some((lo * granule, lo_best));
+            return best_at(lo).map(|s| (lo * granule, s));
         }
     }
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
-        match fits(topo, model, req, mid * granule) {
-            Some(s) => {
-                lo = mid;
-                lo_best = s;
-            }
-            None => hi = mid,
+        if fits(topo, model, req, mid * granule) {
+            lo = mid;
+        } else {
+            hi = mid;
         }
     }
-    Some((lo * granule, lo_best))
+    best_at(lo).map(|s| (lo * granule, s))
 }
 
 /// The fewest GPUs (whole nodes and NVLink domains, by doubling) on which the request fits.
