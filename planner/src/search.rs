@@ -104,6 +104,58 @@ pub fn default_global_batch(context: u64) -> u64 {
     1 << (63 - seqs.leading_zeros())
 }
 
+/// The largest micro-batch the search tries (sequences per GPU per forward and backward).
+pub const MAX_MICRO_BATCH: u32 = 8;
+
+/// The most gradient-accumulation steps a planned step may take at [`MAX_MICRO_BATCH`] on every
+/// GPU: 1024, so at most 8192 sequences per GPU per optimizer step. Llama 3's 4M-token batch
+/// (Llama Team 2024, Sec. 3.4.1) at its shortest 8K context is 512 sequences, 64 per GPU on 8
+/// GPUs; a step of more than a thousand accumulation steps of the largest micro-batch is not a
+/// long-context training step (the contexts that need it are a few tokens long, far below any
+/// sequence-parallel degree's use) and its plan would be the accumulation loop alone.
+pub const MAX_ACCUMULATION_STEPS: u64 = 1024;
+
+/// Refuses a request whose global batch (given or the 4M-token default,
+/// [`default_global_batch`]) holds more sequences than `gpus` x [`MAX_MICRO_BATCH`] x
+/// [`MAX_ACCUMULATION_STEPS`], naming the nearest accepted requests: the longest such batch,
+/// and (for the default batch) the shortest context whose default batch is accepted.
+pub fn check_batch(req: &Request) -> Result<()> {
+    let most = u64::from(req.gpus) * u64::from(MAX_MICRO_BATCH) * MAX_ACCUMULATION_STEPS;
+    let batch = req
+        .global_batch
+        .unwrap_or_else(|| default_global_batch(req.context));
+    if batch <= most {
+        return Ok(());
+    }
+    let steps = batch.div_ceil(u64::from(req.gpus) * u64::from(MAX_MICRO_BATCH));
+    let head = format!(
+        "a global batch of {batch} sequences of {} tokens on {} GPUs takes {steps} accumulation \
+         steps of {MAX_MICRO_BATCH} sequences per GPU, over the {MAX_ACCUMULATION_STEPS} planned \
+         ({most} sequences at most)",
+        fmt_tokens(req.context),
+        req.gpus
+    );
+    let msg = match req.global_batch {
+        Some(_) => format!("{head}; the nearest accepted request is --global-batch {most}"),
+        None => {
+            // The default batch is 4M tokens rounded down to a power of two sequences: it is at
+            // most `most` once 4M / context is below the power of two above `most`.
+            let above = 2u64 << (63 - most.leading_zeros());
+            let context = 4 * MI / above + 1;
+            format!(
+                "{head}: the 4M-token default batch is not for {}-token contexts; the nearest \
+                 accepted requests are --context {context} or --global-batch {most}",
+                req.context
+            )
+        }
+    };
+    let what = match req.global_batch {
+        Some(_) => "--global-batch",
+        None => "--context",
+    };
+    Err(Error::invalid(what, msg))
+}
+
 fn divisors(n: u32) -> Vec<u32> {
     (1..=n).filter(|d| n.is_multiple_of(*d)).collect()
 }

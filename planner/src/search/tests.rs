@@ -23,6 +23,33 @@ fn req(gpus: u32, context: u64) -> Request {
     }
 }
 
+/// A batch is refused past gpus x 8 x 1024 sequences; the context the refusal names as the
+/// nearest accepted one is accepted and the one below it is not, on several cluster sizes.
+#[test]
+fn batches_past_the_accumulation_bound_are_refused_at_the_nearest_boundary() {
+    for gpus in [1u32, 8, 72, 4096, 65536] {
+        let most = u64::from(gpus) * 8 * 1024;
+        let given = |b: u64| Request {
+            global_batch: Some(b),
+            ..req(gpus, 128 << 10)
+        };
+        assert!(check_batch(&given(most)).is_ok());
+        let e = check_batch(&given(most + 1)).unwrap_err().to_string();
+        assert!(e.contains(&format!("--global-batch {most}")), "{e}");
+        // The default batch: find the context the message names.
+        match check_batch(&req(gpus, 1)) {
+            Ok(()) => assert!(default_global_batch(1) <= most),
+            Err(e) => {
+                let e = e.to_string();
+                let at = e.find("--context ").unwrap() + "--context ".len();
+                let ctx: u64 = e[at..].split(' ').next().unwrap().parse().unwrap();
+                assert!(check_batch(&req(gpus, ctx)).is_ok(), "{gpus}: {e}");
+                assert!(check_batch(&req(gpus, ctx - 1)).is_err(), "{gpus}: {e}");
+            }
+        }
+    }
+}
+
 #[test]
 fn default_batch_is_four_million_tokens() {
     assert_eq!(default_global_batch(2 << 20), 2);
