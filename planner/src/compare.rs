@@ -35,36 +35,12 @@ pub fn refine(
     mm: Option<&MultiModal>,
 ) -> Vec<(Scored, f64)> {
     // With samples, each candidate at its layout's padded context.
-    // The analytically best candidate of each of the first few distinct layouts: near-ties
-    // of one layout (ZeRO stage, micro-batch) would otherwise crowd out the alternatives.
-    let mut layouts = Vec::new();
-    let firsts: Vec<&Scored> = result
-        .ranked
-        .iter()
-        .filter(|s| {
-            let new = !layouts.contains(&s.candidate.layout);
-            if new {
-                layouts.push(s.candidate.layout);
-            }
-            new
-        })
-        .take(REFINE_TOP)
-        .collect();
+    let firsts = first_of_each_layout(result.ranked.iter(), |s| s.candidate.layout);
     let mut out: Vec<(Scored, f64)> = firsts
         .into_iter()
         .filter_map(|s| {
             let c = &s.candidate;
-            let context = search::candidate_context(context, mm, &c.layout);
-            let vision = match mm {
-                Some(mm) => Some(mm.stage(topo, model, &c.layout, context).ok()?),
-                None => None,
-            };
-            let w = Workload {
-                model,
-                context,
-                global_batch: result.global_batch,
-                vision,
-            };
+            let w = workload_of(topo, model, context, result.global_batch, mm, &c.layout)?;
             let t = terms(topo, &w, c).ok()?;
             // A step the simulator cannot complete is not a candidate.
             Some((s.clone(), simulate(topo, &t, true).ok()?.step_time_s))
@@ -72,6 +48,49 @@ pub fn refine(
         .collect();
     out.sort_by(|a, b| a.1.total_cmp(&b.1));
     out
+}
+
+/// The analytically best of each of the first [`REFINE_TOP`] distinct layouts of `ranked`
+/// (fastest first): near-ties of one layout (ZeRO stage, micro-batch) would otherwise crowd
+/// out the alternatives.
+pub fn first_of_each_layout<T>(
+    ranked: impl Iterator<Item = T>,
+    layout: impl Fn(&T) -> Layout,
+) -> Vec<T> {
+    let mut layouts = Vec::new();
+    ranked
+        .filter(|x| {
+            let new = !layouts.contains(&layout(x));
+            if new {
+                layouts.push(layout(x));
+            }
+            new
+        })
+        .take(REFINE_TOP)
+        .collect()
+}
+
+/// A candidate's workload: the request's context as its layout runs it (padded; with samples,
+/// theirs) with its vision stage, `None` where the stage cannot run.
+fn workload_of<'m>(
+    topo: &Topology,
+    model: &'m ModelSpec,
+    context: u64,
+    global_batch: u64,
+    mm: Option<&MultiModal>,
+    layout: &Layout,
+) -> Option<Workload<'m>> {
+    let context = search::candidate_context(context, mm, layout);
+    let vision = match mm {
+        Some(mm) => Some(mm.stage(topo, model, layout, context).ok()?),
+        None => None,
+    };
+    Some(Workload {
+        model,
+        context,
+        global_batch,
+        vision,
+    })
 }
 
 /// One strategy's row in a comparison.
@@ -471,17 +490,14 @@ pub fn traces(
                 recompute: row.recompute?,
                 micro_batch: row.micro_batch?,
             };
-            let context = search::candidate_context(cmp.context_tokens, mm, &c.layout);
-            let vision = match mm {
-                Some(mm) => Some(mm.stage(topo, model, &c.layout, context).ok()?),
-                None => None,
-            };
-            let w = Workload {
+            let w = workload_of(
+                topo,
                 model,
-                context,
-                global_batch: cmp.global_batch,
-                vision,
-            };
+                cmp.context_tokens,
+                cmp.global_batch,
+                mm,
+                &c.layout,
+            )?;
             // Another engine's row is replayed with its profile's terms.
             let profile = engines::profiles()
                 .into_iter()

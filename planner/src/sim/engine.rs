@@ -289,6 +289,17 @@ impl Engine {
     }
 }
 
+/// Moves the ops of `waiting` (op, time) whose time is at most `until` into `due`.
+fn take_due(waiting: &mut Vec<(usize, f64)>, until: f64, due: &mut Vec<usize>) {
+    waiting.retain(|&(i, t)| {
+        let ends = t <= until;
+        if ends {
+            due.push(i);
+        }
+        !ends
+    });
+}
+
 /// The state of one [`Engine::run`]: per (lane, stream) queues in issue order, dependency
 /// counts, the running ops (compute until its end time, communication in its latency until
 /// its ready time, then fluid with its remaining fraction of `scale`), and the buffers reused
@@ -447,23 +458,9 @@ impl<'a> Run<'a> {
         self.now = t_next;
         let (now, eps) = (self.now, 1e-12 * self.now.max(1.0));
         self.finished.clear();
-        let finished = &mut self.finished;
-        self.running_compute.retain(|&(i, t)| {
-            let ends = t <= now + eps;
-            if ends {
-                finished.push(i);
-            }
-            !ends
-        });
+        take_due(&mut self.running_compute, now + eps, &mut self.finished);
         self.entering.clear();
-        let entering = &mut self.entering;
-        self.latency_wait.retain(|&(i, t)| {
-            let ends = t <= now + eps;
-            if ends {
-                entering.push(i);
-            }
-            !ends
-        });
+        take_due(&mut self.latency_wait, now + eps, &mut self.entering);
         self.drain_fluid(t_next);
         for k in 0..self.entering.len() {
             let i = self.entering[k];
