@@ -142,7 +142,7 @@ fn runtime_outcome(
     model: &ModelSpec,
     req: &Request,
     mm: Option<&MultiModal>,
-) -> (Result<(Scored, f64), String>, Option<u64>, u64) {
+) -> (Result<(Scored, f64), String>, Option<u64>) {
     let res = search::search(topo, model, req, mm);
     let one = Request {
         global_batch: Some(1),
@@ -160,7 +160,7 @@ fn runtime_outcome(
             let e = search::no_plan_error_for(topo, model, req, &res, mm).to_string();
             e.split_once(": ").map_or(e.clone(), |x| x.1.to_string())
         });
-    (best, max_ctx, res.global_batch)
+    (best, max_ctx)
 }
 
 /// Another engine's row: its profile's search, the simulator's refinement, its max context.
@@ -222,6 +222,42 @@ fn engine_no_plan(res: &engines::EngineSearch) -> String {
     }
 }
 
+/// `f` of every item, in order, on as many threads as the machine runs at once (at most one
+/// per item), each taking the next item left: the rows of a comparison are independent, and
+/// their shared caches (the topology's collective costs, the vision stages) hold pure values,
+/// so the answer is the same on any number of threads.
+fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(items.len());
+    if threads <= 1 {
+        return items.iter().map(&f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut done: Vec<(usize, R)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        mine.push((i, f(item)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    done.sort_by_key(|x| x.0);
+    done.into_iter().map(|x| x.1).collect()
+}
+
 /// Runs every strategy of the selected engines on the same model, topology and request.
 /// With `mm`, every strategy plans the same multi-modal samples (both MM-SP stages costed).
 pub fn compare(
@@ -231,31 +267,29 @@ pub fn compare(
     mm: Option<&MultiModal>,
     selected: &[Engine],
 ) -> Comparison {
-    let mut outcomes: Vec<Outcome> = Vec::new();
-    let mut global_batch = base
+    let global_batch = base
         .global_batch
         .unwrap_or_else(|| search::default_global_batch(base.context));
-    for profile in engines::profiles() {
-        if !selected.contains(&profile.engine) {
-            continue;
-        }
+    let profiles: Vec<Profile> = engines::profiles()
+        .into_iter()
+        .filter(|p| selected.contains(&p.engine))
+        .collect();
+    let outcomes = in_parallel(&profiles, |profile| {
         let req = Request {
             strategy: profile.strategy,
             ..base.clone()
         };
         let (best, max_context) = if profile.engine == Engine::MmspRuntime {
-            let (b, m, gb) = runtime_outcome(topo, model, &req, mm);
-            global_batch = gb;
-            (b, m)
+            runtime_outcome(topo, model, &req, mm)
         } else {
-            engine_outcome(&profile, topo, model, &req, mm)
+            engine_outcome(profile, topo, model, &req, mm)
         };
-        outcomes.push(Outcome {
-            profile,
+        Outcome {
+            profile: profile.clone(),
             best,
             max_context,
-        });
-    }
+        }
+    });
     let reference = outcomes
         .iter()
         .find(|o| o.profile.engine == Engine::MmspRuntime && o.profile.strategy == Strategy::TwoD)
