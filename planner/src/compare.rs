@@ -151,7 +151,7 @@ fn runtime_outcome(
     // A plain-text maximum is not comparable with packed multi-modal samples.
     let max_ctx = match mm {
         Some(_) => None,
-        None => search::max_context(topo, model, &one).map(|x| x.0),
+        None => search::max_context_tokens(topo, model, &one),
     };
     let best = refine(topo, model, &res, req.context, mm)
         .into_iter()

@@ -438,15 +438,18 @@ fn fits(topo: &Topology, model: &ModelSpec, req: &Request, context: u64) -> bool
 }
 
 /// The largest context (a multiple of 2 x GPUs, so that every SP degree's zigzag chunks are
-/// whole) for which some candidate fits, with the best candidate there. Memory grows with
+/// whole) for which some candidate fits, with the best candidate there.
+pub fn max_context(topo: &Topology, model: &ModelSpec, req: &Request) -> Option<(u64, Scored)> {
+    let context = max_context_tokens(topo, model, req)?;
+    let best = search(topo, model, &at_context(req, context), None).ranked;
+    best.into_iter().next().map(|s| (context, s))
+}
+
+/// The largest context of [`max_context`] alone (no candidate costed). Memory grows with
 /// context for every candidate, so feasibility is monotone and a doubling then bisection
 /// finds it.
-pub fn max_context(topo: &Topology, model: &ModelSpec, req: &Request) -> Option<(u64, Scored)> {
+pub fn max_context_tokens(topo: &Topology, model: &ModelSpec, req: &Request) -> Option<u64> {
     let granule = 2 * u64::from(req.gpus);
-    let best_at = |k: u64| {
-        let r = at_context(req, k * granule);
-        search(topo, model, &r, None).ranked.into_iter().next()
-    };
     if !fits(topo, model, req, granule) {
         return None;
     }
@@ -455,7 +458,7 @@ pub fn max_context(topo: &Topology, model: &ModelSpec, req: &Request) -> Option<
         lo = hi;
         hi *= 2;
         if hi * granule > (1u64 << 40) {
-            return best_at(lo).map(|s| (lo * granule, s));
+            return Some(lo * granule);
         }
     }
     while hi - lo > 1 {
@@ -466,7 +469,7 @@ pub fn max_context(topo: &Topology, model: &ModelSpec, req: &Request) -> Option<
             hi = mid;
         }
     }
-    best_at(lo).map(|s| (lo * granule, s))
+    Some(lo * granule)
 }
 
 /// The fewest GPUs (whole nodes and NVLink domains, by doubling) on which the request fits.
@@ -652,7 +655,7 @@ pub fn no_plan_error_for(
     let memory = result.closest_memory_miss().is_some();
     if mm.is_some() {
         // The samples fix the context: a plain-text maximum would mislead.
-    } else if let Some((ctx, _)) = max_context(topo, model, req) {
+    } else if let Some(ctx) = max_context_tokens(topo, model, req) {
         msg += &format!(
             "; the largest context that fits on {} GPUs is {}",
             req.gpus,

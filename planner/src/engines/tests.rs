@@ -205,3 +205,34 @@ fn engine_names_parse_and_bad_names_say_what_is_expected() {
     let e = Engine::parse("nemo").unwrap_err().to_string();
     assert!(e.contains("--engine") && e.contains("mmsp-runtime"), "{e}");
 }
+
+/// Each profile's memory-only check agrees with its full search having a ranked candidate,
+/// below, at and above its largest context on 64 GPUs.
+#[test]
+fn any_fits_agrees_with_the_engine_search() {
+    let m = llama3();
+    let t = Topology::build(&ClusterSpec::load("dgx-h100").unwrap(), 64);
+    for p in profiles() {
+        let req = Request {
+            gpus: 64,
+            context: 0,
+            global_batch: Some(64),
+            recompute: None,
+            strategy: p.strategy,
+            pin: None,
+            zero: None,
+        };
+        let Some(max) = max_context(&p, &t, &m, &req) else {
+            continue;
+        };
+        for ctx in [max / 2, max, max + 128] {
+            let r = Request {
+                context: ctx,
+                ..req.clone()
+            };
+            let full = !search(&p, &t, &m, &r, None, 1.0).ranked.is_empty();
+            assert_eq!(any_fits(&p, &t, &m, &r), full, "{} at {ctx}", p.row);
+            assert_eq!(full, ctx <= max, "{} at {ctx}", p.row);
+        }
+    }
+}

@@ -50,6 +50,51 @@ fn batches_past_the_accumulation_bound_are_refused_at_the_nearest_boundary() {
     }
 }
 
+/// The largest context's memory-only check agrees with a full search having a ranked
+/// candidate, on both sides of the largest context and under pinned layouts and ZeRO stages;
+/// max_context's candidate is the full search's best at that context.
+#[test]
+fn max_context_check_agrees_with_the_full_search() {
+    for (gpus, pin, zero) in [
+        (8, None, None),
+        (64, None, Some(3)),
+        (
+            16,
+            Some(LayoutPin {
+                ulysses: 8,
+                ring: 2,
+            }),
+            None,
+        ),
+    ] {
+        let (t, m) = h100(gpus);
+        let r = Request {
+            pin,
+            zero,
+            ..req(gpus, 0)
+        };
+        let (max, best) = max_context(&t, &m, &r).unwrap();
+        assert_eq!(max_context_tokens(&t, &m, &r), Some(max));
+        for ctx in [
+            max / 4,
+            max - 2 * u64::from(gpus),
+            max,
+            max + 2 * u64::from(gpus),
+            2 * max,
+        ] {
+            let full = search(&t, &m, &at_context(&r, ctx), None);
+            assert_eq!(
+                fits(&t, &m, &r, ctx),
+                full.best().is_some(),
+                "{gpus} GPUs at {ctx}"
+            );
+            if ctx == max {
+                assert_eq!(full.best().unwrap().candidate, best.candidate);
+            }
+        }
+    }
+}
+
 #[test]
 fn default_batch_is_four_million_tokens() {
     assert_eq!(default_global_batch(2 << 20), 2);
