@@ -9,7 +9,8 @@
 //!
 //! Reproducible: the seed is fixed (`MMSP_FUZZ_SEED` changes it). `MMSP_FUZZ_CASES` sets the
 //! cases per input class (default 40: 240 runs, about 30 s in the debug build on 2 busy cores);
-//! `MMSP_FUZZ_VERBOSE=1` prints every case;
+//! `MMSP_FUZZ_VERBOSE=1` prints every case; `MMSP_FUZZ_REPORT=file.json` writes the counts and
+//! worst time per class (planner/bench/results/fuzz.json);
 //! `MMSP_FUZZ_BOUND_S` the time bound (default 60 s in debug builds (where `compare --gpus 65536`, six engines searched, takes 15-20 s on two loaded cores), 5 s in release). A long
 //! local session: `MMSP_FUZZ_CASES=1000 cargo test --release -p mmsp-planner --test fuzz --
 //! --nocapture` prints per class the count, refusals, answers and worst time.
@@ -655,6 +656,9 @@ fn mutated_inputs_never_panic_hang_or_answer_garbage() {
             t.cases, t.refusals, t.answers, t.worst_s, t.worst_args
         );
     }
+    if let Some(path) = std::env::var_os("MMSP_FUZZ_REPORT") {
+        write_report(Path::new(&path), seed, cases, bound, &tally, failures.len());
+    }
     if failures.is_empty() {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -665,6 +669,40 @@ fn mutated_inputs_never_panic_hang_or_answer_garbage() {
         dir.display(),
         failures.join("\n")
     );
+}
+
+/// The campaign's counts per input class as JSON (`MMSP_FUZZ_REPORT`), for the bench results.
+fn write_report(
+    path: &Path,
+    seed: u64,
+    cases: usize,
+    bound: Duration,
+    tally: &BTreeMap<&str, Tally>,
+    failures: usize,
+) {
+    let classes: serde_json::Map<String, Value> = tally
+        .iter()
+        .map(|(class, t)| {
+            let v = serde_json::json!({
+                "cases": t.cases,
+                "refused_exit_2": t.refusals,
+                "answered_exit_0": t.answers,
+                "worst_s": (t.worst_s * 1000.0).round() / 1000.0,
+                "worst_args": t.worst_args,
+            });
+            (class.to_string(), v)
+        })
+        .collect();
+    let report = serde_json::json!({
+        "seed": seed,
+        "cases_per_class": cases,
+        "bound_s": bound.as_secs(),
+        "release_build": !cfg!(debug_assertions),
+        "failures": failures,
+        "classes": classes,
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&report).unwrap() + "\n")
+        .expect("write the fuzz report");
 }
 
 /// The inputs the fuzz test found faults with (issue 17), each refused with exit code 2 in
