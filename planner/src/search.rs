@@ -472,7 +472,11 @@ pub fn max_context_tokens(topo: &Topology, model: &ModelSpec, req: &Request) -> 
     Some(lo * granule)
 }
 
-/// The fewest GPUs (whole nodes and NVLink domains, by doubling) on which the request fits.
+/// The most GPUs a request may name (`--gpus`), and the most the fewest-GPUs search tries.
+pub const MAX_GPUS: u32 = 65536;
+
+/// The fewest GPUs (whole nodes and NVLink domains, by doubling, at most [`MAX_GPUS`]) on
+/// which the request fits.
 pub fn fewest_gpus(cluster: &ClusterSpec, model: &ModelSpec, req: &Request) -> Option<u32> {
     fewest_gpus_for(cluster, model, req, None)
 }
@@ -486,8 +490,11 @@ pub fn fewest_gpus_for(
     mm: Option<&MultiModal>,
 ) -> Option<u32> {
     let mut gpus = req.gpus.max(cluster.gpus_per_node);
-    while gpus <= 65536 {
-        gpus *= 2;
+    loop {
+        gpus = gpus.saturating_mul(2);
+        if gpus > MAX_GPUS {
+            return None;
+        }
         if cluster.check_gpus(u64::from(gpus)).is_err() {
             continue;
         }
@@ -502,7 +509,6 @@ pub fn fewest_gpus_for(
             return Some(gpus);
         }
     }
-    None
 }
 
 /// Explains, in words, why a feasible plan is not the fastest: the component of its step time
@@ -674,8 +680,12 @@ pub fn no_plan_error_for(
     }
     match fewest_gpus_for(&topo.spec, model, req, mm) {
         Some(g) => msg += &format!("; {g} GPUs would fit {}", fmt_tokens(req.context)),
-        None if memory => msg += "; no cluster size up to 65536 GPUs fits it",
-        None => msg += "; no cluster size up to 65536 GPUs plans it with this batch and strategy",
+        None if memory => msg += &format!("; no cluster size up to {MAX_GPUS} GPUs fits it"),
+        None => {
+            msg += &format!(
+                "; no cluster size up to {MAX_GPUS} GPUs plans it with this batch and strategy"
+            )
+        }
     }
     Error::NoFeasiblePlan(msg)
 }

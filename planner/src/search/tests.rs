@@ -95,6 +95,20 @@ fn max_context_check_agrees_with_the_full_search() {
     }
 }
 
+/// The fewest-GPUs search names no size over the 65536 GPUs a request may name: 4600M tokens
+/// fit only past it (the fuzz test's manifest of 2^32 - 1 text tokens was told "131072 GPUs
+/// would fit"), 4000M on 65536.
+#[test]
+fn fewest_gpus_stop_at_the_largest_request() {
+    let (t, m) = h100(128);
+    let one = |context| Request {
+        global_batch: Some(1),
+        ..req(128, context)
+    };
+    assert_eq!(fewest_gpus(&t.spec, &m, &one(4000 * MI)), Some(MAX_GPUS));
+    assert_eq!(fewest_gpus(&t.spec, &m, &one(4600 * MI)), None);
+}
+
 #[test]
 fn default_batch_is_four_million_tokens() {
     assert_eq!(default_global_batch(2 << 20), 2);
