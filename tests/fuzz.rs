@@ -709,8 +709,8 @@ fn write_report(
 /// well under the bound: a context of "1e-308K" (a campaign divided by zero), 2^64 - 1 frames
 /// in a sample and 2^32 - 1 frames per campaign sample (capacity overflow, a 34 GB
 /// allocation), a frame 2^32 - 1 pixels tall (24 s), 1e-308 GB/s links ("inf" step times),
-/// 2^32 - 1 NICs per node (an abort on memory), a frame of 1 x 448 pixels (no patch: 32 s)
-/// and
+/// 2^32 - 1 NICs per node (an abort on memory), a frame of 1 x 448 pixels (no patch: 32 s),
+/// a sample of 2^32 - 1 text tokens (told "131072 GPUs would fit", past what --gpus takes) and
 /// a 1e308 GB/s calibration point ("NaN" step times).
 #[test]
 fn inputs_the_fuzz_test_found_are_refused() {
@@ -746,6 +746,10 @@ fn inputs_the_fuzz_test_found_are_refused() {
         {
             let m = samples.replacen("[448, 448]", "[1, 448]", 1);
             s(&["plan", "--gpus", "128", "--samples", &write("h.jsonl", m)])
+        },
+        {
+            let m = samples.replacen("\"text_tokens\": 817", "\"text_tokens\": 4294967295", 1);
+            s(&["plan", "--gpus", "128", "--samples", &write("i.jsonl", m)])
         },
         {
             let t = topo.replacen("gbps_per_gpu = 900.0", "gbps_per_gpu = 1e-308", 1);
@@ -791,6 +795,8 @@ fn inputs_the_fuzz_test_found_are_refused() {
     for (k, args) in cases.iter().enumerate() {
         let o = run(args, &dir, Duration::from_secs(20));
         assert_eq!(fault(&o, ""), None, "case {k}: {args:?}: {}", o.stderr);
+        // No suggestion past the 65536 GPUs a request may name (the 2^32 - 1 text tokens).
+        assert!(!o.stderr.contains("131072"), "case {k}: {}", o.stderr);
         // The calibration's absurd points (the last case) are skipped like failed
         // measurements (a plan); every other input is refused.
         let expect = if k + 1 == cases.len() { 0 } else { 2 };
