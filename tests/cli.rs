@@ -650,6 +650,45 @@ fn plan_calibration_memory_bandwidth() {
     insta::assert_snapshot!(err);
 }
 
+/// Issue 17: a batch of more sequences than 1024 accumulation steps of the largest micro-batch
+/// on every GPU is refused with the nearest accepted requests (the 4M-token default at 16 tokens
+/// is 262,144 sequences), in `plan` and `compare`; the nearest requests named are planned.
+#[test]
+fn batches_of_too_many_sequences_are_refused() {
+    let all: Vec<String> = [
+        &["plan", "--gpus", "8", "--context", "16"][..],
+        &["compare", "--gpus", "8", "--context", "16"],
+        &[
+            "plan",
+            "--gpus",
+            "8",
+            "--context",
+            "128K",
+            "--global-batch",
+            "1000000",
+        ],
+    ]
+    .iter()
+    .map(|a| fails(a))
+    .collect();
+    for ok in [
+        &["plan", "--gpus", "8", "--context", "33"][..],
+        &[
+            "plan",
+            "--gpus",
+            "8",
+            "--context",
+            "16",
+            "--global-batch",
+            "65536",
+        ],
+    ] {
+        let (code, _, err) = mmsp(ok);
+        assert_eq!(code, 0, "{ok:?}: {err}");
+    }
+    insta::assert_snapshot!(all.join("\n"));
+}
+
 #[test]
 fn contexts_that_do_not_divide_are_padded_not_refused() {
     // 1M = 2^20 tokens on an NVL72 rack: no SP degree dividing 72 GPUs and 2^20 / 2 at once

@@ -9,7 +9,8 @@
 //!
 //! Reproducible: the seed is fixed (`MMSP_FUZZ_SEED` changes it). `MMSP_FUZZ_CASES` sets the
 //! cases per input class (default 40: 240 runs, about 30 s in the debug build on 2 busy cores);
-//! `MMSP_FUZZ_VERBOSE=1` prints every case;
+//! `MMSP_FUZZ_VERBOSE=1` prints every case; `MMSP_FUZZ_REPORT=file.json` writes the counts and
+//! worst time per class (planner/bench/results/fuzz.json);
 //! `MMSP_FUZZ_BOUND_S` the time bound (default 60 s in debug builds (where `compare --gpus 65536`, six engines searched, takes 15-20 s on two loaded cores), 5 s in release). A long
 //! local session: `MMSP_FUZZ_CASES=1000 cargo test --release -p mmsp-planner --test fuzz --
 //! --nocapture` prints per class the count, refusals, answers and worst time.
@@ -655,6 +656,9 @@ fn mutated_inputs_never_panic_hang_or_answer_garbage() {
             t.cases, t.refusals, t.answers, t.worst_s, t.worst_args
         );
     }
+    if let Some(path) = std::env::var_os("MMSP_FUZZ_REPORT") {
+        write_report(Path::new(&path), seed, cases, bound, &tally, failures.len());
+    }
     if failures.is_empty() {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -667,12 +671,46 @@ fn mutated_inputs_never_panic_hang_or_answer_garbage() {
     );
 }
 
+/// The campaign's counts per input class as JSON (`MMSP_FUZZ_REPORT`), for the bench results.
+fn write_report(
+    path: &Path,
+    seed: u64,
+    cases: usize,
+    bound: Duration,
+    tally: &BTreeMap<&str, Tally>,
+    failures: usize,
+) {
+    let classes: serde_json::Map<String, Value> = tally
+        .iter()
+        .map(|(class, t)| {
+            let v = serde_json::json!({
+                "cases": t.cases,
+                "refused_exit_2": t.refusals,
+                "answered_exit_0": t.answers,
+                "worst_s": (t.worst_s * 1000.0).round() / 1000.0,
+                "worst_args": t.worst_args,
+            });
+            (class.to_string(), v)
+        })
+        .collect();
+    let report = serde_json::json!({
+        "seed": seed,
+        "cases_per_class": cases,
+        "bound_s": bound.as_secs(),
+        "release_build": !cfg!(debug_assertions),
+        "failures": failures,
+        "classes": classes,
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&report).unwrap() + "\n")
+        .expect("write the fuzz report");
+}
+
 /// The inputs the fuzz test found faults with (issue 17), each refused with exit code 2 in
 /// well under the bound: a context of "1e-308K" (a campaign divided by zero), 2^64 - 1 frames
 /// in a sample and 2^32 - 1 frames per campaign sample (capacity overflow, a 34 GB
 /// allocation), a frame 2^32 - 1 pixels tall (24 s), 1e-308 GB/s links ("inf" step times),
-/// 2^32 - 1 NICs per node (an abort on memory), a frame of 1 x 448 pixels (no patch: 32 s)
-/// and
+/// 2^32 - 1 NICs per node (an abort on memory), a frame of 1 x 448 pixels (no patch: 32 s),
+/// a sample of 2^32 - 1 text tokens (told "131072 GPUs would fit", past what --gpus takes) and
 /// a 1e308 GB/s calibration point ("NaN" step times).
 #[test]
 fn inputs_the_fuzz_test_found_are_refused() {
@@ -708,6 +746,10 @@ fn inputs_the_fuzz_test_found_are_refused() {
         {
             let m = samples.replacen("[448, 448]", "[1, 448]", 1);
             s(&["plan", "--gpus", "128", "--samples", &write("h.jsonl", m)])
+        },
+        {
+            let m = samples.replacen("\"text_tokens\": 817", "\"text_tokens\": 4294967295", 1);
+            s(&["plan", "--gpus", "128", "--samples", &write("i.jsonl", m)])
         },
         {
             let t = topo.replacen("gbps_per_gpu = 900.0", "gbps_per_gpu = 1e-308", 1);
@@ -753,6 +795,8 @@ fn inputs_the_fuzz_test_found_are_refused() {
     for (k, args) in cases.iter().enumerate() {
         let o = run(args, &dir, Duration::from_secs(20));
         assert_eq!(fault(&o, ""), None, "case {k}: {args:?}: {}", o.stderr);
+        // No suggestion past the 65536 GPUs a request may name (the 2^32 - 1 text tokens).
+        assert!(!o.stderr.contains("131072"), "case {k}: {}", o.stderr);
         // The calibration's absurd points (the last case) are skipped like failed
         // measurements (a plan); every other input is refused.
         let expect = if k + 1 == cases.len() { 0 } else { 2 };

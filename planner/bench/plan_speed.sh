@@ -4,7 +4,9 @@
 # median and worst wall-clock and user-CPU seconds and the target it is held to.
 #   bash planner/bench/plan_speed.sh            # builds the release binary first
 #   MMSP=path/to/mmsp REPEAT=9 bash planner/bench/plan_speed.sh
-# Wall time includes waiting for a CPU: on a loaded machine compare user seconds.
+# Wall time includes waiting for a CPU: on a loaded machine compare user seconds. "On 2 cores"
+# (issue 17's targets): `taskset -c 0,1 bash planner/bench/plan_speed.sh` (compare runs its
+# engines' rows on as many threads as it may use).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [[ -z "${MMSP:-}" ]]; then
@@ -13,17 +15,28 @@ if [[ -z "${MMSP:-}" ]]; then
 fi
 REPEAT="${REPEAT:-5}"
 TIMEFORMAT='%R %U'
+# Sample manifests that fit only on many GPUs: the shipped one with each sample's frames x 60
+# (fits on 8192 GPUs) and one sample of 2^20 frames (the most a sample may hold; 16384 GPUs).
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+awk -F'"frames": ' '{split($2, a, ","); print $1 "\"frames\": " a[1] * 60 substr($2, length(a[1]) + 1)}' \
+  examples/samples.jsonl >"$tmp/x60.jsonl"
+sed '1s/"frames": [0-9]*/"frames": 1048576/' examples/samples.jsonl >"$tmp/big.jsonl"
 # target seconds | arguments
 cases=(
   "0.01|plan --gpus 256 --context 2M"
   "0.1|plan --gpus 4096 --context 16M"
   "1|plan --gpus 65536 --context 128K"
+  "1|compare --gpus 65536 --context 128K"
   "2|compare --gpus 256 --context 2M"
+  "2|compare --gpus 65536 --context 1M"
   "2|plan --gpus 65536 --context 16"
-  "2|plan --gpus 8 --context 128K --global-batch 1000000"
+  "2|plan --gpus 8 --context 16"
+  "2|plan --gpus 8 --context 128K --global-batch 65536"
   "2|plan --gpus 65536 --max-context"
   "2|plan --gpus 65520 --topology gb200-nvl72 --context 1M"
-  "2|compare --gpus 65536 --context 128K"
+  "2|plan --gpus 128 --samples $tmp/x60.jsonl"
+  "2|plan --gpus 128 --samples $tmp/big.jsonl"
 )
 for c in "${cases[@]}"; do
   target="${c%%|*}"

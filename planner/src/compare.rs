@@ -35,36 +35,12 @@ pub fn refine(
     mm: Option<&MultiModal>,
 ) -> Vec<(Scored, f64)> {
     // With samples, each candidate at its layout's padded context.
-    // The analytically best candidate of each of the first few distinct layouts: near-ties
-    // of one layout (ZeRO stage, micro-batch) would otherwise crowd out the alternatives.
-    let mut layouts = Vec::new();
-    let firsts: Vec<&Scored> = result
-        .ranked
-        .iter()
-        .filter(|s| {
-            let new = !layouts.contains(&s.candidate.layout);
-            if new {
-                layouts.push(s.candidate.layout);
-            }
-            new
-        })
-        .take(REFINE_TOP)
-        .collect();
+    let firsts = first_of_each_layout(result.ranked.iter(), |s| s.candidate.layout);
     let mut out: Vec<(Scored, f64)> = firsts
         .into_iter()
         .filter_map(|s| {
             let c = &s.candidate;
-            let context = search::candidate_context(context, mm, &c.layout);
-            let vision = match mm {
-                Some(mm) => Some(mm.stage(topo, model, &c.layout, context).ok()?),
-                None => None,
-            };
-            let w = Workload {
-                model,
-                context,
-                global_batch: result.global_batch,
-                vision,
-            };
+            let w = workload_of(topo, model, context, result.global_batch, mm, &c.layout)?;
             let t = terms(topo, &w, c).ok()?;
             // A step the simulator cannot complete is not a candidate.
             Some((s.clone(), simulate(topo, &t, true).ok()?.step_time_s))
@@ -72,6 +48,49 @@ pub fn refine(
         .collect();
     out.sort_by(|a, b| a.1.total_cmp(&b.1));
     out
+}
+
+/// The analytically best of each of the first [`REFINE_TOP`] distinct layouts of `ranked`
+/// (fastest first): near-ties of one layout (ZeRO stage, micro-batch) would otherwise crowd
+/// out the alternatives.
+pub fn first_of_each_layout<T>(
+    ranked: impl Iterator<Item = T>,
+    layout: impl Fn(&T) -> Layout,
+) -> Vec<T> {
+    let mut layouts = Vec::new();
+    ranked
+        .filter(|x| {
+            let new = !layouts.contains(&layout(x));
+            if new {
+                layouts.push(layout(x));
+            }
+            new
+        })
+        .take(REFINE_TOP)
+        .collect()
+}
+
+/// A candidate's workload: the request's context as its layout runs it (padded; with samples,
+/// theirs) with its vision stage, `None` where the stage cannot run.
+fn workload_of<'m>(
+    topo: &Topology,
+    model: &'m ModelSpec,
+    context: u64,
+    global_batch: u64,
+    mm: Option<&MultiModal>,
+    layout: &Layout,
+) -> Option<Workload<'m>> {
+    let context = search::candidate_context(context, mm, layout);
+    let vision = match mm {
+        Some(mm) => Some(mm.stage(topo, model, layout, context).ok()?),
+        None => None,
+    };
+    Some(Workload {
+        model,
+        context,
+        global_batch,
+        vision,
+    })
 }
 
 /// One strategy's row in a comparison.
@@ -123,7 +142,7 @@ fn runtime_outcome(
     model: &ModelSpec,
     req: &Request,
     mm: Option<&MultiModal>,
-) -> (Result<(Scored, f64), String>, Option<u64>, u64) {
+) -> (Result<(Scored, f64), String>, Option<u64>) {
     let res = search::search(topo, model, req, mm);
     let one = Request {
         global_batch: Some(1),
@@ -132,7 +151,7 @@ fn runtime_outcome(
     // A plain-text maximum is not comparable with packed multi-modal samples.
     let max_ctx = match mm {
         Some(_) => None,
-        None => search::max_context(topo, model, &one).map(|x| x.0),
+        None => search::max_context_tokens(topo, model, &one),
     };
     let best = refine(topo, model, &res, req.context, mm)
         .into_iter()
@@ -141,7 +160,7 @@ fn runtime_outcome(
             let e = search::no_plan_error_for(topo, model, req, &res, mm).to_string();
             e.split_once(": ").map_or(e.clone(), |x| x.1.to_string())
         });
-    (best, max_ctx, res.global_batch)
+    (best, max_ctx)
 }
 
 /// Another engine's row: its profile's search, the simulator's refinement, its max context.
@@ -203,6 +222,42 @@ fn engine_no_plan(res: &engines::EngineSearch) -> String {
     }
 }
 
+/// `f` of every item, in order, on as many threads as the machine runs at once (at most one
+/// per item), each taking the next item left: the rows of a comparison are independent, and
+/// their shared caches (the topology's collective costs, the vision stages) hold pure values,
+/// so the answer is the same on any number of threads.
+fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(items.len());
+    if threads <= 1 {
+        return items.iter().map(&f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut done: Vec<(usize, R)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        mine.push((i, f(item)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    done.sort_by_key(|x| x.0);
+    done.into_iter().map(|x| x.1).collect()
+}
+
 /// Runs every strategy of the selected engines on the same model, topology and request.
 /// With `mm`, every strategy plans the same multi-modal samples (both MM-SP stages costed).
 pub fn compare(
@@ -212,31 +267,34 @@ pub fn compare(
     mm: Option<&MultiModal>,
     selected: &[Engine],
 ) -> Comparison {
-    let mut outcomes: Vec<Outcome> = Vec::new();
-    let mut global_batch = base
+    let global_batch = base
         .global_batch
         .unwrap_or_else(|| search::default_global_batch(base.context));
-    for profile in engines::profiles() {
-        if !selected.contains(&profile.engine) {
-            continue;
-        }
+    let profiles: Vec<Profile> = engines::profiles()
+        .into_iter()
+        .filter(|p| selected.contains(&p.engine))
+        .collect();
+    let outcome = |profile: &Profile| {
         let req = Request {
             strategy: profile.strategy,
             ..base.clone()
         };
         let (best, max_context) = if profile.engine == Engine::MmspRuntime {
-            let (b, m, gb) = runtime_outcome(topo, model, &req, mm);
-            global_batch = gb;
-            (b, m)
+            runtime_outcome(topo, model, &req, mm)
         } else {
-            engine_outcome(&profile, topo, model, &req, mm)
+            engine_outcome(profile, topo, model, &req, mm)
         };
-        outcomes.push(Outcome {
-            profile,
+        Outcome {
+            profile: profile.clone(),
             best,
             max_context,
-        });
-    }
+        }
+    };
+    // The first row (2d: every Ulysses x ring split) alone, then the others on the threads:
+    // its search prices most of the group families the others look up, which threads starting
+    // together would each price again.
+    let mut outcomes: Vec<Outcome> = profiles.first().map(outcome).into_iter().collect();
+    outcomes.extend(in_parallel(profiles.get(1..).unwrap_or_default(), outcome));
     let reference = outcomes
         .iter()
         .find(|o| o.profile.engine == Engine::MmspRuntime && o.profile.strategy == Strategy::TwoD)
@@ -471,17 +529,14 @@ pub fn traces(
                 recompute: row.recompute?,
                 micro_batch: row.micro_batch?,
             };
-            let context = search::candidate_context(cmp.context_tokens, mm, &c.layout);
-            let vision = match mm {
-                Some(mm) => Some(mm.stage(topo, model, &c.layout, context).ok()?),
-                None => None,
-            };
-            let w = Workload {
+            let w = workload_of(
+                topo,
                 model,
-                context,
-                global_batch: cmp.global_batch,
-                vision,
-            };
+                cmp.context_tokens,
+                cmp.global_batch,
+                mm,
+                &c.layout,
+            )?;
             // Another engine's row is replayed with its profile's terms.
             let profile = engines::profiles()
                 .into_iter()

@@ -560,6 +560,7 @@ fn compare(a: CompareArgs) -> Result<()> {
         pin: None,
         zero: None,
     };
+    search::check_batch(&req)?;
     let selected = match &a.engine {
         Some(e) => Engine::parse_list(e)?,
         None => Engine::ALL.to_vec(),

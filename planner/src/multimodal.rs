@@ -310,8 +310,39 @@ impl MultiModal {
             .unwrap_or_default()
     }
 
+    /// A lower bound of the vision stage's memory on a layout, without balancing a frame:
+    /// `memory_bytes` is the encoder activations of the mean rank's frames, ceil(F / sp) of the
+    /// F frames (stage 1 gives every frame to one of the sp = ulysses x ring ranks, so the
+    /// busiest holds at least the mean, and [`Self::stage`] counts the busiest's frames, each at
+    /// the same bytes); `states_bytes` is the encoder's states exactly (they do not depend on the
+    /// layout). Every time is 0 and the attention scale 1: only the memory check may use it.
+    /// The fewest-GPUs search rules a candidate out on it before costing the stage, whose
+    /// balancing over tens of thousands of ranks made a large manifest's refusal take seconds.
+    pub fn stage_memory_floor(&self, model: &ModelSpec, layout: &Layout) -> VisionStage {
+        let frames: u64 = self.samples.iter().map(|s| s.frames).sum();
+        let per_rank = frames.div_ceil(u64::from(layout.sp().max(1)));
+        VisionStage {
+            memory_bytes: self.activation_bytes_of(per_rank as f64),
+            states_bytes: self.encoder_states_bytes(self.encoder_params(model)),
+            attention_scale: 1.0,
+            ..VisionStage::default()
+        }
+    }
+
     /// Activation bytes of the encoder on the rank with the most frames.
     fn encoder_activation_bytes(&self, b: &TwoStageBalance) -> f64 {
+        let frames_max = b
+            .frames
+            .frames_per_rank
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0) as f64;
+        self.activation_bytes_of(frames_max)
+    }
+
+    /// Activation bytes of the encoder on a rank of `frames_max` frames.
+    fn activation_bytes_of(&self, frames_max: f64) -> f64 {
         let v = &self.vision;
         let arch = ActivationArch {
             hidden: v.hidden_size as f64,
@@ -323,13 +354,6 @@ impl MultiModal {
             dropout: false,
             flash: true,
         };
-        let frames_max = b
-            .frames
-            .frames_per_rank
-            .iter()
-            .map(Vec::len)
-            .max()
-            .unwrap_or(0) as f64;
         let patches = v.patches(None) as f64;
         // A frozen encoder keeps nothing for backward but one layer's working set; a trained one
         // keeps all its activations (the runtime's encoder runs under plain autograd, with no
@@ -649,6 +673,60 @@ mod tests {
             encoder_time(&t.spec, &v, m.hidden_size, &[], true),
             EncoderTime::default()
         );
+    }
+
+    /// The stage's memory floor never exceeds the stage costed: on every SP degree of 16 GPUs,
+    /// uneven samples (odd frame counts, mixed resolutions), trained and frozen; and with it the
+    /// candidate's whole memory stays at or below the memory with the stage.
+    #[test]
+    fn stage_memory_floor_is_a_lower_bound() {
+        let c = ClusterSpec::load("dgx-h100").unwrap();
+        let t = Topology::build(&c, 16);
+        let m = ModelSpec::load("llama3-8b").unwrap();
+        let samples = vec![
+            Sample::uniform(33, 700),
+            Sample {
+                resolution: Some((224, 224)),
+                ..Sample::uniform(7, 90)
+            },
+            Sample::uniform(1, 5),
+        ];
+        for train in [true, false] {
+            let v = VisionSpec::preset("siglip-so400m").unwrap();
+            let mm = MultiModal::new(v, samples.clone(), train).unwrap();
+            for (u, r) in [(1, 1), (1, 2), (2, 1), (2, 4), (4, 4), (8, 2), (1, 16)] {
+                let layout = Layout {
+                    ulysses: u,
+                    ring: r,
+                    dp: 16 / (u * r),
+                    ..LAYOUT
+                };
+                let ctx = mm.context_for(layout.sp());
+                let full = mm.stage(&t, &m, &layout, ctx).unwrap();
+                let floor = mm.stage_memory_floor(&m, &layout);
+                assert!(floor.memory_bytes > 0.0 && floor.memory_bytes <= full.memory_bytes);
+                assert_eq!(floor.states_bytes, full.states_bytes);
+                let c = crate::cost::Candidate {
+                    layout,
+                    zero_stage: 3,
+                    recompute: Recompute::None,
+                    micro_batch: 1,
+                };
+                let w = |vision| crate::cost::Workload {
+                    model: &m,
+                    context: ctx,
+                    global_batch: u64::from(layout.dp),
+                    vision: Some(vision),
+                };
+                let mem = |vision| {
+                    crate::cost::terms_any_memory(&t, &w(vision), &c)
+                        .unwrap()
+                        .memory
+                        .total_bytes
+                };
+                assert!(mem(floor) <= mem(full), "{u}x{r} train {train}");
+            }
+        }
     }
 
     /// The runtime keeps the encoder's fp32 weights, gradients and AdamW moments on every rank

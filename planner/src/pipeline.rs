@@ -17,7 +17,8 @@ pub struct Planned {
     pub best: Scored,
 }
 
-/// Plans a training request on `topo` (named `topology` in the plan). No feasible candidate
+/// Plans a training request on `topo` (named `topology` in the plan). A batch of more
+/// sequences than the search plans is refused ([`search::check_batch`]); no feasible candidate
 /// is [`crate::Error::NoFeasiblePlan`] naming why and the nearest alternative.
 pub fn plan_training(
     topo: &Topology,
@@ -26,6 +27,7 @@ pub fn plan_training(
     req: &Request,
     mm: Option<&MultiModal>,
 ) -> Result<Planned> {
+    search::check_batch(req)?;
     let result = search::search(topo, model, req, mm);
     let Some(analytic_best) = result.best() else {
         return Err(search::no_plan_error_for(topo, model, req, &result, mm));

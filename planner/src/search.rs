@@ -104,6 +104,58 @@ pub fn default_global_batch(context: u64) -> u64 {
     1 << (63 - seqs.leading_zeros())
 }
 
+/// The largest micro-batch the search tries (sequences per GPU per forward and backward).
+pub const MAX_MICRO_BATCH: u32 = 8;
+
+/// The most gradient-accumulation steps a planned step may take at [`MAX_MICRO_BATCH`] on every
+/// GPU: 1024, so at most 8192 sequences per GPU per optimizer step. Llama 3's 4M-token batch
+/// (Llama Team 2024, Sec. 3.4.1) at its shortest 8K context is 512 sequences, 64 per GPU on 8
+/// GPUs; a step of more than a thousand accumulation steps of the largest micro-batch is not a
+/// long-context training step (the contexts that need it are a few tokens long, far below any
+/// sequence-parallel degree's use) and its plan would be the accumulation loop alone.
+pub const MAX_ACCUMULATION_STEPS: u64 = 1024;
+
+/// Refuses a request whose global batch (given or the 4M-token default,
+/// [`default_global_batch`]) holds more sequences than `gpus` x [`MAX_MICRO_BATCH`] x
+/// [`MAX_ACCUMULATION_STEPS`], naming the nearest accepted requests: the longest such batch,
+/// and (for the default batch) the shortest context whose default batch is accepted.
+pub fn check_batch(req: &Request) -> Result<()> {
+    let most = u64::from(req.gpus) * u64::from(MAX_MICRO_BATCH) * MAX_ACCUMULATION_STEPS;
+    let batch = req
+        .global_batch
+        .unwrap_or_else(|| default_global_batch(req.context));
+    if batch <= most {
+        return Ok(());
+    }
+    let steps = batch.div_ceil(u64::from(req.gpus) * u64::from(MAX_MICRO_BATCH));
+    let head = format!(
+        "a global batch of {batch} sequences of {} tokens on {} GPUs takes {steps} accumulation \
+         steps of {MAX_MICRO_BATCH} sequences per GPU, over the {MAX_ACCUMULATION_STEPS} planned \
+         ({most} sequences at most)",
+        fmt_tokens(req.context),
+        req.gpus
+    );
+    let msg = match req.global_batch {
+        Some(_) => format!("{head}; the nearest accepted request is --global-batch {most}"),
+        None => {
+            // The default batch is 4M tokens rounded down to a power of two sequences: it is at
+            // most `most` once 4M / context is below the power of two above `most`.
+            let above = 2u64 << (63 - most.leading_zeros());
+            let context = 4 * MI / above + 1;
+            format!(
+                "{head}: the 4M-token default batch is not for {}-token contexts; the nearest \
+                 accepted requests are --context {context} or --global-batch {most}",
+                req.context
+            )
+        }
+    };
+    let what = match req.global_batch {
+        Some(_) => "--global-batch",
+        None => "--context",
+    };
+    Err(Error::invalid(what, msg))
+}
+
 fn divisors(n: u32) -> Vec<u32> {
     (1..=n).filter(|d| n.is_multiple_of(*d)).collect()
 }
@@ -261,9 +313,10 @@ pub fn search(
 }
 
 /// [`search`]; with `exact_misses = false` only whether some candidate fits is asked for: the
-/// search stops at the first that fits, and a candidate that does not fit in memory without
-/// its vision stage is ruled out without costing the stage (the stage only adds memory: its
-/// activations and encoder states; the memory a miss records is then a lower bound).
+/// search stops at the first that fits, and a candidate that does not fit in memory with the
+/// vision stage's memory floor ([`MultiModal::stage_memory_floor`]: the encoder's states and
+/// the mean rank's frames' activations, never more than the stage costed) is ruled out without
+/// costing the stage (the memory a miss records is then a lower bound).
 /// [`fewest_gpus_for`] uses it: costing the stage (its frame balancing over every rank) for
 /// every candidate of every doubling made a manifest of enormous frames take 24 s to refuse.
 fn search_with(
@@ -292,7 +345,12 @@ fn search_with(
             && global_batch.is_multiple_of(u64::from(c.layout.dp) * u64::from(c.micro_batch));
         if let (Some(mm), true) = (mm, runnable) {
             if !exact_misses {
-                if let Err(e @ Infeasible::Memory { .. }) = evaluate(topo, &w, &c) {
+                // The stage's memory floor: a candidate it rules out cannot fit with the stage.
+                let floor = Workload {
+                    vision: Some(mm.stage_memory_floor(model, &c.layout)),
+                    ..w.clone()
+                };
+                if let Err(e @ Infeasible::Memory { .. }) = crate::cost::terms(topo, &floor, &c) {
                     infeasible.push((c, e));
                     continue;
                 }
@@ -345,46 +403,75 @@ pub fn candidate_context(context: u64, mm: Option<&MultiModal>, layout: &Layout)
     mm.map_or(context.div_ceil(zig) * zig, |m| m.context_for(layout.sp()))
 }
 
-/// Whether any candidate fits `context` on the topology (memory check only, global batch 1
-/// unless given).
-fn fits(topo: &Topology, model: &ModelSpec, req: &Request, context: u64) -> Option<Scored> {
-    let r = Request {
+/// The request at `context` tokens with global batch 1 unless given (what a maximum context
+/// is asked for).
+fn at_context(req: &Request, context: u64) -> Request {
+    Request {
         context,
         global_batch: Some(req.global_batch.unwrap_or(1)),
         ..req.clone()
-    };
-    search(topo, model, &r, None).ranked.into_iter().next()
+    }
+}
+
+/// Whether any candidate fits `context` on the topology: [`crate::cost::terms`] only (the
+/// memory check and the layout's rules), stopping at the first that fits. Infeasibility is
+/// decided there, never by [`crate::cost::compose`], so this agrees with a full [`search`]
+/// having a ranked candidate, without pricing each layout's collectives (on 65536 GPUs each
+/// new group family is a pass over every rank's route).
+fn fits(topo: &Topology, model: &ModelSpec, req: &Request, context: u64) -> bool {
+    let r = at_context(req, context);
+    let global_batch = r.global_batch.unwrap_or(1);
+    enumerate(model, &topo.spec, &r).iter().any(|c| {
+        let w = Workload {
+            model,
+            context: candidate_context(context, None, &c.layout),
+            global_batch,
+            vision: None,
+        };
+        crate::cost::terms(topo, &w, c).is_ok()
+    })
 }
 
 /// The largest context (a multiple of 2 x GPUs, so that every SP degree's zigzag chunks are
-/// whole) for which some candidate fits, with that candidate. Memory grows with context for
-/// every candidate, so feasibility is monotone and a doubling then bisection finds it.
+/// whole) for which some candidate fits, with the best candidate there.
 pub fn max_context(topo: &Topology, model: &ModelSpec, req: &Request) -> Option<(u64, Scored)> {
+    let context = max_context_tokens(topo, model, req)?;
+    let best = search(topo, model, &at_context(req, context), None).ranked;
+    best.into_iter().next().map(|s| (context, s))
+}
+
+/// The largest context of [`max_context`] alone (no candidate costed). Memory grows with
+/// context for every candidate, so feasibility is monotone and a doubling then bisection
+/// finds it.
+pub fn max_context_tokens(topo: &Topology, model: &ModelSpec, req: &Request) -> Option<u64> {
     let granule = 2 * u64::from(req.gpus);
-    let mut lo_best = fits(topo, model, req, granule)?;
+    if !fits(topo, model, req, granule) {
+        return None;
+    }
     let (mut lo, mut hi) = (1u64, 2u64);
-    while let Some(s) = fits(topo, model, req, hi * granule) {
+    while fits(topo, model, req, hi * granule) {
         lo = hi;
-        lo_best = s;
         hi *= 2;
         if hi * granule > (1u64 << 40) {
-            return Some((lo * granule, lo_best));
+            return Some(lo * granule);
         }
     }
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
-        match fits(topo, model, req, mid * granule) {
-            Some(s) => {
-                lo = mid;
-                lo_best = s;
-            }
-            None => hi = mid,
+        if fits(topo, model, req, mid * granule) {
+            lo = mid;
+        } else {
+            hi = mid;
         }
     }
-    Some((lo * granule, lo_best))
+    Some(lo * granule)
 }
 
-/// The fewest GPUs (whole nodes and NVLink domains, by doubling) on which the request fits.
+/// The most GPUs a request may name (`--gpus`), and the most the fewest-GPUs search tries.
+pub const MAX_GPUS: u32 = 65536;
+
+/// The fewest GPUs (whole nodes and NVLink domains, by doubling, at most [`MAX_GPUS`]) on
+/// which the request fits.
 pub fn fewest_gpus(cluster: &ClusterSpec, model: &ModelSpec, req: &Request) -> Option<u32> {
     fewest_gpus_for(cluster, model, req, None)
 }
@@ -398,8 +485,11 @@ pub fn fewest_gpus_for(
     mm: Option<&MultiModal>,
 ) -> Option<u32> {
     let mut gpus = req.gpus.max(cluster.gpus_per_node);
-    while gpus <= 65536 {
-        gpus *= 2;
+    loop {
+        gpus = gpus.saturating_mul(2);
+        if gpus > MAX_GPUS {
+            return None;
+        }
         if cluster.check_gpus(u64::from(gpus)).is_err() {
             continue;
         }
@@ -414,7 +504,6 @@ pub fn fewest_gpus_for(
             return Some(gpus);
         }
     }
-    None
 }
 
 /// Explains, in words, why a feasible plan is not the fastest: the component of its step time
@@ -567,7 +656,7 @@ pub fn no_plan_error_for(
     let memory = result.closest_memory_miss().is_some();
     if mm.is_some() {
         // The samples fix the context: a plain-text maximum would mislead.
-    } else if let Some((ctx, _)) = max_context(topo, model, req) {
+    } else if let Some(ctx) = max_context_tokens(topo, model, req) {
         msg += &format!(
             "; the largest context that fits on {} GPUs is {}",
             req.gpus,
@@ -586,8 +675,12 @@ pub fn no_plan_error_for(
     }
     match fewest_gpus_for(&topo.spec, model, req, mm) {
         Some(g) => msg += &format!("; {g} GPUs would fit {}", fmt_tokens(req.context)),
-        None if memory => msg += "; no cluster size up to 65536 GPUs fits it",
-        None => msg += "; no cluster size up to 65536 GPUs plans it with this batch and strategy",
+        None if memory => msg += &format!("; no cluster size up to {MAX_GPUS} GPUs fits it"),
+        None => {
+            msg += &format!(
+                "; no cluster size up to {MAX_GPUS} GPUs plans it with this batch and strategy"
+            )
+        }
     }
     Error::NoFeasiblePlan(msg)
 }

@@ -6,6 +6,16 @@ fn llama3() -> ModelSpec {
     crate::spec::model::load("llama3-8b").unwrap()
 }
 
+/// One 32K-token sequence of `m`, text only.
+fn workload(m: &ModelSpec) -> Workload<'_> {
+    Workload {
+        model: m,
+        context: 32768,
+        global_batch: 1,
+        vision: None,
+    }
+}
+
 fn profile(row: &str) -> Profile {
     profiles().into_iter().find(|p| p.row == row).unwrap()
 }
@@ -85,12 +95,7 @@ fn fa2_engines_run_attention_at_the_measured_factor() {
     let cluster = ClusterSpec::load("dgx-h100").unwrap();
     let topo = Topology::build(&cluster, 8);
     let m = llama3();
-    let w = Workload {
-        model: &m,
-        context: 32768,
-        global_batch: 1,
-        vision: None,
-    };
+    let w = workload(&m);
     let c = candidate(8, 1, 1, 1, 3, Recompute::None);
     let rt = crate::cost::terms_any_memory(&topo, &w, &c).unwrap();
     let ds = evaluate(&profile("ds-ulysses"), &topo, &w, &c, 1.0).unwrap();
@@ -114,12 +119,7 @@ fn whole_layer_recompute_repeats_attention() {
     let cluster = ClusterSpec::load("dgx-h100").unwrap();
     let topo = Topology::build(&cluster, 8);
     let m = llama3();
-    let w = Workload {
-        model: &m,
-        context: 32768,
-        global_batch: 1,
-        vision: None,
-    };
+    let w = workload(&m);
     let p = profile("megatron-cp-tp");
     let none = evaluate(
         &p,
@@ -158,12 +158,7 @@ fn logits_per_engine() {
     let cluster = ClusterSpec::load("dgx-h100").unwrap();
     let topo = Topology::build(&cluster, 8);
     let m = llama3();
-    let w = Workload {
-        model: &m,
-        context: 32768,
-        global_batch: 1,
-        vision: None,
-    };
+    let w = workload(&m);
     let c = candidate(1, 4, 1, 2, 1, Recompute::None);
     let mc = evaluate(&profile("megatron-cp-tp"), &topo, &w, &c, 1.0).unwrap();
     assert_eq!(mc.estimate.memory.logits_bytes, 8192.0 * 64128.0 * 6.0);
@@ -209,4 +204,35 @@ fn engine_names_parse_and_bad_names_say_what_is_expected() {
     );
     let e = Engine::parse("nemo").unwrap_err().to_string();
     assert!(e.contains("--engine") && e.contains("mmsp-runtime"), "{e}");
+}
+
+/// Each profile's memory-only check agrees with its full search having a ranked candidate,
+/// below, at and above its largest context on 64 GPUs.
+#[test]
+fn any_fits_agrees_with_the_engine_search() {
+    let m = llama3();
+    let t = Topology::build(&ClusterSpec::load("dgx-h100").unwrap(), 64);
+    for p in profiles() {
+        let req = Request {
+            gpus: 64,
+            context: 0,
+            global_batch: Some(64),
+            recompute: None,
+            strategy: p.strategy,
+            pin: None,
+            zero: None,
+        };
+        let Some(max) = max_context(&p, &t, &m, &req) else {
+            continue;
+        };
+        for ctx in [max / 2, max, max + 128] {
+            let r = Request {
+                context: ctx,
+                ..req.clone()
+            };
+            let full = !search(&p, &t, &m, &r, None, 1.0).ranked.is_empty();
+            assert_eq!(any_fits(&p, &t, &m, &r), full, "{} at {ctx}", p.row);
+            assert_eq!(full, ctx <= max, "{} at {ctx}", p.row);
+        }
+    }
 }

@@ -23,6 +23,92 @@ fn req(gpus: u32, context: u64) -> Request {
     }
 }
 
+/// A batch is refused past gpus x 8 x 1024 sequences; the context the refusal names as the
+/// nearest accepted one is accepted and the one below it is not, on several cluster sizes.
+#[test]
+fn batches_past_the_accumulation_bound_are_refused_at_the_nearest_boundary() {
+    for gpus in [1u32, 8, 72, 4096, 65536] {
+        let most = u64::from(gpus) * 8 * 1024;
+        let given = |b: u64| Request {
+            global_batch: Some(b),
+            ..req(gpus, 128 << 10)
+        };
+        assert!(check_batch(&given(most)).is_ok());
+        let e = check_batch(&given(most + 1)).unwrap_err().to_string();
+        assert!(e.contains(&format!("--global-batch {most}")), "{e}");
+        // The default batch: find the context the message names.
+        match check_batch(&req(gpus, 1)) {
+            Ok(()) => assert!(default_global_batch(1) <= most),
+            Err(e) => {
+                let e = e.to_string();
+                let at = e.find("--context ").unwrap() + "--context ".len();
+                let ctx: u64 = e[at..].split(' ').next().unwrap().parse().unwrap();
+                assert!(check_batch(&req(gpus, ctx)).is_ok(), "{gpus}: {e}");
+                assert!(check_batch(&req(gpus, ctx - 1)).is_err(), "{gpus}: {e}");
+            }
+        }
+    }
+}
+
+/// The largest context's memory-only check agrees with a full search having a ranked
+/// candidate, on both sides of the largest context and under pinned layouts and ZeRO stages;
+/// max_context's candidate is the full search's best at that context.
+#[test]
+fn max_context_check_agrees_with_the_full_search() {
+    for (gpus, pin, zero) in [
+        (8, None, None),
+        (64, None, Some(3)),
+        (
+            16,
+            Some(LayoutPin {
+                ulysses: 8,
+                ring: 2,
+            }),
+            None,
+        ),
+    ] {
+        let (t, m) = h100(gpus);
+        let r = Request {
+            pin,
+            zero,
+            ..req(gpus, 0)
+        };
+        let (max, best) = max_context(&t, &m, &r).unwrap();
+        assert_eq!(max_context_tokens(&t, &m, &r), Some(max));
+        for ctx in [
+            max / 4,
+            max - 2 * u64::from(gpus),
+            max,
+            max + 2 * u64::from(gpus),
+            2 * max,
+        ] {
+            let full = search(&t, &m, &at_context(&r, ctx), None);
+            assert_eq!(
+                fits(&t, &m, &r, ctx),
+                full.best().is_some(),
+                "{gpus} GPUs at {ctx}"
+            );
+            if ctx == max {
+                assert_eq!(full.best().unwrap().candidate, best.candidate);
+            }
+        }
+    }
+}
+
+/// The fewest-GPUs search names no size over the 65536 GPUs a request may name: 4600M tokens
+/// fit only past it (the fuzz test's manifest of 2^32 - 1 text tokens was told "131072 GPUs
+/// would fit"), 4000M on 65536.
+#[test]
+fn fewest_gpus_stop_at_the_largest_request() {
+    let (t, m) = h100(128);
+    let one = |context| Request {
+        global_batch: Some(1),
+        ..req(128, context)
+    };
+    assert_eq!(fewest_gpus(&t.spec, &m, &one(4000 * MI)), Some(MAX_GPUS));
+    assert_eq!(fewest_gpus(&t.spec, &m, &one(4600 * MI)), None);
+}
+
 #[test]
 fn default_batch_is_four_million_tokens() {
     assert_eq!(default_global_batch(2 << 20), 2);

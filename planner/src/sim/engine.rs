@@ -249,169 +249,31 @@ impl Engine {
     /// figures) is an [`Error::Invalid`] naming how far it got, not a panic.
     pub fn run(&self) -> Result<Schedule> {
         let n = self.ops.len();
-        let ns = Stream::ALL.len();
-        // Per (lane, stream): the ops in issue order and the position of the next one.
-        let mut queues: Vec<Vec<usize>> = vec![Vec::new(); self.lanes as usize * ns];
-        for (i, op) in self.ops.iter().enumerate() {
-            for &l in &op.lanes {
-                queues[l as usize * ns + op.stream.index()].push(i);
-            }
-        }
-        let mut head = vec![0usize; queues.len()];
-        let mut pending_deps: Vec<usize> = self.ops.iter().map(|o| o.deps.len()).collect();
-        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
-        for (i, op) in self.ops.iter().enumerate() {
-            for &d in &op.deps {
-                dependents[d].push(i);
-            }
-        }
-        let mut start = vec![f64::NAN; n];
-        let mut end = vec![f64::NAN; n];
-        let mut link_bytes = vec![0.0; n];
-        // Running ops: compute (end time), comm in latency (ready time) or fluid (remaining).
-        let mut running_compute: Vec<(usize, f64)> = Vec::new();
-        let mut latency_wait: Vec<(usize, f64)> = Vec::new();
-        let mut fluid: Vec<(usize, f64)> = Vec::new(); // (op, remaining fraction of scale)
-        let mut started = vec![false; n];
-        let mut done = 0usize;
-        let mut now = 0.0f64;
-        let mut max_util: f64 = 0.0;
-        let net = Net::new(&self.ops, &self.caps, self.merge_links);
-        // Buffers reused from event to event.
-        let (mut rates, mut frozen) = (Vec::new(), Vec::new());
-        let (mut finished, mut entering, mut keep) = (Vec::new(), Vec::new(), Vec::new());
-        let mut used = vec![0.0; net.caps.len()];
-        let mut demand = vec![0.0; net.caps.len()];
-        let is_ready = |i: usize, head: &Vec<usize>, pending: &Vec<usize>, started: &Vec<bool>| {
-            !started[i]
-                && pending[i] == 0
-                && self.ops[i].lanes.iter().all(|&l| {
-                    let q = l as usize * ns + self.ops[i].stream.index();
-                    queues[q].get(head[q]) == Some(&i)
-                })
-        };
-        // Candidates to start: heads of queues.
-        let mut to_check: Vec<usize> = queues.iter().filter_map(|q| q.first().copied()).collect();
-        while done < n {
-            // Start everything startable now.
-            to_check.sort_unstable();
-            to_check.dedup();
-            for &i in &to_check {
-                if is_ready(i, &head, &pending_deps, &started) {
-                    started[i] = true;
-                    start[i] = now;
-                    match &self.ops[i].work {
-                        Work::Compute { secs } => running_compute.push((i, now + secs.max(0.0))),
-                        Work::Comm { latency_s, .. } => {
-                            latency_wait.push((i, now + latency_s.max(0.0)))
-                        }
-                    }
-                }
-            }
-            to_check.clear();
-            // Rates of fluid transfers (max-min fair progressive filling).
-            // A rate of 0 (a link of no capacity) leaves its transfer unfinishable: the next
-            // event is then at infinity, an error below.
-            fair_rates(
-                &net,
-                &fluid,
-                &mut used,
-                &mut demand,
-                &mut rates,
-                &mut frozen,
-            );
-            if fluid.len() > 1 {
-                max_util = max_util.max(utilisation(&net, &fluid, &rates, &mut used));
-            } else if !fluid.is_empty() {
-                max_util = max_util.max(1.0);
-            }
-            // Next event.
-            let mut t_next = f64::INFINITY;
-            for &(_, t) in running_compute.iter().chain(latency_wait.iter()) {
-                t_next = t_next.min(t);
-            }
-            for (k, &(_, rem)) in fluid.iter().enumerate() {
-                t_next = t_next.min(now + rem / rates[k]);
-            }
+        let mut r = Run::new(self);
+        while r.done < n {
+            r.start_ready();
+            r.share_links();
+            let t_next = r.next_event();
             if !t_next.is_finite() {
                 return Err(Error::invalid(
                     "simulation",
                     format!(
-                        "the step cannot complete: {done} of {n} operations done and none can \
+                        "the step cannot complete: {} of {n} operations done and none can \
                          progress (a link or kernel rate of zero or non-finite figures in the \
-                         topology or calibration)"
+                         topology or calibration)",
+                        r.done
                     ),
                 ));
             }
-            let (dt, before) = (t_next - now, now);
-            now = t_next;
-            let eps = 1e-12 * now.max(1.0);
-            finished.clear();
-            running_compute.retain(|&(i, t)| {
-                if t <= now + eps {
-                    finished.push(i);
-                    false
-                } else {
-                    true
-                }
-            });
-            entering.clear();
-            latency_wait.retain(|&(i, t)| {
-                if t <= now + eps {
-                    entering.push(i);
-                    false
-                } else {
-                    true
-                }
-            });
-            keep.clear();
-            for (k, &(i, rem)) in fluid.iter().enumerate() {
-                let left = rem - rates[k] * dt;
-                // The transfer that set `t_next` ends now even where `before + rem / rate`
-                // rounds to `before` (a transfer far shorter than a ulp of the clock), which
-                // would otherwise leave the clock stuck.
-                if left <= 1e-9 * self.scale(i).max(1.0) || before + rem / rates[k] <= t_next {
-                    finished.push(i);
-                } else {
-                    keep.push((i, left));
-                }
-            }
-            std::mem::swap(&mut fluid, &mut keep);
-            for &i in &entering {
-                let s = self.scale(i);
-                if s > 0.0 && self.has_links(i) {
-                    fluid.push((i, s));
-                } else {
-                    finished.push(i);
-                }
-            }
-            for &i in &finished {
-                end[i] = now;
-                done += 1;
-                if let Work::Comm { scale, .. } = &self.ops[i].work {
-                    link_bytes[i] = scale * net.pattern_bytes[net.op_pattern[i]];
-                }
-                for &l in &self.ops[i].lanes {
-                    let q = l as usize * ns + self.ops[i].stream.index();
-                    head[q] += 1;
-                    if let Some(&nx) = queues[q].get(head[q]) {
-                        to_check.push(nx);
-                    }
-                }
-                for &d in &dependents[i] {
-                    pending_deps[d] -= 1;
-                    if pending_deps[d] == 0 {
-                        to_check.push(d);
-                    }
-                }
-            }
+            r.advance_to(t_next);
+            r.retire_finished();
         }
         Ok(Schedule {
-            start,
-            end,
-            makespan: now,
-            max_link_utilisation: max_util,
-            link_bytes,
+            start: r.start,
+            end: r.end,
+            makespan: r.now,
+            max_link_utilisation: r.max_util,
+            link_bytes: r.link_bytes,
         })
     }
 
@@ -424,6 +286,237 @@ impl Engine {
 
     fn has_links(&self, i: usize) -> bool {
         matches!(&self.ops[i].work, Work::Comm { loads, .. } if !loads.per_link.is_empty())
+    }
+}
+
+/// Moves the ops of `waiting` (op, time) whose time is at most `until` into `due`.
+fn take_due(waiting: &mut Vec<(usize, f64)>, until: f64, due: &mut Vec<usize>) {
+    waiting.retain(|&(i, t)| {
+        let ends = t <= until;
+        if ends {
+            due.push(i);
+        }
+        !ends
+    });
+}
+
+/// The state of one [`Engine::run`]: per (lane, stream) queues in issue order, dependency
+/// counts, the running ops (compute until its end time, communication in its latency until
+/// its ready time, then fluid with its remaining fraction of `scale`), and the buffers reused
+/// from event to event.
+struct Run<'a> {
+    eng: &'a Engine,
+    net: Net,
+    queues: Vec<Vec<usize>>,
+    head: Vec<usize>,
+    pending_deps: Vec<usize>,
+    dependents: Vec<Vec<usize>>,
+    started: Vec<bool>,
+    start: Vec<f64>,
+    end: Vec<f64>,
+    link_bytes: Vec<f64>,
+    running_compute: Vec<(usize, f64)>,
+    latency_wait: Vec<(usize, f64)>,
+    /// (op, remaining fraction of its scale).
+    fluid: Vec<(usize, f64)>,
+    /// Ops to try to start: heads of queues and ops whose last dependency finished.
+    to_check: Vec<usize>,
+    rates: Vec<f64>,
+    frozen: Vec<bool>,
+    used: Vec<f64>,
+    demand: Vec<f64>,
+    finished: Vec<usize>,
+    entering: Vec<usize>,
+    keep: Vec<(usize, f64)>,
+    done: usize,
+    now: f64,
+    /// The time `advance_to` moved the clock from, and by how much.
+    before: f64,
+    dt: f64,
+    max_util: f64,
+}
+
+impl<'a> Run<'a> {
+    fn new(eng: &'a Engine) -> Self {
+        let n = eng.ops.len();
+        let ns = Stream::ALL.len();
+        let mut queues: Vec<Vec<usize>> = vec![Vec::new(); eng.lanes as usize * ns];
+        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for (i, op) in eng.ops.iter().enumerate() {
+            for &l in &op.lanes {
+                queues[l as usize * ns + op.stream.index()].push(i);
+            }
+            for &d in &op.deps {
+                dependents[d].push(i);
+            }
+        }
+        let net = Net::new(&eng.ops, &eng.caps, eng.merge_links);
+        let links = net.caps.len();
+        Run {
+            eng,
+            head: vec![0usize; queues.len()],
+            to_check: queues.iter().filter_map(|q| q.first().copied()).collect(),
+            queues,
+            pending_deps: eng.ops.iter().map(|o| o.deps.len()).collect(),
+            dependents,
+            started: vec![false; n],
+            start: vec![f64::NAN; n],
+            end: vec![f64::NAN; n],
+            link_bytes: vec![0.0; n],
+            running_compute: Vec::new(),
+            latency_wait: Vec::new(),
+            fluid: Vec::new(),
+            rates: Vec::new(),
+            frozen: Vec::new(),
+            used: vec![0.0; links],
+            demand: vec![0.0; links],
+            finished: Vec::new(),
+            entering: Vec::new(),
+            keep: Vec::new(),
+            net,
+            done: 0,
+            now: 0.0,
+            before: 0.0,
+            dt: 0.0,
+            max_util: 0.0,
+        }
+    }
+
+    /// The queue of a lane's stream.
+    fn queue(&self, lane: u32, stream: Stream) -> usize {
+        lane as usize * Stream::ALL.len() + stream.index()
+    }
+
+    /// Not started, every dependency done, and at the head of each of its lanes' queues.
+    fn is_ready(&self, i: usize) -> bool {
+        let op = &self.eng.ops[i];
+        !self.started[i]
+            && self.pending_deps[i] == 0
+            && op.lanes.iter().all(|&l| {
+                let q = self.queue(l, op.stream);
+                self.queues[q].get(self.head[q]) == Some(&i)
+            })
+    }
+
+    /// Starts every op that can start now.
+    fn start_ready(&mut self) {
+        let mut check = std::mem::take(&mut self.to_check);
+        check.sort_unstable();
+        check.dedup();
+        for &i in &check {
+            if !self.is_ready(i) {
+                continue;
+            }
+            self.started[i] = true;
+            self.start[i] = self.now;
+            match &self.eng.ops[i].work {
+                Work::Compute { secs } => self.running_compute.push((i, self.now + secs.max(0.0))),
+                Work::Comm { latency_s, .. } => {
+                    self.latency_wait.push((i, self.now + latency_s.max(0.0)))
+                }
+            }
+        }
+        check.clear();
+        self.to_check = check;
+    }
+
+    /// Rates of fluid transfers (max-min fair progressive filling). A rate of 0 (a link of no
+    /// capacity) leaves its transfer unfinishable: the next event is then at infinity.
+    fn share_links(&mut self) {
+        fair_rates(
+            &self.net,
+            &self.fluid,
+            &mut self.used,
+            &mut self.demand,
+            &mut self.rates,
+            &mut self.frozen,
+        );
+        if self.fluid.len() > 1 {
+            let u = utilisation(&self.net, &self.fluid, &self.rates, &mut self.used);
+            self.max_util = self.max_util.max(u);
+        } else if !self.fluid.is_empty() {
+            self.max_util = self.max_util.max(1.0);
+        }
+    }
+
+    /// The time of the next event: a compute op's end, a latency's end, a transfer's end.
+    fn next_event(&self) -> f64 {
+        let mut t_next = f64::INFINITY;
+        for &(_, t) in self.running_compute.iter().chain(self.latency_wait.iter()) {
+            t_next = t_next.min(t);
+        }
+        for (k, &(_, rem)) in self.fluid.iter().enumerate() {
+            t_next = t_next.min(self.now + rem / self.rates[k]);
+        }
+        t_next
+    }
+
+    /// Moves the clock to `t_next`: collects the ops that end there, moves ops out of their
+    /// latency into the fluid, and drains the transfers at their rates.
+    fn advance_to(&mut self, t_next: f64) {
+        (self.dt, self.before) = (t_next - self.now, self.now);
+        self.now = t_next;
+        let (now, eps) = (self.now, 1e-12 * self.now.max(1.0));
+        self.finished.clear();
+        take_due(&mut self.running_compute, now + eps, &mut self.finished);
+        self.entering.clear();
+        take_due(&mut self.latency_wait, now + eps, &mut self.entering);
+        self.drain_fluid(t_next);
+        for k in 0..self.entering.len() {
+            let i = self.entering[k];
+            let s = self.eng.scale(i);
+            if s > 0.0 && self.eng.has_links(i) {
+                self.fluid.push((i, s));
+            } else {
+                self.finished.push(i);
+            }
+        }
+    }
+
+    /// Each transfer's remaining fraction after `dt` at its rate; the ended ones finish.
+    fn drain_fluid(&mut self, t_next: f64) {
+        self.keep.clear();
+        for (k, &(i, rem)) in self.fluid.iter().enumerate() {
+            let left = rem - self.rates[k] * self.dt;
+            // The transfer that set `t_next` ends now even where `before + rem / rate`
+            // rounds to `before` (a transfer far shorter than a ulp of the clock), which
+            // would otherwise leave the clock stuck.
+            if left <= 1e-9 * self.eng.scale(i).max(1.0)
+                || self.before + rem / self.rates[k] <= t_next
+            {
+                self.finished.push(i);
+            } else {
+                self.keep.push((i, left));
+            }
+        }
+        std::mem::swap(&mut self.fluid, &mut self.keep);
+    }
+
+    /// Records the finished ops and queues what they unblock: the next op of each of their
+    /// queues and the dependents whose last dependency they were.
+    fn retire_finished(&mut self) {
+        for k in 0..self.finished.len() {
+            let i = self.finished[k];
+            let op = &self.eng.ops[i];
+            self.end[i] = self.now;
+            self.done += 1;
+            if let Work::Comm { scale, .. } = &op.work {
+                self.link_bytes[i] = scale * self.net.pattern_bytes[self.net.op_pattern[i]];
+            }
+            for &l in &op.lanes {
+                let q = self.queue(l, op.stream);
+                self.head[q] += 1;
+                if let Some(&nx) = self.queues[q].get(self.head[q]) {
+                    self.to_check.push(nx);
+                }
+            }
+            for &d in &self.dependents[i] {
+                self.pending_deps[d] -= 1;
+                if self.pending_deps[d] == 0 {
+                    self.to_check.push(d);
+                }
+            }
+        }
     }
 }
 

@@ -411,51 +411,7 @@ pub(crate) fn simulate_opts(
     cap: u64,
     merge_links: bool,
 ) -> crate::Result<SimResult> {
-    let world = t.layout.world();
-    let ranks: Vec<u32> = if collapse {
-        vec![0]
-    } else {
-        (0..world).collect()
-    };
-    let caps: Vec<f64> = (0..topo.directed_links())
-        .map(|i| topo.link_capacity(i))
-        .collect();
-    let mut b = Builder {
-        topo,
-        t,
-        eng: Engine::new(caps, ranks.len() as u32),
-        ranks,
-        collapse,
-        group_cache: HashMap::new(),
-        ring_groups: if cap == u64::MAX {
-            u32::MAX
-        } else {
-            RING_GROUPS
-        },
-    };
-    b.eng.merge_links = merge_links;
-    let lay = t.layout;
-    let gf = lay.grad_family();
-    let layers = t.layers;
-    // The optimizer's collectives as mmsp-runtime runs them (`cost::optimizer_collectives`
-    // says the same analytically): ZeRO-0 all-reduces the fp32 gradients after the last
-    // micro-batch's backward; ZeRO-1 and 2 reduce-scatter each unit's fp32 gradient on the grad
-    // stream as soon as its backward is done, waited for after the next unit's backward, and
-    // all-gather the updated bf16 parameters after the update; ZeRO-3 also gathers each layer's
-    // bf16 weights on the gather stream, one layer ahead of the compute that needs them (Zhao
-    // et al. 2023, PyTorch FSDP, Sec. 3.3: at most two layers gathered at once), the embedding
-    // table for the lookup and the final norm with the head for the loss (waited for: exposed).
-    let wb = crate::cost::memory::WEIGHT_BYTES;
-    let fp32 = crate::cost::memory::GRAD_BYTES / wb;
-    let layer_param = t.layers_param_bytes / layers as f64;
-    let z3 = t.zero_stage >= 3;
-    let sharded = t.zero_stage >= 1;
-    let gather = |b: &mut Builder, name: &str, bytes: f64, deps: &H| {
-        b.comm(name, Stream::Gather, Coll::AllGather, gf, bytes, deps)
-    };
-    let reduce = |b: &mut Builder, name: &str, bytes: f64, deps: &H| {
-        b.comm(name, Stream::Grad, Coll::AllGather, gf, fp32 * bytes, deps)
-    };
+    let mut b = Builder::new(topo, t, collapse, cap, merge_links);
     let mut d = b.empty();
     let mut grads: H = b.empty();
     // Micro-batches between the first and the last are alike: three are simulated (first,
@@ -464,89 +420,12 @@ pub(crate) fn simulate_opts(
     let simulated = t.accum.min(cap.max(SIMULATED_MICRO_BATCHES));
     let mut micro_ops: Vec<std::ops::Range<usize>> = Vec::new();
     for micro in 0..simulated {
-        let last_micro = micro + 1 == simulated;
         let first_op = b.eng.ops.len();
         d = b.compute("vision stage", t.vision_s(), &d);
-        // Forward. ZeRO-3: the table and layer 0 gathered before the first layer (exposed);
-        // layer l + 1's gather issued when layer l starts (layer l - 1's weights freed).
-        let mut next_gather = b.empty();
-        if z3 {
-            let e = gather(&mut b, "zero-3 gather (embedding)", t.embed_param_bytes, &d);
-            d = Builder::join(&d, &e);
-            next_gather = gather(&mut b, "L0 zero-3 gather", layer_param, &d);
-        }
-        for l in 0..layers {
-            let mine = next_gather.clone();
-            if z3 && l + 1 < layers {
-                next_gather = gather(
-                    &mut b,
-                    &format!("L{} zero-3 gather", l + 1),
-                    layer_param,
-                    &d,
-                );
-            }
-            let deps = Builder::join(&d, &mine);
-            d = b.forward_layer(l, "fwd", &deps);
-        }
-        // The loss. ZeRO-3: the final norm and head gathered (exposed), the last layer's
-        // backward gather prefetched behind the loss, the head's reduce-scatter exposed.
-        if z3 {
-            let h = gather(&mut b, "zero-3 gather (head)", t.head_param_bytes, &d);
-            d = Builder::join(&d, &h);
-            next_gather = gather(
-                &mut b,
-                &format!("L{} zero-3 gather (bwd)", layers - 1),
-                layer_param,
-                &d,
-            );
-        }
-        d = b.compute("head fwd+bwd", 3.0 * t.head_fwd_s, &d);
-        // The reduce-scatter in flight, waited for after the next unit's backward.
-        let mut pending = b.empty();
-        if sharded {
-            let r = reduce(&mut b, "head grad reduce-scatter", t.head_param_bytes, &d);
-            if z3 {
-                d = Builder::join(&d, &r);
-            } else {
-                pending = r;
-            }
-        }
-        for l in (0..layers).rev() {
-            let mine = next_gather.clone();
-            if z3 && l > 0 {
-                next_gather = gather(
-                    &mut b,
-                    &format!("L{} zero-3 gather (bwd)", l - 1),
-                    layer_param,
-                    &d,
-                );
-            }
-            d = Builder::join(&d, &mine);
-            // The runtime's only recompute (`cost::runtime_recompute`): outside attention.
-            if t.recompute != Recompute::None {
-                d = b.recompute_outside_attention(l, &d);
-            }
-            d = b.backward_layer(l, &d);
-            d = Builder::join(&d, &pending);
-            if sharded {
-                pending = reduce(
-                    &mut b,
-                    &format!("L{l} grad reduce-scatter"),
-                    layer_param,
-                    &d,
-                );
-            }
-        }
-        if sharded {
-            // The first layer's reduce-scatter and the embedding's: nothing left to hide them.
-            let e = reduce(
-                &mut b,
-                "embedding grad reduce-scatter",
-                t.embed_param_bytes,
-                &d,
-            );
-            d = Builder::join(&d, &Builder::join(&pending, &e));
-        } else if last_micro {
+        let (fwd, next_gather) = b.forward_pass(&d);
+        d = b.backward_pass(&fwd, next_gather);
+        if t.zero_stage == 0 && micro + 1 == simulated {
+            let gf = t.layout.grad_family();
             grads = b.comm(
                 "grad all-reduce",
                 Stream::Grad,
@@ -562,10 +441,154 @@ pub(crate) fn simulate_opts(
     let opt = b.compute("optimizer step", t.optimizer_s, &all);
     if (1..=2).contains(&t.zero_stage) {
         // The updated bf16 shards into the whole bf16 parameters.
-        gather(&mut b, "weight all-gather", t.param_bytes, &opt);
+        b.zero_gather("weight all-gather", t.param_bytes, &opt);
     }
     let sched = b.eng.run()?;
-    let ops = b.eng.ops;
+    Ok(sim_result(
+        b.eng.ops, sched, &micro_ops, t, collapse, simulated,
+    ))
+}
+
+// The optimizer's collectives as mmsp-runtime runs them (`cost::optimizer_collectives` says
+// the same analytically): ZeRO-0 all-reduces the fp32 gradients after the last micro-batch's
+// backward; ZeRO-1 and 2 reduce-scatter each unit's fp32 gradient on the grad stream as soon
+// as its backward is done, waited for after the next unit's backward, and all-gather the
+// updated bf16 parameters after the update; ZeRO-3 also gathers each layer's bf16 weights on
+// the gather stream, one layer ahead of the compute that needs them (Zhao et al. 2023, PyTorch
+// FSDP, Sec. 3.3: at most two layers gathered at once), the embedding table for the lookup and
+// the final norm with the head for the loss (waited for: exposed).
+impl<'a> Builder<'a> {
+    fn new(topo: &'a Topology, t: &'a Terms, collapse: bool, cap: u64, merge_links: bool) -> Self {
+        let ranks: Vec<u32> = if collapse {
+            vec![0]
+        } else {
+            (0..t.layout.world()).collect()
+        };
+        let caps: Vec<f64> = (0..topo.directed_links())
+            .map(|i| topo.link_capacity(i))
+            .collect();
+        let mut eng = Engine::new(caps, ranks.len() as u32);
+        eng.merge_links = merge_links;
+        Builder {
+            topo,
+            t,
+            eng,
+            ranks,
+            collapse,
+            group_cache: HashMap::new(),
+            ring_groups: if cap == u64::MAX {
+                u32::MAX
+            } else {
+                RING_GROUPS
+            },
+        }
+    }
+
+    /// A layer's bf16 weights (or the table, or the head) all-gathered on the gather stream.
+    fn zero_gather(&mut self, name: &str, bytes: f64, deps: &H) -> H {
+        let gf = self.t.layout.grad_family();
+        self.comm(name, Stream::Gather, Coll::AllGather, gf, bytes, deps)
+    }
+
+    /// A unit's fp32 gradient reduce-scattered on the grad stream (`bytes` of bf16 weights).
+    fn grad_reduce(&mut self, name: &str, bytes: f64, deps: &H) -> H {
+        let gf = self.t.layout.grad_family();
+        let fp32 = crate::cost::memory::GRAD_BYTES / crate::cost::memory::WEIGHT_BYTES;
+        self.comm(name, Stream::Grad, Coll::AllGather, gf, fp32 * bytes, deps)
+    }
+
+    fn layer_param_bytes(&self) -> f64 {
+        self.t.layers_param_bytes / self.t.layers as f64
+    }
+
+    /// One micro-batch's forward through the loss after `d`; returns its end and, under
+    /// ZeRO-3, the last layer's gather for the backward (prefetched behind the loss). ZeRO-3:
+    /// the table and layer 0 gathered before the first layer (exposed); layer l + 1's gather
+    /// issued when layer l starts (layer l - 1's weights freed); the final norm and head
+    /// gathered before the loss (exposed).
+    fn forward_pass(&mut self, d: &H) -> (H, H) {
+        let (t, layers, layer_param) = (self.t, self.t.layers, self.layer_param_bytes());
+        let z3 = t.zero_stage >= 3;
+        let mut d = d.clone();
+        let mut next_gather = self.empty();
+        if z3 {
+            let e = self.zero_gather("zero-3 gather (embedding)", t.embed_param_bytes, &d);
+            d = Builder::join(&d, &e);
+            next_gather = self.zero_gather("L0 zero-3 gather", layer_param, &d);
+        }
+        for l in 0..layers {
+            let mine = next_gather.clone();
+            if z3 && l + 1 < layers {
+                let name = format!("L{} zero-3 gather", l + 1);
+                next_gather = self.zero_gather(&name, layer_param, &d);
+            }
+            let deps = Builder::join(&d, &mine);
+            d = self.forward_layer(l, "fwd", &deps);
+        }
+        if z3 {
+            let h = self.zero_gather("zero-3 gather (head)", t.head_param_bytes, &d);
+            d = Builder::join(&d, &h);
+            let name = format!("L{} zero-3 gather (bwd)", layers - 1);
+            next_gather = self.zero_gather(&name, layer_param, &d);
+        }
+        (d, next_gather)
+    }
+
+    /// The loss and one micro-batch's backward after `d`, with its gradients' reduce-scatters
+    /// (ZeRO 1-3: each waited for after the next unit's backward; the head's exposed under
+    /// ZeRO-3) and, under ZeRO-3, each layer's gather one layer ahead (`next_gather` the last
+    /// layer's). Returns the end of the backward with the last reduce-scatters.
+    fn backward_pass(&mut self, d: &H, mut next_gather: H) -> H {
+        let (t, layer_param) = (self.t, self.layer_param_bytes());
+        let (z3, sharded) = (t.zero_stage >= 3, t.zero_stage >= 1);
+        let mut d = self.compute("head fwd+bwd", 3.0 * t.head_fwd_s, d);
+        // The reduce-scatter in flight, waited for after the next unit's backward.
+        let mut pending = self.empty();
+        if sharded {
+            let r = self.grad_reduce("head grad reduce-scatter", t.head_param_bytes, &d);
+            if z3 {
+                d = Builder::join(&d, &r);
+            } else {
+                pending = r;
+            }
+        }
+        for l in (0..t.layers).rev() {
+            let mine = next_gather.clone();
+            if z3 && l > 0 {
+                let name = format!("L{} zero-3 gather (bwd)", l - 1);
+                next_gather = self.zero_gather(&name, layer_param, &d);
+            }
+            d = Builder::join(&d, &mine);
+            // The runtime's only recompute (`cost::runtime_recompute`): outside attention.
+            if t.recompute != Recompute::None {
+                d = self.recompute_outside_attention(l, &d);
+            }
+            d = self.backward_layer(l, &d);
+            d = Builder::join(&d, &pending);
+            if sharded {
+                let name = format!("L{l} grad reduce-scatter");
+                pending = self.grad_reduce(&name, layer_param, &d);
+            }
+        }
+        if sharded {
+            // The first layer's reduce-scatter and the embedding's: nothing left to hide them.
+            let e = self.grad_reduce("embedding grad reduce-scatter", t.embed_param_bytes, &d);
+            d = Builder::join(&d, &Builder::join(&pending, &e));
+        }
+        d
+    }
+}
+
+/// The step's result from the schedule of its simulated micro-batches: rank 0's busy time
+/// and bytes per stream, with the unsimulated middle micro-batches extrapolated.
+fn sim_result(
+    ops: Vec<Op>,
+    sched: Schedule,
+    micro_ops: &[std::ops::Range<usize>],
+    t: &Terms,
+    collapse: bool,
+    simulated: u64,
+) -> SimResult {
     let mut busy: HashMap<Stream, f64> = HashMap::new();
     let mut sent: HashMap<Stream, f64> = HashMap::new();
     for (i, o) in ops.iter().enumerate() {
@@ -577,7 +600,7 @@ pub(crate) fn simulate_opts(
     let extra_s = extrapolate(
         &ops,
         &sched,
-        &micro_ops,
+        micro_ops,
         t.accum - simulated,
         &mut busy,
         &mut sent,
@@ -590,7 +613,7 @@ pub(crate) fn simulate_opts(
             .filter_map(|s| m.get(s).map(|v| (s.name().to_string(), *v)))
             .collect::<Vec<_>>()
     };
-    Ok(SimResult {
+    SimResult {
         step_time_s,
         compute_busy_s: compute_busy,
         exposed_s: (step_time_s - compute_busy).max(0.0),
@@ -598,10 +621,10 @@ pub(crate) fn simulate_opts(
         sent_bytes: order(sent),
         max_link_utilisation: sched.max_link_utilisation,
         ops: ops.len(),
-        lanes: if collapse { 1 } else { world },
+        lanes: if collapse { 1 } else { t.layout.world() },
         engine_ops: ops,
         schedule: Some(sched),
-    })
+    }
 }
 
 /// Micro-batches a step's simulation holds at most: the first, one of the middle and the last.
