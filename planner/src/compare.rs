@@ -22,8 +22,7 @@ use crate::spec::model::ModelSpec;
 use crate::topology::Topology;
 use crate::units::{fmt_gib, fmt_secs, fmt_tokens};
 
-/// How many layouts (the analytically best candidate of each) the simulator re-ranks.
-pub const REFINE_TOP: usize = 5;
+use crate::sim::first_of_each_layout;
 
 /// Simulates the best few distinct candidates and returns them ordered by simulated step
 /// time, each with its simulated time.
@@ -48,26 +47,6 @@ pub fn refine(
         .collect();
     out.sort_by(|a, b| a.1.total_cmp(&b.1));
     out
-}
-
-/// The analytically best of each of the first [`REFINE_TOP`] distinct layouts of `ranked`
-/// (fastest first): near-ties of one layout (ZeRO stage, micro-batch) would otherwise crowd
-/// out the alternatives.
-pub fn first_of_each_layout<T>(
-    ranked: impl Iterator<Item = T>,
-    layout: impl Fn(&T) -> Layout,
-) -> Vec<T> {
-    let mut layouts = Vec::new();
-    ranked
-        .filter(|x| {
-            let new = !layouts.contains(&layout(x));
-            if new {
-                layouts.push(layout(x));
-            }
-            new
-        })
-        .take(REFINE_TOP)
-        .collect()
 }
 
 /// A candidate's workload: the request's context as its layout runs it (padded; with samples,
@@ -557,14 +536,4 @@ pub fn traces(
             ))
         })
         .collect()
-}
-
-/// A plan candidate's inputs rebuilt from a plan (for `mmsp simulate`).
-pub fn candidate_of(plan: &crate::plan::Plan) -> Candidate {
-    Candidate {
-        layout: plan.layout,
-        zero_stage: plan.zero_stage,
-        recompute: plan.recompute_policy(),
-        micro_batch: plan.micro_batch,
-    }
 }

@@ -446,7 +446,7 @@ pub fn search(
 
 /// The best few distinct layouts re-ranked by the simulator: (candidate, simulated step time).
 pub fn refine(topo: &Topology, s: &EngineSearch) -> Vec<(EngineScored, f64)> {
-    let firsts = crate::compare::first_of_each_layout(s.ranked.iter(), |x| x.candidate.layout);
+    let firsts = crate::sim::first_of_each_layout(s.ranked.iter(), |x| x.candidate.layout);
     let mut out: Vec<(EngineScored, f64)> = firsts
         .into_iter()
         .filter_map(|x| {

@@ -682,7 +682,7 @@ mod tests {
     fn stage_memory_floor_is_a_lower_bound() {
         let c = ClusterSpec::load("dgx-h100").unwrap();
         let t = Topology::build(&c, 16);
-        let m = ModelSpec::load("llama3-8b").unwrap();
+        let m = crate::spec::model::load("llama3-8b").unwrap();
         let samples = vec![
             Sample::uniform(33, 700),
             Sample {

@@ -91,6 +91,16 @@ pub fn predicted<'a>(plan: &'a Plan, path: &str) -> Result<&'a Predicted> {
     })
 }
 
+/// A plan candidate's inputs rebuilt from a plan (for `mmsp simulate`).
+pub fn candidate_of(plan: &Plan) -> crate::cost::Candidate {
+    crate::cost::Candidate {
+        layout: plan.layout,
+        zero_stage: plan.zero_stage,
+        recompute: plan.recompute_policy(),
+        micro_batch: plan.micro_batch,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,10 +173,7 @@ mod tests {
         let text = serde_json::to_string(&plan).unwrap();
         let back = training_from_json(&text, "p.json").unwrap();
         assert_eq!(back, plan);
-        assert_eq!(
-            crate::compare::candidate_of(&back).recompute,
-            Recompute::OutsideAttention
-        );
+        assert_eq!(candidate_of(&back).recompute, Recompute::OutsideAttention);
         // The runtime cannot read the planner's own name for it.
         let bad = text.replace(
             "\"recompute\":\"full\"",
@@ -224,7 +231,7 @@ mod tests {
                 global_batch: old.global_batch,
                 vision: None,
             };
-            let t = crate::cost::terms(&topo, &w, &crate::compare::candidate_of(&old)).unwrap();
+            let t = crate::cost::terms(&topo, &w, &candidate_of(&old)).unwrap();
             assert_eq!(t.recompute, Recompute::OutsideAttention, "{value}");
         }
     }

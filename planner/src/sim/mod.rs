@@ -358,7 +358,7 @@ pub fn replay_plan(
         global_batch: plan.global_batch,
         vision: plan.vision.as_ref().map(|v| v.stage),
     };
-    let c = crate::compare::candidate_of(plan);
+    let c = crate::plan::candidate_of(plan);
     let t = crate::cost::terms(&topo, &w, &c).map_err(|e| {
         crate::Error::invalid(
             "plan",
@@ -658,6 +658,29 @@ fn extrapolate(
         *sent.entry(o.stream).or_default() += missing * o.sent_per_rank;
     }
     missing * period
+}
+
+/// How many layouts (the analytically best candidate of each) the simulator re-ranks.
+pub const REFINE_TOP: usize = 5;
+
+/// The analytically best of each of the first [`REFINE_TOP`] distinct layouts of `ranked`
+/// (fastest first): near-ties of one layout (ZeRO stage, micro-batch) would otherwise crowd
+/// out the alternatives.
+pub fn first_of_each_layout<T>(
+    ranked: impl Iterator<Item = T>,
+    layout: impl Fn(&T) -> crate::cost::Layout,
+) -> Vec<T> {
+    let mut layouts = Vec::new();
+    ranked
+        .filter(|x| {
+            let new = !layouts.contains(&layout(x));
+            if new {
+                layouts.push(layout(x));
+            }
+            new
+        })
+        .take(REFINE_TOP)
+        .collect()
 }
 
 #[cfg(test)]
