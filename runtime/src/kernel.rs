@@ -75,10 +75,29 @@ fn gqa_factor(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<i64> {
     Ok(qs[1] / ks[1])
 }
 
-/// The CUDA kernels get dense tensors (row slices of a block are strided views): a dense copy
-/// when one is needed, else `None` (the tensor is used as it is, with no new handle).
+/// A dense copy of `t` for a CUDA kernel when its layout needs one, else `None` (the tensor
+/// is used as it is, with no new handle). See [`kernel_layout_ok`].
 fn dense(backend: Backend, t: &Tensor) -> Option<Tensor> {
-    (backend != Backend::CpuMath && !t.is_contiguous()).then(|| t.contiguous())
+    (backend != Backend::CpuMath && !kernel_layout_ok(t)).then(|| t.contiguous())
+}
+
+/// Whether a CUDA kernel takes `t` as it is: dense, or a 4-dim (B, H, S, D) view whose last
+/// dim is dense and whose other strides and start are 16-byte aligned, such as a row range
+/// (along S) of a dense (B, H, S, D) tensor. ATen builds its cuDNN graphs from the tensors'
+/// own strides (`aten/src/ATen/native/cudnn/MHA.cpp`, `build_graph_backward`: `set_stride(
+/// q.strides().vec())` for q, k, v, o, dO) and FlashAttention wants only a dense last dim,
+/// so a ring step's K/V columns and a block's q rows need no copy; `mmsp-runtime check`
+/// compares such calls with float64 on the GPU. The 3-dim log-sum-exp is always passed dense.
+fn kernel_layout_ok(t: &Tensor) -> bool {
+    if t.is_contiguous() {
+        return true;
+    }
+    let st = t.stride();
+    let elt = t.kind().elt_size_in_bytes() as i64;
+    st.len() == 4
+        && st[3] == 1
+        && st[..3].iter().all(|s| (s * elt) % 16 == 0)
+        && (t.data_ptr() as usize) % 16 == 0
 }
 
 /// The kv heads repeated `g` times, or `None` when `g == 1` (no copy).
@@ -157,7 +176,24 @@ pub fn attention_bwd(
     backend.check(q)?;
     let g = gqa_factor(q, k, v)?;
     let p = |t: &Tensor, g: i64| Prepared::new(backend, t, g);
-    let (dop, qp, kp, vp, op, lp) = (p(dout, 1), p(q, 1), p(k, g), p(v, g), p(out, 1), p(lse, 1));
+    // cuDNN's backward assumes dout has out's strides (pytorch/pytorch#138354): two views
+    // of one layout pass as they are, anything else is made dense.
+    let same = dout.stride() == out.stride() || backend == Backend::CpuMath;
+    let p_out = |t: &Tensor| {
+        if same {
+            p(t, 1)
+        } else {
+            Prepared(Some(t.contiguous()))
+        }
+    };
+    let (dop, qp, kp, vp, op, lp) = (
+        p_out(dout),
+        p(q, 1),
+        p(k, g),
+        p(v, g),
+        p_out(out),
+        p(lse, 1),
+    );
     let (dq, dk, dv) = ffi::attn_bwd(
         backend.code(),
         dop.get(dout),
