@@ -159,6 +159,30 @@ pub fn attention_fwd(
     )
 }
 
+/// Forward of FlashAttention (CUDA) with the kv heads as they are, no mask: q (B, Hq, Sq, D)
+/// against k, v (B, Hkv, Sk, D) with Hq a multiple of Hkv, which FlashAttention handles
+/// itself (ATen's `flash_api.cpp`, `mha_fwd`: the q heads of one kv head share its K/V), so
+/// no kv head is repeated. Returns (out in q's dtype, lse (B, Hq, Sq) float32). For decode.
+pub fn attention_fwd_gqa_flash(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    Backend::Flash.check(q)?;
+    gqa_factor(q, k, v)?;
+    let p = |t: &Tensor| Prepared::new(Backend::Flash, t, 1);
+    let (qp, kp, vp) = (p(q), p(k), p(v));
+    ffi::attn_fwd(
+        Backend::Flash.code(),
+        qp.get(q),
+        kp.get(k),
+        vp.get(v),
+        false,
+        scale,
+    )
+}
+
 /// Backward given the output and log-sum-exp of all of q's rows (global ones when the kv are
 /// split in blocks): returns (dq, dk, dv) in the input dtype.
 #[allow(clippy::too_many_arguments)]
