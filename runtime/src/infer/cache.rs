@@ -317,7 +317,10 @@ impl KvCache {
         let s = self.k.size();
         let (hkv, l, d) = (s[1], s[2], s[3]);
         let hq = q.size()[1];
-        let (full, tail) = ((self.len / l as usize) as i64, (self.len % l as usize) as i64);
+        let (full, tail) = (
+            (self.len / l as usize) as i64,
+            (self.len % l as usize) as i64,
+        );
         let (mut outs, mut lses) = (Vec::with_capacity(2), Vec::with_capacity(2));
         if full > 0 {
             let qb = q.expand([full, hq, 1, d], false).contiguous();
