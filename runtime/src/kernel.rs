@@ -260,3 +260,31 @@ pub fn reference_attention(
     let g = Tensor::f_run_backward(&[&loss], &[&q, &k, &v], false, false)?;
     Ok((o.detach(), g[0].detach(), g[1].detach(), g[2].detach()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Row and column ranges of a dense (B, H, S, D) tensor go to the CUDA kernels as they
+    /// are; a view whose last dim is strided, whose other strides are not 16-byte multiples,
+    /// or that is not 4-dim (the log-sum-exp) gets a dense copy.
+    #[test]
+    fn kernels_take_row_views_and_copy_the_rest() {
+        let t = Tensor::zeros([1, 4, 64, 16], (Kind::BFloat16, Device::Cpu));
+        assert!(kernel_layout_ok(&t));
+        let rows = t.narrow(2, 32, 16);
+        assert!(!rows.is_contiguous() && kernel_layout_ok(&rows));
+        assert!(kernel_layout_ok(&t.narrow(2, 0, 24)));
+        assert!(!kernel_layout_ok(&t.transpose(2, 3)));
+        // One element of bf16 is 2 bytes: a head dim of 3 makes strides that are not 16-byte
+        // multiples, and a start 2 bytes in is misaligned.
+        let odd = Tensor::zeros([1, 4, 64, 3], (Kind::BFloat16, Device::Cpu));
+        assert!(!kernel_layout_ok(&odd.narrow(2, 1, 8)));
+        let lse = Tensor::zeros([1, 4, 64], (Kind::Float, Device::Cpu));
+        assert!(kernel_layout_ok(&lse) && !kernel_layout_ok(&lse.narrow(2, 0, 8)));
+        // Only the CUDA backends copy.
+        assert!(dense(Backend::CpuMath, &t.transpose(2, 3)).is_none());
+        assert!(dense(Backend::Cudnn, &t.transpose(2, 3)).is_some());
+        assert!(dense(Backend::Cudnn, &rows).is_none());
+    }
+}
