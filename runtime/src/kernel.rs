@@ -97,7 +97,7 @@ fn kernel_layout_ok(t: &Tensor) -> bool {
     st.len() == 4
         && st[3] == 1
         && st[..3].iter().all(|s| (s * elt) % 16 == 0)
-        && (t.data_ptr() as usize) % 16 == 0
+        && (t.data_ptr() as usize).is_multiple_of(16)
 }
 
 /// The kv heads repeated `g` times, or `None` when `g == 1` (no copy).
