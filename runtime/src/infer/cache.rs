@@ -250,14 +250,17 @@ impl KvCache {
                 Tensor::full([1, hq, 1], f64::NEG_INFINITY, (ak, dev)),
             ));
         }
-        if flash_decode_fits(q) {
+        // Set once a FlashAttention call failed (e.g. a GPU it does not support): the process
+        // decodes with the GEMM path from then on instead of failing a call per token.
+        static FLASH_FAILED: std::sync::atomic::AtomicBool =
+            std::sync::atomic::AtomicBool::new(false);
+        if flash_decode_fits(q) && !FLASH_FAILED.load(std::sync::atomic::Ordering::Relaxed) {
             match self.attend_flash(q, scale) {
                 Ok(r) => return Ok(r),
                 Err(e) => {
-                    static WARN: std::sync::Once = std::sync::Once::new();
-                    WARN.call_once(|| {
-                        eprintln!("warning: FlashAttention decode failed ({e}); decoding with batched GEMMs")
-                    });
+                    if !FLASH_FAILED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        eprintln!("warning: FlashAttention decode failed ({e}); decoding with batched GEMMs");
+                    }
                 }
             }
         }
