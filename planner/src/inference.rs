@@ -99,18 +99,18 @@ pub struct DecodeKernel {
 /// kernel on CUDA), views (reshape of contiguous tensors, narrow, transpose, squeeze) launch
 /// nothing. Counted by reading the code; ATen composites (`logsumexp`, `isfinite`) as ATen
 /// implements them. Per token:
-/// - before the layers: the token id and its position copied to the device (2); `Rope::new`
-///   for one position: arange, divide, neg, multiply, exp, cast to f64, matmul, cat, cos,
-///   cast, sin, cast (12); `Decoder::embed`: the embedding row gather (1);
+/// - before the layers: the token id and the position's RoPE row (`Rope::at_position`, made
+///   on the host) copied to the device (2); `Decoder::embed`: the embedding row gather (1);
 /// - per layer, `Decoder::pre_attention_with`: RMSNorm (1), q, k, v projections (3),
 ///   `Rope::apply` to q and to k: neg, cat, two multiplies, add (2 x 5);
 /// - `KvCache::append` of the one new token on its owner rank: K and V copied into the chunk
 ///   in place (2; on the critical path, since the merge waits for the owner);
-/// - `KvCache::attend` over c chunks of L keys: the query group expanded per chunk (1 copy),
-///   the scores q K^T as one batched GEMM with fp32 output (1), the last chunk's tail set to
-///   -inf (1), max over all keys (1), subtract, scale, exp in place (3), sum (1), P cast to
-///   bf16 (1), P V as one batched GEMM (1), sum over chunks (1), divide by the sum (1), the
-///   log-sum-exp m scale + log l (3): 15;
+/// - `KvCache::attend` on CUDA (`attend_flash`) over f full chunks of L keys and t keys
+///   held in the last one: when f > 0 the query repeated per chunk (1 copy) and one
+///   FlashAttention call over the f chunks (1, reading their K/V once; the scores stay on
+///   chip), when t > 0 one call over those t keys (1), when both the two partials
+///   concatenated (out and lse: 2), then their log-sum-exp merge: max, subtract, exp, sum,
+///   multiply, sum, divide, log, add (9): 10 to 14;
 /// - `merge::merge_over` when sp > 1: pack out and lse (cat, 1), the all-gather (costed with
 ///   the collectives, not here), `merge_partials`: `logsumexp` (amax, abs, eq, masked_fill,
 ///   sub, exp, sum, log, add: 9), `isfinite` (eq, abs, ne, mul: 4), where (1), subtract (1),
@@ -122,10 +122,10 @@ pub struct DecodeKernel {
 /// - after the layers, `Decoder::head`: final RMSNorm (1), the LM head GEMM (1); the logits
 ///   cast to f64 (1) and copied to the host (1, the step's one synchronisation).
 ///
-/// That is 19 + 41 per layer (+ 19 when sp > 1) kernels. Bytes: weights and activations
-/// 2 bytes per element, scores and partial outputs fp32. The batched GEMMs read whole chunks
-/// (c L keys, the tail padding included). Small kernels' bytes are upper estimates; they
-/// sit at the floor anyway.
+/// That is 7 + 36 to 40 per layer (+ 19 when sp > 1) kernels. Bytes: weights and activations
+/// 2 bytes per element, log-sum-exps and merged outputs fp32. FlashAttention reads only the
+/// keys held (no tail padding). Small kernels' bytes are upper estimates; they sit at the
+/// floor anyway.
 pub fn decode_kernels(m: &ModelSpec, kv_tokens: u64, sp: u32) -> Vec<DecodeKernel> {
     const B: f64 = 2.0; // bf16
     const F: f64 = 4.0; // fp32
@@ -137,16 +137,16 @@ pub fn decode_kernels(m: &ModelSpec, kv_tokens: u64, sp: u32) -> Vec<DecodeKerne
     let (hq, hkv, d) = (m.num_heads as f64, m.num_kv_heads as f64, m.head_dim as f64);
     let (qd, kvd) = (hq * d, hkv * d);
     let chunk = cache_chunk_len(kv_tokens, m.num_kv_heads);
-    let chunks = kv_tokens.div_ceil(chunk).max(1);
-    let (c, keys) = (chunks as f64, (chunks * chunk) as f64);
-    let tail = (chunks * chunk - kv_tokens) as f64;
+    let (full, held) = (kv_tokens / chunk, kv_tokens % chunk);
+    let parts = u64::from(full > 0) + u64::from(held > 0);
+    // The partial results merged: one per full chunk and one for the last chunk's keys.
+    let n = (full + u64::from(held > 0)) as f64;
     let bias = if m.qkv_bias { 1.0 } else { 0.0 };
     let proj = |n_in: f64, n_out: f64, b: f64| B * (n_in * n_out + b * n_out + n_in + n_out);
     let k = |name, count, bytes| DecodeKernel { name, count, bytes };
-    let scores = keys * hq * F;
+    let flash = |keys: f64, batch: f64| B * (2.0 * keys * kvd + 2.0 * batch * qd) + F * batch * hq;
     let mut out = vec![
-        k("token id and position to device", 2, 16.0),
-        k("rope tables", 12, 8.0 * d),
+        k("token id and rope row to device", 2, 8.0 + 2.0 * B * d),
         k("embedding row", 1, 2.0 * B * h),
     ];
     let layers = m.num_layers;
@@ -157,17 +157,39 @@ pub fn decode_kernels(m: &ModelSpec, kv_tokens: u64, sp: u32) -> Vec<DecodeKerne
         k("rope on q", 5 * layers, B * 3.0 * qd),
         k("rope on k", 5 * layers, B * 3.0 * kvd),
         k("cache append", 2 * layers, B * 2.0 * kvd),
-        k("query group per chunk", layers, B * (qd + c * qd)),
-        k("scores q K^T", layers, B * keys * kvd + B * c * qd + scores),
-        k("tail mask", layers, tail * hq * F),
-        k("score max", layers, scores + hq * F),
-        k("subtract, scale, exp", 3 * layers, 2.0 * scores),
-        k("score sum", layers, scores + hq * F),
-        k("P to bf16", layers, scores + keys * hq * B),
-        k("P V", layers, keys * hq * B + B * keys * kvd + F * c * qd),
-        k("sum over chunks", layers, F * (c * qd + qd)),
+        k(
+            "query per chunk",
+            u64::from(full > 0) * layers,
+            B * (qd + full as f64 * qd),
+        ),
+        k(
+            "flash attention over the full chunks",
+            u64::from(full > 0) * layers,
+            flash((full * chunk) as f64, full as f64),
+        ),
+        k(
+            "flash attention over the last chunk's keys",
+            u64::from(held > 0) * layers,
+            flash(held as f64, 1.0),
+        ),
+        k(
+            "partials concatenated",
+            2 * u64::from(parts == 2) * layers,
+            2.0 * n * (B * qd + F * hq),
+        ),
+        k(
+            "merge max, subtract, exp, sum",
+            4 * layers,
+            2.0 * n * F * hq,
+        ),
+        k(
+            "merge weighted outputs",
+            layers,
+            n * qd * (B + F) + F * hq * n,
+        ),
+        k("merge sum over chunks", layers, F * (n * qd + qd)),
         k("normalise", layers, F * (2.0 * qd + hq)),
-        k("log-sum-exp", 3 * layers, F * 3.0 * hq),
+        k("log-sum-exp", 2 * layers, F * 3.0 * hq),
         k("attention to bf16", layers, (F + B) * qd),
         k("o projection", layers, proj(qd, h, 0.0)),
         k("residual add", 2 * layers, B * 3.0 * h),
@@ -871,12 +893,11 @@ mod tests {
         }
     }
 
-    /// The kernel chain of one decode step, counted from the runtime: 19 per token + 41 per
-    /// layer (+ 19 merge kernels per layer when sp > 1); its bytes are the KV shard, the
-    /// weights (hand-computed for llama3-8b, the embedding table except one row not read) and
-    /// the fp32 scores' passes, about 44 bytes per key and q head (cache.rs: written once,
-    /// read by max, subtract, scale, exp, sum and the cast, the bf16 P written and read by
-    /// P V).
+    /// The kernel chain of one decode step, counted from the runtime: 7 per token + 37 per
+    /// layer at 64K keys in whole chunks (+ 19 merge kernels per layer when sp > 1), 40 when
+    /// the last chunk is partly held; its bytes are the KV shard and the weights
+    /// (hand-computed for llama3-8b, the embedding table except one row not read): the
+    /// FlashAttention path keeps the scores on chip.
     #[test]
     fn decode_kernels_are_the_runtime_chain() {
         let m = crate::spec::model::load("llama3-8b").unwrap();
@@ -886,8 +907,13 @@ mod tests {
                 .map(|k| k.count)
                 .sum::<u64>()
         };
-        assert_eq!(count(1), 19 + 41 * 32);
-        assert_eq!(count(8), 19 + 60 * 32);
+        assert_eq!(count(1), 7 + 37 * 32);
+        assert_eq!(count(8), 7 + 56 * 32);
+        let partial: u64 = decode_kernels(&m, 64 * 1024 + 5, 1)
+            .iter()
+            .map(|k| k.count)
+            .sum();
+        assert_eq!(partial, 7 + 40 * 32);
         // 32 layers x 218_112_000 + norm 4096 + head 128256 x 4096 + one embedding row 4096.
         let w = 2.0 * (32.0 * 218_112_000.0 + 4096.0 + 128_256.0 * 4096.0 + 4096.0);
         assert_eq!(m.layer_params(), 218_112_000);
@@ -897,13 +923,12 @@ mod tests {
         assert_eq!(cache_chunk_len(64 * 1024, 8), 1024);
         assert_eq!(cache_chunk_len(1000, 2), 256);
         let kv = kv_cache_bytes(32, 8, 128, 64 * 1024);
-        let scores = 32.0 * 64.0 * 1024.0 * 32.0 * 44.0;
         let total: f64 = decode_kernels(&m, 64 * 1024, 1)
             .iter()
             .map(|k| k.count as f64 * k.bytes)
             .sum();
         // The rest: activations, the per-chunk query copies and partial outputs, the logits.
-        let rest = total - kv - w - scores;
+        let rest = total - kv - w;
         assert!(rest > 0.0 && rest < 0.01 * total, "{rest} of {total}");
     }
 
@@ -926,7 +951,7 @@ mod tests {
             .sum();
         assert!((e.decode_kernels_s - want).abs() < 1e-12 * want);
         assert!((e.decode_hbm_s + e.decode_floor_s - want).abs() < 1e-12 * want);
-        assert_eq!(e.decode_kernels_per_token, 19 + 41 * 32);
+        assert_eq!(e.decode_kernels_per_token, 7 + 37 * 32);
         let kv = kv_cache_bytes(32, 8, 128, 64 * 1024);
         let bw = topo.spec.hbm_bytes_per_s * crate::cost::compute::HBM_EFFICIENCY;
         assert!(e.decode_hbm_s > (kv + decode_weight_bytes(&m)) / bw);
@@ -971,8 +996,9 @@ mod tests {
             let topo = Topology::build(c, 1);
             let e = evaluate(&topo, &m, &req, &one_gpu()).unwrap();
             assert_eq!(e.decode_kernel_floor_s, floor);
-            let n = (19 + 41 * 2) as f64;
-            assert_eq!(e.decode_kernels_per_token, 101);
+            // 1024 keys in 4 whole chunks of 256.
+            let n = (7 + 37 * 2) as f64;
+            assert_eq!(e.decode_kernels_per_token, 81);
             assert!(e.decode_s_per_token >= n * floor * (1.0 - 1e-12));
             assert!(e.decode_s_per_token < 1.01 * n * floor, "{e:?}");
             assert!(e.decode_floor_s > 100.0 * e.decode_hbm_s);

@@ -182,6 +182,14 @@ char *mmsp_event_record(void *ev, int device) {
     MMSP_SHIM_CATCH("mmsp shim")
 }
 
+// Makes the calling thread's current stream of `device` wait (on the device, not the host)
+// for the work before the event's last record.
+char *mmsp_event_block(void *ev, int device) {
+    MMSP_SHIM_TRY
+    static_cast<c10::Event *>(ev)->block(cuda_impl()->getStream(cuda_device(device)));
+    MMSP_SHIM_CATCH("mmsp shim")
+}
+
 // Waits for `end` on the host, then writes the milliseconds from `start` to `end`.
 char *mmsp_event_elapsed_ms(void *start, void *end, double *ms) {
     MMSP_SHIM_TRY

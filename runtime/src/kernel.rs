@@ -75,10 +75,29 @@ fn gqa_factor(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<i64> {
     Ok(qs[1] / ks[1])
 }
 
-/// The CUDA kernels get dense tensors (row slices of a block are strided views): a dense copy
-/// when one is needed, else `None` (the tensor is used as it is, with no new handle).
+/// A dense copy of `t` for a CUDA kernel when its layout needs one, else `None` (the tensor
+/// is used as it is, with no new handle). See [`kernel_layout_ok`].
 fn dense(backend: Backend, t: &Tensor) -> Option<Tensor> {
-    (backend != Backend::CpuMath && !t.is_contiguous()).then(|| t.contiguous())
+    (backend != Backend::CpuMath && !kernel_layout_ok(t)).then(|| t.contiguous())
+}
+
+/// Whether a CUDA kernel takes `t` as it is: dense, or a 4-dim (B, H, S, D) view whose last
+/// dim is dense and whose other strides and start are 16-byte aligned, such as a row range
+/// (along S) of a dense (B, H, S, D) tensor. ATen builds its cuDNN graphs from the tensors'
+/// own strides (`aten/src/ATen/native/cudnn/MHA.cpp`, `build_graph_backward`: `set_stride(
+/// q.strides().vec())` for q, k, v, o, dO) and FlashAttention wants only a dense last dim,
+/// so a ring step's K/V columns and a block's q rows need no copy; `mmsp-runtime check`
+/// compares such calls with float64 on the GPU. The 3-dim log-sum-exp is always passed dense.
+fn kernel_layout_ok(t: &Tensor) -> bool {
+    if t.is_contiguous() {
+        return true;
+    }
+    let st = t.stride();
+    let elt = t.kind().elt_size_in_bytes() as i64;
+    st.len() == 4
+        && st[3] == 1
+        && st[..3].iter().all(|s| (s * elt) % 16 == 0)
+        && (t.data_ptr() as usize).is_multiple_of(16)
 }
 
 /// The kv heads repeated `g` times, or `None` when `g == 1` (no copy).
@@ -140,6 +159,30 @@ pub fn attention_fwd(
     )
 }
 
+/// Forward of FlashAttention (CUDA) with the kv heads as they are, no mask: q (B, Hq, Sq, D)
+/// against k, v (B, Hkv, Sk, D) with Hq a multiple of Hkv, which FlashAttention handles
+/// itself (ATen's `flash_api.cpp`, `mha_fwd`: the q heads of one kv head share its K/V), so
+/// no kv head is repeated. Returns (out in q's dtype, lse (B, Hq, Sq) float32). For decode.
+pub fn attention_fwd_gqa_flash(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    Backend::Flash.check(q)?;
+    gqa_factor(q, k, v)?;
+    let p = |t: &Tensor| Prepared::new(Backend::Flash, t, 1);
+    let (qp, kp, vp) = (p(q), p(k), p(v));
+    ffi::attn_fwd(
+        Backend::Flash.code(),
+        qp.get(q),
+        kp.get(k),
+        vp.get(v),
+        false,
+        scale,
+    )
+}
+
 /// Backward given the output and log-sum-exp of all of q's rows (global ones when the kv are
 /// split in blocks): returns (dq, dk, dv) in the input dtype.
 #[allow(clippy::too_many_arguments)]
@@ -157,7 +200,24 @@ pub fn attention_bwd(
     backend.check(q)?;
     let g = gqa_factor(q, k, v)?;
     let p = |t: &Tensor, g: i64| Prepared::new(backend, t, g);
-    let (dop, qp, kp, vp, op, lp) = (p(dout, 1), p(q, 1), p(k, g), p(v, g), p(out, 1), p(lse, 1));
+    // cuDNN's backward assumes dout has out's strides (pytorch/pytorch#138354): two views
+    // of one layout pass as they are, anything else is made dense.
+    let same = dout.stride() == out.stride() || backend == Backend::CpuMath;
+    let p_out = |t: &Tensor| {
+        if same {
+            p(t, 1)
+        } else {
+            Prepared(Some(t.contiguous()))
+        }
+    };
+    let (dop, qp, kp, vp, op, lp) = (
+        p_out(dout),
+        p(q, 1),
+        p(k, g),
+        p(v, g),
+        p_out(out),
+        p(lse, 1),
+    );
     let (dq, dk, dv) = ffi::attn_bwd(
         backend.code(),
         dop.get(dout),
@@ -199,4 +259,32 @@ pub fn reference_attention(
     let loss = (&o * dout).sum(o.kind());
     let g = Tensor::f_run_backward(&[&loss], &[&q, &k, &v], false, false)?;
     Ok((o.detach(), g[0].detach(), g[1].detach(), g[2].detach()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Row and column ranges of a dense (B, H, S, D) tensor go to the CUDA kernels as they
+    /// are; a view whose last dim is strided, whose other strides are not 16-byte multiples,
+    /// or that is not 4-dim (the log-sum-exp) gets a dense copy.
+    #[test]
+    fn kernels_take_row_views_and_copy_the_rest() {
+        let t = Tensor::zeros([1, 4, 64, 16], (Kind::BFloat16, Device::Cpu));
+        assert!(kernel_layout_ok(&t));
+        let rows = t.narrow(2, 32, 16);
+        assert!(!rows.is_contiguous() && kernel_layout_ok(&rows));
+        assert!(kernel_layout_ok(&t.narrow(2, 0, 24)));
+        assert!(!kernel_layout_ok(&t.transpose(2, 3)));
+        // One element of bf16 is 2 bytes: a head dim of 3 makes strides that are not 16-byte
+        // multiples, and a start 2 bytes in is misaligned.
+        let odd = Tensor::zeros([1, 4, 64, 3], (Kind::BFloat16, Device::Cpu));
+        assert!(!kernel_layout_ok(&odd.narrow(2, 1, 8)));
+        let lse = Tensor::zeros([1, 4, 64], (Kind::Float, Device::Cpu));
+        assert!(kernel_layout_ok(&lse) && !kernel_layout_ok(&lse.narrow(2, 0, 8)));
+        // Only the CUDA backends copy.
+        assert!(dense(Backend::CpuMath, &t.transpose(2, 3)).is_none());
+        assert!(dense(Backend::Cudnn, &t.transpose(2, 3)).is_some());
+        assert!(dense(Backend::Cudnn, &rows).is_none());
+    }
 }

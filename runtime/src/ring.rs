@@ -55,8 +55,9 @@ pub fn blocks(zz: &Zigzag, r: usize, src: usize) -> Vec<Block> {
     }
 }
 
-/// Dense copies of row ranges of a tensor, made once per call: the CUDA kernels want dense
-/// inputs and every step after the first uses the same ranges again.
+/// Dense copies of row ranges of the log-sum-exp, made once per call (the kernels take the
+/// 3-dim log-sum-exp dense; every step after the first uses the same ranges again). The
+/// (B, H, S, D) tensors are passed as row views: see `kernel::kernel_layout_ok`.
 #[derive(Default)]
 struct RowCache(std::collections::HashMap<(i64, i64), Tensor>);
 
@@ -136,9 +137,8 @@ fn merge_parts(mut parts: Vec<Part>, rows: i64, ak: Kind, out_kind: Kind) -> Res
     };
     let others = || parts.iter().chain((!last.covers(rows)).then_some(&last));
     for p in others() {
-        let mut l = lse.narrow(2, p.off, p.len);
-        let merged = l.f_logaddexp(&p.lse)?;
-        l.f_copy_(&merged)?;
+        let l = lse.narrow(2, p.off, p.len);
+        let _ = l.f_logaddexp_out(&l, &p.lse)?;
     }
     let weight = |p: &Part| -> Result<Tensor> {
         Ok(p.lse
@@ -247,7 +247,6 @@ pub fn ring_fwd(
     let mut parts: Vec<Part> = Vec::with_capacity(n.min(MAX_PARTS) + 2);
     let mut cur_k = k.shallow_clone();
     let mut cur_v = v.shallow_clone();
-    let mut q_rows = RowCache::default();
     for j in 0..n {
         let src = (r + n - j) % n;
         let pending = if j + 1 < n {
@@ -261,7 +260,7 @@ pub fn ring_fwd(
             None
         };
         for blk in blocks(zz, r, src) {
-            let qb = q_rows.get(q, blk.q_off, blk.q_len);
+            let qb = q.narrow(2, blk.q_off, blk.q_len);
             let kb = cur_k.narrow(2, blk.kv_off, blk.kv_len);
             let vb = cur_v.narrow(2, blk.kv_off, blk.kv_len);
             let (o, lse) = attention_fwd(backend, &qb, &kb, &vb, blk.causal, scale)?;
@@ -369,12 +368,7 @@ pub fn ring_bwd(
     let ak = acc_kind(q.kind());
     // Allocated (as zeros) only if the first step does not cover every row.
     let mut dq_acc: Option<Tensor> = None;
-    let (mut q_rows, mut dout_rows, mut out_rows, mut lse_rows) = (
-        RowCache::default(),
-        RowCache::default(),
-        RowCache::default(),
-        RowCache::default(),
-    );
+    let mut lse_rows = RowCache::default();
     let mut cur_k = k.shallow_clone();
     let mut cur_v = v.shallow_clone();
     let mut pending_dkv: Option<(crate::comm::Work, Tensor, Tensor)> = None;
@@ -394,13 +388,14 @@ pub fn ring_bwd(
         let mut grads = Vec::new();
         for blk in blocks(zz, r, src) {
             let cols = |t: &Tensor| t.narrow(2, blk.kv_off, blk.kv_len);
+            let rows = |t: &Tensor| t.narrow(2, blk.q_off, blk.q_len);
             let (dq, dk, dv) = attention_bwd(
                 backend,
-                &dout_rows.get(&dout, blk.q_off, blk.q_len),
-                &q_rows.get(q, blk.q_off, blk.q_len),
+                &rows(&dout),
+                &rows(q),
                 &cols(&cur_k),
                 &cols(&cur_v),
-                &out_rows.get(&ctx.out, blk.q_off, blk.q_len),
+                &rows(&ctx.out),
                 &lse_rows.get(&ctx.lse, blk.q_off, blk.q_len),
                 blk.causal,
                 scale,

@@ -107,6 +107,7 @@ extern "C" {
     fn mmsp_event_new(out: *mut *mut c_void) -> *mut c_char;
     fn mmsp_event_free(ev: *mut c_void);
     fn mmsp_event_record(ev: *mut c_void, device: c_int) -> *mut c_char;
+    fn mmsp_event_block(ev: *mut c_void, device: c_int) -> *mut c_char;
     fn mmsp_event_elapsed_ms(start: *mut c_void, end: *mut c_void, ms: *mut f64) -> *mut c_char;
 }
 
@@ -251,6 +252,10 @@ pub fn sync_current_stream(device: usize) -> Result<()> {
 /// A CUDA event with timing, recorded on the calling thread's current stream.
 pub struct TimingEvent(*mut c_void);
 
+// SAFETY: the handle is a heap `c10::Event` that any thread may record, wait on or free; the
+// wrapper is not `Sync`, so two threads never use one event at the same time.
+unsafe impl Send for TimingEvent {}
+
 impl TimingEvent {
     /// A new, unrecorded event.
     pub fn new() -> Result<TimingEvent> {
@@ -272,6 +277,17 @@ impl TimingEvent {
         check(
             unsafe { mmsp_event_record(self.0, d) },
             "recording a CUDA event",
+        )
+    }
+
+    /// Makes this thread's current stream of `cuda:device` wait, on the device, for the
+    /// work before the event's last record (on whichever stream that was).
+    pub fn block(&self, device: usize) -> Result<()> {
+        let d = device_index(device)?;
+        // SAFETY: self.0 is a live event owned by self.
+        check(
+            unsafe { mmsp_event_block(self.0, d) },
+            "waiting on a CUDA event",
         )
     }
 

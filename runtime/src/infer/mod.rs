@@ -368,8 +368,7 @@ impl<'a> RankInference<'a> {
         let p = self.seq_len;
         let mine = self.kv_owner(p) == self.world.rank();
         let ids = Tensor::from_slice(&[token]).to(dev).unsqueeze(0);
-        let positions = Tensor::from_slice(&[p as i64]).to(dev);
-        let rope = Rope::new(cfg, &positions, self.model.compute);
+        let rope = Rope::at_position(cfg, p, self.model.compute, dev);
         let mut x = self.model.embed(Input::Ids(&ids))?;
         let mut outs = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {

@@ -129,6 +129,26 @@ impl Rope {
         }
     }
 
+    /// Tables for the one position `pos` (decoding), computed on the host in float64 as
+    /// [`Rope::new`] computes them and copied to `device` in one transfer: no kernel launches
+    /// for the table (`Rope::new` launches a dozen small ones for a single row).
+    pub fn at_position(cfg: &ModelConfig, pos: usize, kind: Kind, device: Device) -> Rope {
+        let (inv, scale) = inv_freq(cfg);
+        let p = pos as f64;
+        let half: Vec<f64> = inv.iter().map(|f| p * f).collect();
+        let row = |g: fn(f64) -> f64| half.iter().chain(&half).map(move |&x| g(x) * scale);
+        let both: Vec<f64> = row(f64::cos).chain(row(f64::sin)).collect();
+        let d = 2 * half.len() as i64;
+        let t = Tensor::from_slice(&both)
+            .view([2, 1, d])
+            .to_kind(kind)
+            .to(device);
+        Rope {
+            cos: t.get(0),
+            sin: t.get(1),
+        }
+    }
+
     /// Positions of zigzag ranges, in local order.
     pub fn positions(ranges: &[(usize, usize)], device: Device) -> Tensor {
         let v: Vec<i64> = ranges
@@ -145,5 +165,42 @@ impl Rope {
         let x2 = x.narrow(3, half, half);
         let rot = Tensor::cat(&[&x2.neg(), &x1], 3);
         x * &self.cos + rot * &self.sin
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host-made table of one position equals the general one (to the last float64 ulp,
+    /// so equal once cast to bf16) for plain and scaled frequencies.
+    #[test]
+    fn table_of_one_position_equals_the_general_one() {
+        let mut cfgs = vec![ModelConfig::tiny()];
+        let mut yarn = ModelConfig::tiny();
+        yarn.rope_scaling = RopeScaling::Yarn {
+            factor: 4.0,
+            original_max_position_embeddings: 32768.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            attention_factor: 1.1386,
+            truncate: true,
+        };
+        cfgs.push(yarn);
+        for cfg in &cfgs {
+            for kind in [Kind::Double, Kind::BFloat16] {
+                for pos in [0usize, 1, 4097, 1_048_575] {
+                    let general = Rope::new(cfg, &Tensor::from_slice(&[pos as i64]), kind);
+                    let one = Rope::at_position(cfg, pos, kind, Device::Cpu);
+                    assert_eq!(one.cos.size(), general.cos.size());
+                    // float64: the host's cos/sin and ATen's may differ in the last ulp.
+                    let close = |a: &Tensor, b: &Tensor| {
+                        (a - b).abs().max().double_value(&[]) <= 4e-16 * 2.0
+                    };
+                    assert!(close(&one.cos, &general.cos), "cos at {pos} ({kind:?})");
+                    assert!(close(&one.sin, &general.sin), "sin at {pos} ({kind:?})");
+                }
+            }
+        }
     }
 }

@@ -40,7 +40,8 @@ pub enum Cmd {
         #[arg(long, default_value = "all")]
         what: String,
         /// How the 2D in-process ranks queue GPU work: one (the default stream, shared),
-        /// per-rank (a pool stream each), or both.
+        /// per-rank (a pool stream each, drained by the host around every collective),
+        /// per-rank-events (a pool stream each, ordered by CUDA events); comma-separated.
         #[arg(long, default_value = "one,per-rank", value_delimiter = ',')]
         streams: Vec<String>,
     },
@@ -192,13 +193,88 @@ impl<C: Communicator> Communicator for StreamSynced<C> {
     }
 }
 
+/// Events of one in-process group, one slot per rank: recorded by their rank on its stream,
+/// waited on by the others' streams.
+type GroupEvents = std::sync::Arc<Vec<std::sync::Mutex<TimingEvent>>>;
+
+fn group_events(n: usize) -> Result<GroupEvents> {
+    let evs = (0..n)
+        .map(|_| TimingEvent::new().map(std::sync::Mutex::new))
+        .collect::<mmsp_runtime::Result<Vec<_>>>()?;
+    Ok(std::sync::Arc::new(evs))
+}
+
+/// Like [`StreamSynced`], but the ranks order their streams through CUDA events instead of
+/// draining them on the host, as NCCL's streams are ordered: before a collective each rank
+/// records an event after its queued work and every rank's stream waits (on the device) for
+/// the other ranks' events, so the copies read finished sends; after it, each rank records
+/// again and waits for the others' copies before its stream reuses its buffers. The host
+/// meets the other ranks at barriers but never waits for the GPU.
+struct EventSynced<C: Communicator> {
+    inner: C,
+    device: usize,
+    before: GroupEvents,
+    after: GroupEvents,
+}
+
+impl<C: Communicator> EventSynced<C> {
+    fn order_after(&self, evs: &GroupEvents) -> mmsp_runtime::Result<()> {
+        let me = self.inner.rank();
+        let lock = |i: usize| evs[i].lock().unwrap_or_else(|e| e.into_inner());
+        lock(me).record(self.device)?;
+        self.inner.barrier()?;
+        for p in (0..evs.len()).filter(|&p| p != me) {
+            lock(p).block(self.device)?;
+        }
+        // Nobody records this slot again before every rank has waited on it.
+        self.inner.barrier()
+    }
+
+    fn around<T>(&self, op: impl FnOnce(&C) -> mmsp_runtime::Result<T>) -> mmsp_runtime::Result<T> {
+        self.order_after(&self.before)?;
+        let r = op(&self.inner);
+        self.order_after(&self.after)?;
+        r
+    }
+}
+
+impl<C: Communicator> Communicator for EventSynced<C> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    fn all_to_all(&self, send: &[Tensor], recv: &[Tensor]) -> mmsp_runtime::Result<Work> {
+        self.around(|c| c.all_to_all(send, recv)?.wait().map(|_| Work::done()))
+    }
+    fn send_recv(&self, ops: &[P2p]) -> mmsp_runtime::Result<Work> {
+        self.around(|c| c.send_recv(ops)?.wait().map(|_| Work::done()))
+    }
+    fn all_gather(&self, send: &Tensor, recv: &Tensor) -> mmsp_runtime::Result<()> {
+        self.around(|c| c.all_gather(send, recv))
+    }
+    fn reduce_scatter(&self, send: &Tensor, recv: &Tensor) -> mmsp_runtime::Result<()> {
+        self.around(|c| c.reduce_scatter(send, recv))
+    }
+    fn all_reduce(&self, t: &Tensor) -> mmsp_runtime::Result<()> {
+        self.around(|c| c.all_reduce(t))
+    }
+    fn barrier(&self) -> mmsp_runtime::Result<()> {
+        self.inner.barrier()
+    }
+}
+
 /// How the in-process ranks of a 2D run queue their GPU work.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Streams {
     /// Every rank on libtorch's default stream: kernels run one after another.
     One,
-    /// Each rank on its own stream from libtorch's pool (see [`StreamSynced`]).
+    /// Each rank on its own stream from libtorch's pool, drained by the host around every
+    /// collective (see [`StreamSynced`]).
     PerRank,
+    /// Each rank on its own pool stream, ordered by CUDA events (see [`EventSynced`]).
+    PerRankEvents,
 }
 
 impl Streams {
@@ -206,6 +282,7 @@ impl Streams {
         match self {
             Streams::One => "one",
             Streams::PerRank => "per-rank",
+            Streams::PerRankEvents => "per-rank-events",
         }
     }
 }
@@ -251,6 +328,41 @@ fn blocks_only(
     Ok((f, fb))
 }
 
+/// Per world rank, the (before, after) events of its group of `kind` (see [`EventSynced`]).
+fn rank_events(layout: &Layout, kind: GroupKind) -> Result<Vec<(GroupEvents, GroupEvents)>> {
+    let mut slots: Vec<Option<(GroupEvents, GroupEvents)>> =
+        (0..layout.world_size()).map(|_| None).collect();
+    for g in layout.all_groups(kind) {
+        let evs = (group_events(g.len())?, group_events(g.len())?);
+        for &m in &g {
+            slots[m] = Some((evs.0.clone(), evs.1.clone()));
+        }
+    }
+    slots
+        .into_iter()
+        .map(|s| s.context("a rank in no group"))
+        .collect()
+}
+
+/// One rank's communicator for the given stream mode.
+fn rank_comm<C: Communicator + 'static>(
+    streams: Streams,
+    inner: C,
+    device: usize,
+    (before, after): (GroupEvents, GroupEvents),
+) -> Box<dyn Communicator> {
+    match streams {
+        Streams::One => Box::new(inner),
+        Streams::PerRank => Box::new(StreamSynced { inner, device }),
+        Streams::PerRankEvents => Box::new(EventSynced {
+            inner,
+            device,
+            before,
+            after,
+        }),
+    }
+}
+
 /// Times fwd+bwd (and fwd alone) of 2D attention with one thread per rank on one device.
 fn time_2d(
     layout: Layout,
@@ -276,32 +388,23 @@ fn time_2d(
         inputs.push((sh(&p.q)?, sh(&p.k)?, sh(&p.v)?, sh(&p.dout)?));
     }
     drop(p);
+    let (uly_evs, ring_evs) = (
+        rank_events(&layout, GroupKind::Ulysses)?,
+        rank_events(&layout, GroupKind::Ring)?,
+    );
+    let comms = uly.into_iter().zip(ring).zip(uly_evs).zip(ring_evs);
     let res: Vec<Result<(f64, f64, f64, f64)>> = std::thread::scope(|s| {
-        let hs: Vec<_> = uly
-            .into_iter()
-            .zip(ring)
+        let hs: Vec<_> = comms
             .zip(world)
             .zip(inputs)
-            .map(|(((uc, rc), wc), (q, k, v, dout))| {
+            .map(|(((((uc, rc), ue), re), wc), (q, k, v, dout))| {
                 s.spawn(move || -> Result<(f64, f64, f64, f64)> {
-                    let (uc, rc) = (
-                        StreamSynced {
-                            inner: uc,
-                            device: dev_idx,
-                        },
-                        StreamSynced {
-                            inner: rc,
-                            device: dev_idx,
-                        },
-                    );
-                    let (uly, ring): (&dyn Communicator, &dyn Communicator) = match streams {
-                        Streams::One => (&uc.inner, &rc.inner),
-                        Streams::PerRank => {
-                            use_pool_stream(dev_idx)?;
-                            (&uc, &rc)
-                        }
-                    };
-                    let attn = Attention2d::new(uly, ring, backend, shape)?;
+                    if streams != Streams::One {
+                        use_pool_stream(dev_idx)?;
+                    }
+                    let uly = rank_comm(streams, uc, dev_idx, ue);
+                    let ring = rank_comm(streams, rc, dev_idx, re);
+                    let attn = Attention2d::new(&*uly, &*ring, backend, shape)?;
                     let run = |bwd: bool| -> Result<(f64, f64)> {
                         let mut ts = Vec::new();
                         let mut warm = 0.0;
@@ -713,8 +816,9 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
                 .map(|x| match x.as_str() {
                     "one" => Ok(Streams::One),
                     "per-rank" => Ok(Streams::PerRank),
+                    "per-rank-events" => Ok(Streams::PerRankEvents),
                     _ => Err(crate::util::usage(format!(
-                        "--streams takes one or per-rank, not {x:?}"
+                        "--streams takes one, per-rank or per-rank-events, not {x:?}"
                     ))),
                 })
                 .collect::<Result<Vec<_>>>()?;
