@@ -166,32 +166,40 @@ impl<C: Communicator> StreamSynced<C> {
     }
 }
 
-impl<C: Communicator> Communicator for StreamSynced<C> {
-    fn rank(&self) -> usize {
-        self.inner.rank()
-    }
-    fn size(&self) -> usize {
-        self.inner.size()
-    }
-    fn all_to_all(&self, send: &[Tensor], recv: &[Tensor]) -> mmsp_runtime::Result<Work> {
-        self.around(|c| c.all_to_all(send, recv)?.wait().map(|_| Work::done()))
-    }
-    fn send_recv(&self, ops: &[P2p]) -> mmsp_runtime::Result<Work> {
-        self.around(|c| c.send_recv(ops)?.wait().map(|_| Work::done()))
-    }
-    fn all_gather(&self, send: &Tensor, recv: &Tensor) -> mmsp_runtime::Result<()> {
-        self.around(|c| c.all_gather(send, recv))
-    }
-    fn reduce_scatter(&self, send: &Tensor, recv: &Tensor) -> mmsp_runtime::Result<()> {
-        self.around(|c| c.reduce_scatter(send, recv))
-    }
-    fn all_reduce(&self, t: &Tensor) -> mmsp_runtime::Result<()> {
-        self.around(|c| c.all_reduce(t))
-    }
-    fn barrier(&self) -> mmsp_runtime::Result<()> {
-        self.inner.barrier()
-    }
+/// `Communicator` for a wrapper with an `inner` communicator and an `around` method that
+/// orders the ranks' streams around each collective (the stream modes of `bench`).
+macro_rules! ordered_communicator {
+    ($wrapper:ident) => {
+        impl<C: Communicator> Communicator for $wrapper<C> {
+            fn rank(&self) -> usize {
+                self.inner.rank()
+            }
+            fn size(&self) -> usize {
+                self.inner.size()
+            }
+            fn all_to_all(&self, send: &[Tensor], recv: &[Tensor]) -> mmsp_runtime::Result<Work> {
+                self.around(|c| c.all_to_all(send, recv)?.wait().map(|_| Work::done()))
+            }
+            fn send_recv(&self, ops: &[P2p]) -> mmsp_runtime::Result<Work> {
+                self.around(|c| c.send_recv(ops)?.wait().map(|_| Work::done()))
+            }
+            fn all_gather(&self, send: &Tensor, recv: &Tensor) -> mmsp_runtime::Result<()> {
+                self.around(|c| c.all_gather(send, recv))
+            }
+            fn reduce_scatter(&self, send: &Tensor, recv: &Tensor) -> mmsp_runtime::Result<()> {
+                self.around(|c| c.reduce_scatter(send, recv))
+            }
+            fn all_reduce(&self, t: &Tensor) -> mmsp_runtime::Result<()> {
+                self.around(|c| c.all_reduce(t))
+            }
+            fn barrier(&self) -> mmsp_runtime::Result<()> {
+                self.inner.barrier()
+            }
+        }
+    };
 }
+
+ordered_communicator!(StreamSynced);
 
 /// Events of one in-process group, one slot per rank: recorded by their rank on its stream,
 /// waited on by the others' streams.
@@ -238,32 +246,7 @@ impl<C: Communicator> EventSynced<C> {
     }
 }
 
-impl<C: Communicator> Communicator for EventSynced<C> {
-    fn rank(&self) -> usize {
-        self.inner.rank()
-    }
-    fn size(&self) -> usize {
-        self.inner.size()
-    }
-    fn all_to_all(&self, send: &[Tensor], recv: &[Tensor]) -> mmsp_runtime::Result<Work> {
-        self.around(|c| c.all_to_all(send, recv)?.wait().map(|_| Work::done()))
-    }
-    fn send_recv(&self, ops: &[P2p]) -> mmsp_runtime::Result<Work> {
-        self.around(|c| c.send_recv(ops)?.wait().map(|_| Work::done()))
-    }
-    fn all_gather(&self, send: &Tensor, recv: &Tensor) -> mmsp_runtime::Result<()> {
-        self.around(|c| c.all_gather(send, recv))
-    }
-    fn reduce_scatter(&self, send: &Tensor, recv: &Tensor) -> mmsp_runtime::Result<()> {
-        self.around(|c| c.reduce_scatter(send, recv))
-    }
-    fn all_reduce(&self, t: &Tensor) -> mmsp_runtime::Result<()> {
-        self.around(|c| c.all_reduce(t))
-    }
-    fn barrier(&self) -> mmsp_runtime::Result<()> {
-        self.inner.barrier()
-    }
-}
+ordered_communicator!(EventSynced);
 
 /// How the in-process ranks of a 2D run queue their GPU work.
 #[derive(Clone, Copy, PartialEq, Eq)]
