@@ -76,6 +76,13 @@ impl RingWork {
             self
         }
     }
+    fn times(self, k: f64) -> RingWork {
+        RingWork {
+            s: self.s * k,
+            bytes: self.bytes * k,
+            kernels: self.kernels * k,
+        }
+    }
     fn plus(self, o: RingWork) -> RingWork {
         RingWork {
             s: self.s + o.s,
@@ -92,17 +99,10 @@ pub struct RingMerge {
     pub bwd: RingWork,
 }
 
-/// A merge's shape: the head part's bytes per element, its covering and half blocks, the
-/// output's bytes per element.
-type GroupKey = (f64, f64, f64, f64);
-
-/// Prices kernel calls: max(bytes over the bandwidth at that call size, the per-kernel floor),
-/// each distinct call size priced once, each distinct merge counted once (ranks share most).
+/// Prices kernel calls: max(bytes over the bandwidth at that call size, the per-kernel floor).
 struct Pricer<'a> {
     spec: &'a ClusterSpec,
     floor: f64,
-    cache: Vec<(f64, bool, f64)>,
-    groups: Vec<(GroupKey, RingWork)>,
 }
 
 impl<'a> Pricer<'a> {
@@ -110,37 +110,21 @@ impl<'a> Pricer<'a> {
         Pricer {
             spec,
             floor: kernel_floor_s(spec),
-            cache: Vec::new(),
-            groups: Vec::new(),
         }
     }
 
-    /// One call of `bytes`, a layout copy when `layout`.
-    fn call_s(&mut self, bytes: f64, layout: bool) -> f64 {
-        if let Some(&(_, _, s)) = self
-            .cache
-            .iter()
-            .find(|(b, l, _)| *b == bytes && *l == layout)
-        {
-            return s;
+    /// `n` calls of `bytes` each, layout copies when `layout`.
+    fn work(&self, n: f64, bytes: f64, layout: bool) -> RingWork {
+        if n <= 0.0 {
+            return RingWork::default();
         }
         let rate = if layout {
             layout_rate(self.spec, bytes)
         } else {
             hbm_rate(self.spec, bytes)
         };
-        let s = (bytes / rate).max(self.floor);
-        self.cache.push((bytes, layout, s));
-        s
-    }
-
-    /// `n` calls of `bytes` each.
-    fn work(&mut self, n: f64, bytes: f64, layout: bool) -> RingWork {
-        if n <= 0.0 {
-            return RingWork::default();
-        }
         RingWork {
-            s: n * self.call_s(bytes, layout),
+            s: n * (bytes / rate).max(self.floor),
             bytes: n * bytes,
             kernels: n,
         }
@@ -159,36 +143,19 @@ fn widths(sh: &RingShape) -> (f64, f64, f64) {
 
 /// A block's K and V repeated to the q heads (`expand_kv`), or nothing when the rank holds as
 /// many kv heads as q heads: two layout copies of `cols` keys.
-fn expand(p: &mut Pricer, sh: &RingShape, blocks: f64, cols: f64) -> RingWork {
+fn expand(p: &Pricer, sh: &RingShape, cols: f64) -> RingWork {
     let (pq, _, pk) = widths(sh);
     if sh.kv_heads >= sh.q_heads {
         return RingWork::default();
     }
-    p.work(2.0 * blocks, B16 * (pk + pq) * cols, true)
-}
-
-/// [`merge_group`], counted once per distinct shape.
-fn merge_group_once(
-    p: &mut Pricer,
-    sh: &RingShape,
-    head_bytes: f64,
-    (cov, half): (f64, f64),
-    out_bytes: f64,
-) -> RingWork {
-    let key = (head_bytes, cov, half, out_bytes);
-    if let Some(&(_, w)) = p.groups.iter().find(|(k, _)| *k == key) {
-        return w;
-    }
-    let w = merge_group(p, sh, head_bytes, (cov, half), out_bytes);
-    p.groups.push((key, w));
-    w
+    p.work(2.0, B16 * (pk + pq) * cols, true)
 }
 
 /// One merge by `merge_parts` of a head part (covering every row, `head_bytes` per element:
 /// the own block in 16 bits or a folded fp32 result) followed by `cov` covering and `half`
 /// half blocks in that order (the order rank r receives them), written in `out_bytes`.
 fn merge_group(
-    p: &mut Pricer,
+    p: &Pricer,
     sh: &RingShape,
     head_bytes: f64,
     (cov, half): (f64, f64),
@@ -234,59 +201,156 @@ fn merge_group(
     ))
 }
 
-/// Steps 1..=`upto` of rank `r` split into (covering, half) blocks: steps j <= r are covering.
-fn split(r: usize, from: usize, upto: usize) -> (f64, f64) {
+/// Steps `from..=upto` of rank `r` split into (covering, half) blocks: steps j <= r are
+/// covering.
+fn split(r: usize, from: usize, upto: usize) -> (usize, usize) {
     let cov = upto.min(r).saturating_sub(from - 1);
-    (cov as f64, (upto + 1 - from - cov) as f64)
+    (cov, upto + 1 - from - cov)
 }
 
-/// The forward merges of rank `r`: a fold of every `MAX_PARTS` parts held while steps remain,
-/// then the final merge into the 16-bit output.
-fn forward_merges(p: &mut Pricer, sh: &RingShape, r: usize) -> RingWork {
-    let n = sh.ring as usize;
-    let mut w = RingWork::default();
-    let (mut head, mut held, mut from) = (B16, 1usize, 1usize);
-    for j in 1..n {
-        held += 1;
-        if held >= MAX_PARTS && j + 1 < n {
-            w = w.plus(merge_group_once(p, sh, head, split(r, from, j), F32));
-            (head, held, from) = (F32, 1, j + 1);
+/// One ring's shape with its per-block works priced once and its merges counted once per
+/// distinct shape (ranks share most of them): a merge is indexed by its head (fp32 or not),
+/// covering and half blocks (at most `MAX_PARTS - 1` together) and output (fp32 or not).
+struct Ring<'a> {
+    p: Pricer<'a>,
+    sh: RingShape,
+    groups: Vec<Option<RingWork>>,
+    /// A covering and a half block's kv repeats (forward, and again in backward).
+    expand_cov: RingWork,
+    expand_half: RingWork,
+    /// A covering and a half block's backward beyond its kernel.
+    bwd_cov: RingWork,
+    bwd_half: RingWork,
+    /// The half blocks' log-sum-exp rows copied dense, once per call.
+    lse_rows: RingWork,
+}
+
+impl<'a> Ring<'a> {
+    fn new(spec: &'a ClusterSpec, sh: RingShape) -> Self {
+        let p = Pricer::new(spec);
+        let (pq, pl, pk) = widths(&sh);
+        let c = sh.chunk;
+        // Per block: K, V repeated and dK, dV summed back to the kv heads (when repeated), its
+        // dQ rows added into the fp32 dQ, its dK, dV into the travelling fp32 sums (`add_`:
+        // read 4 + 2, write 4 bytes per element).
+        let acc = F32 + B16 + F32;
+        let block = |rows: f64, cols: f64| {
+            let sums = if sh.kv_heads < sh.q_heads {
+                p.work(2.0, B16 * (pq + pk) * cols, false)
+            } else {
+                RingWork::default()
+            };
+            expand(&p, &sh, cols)
+                .plus(sums)
+                .plus(p.work(1.0, acc * pq * rows, false))
+                .plus(p.work(2.0, acc * pk * cols, false))
+        };
+        Ring {
+            expand_cov: expand(&p, &sh, c),
+            expand_half: expand(&p, &sh, 2.0 * c),
+            bwd_cov: block(2.0 * c, c),
+            bwd_half: block(c, 2.0 * c),
+            lse_rows: p.work(1.0, 2.0 * F32 * pl * c, false),
+            groups: vec![None; 4 * MAX_PARTS * MAX_PARTS],
+            p,
+            sh,
         }
     }
-    w.plus(merge_group_once(p, sh, head, split(r, from, n - 1), B16))
-}
 
-/// Rank `r`'s forward: the kv repeats of its blocks after step 0 and its merges.
-fn forward_rank(p: &mut Pricer, sh: &RingShape, r: usize) -> RingWork {
-    let (cov, half) = split(r, 1, sh.ring as usize - 1);
-    let c = sh.chunk;
-    expand(p, sh, cov, c)
-        .plus(expand(p, sh, half, 2.0 * c))
-        .plus(forward_merges(p, sh, r))
-}
-
-/// Rank `r`'s backward beyond step 0: per block the kv repeats and the dK/dV head sums, the
-/// dQ rows into the fp32 dQ, dK and dV into the travelling fp32 sums; the half blocks'
-/// log-sum-exp rows copied once.
-fn backward_rank(p: &mut Pricer, sh: &RingShape, r: usize) -> RingWork {
-    let (pq, pl, pk) = widths(sh);
-    let (cov, half) = split(r, 1, sh.ring as usize - 1);
-    let c = sh.chunk;
-    let acc = F32 + B16 + F32;
-    let mut w = RingWork::default();
-    // (blocks, q rows, kv columns) of the covering and the half blocks.
-    for (n, rows, cols) in [(cov, 2.0 * c, c), (half, c, 2.0 * c)] {
-        w = w.plus(expand(p, sh, n, cols));
-        if sh.kv_heads < sh.q_heads {
-            w = w.plus(p.work(2.0 * n, B16 * (pq + pk) * cols, false));
+    /// [`merge_group`] of a head (fp32 when `head_f32`), `cov` and `half` blocks, into fp32
+    /// when `out_f32`, counted once.
+    fn merge(&mut self, head_f32: bool, (cov, half): (usize, usize), out_f32: bool) -> RingWork {
+        let i = ((usize::from(head_f32) * 2 + usize::from(out_f32)) * MAX_PARTS + cov) * MAX_PARTS
+            + half;
+        if let Some(w) = self.groups[i] {
+            return w;
         }
-        w = w.plus(p.work(n, acc * pq * rows, false));
-        w = w.plus(p.work(2.0 * n, acc * pk * cols, false));
+        let bytes = |f32: bool| if f32 { F32 } else { B16 };
+        let w = merge_group(
+            &self.p,
+            &self.sh,
+            bytes(head_f32),
+            (cov as f64, half as f64),
+            bytes(out_f32),
+        );
+        self.groups[i] = Some(w);
+        w
     }
-    if half > 0.0 {
-        w = w.plus(p.work(1.0, 2.0 * F32 * pl * c, false));
+
+    /// The forward merges of rank `r`, as `ring_fwd` runs them step by step: a fold of the
+    /// parts held whenever there are `MAX_PARTS` and steps remain, then the final merge into
+    /// the 16-bit output. The reference for [`Ring::forward_merges`].
+    #[cfg(test)]
+    fn forward_merges_by_step(&mut self, r: usize) -> RingWork {
+        let n = self.sh.ring as usize;
+        let mut w = RingWork::default();
+        let (mut head_f32, mut held, mut from) = (false, 1usize, 1usize);
+        for j in 1..n {
+            held += 1;
+            if held >= MAX_PARTS && j + 1 < n {
+                w = w.plus(self.merge(head_f32, split(r, from, j), true));
+                (head_f32, held, from) = (true, 1, j + 1);
+            }
+        }
+        w.plus(self.merge(head_f32, split(r, from, n - 1), false))
     }
-    w
+
+    /// The forward merges of rank `r` (what [`Ring::forward_merges_by_step`] walks, in O(1)):
+    /// fold k >= 1 merges the parts of steps 7(k-1)+1 ..= 7k (with `MAX_PARTS` = 8: the held
+    /// result and 7 blocks) into fp32 while 7k <= R - 2; the final merge takes the rest. Folds
+    /// after the first start from an fp32 result and are all covering blocks below rank r's
+    /// boundary step and all half blocks above it, so they are counted by kind.
+    fn forward_merges(&mut self, r: usize) -> RingWork {
+        let n = self.sh.ring as usize;
+        let per = MAX_PARTS - 1;
+        let folds = if n > MAX_PARTS { (n - 2) / per } else { 0 };
+        let range = |k: usize| (per * (k - 1) + 1, per * k);
+        let mut w = RingWork::default();
+        if folds >= 1 {
+            let (a, b) = range(1);
+            w = w.plus(self.merge(false, split(r, a, b), true));
+        }
+        // Folds 2..=folds: covering below the one holding step r, half above it.
+        let boundary = r.div_ceil(per);
+        if folds >= 2 {
+            let below = boundary.saturating_sub(1).min(folds).saturating_sub(1);
+            let above = folds - boundary.max(1).min(folds);
+            let cov = self.merge(true, (per, 0), true);
+            let half = self.merge(true, (0, per), true);
+            w = w
+                .plus(cov.times(below as f64))
+                .plus(half.times(above as f64));
+            if (2..=folds).contains(&boundary) {
+                let (a, b) = range(boundary);
+                w = w.plus(self.merge(true, split(r, a, b), true));
+            }
+        }
+        w.plus(self.merge(folds > 0, split(r, per * folds + 1, n - 1), false))
+    }
+
+    /// Rank `r`'s forward: the kv repeats of its blocks after step 0 and its merges.
+    fn forward_rank(&mut self, r: usize) -> RingWork {
+        let (cov, half) = split(r, 1, self.sh.ring as usize - 1);
+        let repeats = self
+            .expand_cov
+            .times(cov as f64)
+            .plus(self.expand_half.times(half as f64));
+        repeats.plus(self.forward_merges(r))
+    }
+
+    /// Rank `r`'s backward beyond step 0: its blocks' work and, with half blocks, the lse rows.
+    fn backward_rank(&self, r: usize) -> RingWork {
+        let (cov, half) = split(r, 1, self.sh.ring as usize - 1);
+        let w = self
+            .bwd_cov
+            .times(cov as f64)
+            .plus(self.bwd_half.times(half as f64));
+        if half > 0 {
+            w.plus(self.lse_rows)
+        } else {
+            w
+        }
+    }
 }
 
 /// Rank `r`'s ring work of one layer (zero for a ring of one).
@@ -294,11 +358,23 @@ pub fn ring_merge_rank(spec: &ClusterSpec, sh: &RingShape, r: usize) -> RingMerg
     if sh.ring <= 1 {
         return RingMerge::default();
     }
-    let mut p = Pricer::new(spec);
+    let mut ring = Ring::new(spec, *sh);
     RingMerge {
-        fwd: forward_rank(&mut p, sh, r),
-        bwd: backward_rank(&mut p, sh, r),
+        fwd: ring.forward_rank(r),
+        bwd: ring.backward_rank(r),
     }
+}
+
+/// The ranks whose forward can be the largest: the first three folds' and the last four
+/// folds' worth of ranks. A rank's forward is linear in its covering blocks (its kv repeats)
+/// plus its merges; between the first and the last folds, ranks the same offset into a fold
+/// differ only in how many middle folds are covering rather than half, linearly, so their
+/// largest is at one end (checked against every rank in the tests). The backward is linear in
+/// the covering blocks but for the last rank's missing lse copy: its largest is at an end.
+fn candidate_ranks(n: usize) -> impl Iterator<Item = usize> {
+    let edge = 4 * (MAX_PARTS - 1);
+    let low = (3 * (MAX_PARTS - 1)).min(n);
+    (0..low).chain(n.saturating_sub(edge).max(low)..n)
 }
 
 /// The ring's own work of one layer on its slowest rank, forward and backward apart (zero for
@@ -308,11 +384,12 @@ pub fn ring_merge(spec: &ClusterSpec, sh: &RingShape) -> RingMerge {
     if sh.ring <= 1 {
         return out;
     }
-    let mut p = Pricer::new(spec);
-    for r in 0..sh.ring as usize {
-        out.fwd = out.fwd.max(forward_rank(&mut p, sh, r));
-        out.bwd = out.bwd.max(backward_rank(&mut p, sh, r));
+    let n = sh.ring as usize;
+    let mut ring = Ring::new(spec, *sh);
+    for r in candidate_ranks(n) {
+        out.fwd = out.fwd.max(ring.forward_rank(r));
     }
+    out.bwd = ring.backward_rank(0).max(ring.backward_rank(n - 1));
     out
 }
 
@@ -389,6 +466,42 @@ mod tests {
                     let half = if r + 1 < n as usize { 1.0 } else { 0.0 };
                     assert_eq!(got.bwd.kernels, (3.0 + 4.0 * g) * (m - 1.0) + half);
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn the_counted_folds_equal_the_step_by_step_walk() {
+        let s = spec();
+        for n in 2..=60u32 {
+            for kv in [8.0, 32.0] {
+                let mut ring = Ring::new(&s, shape(n, kv));
+                for r in 0..n as usize {
+                    let (a, b) = (ring.forward_merges(r), ring.forward_merges_by_step(r));
+                    assert_eq!(a.kernels, b.kernels, "ring {n} rank {r}");
+                    assert!(
+                        (a.bytes - b.bytes).abs() <= 1e-9 * b.bytes,
+                        "ring {n} rank {r}"
+                    );
+                    assert!((a.s - b.s).abs() <= 1e-9 * b.s, "ring {n} rank {r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_slowest_rank_is_among_the_candidates() {
+        let s = spec();
+        for n in (2..=80u32).chain([97, 150, 257]) {
+            for kv in [8.0, 32.0] {
+                let sh = shape(n, kv);
+                let mut all = RingMerge::default();
+                for r in 0..n as usize {
+                    let w = ring_merge_rank(&s, &sh, r);
+                    all.fwd = all.fwd.max(w.fwd);
+                    all.bwd = all.bwd.max(w.bwd);
+                }
+                assert_eq!(ring_merge(&s, &sh), all, "ring {n} kv {kv}");
             }
         }
     }
