@@ -442,15 +442,30 @@ fn prefill_cost(
     let uly = l.ulysses_family();
     let a2a_s = topo.all_to_all(uly, tokens * 2.0 * (q_dim_local + 2.0 * shape.kv_dim_eff))
         + topo.all_to_all(uly, tokens * 2.0 * q_dim_local);
+    // The ring forward's own work around its kernels (kv repeats, LSE merges), as training
+    // counts it (`cost::ring`), on the compute stream.
+    let merge_s = crate::cost::ring::ring_merge(
+        spec,
+        &crate::cost::ring::RingShape {
+            ring: l.ring,
+            batch: 1.0,
+            chunk: s / (2.0 * r),
+            q_heads: q_heads_local as f64,
+            kv_heads: shape.kv_heads_local as f64,
+            head_dim: m.head_dim as f64,
+        },
+    )
+    .fwd
+    .s;
     // Ring: R-1 K/V transfers per layer, each overlapped with one step's attention (Liu et al.
-    // 2023, Sec. 3).
+    // 2023, Sec. 3) and its share of the merge work.
     let (mut ring_s, mut ring_exposed) = (0.0, 0.0);
     if l.ring > 1 {
         let c_fwd = topo.ring_p2p(l.ring_family(), 2.0 * shape.kv_block * 2.0);
         ring_s = (r - 1.0) * c_fwd;
-        ring_exposed = (r - 1.0) * (c_fwd - attn_s / r).max(0.0);
+        ring_exposed = (r - 1.0) * (c_fwd - (attn_s + merge_s) / r).max(0.0);
     }
-    let layer_compute = gemm_s + attn_s;
+    let layer_compute = gemm_s + attn_s + merge_s;
     let param_bytes = WEIGHT_BYTES * m.params() as f64;
     // ZeRO-3: every layer's weights gathered once in prefill, prefetched a layer ahead (exposed:
     // the first layer, or what compute cannot hide), as in cost::compose.
@@ -462,13 +477,14 @@ fn prefill_cost(
             (g, (g - layers * layer_compute * (1.0 - last)).max(g * last))
         }
     };
-    let prefill_s = layers * (gemm_s + attn_s + elem_s + a2a_s + ring_exposed)
+    let prefill_s = layers * (gemm_s + attn_s + merge_s + elem_s + a2a_s + ring_exposed)
         + embed_s
         + head_s
         + gather_exposed;
     let prefill = TimeBreakdown {
         gemm_s: layers * gemm_s,
         attention_s: layers * attn_s,
+        ring_merge_s: layers * merge_s,
         elementwise_s: layers * elem_s + embed_s,
         head_s,
         ulysses_all_to_all_s: layers * a2a_s,
@@ -715,9 +731,15 @@ fn write_memory(o: &mut String, mem: &InferenceMemory) {
 /// The table's "Predicted" section: prefill, decode per token and the whole request.
 fn write_predicted(o: &mut String, e: &InferenceEstimate) {
     let _ = writeln!(o, "Predicted");
+    // The ring's merges, shown where there is a ring.
+    let merge = if e.prefill.ring_merge_s > 0.0 {
+        format!(", ring merge {:.3} s", e.prefill.ring_merge_s)
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         o,
-        "  prefill       {:.3} s ({:.0} tokens/s): gemm {:.3} s, attention {:.3} s, all-to-all {:.3} s, ring exposed {:.3} s",
+        "  prefill       {:.3} s ({:.0} tokens/s): gemm {:.3} s, attention {:.3} s, all-to-all {:.3} s, ring exposed {:.3} s{merge}",
         e.prefill_s,
         e.prefill_tokens_per_s,
         e.prefill.gemm_s,
