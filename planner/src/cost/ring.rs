@@ -35,6 +35,16 @@
 //! what a ring of one runs too, so they are not counted here. The sends and receives of K/V
 //! and dK/dV are NCCL's (priced as ring p2p); an in-process ring copies them through HBM
 //! instead, which this does not count.
+//!
+//! Where, at commit 2a4b3a7: runtime/src/ring.rs `MAX_PARTS` line 101, `merge_parts` lines
+//! 109-177, `ring_fwd` lines 228-294 (the fold at 274-278), `add_rows` 298-318, `fold_dkv`
+//! 323-347, `ring_bwd` 350-439 (the lse rows at 399); runtime/src/kernel.rs `expand_kv` line
+//! 104, `Prepared` 110-123, `reduce_kv` 125-134, `attention_fwd` 137, `attention_bwd` 189.
+//!
+//! Not counted: packed samples run one ring call per sample (`runtime/src/packed.rs`), so their
+//! kernels are more and smaller than one call of the micro-batch's tokens (same bytes, more
+//! floors); uneven zigzag chunks (the planner pads contexts to a multiple of 2 x SP) split the
+//! own block in three.
 
 use super::compute::{hbm_rate, kernel_floor_s, layout_rate};
 use crate::spec::cluster::ClusterSpec;
