@@ -87,6 +87,11 @@ pub struct MemoryBreakdown {
 pub struct TimeBreakdown {
     pub gemm_s: f64,
     pub attention_s: f64,
+    /// The ring attention's own memory-bound work around its kernels (block output merges,
+    /// kv-head repeats, fp32 dQ and dK/dV accumulation), on the compute stream. Absent (0) in
+    /// plans of older planners, which did not count it.
+    #[serde(default)]
+    pub ring_merge_s: f64,
     /// Memory-bound work of the layers: norms, RoPE, SwiGLU, residual adds (forward and
     /// backward) and the fp32 accumulation of their weight gradients.
     pub elementwise_s: f64,

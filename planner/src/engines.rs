@@ -15,7 +15,12 @@
 //!   engine offers it, instead of mmsp-runtime's recompute outside attention;
 //! - ring-flash-attention's per-step merge of outputs and log-sum-exps in PyTorch element-wise
 //!   ops (`ring_flash_attn/utils.py`, `update_out_and_lse`) and its fp32 accumulation of dq, dk,
-//!   dv per step in backward, as memory-bound time inside each ring step;
+//!   dv per step in backward, as memory-bound time inside each ring step, in place of
+//!   mmsp-runtime's ring merge count ([`crate::cost::ring`]); Transformer Engine's
+//!   context-parallel ring also merges each step's output through its log-sum-exp
+//!   (`flash_attn_fwd_out_correction`, `transformer_engine/pytorch/attention`) and sums its
+//!   gradients per step, so the megatron-core profile keeps mmsp-runtime's count as an estimate
+//!   of that work;
 //! - memory: Megatron-Core's distributed optimizer (6 + 12/d bytes per parameter, d = DP x CP;
 //!   Megatron-Core developer guide, "Distributed Optimizer") or DeepSpeed's ZeRO rules
 //!   (Rajbhandari et al. 2020, Sec. 5 with bf16 gradients: stage 1 4 + 12/N, stage 2
@@ -318,6 +323,11 @@ fn engine_terms(
     gemm_speedup: f64,
 ) -> Result<Terms, Infeasible> {
     let mut t = terms_any_memory(topo, w, c)?;
+    if p.python_merge {
+        // ring-flash-attention's merge (below) replaces mmsp-runtime's (`cost::ring`).
+        t.ring_merge_fwd_s = 0.0;
+        t.ring_merge_bwd_s = 0.0;
+    }
     t.gemm_fwd_s /= gemm_speedup;
     t.attn_fwd_s /= p.attention_efficiency;
     let l = &c.layout;

@@ -32,6 +32,9 @@ use crate::cost::compute::{
     attention_flops_fwd, hbm_rate, head_flops_fwd, layer_gemm_flops_fwd, layer_traffic_fwd,
     layout_rate,
 };
+/// The per-kernel floor and a kernel's time live with the other memory-bound costs
+/// ([`crate::cost::compute`]), which training's ring merge prices with them too.
+pub use crate::cost::compute::{kernel_floor_s, kernel_s, DEFAULT_KERNEL_FLOOR_S};
 use crate::cost::memory::{
     layer_activation_bytes_per_token, model_states, ActivationArch, FRAGMENTATION,
     RUNTIME_RESERVE_BYTES, WEIGHT_BYTES,
@@ -43,22 +46,12 @@ use crate::cost::{
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 use crate::search::Scored;
-use crate::spec::cluster::ClusterSpec;
 use crate::spec::model::ModelSpec;
 use crate::topology::Topology;
 use crate::units::{fmt_gib, fmt_tokens};
 
 /// Bytes per K/V element in the cache (bf16).
 pub const KV_BYTES: f64 = 2.0;
-
-/// Per-kernel floor (seconds) when the calibration has no `memory_bandwidth` section: 3.8 us
-/// per kernel for short kernels launched back to back into one stream without host
-/// synchronisation, as measured in NVIDIA's "Getting Started with CUDA Graphs" (A. Gray,
-/// NVIDIA Technical Blog, 2019; a 2.9 us kernel took 3.8 us per launch). That is plain CUDA
-/// C++; a framework adds its dispatch on top, so for the runtime (tch / ATen eager) this is a
-/// lower bound: `mmsp-runtime calibrate` measures the runtime's own floor (7.4 us per call on
-/// an H100 80GB HBM3 with PyTorch 2.11), which [`kernel_floor_s`] uses when present.
-pub const DEFAULT_KERNEL_FLOOR_S: f64 = 3.8e-6;
 
 /// Batches (chunks x kv heads) the runtime's KV-cache chunk length aims at, and its shortest
 /// chunk: `TARGET_BATCHES` and `MIN_CHUNK` of runtime/src/infer/cache.rs.
@@ -71,15 +64,6 @@ const CACHE_MIN_CHUNK: u64 = 256;
 pub fn cache_chunk_len(capacity: u64, kv_heads: u64) -> u64 {
     let per = (capacity * kv_heads).div_ceil(CACHE_TARGET_BATCHES);
     (per.div_ceil(64).max(1) * 64).max(CACHE_MIN_CHUNK)
-}
-
-/// The per-kernel floor (seconds): the calibration's smallest memory-bound call
-/// ([`crate::calibration::Calibration::kernel_floor_s`]), else [`DEFAULT_KERNEL_FLOOR_S`].
-pub fn kernel_floor_s(spec: &ClusterSpec) -> f64 {
-    spec.calibration
-        .as_ref()
-        .and_then(|c| c.kernel_floor_s())
-        .unwrap_or(DEFAULT_KERNEL_FLOOR_S)
 }
 
 /// One kind of kernel of a decode step: how many are launched per token and the bytes each
@@ -215,12 +199,6 @@ pub fn decode_kernels(m: &ModelSpec, kv_tokens: u64, sp: u32) -> Vec<DecodeKerne
         k("logits to host", 1, v * 8.0),
     ]);
     out
-}
-
-/// Time of one kernel moving `bytes`: the longer of its bytes over the achieved HBM bandwidth
-/// at that call size ([`hbm_rate`]) and the per-kernel `floor`.
-pub fn kernel_s(spec: &ClusterSpec, bytes: f64, floor: f64) -> f64 {
-    (bytes / hbm_rate(spec, bytes)).max(floor)
 }
 
 pub use mmsp_plan::{InferenceEstimate, InferenceMemory, WeightSharding};
@@ -464,15 +442,30 @@ fn prefill_cost(
     let uly = l.ulysses_family();
     let a2a_s = topo.all_to_all(uly, tokens * 2.0 * (q_dim_local + 2.0 * shape.kv_dim_eff))
         + topo.all_to_all(uly, tokens * 2.0 * q_dim_local);
+    // The ring forward's own work around its kernels (kv repeats, LSE merges), as training
+    // counts it (`cost::ring`), on the compute stream.
+    let merge_s = crate::cost::ring::ring_merge(
+        spec,
+        &crate::cost::ring::RingShape {
+            ring: l.ring,
+            batch: 1.0,
+            chunk: s / (2.0 * r),
+            q_heads: q_heads_local as f64,
+            kv_heads: shape.kv_heads_local as f64,
+            head_dim: m.head_dim as f64,
+        },
+    )
+    .fwd
+    .s;
     // Ring: R-1 K/V transfers per layer, each overlapped with one step's attention (Liu et al.
-    // 2023, Sec. 3).
+    // 2023, Sec. 3) and its share of the merge work.
     let (mut ring_s, mut ring_exposed) = (0.0, 0.0);
     if l.ring > 1 {
         let c_fwd = topo.ring_p2p(l.ring_family(), 2.0 * shape.kv_block * 2.0);
         ring_s = (r - 1.0) * c_fwd;
-        ring_exposed = (r - 1.0) * (c_fwd - attn_s / r).max(0.0);
+        ring_exposed = (r - 1.0) * (c_fwd - (attn_s + merge_s) / r).max(0.0);
     }
-    let layer_compute = gemm_s + attn_s;
+    let layer_compute = gemm_s + attn_s + merge_s;
     let param_bytes = WEIGHT_BYTES * m.params() as f64;
     // ZeRO-3: every layer's weights gathered once in prefill, prefetched a layer ahead (exposed:
     // the first layer, or what compute cannot hide), as in cost::compose.
@@ -484,13 +477,14 @@ fn prefill_cost(
             (g, (g - layers * layer_compute * (1.0 - last)).max(g * last))
         }
     };
-    let prefill_s = layers * (gemm_s + attn_s + elem_s + a2a_s + ring_exposed)
+    let prefill_s = layers * (gemm_s + attn_s + merge_s + elem_s + a2a_s + ring_exposed)
         + embed_s
         + head_s
         + gather_exposed;
     let prefill = TimeBreakdown {
         gemm_s: layers * gemm_s,
         attention_s: layers * attn_s,
+        ring_merge_s: layers * merge_s,
         elementwise_s: layers * elem_s + embed_s,
         head_s,
         ulysses_all_to_all_s: layers * a2a_s,
@@ -737,9 +731,15 @@ fn write_memory(o: &mut String, mem: &InferenceMemory) {
 /// The table's "Predicted" section: prefill, decode per token and the whole request.
 fn write_predicted(o: &mut String, e: &InferenceEstimate) {
     let _ = writeln!(o, "Predicted");
+    // The ring's merges, shown where there is a ring.
+    let merge = if e.prefill.ring_merge_s > 0.0 {
+        format!(", ring merge {:.3} s", e.prefill.ring_merge_s)
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         o,
-        "  prefill       {:.3} s ({:.0} tokens/s): gemm {:.3} s, attention {:.3} s, all-to-all {:.3} s, ring exposed {:.3} s",
+        "  prefill       {:.3} s ({:.0} tokens/s): gemm {:.3} s, attention {:.3} s, all-to-all {:.3} s, ring exposed {:.3} s{merge}",
         e.prefill_s,
         e.prefill_tokens_per_s,
         e.prefill.gemm_s,

@@ -286,9 +286,15 @@ fn write_step_time(o: &mut String, t: &TimeBreakdown) {
         fmt_secs(t.recompute_s),
         fmt_secs(t.vision_s)
     );
+    // The ring's own merge and accumulation work, shown where there is a ring.
+    let merge = if t.ring_merge_s > 0.0 {
+        format!(" | ring merge {}", fmt_secs(t.ring_merge_s))
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         o,
-        "               ulysses a2a {} | ring p2p {} ({} exposed) | grad sync {} ({} exposed) | optimizer {}",
+        "               ulysses a2a {} | ring p2p {} ({} exposed){merge} | grad sync {} ({} exposed) | optimizer {}",
         fmt_secs(t.ulysses_all_to_all_s),
         fmt_secs(t.ring_p2p_s),
         fmt_secs(t.ring_exposed_s),

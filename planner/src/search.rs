@@ -545,6 +545,13 @@ pub fn why_slower_by(
             ),
         ),
         (
+            o.ring_merge_s - b.ring_merge_s,
+            format!(
+                "its ring's merges and fp32 accumulations ({} steps) add memory-bound work",
+                l.ring.saturating_sub(1)
+            ),
+        ),
+        (
             o.recompute_s - b.recompute_s,
             format!(
                 "{} recompute repeats forward work",

@@ -117,6 +117,30 @@ pub fn layout_rate(spec: &ClusterSpec, bytes_per_call: f64) -> f64 {
         .unwrap_or_else(|| hbm_rate(spec, bytes_per_call))
 }
 
+/// Per-kernel floor (seconds) when the calibration has no `memory_bandwidth` section: 3.8 us
+/// per kernel for short kernels launched back to back into one stream without host
+/// synchronisation, as measured in NVIDIA's "Getting Started with CUDA Graphs" (A. Gray,
+/// NVIDIA Technical Blog, 2019; a 2.9 us kernel took 3.8 us per launch). That is plain CUDA
+/// C++; a framework adds its dispatch on top, so for the runtime (tch / ATen eager) this is a
+/// lower bound: `mmsp-runtime calibrate` measures the runtime's own floor (7.4 us per call on
+/// an H100 80GB HBM3 with PyTorch 2.11), which [`kernel_floor_s`] uses when present.
+pub const DEFAULT_KERNEL_FLOOR_S: f64 = 3.8e-6;
+
+/// The per-kernel floor (seconds): the calibration's smallest memory-bound call
+/// ([`crate::calibration::Calibration::kernel_floor_s`]), else [`DEFAULT_KERNEL_FLOOR_S`].
+pub fn kernel_floor_s(spec: &ClusterSpec) -> f64 {
+    spec.calibration
+        .as_ref()
+        .and_then(|c| c.kernel_floor_s())
+        .unwrap_or(DEFAULT_KERNEL_FLOOR_S)
+}
+
+/// Time of one kernel moving `bytes`: the longer of its bytes over the achieved HBM bandwidth
+/// at that call size ([`hbm_rate`]) and the per-kernel `floor`.
+pub fn kernel_s(spec: &ClusterSpec, bytes: f64, floor: f64) -> f64 {
+    (bytes / hbm_rate(spec, bytes)).max(floor)
+}
+
 /// Memory-bound traffic per token (or per parameter), in bytes read plus written, split by the
 /// kind of kernel that moves it: streaming elementwise kernels (at the calibration's streaming
 /// bandwidth) and layout copies (transposes, concatenations, dtype-changing copies: at its

@@ -5,6 +5,7 @@
 
 pub mod compute;
 pub mod memory;
+pub mod ring;
 
 use serde::{Deserialize, Serialize};
 
@@ -204,6 +205,12 @@ pub struct Terms {
     pub o_share: f64,
     /// One layer's forward attention (all ring steps together).
     pub attn_fwd_s: f64,
+    /// The ring's own memory-bound work around its kernels in one layer's forward (block
+    /// output merges, kv-head repeats) and backward (fp32 dQ and dK/dV accumulation, repeats
+    /// and head sums), on its slowest rank, on the compute stream ([`ring::ring_merge`]); 0 for
+    /// a ring of one.
+    pub ring_merge_fwd_s: f64,
+    pub ring_merge_bwd_s: f64,
     /// A third of one layer's memory-bound work per micro-batch: forward, backward and the
     /// fp32 accumulation of its weight gradients. The step builders charge it once to each
     /// forward pass and twice to the backward (so a layer's total is 3x this; the recompute
@@ -250,7 +257,7 @@ impl Terms {
     /// One layer's forward compute per micro-batch (GEMMs, attention, memory-bound work): what
     /// a ZeRO-3 gather prefetched during it can hide behind.
     pub fn layer_fwd_compute_s(&self) -> f64 {
-        self.gemm_fwd_s + self.attn_fwd_s + self.elem_fwd_s
+        self.gemm_fwd_s + self.attn_fwd_s + self.ring_merge_fwd_s + self.elem_fwd_s
     }
     /// One layer's backward compute per micro-batch, with its recompute outside attention when
     /// it has one: what the reduce-scatter of the later unit and the prefetched gather of the
@@ -261,7 +268,15 @@ impl Terms {
         } else {
             self.gemm_fwd_s + self.elem_fwd_s
         };
-        2.0 * self.gemm_fwd_s + self.attn_bwd_s() + 2.0 * self.elem_fwd_s + again
+        2.0 * self.gemm_fwd_s
+            + self.attn_bwd_s()
+            + self.ring_merge_bwd_s
+            + 2.0 * self.elem_fwd_s
+            + again
+    }
+    /// One layer's ring merge work per micro-batch, forward and backward.
+    pub fn ring_merge_s(&self) -> f64 {
+        self.ring_merge_fwd_s + self.ring_merge_bwd_s
     }
     pub fn vision_s(&self) -> f64 {
         self.vision
@@ -316,6 +331,7 @@ fn terms_checked(
     // The head's GEMMs run one loss chunk of rows at a time (the runtime's `chunked_loss`).
     let head_rate = spec.head_gemm_rate(tokens.min(LOSS_CHUNK_TOKENS));
     let mem_bound = memory_bound_times(spec, m, c, &sh, &states);
+    let merge = ring::ring_merge(spec, &sh.ring_shape());
     let (gemm_fwd_s, qkv_share, o_share) = gemm_fwd_time(spec, m, &sh, gemm_fwd);
     let params_local = states.units.params;
     Ok(Terms {
@@ -329,6 +345,8 @@ fn terms_checked(
         o_share,
         // Forward alone runs at the fwd+bwd throughput in this model (one efficiency figure).
         attn_fwd_s,
+        ring_merge_fwd_s: merge.fwd.s,
+        ring_merge_bwd_s: merge.bwd.s,
         elem_fwd_s: mem_bound.layer_s,
         head_fwd_s: head_fwd / head_rate + mem_bound.outside_layers_s,
         // Ulysses: all-to-all of q, k, v before attention and of the output after, per layer
@@ -387,6 +405,18 @@ struct RankShape {
 }
 
 impl RankShape {
+    /// The shape of the rank's ring attention call: zigzag chunks of s / 2r tokens.
+    fn ring_shape(&self) -> ring::RingShape {
+        ring::RingShape {
+            ring: self.r as u32,
+            batch: self.mb,
+            chunk: self.s / (2.0 * self.r),
+            q_heads: self.q_heads_local as f64,
+            kv_heads: self.kv_heads_local as f64,
+            head_dim: self.hd,
+        }
+    }
+
     /// The shape, or why there is none, checked in this order: the heads split over TP x
     /// Ulysses, the context into 2 x SP zigzag chunks, the global batch into DP x micro-batches.
     fn new(w: &Workload, c: &Candidate) -> Result<RankShape, Infeasible> {
@@ -761,6 +791,8 @@ pub fn compose(topo: &Topology, t: &Terms) -> Estimate {
     let recomputes = t.recompute != Recompute::None;
     let gemm_t = GEMM_TRAIN_FACTOR * layers * t.gemm_fwd_s;
     let attn_t = layers * (t.attn_fwd_s + t.attn_bwd_s());
+    // The ring's merges and accumulations run on the compute stream between its kernels.
+    let merge_t = layers * t.ring_merge_s();
     let head_t = GEMM_TRAIN_FACTOR * t.head_fwd_s;
     let elem_t = 3.0 * layers * t.elem_fwd_s;
     // Recompute in backward, per layer: mmsp-runtime's recompute outside attention re-runs the
@@ -787,8 +819,10 @@ pub fn compose(topo: &Topology, t: &Terms) -> Estimate {
     if l.ring > 1 {
         let r = f64::from(l.ring);
         let ring = l.ring_family();
-        let step_fwd = t.attn_fwd_s / r;
-        let step_bwd = t.attn_bwd_s() / r;
+        // A step's window: its kernels and its share of the ring's own work on the compute
+        // stream (in backward each step's accumulations; the forward's merges are spread so).
+        let step_fwd = (t.attn_fwd_s + t.ring_merge_fwd_s) / r;
+        let step_bwd = (t.attn_bwd_s() + t.ring_merge_bwd_s) / r;
         let c_fwd = topo.ring_p2p(ring, t.ring_kv_bytes);
         let c_bwd = topo.ring_p2p(ring, 3.0 * t.ring_kv_bytes);
         let steps = r - 1.0;
@@ -804,7 +838,8 @@ pub fn compose(topo: &Topology, t: &Terms) -> Estimate {
     } else {
         0.0
     };
-    let micro = gemm_t + attn_t + head_t + elem_t + recompute_t + a2a_t + ring_exposed + tp_t;
+    let micro =
+        gemm_t + attn_t + merge_t + head_t + elem_t + recompute_t + a2a_t + ring_exposed + tp_t;
 
     // ---- gradients, ZeRO, optimizer (Rajbhandari et al. 2020, Sec. 7) ----
     let accum_f = t.accum as f64;
@@ -816,6 +851,7 @@ pub fn compose(topo: &Topology, t: &Terms) -> Estimate {
     let time = TimeBreakdown {
         gemm_s: accum_f * gemm_t,
         attention_s: accum_f * attn_t,
+        ring_merge_s: accum_f * merge_t,
         elementwise_s: accum_f * elem_t,
         head_s: accum_f * head_t,
         recompute_s: accum_f * recompute_t,

@@ -703,3 +703,48 @@ fn sliding_window_shrinks_attention_time_only() {
 fn head_params(m: &ModelSpec) -> f64 {
     (m.hidden_size * m.vocab_size) as f64
 }
+
+/// The ring's own work (`ring::ring_merge`) is in the step: the analytic step and the simulated
+/// one grow by it (128K on 4 x H100, where the ring's transfers hide behind its steps), and a
+/// layout without a ring has none.
+#[test]
+fn ring_merge_is_in_the_step_time() {
+    let (topo, m) = bench4();
+    let w = Workload {
+        model: &m,
+        context: 128 * 1024,
+        global_batch: 1,
+        vision: None,
+    };
+    for (u, r) in [(1, 4), (2, 2), (4, 1)] {
+        let c = cand(u, r, 1, Placement::UlyssesInner, 1, Recompute::None);
+        let t = terms(&topo, &w, &c).unwrap();
+        let mut none = t.clone();
+        (none.ring_merge_fwd_s, none.ring_merge_bwd_s) = (0.0, 0.0);
+        let (e, e0) = (compose(&topo, &t), compose(&topo, &none));
+        let merge = t.layers as f64 * t.ring_merge_s();
+        assert_eq!(e.time.ring_merge_s, merge);
+        assert_eq!(e.time.ring_exposed_s, 0.0);
+        assert!((e.step_time_s - e0.step_time_s - merge).abs() < 1e-12);
+        let (s, s0) = (
+            crate::sim::simulate(&topo, &t, true).unwrap().step_time_s,
+            crate::sim::simulate(&topo, &none, true)
+                .unwrap()
+                .step_time_s,
+        );
+        assert!(
+            (s - s0 - merge).abs() < 1e-9 * s,
+            "{u}x{r}: {s} {s0} {merge}"
+        );
+        if r == 1 {
+            assert_eq!(merge, 0.0);
+        } else {
+            // A few ms per layer at 32K tokens per rank: 0.2-3% of the step.
+            assert!(
+                merge > 0.002 * e.step_time_s && merge < 0.03 * e.step_time_s,
+                "{u}x{r}: {merge} of {}",
+                e.step_time_s
+            );
+        }
+    }
+}

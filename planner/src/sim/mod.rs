@@ -234,7 +234,7 @@ impl<'a> Builder<'a> {
         );
         if attention {
             d = self.a2a(tag, "a2a qkv", t.a2a_qkv_bytes, &d);
-            d = self.ring(tag, t.attn_fwd_s, t.ring_kv_bytes, &d);
+            d = self.ring(tag, t.attn_fwd_s + t.ring_merge_fwd_s, t.ring_kv_bytes, &d);
             d = self.a2a(tag, "a2a out", t.a2a_o_bytes, &d);
         }
         d = self.compute(&format!("{tag} o-proj"), t.gemm_fwd_s * t.o_share, &d);
@@ -263,7 +263,12 @@ impl<'a> Builder<'a> {
         d = self.tp(&tag, "tp all-gather", &d);
         d = self.compute(&format!("{tag} o-proj"), 2.0 * t.gemm_fwd_s * t.o_share, &d);
         d = self.a2a(&tag, "a2a dout", t.a2a_o_bytes, &d);
-        d = self.ring(&tag, t.attn_bwd_s(), 3.0 * t.ring_kv_bytes, &d);
+        d = self.ring(
+            &tag,
+            t.attn_bwd_s() + t.ring_merge_bwd_s,
+            3.0 * t.ring_kv_bytes,
+            &d,
+        );
         d = self.a2a(&tag, "a2a dqkv", t.a2a_qkv_bytes, &d);
         d = self.compute(
             &format!("{tag} qkv"),
@@ -273,7 +278,8 @@ impl<'a> Builder<'a> {
         self.tp(&tag, "tp reduce-scatter", &d)
     }
 
-    /// Zigzag ring attention: `ring` steps of equal work; the block for step k+1 travels while
+    /// Zigzag ring attention: `ring` steps of equal work (the kernels and the ring's own merge
+    /// and accumulation work, `Terms::ring_merge_*`); the block for step k+1 travels while
     /// step k computes, into the buffer step k-1 has released (double buffering).
     fn ring(&mut self, tag: &str, total_s: f64, block_bytes: f64, deps: &H) -> H {
         let r = self.t.layout.ring;
