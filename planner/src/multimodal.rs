@@ -329,6 +329,27 @@ impl MultiModal {
         }
     }
 
+    /// The vision stage's memory on a layout exactly as [`Self::stage`] counts it (the busiest
+    /// rank's frames after stage-1 balancing, cached per SP degree, and the encoder's states),
+    /// without stage 2 (the zigzag ranges, the re-shard and the attention imbalance, which
+    /// enter only times). Every time is 0 and the attention scale 1: only the memory check may
+    /// use it. The fewest-GPUs search asks only whether a candidate fits, and stage 2 over
+    /// tens of thousands of ranks cut each sample into a range per rank.
+    pub fn stage_memory(&self, model: &ModelSpec, layout: &Layout) -> Result<VisionStage> {
+        let opts = BalanceOptions {
+            use_milp: false,
+            ..BalanceOptions::default()
+        };
+        let frames = self.frames(layout.ulysses * layout.ring, &opts)?;
+        let frames_max = frames.frames_per_rank.iter().map(Vec::len).max();
+        Ok(VisionStage {
+            memory_bytes: self.activation_bytes_of(frames_max.unwrap_or(0) as f64),
+            states_bytes: self.encoder_states_bytes(self.encoder_params(model)),
+            attention_scale: 1.0,
+            ..VisionStage::default()
+        })
+    }
+
     /// Activation bytes of the encoder on the rank with the most frames.
     fn encoder_activation_bytes(&self, b: &TwoStageBalance) -> f64 {
         let frames_max = b
@@ -706,6 +727,13 @@ mod tests {
                 let floor = mm.stage_memory_floor(&m, &layout);
                 assert!(floor.memory_bytes > 0.0 && floor.memory_bytes <= full.memory_bytes);
                 assert_eq!(floor.states_bytes, full.states_bytes);
+                // The memory without stage 2 is the stage's, exactly.
+                let exact = mm.stage_memory(&m, &layout).unwrap();
+                assert_eq!(
+                    (exact.memory_bytes, exact.states_bytes),
+                    (full.memory_bytes, full.states_bytes),
+                    "{u}x{r} train {train}"
+                );
                 let c = crate::cost::Candidate {
                     layout,
                     zero_stage: 3,

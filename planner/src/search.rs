@@ -309,23 +309,6 @@ pub fn search(
     req: &Request,
     mm: Option<&MultiModal>,
 ) -> SearchResult {
-    search_with(topo, model, req, mm, true)
-}
-
-/// [`search`]; with `exact_misses = false` only whether some candidate fits is asked for: the
-/// search stops at the first that fits, and a candidate that does not fit in memory with the
-/// vision stage's memory floor ([`MultiModal::stage_memory_floor`]: the encoder's states and
-/// the mean rank's frames' activations, never more than the stage costed) is ruled out without
-/// costing the stage (the memory a miss records is then a lower bound).
-/// [`fewest_gpus_for`] uses it: costing the stage (its frame balancing over every rank) for
-/// every candidate of every doubling made a manifest of enormous frames take 24 s to refuse.
-fn search_with(
-    topo: &Topology,
-    model: &ModelSpec,
-    req: &Request,
-    mm: Option<&MultiModal>,
-    exact_misses: bool,
-) -> SearchResult {
     let global_batch = req
         .global_batch
         .unwrap_or_else(|| default_global_batch(req.context));
@@ -344,17 +327,6 @@ fn search_with(
         let runnable = crate::cost::head_split(model, c.layout.tp, c.layout.ulysses).is_ok()
             && global_batch.is_multiple_of(u64::from(c.layout.dp) * u64::from(c.micro_batch));
         if let (Some(mm), true) = (mm, runnable) {
-            if !exact_misses {
-                // The stage's memory floor: a candidate it rules out cannot fit with the stage.
-                let floor = Workload {
-                    vision: Some(mm.stage_memory_floor(model, &c.layout)),
-                    ..w.clone()
-                };
-                if let Err(e @ Infeasible::Memory { .. }) = crate::cost::terms(topo, &floor, &c) {
-                    infeasible.push((c, e));
-                    continue;
-                }
-            }
             match mm.stage(topo, model, &c.layout, w.context) {
                 Ok(v) => w.vision = Some(v),
                 Err(e) => {
@@ -364,15 +336,10 @@ fn search_with(
             }
         }
         match evaluate(topo, &w, &c) {
-            Ok(estimate) => {
-                ranked.push(Scored {
-                    candidate: c,
-                    estimate,
-                });
-                if !exact_misses {
-                    break;
-                }
-            }
+            Ok(estimate) => ranked.push(Scored {
+                candidate: c,
+                estimate,
+            }),
             Err(e) => infeasible.push((c, e)),
         }
     }
@@ -500,10 +467,58 @@ pub fn fewest_gpus_for(
             context,
             ..req.clone()
         };
-        if !search_with(&topo, model, &r, mm, false).ranked.is_empty() {
+        if fits_somewhere(&topo, model, &r, mm) {
             return Some(gpus);
         }
     }
+}
+
+/// Whether some candidate of the request fits, as [`search`] would rank one: the same
+/// candidates, contexts and checks, stopping at the first that fits, deciding by
+/// [`crate::cost::terms`] alone (infeasibility is decided there, never by
+/// [`crate::cost::compose`]). With samples, a candidate that does not fit in memory with the
+/// vision stage's memory floor ([`MultiModal::stage_memory_floor`]: the encoder's states and
+/// the mean rank's frames' activations, never more than the stage costed) is ruled out without
+/// balancing a frame, and the others are checked with the stage's exact memory
+/// ([`MultiModal::stage_memory`]: stage 1 only; stage 2 enters only times). Costing every
+/// candidate's whole stage made a manifest of enormous frames take 24 s to refuse, and stage 2
+/// at the size that fits over a second.
+fn fits_somewhere(
+    topo: &Topology,
+    model: &ModelSpec,
+    req: &Request,
+    mm: Option<&MultiModal>,
+) -> bool {
+    let global_batch = req
+        .global_batch
+        .unwrap_or_else(|| default_global_batch(req.context));
+    enumerate(model, &topo.spec, req).iter().any(|c| {
+        let w = Workload {
+            model,
+            context: candidate_context(req.context, mm, &c.layout),
+            global_batch,
+            vision: None,
+        };
+        let runnable = crate::cost::head_split(model, c.layout.tp, c.layout.ulysses).is_ok()
+            && global_batch.is_multiple_of(u64::from(c.layout.dp) * u64::from(c.micro_batch));
+        let Some(mm) = mm.filter(|_| runnable) else {
+            return crate::cost::terms(topo, &w, c).is_ok();
+        };
+        let floor = Workload {
+            vision: Some(mm.stage_memory_floor(model, &c.layout)),
+            ..w.clone()
+        };
+        if let Err(Infeasible::Memory { .. }) = crate::cost::terms(topo, &floor, c) {
+            return false;
+        }
+        mm.stage_memory(model, &c.layout).is_ok_and(|v| {
+            let w = Workload {
+                vision: Some(v),
+                ..w
+            };
+            crate::cost::terms(topo, &w, c).is_ok()
+        })
+    })
 }
 
 /// Explains, in words, why a feasible plan is not the fastest: the component of its step time

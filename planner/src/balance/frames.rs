@@ -140,6 +140,20 @@ pub fn lpt(frame_costs: &[f64], ranks: usize) -> Vec<Vec<usize>> {
     out
 }
 
+/// The loads of [`contiguous_split`] (the same sums), without listing its frames.
+fn contiguous_loads(frame_costs: &[f64], ranks: usize) -> Vec<f64> {
+    let ranks = ranks.max(1);
+    let (base, rem) = (frame_costs.len() / ranks, frame_costs.len() % ranks);
+    let mut at = 0;
+    (0..ranks)
+        .map(|r| {
+            let n = base + usize::from(r < rem);
+            at += n;
+            frame_costs[at - n..at].iter().sum()
+        })
+        .collect()
+}
+
 fn loads(frame_costs: &[f64], assignment: &[Vec<usize>]) -> Vec<f64> {
     assignment
         .iter()
@@ -175,13 +189,10 @@ pub fn balance_frames(
         ));
     }
 
-    let before = imbalance(&loads(
-        frame_costs,
-        &contiguous_split(frame_costs.len(), ranks),
-    ));
+    let before = imbalance(&contiguous_loads(frame_costs, ranks));
     let classes = Classes::new(frame_costs);
     // Greedy LPT, then pairwise move/swap local search on the per-class counts.
-    let mut counts = classes.counts_of(&lpt(frame_costs, ranks), ranks);
+    let mut counts = classes.lpt_counts(ranks);
     improve_counts(&classes.costs, &mut counts);
     let greedy = classes.expand(&counts, ranks);
     let greedy_loads = loads(frame_costs, &greedy);
@@ -260,6 +271,7 @@ impl Classes {
     }
 
     /// `x[k][r]`: frames of class k on rank r.
+    #[cfg(test)]
     fn counts_of(&self, assignment: &[Vec<usize>], ranks: usize) -> Vec<Vec<u64>> {
         let mut x = vec![vec![0u64; ranks]; self.costs.len()];
         for (r, fs) in assignment.iter().enumerate() {
@@ -270,10 +282,35 @@ impl Classes {
         x
     }
 
+    /// `x[k][r]` of [`lpt`]'s assignment (`counts_of(&lpt(costs, ranks), ranks)`), without
+    /// listing frames: LPT takes the frames by decreasing cost, so class by class (a class is
+    /// one cost), and which frame of a class goes where does not change a count. The least
+    /// loaded rank is updated in place at the heap's top (one sift instead of a pop and a
+    /// push); (load, rank) is a total order, so every heap picks the same rank.
+    fn lpt_counts(&self, ranks: usize) -> Vec<Vec<u64>> {
+        let ranks = ranks.max(1);
+        let mut by_cost: Vec<usize> = (0..self.costs.len()).collect();
+        by_cost.sort_by(|&a, &b| self.costs[b].total_cmp(&self.costs[a]));
+        let mut heap: BinaryHeap<Slot> = (0..ranks).map(|r| Slot(0.0, r)).collect();
+        let mut x = vec![vec![0u64; ranks]; self.costs.len()];
+        for k in by_cost {
+            let (c, row) = (self.costs[k], &mut x[k]);
+            for _ in 0..self.members[k].len() {
+                if let Some(mut top) = heap.peek_mut() {
+                    row[top.1] += 1;
+                    top.0 += c;
+                }
+            }
+        }
+        x
+    }
+
     /// Counts back to frames: each class's frames, ascending, are dealt to ranks in rank order
     /// (a rank gets contiguous runs of each class, which keeps a sample's frames together).
     fn expand(&self, x: &[Vec<u64>], ranks: usize) -> Vec<Vec<usize>> {
-        let mut out = vec![Vec::new(); ranks];
+        let mut out: Vec<Vec<usize>> = (0..ranks)
+            .map(|r| Vec::with_capacity(x.iter().map(|xk| xk[r] as usize).sum()))
+            .collect();
         for (k, row) in x.iter().enumerate() {
             let mut it = self.members[k].iter();
             for (r, &n) in row.iter().enumerate() {
@@ -553,6 +590,27 @@ mod tests {
             searched >= 50,
             "only {searched} of 300 cases made an exchange"
         );
+    }
+
+    #[test]
+    fn class_lpt_and_contiguous_loads_are_the_frame_by_frame_ones() {
+        let mut seed = 99u64;
+        let mut next = |m: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            (seed >> 33) % m
+        };
+        let pool = [0.0, 1.0, 0.1, 0.30000000000000004, 7.5, 2.0];
+        for case in 0..200 {
+            let ranks = 1 + next(50) as usize;
+            let n = 1 + next(20 * ranks as u64) as usize;
+            let costs: Vec<f64> = (0..n).map(|_| pool[next(6) as usize]).collect();
+            let classes = Classes::new(&costs);
+            let want = classes.counts_of(&lpt(&costs, ranks), ranks);
+            assert_eq!(classes.lpt_counts(ranks), want, "case {case}");
+            let contiguous = loads(&costs, &contiguous_split(n, ranks));
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&contiguous_loads(&costs, ranks)), bits(&contiguous));
+        }
     }
 
     #[test]

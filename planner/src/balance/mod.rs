@@ -116,7 +116,7 @@ pub fn second_stage(
         });
     }
     let ranges = ranges_per_rank(&sample_lens, ulysses, ring)?;
-    let work = causal_work_per_rank(&sample_lens, ulysses, ring)?;
+    let work = zigzag::causal_work_of_ranges(&sample_lens, &ranges, ulysses);
     let reshard = reshard_traffic(
         &padded,
         &frame_tokens,

@@ -59,7 +59,8 @@ pub fn reshard_traffic(
         ));
     }
     let owner = frame_owners(frames_per_rank, frame_tokens.len())?;
-    let (spans, seq_len) = vision_spans(samples, frame_tokens)?;
+    let index = SpanIndex::new(samples, frame_tokens)?;
+    let (spans, seq_len) = (&index.spans, index.seq_len);
 
     let mut send = vec![0u64; ranks];
     let mut recv = vec![0u64; ranks];
@@ -71,7 +72,7 @@ pub fn reshard_traffic(
                     format!("stage-2 range ({a}, {b}) of rank {dst} is outside [0, {seq_len})"),
                 ));
             }
-            let first = spans.partition_point(|&(_, end, _)| end <= a);
+            let first = index.first_ending_after(a);
             for &(s, e, f) in spans[first..].iter().take_while(|&&(s, _, _)| s < b) {
                 let src = owner[f];
                 if src != dst {
@@ -125,25 +126,83 @@ fn frame_owners(frames_per_rank: &[Vec<usize>], frames: usize) -> Result<Vec<usi
 /// One frame's vision tokens in the packed sequence: (start, end, frame).
 type TokenSpan = (u64, u64, usize);
 
-/// The vision tokens' intervals (start, end, frame) in sequence order, frames without tokens
-/// left out, and the length of the packed sequence (text tokens included).
-fn vision_spans(samples: &[Sample], frame_tokens: &[u64]) -> Result<(Vec<TokenSpan>, u64)> {
-    let mut spans: Vec<TokenSpan> = Vec::with_capacity(frame_tokens.len());
-    let mut at: u64 = 0;
-    let mut g = 0usize;
-    let overflow = || Error::invalid("re-shard", "the token sequence overflows u64");
-    for s in samples {
-        for _ in 0..s.frames {
-            let end = at.checked_add(frame_tokens[g]).ok_or_else(overflow)?;
-            if end > at {
-                spans.push((at, end, g));
+/// The vision tokens' intervals in sequence order and where each sample's lie, so that the
+/// first span ending after a token is found in the sample holding it: by a division where the
+/// sample's frames all have the same token count (every planner sample: one resolution a
+/// sample), else by a binary search of the sample's spans. At 32768 ranks the re-shard looks
+/// up 2.6 million ranges; a binary search over every frame's span each time took most of it.
+struct SpanIndex {
+    /// (start, end, frame) of every frame with tokens, in sequence order.
+    spans: Vec<TokenSpan>,
+    /// Per sample: its end in the sequence, its first span, its span count, and its frames'
+    /// token count when they all have the same (and it is not 0).
+    samples: Vec<SampleSpans>,
+    /// Length of the packed sequence (text tokens included).
+    seq_len: u64,
+}
+
+struct SampleSpans {
+    start: u64,
+    end: u64,
+    first_span: usize,
+    spans: usize,
+    uniform: Option<u64>,
+}
+
+impl SpanIndex {
+    fn new(samples: &[Sample], frame_tokens: &[u64]) -> Result<Self> {
+        let mut spans: Vec<TokenSpan> = Vec::with_capacity(frame_tokens.len());
+        let mut table = Vec::with_capacity(samples.len());
+        let mut at: u64 = 0;
+        let mut g = 0usize;
+        let overflow = || Error::invalid("re-shard", "the token sequence overflows u64");
+        for s in samples {
+            let (start, first_span) = (at, spans.len());
+            let tokens = &frame_tokens[g..g + s.frames as usize];
+            let uniform = tokens
+                .first()
+                .filter(|&&t| t > 0 && tokens.iter().all(|&u| u == t))
+                .copied();
+            for &t in tokens {
+                let end = at.checked_add(t).ok_or_else(overflow)?;
+                if end > at {
+                    spans.push((at, end, g));
+                }
+                at = end;
+                g += 1;
             }
-            at = end;
-            g += 1;
+            at = at.checked_add(s.text_tokens).ok_or_else(overflow)?;
+            table.push(SampleSpans {
+                start,
+                end: at,
+                first_span,
+                spans: spans.len() - first_span,
+                uniform,
+            });
         }
-        at = at.checked_add(s.text_tokens).ok_or_else(overflow)?;
+        Ok(SpanIndex {
+            spans,
+            samples: table,
+            seq_len: at,
+        })
     }
-    Ok((spans, at))
+
+    /// The index of the first span that ends after token `a` (`spans.len()` when none does):
+    /// the same as a binary search of all spans, `spans.partition_point(|s| s.1 <= a)`.
+    fn first_ending_after(&self, a: u64) -> usize {
+        let i = self.samples.partition_point(|s| s.end <= a);
+        let Some(s) = self.samples.get(i) else {
+            return self.spans.len();
+        };
+        // Spans of earlier samples end at or before this one's start <= a; later samples'
+        // spans all end after a. So the answer is in this sample's spans or the next one's first.
+        let within = match s.uniform {
+            Some(t) => (((a - s.start) / t) as usize).min(s.spans),
+            None => self.spans[s.first_span..s.first_span + s.spans]
+                .partition_point(|&(_, e, _)| e <= a),
+        };
+        s.first_span + within
+    }
 }
 
 #[cfg(test)]
@@ -213,6 +272,27 @@ mod tests {
         assert_eq!(t.total_bytes, 0);
         let t = reshard_traffic(&s, &[4; 3], &[vec![0], vec![1, 2]], &ranges(r), 3).unwrap();
         assert_eq!(t.send_bytes_per_rank, vec![0, 12]);
+    }
+
+    /// The span index finds what a binary search of every span finds, for every token, with
+    /// samples of uniform frames, of mixed token counts, of frames without tokens and of none.
+    #[test]
+    fn span_lookup_is_the_binary_search() {
+        let samples = [
+            Sample::uniform(3, 2),
+            Sample::uniform(0, 4),
+            Sample::uniform(4, 0),
+            Sample::uniform(2, 3),
+            Sample::uniform(3, 1),
+        ];
+        let tokens = [5, 5, 5, 1, 2, 0, 3, 4, 4, 0, 0, 0];
+        let index = SpanIndex::new(&samples, &tokens).unwrap();
+        assert_eq!(index.seq_len, 15 + 2 + 4 + 6 + 3 + 8 + 1);
+        assert_eq!(index.spans.len(), 8);
+        for a in 0..=index.seq_len + 2 {
+            let want = index.spans.partition_point(|&(_, e, _)| e <= a);
+            assert_eq!(index.first_ending_after(a), want, "token {a}");
+        }
     }
 
     #[test]
