@@ -11,7 +11,7 @@
 //! `sample_lens` and the padding of each sample (`pad_tokens_per_sample`).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::balance::{
     balance_frames, frame_costs, second_stage, BalanceOptions, FrameAssignment, TwoStageBalance,
@@ -47,7 +47,7 @@ pub struct MultiModal {
     /// every layout; the rest after them is one padding run without loss. 0: the padded
     /// samples' sum.
     min_context: u64,
-    frames_cache: Mutex<HashMap<u32, FrameAssignment>>,
+    frames_cache: Mutex<HashMap<u32, Arc<FrameAssignment>>>,
     stage_cache: Mutex<HashMap<StageKey, std::result::Result<VisionStage, String>>>,
 }
 
@@ -151,7 +151,7 @@ impl MultiModal {
         self.context_for(gpus)
     }
 
-    fn frames(&self, sp: u32, opts: &BalanceOptions) -> Result<FrameAssignment> {
+    fn frames(&self, sp: u32, opts: &BalanceOptions) -> Result<Arc<FrameAssignment>> {
         if let Some(f) = self
             .frames_cache
             .lock()
@@ -160,11 +160,11 @@ impl MultiModal {
         {
             return Ok(f);
         }
-        let f = balance_frames(
+        let f = Arc::new(balance_frames(
             &frame_costs(&self.samples, &self.vision)?,
             sp as usize,
             opts,
-        )?;
+        )?);
         if let Ok(mut c) = self.frames_cache.lock() {
             c.insert(sp, f.clone());
         }
@@ -191,7 +191,7 @@ impl MultiModal {
                 &opts,
             )?
         } else {
-            self.frames(ulysses * ring, &opts)?
+            FrameAssignment::clone(self.frames(ulysses * ring, &opts)?.as_ref())
         };
         second_stage(
             &self.samples,

@@ -218,7 +218,7 @@ pub fn balance_frames(
         // Zero-cost frames are free: show them to the solver with a tiny positive cost.
         let cmax = classes.costs.iter().copied().fold(0.0, f64::max);
         let solver_costs: Vec<f64> = classes.costs.iter().map(|&c| c.max(cmax * 1e-9)).collect();
-        let class_counts: Vec<u64> = classes.members.iter().map(|m| m.len() as u64).collect();
+        let class_counts = classes.counts.clone();
         let solved = milp::solve_counts(
             &solver_costs,
             &class_counts,
@@ -252,9 +252,10 @@ pub fn balance_frames(
 /// Frames grouped by identical cost (exact f64 equality).
 struct Classes {
     costs: Vec<f64>,
-    /// Frame indices of each class, ascending.
-    members: Vec<Vec<usize>>,
-    frame_class: Vec<usize>,
+    /// Frames of each class.
+    counts: Vec<u64>,
+    /// The class of each frame (at most 2^32 frames, so classes).
+    frame_class: Vec<u32>,
 }
 
 impl Classes {
@@ -262,17 +263,24 @@ impl Classes {
         let mut class_of: HashMap<u64, usize> = HashMap::new();
         let mut c = Classes {
             costs: Vec::new(),
-            members: Vec::new(),
+            counts: Vec::new(),
             frame_class: Vec::with_capacity(frame_costs.len()),
         };
-        for (f, &cost) in frame_costs.iter().enumerate() {
-            let k = *class_of.entry(cost.to_bits()).or_insert_with(|| {
-                c.members.push(Vec::new());
-                c.costs.push(cost);
-                c.costs.len() - 1
-            });
-            c.members[k].push(f);
-            c.frame_class.push(k);
+        // A sample's frames come in a run of one cost: one lookup a run.
+        let mut last: Option<(u64, usize)> = None;
+        for &cost in frame_costs {
+            let bits = cost.to_bits();
+            let k = match last {
+                Some((b, k)) if b == bits => k,
+                _ => *class_of.entry(bits).or_insert_with(|| {
+                    c.counts.push(0);
+                    c.costs.push(cost);
+                    c.costs.len() - 1
+                }),
+            };
+            last = Some((bits, k));
+            c.counts[k] += 1;
+            c.frame_class.push(k as u32);
         }
         c
     }
@@ -283,7 +291,7 @@ impl Classes {
         let mut x = vec![vec![0u64; ranks]; self.costs.len()];
         for (r, fs) in assignment.iter().enumerate() {
             for &f in fs {
-                x[self.frame_class[f]][r] += 1;
+                x[self.frame_class[f] as usize][r] += 1;
             }
         }
         x
@@ -299,14 +307,33 @@ impl Classes {
         let mut by_cost: Vec<usize> = (0..self.costs.len()).collect();
         by_cost.sort_by(|&a, &b| self.costs[b].total_cmp(&self.costs[a]));
         let mut heap: BinaryHeap<Slot> = (0..ranks).map(|r| Slot(0.0, r)).collect();
+        let mut max_load: f64 = 0.0;
         let mut x = vec![vec![0u64; ranks]; self.costs.len()];
         for k in by_cost {
             let (c, row) = (self.costs[k], &mut x[k]);
-            for _ in 0..self.members[k].len() {
+            let mut left = self.counts[k] as usize;
+            while left > 0 {
+                let min_load = heap.peek().map_or(0.0, |s| s.0);
+                if left >= ranks && min_load + c > max_load {
+                    // Whole rounds: each rank taken once, in heap order (see below).
+                    let mut slots = heap.into_vec();
+                    while left >= ranks && slots.iter().all(|s| s.0 + c > max_load) {
+                        for s in &mut slots {
+                            s.0 += c;
+                            row[s.1] += 1;
+                            max_load = max_load.max(s.0);
+                        }
+                        left -= ranks;
+                    }
+                    heap = BinaryHeap::from(slots);
+                    continue;
+                }
                 if let Some(mut top) = heap.peek_mut() {
                     row[top.1] += 1;
                     top.0 += c;
+                    max_load = max_load.max(top.0);
                 }
+                left -= 1;
             }
         }
         x
@@ -314,18 +341,25 @@ impl Classes {
 
     /// Counts back to frames: each class's frames, ascending, are dealt to ranks in rank order
     /// (a rank gets contiguous runs of each class, which keeps a sample's frames together).
+    /// The frames are visited in ascending order, each to the rank its class is dealing to,
+    /// so every rank's list comes out ascending without a sort.
     fn expand(&self, x: &[Vec<u64>], ranks: usize) -> Vec<Vec<usize>> {
         let mut out: Vec<Vec<usize>> = (0..ranks)
             .map(|r| Vec::with_capacity(x.iter().map(|xk| xk[r] as usize).sum()))
             .collect();
-        for (k, row) in x.iter().enumerate() {
-            let mut it = self.members[k].iter();
-            for (r, &n) in row.iter().enumerate() {
-                out[r].extend(it.by_ref().take(n as usize));
+        // Per class: the rank dealt to and how many more frames it takes.
+        let mut at: Vec<(usize, u64)> = x.iter().map(|row| (0, row[0])).collect();
+        for (f, &k) in self.frame_class.iter().enumerate() {
+            let k = k as usize;
+            let (r, left) = &mut at[k];
+            while *left == 0 && *r + 1 < ranks {
+                *r += 1;
+                *left = x[k][*r];
             }
-        }
-        for v in &mut out {
-            v.sort_unstable();
+            if *left > 0 {
+                out[*r].push(f);
+                *left -= 1;
+            }
         }
         out
     }
@@ -614,6 +648,17 @@ mod tests {
             let classes = Classes::new(&costs);
             let want = classes.counts_of(&lpt(&costs, ranks), ranks);
             assert_eq!(classes.lpt_counts(ranks), want, "case {case}");
+            // Dealing each class's frames in rank order, then sorting each rank's.
+            let mut dealt: Vec<Vec<usize>> = vec![Vec::new(); ranks];
+            for (k, row) in want.iter().enumerate() {
+                let members = (0..n).filter(|&f| classes.frame_class[f] as usize == k);
+                let mut it = members.into_iter();
+                for (r, &n) in row.iter().enumerate() {
+                    dealt[r].extend(it.by_ref().take(n as usize));
+                }
+            }
+            dealt.iter_mut().for_each(|v| v.sort_unstable());
+            assert_eq!(classes.expand(&want, ranks), dealt, "case {case}");
             let contiguous = loads(&costs, &contiguous_split(n, ranks));
             let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&contiguous_loads(&costs, ranks)), bits(&contiguous));
@@ -632,7 +677,7 @@ mod tests {
         let classes = Classes::new(costs);
         let mut counts = classes.lpt_counts(ranks);
         improve_counts(&classes.costs, &mut counts);
-        let n: Vec<u64> = classes.members.iter().map(|m| m.len() as u64).collect();
+        let n = classes.counts.clone();
         let o = BalanceOptions::default();
         let lpt = classes.expand(&counts, ranks);
         let x = milp::solve_counts(

@@ -499,5 +499,8 @@ fn sample_shortcuts_keep_the_ranking_causes_and_closest_miss() {
             .count();
     }
     assert!(spared > 0, "no miss kept its floor");
-    assert!(fitting[0] > 0 && fitting[1] > 0, "cases that fit and none: {fitting:?}");
+    assert!(
+        fitting[0] > 0 && fitting[1] > 0,
+        "cases that fit and none: {fitting:?}"
+    );
 }
