@@ -4,7 +4,9 @@
 //! accumulated, so the time of a collective phase is set by its most loaded link: where a group
 //! is placed (a Ulysses group inside one NVLink domain, or spanning nodes) decides its cost.
 //! All-to-alls are counted per link from the tree's subtrees ([`a2a`]), equal to routing every
-//! pair.
+//! pair. A family whose groups tile a block of whole leaf switches, nodes and domains that
+//! divides the world is priced on that block's graph ([`Topology::phase`]), with the same
+//! result.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

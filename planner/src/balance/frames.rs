@@ -1,7 +1,9 @@
 //! Stage 1 of MM-SP: spread the video frames of a step over all GPUs of the sequence-parallel
 //! group so that the vision encoder's work (FLOPs per frame, which depend on resolution) is
-//! balanced. Solved as a makespan MILP over frame classes ([`super::milp`]) with a time limit,
-//! warm-started from, and falling back to, greedy longest-processing-time (LPT).
+//! balanced. Frames of one cost form a class and are counted, not listed: greedy
+//! longest-processing-time (LPT) by class, a local search of small exchanges, then, up to
+//! [`MILP_MAX_RANKS`] ranks, a makespan MILP over the class counts ([`super::milp`]) with a time
+//! limit, warm-started from the greedy result and kept only when better.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
@@ -18,8 +20,9 @@ use crate::spec::vision::VisionSpec;
 /// The most ranks the MILP is tried on; above, LPT with local search stands. Measured on the
 /// shipped manifest with its frames x 1, x 10 and x 60 (5,280 to 316,800 frames,
 /// `milp_gain_over_lpt`), the MILP never beat LPT with local search at 64 to 8192 ranks, and
-/// at 1024 to 8192 ranks it ran into its time limit every time (0.5 to 0.8 s a plan, and an
-/// answer that depended on the machine's speed). Below the bound the result is as before.
+/// at 1024 to 8192 ranks it ran into its time limit wherever LPT was not provably optimal (0.5
+/// to 0.8 s a plan, and an answer that depended on the machine's speed). Below the bound the
+/// result is as before.
 pub const MILP_MAX_RANKS: usize = 512;
 
 /// How the frame assignment was obtained.
