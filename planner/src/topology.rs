@@ -339,12 +339,12 @@ impl Topology {
     /// the same (a spine only when it holds more than one leaf, which flows inside one leaf
     /// never reach). `None` when the block would be the world.
     fn block_world(&self, family: GroupFamily) -> Option<u32> {
-        fn lcm(a: u64, b: u64) -> u64 {
+        fn lcm(a: u64, b: u64) -> Option<u64> {
             let (mut x, mut y) = (a, b);
             while y != 0 {
                 (x, y) = (y, x % y);
             }
-            a / x.max(1) * b
+            (a / x.max(1)).checked_mul(b)
         }
         let s = &self.spec;
         let span = u64::from(family.size) * u64::from(family.stride);
@@ -352,7 +352,7 @@ impl Topology {
         let block = [leaf, u64::from(s.domain_gpus), u64::from(s.gpus_per_node)]
             .into_iter()
             .try_fold(span.max(1), |b, x| {
-                Some(lcm(b, x.max(1))).filter(|&v| v < u64::from(self.world))
+                lcm(b, x.max(1)).filter(|&v| v < u64::from(self.world))
             })?;
         let world = u64::from(self.world);
         (world.is_multiple_of(block)).then_some(block as u32)
@@ -751,6 +751,16 @@ mod tests {
             }
         }
         assert!(on_blocks > 100, "{on_blocks} families priced on blocks");
+        // Leaves of absurd size: no block, no overflow.
+        let mut huge = ClusterSpec::load("dgx-h100").unwrap();
+        huge.nodes_per_leaf = u32::MAX;
+        huge.gpus_per_node = 1 << 16;
+        let t = Topology::build(&huge, 8);
+        let prime = GroupFamily {
+            size: 4_294_967_291,
+            stride: 1,
+        };
+        assert_eq!(t.block_world(prime), None);
     }
 
     #[test]
