@@ -16,12 +16,17 @@ fi
 REPEAT="${REPEAT:-5}"
 TIMEFORMAT='%R %U'
 # Sample manifests that fit only on many GPUs: the shipped one with each sample's frames x 60
-# (fits on 8192 GPUs) and one sample of 2^20 frames (the most a sample may hold; 16384 GPUs).
+# (fits on 8192 GPUs) and x 250 (32768 GPUs), one sample of 2^20 frames (the most a sample may
+# hold; 16384 GPUs), and every sample at 2^20 frames (42 million frames; no cluster fits).
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-awk -F'"frames": ' '{split($2, a, ","); print $1 "\"frames\": " a[1] * 60 substr($2, length(a[1]) + 1)}' \
-  examples/samples.jsonl >"$tmp/x60.jsonl"
+for m in 60 250; do
+  awk -v m="$m" -F'"frames": ' \
+    '{split($2, a, ","); print $1 "\"frames\": " a[1] * m substr($2, length(a[1]) + 1)}' \
+    examples/samples.jsonl >"$tmp/x$m.jsonl"
+done
 sed '1s/"frames": [0-9]*/"frames": 1048576/' examples/samples.jsonl >"$tmp/big.jsonl"
+sed 's/"frames": [0-9]*/"frames": 1048576/' examples/samples.jsonl >"$tmp/all_big.jsonl"
 # target seconds | arguments
 cases=(
   "0.01|plan --gpus 256 --context 2M"
@@ -37,6 +42,9 @@ cases=(
   "2|plan --gpus 65520 --topology gb200-nvl72 --context 1M"
   "2|plan --gpus 128 --samples $tmp/x60.jsonl"
   "2|plan --gpus 128 --samples $tmp/big.jsonl"
+  "2|plan --gpus 128 --samples $tmp/x250.jsonl"
+  "2|plan --gpus 128 --samples $tmp/all_big.jsonl"
+  "2|plan --gpus 32768 --samples $tmp/x250.jsonl"
 )
 for c in "${cases[@]}"; do
   target="${c%%|*}"

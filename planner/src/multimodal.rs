@@ -11,7 +11,7 @@
 //! `sample_lens` and the padding of each sample (`pad_tokens_per_sample`).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::balance::{
     balance_frames, frame_costs, second_stage, BalanceOptions, FrameAssignment, TwoStageBalance,
@@ -47,7 +47,7 @@ pub struct MultiModal {
     /// every layout; the rest after them is one padding run without loss. 0: the padded
     /// samples' sum.
     min_context: u64,
-    frames_cache: Mutex<HashMap<u32, FrameAssignment>>,
+    frames_cache: Mutex<HashMap<u32, Arc<FrameAssignment>>>,
     stage_cache: Mutex<HashMap<StageKey, std::result::Result<VisionStage, String>>>,
 }
 
@@ -151,7 +151,7 @@ impl MultiModal {
         self.context_for(gpus)
     }
 
-    fn frames(&self, sp: u32, opts: &BalanceOptions) -> Result<FrameAssignment> {
+    fn frames(&self, sp: u32, opts: &BalanceOptions) -> Result<Arc<FrameAssignment>> {
         if let Some(f) = self
             .frames_cache
             .lock()
@@ -160,11 +160,11 @@ impl MultiModal {
         {
             return Ok(f);
         }
-        let f = balance_frames(
+        let f = Arc::new(balance_frames(
             &frame_costs(&self.samples, &self.vision)?,
             sp as usize,
             opts,
-        )?;
+        )?);
         if let Ok(mut c) = self.frames_cache.lock() {
             c.insert(sp, f.clone());
         }
@@ -191,7 +191,7 @@ impl MultiModal {
                 &opts,
             )?
         } else {
-            self.frames(ulysses * ring, &opts)?
+            FrameAssignment::clone(self.frames(ulysses * ring, &opts)?.as_ref())
         };
         second_stage(
             &self.samples,
@@ -327,6 +327,27 @@ impl MultiModal {
             attention_scale: 1.0,
             ..VisionStage::default()
         }
+    }
+
+    /// The vision stage's memory on a layout exactly as [`Self::stage`] counts it (the busiest
+    /// rank's frames after stage-1 balancing, cached per SP degree, and the encoder's states),
+    /// without stage 2 (the zigzag ranges, the re-shard and the attention imbalance, which
+    /// enter only times). Every time is 0 and the attention scale 1: only the memory check may
+    /// use it. The fewest-GPUs search asks only whether a candidate fits, and stage 2 over
+    /// tens of thousands of ranks cut each sample into a range per rank.
+    pub fn stage_memory(&self, model: &ModelSpec, layout: &Layout) -> Result<VisionStage> {
+        let opts = BalanceOptions {
+            use_milp: false,
+            ..BalanceOptions::default()
+        };
+        let frames = self.frames(layout.ulysses * layout.ring, &opts)?;
+        let frames_max = frames.frames_per_rank.iter().map(Vec::len).max();
+        Ok(VisionStage {
+            memory_bytes: self.activation_bytes_of(frames_max.unwrap_or(0) as f64),
+            states_bytes: self.encoder_states_bytes(self.encoder_params(model)),
+            attention_scale: 1.0,
+            ..VisionStage::default()
+        })
     }
 
     /// Activation bytes of the encoder on the rank with the most frames.
@@ -706,6 +727,13 @@ mod tests {
                 let floor = mm.stage_memory_floor(&m, &layout);
                 assert!(floor.memory_bytes > 0.0 && floor.memory_bytes <= full.memory_bytes);
                 assert_eq!(floor.states_bytes, full.states_bytes);
+                // The memory without stage 2 is the stage's, exactly.
+                let exact = mm.stage_memory(&m, &layout).unwrap();
+                assert_eq!(
+                    (exact.memory_bytes, exact.states_bytes),
+                    (full.memory_bytes, full.states_bytes),
+                    "{u}x{r} train {train}"
+                );
                 let c = crate::cost::Candidate {
                     layout,
                     zero_stage: 3,

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::cost::{
-    evaluate, head_split, Candidate, Infeasible, Layout, Placement, Recompute, Workload,
+    evaluate, head_split, Candidate, Infeasible, Layout, Placement, Recompute, VisionStage,
+    Workload,
 };
 use crate::error::{Error, Result};
 use crate::multimodal::MultiModal;
@@ -309,23 +310,6 @@ pub fn search(
     req: &Request,
     mm: Option<&MultiModal>,
 ) -> SearchResult {
-    search_with(topo, model, req, mm, true)
-}
-
-/// [`search`]; with `exact_misses = false` only whether some candidate fits is asked for: the
-/// search stops at the first that fits, and a candidate that does not fit in memory with the
-/// vision stage's memory floor ([`MultiModal::stage_memory_floor`]: the encoder's states and
-/// the mean rank's frames' activations, never more than the stage costed) is ruled out without
-/// costing the stage (the memory a miss records is then a lower bound).
-/// [`fewest_gpus_for`] uses it: costing the stage (its frame balancing over every rank) for
-/// every candidate of every doubling made a manifest of enormous frames take 24 s to refuse.
-fn search_with(
-    topo: &Topology,
-    model: &ModelSpec,
-    req: &Request,
-    mm: Option<&MultiModal>,
-    exact_misses: bool,
-) -> SearchResult {
     let global_batch = req
         .global_batch
         .unwrap_or_else(|| default_global_batch(req.context));
@@ -337,6 +321,7 @@ fn search_with(
     };
     let mut ranked = Vec::new();
     let mut infeasible = Vec::new();
+    let mut deferred = Vec::new();
     for c in enumerate(model, &topo.spec, req) {
         let mut w = w.clone();
         w.context = candidate_context(req.context, mm, &c.layout);
@@ -344,37 +329,28 @@ fn search_with(
         let runnable = crate::cost::head_split(model, c.layout.tp, c.layout.ulysses).is_ok()
             && global_batch.is_multiple_of(u64::from(c.layout.dp) * u64::from(c.micro_batch));
         if let (Some(mm), true) = (mm, runnable) {
-            if !exact_misses {
-                // The stage's memory floor: a candidate it rules out cannot fit with the stage.
-                let floor = Workload {
-                    vision: Some(mm.stage_memory_floor(model, &c.layout)),
-                    ..w.clone()
-                };
-                if let Err(e @ Infeasible::Memory { .. }) = crate::cost::terms(topo, &floor, &c) {
+            match stage_for(topo, model, mm, &w, &c) {
+                Staged::Ready(v) => w.vision = Some(v),
+                Staged::Out(e) => {
                     infeasible.push((c, e));
                     continue;
                 }
-            }
-            match mm.stage(topo, model, &c.layout, w.context) {
-                Ok(v) => w.vision = Some(v),
-                Err(e) => {
-                    infeasible.push((c, Infeasible::Vision(e)));
+                Staged::BelowFloor { needed, available } => {
+                    deferred.push((needed, available, c, w));
                     continue;
                 }
             }
         }
         match evaluate(topo, &w, &c) {
-            Ok(estimate) => {
-                ranked.push(Scored {
-                    candidate: c,
-                    estimate,
-                });
-                if !exact_misses {
-                    break;
-                }
-            }
+            Ok(estimate) => ranked.push(Scored {
+                candidate: c,
+                estimate,
+            }),
             Err(e) => infeasible.push((c, e)),
         }
+    }
+    if let Some(mm) = mm {
+        settle_memory_misses(topo, model, mm, deferred, &mut infeasible);
     }
     ranked.sort_by(|a, b| {
         a.estimate
@@ -390,6 +366,105 @@ fn search_with(
         ranked,
         infeasible,
         global_batch,
+    }
+}
+
+/// A runnable candidate's vision stage, or why it cannot fit.
+enum Staged {
+    Ready(VisionStage),
+    Out(Infeasible),
+    /// Out of memory with the stage's memory floor (`needed` is the floor's, a lower bound).
+    BelowFloor {
+        needed: f64,
+        available: f64,
+    },
+}
+
+/// The vision stage of a runnable candidate, cheapest check first: out of memory with the
+/// stage's memory floor ([`MultiModal::stage_memory_floor`], never above the stage's) it is
+/// out of memory with the stage, and left to [`settle_memory_misses`]; out of memory with the
+/// stage's exact memory ([`MultiModal::stage_memory`]: stage 1 alone, cached per SP degree) it
+/// is a miss with [`search`]'s figure without stage 2 (whose zigzag ranges and re-shard enter
+/// only times); otherwise the whole stage. Errors are the stage's.
+fn stage_for(
+    topo: &Topology,
+    model: &ModelSpec,
+    mm: &MultiModal,
+    w: &Workload,
+    c: &Candidate,
+) -> Staged {
+    let with = |v| Workload {
+        vision: Some(v),
+        ..w.clone()
+    };
+    let floor = with(mm.stage_memory_floor(model, &c.layout));
+    if let Err(Infeasible::Memory { needed, available }) = crate::cost::terms(topo, &floor, c) {
+        return Staged::BelowFloor { needed, available };
+    }
+    match mm.stage_memory(model, &c.layout) {
+        Ok(v) => {
+            if let Err(e @ Infeasible::Memory { .. }) = crate::cost::terms(topo, &with(v), c) {
+                return Staged::Out(e);
+            }
+        }
+        Err(e) => return Staged::Out(Infeasible::Vision(e.to_string())),
+    }
+    match mm.stage(topo, model, &c.layout, w.context) {
+        Ok(v) => Staged::Ready(v),
+        Err(e) => Staged::Out(Infeasible::Vision(e)),
+    }
+}
+
+/// Records the candidates [`stage_for`] found out of memory with the stage's floor. Each is a
+/// memory miss, and of a miss only the closest one's figure is read
+/// ([`SearchResult::closest_memory_miss`]; the counts are by cause), so they are costed
+/// exactly (stage 1 alone) from the lowest floor up while the floor is below the closest
+/// exact miss so far; the others keep their floor as the figure, at or above that miss. So the
+/// closest miss and every count are what costing each candidate gives, while a manifest of 42
+/// million frames refused on 128 GPUs balances its frames for one SP degree instead of eight
+/// (10 s before).
+fn settle_memory_misses(
+    topo: &Topology,
+    model: &ModelSpec,
+    mm: &MultiModal,
+    mut deferred: Vec<(f64, f64, Candidate, Workload)>,
+    infeasible: &mut Vec<(Candidate, Infeasible)>,
+) {
+    let needed = |e: &Infeasible| match e {
+        Infeasible::Memory { needed, .. } => Some(*needed),
+        _ => None,
+    };
+    deferred.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut closest = infeasible
+        .iter()
+        .filter_map(|(_, e)| needed(e))
+        .reduce(f64::min);
+    for (floor, available, c, w) in deferred {
+        if closest.is_some_and(|m| floor >= m) {
+            let e = Infeasible::Memory {
+                needed: floor,
+                available,
+            };
+            infeasible.push((c, e));
+            continue;
+        }
+        let e = match mm.stage_memory(model, &c.layout) {
+            Err(e) => Infeasible::Vision(e.to_string()),
+            Ok(v) => {
+                let w = Workload {
+                    vision: Some(v),
+                    ..w
+                };
+                match crate::cost::terms(topo, &w, &c) {
+                    Err(e) => e,
+                    Ok(_) => panic!("a candidate fits with its vision stage but not its floor"),
+                }
+            }
+        };
+        if let Some(n) = needed(&e) {
+            closest = Some(closest.map_or(n, |m| m.min(n)));
+        }
+        infeasible.push((c, e));
     }
 }
 
@@ -500,10 +575,58 @@ pub fn fewest_gpus_for(
             context,
             ..req.clone()
         };
-        if !search_with(&topo, model, &r, mm, false).ranked.is_empty() {
+        if fits_somewhere(&topo, model, &r, mm) {
             return Some(gpus);
         }
     }
+}
+
+/// Whether some candidate of the request fits, as [`search`] would rank one: the same
+/// candidates, contexts and checks, stopping at the first that fits, deciding by
+/// [`crate::cost::terms`] alone (infeasibility is decided there, never by
+/// [`crate::cost::compose`]). With samples, a candidate that does not fit in memory with the
+/// vision stage's memory floor ([`MultiModal::stage_memory_floor`]: the encoder's states and
+/// the mean rank's frames' activations, never more than the stage costed) is ruled out without
+/// balancing a frame, and the others are checked with the stage's exact memory
+/// ([`MultiModal::stage_memory`]: stage 1 only; stage 2 enters only times). Costing every
+/// candidate's whole stage made a manifest of enormous frames take 24 s to refuse, and stage 2
+/// at the size that fits over a second.
+fn fits_somewhere(
+    topo: &Topology,
+    model: &ModelSpec,
+    req: &Request,
+    mm: Option<&MultiModal>,
+) -> bool {
+    let global_batch = req
+        .global_batch
+        .unwrap_or_else(|| default_global_batch(req.context));
+    enumerate(model, &topo.spec, req).iter().any(|c| {
+        let w = Workload {
+            model,
+            context: candidate_context(req.context, mm, &c.layout),
+            global_batch,
+            vision: None,
+        };
+        let runnable = crate::cost::head_split(model, c.layout.tp, c.layout.ulysses).is_ok()
+            && global_batch.is_multiple_of(u64::from(c.layout.dp) * u64::from(c.micro_batch));
+        let Some(mm) = mm.filter(|_| runnable) else {
+            return crate::cost::terms(topo, &w, c).is_ok();
+        };
+        let floor = Workload {
+            vision: Some(mm.stage_memory_floor(model, &c.layout)),
+            ..w.clone()
+        };
+        if let Err(Infeasible::Memory { .. }) = crate::cost::terms(topo, &floor, c) {
+            return false;
+        }
+        mm.stage_memory(model, &c.layout).is_ok_and(|v| {
+            let w = Workload {
+                vision: Some(v),
+                ..w
+            };
+            crate::cost::terms(topo, &w, c).is_ok()
+        })
+    })
 }
 
 /// Explains, in words, why a feasible plan is not the fastest: the component of its step time

@@ -4,7 +4,9 @@
 //! accumulated, so the time of a collective phase is set by its most loaded link: where a group
 //! is placed (a Ulysses group inside one NVLink domain, or spanning nodes) decides its cost.
 //! All-to-alls are counted per link from the tree's subtrees ([`a2a`]), equal to routing every
-//! pair.
+//! pair. A family whose groups tile a block of whole leaf switches, nodes and domains that
+//! divides the world is priced on that block's graph ([`Topology::phase`]), with the same
+//! result.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -111,6 +113,11 @@ pub struct Topology {
     route_all_to_alls: bool,
     cache: Mutex<HashMap<(Pattern, GroupFamily), PhaseCost>>,
     loads_cache: Mutex<HashMap<(Pattern, GroupFamily), Arc<Loads>>>,
+    /// Price a family on its repeating block ([`Topology::block_world`]) instead of the world
+    /// (false: the slow path tests compare with).
+    price_on_blocks: bool,
+    /// The topologies of the blocks phases were priced on, by GPU count.
+    blocks: Mutex<HashMap<u32, Arc<Topology>>>,
 }
 
 impl std::fmt::Debug for Topology {
@@ -152,6 +159,8 @@ impl Topology {
             domain_of,
             cache: Mutex::new(HashMap::new()),
             loads_cache: Mutex::new(HashMap::new()),
+            price_on_blocks: true,
+            blocks: Mutex::new(HashMap::new()),
         }
     }
 
@@ -311,6 +320,56 @@ impl Topology {
     pub fn routing_all_to_alls(mut self) -> Self {
         self.route_all_to_alls = true;
         self
+    }
+
+    /// The same topology pricing every phase over the whole world (slow; what tests hold the
+    /// block pricing to).
+    pub fn pricing_whole_world(mut self) -> Self {
+        self.price_on_blocks = false;
+        self
+    }
+
+    /// The first `block` GPUs of the world, when a phase of `family` there costs what it costs
+    /// on the world: `block` is a multiple of the family's span (size x stride: its groups
+    /// tile it, the first of `family.groups(world)` in the same order) and of the GPUs of a
+    /// fabric domain, a node and a leaf switch (the graph repeats every `block` GPUs), and it
+    /// divides the world. Then every block's links carry what the first block's carry, summed
+    /// in the same order, and the first block's links come first in link order, so the most
+    /// loaded link, its plane and the longest path are the same; the first block's graph is
+    /// the same (a spine only when it holds more than one leaf, which flows inside one leaf
+    /// never reach). `None` when the block would be the world.
+    fn block_world(&self, family: GroupFamily) -> Option<u32> {
+        fn lcm(a: u64, b: u64) -> Option<u64> {
+            let (mut x, mut y) = (a, b);
+            while y != 0 {
+                (x, y) = (y, x % y);
+            }
+            (a / x.max(1)).checked_mul(b)
+        }
+        let s = &self.spec;
+        let span = u64::from(family.size) * u64::from(family.stride);
+        let leaf = u64::from(s.gpus_per_node) * u64::from(s.nodes_per_leaf);
+        let block = [leaf, u64::from(s.domain_gpus), u64::from(s.gpus_per_node)]
+            .into_iter()
+            .try_fold(span.max(1), |b, x| {
+                lcm(b, x.max(1)).filter(|&v| v < u64::from(self.world))
+            })?;
+        let world = u64::from(self.world);
+        (world.is_multiple_of(block)).then_some(block as u32)
+    }
+
+    /// The topology of the first `gpus` GPUs (built once).
+    fn block(&self, gpus: u32) -> Arc<Topology> {
+        if let Some(t) = self.blocks.lock().ok().and_then(|b| b.get(&gpus).cloned()) {
+            return t;
+        }
+        let mut t = Topology::build(&self.spec, gpus);
+        t.route_all_to_alls = self.route_all_to_alls;
+        let t = Arc::new(t);
+        if let Ok(mut b) = self.blocks.lock() {
+            b.insert(gpus, t.clone());
+        }
+        t
     }
 
     /// Whether two ranks share a fabric domain (NVLink domain, or PCIe node).
@@ -490,14 +549,17 @@ impl Topology {
         }
         // The loads themselves are kept only for the simulator (`family_loads`): a search
         // prices hundreds of families on large clusters, each a dense pass over the links.
-        let cost = match self
+        let cached = self
             .loads_cache
             .lock()
             .ok()
-            .and_then(|c| c.get(&(pattern, family)).cloned())
-        {
-            Some(l) => self.loads_cost(&l),
-            None => {
+            .and_then(|c| c.get(&(pattern, family)).cloned());
+        let block = self.block_world(family).filter(|_| self.price_on_blocks);
+        let cost = match (cached, block) {
+            (Some(l), _) => self.loads_cost(&l),
+            // A family repeating on a block of the world costs what it costs on that block.
+            (None, Some(gpus)) => self.block(gpus).phase(pattern, family),
+            (None, None) => {
                 let (load, latency) = self.groups_dense(pattern, &family.groups(self.world));
                 self.cost_of(
                     load.into_iter().enumerate().filter(|&(_, l)| l > 0.0),
@@ -651,6 +713,54 @@ mod tests {
         let a = Topology::build(&spec, 512).all_to_all(fam, 1e9);
         let b = Topology::build(&over, 512).all_to_all(fam, 1e9);
         assert!(b > 1.5 * a, "{a} {b}");
+    }
+
+    /// A family priced on its repeating block costs what it costs on the whole world, bit for
+    /// bit (time per byte, latency and bottleneck plane), on every shipped topology, with one
+    /// leaf or several (spine) in the block, for both patterns and every family that tiles.
+    #[test]
+    fn block_pricing_is_the_whole_worlds() {
+        let mut over = ClusterSpec::load("dgx-h100").unwrap();
+        over.oversubscription = 3.0;
+        over.nodes_per_leaf = 2;
+        let cases = [
+            (ClusterSpec::load("dgx-h100").unwrap(), 2048),
+            (ClusterSpec::load("dgx-a100").unwrap(), 1280),
+            (ClusterSpec::load("hgx-h200").unwrap(), 1024),
+            (ClusterSpec::load("gb200-nvl72").unwrap(), 576),
+            (ClusterSpec::load("pcie-l40s").unwrap(), 1024),
+            (over, 256),
+        ];
+        let mut on_blocks = 0;
+        for (spec, world) in cases {
+            let fast = Topology::build(&spec, world);
+            let whole = Topology::build(&spec, world).pricing_whole_world();
+            for size in (2..=world / 2).filter(|&n| world.is_multiple_of(n)) {
+                for stride in (1..=world / size).filter(|&s| world.is_multiple_of(size * s)) {
+                    let family = GroupFamily { size, stride };
+                    on_blocks += usize::from(fast.block_world(family).is_some());
+                    for pattern in [Pattern::AllToAll, Pattern::RingP2P] {
+                        assert_eq!(
+                            fast.phase(pattern, family),
+                            whole.phase(pattern, family),
+                            "{} x {world}: {pattern:?} {size} x {stride}",
+                            spec.name
+                        );
+                    }
+                }
+            }
+        }
+        assert!(on_blocks > 100, "{on_blocks} families priced on blocks");
+        // Leaves of absurd size: no block, no overflow.
+        let mut huge = ClusterSpec::load("dgx-h100").unwrap();
+        huge.nodes_per_leaf = u32::MAX;
+        huge.gpus_per_node = 1 << 16;
+        let t = Topology::build(&huge, 8);
+        let prime = GroupFamily {
+            size: 4_294_967_291,
+            stride: 1,
+        };
+        assert_eq!(t.block_world(prime), None);
     }
 
     #[test]

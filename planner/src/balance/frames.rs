@@ -1,10 +1,12 @@
 //! Stage 1 of MM-SP: spread the video frames of a step over all GPUs of the sequence-parallel
 //! group so that the vision encoder's work (FLOPs per frame, which depend on resolution) is
-//! balanced. Solved as a makespan MILP over frame classes ([`super::milp`]) with a time limit,
-//! warm-started from, and falling back to, greedy longest-processing-time (LPT).
+//! balanced. Frames of one cost form a class and are counted, not listed: greedy
+//! longest-processing-time (LPT) by class, a local search of small exchanges, then, up to
+//! [`MILP_MAX_RANKS`] ranks, a makespan MILP over the class counts ([`super::milp`]) with a time
+//! limit, warm-started from the greedy result and kept only when better.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -14,6 +16,14 @@ use super::zigzag::imbalance;
 use crate::error::{Error, Result};
 use crate::spec::samples::Sample;
 use crate::spec::vision::VisionSpec;
+
+/// The most ranks the MILP is tried on; above, LPT with local search stands. Measured on the
+/// shipped manifest with its frames x 1, x 10 and x 60 (5,280 to 316,800 frames,
+/// `milp_gain_over_lpt`), the MILP never beat LPT with local search at 64 to 8192 ranks, and
+/// at 1024 to 8192 ranks it ran into its time limit wherever LPT was not provably optimal (0.5
+/// to 0.8 s a plan, and an answer that depended on the machine's speed). Below the bound the
+/// result is as before.
+pub const MILP_MAX_RANKS: usize = 512;
 
 /// How the frame assignment was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -140,6 +150,20 @@ pub fn lpt(frame_costs: &[f64], ranks: usize) -> Vec<Vec<usize>> {
     out
 }
 
+/// The loads of [`contiguous_split`] (the same sums), without listing its frames.
+fn contiguous_loads(frame_costs: &[f64], ranks: usize) -> Vec<f64> {
+    let ranks = ranks.max(1);
+    let (base, rem) = (frame_costs.len() / ranks, frame_costs.len() % ranks);
+    let mut at = 0;
+    (0..ranks)
+        .map(|r| {
+            let n = base + usize::from(r < rem);
+            at += n;
+            frame_costs[at - n..at].iter().sum()
+        })
+        .collect()
+}
+
 fn loads(frame_costs: &[f64], assignment: &[Vec<usize>]) -> Vec<f64> {
     assignment
         .iter()
@@ -175,13 +199,10 @@ pub fn balance_frames(
         ));
     }
 
-    let before = imbalance(&loads(
-        frame_costs,
-        &contiguous_split(frame_costs.len(), ranks),
-    ));
+    let before = imbalance(&contiguous_loads(frame_costs, ranks));
     let classes = Classes::new(frame_costs);
     // Greedy LPT, then pairwise move/swap local search on the per-class counts.
-    let mut counts = classes.counts_of(&lpt(frame_costs, ranks), ranks);
+    let mut counts = classes.lpt_counts(ranks);
     improve_counts(&classes.costs, &mut counts);
     let greedy = classes.expand(&counts, ranks);
     let greedy_loads = loads(frame_costs, &greedy);
@@ -195,12 +216,12 @@ pub fn balance_frames(
 
     let mut best = (greedy, greedy_loads, Method::Lpt);
     let mut solver = "none";
-    if opts.use_milp && !lpt_is_optimal && total > 0.0 {
+    if opts.use_milp && ranks <= MILP_MAX_RANKS && !lpt_is_optimal && total > 0.0 {
         solver = milp::SOLVER_NAME;
         // Zero-cost frames are free: show them to the solver with a tiny positive cost.
         let cmax = classes.costs.iter().copied().fold(0.0, f64::max);
         let solver_costs: Vec<f64> = classes.costs.iter().map(|&c| c.max(cmax * 1e-9)).collect();
-        let class_counts: Vec<u64> = classes.members.iter().map(|m| m.len() as u64).collect();
+        let class_counts = classes.counts.clone();
         let solved = milp::solve_counts(
             &solver_costs,
             &class_counts,
@@ -234,9 +255,10 @@ pub fn balance_frames(
 /// Frames grouped by identical cost (exact f64 equality).
 struct Classes {
     costs: Vec<f64>,
-    /// Frame indices of each class, ascending.
-    members: Vec<Vec<usize>>,
-    frame_class: Vec<usize>,
+    /// Frames of each class.
+    counts: Vec<u64>,
+    /// The class of each frame (at most 2^32 frames, so classes).
+    frame_class: Vec<u32>,
 }
 
 impl Classes {
@@ -244,27 +266,77 @@ impl Classes {
         let mut class_of: HashMap<u64, usize> = HashMap::new();
         let mut c = Classes {
             costs: Vec::new(),
-            members: Vec::new(),
+            counts: Vec::new(),
             frame_class: Vec::with_capacity(frame_costs.len()),
         };
-        for (f, &cost) in frame_costs.iter().enumerate() {
-            let k = *class_of.entry(cost.to_bits()).or_insert_with(|| {
-                c.members.push(Vec::new());
-                c.costs.push(cost);
-                c.costs.len() - 1
-            });
-            c.members[k].push(f);
-            c.frame_class.push(k);
+        // A sample's frames come in a run of one cost: one lookup a run.
+        let mut last: Option<(u64, usize)> = None;
+        for &cost in frame_costs {
+            let bits = cost.to_bits();
+            let k = match last {
+                Some((b, k)) if b == bits => k,
+                _ => *class_of.entry(bits).or_insert_with(|| {
+                    c.counts.push(0);
+                    c.costs.push(cost);
+                    c.costs.len() - 1
+                }),
+            };
+            last = Some((bits, k));
+            c.counts[k] += 1;
+            c.frame_class.push(k as u32);
         }
         c
     }
 
     /// `x[k][r]`: frames of class k on rank r.
+    #[cfg(test)]
     fn counts_of(&self, assignment: &[Vec<usize>], ranks: usize) -> Vec<Vec<u64>> {
         let mut x = vec![vec![0u64; ranks]; self.costs.len()];
         for (r, fs) in assignment.iter().enumerate() {
             for &f in fs {
-                x[self.frame_class[f]][r] += 1;
+                x[self.frame_class[f] as usize][r] += 1;
+            }
+        }
+        x
+    }
+
+    /// `x[k][r]` of [`lpt`]'s assignment (`counts_of(&lpt(costs, ranks), ranks)`), without
+    /// listing frames: LPT takes the frames by decreasing cost, so class by class (a class is
+    /// one cost), and which frame of a class goes where does not change a count. The least
+    /// loaded rank is updated in place at the heap's top (one sift instead of a pop and a
+    /// push); (load, rank) is a total order, so every heap picks the same rank.
+    fn lpt_counts(&self, ranks: usize) -> Vec<Vec<u64>> {
+        let ranks = ranks.max(1);
+        let mut by_cost: Vec<usize> = (0..self.costs.len()).collect();
+        by_cost.sort_by(|&a, &b| self.costs[b].total_cmp(&self.costs[a]));
+        let mut heap: BinaryHeap<Slot> = (0..ranks).map(|r| Slot(0.0, r)).collect();
+        let mut max_load: f64 = 0.0;
+        let mut x = vec![vec![0u64; ranks]; self.costs.len()];
+        for k in by_cost {
+            let (c, row) = (self.costs[k], &mut x[k]);
+            let mut left = self.counts[k] as usize;
+            while left > 0 {
+                let min_load = heap.peek().map_or(0.0, |s| s.0);
+                if left >= ranks && min_load + c > max_load {
+                    // Whole rounds: each rank taken once, in heap order (see below).
+                    let mut slots = heap.into_vec();
+                    while left >= ranks && slots.iter().all(|s| s.0 + c > max_load) {
+                        for s in &mut slots {
+                            s.0 += c;
+                            row[s.1] += 1;
+                            max_load = max_load.max(s.0);
+                        }
+                        left -= ranks;
+                    }
+                    heap = BinaryHeap::from(slots);
+                    continue;
+                }
+                if let Some(mut top) = heap.peek_mut() {
+                    row[top.1] += 1;
+                    top.0 += c;
+                    max_load = max_load.max(top.0);
+                }
+                left -= 1;
             }
         }
         x
@@ -272,16 +344,25 @@ impl Classes {
 
     /// Counts back to frames: each class's frames, ascending, are dealt to ranks in rank order
     /// (a rank gets contiguous runs of each class, which keeps a sample's frames together).
+    /// The frames are visited in ascending order, each to the rank its class is dealing to,
+    /// so every rank's list comes out ascending without a sort.
     fn expand(&self, x: &[Vec<u64>], ranks: usize) -> Vec<Vec<usize>> {
-        let mut out = vec![Vec::new(); ranks];
-        for (k, row) in x.iter().enumerate() {
-            let mut it = self.members[k].iter();
-            for (r, &n) in row.iter().enumerate() {
-                out[r].extend(it.by_ref().take(n as usize));
+        let mut out: Vec<Vec<usize>> = (0..ranks)
+            .map(|r| Vec::with_capacity(x.iter().map(|xk| xk[r] as usize).sum()))
+            .collect();
+        // Per class: the rank dealt to and how many more frames it takes.
+        let mut at: Vec<(usize, u64)> = x.iter().map(|row| (0, row[0])).collect();
+        for (f, &k) in self.frame_class.iter().enumerate() {
+            let k = k as usize;
+            let (r, left) = &mut at[k];
+            while *left == 0 && *r + 1 < ranks {
+                *r += 1;
+                *left = x[k][*r];
             }
-        }
-        for v in &mut out {
-            v.sort_unstable();
+            if *left > 0 {
+                out[*r].push(f);
+                *left -= 1;
+            }
         }
         out
     }
@@ -319,45 +400,36 @@ fn exchange_vectors(classes: usize) -> Vec<Vec<i64>> {
 /// frames (see [`exchange_vectors`]) with one of the least-loaded ranks so that both end strictly
 /// below the old maximum, apply the best such exchange. Each step lowers the maximum or the
 /// number of ranks at it, so it terminates; it is capped anyway.
+///
+/// The most-loaded rank is the highest-numbered one at the maximum; its partners are the first
+/// [`PARTNERS`] ranks of a list sorted by load whose ties keep the list's previous order (a
+/// stable re-sort each step, starting from rank order). Both are kept in ordered sets
+/// ([`RankOrder`]), so a step costs O(moves + log ranks) instead of a sort of every rank: the
+/// search at 32768 ranks went from seconds to milliseconds, with the same exchanges (tested
+/// against the re-sorting search).
 fn improve_counts(costs: &[f64], x: &mut [Vec<u64>]) {
-    const PARTNERS: usize = 8;
     let Some(ranks) = x.first().map(Vec::len) else {
         return;
     };
-    let moves: Vec<(f64, Vec<i64>)> = exchange_vectors(costs.len())
-        .into_iter()
-        .map(|d| (d.iter().zip(costs).map(|(&v, c)| v as f64 * c).sum(), d))
-        .filter(|(delta, _)| *delta > 0.0)
-        .collect();
-    let mut load: Vec<f64> = (0..ranks)
-        .map(|r| {
-            costs
-                .iter()
-                .zip(x.iter())
-                .map(|(c, xk)| c * xk[r] as f64)
-                .sum()
-        })
-        .collect();
-    let mut order: Vec<usize> = (0..ranks).collect();
+    let moves = positive_moves(costs);
+    let mut order = RankOrder::new(rank_loads(costs, x));
     for _ in 0..(50 * ranks + 1000) {
-        let Some(hi) = (0..ranks).max_by(|&a, &b| load[a].total_cmp(&load[b])) else {
+        let Some(hi) = order.most_loaded() else {
             return;
         };
-        order.sort_by(|&a, &b| load[a].total_cmp(&load[b]));
-        let lmax = load[hi];
+        let lmax = order.load[hi];
         // Best exchange: (new pair max, partner, index into moves).
         let mut best: Option<(f64, usize, usize)> = None;
-        for &lo in order.iter().take(PARTNERS).filter(|&&r| load[r] < lmax) {
+        for lo in order.least_loaded(PARTNERS) {
+            if order.load[lo] >= lmax {
+                continue;
+            }
             for (i, (delta, d)) in moves.iter().enumerate() {
-                let m = (lmax - delta).max(load[lo] + delta);
+                let m = (lmax - delta).max(order.load[lo] + delta);
                 if m >= lmax || best.is_some_and(|b| m >= b.0) {
                     continue;
                 }
-                let feasible = d.iter().enumerate().all(|(k, &v)| {
-                    (v >= 0 || x[k][lo] >= v.unsigned_abs())
-                        && (v <= 0 || x[k][hi] >= v.unsigned_abs())
-                });
-                if feasible {
+                if exchange_feasible(x, d, hi, lo) {
                     best = Some((m, lo, i));
                 }
             }
@@ -370,8 +442,112 @@ fn improve_counts(costs: &[f64], x: &mut [Vec<u64>]) {
             x[k][hi] = x[k][hi].wrapping_add_signed(-v);
             x[k][lo] = x[k][lo].wrapping_add_signed(v);
         }
-        load[hi] -= delta;
-        load[lo] += delta;
+        order.exchange(hi, lo, *delta);
+    }
+}
+
+/// Partners the most-loaded rank may exchange frames with in [`improve_counts`].
+const PARTNERS: usize = 8;
+
+/// The exchange vectors that move work from the loaded rank to its partner, with that work.
+fn positive_moves(costs: &[f64]) -> Vec<(f64, Vec<i64>)> {
+    exchange_vectors(costs.len())
+        .into_iter()
+        .map(|d| (d.iter().zip(costs).map(|(&v, c)| v as f64 * c).sum(), d))
+        .filter(|(delta, _)| *delta > 0.0)
+        .collect()
+}
+
+/// Each rank's load under the class counts `x[k][r]`.
+fn rank_loads(costs: &[f64], x: &[Vec<u64>]) -> Vec<f64> {
+    let ranks = x.first().map_or(0, Vec::len);
+    (0..ranks)
+        .map(|r| {
+            costs
+                .iter()
+                .zip(x.iter())
+                .map(|(c, xk)| c * xk[r] as f64)
+                .sum()
+        })
+        .collect()
+}
+
+/// Whether rank `hi` holds the frames `d` sends and rank `lo` those it sends back.
+fn exchange_feasible(x: &[Vec<u64>], d: &[i64], hi: usize, lo: usize) -> bool {
+    d.iter().enumerate().all(|(k, &v)| {
+        (v >= 0 || x[k][lo] >= v.unsigned_abs()) && (v <= 0 || x[k][hi] >= v.unsigned_abs())
+    })
+}
+
+/// A load as a key that orders like `f64::total_cmp`.
+fn load_key(load: f64) -> i64 {
+    let b = load.to_bits() as i64;
+    b ^ ((((b >> 63) as u64) >> 1) as i64)
+}
+
+/// The ranks of [`improve_counts`] in two orders: by (load, rank), whose last is the
+/// most-loaded rank, and by (load, tie), the stable order: a rank whose load fell (the loaded
+/// one) sorts after the ranks already at its new load, since it came after them before; a rank
+/// whose load rose (the partner) sorts before them, since it came before them.
+struct RankOrder {
+    load: Vec<f64>,
+    by_rank: BTreeSet<(i64, usize)>,
+    stable: BTreeSet<(i64, i64, usize)>,
+    tie: Vec<i64>,
+    /// Next tie of a rank whose load rose (counts down) and of one whose load fell (counts up).
+    next_rose: i64,
+    next_fell: i64,
+}
+
+impl RankOrder {
+    fn new(load: Vec<f64>) -> Self {
+        let ranks = load.len();
+        let tie: Vec<i64> = (0..ranks as i64).collect();
+        RankOrder {
+            by_rank: (0..ranks).map(|r| (load_key(load[r]), r)).collect(),
+            stable: (0..ranks).map(|r| (load_key(load[r]), tie[r], r)).collect(),
+            load,
+            tie,
+            next_rose: -1,
+            next_fell: ranks as i64,
+        }
+    }
+
+    /// The highest-numbered rank at the maximum load.
+    fn most_loaded(&self) -> Option<usize> {
+        self.by_rank.last().map(|&(_, r)| r)
+    }
+
+    /// The first `n` ranks of the stable order.
+    fn least_loaded(&self, n: usize) -> Vec<usize> {
+        self.stable.iter().take(n).map(|&(_, _, r)| r).collect()
+    }
+
+    /// Move `delta` of load from rank `hi` to rank `lo`.
+    fn exchange(&mut self, hi: usize, lo: usize, delta: f64) {
+        for (r, new, rose) in [
+            (hi, self.load[hi] - delta, false),
+            (lo, self.load[lo] + delta, true),
+        ] {
+            let old = load_key(self.load[r]);
+            if load_key(new) == old {
+                // A move below the load's precision: the rank keeps its place.
+                continue;
+            }
+            self.by_rank.remove(&(old, r));
+            self.stable.remove(&(old, self.tie[r], r));
+            self.tie[r] = if rose {
+                self.next_rose -= 1;
+                self.next_rose + 1
+            } else {
+                self.next_fell += 1;
+                self.next_fell - 1
+            };
+            self.load[r] = new;
+            let key = load_key(new);
+            self.by_rank.insert((key, r));
+            self.stable.insert((key, self.tie[r], r));
+        }
     }
 }
 
@@ -386,6 +562,206 @@ mod tests {
         }
         all.sort_unstable();
         assert_eq!(all, (0..frames).collect::<Vec<_>>());
+    }
+
+    /// The search as first written: a stable re-sort of every rank each step. The fast one must
+    /// make the same exchanges.
+    fn improve_counts_by_sorting(costs: &[f64], x: &mut [Vec<u64>]) {
+        let ranks = x[0].len();
+        let moves = positive_moves(costs);
+        let mut load = rank_loads(costs, x);
+        let mut order: Vec<usize> = (0..ranks).collect();
+        for _ in 0..(50 * ranks + 1000) {
+            let hi = (0..ranks)
+                .max_by(|&a, &b| load[a].total_cmp(&load[b]))
+                .unwrap();
+            order.sort_by(|&a, &b| load[a].total_cmp(&load[b]));
+            let lmax = load[hi];
+            let mut best: Option<(f64, usize, usize)> = None;
+            for &lo in order.iter().take(PARTNERS).filter(|&&r| load[r] < lmax) {
+                for (i, (delta, d)) in moves.iter().enumerate() {
+                    let m = (lmax - delta).max(load[lo] + delta);
+                    if m >= lmax || best.is_some_and(|b| m >= b.0) {
+                        continue;
+                    }
+                    if exchange_feasible(x, d, hi, lo) {
+                        best = Some((m, lo, i));
+                    }
+                }
+            }
+            let Some((_, lo, i)) = best else {
+                return;
+            };
+            let (delta, d) = &moves[i];
+            for (k, &v) in d.iter().enumerate() {
+                x[k][hi] = x[k][hi].wrapping_add_signed(-v);
+                x[k][lo] = x[k][lo].wrapping_add_signed(v);
+            }
+            load[hi] -= delta;
+            load[lo] += delta;
+        }
+    }
+
+    #[test]
+    fn ordered_local_search_makes_the_sorting_searchs_exchanges() {
+        let mut seed = 777u64;
+        let mut next = |m: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            (seed >> 33) % m
+        };
+        let pools: [&[f64]; 3] = [
+            &[2.0, 3.0, 5.0, 7.0],
+            &[1.0, 1.5, 2.25, 3.375, 0.0],
+            &[0.1, 0.2, 0.30000000000000004, 0.7],
+        ];
+        let mut searched = 0;
+        for case in 0..300 {
+            let pool = pools[case % pools.len()];
+            let ranks = 2 + next(40) as usize;
+            let n = 1 + next(12 * ranks as u64) as usize;
+            let costs: Vec<f64> = (0..n)
+                .map(|_| pool[next(pool.len() as u64) as usize])
+                .collect();
+            let classes = Classes::new(&costs);
+            let start = classes.counts_of(&lpt(&costs, ranks), ranks);
+            let (mut fast, mut slow) = (start.clone(), start.clone());
+            improve_counts(&classes.costs, &mut fast);
+            improve_counts_by_sorting(&classes.costs, &mut slow);
+            assert_eq!(fast, slow, "case {case}: {n} frames on {ranks} ranks");
+            searched += usize::from(slow != start);
+        }
+        assert!(
+            searched >= 50,
+            "only {searched} of 300 cases made an exchange"
+        );
+    }
+
+    #[test]
+    fn class_lpt_and_contiguous_loads_are_the_frame_by_frame_ones() {
+        let mut seed = 99u64;
+        let mut next = |m: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            (seed >> 33) % m
+        };
+        let pool = [0.0, 1.0, 0.1, 0.30000000000000004, 7.5, 2.0];
+        for case in 0..200 {
+            let ranks = 1 + next(50) as usize;
+            let n = 1 + next(20 * ranks as u64) as usize;
+            let costs: Vec<f64> = (0..n).map(|_| pool[next(6) as usize]).collect();
+            let classes = Classes::new(&costs);
+            let want = classes.counts_of(&lpt(&costs, ranks), ranks);
+            assert_eq!(classes.lpt_counts(ranks), want, "case {case}");
+            // Dealing each class's frames in rank order, then sorting each rank's.
+            let mut dealt: Vec<Vec<usize>> = vec![Vec::new(); ranks];
+            for (k, row) in want.iter().enumerate() {
+                let members = (0..n).filter(|&f| classes.frame_class[f] as usize == k);
+                let mut it = members.into_iter();
+                for (r, &n) in row.iter().enumerate() {
+                    dealt[r].extend(it.by_ref().take(n as usize));
+                }
+            }
+            dealt.iter_mut().for_each(|v| v.sort_unstable());
+            assert_eq!(classes.expand(&want, ranks), dealt, "case {case}");
+            let contiguous = loads(&costs, &contiguous_split(n, ranks));
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&contiguous_loads(&costs, ranks)), bits(&contiguous));
+        }
+    }
+
+    /// What the MILP gains over LPT with local search on the shipped manifest (frames x 1, 10
+    /// and 60) over 64 to 8192 ranks (max load, LPT over MILP), the measurement behind
+    /// [`MILP_MAX_RANKS`]; fails if the MILP gains 0.1% or more above the bound. Slow (the
+    /// MILP's time limit each time) and meant for a release build:
+    /// `cargo test --release -p mmsp-planner --lib milp_gain -- --ignored --nocapture`.
+    /// [`balance_frames`] with the MILP tried whatever the rank count (its warm start and
+    /// acceptance as there).
+    fn milp_anyway(costs: &[f64], ranks: usize) -> FrameAssignment {
+        let start = Instant::now();
+        let classes = Classes::new(costs);
+        let mut counts = classes.lpt_counts(ranks);
+        improve_counts(&classes.costs, &mut counts);
+        let n = classes.counts.clone();
+        let o = BalanceOptions::default();
+        let lpt = classes.expand(&counts, ranks);
+        let x = milp::solve_counts(
+            &classes.costs,
+            &n,
+            ranks,
+            &counts,
+            o.time_limit_s,
+            o.mip_gap,
+        );
+        let l = loads(costs, &lpt);
+        let top = |l: &[f64]| l.iter().copied().fold(0.0, f64::max);
+        let (mut frames_per_rank, mut load_per_rank, mut method) = (lpt, l, Method::Lpt);
+        if let Ok(x) = x {
+            let a = classes.expand(&x, ranks);
+            let m = loads(costs, &a);
+            if top(&m) < top(&load_per_rank) * (1.0 - 1e-12) {
+                (frames_per_rank, load_per_rank, method) = (a, m, Method::Milp);
+            }
+        }
+        FrameAssignment {
+            imbalance_after: imbalance(&load_per_rank),
+            imbalance_before: imbalance(&contiguous_loads(costs, ranks)),
+            frames_per_rank,
+            load_per_rank,
+            method,
+            solver: milp::SOLVER_NAME,
+            solve_time_s: start.elapsed().as_secs_f64(),
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn milp_gain_over_lpt() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/samples.jsonl"
+        ))
+        .unwrap();
+        let base = crate::spec::samples::parse_manifest(&text, "samples.jsonl").unwrap();
+        let v = VisionSpec::preset("siglip-so400m").unwrap();
+        let no_milp = BalanceOptions {
+            use_milp: false,
+            ..Default::default()
+        };
+        for scale in [1, 10, 60] {
+            let samples: Vec<Sample> = base
+                .iter()
+                .map(|s| Sample {
+                    frames: s.frames * scale,
+                    ..*s
+                })
+                .collect();
+            let costs = frame_costs(&samples, &v).unwrap();
+            for ranks in [64, 128, 256, 512, 1024, 2048, 4096, 8192] {
+                let max = |a: &FrameAssignment| a.load_per_rank.iter().copied().fold(0.0, f64::max);
+                let l = balance_frames(&costs, ranks, &no_milp).unwrap();
+                let m = milp_anyway(&costs, ranks);
+                println!(
+                    "x{scale} frames {} ranks {ranks}: lpt {:.6} milp {:.6} gain {:.4}% ({:?}, {:.3} s; lpt {:.3} s)",
+                    costs.len(),
+                    l.imbalance_after,
+                    m.imbalance_after,
+                    100.0 * (max(&l) / max(&m) - 1.0),
+                    m.method,
+                    m.solve_time_s,
+                    l.solve_time_s
+                );
+                assert!(ranks <= MILP_MAX_RANKS || max(&l) < 1.001 * max(&m));
+            }
+        }
+    }
+
+    #[test]
+    fn load_keys_order_like_total_cmp() {
+        let v = [-3.5, -0.0, 0.0, 1e-300, 0.5, 1.0, 2.0, 1e300, f64::INFINITY];
+        for a in v {
+            for b in v {
+                assert_eq!(load_key(a).cmp(&load_key(b)), a.total_cmp(&b), "{a} {b}");
+            }
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Two-stage MM-SP balancing (LongVILA's multi-modal sequence parallelism):
 //!
 //! 1. [`frames`]: video frames are spread over all GPUs of the SP group so the vision encoder's
-//!    FLOPs are balanced (class-count MILP in [`milp`], LPT fallback);
+//!    FLOPs are balanced (LPT and a local search on class counts, the class-count MILP in
+//!    [`milp`] up to [`frames::MILP_MAX_RANKS`] ranks);
 //! 2. [`zigzag`]: the merged token sequence is zigzag-sharded for 2D attention (Ulysses x ring)
 //!    so causal attention work is balanced, each sample on its own after padding it at its end
 //!    to a multiple of 2 x ulysses x ring ([`sample_padding`]), as mmsp-runtime's packed
@@ -116,7 +117,7 @@ pub fn second_stage(
         });
     }
     let ranges = ranges_per_rank(&sample_lens, ulysses, ring)?;
-    let work = causal_work_per_rank(&sample_lens, ulysses, ring)?;
+    let work = zigzag::causal_work_of_ranges(&sample_lens, &ranges, ulysses);
     let reshard = reshard_traffic(
         &padded,
         &frame_tokens,

@@ -59,20 +59,24 @@ pub fn reshard_traffic(
         ));
     }
     let owner = frame_owners(frames_per_rank, frame_tokens.len())?;
-    let (spans, seq_len) = vision_spans(samples, frame_tokens)?;
-
+    let index = SpanIndex::new(samples, frame_tokens)?;
+    check_ranges(ranges_per_rank, index.seq_len)?;
     let mut send = vec![0u64; ranks];
     let mut recv = vec![0u64; ranks];
+    // Sample by sample, every rank's ranges starting in it (bucketed in one pass over the
+    // ranges): the sample's spans and owners stay in cache, where rank by rank each range was
+    // a miss across the whole sequence. The sums are of non-negative terms, saturating, so
+    // their order does not change them.
+    let mut by_sample: Vec<Vec<(u64, u64, usize)>> = vec![Vec::new(); index.samples.len()];
     for (dst, ranges) in ranges_per_rank.iter().enumerate() {
-        for &(a, b) in ranges {
-            if a > b || b > seq_len {
-                return Err(Error::invalid(
-                    "re-shard",
-                    format!("stage-2 range ({a}, {b}) of rank {dst} is outside [0, {seq_len})"),
-                ));
-            }
-            let first = spans.partition_point(|&(_, end, _)| end <= a);
-            for &(s, e, f) in spans[first..].iter().take_while(|&&(s, _, _)| s < b) {
+        for &(a, b) in ranges.iter().filter(|r| r.0 < r.1) {
+            by_sample[index.sample_of(a)].push((a, b, dst));
+        }
+    }
+    for (i, ranges) in by_sample.iter().enumerate() {
+        for &(a, b, dst) in ranges {
+            let first = index.first_ending_after_in(i, a);
+            for &(s, e, f) in index.spans[first..].iter().take_while(|sp| sp.0 < b) {
                 let src = owner[f];
                 if src != dst {
                     let bytes = (e.min(b) - s.max(a)).saturating_mul(bytes_per_token);
@@ -88,6 +92,19 @@ pub fn reshard_traffic(
         recv_bytes_per_rank: recv,
         total_bytes,
     })
+}
+
+/// Checks that every range lies in the sequence `[0, seq_len)`, naming the first that does not.
+fn check_ranges(ranges_per_rank: &[Vec<(u64, u64)>], seq_len: u64) -> Result<()> {
+    for (dst, ranges) in ranges_per_rank.iter().enumerate() {
+        if let Some(&(a, b)) = ranges.iter().find(|&&(a, b)| a > b || b > seq_len) {
+            return Err(Error::invalid(
+                "re-shard",
+                format!("stage-2 range ({a}, {b}) of rank {dst} is outside [0, {seq_len})"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The stage-1 rank of each of `frames` frames, checking that `frames_per_rank` assigns every
@@ -125,25 +142,93 @@ fn frame_owners(frames_per_rank: &[Vec<usize>], frames: usize) -> Result<Vec<usi
 /// One frame's vision tokens in the packed sequence: (start, end, frame).
 type TokenSpan = (u64, u64, usize);
 
-/// The vision tokens' intervals (start, end, frame) in sequence order, frames without tokens
-/// left out, and the length of the packed sequence (text tokens included).
-fn vision_spans(samples: &[Sample], frame_tokens: &[u64]) -> Result<(Vec<TokenSpan>, u64)> {
-    let mut spans: Vec<TokenSpan> = Vec::with_capacity(frame_tokens.len());
-    let mut at: u64 = 0;
-    let mut g = 0usize;
-    let overflow = || Error::invalid("re-shard", "the token sequence overflows u64");
-    for s in samples {
-        for _ in 0..s.frames {
-            let end = at.checked_add(frame_tokens[g]).ok_or_else(overflow)?;
-            if end > at {
-                spans.push((at, end, g));
+/// The vision tokens' intervals in sequence order and where each sample's lie, so that the
+/// first span ending after a token is found in the sample holding it: by a division where the
+/// sample's frames all have the same token count (every planner sample: one resolution a
+/// sample), else by a binary search of the sample's spans. At 32768 ranks the re-shard looks
+/// up 2.6 million ranges; a binary search over every frame's span each time took most of it.
+struct SpanIndex {
+    /// (start, end, frame) of every frame with tokens, in sequence order.
+    spans: Vec<TokenSpan>,
+    /// Per sample: its end in the sequence, its first span, its span count, and its frames'
+    /// token count when they all have the same (and it is not 0).
+    samples: Vec<SampleSpans>,
+    /// Length of the packed sequence (text tokens included).
+    seq_len: u64,
+}
+
+struct SampleSpans {
+    start: u64,
+    end: u64,
+    first_span: usize,
+    spans: usize,
+    uniform: Option<u64>,
+}
+
+impl SpanIndex {
+    fn new(samples: &[Sample], frame_tokens: &[u64]) -> Result<Self> {
+        let mut spans: Vec<TokenSpan> = Vec::with_capacity(frame_tokens.len());
+        let mut table = Vec::with_capacity(samples.len());
+        let mut at: u64 = 0;
+        let mut g = 0usize;
+        let overflow = || Error::invalid("re-shard", "the token sequence overflows u64");
+        for s in samples {
+            let (start, first_span) = (at, spans.len());
+            let tokens = &frame_tokens[g..g + s.frames as usize];
+            let uniform = tokens
+                .first()
+                .filter(|&&t| t > 0 && tokens.iter().all(|&u| u == t))
+                .copied();
+            for &t in tokens {
+                let end = at.checked_add(t).ok_or_else(overflow)?;
+                if end > at {
+                    spans.push((at, end, g));
+                }
+                at = end;
+                g += 1;
             }
-            at = end;
-            g += 1;
+            at = at.checked_add(s.text_tokens).ok_or_else(overflow)?;
+            table.push(SampleSpans {
+                start,
+                end: at,
+                first_span,
+                spans: spans.len() - first_span,
+                uniform,
+            });
         }
-        at = at.checked_add(s.text_tokens).ok_or_else(overflow)?;
+        Ok(SpanIndex {
+            spans,
+            samples: table,
+            seq_len: at,
+        })
     }
-    Ok((spans, at))
+
+    /// The sample holding token `a` (`samples.len()` past the sequence's end).
+    fn sample_of(&self, a: u64) -> usize {
+        self.samples.partition_point(|s| s.end <= a)
+    }
+
+    /// The index of the first span that ends after token `a` (`spans.len()` when none does):
+    /// the same as a binary search of all spans, `spans.partition_point(|s| s.1 <= a)`.
+    #[cfg(test)]
+    fn first_ending_after(&self, a: u64) -> usize {
+        self.first_ending_after_in(self.sample_of(a), a)
+    }
+
+    /// [`Self::first_ending_after`] for a token `a` of sample `i` ([`Self::sample_of`]).
+    fn first_ending_after_in(&self, i: usize, a: u64) -> usize {
+        let Some(s) = self.samples.get(i) else {
+            return self.spans.len();
+        };
+        // Spans of earlier samples end at or before this one's start <= a; later samples'
+        // spans all end after a. So the answer is in this sample's spans or the next one's first.
+        let within = match s.uniform {
+            Some(t) => (((a - s.start) / t) as usize).min(s.spans),
+            None => self.spans[s.first_span..s.first_span + s.spans]
+                .partition_point(|&(_, e, _)| e <= a),
+        };
+        s.first_span + within
+    }
 }
 
 #[cfg(test)]
@@ -213,6 +298,101 @@ mod tests {
         assert_eq!(t.total_bytes, 0);
         let t = reshard_traffic(&s, &[4; 3], &[vec![0], vec![1, 2]], &ranges(r), 3).unwrap();
         assert_eq!(t.send_bytes_per_rank, vec![0, 12]);
+    }
+
+    /// The span index finds what a binary search of every span finds, for every token, with
+    /// samples of uniform frames, of mixed token counts, of frames without tokens and of none.
+    #[test]
+    fn span_lookup_is_the_binary_search() {
+        let samples = [
+            Sample::uniform(3, 2),
+            Sample::uniform(0, 4),
+            Sample::uniform(4, 0),
+            Sample::uniform(2, 3),
+            Sample::uniform(3, 1),
+        ];
+        let tokens = [5, 5, 5, 1, 2, 0, 3, 4, 4, 0, 0, 0];
+        let index = SpanIndex::new(&samples, &tokens).unwrap();
+        assert_eq!(index.seq_len, 15 + 2 + 4 + 6 + 3 + 8 + 1);
+        assert_eq!(index.spans.len(), 8);
+        for a in 0..=index.seq_len + 2 {
+            let want = index.spans.partition_point(|&(_, e, _)| e <= a);
+            assert_eq!(index.first_ending_after(a), want, "token {a}");
+        }
+    }
+
+    /// Rank by rank with a binary search of every span, as first written.
+    fn traffic_rank_by_rank(
+        samples: &[Sample],
+        frame_tokens: &[u64],
+        frames_per_rank: &[Vec<usize>],
+        ranges_per_rank: &[Vec<(u64, u64)>],
+    ) -> (Vec<u64>, Vec<u64>) {
+        let owner = frame_owners(frames_per_rank, frame_tokens.len()).unwrap();
+        let spans = SpanIndex::new(samples, frame_tokens).unwrap().spans;
+        let (mut send, mut recv) = (
+            vec![0; ranges_per_rank.len()],
+            vec![0; ranges_per_rank.len()],
+        );
+        for (dst, ranges) in ranges_per_rank.iter().enumerate() {
+            for &(a, b) in ranges {
+                let first = spans.partition_point(|&(_, end, _)| end <= a);
+                for &(s, e, f) in spans[first..].iter().take_while(|sp| sp.0 < b) {
+                    if owner[f] != dst {
+                        send[owner[f]] += e.min(b) - s.max(a);
+                        recv[dst] += e.min(b) - s.max(a);
+                    }
+                }
+            }
+        }
+        (send, recv)
+    }
+
+    /// Sample by sample gives rank by rank's bytes: zigzag ranges over 1 to 12 ranks, frames
+    /// dealt at random, and ranges in any order, crossing samples.
+    #[test]
+    fn sample_major_traffic_is_rank_by_rank() {
+        let mut seed = 5u64;
+        let mut next = |m: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            (seed >> 33) % m
+        };
+        for case in 0..200 {
+            let samples: Vec<Sample> = (0..1 + next(5))
+                .map(|_| Sample::uniform(next(6), next(9)))
+                .collect();
+            let frames: usize = samples.iter().map(|s| s.frames as usize).sum();
+            let tokens: Vec<u64> = samples
+                .iter()
+                .flat_map(|s| std::iter::repeat_n(1 + next(4), s.frames as usize))
+                .collect();
+            let (u, r) = (1 + next(3) as usize, 1 + next(4) as usize);
+            let mut owners = vec![Vec::new(); u * r];
+            for f in 0..frames {
+                owners[next((u * r) as u64) as usize].push(f);
+            }
+            let mut lens = Vec::new();
+            let mut g = 0;
+            for s in &samples {
+                let n = s.frames as usize;
+                lens.push(tokens[g..g + n].iter().sum::<u64>() + s.text_tokens);
+                g += n;
+            }
+            let mut ranges = crate::balance::ranges_per_rank(&lens, u, r).unwrap();
+            if case % 2 == 1 {
+                // Arbitrary ranges: each rank's reversed, one merged across a sample boundary.
+                ranges.iter_mut().for_each(|v| v.reverse());
+                let total: u64 = lens.iter().sum();
+                ranges[0].push((0, total));
+            }
+            let t = reshard_traffic(&samples, &tokens, &owners, &ranges, 1).unwrap();
+            let (send, recv) = traffic_rank_by_rank(&samples, &tokens, &owners, &ranges);
+            assert_eq!(
+                (t.send_bytes_per_rank, t.recv_bytes_per_rank),
+                (send, recv),
+                "case {case}"
+            );
+        }
     }
 
     #[test]

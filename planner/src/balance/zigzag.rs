@@ -24,14 +24,6 @@ pub fn ranges_per_rank(
     )?)
 }
 
-fn pieces_per_rank(sample_lens: &[u64], ulysses: usize, ring: usize) -> Result<Vec<Vec<Piece>>> {
-    Ok(mmsp_plan::zigzag::pieces_per_rank(
-        sample_lens,
-        ulysses,
-        ring,
-    )?)
-}
-
 /// Causal attention work of query positions `[lo, hi)` of one sample: query i attends to the
 /// i + 1 keys at or before it, so the work is `sum_{i=lo}^{hi-1} (i+1) = (hi(hi+1) - lo(lo+1))/2`
 /// query-key pairs (the causal half of the s^2 score matrix; Narayanan et al. 2021 count
@@ -46,17 +38,44 @@ fn causal_pairs(lo: u64, hi: u64) -> f64 {
 /// the ring steps, to all keys of the same sample at or before them; the `ulysses` ranks of a
 /// ring rank split the heads after the all-to-all, so each gets an equal share of that work.
 pub fn causal_work_per_rank(sample_lens: &[u64], ulysses: usize, ring: usize) -> Result<Vec<f64>> {
-    let pieces = pieces_per_rank(sample_lens, ulysses, ring)?;
-    let mut out = Vec::with_capacity(pieces.len());
-    for group in pieces.chunks(ulysses) {
-        let ring_work: f64 = group
-            .iter()
-            .flatten()
-            .map(|p| causal_pairs(p.lo, p.hi))
-            .sum();
-        out.extend(std::iter::repeat_n(ring_work / ulysses as f64, ulysses));
+    let ranges = ranges_per_rank(sample_lens, ulysses, ring)?;
+    Ok(causal_work_of_ranges(sample_lens, &ranges, ulysses))
+}
+
+/// [`causal_work_per_rank`] from the ranks' ranges ([`ranges_per_rank`] of the same
+/// `sample_lens`, over a ring of `ranges.len() / ulysses` ranks), so a caller that holds them
+/// does not cut the samples a second time. Each range lies in one sample (the zigzag never
+/// crosses a sample's end) and a rank's ranges come in sample order, so one walk over the
+/// sample starts per rank places them.
+pub fn causal_work_of_ranges(
+    sample_lens: &[u64],
+    ranges: &[Vec<(u64, u64)>],
+    ulysses: usize,
+) -> Vec<f64> {
+    let mut ends = Vec::with_capacity(sample_lens.len());
+    let mut at = 0u64;
+    for &l in sample_lens {
+        at += l;
+        ends.push(at);
     }
-    Ok(out)
+    let ulysses = ulysses.max(1);
+    let mut out = Vec::with_capacity(ranges.len());
+    for group in ranges.chunks(ulysses) {
+        // -0.0, the neutral element `Sum` starts from: a rank with no token gets -0.0 as before.
+        let mut ring_work = -0.0;
+        for rank in group {
+            let mut i = 0;
+            for &(a, b) in rank {
+                while ends[i] <= a {
+                    i += 1;
+                }
+                let start = ends[i] - sample_lens[i];
+                ring_work += causal_pairs(a - start, b - start);
+            }
+        }
+        out.extend(std::iter::repeat_n(ring_work / ulysses as f64, group.len()));
+    }
+    out
 }
 
 /// Max over mean of a per-rank load (1.0 for a perfectly balanced or an all-zero load).
@@ -169,7 +188,33 @@ mod tests {
         assert!(ranges_per_rank(&[u64::MAX, 2], 1, 1).is_err());
     }
 
+    /// The work as first computed, from the contract's pieces (each knows its sample).
+    fn causal_work_of_pieces(sample_lens: &[u64], ulysses: usize, ring: usize) -> Vec<f64> {
+        let pieces = mmsp_plan::zigzag::pieces_per_rank(sample_lens, ulysses, ring).unwrap();
+        let mut out = Vec::new();
+        for group in pieces.chunks(ulysses) {
+            let w: f64 = group
+                .iter()
+                .flatten()
+                .map(|p| causal_pairs(p.lo, p.hi))
+                .sum();
+            out.extend(std::iter::repeat_n(w / ulysses as f64, ulysses));
+        }
+        out
+    }
+
     proptest! {
+        #[test]
+        fn work_from_ranges_is_the_pieces_work(
+            lens in proptest::collection::vec(0u64..3000, 0..12),
+            u in 1usize..9,
+            r in 1usize..9,
+        ) {
+            let w = causal_work_per_rank(&lens, u, r).unwrap();
+            let bits = |v: Vec<f64>| v.into_iter().map(f64::to_bits).collect::<Vec<_>>();
+            prop_assert_eq!(bits(w), bits(causal_work_of_pieces(&lens, u, r)));
+        }
+
         #[test]
         fn varlen_partition_is_exact(
             lens in proptest::collection::vec(0u64..3000, 0..12),

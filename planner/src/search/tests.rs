@@ -404,3 +404,103 @@ fn fast_paths_choose_the_slow_paths_plan() {
         assert_eq!(fast.result.ranked.len(), slow.result.ranked.len(), "{at}");
     }
 }
+
+/// The search as it costed samples before the floor and stage-1 shortcuts: every runnable
+/// candidate's whole vision stage, then its estimate.
+fn search_costing_every_stage(
+    topo: &Topology,
+    model: &ModelSpec,
+    req: &Request,
+    mm: &MultiModal,
+) -> (Vec<Scored>, Vec<(Candidate, Infeasible)>) {
+    let global_batch = req
+        .global_batch
+        .unwrap_or_else(|| default_global_batch(req.context));
+    let (mut ranked, mut infeasible) = (Vec::new(), Vec::new());
+    for c in enumerate(model, &topo.spec, req) {
+        let mut w = Workload {
+            model,
+            context: candidate_context(req.context, Some(mm), &c.layout),
+            global_batch,
+            vision: None,
+        };
+        let runnable = head_split(model, c.layout.tp, c.layout.ulysses).is_ok()
+            && global_batch.is_multiple_of(u64::from(c.layout.dp) * u64::from(c.micro_batch));
+        if runnable {
+            match mm.stage(topo, model, &c.layout, w.context) {
+                Ok(v) => w.vision = Some(v),
+                Err(e) => {
+                    infeasible.push((c, Infeasible::Vision(e)));
+                    continue;
+                }
+            }
+        }
+        match evaluate(topo, &w, &c) {
+            Ok(estimate) => ranked.push(Scored {
+                candidate: c,
+                estimate,
+            }),
+            Err(e) => infeasible.push((c, e)),
+        }
+    }
+    (ranked, infeasible)
+}
+
+/// Samples searched with the shortcuts (out of memory on the stage's floor, then on its exact
+/// memory, before stage 2; misses costed from the lowest floor up) rank the same candidates
+/// with the same estimates, count the same causes and name the same closest miss as costing
+/// every stage, where some candidates fit and where none does; and the floor did spare work.
+#[test]
+fn sample_shortcuts_keep_the_ranking_causes_and_closest_miss() {
+    let vision = crate::spec::vision::VisionSpec::load("siglip-so400m").unwrap();
+    let (mut spared, mut fitting) = (0, [0, 0]);
+    for (gpus, frames) in [(16, 256), (16, 3000), (64, 20000), (8, 200_000)] {
+        let (t, m) = h100(gpus);
+        let samples = vec![
+            crate::spec::samples::Sample::uniform(frames, 2048),
+            crate::spec::samples::Sample {
+                resolution: Some((224, 224)),
+                ..crate::spec::samples::Sample::uniform(frames / 3 + 1, 100)
+            },
+        ];
+        let mm = MultiModal::new(vision.clone(), samples, true).unwrap();
+        let r = req(gpus, mm.padded_context(gpus));
+        let fast = search(&t, &m, &r, Some(&mm));
+        let (ranked, infeasible) = search_costing_every_stage(&t, &m, &r, &mm);
+        let at = format!("{frames} frames on {gpus} GPUs");
+        let key = |s: &Scored| (s.candidate, s.estimate.step_time_s.to_bits());
+        let want: Vec<_> = {
+            let mut v = ranked;
+            v.sort_by(|a, b| {
+                let e = |s: &Scored| (s.estimate.step_time_s, s.estimate.memory_per_gpu_bytes);
+                let (x, y) = (e(a), e(b));
+                x.0.total_cmp(&y.0).then(x.1.total_cmp(&y.1))
+            });
+            v.iter().map(key).collect()
+        };
+        let got: Vec<_> = fast.ranked.iter().map(key).collect();
+        assert_eq!(got, want, "{at}");
+        fitting[usize::from(got.is_empty())] += 1;
+        let slow = SearchResult {
+            ranked: Vec::new(),
+            infeasible,
+            global_batch: fast.global_batch,
+        };
+        assert_eq!(fast.infeasible_summary(), slow.infeasible_summary(), "{at}");
+        assert_eq!(
+            fast.closest_memory_miss(),
+            slow.closest_memory_miss(),
+            "{at}"
+        );
+        spared += fast
+            .infeasible
+            .iter()
+            .filter(|(c, e)| !slow.infeasible.contains(&(*c, e.clone())))
+            .count();
+    }
+    assert!(spared > 0, "no miss kept its floor");
+    assert!(
+        fitting[0] > 0 && fitting[1] > 0,
+        "cases that fit and none: {fitting:?}"
+    );
+}
