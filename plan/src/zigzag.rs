@@ -71,16 +71,25 @@ fn chunk_bounds(len: u64, ring: u64) -> Vec<u64> {
     })
 }
 
+/// Offset of sub-chunk `s` (of `ulysses`) inside chunk `c` (of `len` tokens) of a ring of
+/// `ring`: the `len % ulysses` extra tokens go to the first sub-chunks of a first-half chunk and
+/// to the last sub-chunks of a second-half chunk. Arithmetic, so that cutting every chunk of a
+/// large ring allocates nothing.
+fn sub_offset(len: u64, ulysses: u64, c: u64, ring: u64, s: u64) -> u64 {
+    let (base, rem) = (len / ulysses, len % ulysses);
+    let extras_before = if c < ring {
+        s.min(rem)
+    } else {
+        s.saturating_sub(ulysses - rem)
+    };
+    s * base + extras_before
+}
+
 /// The `ulysses + 1` sub-chunk boundaries of chunk `c` (of `len` tokens) of a ring of `ring`.
 fn sub_bounds(len: u64, ulysses: u64, c: u64, ring: u64) -> Vec<u64> {
-    let first_half = c < ring;
-    bounds(len, ulysses, |s, rem| {
-        if first_half {
-            s < rem
-        } else {
-            (ulysses - 1 - s) < rem
-        }
-    })
+    (0..=ulysses)
+        .map(|s| sub_offset(len, ulysses, c, ring, s))
+        .collect()
 }
 
 /// Every SP rank's pieces (indexed by sp_rank), in sample order and, within a sample, the
@@ -99,10 +108,9 @@ pub fn pieces_per_rank(
         for ring_idx in 0..r {
             for chunk in [ring_idx, 2 * r - 1 - ring_idx] {
                 let (c_lo, c_hi) = (chunks[chunk as usize], chunks[chunk as usize + 1]);
-                let subs = sub_bounds(c_hi - c_lo, u, chunk, r);
+                let at = |s: u64| c_lo + sub_offset(c_hi - c_lo, u, chunk, r, s);
                 for uly_idx in 0..u {
-                    let lo = c_lo + subs[uly_idx as usize];
-                    let hi = c_lo + subs[uly_idx as usize + 1];
+                    let (lo, hi) = (at(uly_idx), at(uly_idx + 1));
                     if hi > lo {
                         out[(ring_idx * u + uly_idx) as usize].push(Piece {
                             sample_start,
@@ -293,6 +301,27 @@ mod tests {
                     let t = tokens_per_rank(&ranges);
                     let (mn, mx) = (t.iter().min().unwrap(), t.iter().max().unwrap());
                     assert!(mx - mn <= 2, "u={u} r={r} S={len}: tokens {mn}..{mx}");
+                }
+            }
+        }
+    }
+
+    /// The arithmetic sub-chunk offsets are the extra-token rule written as a deal of the
+    /// `len % ulysses` extras (first sub-chunks of a first-half chunk, last of a second-half).
+    #[test]
+    fn sub_offsets_deal_the_extra_tokens_by_the_rule() {
+        for u in 1..=9u64 {
+            for len in 0..40u64 {
+                for (c, ring) in [(0u64, 2u64), (3, 2)] {
+                    let first = c < ring;
+                    let rule = bounds(len, u, |s, rem| {
+                        if first {
+                            s < rem
+                        } else {
+                            (u - 1 - s) < rem
+                        }
+                    });
+                    assert_eq!(sub_bounds(len, u, c, ring), rule, "len {len} u {u} c {c}");
                 }
             }
         }
