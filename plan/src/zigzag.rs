@@ -314,13 +314,17 @@ mod tests {
             for len in 0..40u64 {
                 for (c, ring) in [(0u64, 2u64), (3, 2)] {
                     let first = c < ring;
-                    let rule = bounds(len, u, |s, rem| {
-                        if first {
-                            s < rem
-                        } else {
-                            (u - 1 - s) < rem
-                        }
-                    });
+                    let rule = bounds(
+                        len,
+                        u,
+                        |s, rem| {
+                            if first {
+                                s < rem
+                            } else {
+                                (u - 1 - s) < rem
+                            }
+                        },
+                    );
                     assert_eq!(sub_bounds(len, u, c, ring), rule, "len {len} u {u} c {c}");
                 }
             }
