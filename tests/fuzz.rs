@@ -245,6 +245,19 @@ fn mutate_text(rng: &mut Rng, text: &str, extra: &str) -> String {
     }
 }
 
+/// `v` mutated 1 to `rounds` times ([`mutate_json`]), written to `path` as pretty JSON, one
+/// time in ten cut short at a random byte.
+fn write_mutated(rng: &mut Rng, v: &mut Value, rounds: usize, path: &std::path::Path) {
+    for _ in 0..1 + rng.below(rounds) {
+        mutate_json(rng, v);
+    }
+    let mut text = serde_json::to_string_pretty(v).unwrap();
+    if rng.chance(10) {
+        text.truncate(rng.below(text.len()));
+    }
+    std::fs::write(path, text).unwrap();
+}
+
 /// Mutates one leaf of a JSON document (a hostile number or string, a wrong type, null), or
 /// deletes a key, or adds one.
 fn mutate_json(rng: &mut Rng, v: &mut Value) {
@@ -540,15 +553,8 @@ fn mutated_inputs_never_panic_hang_or_answer_garbage() {
                 }
                 "calibration" => {
                     let mut c = rng.pick(&calibrations).clone();
-                    for _ in 0..1 + rng.below(3) {
-                        mutate_json(&mut rng, &mut c);
-                    }
                     let path = dir.join(format!("c{i}.json"));
-                    let mut text = serde_json::to_string_pretty(&c).unwrap();
-                    if rng.chance(10) {
-                        text.truncate(rng.below(text.len()));
-                    }
-                    std::fs::write(&path, text).unwrap();
+                    write_mutated(&mut rng, &mut c, 3, &path);
                     s(&[
                         "plan",
                         "--gpus",
@@ -561,15 +567,8 @@ fn mutated_inputs_never_panic_hang_or_answer_garbage() {
                 }
                 "plan" => {
                     let mut p: Value = serde_json::from_str(rng.pick(&plans).as_str()).unwrap();
-                    for _ in 0..1 + rng.below(2) {
-                        mutate_json(&mut rng, &mut p);
-                    }
                     let path = dir.join(format!("p{i}.json"));
-                    let mut text = serde_json::to_string_pretty(&p).unwrap();
-                    if rng.chance(10) {
-                        text.truncate(rng.below(text.len()));
-                    }
-                    std::fs::write(&path, text).unwrap();
+                    write_mutated(&mut rng, &mut p, 2, &path);
                     let path = path.to_str().unwrap().to_string();
                     match rng.below(3) {
                         0 => s(&["simulate", &path, "--format", "json"]),
