@@ -4,7 +4,7 @@
 # Makes the project-local Python virtual environment `.venv` at the repository root with
 # PyPI's torch==2.11.0 (the libtorch that tch 0.24 builds against) and the packages the tests
 # check the runtime against (Transformers, tokenizers, megatron-core, NumPy; pinned below)
-# when they are missing, then
+# and the CUDA crt headers the CUDA-graph shim builds with, when they are missing, then
 # exports what building and running mmsp-runtime needs: LIBTORCH_USE_PYTORCH=1, the venv
 # first on PATH, and LD_LIBRARY_PATH with torch/lib and the nvidia/*/lib folders of the wheel.
 # Idempotent; every failure is reported and returns non-zero.
@@ -37,6 +37,15 @@ _mmsp_env_main() {
     local site
     site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
         || { echo "runtime/env.sh: cannot find site-packages of $venv" >&2; return 1; }
+    # The CUDA runtime headers of torch's wheels lack crt/ (host_config.h and friends), which
+    # cuda_runtime.h includes; the CUDA-graph shim (runtime/csrc/graph_shim.cpp) needs them at
+    # build time. NVIDIA ships them alone as nvidia-cuda-crt (headers only, ~170 KB); this is
+    # the 13.0 release of torch 2.11's CUDA 13.0 runtime.
+    if [ -e "$site/nvidia/cu13/include/cuda_runtime.h" ] && [ ! -e "$site/nvidia/cu13/include/crt/host_config.h" ]; then
+        echo "runtime/env.sh: installing nvidia-cuda-crt==13.0.88 (CUDA crt headers) into $venv" >&2
+        "$venv/bin/pip" install --disable-pip-version-check -q --no-deps "nvidia-cuda-crt==13.0.88" \
+            || { echo "runtime/env.sh: pip install nvidia-cuda-crt==13.0.88 failed" >&2; return 1; }
+    fi
     local ld="$site/torch/lib"
     local d
     for d in "$site"/nvidia/*/lib; do

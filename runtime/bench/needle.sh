@@ -9,7 +9,8 @@
 #     --decode-tokens 16 --format json > $OUT/plan_needle.json
 # Run there: bash runtime/bench/needle.sh
 # Arguments (environment): LAYOUTS (default "plan 2x2 1x4"), CONTEXT (default 1M), DECODE
-# (tokens decoded, default 8), PLAN (a plan file instead of making one), STEP_TIMEOUT.
+# (tokens decoded, default 8), PLAN (a plan file instead of making one), STEP_TIMEOUT,
+# NEEDLE_ARGS (extra `needle` flags, e.g. --no-cuda-graph), TAG (suffix of the output files).
 # Prints each layout's JSON, then one summary line per layout: decode ms/token measured vs
 # predicted (the prediction is for the plan's layout, 1 rank on the GPU).
 set -uo pipefail
@@ -27,11 +28,12 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for lay in ${LAYOUTS:-plan 2x2 1x4}; do
   echo "== layout $lay"
   if [ "$lay" = plan ]; then extra=(); else extra=(--layout "$lay"); fi
-  timeout "${STEP_TIMEOUT:-150}" "$BIN" needle "$PLAN" --decode "$DECODE" "${extra[@]}" | tee "$OUTDIR/needle_$lay.json"
+  # shellcheck disable=SC2086
+  timeout "${STEP_TIMEOUT:-150}" "$BIN" needle "$PLAN" --decode "$DECODE" "${extra[@]}" ${NEEDLE_ARGS:-} | tee "$OUTDIR/needle_$lay${TAG:-}.json"
   echo "exit=$?"
 done
 for lay in ${LAYOUTS:-plan 2x2 1x4}; do
-  $PY - "$OUTDIR/needle_$lay.json" "$lay" <<'PYEOF'
+  $PY - "$OUTDIR/needle_$lay${TAG:-}.json" "$lay" <<'PYEOF'
 import json, sys
 try:
     v = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
@@ -41,6 +43,7 @@ m, p = v["measured"], v["predicted"]
 print(json.dumps({"summary": "needle", "layout": sys.argv[2], "prompt_tokens": v["prompt_tokens"],
     "decode_ms_per_token": m["decode_ms_per_token_median"], "predicted_decode_ms_per_token": p["decode_ms_per_token"],
     "prefill_tokens_per_s": m["prefill_tokens_per_s"], "predicted_prefill_tokens_per_s": p["prefill_tokens_per_s"],
-    "max_rel_err_needle_prefill": v["max_rel_err_needle_prefill"], "max_rel_err_decode": v["max_rel_err_decode"]}))
+    "max_rel_err_needle_prefill": v["max_rel_err_needle_prefill"], "max_rel_err_decode": v["max_rel_err_decode"],
+    "decode_path": v.get("decode_path")}))
 PYEOF
 done

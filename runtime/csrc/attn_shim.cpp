@@ -142,6 +142,25 @@ char *mmsp_attn_bwd(int backend, const at::Tensor *dout, const at::Tensor *q, co
     MMSP_SHIM_CATCH("mmsp shim")
 }
 
+// Varlen FlashAttention forward with per-sequence key counts (decode over a fixed-shape KV cache,
+// as a captured CUDA graph needs): q (total_q, Hq, D), k and v (total_k, Hkv, D); sequence i's
+// queries are rows [cu_q[i], cu_q[i+1]), its keys start at row cu_k[i], and only the first
+// seqused_k[i] of them are used (int32 tensors on the device, so their values may change
+// between replays). Returns out (total_q, Hq, D) in the input dtype and lse (Hq, total_q) in
+// float32; a sequence with no keys used gets out 0 and a non-finite lse.
+char *mmsp_flash_varlen_fwd(const at::Tensor *q, const at::Tensor *k, const at::Tensor *v,
+                            const at::Tensor *cu_q, const at::Tensor *cu_k, const at::Tensor *seqused_k,
+                            int64_t max_q, int64_t max_k, double scale, at::Tensor **out, at::Tensor **lse) {
+    MMSP_SHIM_TRY
+    *out = nullptr;
+    *lse = nullptr;
+    auto r = at::_flash_attention_forward(*q, *k, *v, *cu_q, *cu_k, max_q, max_k, 0.0, false, false, scale,
+                                          std::nullopt, std::nullopt, *seqused_k, std::nullopt);
+    *out = new at::Tensor(std::move(std::get<0>(r)));
+    *lse = new at::Tensor(std::move(std::get<1>(r)));
+    MMSP_SHIM_CATCH("mmsp shim")
+}
+
 // Makes the calling thread's current stream on `device` one from libtorch's stream pool (a
 // different one per call, round-robin). libtorch queues this thread's later kernels there.
 char *mmsp_stream_use_pool(int device) {

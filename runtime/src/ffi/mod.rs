@@ -109,6 +109,20 @@ extern "C" {
     fn mmsp_event_record(ev: *mut c_void, device: c_int) -> *mut c_char;
     fn mmsp_event_block(ev: *mut c_void, device: c_int) -> *mut c_char;
     fn mmsp_event_elapsed_ms(start: *mut c_void, end: *mut c_void, ms: *mut f64) -> *mut c_char;
+    #[allow(clippy::too_many_arguments)]
+    fn mmsp_flash_varlen_fwd(
+        q: *const C_tensor,
+        k: *const C_tensor,
+        v: *const C_tensor,
+        cu_q: *const C_tensor,
+        cu_k: *const C_tensor,
+        seqused_k: *const C_tensor,
+        max_q: i64,
+        max_k: i64,
+        scale: f64,
+        out: *mut *mut C_tensor,
+        lse: *mut *mut C_tensor,
+    ) -> *mut c_char;
 }
 
 /// Turns the shim's error pointer into a `Result`, freeing the message.
@@ -307,6 +321,122 @@ impl Drop for TimingEvent {
     fn drop(&mut self) {
         // SAFETY: self.0 came from mmsp_event_new and is freed exactly once, here.
         unsafe { mmsp_event_free(self.0) }
+    }
+}
+
+/// Varlen FlashAttention forward over sequences whose used key counts are on the device:
+/// q (total_q, Hq, D), k and v (total_k, Hkv, D), `cu_q`/`cu_k` the int32 start rows
+/// (batch + 1), `seqused_k` the int32 keys used per sequence. Returns out (total_q, Hq, D)
+/// and lse (Hq, total_q) in float32; a sequence with no keys used has a non-finite lse.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_varlen_fwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_q: &Tensor,
+    cu_k: &Tensor,
+    seqused_k: &Tensor,
+    max_q: i64,
+    max_k: i64,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let mut lse: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: all inputs are live tch tensors for the duration of the call; the shim writes
+    // both out-pointers (null on error).
+    let err = unsafe {
+        mmsp_flash_varlen_fwd(
+            q.as_ptr(),
+            k.as_ptr(),
+            v.as_ptr(),
+            cu_q.as_ptr(),
+            cu_k.as_ptr(),
+            seqused_k.as_ptr(),
+            max_q,
+            max_k,
+            scale,
+            &mut out,
+            &mut lse,
+        )
+    };
+    check(err, "varlen FlashAttention forward")?;
+    Ok((
+        own(out, "varlen FlashAttention forward")?,
+        own(lse, "varlen FlashAttention forward")?,
+    ))
+}
+
+// ---- CUDA graphs (`csrc/graph_shim.cpp`): ATen's CUDAGraph. ----
+
+extern "C" {
+    fn mmsp_graph_new(out: *mut *mut c_void) -> *mut c_char;
+    fn mmsp_graph_free(g: *mut c_void);
+    fn mmsp_graph_begin(g: *mut c_void, device: c_int) -> *mut c_char;
+    fn mmsp_graph_end(g: *mut c_void) -> *mut c_char;
+    fn mmsp_graph_replay(g: *mut c_void) -> *mut c_char;
+    fn mmsp_graph_available() -> c_int;
+}
+
+/// Whether this build has CUDA graphs (it was built with the CUDA runtime headers).
+pub fn cuda_graphs_built() -> bool {
+    // SAFETY: a plain call returning a constant.
+    unsafe { mmsp_graph_available() != 0 }
+}
+
+/// A captured chain of libtorch CUDA work, replayed with one launch (ATen's `CUDAGraph`).
+/// Tensors allocated while capturing live in the graph's private memory pool; the caller
+/// keeps the inputs it refills before each replay and the outputs it reads after.
+pub struct CudaGraph(*mut c_void);
+
+// SAFETY: the handle is a heap `at::cuda::CUDAGraph` that any one thread may use; the
+// wrapper is not `Sync`, so two threads never use it at the same time.
+unsafe impl Send for CudaGraph {}
+
+impl CudaGraph {
+    /// Captures what `work` queues on `cuda:device` from this thread (nothing runs while
+    /// capturing). The capture is ended whether or not `work` succeeds; a failure of either
+    /// is an error and no graph.
+    pub fn capture<T>(device: usize, work: impl FnOnce() -> Result<T>) -> Result<(CudaGraph, T)> {
+        let d = device_index(device)?;
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the shim writes a fresh heap graph into `p` (null on error).
+        check(unsafe { mmsp_graph_new(&mut p) }, "creating a CUDA graph")?;
+        if p.is_null() {
+            return Err(RuntimeError::Cuda(
+                "CUDA graph creation returned null".into(),
+            ));
+        }
+        let g = CudaGraph(p);
+        // SAFETY: g.0 is a live graph owned by g.
+        check(
+            unsafe { mmsp_graph_begin(g.0, d) },
+            "beginning a CUDA graph capture",
+        )?;
+        let out = work();
+        // SAFETY: g.0 is live and capturing; ending restores the thread's former stream.
+        let ended = check(
+            unsafe { mmsp_graph_end(g.0) },
+            "ending a CUDA graph capture",
+        );
+        let out = out?;
+        ended?;
+        Ok((g, out))
+    }
+
+    /// Replays the captured work on this thread's current stream.
+    pub fn replay(&self) -> Result<()> {
+        // SAFETY: self.0 is a live, captured graph owned by self.
+        check(
+            unsafe { mmsp_graph_replay(self.0) },
+            "replaying a CUDA graph",
+        )
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        // SAFETY: self.0 came from mmsp_graph_new and is freed exactly once, here.
+        unsafe { mmsp_graph_free(self.0) }
     }
 }
 

@@ -216,6 +216,25 @@ impl KvCache {
         Ok(())
     }
 
+    /// The K and V storage, (chunks, Hkv, L, D) each (the fixed-shape decode writes into it).
+    pub fn storage(&self) -> (&Tensor, &Tensor) {
+        (&self.k, &self.v)
+    }
+
+    /// Counts `n` tokens written after the held ones by [`super::graph::write_slots`].
+    pub fn advance(&mut self, n: usize) -> Result<()> {
+        if self.len + n > self.capacity() {
+            return Err(RuntimeError::Shape(format!(
+                "KV cache of {} tokens cannot hold {} more after {}",
+                self.capacity(),
+                n,
+                self.len
+            )));
+        }
+        self.len += n;
+        Ok(())
+    }
+
     /// The tokens held as (1, Hkv, len, D) K and V (copies; for checks and references).
     pub fn to_contiguous(&self) -> (Tensor, Tensor) {
         let s = self.k.size();

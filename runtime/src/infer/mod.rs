@@ -5,7 +5,8 @@
 //! written in place); then greedy decoding in which every rank computes the new query's
 //! partial attention over its KV shard (GQA without repeating K/V, split over key chunks) and
 //! the partials are merged by log-sum-exp through one all-gather per layer ([`merge`]). The
-//! host waits for the device once per token (the argmax), never per layer.
+//! host waits for the device once per token (the argmax), never per layer. On one rank on
+//! CUDA each token's chain is one replay of a captured CUDA graph ([`graph`]).
 //!
 //! Rules kept identical on every rank:
 //! - the new token at position p (p >= prompt length P) is appended to the cache of SP rank
@@ -24,6 +25,7 @@
 //!
 //! Input is token ids only; frames (vision embeddings) are not supported here.
 pub mod cache;
+pub mod graph;
 pub mod merge;
 pub mod needle;
 
@@ -160,6 +162,10 @@ pub struct RankInference<'a> {
     kv_chunk: Option<usize>,
     prompt_len: usize,
     seq_len: usize,
+    /// Whether decode may use a CUDA graph where it can ([`graph::fits`], one rank).
+    cuda_graph: bool,
+    /// The fixed-shape decode step, once made.
+    graph: Option<graph::DecodeGraph>,
 }
 
 /// What a generation produced.
@@ -179,6 +185,8 @@ pub struct Generation {
     pub kv_capacity_bytes: usize,
     /// Tokens in this rank's KV cache at the end.
     pub kv_tokens: usize,
+    /// How the last decode step ran ([`RankInference::decode_path`]).
+    pub decode_path: &'static str,
 }
 
 pub(crate) fn sync(device: Device) {
@@ -218,7 +226,33 @@ impl<'a> RankInference<'a> {
             kv_chunk: None,
             prompt_len: 0,
             seq_len: 0,
+            cuda_graph: true,
+            graph: None,
         })
+    }
+
+    /// Whether decode captures its per-token chain in a CUDA graph where it can (one SP rank,
+    /// CUDA, a 16-bit dtype, a build with CUDA graphs; default on). Off: every kernel is
+    /// launched by the host each token, as on several ranks.
+    pub fn set_cuda_graph(&mut self, on: bool) {
+        self.cuda_graph = on;
+        if !on {
+            self.graph = None;
+        }
+    }
+
+    /// How the last decode step ran: "cuda-graph" (a replay or the step that captured it)
+    /// or "eager".
+    pub fn decode_path(&self) -> &'static str {
+        if self
+            .graph
+            .as_ref()
+            .is_some_and(graph::DecodeGraph::is_captured)
+        {
+            "cuda-graph"
+        } else {
+            "eager"
+        }
     }
 
     /// Sizes the caches for at most `n` decoded tokens after the prompt (they grow, with one
@@ -363,6 +397,9 @@ impl<'a> RankInference<'a> {
                 self.context
             )));
         }
+        if let Some(r) = self.decode_step_graph(token)? {
+            return Ok(r);
+        }
         let cfg = &self.model.cfg;
         let dev = self.model.device();
         let p = self.seq_len;
@@ -391,6 +428,41 @@ impl<'a> RankInference<'a> {
             .to_kind(Kind::Double)
             .to(Device::Cpu);
         Ok((logits, Tensor::stack(&outs, 0)))
+    }
+
+    /// [`Self::decode_step_probed`] through the fixed-shape step and its CUDA graph, when it
+    /// applies (None otherwise). A failure to capture or replay is reported once and the
+    /// rank decodes eagerly from then on (the step's K/V slot is simply written again).
+    fn decode_step_graph(&mut self, token: i64) -> Result<Option<(Tensor, Tensor)>> {
+        let room = self.caches.first().is_some_and(|c| c.len() < c.capacity());
+        if !self.cuda_graph || self.world.size() != 1 || !room || !graph::fits(self.model) {
+            return Ok(None);
+        }
+        let scale = self.scale();
+        let pos = self.seq_len;
+        if !self
+            .graph
+            .as_ref()
+            .is_some_and(|g| g.fits_cache(&self.caches[0]))
+        {
+            self.graph = Some(graph::DecodeGraph::new(self.model, &self.caches[0])?);
+        }
+        let g = self.graph.as_mut().expect("made above");
+        match g.step(self.model, &self.caches, token, pos, scale) {
+            Ok(r) => {
+                for c in &mut self.caches {
+                    c.advance(1)?;
+                }
+                self.seq_len += 1;
+                Ok(Some(r))
+            }
+            Err(e) => {
+                eprintln!("warning: CUDA-graph decode failed ({e}); decoding eagerly");
+                self.cuda_graph = false;
+                self.graph = None;
+                Ok(None)
+            }
+        }
     }
 
     /// Bytes and tokens of this rank's KV cache now (the tokens held).
@@ -449,6 +521,7 @@ impl<'a> RankInference<'a> {
             kv_bytes: 0,
             kv_capacity_bytes: 0,
             kv_tokens: 0,
+            decode_path: "eager",
         };
         while g.tokens.len() < max_new {
             let tok = broadcast_i64(self.world, sampler.pick(&logits), 0, dev)?;
@@ -468,6 +541,7 @@ impl<'a> RankInference<'a> {
         }
         (g.kv_bytes, g.kv_tokens) = self.kv_usage();
         g.kv_capacity_bytes = self.kv_capacity_bytes();
+        g.decode_path = self.decode_path();
         Ok(g)
     }
 }
@@ -620,6 +694,7 @@ pub fn run_local_chunked(
         eos,
         kv_chunk,
         sampler: &greedy,
+        cuda_graph: true,
     };
     run_local_job(&job, make_model, prompt)
 }
@@ -635,6 +710,8 @@ pub struct LocalJob<'a> {
     pub kv_chunk: Option<usize>,
     /// How tokens are chosen (each rank starts from a copy; rank 0's choice is broadcast).
     pub sampler: &'a Sampler,
+    /// Decode through a CUDA graph where one applies ([`RankInference::set_cuda_graph`]).
+    pub cuda_graph: bool,
 }
 
 /// [`run_local`] with every option of a [`LocalJob`].
@@ -651,6 +728,7 @@ pub fn run_local_job(
         eos,
         kv_chunk,
         sampler,
+        cuda_graph,
     } = *job;
     layout.validate()?;
     if layout.dp != 1 {
@@ -667,6 +745,7 @@ pub fn run_local_job(
             if let Some(c) = kv_chunk {
                 st.set_kv_chunk(c);
             }
+            st.set_cuda_graph(cuda_graph);
             st.generate_with(prompt, max_new, eos, &mut sampler.clone())
         })
     });

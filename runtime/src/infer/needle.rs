@@ -77,10 +77,13 @@ pub struct NeedleRank {
     pub probe_out: Tensor,
     /// Every decode step's merged attention output (layers, Hq, D), float64 on the CPU.
     pub decode_out: Vec<Tensor>,
+    /// How the last decode step ran ([`RankInference::decode_path`]).
+    pub decode_path: &'static str,
 }
 
 /// Prefill of `prompt` and decode steps fed `decode` (forced tokens), with one thread per
-/// rank of `layout` in this process, capturing the attention outputs at `probes`.
+/// rank of `layout` in this process, capturing the attention outputs at `probes`; decode
+/// through a CUDA graph where one applies and `cuda_graph` allows it.
 #[allow(clippy::too_many_arguments)]
 pub fn run_needle_local(
     layout: Layout,
@@ -90,6 +93,7 @@ pub fn run_needle_local(
     prompt: &[i64],
     probes: &[usize],
     decode: &[i64],
+    cuda_graph: bool,
 ) -> Result<Vec<NeedleRank>> {
     layout.validate()?;
     if layout.dp != 1 {
@@ -111,6 +115,7 @@ pub fn run_needle_local(
             let dev = model.device();
             let mut st = RankInference::new(&model, wc, uc, rc, backend, context)?;
             st.set_max_new(decode.len());
+            st.set_cuda_graph(cuda_graph);
             sync(dev);
             let t0 = std::time::Instant::now();
             let (_, held, probed) = st.prefill_probed(prompt, probes)?;
@@ -138,6 +143,7 @@ pub fn run_needle_local(
                 },
                 probe_pos: held,
                 decode_out: outs.iter().map(cpu).collect(),
+                decode_path: st.decode_path(),
             })
         })
     });
@@ -289,6 +295,8 @@ pub struct NeedleOpts<'a> {
     pub decode: usize,
     pub chunk: usize,
     pub seed: u64,
+    /// Decode through a CUDA graph where one applies (one rank on CUDA).
+    pub cuda_graph: bool,
 }
 
 /// Runs the sharded needle, then the chunked reference, and reports both with the plan's
@@ -308,6 +316,7 @@ pub fn run_needle(o: &NeedleOpts<'_>) -> Result<serde_json::Value> {
         &prompt,
         &probes,
         &follow,
+        o.cuda_graph,
     )?;
     let sharded_wall_s = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
@@ -339,6 +348,7 @@ pub fn run_needle(o: &NeedleOpts<'_>) -> Result<serde_json::Value> {
         "plan_layout": {"ulysses": pl.ulysses, "ring": pl.ring, "world": pl.world_size()},
         "max_rel_err_needle_prefill": err_prefill,
         "max_rel_err_decode": err_decode,
+        "decode_path": ranks.first().map(|r| r.decode_path),
         "measured": {
             "prefill_s": prefill_s,
             "prefill_tokens_per_s": prompt.len() as f64 / prefill_s,
@@ -406,6 +416,7 @@ mod tests {
                 &prompt,
                 &probes,
                 &follow,
+                true,
             )
             .unwrap();
             let total: usize = ranks.iter().map(|r| r.kv_tokens).sum();
@@ -423,6 +434,7 @@ mod tests {
             &prompt,
             &probes,
             &follow,
+            true,
         )
         .unwrap();
         let (ep, ed) = compare(&ranks, &probes, &bad).unwrap();

@@ -76,6 +76,10 @@ pub struct InferArgs {
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Launch every decode kernel from the host instead of replaying one captured CUDA graph
+    /// per token (graphs apply on one rank on CUDA in bf16).
+    #[arg(long)]
+    no_cuda_graph: bool,
     /// f64, f32 or bf16 [default: f32 on cpu, bf16 on cuda].
     #[arg(long)]
     dtype: Option<String>,
@@ -146,6 +150,7 @@ fn infer(a: InferArgs) -> Result<()> {
                 eos,
                 kv_chunk: None,
                 sampler: &sampler,
+                cuda_graph: !a.no_cuda_graph,
             };
             let gens = run_local_job(&job, &make, &prompt)?;
             let kv: Vec<[i64; 3]> = gens
@@ -196,6 +201,7 @@ fn infer(a: InferArgs) -> Result<()> {
             "prefill_s": g.prefill_s, "prefill_tokens_per_s": prompt.len() as f64 / g.prefill_s,
             "decode_steps": g.decode_s.len(),
             "decode_ms_per_token_median": med.map(|x| x * 1e3),
+            "decode_path": g.decode_path,
             "kv_bytes_per_rank": kv.iter().map(|k| k[0]).collect::<Vec<_>>(),
             "kv_tokens_per_rank": kv.iter().map(|k| k[1]).collect::<Vec<_>>(),
             "kv_allocated_bytes_per_rank": kv.iter().map(|k| k[2]).collect::<Vec<_>>(),
@@ -324,6 +330,7 @@ fn infer_nccl(
             backend,
             plan.context_tokens,
         )?;
+        st.set_cuda_graph(!a.no_cuda_graph);
         let g = st.generate_with(prompt, a.max_new, eos, &mut sampler.clone())?;
         let n = nw.world.size() as i64;
         let mine = Tensor::from_slice(&[
@@ -366,6 +373,10 @@ pub struct NeedleArgs {
     /// f64, f32 or bf16.
     #[arg(long, default_value = "bf16")]
     dtype: String,
+    /// Launch every decode kernel from the host instead of replaying one captured CUDA graph
+    /// per token (graphs apply on one rank on CUDA in bf16).
+    #[arg(long)]
+    no_cuda_graph: bool,
 }
 
 fn needle(a: NeedleArgs) -> Result<()> {
@@ -409,6 +420,7 @@ fn needle(a: NeedleArgs) -> Result<()> {
         decode: a.decode,
         chunk: a.chunk,
         seed: a.seed as u64,
+        cuda_graph: !a.no_cuda_graph,
     })?;
     let mut out = out;
     out["model"] = json!({"hidden": cfg.hidden_size, "layers": cfg.num_layers, "heads": cfg.num_heads,

@@ -1,0 +1,320 @@
+//! One decode step as a captured CUDA graph (issue 18). On one SP rank on CUDA the per-token
+//! chain (the embedding row, every layer's projections, RoPE, the K/V write, attention over
+//! the cache and the MLP, then the LM head) is about 80 small kernels whose time was the host's
+//! per-op work rather than the GPU's (runtime/README.md: about 18 us a kernel at 1M tokens
+//! against the calibrated 5.5 us floor). Captured once and replayed, it is one launch a token.
+//!
+//! A graph replays fixed shapes at fixed addresses, so the step here is written in a
+//! fixed-shape form:
+//! - the token id, the RoPE row and where the new K/V go are device tensors refilled before
+//!   each replay (small host-to-device copies);
+//! - the new token's K/V are written at rows named by a device index (`index_copy_`), not at
+//!   a `narrow` of a host offset;
+//! - attention runs over every chunk of the cache as one varlen FlashAttention call in which
+//!   each (chunk, kv head) is a sequence of its own with that kv head's group of q heads as
+//!   its heads (GQA without repeating K/V), the keys each holds (`seqused_k`) a device tensor;
+//!   the partial results are merged by log-sum-exp, empty chunks weighted 0.
+//!
+//! The graph is captured right after one eager run of the same fixed-shape step (which does
+//! that token's work and initialises the kernels' libraries), and made again if the cache
+//! grows. Several ranks (an all-gather per layer between them) and the CPU decode eagerly.
+use super::cache::KvCache;
+use super::merge::acc_kind;
+use crate::error::{Result, RuntimeError};
+use crate::ffi::{self, CudaGraph};
+use crate::model::{Decoder, Input, Rope};
+use tch::{Device, Kind, Tensor};
+
+/// Whether the fixed-shape step can run for `model`: CUDA, a 16-bit compute dtype and a head
+/// dim FlashAttention takes, in a build with CUDA graphs.
+pub fn fits(model: &Decoder) -> bool {
+    let d = model.cfg.head_dim;
+    matches!(model.device(), Device::Cuda(_))
+        && matches!(model.compute, Kind::BFloat16 | Kind::Half)
+        && d % 8 == 0
+        && d <= 256
+        && ffi::cuda_graphs_built()
+}
+
+/// Where the token at shard index `pos` goes: the row, in the (chunks x Hkv x L, D) view of
+/// a cache with chunks of `chunk` keys, of each kv head's slot.
+pub fn slot_rows(pos: usize, kv_heads: usize, chunk: usize) -> Vec<i64> {
+    let (c, o) = (pos / chunk, pos % chunk);
+    (0..kv_heads)
+        .map(|h| ((c * kv_heads + h) * chunk + o) as i64)
+        .collect()
+}
+
+/// Keys held by each (chunk, kv head) sequence, chunk-major, when the cache holds `len`.
+pub fn used_keys(len: usize, chunks: usize, kv_heads: usize, chunk: usize) -> Vec<i32> {
+    (0..chunks)
+        .flat_map(|c| {
+            let n = len.saturating_sub(c * chunk).min(chunk) as i32;
+            std::iter::repeat_n(n, kv_heads)
+        })
+        .collect()
+}
+
+/// Writes one token's `k`, `v` (1, Hkv, 1, D) into the cache at `slots` (device int64, from
+/// [`slot_rows`]); the cache's length is advanced by the caller.
+pub fn write_slots(cache: &KvCache, slots: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+    let (ck, cv) = cache.storage();
+    let s = ck.size();
+    let (hkv, d) = (s[1], s[3]);
+    for (dst, src) in [(ck, k), (cv, v)] {
+        let mut flat = dst.view([-1, d]);
+        let _ = flat.f_index_copy_(0, slots, &src.reshape([hkv, d]))?;
+    }
+    Ok(())
+}
+
+/// The varlen starts of a cache's (chunk, kv head) sequences: one query each (`cu_q`) and
+/// `chunk` keys apart (`cu_k`), int32 on the cache's device.
+fn varlen_starts(cache: &KvCache) -> (Tensor, Tensor) {
+    let (k, _) = cache.storage();
+    let s = k.size();
+    let b = s[0] * s[1];
+    let opt = (Kind::Int, k.device());
+    let cu_q = Tensor::arange(b + 1, opt);
+    (cu_q.shallow_clone(), cu_q * s[2])
+}
+
+/// Attention of `q` (1, Hq, 1, D) over the keys `used` (device int32, from [`used_keys`]):
+/// (1, Hq, 1, D) in the accumulation dtype. See the module header.
+fn attend_fixed(
+    cache: &KvCache,
+    q: &Tensor,
+    used: &Tensor,
+    cu: &(Tensor, Tensor),
+    scale: f64,
+) -> Result<Tensor> {
+    let (k, v) = cache.storage();
+    let s = k.size();
+    let (chunks, hkv, l, d) = (s[0], s[1], s[2], s[3]);
+    let hq = q.size()[1];
+    let g = hq / hkv;
+    let b = chunks * hkv;
+    // (b, g, D): each kv head's group of q heads, once per chunk.
+    let qb = q
+        .reshape([1, hkv, g, d])
+        .expand([chunks, hkv, g, d], false)
+        .reshape([b, g, d]);
+    let kv = |t: &Tensor| t.view([b * l, 1, d]);
+    let (o, lse) = ffi::flash_varlen_fwd(&qb, &kv(k), &kv(v), &cu.0, &cu.1, used, 1, l, scale)?;
+    let ak = acc_kind(q.kind());
+    // lse (g, b) -> (chunks, Hkv, g); a chunk with no keys has a non-finite lse: weight 0.
+    let lse = lse.view([g, chunks, hkv]).permute([1, 2, 0]);
+    let lse = lse.where_scalarother(&lse.isfinite(), f64::NEG_INFINITY);
+    let dims = [0i64];
+    let m = lse.amax(dims.as_slice(), true);
+    let w = (&lse - &m).exp();
+    let sum = w.sum_dim_intlist(dims.as_slice(), false, ak);
+    let out = (o.view([chunks, hkv, g, d]) * w.unsqueeze(-1))
+        .sum_dim_intlist(dims.as_slice(), false, ak)
+        .f_div(&sum.unsqueeze(-1))?;
+    Ok(out.reshape([1, hq, 1, d]))
+}
+
+/// The inputs a replay reads, refilled on the host's side before each one.
+struct Inputs {
+    /// (1, 1) int64.
+    token: Tensor,
+    /// (2, 1, head_dim): cos and sin of the position, in the compute dtype.
+    rope: Tensor,
+    /// (Hkv,) int64: [`slot_rows`] of the token.
+    slots: Tensor,
+    /// (chunks x Hkv,) int32: [`used_keys`] with the token held.
+    used: Tensor,
+    cu: (Tensor, Tensor),
+}
+
+/// The fixed-shape decode step and, once captured, its graph (one per [`RankInference`]).
+///
+/// [`RankInference`]: super::RankInference
+pub struct DecodeGraph {
+    device: usize,
+    /// Chunks of the caches the inputs were made for (a grown cache needs a new graph).
+    chunks: i64,
+    inputs: Inputs,
+    /// The graph and its outputs: logits (vocab,) in the compute dtype and every layer's
+    /// merged attention output (layers, Hq, D) in the accumulation dtype.
+    captured: Option<(CudaGraph, Tensor, Tensor)>,
+}
+
+impl DecodeGraph {
+    /// Inputs for `model` over caches shaped like `cache` (nothing captured yet).
+    pub fn new(model: &Decoder, cache: &KvCache) -> Result<DecodeGraph> {
+        let device = match model.device() {
+            Device::Cuda(i) => i,
+            d => {
+                return Err(RuntimeError::Cuda(format!(
+                    "CUDA graphs need CUDA, not {d:?}"
+                )))
+            }
+        };
+        let (k, _) = cache.storage();
+        let s = k.size();
+        let dev = model.device();
+        let inputs = Inputs {
+            token: Tensor::zeros([1, 1], (Kind::Int64, dev)),
+            rope: Tensor::zeros([2, 1, model.cfg.head_dim as i64], (model.compute, dev)),
+            slots: Tensor::zeros([s[1]], (Kind::Int64, dev)),
+            used: Tensor::zeros([s[0] * s[1]], (Kind::Int, dev)),
+            cu: varlen_starts(cache),
+        };
+        Ok(DecodeGraph {
+            device,
+            chunks: s[0],
+            inputs,
+            captured: None,
+        })
+    }
+
+    /// Whether this step was made for caches shaped like `cache`.
+    pub fn fits_cache(&self, cache: &KvCache) -> bool {
+        cache.storage().0.size()[0] == self.chunks
+    }
+
+    /// Whether the graph is captured (later steps replay it).
+    pub fn is_captured(&self) -> bool {
+        self.captured.is_some()
+    }
+
+    /// Copies the step's inputs in: `token` at global position `pos`, stored at shard index
+    /// `len` of every cache (whose length is `len` before the step).
+    fn fill(
+        &self,
+        model: &Decoder,
+        cache: &KvCache,
+        token: i64,
+        pos: usize,
+        len: usize,
+    ) -> Result<()> {
+        let (k, _) = cache.storage();
+        let s = k.size();
+        let (chunks, hkv, l) = (s[0] as usize, s[1] as usize, s[2] as usize);
+        let i = &self.inputs;
+        let copy = |dst: &Tensor, src: Tensor| -> Result<()> {
+            let mut d = dst.shallow_clone();
+            let _ = d.f_copy_(&src)?;
+            Ok(())
+        };
+        copy(&i.token, Tensor::from_slice(&[token]).view([1, 1]))?;
+        copy(&i.rope, Rope::host_rows(&model.cfg, pos, model.compute))?;
+        copy(&i.slots, Tensor::from_slice(&slot_rows(len, hkv, l)))?;
+        copy(
+            &i.used,
+            Tensor::from_slice(&used_keys(len + 1, chunks, hkv, l)),
+        )
+    }
+
+    /// The fixed-shape step, queued on the current stream (run or captured).
+    fn chain(&self, model: &Decoder, caches: &[KvCache], scale: f64) -> Result<(Tensor, Tensor)> {
+        let cfg = &model.cfg;
+        let i = &self.inputs;
+        let rope = Rope::from_rows(&i.rope);
+        let mut x = model.embed(Input::Ids(&i.token))?;
+        let mut outs = Vec::with_capacity(caches.len());
+        for (l, cache) in caches.iter().enumerate() {
+            let (q, k, v) = model.pre_attention(l, &x, &rope);
+            write_slots(cache, &i.slots, &k, &v)?;
+            let a = attend_fixed(cache, &q, &i.used, &i.cu, scale)?;
+            outs.push(a.reshape([cfg.num_heads as i64, cfg.head_dim as i64]));
+            x = model.post_attention(l, &x, &a.to_kind(model.compute))?;
+        }
+        let logits = model.head(&x).reshape([cfg.vocab_size as i64]);
+        Ok((logits, Tensor::stack(&outs, 0)))
+    }
+
+    /// Decodes `token` at global position `pos`: replays the graph, or on the first call
+    /// runs the step eagerly and then captures it. Returns the logits (vocab,) in float64 on
+    /// the CPU and every layer's merged attention output (layers, Hq, D); the caller
+    /// advances the caches by one token.
+    pub fn step(
+        &mut self,
+        model: &Decoder,
+        caches: &[KvCache],
+        token: i64,
+        pos: usize,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let first = caches
+            .first()
+            .ok_or_else(|| RuntimeError::Shape("decode before prefill".into()))?;
+        if !caches.iter().all(|c| self.fits_cache(c)) {
+            return Err(RuntimeError::Shape(
+                "decode graph made for caches of another size".into(),
+            ));
+        }
+        self.fill(model, first, token, pos, first.len())?;
+        let (logits, outs) = match &self.captured {
+            Some((g, logits, outs)) => {
+                g.replay()?;
+                (logits.shallow_clone(), outs.copy())
+            }
+            None => {
+                let eager = self.chain(model, caches, scale)?;
+                let (g, (logits, outs)) =
+                    CudaGraph::capture(self.device, || self.chain(model, caches, scale))?;
+                self.captured = Some((g, logits, outs));
+                eager
+            }
+        };
+        let logits = logits.to_kind(Kind::Double).to(Device::Cpu);
+        Ok((logits, outs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writing at `slot_rows` and counting with `used_keys` places tokens exactly where
+    /// `KvCache::append` does, across chunk edges.
+    #[test]
+    fn slots_and_counts_match_append() {
+        let (hkv, d, chunk) = (3i64, 4i64, 5usize);
+        let opt = (Kind::Double, Device::Cpu);
+        let mut by_append =
+            KvCache::new(hkv as usize, d as usize, 33, chunk, opt.0, opt.1).unwrap();
+        let mut by_slots = KvCache::new(hkv as usize, d as usize, 33, chunk, opt.0, opt.1).unwrap();
+        let prompt = Tensor::arange(hkv * 7 * d, opt).view([1, hkv, 7, d]);
+        by_append.append(&prompt, &prompt).unwrap();
+        by_slots.append(&prompt, &prompt).unwrap();
+        for t in 0..14i64 {
+            let k = Tensor::full([1, hkv, 1, d], 1000.0 + t as f64, opt);
+            let v = -&k;
+            by_append.append(&k, &v).unwrap();
+            let slots = Tensor::from_slice(&slot_rows(by_slots.len(), hkv as usize, chunk));
+            write_slots(&by_slots, &slots, &k, &v).unwrap();
+            by_slots.advance(1).unwrap();
+            let (a, b) = (by_append.storage(), by_slots.storage());
+            assert_eq!(
+                (a.0 - b.0).abs().max().double_value(&[]),
+                0.0,
+                "K after token {t}"
+            );
+            assert_eq!(
+                (a.1 - b.1).abs().max().double_value(&[]),
+                0.0,
+                "V after token {t}"
+            );
+        }
+        assert_eq!(by_slots.len(), 21);
+        let chunks = by_slots.storage().0.size()[0] as usize;
+        let used = used_keys(21, chunks, hkv as usize, chunk);
+        assert_eq!(used.len(), chunks * hkv as usize);
+        // 21 tokens in chunks of 5: four full chunks, then one token, then empty chunks.
+        let mut want = vec![5; 12];
+        want.extend([1, 1, 1]);
+        want.resize(chunks * hkv as usize, 0);
+        assert_eq!(used, want);
+        assert_eq!(
+            used.iter().map(|&n| n as usize).sum::<usize>(),
+            21 * hkv as usize
+        );
+        // Past the capacity: an error, not a silent overwrite.
+        let mut full = by_slots;
+        assert!(full.advance(1000).is_err());
+    }
+}
