@@ -210,6 +210,7 @@ pub fn inference_plan(ulysses: usize, ring: usize, context: usize) -> mmsp_plan:
         decode_kernels_s: 0.0,
         decode_kernels_per_token: 0,
         decode_kernel_floor_s: 0.0,
+        decode_cuda_graph: false,
         decode_bytes_per_token: 0.0,
         decode_hbm_s: 0.0,
         decode_floor_s: 0.0,

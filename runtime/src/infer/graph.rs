@@ -6,8 +6,9 @@
 //!
 //! A graph replays fixed shapes at fixed addresses, so the step here is written in a
 //! fixed-shape form:
-//! - the token id, the RoPE row and where the new K/V go are device tensors refilled before
-//!   each replay (small host-to-device copies);
+//! - the token id, its position and where the new K/V go are one int64 device buffer
+//!   refilled before each replay (one host-to-device copy); the RoPE row is made in the
+//!   graph from the position, in float64 as `Rope::new` makes it;
 //! - the new token's K/V are written at rows named by a device index (`index_copy_`), not at
 //!   a `narrow` of a host offset;
 //! - attention runs over every chunk of the cache as one varlen FlashAttention call in which
@@ -22,6 +23,7 @@ use super::cache::KvCache;
 use super::merge::acc_kind;
 use crate::error::{Result, RuntimeError};
 use crate::ffi::{self, CudaGraph};
+use crate::model::rope::inv_freq;
 use crate::model::{Decoder, Input, Rope};
 use tch::{Device, Kind, Tensor};
 
@@ -31,7 +33,7 @@ pub fn fits(model: &Decoder) -> bool {
     let d = model.cfg.head_dim;
     matches!(model.device(), Device::Cuda(_))
         && matches!(model.compute, Kind::BFloat16 | Kind::Half)
-        && d % 8 == 0
+        && d.is_multiple_of(8)
         && d <= 256
         && ffi::cuda_graphs_built()
 }
@@ -115,16 +117,18 @@ fn attend_fixed(
     Ok(out.reshape([1, hq, 1, d]))
 }
 
-/// The inputs a replay reads, refilled on the host's side before each one.
+/// The inputs a replay reads: one int64 buffer refilled from the host before each replay
+/// (one transfer), laid out as [token, position, the new token's slot rows (Hkv, from
+/// [`slot_rows`]), keys used per (chunk, kv head) with it held (chunks x Hkv, from
+/// [`used_keys`])], and what stays fixed.
 struct Inputs {
-    /// (1, 1) int64.
-    token: Tensor,
-    /// (2, 1, head_dim): cos and sin of the position, in the compute dtype.
-    rope: Tensor,
-    /// (Hkv,) int64: [`slot_rows`] of the token.
-    slots: Tensor,
-    /// (chunks x Hkv,) int32: [`used_keys`] with the token held.
-    used: Tensor,
+    packed: Tensor,
+    kv_heads: i64,
+    batches: i64,
+    /// RoPE's inverse frequencies (float64, on the device) and attention scale: the graph
+    /// makes the position's row as `Rope::new` does.
+    inv: Tensor,
+    rope_scale: f64,
     cu: (Tensor, Tensor),
 }
 
@@ -136,8 +140,8 @@ pub struct DecodeGraph {
     /// Chunks of the caches the inputs were made for (a grown cache needs a new graph).
     chunks: i64,
     inputs: Inputs,
-    /// The graph and its outputs: logits (vocab,) in the compute dtype and every layer's
-    /// merged attention output (layers, Hq, D) in the accumulation dtype.
+    /// The graph and its outputs: logits (vocab,) in float64 and every layer's merged
+    /// attention output (layers, Hq, D) in the accumulation dtype.
     captured: Option<(CudaGraph, Tensor, Tensor)>,
 }
 
@@ -155,11 +159,13 @@ impl DecodeGraph {
         let (k, _) = cache.storage();
         let s = k.size();
         let dev = model.device();
+        let (inv, rope_scale) = inv_freq(&model.cfg);
         let inputs = Inputs {
-            token: Tensor::zeros([1, 1], (Kind::Int64, dev)),
-            rope: Tensor::zeros([2, 1, model.cfg.head_dim as i64], (model.compute, dev)),
-            slots: Tensor::zeros([s[1]], (Kind::Int64, dev)),
-            used: Tensor::zeros([s[0] * s[1]], (Kind::Int, dev)),
+            packed: Tensor::f_zeros([2 + s[1] + s[0] * s[1]], (Kind::Int64, dev))?,
+            kv_heads: s[1],
+            batches: s[0] * s[1],
+            inv: Tensor::f_from_slice(&inv)?.f_to(dev)?,
+            rope_scale,
             cu: varlen_starts(cache),
         };
         Ok(DecodeGraph {
@@ -182,61 +188,62 @@ impl DecodeGraph {
 
     /// Copies the step's inputs in: `token` at global position `pos`, stored at shard index
     /// `len` of every cache (whose length is `len` before the step).
-    fn fill(
-        &self,
-        model: &Decoder,
-        cache: &KvCache,
-        token: i64,
-        pos: usize,
-        len: usize,
-    ) -> Result<()> {
-        let (k, _) = cache.storage();
-        let s = k.size();
+    fn fill(&self, cache: &KvCache, token: i64, pos: usize, len: usize) -> Result<()> {
+        let s = cache.storage().0.size();
         let (chunks, hkv, l) = (s[0] as usize, s[1] as usize, s[2] as usize);
-        let i = &self.inputs;
-        let copy = |dst: &Tensor, src: Tensor| -> Result<()> {
-            let mut d = dst.shallow_clone();
-            let _ = d.f_copy_(&src)?;
-            Ok(())
-        };
-        copy(&i.token, Tensor::from_slice(&[token]).view([1, 1]))?;
-        copy(&i.rope, Rope::host_rows(&model.cfg, pos, model.compute))?;
-        copy(&i.slots, Tensor::from_slice(&slot_rows(len, hkv, l)))?;
-        copy(
-            &i.used,
-            Tensor::from_slice(&used_keys(len + 1, chunks, hkv, l)),
-        )
+        let mut v = Vec::with_capacity(self.inputs.packed.numel());
+        v.extend([token, pos as i64]);
+        v.extend(slot_rows(len, hkv, l));
+        v.extend(
+            used_keys(len + 1, chunks, hkv, l)
+                .into_iter()
+                .map(i64::from),
+        );
+        let mut dst = self.inputs.packed.shallow_clone();
+        dst.f_copy_(&Tensor::f_from_slice(&v)?)?;
+        Ok(())
     }
 
     /// The fixed-shape step, queued on the current stream (run or captured).
     fn chain(&self, model: &Decoder, caches: &[KvCache], scale: f64) -> Result<(Tensor, Tensor)> {
         let cfg = &model.cfg;
         let i = &self.inputs;
-        let rope = Rope::from_rows(&i.rope);
-        let mut x = model.embed(Input::Ids(&i.token))?;
+        let token = i.packed.narrow(0, 0, 1).view([1, 1]);
+        let pos = i.packed.narrow(0, 1, 1);
+        let slots = i.packed.narrow(0, 2, i.kv_heads);
+        let used = i
+            .packed
+            .narrow(0, 2 + i.kv_heads, i.batches)
+            .f_to_kind(Kind::Int)?;
+        let rope = Rope::from_inv(&pos, &i.inv, i.rope_scale, model.compute);
+        let mut x = model.embed(Input::Ids(&token))?;
         let mut outs = Vec::with_capacity(caches.len());
         for (l, cache) in caches.iter().enumerate() {
             let (q, k, v) = model.pre_attention(l, &x, &rope);
-            write_slots(cache, &i.slots, &k, &v)?;
-            let a = attend_fixed(cache, &q, &i.used, &i.cu, scale)?;
+            write_slots(cache, &slots, &k, &v)?;
+            let a = attend_fixed(cache, &q, &used, &i.cu, scale)?;
             outs.push(a.reshape([cfg.num_heads as i64, cfg.head_dim as i64]));
             x = model.post_attention(l, &x, &a.to_kind(model.compute))?;
         }
-        let logits = model.head(&x).reshape([cfg.vocab_size as i64]);
+        let logits = model
+            .head(&x)
+            .reshape([cfg.vocab_size as i64])
+            .f_to_kind(Kind::Double)?;
         Ok((logits, Tensor::stack(&outs, 0)))
     }
 
     /// Decodes `token` at global position `pos`: replays the graph, or on the first call
     /// runs the step eagerly and then captures it. Returns the logits (vocab,) in float64 on
-    /// the CPU and every layer's merged attention output (layers, Hq, D); the caller
-    /// advances the caches by one token.
+    /// the CPU and every layer's merged attention output (layers, Hq, D): a copy when
+    /// `keep_outs`, else a view of the graph's buffer that the next replay overwrites. The
+    /// caller advances the caches by one token.
     pub fn step(
         &mut self,
         model: &Decoder,
         caches: &[KvCache],
-        token: i64,
-        pos: usize,
+        (token, pos): (i64, usize),
         scale: f64,
+        keep_outs: bool,
     ) -> Result<(Tensor, Tensor)> {
         let first = caches
             .first()
@@ -246,11 +253,16 @@ impl DecodeGraph {
                 "decode graph made for caches of another size".into(),
             ));
         }
-        self.fill(model, first, token, pos, first.len())?;
+        self.fill(first, token, pos, first.len())?;
         let (logits, outs) = match &self.captured {
             Some((g, logits, outs)) => {
                 g.replay()?;
-                (logits.shallow_clone(), outs.copy())
+                let outs = if keep_outs {
+                    outs.copy()
+                } else {
+                    outs.shallow_clone()
+                };
+                (logits.shallow_clone(), outs)
             }
             None => {
                 let eager = self.chain(model, caches, scale)?;
@@ -260,8 +272,7 @@ impl DecodeGraph {
                 eager
             }
         };
-        let logits = logits.to_kind(Kind::Double).to(Device::Cpu);
-        Ok((logits, outs))
+        Ok((logits.f_to(Device::Cpu)?, outs))
     }
 }
 

@@ -382,12 +382,18 @@ impl<'a> RankInference<'a> {
     /// Feeds `token` at the next position: appends its K/V on its owner, attends over the
     /// sharded cache and returns the next logits (vocab,), the same on every rank.
     pub fn decode_step(&mut self, token: i64) -> Result<Tensor> {
-        Ok(self.decode_step_probed(token)?.0)
+        Ok(self.decode(token, false)?.0)
     }
 
     /// [`Self::decode_step`] that also returns the merged attention output of every layer
     /// (layers, Hq, D), in the accumulation dtype.
     pub fn decode_step_probed(&mut self, token: i64) -> Result<(Tensor, Tensor)> {
+        self.decode(token, true)
+    }
+
+    /// A decode step; the attention outputs returned are the step's own when `probe`, else
+    /// possibly a buffer the next step overwrites.
+    fn decode(&mut self, token: i64, probe: bool) -> Result<(Tensor, Tensor)> {
         if self.caches.is_empty() {
             return Err(RuntimeError::Shape("decode before prefill".into()));
         }
@@ -397,7 +403,7 @@ impl<'a> RankInference<'a> {
                 self.context
             )));
         }
-        if let Some(r) = self.decode_step_graph(token)? {
+        if let Some(r) = self.decode_step_graph(token, probe)? {
             return Ok(r);
         }
         let cfg = &self.model.cfg;
@@ -433,7 +439,7 @@ impl<'a> RankInference<'a> {
     /// [`Self::decode_step_probed`] through the fixed-shape step and its CUDA graph, when it
     /// applies (None otherwise). A failure to capture or replay is reported once and the
     /// rank decodes eagerly from then on (the step's K/V slot is simply written again).
-    fn decode_step_graph(&mut self, token: i64) -> Result<Option<(Tensor, Tensor)>> {
+    fn decode_step_graph(&mut self, token: i64, probe: bool) -> Result<Option<(Tensor, Tensor)>> {
         let room = self.caches.first().is_some_and(|c| c.len() < c.capacity());
         if !self.cuda_graph || self.world.size() != 1 || !room || !graph::fits(self.model) {
             return Ok(None);
@@ -448,7 +454,7 @@ impl<'a> RankInference<'a> {
             self.graph = Some(graph::DecodeGraph::new(self.model, &self.caches[0])?);
         }
         let g = self.graph.as_mut().expect("made above");
-        match g.step(self.model, &self.caches, token, pos, scale) {
+        match g.step(self.model, &self.caches, (token, pos), scale, probe) {
             Ok(r) => {
                 for c in &mut self.caches {
                     c.advance(1)?;

@@ -94,6 +94,7 @@ pub fn run_needle_local(
     probes: &[usize],
     decode: &[i64],
     cuda_graph: bool,
+    profile: Option<&std::path::Path>,
 ) -> Result<Vec<NeedleRank>> {
     layout.validate()?;
     if layout.dp != 1 {
@@ -122,12 +123,26 @@ pub fn run_needle_local(
             sync(dev);
             let prefill_s = t0.elapsed().as_secs_f64();
             let (mut decode_s, mut outs) = (Vec::new(), Vec::new());
-            for &tok in decode {
+            // Rank 0 profiles the second half of the decode steps (the graph captured by then).
+            let profiled = profile.filter(|_| crate::comm::Communicator::rank(wc) == 0);
+            for (i, &tok) in decode.iter().enumerate() {
+                if profiled.is_some() && i == decode.len() / 2 {
+                    crate::ffi::kernel_profile_start()?;
+                }
                 let t = std::time::Instant::now();
                 let (_, o) = st.decode_step_probed(tok)?;
                 sync(dev);
                 decode_s.push(t.elapsed().as_secs_f64());
                 outs.push(o);
+            }
+            if let Some(path) = profiled {
+                let tsv = path.with_extension("kernels.tsv");
+                crate::ffi::kernel_profile_stop(Some(path), &tsv)?;
+                let summary = crate::train::kernel_profile::summarize_file(&tsv, 60)?;
+                std::fs::write(
+                    path.with_extension("summary.json"),
+                    serde_json::to_string_pretty(&summary)?,
+                )?;
             }
             let (kv_bytes, kv_tokens) = st.kv_usage();
             let cpu = |t: &Tensor| t.to_kind(Kind::Double).to(Device::Cpu);
@@ -297,6 +312,9 @@ pub struct NeedleOpts<'a> {
     pub seed: u64,
     /// Decode through a CUDA graph where one applies (one rank on CUDA).
     pub cuda_graph: bool,
+    /// Profile the device kernels of the second half of the decode steps (rank 0): the
+    /// Chrome trace here, its activity list and summary beside it.
+    pub profile: Option<std::path::PathBuf>,
 }
 
 /// Runs the sharded needle, then the chunked reference, and reports both with the plan's
@@ -317,6 +335,7 @@ pub fn run_needle(o: &NeedleOpts<'_>) -> Result<serde_json::Value> {
         &probes,
         &follow,
         o.cuda_graph,
+        o.profile.as_deref(),
     )?;
     let sharded_wall_s = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
@@ -417,6 +436,7 @@ mod tests {
                 &probes,
                 &follow,
                 true,
+                None,
             )
             .unwrap();
             let total: usize = ranks.iter().map(|r| r.kv_tokens).sum();
@@ -435,6 +455,7 @@ mod tests {
             &probes,
             &follow,
             true,
+            None,
         )
         .unwrap();
         let (ep, ed) = compare(&ranks, &probes, &bad).unwrap();

@@ -115,9 +115,15 @@ pub struct Rope {
 impl Rope {
     /// Tables for the given absolute positions (a 1-D int64 tensor).
     pub fn new(cfg: &ModelConfig, positions: &Tensor, kind: Kind) -> Rope {
-        let dev = positions.device();
         let (inv, scale) = inv_freq(cfg);
-        let inv = Tensor::from_slice(&inv).to(dev);
+        let inv = Tensor::from_slice(&inv).to(positions.device());
+        Rope::from_inv(positions, &inv, scale, kind)
+    }
+
+    /// [`Rope::new`] with the inverse frequencies already a float64 tensor on the positions'
+    /// device (`inv_freq`, and its attention scale): kernels only, no host transfer, so it
+    /// may be captured in a CUDA graph.
+    pub fn from_inv(positions: &Tensor, inv: &Tensor, scale: f64, kind: Kind) -> Rope {
         let freqs = positions
             .to_kind(Kind::Double)
             .unsqueeze(1)
@@ -133,27 +139,19 @@ impl Rope {
     /// [`Rope::new`] computes them and copied to `device` in one transfer: no kernel launches
     /// for the table (`Rope::new` launches a dozen small ones for a single row).
     pub fn at_position(cfg: &ModelConfig, pos: usize, kind: Kind, device: Device) -> Rope {
-        Rope::from_rows(&Rope::host_rows(cfg, pos, kind).to(device))
-    }
-
-    /// The cos and sin rows of position `pos` on the host: (2, 1, head_dim) in `kind`,
-    /// computed in float64 as [`Rope::new`] computes them.
-    pub fn host_rows(cfg: &ModelConfig, pos: usize, kind: Kind) -> Tensor {
         let (inv, scale) = inv_freq(cfg);
         let p = pos as f64;
         let half: Vec<f64> = inv.iter().map(|f| p * f).collect();
         let row = |g: fn(f64) -> f64| half.iter().chain(&half).map(move |&x| g(x) * scale);
         let both: Vec<f64> = row(f64::cos).chain(row(f64::sin)).collect();
         let d = 2 * half.len() as i64;
-        Tensor::from_slice(&both).view([2, 1, d]).to_kind(kind)
-    }
-
-    /// Tables that view `rows` (2, S, head_dim): cos then sin. The views share its storage, so
-    /// a copy into `rows` changes the tables (a captured decode step's RoPE input).
-    pub fn from_rows(rows: &Tensor) -> Rope {
+        let t = Tensor::from_slice(&both)
+            .view([2, 1, d])
+            .to_kind(kind)
+            .to(device);
         Rope {
-            cos: rows.get(0),
-            sin: rows.get(1),
+            cos: t.get(0),
+            sin: t.get(1),
         }
     }
 

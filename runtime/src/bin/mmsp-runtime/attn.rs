@@ -44,6 +44,11 @@ pub enum Cmd {
         /// per-rank-events (a pool stream each, ordered by CUDA events); comma-separated.
         #[arg(long, default_value = "one,per-rank", value_delimiter = ',')]
         streams: Vec<String>,
+        /// Profile the device kernels of the first 2D in-process run (its warm-up and timed
+        /// iterations; libtorch's Kineto/CUPTI profiler): the Chrome trace to this file, the
+        /// activity list and summary beside it (.kernels.tsv, .summary.json).
+        #[arg(long)]
+        profile_2d: Option<std::path::PathBuf>,
     },
     /// Correctness on the GPU: 2D attention in bf16 against a float64 CPU reference.
     Check,
@@ -440,6 +445,7 @@ fn bench_2d(
     backend: Backend,
     dev: Device,
     streams: &[Streams],
+    mut profile: Option<&std::path::Path>,
 ) -> Result<()> {
     let mut summary = Vec::new();
     for &s in seqs {
@@ -487,7 +493,22 @@ fn bench_2d(
                     );
                 }
                 for &st in streams {
-                    let r = match time_2d(layout, shape, backend, dev, 3, st) {
+                    let profiled = profile.take();
+                    if profiled.is_some() {
+                        mmsp_runtime::ffi::kernel_profile_start()?;
+                    }
+                    let timed = time_2d(layout, shape, backend, dev, 3, st);
+                    if let Some(path) = profiled {
+                        let tsv = path.with_extension("kernels.tsv");
+                        mmsp_runtime::ffi::kernel_profile_stop(Some(path), &tsv)?;
+                        let summary =
+                            mmsp_runtime::train::kernel_profile::summarize_file(&tsv, 60)?;
+                        std::fs::write(
+                            path.with_extension("summary.json"),
+                            serde_json::to_string_pretty(&summary)?,
+                        )?;
+                    }
+                    let r = match timed {
                         Ok((f, fb, wf, wfb)) => {
                             let (bf, bfb) = bound
                                 .as_ref()
@@ -793,6 +814,7 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
             backend,
             what,
             streams,
+            profile_2d,
         } => {
             let streams = streams
                 .iter()
@@ -816,7 +838,16 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
                 bench_kernels(&seqs, heads, head_dim, dev)?;
             }
             if what != "kernels" {
-                bench_2d(&seqs_2d, &ranks, heads, head_dim, be, dev, &streams)?;
+                bench_2d(
+                    &seqs_2d,
+                    &ranks,
+                    heads,
+                    head_dim,
+                    be,
+                    dev,
+                    &streams,
+                    profile_2d.as_deref(),
+                )?;
             }
         }
         Cmd::Check => check_gpu(crate::util::gpu()?)?,

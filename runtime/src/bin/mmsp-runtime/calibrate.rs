@@ -9,7 +9,12 @@
 //!   halved when causal; forward + backward = 3.5 x forward, FlashAttention-2 counting);
 //! - `memory_bandwidth`: achieved HBM bandwidth of memory-bound kernels (a copy, an add and a
 //!   multiply over large bf16 tensors, and the layers' two layout copies: a heads-to-front
-//!   transpose and RoPE's rotate-half cat), as bytes read plus written per call over its time.
+//!   transpose and RoPE's rotate-half cat), as bytes read plus written per call over its time;
+//! - `launch`: seconds per kernel of a chain of dependent tiny kernels launched one by one
+//!   from the host (`eager_kernel_s`) and replayed from one captured CUDA graph
+//!   (`graph_kernel_s`, the floor of a decode step on one rank), and in a graph, chains of
+//!   copies (`graph_copy`) and of one-token projections (`graph_gemv`) by size; `calibrate-launch`
+//!   adds this section alone to an existing calibration.
 //!
 //! Every figure is the median over several batches of back-to-back calls after warm-up, each
 //! batch bracketed by device synchronisation.
@@ -52,6 +57,17 @@ pub enum Cmd {
         /// sustained clock, power and temperature first).
         #[arg(long, default_value_t = 0.0)]
         preheat_s: f64,
+    },
+    /// Measure the per-kernel launch floor, eager and in a CUDA graph (a chain of tiny
+    /// dependent kernels), and add it to a calibration file as its `launch` section.
+    CalibrateLaunch {
+        /// Calibration JSON (from `calibrate`) to add the `launch` section to (rewritten whole
+        /// only after the measurement succeeded).
+        #[arg(long)]
+        into: PathBuf,
+        /// Timed batches per point (the median is kept).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
     },
     /// NCCL, one process per GPU of one host (torchrun-style environment, as `nccl-bench`):
     /// time all-gather, reduce-scatter, all-reduce and all-to-all over every rank for bf16
@@ -96,7 +112,163 @@ pub fn dispatch(cmd: Cmd) -> Result<()> {
             calibrate(&out, model.as_deref(), &backend, timing, preheat_s)
         }
         Cmd::CalibrateComm { plan, into, iters } => calibrate_comm(&plan, &into, iters),
+        Cmd::CalibrateLaunch { into, iters } => calibrate_launch(&into, iters),
     }
+}
+
+/// Kernels in each chain [`launch_point`] times.
+const LAUNCH_CHAIN: usize = 256;
+
+/// Tensor sizes (bytes) of the graph-replayed copy chains: the sizes of a decode step's
+/// kernels on one rank, below the `memory_bandwidth` sweep's smallest (1 MiB).
+const GRAPH_COPY_BYTES: [i64; 8] = [
+    1 << 10,
+    1 << 12,
+    1 << 14,
+    1 << 16,
+    1 << 18,
+    1 << 20,
+    1 << 22,
+    1 << 24,
+];
+
+/// Seconds per kernel of `chain` (which queues [`LAUNCH_CHAIN`] kernels), run once eagerly
+/// (libraries such as cuBLAS make their handles then: not allowed while capturing), then
+/// captured in a CUDA graph and replayed.
+fn graph_per_kernel(
+    dev: Device,
+    tm: Timing,
+    mut chain: impl FnMut() -> mmsp_runtime::error::Result<()>,
+) -> Result<f64> {
+    let Device::Cuda(device) = dev else {
+        return Err(usage("the launch floor is measured on a CUDA GPU"));
+    };
+    chain()?;
+    sync(dev);
+    let (graph, ()) = mmsp_runtime::ffi::CudaGraph::capture(device, chain)?;
+    Ok(per_call(dev, tm, || Ok(graph.replay()?))? / LAUNCH_CHAIN as f64)
+}
+
+/// The `launch` section: seconds per kernel of a chain of [`LAUNCH_CHAIN`] dependent
+/// kernels, (1) in-place adds to 256 bf16 elements launched from the host one by one
+/// (`eager_kernel_s`) and replayed from one captured CUDA graph (`graph_kernel_s`), and (2)
+/// in the graph, copies of [`GRAPH_COPY_BYTES`] (`graph_copy`: bytes read plus written per
+/// kernel and seconds per kernel), each copy reading what the one before wrote.
+fn launch_point(dev: Device, tm: Timing) -> Result<Value> {
+    let mut t = Tensor::zeros([256], (Kind::BFloat16, dev));
+    let adds = |t: &mut Tensor| -> mmsp_runtime::error::Result<()> {
+        for _ in 0..LAUNCH_CHAIN {
+            let _ = t.f_add_scalar_(1.0)?;
+        }
+        Ok(())
+    };
+    let eager = per_call(dev, tm, || Ok(adds(&mut t)?))? / LAUNCH_CHAIN as f64;
+    let graph = graph_per_kernel(dev, tm, || adds(&mut t))?;
+    let mut copies = Vec::new();
+    for &bytes in &GRAPH_COPY_BYTES {
+        let mut a = randn(&[bytes / 2], dev);
+        let mut b = randn(&[bytes / 2], dev);
+        let s = graph_per_kernel(dev, tm, || {
+            for _ in 0..LAUNCH_CHAIN / 2 {
+                b.f_copy_(&a)?;
+                a.f_copy_(&b)?;
+            }
+            Ok(())
+        })?;
+        copies.push(
+            json!({"bytes": 2 * bytes, "tensor_bytes": bytes, "seconds": s,
+            "gb_per_s": 2.0 * bytes as f64 / s / 1e9}),
+        );
+    }
+    Ok(json!({
+        "kernels": LAUNCH_CHAIN,
+        "op": "add_ of 256 bf16 elements, each kernel after the one before",
+        "eager_kernel_s": eager,
+        "graph_kernel_s": graph,
+        "graph_copy": copies,
+        "graph_gemv": gemv_points(dev, tm)?,
+    }))
+}
+
+/// (input features, output features) of the one-token projections timed in a graph: a
+/// decode step's shapes (hidden 1024 to 8192, MLP and head widths).
+const GEMV_SHAPES: [(i64, i64); 7] = [
+    (1024, 256),
+    (1024, 1024),
+    (1024, 2816),
+    (4096, 1024),
+    (4096, 4096),
+    (4096, 14336),
+    (1024, 32000),
+];
+
+/// Weight bytes the projections of one `graph_gemv` chain read in all: more than an H100's
+/// 50 MB of L2, so that each weight comes from HBM, as in a decode step, which reads every
+/// weight once.
+const GEMV_SET_BYTES: i64 = 256 << 20;
+
+/// `graph_gemv`: seconds per one-token projection y = x W^T (bf16, W of k x n inputs and
+/// outputs) in a replayed graph, each on the output of the one before (alternately k -> n
+/// and n -> k), cycling over enough distinct weights that none is served from L2.
+fn gemv_points(dev: Device, tm: Timing) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for &(k, n) in &GEMV_SHAPES {
+        let bytes = 2 * k * n;
+        let pairs = (GEMV_SET_BYTES / (2 * bytes)).clamp(1, LAUNCH_CHAIN as i64 / 2);
+        let ws: Vec<(Tensor, Tensor)> = (0..pairs)
+            .map(|_| (randn(&[n, k], dev), randn(&[k, n], dev)))
+            .collect();
+        let mut x = randn(&[1, k], dev);
+        let s = graph_per_kernel(dev, tm, || {
+            for i in 0..LAUNCH_CHAIN / 2 {
+                let (w1, w2) = &ws[i % ws.len()];
+                let y = x.f_linear::<Tensor>(w1, None)?;
+                x = y.f_linear::<Tensor>(w2, None)?;
+            }
+            Ok(())
+        })?;
+        out.push(json!({"k": k, "n": n, "weight_bytes": bytes, "seconds": s,
+            "gb_per_s": bytes as f64 / s / 1e9}));
+    }
+    Ok(out)
+}
+
+/// `calibrate-launch`: see [`Cmd::CalibrateLaunch`].
+fn calibrate_launch(into: &std::path::Path, iters: usize) -> Result<()> {
+    if iters == 0 {
+        return Err(usage("--iters must be >= 1"));
+    }
+    let text = std::fs::read_to_string(into)
+        .map_err(|e| usage(format!("--into {}: {e}", into.display())))?;
+    let mut cal: Value = serde_json::from_str(&text).map_err(|e| {
+        usage(format!(
+            "--into {}: not a calibration JSON ({e})",
+            into.display()
+        ))
+    })?;
+    if !cal.is_object() || cal.get("gemm").is_none() {
+        return Err(usage(format!(
+            "--into {}: expected a calibration from `mmsp-runtime calibrate` (an object with \"gemm\")",
+            into.display()
+        )));
+    }
+    let dev = gpu().context("calibrate-launch measures the GPU it runs on")?;
+    let _ng = tch::no_grad_guard();
+    let tm = Timing {
+        iters,
+        batch_s: 5e-3,
+    };
+    let launch = launch_point(dev, tm)?;
+    cal["launch"] = launch.clone();
+    let tmp = into.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&cal)? + "\n")
+        .and_then(|()| std::fs::rename(&tmp, into))
+        .map_err(|e| usage(format!("--into {}: {e}", into.display())))?;
+    println!(
+        "{}",
+        json!({"calibration": into.display().to_string(), "device": device_name(), "launch": launch})
+    );
+    Ok(())
 }
 
 /// Tensor sizes of the collective sweep (the whole tensor, all ranks' data), MiB.
@@ -486,6 +658,7 @@ fn calibrate(
     let bandwidth = bandwidth_points(dev, tm)?;
     let gemm = gemm_points(dev, tm, &shapes)?;
     let attention = attention_points(dev, tm, &shapes, kernel, backend)?;
+    let launch = launch_point(dev, tm)?;
     let res = json!({
         "device": device_name(),
         "tool": "mmsp-runtime calibrate",
@@ -496,6 +669,7 @@ fn calibrate(
         "gemm": gemm,
         "attention": attention,
         "memory_bandwidth": bandwidth,
+        "launch": launch,
     });
     std::fs::write(out, serde_json::to_string_pretty(&res)? + "\n")
         .map_err(|e| usage(format!("--out {}: {e}", out.display())))?;

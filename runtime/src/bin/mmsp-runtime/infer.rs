@@ -377,6 +377,11 @@ pub struct NeedleArgs {
     /// per token (graphs apply on one rank on CUDA in bf16).
     #[arg(long)]
     no_cuda_graph: bool,
+    /// Profile the device kernels of the second half of the decode steps (libtorch's
+    /// Kineto/CUPTI profiler): the Chrome trace to this file, the activity list and summary
+    /// beside it (.kernels.tsv, .summary.json).
+    #[arg(long)]
+    profile_decode: Option<std::path::PathBuf>,
 }
 
 fn needle(a: NeedleArgs) -> Result<()> {
@@ -421,6 +426,7 @@ fn needle(a: NeedleArgs) -> Result<()> {
         chunk: a.chunk,
         seed: a.seed as u64,
         cuda_graph: !a.no_cuda_graph,
+        profile: a.profile_decode.clone(),
     })?;
     let mut out = out;
     out["model"] = json!({"hidden": cfg.hidden_size, "layers": cfg.num_layers, "heads": cfg.num_heads,
