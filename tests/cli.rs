@@ -486,6 +486,41 @@ fn multimodal_input_errors() {
     insta::assert_snapshot!(all.join("\n"));
 }
 
+/// One GPU: decode is the runtime's CUDA-graph step, costed from the calibration's
+/// graph-replayed kernels (the table says so), not the eager chain of several ranks.
+#[test]
+fn plan_inference_one_gpu_decodes_in_a_graph() {
+    let args = [
+        "plan",
+        "--mode",
+        "inference",
+        "--context",
+        "128K",
+        "--gpus",
+        "1",
+        "--topology",
+        "../runtime/bench/inputs/h100-1gpu.toml",
+    ];
+    insta::assert_snapshot!(run(&args));
+    let (code, out, err) = mmsp(&[&args[..], &["--format", "json"]].concat());
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["inference"]["decode_cuda_graph"], true);
+    let (_, out8, _) = mmsp(&[
+        "plan",
+        "--mode",
+        "inference",
+        "--context",
+        "1M",
+        "--gpus",
+        "8",
+        "--format",
+        "json",
+    ]);
+    let v8: serde_json::Value = serde_json::from_str(&out8).unwrap();
+    assert_eq!(v8["inference"]["decode_cuda_graph"], false);
+}
+
 #[test]
 fn plan_inference_mode() {
     insta::assert_snapshot!(run(&[

@@ -62,8 +62,13 @@ pub struct InferenceEstimate {
     pub decode_kernels_s: f64,
     /// Kernels launched per token on one rank.
     pub decode_kernels_per_token: u64,
-    /// The per-kernel floor used (the planner's `kernel_floor_s`), seconds.
+    /// The per-kernel floor used, seconds: the eager one (the planner's `kernel_floor_s`),
+    /// or with `decode_cuda_graph` that of the smallest kernel replayed from a graph.
     pub decode_kernel_floor_s: f64,
+    /// Whether decode is costed as the runtime's CUDA-graph step (one rank) rather than
+    /// eager launches (absent from older plans: false).
+    #[serde(default)]
+    pub decode_cuda_graph: bool,
     /// HBM bytes the kernels of one token read and write on one rank: KV shard, weights, the
     /// fp32 scores' passes and the small tensors.
     pub decode_bytes_per_token: f64,

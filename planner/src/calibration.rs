@@ -47,6 +47,57 @@ struct RawCalibration {
     /// NCCL collectives over the GPUs of one host (`mmsp-runtime calibrate-comm`; optional).
     #[serde(default)]
     collectives: Option<RawCollectives>,
+    /// Per-kernel times of dependent kernels, eager and replayed from a CUDA graph
+    /// (`mmsp-runtime calibrate-launch`; optional).
+    #[serde(default)]
+    launch: Option<RawLaunch>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawLaunch {
+    /// Copies of several sizes, each reading what the one before wrote, replayed from one
+    /// CUDA graph.
+    #[serde(default)]
+    graph_copy: Vec<RawGraphCopy>,
+    /// One-token projections of several weight sizes, each on the output of the one before,
+    /// replayed from one CUDA graph.
+    #[serde(default)]
+    graph_gemv: Vec<RawGraphGemv>,
+    /// Small ATen ops in graph-replayed chains: seconds per op by kind and their median.
+    #[serde(default)]
+    graph_small_ops: Option<RawSmallOps>,
+    /// The decode attention call over caches of several sizes, replayed from one CUDA graph.
+    #[serde(default)]
+    graph_decode_attention: Vec<RawGraphAttention>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawSmallOps {
+    median_s: f64,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawGraphAttention {
+    /// K/V bytes one call reads.
+    kv_bytes: f64,
+    /// Seconds per call.
+    seconds: f64,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawGraphGemv {
+    /// Bytes of the weight read.
+    weight_bytes: f64,
+    /// Seconds per projection.
+    seconds: f64,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawGraphCopy {
+    /// Bytes one copy reads plus writes.
+    bytes: f64,
+    /// Seconds per copy.
+    seconds: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,6 +170,49 @@ pub struct Calibration {
     /// Bus bandwidth (bytes/s) of ring collectives inside one fabric domain at the largest
     /// size measured, and the GPUs measured; None without a `collectives` section.
     fabric_bus: Option<(f64, u32)>,
+    /// Decode kernels replayed from a CUDA graph; None without a `launch` section with graph
+    /// points.
+    graph: Option<GraphTimes>,
+}
+
+/// Per-kernel times of a decode step's kernels replayed from a CUDA graph, each after the one
+/// before (the `launch` section of `mmsp-runtime calibrate-launch`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GraphTimes {
+    /// (log bytes moved, seconds) of copies, ascending.
+    copy: Vec<(f64, f64)>,
+    /// (log weight bytes, bytes/s) of one-token projections, ascending.
+    gemv: Vec<(f64, f64)>,
+    /// (log K/V bytes, bytes/s) of the decode attention, ascending.
+    attention: Vec<(f64, f64)>,
+    /// Seconds of a small ATen op (the median over the kinds measured).
+    small_op_s: Option<f64>,
+}
+
+impl GraphTimes {
+    /// Seconds of one kernel of `kind` moving `bytes`: a projection or the attention at the
+    /// achieved bandwidth measured at that size (held beyond the sizes measured, never under
+    /// the smallest call's time), a small op the larger of the measured small op and a copy
+    /// of that size. None when the file measured nothing for that kind.
+    pub fn kernel_s(&self, bytes: f64, kind: crate::inference::KernelKind) -> Option<f64> {
+        use crate::inference::KernelKind;
+        let x = bytes.max(1.0).ln();
+        let by_rate = |curve: &[(f64, f64)]| {
+            let first = curve.first()?;
+            Some((bytes / interp(curve, x)).max(first.0.exp() / first.1))
+        };
+        match kind {
+            KernelKind::Projection if !self.gemv.is_empty() => by_rate(&self.gemv),
+            KernelKind::Attention if !self.attention.is_empty() => by_rate(&self.attention),
+            _ => {
+                let copy = (!self.copy.is_empty()).then(|| interp(&self.copy, x));
+                match (copy, self.small_op_s) {
+                    (Some(c), Some(o)) => Some(c.max(o)),
+                    (c, o) => c.or(o),
+                }
+            }
+        }
+    }
 }
 
 /// Whether a `memory_bandwidth` op is a layout copy rather than a streaming kernel.
@@ -191,6 +285,41 @@ fn mean_curve(points: impl Iterator<Item = (u64, f64)>) -> Vec<(f64, f64)> {
 }
 
 /// Piecewise-linear interpolation in x, clamped at the ends.
+/// The graph-replayed times of a `launch` section, if it has any.
+fn graph_times(l: &RawLaunch) -> Option<GraphTimes> {
+    let rate = |c: Vec<(f64, f64)>| c.into_iter().map(|(lb, s)| (lb, lb.exp() / s)).collect();
+    let g = GraphTimes {
+        copy: seconds_curve(l.graph_copy.iter().map(|p| (p.bytes, p.seconds))),
+        gemv: rate(seconds_curve(
+            l.graph_gemv.iter().map(|p| (p.weight_bytes, p.seconds)),
+        )),
+        attention: rate(seconds_curve(
+            l.graph_decode_attention
+                .iter()
+                .map(|p| (p.kv_bytes, p.seconds)),
+        )),
+        small_op_s: l
+            .graph_small_ops
+            .as_ref()
+            .map(|o| o.median_s)
+            .filter(|&s| s > 0.0 && s < 1.0),
+    };
+    let any = !g.copy.is_empty() || !g.gemv.is_empty() || !g.attention.is_empty();
+    (any || g.small_op_s.is_some()).then_some(g)
+}
+
+/// (log bytes, seconds) from measured (bytes, seconds) pairs: physical ones only, ascending,
+/// one per size.
+fn seconds_curve(points: impl Iterator<Item = (f64, f64)>) -> Vec<(f64, f64)> {
+    let mut out: Vec<(f64, f64)> = points
+        .filter(|&(b, s)| b >= 1.0 && b.is_finite() && s > 0.0 && s < 1.0)
+        .map(|(b, s)| (b.ln(), s))
+        .collect();
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out.dedup_by(|a, b| a.0 == b.0);
+    out
+}
+
 fn interp(points: &[(f64, f64)], x: f64) -> f64 {
     match points {
         [] => f64::NAN,
@@ -265,6 +394,7 @@ impl Calibration {
         let bandwidth = mean_curve(bw_points(false));
         let layout = mean_curve(bw_points(true));
         let fabric_bus = raw.collectives.as_ref().and_then(ring_bus_bandwidth);
+        let graph = raw.launch.as_ref().and_then(graph_times);
         if gemm.is_empty() || attention.iter().any(Vec::is_empty) {
             return Err(bad(
                 "needs GEMM points and causal and non-causal attention points with tflops".into(),
@@ -279,6 +409,7 @@ impl Calibration {
             layout,
             head,
             fabric_bus,
+            graph,
         })
     }
 
@@ -336,6 +467,11 @@ impl Calibration {
     /// no `lm_head` points.
     pub fn head_gemm_rate(&self, tokens: f64) -> Option<f64> {
         (!self.head.is_empty()).then(|| interp(&self.head, tokens.max(1.0).ln()))
+    }
+
+    /// The decode kernels' graph-replayed times (`mmsp-runtime calibrate-launch`), if measured.
+    pub fn graph_times(&self) -> Option<&GraphTimes> {
+        self.graph.as_ref()
     }
 
     /// The per-kernel floor (seconds): the time of the smallest memory-bound call measured,

@@ -141,6 +141,30 @@ pub fn kernel_s(spec: &ClusterSpec, bytes: f64, floor: f64) -> f64 {
     (bytes / hbm_rate(spec, bytes)).max(floor)
 }
 
+/// Time of one decode kernel of `kind` moving `bytes` that a replayed CUDA graph launches
+/// after another: the longer of its bytes over the streaming bandwidth ([`hbm_rate`]) and
+/// the calibration's graph-replayed time for its kind (`mmsp-runtime calibrate-launch`,
+/// [`crate::calibration::GraphTimes`]): a one-token projection of that weight size, the
+/// decode attention over that many K/V bytes, or for a small op the larger of the measured
+/// small ATen op and a copy of that size (a dependent kernel's own latency: no host launch
+/// on the path). Without graph points, [`kernel_s`] at `eager_floor`: an upper bound.
+pub fn graph_kernel_s(
+    spec: &ClusterSpec,
+    bytes: f64,
+    kind: crate::inference::KernelKind,
+    eager_floor: f64,
+) -> f64 {
+    match spec
+        .calibration
+        .as_ref()
+        .and_then(|c| c.graph_times())
+        .and_then(|g| g.kernel_s(bytes, kind))
+    {
+        Some(t) => t.max(bytes / hbm_rate(spec, bytes)),
+        None => kernel_s(spec, bytes, eager_floor),
+    }
+}
+
 /// Memory-bound traffic per token (or per parameter), in bytes read plus written, split by the
 /// kind of kernel that moves it: streaming elementwise kernels (at the calibration's streaming
 /// bandwidth) and layout copies (transposes, concatenations, dtype-changing copies: at its

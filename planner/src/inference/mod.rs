@@ -10,10 +10,14 @@
 //! FLOP counts ([`crate::cost::compute`]), kernel rates, elementwise roofline, Ulysses
 //! all-to-all, ring p2p overlap and ZeRO-3 weight gathers routed over the same topology. No
 //! gradients, optimizer states or backward. Decoding is costed as what `mmsp-runtime infer`
-//! launches for one token ([`decode_kernels`]): a chain of dependent kernels in one stream,
-//! each taking the longer of its bytes over the achieved HBM bandwidth at its size (roofline,
-//! Williams et al. 2009) and the per-kernel floor ([`kernel_floor_s`]: launch-bound small
-//! calls), plus the merge all-gather of every layer and the broadcast of the sampled token.
+//! launches for one token ([`chain`]): on several ranks a chain of dependent kernels in one
+//! stream ([`decode_kernels`]), each taking the longer of its bytes over the achieved HBM
+//! bandwidth at its size (roofline, Williams et al. 2009) and the per-kernel floor
+//! ([`kernel_floor_s`]: launch-bound small calls), plus the merge all-gather of every layer
+//! and the broadcast of the sampled token; on one rank the step the runtime replays from a
+//! CUDA graph ([`decode_graph_kernels`]), each replayed kernel the longer of its bytes over
+//! the bandwidth and the calibration's graph-replayed kernel of its size and kind
+//! ([`crate::cost::compute::graph_kernel_s`]), the few the host still launches at the floor.
 //!
 //! KV layout (what `mmsp-runtime infer` keeps): each rank holds the K/V of its zigzag tokens
 //! for *all* kv heads, i.e. the layout of the attention inputs before the Ulysses all-to-all.
@@ -29,8 +33,8 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::cost::compute::{
-    attention_flops_fwd, hbm_rate, head_flops_fwd, layer_gemm_flops_fwd, layer_traffic_fwd,
-    layout_rate,
+    attention_flops_fwd, graph_kernel_s, hbm_rate, head_flops_fwd, layer_gemm_flops_fwd,
+    layer_traffic_fwd, layout_rate,
 };
 /// The per-kernel floor and a kernel's time live with the other memory-bound costs
 /// ([`crate::cost::compute`]), which training's ring merge prices with them too.
@@ -53,153 +57,10 @@ use crate::units::{fmt_gib, fmt_tokens};
 /// Bytes per K/V element in the cache (bf16).
 pub const KV_BYTES: f64 = 2.0;
 
-/// Batches (chunks x kv heads) the runtime's KV-cache chunk length aims at, and its shortest
-/// chunk: `TARGET_BATCHES` and `MIN_CHUNK` of runtime/src/infer/cache.rs.
-const CACHE_TARGET_BATCHES: u64 = 512;
-const CACHE_MIN_CHUNK: u64 = 256;
-
-/// The key chunk length `mmsp-runtime infer` gives a cache of `capacity` tokens over
-/// `kv_heads` heads (`chunk_len` of runtime/src/infer/cache.rs): about 512 chunk-head
-/// batches, a multiple of 64, at least 256 keys.
-pub fn cache_chunk_len(capacity: u64, kv_heads: u64) -> u64 {
-    let per = (capacity * kv_heads).div_ceil(CACHE_TARGET_BATCHES);
-    (per.div_ceil(64).max(1) * 64).max(CACHE_MIN_CHUNK)
-}
-
-/// One kind of kernel of a decode step: how many are launched per token and the bytes each
-/// reads plus writes in HBM.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DecodeKernel {
-    pub name: &'static str,
-    pub count: u64,
-    pub bytes: f64,
-}
-
-/// The kernels one decode step of `mmsp-runtime infer` launches on one rank, with the bytes
-/// each moves: `RankInference::decode_step_probed` (runtime/src/infer/mod.rs) over a cache of
-/// `kv_tokens` on this rank, in an SP group of `sp` ranks. Weights are held in the compute
-/// dtype (`infer` builds the decoder with master = compute = bf16, so the per-call
-/// `to_kind` casts of `Decoder::p` are no-ops), RMSNorm is ATen's fused `rms_norm` (one
-/// kernel on CUDA), views (reshape of contiguous tensors, narrow, transpose, squeeze) launch
-/// nothing. Counted by reading the code; ATen composites (`logsumexp`, `isfinite`) as ATen
-/// implements them. Per token:
-/// - before the layers: the token id and the position's RoPE row (`Rope::at_position`, made
-///   on the host) copied to the device (2); `Decoder::embed`: the embedding row gather (1);
-/// - per layer, `Decoder::pre_attention_with`: RMSNorm (1), q, k, v projections (3),
-///   `Rope::apply` to q and to k: neg, cat, two multiplies, add (2 x 5);
-/// - `KvCache::append` of the one new token on its owner rank: K and V copied into the chunk
-///   in place (2; on the critical path, since the merge waits for the owner);
-/// - `KvCache::attend` on CUDA (`attend_flash`) over f full chunks of L keys and t keys
-///   held in the last one: when f > 0 the query repeated per chunk (1 copy) and one
-///   FlashAttention call over the f chunks (1, reading their K/V once; the scores stay on
-///   chip), when t > 0 one call over those t keys (1), when both the two partials
-///   concatenated (out and lse: 2), then their log-sum-exp merge: max, subtract, exp, sum,
-///   multiply, sum, divide, log, add (9): 10 to 14;
-/// - `merge::merge_over` when sp > 1: pack out and lse (cat, 1), the all-gather (costed with
-///   the collectives, not here), `merge_partials`: `logsumexp` (amax, abs, eq, masked_fill,
-///   sub, exp, sum, log, add: 9), `isfinite` (eq, abs, ne, mul: 4), where (1), subtract (1),
-///   exp (1), multiply (1), sum (1): 19;
-/// - the merged output cast to bf16 (1); `Decoder::post_attention_with`: o projection (1;
-///   the transpose of a one-token output is already contiguous), residual add (1), RMSNorm
-///   (1), gate and up projections (2), silu (1), multiply (1), down projection (1), residual
-///   add (1): 9;
-/// - after the layers, `Decoder::head`: final RMSNorm (1), the LM head GEMM (1); the logits
-///   cast to f64 (1) and copied to the host (1, the step's one synchronisation).
-///
-/// That is 7 + 36 to 40 per layer (+ 19 when sp > 1) kernels. Bytes: weights and activations
-/// 2 bytes per element, log-sum-exps and merged outputs fp32. FlashAttention reads only the
-/// keys held (no tail padding). Small kernels' bytes are upper estimates; they sit at the
-/// floor anyway.
-pub fn decode_kernels(m: &ModelSpec, kv_tokens: u64, sp: u32) -> Vec<DecodeKernel> {
-    const B: f64 = 2.0; // bf16
-    const F: f64 = 4.0; // fp32
-    let (h, f, v) = (
-        m.hidden_size as f64,
-        m.intermediate_size as f64,
-        m.vocab_size as f64,
-    );
-    let (hq, hkv, d) = (m.num_heads as f64, m.num_kv_heads as f64, m.head_dim as f64);
-    let (qd, kvd) = (hq * d, hkv * d);
-    let chunk = cache_chunk_len(kv_tokens, m.num_kv_heads);
-    let (full, held) = (kv_tokens / chunk, kv_tokens % chunk);
-    let parts = u64::from(full > 0) + u64::from(held > 0);
-    // The partial results merged: one per full chunk and one for the last chunk's keys.
-    let n = (full + u64::from(held > 0)) as f64;
-    let bias = if m.qkv_bias { 1.0 } else { 0.0 };
-    let proj = |n_in: f64, n_out: f64, b: f64| B * (n_in * n_out + b * n_out + n_in + n_out);
-    let k = |name, count, bytes| DecodeKernel { name, count, bytes };
-    let flash = |keys: f64, batch: f64| B * (2.0 * keys * kvd + 2.0 * batch * qd) + F * batch * hq;
-    let mut out = vec![
-        k("token id and rope row to device", 2, 8.0 + 2.0 * B * d),
-        k("embedding row", 1, 2.0 * B * h),
-    ];
-    let layers = m.num_layers;
-    let per_layer = [
-        k("rmsnorm", 2 * layers, B * 3.0 * h),
-        k("q projection", layers, proj(h, qd, bias)),
-        k("k and v projections", 2 * layers, proj(h, kvd, bias)),
-        k("rope on q", 5 * layers, B * 3.0 * qd),
-        k("rope on k", 5 * layers, B * 3.0 * kvd),
-        k("cache append", 2 * layers, B * 2.0 * kvd),
-        k(
-            "query per chunk",
-            u64::from(full > 0) * layers,
-            B * (qd + full as f64 * qd),
-        ),
-        k(
-            "flash attention over the full chunks",
-            u64::from(full > 0) * layers,
-            flash((full * chunk) as f64, full as f64),
-        ),
-        k(
-            "flash attention over the last chunk's keys",
-            u64::from(held > 0) * layers,
-            flash(held as f64, 1.0),
-        ),
-        k(
-            "partials concatenated",
-            2 * u64::from(parts == 2) * layers,
-            2.0 * n * (B * qd + F * hq),
-        ),
-        k(
-            "merge max, subtract, exp, sum",
-            4 * layers,
-            2.0 * n * F * hq,
-        ),
-        k(
-            "merge weighted outputs",
-            layers,
-            n * qd * (B + F) + F * hq * n,
-        ),
-        k("merge sum over chunks", layers, F * (n * qd + qd)),
-        k("normalise", layers, F * (2.0 * qd + hq)),
-        k("log-sum-exp", 2 * layers, F * 3.0 * hq),
-        k("attention to bf16", layers, (F + B) * qd),
-        k("o projection", layers, proj(qd, h, 0.0)),
-        k("residual add", 2 * layers, B * 3.0 * h),
-        k("gate and up projections", 2 * layers, proj(h, f, 0.0)),
-        k("silu", layers, B * 2.0 * f),
-        k("silu x up", layers, B * 3.0 * f),
-        k("down projection", layers, proj(f, h, 0.0)),
-    ];
-    out.extend(per_layer);
-    if sp > 1 {
-        let gathered = f64::from(sp) * (qd + hq) * F;
-        out.push(k("merge pack", layers, 2.0 * (qd + hq) * F));
-        out.push(k(
-            "merge of the gathered partials",
-            18 * layers,
-            2.0 * gathered,
-        ));
-    }
-    out.extend([
-        k("final rmsnorm", 1, B * 3.0 * h),
-        k("lm head", 1, proj(h, v, 0.0)),
-        k("logits to f64", 1, v * (B + 8.0)),
-        k("logits to host", 1, v * 8.0),
-    ]);
-    out
-}
+mod chain;
+pub use chain::{
+    cache_chunk_len, decode_graph_kernels, decode_kernels, DecodeKernel, GraphChain, KernelKind,
+};
 
 pub use mmsp_plan::{InferenceEstimate, InferenceMemory, WeightSharding};
 
@@ -326,6 +187,7 @@ pub fn evaluate(
         decode_kernels_s: d.kernels_s,
         decode_kernels_per_token: d.kernels_per_token,
         decode_kernel_floor_s: d.kernel_floor_s,
+        decode_cuda_graph: d.cuda_graph,
         decode_bytes_per_token: d.bytes_per_token,
         decode_hbm_s: d.hbm_s,
         decode_floor_s: d.floor_s,
@@ -506,6 +368,7 @@ struct DecodeCost {
     kernels_s: f64,
     kernels_per_token: u64,
     kernel_floor_s: f64,
+    cuda_graph: bool,
     bytes_per_token: f64,
     hbm_s: f64,
     floor_s: f64,
@@ -532,15 +395,33 @@ fn decode_cost(
     // the input embedding only the one row it looks up. Ranks on other GPUs run their chains
     // at the same time; only one plan rank per GPU is modelled.
     let floor = kernel_floor_s(spec);
+    // One rank replays its step from a CUDA graph (runtime/src/infer/graph.rs): what the
+    // graph launches costs a dependent kernel's own time, what the host launches the floor.
+    let graph = l.sp() == 1;
     let (mut hbm_s, mut floor_s, mut n_kernels, mut bytes) = (0.0, 0.0, 0u64, 0.0);
-    for k in decode_kernels(m, shape.kv_tokens, l.sp()) {
+    let mut add = |k: &DecodeKernel, t: f64| {
         let n = k.count as f64;
         let roof = k.bytes / hbm_rate(spec, k.bytes);
         hbm_s += n * roof;
-        floor_s += n * (kernel_s(spec, k.bytes, floor) - roof);
+        floor_s += n * (t - roof);
         n_kernels += k.count;
         bytes += n * k.bytes;
-    }
+    };
+    let kernel_floor = if graph {
+        let chain = decode_graph_kernels(m, shape.kv_tokens);
+        for k in &chain.host {
+            add(k, kernel_s(spec, k.bytes, floor));
+        }
+        for k in &chain.graph {
+            add(k, graph_kernel_s(spec, k.bytes, k.kind, floor));
+        }
+        graph_kernel_s(spec, 1.0, KernelKind::Op, floor)
+    } else {
+        for k in &decode_kernels(m, shape.kv_tokens, l.sp()) {
+            add(k, kernel_s(spec, k.bytes, floor));
+        }
+        floor
+    };
     // Per layer: all-gather over the SP group of every rank's partial output and its
     // log-sum-exp, both fp32 as `mmsp-runtime infer` packs them (q heads x (head dim + 1) x 4
     // bytes per rank); per token: the sampled token id broadcast as an all-reduce of one int64.
@@ -553,7 +434,8 @@ fn decode_cost(
     DecodeCost {
         kernels_s: hbm_s + floor_s,
         kernels_per_token: n_kernels,
-        kernel_floor_s: floor,
+        kernel_floor_s: kernel_floor,
+        cuda_graph: graph,
         bytes_per_token: bytes,
         hbm_s,
         floor_s,
@@ -749,10 +631,11 @@ fn write_predicted(o: &mut String, e: &InferenceEstimate) {
     );
     let _ = writeln!(
         o,
-        "  decode        {} per token: kernels {} ({} kernels, {}: HBM {} + floor {} at {:.1} us each), merge {}, weight gather {}",
+        "  decode        {} per token: kernels {} ({} kernels{}, {}: HBM {} + floor {} at {:.1} us each), merge {}, weight gather {}",
         ms(e.decode_s_per_token),
         ms(e.decode_kernels_s),
         e.decode_kernels_per_token,
+        if e.decode_cuda_graph { " in a CUDA graph" } else { "" },
         fmt_gib(e.decode_bytes_per_token),
         ms(e.decode_hbm_s),
         ms(e.decode_floor_s),
@@ -930,6 +813,22 @@ mod tests {
         // The rest: activations, the per-chunk query copies and partial outputs, the logits.
         let rest = total - kv - w;
         assert!(rest > 0.0 && rest < 0.01 * total, "{rest} of {total}");
+        // The CUDA-graph step: 8 from the host, 4 + 40 per layer replayed, the same KV and
+        // weights read; its projections are the eager chain's.
+        let g = decode_graph_kernels(&m, 64 * 1024);
+        let n = |ks: &[DecodeKernel]| ks.iter().map(|k| k.count).sum::<u64>();
+        assert_eq!((n(&g.host), n(&g.graph)), (8, 4 + 40 * 32));
+        let bytes = |ks: &[DecodeKernel]| ks.iter().map(|k| k.count as f64 * k.bytes).sum::<f64>();
+        let rest = bytes(&g.host) + bytes(&g.graph) - kv - w;
+        assert!(rest > 0.0 && rest < 0.01 * total, "{rest} of {total}");
+        let proj = |ks: &[DecodeKernel]| {
+            ks.iter()
+                .filter(|k| k.kind == KernelKind::Projection)
+                .map(|k| (k.name, k.count))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(proj(&g.graph), proj(&decode_kernels(&m, 64 * 1024, 1)));
+        assert_eq!(proj(&g.graph).len(), 6);
     }
 
     /// Decode of llama3-8b on one GPU: the kernels' bytes over bandwidth plus what the floor
@@ -943,15 +842,24 @@ mod tests {
             decode_tokens: 16,
         };
         let e = evaluate(&topo, &m, &req, &one_gpu()).unwrap();
-        let kernels = decode_kernels(&m, 64 * 1024, 1);
+        // One rank: the CUDA-graph step, its host part at the eager floor.
+        assert!(e.decode_cuda_graph);
+        let g = decode_graph_kernels(&m, 64 * 1024);
         let floor = kernel_floor_s(&topo.spec);
-        let want: f64 = kernels
+        let spec = &topo.spec;
+        let want: f64 = g
+            .host
             .iter()
-            .map(|k| k.count as f64 * kernel_s(&topo.spec, k.bytes, floor))
+            .map(|k| k.count as f64 * kernel_s(spec, k.bytes, floor))
+            .chain(
+                g.graph
+                    .iter()
+                    .map(|k| k.count as f64 * graph_kernel_s(spec, k.bytes, k.kind, floor)),
+            )
             .sum();
         assert!((e.decode_kernels_s - want).abs() < 1e-12 * want);
         assert!((e.decode_hbm_s + e.decode_floor_s - want).abs() < 1e-12 * want);
-        assert_eq!(e.decode_kernels_per_token, 7 + 37 * 32);
+        assert_eq!(e.decode_kernels_per_token, 12 + 40 * 32);
         let kv = kv_cache_bytes(32, 8, 128, 64 * 1024);
         let bw = topo.spec.hbm_bytes_per_s * crate::cost::compute::HBM_EFFICIENCY;
         assert!(e.decode_hbm_s > (kv + decode_weight_bytes(&m)) / bw);
@@ -996,13 +904,34 @@ mod tests {
             let topo = Topology::build(c, 1);
             let e = evaluate(&topo, &m, &req, &one_gpu()).unwrap();
             assert_eq!(e.decode_kernel_floor_s, floor);
-            // 1024 keys in 4 whole chunks of 256.
-            let n = (7 + 37 * 2) as f64;
-            assert_eq!(e.decode_kernels_per_token, 81);
+            // 1024 keys in 4 whole chunks of 256; no graph points: every kernel at the floor.
+            let n = (12 + 40 * 2) as f64;
+            assert_eq!(e.decode_kernels_per_token, 92);
             assert!(e.decode_s_per_token >= n * floor * (1.0 - 1e-12));
             assert!(e.decode_s_per_token < 1.01 * n * floor, "{e:?}");
             assert!(e.decode_floor_s > 100.0 * e.decode_hbm_s);
         }
+        // With graph points, what the graph replays costs its measured time (1 us copies,
+        // 2 us projections here: the one point's time, these weights being smaller; the
+        // attention, not measured, as a small op) and only the 8 host kernels the eager floor.
+        let graph = text.replace(
+            r#""memory_bandwidth""#,
+            r#""launch": {"graph_copy": [{"bytes": 2048, "seconds": 1e-6}, {"bytes": 1048576, "seconds": 1e-6}],
+            "graph_gemv": [{"weight_bytes": 1048576, "seconds": 2e-6}]},
+            "memory_bandwidth""#,
+        );
+        let cal = crate::calibration::Calibration::from_json(&graph, "t").unwrap();
+        calibrated.calibration = Some(std::sync::Arc::new(cal));
+        let e = evaluate(&Topology::build(&calibrated, 1), &m, &req, &one_gpu()).unwrap();
+        let floor = 2097152.0 / 200e9;
+        let projections = 7 * 2 + 1;
+        let want = 8.0 * floor + (92 - 8 - projections) as f64 * 1e-6 + projections as f64 * 2e-6;
+        assert_eq!(e.decode_kernel_floor_s, 1e-6);
+        assert!(
+            (e.decode_s_per_token - want).abs() < 1e-3 * want,
+            "{} {want}",
+            e.decode_s_per_token
+        );
     }
 
     #[test]

@@ -72,7 +72,7 @@ pub fn write_slots(cache: &KvCache, slots: &Tensor, k: &Tensor, v: &Tensor) -> R
 
 /// The varlen starts of a cache's (chunk, kv head) sequences: one query each (`cu_q`) and
 /// `chunk` keys apart (`cu_k`), int32 on the cache's device.
-fn varlen_starts(cache: &KvCache) -> (Tensor, Tensor) {
+pub fn varlen_starts(cache: &KvCache) -> (Tensor, Tensor) {
     let (k, _) = cache.storage();
     let s = k.size();
     let b = s[0] * s[1];

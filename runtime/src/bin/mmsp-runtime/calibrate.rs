@@ -138,6 +138,16 @@ const GRAPH_COPY_BYTES: [i64; 8] = [
 fn graph_per_kernel(
     dev: Device,
     tm: Timing,
+    chain: impl FnMut() -> mmsp_runtime::error::Result<()>,
+) -> Result<f64> {
+    graph_per_call(dev, tm, LAUNCH_CHAIN, chain)
+}
+
+/// [`graph_per_kernel`] for a chain of `calls` calls.
+fn graph_per_call(
+    dev: Device,
+    tm: Timing,
+    calls: usize,
     mut chain: impl FnMut() -> mmsp_runtime::error::Result<()>,
 ) -> Result<f64> {
     let Device::Cuda(device) = dev else {
@@ -146,7 +156,7 @@ fn graph_per_kernel(
     chain()?;
     sync(dev);
     let (graph, ()) = mmsp_runtime::ffi::CudaGraph::capture(device, chain)?;
-    Ok(per_call(dev, tm, || Ok(graph.replay()?))? / LAUNCH_CHAIN as f64)
+    Ok(per_call(dev, tm, || Ok(graph.replay()?))? / calls as f64)
 }
 
 /// The `launch` section: seconds per kernel of a chain of [`LAUNCH_CHAIN`] dependent
@@ -187,7 +197,102 @@ fn launch_point(dev: Device, tm: Timing) -> Result<Value> {
         "graph_kernel_s": graph,
         "graph_copy": copies,
         "graph_gemv": gemv_points(dev, tm)?,
+        "graph_small_ops": small_op_points(dev, tm)?,
+        "graph_decode_attention": decode_attention_points(dev, tm)?,
     }))
+}
+
+/// `graph_small_ops`: seconds per op of the small ATen ops a decode step runs besides its
+/// projections and attention, each kind in its own graph-replayed chain on (8, 1024) fp32
+/// (a row per q head of a small model): an elementwise op, a broadcast multiply, a reduction
+/// over the last dim, a dtype cast, a concatenation. Their median is what the planner takes
+/// for a small op in a graph.
+fn small_op_points(dev: Device, tm: Timing) -> Result<Value> {
+    let x0 = Tensor::randn([8, 1024], (Kind::Float, dev));
+    let col = Tensor::randn([8, 1], (Kind::Float, dev));
+    let mut out = serde_json::Map::new();
+    let mut all = Vec::new();
+    for op in ["exp", "broadcast_mul", "sum_last", "cast", "cat"] {
+        let mut x = x0.copy();
+        let s = graph_per_kernel(dev, tm, || {
+            for _ in 0..LAUNCH_CHAIN {
+                x = match op {
+                    "exp" => x.f_exp()?,
+                    "broadcast_mul" => x.f_mul(&col)?,
+                    "sum_last" => x
+                        .f_sum_dim_intlist([-1i64].as_slice(), true, Kind::Float)?
+                        .f_expand([8, 1024], false)?,
+                    "cast" => x
+                        .f_to_kind(Kind::BFloat16)?
+                        .f_to_kind(Kind::Float)?
+                        .narrow(0, 0, 8),
+                    _ => Tensor::f_cat(&[x.narrow(1, 512, 512), x.narrow(1, 0, 512)], 1)?,
+                };
+            }
+            Ok(())
+        })?;
+        // The cast chain launches two kernels per step.
+        let s = if op == "cast" { s / 2.0 } else { s };
+        out.insert(op.into(), json!(s));
+        all.push(s);
+    }
+    all.sort_by(f64::total_cmp);
+    out.insert("median_s".into(), json!(all[all.len() / 2]));
+    Ok(Value::Object(out))
+}
+
+/// KV tokens (per kv head) of the `graph_decode_attention` points.
+const DECODE_ATTENTION_TOKENS: [usize; 3] = [1 << 16, 1 << 18, 1 << 20];
+
+/// `graph_decode_attention`: seconds of the decode step's attention call (varlen
+/// FlashAttention over every (chunk, kv head) of a cache, `mmsp_runtime::infer::graph`) in a
+/// graph-replayed chain, each on the output of the one before: 2 kv heads of 4 q heads each,
+/// head dim 128, chunks as the runtime cuts them; keyed by the K/V bytes read.
+fn decode_attention_points(dev: Device, tm: Timing) -> Result<Vec<Value>> {
+    use mmsp_runtime::infer::cache::{chunk_len, KvCache};
+    let (hkv, g, d) = (2i64, 4i64, 128i64);
+    let mut out = Vec::new();
+    for &tokens in &DECODE_ATTENTION_TOKENS {
+        let chunk = chunk_len(tokens, hkv as usize);
+        let mut cache = KvCache::new(hkv as usize, d as usize, tokens, chunk, Kind::BFloat16, dev)?;
+        let (k, v) = cache.storage();
+        for t in [k, v] {
+            t.shallow_clone().f_copy_(&randn(&t.size(), dev))?;
+        }
+        let chunks = k.size()[0];
+        cache.advance(tokens)?;
+        let b = chunks * hkv;
+        let used = Tensor::full([b], chunk as i64, (Kind::Int, dev));
+        let (cu_q, cu_k) = mmsp_runtime::infer::graph::varlen_starts(&cache);
+        let (k, v) = cache.storage();
+        let kv = |t: &Tensor| t.view([b * chunk as i64, 1, d]);
+        let (kk, vv) = (kv(k), kv(v));
+        let mut q = randn(&[b, g, d], dev);
+        let calls = 16;
+        let s = graph_per_call(dev, tm, calls, || {
+            for _ in 0..calls {
+                let (o, _) = mmsp_runtime::ffi::flash_varlen_fwd(
+                    &q,
+                    &kk,
+                    &vv,
+                    &cu_q,
+                    &cu_k,
+                    &used,
+                    1,
+                    chunk as i64,
+                    0.088,
+                )?;
+                q = o;
+            }
+            Ok(())
+        })?;
+        let bytes = 2 * tokens as i64 * hkv * d * 2;
+        out.push(
+            json!({"kv_tokens": tokens, "kv_heads": hkv, "q_heads": hkv * g, "head_dim": d,
+            "chunk": chunk, "kv_bytes": bytes, "seconds": s, "gb_per_s": bytes as f64 / s / 1e9}),
+        );
+    }
+    Ok(out)
 }
 
 /// (input features, output features) of the one-token projections timed in a graph: a
