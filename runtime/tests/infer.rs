@@ -308,3 +308,30 @@ fn sampler_is_greedy_at_zero_and_follows_softmax_with_top_p() {
     assert!((0..500).all(|_| matches!(s.pick(&logits), 1 | 2)));
     assert!(Sampler::new(-1.0, 0.9, 0).is_err() && Sampler::new(1.0, 0.0, 0).is_err());
 }
+
+/// `calibrate-launch --into F` checks F before it looks for a GPU: a missing file or one that
+/// is not a calibration is one line and exit 2, and the file is left as it was.
+#[test]
+fn calibrate_launch_refuses_bad_files_and_keeps_them() {
+    let dir = std::env::temp_dir().join(format!("mmsp-cal-launch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let not_cal = dir.join("not_cal.json");
+    std::fs::write(&not_cal, "{\"hello\": 1}\n").unwrap();
+    let missing = dir.join("missing.json");
+    for (path, says) in [(&missing, "--into"), (&not_cal, "expected a calibration")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmsp-runtime"))
+            .args(["calibrate-launch", "--into", path.to_str().unwrap()])
+            .output()
+            .expect("running mmsp-runtime");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+        assert!(err.contains(says), "{err}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&not_cal).unwrap(),
+        "{\"hello\": 1}\n"
+    );
+    assert!(!missing.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
