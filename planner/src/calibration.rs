@@ -175,6 +175,18 @@ pub struct Calibration {
     graph: Option<GraphTimes>,
 }
 
+/// What a decode kernel is, for the graph-replayed times the calibration measures per kind
+/// (`mmsp-runtime calibrate-launch`; the planner's decode chains tag their kernels with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelKind {
+    /// A small ATen op or copy (elementwise, reduction, cast, concatenation, index write).
+    Op,
+    /// A one-token projection (a GEMV over a weight).
+    Projection,
+    /// The decode attention over the KV cache (FlashAttention).
+    Attention,
+}
+
 /// Per-kernel times of a decode step's kernels replayed from a CUDA graph, each after the one
 /// before (the `launch` section of `mmsp-runtime calibrate-launch`).
 #[derive(Debug, Clone, PartialEq)]
@@ -194,8 +206,7 @@ impl GraphTimes {
     /// achieved bandwidth measured at that size (held beyond the sizes measured, never under
     /// the smallest call's time), a small op the larger of the measured small op and a copy
     /// of that size. None when the file measured nothing for that kind.
-    pub fn kernel_s(&self, bytes: f64, kind: crate::inference::KernelKind) -> Option<f64> {
-        use crate::inference::KernelKind;
+    pub fn kernel_s(&self, bytes: f64, kind: KernelKind) -> Option<f64> {
         let x = bytes.max(1.0).ln();
         let by_rate = |curve: &[(f64, f64)]| {
             let first = curve.first()?;

@@ -151,7 +151,7 @@ pub fn kernel_s(spec: &ClusterSpec, bytes: f64, floor: f64) -> f64 {
 pub fn graph_kernel_s(
     spec: &ClusterSpec,
     bytes: f64,
-    kind: crate::inference::KernelKind,
+    kind: crate::calibration::KernelKind,
     eager_floor: f64,
 ) -> f64 {
     match spec

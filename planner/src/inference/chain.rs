@@ -9,6 +9,7 @@
 //! squeeze) launch nothing. Bytes: weights and activations 2 per element, log-sum-exps and
 //! merged outputs fp32; FlashAttention reads only the keys held. Small kernels' bytes are
 //! upper estimates; they sit at the floor anyway.
+pub use crate::calibration::KernelKind;
 use crate::spec::model::ModelSpec;
 
 /// Batches (chunks x kv heads) the runtime's KV-cache chunk length aims at, and its shortest
@@ -26,18 +27,6 @@ const F: f64 = 4.0;
 pub fn cache_chunk_len(capacity: u64, kv_heads: u64) -> u64 {
     let per = (capacity * kv_heads).div_ceil(CACHE_TARGET_BATCHES);
     (per.div_ceil(64).max(1) * 64).max(CACHE_MIN_CHUNK)
-}
-
-/// What a decode kernel is, for the calibration's graph-replayed times, which it measures
-/// per kind (`mmsp-runtime calibrate-launch`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KernelKind {
-    /// A small ATen op or copy (elementwise, reduction, cast, concatenation, index write).
-    Op,
-    /// A one-token projection (a GEMV over a weight).
-    Projection,
-    /// The decode attention over the KV cache (FlashAttention).
-    Attention,
 }
 
 /// One kind of kernel of a decode step: how many are launched per token, the bytes each

@@ -136,13 +136,7 @@ pub fn run_needle_local(
                 outs.push(o);
             }
             if let Some(path) = profiled {
-                let tsv = path.with_extension("kernels.tsv");
-                crate::ffi::kernel_profile_stop(Some(path), &tsv)?;
-                let summary = crate::train::kernel_profile::summarize_file(&tsv, 60)?;
-                std::fs::write(
-                    path.with_extension("summary.json"),
-                    serde_json::to_string_pretty(&summary)?,
-                )?;
+                crate::train::kernel_profile::finish(path, 60)?;
             }
             let (kv_bytes, kv_tokens) = st.kv_usage();
             let cpu = |t: &Tensor| t.to_kind(Kind::Double).to(Device::Cpu);

@@ -132,6 +132,27 @@ pub fn summarize_file(path: &Path, top: usize) -> Result<Value> {
     Ok(summarize(&parse(&text)?, top))
 }
 
+/// `trace` with `ext` appended: the activity list and summary written beside a trace.
+pub fn beside(trace: &Path, ext: &str) -> std::path::PathBuf {
+    let mut s = trace.as_os_str().to_owned();
+    s.push(ext);
+    std::path::PathBuf::from(s)
+}
+
+/// Stops the profiler started by [`crate::ffi::kernel_profile_start`]: the Chrome trace to
+/// `trace`, the activity list and its summary (the `top` kernels) beside it
+/// (`trace` + `.kernels.tsv`, + `.summary.json`).
+pub fn finish(trace: &Path, top: usize) -> Result<()> {
+    let tsv = beside(trace, ".kernels.tsv");
+    crate::ffi::kernel_profile_stop(Some(trace), &tsv)?;
+    let summary = summarize_file(&tsv, top)?;
+    std::fs::write(
+        beside(trace, ".summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

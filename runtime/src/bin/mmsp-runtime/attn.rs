@@ -499,14 +499,7 @@ fn bench_2d(
                     }
                     let timed = time_2d(layout, shape, backend, dev, 3, st);
                     if let Some(path) = profiled {
-                        let tsv = path.with_extension("kernels.tsv");
-                        mmsp_runtime::ffi::kernel_profile_stop(Some(path), &tsv)?;
-                        let summary =
-                            mmsp_runtime::train::kernel_profile::summarize_file(&tsv, 60)?;
-                        std::fs::write(
-                            path.with_extension("summary.json"),
-                            serde_json::to_string_pretty(&summary)?,
-                        )?;
+                        mmsp_runtime::train::kernel_profile::finish(path, 60)?;
                     }
                     let r = match timed {
                         Ok((f, fb, wf, wfb)) => {

@@ -57,25 +57,6 @@ pub(super) fn kernel_trace_path(path: &Path, rank: usize, cx: &LoopCtx<'_>) -> P
     }
 }
 
-/// The activity list and summary written beside a kernel trace.
-pub(super) fn kernel_trace_side(path: &Path, ext: &str) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(ext);
-    PathBuf::from(s)
-}
-
-/// Stops the profiler of a profiled step: trace, activity list and summary files.
-pub(super) fn finish_kernel_trace(path: &Path) -> Result<()> {
-    let tsv = kernel_trace_side(path, ".kernels.tsv");
-    crate::ffi::kernel_profile_stop(Some(path), &tsv)?;
-    let summary = crate::train::kernel_profile::summarize_file(&tsv, 25)?;
-    std::fs::write(
-        kernel_trace_side(path, ".summary.json"),
-        serde_json::to_string_pretty(&summary)?,
-    )?;
-    Ok(())
-}
-
 pub(super) fn finite_or_null(x: f64) -> Value {
     if x.is_finite() {
         json!(x)
@@ -163,7 +144,7 @@ pub(super) fn rank_loop(
             return Err(e);
         }
         if let Some(path) = &profiled {
-            finish_kernel_trace(path)?;
+            crate::train::kernel_profile::finish(path, 25)?;
         }
         let alloc = match dev {
             Device::Cuda(d) => Some(crate::ffi::alloc_stats(d)?),

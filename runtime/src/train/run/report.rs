@@ -384,7 +384,9 @@ fn kernel_profile(extras: &RunExtras, one_file: bool, step: usize) -> Result<Opt
         s.push(".rank0");
         PathBuf::from(s)
     };
-    let Ok(text) = std::fs::read_to_string(kernel_trace_side(&path, ".summary.json")) else {
+    let Ok(text) =
+        std::fs::read_to_string(crate::train::kernel_profile::beside(&path, ".summary.json"))
+    else {
         return Ok(None);
     };
     let mut v: Value = serde_json::from_str(&text)?;
