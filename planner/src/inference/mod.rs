@@ -395,9 +395,10 @@ fn decode_cost(
     // the input embedding only the one row it looks up. Ranks on other GPUs run their chains
     // at the same time; only one plan rank per GPU is modelled.
     let floor = kernel_floor_s(spec);
-    // One rank replays its step from a CUDA graph (runtime/src/infer/graph.rs): what the
-    // graph launches costs a dependent kernel's own time, what the host launches the floor.
-    let graph = l.sp() == 1;
+    // One rank replays its step from a CUDA graph (runtime/src/infer/graph.rs, `graph::fits`:
+    // FlashAttention's head dims, a multiple of 8 up to 256): what the graph launches costs a
+    // dependent kernel's own time, what the host launches the floor.
+    let graph = l.sp() == 1 && m.head_dim.is_multiple_of(8) && m.head_dim <= 256;
     let (mut hbm_s, mut floor_s, mut n_kernels, mut bytes) = (0.0, 0.0, 0u64, 0.0);
     let mut add = |k: &DecodeKernel, t: f64| {
         let n = k.count as f64;
@@ -927,6 +928,14 @@ mod tests {
         let projections = 7 * 2 + 1;
         let want = 8.0 * floor + (92 - 8 - projections) as f64 * 1e-6 + projections as f64 * 2e-6;
         assert_eq!(e.decode_kernel_floor_s, 1e-6);
+        assert!(e.decode_cuda_graph);
+        // A head dim FlashAttention does not take (36, not a multiple of 8): the runtime
+        // decodes eagerly, and so is it costed.
+        let mut odd = m.clone();
+        odd.head_dim = 36;
+        let e36 = evaluate(&Topology::build(&calibrated, 1), &odd, &req, &one_gpu()).unwrap();
+        assert!(!e36.decode_cuda_graph);
+        assert_eq!(e36.decode_kernels_per_token, 81);
         assert!(
             (e.decode_s_per_token - want).abs() < 1e-3 * want,
             "{} {want}",
