@@ -295,7 +295,6 @@ fn mean_curve(points: impl Iterator<Item = (u64, f64)>) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// Piecewise-linear interpolation in x, clamped at the ends.
 /// The graph-replayed times of a `launch` section, if it has any.
 fn graph_times(l: &RawLaunch) -> Option<GraphTimes> {
     let rate = |c: Vec<(f64, f64)>| c.into_iter().map(|(lb, s)| (lb, lb.exp() / s)).collect();
@@ -320,17 +319,16 @@ fn graph_times(l: &RawLaunch) -> Option<GraphTimes> {
 }
 
 /// (log bytes, seconds) from measured (bytes, seconds) pairs: physical ones only, ascending,
-/// one per size.
+/// the mean where a size was measured more than once ([`mean_curve`]).
 fn seconds_curve(points: impl Iterator<Item = (f64, f64)>) -> Vec<(f64, f64)> {
-    let mut out: Vec<(f64, f64)> = points
-        .filter(|&(b, s)| b >= 1.0 && b.is_finite() && s > 0.0 && s < 1.0)
-        .map(|(b, s)| (b.ln(), s))
-        .collect();
-    out.sort_by(|a, b| a.0.total_cmp(&b.0));
-    out.dedup_by(|a, b| a.0 == b.0);
-    out
+    mean_curve(
+        points
+            .filter(|&(b, s)| b >= 1.0 && b.is_finite() && s > 0.0 && s < 1.0)
+            .map(|(b, s)| (b as u64, s)),
+    )
 }
 
+/// Piecewise-linear interpolation in x, clamped at the ends.
 fn interp(points: &[(f64, f64)], x: f64) -> f64 {
     match points {
         [] => f64::NAN,

@@ -40,7 +40,7 @@
 //! to the compute dtype, read by P V), about 40 bytes against the 4 D / group bytes of K/V
 //! per key and q head (128 bytes at D = 128 and group 4): roughly a third more HBM traffic
 //! than the K/V reads alone. A fused decode kernel would remove it.
-use super::merge::acc_kind;
+use super::merge::{acc_kind, merge_chunks};
 use crate::error::{Result, RuntimeError};
 use crate::kernel::attention_fwd_gqa_flash;
 use tch::{Device, Kind, Tensor};
@@ -273,7 +273,9 @@ impl KvCache {
         // decodes with the GEMM path from then on instead of failing a call per token.
         static FLASH_FAILED: std::sync::atomic::AtomicBool =
             std::sync::atomic::AtomicBool::new(false);
-        if flash_decode_fits(q) && !FLASH_FAILED.load(std::sync::atomic::Ordering::Relaxed) {
+        if flash_decode_fits(q.device(), q.kind(), d)
+            && !FLASH_FAILED.load(std::sync::atomic::Ordering::Relaxed)
+        {
             match self.attend_flash(q, scale) {
                 Ok(r) => return Ok(r),
                 Err(e) => {
@@ -317,14 +319,14 @@ impl KvCache {
     }
 }
 
-/// Whether [`KvCache::attend`] takes the FlashAttention path: a CUDA query in a 16-bit dtype
-/// with a head dim FlashAttention runs (a multiple of 8, at most 256).
-fn flash_decode_fits(q: &Tensor) -> bool {
-    let d = q.size().last().copied().unwrap_or(0);
-    matches!(q.device(), Device::Cuda(_))
-        && matches!(q.kind(), Kind::BFloat16 | Kind::Half)
-        && d % 8 == 0
-        && d <= 256
+/// Whether decode attention takes the FlashAttention path ([`KvCache::attend`], and the
+/// fixed-shape step of [`super::graph`]): CUDA, a 16-bit dtype and a head dim FlashAttention
+/// runs (a multiple of 8, at most 256).
+pub fn flash_decode_fits(device: Device, kind: Kind, head_dim: i64) -> bool {
+    matches!(device, Device::Cuda(_))
+        && matches!(kind, Kind::BFloat16 | Kind::Half)
+        && head_dim % 8 == 0
+        && head_dim <= 256
 }
 
 impl KvCache {
@@ -364,15 +366,9 @@ impl KvCache {
                 Tensor::cat(ts, 0)
             }
         };
-        let (o, lse) = (cat(&outs), cat(&lses)); // (n, Hq, 1, D), (n, Hq, 1)
-        let ak = acc_kind(q.kind());
-        let dims = [0i64];
-        let m = lse.amax(dims.as_slice(), true); // (1, Hq, 1)
-        let w = (&lse - &m).exp(); // (n, Hq, 1), every chunk holds keys: no -inf rows
-        let sum = w.sum_dim_intlist(dims.as_slice(), true, ak);
-        let out = (o * w.unsqueeze(-1))
-            .sum_dim_intlist(dims.as_slice(), true, ak)
-            .f_div(&sum.unsqueeze(-1))?;
+        // (n, Hq, 1, D) and (n, Hq, 1); every chunk holds keys: no -inf rows.
+        let (o, lse) = (cat(&outs), cat(&lses));
+        let (out, m, sum) = merge_chunks(&o, &lse, acc_kind(q.kind()))?;
         debug_assert_eq!(hq % hkv, 0);
         Ok((out, m + sum.log()))
     }

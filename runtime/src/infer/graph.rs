@@ -19,8 +19,8 @@
 //! The graph is captured right after one eager run of the same fixed-shape step (which does
 //! that token's work and initialises the kernels' libraries), and made again if the cache
 //! grows. Several ranks (an all-gather per layer between them) and the CPU decode eagerly.
-use super::cache::KvCache;
-use super::merge::acc_kind;
+use super::cache::{flash_decode_fits, KvCache};
+use super::merge::{acc_kind, merge_chunks};
 use crate::error::{Result, RuntimeError};
 use crate::ffi::{self, CudaGraph};
 use crate::model::rope::inv_freq;
@@ -30,11 +30,7 @@ use tch::{Device, Kind, Tensor};
 /// Whether the fixed-shape step can run for `model`: CUDA, a 16-bit compute dtype and a head
 /// dim FlashAttention takes, in a build with CUDA graphs.
 pub fn fits(model: &Decoder) -> bool {
-    let d = model.cfg.head_dim;
-    matches!(model.device(), Device::Cuda(_))
-        && matches!(model.compute, Kind::BFloat16 | Kind::Half)
-        && d.is_multiple_of(8)
-        && d <= 256
+    flash_decode_fits(model.device(), model.compute, model.cfg.head_dim as i64)
         && ffi::cuda_graphs_built()
 }
 
@@ -103,17 +99,10 @@ fn attend_fixed(
         .reshape([b, g, d]);
     let kv = |t: &Tensor| t.view([b * l, 1, d]);
     let (o, lse) = ffi::flash_varlen_fwd(&qb, &kv(k), &kv(v), &cu.0, &cu.1, used, 1, l, scale)?;
-    let ak = acc_kind(q.kind());
     // lse (g, b) -> (chunks, Hkv, g); a chunk with no keys has a non-finite lse: weight 0.
     let lse = lse.view([g, chunks, hkv]).permute([1, 2, 0]);
     let lse = lse.where_scalarother(&lse.isfinite(), f64::NEG_INFINITY);
-    let dims = [0i64];
-    let m = lse.amax(dims.as_slice(), true);
-    let w = (&lse - &m).exp();
-    let sum = w.sum_dim_intlist(dims.as_slice(), false, ak);
-    let out = (o.view([chunks, hkv, g, d]) * w.unsqueeze(-1))
-        .sum_dim_intlist(dims.as_slice(), false, ak)
-        .f_div(&sum.unsqueeze(-1))?;
+    let (out, _, _) = merge_chunks(&o.view([chunks, hkv, g, d]), &lse, acc_kind(q.kind()))?;
     Ok(out.reshape([1, hq, 1, d]))
 }
 

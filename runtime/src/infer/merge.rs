@@ -54,6 +54,22 @@ pub fn merge_partials(outs: &Tensor, lses: &Tensor) -> (Tensor, Tensor) {
     (out, lse)
 }
 
+/// Merges the partial results of key chunks along dim 0: `o` (n, ..., D) and their finite
+/// (or -inf) `lse` (n, ...) -> (out (1, ..., D) in `ak`, the max m and the sum of
+/// exp(lse - m), both (1, ...)), so that the merged lse is m + log(sum). Max, subtract, exp,
+/// sum, then one weighted sum and a divide: the decode attention's chunk merge, eager and in
+/// the CUDA-graph step (the planner counts these kernels).
+pub fn merge_chunks(o: &Tensor, lse: &Tensor, ak: Kind) -> Result<(Tensor, Tensor, Tensor)> {
+    let dims = [0i64];
+    let m = lse.amax(dims.as_slice(), true);
+    let w = (lse - &m).exp();
+    let sum = w.sum_dim_intlist(dims.as_slice(), true, ak);
+    let out = (o * w.unsqueeze(-1))
+        .sum_dim_intlist(dims.as_slice(), true, ak)
+        .f_div(&sum.unsqueeze(-1))?;
+    Ok((out, m, sum))
+}
+
 /// Every rank's partial (out, lse) gathered over `comm` in one all-gather (lse packed as an
 /// extra last column) and merged; every rank gets the same merged output, in rank order.
 pub fn merge_over(comm: &dyn Communicator, out: &Tensor, lse: &Tensor) -> Result<Tensor> {
@@ -108,9 +124,25 @@ mod tests {
             outs.push(o);
             lses.push(l);
         }
-        let (merged, _) = merge_partials(&Tensor::stack(&outs, 0), &Tensor::stack(&lses, 0));
+        let (stacked_o, stacked_l) = (Tensor::stack(&outs, 0), Tensor::stack(&lses, 0));
+        let (merged, lse) = merge_partials(&stacked_o, &stacked_l);
         let err = (&merged - &full).abs().max().double_value(&[]);
         assert!(err < 1e-12, "{err}");
+        // The decode attention's chunk merge over the non-empty shards: the same output, and
+        // m + log(sum) the same log-sum-exp.
+        let keep = Tensor::from_slice(&[0i64, 2, 3]);
+        let (o, m, sum) = merge_chunks(
+            &stacked_o.index_select(0, &keep),
+            &stacked_l.index_select(0, &keep),
+            Kind::Double,
+        )
+        .unwrap();
+        let err = (o.squeeze_dim(0) - &full).abs().max().double_value(&[]);
+        let lerr = ((m + sum.log()).squeeze_dim(0) - &lse)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(err < 1e-12 && lerr < 1e-12, "{err} {lerr}");
         // The same through the in-process all-gather, 4 thread ranks.
         let comms = LocalComm::group(4);
         let results: Vec<Tensor> = std::thread::scope(|s| {
