@@ -209,6 +209,14 @@ char *mmsp_event_block(void *ev, int device) {
     MMSP_SHIM_CATCH("mmsp shim")
 }
 
+// Blocks the host until the work before the event's last record has run (at once if the
+// event was never recorded).
+char *mmsp_event_synchronize(void *ev) {
+    MMSP_SHIM_TRY
+    static_cast<c10::Event *>(ev)->synchronize();
+    MMSP_SHIM_CATCH("mmsp shim")
+}
+
 // Waits for `end` on the host, then writes the milliseconds from `start` to `end`.
 char *mmsp_event_elapsed_ms(void *start, void *end, double *ms) {
     MMSP_SHIM_TRY

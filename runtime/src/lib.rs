@@ -4,6 +4,7 @@
 //! return the log-sum-exp.
 pub mod attn2d;
 pub mod comm;
+pub mod durable;
 pub mod error;
 pub mod ffi;
 pub mod infer;

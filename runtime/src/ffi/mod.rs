@@ -108,6 +108,7 @@ extern "C" {
     fn mmsp_event_free(ev: *mut c_void);
     fn mmsp_event_record(ev: *mut c_void, device: c_int) -> *mut c_char;
     fn mmsp_event_block(ev: *mut c_void, device: c_int) -> *mut c_char;
+    fn mmsp_event_synchronize(ev: *mut c_void) -> *mut c_char;
     fn mmsp_event_elapsed_ms(start: *mut c_void, end: *mut c_void, ms: *mut f64) -> *mut c_char;
     #[allow(clippy::too_many_arguments)]
     fn mmsp_flash_varlen_fwd(
@@ -302,6 +303,16 @@ impl TimingEvent {
         check(
             unsafe { mmsp_event_block(self.0, d) },
             "waiting on a CUDA event",
+        )
+    }
+
+    /// Waits on the host for the work before the event's last record (at once if never
+    /// recorded).
+    pub fn synchronize(&self) -> Result<()> {
+        // SAFETY: self.0 is a live event owned by self.
+        check(
+            unsafe { mmsp_event_synchronize(self.0) },
+            "waiting for a CUDA event",
         )
     }
 

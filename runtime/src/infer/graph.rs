@@ -112,6 +112,10 @@ fn attend_fixed(
 /// [`used_keys`])], and what stays fixed.
 struct Inputs {
     packed: Tensor,
+    /// The host side of `packed`: pinned, so that its copy is queued without waiting, and
+    /// rewritten only after `staged` (recorded behind that copy) has passed.
+    staging: Tensor,
+    staged: ffi::TimingEvent,
     kv_heads: i64,
     batches: i64,
     /// RoPE's inverse frequencies (float64, on the device) and attention scale: the graph
@@ -149,8 +153,11 @@ impl DecodeGraph {
         let s = k.size();
         let dev = model.device();
         let (inv, rope_scale) = inv_freq(&model.cfg);
+        let width = 2 + s[1] + s[0] * s[1];
         let inputs = Inputs {
-            packed: Tensor::f_zeros([2 + s[1] + s[0] * s[1]], (Kind::Int64, dev))?,
+            packed: Tensor::f_zeros([width], (Kind::Int64, dev))?,
+            staging: Tensor::f_zeros([width], (Kind::Int64, Device::Cpu))?.f_pin_memory(dev)?,
+            staged: ffi::TimingEvent::new()?,
             kv_heads: s[1],
             batches: s[0] * s[1],
             inv: Tensor::f_from_slice(&inv)?.f_to(dev)?,
@@ -175,8 +182,9 @@ impl DecodeGraph {
         self.captured.is_some()
     }
 
-    /// Copies the step's inputs in: `token` at global position `pos`, stored at shard index
-    /// `len` of every cache (whose length is `len` before the step).
+    /// Queues the copy of the step's inputs: `token` at global position `pos`, stored at
+    /// shard index `len` of every cache (whose length is `len` before the step). The host
+    /// does not wait for the device, except for the previous copy to have left the staging.
     fn fill(&self, cache: &KvCache, token: i64, pos: usize, len: usize) -> Result<()> {
         let s = cache.storage().0.size();
         let (chunks, hkv, l) = (s[0] as usize, s[1] as usize, s[2] as usize);
@@ -188,9 +196,12 @@ impl DecodeGraph {
                 .into_iter()
                 .map(i64::from),
         );
-        let mut dst = self.inputs.packed.shallow_clone();
-        dst.f_copy_(&Tensor::f_from_slice(&v)?)?;
-        Ok(())
+        let i = &self.inputs;
+        i.staged.synchronize()?;
+        let mut staging = i.staging.shallow_clone();
+        staging.f_copy_(&Tensor::f_from_slice(&v)?)?;
+        let _ = staging.f_internal_copy_from(&i.packed, true)?;
+        i.staged.record(self.device)
     }
 
     /// The fixed-shape step, queued on the current stream (run or captured).
@@ -223,7 +234,7 @@ impl DecodeGraph {
 
     /// Decodes `token` at global position `pos`: replays the graph, or on the first call
     /// runs the step eagerly and then captures it. Returns the logits (vocab,) in float64 on
-    /// the CPU and every layer's merged attention output (layers, Hq, D): a copy when
+    /// the device (the graph's buffer: the next replay overwrites them) and every layer's merged attention output (layers, Hq, D): a copy when
     /// `keep_outs`, else a view of the graph's buffer that the next replay overwrites. The
     /// caller advances the caches by one token.
     pub fn step(
@@ -261,7 +272,7 @@ impl DecodeGraph {
                 eager
             }
         };
-        Ok((logits.f_to(Device::Cpu)?, outs))
+        Ok((logits, outs))
     }
 }
 

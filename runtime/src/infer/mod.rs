@@ -138,8 +138,12 @@ pub fn check_prompt(layout: &Layout, context: usize, len: usize) -> Result<()> {
 }
 
 /// Broadcasts an i64 from `root` over `comm` (all-reduce of the value, zero elsewhere), on
-/// `device` (NCCL needs device memory); the host reads the result (one wait per call).
+/// `device` (NCCL needs device memory); the host reads the result (one wait per call; a
+/// group of one returns `value` as it is).
 fn broadcast_i64(comm: &dyn Communicator, value: i64, root: usize, device: Device) -> Result<i64> {
+    if comm.size() == 1 {
+        return Ok(value);
+    }
     let v = if comm.rank() == root { value } else { 0 };
     let t = Tensor::from_slice(&[v]).to(device);
     comm.all_reduce(&t)?;
@@ -271,7 +275,8 @@ impl<'a> RankInference<'a> {
     }
 
     /// Prefill of the whole prompt (every rank passes the same ids): keeps this rank's K/V and
-    /// returns the last position's logits (vocab,), the same on every rank.
+    /// returns the last position's logits (vocab,), the same on every rank, in float64 on the
+    /// model's device.
     pub fn prefill(&mut self, prompt: &[i64]) -> Result<Tensor> {
         Ok(self.prefill_probed(prompt, &[])?.0)
     }
@@ -363,7 +368,6 @@ impl<'a> RankInference<'a> {
         };
         // Sum with zeros elsewhere: the owner's logits, exactly, on every rank.
         self.world.all_reduce(&logits)?;
-        let logits = logits.to(Device::Cpu);
         self.prompt_len = prompt.len();
         self.seq_len = prompt.len();
         let probed = if probed.is_empty() {
@@ -380,7 +384,9 @@ impl<'a> RankInference<'a> {
     }
 
     /// Feeds `token` at the next position: appends its K/V on its owner, attends over the
-    /// sharded cache and returns the next logits (vocab,), the same on every rank.
+    /// sharded cache and returns the next logits (vocab,), the same on every rank, in float64
+    /// on the model's device and valid until the next decode step (the CUDA-graph step
+    /// returns its output buffer; copy them to keep them).
     pub fn decode_step(&mut self, token: i64) -> Result<Tensor> {
         Ok(self.decode(token, false)?.0)
     }
@@ -431,8 +437,7 @@ impl<'a> RankInference<'a> {
             .model
             .head(&x)
             .reshape([cfg.vocab_size as i64])
-            .to_kind(Kind::Double)
-            .to(Device::Cpu);
+            .to_kind(Kind::Double);
         Ok((logits, Tensor::stack(&outs, 0)))
     }
 
@@ -532,7 +537,7 @@ impl<'a> RankInference<'a> {
         while g.tokens.len() < max_new {
             let tok = broadcast_i64(self.world, sampler.pick(&logits), 0, dev)?;
             g.tokens.push(tok);
-            g.logits.push(logits);
+            g.logits.push(logits.to(Device::Cpu));
             if Some(tok) == eos {
                 g.stopped_on_eos = true;
                 break;

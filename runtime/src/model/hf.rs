@@ -463,9 +463,8 @@ impl HfWriter {
         let mut out = Vec::new();
         let mut weight_map = Map::new();
         for f in &self.files {
-            f.file.sync_all().map_err(|e| bad(&f.tmp, e))?;
             let dst = self.dir.join(&f.name);
-            std::fs::rename(&f.tmp, &dst).map_err(|e| bad(&dst, e))?;
+            crate::durable::commit(&f.tmp, &dst).map_err(|e| bad(&dst, e))?;
             debug_assert!(f.data0 >= 8);
             for t in &f.tensors {
                 weight_map.insert(t.clone(), json!(f.name));
@@ -500,10 +499,7 @@ impl HfWriter {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, bytes)
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|e| bad(path, e))
+    crate::durable::replace_bytes(path, bytes).map_err(|e| bad(path, e))
 }
 
 /// A config.json Transformers reads for a model that came without one (the plan's model or

@@ -196,21 +196,6 @@ pub fn shard_files(t: &Trainer<'_>, step: usize) -> Vec<String> {
     (0..n).map(|i| shard_name(i, n, step)).collect()
 }
 
-/// Writes `bytes` to `path` through a temporary file that is synced, then renamed.
-fn write_durable(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    write(&tmp)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(d) = path.parent() {
-        // The rename itself, durable.
-        std::fs::File::open(d)?.sync_all()?;
-    }
-    Ok(())
-}
-
 fn cpu(t: &Tensor) -> Tensor {
     t.to_device(Device::Cpu).contiguous()
 }
@@ -235,7 +220,7 @@ pub fn save_shard(t: &Trainer<'_>, dir: &Path, after_step: usize) -> Result<()> 
         ("exp_avg_sq", cpu(v)),
         ("step", Tensor::from_slice(&[i64::from(step)])),
     ];
-    write_durable(&dir.join(shard_name(i, n, after_step)), |tmp| {
+    crate::durable::replace_with(&dir.join(shard_name(i, n, after_step)), |tmp| {
         Ok(Tensor::write_safetensors(&tensors, tmp)?)
     })
 }
@@ -268,7 +253,7 @@ pub fn write_manifest(
     });
     std::fs::create_dir_all(dir)?;
     let text = serde_json::to_string_pretty(&v)?;
-    write_durable(&dir.join(MANIFEST), |tmp| Ok(std::fs::write(tmp, &text)?))?;
+    crate::durable::replace_bytes(&dir.join(MANIFEST), text.as_bytes())?;
     let keep = shard_files(t, step);
     for e in std::fs::read_dir(dir)?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();

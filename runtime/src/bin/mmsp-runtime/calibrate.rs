@@ -365,9 +365,8 @@ fn calibrate_launch(into: &std::path::Path, iters: usize) -> Result<()> {
     };
     let launch = launch_point(dev, tm)?;
     cal["launch"] = launch.clone();
-    let tmp = into.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&cal)? + "\n")
-        .and_then(|()| std::fs::rename(&tmp, into))
+    let text = serde_json::to_string_pretty(&cal)? + "\n";
+    mmsp_runtime::durable::replace_bytes(into, text.as_bytes())
         .map_err(|e| usage(format!("--into {}: {e}", into.display())))?;
     println!(
         "{}",
