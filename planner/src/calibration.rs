@@ -69,6 +69,11 @@ struct RawLaunch {
     /// The decode attention call over caches of several sizes, replayed from one CUDA graph.
     #[serde(default)]
     graph_decode_attention: Vec<RawGraphAttention>,
+    /// Seconds of the host's part of one decode step replayed from a graph, device idle
+    /// meanwhile: the step's inputs copied in, the replay, the greedy argmax and the token
+    /// read back.
+    #[serde(default)]
+    host_token_s: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,9 +204,18 @@ pub struct GraphTimes {
     attention: Vec<(f64, f64)>,
     /// Seconds of a small ATen op (the median over the kinds measured).
     small_op_s: Option<f64>,
+    /// Seconds of the host's part of a step ([`GraphTimes::host_token_s`]).
+    host_token_s: Option<f64>,
 }
 
 impl GraphTimes {
+    /// Seconds the host's part of one greedy decode step takes with the device idle (the
+    /// step's inputs copied in, the replay launched, the argmax over the logits and the token
+    /// read back), measured whole around a graph of one small kernel; None if not measured.
+    pub fn host_token_s(&self) -> Option<f64> {
+        self.host_token_s
+    }
+
     /// Seconds of one kernel of `kind` moving `bytes`: a projection or the attention at the
     /// achieved bandwidth measured at that size (held beyond the sizes measured, never under
     /// the smallest call's time), a small op the larger of the measured small op and a copy
@@ -313,9 +327,10 @@ fn graph_times(l: &RawLaunch) -> Option<GraphTimes> {
             .as_ref()
             .map(|o| o.median_s)
             .filter(|&s| s > 0.0 && s < 1.0),
+        host_token_s: l.host_token_s.filter(|&s| s > 0.0 && s < 1.0),
     };
     let any = !g.copy.is_empty() || !g.gemv.is_empty() || !g.attention.is_empty();
-    (any || g.small_op_s.is_some()).then_some(g)
+    (any || g.small_op_s.is_some() || g.host_token_s.is_some()).then_some(g)
 }
 
 /// (log bytes, seconds) from measured (bytes, seconds) pairs: physical ones only, ascending,

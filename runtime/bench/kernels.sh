@@ -17,8 +17,9 @@ set -uo pipefail
 source "$(dirname "$0")/common.sh"
 PARTS=${*:-checks kernels pytorch 2d}
 TMP=$(mktemp -d)
-# wplan W U R PLACEMENT: a plan of world size W and its layout only (what nccl-check reads).
-wplan() { echo "{\"schema\": \"mmsp-plan\", \"schema_version\": 1, \"world_size\": $1, \"layout\": {\"ulysses\": $2, \"ring\": $3, \"dp\": 1, \"tp\": 1, \"placement\": \"$4\"}}" > "$TMP/w$1.json"; echo "$TMP/w$1.json"; }
+# wplan W U R: a whole plan of world size W, ulysses U x ring R (the 2-layer model at 32K),
+# made by the carried planner (common.sh), as nccl-check and nccl-bench read it.
+wplan() { plan "$1" --model "$MODEL" --context 32K --layout "$2x$3" --global-batch 1 > "$TMP/w$1-$2x$3.json" && echo "$TMP/w$1-$2x$3.json"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 for part in $PARTS; do
   case $part in
@@ -26,9 +27,9 @@ for part in $PARTS; do
     sec "check: 2D attention in bf16 on the GPU vs float64"; $BIN check
     sec "bf16 error vs ring size (cuDNN)"; $BIN bf16-error --backend cudnn --seq 8192
     sec "nccl world of 1"
-    RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 $BIN nccl-check --plan "$(wplan 1 1 1 ulysses_inner)"
+    RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 $BIN nccl-check --plan "$(wplan 1 1 1)"
     sec "plan for 2 ranks, launch of 1 (must fail at once)"
-    RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29512 timeout 60 $BIN nccl-check --plan "$(wplan 2 1 2 ring_inner)"; echo "exit=$?";;
+    RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29512 timeout 60 $BIN nccl-check --plan "$(wplan 2 1 2)"; echo "exit=$?";;
   kernels) sec "runtime kernels"; $BIN bench --what kernels | tee "$TMP/kernels.jsonl";;
   pytorch) sec "pytorch attn_bench.py"; PYTHONUNBUFFERED=1 $PY runtime/bench/attn_bench.py | tee "$TMP/pytorch.jsonl";;
   2d) sec "2D in-process ranks on one GPU"
@@ -42,8 +43,7 @@ for part in $PARTS; do
       [ $((N % U)) -eq 0 ] || continue
       R=$((N / U))
       sec "NCCL 2D over $N GPUs: ulysses $U x ring $R"
-      P=/tmp/mmsp-plan-$U-$R.json
-      echo "{\"world_size\": $N, \"layout\": {\"ulysses\": $U, \"ring\": $R, \"dp\": 1, \"tp\": 1, \"placement\": \"ulysses_inner\"}}" > "$P"
+      P=$(wplan "$N" "$U" "$R") || continue
       PIDS=(); PORT=$((PORT + 1))
       for RK in $(seq 0 $((N - 1))); do
         RANK=$RK WORLD_SIZE=$N LOCAL_RANK=$RK MASTER_ADDR=127.0.0.1 MASTER_PORT=$PORT \

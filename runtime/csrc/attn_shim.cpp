@@ -161,6 +161,15 @@ char *mmsp_flash_varlen_fwd(const at::Tensor *q, const at::Tensor *k, const at::
     MMSP_SHIM_CATCH("mmsp shim")
 }
 
+// A zeroed int64 host tensor of `n` elements in pinned (page-locked) memory, so that copies
+// from it to a device are queued without the host waiting.
+char *mmsp_pinned_i64(int64_t n, at::Tensor **out) {
+    MMSP_SHIM_TRY
+    *out = nullptr;
+    *out = new at::Tensor(at::zeros({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true)));
+    MMSP_SHIM_CATCH("mmsp shim")
+}
+
 // Makes the calling thread's current stream on `device` one from libtorch's stream pool (a
 // different one per call, round-robin). libtorch queues this thread's later kernels there.
 char *mmsp_stream_use_pool(int device) {

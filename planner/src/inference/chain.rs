@@ -136,11 +136,17 @@ impl Dims {
         ]
     }
 
-    /// The logits cast to f64 and copied to the host (the step's one synchronisation).
-    fn logits_out(&self) -> [DecodeKernel; 2] {
+    /// The logits cast to f64 (`RankInference::decode` leaves them on the device).
+    fn logits_f64(&self) -> DecodeKernel {
+        k("logits to f64", 1, self.v * (B + 8.0))
+    }
+
+    /// `Sampler::pick`, greedy: the argmax over the f64 logits on the device, and the token id
+    /// read by the host (the token's one synchronisation).
+    fn greedy_pick(&self) -> [DecodeKernel; 2] {
         [
-            k("logits to f64", 1, self.v * (B + 8.0)),
-            k("logits to host", 1, self.v * 8.0),
+            k("greedy argmax", 1, self.v * 8.0 + 8.0),
+            k("token to host", 1, 8.0),
         ]
     }
 }
@@ -162,9 +168,12 @@ impl Dims {
 ///     with the collectives, not here), `merge_partials`: `logsumexp` (amax, abs, eq,
 ///     masked_fill, sub, exp, sum, log, add: 9), `isfinite` (eq, abs, ne, mul: 4), where (1),
 ///     subtract (1), exp (1), multiply (1), sum (1): 19;
-/// - after the layers, the head (2) and the logits out (2).
+/// - after the layers, the head (2) and the logits cast to f64 (1); then the greedy pick
+///   of the next token (`Sampler::pick`: argmax, token to host: 2) and, when sp > 1, its
+///   broadcast (`broadcast_i64`: the id to the device and back, 2; the all-reduce itself is
+///   costed with the collectives).
 ///
-/// That is 7 + 36 to 40 per layer (+ 19 when sp > 1) kernels.
+/// That is 8 + 36 to 40 per layer (+ 2 + 19 per layer when sp > 1) kernels.
 pub fn decode_kernels(m: &ModelSpec, kv_tokens: u64, sp: u32) -> Vec<DecodeKernel> {
     let dm = Dims::of(m);
     let (qd, kvd, hq, l) = (dm.qd, dm.kvd, dm.hq, dm.layers);
@@ -210,9 +219,11 @@ pub fn decode_kernels(m: &ModelSpec, kv_tokens: u64, sp: u32) -> Vec<DecodeKerne
         let gathered = f64::from(sp) * (qd + hq) * F;
         out.push(k("merge pack", l, 2.0 * (qd + hq) * F));
         out.push(k("merge of the gathered partials", 18 * l, 2.0 * gathered));
+        out.push(k("token broadcast in and out", 2, 8.0));
     }
     out.extend(dm.head());
-    out.extend(dm.logits_out());
+    out.push(dm.logits_f64());
+    out.extend(dm.greedy_pick());
     out
 }
 
@@ -226,16 +237,20 @@ pub struct GraphChain {
 
 /// The fixed-shape chain of `DecodeGraph::step` (runtime/src/infer/graph.rs) over a cache
 /// of `kv_tokens` on the one rank, whose capacity is that many tokens. Per token:
-/// - from the host: the token id, the RoPE row, the new token's slot rows and the keys used
-///   per (chunk, kv head) copied in (4), the replay (1), then the logits out (2) and the
-///   attention outputs copied out of the graph's buffer (1): 8;
-/// - replayed: the embedding row (1); per layer the body ([`Dims::layer_body`], 24), K and V
+/// - from the host: the step's inputs (token id, position, the new token's slot rows, the
+///   keys used per (chunk, kv head): one int64 buffer) from pinned memory to the device and
+///   into the graph's buffer (2), the replay (1), then the greedy pick of the next token
+///   (argmax on the device, the id to the host: 2): 5;
+/// - replayed: the keys used cast to int32 (1), the RoPE row made from the position
+///   (`Rope::from_inv`: cast, outer product, cat, cos, sin, scale and cast of each: 9), the
+///   embedding row (1); per layer the body ([`Dims::layer_body`], 24), K and V
 ///   written at their slot rows by `index_copy_` (2), the query repeated per chunk (1), one
 ///   varlen FlashAttention call over every (chunk, kv head) (1), then the merge over the
 ///   chunks: `isfinite` (eq, abs, ne, mul: 4), where (1), max, subtract, exp, sum (4),
-///   multiply, sum, divide (3): 40 per layer; the head (2) and the layers' outputs stacked
-///   (1). Kernels FlashAttention may launch besides its own (layout copies of a swapped
-///   query) are not counted.
+///   multiply, sum, divide (3): 40 per layer; the head (2), the logits cast to f64 (1) and
+///   the layers' outputs stacked (1): 15 + 40 per layer. Kernels FlashAttention may launch
+///   besides its own (layout copies of a swapped query) are not counted, nor the copy of the
+///   attention outputs that only a probing caller (`needle`) asks for.
 pub fn decode_graph_kernels(m: &ModelSpec, kv_tokens: u64) -> GraphChain {
     let dm = Dims::of(m);
     let (qd, kvd, hq, l) = (dm.qd, dm.kvd, dm.hq, dm.layers);
@@ -243,18 +258,19 @@ pub fn decode_graph_kernels(m: &ModelSpec, kv_tokens: u64) -> GraphChain {
     let chunk = cache_chunk_len(kv_tokens, m.num_kv_heads);
     let chunks = kv_tokens.div_ceil(chunk).max(1) as f64;
     let outs = l as f64 * qd * F;
+    // The int64 input buffer: token, position, slot rows, keys used.
+    let inputs = 8.0 * (2.0 + hkv + chunks * hkv);
     let mut host = vec![
-        k("token id and rope row to device", 2, 8.0 + 2.0 * B * dm.d),
-        k(
-            "slot rows and keys used to device",
-            2,
-            8.0 * hkv + 4.0 * chunks * hkv,
-        ),
+        k("step inputs to the device", 1, inputs),
+        k("into the graph's input buffer", 1, 2.0 * inputs),
         k("graph replay", 1, 0.0),
     ];
-    host.extend(dm.logits_out());
-    host.push(k("attention outputs copied out", 1, 2.0 * outs));
-    let mut graph = vec![k("embedding row", 1, 2.0 * B * dm.h)];
+    host.extend(dm.greedy_pick());
+    let mut graph = vec![
+        k("keys used to int32", 1, 12.0 * chunks * hkv),
+        k("rope row from the position", 9, 8.0 * 3.0 * dm.d),
+        k("embedding row", 1, 2.0 * B * dm.h),
+    ];
     graph.extend(dm.layer_body());
     graph.extend([
         k(
@@ -283,6 +299,7 @@ pub fn decode_graph_kernels(m: &ModelSpec, kv_tokens: u64) -> GraphChain {
         k("normalise", l, F * (2.0 * qd + hq)),
     ]);
     graph.extend(dm.head());
+    graph.push(dm.logits_f64());
     graph.push(k("attention outputs stacked", 1, 2.0 * outs));
     GraphChain { host, graph }
 }

@@ -410,8 +410,21 @@ fn decode_cost(
     };
     let kernel_floor = if graph {
         let chain = decode_graph_kernels(m, shape.kv_tokens);
+        // The host's part (inputs in, the replay, the greedy pick read back): measured whole
+        // where the calibration has it, shared over its kernels; else each at the floor.
+        let host_n: u64 = chain.host.iter().map(|k| k.count).sum();
+        let host_each = spec
+            .calibration
+            .as_ref()
+            .and_then(|c| c.graph_times())
+            .and_then(|g| g.host_token_s())
+            .map(|h| h / host_n as f64);
         for k in &chain.host {
-            add(k, kernel_s(spec, k.bytes, floor));
+            let t = match host_each {
+                Some(h) => h.max(k.bytes / hbm_rate(spec, k.bytes)),
+                None => kernel_s(spec, k.bytes, floor),
+            };
+            add(k, t);
         }
         for k in &chain.graph {
             add(k, graph_kernel_s(spec, k.bytes, k.kind, floor));
@@ -777,8 +790,8 @@ mod tests {
         }
     }
 
-    /// The kernel chain of one decode step, counted from the runtime: 7 per token + 37 per
-    /// layer at 64K keys in whole chunks (+ 19 merge kernels per layer when sp > 1), 40 when
+    /// The kernel chain of one decode step, counted from the runtime: 8 per token + 37 per
+    /// layer at 64K keys in whole chunks (+ 2 + 19 per layer when sp > 1), 40 when
     /// the last chunk is partly held; its bytes are the KV shard and the weights
     /// (hand-computed for llama3-8b, the embedding table except one row not read): the
     /// FlashAttention path keeps the scores on chip.
@@ -791,13 +804,13 @@ mod tests {
                 .map(|k| k.count)
                 .sum::<u64>()
         };
-        assert_eq!(count(1), 7 + 37 * 32);
-        assert_eq!(count(8), 7 + 56 * 32);
+        assert_eq!(count(1), 8 + 37 * 32);
+        assert_eq!(count(8), 8 + 2 + 56 * 32);
         let partial: u64 = decode_kernels(&m, 64 * 1024 + 5, 1)
             .iter()
             .map(|k| k.count)
             .sum();
-        assert_eq!(partial, 7 + 40 * 32);
+        assert_eq!(partial, 8 + 40 * 32);
         // 32 layers x 218_112_000 + norm 4096 + head 128256 x 4096 + one embedding row 4096.
         let w = 2.0 * (32.0 * 218_112_000.0 + 4096.0 + 128_256.0 * 4096.0 + 4096.0);
         assert_eq!(m.layer_params(), 218_112_000);
@@ -814,11 +827,11 @@ mod tests {
         // The rest: activations, the per-chunk query copies and partial outputs, the logits.
         let rest = total - kv - w;
         assert!(rest > 0.0 && rest < 0.01 * total, "{rest} of {total}");
-        // The CUDA-graph step: 8 from the host, 4 + 40 per layer replayed, the same KV and
+        // The CUDA-graph step: 5 from the host, 15 + 40 per layer replayed, the same KV and
         // weights read; its projections are the eager chain's.
         let g = decode_graph_kernels(&m, 64 * 1024);
         let n = |ks: &[DecodeKernel]| ks.iter().map(|k| k.count).sum::<u64>();
-        assert_eq!((n(&g.host), n(&g.graph)), (8, 4 + 40 * 32));
+        assert_eq!((n(&g.host), n(&g.graph)), (5, 15 + 40 * 32));
         let bytes = |ks: &[DecodeKernel]| ks.iter().map(|k| k.count as f64 * k.bytes).sum::<f64>();
         let rest = bytes(&g.host) + bytes(&g.graph) - kv - w;
         assert!(rest > 0.0 && rest < 0.01 * total, "{rest} of {total}");
@@ -843,15 +856,20 @@ mod tests {
             decode_tokens: 16,
         };
         let e = evaluate(&topo, &m, &req, &one_gpu()).unwrap();
-        // One rank: the CUDA-graph step, its host part at the eager floor.
+        // One rank: the CUDA-graph step, its host part (5 launches, each far under the
+        // bandwidth) the shipped calibration's measured `host_token_s`.
         assert!(e.decode_cuda_graph);
         let g = decode_graph_kernels(&m, 64 * 1024);
         let floor = kernel_floor_s(&topo.spec);
         let spec = &topo.spec;
-        let want: f64 = g
-            .host
-            .iter()
-            .map(|k| k.count as f64 * kernel_s(spec, k.bytes, floor))
+        let host = spec
+            .calibration
+            .as_ref()
+            .and_then(|c| c.graph_times())
+            .and_then(|t| t.host_token_s())
+            .expect("the shipped H100 calibration measures the host's part");
+        assert!(host > 5.0 * floor, "{host}");
+        let want: f64 = std::iter::once(host)
             .chain(
                 g.graph
                     .iter()
@@ -860,7 +878,7 @@ mod tests {
             .sum();
         assert!((e.decode_kernels_s - want).abs() < 1e-12 * want);
         assert!((e.decode_hbm_s + e.decode_floor_s - want).abs() < 1e-12 * want);
-        assert_eq!(e.decode_kernels_per_token, 12 + 40 * 32);
+        assert_eq!(e.decode_kernels_per_token, 20 + 40 * 32);
         let kv = kv_cache_bytes(32, 8, 128, 64 * 1024);
         let bw = topo.spec.hbm_bytes_per_s * crate::cost::compute::HBM_EFFICIENCY;
         assert!(e.decode_hbm_s > (kv + decode_weight_bytes(&m)) / bw);
@@ -906,15 +924,15 @@ mod tests {
             let e = evaluate(&topo, &m, &req, &one_gpu()).unwrap();
             assert_eq!(e.decode_kernel_floor_s, floor);
             // 1024 keys in 4 whole chunks of 256; no graph points: every kernel at the floor.
-            let n = (12 + 40 * 2) as f64;
-            assert_eq!(e.decode_kernels_per_token, 92);
+            let n = (20 + 40 * 2) as f64;
+            assert_eq!(e.decode_kernels_per_token, 100);
             assert!(e.decode_s_per_token >= n * floor * (1.0 - 1e-12));
             assert!(e.decode_s_per_token < 1.01 * n * floor, "{e:?}");
             assert!(e.decode_floor_s > 100.0 * e.decode_hbm_s);
         }
         // With graph points, what the graph replays costs its measured time (1 us copies,
         // 2 us projections here: the one point's time, these weights being smaller; the
-        // attention, not measured, as a small op) and only the 8 host kernels the eager floor.
+        // attention, not measured, as a small op) and only the 5 host kernels the eager floor.
         let graph = text.replace(
             r#""memory_bandwidth""#,
             r#""launch": {"graph_copy": [{"bytes": 2048, "seconds": 1e-6}, {"bytes": 1048576, "seconds": 1e-6}],
@@ -926,7 +944,7 @@ mod tests {
         let e = evaluate(&Topology::build(&calibrated, 1), &m, &req, &one_gpu()).unwrap();
         let floor = 2097152.0 / 200e9;
         let projections = 7 * 2 + 1;
-        let want = 8.0 * floor + (92 - 8 - projections) as f64 * 1e-6 + projections as f64 * 2e-6;
+        let want = 5.0 * floor + (100 - 5 - projections) as f64 * 1e-6 + projections as f64 * 2e-6;
         assert_eq!(e.decode_kernel_floor_s, 1e-6);
         assert!(e.decode_cuda_graph);
         // A head dim FlashAttention does not take (36, not a multiple of 8): the runtime
@@ -935,7 +953,18 @@ mod tests {
         odd.head_dim = 36;
         let e36 = evaluate(&Topology::build(&calibrated, 1), &odd, &req, &one_gpu()).unwrap();
         assert!(!e36.decode_cuda_graph);
-        assert_eq!(e36.decode_kernels_per_token, 81);
+        assert_eq!(e36.decode_kernels_per_token, 82);
+        assert!(
+            (e.decode_s_per_token - want).abs() < 1e-3 * want,
+            "{} {want}",
+            e.decode_s_per_token
+        );
+        // The host's part measured whole (`host_token_s`): it replaces the 5 host kernels.
+        let hosted = graph.replace(r#""graph_gemv""#, r#""host_token_s": 3e-5, "graph_gemv""#);
+        let cal = crate::calibration::Calibration::from_json(&hosted, "t").unwrap();
+        calibrated.calibration = Some(std::sync::Arc::new(cal));
+        let e = evaluate(&Topology::build(&calibrated, 1), &m, &req, &one_gpu()).unwrap();
+        let want = want - 5.0 * floor + 3e-5;
         assert!(
             (e.decode_s_per_token - want).abs() < 1e-3 * want,
             "{} {want}",

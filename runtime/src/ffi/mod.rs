@@ -377,6 +377,22 @@ pub fn flash_varlen_fwd(
     ))
 }
 
+extern "C" {
+    fn mmsp_pinned_i64(n: i64, out: *mut *mut C_tensor) -> *mut c_char;
+}
+
+/// A zeroed int64 host tensor of `n` elements in pinned memory (copies from it to a device
+/// are queued without the host waiting).
+pub fn pinned_i64(n: i64) -> Result<Tensor> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: the shim writes the out-pointer (null on error).
+    check(
+        unsafe { mmsp_pinned_i64(n, &mut out) },
+        "allocating pinned memory",
+    )?;
+    own(out, "allocating pinned memory")
+}
+
 // ---- CUDA graphs (`csrc/graph_shim.cpp`): ATen's CUDAGraph. ----
 
 extern "C" {

@@ -156,7 +156,7 @@ impl DecodeGraph {
         let width = 2 + s[1] + s[0] * s[1];
         let inputs = Inputs {
             packed: Tensor::f_zeros([width], (Kind::Int64, dev))?,
-            staging: Tensor::f_zeros([width], (Kind::Int64, Device::Cpu))?.f_pin_memory(dev)?,
+            staging: ffi::pinned_i64(width)?,
             staged: ffi::TimingEvent::new()?,
             kv_heads: s[1],
             batches: s[0] * s[1],
@@ -200,8 +200,11 @@ impl DecodeGraph {
         i.staged.synchronize()?;
         let mut staging = i.staging.shallow_clone();
         staging.f_copy_(&Tensor::f_from_slice(&v)?)?;
-        let _ = staging.f_internal_copy_from(&i.packed, true)?;
-        i.staged.record(self.device)
+        // Queued from pinned memory (the host goes on), then into the graph's own buffer.
+        let on_device = staging.f_to_device_(i.packed.device(), Kind::Int64, true, false)?;
+        i.staged.record(self.device)?;
+        let mut dst = i.packed.shallow_clone();
+        Ok(dst.f_copy_(&on_device)?)
     }
 
     /// The fixed-shape step, queued on the current stream (run or captured).

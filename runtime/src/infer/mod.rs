@@ -180,7 +180,8 @@ pub struct Generation {
     /// Logits (vocab,) that chose each token, in float64 on the CPU.
     pub logits: Vec<Tensor>,
     pub stopped_on_eos: bool,
-    /// Seconds of prefill and of each decode step on this rank (device synchronised).
+    /// Seconds of prefill and of each decode step on this rank (device synchronised; a step
+    /// counts the choice of the token it feeds).
     pub prefill_s: f64,
     pub decode_s: Vec<f64>,
     /// Bytes of this rank's KV cache at the end (the tokens held).
@@ -535,7 +536,11 @@ impl<'a> RankInference<'a> {
             decode_path: "eager",
         };
         while g.tokens.len() < max_new {
+            // A token's time: choosing it (and its broadcast), then the step it feeds; the
+            // copy of the logits kept for the caller is not timed.
+            let t = std::time::Instant::now();
             let tok = broadcast_i64(self.world, sampler.pick(&logits), 0, dev)?;
+            let pick_s = t.elapsed().as_secs_f64();
             g.tokens.push(tok);
             g.logits.push(logits.to(Device::Cpu));
             if Some(tok) == eos {
@@ -548,7 +553,7 @@ impl<'a> RankInference<'a> {
             let t = std::time::Instant::now();
             logits = self.decode_step(tok)?;
             sync(dev);
-            g.decode_s.push(t.elapsed().as_secs_f64());
+            g.decode_s.push(pick_s + t.elapsed().as_secs_f64());
         }
         (g.kv_bytes, g.kv_tokens) = self.kv_usage();
         g.kv_capacity_bytes = self.kv_capacity_bytes();
