@@ -209,9 +209,10 @@ pub struct GraphTimes {
 }
 
 impl GraphTimes {
-    /// Seconds the host's part of one greedy decode step takes with the device idle (the
-    /// step's inputs copied in, the replay launched, the argmax over the logits and the token
-    /// read back), measured whole around a graph of one small kernel; None if not measured.
+    /// Seconds of the host's own work per greedy decode step (the step's inputs copied in,
+    /// the replay launched, the token read back), measured whole around a graph of one small
+    /// kernel with the device waiting on it; pipelined generation overlaps it with the
+    /// device's step. None if not measured.
     pub fn host_token_s(&self) -> Option<f64> {
         self.host_token_s
     }

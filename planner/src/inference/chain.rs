@@ -227,28 +227,30 @@ pub fn decode_kernels(m: &ModelSpec, kv_tokens: u64, sp: u32) -> Vec<DecodeKerne
     out
 }
 
-/// The decode step of one rank replayed from a CUDA graph: what the host still launches
-/// per token, and what the graph replays.
+/// The decode step of one rank replayed from a CUDA graph: what the host queues on the
+/// stream per token (ahead of the device: greedy generation is pipelined), and what the graph
+/// replays.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GraphChain {
-    pub host: Vec<DecodeKernel>,
+    pub stream: Vec<DecodeKernel>,
     pub graph: Vec<DecodeKernel>,
 }
 
 /// The fixed-shape chain of `DecodeGraph::step` (runtime/src/infer/graph.rs) over a cache
-/// of `kv_tokens` on the one rank, whose capacity is that many tokens. Per token:
-/// - from the host: the step's inputs (token id, position, the new token's slot rows, the
-///   keys used per (chunk, kv head): one int64 buffer) from pinned memory to the device and
-///   into the graph's buffer (2), the replay (1), then the greedy pick of the next token
-///   (argmax on the device, the id to the host: 2): 5;
+/// of `kv_tokens` on the one rank, whose capacity is that many tokens, as greedy generation
+/// runs it pipelined (runtime/src/infer/pipelined.rs). Per token:
+/// - queued by the host on the stream, ahead of the device: the step's inputs (position, the
+///   new token's slot rows, the keys used per (chunk, kv head): one int64 buffer) from pinned
+///   memory to the device and into the graph's buffer (2), the token the step before chose
+///   copied in (1), the replay (1), the chosen token copied to the host (1): 5;
 /// - replayed: the keys used cast to int32 (1), the RoPE row made from the position
 ///   (`Rope::from_inv`: cast, outer product, cat, cos, sin, scale and cast of each: 9), the
 ///   embedding row (1); per layer the body ([`Dims::layer_body`], 24), K and V
 ///   written at their slot rows by `index_copy_` (2), the query repeated per chunk (1), one
 ///   varlen FlashAttention call over every (chunk, kv head) (1), then the merge over the
 ///   chunks: `isfinite` (eq, abs, ne, mul: 4), where (1), max, subtract, exp, sum (4),
-///   multiply, sum, divide (3): 40 per layer; the head (2), the logits cast to f64 (1) and
-///   the layers' outputs stacked (1): 15 + 40 per layer. Kernels FlashAttention may launch
+///   multiply, sum, divide (3): 40 per layer; the head (2), the logits cast to f64 (1), the
+///   greedy argmax (1) and the layers' outputs stacked (1): 16 + 40 per layer. Kernels FlashAttention may launch
 ///   besides its own (layout copies of a swapped query) are not counted, nor the copy of the
 ///   attention outputs that only a probing caller (`needle`) asks for.
 pub fn decode_graph_kernels(m: &ModelSpec, kv_tokens: u64) -> GraphChain {
@@ -260,12 +262,13 @@ pub fn decode_graph_kernels(m: &ModelSpec, kv_tokens: u64) -> GraphChain {
     let outs = l as f64 * qd * F;
     // The int64 input buffer: token, position, slot rows, keys used.
     let inputs = 8.0 * (2.0 + hkv + chunks * hkv);
-    let mut host = vec![
+    let stream = vec![
         k("step inputs to the device", 1, inputs),
         k("into the graph's input buffer", 1, 2.0 * inputs),
+        k("token chosen before copied in", 1, 16.0),
         k("graph replay", 1, 0.0),
+        k("token to host", 1, 8.0),
     ];
-    host.extend(dm.greedy_pick());
     let mut graph = vec![
         k("keys used to int32", 1, 12.0 * chunks * hkv),
         k("rope row from the position", 9, 8.0 * 3.0 * dm.d),
@@ -300,6 +303,7 @@ pub fn decode_graph_kernels(m: &ModelSpec, kv_tokens: u64) -> GraphChain {
     ]);
     graph.extend(dm.head());
     graph.push(dm.logits_f64());
+    graph.push(dm.greedy_pick()[0]);
     graph.push(k("attention outputs stacked", 1, 2.0 * outs));
-    GraphChain { host, graph }
+    GraphChain { stream, graph }
 }

@@ -235,6 +235,19 @@ impl KvCache {
         Ok(())
     }
 
+    /// Forgets the last `n` tokens held (a decode step undone); their slots are written again
+    /// by the next tokens.
+    pub fn retreat(&mut self, n: usize) -> Result<()> {
+        if n > self.len {
+            return Err(RuntimeError::Shape(format!(
+                "KV cache holds {} tokens, cannot forget {n}",
+                self.len
+            )));
+        }
+        self.len -= n;
+        Ok(())
+    }
+
     /// The tokens held as (1, Hkv, len, D) K and V (copies; for checks and references).
     pub fn to_contiguous(&self) -> (Tensor, Tensor) {
         let s = self.k.size();
@@ -456,6 +469,25 @@ mod tests {
         let bad = Tensor::ones([1, 3, 2, 8], (Kind::Double, Device::Cpu));
         assert!(c.append(&bad, &bad).is_err());
         assert!(KvCache::new(2, 8, 10, 0, Kind::Double, Device::Cpu).is_err());
+    }
+
+    /// A step undone (pipelined decode past the end of the sequence): the token is forgotten,
+    /// attention is over the tokens before it again, and the next token takes its slot.
+    #[test]
+    fn retreat_forgets_the_last_tokens() {
+        let opt = (Kind::Double, Device::Cpu);
+        let mut c = KvCache::new(2, 8, 10, 4, Kind::Double, Device::Cpu).unwrap();
+        let kv = |x: f64| Tensor::full([1, 2, 1, 8], x, opt);
+        c.append(&kv(1.0), &kv(1.0)).unwrap();
+        let q = Tensor::ones([1, 4, 1, 8], opt);
+        let (before, _) = c.attend(&q, 1.0).unwrap();
+        c.append(&kv(5.0), &kv(5.0)).unwrap();
+        c.retreat(1).unwrap();
+        assert_eq!(c.len(), 1);
+        let (after, _) = c.attend(&q, 1.0).unwrap();
+        assert_eq!(f64::try_from((before - after).abs().max()).unwrap(), 0.0);
+        assert!(c.retreat(2).is_err());
+        assert_eq!(c.len(), 1);
     }
 
     #[test]

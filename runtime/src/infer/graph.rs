@@ -133,9 +133,36 @@ pub struct DecodeGraph {
     /// Chunks of the caches the inputs were made for (a grown cache needs a new graph).
     chunks: i64,
     inputs: Inputs,
-    /// The graph and its outputs: logits (vocab,) in float64 and every layer's merged
-    /// attention output (layers, Hq, D) in the accumulation dtype.
-    captured: Option<(CudaGraph, Tensor, Tensor)>,
+    /// The graph and its outputs.
+    captured: Option<(CudaGraph, Step)>,
+}
+
+/// The token a step is fed: known on the host, or the greedy choice of the step before,
+/// still on the device (its `Step::next`), so that the host can queue the step without
+/// waiting for the one before.
+pub enum TokenIn<'a> {
+    Host(i64),
+    Device(&'a Tensor),
+}
+
+/// What a step returns, on the device.
+pub struct Step {
+    /// The logits (vocab,) in float64.
+    pub logits: Tensor,
+    /// Every layer's merged attention output (layers, Hq, D) in the accumulation dtype.
+    pub outs: Tensor,
+    /// The greedy choice of the next token (the logits' argmax), int64 (1,).
+    pub next: Tensor,
+}
+
+impl Step {
+    fn shallow_clone(&self) -> Step {
+        Step {
+            logits: self.logits.shallow_clone(),
+            outs: self.outs.shallow_clone(),
+            next: self.next.shallow_clone(),
+        }
+    }
 }
 
 impl DecodeGraph {
@@ -208,7 +235,7 @@ impl DecodeGraph {
     }
 
     /// The fixed-shape step, queued on the current stream (run or captured).
-    fn chain(&self, model: &Decoder, caches: &[KvCache], scale: f64) -> Result<(Tensor, Tensor)> {
+    fn chain(&self, model: &Decoder, caches: &[KvCache], scale: f64) -> Result<Step> {
         let cfg = &model.cfg;
         let i = &self.inputs;
         let token = i.packed.narrow(0, 0, 1).view([1, 1]);
@@ -232,22 +259,27 @@ impl DecodeGraph {
             .head(&x)
             .reshape([cfg.vocab_size as i64])
             .f_to_kind(Kind::Double)?;
-        Ok((logits, Tensor::stack(&outs, 0)))
+        let next = logits.f_argmax(0, false)?.f_reshape([1])?;
+        Ok(Step {
+            logits,
+            outs: Tensor::stack(&outs, 0),
+            next,
+        })
     }
 
     /// Decodes `token` at global position `pos`: replays the graph, or on the first call
-    /// runs the step eagerly and then captures it. Returns the logits (vocab,) in float64 on
-    /// the device (the graph's buffer: the next replay overwrites them) and every layer's merged attention output (layers, Hq, D): a copy when
-    /// `keep_outs`, else a view of the graph's buffer that the next replay overwrites. The
-    /// caller advances the caches by one token.
+    /// runs the step eagerly and then captures it. Returns the step's outputs on the device,
+    /// the graph's own buffers that the next replay overwrites (the attention outputs a copy
+    /// when `keep_outs`); nothing waits for the device. The caller advances the caches by one
+    /// token.
     pub fn step(
         &mut self,
         model: &Decoder,
         caches: &[KvCache],
-        (token, pos): (i64, usize),
+        (token, pos): (TokenIn<'_>, usize),
         scale: f64,
         keep_outs: bool,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<Step> {
         let first = caches
             .first()
             .ok_or_else(|| RuntimeError::Shape("decode before prefill".into()))?;
@@ -256,26 +288,33 @@ impl DecodeGraph {
                 "decode graph made for caches of another size".into(),
             ));
         }
-        self.fill(first, token, pos, first.len())?;
-        let (logits, outs) = match &self.captured {
-            Some((g, logits, outs)) => {
+        let host_token = match token {
+            TokenIn::Host(t) => t,
+            TokenIn::Device(_) => 0,
+        };
+        self.fill(first, host_token, pos, first.len())?;
+        if let TokenIn::Device(t) = token {
+            // Queued after the step that chose it, before this one reads it.
+            let mut slot = self.inputs.packed.narrow(0, 0, 1);
+            slot.f_copy_(t)?;
+        }
+        let mut out = match &self.captured {
+            Some((g, out)) => {
                 g.replay()?;
-                let outs = if keep_outs {
-                    outs.copy()
-                } else {
-                    outs.shallow_clone()
-                };
-                (logits.shallow_clone(), outs)
+                out.shallow_clone()
             }
             None => {
                 let eager = self.chain(model, caches, scale)?;
-                let (g, (logits, outs)) =
+                let (g, out) =
                     CudaGraph::capture(self.device, || self.chain(model, caches, scale))?;
-                self.captured = Some((g, logits, outs));
+                self.captured = Some((g, out));
                 eager
             }
         };
-        Ok((logits, outs))
+        if keep_outs {
+            out.outs = out.outs.copy();
+        }
+        Ok(out)
     }
 }
 

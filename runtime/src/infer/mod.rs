@@ -6,7 +6,9 @@
 //! partial attention over its KV shard (GQA without repeating K/V, split over key chunks) and
 //! the partials are merged by log-sum-exp through one all-gather per layer ([`merge`]). The
 //! host waits for the device once per token (the argmax), never per layer. On one rank on
-//! CUDA each token's chain is one replay of a captured CUDA graph ([`graph`]).
+//! CUDA each token's chain is one replay of a captured CUDA graph ([`graph`]), and greedy
+//! generation is pipelined ([`pipelined`]): each step is fed the token the step before chose
+//! on the device, so the host reads a token while the device already runs the next step.
 //!
 //! Rules kept identical on every rank:
 //! - the new token at position p (p >= prompt length P) is appended to the cache of SP rank
@@ -28,6 +30,7 @@ pub mod cache;
 pub mod graph;
 pub mod merge;
 pub mod needle;
+mod pipelined;
 
 use crate::attn2d::{Attention2d, AttnShape};
 use crate::comm::local::{local_groups, LocalComm};
@@ -177,7 +180,9 @@ pub struct RankInference<'a> {
 pub struct Generation {
     /// Generated token ids (the end-of-sequence token included when produced).
     pub tokens: Vec<i64>,
-    /// Logits (vocab,) that chose each token, in float64 on the CPU.
+    /// Logits (vocab,) that chose each token, in float64 on the CPU; a pipelined greedy
+    /// generation ([`pipelined`]) keeps those of the tokens chosen before it started (the
+    /// prefill's and the first decode step's), not copying the others out.
     pub logits: Vec<Tensor>,
     pub stopped_on_eos: bool,
     /// Seconds of prefill and of each decode step on this rank (device synchronised; a step
@@ -460,13 +465,19 @@ impl<'a> RankInference<'a> {
             self.graph = Some(graph::DecodeGraph::new(self.model, &self.caches[0])?);
         }
         let g = self.graph.as_mut().expect("made above");
-        match g.step(self.model, &self.caches, (token, pos), scale, probe) {
+        match g.step(
+            self.model,
+            &self.caches,
+            (graph::TokenIn::Host(token), pos),
+            scale,
+            probe,
+        ) {
             Ok(r) => {
                 for c in &mut self.caches {
                     c.advance(1)?;
                 }
                 self.seq_len += 1;
-                Ok(Some(r))
+                Ok(Some((r.logits, r.outs)))
             }
             Err(e) => {
                 eprintln!("warning: CUDA-graph decode failed ({e}); decoding eagerly");
@@ -548,6 +559,11 @@ impl<'a> RankInference<'a> {
                 break;
             }
             if g.tokens.len() == max_new || self.seq_len >= self.context {
+                break;
+            }
+            if sampler.temperature == 0.0 && self.can_pipeline() {
+                // Greedy on one rank, the graph captured: the rest without host round trips.
+                self.generate_pipelined(tok, t, max_new, eos, &mut g)?;
                 break;
             }
             let t = std::time::Instant::now();
