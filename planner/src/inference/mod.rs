@@ -647,7 +647,11 @@ fn write_predicted(o: &mut String, e: &InferenceEstimate) {
         ms(e.decode_s_per_token),
         ms(e.decode_kernels_s),
         e.decode_kernels_per_token,
-        if e.decode_cuda_graph { " in a CUDA graph" } else { "" },
+        if e.decode_cuda_graph {
+            " in a CUDA graph, greedy and pipelined"
+        } else {
+            ""
+        },
         fmt_gib(e.decode_bytes_per_token),
         ms(e.decode_hbm_s),
         ms(e.decode_floor_s),
