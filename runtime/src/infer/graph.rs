@@ -7,14 +7,16 @@
 //! A graph replays fixed shapes at fixed addresses, so the step here is written in a
 //! fixed-shape form:
 //! - the token id, its position and where the new K/V go are one int64 device buffer
-//!   refilled before each replay (one host-to-device copy); the RoPE row is made in the
-//!   graph from the position, in float64 as `Rope::new` makes it;
+//!   refilled before each replay (a copy from pinned memory the host does not wait for; the
+//!   token may instead be the step before's choice, copied on the device: [`TokenIn`]); the
+//!   RoPE row is made in the graph from the position, in float64 as `Rope::new` makes it;
 //! - the new token's K/V are written at rows named by a device index (`index_copy_`), not at
 //!   a `narrow` of a host offset;
 //! - attention runs over every chunk of the cache as one varlen FlashAttention call in which
 //!   each (chunk, kv head) is a sequence of its own with that kv head's group of q heads as
 //!   its heads (GQA without repeating K/V), the keys each holds (`seqused_k`) a device tensor;
-//!   the partial results are merged by log-sum-exp, empty chunks weighted 0.
+//!   the partial results are merged by log-sum-exp, empty chunks weighted 0;
+//! - the logits are cast to float64 and their argmax (the greedy choice) taken in the graph.
 //!
 //! The graph is captured right after one eager run of the same fixed-shape step (which does
 //! that token's work and initialises the kernels' libraries), and made again if the cache

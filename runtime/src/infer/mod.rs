@@ -7,7 +7,7 @@
 //! the partials are merged by log-sum-exp through one all-gather per layer ([`merge`]). The
 //! host waits for the device once per token (the argmax), never per layer. On one rank on
 //! CUDA each token's chain is one replay of a captured CUDA graph ([`graph`]), and greedy
-//! generation is pipelined ([`pipelined`]): each step is fed the token the step before chose
+//! generation is pipelined (`pipelined.rs`): each step is fed the token the step before chose
 //! on the device, so the host reads a token while the device already runs the next step.
 //!
 //! Rules kept identical on every rank:
@@ -181,7 +181,7 @@ pub struct Generation {
     /// Generated token ids (the end-of-sequence token included when produced).
     pub tokens: Vec<i64>,
     /// Logits (vocab,) that chose each token, in float64 on the CPU; a pipelined greedy
-    /// generation ([`pipelined`]) keeps those of the tokens chosen before it started (the
+    /// generation (`infer/pipelined.rs`) keeps those of the tokens chosen before it started (the
     /// prefill's and the first decode step's), not copying the others out.
     pub logits: Vec<Tensor>,
     pub stopped_on_eos: bool,
