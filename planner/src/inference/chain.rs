@@ -141,13 +141,15 @@ impl Dims {
         k("logits to f64", 1, self.v * (B + 8.0))
     }
 
-    /// `Sampler::pick`, greedy: the argmax over the f64 logits on the device, and the token id
-    /// read by the host (the token's one synchronisation).
+    /// The greedy choice: the argmax over the f64 logits, on the device.
+    fn greedy_argmax(&self) -> DecodeKernel {
+        k("greedy argmax", 1, self.v * 8.0 + 8.0)
+    }
+
+    /// `Sampler::pick`, greedy: the argmax, and the token id read by the host (the token's
+    /// one synchronisation).
     fn greedy_pick(&self) -> [DecodeKernel; 2] {
-        [
-            k("greedy argmax", 1, self.v * 8.0 + 8.0),
-            k("token to host", 1, 8.0),
-        ]
+        [self.greedy_argmax(), k("token to host", 1, 8.0)]
     }
 }
 
@@ -250,9 +252,10 @@ pub struct GraphChain {
 ///   varlen FlashAttention call over every (chunk, kv head) (1), then the merge over the
 ///   chunks: `isfinite` (eq, abs, ne, mul: 4), where (1), max, subtract, exp, sum (4),
 ///   multiply, sum, divide (3): 40 per layer; the head (2), the logits cast to f64 (1), the
-///   greedy argmax (1) and the layers' outputs stacked (1): 16 + 40 per layer. Kernels FlashAttention may launch
-///   besides its own (layout copies of a swapped query) are not counted, nor the copy of the
-///   attention outputs that only a probing caller (`needle`) asks for.
+///   greedy argmax (1) and the layers' outputs stacked (1): 16 + 40 per layer. Kernels
+///   FlashAttention may launch besides its own (layout copies of a swapped query) are not
+///   counted, nor the copy of the attention outputs that only a probing caller (`needle`)
+///   asks for.
 pub fn decode_graph_kernels(m: &ModelSpec, kv_tokens: u64) -> GraphChain {
     let dm = Dims::of(m);
     let (qd, kvd, hq, l) = (dm.qd, dm.kvd, dm.hq, dm.layers);
@@ -303,7 +306,7 @@ pub fn decode_graph_kernels(m: &ModelSpec, kv_tokens: u64) -> GraphChain {
     ]);
     graph.extend(dm.head());
     graph.push(dm.logits_f64());
-    graph.push(dm.greedy_pick()[0]);
+    graph.push(dm.greedy_argmax());
     graph.push(k("attention outputs stacked", 1, 2.0 * outs));
     GraphChain { stream, graph }
 }

@@ -108,16 +108,52 @@ fn attend_fixed(
     Ok(out.reshape([1, hq, 1, d]))
 }
 
+/// An int64 device buffer refilled from the host without the host waiting for the device:
+/// the values go to a pinned host buffer, whose copy is queued, then into `packed` on the
+/// device (a fixed address a graph can read). The pinned buffer is rewritten only after the
+/// event recorded behind its last copy has passed. `calibrate-launch` times this same refill.
+pub struct StagedInput {
+    packed: Tensor,
+    staging: Tensor,
+    staged: ffi::TimingEvent,
+    device: usize,
+}
+
+impl StagedInput {
+    /// A zeroed buffer of `width` values on `cuda:device`.
+    pub fn new(width: i64, device: usize) -> Result<StagedInput> {
+        Ok(StagedInput {
+            packed: Tensor::f_zeros([width], (Kind::Int64, Device::Cuda(device)))?,
+            staging: ffi::pinned_i64(width)?,
+            staged: ffi::TimingEvent::new()?,
+            device,
+        })
+    }
+
+    /// The device buffer.
+    pub fn packed(&self) -> &Tensor {
+        &self.packed
+    }
+
+    /// Queues the copy of `values` (as many as the buffer holds) into the device buffer.
+    pub fn load(&self, values: &[i64]) -> Result<()> {
+        self.staged.synchronize()?;
+        let mut staging = self.staging.shallow_clone();
+        staging.f_copy_(&Tensor::f_from_slice(values)?)?;
+        let dev = self.packed.device();
+        let on_device = staging.f_to_device_(dev, Kind::Int64, true, false)?;
+        self.staged.record(self.device)?;
+        let mut dst = self.packed.shallow_clone();
+        Ok(dst.f_copy_(&on_device)?)
+    }
+}
+
 /// The inputs a replay reads: one int64 buffer refilled from the host before each replay
-/// (one transfer), laid out as [token, position, the new token's slot rows (Hkv, from
+/// ([`StagedInput`]), laid out as [token, position, the new token's slot rows (Hkv, from
 /// [`slot_rows`]), keys used per (chunk, kv head) with it held (chunks x Hkv, from
 /// [`used_keys`])], and what stays fixed.
 struct Inputs {
-    packed: Tensor,
-    /// The host side of `packed`: pinned, so that its copy is queued without waiting, and
-    /// rewritten only after `staged` (recorded behind that copy) has passed.
-    staging: Tensor,
-    staged: ffi::TimingEvent,
+    packed: StagedInput,
     kv_heads: i64,
     batches: i64,
     /// RoPE's inverse frequencies (float64, on the device) and attention scale: the graph
@@ -184,9 +220,7 @@ impl DecodeGraph {
         let (inv, rope_scale) = inv_freq(&model.cfg);
         let width = 2 + s[1] + s[0] * s[1];
         let inputs = Inputs {
-            packed: Tensor::f_zeros([width], (Kind::Int64, dev))?,
-            staging: ffi::pinned_i64(width)?,
-            staged: ffi::TimingEvent::new()?,
+            packed: StagedInput::new(width, device)?,
             kv_heads: s[1],
             batches: s[0] * s[1],
             inv: Tensor::f_from_slice(&inv)?.f_to(dev)?,
@@ -217,7 +251,7 @@ impl DecodeGraph {
     fn fill(&self, cache: &KvCache, token: i64, pos: usize, len: usize) -> Result<()> {
         let s = cache.storage().0.size();
         let (chunks, hkv, l) = (s[0] as usize, s[1] as usize, s[2] as usize);
-        let mut v = Vec::with_capacity(self.inputs.packed.numel());
+        let mut v = Vec::with_capacity(self.inputs.packed.packed().numel());
         v.extend([token, pos as i64]);
         v.extend(slot_rows(len, hkv, l));
         v.extend(
@@ -225,26 +259,18 @@ impl DecodeGraph {
                 .into_iter()
                 .map(i64::from),
         );
-        let i = &self.inputs;
-        i.staged.synchronize()?;
-        let mut staging = i.staging.shallow_clone();
-        staging.f_copy_(&Tensor::f_from_slice(&v)?)?;
-        // Queued from pinned memory (the host goes on), then into the graph's own buffer.
-        let on_device = staging.f_to_device_(i.packed.device(), Kind::Int64, true, false)?;
-        i.staged.record(self.device)?;
-        let mut dst = i.packed.shallow_clone();
-        Ok(dst.f_copy_(&on_device)?)
+        self.inputs.packed.load(&v)
     }
 
     /// The fixed-shape step, queued on the current stream (run or captured).
     fn chain(&self, model: &Decoder, caches: &[KvCache], scale: f64) -> Result<Step> {
         let cfg = &model.cfg;
         let i = &self.inputs;
-        let token = i.packed.narrow(0, 0, 1).view([1, 1]);
-        let pos = i.packed.narrow(0, 1, 1);
-        let slots = i.packed.narrow(0, 2, i.kv_heads);
-        let used = i
-            .packed
+        let packed = i.packed.packed();
+        let token = packed.narrow(0, 0, 1).view([1, 1]);
+        let pos = packed.narrow(0, 1, 1);
+        let slots = packed.narrow(0, 2, i.kv_heads);
+        let used = packed
             .narrow(0, 2 + i.kv_heads, i.batches)
             .f_to_kind(Kind::Int)?;
         let rope = Rope::from_inv(&pos, &i.inv, i.rope_scale, model.compute);
@@ -297,7 +323,7 @@ impl DecodeGraph {
         self.fill(first, host_token, pos, first.len())?;
         if let TokenIn::Device(t) = token {
             // Queued after the step that chose it, before this one reads it.
-            let mut slot = self.inputs.packed.narrow(0, 0, 1);
+            let mut slot = self.inputs.packed.packed().narrow(0, 0, 1);
             slot.f_copy_(t)?;
         }
         let mut out = match &self.captured {

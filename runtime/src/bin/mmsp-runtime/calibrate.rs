@@ -204,19 +204,17 @@ fn launch_point(dev: Device, tm: Timing) -> Result<Value> {
 }
 
 /// `host_token_s`: seconds of the host's part of one greedy decode step replayed from a
-/// graph, as `infer`'s decode runs it (runtime/src/infer/graph.rs `DecodeGraph::fill`, then
-/// `Sampler::pick`), around a graph of one small kernel: the step's int64 inputs written to
-/// pinned memory and copied to the device and into the graph's buffer, the replay, the
-/// argmax over 32000 float64 logits and the token read back on the host. Each step starts
-/// after the one before has been read back, so the device waits on the host throughout.
+/// graph, around a graph of one small kernel: the step's int64 inputs loaded as the decode
+/// graph loads them (`graph::StagedInput`: pinned memory, copied to the device and into the
+/// graph's buffer), the replay, the argmax over 32000 float64 logits and the token read back
+/// on the host. Each step starts after the one before has been read back, so the device waits
+/// on the host throughout.
 fn host_token_s(dev: Device, tm: Timing) -> Result<f64> {
     let Device::Cuda(device) = dev else {
         return Err(usage("the launch floor is measured on a CUDA GPU"));
     };
     let width = 64;
-    let mut staging = mmsp_runtime::ffi::pinned_i64(width)?;
-    let staged = mmsp_runtime::ffi::TimingEvent::new()?;
-    let mut packed = Tensor::zeros([width], (Kind::Int64, dev));
+    let inputs = mmsp_runtime::infer::graph::StagedInput::new(width, device)?;
     let logits = Tensor::randn([32000], (Kind::Double, dev));
     let mut x = Tensor::zeros([256], (Kind::BFloat16, dev));
     let _ = x.f_add_scalar_(1.0)?;
@@ -227,11 +225,7 @@ fn host_token_s(dev: Device, tm: Timing) -> Result<f64> {
     })?;
     let host: Vec<i64> = (0..width).collect();
     let s = per_call(dev, tm, || {
-        staged.synchronize()?;
-        staging.f_copy_(&Tensor::f_from_slice(&host)?)?;
-        let on_device = staging.f_to_device_(dev, Kind::Int64, true, false)?;
-        staged.record(device)?;
-        packed.f_copy_(&on_device)?;
+        inputs.load(&host)?;
         graph.replay()?;
         let _token = logits.f_argmax(0, false)?.f_int64_value(&[])?;
         Ok(())
