@@ -733,6 +733,15 @@ mod tests {
     use super::*;
     use crate::spec::cluster::ClusterSpec;
 
+    /// A 1M-token request decoding 128 tokens on `gpus`.
+    fn request_1m(gpus: u32) -> InferenceRequest {
+        InferenceRequest {
+            gpus,
+            context: 1 << 20,
+            decode_tokens: 128,
+        }
+    }
+
     fn setup(gpus: u32) -> (Topology, ModelSpec) {
         let cluster = ClusterSpec::load("dgx-h100").unwrap();
         (
@@ -747,11 +756,7 @@ mod tests {
         // 2 * 32 * 8 * 128 * 131072 * 2 = 17_179_869_184 bytes = 16 GiB.
         assert_eq!(kv_cache_bytes(32, 8, 128, 131_072), 17_179_869_184.0);
         let (topo, m) = setup(8);
-        let req = InferenceRequest {
-            gpus: 8,
-            context: 1 << 20,
-            decode_tokens: 128,
-        };
+        let req = request_1m(8);
         let c = InferenceCandidate {
             layout: Layout {
                 ulysses: 8,
@@ -990,11 +995,7 @@ mod tests {
         let mut last = f64::INFINITY;
         for gpus in [8, 16, 32] {
             let topo = Topology::build(&cluster, gpus);
-            let req = InferenceRequest {
-                gpus,
-                context: 1 << 20,
-                decode_tokens: 128,
-            };
+            let req = request_1m(gpus);
             let s = search(&topo, &m, &req);
             let (_, e) = s.ranked.first().expect("fits");
             assert!(
@@ -1028,11 +1029,7 @@ mod tests {
         }
         // And replicated wins where it fits (it saves the gathers).
         let (topo, m) = setup(8);
-        let req = InferenceRequest {
-            gpus: 8,
-            context: 1 << 20,
-            decode_tokens: 128,
-        };
+        let req = request_1m(8);
         let s = search(&topo, &m, &req);
         assert_eq!(s.ranked[0].0.weights, WeightSharding::Replicated);
     }
@@ -1040,11 +1037,7 @@ mod tests {
     #[test]
     fn plan_json_is_inference_mode() {
         let (topo, m) = setup(8);
-        let req = InferenceRequest {
-            gpus: 8,
-            context: 1 << 20,
-            decode_tokens: 128,
-        };
+        let req = request_1m(8);
         let s = search(&topo, &m, &req);
         let (c, e) = &s.ranked[0];
         let plan = build_plan(&topo, "dgx-h100", &m, req.context, c, e).unwrap();
